@@ -1,0 +1,1909 @@
+#!/usr/bin/env python3
+"""alertbridge: Prometheus Alertmanager -> DingTalk group robots, with an alert history.
+
+The file reads top to bottom the way an alert travels through it:
+
+  1. Config     config.ini -> Config, Receiver, Robot (validated as a whole, reloadable)
+  2. Intake     HTTP handler: validate the Alertmanager v4 webhook, journal it, answer 200
+  3. Storage    all SQL in one place; the Journal (local SQLite, WAL: webhooks to record,
+                messages to send, the send log) and the Store (alert history, MySQL or SQLite)
+  4. Rendering  alerts -> DingTalk markdown (templates, @mobiles, keyword, size limit)
+  5. Delivery   RobotPool (rotation, per-robot budgets, throttling) and the Notifier thread
+  6. Recording  the Recorder thread: journal -> history store, in order, across store outages
+  7. Daemon     Metrics, wiring, signals and main()
+
+An accepted webhook is on disk in the journal before Alertmanager gets its 200. Two background
+threads consume the journal: the Notifier (DingTalk) and the Recorder (history). Paging never
+waits for the history database, and nothing accepted is dropped: a message that cannot be sent
+waits, is retried, and after `max_age` is marked expired, never deleted unseen.
+"""
+
+import argparse
+import base64
+import configparser
+import contextlib
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import string
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+
+VERSION = "0.3.0"
+log = logging.getLogger("alertbridge")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """config.ini cannot be used; the message says which section and key."""
+
+
+DEFAULT_TITLE = "[{state}] {alertnames}"
+DEFAULT_ALERT = """\
+**{status_icon} {alertname}** · {severity} · {status}
+- 实例 Instance: {instance}
+- 开始 Started: {starts_at}
+- 恢复 Resolved: {ends_at} (持续 {duration})
+- 摘要 Summary: {summary}
+- 描述 Description: {description}
+- 标签 Labels: {other_labels}
+- {links}"""
+
+PLACEHOLDER_TOKEN = "CHANGE_ME"
+
+
+@dataclass(frozen=True)
+class Robot:
+    """One DingTalk custom robot. Only `name` ever reaches logs, metrics or the database."""
+    name: str
+    url: str = field(repr=False)
+    secret: str = field(default="", repr=False)
+    keyword: str = ""
+
+    @property
+    def token(self):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.url).query)
+        return (query.get("access_token") or [""])[0]
+
+    @property
+    def placeholder(self):
+        return self.token == PLACEHOLDER_TOKEN
+
+    def redact(self, text):
+        """`text` with this robot's token and secret masked."""
+        for secret in (self.token, self.secret):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """One Alertmanager receiver: the robots it rotates over and how its messages look."""
+    name: str
+    robots: tuple
+    at_mobiles: tuple = ()
+    at_all: bool = False
+    at_severities: tuple = ()
+    per_alert: bool = False
+    title_template: str = DEFAULT_TITLE
+    alert_template: str = DEFAULT_ALERT
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str = ""
+    listen: str = "127.0.0.1"
+    port: int = 9097
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 10.0
+    timezone_name: str = "Asia/Shanghai"
+    tz: object = timezone(timedelta(hours=8))
+    state_dir: str = "state"
+    journal_path: str = "state/journal.db"
+    journal_sync: str = "FULL"
+    default_receiver: str = ""
+    database: dict = field(default_factory=dict)
+    rate_limit: int = 20
+    rate_window: float = 60.0
+    throttle_seconds: float = 600.0
+    max_message_bytes: int = 20000
+    max_age: float = 86400.0
+    send_timeout: float = 5.0
+    retry_base: float = 2.0
+    retry_max: float = 300.0
+    receivers: dict = field(default_factory=dict)
+
+    def receiver_for(self, name):
+        """The receiver section for an Alertmanager receiver name, else the default one."""
+        return self.receivers.get(name) or self.receivers.get(self.default_receiver)
+
+
+def _load_timezone(name):
+    try:
+        from zoneinfo import ZoneInfo
+        return ZoneInfo(name)
+    except Exception:
+        match = re.fullmatch(r"(?:UTC)?([+-])(\d\d):?(\d\d)", name)
+        if name.upper() == "UTC":
+            return timezone.utc
+        if not match:
+            raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r}")
+        sign = -1 if match.group(1) == "-" else 1
+        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+
+
+def _words(value):
+    return tuple(w for w in re.split(r"[\s,]+", value or "") if w)
+
+
+class _Section:
+    """Typed reads from one config section, with errors that name the key."""
+
+    def __init__(self, parser, name):
+        self.name = name
+        self.items = parser[name] if parser.has_section(name) else {}
+
+    def get(self, key, default=""):
+        return self.items.get(key, default).strip() if key in self.items else default
+
+    def _typed(self, key, default, kind, minimum):
+        if key not in self.items:
+            return default
+        try:
+            value = kind(self.items[key].strip())
+        except ValueError:
+            raise ConfigError(f"[{self.name}] {key}: not a {kind.__name__}: {self.items[key]!r}")
+        if value < minimum:
+            raise ConfigError(f"[{self.name}] {key}: must be at least {minimum}")
+        return value
+
+    def int(self, key, default, minimum=0):
+        return self._typed(key, default, int, minimum)
+
+    def float(self, key, default, minimum=0.0):
+        return self._typed(key, default, float, minimum)
+
+    def bool(self, key, default=False):
+        value = self.get(key, "").lower()
+        if not value:
+            return default
+        if value in ("1", "yes", "true", "on"):
+            return True
+        if value in ("0", "no", "false", "off"):
+            return False
+        raise ConfigError(f"[{self.name}] {key}: not a boolean: {value!r}")
+
+    def template(self, key, default):
+        text = self.items[key] if key in self.items else default
+        text = text.strip("\n")
+        try:
+            render_template(text, Blank())
+        except ValueError as exc:
+            raise ConfigError(f"[{self.name}] {key}: bad template: {exc}")
+        return text
+
+
+def load_config(path):
+    """Read and validate config.ini. Raises ConfigError naming the first problem found."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}")
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p):
+        return p if os.path.isabs(p) else os.path.join(base, p)
+
+    main = _Section(parser, "alertbridge")
+    state_dir = resolve(main.get("state_dir", "state"))
+    db = _Section(parser, "database")
+    driver = db.get("driver", "sqlite")
+    if driver == "sqlite":
+        database = {"driver": "sqlite", "path": resolve(db.get("path", os.path.join(state_dir, "alertbridge.db")))}
+    elif driver == "mysql":
+        database = {"driver": "mysql", "host": db.get("host", "127.0.0.1"), "port": db.int("port", 3306, 1),
+                    "user": db.get("user", "alertbridge"), "password": db.get("password", ""),
+                    "database": db.get("database", "alertbridge")}
+    else:
+        raise ConfigError(f"[database] driver: must be sqlite or mysql, not {driver!r}")
+
+    delivery = _Section(parser, "delivery")
+    templates = _Section(parser, "templates")
+    title_default = templates.template("title", DEFAULT_TITLE)
+    alert_default = templates.template("alert", DEFAULT_ALERT)
+
+    robots = {}
+    for section in parser.sections():
+        if section.startswith("robot:"):
+            robots[section[6:]] = _load_robot(_Section(parser, section), section[6:])
+    receivers = {}
+    for section in parser.sections():
+        if section.startswith("receiver:"):
+            name = section[9:]
+            receivers[name] = _load_receiver(_Section(parser, section), name, robots, title_default, alert_default)
+    unknown = [s for s in parser.sections() if s not in ("alertbridge", "database", "delivery", "templates")
+               and not s.startswith(("robot:", "receiver:"))]
+    if unknown:
+        raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME or robot:NAME)")
+    default_receiver = main.get("default_receiver", "")
+    if default_receiver and default_receiver not in receivers:
+        raise ConfigError(f"[alertbridge] default_receiver: no section [receiver:{default_receiver}]")
+    if not receivers:
+        raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
+
+    sync = main.get("journal_sync", "full").upper()
+    if sync not in ("FULL", "NORMAL"):
+        raise ConfigError("[alertbridge] journal_sync: must be full or normal")
+    tz_name = main.get("timezone", "Asia/Shanghai")
+    return Config(
+        path=os.path.abspath(path),
+        listen=main.get("listen", "127.0.0.1"),
+        port=main.int("port", 9097),
+        max_body_bytes=main.int("max_body_bytes", 1 << 20, 1024),
+        request_timeout=main.float("request_timeout", 10.0, 0.1),
+        timezone_name=tz_name,
+        tz=_load_timezone(tz_name),
+        state_dir=state_dir,
+        journal_path=resolve(main.get("journal", os.path.join(state_dir, "journal.db"))),
+        journal_sync=sync,
+        default_receiver=default_receiver,
+        database=database,
+        rate_limit=delivery.int("rate_limit", 20, 1),
+        rate_window=delivery.float("rate_window", 60.0, 0.01),
+        throttle_seconds=delivery.float("throttle_seconds", 600.0),
+        max_message_bytes=delivery.int("max_message_bytes", 20000, 1000),
+        max_age=delivery.float("max_age", 86400.0, 1.0),
+        send_timeout=delivery.float("timeout", 5.0, 0.1),
+        retry_base=delivery.float("retry_base", 2.0, 0.01),
+        retry_max=delivery.float("retry_max", 300.0, 0.01),
+        receivers=receivers,
+    )
+
+
+def _load_robot(section, name):
+    url = section.get("url")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"[{section.name}] url: must be the robot's webhook URL (https://...)")
+    robot = Robot(name=name, url=url, secret=section.get("secret"), keyword=section.get("keyword"))
+    if not robot.token:
+        raise ConfigError(f"[{section.name}] url: has no access_token parameter")
+    return robot
+
+
+def _load_receiver(section, name, robots, title_default, alert_default):
+    names = _words(section.get("robots"))
+    if not names:
+        raise ConfigError(f"[{section.name}] robots: list at least one robot")
+    missing = [n for n in names if n not in robots]
+    if missing:
+        raise ConfigError(f"[{section.name}] robots: no section [robot:{missing[0]}]")
+    mobiles = _words(section.get("at_mobiles"))
+    bad = [m for m in mobiles if not re.fullmatch(r"\+?[0-9-]{5,20}", m)]
+    if bad:
+        raise ConfigError(f"[{section.name}] at_mobiles: not a phone number: {bad[0]!r}")
+    return Receiver(
+        name=name,
+        robots=tuple(robots[n] for n in names),
+        at_mobiles=mobiles,
+        at_all=section.bool("at_all"),
+        at_severities=_words(section.get("at_severities")),
+        per_alert=section.bool("per_alert"),
+        title_template=section.template("title", title_default),
+        alert_template=section.template("alert", alert_default),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. HTTP intake
+# ---------------------------------------------------------------------------------------------
+
+class BadRequest(Exception):
+    """A request that can never succeed: answered 4xx with a one-line JSON reason."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Webhook:
+    receiver: str           # the Alertmanager receiver (path segment, else the payload's)
+    external_url: str
+    group_key: str
+    alerts: list            # normalized alerts: see normalize_alert()
+    truncated: int = 0
+
+
+_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)")
+
+
+def parse_time(value, where):
+    """RFC 3339 -> aware UTC datetime; Alertmanager's zero time (year 1) -> None."""
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if not match:
+        raise BadRequest(400, f"{where}: not an RFC 3339 time: {str(value)[:40]!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    if year == 1:
+        return None
+    offset = match.group(8)
+    if offset in ("Z", "z"):
+        tz = timezone.utc
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+    micros = int((match.group(7) or "0")[:6].ljust(6, "0"))
+    try:
+        return datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise BadRequest(400, f"{where}: not a valid date: {value[:40]!r}")
+
+
+def db_time(dt):
+    """UTC datetime -> 'YYYY-MM-DD HH:MM:SS.mmm', the form both MySQL and SQLite store."""
+    return dt.strftime("%Y-%m-%d %H:%M:%S.") + f"{dt.microsecond // 1000:03d}" if dt else None
+
+
+def from_db_time(text):
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc) if text else None
+
+
+def _string_map(value, where):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(400, f"{where}: must be an object of strings")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise BadRequest(400, f"{where}.{key[:40]}: must be a string")
+    return value
+
+
+def _string(obj, key, where, required=False):
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if required and (not isinstance(value, str) or not value):
+        raise BadRequest(400, f"{where}{key}: required, must be a non-empty string")
+    if not isinstance(value, str):
+        raise BadRequest(400, f"{where}{key}: must be a string")
+    return value
+
+
+def normalize_alert(raw, index, receiver, external_url, now):
+    """One payload alert -> the dict the journal stores, the renderer and the recorder read."""
+    where = f"alerts[{index}]."
+    if not isinstance(raw, dict):
+        raise BadRequest(400, f"alerts[{index}]: must be an object")
+    status = raw.get("status")
+    if status not in ("firing", "resolved"):
+        raise BadRequest(400, f"{where}status: must be 'firing' or 'resolved'")
+    labels = _string_map(raw.get("labels"), where + "labels")
+    if not labels:
+        raise BadRequest(400, f"{where}labels: required, must be a non-empty object")
+    annotations = _string_map(raw.get("annotations"), where + "annotations")
+    if "startsAt" not in raw:
+        raise BadRequest(400, f"{where}startsAt: required")
+    starts_at = parse_time(raw["startsAt"], where + "startsAt") or now
+    ends_at = parse_time(raw["endsAt"], where + "endsAt") if raw.get("endsAt") is not None else None
+    if status == "resolved":
+        ends_at = ends_at or now
+    else:
+        ends_at = None  # a firing alert's endsAt is only Alertmanager's estimate
+    fingerprint = _string(raw, "fingerprint", where)
+    if not fingerprint:  # Alertmanager before 0.19 sent none: derive it from the labels
+        fingerprint = hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "fingerprint": fingerprint[:64],
+        "status": status,
+        "starts_at": db_time(starts_at),
+        "ends_at": db_time(ends_at),
+        "labels": labels,
+        "annotations": annotations,
+        "generator_url": _string(raw, "generatorURL", where),
+        "external_url": external_url,
+        "receiver": receiver,
+    }
+
+
+def parse_webhook(body, path_receiver=None, now=None):
+    """Bytes of an Alertmanager v4 webhook -> Webhook. Raises BadRequest saying what is wrong."""
+    now = now or datetime.now(timezone.utc)
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest(400, "body is not valid UTF-8")
+    except RecursionError:
+        raise BadRequest(400, "body is nested too deeply")
+    except ValueError as exc:
+        raise BadRequest(400, f"body is not valid JSON: {exc}")
+    if not isinstance(payload, dict):
+        raise BadRequest(400, "body must be a JSON object (an Alertmanager webhook)")
+    if payload.get("version") != "4":
+        raise BadRequest(400, f"version: expected \"4\", got {str(payload.get('version'))[:20]!r}")
+    if payload.get("status") not in ("firing", "resolved"):
+        raise BadRequest(400, "status: must be 'firing' or 'resolved'")
+    receiver = path_receiver or _string(payload, "receiver", "", required=True)
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        raise BadRequest(400, "alerts: required, must be a list")
+    for key in ("groupLabels", "commonLabels", "commonAnnotations"):
+        _string_map(payload.get(key), key)
+    external_url = _string(payload, "externalURL", "")
+    truncated = payload.get("truncatedAlerts", 0)
+    if not isinstance(truncated, int) or isinstance(truncated, bool) or truncated < 0:
+        raise BadRequest(400, "truncatedAlerts: must be a non-negative integer")
+    return Webhook(
+        receiver=receiver[:128],
+        external_url=external_url,
+        group_key=_string(payload, "groupKey", ""),
+        alerts=[normalize_alert(a, i, receiver[:128], external_url, now) for i, a in enumerate(alerts)],
+        truncated=truncated,
+    )
+
+
+class IntakeHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP front door. `daemon` is set on a per-daemon subclass (see Daemon.start)."""
+    daemon = None
+    protocol_version = "HTTP/1.1"
+    server_version = "alertbridge/" + VERSION
+    WEBHOOK_PATHS = re.compile(r"/(?:alertmanager(?:/(?P<receiver>[^/]+))?)?/?")
+
+    def setup(self):
+        self.timeout = self.daemon.config.request_timeout
+        super().setup()
+
+    def log_message(self, fmt, *args):
+        log.debug("http %s %s", self.address_string(), fmt % args)
+
+    def do_POST(self):
+        self._guarded(self._post)
+
+    def do_GET(self):
+        self._guarded(self._get)
+
+    def do_PUT(self):
+        self._guarded(self._method_not_allowed)
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _guarded(self, handler):
+        request_id = uuid.uuid4().hex[:12]
+        try:
+            handler(request_id)
+        except BadRequest as exc:
+            self.daemon.metrics.inc("alertbridge_webhooks_total", outcome=str(exc.status))
+            log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status, exc.reason)
+            self._reply(exc.status, {"error": exc.reason, "request_id": request_id})
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            log.exception("request_id=%s internal error", request_id)
+            self.daemon.metrics.inc("alertbridge_webhooks_total", outcome="500")
+            self._reply(500, {"error": "internal error, see the daemon's log", "request_id": request_id})
+
+    def _reply(self, status, obj, content_type="application/json", headers=()):
+        body = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    def _route(self):
+        return urllib.parse.urlsplit(self.path).path
+
+    def _get(self, request_id):
+        path = self._route()
+        if path == "/-/healthy":
+            return self._reply(200, b"OK\n", "text/plain")
+        if path == "/-/ready":
+            ready, detail = self.daemon.readiness()
+            return self._reply(200 if ready else 503, detail)
+        if path == "/metrics":
+            return self._reply(200, self.daemon.render_metrics().encode(), "text/plain; version=0.0.4")
+        self._method_not_allowed(request_id)
+
+    def _method_not_allowed(self, request_id):
+        path = self._route()
+        if self.WEBHOOK_PATHS.fullmatch(path) or path == "/-/reload":
+            self._discard_body()
+            raise BadRequest(405, f"{self.command} not allowed on {path}: use POST")
+        self._discard_body()
+        raise BadRequest(404, f"no such endpoint: {path[:100]}")
+
+    def _post(self, request_id):
+        path = self._route()
+        if path == "/-/reload":
+            self._read_body()
+            ok, message = self.daemon.reload()
+            return self._reply(200 if ok else 500, {"status": "reloaded"} if ok else {"error": message})
+        match = self.WEBHOOK_PATHS.fullmatch(path)
+        if not match:
+            self._discard_body()
+            raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
+        content_type = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+        if content_type not in ("application/json", "text/json", ""):
+            self._discard_body()
+            raise BadRequest(415, f"Content-Type must be application/json, not {content_type[:60]!r}")
+        body = self._read_body()
+        path_receiver = urllib.parse.unquote(match.group("receiver")) if match.group("receiver") else None
+        webhook = parse_webhook(body, path_receiver)
+        status, reply = self.daemon.accept(webhook, request_id)
+        self._reply(status, reply)
+
+    def _content_length(self):
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise BadRequest(411, "chunked bodies are not accepted: send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise BadRequest(411, "Content-Length required")
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise BadRequest(400, "Content-Length is not a number")
+        return int(length)
+
+    def _read_body(self):
+        length = self._content_length()
+        if length > self.daemon.config.max_body_bytes:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise BadRequest(413, f"body of {length} bytes exceeds max_body_bytes "
+                                  f"({self.daemon.config.max_body_bytes})")
+        deadline = time.monotonic() + self.daemon.config.request_timeout
+        chunks, remaining = [], length
+        while remaining:
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                raise BadRequest(408, "body not received in time")
+            chunk = self.rfile.read1(min(remaining, 65536))
+            if not chunk:
+                self.close_connection = True
+                raise BadRequest(400, f"body ended after {length - remaining} of {length} bytes")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _discard_body(self):
+        """Drain a small body so keep-alive stays in sync; close the connection otherwise."""
+        length = self.headers.get("Content-Length", "0").strip()
+        if length.isdigit() and int(length) <= 65536 and not self.headers.get("Transfer-Encoding"):
+            with contextlib.suppress(OSError):
+                self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Storage: all SQL, the Journal and the Store
+# ---------------------------------------------------------------------------------------------
+# Every statement is written with %s placeholders (pymysql's paramstyle); sql_for() turns them
+# into ? for sqlite3. Values are always passed as parameters, never formatted into the text.
+
+JOURNAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    recorded INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_unrecorded ON events (recorded, id);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    receiver TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    packed INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, receiver, id);
+CREATE TABLE IF NOT EXISTS sends (robot TEXT NOT NULL, at REAL NOT NULL, errcode INTEGER);
+CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
+"""
+
+J_META_GET = "SELECT value FROM meta WHERE key = %s"
+J_META_PUT = "INSERT OR IGNORE INTO meta (key, value) VALUES (%s, %s)"
+J_EVENT_ADD = "INSERT INTO events (kind, body, created_at) VALUES (%s, %s, %s)"
+J_EVENTS_UNRECORDED = "SELECT id, kind, body FROM events WHERE recorded = 0 ORDER BY id LIMIT %s"
+J_EVENTS_MARK = "UPDATE events SET recorded = %s WHERE id = %s"
+J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <= %s"
+J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
+J_MESSAGE_ADD = ("INSERT INTO messages (receiver, request_id, body, packed, created_at, next_attempt_at) "
+                 "VALUES (%s, %s, %s, %s, %s, %s)")
+J_MESSAGE_RECEIVERS = "SELECT DISTINCT receiver FROM messages WHERE state = 'pending'"
+J_MESSAGES_DUE = ("SELECT id, request_id, body, packed, attempts, created_at FROM messages "
+                  "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id")
+J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending'"
+J_MESSAGE_FINISH = "UPDATE messages SET state = %s, done_at = %s, last_error = %s WHERE id = %s"
+J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s "
+                   "WHERE id = %s")
+J_MESSAGES_EXPIRE = ("SELECT id, receiver, request_id FROM messages "
+                     "WHERE state = 'pending' AND created_at < %s")
+J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
+J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
+J_SEND_ADD = "INSERT INTO sends (robot, at, errcode) VALUES (%s, %s, %s)"
+J_SENDS_SINCE = "SELECT robot, at, errcode FROM sends WHERE at > %s ORDER BY at"
+J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
+J_PURGE_MESSAGES = "DELETE FROM messages WHERE state IN ('sent', 'merged', 'split') AND done_at < %s"
+J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
+
+# The history schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x; utf8mb4).
+MYSQL_SCHEMA = """\
+CREATE TABLE IF NOT EXISTS alerts (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  receiver VARCHAR(128) NOT NULL,
+  fingerprint VARCHAR(64) NOT NULL,
+  starts_at DATETIME(3) NOT NULL,
+  ends_at DATETIME(3) NULL,
+  status VARCHAR(16) NOT NULL,
+  alertname VARCHAR(255) NOT NULL DEFAULT '',
+  instance VARCHAR(255) NOT NULL DEFAULT '',
+  severity VARCHAR(64) NOT NULL DEFAULT '',
+  job VARCHAR(255) NOT NULL DEFAULT '',
+  summary TEXT NULL,
+  description TEXT NULL,
+  labels JSON NOT NULL,
+  annotations JSON NOT NULL,
+  generator_url TEXT NULL,
+  first_received_at DATETIME(3) NOT NULL,
+  last_received_at DATETIME(3) NOT NULL,
+  received_count INT UNSIGNED NOT NULL DEFAULT 1,
+  notified_count INT UNSIGNED NOT NULL DEFAULT 0,
+  robots VARCHAR(1024) NOT NULL DEFAULT '',
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_alerts_occurrence (receiver, fingerprint, starts_at),
+  KEY ix_alerts_starts_at (starts_at),
+  KEY ix_alerts_status (status, starts_at),
+  KEY ix_alerts_alertname (alertname, starts_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS notifications (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  sent_at DATETIME(3) NOT NULL,
+  receiver VARCHAR(128) NOT NULL,
+  robot VARCHAR(128) NOT NULL,
+  request_id VARCHAR(255) NOT NULL DEFAULT '',
+  message_id BIGINT NOT NULL,
+  alerts INT UNSIGNED NOT NULL,
+  fingerprints TEXT NULL,
+  errcode INT NULL,
+  errmsg VARCHAR(512) NOT NULL DEFAULT '',
+  latency_ms INT UNSIGNED NOT NULL,
+  PRIMARY KEY (id),
+  KEY ix_notifications_sent_at (sent_at),
+  KEY ix_notifications_receiver (receiver, robot, sent_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS recorder_progress (
+  journal_id VARCHAR(64) NOT NULL,
+  last_event_id BIGINT NOT NULL,
+  PRIMARY KEY (journal_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+"""
+
+# The same tables in SQLite's words: the one explicit dialect difference in the schema.
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  receiver TEXT NOT NULL, fingerprint TEXT NOT NULL, starts_at TEXT NOT NULL, ends_at TEXT,
+  status TEXT NOT NULL, alertname TEXT NOT NULL DEFAULT '', instance TEXT NOT NULL DEFAULT '',
+  severity TEXT NOT NULL DEFAULT '', job TEXT NOT NULL DEFAULT '', summary TEXT, description TEXT,
+  labels TEXT NOT NULL, annotations TEXT NOT NULL, generator_url TEXT,
+  first_received_at TEXT NOT NULL, last_received_at TEXT NOT NULL,
+  received_count INTEGER NOT NULL DEFAULT 1, notified_count INTEGER NOT NULL DEFAULT 0,
+  robots TEXT NOT NULL DEFAULT '',
+  UNIQUE (receiver, fingerprint, starts_at)
+);
+CREATE INDEX IF NOT EXISTS ix_alerts_starts_at ON alerts (starts_at);
+CREATE INDEX IF NOT EXISTS ix_alerts_status ON alerts (status, starts_at);
+CREATE INDEX IF NOT EXISTS ix_alerts_alertname ON alerts (alertname, starts_at);
+CREATE TABLE IF NOT EXISTS notifications (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  sent_at TEXT NOT NULL, receiver TEXT NOT NULL, robot TEXT NOT NULL,
+  request_id TEXT NOT NULL DEFAULT '', message_id INTEGER NOT NULL, alerts INTEGER NOT NULL,
+  fingerprints TEXT, errcode INTEGER, errmsg TEXT NOT NULL DEFAULT '', latency_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_notifications_sent_at ON notifications (sent_at);
+CREATE INDEX IF NOT EXISTS ix_notifications_receiver ON notifications (receiver, robot, sent_at);
+CREATE TABLE IF NOT EXISTS recorder_progress (
+  journal_id TEXT NOT NULL PRIMARY KEY, last_event_id INTEGER NOT NULL
+);
+"""
+
+_ALERT_COLUMNS = ("receiver, fingerprint, starts_at, ends_at, status, alertname, instance, severity, job, "
+                  "summary, description, labels, annotations, generator_url, first_received_at, "
+                  "last_received_at")
+_ALERT_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
+_ALERT_REFRESHED = ("status", "ends_at", "alertname", "instance", "severity", "job", "summary", "description",
+                    "labels", "annotations", "generator_url", "last_received_at")
+
+
+def _alert_refresh(new_value):
+    return ", ".join(f"{c} = {new_value.format(c)}" for c in _ALERT_REFRESHED) + \
+        ", received_count = received_count + 1"
+
+
+# Upsert of one alert occurrence: the one explicit dialect difference in the statements.
+S_ALERT_UPSERT = {
+    "mysql": f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT_VALUES}) "
+             f"ON DUPLICATE KEY UPDATE {_alert_refresh('VALUES({})')}",
+    "sqlite": f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT_VALUES}) "
+              f"ON CONFLICT (receiver, fingerprint, starts_at) DO UPDATE SET {_alert_refresh('excluded.{}')}",
+}
+S_ALERT_NOTIFIED = (
+    "UPDATE alerts SET notified_count = notified_count + 1, robots = CASE "
+    "WHEN robots = '' THEN %s "
+    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 THEN robots "
+    "ELSE CONCAT(robots, ',', %s) END "
+    "WHERE receiver = %s AND fingerprint = %s AND starts_at = %s")
+S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, "
+                      "fingerprints, errcode, errmsg, latency_ms) "
+                      "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
+S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
+S_PING = "SELECT 1"
+
+
+def sql_for(dialect, sql):
+    """The one placeholder helper: %s (pymysql) -> ? (sqlite3)."""
+    return sql.replace("%s", "?") if dialect == "sqlite" else sql
+
+
+def schema_statements(dialect):
+    text = MYSQL_SCHEMA if dialect == "mysql" else SQLITE_SCHEMA
+    return [s.strip() for s in text.split(";") if s.strip()]
+
+
+class Journal:
+    """The local durable queue (SQLite, WAL). Every thread gets its own connection; writes are
+    serialized by one lock so SQLite never has to busy-wait, which keeps the webhook ack fast."""
+
+    def __init__(self, path, sync="FULL"):
+        self.path = path
+        self.sync = sync
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with self._write_lock:
+            self._db().executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
+        with self._writing() as db:
+            db.execute(sql_for("sqlite", J_META_PUT), ("journal_id", uuid.uuid4().hex))
+        self.journal_id = self._read_one(J_META_GET, ("journal_id",))[0]
+
+    def _db(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.sync}")  # validated: FULL or NORMAL
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def _writing(self):
+        with self._write_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _run(self, db, sql, params=()):
+        return db.execute(sql_for("sqlite", sql), params)
+
+    def _read(self, sql, params=()):
+        return self._run(self._db(), sql, params).fetchall()
+
+    def _read_one(self, sql, params=()):
+        return self._run(self._db(), sql, params).fetchone()
+
+    # intake
+    def accept(self, webhook, receiver, request_id):
+        """Journal one webhook: an event for the recorder and its message(s) for the notifier."""
+        now = time.time()
+        event = {"receiver": webhook.receiver, "request_id": request_id, "received_at": db_time(
+            datetime.fromtimestamp(now, timezone.utc)), "alerts": webhook.alerts}
+        groups = [[a] for a in webhook.alerts] if receiver.per_alert else [webhook.alerts]
+        with self._writing() as db:
+            self._run(db, J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))
+            for alerts in groups:
+                if alerts:
+                    body = json.dumps({"alerts": alerts, "truncated": webhook.truncated}, ensure_ascii=False)
+                    self._run(db, J_MESSAGE_ADD, (receiver.name, request_id, body, 0, now, now))
+
+    # recorder
+    def unrecorded(self, limit=500):
+        return [(i, kind, json.loads(body)) for i, kind, body in self._read(J_EVENTS_UNRECORDED, (limit,))]
+
+    def mark_recorded(self, upto_id):
+        with self._writing() as db:
+            self._run(db, J_EVENTS_MARK_UPTO, (upto_id,))
+
+    def mark_failed(self, event_id):
+        with self._writing() as db:
+            self._run(db, J_EVENTS_MARK, (2, event_id))
+
+    # notifier
+    def pending_receivers(self):
+        return [row[0] for row in self._read(J_MESSAGE_RECEIVERS)]
+
+    def due_messages(self, receiver, now):
+        return [Message(i, receiver, rid, json.loads(body), bool(packed), attempts, created)
+                for i, rid, body, packed, attempts, created in self._read(J_MESSAGES_DUE, (receiver, now))]
+
+    def next_due_at(self):
+        return self._read_one(J_MESSAGE_NEXT_DUE)[0]
+
+    def replace(self, old, new_bodies, state):
+        """Swap messages for new ones in one transaction: merged into a digest, or split."""
+        now = time.time()
+        request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
+        with self._writing() as db:
+            for message in old:
+                self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
+            for body in new_bodies:
+                self._run(db, J_MESSAGE_ADD, (old[0].receiver, request_ids, json.dumps(body, ensure_ascii=False),
+                                              1, min(m.created_at for m in old), now))
+
+    def finish(self, message_id, state, error=""):
+        with self._writing() as db:
+            self._run(db, J_MESSAGE_FINISH, (state, time.time(), error[:500], message_id))
+
+    def retry_later(self, message_id, at, error):
+        with self._writing() as db:
+            self._run(db, J_MESSAGE_RETRY, (at, error[:500], message_id))
+
+    def log_send(self, robot_name, at, errcode, event):
+        """Record one DingTalk request: the send log (robot budgets) and an event to record."""
+        with self._writing() as db:
+            self._run(db, J_SEND_ADD, (robot_name, at, errcode))
+            self._run(db, J_EVENT_ADD, ("send", json.dumps(event, ensure_ascii=False), at))
+
+    def recent_sends(self, since):
+        return self._read(J_SENDS_SINCE, (since,))
+
+    def expire(self, older_than):
+        """Mark messages nobody could send in time as expired (kept, never deleted)."""
+        with self._writing() as db:
+            rows = self._run(db, J_MESSAGES_EXPIRE, (older_than,)).fetchall()
+            for message_id, _, _ in rows:
+                self._run(db, J_MESSAGE_FINISH, ("expired", time.time(), "max_age exceeded", message_id))
+        return rows
+
+    # housekeeping and introspection
+    def purge(self, older_than):
+        with self._writing() as db:
+            for sql in (J_PURGE_EVENTS, J_PURGE_MESSAGES, J_PURGE_SENDS):
+                self._run(db, sql, (older_than,))
+
+    def backlog(self):
+        """(pending messages, oldest pending message time, unrecorded events, oldest event time)."""
+        return tuple(self._read_one(J_MESSAGES_BACKLOG)) + tuple(self._read_one(J_EVENTS_BACKLOG))
+
+    def message_states(self):
+        return dict(self._read(J_MESSAGES_STATES))
+
+    def writable(self):
+        try:
+            with self._writing():
+                return True
+        except sqlite3.Error:
+            return False
+
+
+@dataclass
+class Message:
+    """One DingTalk message waiting in the journal."""
+    id: int
+    receiver: str
+    request_id: str
+    body: dict          # {"alerts": [...], "truncated": n, optional "part": [i, n]}
+    packed: bool        # already a digest or a split part: merging it again gains nothing
+    attempts: int
+    created_at: float
+
+    @property
+    def alerts(self):
+        return self.body["alerts"]
+
+
+class StoreUnavailable(Exception):
+    """The history database cannot be reached; the recorder retries later."""
+
+
+class Store:
+    """The alert history: MySQL in production, SQLite embedded. Used by the recorder thread."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.dialect = settings["driver"]
+        self._db = None
+
+    def describe(self):
+        s = self.settings
+        return f"sqlite:{s['path']}" if self.dialect == "sqlite" else \
+            f"mysql://{s['user']}@{s['host']}:{s['port']}/{s['database']}"
+
+    def _connect(self):
+        if self.dialect == "sqlite":
+            os.makedirs(os.path.dirname(os.path.abspath(self.settings["path"])), exist_ok=True)
+            db = sqlite3.connect(self.settings["path"], timeout=30, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.create_function("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts))
+        else:
+            import pymysql
+            s = self.settings
+            db = pymysql.connect(host=s["host"], port=s["port"], user=s["user"], password=s["password"],
+                                 database=s["database"], charset="utf8mb4", autocommit=False,
+                                 connect_timeout=5, read_timeout=30, write_timeout=30)
+        self._db = db
+        self.ensure_schema()
+
+    def _unavailable_errors(self):
+        errors = (OSError, sqlite3.OperationalError)
+        if self.dialect == "mysql":
+            import pymysql
+            errors += (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+        return errors
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A cursor inside one transaction; StoreUnavailable when the database is unreachable."""
+        try:
+            if self._db is None:
+                self._connect()
+            cursor = self._db.cursor()
+            try:
+                yield cursor
+                self._db.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._db.rollback()
+                raise
+            finally:
+                cursor.close()
+        except self._unavailable_errors() as exc:
+            self.close()
+            raise StoreUnavailable(f"{self.describe()}: {exc}") from exc
+
+    def execute(self, cursor, sql, params=()):
+        cursor.execute(sql_for(self.dialect, sql), params)
+
+    def ensure_schema(self):
+        cursor = self._db.cursor()
+        for statement in schema_statements(self.dialect):
+            cursor.execute(statement)
+        self._db.commit()
+        cursor.close()
+
+    def ping(self):
+        with self.transaction() as cursor:
+            self.execute(cursor, S_PING)
+
+    def close(self):
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            self._db = None
+
+    # what the recorder writes
+    def record(self, journal_id, events):
+        """Apply journal events in one transaction, exactly once (progress kept alongside)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_PROGRESS_GET, (journal_id,))
+            row = cursor.fetchone()
+            done = row[0] if row else 0
+            for event_id, kind, body in events:
+                if event_id > done:
+                    (self._record_webhook if kind == "webhook" else self._record_send)(cursor, body)
+            self.execute(cursor, S_PROGRESS_PUT, (journal_id, max(done, events[-1][0])))
+
+    def _record_webhook(self, cursor, event):
+        received = event["received_at"]
+        rows = []
+        for a in event["alerts"]:
+            labels, annotations = a["labels"], a["annotations"]
+            rows.append((a["receiver"], a["fingerprint"], a["starts_at"], a["ends_at"], a["status"],
+                         labels.get("alertname", "")[:255], labels.get("instance", "")[:255],
+                         labels.get("severity", "")[:64], labels.get("job", "")[:255],
+                         annotations.get("summary"), annotations.get("description"),
+                         json.dumps(labels, ensure_ascii=False), json.dumps(annotations, ensure_ascii=False),
+                         a["generator_url"], received, received))
+        if rows:
+            cursor.executemany(sql_for(self.dialect, S_ALERT_UPSERT[self.dialect]), rows)
+
+    def _record_send(self, cursor, event):
+        self.execute(cursor, S_NOTIFICATION_ADD, (
+            event["sent_at"], event["receiver"], event["robot"], event["request_id"][:255],
+            event["message_id"], len(event["alerts"]), ",".join(a[1] for a in event["alerts"]),
+            event["errcode"], event["errmsg"][:512], event["latency_ms"]))
+        if event["errcode"] == 0:
+            robot = event["robot"]
+            cursor.executemany(sql_for(self.dialect, S_ALERT_NOTIFIED),
+                               [(robot, robot, robot, receiver, fingerprint, starts_at)
+                                for receiver, fingerprint, starts_at in event["alerts"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Rendering
+# ---------------------------------------------------------------------------------------------
+
+class Blank(dict):
+    """A mapping where a missing key renders as an empty string."""
+
+    def __missing__(self, key):
+        return ""
+
+
+class _LenientFormatter(string.Formatter):
+    def get_field(self, field_name, args, kwargs):
+        try:
+            return super().get_field(field_name, args, kwargs)
+        except (KeyError, AttributeError, IndexError, TypeError):
+            return "", field_name
+
+
+_formatter = _LenientFormatter()
+
+
+def render_template(template, fields):
+    """str.format over `fields`; a missing field is empty, and a line whose placeholders all
+    came out empty is left out (so 'Resolved: {ends_at}' disappears while an alert fires).
+    Raises ValueError for a malformed template (checked when the config loads)."""
+    out = []
+    for line in template.split("\n"):
+        names = [name for _, name, _, _ in _formatter.parse(line) if name is not None]
+        rendered = _formatter.vformat(line, (), fields)
+        if names and all(_formatter.vformat("{" + n + "}", (), fields) == "" for n in names):
+            continue
+        out.append(rendered)
+    return "\n".join(out)
+
+
+STANDARD_LABELS = ("alertname", "severity", "instance", "job")
+
+
+def format_duration(seconds):
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    return "".join(parts) + (f"{secs}s" if secs or not any(parts) else "")
+
+
+def silence_url(alert):
+    if not alert["external_url"]:
+        return ""
+    matchers = ", ".join(f'{k}="{v}"' for k, v in sorted(alert["labels"].items()))
+    return f"{alert['external_url'].rstrip('/')}/#/silences/new?filter=" + urllib.parse.quote("{" + matchers + "}")
+
+
+def alert_fields(alert, tz):
+    """Everything an alert template can name: {alertname}, {labels[team]}, {duration}..."""
+    labels, annotations = Blank(alert["labels"]), Blank(alert["annotations"])
+    starts, ends = from_db_time(alert["starts_at"]), from_db_time(alert["ends_at"])
+    resolved = alert["status"] == "resolved"
+    links = [f"[Prometheus]({alert['generator_url']})" if alert["generator_url"] else "",
+             f"[静默 Silence]({silence_url(alert)})" if alert["external_url"] and not resolved else ""]
+    return Blank(
+        labels=labels, annotations=annotations,
+        **{k: labels[k] for k in STANDARD_LABELS},
+        status=alert["status"].upper(),
+        status_icon="✅" if resolved else "🔥",
+        starts_at=starts.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
+        ends_at=ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if resolved and ends else "",
+        duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
+        summary=annotations["summary"], description=annotations["description"],
+        other_labels=", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in STANDARD_LABELS),
+        generator_url=alert["generator_url"], silence_url=silence_url(alert),
+        links=" · ".join(link for link in links if link),
+        fingerprint=alert["fingerprint"], receiver=alert["receiver"],
+    )
+
+
+def title_fields(alerts, receiver_name, part=None):
+    firing = sum(a["status"] == "firing" for a in alerts)
+    resolved = len(alerts) - firing
+    state = " ".join(s for s in (f"FIRING:{firing}" if firing else "", f"RESOLVED:{resolved}" if resolved else "") if s)
+    names = list(dict.fromkeys(a["labels"].get("alertname", "") for a in alerts))
+    return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts), receiver=receiver_name,
+                 alertnames=", ".join(names[:5]) + (f" +{len(names) - 5}" if len(names) > 5 else ""),
+                 part=f"({part[0]}/{part[1]})" if part else "")
+
+
+TRUNCATED_MARK = "\n\n…(truncated: alert too long for one DingTalk message)"
+
+
+def json_size(text):
+    """Bytes `text` takes inside a JSON body as sent (UTF-8, escapes included)."""
+    return len(json.dumps(text, ensure_ascii=False).encode()) - 2
+
+
+def truncate_to(text, limit):
+    """Cut `text` so that it plus the truncation mark fits `limit` JSON bytes."""
+    if json_size(text) <= limit:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if json_size(text[:mid] + TRUNCATED_MARK) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + TRUNCATED_MARK
+
+
+class Renderer:
+    """Turns a message's alerts into the JSON body one robot receives."""
+
+    SEPARATOR = "\n\n---\n\n"
+
+    def __init__(self, config):
+        self.config = config
+
+    def alert_block(self, receiver, alert):
+        return render_template(receiver.alert_template, alert_fields(alert, self.config.tz))
+
+    def mentions(self, receiver, alerts):
+        """Who to @: only for messages with a firing alert of a listed severity (all if none listed)."""
+        if not (receiver.at_mobiles or receiver.at_all):
+            return (), False
+        wanted = [a for a in alerts if a["status"] == "firing"
+                  and (not receiver.at_severities or a["labels"].get("severity") in receiver.at_severities)]
+        return (receiver.at_mobiles, receiver.at_all) if wanted else ((), False)
+
+    def body(self, receiver, robot, message_body, digest=False):
+        alerts = message_body["alerts"]
+        title = render_template(receiver.title_template,
+                                title_fields(alerts, receiver.name, message_body.get("part"))).strip()
+        if message_body.get("part"):
+            title += " ({}/{})".format(*message_body["part"])
+        sections = []
+        if digest:
+            groups = {}
+            for alert in alerts:
+                groups.setdefault(alert["labels"].get("alertname", ""), []).append(alert)
+            for name, group in groups.items():
+                blocks = self.SEPARATOR.join(self.alert_block(receiver, a) for a in group)
+                sections.append(f"##### {name} × {len(group)}\n\n{blocks}")
+        else:
+            sections = [self.alert_block(receiver, a) for a in alerts]
+        mobiles, at_all = self.mentions(receiver, alerts)
+        footer = []
+        if message_body.get("truncated"):
+            footer.append(f"(+{message_body['truncated']} alerts truncated by Alertmanager max_alerts)")
+        if mobiles:
+            footer.append(" ".join("@" + m for m in mobiles))
+        if robot.keyword:
+            footer.append(robot.keyword)
+        head = f"#### {title}\n\n"
+        tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
+        text = self.SEPARATOR.join(sections)
+        room = self.config.max_message_bytes - self._overhead(title, head + tail, mobiles, at_all)
+        text = truncate_to(text, room)
+        return {"msgtype": "markdown",
+                "markdown": {"title": title[:128], "text": head + text + tail},
+                "at": {"atMobiles": list(mobiles), "isAtAll": at_all}}
+
+    def _overhead(self, title, around, mobiles, at_all):
+        skeleton = {"msgtype": "markdown", "markdown": {"title": title[:128], "text": around},
+                    "at": {"atMobiles": list(mobiles), "isAtAll": at_all}}
+        return len(json.dumps(skeleton, ensure_ascii=False).encode())
+
+    def encode(self, body):
+        return json.dumps(body, ensure_ascii=False).encode()
+
+    def fits(self, receiver, message_body, digest):
+        """Whether the message goes out whole to every robot of the receiver (keywords differ)."""
+        return all(not self._truncated(self.body(receiver, r, message_body, digest)) for r in receiver.robots)
+
+    @staticmethod
+    def _truncated(body):
+        return TRUNCATED_MARK in body["markdown"]["text"]
+
+    def split(self, receiver, alerts, digest):
+        """Alerts -> chunks that each render whole; a lone oversized alert stays alone (it is cut
+        with a visible mark). Greedy on measured block sizes, so large digests split in one pass."""
+        budget = self.config.max_message_bytes - 1024  # title, part numbers, mentions, keyword, headings
+        chunks, current, used = [], [], 0
+        for alert in alerts:
+            size = json_size(self.alert_block(receiver, alert)) + len(self.SEPARATOR) + 64
+            if current and used + size > budget:
+                chunks.append(current)
+                current, used = [], 0
+            current.append(alert)
+            used += size
+        if current:
+            chunks.append(current)
+        return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Delivery: robots, budgets and the notifier
+# ---------------------------------------------------------------------------------------------
+
+THROTTLED = {410100, 130101}                # sending too fast: the robot is muted for a while
+MISCONFIGURED = {310000, 300001, 400101, 400102}   # keyword/signature/IP, no such token, disabled
+TOO_LONG = {460101, 101002}
+
+
+@dataclass
+class SendResult:
+    errcode: object          # DingTalk's errcode; None when no DingTalk answer was read
+    errmsg: str
+    latency: float
+
+    @property
+    def ok(self):
+        return self.errcode == 0
+
+
+def signed_url(robot, now_ms=None):
+    """The robot URL, with a fresh timestamp and signature when the robot has a secret."""
+    if not robot.secret:
+        return robot.url
+    timestamp = str(now_ms if now_ms is not None else int(time.time() * 1000))
+    digest = hmac.new(robot.secret.encode(), f"{timestamp}\n{robot.secret}".encode(), hashlib.sha256).digest()
+    sign = urllib.parse.quote_plus(base64.b64encode(digest))
+    return f"{robot.url}&timestamp={timestamp}&sign={sign}"
+
+
+def post_to_dingtalk(robot, payload, timeout):
+    """POST one message. Never raises; the errmsg never holds the token or the secret."""
+    started = time.monotonic()
+    request = urllib.request.Request(signed_url(robot), data=payload, method="POST",
+                                     headers={"Content-Type": "application/json; charset=utf-8",
+                                              "User-Agent": "alertbridge/" + VERSION})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read(65536)
+        answer = json.loads(raw.decode("utf-8"))
+        errcode = answer.get("errcode")
+        result = SendResult(errcode if isinstance(errcode, int) else -1, str(answer.get("errmsg", "")), 0)
+    except urllib.error.HTTPError as exc:
+        result = SendResult(None, f"HTTP {exc.code}", 0)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        result = SendResult(None, f"network: {reason}", 0)
+    except ValueError:
+        result = SendResult(None, "answer is not JSON", 0)
+    result.errmsg = robot.redact(result.errmsg)[:500]
+    result.latency = time.monotonic() - started
+    return result
+
+
+class RobotPool:
+    """Which robot sends next: a rotating index per receiver that skips robots out of budget,
+    throttled by DingTalk or misconfigured. A budget slot is taken before a request and dated by
+    the request's end, so DingTalk, counting arrivals, never sees more than `rate_limit` in its
+    window. Thread-safe."""
+
+    def __init__(self, rate_limit, rate_window, throttle_seconds):
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self.throttle_seconds = throttle_seconds
+        self._lock = threading.Lock()
+        self._slots = {}            # robot name -> list of send end times (inf while in flight)
+        self._throttled = {}        # robot name -> time the throttle ends
+        self._disabled = {}         # robot name -> reason, until the config is reloaded
+        self._next = {}             # receiver name -> rotating index
+
+    def restore(self, sends, now):
+        """Rebuild budgets and throttles from the journal's send log after a restart."""
+        with self._lock:
+            for robot, at, errcode in sends:
+                if at > now - self.rate_window:
+                    self._slots.setdefault(robot, []).append(at)
+                if errcode in THROTTLED:
+                    self._throttled[robot] = max(self._throttled.get(robot, 0), at + self.throttle_seconds)
+
+    def reconfigure(self, rate_limit, rate_window, throttle_seconds):
+        with self._lock:
+            self.rate_limit, self.rate_window, self.throttle_seconds = rate_limit, rate_window, throttle_seconds
+            self._disabled.clear()
+
+    def _budget(self, name, now):
+        slots = self._slots.setdefault(name, [])
+        slots[:] = [t for t in slots if t > now - self.rate_window]
+        return self.rate_limit - len(slots)
+
+    def _usable(self, robot, now):
+        return (robot.name not in self._disabled and not robot.placeholder
+                and self._throttled.get(robot.name, 0) <= now)
+
+    def budget(self, robot, now):
+        with self._lock:
+            return self._budget(robot.name, now) if self._usable(robot, now) else 0
+
+    def available(self, receiver, now):
+        """Messages the receiver's robots can take right now."""
+        with self._lock:
+            names = {r.name for r in receiver.robots if self._usable(r, now)}
+            return sum(max(0, self._budget(n, now)) for n in names)
+
+    def next_slot_at(self, receiver, now):
+        """When the receiver can next send, if it cannot now (None: not while config stays)."""
+        with self._lock:
+            times = []
+            for robot in receiver.robots:
+                if robot.name in self._disabled or robot.placeholder:
+                    continue
+                slots = sorted(self._slots.get(robot.name, []))
+                free = slots[len(slots) - self.rate_limit] + self.rate_window if len(slots) >= self.rate_limit else now
+                times.append(max(free, self._throttled.get(robot.name, 0)))
+            return min(times) if times else None
+
+    def acquire(self, receiver, now, tried):
+        """The next robot in turn with budget left, its slot taken; None if there is none."""
+        with self._lock:
+            robots = receiver.robots
+            start = self._next.get(receiver.name, 0)
+            for step in range(len(robots)):
+                robot = robots[(start + step) % len(robots)]
+                if robot.name in tried or not self._usable(robot, now) or self._budget(robot.name, now) <= 0:
+                    continue
+                self._next[receiver.name] = (start + step + 1) % len(robots)
+                self._slots[robot.name].append(float("inf"))
+                return robot
+            return None
+
+    def release(self, robot, result, now):
+        """Date the slot taken by acquire() and learn from DingTalk's answer."""
+        with self._lock:
+            slots = self._slots.setdefault(robot.name, [])
+            if float("inf") in slots:
+                slots.remove(float("inf"))
+            slots.append(now)
+            if result.errcode in THROTTLED:
+                self._throttled[robot.name] = now + self.throttle_seconds
+            elif result.errcode in MISCONFIGURED:
+                self._disabled[robot.name] = f"errcode {result.errcode}: {result.errmsg}"
+
+    def state(self, names, now):
+        """(robot name, budget left, throttled, disabled) for each named robot, for metrics."""
+        with self._lock:
+            return [(name, max(0, self._budget(name, now)), self._throttled.get(name, 0) > now,
+                     name in self._disabled) for name in sorted(names)]
+
+
+class Notifier(threading.Thread):
+    """Sends the journal's pending messages to DingTalk, within every robot's budget."""
+
+    def __init__(self, daemon):
+        super().__init__(name="notifier", daemon=True)
+        self.daemon = daemon
+        self.journal = daemon.journal
+        self.pool = daemon.pool
+        self.metrics = daemon.metrics
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.idle = threading.Condition()
+        self._warned = set()
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                worked = self.step()
+            except Exception:
+                log.exception("notifier: unexpected error; retrying")
+                worked = False
+                self.stopping.wait(1.0)
+            if not worked:
+                with self.idle:
+                    self.idle.notify_all()
+                self.wake.wait(self._sleep_for())
+                self.wake.clear()
+
+    def stop(self):
+        self.stopping.set()
+        self.wake.set()
+
+    def _sleep_for(self):
+        now = time.time()
+        times = [now + 1.0]
+        due = self.journal.next_due_at()
+        if due is not None:
+            times.append(due)
+        config = self.daemon.config
+        for name in self.journal.pending_receivers():
+            receiver = config.receiver_for(name)
+            slot = receiver and self.pool.next_slot_at(receiver, now)
+            if slot:
+                times.append(slot)
+        return min(1.0, max(0.01, min(times) - now))
+
+    def step(self):
+        """One pass over every receiver with pending messages; True if anything was sent."""
+        config = self.daemon.config
+        now = time.time()
+        self._expire(now - config.max_age)
+        worked = False
+        for name in self.journal.pending_receivers():
+            receiver = config.receiver_for(name)
+            if receiver is None:
+                if name not in self._warned:
+                    log.error("receiver=%s has pending messages but no [receiver:%s] section and no "
+                              "default_receiver: they wait until the config is fixed and reloaded", name, name)
+                    self._warned.add(name)
+                continue
+            due = self.journal.due_messages(name, now)
+            available = self.pool.available(receiver, now)
+            if not due or available <= 0:
+                continue
+            if len(due) > available and not all(m.packed for m in due):
+                self._merge(receiver, due)
+                worked = True
+                continue
+            worked |= self.deliver(receiver, due[0])
+        return worked
+
+    def _expire(self, older_than):
+        for message_id, receiver, request_id in self.journal.expire(older_than):
+            log.error("message=%d receiver=%s request_id=%s expired: no robot could take it within "
+                      "max_age; it stays in the journal as 'expired'", message_id, receiver, request_id)
+            self.metrics.inc("alertbridge_messages_expired_total", receiver=receiver)
+
+    def _merge(self, receiver, messages):
+        """More messages wait than the robots may send: fold them into as few digests as fit."""
+        alerts = [a for m in messages for a in m.alerts]
+        renderer = self.daemon.renderer
+        chunks = renderer.split(receiver, alerts, digest=True)
+        bodies = [{"alerts": c, "truncated": sum(m.body.get("truncated", 0) for m in messages) if i == 0 else 0,
+                   "digest": True, **({"part": [i + 1, len(chunks)]} if len(chunks) > 1 else {})}
+                  for i, c in enumerate(chunks)]
+        self.journal.replace(messages, bodies, "merged")
+        log.info("receiver=%s merged %d messages (%d alerts) into %d digest(s)",
+                 receiver.name, len(messages), len(alerts), len(bodies))
+        self.metrics.inc("alertbridge_digests_total", len(bodies), receiver=receiver.name)
+
+    def _split(self, receiver, message):
+        digest = bool(message.body.get("digest"))
+        chunks = self.daemon.renderer.split(receiver, message.alerts, digest)
+        if len(chunks) == 1 and len(message.alerts) > 1:  # block sizes misjudged: halve
+            half = len(message.alerts) // 2
+            chunks = [message.alerts[:half], message.alerts[half:]]
+        bodies = [{**message.body, "alerts": c, "part": [i + 1, len(chunks)]} for i, c in enumerate(chunks)]
+        self.journal.replace([message], bodies, "split")
+        log.info("message=%d receiver=%s too long for DingTalk: split into %d", message.id, receiver.name, len(bodies))
+
+    def deliver(self, receiver, message):
+        """Send one message, failing over through the receiver's robots. True if a request was made."""
+        renderer = self.daemon.renderer
+        digest = bool(message.body.get("digest"))
+        if len(message.alerts) > 1 and not renderer.fits(receiver, message.body, digest):
+            self._split(receiver, message)
+            return True
+        tried, errors = set(), []
+        while True:
+            robot = self.pool.acquire(receiver, time.time(), tried)
+            if robot is None:
+                break
+            tried.add(robot.name)
+            payload = renderer.encode(renderer.body(receiver, robot, message.body, digest))
+            result = post_to_dingtalk(robot, payload, self.daemon.config.send_timeout)
+            done = time.time()
+            self.pool.release(robot, result, done)
+            self._account(receiver, robot, message, result, done)
+            if result.ok:
+                self.journal.finish(message.id, "sent")
+                return True
+            errors.append(f"{robot.name}: {result.errcode} {result.errmsg}")
+            if result.errcode in TOO_LONG and len(message.alerts) > 1:
+                self._split(receiver, message)
+                return True
+        if errors:
+            config = self.daemon.config
+            delay = min(config.retry_max, config.retry_base * 2 ** message.attempts) * random.uniform(0.5, 1.0)
+            self.journal.retry_later(message.id, time.time() + delay, "; ".join(errors))
+            log.warning("message=%d receiver=%s request_id=%s not delivered (attempt %d): %s; retry in %.1fs",
+                        message.id, receiver.name, message.request_id, message.attempts + 1,
+                        "; ".join(errors), delay)
+        return bool(tried)
+
+    def _account(self, receiver, robot, message, result, at):
+        level = logging.INFO if result.ok else logging.WARNING
+        if result.errcode in MISCONFIGURED:
+            level = logging.ERROR
+        log.log(level, "send message=%d receiver=%s robot=%s request_id=%s alerts=%d errcode=%s errmsg=%s "
+                "latency_ms=%d%s", message.id, receiver.name, robot.name, message.request_id,
+                len(message.alerts), result.errcode, result.errmsg, result.latency * 1000,
+                " robot out of rotation until the config is reloaded (check its token, secret, keyword)"
+                if result.errcode in MISCONFIGURED else
+                " robot throttled by DingTalk" if result.errcode in THROTTLED else "")
+        errcode = "none" if result.errcode is None else str(result.errcode)
+        self.metrics.inc("alertbridge_sends_total", receiver=receiver.name, robot=robot.name, errcode=errcode)
+        self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
+        if result.ok:
+            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts), receiver=receiver.name)
+        self.journal.log_send(robot.name, at, result.errcode, {
+            "sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "receiver": receiver.name,
+            "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
+            "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
+            "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)})
+        self.daemon.recorder.wake.set()
+
+    def wait_idle(self, timeout):
+        """Block until nothing is due (tests, shutdown). True if idle before the timeout."""
+        deadline = time.monotonic() + timeout
+        with self.idle:
+            while self.journal.backlog()[0]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.wake.set()
+                self.idle.wait(min(left, 0.5))
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Recording
+# ---------------------------------------------------------------------------------------------
+
+class Recorder(threading.Thread):
+    """Copies journal events into the history store, in order. A store outage only delays it."""
+
+    BATCH = 200
+
+    def __init__(self, daemon):
+        super().__init__(name="recorder", daemon=True)
+        self.daemon = daemon
+        self.journal = daemon.journal
+        self.store = daemon.store
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.idle = threading.Condition()
+        self.store_ok = None
+        self._last_purge = 0.0
+
+    def run(self):
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                if self.step():
+                    backoff = 0.5
+                    continue
+            except StoreUnavailable as exc:
+                if self.store_ok is not False:
+                    log.warning("history store unavailable, alerts wait in the journal: %s", exc)
+                self.store_ok = False
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            except Exception:
+                log.exception("recorder: unexpected error; retrying")
+                self.stopping.wait(1.0)
+                continue
+            with self.idle:
+                self.idle.notify_all()
+            self.wake.wait(1.0)
+            self.wake.clear()
+
+    def stop(self):
+        self.stopping.set()
+        self.wake.set()
+
+    def step(self):
+        """Record one batch; True if there was one."""
+        self._housekeeping()
+        events = self.journal.unrecorded(self.BATCH)
+        if not events:
+            if self.store_ok is not True:
+                self.store.ping()
+                self._recovered()
+            return False
+        try:
+            self.store.record(self.journal.journal_id, events)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # one bad event must not stop the history: find it, set it aside
+            if len(events) > 1:
+                for event in events:
+                    self.step_one(event)
+                return True
+            log.error("event=%d could not be recorded (%s); kept in the journal as failed", events[0][0], exc)
+            self.journal.mark_failed(events[0][0])
+            self.daemon.metrics.inc("alertbridge_record_failures_total")
+            return True
+        self.journal.mark_recorded(events[-1][0])
+        self.daemon.metrics.inc("alertbridge_alerts_recorded_total",
+                                sum(len(body["alerts"]) for _, kind, body in events if kind == "webhook"))
+        self._recovered()
+        return True
+
+    def step_one(self, event):
+        try:
+            self.store.record(self.journal.journal_id, [event])
+            self.journal.mark_recorded(event[0])
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.error("event=%d could not be recorded (%s); kept in the journal as failed", event[0], exc)
+            self.journal.mark_failed(event[0])
+            self.daemon.metrics.inc("alertbridge_record_failures_total")
+
+    def _recovered(self):
+        if self.store_ok is False:
+            log.info("history store reachable again: %s", self.store.describe())
+        self.store_ok = True
+
+    def _housekeeping(self):
+        """Drop journal rows that are done and a day old (the history keeps them)."""
+        now = time.time()
+        if now - self._last_purge > 600:
+            self._last_purge = now
+            self.journal.purge(now - max(86400, self.daemon.config.rate_window, self.daemon.config.throttle_seconds))
+
+    def wait_idle(self, timeout):
+        deadline = time.monotonic() + timeout
+        with self.idle:
+            while self.journal.backlog()[2]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.wake.set()
+                self.idle.wait(min(left, 0.5))
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Daemon: metrics, wiring, signals, main
+# ---------------------------------------------------------------------------------------------
+
+METRIC_HELP = {
+    "alertbridge_webhooks_total": ("counter", "Webhook requests by HTTP status answered."),
+    "alertbridge_alerts_accepted_total": ("counter", "Alerts accepted into the journal."),
+    "alertbridge_alerts_recorded_total": ("counter", "Alerts written to the history store."),
+    "alertbridge_record_failures_total": ("counter", "Journal events the history store refused."),
+    "alertbridge_sends_total": ("counter", "DingTalk requests by receiver, robot and errcode (none: no answer)."),
+    "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages DingTalk accepted."),
+    "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
+    "alertbridge_messages_expired_total": ("counter", "Messages no robot could take within max_age."),
+    "alertbridge_send_duration_seconds": ("histogram", "DingTalk request latency."),
+    "alertbridge_queue_messages": ("gauge", "Messages waiting to be sent."),
+    "alertbridge_queue_oldest_seconds": ("gauge", "Age of the oldest message waiting to be sent."),
+    "alertbridge_record_backlog_events": ("gauge", "Journal events not yet in the history store."),
+    "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send in this window."),
+    "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
+    "alertbridge_robot_disabled": ("gauge", "1 while the robot is out of rotation for a config error."),
+    "alertbridge_store_up": ("gauge", "1 if the history store answered last time."),
+    "alertbridge_build_info": ("gauge", "Version of alertbridge."),
+}
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def _labels(labels):
+    if not labels:
+        return ""
+    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), chr(92) + "n")}"'
+               for k, v in sorted(labels))
+    return "{" + ",".join(escaped) + "}"
+
+
+class Metrics:
+    """Counters and one histogram in the Prometheus text format, standard library only."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = {}
+        self._latency = [0] * len(LATENCY_BUCKETS)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+
+    def inc(self, name, value=1, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + value
+
+    def observe(self, name, seconds):
+        with self._lock:
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    self._latency[i] += 1
+            self._latency_sum += seconds
+            self._latency_count += 1
+
+    def render(self, gauges):
+        """`gauges`: list of (name, labels dict, value) read at scrape time."""
+        with self._lock:
+            samples = [(name, labels, value) for (name, labels), value in self._values.items()]
+            buckets = list(self._latency)
+            total, count = self._latency_sum, self._latency_count
+        samples += [(name, tuple(sorted(labels.items())), value) for name, labels, value in gauges]
+        lines = []
+        for name, (kind, text) in METRIC_HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                for bound, n in zip(LATENCY_BUCKETS, buckets):
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
+                lines += [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {total}", f"{name}_count {count}"]
+                continue
+            lines += [f"{name}{_labels(labels)} {value}" for n, labels, value in sorted(samples) if n == name]
+        return "\n".join(lines) + "\n"
+
+
+class Daemon:
+    """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
+    in one process (the tests do): nothing here is global."""
+
+    def __init__(self, config):
+        self.config = config
+        self.metrics = Metrics()
+        self.renderer = Renderer(config)
+        self.journal = Journal(config.journal_path, config.journal_sync)
+        self.store = Store(config.database)
+        self.pool = RobotPool(config.rate_limit, config.rate_window, config.throttle_seconds)
+        self.pool.restore(self.journal.recent_sends(time.time() - max(config.rate_window, config.throttle_seconds)),
+                          time.time())
+        self.notifier = Notifier(self)
+        self.recorder = Recorder(self)
+        self.server = None
+        self._server_thread = None
+        self._reload_lock = threading.Lock()
+
+    @property
+    def address(self):
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self):
+        handler = type("Handler", (IntakeHandler,), {"daemon": self})
+        server_class = type("Server", (http.server.ThreadingHTTPServer,),
+                            {"daemon_threads": True, "request_queue_size": 128})
+        self.server = server_class((self.config.listen, self.config.port), handler)
+        for robot in {r for rc in self.config.receivers.values() for r in rc.robots if r.placeholder}:
+            log.warning("robot=%s still has the placeholder token %s: it is not used until configured",
+                        robot.name, PLACEHOLDER_TOKEN)
+        self.notifier.start()
+        self.recorder.start()
+        self._server_thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        self._server_thread.start()
+        log.info("alertbridge %s listening on %s, journal %s, history %s, receivers %s", VERSION, self.address,
+                 self.config.journal_path, self.store.describe(), ",".join(sorted(self.config.receivers)))
+        return self
+
+    def stop(self, timeout=10.0):
+        """Stop accepting, let in-flight requests and the current send finish, then return."""
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+        for worker in (self.notifier, self.recorder):
+            worker.stop()
+        for worker in (self.notifier, self.recorder):
+            if worker.is_alive():
+                worker.join(timeout)
+        self.store.close()
+
+    def accept(self, webhook, request_id):
+        """Journal a validated webhook; (HTTP status, JSON reply)."""
+        receiver = self.config.receiver_for(webhook.receiver)
+        if receiver is None:
+            raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no default_receiver configured")
+        try:
+            self.journal.accept(webhook, receiver, request_id)
+        except sqlite3.Error as exc:
+            log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager retries",
+                      request_id, exc)
+            self.metrics.inc("alertbridge_webhooks_total", outcome="503")
+            return 503, {"error": "journal not writable, retry later", "request_id": request_id}
+        self.notifier.wake.set()
+        self.recorder.wake.set()
+        self.metrics.inc("alertbridge_webhooks_total", outcome="200")
+        self.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
+        log.info("request_id=%s accepted receiver=%s via=%s alerts=%d group=%s", request_id, webhook.receiver,
+                 receiver.name, len(webhook.alerts), webhook.group_key[:120])
+        return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
+
+    def reload(self):
+        """Re-read config.ini; keep the running config if the new one is broken."""
+        with self._reload_lock:
+            try:
+                config = load_config(self.config.path)
+            except ConfigError as exc:
+                log.error("reload rejected, keeping the running config: %s", exc)
+                return False, f"config rejected: {exc}"
+            kept = ("listen", "port", "journal_path", "journal_sync", "database", "state_dir")
+            changed = [k for k in kept if getattr(config, k) != getattr(self.config, k)]
+            if changed:
+                log.warning("reload: %s change only on restart", ", ".join(changed))
+                config = replace(config, **{k: getattr(self.config, k) for k in kept})
+            self.config = config
+            self.renderer = Renderer(config)
+            self.pool.reconfigure(config.rate_limit, config.rate_window, config.throttle_seconds)
+            self.notifier.wake.set()
+            log.info("config reloaded: receivers %s", ",".join(sorted(config.receivers)))
+            return True, "reloaded"
+
+    def readiness(self):
+        journal_ok = self.journal.writable()
+        store_ok = self.recorder.store_ok is not False
+        detail = {"journal": "ok" if journal_ok else "not writable",
+                  "store": "ok" if store_ok else "unreachable (alerts wait in the journal; paging continues)"}
+        return journal_ok, detail
+
+    def render_metrics(self):
+        now = time.time()
+        pending, oldest, backlog, _ = self.journal.backlog()
+        gauges = [("alertbridge_queue_messages", {}, pending),
+                  ("alertbridge_queue_oldest_seconds", {}, round(now - oldest, 3) if oldest else 0),
+                  ("alertbridge_record_backlog_events", {}, backlog),
+                  ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
+                  ("alertbridge_build_info", {"version": VERSION}, 1)]
+        robots = {r.name for rc in self.config.receivers.values() for r in rc.robots}
+        for name, budget, throttled, disabled in self.pool.state(robots, now):
+            gauges += [("alertbridge_robot_budget_remaining", {"robot": name}, budget),
+                       ("alertbridge_robot_throttled", {"robot": name}, int(throttled)),
+                       ("alertbridge_robot_disabled", {"robot": name}, int(disabled))]
+        return self.metrics.render(gauges)
+
+
+def setup_logging(level):
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prometheus Alertmanager -> DingTalk bridge with alert history.")
+    parser.add_argument("-c", "--config", default="config.ini", help="config file (default: config.ini)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"alertbridge {VERSION}")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("config: %s", exc)
+        return 2
+    daemon = Daemon(config).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=daemon.reload, daemon=True).start())
+    stop.wait()
+    log.info("stopping")
+    daemon.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+-- alertbridge alert history (MySQL 5.7+, MySQL 8, MariaDB 10.x). Load with: mysql alertbridge < schema.sql
+-- The daemon creates the same tables itself on start; this file is generated from alertbridge.MYSQL_SCHEMA.
+
+CREATE TABLE IF NOT EXISTS alerts (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  receiver VARCHAR(128) NOT NULL,
+  fingerprint VARCHAR(64) NOT NULL,
+  starts_at DATETIME(3) NOT NULL,
+  ends_at DATETIME(3) NULL,
+  status VARCHAR(16) NOT NULL,
+  alertname VARCHAR(255) NOT NULL DEFAULT '',
+  instance VARCHAR(255) NOT NULL DEFAULT '',
+  severity VARCHAR(64) NOT NULL DEFAULT '',
+  job VARCHAR(255) NOT NULL DEFAULT '',
+  summary TEXT NULL,
+  description TEXT NULL,
+  labels JSON NOT NULL,
+  annotations JSON NOT NULL,
+  generator_url TEXT NULL,
+  first_received_at DATETIME(3) NOT NULL,
+  last_received_at DATETIME(3) NOT NULL,
+  received_count INT UNSIGNED NOT NULL DEFAULT 1,
+  notified_count INT UNSIGNED NOT NULL DEFAULT 0,
+  robots VARCHAR(1024) NOT NULL DEFAULT '',
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_alerts_occurrence (receiver, fingerprint, starts_at),
+  KEY ix_alerts_starts_at (starts_at),
+  KEY ix_alerts_status (status, starts_at),
+  KEY ix_alerts_alertname (alertname, starts_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS notifications (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  sent_at DATETIME(3) NOT NULL,
+  receiver VARCHAR(128) NOT NULL,
+  robot VARCHAR(128) NOT NULL,
+  request_id VARCHAR(255) NOT NULL DEFAULT '',
+  message_id BIGINT NOT NULL,
+  alerts INT UNSIGNED NOT NULL,
+  fingerprints TEXT NULL,
+  errcode INT NULL,
+  errmsg VARCHAR(512) NOT NULL DEFAULT '',
+  latency_ms INT UNSIGNED NOT NULL,
+  PRIMARY KEY (id),
+  KEY ix_notifications_sent_at (sent_at),
+  KEY ix_notifications_receiver (receiver, robot, sent_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS recorder_progress (
+  journal_id VARCHAR(64) NOT NULL,
+  last_event_id BIGINT NOT NULL,
+  PRIMARY KEY (journal_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

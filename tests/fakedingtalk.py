@@ -1,0 +1,171 @@
+"""A fake DingTalk robot API on loopback, faithful to what alertbridge relies on.
+
+It checks what the real one checks (access token, signature and its one-hour window, custom
+keyword, body size, 20 messages per window per robot with a throttle after it) and answers with
+the real errcodes. Tests can add latency, script failures, and await what it received.
+"""
+
+import base64
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+
+@dataclass
+class Request:
+    token: str
+    body: dict
+    at: float
+    errcode: int
+    size: int
+
+    @property
+    def text(self):
+        kind = self.body.get("msgtype")
+        return (self.body.get(kind) or {}).get("text" if kind == "markdown" else "content", "")
+
+
+class FakeDingTalk:
+    def __init__(self, rate_limit=20, rate_window=60.0, throttle_seconds=600.0, max_bytes=20000):
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self.throttle_seconds = throttle_seconds
+        self.max_bytes = max_bytes
+        self.latency = 0.0
+        self.robots = {}            # token -> (secret, keyword)
+        self.requests = []          # every request, in arrival order
+        self.cond = threading.Condition()
+        self._arrivals = {}         # token -> arrival times inside the window
+        self._throttled_until = {}
+        self._script = {}           # token -> list of scripted answers: errcode int or "http500"
+        self.server = None
+
+    # set-up
+    def add_robot(self, token, secret="", keyword=""):
+        self.robots[token] = (secret, keyword)
+        return self.url(token)
+
+    def url(self, token):
+        return f"http://127.0.0.1:{self.server.server_address[1]}/robot/send?access_token={token}"
+
+    def fail_next(self, token, answer, times=1):
+        with self.cond:
+            self._script.setdefault(token, []).extend([answer] * times)
+
+    def start(self):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if fake.latency:
+                    time.sleep(fake.latency)
+                status, answer = fake.handle(self.path, body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # the API
+    def handle(self, path, raw):
+        now = time.time()
+        parts = urllib.parse.urlsplit(path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        token = query.get("access_token", "")
+        with self.cond:
+            status, errcode, errmsg = self._judge(parts.path, token, query, raw, now)
+            try:
+                body = json.loads(raw.decode("utf-8"))
+            except ValueError:
+                body = {}
+            self.requests.append(Request(token, body, now, errcode, len(raw)))
+            self.cond.notify_all()
+        return status, {"errcode": errcode, "errmsg": errmsg}
+
+    def _judge(self, path, token, query, raw, now):
+        if path != "/robot/send":
+            return 404, -1, "not found"
+        if token not in self.robots:
+            return 200, 300001, "token is not exist"
+        secret, keyword = self.robots[token]
+        if secret:
+            timestamp, sign = query.get("timestamp", ""), query.get("sign", "")
+            if not timestamp.isdigit() or abs(int(timestamp) - now * 1000) > 3600 * 1000:
+                return 200, 310000, "sign not match, more: [timestamp expired]"
+            expected = base64.b64encode(hmac.new(secret.encode(), f"{timestamp}\n{secret}".encode(),
+                                                 hashlib.sha256).digest()).decode()
+            if not hmac.compare_digest(sign, expected):
+                return 200, 310000, "sign not match"
+        if self._throttled_until.get(token, 0) > now:
+            return 200, 410100, "send too fast, exceed 20 times per minute"
+        arrivals = [t for t in self._arrivals.get(token, []) if t > now - self.rate_window]
+        if len(arrivals) >= self.rate_limit:
+            self._throttled_until[token] = now + self.throttle_seconds
+            return 200, 410100, "send too fast, exceed 20 times per minute"
+        arrivals.append(now)
+        self._arrivals[token] = arrivals
+        script = self._script.get(token)
+        if script:
+            answer = script.pop(0)
+            if answer == "http500":
+                return 500, -1, "internal error"
+            return 200, answer, "scripted failure"
+        if len(raw) > self.max_bytes:
+            return 200, 460101, "message too long, exceed 20000 bytes"
+        try:
+            body = json.loads(raw.decode("utf-8"))
+            kind = body["msgtype"]
+            content = body[kind]
+            text = content["text"] + content["title"] if kind == "markdown" else content["content"]
+        except (ValueError, KeyError, TypeError):
+            return 200, 40035, "缺少参数 json"
+        if keyword and keyword not in text:
+            return 200, 310000, "keywords not in content"
+        return 200, 0, "ok"
+
+    # what tests read
+    def delivered(self, token=None):
+        with self.cond:
+            return [r for r in self.requests if r.errcode == 0 and (token is None or r.token == token)]
+
+    def wait_for(self, predicate, timeout=10.0):
+        """Wait until predicate(self) is true; returns its last value."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                value = predicate(self)
+                left = deadline - time.monotonic()
+                if value or left <= 0:
+                    return value
+                self.cond.wait(left)
+
+    def max_per_window(self, token):
+        """Most requests this robot received in any window: must never exceed the limit."""
+        times = sorted(r.at for r in self.requests if r.token == token)
+        best, start = 0, 0
+        for end, t in enumerate(times):
+            while times[start] <= t - self.rate_window:
+                start += 1
+            best = max(best, end - start + 1)
+        return best

@@ -1,0 +1,135 @@
+"""The core pipeline end to end: webhook -> journal -> DingTalk + history, on SQLite and MariaDB."""
+
+import json
+import logging
+import sqlite3
+
+from conftest import ROBOTS, SECRETS, history, load_fixture, make_alert, make_payload, post, settle
+
+OPS = [ROBOTS[f"ops-{i}"]["token"] for i in (1, 2, 3)]
+
+
+def test_group_goes_out_signed_with_mentions_and_is_recorded(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    status, reply = post(daemon, load_fixture("am025-ops-firing-group.json"))
+    assert status == 200 and reply["alerts"] == 2
+    settle(daemon)
+
+    [message] = fake.delivered()
+    assert message.token == OPS[0]                      # first robot in turn; the fake checked its signature
+    assert message.body["msgtype"] == "markdown"
+    assert message.body["markdown"]["title"] == "[FIRING:2] DiskFull"
+    text = message.text
+    assert "10.0.0.1:9100" in text and "10.0.0.2:9100" in text and "磁盘将满" in text
+    assert "2026-11-25 05:47:13" in text                # 21:47:13Z shown in Asia/Shanghai
+    assert "@13800000000" in text and message.body["at"]["atMobiles"] == ["13800000000"]
+    assert "[Prometheus](http://prom:9090/graph?g0.expr=up)" in text
+    assert "http://vm:19093/#/silences/new?filter=" in text
+
+    rows = history(daemon)
+    assert [(r["instance"], r["severity"], r["status"]) for r in rows] == [
+        ("10.0.0.1:9100", "critical", "firing"), ("10.0.0.2:9100", "warning", "firing")]
+    first = rows[0]
+    assert (first["alertname"], first["job"], first["receiver"]) == ("DiskFull", "node", "ops")
+    assert (first["summary"], first["description"]) == ("磁盘将满", "usage 95%")
+    assert json.loads(first["labels"]) == {"alertname": "DiskFull", "instance": "10.0.0.1:9100",
+                                           "job": "node", "severity": "critical"}
+    assert json.loads(first["annotations"])["summary"] == "磁盘将满"
+    assert first["generator_url"] == "http://prom:9090/graph?g0.expr=up"
+    assert first["starts_at"] == "2026-11-24 21:47:13.757" and first["ends_at"] is None
+    assert (first["received_count"], first["notified_count"], first["robots"]) == (1, 1, "ops-1")
+
+    [sent] = history(daemon, "notifications")
+    assert (sent["receiver"], sent["robot"], sent["alerts"], sent["errcode"]) == ("ops", "ops-1", 2, 0)
+    assert sent["fingerprints"] == "0ab899e06c62ec30,b2e09faafa783f36"
+
+
+def test_repeat_counts_rotates_and_resolve_closes(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    post(daemon, load_fixture("am025-ops-firing-group.json"))
+    settle(daemon)
+    post(daemon, load_fixture("am025-ops-firing-group.json"))   # Alertmanager's repeat_interval
+    settle(daemon)
+    second = fake.delivered()[1]
+    assert second.token == OPS[1] and "告警" in second.text       # keyword robot gets its keyword
+
+    rows = history(daemon)
+    assert len(rows) == 2
+    assert [(r["received_count"], r["notified_count"], r["robots"]) for r in rows] == [(2, 2, "ops-1,ops-2")] * 2
+
+    post(daemon, load_fixture("am025-ops-partly-resolved.json"))
+    settle(daemon)
+    third = fake.delivered()[2]
+    assert third.token == OPS[2]
+    assert third.body["markdown"]["title"] == "[FIRING:1 RESOLVED:1] DiskFull"
+    assert "2026-11-25 05:47:16" in third.text and "持续 3s" in third.text
+    rows = {r["instance"]: r for r in history(daemon)}
+    assert rows["10.0.0.1:9100"]["status"] == "resolved"
+    assert rows["10.0.0.1:9100"]["ends_at"] == "2026-11-24 21:47:16.781"
+    assert rows["10.0.0.2:9100"]["status"] == "firing" and rows["10.0.0.2:9100"]["ends_at"] is None
+    assert rows["10.0.0.1:9100"]["notified_count"] == 3
+
+    refire = make_payload("ops", [make_alert("DiskFull", "10.0.0.1:9100", fingerprint="0ab899e06c62ec30",
+                                             starts_at="2026-11-24T23:00:00Z")])
+    post(daemon, refire)                                          # a new startsAt is a new occurrence
+    settle(daemon)
+    assert len(history(daemon)) == 3
+
+
+def test_robots_rotate_in_turn(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    for i in range(6):
+        post(daemon, make_payload("ops", [make_alert(instance=f"n{i}")]))
+        settle(daemon)
+    assert [m.token for m in fake.delivered()] == OPS + OPS
+
+
+def test_failed_robot_fails_over_to_the_next(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    fake.fail_next(OPS[0], -1)                 # "system busy"
+    post(daemon, make_payload("ops", [make_alert()]))
+    settle(daemon)
+    assert [(r.token, r.errcode) for r in fake.requests] == [(OPS[0], -1), (OPS[1], 0)]
+    sends = history(daemon, "notifications")
+    assert [(s["robot"], s["errcode"]) for s in sends] == [("ops-1", -1), ("ops-2", 0)]
+    [row] = history(daemon)
+    assert (row["notified_count"], row["robots"]) == (1, "ops-2")
+
+
+def test_unknown_receiver_uses_default_and_path_names_receiver(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    post(daemon, make_payload("nobody", [make_alert("A")]))
+    post(daemon, make_payload("nobody", [make_alert("B")]), path="/alertmanager/ops")
+    settle(daemon)
+    by_name = {m.body["markdown"]["title"]: m.token for m in fake.delivered()}
+    assert by_name == {"[FIRING:1] A": ROBOTS["dev-1"]["token"], "[FIRING:1] B": OPS[0]}
+    assert sorted((r["alertname"], r["receiver"]) for r in history(daemon)) == [("A", "nobody"), ("B", "ops")]
+
+
+def test_per_alert_receiver_sends_one_message_per_alert(make_daemon, fake, database):
+    daemon = make_daemon(database, receivers={"ops": {"robots": "ops-1, ops-2", "per_alert": "true"},
+                                              "dev": {"robots": "dev-1"}})
+    post(daemon, load_fixture("am025-ops-firing-group.json"))
+    settle(daemon)
+    titles = sorted(m.body["markdown"]["title"] for m in fake.delivered())
+    assert titles == ["[FIRING:1] DiskFull", "[FIRING:1] DiskFull"]
+    assert len({m.token for m in fake.delivered()}) == 2
+    assert [r["notified_count"] for r in history(daemon)] == [1, 1]
+
+
+def test_no_token_or_secret_in_logs_or_databases(make_daemon, fake, database, caplog):
+    caplog.set_level(logging.DEBUG, logger="alertbridge")
+    daemon = make_daemon(database)
+    fake.fail_next(OPS[0], 310000)            # an error answer gets logged at ERROR with details
+    post(daemon, load_fixture("am025-ops-firing-group.json"))
+    post(daemon, load_fixture("am025-dev-firing.json"))
+    settle(daemon)
+    dumped = caplog.text
+    for table in ("alerts", "notifications", "recorder_progress"):
+        dumped += json.dumps(history(daemon, table, order="1"), default=str, ensure_ascii=False)
+    journal = sqlite3.connect(daemon.config.journal_path)
+    for table in ("events", "messages", "sends", "meta"):
+        dumped += json.dumps(journal.execute(f"SELECT * FROM {table}").fetchall(), ensure_ascii=False)
+    assert "ops-1" in dumped and "errcode=310000" in caplog.text
+    leaked = [s for s in SECRETS if s in dumped]
+    assert leaked == []

@@ -171,7 +171,8 @@ class _Section:
         try:
             value = kind(self.items[key].strip())
         except ValueError:
-            raise ConfigError(f"[{self.name}] {key}: not a {kind.__name__}: {self.items[key]!r}")
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"[{self.name}] {key}: not {what}: {self.items[key]!r}")
         if value < minimum:
             raise ConfigError(f"[{self.name}] {key}: must be at least {minimum}")
         return value
@@ -217,6 +218,22 @@ def load_config(path):
 
     main = _Section(parser, "alertbridge")
     state_dir = resolve(main.get("state_dir", "state"))
+    sync = main.get("journal_sync", "full").upper()
+    if sync not in ("FULL", "NORMAL"):
+        raise ConfigError("[alertbridge] journal_sync: must be full or normal")
+    tz_name = main.get("timezone", "Asia/Shanghai")
+    settings = dict(
+        path=os.path.abspath(path),
+        listen=main.get("listen", "127.0.0.1"),
+        port=main.int("port", 9097),
+        max_body_bytes=main.int("max_body_bytes", 1 << 20, 1024),
+        request_timeout=main.float("request_timeout", 10.0, 0.1),
+        timezone_name=tz_name,
+        tz=_load_timezone(tz_name),
+        state_dir=state_dir,
+        journal_path=resolve(main.get("journal", os.path.join(state_dir, "journal.db"))),
+        journal_sync=sync,
+    )
     db = _Section(parser, "database")
     driver = db.get("driver", "sqlite")
     if driver == "sqlite":
@@ -252,21 +269,8 @@ def load_config(path):
     if not receivers:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
 
-    sync = main.get("journal_sync", "full").upper()
-    if sync not in ("FULL", "NORMAL"):
-        raise ConfigError("[alertbridge] journal_sync: must be full or normal")
-    tz_name = main.get("timezone", "Asia/Shanghai")
     return Config(
-        path=os.path.abspath(path),
-        listen=main.get("listen", "127.0.0.1"),
-        port=main.int("port", 9097),
-        max_body_bytes=main.int("max_body_bytes", 1 << 20, 1024),
-        request_timeout=main.float("request_timeout", 10.0, 0.1),
-        timezone_name=tz_name,
-        tz=_load_timezone(tz_name),
-        state_dir=state_dir,
-        journal_path=resolve(main.get("journal", os.path.join(state_dir, "journal.db"))),
-        journal_sync=sync,
+        **settings,
         default_receiver=default_receiver,
         database=database,
         rate_limit=delivery.int("rate_limit", 20, 1),

@@ -1,0 +1,62 @@
+"""config.ini: the shipped file works, every key is documented, mistakes are named."""
+
+import configparser
+import re
+
+import pytest
+
+import alertbridge
+from conftest import ROOT
+
+
+def test_shipped_config_runs_on_the_embedded_default():
+    config = alertbridge.load_config(str(ROOT / "config.ini"))
+    assert config.database["driver"] == "sqlite"
+    assert config.receivers["default"].robots[0].placeholder
+    assert config.default_receiver == "default" and config.timezone_name == "Asia/Shanghai"
+
+
+def test_every_shipped_key_is_documented_in_the_readme():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "config.ini", encoding="utf-8")
+    text = (ROOT / "config.ini").read_text(encoding="utf-8")
+    commented = set(re.findall(r"^; (\w+) =", text, re.M))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    keys = {k for s in parser.sections() for k in parser[s]} | commented
+    missing = sorted(k for k in keys if f"`{k}`" not in readme)
+    assert missing == []
+
+
+def test_schema_sql_is_what_the_daemon_creates():
+    shipped = (ROOT / "schema.sql").read_text(encoding="utf-8")
+    assert alertbridge.MYSQL_SCHEMA in shipped
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[receiver:a]\nrobots = x\n", "[receiver:a] robots: no section [robot:x]"),
+    ("[receiver:a]\nrobots =\n", "[receiver:a] robots: list at least one robot"),
+    ("[robot:x]\nurl = ftp://x\n[receiver:a]\nrobots = x\n", "[robot:x] url"),
+    ("[robot:x]\nurl = https://oapi.dingtalk.com/robot/send\n[receiver:a]\nrobots = x\n", "access_token"),
+    ("[alertbridge]\nport = eighty\n", "[alertbridge] port: not an integer"),
+    ("[alertbridge]\ntimezone = Mars/Base\n", "unknown time zone"),
+    ("[alertbridge]\ndefault_receiver = nope\n[robot:x]\nurl = https://h/r?access_token=t\n"
+     "[receiver:a]\nrobots = x\n", "default_receiver"),
+    ("[database]\ndriver = oracle\n", "[database] driver"),
+    ("[receiver:a]\nrobots = x\nat_all = maybe\n[robot:x]\nurl = https://h/r?access_token=t\n", "at_all"),
+    ("[receiver:a]\nrobots = x\nat_mobiles = call-me\n[robot:x]\nurl = https://h/r?access_token=t\n", "at_mobiles"),
+    ("[receiver:a]\nrobots = x\nalert = {unclosed\n[robot:x]\nurl = https://h/r?access_token=t\n", "bad template"),
+    ("[reciever:a]\nrobots = x\n", "unknown section"),
+    ("not an ini file", "File contains no section headers"),
+])
+def test_config_errors_name_the_section_and_key(tmp_path, text, message):
+    path = tmp_path / "config.ini"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    assert message in str(error.value)
+
+
+def test_robot_repr_and_redaction_hide_secrets():
+    robot = alertbridge.Robot("r", "https://h/robot/send?access_token=abc123tok", secret="SECxyz")
+    assert "abc123tok" not in repr(robot) and "SECxyz" not in repr(robot)
+    assert robot.redact("url ...access_token=abc123tok sign with SECxyz") == "url ...access_token=*** sign with ***"

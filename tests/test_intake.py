@@ -1,0 +1,160 @@
+"""HTTP intake: every kind of bad request gets a clear 4xx and the daemon keeps serving."""
+
+import json
+import socket
+
+import pytest
+
+from conftest import history, load_fixture, make_alert, make_payload, post, settle
+
+GOOD = load_fixture("am025-dev-firing.json")
+
+
+def raw_request(daemon, data, timeout=10):
+    """Send raw bytes; return (status, body) of the answer."""
+    host, port = daemon.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def with_(path, value):
+    """GOOD with one field replaced, path like ('alerts', 0, 'startsAt'); value None deletes it."""
+    payload = json.loads(json.dumps(GOOD))
+    target = payload
+    for key in path[:-1]:
+        target = target[key]
+    if value is None:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return payload
+
+
+def malformed_bodies():
+    """100 bodies that can never succeed, each with a reason a person would recognize."""
+    bodies = [b"", b"{", b"[]", b"null", b"42", b'"text"', b"\xff\xfe\x00", b"{\"version\": \"4\"",
+              b"[" * 100000 + b"]" * 100000, "{\"version\":\"4\",\"x\":\"\ud800\"}".encode("utf-8", "surrogatepass")]
+    fields = {
+        ("version",): [None, "3", 4, "", ["4"]],
+        ("status",): [None, "pending", 1, ""],
+        ("receiver",): [None, "", 7, ["ops"]],
+        ("alerts",): [None, {}, "x", 5],
+        ("groupLabels",): [[], "x", {"a": 1}],
+        ("commonLabels",): [{"a": None}, 3],
+        ("commonAnnotations",): [{"a": []}],
+        ("externalURL",): [5, {}],
+        ("truncatedAlerts",): [-1, "3", 1.5, True],
+        ("alerts", 0): ["alert", 1, [], "x" * 10],
+        ("alerts", 0, "status"): [None, "ok", 1],
+        ("alerts", 0, "labels"): [None, {}, [], "a=b", {"a": 1}, {"a": {"b": "c"}}],
+        ("alerts", 0, "annotations"): [[], {"s": 1}, "x"],
+        ("alerts", 0, "startsAt"): [None, "", "yesterday", "2026-11-24", "2026-11-24T08:00:00",
+                                    "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-11-24T25:00:00Z",
+                                    "2026-11-24T08:00:00+8", 1700000000, "2026-11-24T08:00:00.Z",
+                                    "2026-11-24T08:00:00.1234567890Z"],
+        ("alerts", 0, "endsAt"): ["never", 0, "0001-01-01", "2026-11-24T08:00:00ZZ"],
+        ("alerts", 0, "fingerprint"): [5, ["x"]],
+        ("alerts", 0, "generatorURL"): [5, {}],
+    }
+    for path, values in fields.items():
+        for value in values:
+            if value is None and path[-1] in ("groupLabels",):
+                continue
+            bodies.append(json.dumps(with_(path, value)).encode())
+    bodies += [json.dumps({**GOOD, "alerts": [GOOD["alerts"][0], 7]}).encode(),
+               json.dumps({**GOOD, "alerts": [{}]}).encode()]
+    while len(bodies) < 100:
+        bodies.append(b"{" * len(bodies) + b"}")
+    return bodies[:100]
+
+
+def test_100_malformed_requests_get_4xx_and_the_daemon_keeps_serving(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db)
+    statuses = []
+    for body in malformed_bodies():
+        status, reply = post(daemon, body)
+        assert 400 <= status < 500, (status, body[:120])
+        assert isinstance(reply, dict) and reply["error"], reply
+        statuses.append(status)
+    assert len(statuses) == 100
+    status, reply = post(daemon, GOOD)
+    assert status == 200 and reply["status"] == "accepted"
+    settle(daemon)
+    assert len(history(daemon)) == 1
+
+
+@pytest.mark.parametrize("request_bytes, status, reason", [
+    (b"POST /nowhere HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "no such endpoint"),
+    (b"GET /alertmanager HTTP/1.1\r\n\r\n", 405, "use POST"),
+    (b"DELETE / HTTP/1.1\r\n\r\n", 405, "use POST"),
+    (b"POST /alertmanager HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{}", 411, "Content-Length"),
+    (b"POST /alertmanager HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411, "chunked"),
+    (b"POST /alertmanager HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{}", 413, "max_body_bytes"),
+    (b"POST /alertmanager HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}", 415, "application/json"),
+    (b"POST /alertmanager HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}", 400, "Content-Length"),
+    (b"POST /alertmanager HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 400, "body ended"),
+    (b"POST /alertmanager/ops HTTP/1.1\r\nContent-Length: 7\r\n\r\n{\"a\":1}", 400, "version"),
+])
+def test_each_bad_request_gets_its_status_and_a_one_line_reason(make_daemon, sqlite_db, request_bytes, status, reason):
+    daemon = make_daemon(sqlite_db)
+    got, body = raw_request(daemon, request_bytes)
+    assert got == status
+    assert body.count(b"\n") == 1 and body.endswith(b"\n")
+    assert reason in json.loads(body)["error"]
+
+
+def test_oversized_body_is_refused_before_it_is_read(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db, main={"max_body_bytes": "2048"})
+    big = make_payload("dev", [make_alert(annotations={"description": "x" * 4000})])
+    status, reply = post(daemon, big)
+    assert status == 413 and "2048" in reply["error"]
+    status, _ = post(daemon, make_payload("dev", [make_alert()]))
+    assert status == 200
+
+
+def test_unknown_receiver_without_default_is_404(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db, main={"default_receiver": ""})
+    status, reply = post(daemon, make_payload("nobody", [make_alert()]))
+    assert status == 404 and "nobody" in reply["error"]
+
+
+def test_alertmanager_time_forms_are_accepted(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db)
+    alerts = [make_alert(instance="ns", starts_at="2026-11-24T21:47:13.776597105Z"),
+              make_alert(instance="offset", starts_at="2026-11-25T05:47:13+08:00"),
+              make_alert(instance="future-end", ends_at="2030-01-01T00:00:00Z"),
+              {**make_alert(instance="no-fingerprint"), "fingerprint": "", "generatorURL": ""}]
+    status, reply = post(daemon, make_payload("dev", alerts))
+    assert status == 200 and reply["alerts"] == 4
+    settle(daemon)
+    rows = {r["instance"]: r for r in history(daemon)}
+    assert rows["ns"]["starts_at"] == "2026-11-24 21:47:13.776"
+    assert rows["offset"]["starts_at"] == "2026-11-24 21:47:13.000"
+    assert rows["future-end"]["ends_at"] is None            # a firing alert's endsAt is only an estimate
+    assert len(rows["no-fingerprint"]["fingerprint"]) == 16
+
+
+def test_health_endpoints_answer(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db)
+    assert post(daemon, None, path="/-/healthy", method="GET") == (200, "OK\n")
+    status, reply = post(daemon, None, path="/-/ready", method="GET")
+    assert status == 200 and reply["journal"] == "ok"
+
+
+def test_journal_failure_answers_503_so_alertmanager_retries(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db)
+    original = daemon.journal._db
+
+    def read_only():  # every new connection, including the request thread's, refuses writes
+        db = original()
+        db.execute("PRAGMA query_only = 1")
+        return db
+    daemon.journal._db = read_only
+    status, reply = post(daemon, GOOD)
+    assert status == 503 and "retry" in reply["error"]

@@ -109,6 +109,34 @@ class Receiver:
 
 
 @dataclass(frozen=True)
+class Auth:
+    """Credentials Alertmanager's http_config must present (bearer token and/or basic auth)."""
+    bearer_token: str = field(default="", repr=False)
+    username: str = ""
+    password: str = field(default="", repr=False)
+    protect_metrics: bool = False
+
+    @property
+    def enabled(self):
+        return bool(self.bearer_token or self.username)
+
+    def allows(self, authorization):
+        """Whether an Authorization header value carries valid credentials (constant time)."""
+        scheme, _, value = (authorization or "").partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and self.bearer_token:
+            return hmac.compare_digest(value.encode(), self.bearer_token.encode())
+        if scheme.lower() == "basic" and self.username:
+            try:
+                given = base64.b64decode(value, validate=True)
+            except ValueError:
+                return False
+            expected = f"{self.username}:{self.password}".encode()
+            return hmac.compare_digest(given, expected)
+        return False
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = ""
     listen: str = "127.0.0.1"
@@ -130,6 +158,8 @@ class Config:
     send_timeout: float = 5.0
     retry_base: float = 2.0
     retry_max: float = 300.0
+    retention_days: float = 180.0
+    auth: Auth = field(default_factory=Auth)
     receivers: dict = field(default_factory=dict)
 
     def receiver_for(self, name):
@@ -217,7 +247,7 @@ def load_config(path):
         return p if os.path.isabs(p) else os.path.join(base, p)
 
     main = _Section(parser, "alertbridge")
-    state_dir = resolve(main.get("state_dir", "state"))
+    state_dir = resolve(main.get("state_dir", os.environ.get("STATE_DIRECTORY", "state")))
     sync = main.get("journal_sync", "full").upper()
     if sync not in ("FULL", "NORMAL"):
         raise ConfigError("[alertbridge] journal_sync: must be full or normal")
@@ -245,6 +275,11 @@ def load_config(path):
     else:
         raise ConfigError(f"[database] driver: must be sqlite or mysql, not {driver!r}")
 
+    auth_section = _Section(parser, "auth")
+    auth = Auth(bearer_token=auth_section.get("bearer_token"), username=auth_section.get("username"),
+                password=auth_section.get("password"), protect_metrics=auth_section.bool("protect_metrics"))
+    if auth.password and not auth.username:
+        raise ConfigError("[auth] password: set username too (basic auth)")
     delivery = _Section(parser, "delivery")
     templates = _Section(parser, "templates")
     title_default = templates.template("title", DEFAULT_TITLE)
@@ -259,7 +294,7 @@ def load_config(path):
         if section.startswith("receiver:"):
             name = section[9:]
             receivers[name] = _load_receiver(_Section(parser, section), name, robots, title_default, alert_default)
-    unknown = [s for s in parser.sections() if s not in ("alertbridge", "database", "delivery", "templates")
+    unknown = [s for s in parser.sections() if s not in ("alertbridge", "database", "delivery", "templates", "auth")
                and not s.startswith(("robot:", "receiver:"))]
     if unknown:
         raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME or robot:NAME)")
@@ -281,6 +316,8 @@ def load_config(path):
         send_timeout=delivery.float("timeout", 5.0, 0.1),
         retry_base=delivery.float("retry_base", 2.0, 0.01),
         retry_max=delivery.float("retry_max", 300.0, 0.01),
+        retention_days=db.float("retention_days", 180.0, 0.0),
+        auth=auth,
         receivers=receivers,
     )
 
@@ -326,10 +363,11 @@ def _load_receiver(section, name, robots, title_default, alert_default):
 class BadRequest(Exception):
     """A request that can never succeed: answered 4xx with a one-line JSON reason."""
 
-    def __init__(self, status, reason):
+    def __init__(self, status, reason, headers=()):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.headers = headers
 
 
 @dataclass
@@ -495,18 +533,31 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _guarded(self, handler):
         request_id = uuid.uuid4().hex[:12]
-        try:
-            handler(request_id)
-        except BadRequest as exc:
-            self.daemon.metrics.inc("alertbridge_webhooks_total", outcome=str(exc.status))
-            log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status, exc.reason)
-            self._reply(exc.status, {"error": exc.reason, "request_id": request_id})
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
-        except Exception:
-            log.exception("request_id=%s internal error", request_id)
-            self.daemon.metrics.inc("alertbridge_webhooks_total", outcome="500")
-            self._reply(500, {"error": "internal error, see the daemon's log", "request_id": request_id})
+        with self.daemon.in_flight():
+            try:
+                if self.daemon.draining:
+                    self.close_connection = True
+                    self._discard_body()
+                    raise BadRequest(503, "shutting down, retry later")
+                handler(request_id)
+            except BadRequest as exc:
+                self.daemon.metrics.inc("alertbridge_webhooks_total", outcome=str(exc.status))
+                log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status, exc.reason)
+                self._reply(exc.status, {"error": exc.reason, "request_id": request_id}, headers=exc.headers)
+            except (ConnectionError, socket.timeout):
+                self.close_connection = True
+            except Exception:
+                log.exception("request_id=%s internal error", request_id)
+                self.daemon.metrics.inc("alertbridge_webhooks_total", outcome="500")
+                self._reply(500, {"error": "internal error, see the daemon's log", "request_id": request_id})
+
+    def _authorize(self):
+        auth = self.daemon.config.auth
+        if auth.enabled and not auth.allows(self.headers.get("Authorization")):
+            self._discard_body()
+            scheme = "Bearer" if auth.bearer_token else "Basic"
+            raise BadRequest(401, "missing or wrong credentials (see [auth] in config.ini)",
+                             headers=[("WWW-Authenticate", f'{scheme} realm="alertbridge"')])
 
     def _reply(self, status, obj, content_type="application/json", headers=()):
         body = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
@@ -528,6 +579,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _get(self, request_id):
         path = self._route()
+        if path in ("/-/healthy", "/-/ready", "/metrics") and self.daemon.config.auth.protect_metrics:
+            self._authorize()
         if path == "/-/healthy":
             return self._reply(200, b"OK\n", "text/plain")
         if path == "/-/ready":
@@ -548,6 +601,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     def _post(self, request_id):
         path = self._route()
         if path == "/-/reload":
+            self._authorize()
             self._read_body()
             ok, message = self.daemon.reload()
             return self._reply(200 if ok else 500, {"status": "reloaded"} if ok else {"error": message})
@@ -555,6 +609,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if not match:
             self._discard_body()
             raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
+        self._authorize()
         content_type = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
         if content_type not in ("application/json", "text/json", ""):
             self._discard_body()
@@ -783,6 +838,11 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
 S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
 S_PING = "SELECT 1"
+# Retention: one small batch per statement. The derived table lets MySQL take LIMIT in a subquery.
+S_PURGE_ALERTS = ("DELETE FROM alerts WHERE id IN (SELECT id FROM (SELECT id FROM alerts "
+                  "WHERE starts_at < %s AND last_received_at < %s ORDER BY id LIMIT %s) AS old)")
+S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM (SELECT id FROM notifications "
+                         "WHERE sent_at < %s ORDER BY id LIMIT %s) AS old)")
 
 
 def sql_for(dialect, sql):
@@ -1029,6 +1089,14 @@ class Store:
             with contextlib.suppress(Exception):
                 self._db.close()
             self._db = None
+
+    def purge(self, cutoff, batch):
+        """Delete one batch of history older than `cutoff` from each table; rows deleted."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_PURGE_ALERTS, (cutoff, cutoff, batch))
+            deleted = cursor.rowcount
+            self.execute(cursor, S_PURGE_NOTIFICATIONS, (cutoff, batch))
+            return deleted + cursor.rowcount
 
     # what the recorder writes
     def record(self, journal_id, events):
@@ -1588,6 +1656,8 @@ class Recorder(threading.Thread):
     """Copies journal events into the history store, in order. A store outage only delays it."""
 
     BATCH = 200
+    PURGE_EVERY = 600.0
+    PURGE_BATCH = 1000
 
     def __init__(self, daemon):
         super().__init__(name="recorder", daemon=True)
@@ -1672,11 +1742,22 @@ class Recorder(threading.Thread):
         self.store_ok = True
 
     def _housekeeping(self):
-        """Drop journal rows that are done and a day old (the history keeps them)."""
+        """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
+        keeps them), and history older than retention_days, in small batches."""
         now = time.time()
-        if now - self._last_purge > 600:
-            self._last_purge = now
-            self.journal.purge(now - max(86400, self.daemon.config.rate_window, self.daemon.config.throttle_seconds))
+        if now - self._last_purge < self.PURGE_EVERY:
+            return
+        self._last_purge = now
+        config = self.daemon.config
+        self.journal.purge(now - max(86400, config.rate_window, config.throttle_seconds))
+        if config.retention_days > 0:
+            cutoff = db_time(datetime.now(timezone.utc) - timedelta(days=config.retention_days))
+            total, deleted = 0, None
+            while deleted != 0 and not self.stopping.is_set():
+                deleted = self.store.purge(cutoff, self.PURGE_BATCH)
+                total += deleted
+            if total:
+                log.info("retention: purged %d history rows older than %s UTC", total, cutoff)
 
     def wait_idle(self, timeout):
         deadline = time.monotonic() + timeout
@@ -1711,6 +1792,7 @@ METRIC_HELP = {
     "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
     "alertbridge_robot_disabled": ("gauge", "1 while the robot is out of rotation for a config error."),
     "alertbridge_store_up": ("gauge", "1 if the history store answered last time."),
+    "alertbridge_http_requests_in_flight": ("gauge", "HTTP requests being handled, this scrape included."),
     "alertbridge_build_info": ("gauge", "Version of alertbridge."),
 }
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -1766,6 +1848,30 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def sd_notify(*fields):
+    """Tell systemd about our state (Type=notify), only when it asked via NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+        return True
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+        return False
+
+
+def watchdog_interval():
+    """Half of systemd's WatchdogSec, if the watchdog is on for this process."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
 class Daemon:
     """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
     in one process (the tests do): nothing here is global."""
@@ -1782,8 +1888,11 @@ class Daemon:
         self.notifier = Notifier(self)
         self.recorder = Recorder(self)
         self.server = None
-        self._server_thread = None
+        self.draining = False
+        self._requests = 0
+        self._requests_done = threading.Condition()
         self._reload_lock = threading.Lock()
+        self._stopped = threading.Event()
 
     @property
     def address(self):
@@ -1800,22 +1909,53 @@ class Daemon:
                         robot.name, PLACEHOLDER_TOKEN)
         self.notifier.start()
         self.recorder.start()
-        self._server_thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
-        self._server_thread.start()
+        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
+        interval = watchdog_interval()
+        if interval:
+            threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True).start()
         log.info("alertbridge %s listening on %s, journal %s, history %s, receivers %s", VERSION, self.address,
                  self.config.journal_path, self.store.describe(), ",".join(sorted(self.config.receivers)))
+        sd_notify("READY=1", f"STATUS=listening on {self.address}")
         return self
 
+    def _watchdog(self, interval):
+        """Pet systemd's watchdog only while every worker thread is alive."""
+        while not self._stopped.wait(interval):
+            if self.notifier.is_alive() and self.recorder.is_alive():
+                sd_notify("WATCHDOG=1")
+            else:
+                log.error("a worker thread died: not petting the watchdog, systemd will restart us")
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        """Count a request being handled, so shutdown can wait for it."""
+        with self._requests_done:
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._requests_done:
+                self._requests -= 1
+                self._requests_done.notify_all()
+
     def stop(self, timeout=10.0):
-        """Stop accepting, let in-flight requests and the current send finish, then return."""
+        """Stop accepting, finish in-flight requests, record what can be recorded, return within
+        about `timeout` seconds. Messages not yet sent stay in the journal for the next start."""
+        deadline = time.monotonic() + timeout
+        sd_notify("STOPPING=1")
+        self.draining = True
+        self._stopped.set()
         if self.server:
             self.server.shutdown()
             self.server.server_close()
-        for worker in (self.notifier, self.recorder):
-            worker.stop()
-        for worker in (self.notifier, self.recorder):
-            if worker.is_alive():
-                worker.join(timeout)
+        with self._requests_done:
+            self._requests_done.wait_for(lambda: self._requests == 0, max(0.0, deadline - time.monotonic()))
+        self.notifier.stop()
+        self.notifier.join(max(0.0, deadline - time.monotonic()))
+        if self.recorder.store_ok:
+            self.recorder.wait_idle(max(0.0, min(5.0, deadline - time.monotonic())))
+        self.recorder.stop()
+        self.recorder.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
 
     def accept(self, webhook, request_id):
@@ -1851,11 +1991,13 @@ class Daemon:
             if changed:
                 log.warning("reload: %s change only on restart", ", ".join(changed))
                 config = replace(config, **{k: getattr(self.config, k) for k in kept})
+            sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             self.renderer = Renderer(config)
             self.pool.reconfigure(config.rate_limit, config.rate_window, config.throttle_seconds)
             self.notifier.wake.set()
             log.info("config reloaded: receivers %s", ",".join(sorted(config.receivers)))
+            sd_notify("READY=1", "STATUS=config reloaded")
             return True, "reloaded"
 
     def readiness(self):
@@ -1872,6 +2014,7 @@ class Daemon:
                   ("alertbridge_queue_oldest_seconds", {}, round(now - oldest, 3) if oldest else 0),
                   ("alertbridge_record_backlog_events", {}, backlog),
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
+                  ("alertbridge_http_requests_in_flight", {}, self._requests),
                   ("alertbridge_build_info", {"version": VERSION}, 1)]
         robots = {r.name for rc in self.config.receivers.values() for r in rc.robots}
         for name, budget, throttled, disabled in self.pool.state(robots, now):
@@ -1881,9 +2024,69 @@ class Daemon:
         return self.metrics.render(gauges)
 
 
+
 def setup_logging(level):
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def mask_url(url):
+    return re.sub(r"(access_token=)([^&]{0,4})[^&]*", r"\1\2***", url)
+
+
+def check_config(config):
+    """--check-config: a summary an operator can read, secrets masked."""
+    db = config.database
+    lines = [f"config {config.path}: OK",
+             f"listen {config.listen}:{config.port}, journal {config.journal_path}",
+             f"history {Store(db).describe()}" + (" (password set)" if db.get("password") else ""),
+             f"delivery {config.rate_limit} msgs/{config.rate_window:g}s per robot, max_age {config.max_age:g}s, "
+             f"retention {config.retention_days:g} days",
+             f"auth {'bearer' if config.auth.bearer_token else ''}{' basic' if config.auth.username else ''}"
+             if config.auth.enabled else "auth none (webhooks are open)",
+             f"default receiver {config.default_receiver or '(none: unknown receivers get 404)'}"]
+    for receiver in config.receivers.values():
+        lines.append(f"receiver {receiver.name}: {'one message per alert' if receiver.per_alert else 'one message per group'}"
+                     f"{', @' + ','.join(receiver.at_mobiles) if receiver.at_mobiles else ''}"
+                     f"{', @all' if receiver.at_all else ''}")
+        for robot in receiver.robots:
+            notes = [n for n, on in (("signed", robot.secret), (f"keyword {robot.keyword!r}", robot.keyword),
+                                     ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
+            lines.append(f"  robot {robot.name}: {mask_url(robot.url)}{' (' + ', '.join(notes) + ')' if notes else ''}")
+    return "\n".join(lines)
+
+
+def send_test(config, receiver_name):
+    """--send-test: one test message through each robot of a receiver; 0 if all accepted it."""
+    receiver = config.receivers.get(receiver_name)
+    if receiver is None:
+        print(f"no [receiver:{receiver_name}] in {config.path}", file=sys.stderr)
+        return 2
+    now = datetime.now(timezone.utc)
+    alert = {"fingerprint": "alertbridge-test", "status": "firing", "starts_at": db_time(now), "ends_at": None,
+             "labels": {"alertname": "AlertbridgeTest", "severity": "info", "instance": socket.gethostname()},
+             "annotations": {"summary": f"Test message from alertbridge for receiver {receiver.name}"},
+             "generator_url": "", "external_url": "", "receiver": receiver.name}
+    renderer, failures = Renderer(config), 0
+    for robot in receiver.robots:
+        body = renderer.body(receiver, robot, {"alerts": [alert]})
+        result = post_to_dingtalk(robot, renderer.encode(body), config.send_timeout)
+        failures += not result.ok
+        print(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} latency_ms={result.latency * 1000:.0f}")
+    return 1 if failures else 0
+
+
+def init_db(config):
+    store = Store(config.database)
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        print(f"cannot reach the history store: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"schema ready in {store.describe()}")
+    return 0
 
 
 def main(argv=None):
@@ -1891,21 +2094,38 @@ def main(argv=None):
     parser.add_argument("-c", "--config", default="config.ini", help="config file (default: config.ini)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"alertbridge {VERSION}")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
+    action.add_argument("--send-test", metavar="RECEIVER", help="send a test message through each robot of RECEIVER")
+    action.add_argument("--init-db", action="store_true", help="create the history tables if missing, exit")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        log.error("config: %s", exc)
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print(check_config(config))
+        return 0
+    if args.send_test:
+        return send_test(config, args.send_test)
+    if args.init_db:
+        return init_db(config)
+    return run(config)
+
+
+def run(config):
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config."""
     daemon = Daemon(config).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=daemon.reload, daemon=True).start())
     stop.wait()
-    log.info("stopping")
+    log.info("stopping: finishing in-flight requests")
     daemon.stop()
+    log.info("stopped")
     return 0
 
 

@@ -1,0 +1,323 @@
+"""Running as a real service: sd_notify, reload, shutdown, health, metrics, auth, CLI, retention."""
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import alertbridge
+from conftest import (IN_CI, ROBOTS, ROOT, SECRETS, config_text, history, make_alert, make_payload, post,
+                      settle)
+from test_delivery import free_port, wait_until
+
+SCRIPT = str(ROOT / "alertbridge.py")
+
+
+class Process:
+    """alertbridge as a child process, as systemd would run it."""
+
+    def __init__(self, tmp_path, fake, database, env=None, args=(), **options):
+        self.port = free_port()
+        self.config = tmp_path / "config.ini"
+        self.fake, self.database, self.options = fake, database, options
+        self.write_config()
+        self.log = tmp_path / "daemon.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, SCRIPT, "-c", str(self.config), *args],
+                                     stderr=open(self.log, "ab"), stdout=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
+
+    def write_config(self, text=None, **changes):
+        options = {**self.options, **changes}
+        main = {"port": str(self.port), **options.pop("main", {})}
+        self.config.write_text(text if text is not None else config_text(self.fake, self.database, main=main, **options),
+                               encoding="utf-8")
+
+    def wait_healthy(self):
+        def healthy():
+            try:
+                return post(self.url, None, path="/-/healthy", method="GET")[0] == 200
+            except OSError:
+                return False
+        assert wait_until(healthy, timeout=30), self.log.read_text()
+
+    def wait_log(self, text, timeout=30):
+        assert wait_until(lambda: text in self.log.read_text(encoding="utf-8"), timeout), self.log.read_text()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def process(tmp_path, fake, sqlite_db):
+    started = []
+
+    def start(**options):
+        p = Process(tmp_path, fake, sqlite_db, **options)
+        started.append(p)
+        return p
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def test_sd_notify_ready_watchdog_reload_stopping(process, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    p = process(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+
+    def next_message():
+        return sock.recv(4096).decode()
+
+    assert next_message().startswith("READY=1")
+    assert next_message() == "WATCHDOG=1"
+    p.proc.send_signal(signal.SIGHUP)
+    while (message := next_message()) == "WATCHDOG=1":
+        pass
+    assert message.startswith("RELOADING=1\nMONOTONIC_USEC=")
+    while (message := next_message()) == "WATCHDOG=1":
+        pass
+    assert message.startswith("READY=1")
+    assert p.stop() == 0
+    messages = []
+    sock.settimeout(0.5)
+    while True:
+        try:
+            messages.append(next_message())
+        except socket.timeout:
+            break
+    assert "STOPPING=1" in messages
+    sock.close()
+
+
+def test_sd_notify_is_silent_without_notify_socket(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert alertbridge.sd_notify("READY=1") is False
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", "1")          # another process's watchdog
+    assert alertbridge.watchdog_interval() is None
+
+
+def test_sighup_reloads_and_broken_config_is_rejected(process, fake):
+    p = process(args=["--log-level", "debug"])
+    p.wait_healthy()
+    receivers = {"ops": {"robots": "ops-1"}, "dev": {"robots": "dev-1"}, "sre": {"robots": "ops-3"}}
+    p.write_config(receivers=receivers)
+    p.proc.send_signal(signal.SIGHUP)
+    p.wait_log("config reloaded")
+    assert post(p.url, make_payload("sre", [make_alert("Reloaded")]))[0] == 200
+    assert fake.wait_for(lambda f: [m.token for m in f.delivered()] == [ROBOTS["ops-3"]["token"]])
+
+    p.write_config(text="[receiver:broken]\nrobots = nothing\n")
+    p.proc.send_signal(signal.SIGHUP)
+    p.wait_log("reload rejected, keeping the running config: [receiver:broken] robots")
+    assert post(p.url, make_payload("sre", [make_alert("StillRunning")]))[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered(ROBOTS["ops-3"]["token"])) == 2)
+    assert "DEBUG" in p.log.read_text()                      # --log-level debug took effect
+    assert p.stop() == 0
+
+
+def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_daemon, fake, sqlite_db):
+    one_robot = {"dev": {"robots": "dev-1"}}
+    daemon = make_daemon(sqlite_db, receivers=one_robot, delivery={"rate_limit": "1", "rate_window": "3600"})
+    for i in range(3):
+        post(daemon, make_payload("dev", [make_alert(instance=f"n{i}")]))
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    assert daemon.journal.backlog()[0] >= 1                  # the rest wait: the robot has no budget
+
+    path = daemon.config.path
+    original = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("[receiver:dev]\nrobots = ghost\n")
+    status, reply = post(daemon, b"", path="/-/reload")
+    assert status == 500 and "[receiver:dev] robots: no section [robot:ghost]" in reply["error"]
+
+    with open(path, "w", encoding="utf-8") as fh:                 # add a robot to the receiver
+        fh.write(original.replace("robots = dev-1", "robots = dev-1, ops-1"))
+    assert post(daemon, b"", path="/-/reload")[0] == 200
+    settle(daemon)
+    ids = {i for m in fake.delivered() for i in re.findall(r"Instance: (n\d)", m.text)}
+    assert ids == {"n0", "n1", "n2"}
+    assert ROBOTS["ops-1"]["token"] in [m.token for m in fake.delivered()]
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(process):
+    p = process()
+    p.wait_healthy()
+    body = alertbridge.json.dumps(make_payload("dev", [make_alert("InFlight")])).encode()
+    sock = socket.create_connection(("127.0.0.1", p.port))
+    sock.sendall(b"POST /alertmanager HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+
+    def in_flight():
+        text = post(p.url, None, path="/metrics", method="GET")[1]
+        return float(re.search(r"^alertbridge_http_requests_in_flight (\S+)", text, re.M).group(1)) >= 2
+    assert wait_until(in_flight)                              # our half-sent request is being handled
+    p.proc.send_signal(signal.SIGTERM)
+    p.wait_log("stopping: finishing in-flight requests")
+    sock.sendall(body[10:])
+    answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert p.proc.wait(30) == 0
+    with pytest.raises(OSError):
+        post(p.url, None, path="/-/healthy", method="GET")       # no longer accepting
+
+
+def parse_metrics(text):
+    """Strict enough: prometheus_client must parse it, and every sample has HELP and TYPE."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+Inf]+', line), line
+    helped = set(re.findall(r"^# HELP (\S+)", text, re.M))
+    typed = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    assert helped == typed
+    return families
+
+
+def test_metrics_are_valid_prometheus_text(make_daemon, fake, sqlite_db):
+    daemon = make_daemon(sqlite_db)
+    post(daemon, make_payload("ops", [make_alert(), make_alert(instance="b")]))
+    post(daemon, b"{", path="/alertmanager")
+    settle(daemon)
+    status, text = post(daemon, None, path="/metrics", method="GET")
+    assert status == 200
+    families = parse_metrics(text)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("alertbridge_webhooks_total", (("outcome", "200"),))] == 1
+    assert samples[("alertbridge_webhooks_total", (("outcome", "400"),))] == 1
+    assert samples[("alertbridge_alerts_accepted_total", ())] == 2
+    assert samples[("alertbridge_alerts_recorded_total", ())] == 2
+    assert samples[("alertbridge_sends_total", (("errcode", "0"), ("receiver", "ops"), ("robot", "ops-1")))] == 1
+    assert samples[("alertbridge_send_duration_seconds_count", ())] == 1
+    assert samples[("alertbridge_queue_messages", ())] == 0
+    assert samples[("alertbridge_robot_budget_remaining", (("robot", "ops-1"),))] == 19
+    assert samples[("alertbridge_robot_budget_remaining", (("robot", "ops-2"),))] == 20
+    assert samples[("alertbridge_build_info", (("version", alertbridge.VERSION),))] == 1
+
+
+AUTH = """
+[auth]
+bearer_token = am-bearer-token
+username = am
+password = am-password
+"""
+
+
+def test_auth_bearer_and_basic(make_daemon, fake, sqlite_db):
+    daemon = make_daemon(sqlite_db, extra=AUTH)
+    payload = make_payload("dev", [make_alert()])
+    status, reply = post(daemon, payload)
+    assert status == 401 and "credentials" in reply["error"]
+    assert post(daemon, payload, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert post(daemon, payload, headers={"Authorization": "Bearer am-bearer-token"})[0] == 200
+    basic = base64.b64encode(b"am:am-password").decode()
+    assert post(daemon, payload, headers={"Authorization": f"Basic {basic}"})[0] == 200
+    wrong = base64.b64encode(b"am:nope").decode()
+    assert post(daemon, payload, headers={"Authorization": f"Basic {wrong}"})[0] == 401
+    assert post(daemon, b"", path="/-/reload")[0] == 401
+    assert post(daemon, None, path="/metrics", method="GET")[0] == 200       # open unless configured
+    assert post(daemon, None, path="/-/healthy", method="GET")[0] == 200
+
+
+def test_auth_can_protect_metrics(make_daemon, fake, sqlite_db):
+    daemon = make_daemon(sqlite_db, extra=AUTH + "protect_metrics = true\n")
+    assert post(daemon, None, path="/metrics", method="GET")[0] == 401
+    assert post(daemon, None, path="/metrics", method="GET",
+                headers={"Authorization": "Bearer am-bearer-token"})[0] == 200
+
+
+def cli(*args, config=None):
+    command = [sys.executable, SCRIPT, *(["-c", str(config)] if config else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake, {**sqlite_db}, extra=AUTH), encoding="utf-8")
+    result = cli("--check-config", config=path)
+    assert result.returncode == 0, result.stderr
+    assert "receiver ops: one message per group, @13800000000" in result.stdout
+    assert "robot ops-1: http://127.0.0.1:" in result.stdout and "access_token=tok-***" in result.stdout
+    assert "auth bearer basic" in result.stdout
+    assert not [s for s in SECRETS + ["am-bearer-token", "am-password"] if s in result.stdout + result.stderr]
+    path.write_text("[receiver:x]\nrobots = y\n", encoding="utf-8")
+    result = cli("--check-config", config=path)
+    assert result.returncode == 2 and "[receiver:x] robots: no section [robot:y]" in result.stderr
+
+
+def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake, sqlite_db), encoding="utf-8")
+    fake.add_robot(ROBOTS["ops-3"]["token"], ROBOTS["ops-3"]["secret"], keyword="值班")  # config says "alert"
+    result = cli("--send-test", "ops", config=path)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ops-1: errcode=0 errmsg=ok") and lines[1].startswith("ops-2: errcode=0")
+    assert lines[2].startswith("ops-3: errcode=310000 errmsg=keywords not in content")
+    assert all("AlertbridgeTest" in m.text for m in fake.delivered())
+    assert cli("--send-test", "dev", config=path).returncode == 0
+    assert cli("--send-test", "nobody", config=path).returncode == 2
+
+
+def test_cli_init_db_version_and_log_level(tmp_path, fake, database):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake, database), encoding="utf-8")
+    result = cli("--init-db", config=path)
+    assert result.returncode == 0 and "schema ready" in result.stdout, result.stderr
+    store = alertbridge.Store(database)
+    with store.transaction() as cursor:
+        store.execute(cursor, "SELECT COUNT(*) FROM alerts")
+        assert cursor.fetchone()[0] == 0
+    store.close()
+    assert cli("--version").stdout.strip() == f"alertbridge {alertbridge.VERSION}"
+    assert cli("--log-level", "loud").returncode == 2
+
+
+def test_retention_purges_old_history_in_batches(make_daemon, fake, database):
+    daemon = make_daemon(database, extra="")
+    daemon.recorder.PURGE_BATCH = 2
+    post(daemon, make_payload("dev", [make_alert(instance=f"old-{i}") for i in range(5)]))
+    post(daemon, make_payload("dev", [make_alert(instance="new")]))
+    settle(daemon)
+    store = alertbridge.Store(database)
+    with store.transaction() as cursor:            # age five alerts and their sends past the retention
+        store.execute(cursor, "UPDATE alerts SET starts_at = %s, last_received_at = %s WHERE instance <> %s",
+                      ("2020-01-01 00:00:00.000", "2020-01-01 00:00:00.000", "new"))
+        store.execute(cursor, "UPDATE notifications SET sent_at = %s WHERE id = %s",
+                      ("2020-01-01 00:00:00.000", history(daemon, "notifications")[0]["id"]))
+    store.close()
+    daemon.recorder._last_purge = 0
+    daemon.recorder.wake.set()
+    assert wait_until(lambda: len(history(daemon)) == 1)
+    assert [r["instance"] for r in history(daemon)] == ["new"]
+    assert len(history(daemon, "notifications")) == 1
+
+
+def test_systemd_unit_verifies():
+    if not shutil.which("systemd-analyze"):
+        if IN_CI:
+            pytest.fail("systemd-analyze is required in CI")
+        pytest.skip("systemd-analyze not installed")
+    result = subprocess.run(["systemd-analyze", "verify", str(ROOT / "alertbridge.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    unit = (ROOT / "alertbridge.service").read_text()
+    for directive in ("Type=notify", "WatchdogSec=", "StateDirectory=alertbridge", "ProtectSystem=strict",
+                      "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes", "RestrictAddressFamilies=",
+                      "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert directive in unit

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import http.server
+import io
 import json
 import logging
 import os
@@ -143,6 +144,7 @@ class Config:
     port: int = 9097
     max_body_bytes: int = 1 << 20
     request_timeout: float = 10.0
+    max_connections: int = 512
     timezone_name: str = "Asia/Shanghai"
     tz: object = timezone(timedelta(hours=8))
     state_dir: str = "state"
@@ -258,6 +260,7 @@ def load_config(path):
         port=main.int("port", 9097),
         max_body_bytes=main.int("max_body_bytes", 1 << 20, 1024),
         request_timeout=main.float("request_timeout", 10.0, 0.1),
+        max_connections=main.int("max_connections", 512, 1),
         timezone_name=tz_name,
         tz=_load_timezone(tz_name),
         state_dir=state_dir,
@@ -391,16 +394,19 @@ def parse_time(value, where):
     if year == 1:
         return None
     offset = match.group(8)
-    if offset in ("Z", "z"):
-        tz = timezone.utc
-    else:
-        sign = -1 if offset[0] == "-" else 1
-        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
     micros = int((match.group(7) or "0")[:6].ljust(6, "0"))
     try:
-        return datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
+        if offset in ("Z", "z"):
+            tz = timezone.utc
+        else:
+            sign = -1 if offset[0] == "-" else 1
+            tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+        utc = datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
     except (ValueError, OverflowError):
         raise BadRequest(400, f"{where}: not a valid date: {value[:40]!r}")
+    if not 1970 <= utc.year <= 9998:  # what every store can hold (MySQL DATETIME: years 1000-9999)
+        raise BadRequest(400, f"{where}: out of range (1970-9998): {value[:40]!r}")
+    return utc
 
 
 def db_time(dt):
@@ -483,6 +489,10 @@ def parse_webhook(body, path_receiver=None, now=None):
         raise BadRequest(400, f"body is not valid JSON: {exc}")
     if not isinstance(payload, dict):
         raise BadRequest(400, "body must be a JSON object (an Alertmanager webhook)")
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(400, "body has an invalid \\u escape (a lone UTF-16 surrogate)")
     if payload.get("version") != "4":
         raise BadRequest(400, f"version: expected \"4\", got {str(payload.get('version'))[:20]!r}")
     if payload.get("status") not in ("firing", "resolved"):
@@ -506,6 +516,52 @@ def parse_webhook(body, path_receiver=None, now=None):
     )
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket as a file whose reads fail once the handler's deadline has passed."""
+
+    def __init__(self, sock, handler):
+        super().__init__()
+        self.sock = sock
+        self.handler = handler
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.handler.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("request_timeout exceeded")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class IntakeServer(http.server.ThreadingHTTPServer):
+    """Thread per connection, at most `max_connections` at once: beyond that a connection is
+    answered 503 and closed at once, so a flood of idle clients cannot exhaust the daemon."""
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, max_connections):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                body = b'{"error": "too many connections, retry later"}\n'
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class IntakeHandler(http.server.BaseHTTPRequestHandler):
     """HTTP front door. `daemon` is set on a per-daemon subclass (see Daemon.start)."""
     daemon = None
@@ -516,9 +572,27 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.daemon.config.request_timeout
         super().setup()
+        self.deadline = time.monotonic() + self.timeout
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def handle_one_request(self):
+        # Each request (and each wait for the next one on a kept-alive connection) gets
+        # request_timeout in all: a client sending a byte a second cannot hold a thread forever.
+        self.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
 
     def log_message(self, fmt, *args):
         log.debug("http %s %s", self.address_string(), fmt % args)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own rejections (bad request line, headers too long, unknown method) in
+        the same one-line JSON as ours. An unknown method is a 405 and an unknown HTTP version a
+        400: bad input is never answered 5xx."""
+        code = {501: 405, 505: 400}.get(code, code)
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # never answer in HTTP/0.9 (no status line)
+        self.daemon.metrics.inc("alertbridge_webhooks_total", outcome=str(code))
+        self._reply(code, {"error": message or http.HTTPStatus(code).phrase})
 
     def do_POST(self):
         self._guarded(self._post)
@@ -639,13 +713,14 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise BadRequest(413, f"body of {length} bytes exceeds max_body_bytes "
                                   f"({self.daemon.config.max_body_bytes})")
-        deadline = time.monotonic() + self.daemon.config.request_timeout
         chunks, remaining = [], length
         while remaining:
-            if time.monotonic() > deadline:
+            try:
+                chunk = self.rfile.read1(min(remaining, 65536))
+            except socket.timeout:
                 self.close_connection = True
-                raise BadRequest(408, "body not received in time")
-            chunk = self.rfile.read1(min(remaining, 65536))
+                raise BadRequest(408, f"body not received within request_timeout "
+                                      f"({self.daemon.config.request_timeout:g}s)")
             if not chunk:
                 self.close_connection = True
                 raise BadRequest(400, f"body ended after {length - remaining} of {length} bytes")
@@ -750,7 +825,8 @@ CREATE TABLE IF NOT EXISTS alerts (
   UNIQUE KEY uq_alerts_occurrence (receiver, fingerprint, starts_at),
   KEY ix_alerts_starts_at (starts_at),
   KEY ix_alerts_status (status, starts_at),
-  KEY ix_alerts_alertname (alertname, starts_at)
+  KEY ix_alerts_alertname (alertname, starts_at),
+  KEY ix_alerts_severity (severity)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS notifications (
@@ -793,6 +869,7 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS ix_alerts_starts_at ON alerts (starts_at);
 CREATE INDEX IF NOT EXISTS ix_alerts_status ON alerts (status, starts_at);
 CREATE INDEX IF NOT EXISTS ix_alerts_alertname ON alerts (alertname, starts_at);
+CREATE INDEX IF NOT EXISTS ix_alerts_severity ON alerts (severity);
 CREATE TABLE IF NOT EXISTS notifications (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   sent_at TEXT NOT NULL, receiver TEXT NOT NULL, robot TEXT NOT NULL,
@@ -829,7 +906,7 @@ S_ALERT_UPSERT = {
 S_ALERT_NOTIFIED = (
     "UPDATE alerts SET notified_count = notified_count + 1, robots = CASE "
     "WHEN robots = '' THEN %s "
-    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 THEN robots "
+    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 OR CHAR_LENGTH(robots) > 896 THEN robots "
     "ELSE CONCAT(robots, ',', %s) END "
     "WHERE receiver = %s AND fingerprint = %s AND starts_at = %s")
 S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, "
@@ -1901,9 +1978,7 @@ class Daemon:
 
     def start(self):
         handler = type("Handler", (IntakeHandler,), {"daemon": self})
-        server_class = type("Server", (http.server.ThreadingHTTPServer,),
-                            {"daemon_threads": True, "request_queue_size": 128})
-        self.server = server_class((self.config.listen, self.config.port), handler)
+        self.server = IntakeServer((self.config.listen, self.config.port), handler, self.config.max_connections)
         for robot in {r for rc in self.config.receivers.values() for r in rc.robots if r.placeholder}:
             log.warning("robot=%s still has the placeholder token %s: it is not used until configured",
                         robot.name, PLACEHOLDER_TOKEN)

@@ -1,5 +1,5 @@
 -- alertbridge alert history (MySQL 5.7+, MySQL 8, MariaDB 10.x). Load with: mysql alertbridge < schema.sql
--- The daemon creates the same tables itself on start; this file is generated from alertbridge.MYSQL_SCHEMA.
+-- The daemon creates the same tables itself on start (alertbridge.MYSQL_SCHEMA; a test keeps them equal).
 
 CREATE TABLE IF NOT EXISTS alerts (
   id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS alerts (
   UNIQUE KEY uq_alerts_occurrence (receiver, fingerprint, starts_at),
   KEY ix_alerts_starts_at (starts_at),
   KEY ix_alerts_status (status, starts_at),
-  KEY ix_alerts_alertname (alertname, starts_at)
+  KEY ix_alerts_alertname (alertname, starts_at),
+  KEY ix_alerts_severity (severity)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS notifications (

@@ -575,6 +575,13 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         self.deadline = time.monotonic() + self.timeout
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
 
+    def parse_request(self):
+        if not str(self.raw_requestline, "iso-8859-1").split():  # as http.server splits it
+            self.command, self.requestline = None, ""
+            self.send_error(400, "empty request line")
+            return False
+        return super().parse_request()
+
     def handle_one_request(self):
         # Each request (and each wait for the next one on a kept-alive connection) gets
         # request_timeout in all: a client sending a byte a second cannot hold a thread forever.
@@ -906,7 +913,7 @@ S_ALERT_UPSERT = {
 S_ALERT_NOTIFIED = (
     "UPDATE alerts SET notified_count = notified_count + 1, robots = CASE "
     "WHEN robots = '' THEN %s "
-    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 OR CHAR_LENGTH(robots) > 896 THEN robots "
+    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 OR LENGTH(robots) > 896 THEN robots "
     "ELSE CONCAT(robots, ',', %s) END "
     "WHERE receiver = %s AND fingerprint = %s AND starts_at = %s")
 S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, "
@@ -1616,12 +1623,15 @@ class Notifier(threading.Thread):
                               "default_receiver: they wait until the config is fixed and reloaded", name, name)
                     self._warned.add(name)
                 continue
-            due = self.journal.due_messages(name, now)
             available = self.pool.available(receiver, now)
-            if not due or available <= 0:
+            if available <= 0:
                 continue
-            if len(due) > available and not all(m.packed for m in due):
-                self._merge(receiver, due)
+            due = self.journal.due_messages(name, now)
+            if not due:
+                continue
+            loose = [m for m in due if not m.packed]
+            if len(due) > available and len(loose) > 1:
+                self._merge(receiver, loose)   # digests already made stay as they are: no re-packing
                 worked = True
                 continue
             worked |= self.deliver(receiver, due[0])

@@ -71,7 +71,7 @@ def target(tmp_path_factory):
         fake.add_robot(robot["token"], robot.get("secret", ""), robot.get("keyword", ""))
     tmp = tmp_path_factory.mktemp("fuzz")
     process = Process(tmp, fake, {"driver": "sqlite", "path": str(tmp / "h.db")},
-                      main={"request_timeout": "1", "max_body_bytes": "262144"})
+                      main={"request_timeout": "0.3", "max_body_bytes": "262144"})
     process.wait_healthy()
     yield process
     assert process.stop() == 0

@@ -1,0 +1,151 @@
+"""End to end with a real Alertmanager (Debian's prometheus-alertmanager) on loopback."""
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from conftest import IN_CI, ROBOTS, history, settle
+from test_delivery import free_port, wait_until
+
+BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+OPS = [ROBOTS[f"ops-{i}"]["token"] for i in (1, 2, 3)]
+DEV = ROBOTS["dev-1"]["token"]
+BEARER = "am-to-alertbridge-token"
+
+
+@pytest.fixture
+def alertmanager(tmp_path):
+    """start(alertbridge_url, bearer=None) -> Alertmanager's base URL, routed like our users' setup."""
+    if not BINARY:
+        if IN_CI:
+            pytest.fail("prometheus-alertmanager is required in CI (tests/run installs it)")
+        pytest.skip("prometheus-alertmanager not installed")
+    processes = []
+
+    def start(alertbridge_url, bearer=None):
+        http_config = (f"        http_config:\n          authorization:\n            credentials: {bearer}\n"
+                       if bearer else "")
+        config = tmp_path / "alertmanager.yml"
+        config.write_text(f"""\
+route:
+  receiver: ops
+  group_by: [alertname, job]
+  group_wait: 100ms
+  group_interval: 500ms
+  repeat_interval: 1h
+  routes:
+    - receiver: dev
+      matchers: ['team="dev"']
+receivers:
+  - name: ops
+    webhook_configs:
+      - url: {alertbridge_url}/alertmanager
+        send_resolved: true
+{http_config}  - name: dev
+    webhook_configs:
+      - url: {alertbridge_url}/alertmanager
+        send_resolved: true
+{http_config}""", encoding="utf-8")
+        port = free_port()
+        log = open(tmp_path / "alertmanager.log", "ab")
+        process = subprocess.Popen([BINARY, f"--config.file={config}", f"--storage.path={tmp_path / 'am-data'}",
+                                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+                                    "--log.level=debug"], stdout=log, stderr=log)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                with urllib.request.urlopen(url + "/-/ready", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+        assert wait_until(ready, timeout=60), (tmp_path / "alertmanager.log").read_text()
+        return url
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(30)
+
+
+def push(am_url, alerts):
+    """POST /api/v2/alerts, as Prometheus does."""
+    request = urllib.request.Request(am_url + "/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+def am_alert(name, instance, job, severity, team=None, ends=None, summary=""):
+    labels = {"alertname": name, "instance": instance, "job": job, "severity": severity}
+    if team:
+        labels["team"] = team
+    alert = {"labels": labels, "annotations": {"summary": summary or f"{name} on {instance}"},
+             "generatorURL": f"http://prometheus:9090/graph?g0.expr={name}",
+             "startsAt": (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()}
+    if ends:
+        alert["endsAt"] = ends.isoformat()
+    return alert
+
+
+ALERTS = [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满"),
+          am_alert("DiskFull", "10.0.0.2:9100", "node", "warning"),
+          am_alert("HighLoad", "10.0.0.3:9100", "node", "warning"),
+          am_alert("TargetDown", "p:9090", "prometheus", "critical", team="dev")]
+
+
+def titles(fake, token=None):
+    return sorted(m.body["markdown"]["title"] for m in fake.delivered(token))
+
+
+@pytest.mark.parametrize("bearer", [None, BEARER], ids=["open", "bearer-auth"])
+def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alertmanager, bearer):
+    extra = f"[auth]\nbearer_token = {BEARER}\n" if bearer else ""
+    daemon = make_daemon(database, extra=extra)
+    am = alertmanager(daemon.address, bearer)
+    push(am, ALERTS)
+
+    # Three groups (alertname, job): two for ops, one for dev. Each reaches its own group's robots.
+    assert fake.wait_for(lambda f: len(f.delivered()) == 3, timeout=60), fake.requests
+    assert titles(fake, DEV) == ["[FIRING:1] TargetDown"]
+    assert titles(fake) == ["[FIRING:1] HighLoad", "[FIRING:1] TargetDown", "[FIRING:2] DiskFull"]
+    ops_tokens = [m.token for m in fake.delivered() if m.token != DEV]
+    assert ops_tokens == OPS[:2]                                   # ops robots in turn, signed/keyword checked
+    disk = next(m for m in fake.delivered() if "DiskFull" in m.body["markdown"]["title"])
+    assert "磁盘将满" in disk.text and "10.0.0.2:9100" in disk.text
+    assert "@13800000000" in disk.text                            # critical firing: the on-call is @-ed
+    assert "/#/silences/new?filter=" in disk.text                 # a link back to this Alertmanager
+    settle(daemon)
+    rows = {r["instance"]: r for r in history(daemon)}
+    assert set(rows) == {"10.0.0.1:9100", "10.0.0.2:9100", "10.0.0.3:9100", "p:9090"}
+    assert rows["p:9090"]["receiver"] == "dev" and rows["10.0.0.1:9100"]["receiver"] == "ops"
+    assert all(r["status"] == "firing" and r["notified_count"] == 1 for r in rows.values())
+    assert json.loads(rows["p:9090"]["labels"])["team"] == "dev"
+
+    ended = datetime.now(timezone.utc) - timedelta(seconds=1)
+    push(am, [{**a, "endsAt": ended.isoformat()} for a in ALERTS[:2]])   # DiskFull resolves
+    assert fake.wait_for(lambda f: any("RESOLVED:2" in t for t in titles(f)), timeout=60), titles(fake)
+    resolved = next(m for m in fake.delivered() if "RESOLVED:2" in m.body["markdown"]["title"])
+    assert resolved.body["markdown"]["title"] == "[RESOLVED:2] DiskFull"
+    assert "恢复 Resolved" in resolved.text and "@13800000000" not in resolved.text
+    settle(daemon)
+    rows = {r["instance"]: r for r in history(daemon)}
+    assert rows["10.0.0.1:9100"]["status"] == "resolved" and rows["10.0.0.1:9100"]["ends_at"]
+    assert rows["10.0.0.2:9100"]["status"] == "resolved"
+    assert rows["10.0.0.3:9100"]["status"] == "firing" and rows["10.0.0.3:9100"]["ends_at"] is None
+    assert len(history(daemon)) == 4                                  # same occurrences, updated
+    assert all(s["errcode"] == 0 for s in history(daemon, "notifications"))
+
+
+def test_alertmanager_with_wrong_credentials_is_refused(make_daemon, fake, sqlite_db, alertmanager, tmp_path):
+    daemon = make_daemon(sqlite_db, extra=f"[auth]\nbearer_token = {BEARER}\n")
+    am = alertmanager(daemon.address, "not-the-token")
+    push(am, ALERTS[:1])
+    log = tmp_path / "alertmanager.log"
+    assert wait_until(lambda: "401" in log.read_text(errors="replace"), timeout=60)
+    assert fake.delivered() == [] and daemon.journal.backlog()[2] == 0

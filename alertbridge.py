@@ -22,6 +22,7 @@ import argparse
 import base64
 import configparser
 import contextlib
+import functools
 import hashlib
 import hmac
 import http.server
@@ -387,21 +388,12 @@ _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1
 
 def parse_time(value, where):
     """RFC 3339 -> aware UTC datetime; Alertmanager's zero time (year 1) -> None."""
-    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
-    if not match:
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise BadRequest(400, f"{where}: not an RFC 3339 time: {str(value)[:40]!r}")
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    if year == 1:
+    if value.startswith("0001-"):
         return None
-    offset = match.group(8)
-    micros = int((match.group(7) or "0")[:6].ljust(6, "0"))
-    try:
-        if offset in ("Z", "z"):
-            tz = timezone.utc
-        else:
-            sign = -1 if offset[0] == "-" else 1
-            tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
-        utc = datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
+    try:  # the regex checked the form; fromisoformat (3.11) checks the values, drops sub-microseconds
+        utc = datetime.fromisoformat(value[:-1] + "+00:00" if value[-1] in "Zz" else value).astimezone(timezone.utc)
     except (ValueError, OverflowError):
         raise BadRequest(400, f"{where}: not a valid date: {value[:40]!r}")
     if not 1970 <= utc.year <= 9998:  # what every store can hold (MySQL DATETIME: years 1000-9999)
@@ -411,11 +403,11 @@ def parse_time(value, where):
 
 def db_time(dt):
     """UTC datetime -> 'YYYY-MM-DD HH:MM:SS.mmm', the form both MySQL and SQLite store."""
-    return dt.strftime("%Y-%m-%d %H:%M:%S.") + f"{dt.microsecond // 1000:03d}" if dt else None
+    return dt.isoformat(" ", "milliseconds")[:23] if dt else None
 
 
 def from_db_time(text):
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc) if text else None
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc) if text else None
 
 
 def _string_map(value, where):
@@ -476,6 +468,9 @@ def normalize_alert(raw, index, receiver, external_url, now):
     }
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_webhook(body, path_receiver=None, now=None):
     """Bytes of an Alertmanager v4 webhook -> Webhook. Raises BadRequest saying what is wrong."""
     now = now or datetime.now(timezone.utc)
@@ -490,7 +485,8 @@ def parse_webhook(body, path_receiver=None, now=None):
     if not isinstance(payload, dict):
         raise BadRequest(400, "body must be a JSON object (an Alertmanager webhook)")
     try:
-        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        if _SURROGATE_ESCAPE.search(body):  # only then can a string hold a lone surrogate
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(400, "body has an invalid \\u escape (a lone UTF-16 surrogate)")
     if payload.get("version") != "4":
@@ -567,6 +563,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     daemon = None
     protocol_version = "HTTP/1.1"
     server_version = "alertbridge/" + VERSION
+    disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait for an ACK
     WEBHOOK_PATHS = re.compile(r"/(?:alertmanager(?:/(?P<receiver>[^/]+))?)?/?")
 
     def setup(self):
@@ -789,8 +786,9 @@ J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded 
 J_MESSAGE_ADD = ("INSERT INTO messages (receiver, request_id, body, packed, created_at, next_attempt_at) "
                  "VALUES (%s, %s, %s, %s, %s, %s)")
 J_MESSAGE_RECEIVERS = "SELECT DISTINCT receiver FROM messages WHERE state = 'pending'"
-J_MESSAGES_DUE = ("SELECT id, request_id, body, packed, attempts, created_at FROM messages "
+J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
                   "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id")
+J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
 J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending'"
 J_MESSAGE_FINISH = "UPDATE messages SET state = %s, done_at = %s, last_error = %s WHERE id = %s"
 J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s "
@@ -948,6 +946,8 @@ class Journal:
         self.sync = sync
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue = []            # webhooks waiting for the next group commit
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with self._write_lock:
             self._db().executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
@@ -987,17 +987,46 @@ class Journal:
 
     # intake
     def accept(self, webhook, receiver, request_id):
-        """Journal one webhook: an event for the recorder and its message(s) for the notifier."""
+        """Journal one webhook: an event for the recorder and its message(s) for the notifier.
+        Returns once it is committed. Group commit: whichever request thread holds the write lock
+        commits every webhook queued by then in one transaction (one fsync), so concurrent
+        webhooks share the cost of durability instead of queueing for it one by one."""
         now = time.time()
         event = {"receiver": webhook.receiver, "request_id": request_id, "received_at": db_time(
             datetime.fromtimestamp(now, timezone.utc)), "alerts": webhook.alerts}
         groups = [[a] for a in webhook.alerts] if receiver.per_alert else [webhook.alerts]
-        with self._writing() as db:
-            self._run(db, J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))
-            for alerts in groups:
-                if alerts:
-                    body = json.dumps({"alerts": alerts, "truncated": webhook.truncated}, ensure_ascii=False)
-                    self._run(db, J_MESSAGE_ADD, (receiver.name, request_id, body, 0, now, now))
+        rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
+        rows += [(J_MESSAGE_ADD, (receiver.name, request_id, json.dumps(
+            {"alerts": alerts, "truncated": webhook.truncated}, ensure_ascii=False), 0, now, now))
+            for alerts in groups if alerts]
+        pending = _PendingWrite(rows)
+        with self._queue_lock:
+            self._queue.append(pending)
+        with self._write_lock:
+            if not pending.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    self._commit(batch)
+                except sqlite3.Error as exc:
+                    for item in batch:
+                        item.error = exc
+                for item in batch:
+                    item.done = True
+        if pending.error:
+            raise pending.error
+
+    def _commit(self, batch):
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for item in batch:
+                for sql, params in item.rows:
+                    self._run(db, sql, params)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     # recorder
     def unrecorded(self, limit=500):
@@ -1016,22 +1045,33 @@ class Journal:
         return [row[0] for row in self._read(J_MESSAGE_RECEIVERS)]
 
     def due_messages(self, receiver, now):
-        return [Message(i, receiver, rid, json.loads(body), bool(packed), attempts, created)
-                for i, rid, body, packed, attempts, created in self._read(J_MESSAGES_DUE, (receiver, now))]
+        """Messages due, oldest first; each body is read only if it is used (see Message.body)."""
+        return [Message(i, receiver, rid, bool(packed), attempts, created, self)
+                for i, rid, packed, attempts, created in self._read(J_MESSAGES_DUE, (receiver, now))]
+
+    def message_body(self, message_id):
+        return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
 
     def next_due_at(self):
         return self._read_one(J_MESSAGE_NEXT_DUE)[0]
 
     def replace(self, old, new_bodies, state):
-        """Swap messages for new ones in one transaction: merged into a digest, or split."""
+        """Swap messages for new ones in one transaction: merged into a digest, or split.
+        Returns the new messages."""
         now = time.time()
         request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
+        created = min(m.created_at for m in old)
+        new = []
         with self._writing() as db:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
             for body in new_bodies:
-                self._run(db, J_MESSAGE_ADD, (old[0].receiver, request_ids, json.dumps(body, ensure_ascii=False),
-                                              1, min(m.created_at for m in old), now))
+                cursor = self._run(db, J_MESSAGE_ADD, (old[0].receiver, request_ids,
+                                                       json.dumps(body, ensure_ascii=False), 1, created, now))
+                message = Message(cursor.lastrowid, old[0].receiver, request_ids, True, 0, created, self)
+                message.__dict__["body"] = body  # what cached_property would read back
+                new.append(message)
+        return new
 
     def finish(self, message_id, state, error=""):
         with self._writing() as db:
@@ -1052,10 +1092,11 @@ class Journal:
 
     def expire(self, older_than):
         """Mark messages nobody could send in time as expired (kept, never deleted)."""
-        with self._writing() as db:
-            rows = self._run(db, J_MESSAGES_EXPIRE, (older_than,)).fetchall()
-            for message_id, _, _ in rows:
-                self._run(db, J_MESSAGE_FINISH, ("expired", time.time(), "max_age exceeded", message_id))
+        rows = self._read(J_MESSAGES_EXPIRE, (older_than,))  # a read first: expiry is rare
+        if rows:
+            with self._writing() as db:
+                for message_id, _, _ in rows:
+                    self._run(db, J_MESSAGE_FINISH, ("expired", time.time(), "max_age exceeded", message_id))
         return rows
 
     # housekeeping and introspection
@@ -1080,15 +1121,27 @@ class Journal:
 
 
 @dataclass
+class _PendingWrite:
+    rows: list
+    done: bool = False
+    error: Exception = None
+
+
+@dataclass
 class Message:
     """One DingTalk message waiting in the journal."""
     id: int
     receiver: str
     request_id: str
-    body: dict          # {"alerts": [...], "truncated": n, optional "part": [i, n]}
     packed: bool        # already a digest or a split part: merging it again gains nothing
     attempts: int
     created_at: float
+    journal: Journal = field(repr=False)
+
+    @functools.cached_property
+    def body(self):
+        """{"alerts": [...], "truncated": n, optional "digest": true, "part": [i, n]}"""
+        return self.journal.message_body(self.id)
 
     @property
     def alerts(self):
@@ -1184,17 +1237,32 @@ class Store:
 
     # what the recorder writes
     def record(self, journal_id, events):
-        """Apply journal events in one transaction, exactly once (progress kept alongside)."""
+        """Apply journal events in one transaction, exactly once (progress kept alongside).
+        Rows are gathered and written with one statement per kind: the upserts and increments
+        commute, so grouping them gives the same history as applying events one by one."""
+        alerts, sends, notified = [], [], []
         with self.transaction() as cursor:
             self.execute(cursor, S_PROGRESS_GET, (journal_id,))
             row = cursor.fetchone()
             done = row[0] if row else 0
             for event_id, kind, body in events:
-                if event_id > done:
-                    (self._record_webhook if kind == "webhook" else self._record_send)(cursor, body)
+                if event_id <= done:
+                    continue
+                if kind == "webhook":
+                    alerts += self._alert_rows(body)
+                else:
+                    sends.append(self._send_row(body))
+                    if body["errcode"] == 0:
+                        robot = body["robot"]
+                        notified += [(robot, robot, robot, *key) for key in body["alerts"]]
+            for sql, rows in ((S_ALERT_UPSERT[self.dialect], alerts), (S_NOTIFICATION_ADD, sends),
+                              (S_ALERT_NOTIFIED, notified)):
+                if rows:
+                    cursor.executemany(sql_for(self.dialect, sql), rows)
             self.execute(cursor, S_PROGRESS_PUT, (journal_id, max(done, events[-1][0])))
 
-    def _record_webhook(self, cursor, event):
+    @staticmethod
+    def _alert_rows(event):
         received = event["received_at"]
         rows = []
         for a in event["alerts"]:
@@ -1205,19 +1273,13 @@ class Store:
                          annotations.get("summary"), annotations.get("description"),
                          json.dumps(labels, ensure_ascii=False), json.dumps(annotations, ensure_ascii=False),
                          a["generator_url"], received, received))
-        if rows:
-            cursor.executemany(sql_for(self.dialect, S_ALERT_UPSERT[self.dialect]), rows)
+        return rows
 
-    def _record_send(self, cursor, event):
-        self.execute(cursor, S_NOTIFICATION_ADD, (
-            event["sent_at"], event["receiver"], event["robot"], event["request_id"][:255],
-            event["message_id"], len(event["alerts"]), ",".join(a[1] for a in event["alerts"]),
-            event["errcode"], event["errmsg"][:512], event["latency_ms"]))
-        if event["errcode"] == 0:
-            robot = event["robot"]
-            cursor.executemany(sql_for(self.dialect, S_ALERT_NOTIFIED),
-                               [(robot, robot, robot, receiver, fingerprint, starts_at)
-                                for receiver, fingerprint, starts_at in event["alerts"]])
+    @staticmethod
+    def _send_row(event):
+        return (event["sent_at"], event["receiver"], event["robot"], event["request_id"][:255],
+                event["message_id"], len(event["alerts"]), ",".join(a[1] for a in event["alerts"]),
+                event["errcode"], event["errmsg"][:512], event["latency_ms"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1242,17 +1304,38 @@ class _LenientFormatter(string.Formatter):
 _formatter = _LenientFormatter()
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed(template):
+    """A template's lines, each as str.format parses it: (literal, field, spec, conversion)."""
+    return tuple(tuple(_formatter.parse(line)) for line in template.split("\n"))
+
+
+def _format(name, spec, conversion, fields):
+    if not spec and not conversion and name.isidentifier():  # the common case, made cheap
+        return str(fields[name])
+    value, _ = _formatter.get_field(name, (), fields)
+    try:
+        return _formatter.format_field(_formatter.convert_field(value, conversion), spec)
+    except (ValueError, TypeError):  # e.g. {x:d} on a label that is not a number
+        return str(value)
+
+
 def render_template(template, fields):
     """str.format over `fields`; a missing field is empty, and a line whose placeholders all
     came out empty is left out (so 'Resolved: {ends_at}' disappears while an alert fires).
     Raises ValueError for a malformed template (checked when the config loads)."""
     out = []
-    for line in template.split("\n"):
-        names = [name for _, name, _, _ in _formatter.parse(line) if name is not None]
-        rendered = _formatter.vformat(line, (), fields)
-        if names and all(_formatter.vformat("{" + n + "}", (), fields) == "" for n in names):
+    for pieces in _parsed(template):
+        parts, named, filled = [], False, False
+        for literal, name, spec, conversion in pieces:
+            parts.append(literal)
+            if name is not None:
+                value = _format(name, spec, conversion, fields)
+                named, filled = True, filled or value != ""
+                parts.append(value)
+        if named and not filled:
             continue
-        out.append(rendered)
+        out.append("".join(parts))
     return "\n".join(out)
 
 
@@ -1280,8 +1363,9 @@ def alert_fields(alert, tz):
     labels, annotations = Blank(alert["labels"]), Blank(alert["annotations"])
     starts, ends = from_db_time(alert["starts_at"]), from_db_time(alert["ends_at"])
     resolved = alert["status"] == "resolved"
+    silence = silence_url(alert)
     links = [f"[Prometheus]({alert['generator_url']})" if alert["generator_url"] else "",
-             f"[静默 Silence]({silence_url(alert)})" if alert["external_url"] and not resolved else ""]
+             f"[静默 Silence]({silence})" if silence and not resolved else ""]
     return Blank(
         labels=labels, annotations=annotations,
         **{k: labels[k] for k in STANDARD_LABELS},
@@ -1292,7 +1376,7 @@ def alert_fields(alert, tz):
         duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
         summary=annotations["summary"], description=annotations["description"],
         other_labels=", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in STANDARD_LABELS),
-        generator_url=alert["generator_url"], silence_url=silence_url(alert),
+        generator_url=alert["generator_url"], silence_url=silence,
         links=" · ".join(link for link in links if link),
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
     )
@@ -1398,13 +1482,21 @@ class Renderer:
     def _truncated(body):
         return TRUNCATED_MARK in body["markdown"]["text"]
 
+    def room(self):
+        """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
+        keyword and digest headings."""
+        return self.config.max_message_bytes - 1024
+
+    def block_size(self, receiver, alert):
+        return json_size(self.alert_block(receiver, alert)) + len(self.SEPARATOR) + 64
+
     def split(self, receiver, alerts, digest):
         """Alerts -> chunks that each render whole; a lone oversized alert stays alone (it is cut
         with a visible mark). Greedy on measured block sizes, so large digests split in one pass."""
-        budget = self.config.max_message_bytes - 1024  # title, part numbers, mentions, keyword, headings
+        budget = self.room()
         chunks, current, used = [], [], 0
         for alert in alerts:
-            size = json_size(self.alert_block(receiver, alert)) + len(self.SEPARATOR) + 64
+            size = self.block_size(receiver, alert)
             if current and used + size > budget:
                 chunks.append(current)
                 current, used = [], 0
@@ -1629,12 +1721,10 @@ class Notifier(threading.Thread):
             due = self.journal.due_messages(name, now)
             if not due:
                 continue
-            loose = [m for m in due if not m.packed]
-            if len(due) > available and len(loose) > 1:
-                self._merge(receiver, loose)   # digests already made stay as they are: no re-packing
-                worked = True
-                continue
-            worked |= self.deliver(receiver, due[0])
+            message = due[0]
+            if len(due) > available and not message.packed:
+                message = self._digest(receiver, due)
+            worked |= self.deliver(receiver, message)
         return worked
 
     def _expire(self, older_than):
@@ -1643,18 +1733,27 @@ class Notifier(threading.Thread):
                       "max_age; it stays in the journal as 'expired'", message_id, receiver, request_id)
             self.metrics.inc("alertbridge_messages_expired_total", receiver=receiver)
 
-    def _merge(self, receiver, messages):
-        """More messages wait than the robots may send: fold them into as few digests as fit."""
-        alerts = [a for m in messages for a in m.alerts]
-        renderer = self.daemon.renderer
-        chunks = renderer.split(receiver, alerts, digest=True)
-        bodies = [{"alerts": c, "truncated": sum(m.body.get("truncated", 0) for m in messages) if i == 0 else 0,
-                   "digest": True, **({"part": [i + 1, len(chunks)]} if len(chunks) > 1 else {})}
-                  for i, c in enumerate(chunks)]
-        self.journal.replace(messages, bodies, "merged")
-        log.info("receiver=%s merged %d messages (%d alerts) into %d digest(s)",
-                 receiver.name, len(messages), len(alerts), len(bodies))
-        self.metrics.inc("alertbridge_digests_total", len(bodies), receiver=receiver.name)
+    def _digest(self, receiver, due):
+        """More messages wait than the robots may send: fold the oldest into one digest as large
+        as DingTalk takes, made only when a robot is free to send it. Messages stay whole."""
+        renderer, taken, used = self.daemon.renderer, [], 0
+        for message in due:
+            if message.packed:
+                break
+            size = sum(renderer.block_size(receiver, a) for a in message.alerts)
+            if taken and used + size > renderer.room():
+                break
+            taken.append(message)
+            used += size
+        if len(taken) == 1:
+            return taken[0]
+        body = {"alerts": [a for m in taken for a in m.alerts], "digest": True,
+                "truncated": sum(m.body.get("truncated", 0) for m in taken)}
+        [digest] = self.journal.replace(taken, [body], "merged")
+        log.info("receiver=%s merged %d messages (%d alerts) into digest message=%d",
+                 receiver.name, len(taken), len(body["alerts"]), digest.id)
+        self.metrics.inc("alertbridge_digests_total", receiver=receiver.name)
+        return digest
 
     def _split(self, receiver, message):
         digest = bool(message.body.get("digest"))
@@ -1670,7 +1769,7 @@ class Notifier(threading.Thread):
         """Send one message, failing over through the receiver's robots. True if a request was made."""
         renderer = self.daemon.renderer
         digest = bool(message.body.get("digest"))
-        if len(message.alerts) > 1 and not renderer.fits(receiver, message.body, digest):
+        if not message.packed and len(message.alerts) > 1 and not renderer.fits(receiver, message.body, digest):
             self._split(receiver, message)
             return True
         tried, errors = set(), []

@@ -48,7 +48,6 @@ class FakeDingTalk:
     # set-up
     def add_robot(self, token, secret="", keyword=""):
         self.robots[token] = (secret, keyword)
-        return self.url(token)
 
     def url(self, token):
         return f"http://127.0.0.1:{self.server.server_address[1]}/robot/send?access_token={token}"
@@ -57,14 +56,26 @@ class FakeDingTalk:
         with self.cond:
             self._script.setdefault(token, []).extend([answer] * times)
 
-    def start(self):
+    def start(self, port=0):
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):  # /stats: what a benchmark in another process needs to know
+                with fake.cond:
+                    stats = [{"token": r.token, "at": r.at, "errcode": r.errcode, "size": r.size,
+                              "text": r.text if r.errcode == 0 else ""} for r in fake.requests]
+                data = json.dumps(stats, ensure_ascii=False).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -78,7 +89,7 @@ class FakeDingTalk:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -169,3 +180,20 @@ class FakeDingTalk:
                 start += 1
             best = max(best, end - start + 1)
         return best
+
+
+if __name__ == "__main__":  # a stand-alone fake for benchmarks: python3 tests/fakedingtalk.py --port 18080 ...
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tokens", default="bench-1,bench-2,bench-3")
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--rate-limit", type=int, default=20)
+    parser.add_argument("--rate-window", type=float, default=60.0)
+    args = parser.parse_args()
+    server = FakeDingTalk(rate_limit=args.rate_limit, rate_window=args.rate_window)
+    server.latency = args.latency
+    for name in args.tokens.split(","):
+        server.add_robot(name)
+    server.start(args.port)
+    threading.Event().wait()

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Intake benchmark: webhooks/s and ack latency, 10 alerts per webhook, history in MariaDB,
+alertbridge against the synchronous design (post to DingTalk inside the request), both against the
+same fake DingTalk answering in 50 ms, in the same run.
+
+    python3 bench/intake.py [--rate 200] [--seconds 10] [--connections 16]
+
+Fixed rate: requests are scheduled at --rate per second and latency is measured from the scheduled
+time, so a server that falls behind shows it (no coordinated omission). Max: --connections
+keep-alive clients send back to back for --seconds.
+"""
+
+import argparse
+import asyncio
+import re
+import http.client
+import threading
+import time
+
+from common import (PYTHON, ROOT, Child, count_rows, fresh_database, free_port, metric, payload, percentile,
+                    start_alertbridge, start_fake, wait_until)
+
+
+def client(url):
+    host, port = url.split("//")[1].split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=60)
+
+
+def send(connection, body):
+    connection.request("POST", "/alertmanager", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    return response.status
+
+
+def fixed_rate(url, rate, seconds, first_group, connections=32):
+    """Open loop on one asyncio thread (lighter than a thread per request, so the generator
+    disturbs the server less): webhook i is due at start + i/rate on a free kept-alive
+    connection, and its latency counts from when it was due."""
+    return asyncio.run(_fixed_rate(url, rate, seconds, first_group, connections))
+
+
+async def _fixed_rate(url, rate, seconds, first_group, connections):
+    host, port = url.split("//")[1].split(":")
+    total = int(rate * seconds)
+    requests = [b"POST /alertmanager HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+                for body in (payload(first_group + i, 10) for i in range(total))]
+    idle = asyncio.Queue()
+    for _ in range(connections):
+        idle.put_nowait(await asyncio.open_connection(host, int(port)))
+    latencies, errors = [], [0]
+
+    async def one(i, due):
+        reader, writer = await idle.get()
+        try:
+            writer.write(requests[i])
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            await reader.readexactly(length)
+            errors[0] += not head.startswith(b"HTTP/1.1 200")
+        except (OSError, asyncio.IncompleteReadError):
+            errors[0] += 1
+            reader, writer = await asyncio.open_connection(host, int(port))
+        latencies.append(time.monotonic() - due)
+        idle.put_nowait((reader, writer))
+
+    start = time.monotonic() + 0.2
+    tasks = []
+    for i in range(total):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i, due)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        idle.get_nowait()[1].close()
+    return total, latencies, errors[0]
+
+
+def max_throughput(url, seconds, connections, first_group):
+    counts, latencies, errors, lock = [0] * connections, [], [0], threading.Lock()
+    bodies = [payload(first_group + i, 10) for i in range(20000)]
+    stop_at = time.monotonic() + seconds
+
+    def worker(w):
+        connection, n = client(url), 0
+        while time.monotonic() < stop_at:
+            began = time.monotonic()
+            try:
+                ok = send(connection, bodies[(w * 20000 // connections + n) % 20000]) == 200
+            except OSError:
+                ok, connection = False, client(url)
+            with lock:
+                latencies.append(time.monotonic() - began)
+                errors[0] += not ok
+            n += 1
+        counts[w] = n
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts), time.monotonic() - started, latencies, errors[0]
+
+
+def row(name, mode, webhooks, rate, latencies, errors):
+    ms = [x * 1000 for x in latencies]
+    print(f"| {name:34} | {mode:18} | {webhooks:8} | {rate:9.0f} | {percentile(ms, 50):7.1f} | "
+          f"{percentile(ms, 99):8.1f} | {max(ms):8.1f} | {errors:6} |")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+
+    fake = start_fake(latency=0.05)
+    print(f"\nIntake: 10 alerts per webhook, fake DingTalk answering in 50 ms, history in MariaDB; "
+          f"fixed rate {args.rate:.0f}/s for {args.seconds:.0f} s, then {args.connections} connections flat out "
+          f"for {args.seconds:.0f} s\n")
+    print("| design                             | load               | webhooks | webhooks/s | p50 ms | p99 ms   | max ms   | errors |")
+    print("| ---------------------------------- | ------------------ | -------- | --------- | ------- | -------- | -------- | ------ |")
+    group = 0
+    for sync in ("full", "normal"):
+        database = fresh_database(f"alertbridge_bench_intake_{sync}")
+        bridge = start_alertbridge(fake.url, database, sync=sync)
+        name = f"alertbridge (journal_sync={sync})"
+        total, latencies, errors = fixed_rate(bridge.url, args.rate, args.seconds, group)
+        group += total
+        row(name, f"fixed {args.rate:.0f}/s", total, total / args.seconds, latencies, errors)
+        count, elapsed, latencies, errors = max_throughput(bridge.url, args.seconds, args.connections, group)
+        group += 20000
+        row(name, f"max, {args.connections} conns", count, count / elapsed, latencies, errors)
+        accepted = metric(bridge.url, "alertbridge_alerts_accepted_total")
+        began = time.monotonic()
+        wait_until(lambda: metric(bridge.url, "alertbridge_record_backlog_events") == 0, timeout=600)
+        print(f"|   recorded {count_rows(database):,} of {accepted:,.0f} accepted alerts in MariaDB; backlog drained "
+              f"{time.monotonic() - began:.1f} s after the load; peak RSS {bridge.peak_rss_mib():.0f} MiB |")
+        bridge.stop()
+
+    database = fresh_database("alertbridge_bench_intake_sync")
+    port = free_port()
+    baseline = Child([PYTHON, str(ROOT / "bench" / "sync_baseline.py"), str(port),
+                      f"{fake.url}/robot/send?access_token=baseline", database["database"]], "bench-baseline.log")
+    baseline.url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _up(port))
+    total, latencies, errors = fixed_rate(baseline.url, args.rate, args.seconds, group)
+    row("synchronous baseline", f"fixed {args.rate:.0f}/s", total, total / args.seconds, latencies, errors)
+    count, elapsed, latencies, errors = max_throughput(baseline.url, args.seconds, args.connections, group + total)
+    row("synchronous baseline", f"max, {args.connections} conns", count, count / elapsed, latencies, errors)
+    baseline.stop()
+    fake.stop()
+
+
+def _up(port):
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

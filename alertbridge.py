@@ -10,7 +10,7 @@ The file reads top to bottom the way an alert travels through it:
   4. Rendering  alerts -> DingTalk markdown (templates, @mobiles, keyword, size limit)
   5. Delivery   RobotPool (rotation, per-robot budgets, throttling) and the Notifier thread
   6. Recording  the Recorder thread: journal -> history store, in order, across store outages
-  7. Daemon     Metrics, wiring, signals and main()
+  7. Daemon     Metrics, sd_notify, wiring, signals, the command line and main()
 
 An accepted webhook is on disk in the journal before Alertmanager gets its 200. Two background
 threads consume the journal: the Notifier (DingTalk) and the Recorder (history). Paging never
@@ -583,7 +583,10 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         # Each request (and each wait for the next one on a kept-alive connection) gets
         # request_timeout in all: a client sending a byte a second cannot hold a thread forever.
         self.deadline = time.monotonic() + self.timeout
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        except ConnectionError:  # the client went away between requests: nothing to answer
+            self.close_connection = True
 
     def log_message(self, fmt, *args):
         log.debug("http %s %s", self.address_string(), fmt % args)
@@ -1485,10 +1488,10 @@ class Renderer:
     def room(self):
         """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
         keyword and digest headings."""
-        return self.config.max_message_bytes - 1024
+        return self.config.max_message_bytes - 768
 
     def block_size(self, receiver, alert):
-        return json_size(self.alert_block(receiver, alert)) + len(self.SEPARATOR) + 64
+        return json_size(self.alert_block(receiver, alert)) + len(self.SEPARATOR) + 16
 
     def split(self, receiver, alerts, digest):
         """Alerts -> chunks that each render whole; a lone oversized alert stays alone (it is cut
@@ -1745,10 +1748,14 @@ class Notifier(threading.Thread):
                 break
             taken.append(message)
             used += size
-        if len(taken) == 1:
-            return taken[0]
-        body = {"alerts": [a for m in taken for a in m.alerts], "digest": True,
-                "truncated": sum(m.body.get("truncated", 0) for m in taken)}
+        while True:
+            if len(taken) == 1:
+                return taken[0]
+            body = {"alerts": [a for m in taken for a in m.alerts], "digest": True,
+                    "truncated": sum(m.body.get("truncated", 0) for m in taken)}
+            if renderer.fits(receiver, body, digest=True):  # the estimate erred: take one less
+                break
+            taken.pop()
         [digest] = self.journal.replace(taken, [body], "merged")
         log.info("receiver=%s merged %d messages (%d alerts) into digest message=%d",
                  receiver.name, len(taken), len(body["alerts"]), digest.id)
@@ -1893,34 +1900,27 @@ class Recorder(threading.Thread):
                 self._recovered()
             return False
         try:
-            self.store.record(self.journal.journal_id, events)
+            self._record(events)
         except StoreUnavailable:
             raise
-        except Exception as exc:  # one bad event must not stop the history: find it, set it aside
-            if len(events) > 1:
-                for event in events:
-                    self.step_one(event)
-                return True
-            log.error("event=%d could not be recorded (%s); kept in the journal as failed", events[0][0], exc)
-            self.journal.mark_failed(events[0][0])
-            self.daemon.metrics.inc("alertbridge_record_failures_total")
-            return True
-        self.journal.mark_recorded(events[-1][0])
-        self.daemon.metrics.inc("alertbridge_alerts_recorded_total",
-                                sum(len(body["alerts"]) for _, kind, body in events if kind == "webhook"))
+        except Exception:  # one bad event must not stop the history: find it, set it aside
+            for event in events:
+                try:
+                    self._record([event])
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    log.error("event=%d could not be recorded (%s); kept in the journal as failed", event[0], exc)
+                    self.journal.mark_failed(event[0])
+                    self.daemon.metrics.inc("alertbridge_record_failures_total")
         self._recovered()
         return True
 
-    def step_one(self, event):
-        try:
-            self.store.record(self.journal.journal_id, [event])
-            self.journal.mark_recorded(event[0])
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            log.error("event=%d could not be recorded (%s); kept in the journal as failed", event[0], exc)
-            self.journal.mark_failed(event[0])
-            self.daemon.metrics.inc("alertbridge_record_failures_total")
+    def _record(self, events):
+        self.store.record(self.journal.journal_id, events)
+        self.journal.mark_recorded(events[-1][0])
+        self.daemon.metrics.inc("alertbridge_alerts_recorded_total",
+                                sum(len(body["alerts"]) for _, kind, body in events if kind == "webhook"))
 
     def _recovered(self):
         if self.store_ok is False:

@@ -335,3 +335,17 @@ def _rows(database, tmp_path):
         rows = [r[0] for r in cursor.fetchall()]
     db.close()
     return rows
+
+
+def test_an_event_the_store_refuses_is_set_aside_and_recording_goes_on(make_daemon, fake, database):
+    import json as _json
+    import alertbridge
+    daemon = make_daemon(database)
+    with daemon.journal._writing() as db:              # an event no store can take (no received_at)
+        daemon.journal._run(db, alertbridge.J_EVENT_ADD,
+                            ("webhook", _json.dumps({"alerts": [{"receiver": "x"}]}), time.time()))
+    post(daemon, make_payload("dev", [make_alert()]))
+    settle(daemon)
+    assert len(history(daemon)) == 1
+    assert "alertbridge_record_failures_total 1" in daemon.render_metrics()
+    assert daemon.journal._read("SELECT COUNT(*) FROM events WHERE recorded = 2") == [(1,)]

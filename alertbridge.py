@@ -775,7 +775,12 @@ CREATE TABLE IF NOT EXISTS messages (
     done_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, receiver, id);
-CREATE TABLE IF NOT EXISTS sends (robot TEXT NOT NULL, at REAL NOT NULL, errcode INTEGER);
+CREATE TABLE IF NOT EXISTS sends (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    robot TEXT NOT NULL,
+    at REAL NOT NULL,
+    errcode INTEGER
+);
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
 """
 
@@ -800,7 +805,8 @@ J_MESSAGES_EXPIRE = ("SELECT id, receiver, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
-J_SEND_ADD = "INSERT INTO sends (robot, at, errcode) VALUES (%s, %s, %s)"
+J_SEND_BEGIN = "INSERT INTO sends (robot, at) VALUES (%s, %s)"
+J_SEND_END = "UPDATE sends SET at = %s, errcode = %s WHERE id = %s"
 J_SENDS_SINCE = "SELECT robot, at, errcode FROM sends WHERE at > %s ORDER BY at"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
 J_PURGE_MESSAGES = "DELETE FROM messages WHERE state IN ('sent', 'merged', 'split') AND done_at < %s"
@@ -1084,10 +1090,17 @@ class Journal:
         with self._writing() as db:
             self._run(db, J_MESSAGE_RETRY, (at, error[:500], message_id))
 
-    def log_send(self, robot_name, at, errcode, event):
-        """Record one DingTalk request: the send log (robot budgets) and an event to record."""
+    def begin_send(self, robot_name, latest_arrival):
+        """Write ahead that a request to DingTalk is about to go out. If we crash before its
+        answer, the restarted daemon still counts it against the robot's budget, dated as late
+        as DingTalk could have received it."""
         with self._writing() as db:
-            self._run(db, J_SEND_ADD, (robot_name, at, errcode))
+            return self._run(db, J_SEND_BEGIN, (robot_name, latest_arrival)).lastrowid
+
+    def end_send(self, send_id, at, errcode, event):
+        """Date the request by its answer, and add an event for the recorder."""
+        with self._writing() as db:
+            self._run(db, J_SEND_END, (at, errcode, send_id))
             self._run(db, J_EVENT_ADD, ("send", json.dumps(event, ensure_ascii=False), at))
 
     def recent_sends(self, since):
@@ -1786,10 +1799,12 @@ class Notifier(threading.Thread):
                 break
             tried.add(robot.name)
             payload = renderer.encode(renderer.body(receiver, robot, message.body, digest))
-            result = post_to_dingtalk(robot, payload, self.daemon.config.send_timeout)
+            timeout = self.daemon.config.send_timeout
+            send_id = self.journal.begin_send(robot.name, time.time() + timeout)
+            result = post_to_dingtalk(robot, payload, timeout)
             done = time.time()
             self.pool.release(robot, result, done)
-            self._account(receiver, robot, message, result, done)
+            self._account(receiver, robot, message, result, done, send_id)
             if result.ok:
                 self.journal.finish(message.id, "sent")
                 return True
@@ -1806,7 +1821,7 @@ class Notifier(threading.Thread):
                         "; ".join(errors), delay)
         return bool(tried)
 
-    def _account(self, receiver, robot, message, result, at):
+    def _account(self, receiver, robot, message, result, at, send_id):
         level = logging.INFO if result.ok else logging.WARNING
         if result.errcode in MISCONFIGURED:
             level = logging.ERROR
@@ -1821,7 +1836,7 @@ class Notifier(threading.Thread):
         self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
         if result.ok:
             self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts), receiver=receiver.name)
-        self.journal.log_send(robot.name, at, result.errcode, {
+        self.journal.end_send(send_id, at, result.errcode, {
             "sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "receiver": receiver.name,
             "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
             "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],

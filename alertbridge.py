@@ -775,6 +775,7 @@ CREATE TABLE IF NOT EXISTS messages (
     done_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, receiver, id);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     robot TEXT NOT NULL,
@@ -1696,7 +1697,8 @@ class Notifier(threading.Thread):
             if not worked:
                 with self.idle:
                     self.idle.notify_all()
-                self.wake.wait(self._sleep_for())
+                if self.wake.wait(self._sleep_for()):
+                    self.stopping.wait(0.005)  # let a burst of webhooks land: one pass for all
                 self.wake.clear()
 
     def stop(self):

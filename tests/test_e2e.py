@@ -34,8 +34,8 @@ def alertmanager(tmp_path):
 route:
   receiver: ops
   group_by: [alertname, job]
-  group_wait: 100ms
-  group_interval: 500ms
+  group_wait: 1s
+  group_interval: 1s
   repeat_interval: 1h
   routes:
     - receiver: dev
@@ -87,16 +87,18 @@ def am_alert(name, instance, job, severity, team=None, ends=None, summary=""):
         labels["team"] = team
     alert = {"labels": labels, "annotations": {"summary": summary or f"{name} on {instance}"},
              "generatorURL": f"http://prometheus:9090/graph?g0.expr={name}",
-             "startsAt": (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()}
+             # starting now: Alertmanager flushes a group at once for alerts older than group_wait
+             "startsAt": datetime.now(timezone.utc).isoformat()}
     if ends:
         alert["endsAt"] = ends.isoformat()
     return alert
 
 
-ALERTS = [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满"),
-          am_alert("DiskFull", "10.0.0.2:9100", "node", "warning"),
-          am_alert("HighLoad", "10.0.0.3:9100", "node", "warning"),
-          am_alert("TargetDown", "p:9090", "prometheus", "critical", team="dev")]
+def alerts():
+    return [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满"),
+            am_alert("DiskFull", "10.0.0.2:9100", "node", "warning"),
+            am_alert("HighLoad", "10.0.0.3:9100", "node", "warning"),
+            am_alert("TargetDown", "p:9090", "prometheus", "critical", team="dev")]
 
 
 def titles(fake, token=None):
@@ -108,7 +110,8 @@ def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alert
     extra = f"[auth]\nbearer_token = {BEARER}\n" if bearer else ""
     daemon = make_daemon(database, extra=extra)
     am = alertmanager(daemon.address, bearer)
-    push(am, ALERTS)
+    pushed = alerts()
+    push(am, pushed)
 
     # Three groups (alertname, job): two for ops, one for dev. Each reaches its own group's robots.
     assert fake.wait_for(lambda f: len(f.delivered()) == 3, timeout=60), fake.requests
@@ -128,7 +131,7 @@ def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alert
     assert json.loads(rows["p:9090"]["labels"])["team"] == "dev"
 
     ended = datetime.now(timezone.utc) - timedelta(seconds=1)
-    push(am, [{**a, "endsAt": ended.isoformat()} for a in ALERTS[:2]])   # DiskFull resolves
+    push(am, [{**a, "endsAt": ended.isoformat()} for a in pushed[:2]])   # DiskFull resolves
     assert fake.wait_for(lambda f: any("RESOLVED:2" in t for t in titles(f)), timeout=60), titles(fake)
     resolved = next(m for m in fake.delivered() if "RESOLVED:2" in m.body["markdown"]["title"])
     assert resolved.body["markdown"]["title"] == "[RESOLVED:2] DiskFull"
@@ -145,7 +148,7 @@ def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alert
 def test_alertmanager_with_wrong_credentials_is_refused(make_daemon, fake, sqlite_db, alertmanager, tmp_path):
     daemon = make_daemon(sqlite_db, extra=f"[auth]\nbearer_token = {BEARER}\n")
     am = alertmanager(daemon.address, "not-the-token")
-    push(am, ALERTS[:1])
+    push(am, alerts()[:1])
     log = tmp_path / "alertmanager.log"
     assert wait_until(lambda: "401" in log.read_text(errors="replace"), timeout=60)
     assert fake.delivered() == [] and daemon.journal.backlog()[2] == 0

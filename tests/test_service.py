@@ -134,10 +134,12 @@ def test_sighup_reloads_and_broken_config_is_rejected(process, fake):
 def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_daemon, fake, sqlite_db):
     one_robot = {"dev": {"robots": "dev-1"}}
     daemon = make_daemon(sqlite_db, receivers=one_robot, delivery={"rate_limit": "1", "rate_window": "3600"})
-    for i in range(3):
+    post(daemon, make_payload("dev", [make_alert(instance="n0")]))
+    settle(daemon)                                           # dev-1 has used its one message
+    for i in (1, 2):
         post(daemon, make_payload("dev", [make_alert(instance=f"n{i}")]))
-    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
-    assert daemon.journal.backlog()[0] >= 1                  # the rest wait: the robot has no budget
+    assert daemon.pool.available(daemon.config.receivers["dev"], time.time()) == 0
+    assert daemon.journal.backlog()[0] == 2                  # these wait: no robot has budget
 
     path = daemon.config.path
     original = open(path, encoding="utf-8").read()

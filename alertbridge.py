@@ -1617,10 +1617,6 @@ class RobotPool:
         return (robot.name not in self._disabled and not robot.placeholder
                 and self._throttled.get(robot.name, 0) <= now)
 
-    def budget(self, robot, now):
-        with self._lock:
-            return self._budget(robot.name, now) if self._usable(robot, now) else 0
-
     def available(self, receiver, now):
         """Messages the receiver's robots can take right now."""
         with self._lock:

@@ -1,7 +1,6 @@
 """grafana-dashboard.json: imports cleanly, and every query returns the right rows on MariaDB."""
 
 import json
-import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 

@@ -1028,11 +1028,14 @@ class Journal:
 
     def _commit(self, batch):
         db = self._db()
+        by_statement = {}
+        for item in batch:
+            for sql, params in item.rows:
+                by_statement.setdefault(sql, []).append(params)
         db.execute("BEGIN IMMEDIATE")
-        try:
-            for item in batch:
-                for sql, params in item.rows:
-                    self._run(db, sql, params)
+        try:  # few calls into SQLite: the lock holder gives up the GIL, and waits for it, less often
+            for sql, rows in by_statement.items():
+                db.executemany(sql_for("sqlite", sql), rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise

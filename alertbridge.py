@@ -673,10 +673,9 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _method_not_allowed(self, request_id):
         path = self._route()
-        if self.WEBHOOK_PATHS.fullmatch(path) or path == "/-/reload":
-            self._discard_body()
-            raise BadRequest(405, f"{self.command} not allowed on {path}: use POST")
         self._discard_body()
+        if self.WEBHOOK_PATHS.fullmatch(path) or path == "/-/reload":
+            raise BadRequest(405, f"{self.command} not allowed on {path}: use POST")
         raise BadRequest(404, f"no such endpoint: {path[:100]}")
 
     def _post(self, request_id):
@@ -702,15 +701,13 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         self._reply(status, reply)
 
     def _content_length(self):
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise BadRequest(411, "chunked bodies are not accepted: send Content-Length")
         length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise BadRequest(411, "Content-Length required")
-        if not length.strip().isdigit():
-            self.close_connection = True
+        if self.headers.get("Transfer-Encoding") or length is None or not length.strip().isdigit():
+            self.close_connection = True  # where this request ends is unknown: no keep-alive
+            if self.headers.get("Transfer-Encoding"):
+                raise BadRequest(411, "chunked bodies are not accepted: send Content-Length")
+            if length is None:
+                raise BadRequest(411, "Content-Length required")
             raise BadRequest(400, "Content-Length is not a number")
         return int(length)
 
@@ -1671,19 +1668,54 @@ class RobotPool:
                      name in self._disabled) for name in sorted(names)]
 
 
-class Notifier(threading.Thread):
-    """Sends the journal's pending messages to DingTalk, within every robot's budget."""
+class JournalWorker(threading.Thread):
+    """A background thread working off the journal: `wake` prods it, `stop()` ends it, and
+    `wait_idle()` lets shutdown and tests wait until its part of the backlog is empty."""
 
-    def __init__(self, daemon):
-        super().__init__(name="notifier", daemon=True)
+    def __init__(self, name, daemon):
+        super().__init__(name=name, daemon=True)
         self.daemon = daemon
         self.journal = daemon.journal
-        self.pool = daemon.pool
-        self.metrics = daemon.metrics
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.idle = threading.Condition()
+
+    def backlog(self):
+        """How much of the journal this worker still has to do."""
+        raise NotImplementedError
+
+    def stop(self):
+        self.stopping.set()
+        self.wake.set()
+
+    def _went_idle(self):
+        with self.idle:
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout):
+        """Block until backlog() is empty. True if it was before the timeout."""
+        deadline = time.monotonic() + timeout
+        with self.idle:
+            while self.backlog():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.wake.set()
+                self.idle.wait(min(left, 0.5))
+        return True
+
+
+class Notifier(JournalWorker):
+    """Sends the journal's pending messages to DingTalk, within every robot's budget."""
+
+    def __init__(self, daemon):
+        super().__init__("notifier", daemon)
+        self.pool = daemon.pool
+        self.metrics = daemon.metrics
         self._warned = set()
+
+    def backlog(self):
+        return self.journal.backlog()[0]
 
     def run(self):
         while not self.stopping.is_set():
@@ -1694,15 +1726,10 @@ class Notifier(threading.Thread):
                 worked = False
                 self.stopping.wait(1.0)
             if not worked:
-                with self.idle:
-                    self.idle.notify_all()
+                self._went_idle()
                 if self.wake.wait(self._sleep_for()):
                     self.stopping.wait(0.005)  # let a burst of webhooks land: one pass for all
                 self.wake.clear()
-
-    def stop(self):
-        self.stopping.set()
-        self.wake.set()
 
     def _sleep_for(self):
         now = time.time()
@@ -1844,24 +1871,12 @@ class Notifier(threading.Thread):
             "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)})
         self.daemon.recorder.wake.set()
 
-    def wait_idle(self, timeout):
-        """Block until nothing is due (tests, shutdown). True if idle before the timeout."""
-        deadline = time.monotonic() + timeout
-        with self.idle:
-            while self.journal.backlog()[0]:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.wake.set()
-                self.idle.wait(min(left, 0.5))
-        return True
-
 
 # ---------------------------------------------------------------------------------------------
 # 6. Recording
 # ---------------------------------------------------------------------------------------------
 
-class Recorder(threading.Thread):
+class Recorder(JournalWorker):
     """Copies journal events into the history store, in order. A store outage only delays it."""
 
     BATCH = 200
@@ -1869,15 +1884,13 @@ class Recorder(threading.Thread):
     PURGE_BATCH = 1000
 
     def __init__(self, daemon):
-        super().__init__(name="recorder", daemon=True)
-        self.daemon = daemon
-        self.journal = daemon.journal
+        super().__init__("recorder", daemon)
         self.store = daemon.store
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-        self.idle = threading.Condition()
         self.store_ok = None
         self._last_purge = 0.0
+
+    def backlog(self):
+        return self.journal.backlog()[2]
 
     def run(self):
         backoff = 0.5
@@ -1897,14 +1910,9 @@ class Recorder(threading.Thread):
                 log.exception("recorder: unexpected error; retrying")
                 self.stopping.wait(1.0)
                 continue
-            with self.idle:
-                self.idle.notify_all()
+            self._went_idle()
             self.wake.wait(1.0)
             self.wake.clear()
-
-    def stop(self):
-        self.stopping.set()
-        self.wake.set()
 
     def step(self):
         """Record one batch; True if there was one."""
@@ -1960,17 +1968,6 @@ class Recorder(threading.Thread):
                 total += deleted
             if total:
                 log.info("retention: purged %d history rows older than %s UTC", total, cutoff)
-
-    def wait_idle(self, timeout):
-        deadline = time.monotonic() + timeout
-        with self.idle:
-            while self.journal.backlog()[2]:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.wake.set()
-                self.idle.wait(min(left, 0.5))
-        return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,19 @@ robots = {", ".join(f"r{i}" for i in range(len(tokens)))}
     return child
 
 
+def client(url):
+    host, port = url.split("//")[1].split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=60)
+
+
+def send(connection, body):
+    """POST one webhook; the HTTP status."""
+    connection.request("POST", "/alertmanager", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    return response.status
+
+
 def get(url):
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1]

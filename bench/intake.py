@@ -18,24 +18,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-import http.client
 import threading
 import time
 
-from common import (PYTHON, ROOT, Child, count_rows, fresh_database, free_port, metric, payload, percentile,
-                    start_alertbridge, start_fake, wait_until)
-
-
-def client(url):
-    host, port = url.split("//")[1].split(":")
-    return http.client.HTTPConnection(host, int(port), timeout=60)
-
-
-def send(connection, body):
-    connection.request("POST", "/alertmanager", body=body, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    response.read()
-    return response.status
+from common import (PYTHON, ROOT, Child, client, count_rows, fresh_database, free_port, metric, payload, percentile,
+                    send, start_alertbridge, start_fake, wait_until)
 
 
 def fixed_rate(url, rate, seconds, first_group, connections=32):

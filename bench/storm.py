@@ -12,24 +12,14 @@ in any sliding window, 410100 answers, alerts missing from delivered messages, p
 
 import argparse
 import concurrent.futures
-import http.client
 import json
 import re
 import statistics
 import time
 
-from common import fresh_database, get, metric, payload, start_alertbridge, start_fake, wait_until
+from common import client, fresh_database, get, metric, payload, send, start_alertbridge, start_fake, wait_until
 
 ID = re.compile(r"bench-\d+-\d+")
-
-
-def post(url, body):
-    host, port = url.split("//")[1].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("POST", "/alertmanager", body=body, headers={"Content-Type": "application/json"})
-    status = connection.getresponse().status
-    connection.close()
-    return status
 
 
 def main():
@@ -48,7 +38,7 @@ def main():
     started = time.monotonic()
     wall_start = time.time()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(lambda b: post(bridge.url, b), bodies))
+        statuses = list(pool.map(lambda b: send(client(bridge.url), b), bodies))
     posted = time.monotonic() - started
     assert statuses == [200] * args.groups, set(statuses)
     wait_until(lambda: metric(bridge.url, "alertbridge_alerts_recorded_total") >= total, timeout=600, every=0.05)

@@ -137,6 +137,21 @@ def make_alert(alertname="HighLoad", instance="node-1:9100", severity="critical"
             "fingerprint": fingerprint or f"fp-{alertname}-{instance}"}
 
 
+DELETE = object()
+
+
+def set_at(payload, path, value):
+    """Set the value at a path like ('alerts', 0, 'startsAt') in place; DELETE removes it."""
+    target = payload
+    for key in path[:-1]:
+        target = target[key]
+    if value is DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return payload
+
+
 def make_payload(receiver, alerts, status=None):
     status = status or ("firing" if any(a["status"] == "firing" for a in alerts) else "resolved")
     return {"version": "4", "groupKey": "{}:{alertname=\"x\"}", "truncatedAlerts": 0, "status": status,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import load_fixture, post
+from conftest import DELETE, load_fixture, post, set_at
 from test_service import Process
 
 GOOD = load_fixture("am025-ops-partly-resolved.json")
@@ -27,21 +27,11 @@ TEXT = st.text(max_size=30) | st.binary(max_size=30).map(lambda b: b.decode("lat
 
 
 def _mutate(payload, path, value):
-    """Set or delete the value at path; a path an earlier mutation removed is left alone."""
-    target = payload
+    """set_at, except that a path an earlier mutation removed is left alone."""
     try:
-        for key in path[:-1]:
-            target = target[key]
-        if value is _DELETE:
-            del target[path[-1]]
-        else:
-            target[path[-1]] = value
+        set_at(payload, path, value)
     except (KeyError, IndexError, TypeError):
         pass
-    return payload
-
-
-_DELETE = object()
 
 
 @st.composite
@@ -49,7 +39,7 @@ def mutated_bodies(draw):
     payload = copy.deepcopy(GOOD)
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(PATHS))
-        value = draw(st.one_of(JSON, TIMES, TEXT, st.just(_DELETE), st.just("x" * 100000),
+        value = draw(st.one_of(JSON, TIMES, TEXT, st.just(DELETE), st.just("x" * 100000),
                                st.integers(1, 3000).map(lambda n: "[" * n + "]" * n)))
         _mutate(payload, path, value)
     body = json.dumps(payload, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")

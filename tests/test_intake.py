@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from conftest import history, load_fixture, make_alert, make_payload, post, settle
+from conftest import DELETE, history, load_fixture, make_alert, make_payload, post, set_at, settle
 
 GOOD = load_fixture("am025-dev-firing.json")
 
@@ -25,15 +25,7 @@ def raw_request(daemon, data, timeout=10):
 
 def with_(path, value):
     """GOOD with one field replaced, path like ('alerts', 0, 'startsAt'); value None deletes it."""
-    payload = json.loads(json.dumps(GOOD))
-    target = payload
-    for key in path[:-1]:
-        target = target[key]
-    if value is None:
-        del target[path[-1]]
-    else:
-        target[path[-1]] = value
-    return payload
+    return set_at(json.loads(json.dumps(GOOD)), path, DELETE if value is None else value)
 
 
 def malformed_bodies():

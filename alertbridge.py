@@ -29,6 +29,7 @@ import http.server
 import io
 import json
 import logging
+import multiprocessing.connection
 import os
 import random
 import re
@@ -36,6 +37,7 @@ import signal
 import socket
 import sqlite3
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -793,7 +795,7 @@ J_MESSAGE_ADD = ("INSERT INTO messages (receiver, request_id, body, packed, crea
                  "VALUES (%s, %s, %s, %s, %s, %s)")
 J_MESSAGE_RECEIVERS = "SELECT DISTINCT receiver FROM messages WHERE state = 'pending'"
 J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
-                  "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id")
+                  "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id LIMIT %s")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
 J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending'"
 J_MESSAGE_FINISH = "UPDATE messages SET state = %s, done_at = %s, last_error = %s WHERE id = %s"
@@ -1039,8 +1041,16 @@ class Journal:
         db.execute("COMMIT")
 
     # recorder
-    def unrecorded(self, limit=500):
-        return [(i, kind, json.loads(body)) for i, kind, body in self._read(J_EVENTS_UNRECORDED, (limit,))]
+    def unrecorded(self, limit=500, max_bytes=8 << 20):
+        """The oldest events not yet recorded, bodies as JSON text (the store process parses them):
+        at most `limit`, and no more than about `max_bytes` of bodies."""
+        events, size = [], 0
+        for event_id, kind, body in self._run(self._db(), J_EVENTS_UNRECORDED, (limit,)):
+            if events and size + len(body) > max_bytes:
+                break
+            events.append((event_id, kind, body))
+            size += len(body)
+        return events
 
     def mark_recorded(self, upto_id):
         with self._writing() as db:
@@ -1054,10 +1064,11 @@ class Journal:
     def pending_receivers(self):
         return [row[0] for row in self._read(J_MESSAGE_RECEIVERS)]
 
-    def due_messages(self, receiver, now):
-        """Messages due, oldest first; each body is read only if it is used (see Message.body)."""
+    def due_messages(self, receiver, now, limit=1000):
+        """Messages due, oldest first; each body is read only if it is used (see Message.body).
+        The default limit is more than one digest can hold, however small the template."""
         return [Message(i, receiver, rid, bool(packed), attempts, created, self)
-                for i, rid, packed, attempts, created in self._read(J_MESSAGES_DUE, (receiver, now))]
+                for i, rid, packed, attempts, created in self._read(J_MESSAGES_DUE, (receiver, now, limit))]
 
     def message_body(self, message_id):
         return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
@@ -1254,17 +1265,19 @@ class Store:
 
     # what the recorder writes
     def record(self, journal_id, events):
-        """Apply journal events in one transaction, exactly once (progress kept alongside).
-        Rows are gathered and written with one statement per kind: the upserts and increments
-        commute, so grouping them gives the same history as applying events one by one."""
+        """Apply journal events (id, kind, JSON text) in one transaction, exactly once (progress
+        kept alongside); returns how many alerts were recorded. Rows are gathered and written with
+        one statement per kind: the upserts and increments commute, so grouping them gives the same
+        history as applying events one by one."""
         alerts, sends, notified = [], [], []
         with self.transaction() as cursor:
             self.execute(cursor, S_PROGRESS_GET, (journal_id,))
             row = cursor.fetchone()
             done = row[0] if row else 0
-            for event_id, kind, body in events:
+            for event_id, kind, text in events:
                 if event_id <= done:
                     continue
+                body = json.loads(text)
                 if kind == "webhook":
                     alerts += self._alert_rows(body)
                 else:
@@ -1277,6 +1290,7 @@ class Store:
                 if rows:
                     cursor.executemany(sql_for(self.dialect, sql), rows)
             self.execute(cursor, S_PROGRESS_PUT, (journal_id, max(done, events[-1][0])))
+        return len(alerts)
 
     @staticmethod
     def _alert_rows(event):
@@ -1297,6 +1311,102 @@ class Store:
         return (event["sent_at"], event["receiver"], event["robot"], event["request_id"][:255],
                 event["message_id"], len(event["alerts"]), ",".join(a[1] for a in event["alerts"]),
                 event["errcode"], event["errmsg"][:512], event["latency_ms"])
+
+
+class StoreError(Exception):
+    """A store call failed in the store process for a reason other than reachability."""
+
+
+class StoreProcess:
+    """The Store, run in a child process (`alertbridge.py --store-process FD`), same interface.
+    Recording is the daemon's heaviest CPU work (pymysql escapes every value in Python): in a
+    thread it holds the GIL the webhook handlers need, and stretches their acks. The child is
+    started on first use and again if it dies; it exits when closed or when the daemon is gone."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.dialect = settings["driver"]
+        self._lock = threading.Lock()   # one call at a time on the pipe
+        self._child = self._pipe = None
+
+    def describe(self):
+        return Store(self.settings).describe()
+
+    def record(self, journal_id, events):
+        return self._call("record", journal_id, events)
+
+    def ping(self):
+        return self._call("ping")
+
+    def purge(self, cutoff, batch):
+        return self._call("purge", cutoff, batch)
+
+    def _call(self, method, *args):
+        with self._lock:
+            try:
+                if self._child is None:
+                    self._start()
+                self._pipe.send((method, args))
+                outcome, value = self._pipe.recv()
+            except (OSError, EOFError) as exc:
+                self._end()
+                raise StoreUnavailable(f"{self.describe()}: store process lost ({exc!r})") from exc
+        if outcome == "unavailable":
+            raise StoreUnavailable(value)
+        if outcome == "failed":
+            raise StoreError(value)
+        return value
+
+    def _start(self):
+        ours, theirs = socket.socketpair()
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--store-process", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._pipe = multiprocessing.connection.Connection(ours.detach())
+        self._pipe.send(self.settings)
+
+    def _end(self):
+        if self._pipe is not None:
+            self._pipe.close()      # the child reads end-of-file and exits
+        if self._child is not None:
+            try:
+                self._child.wait(5)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+        self._child = self._pipe = None
+
+    def close(self):
+        with self._lock:
+            self._end()
+
+
+def serve_store(fd):
+    """The store process: answer Store calls from the daemon until it closes the pipe. Signals
+    are the daemon's to handle (systemd sends SIGTERM to the whole unit): it closes us last."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pipe = multiprocessing.connection.Connection(fd)
+    store = None
+    try:
+        store = Store(pipe.recv())
+        while True:
+            method, args = pipe.recv()
+            try:
+                reply = ("ok", getattr(store, method)(*args))
+            except StoreUnavailable as exc:
+                reply = ("unavailable", str(exc))
+            except Exception as exc:
+                reply = ("failed", f"{type(exc).__name__}: {exc}")
+            pipe.send(reply)
+    except (EOFError, OSError):
+        return 0
+    finally:
+        if store is not None:
+            store.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1436,11 +1546,25 @@ class Renderer:
 
     SEPARATOR = "\n\n---\n\n"
 
+    BLOCKS_KEPT = 4096
+
     def __init__(self, config):
         self.config = config
+        self._blocks = {}  # (id(alert), receiver name) -> (alert, rendered block)
 
     def alert_block(self, receiver, alert):
-        return render_template(receiver.alert_template, alert_fields(alert, self.config.tz))
+        """The alert in the receiver's template. Remembered by identity (the alert is kept, so its
+        id cannot be reused): sizing a digest, checking it fits each robot and sending it would
+        otherwise render every alert five times, on the thread the webhooks share the GIL with."""
+        key = (id(alert), receiver.name)
+        kept = self._blocks.get(key)
+        if kept is not None and kept[0] is alert:
+            return kept[1]
+        if len(self._blocks) >= self.BLOCKS_KEPT:
+            self._blocks.clear()
+        block = render_template(receiver.alert_template, alert_fields(alert, self.config.tz))
+        self._blocks[key] = (alert, block)
+        return block
 
     def mentions(self, receiver, alerts):
         """Who to @: only for messages with a firing alert of a listed severity (all if none listed)."""
@@ -1941,10 +2065,9 @@ class Recorder(JournalWorker):
         return True
 
     def _record(self, events):
-        self.store.record(self.journal.journal_id, events)
+        recorded = self.store.record(self.journal.journal_id, events)
         self.journal.mark_recorded(events[-1][0])
-        self.daemon.metrics.inc("alertbridge_alerts_recorded_total",
-                                sum(len(body["alerts"]) for _, kind, body in events if kind == "webhook"))
+        self.daemon.metrics.inc("alertbridge_alerts_recorded_total", recorded)
 
     def _recovered(self):
         if self.store_ok is False:
@@ -2080,7 +2203,7 @@ class Daemon:
         self.metrics = Metrics()
         self.renderer = Renderer(config)
         self.journal = Journal(config.journal_path, config.journal_sync)
-        self.store = Store(config.database)
+        self.store = StoreProcess(config.database)
         self.pool = RobotPool(config.rate_limit, config.rate_window, config.throttle_seconds)
         self.pool.restore(self.journal.recent_sends(time.time() - max(config.rate_window, config.throttle_seconds)),
                           time.time())
@@ -2295,8 +2418,11 @@ def main(argv=None):
     action.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
     action.add_argument("--send-test", metavar="RECEIVER", help="send a test message through each robot of RECEIVER")
     action.add_argument("--init-db", action="store_true", help="create the history tables if missing, exit")
+    action.add_argument("--store-process", type=int, metavar="FD", help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if args.store_process is not None:
+        return serve_store(args.store_process)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

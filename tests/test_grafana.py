@@ -101,7 +101,7 @@ def history_db():
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608
     store = alertbridge.Store(mysql_settings())
     events, alerts = known_history()
-    store.record("grafana-test", events)
+    store.record("grafana-test", [(i, kind, json.dumps(body)) for i, kind, body in events])
     store.close()
     with db.cursor() as cursor:
         cursor.execute("SET time_zone = '+00:00'")       # as the README sets the data source's session zone

@@ -775,6 +775,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, receiver, id);
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS messages_age ON messages (state, created_at);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     robot TEXT NOT NULL,
@@ -793,7 +794,12 @@ J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <
 J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
 J_MESSAGE_ADD = ("INSERT INTO messages (receiver, request_id, body, packed, created_at, next_attempt_at) "
                  "VALUES (%s, %s, %s, %s, %s, %s)")
-J_MESSAGE_RECEIVERS = "SELECT DISTINCT receiver FROM messages WHERE state = 'pending'"
+# Receivers with pending messages, one index probe each (a DISTINCT would read every pending row).
+J_MESSAGE_RECEIVERS = ("WITH RECURSIVE r (name) AS ("
+                       "SELECT MIN(receiver) FROM messages WHERE state = 'pending' UNION ALL "
+                       "SELECT (SELECT MIN(receiver) FROM messages WHERE state = 'pending' AND receiver > name) "
+                       "FROM r WHERE name IS NOT NULL) "
+                       "SELECT name FROM r WHERE name IS NOT NULL")
 J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
                   "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id LIMIT %s")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
@@ -1094,10 +1100,6 @@ class Journal:
                 new.append(message)
         return new
 
-    def finish(self, message_id, state, error=""):
-        with self._writing() as db:
-            self._run(db, J_MESSAGE_FINISH, (state, time.time(), error[:500], message_id))
-
     def retry_later(self, message_id, at, error):
         with self._writing() as db:
             self._run(db, J_MESSAGE_RETRY, (at, error[:500], message_id))
@@ -1109,11 +1111,14 @@ class Journal:
         with self._writing() as db:
             return self._run(db, J_SEND_BEGIN, (robot_name, latest_arrival)).lastrowid
 
-    def end_send(self, send_id, at, errcode, event):
-        """Date the request by its answer, and add an event for the recorder."""
+    def end_send(self, send_id, at, errcode, event, delivered=None):
+        """Date the request by its answer, add an event for the recorder and, if the request
+        delivered a message, mark it sent: one transaction, so a crash cannot resend it."""
         with self._writing() as db:
             self._run(db, J_SEND_END, (at, errcode, send_id))
             self._run(db, J_EVENT_ADD, ("send", json.dumps(event, ensure_ascii=False), at))
+            if delivered is not None:
+                self._run(db, J_MESSAGE_FINISH, ("sent", at, "", delivered))
 
     def recent_sends(self, since):
         return self._read(J_SENDS_SINCE, (since,))
@@ -1958,7 +1963,6 @@ class Notifier(JournalWorker):
             self.pool.release(robot, result, done)
             self._account(receiver, robot, message, result, done, send_id)
             if result.ok:
-                self.journal.finish(message.id, "sent")
                 return True
             errors.append(f"{robot.name}: {result.errcode} {result.errmsg}")
             if result.errcode in TOO_LONG and len(message.alerts) > 1:
@@ -1992,7 +1996,8 @@ class Notifier(JournalWorker):
             "sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "receiver": receiver.name,
             "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
             "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
-            "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)})
+            "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)},
+            delivered=message.id if result.ok else None)
         self.daemon.recorder.wake.set()
 
 
@@ -2004,6 +2009,7 @@ class Recorder(JournalWorker):
     """Copies journal events into the history store, in order. A store outage only delays it."""
 
     BATCH = 200
+    GATHER = 0.05       # after a wake-up, let webhooks gather: fewer journal writes and transactions
     PURGE_EVERY = 600.0
     PURGE_BATCH = 1000
 
@@ -2035,7 +2041,8 @@ class Recorder(JournalWorker):
                 self.stopping.wait(1.0)
                 continue
             self._went_idle()
-            self.wake.wait(1.0)
+            if self.wake.wait(1.0):
+                self.stopping.wait(self.GATHER)
             self.wake.clear()
 
     def step(self):

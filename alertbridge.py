@@ -6,7 +6,8 @@ The file reads top to bottom the way an alert travels through it:
   1. Config     config.ini -> Config, Receiver, Robot (validated as a whole, reloadable)
   2. Intake     HTTP handler: validate the Alertmanager v4 webhook, journal it, answer 200
   3. Storage    all SQL in one place; the Journal (local SQLite, WAL: webhooks to record,
-                messages to send, the send log) and the Store (alert history, MySQL or SQLite)
+                messages to send, the send log) and the Store (alert history, MySQL or SQLite),
+                which runs in a child process (StoreProcess) to keep its CPU off the intake
   4. Rendering  alerts -> DingTalk markdown (templates, @mobiles, keyword, size limit)
   5. Delivery   RobotPool (rotation, per-robot budgets, throttling) and the Notifier thread
   6. Recording  the Recorder thread: journal -> history store, in order, across store outages
@@ -953,8 +954,9 @@ def schema_statements(dialect):
 
 
 class Journal:
-    """The local durable queue (SQLite, WAL). Every thread gets its own connection; writes are
-    serialized by one lock so SQLite never has to busy-wait, which keeps the webhook ack fast."""
+    """The local durable queue (SQLite, WAL). Writes go through one connection under one lock,
+    so SQLite never has to busy-wait, which keeps the webhook ack fast; every reading thread
+    gets its own connection."""
 
     def __init__(self, path, sync="FULL"):
         self.path = path
@@ -964,25 +966,30 @@ class Journal:
         self._queue_lock = threading.Lock()
         self._queue = []            # webhooks waiting for the next group commit
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._writer = self._connect()
         with self._write_lock:
-            self._db().executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
+            self._writer.executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
         with self._writing() as db:
             db.execute(sql_for("sqlite", J_META_PUT), ("journal_id", uuid.uuid4().hex))
         self.journal_id = self._read_one(J_META_GET, ("journal_id",))[0]
 
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.sync}")  # validated: FULL or NORMAL
+        return db
+
     def _db(self):
+        """This thread's reading connection."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.sync}")  # validated: FULL or NORMAL
-            self._local.db = db
+            db = self._local.db = self._connect()
         return db
 
     @contextlib.contextmanager
     def _writing(self):
         with self._write_lock:
-            db = self._db()
+            db = self._writer
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -1032,7 +1039,7 @@ class Journal:
             raise pending.error
 
     def _commit(self, batch):
-        db = self._db()
+        db = self._writer
         by_statement = {}
         for item in batch:
             for sql, params in item.rows:

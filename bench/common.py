@@ -58,8 +58,19 @@ class Child:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
 
     def peak_rss_mib(self):
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            return int(next(l for l in fh if l.startswith("VmHWM:")).split()[1]) / 1024
+        """Peak RSS of the process and of each of its children (alertbridge's store process)."""
+        def peak(pid):
+            with open(f"/proc/{pid}/status") as fh:
+                return int(next(line for line in fh if line.startswith("VmHWM:")).split()[1]) / 1024
+        children = []
+        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():  # each thread's children
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+        return [peak(self.proc.pid)] + [peak(pid) for pid in children]
+
+    def describe_rss(self):
+        own, *children = self.peak_rss_mib()
+        return f"{own + sum(children):.0f} MiB" + (
+            f" ({own:.0f} daemon + {' + '.join(f'{c:.0f}' for c in children)} store process)" if children else "")
 
     def stop(self):
         if self.proc.poll() is None:

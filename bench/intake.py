@@ -166,7 +166,7 @@ def main():
         recorded = metric(bridge.url, "alertbridge_alerts_recorded_total")
         print(f"|   {recorded:,.0f} of {accepted:,.0f} accepted alerts recorded in MariaDB ({count_rows(database):,} rows: "
               f"wrk repeats one webhook); backlog drained {time.monotonic() - began:.1f} s after the load; "
-              f"peak RSS {bridge.peak_rss_mib():.0f} MiB |")
+              f"peak RSS {bridge.describe_rss()} |")
         bridge.stop()
 
     database = fresh_database("alertbridge_bench_intake_sync")

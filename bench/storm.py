@@ -54,7 +54,7 @@ def main():
             break
         time.sleep(1)
     all_delivered = time.monotonic() - started
-    rss = bridge.peak_rss_mib()
+    rss = bridge.describe_rss()
     bridge.stop()
     fake.stop()
 
@@ -84,7 +84,7 @@ def main():
     print(f"| most requests one robot got in any sliding {args.window:g} s | {sliding} | <= 20 |")
     print(f"| 410100/130101 answers | {throttled} | 0 |")
     print(f"| alerts missing from delivered messages | {len(expected - ids)} | 0 |")
-    print(f"| peak RSS of alertbridge | {rss:.0f} MiB | |")
+    print(f"| peak RSS of alertbridge | {rss} | |")
 
 
 def max_in_window(times, window):

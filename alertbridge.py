@@ -1558,7 +1558,7 @@ class Renderer:
 
     SEPARATOR = "\n\n---\n\n"
 
-    BLOCKS_KEPT = 4096
+    BLOCKS_KEPT = 1024
 
     def __init__(self, config):
         self.config = config

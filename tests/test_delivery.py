@@ -293,9 +293,11 @@ def test_kill_9_mid_storm_loses_nothing(tmp_path, fast_fake, database):
     sender = threading.Thread(target=storm)
     sender.start()
     assert enough.wait(60)
+    [store_process] = _children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait()
     sender.join()
+    assert wait_until(lambda: _gone(store_process))               # no orphan left writing the history
     accepted_before = sum(o == 200 for o in outcome)
     assert 60 <= accepted_before < 150                            # killed mid-storm
 
@@ -315,6 +317,36 @@ def test_kill_9_mid_storm_loses_nothing(tmp_path, fast_fake, database):
     rows = _rows(database, tmp_path)
     assert {r for r in rows} >= expected and len(rows) == 1500
     assert [r for r in fast_fake.requests if r.errcode == 410100] == []
+
+
+def _children(pid):
+    import pathlib
+    return [int(child) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")   # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_store_process_is_restarted_if_it_dies_and_ends_with_the_daemon(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    post(daemon, make_payload("dev", [make_alert(instance="before")]))
+    settle(daemon)
+    first = daemon.store._child
+    first.kill()                                                  # OOM killer, a stray kill -9...
+    first.wait()
+    post(daemon, make_payload("dev", [make_alert(instance="after")]))
+    settle(daemon)
+    assert {r["instance"] for r in history(daemon)} == {"before", "after"}
+    second = daemon.store._child
+    assert second.pid != first.pid and second.poll() is None
+    daemon.stop()
+    assert second.poll() is not None
 
 
 def _healthy(url):

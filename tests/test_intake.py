@@ -141,12 +141,8 @@ def test_health_endpoints_answer(make_daemon, sqlite_db):
 
 def test_journal_failure_answers_503_so_alertmanager_retries(make_daemon, sqlite_db):
     daemon = make_daemon(sqlite_db)
-    original = daemon.journal._db
-
-    def read_only():  # every new connection, including the request thread's, refuses writes
-        db = original()
-        db.execute("PRAGMA query_only = 1")
-        return db
-    daemon.journal._db = read_only
+    daemon.journal._writer.execute("PRAGMA query_only = 1")     # the journal refuses writes
     status, reply = post(daemon, GOOD)
     assert status == 503 and "retry" in reply["error"]
+    daemon.journal._writer.execute("PRAGMA query_only = 0")     # and takes them again
+    assert post(daemon, GOOD)[0] == 200

@@ -3,6 +3,9 @@
 import json
 import logging
 import sqlite3
+import time
+
+import alertbridge
 
 from conftest import ROBOTS, SECRETS, history, load_fixture, make_alert, make_payload, post, settle
 
@@ -133,3 +136,13 @@ def test_no_token_or_secret_in_logs_or_databases(make_daemon, fake, database, ca
     assert "ops-1" in dumped and "errcode=310000" in caplog.text
     leaked = [s for s in SECRETS if s in dumped]
     assert leaked == []
+
+
+def test_recorder_batches_are_bounded_in_bytes_but_never_empty(tmp_path):
+    journal = alertbridge.Journal(str(tmp_path / "journal.db"))
+    with journal._writing() as db:
+        for size in (600, 300, 300, 50):
+            journal._run(db, alertbridge.J_EVENT_ADD, ("webhook", "x" * size, time.time()))
+    assert [len(body) for _, _, body in journal.unrecorded(max_bytes=100)] == [600]   # one, however large
+    assert [len(body) for _, _, body in journal.unrecorded(max_bytes=1000)] == [600, 300]
+    assert len(journal.unrecorded(limit=3, max_bytes=10_000)) == 3

@@ -1058,11 +1058,12 @@ class Journal:
         """The oldest events not yet recorded, bodies as JSON text (the store process parses them):
         at most `limit`, and no more than about `max_bytes` of bodies."""
         events, size = [], 0
-        for event_id, kind, body in self._run(self._db(), J_EVENTS_UNRECORDED, (limit,)):
-            if events and size + len(body) > max_bytes:
-                break
-            events.append((event_id, kind, body))
-            size += len(body)
+        with contextlib.closing(self._run(self._db(), J_EVENTS_UNRECORDED, (limit,))) as rows:
+            for event_id, kind, body in rows:  # closed even when cut short: no read left open
+                if events and size + len(body) > max_bytes:
+                    break
+                events.append((event_id, kind, body))
+                size += len(body)
         return events
 
     def mark_recorded(self, upto_id):

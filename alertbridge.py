@@ -1338,7 +1338,6 @@ class StoreProcess:
 
     def __init__(self, settings):
         self.settings = settings
-        self.dialect = settings["driver"]
         self._lock = threading.Lock()   # one call at a time on the pipe
         self._child = self._pipe = None
 

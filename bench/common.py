@@ -64,7 +64,10 @@ class Child:
                 return int(next(line for line in fh if line.startswith("VmHWM:")).split()[1]) / 1024
         children = []
         for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():  # each thread's children
-            children += [int(pid) for pid in (task / "children").read_text().split()]
+            try:
+                children += [int(pid) for pid in (task / "children").read_text().split()]
+            except FileNotFoundError:  # the thread ended meanwhile
+                pass
         return [peak(self.proc.pid)] + [peak(pid) for pid in children]
 
     def describe_rss(self):

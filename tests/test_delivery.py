@@ -321,8 +321,13 @@ def test_kill_9_mid_storm_loses_nothing(tmp_path, fast_fake, database):
 
 def _children(pid):
     import pathlib
-    return [int(child) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
+    children = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():       # each thread's children
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:                                   # the thread ended meanwhile
+            pass
+    return children
 
 
 def _gone(pid):

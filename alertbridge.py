@@ -19,7 +19,15 @@ waits for the history database, and nothing accepted is dropped: a message that 
 waits, is retried, and after `max_age` is marked expired, never deleted unseen.
 """
 
-import argparse
+import sys
+
+SUPPORTED_PYTHON = (3, 9)
+if sys.version_info < SUPPORTED_PYTHON:  # before any import or syntax a newer Python added
+    sys.stderr.write("alertbridge needs Python 3.9 or newer; this is Python %d.%d.%d (%s)\n"
+                     % (sys.version_info[:3] + (sys.executable,)))
+    sys.exit(2)
+
+import argparse  # noqa: E402 (after the version check, on purpose)
 import base64
 import configparser
 import contextlib
@@ -39,7 +47,6 @@ import socket
 import sqlite3
 import string
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -173,18 +180,27 @@ class Config:
         return self.receivers.get(name) or self.receivers.get(self.default_receiver)
 
 
+# Zones without daylight saving time that work even where the IANA database is missing (a
+# minimal container without tzdata): China's own among them, so the default always loads.
+FIXED_ZONES = {"Asia/Shanghai": 8, "Asia/Chongqing": 8, "Asia/Harbin": 8, "Asia/Urumqi": 6,
+               "PRC": 8, "Asia/Hong_Kong": 8, "Asia/Macau": 8, "Asia/Taipei": 8,
+               "Asia/Singapore": 8, "Asia/Tokyo": 9, "Asia/Seoul": 9, "UTC": 0, "Etc/UTC": 0}
+
+
 def _load_timezone(name):
+    """IANA name (zoneinfo), UTC, or a fixed offset such as +08:00."""
+    match = re.fullmatch(r"(?:UTC)?([+-])([0-9]{2}):?([0-9]{2})", name)
+    if match:
+        sign = -1 if match.group(1) == "-" else 1
+        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
     try:
         from zoneinfo import ZoneInfo
         return ZoneInfo(name)
-    except Exception:
-        match = re.fullmatch(r"(?:UTC)?([+-])(\d\d):?(\d\d)", name)
-        if name.upper() == "UTC":
-            return timezone.utc
-        if not match:
-            raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r}")
-        sign = -1 if match.group(1) == "-" else 1
-        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+    except Exception:  # no such zone, or no time zone database on this host
+        if name in FIXED_ZONES:
+            return timezone(timedelta(hours=FIXED_ZONES[name]), name)
+        raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r} (an IANA name such as "
+                          f"Asia/Shanghai, UTC, or an offset such as +08:00)")
 
 
 def _words(value):
@@ -386,17 +402,27 @@ class Webhook:
     truncated: int = 0
 
 
-_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)")
+_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
+                      r"(?:[Zz]|([+-])(\d\d):(\d\d))", re.ASCII)
 
 
 def parse_time(value, where):
-    """RFC 3339 -> aware UTC datetime; Alertmanager's zero time (year 1) -> None."""
-    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+    """RFC 3339 -> aware UTC datetime; Go's zero time (year 1) -> None. Parsed by hand, the same
+    on every Python: fromisoformat takes 'Z' and nanoseconds only from 3.11. Digits beyond
+    microseconds are dropped (not rounded), as Alertmanager's own UI does."""
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if not match:
         raise BadRequest(400, f"{where}: not an RFC 3339 time: {str(value)[:40]!r}")
-    if value.startswith("0001-"):
+    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
+    if year == "0001":
         return None
-    try:  # the regex checked the form; fromisoformat (3.11) checks the values, drops sub-microseconds
-        utc = datetime.fromisoformat(value[:-1] + "+00:00" if value[-1] in "Zz" else value).astimezone(timezone.utc)
+    try:
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                         int((fraction or "0")[:6].ljust(6, "0")))
+        offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0))
+        if offset >= timedelta(hours=24) or int(off_m or 0) >= 60:
+            raise ValueError("offset out of range")
+        utc = (local - offset if sign == "+" else local + offset).replace(tzinfo=timezone.utc)
     except (ValueError, OverflowError):
         raise BadRequest(400, f"{where}: not a valid date: {value[:40]!r}")
     if not 1970 <= utc.year <= 9998:  # what every store can hold (MySQL DATETIME: years 1000-9999)
@@ -586,6 +612,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         # Each request (and each wait for the next one on a kept-alive connection) gets
         # request_timeout in all: a client sending a byte a second cannot hold a thread forever.
         self.deadline = time.monotonic() + self.timeout
+        self.body_left = 0      # bytes of the current request's body not yet read
         try:
             super().handle_one_request()
         except ConnectionError:  # the client went away between requests: nothing to answer
@@ -619,9 +646,9 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         request_id = uuid.uuid4().hex[:12]
         with self.daemon.in_flight():
             try:
+                self.body_left = self._framing()
                 if self.daemon.draining:
                     self.close_connection = True
-                    self._discard_body()
                     raise BadRequest(503, "shutting down, retry later")
                 handler(request_id)
             except BadRequest as exc:
@@ -638,7 +665,6 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     def _authorize(self):
         auth = self.daemon.config.auth
         if auth.enabled and not auth.allows(self.headers.get("Authorization")):
-            self._discard_body()
             scheme = "Bearer" if auth.bearer_token else "Basic"
             raise BadRequest(401, "missing or wrong credentials (see [auth] in config.ini)",
                              headers=[("WWW-Authenticate", f'{scheme} realm="alertbridge"')])
@@ -646,6 +672,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     def _reply(self, status, obj, content_type="application/json", headers=()):
         body = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
         try:
+            self._settle_body()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -676,7 +703,6 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _method_not_allowed(self, request_id):
         path = self._route()
-        self._discard_body()
         if self.WEBHOOK_PATHS.fullmatch(path) or path == "/-/reload":
             raise BadRequest(405, f"{self.command} not allowed on {path}: use POST")
         raise BadRequest(404, f"no such endpoint: {path[:100]}")
@@ -690,12 +716,13 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             return self._reply(200 if ok else 500, {"status": "reloaded"} if ok else {"error": message})
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
-            self._discard_body()
             raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
         self._authorize()
+        if "Content-Length" not in self.headers:
+            self.close_connection = True  # a body may follow that we cannot delimit
+            raise BadRequest(411, "Content-Length required")
         content_type = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
         if content_type not in ("application/json", "text/json", ""):
-            self._discard_body()
             raise BadRequest(415, f"Content-Type must be application/json, not {content_type[:60]!r}")
         body = self._read_body()
         path_receiver = urllib.parse.unquote(match.group("receiver")) if match.group("receiver") else None
@@ -703,23 +730,32 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         status, reply = self.daemon.accept(webhook, request_id)
         self._reply(status, reply)
 
-    def _content_length(self):
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or length is None or not length.strip().isdigit():
-            self.close_connection = True  # where this request ends is unknown: no keep-alive
-            if self.headers.get("Transfer-Encoding"):
-                raise BadRequest(411, "chunked bodies are not accepted: send Content-Length")
-            if length is None:
-                raise BadRequest(411, "Content-Length required")
+    def _framing(self):
+        """Bytes of body that follow the headers. Framing we cannot be sure of is refused and
+        the connection closed after the answer: a body we cannot delimit must never be read as
+        the next request (a proxy in front may have framed it differently)."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get_all("Transfer-Encoding"):
+            self.close_connection = True
+            if lengths:
+                raise BadRequest(400, "both Transfer-Encoding and Content-Length: ambiguous framing")
+            raise BadRequest(411, "chunked bodies are not accepted: send Content-Length")
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise BadRequest(400, "Content-Length repeated: ambiguous framing")
+        if not lengths:
+            return 0    # RFC 9112 6.3: a request with neither header has no body
+        if not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+            self.close_connection = True
             raise BadRequest(400, "Content-Length is not a number")
-        return int(length)
+        return int(lengths[0])
 
     def _read_body(self):
-        length = self._content_length()
-        if length > self.daemon.config.max_body_bytes:
+        length, limit = self.body_left, self.daemon.config.max_body_bytes
+        if length > limit:
             self.close_connection = True  # the unread body must not be parsed as the next request
-            raise BadRequest(413, f"body of {length} bytes exceeds max_body_bytes "
-                                  f"({self.daemon.config.max_body_bytes})")
+            raise BadRequest(413, f"body of {length} bytes exceeds max_body_bytes ({limit})")
+        self.body_left = 0
         chunks, remaining = [], length
         while remaining:
             try:
@@ -735,14 +771,17 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             remaining -= len(chunk)
         return b"".join(chunks)
 
-    def _discard_body(self):
-        """Drain a small body so keep-alive stays in sync; close the connection otherwise."""
-        length = self.headers.get("Content-Length", "0").strip()
-        if length.isdigit() and int(length) <= 65536 and not self.headers.get("Transfer-Encoding"):
-            with contextlib.suppress(OSError):
-                self.rfile.read(int(length))
-        else:
+    def _settle_body(self):
+        """Before any answer: drain a small unread body so keep-alive stays in step; for a
+        larger one, close the connection instead of reading it."""
+        if self.body_left > 65536:
             self.close_connection = True
+        elif self.body_left:
+            try:
+                self._read_body()
+            except (BadRequest, OSError):
+                self.close_connection = True
+        self.body_left = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,6 +980,9 @@ S_PURGE_ALERTS = ("DELETE FROM alerts WHERE id IN (SELECT id FROM (SELECT id FRO
                   "WHERE starts_at < %s AND last_received_at < %s ORDER BY id LIMIT %s) AS old)")
 S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM (SELECT id FROM notifications "
                          "WHERE sent_at < %s ORDER BY id LIMIT %s) AS old)")
+
+
+MIN_SQLITE = (3, 24, 0)   # INSERT ... ON CONFLICT DO UPDATE; Debian 11 and RHEL 9 ship 3.34, RHEL 8 3.26
 
 
 def sql_for(dialect, sql):
@@ -1521,12 +1563,13 @@ def alert_fields(alert, tz):
     )
 
 
-def title_fields(alerts, receiver_name, part=None):
+def title_fields(alerts, part=None):
     firing = sum(a["status"] == "firing" for a in alerts)
     resolved = len(alerts) - firing
     state = " ".join(s for s in (f"FIRING:{firing}" if firing else "", f"RESOLVED:{resolved}" if resolved else "") if s)
     names = list(dict.fromkeys(a["labels"].get("alertname", "") for a in alerts))
-    return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts), receiver=receiver_name,
+    receivers = ", ".join(dict.fromkeys(a["receiver"] for a in alerts))  # Alertmanager's, as in {receiver}
+    return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts), receiver=receivers,
                  alertnames=", ".join(names[:5]) + (f" +{len(names) - 5}" if len(names) > 5 else ""),
                  part=f"({part[0]}/{part[1]})" if part else "")
 
@@ -1589,7 +1632,7 @@ class Renderer:
     def body(self, receiver, robot, message_body, digest=False):
         alerts = message_body["alerts"]
         title = render_template(receiver.title_template,
-                                title_fields(alerts, receiver.name, message_body.get("part"))).strip()
+                                title_fields(alerts, message_body.get("part"))).strip()
         if message_body.get("part"):
             title += " ({}/{})".format(*message_body["part"])
         sections = []
@@ -2403,6 +2446,11 @@ def send_test(config, receiver_name):
              "generator_url": "", "external_url": "", "receiver": receiver.name}
     renderer, failures = Renderer(config), 0
     for robot in receiver.robots:
+        if robot.placeholder:
+            failures += 1
+            print(f"{robot.name}: not called: its url still has the placeholder token {PLACEHOLDER_TOKEN}; "
+                  f"put the robot's access_token into [robot:{robot.name}] url")
+            continue
         body = renderer.body(receiver, robot, {"alerts": [alert]})
         result = post_to_dingtalk(robot, renderer.encode(body), config.send_timeout)
         failures += not result.ok
@@ -2435,6 +2483,10 @@ def main(argv=None):
     action.add_argument("--store-process", type=int, metavar="FD", help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal uses "
+              f"upserts); this Python uses SQLite {sqlite3.sqlite_version}", file=sys.stderr)
+        return 2
     if args.store_process is not None:
         return serve_store(args.store_process)
     try:

@@ -206,3 +206,35 @@ def settle(daemon, timeout=20):
     """Wait until every pending message is sent and every event recorded."""
     assert daemon.notifier.wait_idle(timeout), "messages still pending"
     assert daemon.recorder.wait_idle(timeout), "events still unrecorded"
+
+
+SUPPORTED_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
+OLD_PYTHONS = ("3.6", "3.7", "3.8")
+
+
+def find_python(version):
+    """The interpreter for version "3.X": pyenv's newest 3.X.*, else python3.X on PATH, else None."""
+    import shutil
+    import subprocess
+    try:
+        installed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True,
+                                   timeout=30).stdout.split()
+    except OSError:
+        installed = []
+    matches = sorted((v for v in installed if v.startswith(version + ".") and v[len(version) + 1:].isdigit()),
+                     key=lambda v: int(v.rsplit(".", 1)[1]))
+    if matches:
+        prefix = subprocess.run(["pyenv", "prefix", matches[-1]], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        return os.path.join(prefix, "bin", "python" + version)
+    return shutil.which("python" + version)
+
+
+def require_python(version):
+    """The interpreter for version; skip outside CI when this machine lacks it, fail in CI."""
+    python = find_python(version)
+    if python is None:
+        if IN_CI:
+            pytest.fail(f"Python {version} is required in CI (pyenv install {version})")
+        pytest.skip(f"Python {version} not installed")
+    return python

@@ -2,9 +2,11 @@
 
 import json
 import socket
+from datetime import datetime, timezone
 
 import pytest
 
+import alertbridge
 from conftest import DELETE, history, load_fixture, make_alert, make_payload, post, set_at, settle
 
 GOOD = load_fixture("am025-dev-firing.json")
@@ -146,3 +148,44 @@ def test_journal_failure_answers_503_so_alertmanager_retries(make_daemon, sqlite
     assert status == 503 and "retry" in reply["error"]
     daemon.journal._writer.execute("PRAGMA query_only = 0")     # and takes them again
     assert post(daemon, GOOD)[0] == 200
+
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-24T21:47:13.776597105Z", (2026, 11, 24, 21, 47, 13, 776597)),   # nanoseconds: cut, not rounded
+    ("2026-11-24T21:47:13.999999999Z", (2026, 11, 24, 21, 47, 13, 999999)),
+    ("2026-11-24T21:47:13.7Z", (2026, 11, 24, 21, 47, 13, 700000)),
+    ("2026-11-24T21:47:13.123456Z", (2026, 11, 24, 21, 47, 13, 123456)),
+    ("2026-11-24T21:47:13Z", (2026, 11, 24, 21, 47, 13, 0)),
+    ("2026-11-24t21:47:13z", (2026, 11, 24, 21, 47, 13, 0)),
+    ("2026-11-24 21:47:13Z", (2026, 11, 24, 21, 47, 13, 0)),
+    ("2026-11-25T05:47:13.5+08:00", (2026, 11, 24, 21, 47, 13, 500000)),
+    ("2026-11-24T16:17:13-05:30", (2026, 11, 24, 21, 47, 13, 0)),
+    ("2026-11-24T21:47:13-00:00", (2026, 11, 24, 21, 47, 13, 0)),
+    ("2027-01-01T07:59:59.000000001+08:00", (2026, 12, 31, 23, 59, 59, 0)),   # offset crosses the year
+    ("2024-02-29T00:00:00Z", (2024, 2, 29, 0, 0, 0, 0)),
+    ("0001-01-01T00:00:00Z", None),                                            # Go's zero time
+])
+def test_rfc3339_times_parse_the_same_on_every_python(text, expected):
+    parsed = alertbridge.parse_time(text, "t")
+    assert parsed == (datetime(*expected, tzinfo=UTC) if expected else None)
+
+
+@pytest.mark.parametrize("text", ["2026-11-24T21:47:13", "2026-11-24T21:47:13.Z", "2026-11-24T21:47:13.1234567890Z",
+                                  "2026-11-24T21:47:13+0800", "2026-11-24T21:47:13+08", "2026-11-24T21:47:13+24:00",
+                                  "2026-11-24T21:47:13+08:60", "2025-02-29T00:00:00Z", "2026-11-24T24:00:00Z",
+                                  "2026-11-24T23:59:60Z", "２０２６-11-24T21:47:13Z", "1969-12-31T23:59:59Z",
+                                  "9999-12-31T23:59:59Z"])
+def test_times_that_are_not_rfc3339_or_out_of_range_are_refused(text):
+    with pytest.raises(alertbridge.BadRequest) as error:
+        alertbridge.parse_time(text, "alerts[0].startsAt")
+    assert error.value.status == 400 and error.value.reason.startswith("alerts[0].startsAt: ")
+
+
+def test_reload_takes_a_post_without_a_body(make_daemon, sqlite_db):
+    """What `curl -XPOST http://127.0.0.1:9097/-/reload` sends: no Content-Length at all."""
+    daemon = make_daemon(sqlite_db)
+    status, body = raw_request(daemon, b"POST /-/reload HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and json.loads(body) == {"status": "reloaded"}

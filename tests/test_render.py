@@ -75,13 +75,15 @@ def test_keyword_robot_gets_its_keyword():
 def test_custom_templates_from_config(tmp_path):
     path = tmp_path / "c.ini"
     path.write_text("[receiver:ops]\nrobots = r\ntitle = {receiver}: {count} ({firing} firing)\n"
-                    "alert = {alertname}@{instance} team={labels[team]}\n"
+                    "alert = {alertname}@{instance} team={labels[team]} via {receiver}\n"
                     "[robot:r]\nurl = http://127.0.0.1:1/robot/send?access_token=t\n", encoding="utf-8")
     config = alertbridge.load_config(str(path))
     receiver = config.receivers["ops"]
     body = Renderer(config).body(receiver, receiver.robots[0], {"alerts": alerts_of("am025-dev-firing.json")})
-    assert body["markdown"]["title"] == "ops: 1 (1 firing)"
-    assert "TargetDown@p:9090 team=\n" in body["markdown"]["text"] + "\n"
+    # {receiver} is Alertmanager's receiver ("dev" in the payload) in the title and the block
+    # alike, also when another section (here "ops") serves it
+    assert body["markdown"]["title"] == "dev: 1 (1 firing)"
+    assert "TargetDown@p:9090 team= via dev\n" in body["markdown"]["text"] + "\n"
 
 
 def test_digest_groups_by_alertname_and_split_fits_the_limit():
@@ -108,3 +110,14 @@ def test_single_oversized_alert_is_cut_with_a_visible_mark():
     encoded = json.dumps(body, ensure_ascii=False).encode()
     assert len(encoded) <= 5000
     assert alertbridge.TRUNCATED_MARK in body["markdown"]["text"] and body["markdown"]["text"].endswith("告警")
+
+
+def test_timezone_works_without_a_time_zone_database(tmp_path):
+    """A minimal container has no tzdata: China's zone (the default) still loads, as +08:00."""
+    import subprocess
+    import sys
+    script = "import alertbridge; tz = alertbridge._load_timezone('Asia/Shanghai'); print(tz.utcoffset(None))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=alertbridge.__file__.rsplit("/", 1)[0],
+                            env={"PYTHONTZPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.strip() == "8:00:00", result.stderr

@@ -24,14 +24,14 @@ SCRIPT = str(ROOT / "alertbridge.py")
 class Process:
     """alertbridge as a child process, as systemd would run it."""
 
-    def __init__(self, tmp_path, fake, database, env=None, args=(), **options):
+    def __init__(self, tmp_path, fake, database, env=None, args=(), python=sys.executable, **options):
         self.port = free_port()
         self.config = tmp_path / "config.ini"
         self.fake, self.database, self.options = fake, database, options
         self.write_config()
         self.log = tmp_path / "daemon.log"
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, SCRIPT, "-c", str(self.config), *args],
+        self.proc = subprocess.Popen([python, SCRIPT, "-c", str(self.config), *args],
                                      stderr=open(self.log, "ab"), stdout=subprocess.DEVNULL,
                                      env={**os.environ, **(env or {})})
 
@@ -274,6 +274,13 @@ def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     assert all("AlertbridgeTest" in m.text for m in fake.delivered())
     assert cli("--send-test", "dev", config=path).returncode == 0
     assert cli("--send-test", "nobody", config=path).returncode == 2
+
+
+def test_cli_send_test_does_not_call_a_placeholder_robot():
+    result = cli("--send-test", "default", config=ROOT / "config.ini")
+    assert result.returncode == 1
+    assert "not called: its url still has the placeholder token CHANGE_ME" in result.stdout
+    assert "network" not in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_init_db_version_and_log_level(tmp_path, fake, database):

@@ -27,7 +27,13 @@ if sys.version_info < SUPPORTED_PYTHON:  # before any import or syntax a newer P
                      % (sys.version_info[:3] + (sys.executable,)))
     sys.exit(2)
 
-import argparse  # noqa: E402 (after the version check, on purpose)
+import signal  # noqa: E402 (after the version check, on purpose)
+
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+if __name__ == "__main__":  # before anything slow: see run() for why, and main() for the commands
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+
+import argparse  # noqa: E402
 import base64
 import configparser
 import contextlib
@@ -42,7 +48,6 @@ import multiprocessing.connection
 import os
 import random
 import re
-import signal
 import socket
 import sqlite3
 import string
@@ -56,8 +61,23 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 log = logging.getLogger("alertbridge")
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class _EscapeControlCharacters(logging.Filter):
+    """Requests put their own text in the log (receiver names, group keys, reasons): a newline
+    in it must not start a forged log line. Control characters in every message become escapes."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        if _CONTROL_CHARACTERS.search(message):
+            record.msg, record.args = _CONTROL_CHARACTERS.sub(lambda m: ascii(m.group())[1:-1], message), None
+        return True
+
+
+log.addFilter(_EscapeControlCharacters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +119,11 @@ class Robot:
     def placeholder(self):
         return self.token == PLACEHOLDER_TOKEN
 
+    @functools.cached_property
+    def key(self):
+        """The robot as DingTalk knows it, its token, hashed: budgets and throttles belong to it."""
+        return hashlib.sha256(self.token.encode()).hexdigest()[:16]
+
     def redact(self, text):
         """`text` with this robot's token and secret masked."""
         for secret in (self.token, self.secret):
@@ -137,7 +162,8 @@ class Auth:
         scheme, _, value = (authorization or "").partition(" ")
         value = value.strip()
         if scheme.lower() == "bearer" and self.bearer_token:
-            return hmac.compare_digest(value.encode(), self.bearer_token.encode())
+            # http.server decodes headers as Latin-1; Alertmanager sends the token's UTF-8 bytes
+            return hmac.compare_digest(value.encode("latin-1"), self.bearer_token.encode())
         if scheme.lower() == "basic" and self.username:
             try:
                 given = base64.b64decode(value, validate=True)
@@ -261,7 +287,9 @@ def load_config(path):
     try:
         with open(path, encoding="utf-8") as fh:
             parser.read_file(fh)
-    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: {_syntax_error(exc)}")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}")
     base = os.path.dirname(os.path.abspath(path))
 
@@ -345,14 +373,40 @@ def load_config(path):
     )
 
 
+def _syntax_error(exc):
+    """configparser's complaint, by line number: its own text quotes the line, which may hold a
+    secret, and ends up in logs and in the answer to POST /-/reload."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"line {exc.lineno}: a setting before any [section] header"
+    if isinstance(exc, configparser.ParsingError):
+        lines = ", ".join(str(number) for number, _ in exc.errors)
+        return f"line {lines}: neither 'key = value', a [section] header nor a comment"
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"line {exc.lineno}: [{exc.section}] {exc.option} is set twice"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"line {exc.lineno}: section [{exc.section}] appears twice"
+    return type(exc).__name__
+
+
 def _load_robot(section, name):
-    url = section.get("url")
+    # Errors name the key, never quote the value: the URL holds the token.
+    url, where = section.get("url"), f"[{section.name}] url"
+    if re.search(r"\s", url):
+        raise ConfigError(f"{where}: contains a space (a comment after the value? configparser keeps it "
+                          f"as part of the value: put comments on a line of their own)")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"[{section.name}] url: must be the robot's webhook URL (https://...)")
-    robot = Robot(name=name, url=url, secret=section.get("secret"), keyword=section.get("keyword"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: must be the robot's webhook URL (https://...)")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: the port is not a number from 0 to 65535")
+    secret = section.get("secret")
+    if re.search(r"\s", secret):
+        raise ConfigError(f"[{section.name}] secret: contains a space (a comment after the value?)")
+    robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"))
     if not robot.token:
-        raise ConfigError(f"[{section.name}] url: has no access_token parameter")
+        raise ConfigError(f"{where}: has no access_token parameter")
     return robot
 
 
@@ -522,7 +576,11 @@ def parse_webhook(body, path_receiver=None, now=None):
         raise BadRequest(400, f"version: expected \"4\", got {str(payload.get('version'))[:20]!r}")
     if payload.get("status") not in ("firing", "resolved"):
         raise BadRequest(400, "status: must be 'firing' or 'resolved'")
-    receiver = path_receiver or _string(payload, "receiver", "", required=True)
+    # Surrounding spaces are dropped: MySQL compares strings ignoring trailing spaces, and both
+    # history stores must keep receivers apart (or together) alike.
+    receiver = (path_receiver or _string(payload, "receiver", "", required=True)).strip()
+    if not receiver:
+        raise BadRequest(400, "receiver: required, must be a non-empty string")
     alerts = payload.get("alerts")
     if not isinstance(alerts, list):
         raise BadRequest(400, "alerts: required, must be a list")
@@ -814,13 +872,15 @@ CREATE TABLE IF NOT EXISTS messages (
     done_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, receiver, id);
-CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
+DROP INDEX IF EXISTS messages_due;
+CREATE INDEX IF NOT EXISTS messages_receiver_due ON messages (state, receiver, next_attempt_at);
 CREATE INDEX IF NOT EXISTS messages_age ON messages (state, created_at);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     robot TEXT NOT NULL,
     at REAL NOT NULL,
-    errcode INTEGER
+    errcode INTEGER,
+    robot_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
 """
@@ -843,7 +903,8 @@ J_MESSAGE_RECEIVERS = ("WITH RECURSIVE r (name) AS ("
 J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
                   "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id LIMIT %s")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
-J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending'"
+J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending' AND receiver = %s"
+J_MESSAGES_WAITING = "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND receiver = %s"
 J_MESSAGE_FINISH = "UPDATE messages SET state = %s, done_at = %s, last_error = %s WHERE id = %s"
 J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s "
                    "WHERE id = %s")
@@ -851,9 +912,13 @@ J_MESSAGES_EXPIRE = ("SELECT id, receiver, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
-J_SEND_BEGIN = "INSERT INTO sends (robot, at) VALUES (%s, %s)"
+J_SEND_BEGIN = "INSERT INTO sends (robot, robot_key, at) VALUES (%s, %s, %s)"
 J_SEND_END = "UPDATE sends SET at = %s, errcode = %s WHERE id = %s"
-J_SENDS_SINCE = "SELECT robot, at, errcode FROM sends WHERE at > %s ORDER BY at"
+J_SEND_ADD = "INSERT INTO sends (robot, robot_key, at, errcode) VALUES (%s, %s, %s, %s)"
+J_SENDS_SINCE = "SELECT robot, robot_key, at, errcode FROM sends WHERE at > %s ORDER BY at"
+J_SENDS_COLUMNS = "SELECT name FROM pragma_table_info('sends')"
+J_SENDS_ADD_KEY = "ALTER TABLE sends ADD COLUMN robot_key TEXT NOT NULL DEFAULT ''"  # journals before 0.4
+J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
 J_PURGE_MESSAGES = "DELETE FROM messages WHERE state IN ('sent', 'merged', 'split') AND done_at < %s"
 J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
@@ -862,8 +927,8 @@ J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
 MYSQL_SCHEMA = """\
 CREATE TABLE IF NOT EXISTS alerts (
   id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
-  receiver VARCHAR(128) NOT NULL,
-  fingerprint VARCHAR(64) NOT NULL,
+  receiver VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+  fingerprint VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
   starts_at DATETIME(3) NOT NULL,
   ends_at DATETIME(3) NULL,
   status VARCHAR(16) NOT NULL,
@@ -975,6 +1040,14 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
 S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
 S_PING = "SELECT 1"
+# An alert's key columns compare byte for byte, as in SQLite: the default collation would merge
+# receivers differing by case or emoji into one history row. Tables made before 0.4 are altered.
+S_MYSQL_KEYS_NOT_BINARY = ("SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+                           "AND TABLE_NAME = 'alerts' AND COLUMN_NAME IN ('receiver', 'fingerprint') "
+                           "AND COLLATION_NAME <> 'utf8mb4_bin'")
+S_MYSQL_KEYS_BINARY = ("ALTER TABLE alerts "
+                       "MODIFY receiver VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, "
+                       "MODIFY fingerprint VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL")
 # Retention: one small batch per statement. The derived table lets MySQL take LIMIT in a subquery.
 S_PURGE_ALERTS = ("DELETE FROM alerts WHERE id IN (SELECT id FROM (SELECT id FROM alerts "
                   "WHERE starts_at < %s AND last_received_at < %s ORDER BY id LIMIT %s) AS old)")
@@ -995,25 +1068,63 @@ def schema_statements(dialect):
     return [s.strip() for s in text.split(";") if s.strip()]
 
 
+class Signal:
+    """Wakes whoever listens when a writer has news, as queue.Queue.put notifies its consumers:
+    writers never reach into the workers that read."""
+
+    def __init__(self):
+        self._listeners = []
+
+    def listen(self, callback):
+        self._listeners.append(callback)
+
+    def notify(self, *args):
+        for callback in self._listeners:
+            callback(*args)
+
+
+class JournalDamaged(Exception):
+    """The journal file cannot be opened as a journal; the message says how to go on."""
+
+
 class Journal:
     """The local durable queue (SQLite, WAL). Writes go through one connection under one lock,
     so SQLite never has to busy-wait, which keeps the webhook ack fast; every reading thread
-    gets its own connection."""
+    gets its own connection. `new_messages` (with the receiver section) and `new_events` tell
+    the workers when there is something for them. `failed_at` is when a write last failed, until
+    one succeeds again."""
 
     def __init__(self, path, sync="FULL"):
         self.path = path
         self.sync = sync
+        self.new_messages = Signal()
+        self.new_events = Signal()
+        self.failed_at = None       # time.monotonic() of the last failed write, while failing
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue = []            # webhooks waiting for the next group commit
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._writer = self._connect()
-        with self._write_lock:
-            self._writer.executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
-        with self._writing() as db:
-            db.execute(sql_for("sqlite", J_META_PUT), ("journal_id", uuid.uuid4().hex))
-        self.journal_id = self._read_one(J_META_GET, ("journal_id",))[0]
+        if os.path.exists(path) and os.path.getsize(path) == 0:  # we never leave one this way
+            raise self._damaged("it is empty (0 bytes): it was truncated")
+        try:
+            self._writer = self._connect()
+            with self._write_lock:
+                self._writer.executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
+            with self._writing() as db:
+                if "robot_key" not in {row[0] for row in self._run(db, J_SENDS_COLUMNS)}:
+                    self._run(db, J_SENDS_ADD_KEY)
+                self._run(db, J_META_PUT, ("journal_id", uuid.uuid4().hex))
+            self.journal_id = self._read_one(J_META_GET, ("journal_id",))[0]
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise self._damaged(f"SQLite says: {exc}") from exc
+
+    def _damaged(self, why):
+        return JournalDamaged(f"journal {self.path} cannot be used, {why}. Move it aside "
+                              f"(mv {self.path} {self.path}.damaged) and start again: a new journal is "
+                              f"made; messages not yet sent and alerts not yet recorded stay in the old file")
 
     def _connect(self):
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -1029,16 +1140,25 @@ class Journal:
         return db
 
     @contextlib.contextmanager
-    def _writing(self):
+    def _writing(self, probe=False):
         with self._write_lock:
             db = self._writer
-            db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                self.failed_at = time.monotonic()
+                with contextlib.suppress(sqlite3.Error):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            if not probe:
+                self.failed_at = None
 
     def _run(self, db, sql, params=()):
         return db.execute(sql_for("sqlite", sql), params)
@@ -1072,13 +1192,17 @@ class Journal:
                     batch, self._queue = self._queue, []
                 try:
                     self._commit(batch)
+                    self.failed_at = None
                 except sqlite3.Error as exc:
+                    self.failed_at = time.monotonic()
                     for item in batch:
                         item.error = exc
                 for item in batch:
                     item.done = True
         if pending.error:
             raise pending.error
+        self.new_events.notify()
+        self.new_messages.notify(receiver.name)
 
     def _commit(self, batch):
         db = self._writer
@@ -1090,10 +1214,12 @@ class Journal:
         try:  # few calls into SQLite: the lock holder gives up the GIL, and waits for it, less often
             for sql, rows in by_statement.items():
                 db.executemany(sql_for("sqlite", sql), rows)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     # recorder
     def unrecorded(self, limit=500, max_bytes=8 << 20):
@@ -1129,8 +1255,11 @@ class Journal:
     def message_body(self, message_id):
         return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
 
-    def next_due_at(self):
-        return self._read_one(J_MESSAGE_NEXT_DUE)[0]
+    def next_due_at(self, receiver):
+        return self._read_one(J_MESSAGE_NEXT_DUE, (receiver,))[0]
+
+    def pending_count(self, receiver):
+        return self._read_one(J_MESSAGES_WAITING, (receiver,))[0]
 
     def replace(self, old, new_bodies, state):
         """Swap messages for new ones in one transaction: merged into a digest, or split.
@@ -1154,21 +1283,26 @@ class Journal:
         with self._writing() as db:
             self._run(db, J_MESSAGE_RETRY, (at, error[:500], message_id))
 
-    def begin_send(self, robot_name, latest_arrival):
+    def begin_send(self, robot_name, robot_key, latest_arrival):
         """Write ahead that a request to DingTalk is about to go out. If we crash before its
         answer, the restarted daemon still counts it against the robot's budget, dated as late
         as DingTalk could have received it."""
         with self._writing() as db:
-            return self._run(db, J_SEND_BEGIN, (robot_name, latest_arrival)).lastrowid
+            return self._run(db, J_SEND_BEGIN, (robot_name, robot_key, latest_arrival)).lastrowid
 
-    def end_send(self, send_id, at, errcode, event, delivered=None):
-        """Date the request by its answer, add an event for the recorder and, if the request
-        delivered a message, mark it sent: one transaction, so a crash cannot resend it."""
+    def end_send(self, send_id, robot_name, robot_key, at, errcode, event, delivered=None):
+        """Date the request by its answer (send_id None: it had no write-ahead record), add an
+        event for the recorder and, if the request delivered a message, mark it sent: one
+        transaction, so a crash cannot resend it."""
         with self._writing() as db:
-            self._run(db, J_SEND_END, (at, errcode, send_id))
+            if send_id is None:
+                self._run(db, J_SEND_ADD, (robot_name, robot_key, at, errcode))
+            else:
+                self._run(db, J_SEND_END, (at, errcode, send_id))
             self._run(db, J_EVENT_ADD, ("send", json.dumps(event, ensure_ascii=False), at))
             if delivered is not None:
                 self._run(db, J_MESSAGE_FINISH, ("sent", at, "", delivered))
+        self.new_events.notify()
 
     def recent_sends(self, since):
         return self._read(J_SENDS_SINCE, (since,))
@@ -1195,12 +1329,16 @@ class Journal:
     def message_states(self):
         return dict(self._read(J_MESSAGES_STATES))
 
-    def writable(self):
+    def writable(self, quiet=30.0):
+        """Whether the journal takes writes: a small real write succeeds, and no other write
+        failed in the last `quiet` seconds (a probe can fit where a webhook does not)."""
         try:
-            with self._writing():
-                return True
+            with self._writing(probe=True) as db:
+                self._run(db, J_PROBE, (str(time.time()),))
         except sqlite3.Error:
             return False
+        failed = self.failed_at
+        return failed is None or time.monotonic() - failed > quiet
 
 
 @dataclass
@@ -1229,6 +1367,17 @@ class Message:
     @property
     def alerts(self):
         return self.body["alerts"]
+
+
+TEXT_BYTES = 65535     # a MySQL TEXT column; labels and annotations whole in their JSON columns
+
+
+def fit_text(text, limit=TEXT_BYTES):
+    """`text` cut to `limit` UTF-8 bytes at a character boundary: a MySQL TEXT column refuses
+    more, and with it the whole webhook's row batch. Both stores keep the same cut."""
+    if text is None or len(text) * 4 <= limit:
+        return text
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 class StoreUnavailable(Exception):
@@ -1263,12 +1412,17 @@ class Store:
         self._db = db
         self.ensure_schema()
 
-    def _unavailable_errors(self):
-        errors = (OSError, sqlite3.OperationalError)
+    def _unavailable(self, exc):
+        """Whether `exc` means "not now" rather than "never": the database is unreachable, or
+        a table is gone (dropped, a restore under way), which reconnecting creates again."""
+        if isinstance(exc, (OSError, sqlite3.OperationalError)):  # SQLite's "no such table" too
+            return True
         if self.dialect == "mysql":
             import pymysql
-            errors += (pymysql.err.OperationalError, pymysql.err.InterfaceError)
-        return errors
+            if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+                return True
+            return isinstance(exc, pymysql.err.ProgrammingError) and exc.args[:1] == (1146,)  # no such table
+        return False
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1286,7 +1440,9 @@ class Store:
                 raise
             finally:
                 cursor.close()
-        except self._unavailable_errors() as exc:
+        except Exception as exc:
+            if not self._unavailable(exc):
+                raise
             self.close()
             raise StoreUnavailable(f"{self.describe()}: {exc}") from exc
 
@@ -1297,6 +1453,12 @@ class Store:
         cursor = self._db.cursor()
         for statement in schema_statements(self.dialect):
             cursor.execute(statement)
+        if self.dialect == "mysql":
+            cursor.execute(S_MYSQL_KEYS_NOT_BINARY)
+            if cursor.fetchone()[0]:
+                log.warning("history: making alerts.receiver and alerts.fingerprint compare byte for byte "
+                            "(ALTER TABLE, once; it rebuilds the table)")
+                cursor.execute(S_MYSQL_KEYS_BINARY)
         self._db.commit()
         cursor.close()
 
@@ -1356,15 +1518,15 @@ class Store:
             rows.append((a["receiver"], a["fingerprint"], a["starts_at"], a["ends_at"], a["status"],
                          labels.get("alertname", "")[:255], labels.get("instance", "")[:255],
                          labels.get("severity", "")[:64], labels.get("job", "")[:255],
-                         annotations.get("summary"), annotations.get("description"),
+                         fit_text(annotations.get("summary")), fit_text(annotations.get("description")),
                          json.dumps(labels, ensure_ascii=False), json.dumps(annotations, ensure_ascii=False),
-                         a["generator_url"], received, received))
+                         fit_text(a["generator_url"]), received, received))
         return rows
 
     @staticmethod
     def _send_row(event):
         return (event["sent_at"], event["receiver"], event["robot"], event["request_id"][:255],
-                event["message_id"], len(event["alerts"]), ",".join(a[1] for a in event["alerts"]),
+                event["message_id"], len(event["alerts"]), fit_text(",".join(a[1] for a in event["alerts"])),
                 event["errcode"], event["errmsg"][:512], event["latency_ms"])
 
 
@@ -1382,6 +1544,7 @@ class StoreProcess:
         self.settings = settings
         self._lock = threading.Lock()   # one call at a time on the pipe
         self._child = self._pipe = None
+        self._closed = False
 
     def describe(self):
         return Store(self.settings).describe()
@@ -1397,6 +1560,8 @@ class StoreProcess:
 
     def _call(self, method, *args):
         with self._lock:
+            if self._closed:
+                raise StoreUnavailable(f"{self.describe()}: closed")
             try:
                 if self._child is None:
                     self._start()
@@ -1422,27 +1587,41 @@ class StoreProcess:
         self._pipe = multiprocessing.connection.Connection(ours.detach())
         self._pipe.send(self.settings)
 
-    def _end(self):
+    def _end(self, grace=5.0):
         if self._pipe is not None:
             self._pipe.close()      # the child reads end-of-file and exits
         if self._child is not None:
             try:
-                self._child.wait(5)
+                self._child.wait(grace)
             except subprocess.TimeoutExpired:
                 self._child.kill()
                 self._child.wait()
         self._child = self._pipe = None
 
-    def close(self):
-        with self._lock:
-            self._end()
+    def close(self, timeout=5.0):
+        """End the child within about `timeout` seconds. A call still running then (MySQL waiting
+        on a lock, say) is cut short by killing the child: its transaction is not committed,
+        and the journal keeps the events for the next start."""
+        deadline = time.monotonic() + timeout
+        self._closed = True
+        if not self._lock.acquire(timeout=timeout):
+            child = self._child
+            if child is not None:
+                with contextlib.suppress(OSError):
+                    child.kill()        # the call in progress reads end-of-file and gives up
+            self._lock.acquire()
+        try:
+            self._end(max(0.1, deadline - time.monotonic()))
+        finally:
+            self._lock.release()
 
 
 def serve_store(fd):
     """The store process: answer Store calls from the daemon until it closes the pipe. Signals
     are the daemon's to handle (systemd sends SIGTERM to the whole unit): it closes us last."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in DAEMON_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)  # blocked by the daemon we came from
     pipe = multiprocessing.connection.Connection(fd)
     store = None
     try:
@@ -1704,23 +1883,48 @@ class Renderer:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Delivery: robots, budgets and the notifier
+# 5. Delivery: DingTalk's answers, the robot pool, and one sender per receiver
 # ---------------------------------------------------------------------------------------------
 
-THROTTLED = {410100, 130101}                # sending too fast: the robot is muted for a while
-MISCONFIGURED = {310000, 300001, 400101, 400102}   # keyword/signature/IP, no such token, disabled
-TOO_LONG = {460101, 101002}
+THROTTLE_CODES = frozenset({410100, 130101})                # too fast: the robot is muted a while
+CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, no token, disabled
+TOO_LONG_CODES = frozenset({460101, 101002})
+
+SENT, THROTTLED, MISCONFIGURED, TOO_LONG, FAILED = "sent", "throttled", "misconfigured", "too long", "failed"
 
 
 @dataclass
 class SendResult:
-    errcode: object          # DingTalk's errcode; None when no DingTalk answer was read
+    """DingTalk's answer to one request. errcode None: no answer was read (network or HTTP
+    error, timeout, or a reply that is not DingTalk's JSON object)."""
+    errcode: object
     errmsg: str
-    latency: float
+    latency: float = 0.0
+
+    @property
+    def outcome(self):
+        """What the answer means, decided here and nowhere else: SENT; THROTTLED (rest the robot,
+        try the next); MISCONFIGURED (out of rotation until a reload, try the next); TOO_LONG
+        (split the message); FAILED (try the next robot, then retry later)."""
+        if self.errcode == 0:
+            return SENT
+        if self.errcode in THROTTLE_CODES:
+            return THROTTLED
+        if self.errcode in CONFIG_CODES:
+            return MISCONFIGURED
+        if self.errcode in TOO_LONG_CODES:
+            return TOO_LONG
+        return FAILED
 
     @property
     def ok(self):
         return self.errcode == 0
+
+
+def retry_delay(attempts, base, longest, jitter=random.uniform):
+    """Seconds to wait after `attempts` failed rounds: doubling from `base` up to `longest`, with
+    jitter so that waiting messages do not all retry at once. Bounded for any `attempts`."""
+    return min(longest, base * 2.0 ** min(attempts, 64)) * jitter(0.5, 1.0)
 
 
 def signed_url(robot, now_ms=None):
@@ -1733,233 +1937,415 @@ def signed_url(robot, now_ms=None):
     return f"{robot.url}&timestamp={timestamp}&sign={sign}"
 
 
+class Deadline:
+    """Ends an HTTP exchange `seconds` after it began, however slowly the peer answers. Socket
+    timeouts bound each read, not the whole exchange, so a timer shuts the socket down."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.passed = False
+        self._sockets = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+    def watch(self, sock):
+        with self._lock:
+            self._sockets.append(sock)
+            if self.passed:
+                self._shut(sock)
+
+    def _cut(self):
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        # The plain socket call, under TLS too. Safe on a closed socket: its fd is then -1.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _DeadlineHandler:
+    """urllib's HTTP(S) handler, handing each connection's socket to its request's Deadline."""
+
+    def do_open(self, http_class, req, **options):
+        def connection(host, **settings):
+            conn = http_class(host, **settings)
+            connect = conn.connect
+
+            def connect_and_watch():   # after TLS, so the socket watched is the one read
+                connect()
+                req.deadline.watch(conn.sock)
+            conn.connect = connect_and_watch
+            return conn
+        return super().do_open(connection, req, **options)
+
+
+class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
+_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+
+
 def post_to_dingtalk(robot, payload, timeout):
-    """POST one message. Never raises; the errmsg never holds the token or the secret."""
+    """POST one message; the exchange takes `timeout` seconds at most, in all. Never raises: any
+    failure of the exchange is a result without errcode ("no answer"), and its errmsg never
+    holds the token or the secret."""
     started = time.monotonic()
     request = urllib.request.Request(signed_url(robot), data=payload, method="POST",
                                      headers={"Content-Type": "application/json; charset=utf-8",
                                               "User-Agent": "alertbridge/" + VERSION})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read(65536)
-        answer = json.loads(raw.decode("utf-8"))
-        errcode = answer.get("errcode")
-        result = SendResult(errcode if isinstance(errcode, int) else -1, str(answer.get("errmsg", "")), 0)
-    except urllib.error.HTTPError as exc:
-        result = SendResult(None, f"HTTP {exc.code}", 0)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        result = SendResult(None, f"network: {reason}", 0)
-    except ValueError:
-        result = SendResult(None, "answer is not JSON", 0)
+    with Deadline(timeout) as request.deadline:
+        try:
+            with _OPENER.open(request, timeout=timeout) as response:
+                result = _read_answer(response.read(65536))
+        except urllib.error.HTTPError as exc:
+            result = SendResult(None, f"HTTP {exc.code}")
+        except Exception as exc:  # noqa: BLE001 (whatever breaks, it is "no answer", never a crash)
+            result = SendResult(None, _no_answer(exc, request.deadline))
     result.errmsg = robot.redact(result.errmsg)[:500]
     result.latency = time.monotonic() - started
     return result
+
+
+def _read_answer(raw):
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return SendResult(None, "answer is not JSON")
+    if not isinstance(answer, dict):
+        return SendResult(None, "answer is not a JSON object")
+    errcode = answer.get("errcode")
+    if not isinstance(errcode, int) or isinstance(errcode, bool):
+        return SendResult(None, "answer has no errcode")
+    return SendResult(errcode, str(answer.get("errmsg", "")))
+
+
+def _no_answer(exc, deadline):
+    if deadline.passed:
+        return f"no complete answer within timeout ({deadline.seconds:g}s)"
+    if isinstance(exc, urllib.error.URLError):
+        return f"network: {exc.reason}"
+    return f"no answer: {type(exc).__name__}: {exc}"
 
 
 class RobotPool:
     """Which robot sends next: a rotating index per receiver that skips robots out of budget,
     throttled by DingTalk or misconfigured. A budget slot is taken before a request and dated by
     the request's end, so DingTalk, counting arrivals, never sees more than `rate_limit` in its
-    window. Thread-safe."""
+    window. Budgets and throttles belong to the robot as DingTalk knows it, its token
+    (Robot.key): two sections with one token share one budget. `limits()` gives the current
+    Config. Thread-safe."""
 
-    def __init__(self, rate_limit, rate_window, throttle_seconds):
-        self.rate_limit = rate_limit
-        self.rate_window = rate_window
-        self.throttle_seconds = throttle_seconds
+    def __init__(self, limits):
+        self.limits = limits
         self._lock = threading.Lock()
-        self._slots = {}            # robot name -> list of send end times (inf while in flight)
-        self._throttled = {}        # robot name -> time the throttle ends
-        self._disabled = {}         # robot name -> reason, until the config is reloaded
-        self._next = {}             # receiver name -> rotating index
+        self._slots = {}            # robot key -> send end times (inf while in flight)
+        self._throttled = {}        # robot key -> time the throttle ends
+        self._disabled = {}         # robot key -> reason, until the config is reloaded
+        self._next = {}             # receiver section name -> rotating index
 
     def restore(self, sends, now):
-        """Rebuild budgets and throttles from the journal's send log after a restart."""
+        """Rebuild budgets and throttles from the journal's send log: (key, at, errcode)."""
+        window, throttle = self.limits().rate_window, self.limits().throttle_seconds
         with self._lock:
-            for robot, at, errcode in sends:
-                if at > now - self.rate_window:
-                    self._slots.setdefault(robot, []).append(at)
-                if errcode in THROTTLED:
-                    self._throttled[robot] = max(self._throttled.get(robot, 0), at + self.throttle_seconds)
+            for key, at, errcode in sends:
+                if at > now - window:
+                    self._slots.setdefault(key, []).append(at)
+                if SendResult(errcode, "").outcome == THROTTLED:
+                    self._throttled[key] = max(self._throttled.get(key, 0), at + throttle)
 
-    def reconfigure(self, rate_limit, rate_window, throttle_seconds):
+    def forgive(self):
+        """Put robots taken out for configuration errors back in rotation (after a reload)."""
         with self._lock:
-            self.rate_limit, self.rate_window, self.throttle_seconds = rate_limit, rate_window, throttle_seconds
             self._disabled.clear()
 
-    def _budget(self, name, now):
-        slots = self._slots.setdefault(name, [])
-        slots[:] = [t for t in slots if t > now - self.rate_window]
-        return self.rate_limit - len(slots)
+    def _budget(self, key, now):
+        limits = self.limits()
+        slots = self._slots.setdefault(key, [])
+        slots[:] = [t for t in slots if t > now - limits.rate_window]
+        return limits.rate_limit - len(slots)
 
     def _usable(self, robot, now):
-        return (robot.name not in self._disabled and not robot.placeholder
-                and self._throttled.get(robot.name, 0) <= now)
+        return (robot.key not in self._disabled and not robot.placeholder
+                and self._throttled.get(robot.key, 0) <= now)
 
     def available(self, receiver, now):
         """Messages the receiver's robots can take right now."""
         with self._lock:
-            names = {r.name for r in receiver.robots if self._usable(r, now)}
-            return sum(max(0, self._budget(n, now)) for n in names)
+            keys = {r.key for r in receiver.robots if self._usable(r, now)}
+            return sum(max(0, self._budget(k, now)) for k in keys)
 
     def next_slot_at(self, receiver, now):
         """When the receiver can next send, if it cannot now (None: not while config stays)."""
+        limits = self.limits()
         with self._lock:
             times = []
             for robot in receiver.robots:
-                if robot.name in self._disabled or robot.placeholder:
+                if robot.key in self._disabled or robot.placeholder:
                     continue
-                slots = sorted(self._slots.get(robot.name, []))
-                free = slots[len(slots) - self.rate_limit] + self.rate_window if len(slots) >= self.rate_limit else now
-                times.append(max(free, self._throttled.get(robot.name, 0)))
+                slots = sorted(self._slots.get(robot.key, []))
+                over = len(slots) - limits.rate_limit
+                free = slots[over] + limits.rate_window if over >= 0 else now
+                times.append(max(free, self._throttled.get(robot.key, 0)))
             return min(times) if times else None
 
     def acquire(self, receiver, now, tried):
-        """The next robot in turn with budget left, its slot taken; None if there is none."""
+        """The next robot in turn with budget left, its slot taken; None if there is none.
+        Every robot acquire() returns must be given back with release()."""
         with self._lock:
             robots = receiver.robots
             start = self._next.get(receiver.name, 0)
             for step in range(len(robots)):
                 robot = robots[(start + step) % len(robots)]
-                if robot.name in tried or not self._usable(robot, now) or self._budget(robot.name, now) <= 0:
+                if robot.key in tried or not self._usable(robot, now) or self._budget(robot.key, now) <= 0:
                     continue
                 self._next[receiver.name] = (start + step + 1) % len(robots)
-                self._slots[robot.name].append(float("inf"))
+                self._slots[robot.key].append(float("inf"))
                 return robot
             return None
 
     def release(self, robot, result, now):
         """Date the slot taken by acquire() and learn from DingTalk's answer."""
         with self._lock:
-            slots = self._slots.setdefault(robot.name, [])
+            slots = self._slots.setdefault(robot.key, [])
             if float("inf") in slots:
                 slots.remove(float("inf"))
             slots.append(now)
-            if result.errcode in THROTTLED:
-                self._throttled[robot.name] = now + self.throttle_seconds
-            elif result.errcode in MISCONFIGURED:
-                self._disabled[robot.name] = f"errcode {result.errcode}: {result.errmsg}"
+            if result.outcome == THROTTLED:
+                self._throttled[robot.key] = now + self.limits().throttle_seconds
+            elif result.outcome == MISCONFIGURED:
+                self._disabled[robot.key] = f"errcode {result.errcode}: {result.errmsg}"
 
-    def state(self, names, now):
-        """(robot name, budget left, throttled, disabled) for each named robot, for metrics."""
+    def state(self, robots, now):
+        """(robot name, budget left, throttled, disabled) for each robot, for metrics."""
         with self._lock:
-            return [(name, max(0, self._budget(name, now)), self._throttled.get(name, 0) > now,
-                     name in self._disabled) for name in sorted(names)]
+            return [(r.name, max(0, self._budget(r.key, now)), self._throttled.get(r.key, 0) > now,
+                     r.key in self._disabled) for r in sorted(robots, key=lambda r: r.name)]
 
 
-class JournalWorker(threading.Thread):
-    """A background thread working off the journal: `wake` prods it, `stop()` ends it, and
-    `wait_idle()` lets shutdown and tests wait until its part of the backlog is empty."""
+class Worker:
+    """A loop on a thread it owns: step() while there is work, then sleep until woken or
+    sleep_for() has passed. A failing step is retried with growing delays; it is logged when
+    the error changes, not on every retry. wait_idle() lets shutdown and tests wait for it."""
 
-    def __init__(self, name, daemon):
-        super().__init__(name=name, daemon=True)
-        self.daemon = daemon
-        self.journal = daemon.journal
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-        self.idle = threading.Condition()
+    GATHER = 0.005      # after a wake-up, let a burst of writes land: one pass for all of them
 
-    def backlog(self):
-        """How much of the journal this worker still has to do."""
-        raise NotImplementedError
+    def __init__(self, name):
+        self.name = name
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._last_error = None
+
+    # for the owner
+    def start(self):
+        self._thread.start()
+        return self
+
+    def wake(self, *_):
+        self._wake.set()
 
     def stop(self):
-        self.stopping.set()
-        self.wake.set()
+        self._stopping.set()
+        self._wake.set()
 
-    def _went_idle(self):
-        with self.idle:
-            self.idle.notify_all()
+    def join(self, timeout):
+        self._thread.join(timeout)
+
+    def is_alive(self):
+        return self._thread.is_alive()
 
     def wait_idle(self, timeout):
         """Block until backlog() is empty. True if it was before the timeout."""
         deadline = time.monotonic() + timeout
-        with self.idle:
+        with self._idle:
             while self.backlog():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self.wake.set()
-                self.idle.wait(min(left, 0.5))
+                self.wake()
+                self._idle.wait(min(left, 0.5))
         return True
 
+    # for subclasses
+    def step(self):
+        """Do some work; True if there may be more right away."""
+        raise NotImplementedError
 
-class Notifier(JournalWorker):
-    """Sends the journal's pending messages to DingTalk, within every robot's budget."""
+    def backlog(self):
+        """How much work is left, for wait_idle()."""
+        raise NotImplementedError
 
-    def __init__(self, daemon):
-        super().__init__("notifier", daemon)
-        self.pool = daemon.pool
-        self.metrics = daemon.metrics
-        self._warned = set()
+    def sleep_for(self):
+        return 1.0
+
+    def failed(self, exc, failures):
+        """A step raised `exc`, the `failures`th time in a row; returns seconds to wait."""
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_error:
+            log.error("%s: %s; retrying", self.name, text, exc_info=exc)
+            self._last_error = text
+        return retry_delay(failures - 1, 0.5, 30.0)
+
+    def _loop(self):
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                worked = self.step()
+            except Exception as exc:  # noqa: BLE001 (a worker must outlive any one failure)
+                failures += 1
+                self._stopping.wait(self.failed(exc, failures))
+                continue
+            if failures:
+                log.info("%s: working again", self.name)
+                failures, self._last_error = 0, None
+            if not worked:
+                with self._idle:
+                    self._idle.notify_all()
+                if self._wake.wait(self.sleep_for()):
+                    self._stopping.wait(self.GATHER)
+                self._wake.clear()
+
+
+class Notifier(Worker):
+    """Runs one Sender per receiver section, so that a slow or hanging robot holds up only the
+    receivers it serves. Itself, it marks messages nobody could send within max_age expired."""
+
+    def __init__(self, bridge):
+        super().__init__("notifier")
+        self.bridge = bridge
+        self.journal = bridge.journal
+        self.senders = {}           # receiver section name -> Sender; only this thread adds
+        self.journal.new_messages.listen(self._new_message)
+
+    def _new_message(self, section):
+        sender = self.senders.get(section)
+        (sender or self).wake()
+
+    def wake(self, *_):
+        super().wake()
+        for sender in list(self.senders.values()):
+            sender.wake()
 
     def backlog(self):
         return self.journal.backlog()[0]
 
-    def run(self):
-        while not self.stopping.is_set():
-            try:
-                worked = self.step()
-            except Exception:
-                log.exception("notifier: unexpected error; retrying")
-                worked = False
-                self.stopping.wait(1.0)
-            if not worked:
-                self._went_idle()
-                if self.wake.wait(self._sleep_for()):
-                    self.stopping.wait(0.005)  # let a burst of webhooks land: one pass for all
-                self.wake.clear()
-
-    def _sleep_for(self):
-        now = time.time()
-        times = [now + 1.0]
-        due = self.journal.next_due_at()
-        if due is not None:
-            times.append(due)
-        config = self.daemon.config
-        for name in self.journal.pending_receivers():
-            receiver = config.receiver_for(name)
-            slot = receiver and self.pool.next_slot_at(receiver, now)
-            if slot:
-                times.append(slot)
-        return min(1.0, max(0.01, min(times) - now))
-
     def step(self):
-        """One pass over every receiver with pending messages; True if anything was sent."""
-        config = self.daemon.config
-        now = time.time()
-        self._expire(now - config.max_age)
-        worked = False
-        for name in self.journal.pending_receivers():
-            receiver = config.receiver_for(name)
-            if receiver is None:
-                if name not in self._warned:
-                    log.error("receiver=%s has pending messages but no [receiver:%s] section and no "
-                              "default_receiver: they wait until the config is fixed and reloaded", name, name)
-                    self._warned.add(name)
-                continue
-            available = self.pool.available(receiver, now)
-            if available <= 0:
-                continue
-            due = self.journal.due_messages(name, now)
-            if not due:
-                continue
-            message = due[0]
-            if len(due) > available and not message.packed:
-                message = self._digest(receiver, due)
-            worked |= self.deliver(receiver, message)
-        return worked
+        self._expire(self.bridge.clock() - self.bridge.config.max_age)
+        for section in set(self.bridge.config.receivers) | set(self.journal.pending_receivers()):
+            if section not in self.senders:
+                self.senders[section] = Sender(self.bridge, section).start()
+        return False
 
     def _expire(self, older_than):
-        for message_id, receiver, request_id in self.journal.expire(older_than):
+        for message_id, section, request_id in self.journal.expire(older_than):
             log.error("message=%d receiver=%s request_id=%s expired: no robot could take it within "
-                      "max_age; it stays in the journal as 'expired'", message_id, receiver, request_id)
-            self.metrics.inc("alertbridge_messages_expired_total", receiver=receiver)
+                      "max_age; it stays in the journal as 'expired'", message_id, section, request_id)
+            self.bridge.metrics.inc("alertbridge_messages_expired_total", receiver=section)
+
+    def stop(self):
+        super().stop()
+        for sender in list(self.senders.values()):
+            sender.stop()
+
+    def join(self, timeout):
+        deadline = time.monotonic() + timeout
+        super().join(timeout)
+        for sender in list(self.senders.values()):
+            sender.join(max(0.0, deadline - time.monotonic()))
+
+    def is_alive(self):
+        return super().is_alive() and all(s.is_alive() for s in list(self.senders.values()))
+
+
+class Sender(Worker):
+    """Sends one receiver section's messages, oldest first, within every robot's budget: folds
+    a backlog into digests, splits what is too long, fails over through the robots, and retries
+    with backoff when every robot failed."""
+
+    IDLE = 5.0          # longest sleep: new messages and reloads wake it sooner
+
+    def __init__(self, bridge, section):
+        super().__init__(f"sender:{section}")
+        self.bridge = bridge
+        self.section = section
+        self.journal, self.pool, self.metrics = bridge.journal, bridge.pool, bridge.metrics
+        self._unwritten = []        # answers the journal could not take yet (a full disk)
+        self._held = set()          # ids of messages sent whose success is among them
+        self._orphaned = False
+
+    def backlog(self):
+        return self.journal.pending_count(self.section)
+
+    def sleep_for(self):
+        now = self.bridge.clock()
+        receiver = self.bridge.config.receivers.get(self.section)
+        if receiver is None:
+            return self.IDLE
+        if self._unwritten:
+            return 1.0
+        if self.pool.available(receiver, now) > 0:
+            until = self.journal.next_due_at(self.section)
+        else:
+            until = self.pool.next_slot_at(receiver, now)
+        return self.IDLE if until is None else min(self.IDLE, max(0.01, until - now))
+
+    def step(self):
+        """Send (or digest, or split) the next due message; True if a request was made."""
+        self._write_unwritten()
+        receiver = self.bridge.config.receivers.get(self.section)
+        if receiver is None:
+            self._report_orphaned()
+            return False
+        self._orphaned = False
+        now = self.bridge.clock()
+        available = self.pool.available(receiver, now)
+        if available <= 0:
+            return False
+        due = [m for m in self.journal.due_messages(self.section, now) if m.id not in self._held]
+        if not due:
+            return False
+        message = due[0]
+        if len(due) > available and not message.packed:
+            message = self._digest(receiver, due)
+        try:
+            return self.deliver(receiver, message)
+        except Exception as exc:
+            # whatever went wrong, this message waits its turn again and the others go first
+            with contextlib.suppress(Exception):
+                self._retry_later(message, [f"internal error: {type(exc).__name__}"])
+            raise
+
+    def _report_orphaned(self):
+        waiting = self.journal.pending_count(self.section)
+        if waiting and not self._orphaned:
+            log.error("receiver=%s: %d messages wait for [receiver:%s], which the config no longer has: "
+                      "they are kept for it and go out once the section is back (reload), or expire "
+                      "after max_age", self.section, waiting, self.section)
+        self._orphaned = bool(waiting)
 
     def _digest(self, receiver, due):
         """More messages wait than the robots may send: fold the oldest into one digest as large
         as DingTalk takes, made only when a robot is free to send it. Messages stay whole."""
-        renderer, taken, used = self.daemon.renderer, [], 0
+        renderer = self.bridge.renderer
+        taken, used = [], 0
         for message in due:
             if message.packed:
                 break
@@ -1984,78 +2370,112 @@ class Notifier(JournalWorker):
 
     def _split(self, receiver, message):
         digest = bool(message.body.get("digest"))
-        chunks = self.daemon.renderer.split(receiver, message.alerts, digest)
+        chunks = self.bridge.renderer.split(receiver, message.alerts, digest)
         if len(chunks) == 1 and len(message.alerts) > 1:  # block sizes misjudged: halve
             half = len(message.alerts) // 2
             chunks = [message.alerts[:half], message.alerts[half:]]
         bodies = [{**message.body, "alerts": c, "part": [i + 1, len(chunks)]} for i, c in enumerate(chunks)]
         self.journal.replace([message], bodies, "split")
-        log.info("message=%d receiver=%s too long for DingTalk: split into %d", message.id, receiver.name, len(bodies))
+        log.info("message=%d receiver=%s too long for DingTalk: split into %d", message.id, receiver.name,
+                 len(bodies))
 
     def deliver(self, receiver, message):
         """Send one message, failing over through the receiver's robots. True if a request was made."""
-        renderer = self.daemon.renderer
+        renderer = self.bridge.renderer
         digest = bool(message.body.get("digest"))
         if not message.packed and len(message.alerts) > 1 and not renderer.fits(receiver, message.body, digest):
             self._split(receiver, message)
             return True
         tried, errors = set(), []
         while True:
-            robot = self.pool.acquire(receiver, time.time(), tried)
+            robot = self.pool.acquire(receiver, self.bridge.clock(), tried)
             if robot is None:
                 break
-            tried.add(robot.name)
-            payload = renderer.encode(renderer.body(receiver, robot, message.body, digest))
-            timeout = self.daemon.config.send_timeout
-            send_id = self.journal.begin_send(robot.name, time.time() + timeout)
-            result = post_to_dingtalk(robot, payload, timeout)
-            done = time.time()
-            self.pool.release(robot, result, done)
-            self._account(receiver, robot, message, result, done, send_id)
+            tried.add(robot.key)
+            result = self._exchange(receiver, robot, message, digest)
             if result.ok:
                 return True
             errors.append(f"{robot.name}: {result.errcode} {result.errmsg}")
-            if result.errcode in TOO_LONG and len(message.alerts) > 1:
+            if result.outcome == TOO_LONG and len(message.alerts) > 1:
                 self._split(receiver, message)
                 return True
         if errors:
-            config = self.daemon.config
-            delay = min(config.retry_max, config.retry_base * 2 ** message.attempts) * random.uniform(0.5, 1.0)
-            self.journal.retry_later(message.id, time.time() + delay, "; ".join(errors))
-            log.warning("message=%d receiver=%s request_id=%s not delivered (attempt %d): %s; retry in %.1fs",
-                        message.id, receiver.name, message.request_id, message.attempts + 1,
-                        "; ".join(errors), delay)
+            self._retry_later(message, errors)
         return bool(tried)
 
+    def _exchange(self, receiver, robot, message, digest):
+        """One request through one robot: written ahead, sent, its budget slot given back
+        whatever happens, its answer journaled."""
+        config, renderer = self.bridge.config, self.bridge.renderer
+        result, send_id = SendResult(None, "not sent: internal error"), None
+        try:
+            payload = renderer.encode(renderer.body(receiver, robot, message.body, digest))
+            send_id = self._write_ahead(robot, self.bridge.clock() + config.send_timeout)
+            result = post_to_dingtalk(robot, payload, config.send_timeout)
+        finally:
+            done = self.bridge.clock()
+            self.pool.release(robot, result, done)
+        self._account(receiver, robot, message, result, done, send_id)
+        return result
+
+    def _write_ahead(self, robot, latest_arrival):
+        try:
+            return self.journal.begin_send(robot.name, robot.key, latest_arrival)
+        except sqlite3.Error as exc:  # paging goes first: send, and journal the answer when we can
+            log.warning("receiver=%s journal not writable (%s): sending without the write-ahead record",
+                        self.section, exc)
+            return None
+
+    def _retry_later(self, message, errors):
+        config = self.bridge.config
+        delay = retry_delay(message.attempts, config.retry_base, config.retry_max)
+        self.journal.retry_later(message.id, self.bridge.clock() + delay, "; ".join(errors))
+        log.warning("message=%d receiver=%s request_id=%s not delivered (attempt %d): %s; retry in %.1fs",
+                    message.id, self.section, message.request_id, message.attempts + 1, "; ".join(errors), delay)
+
     def _account(self, receiver, robot, message, result, at, send_id):
-        level = logging.INFO if result.ok else logging.WARNING
-        if result.errcode in MISCONFIGURED:
-            level = logging.ERROR
+        outcome = result.outcome
+        level = {SENT: logging.INFO, MISCONFIGURED: logging.ERROR}.get(outcome, logging.WARNING)
+        note = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its token, secret, "
+                               "keyword)", THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
         log.log(level, "send message=%d receiver=%s robot=%s request_id=%s alerts=%d errcode=%s errmsg=%s "
                 "latency_ms=%d%s", message.id, receiver.name, robot.name, message.request_id,
-                len(message.alerts), result.errcode, result.errmsg, result.latency * 1000,
-                " robot out of rotation until the config is reloaded (check its token, secret, keyword)"
-                if result.errcode in MISCONFIGURED else
-                " robot throttled by DingTalk" if result.errcode in THROTTLED else "")
+                len(message.alerts), result.errcode, result.errmsg, result.latency * 1000, note)
         errcode = "none" if result.errcode is None else str(result.errcode)
         self.metrics.inc("alertbridge_sends_total", receiver=receiver.name, robot=robot.name, errcode=errcode)
         self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
         if result.ok:
             self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts), receiver=receiver.name)
-        self.journal.end_send(send_id, at, result.errcode, {
-            "sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "receiver": receiver.name,
-            "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
-            "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
-            "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)},
-            delivered=message.id if result.ok else None)
-        self.daemon.recorder.wake.set()
+        event = {"sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "receiver": receiver.name,
+                 "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
+                 "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
+                 "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)}
+        self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
+                                message.id if result.ok else None))
+        if result.ok:
+            self._held.add(message.id)
+        self._write_unwritten()
+
+    def _write_unwritten(self):
+        """Journal the answers not journaled yet, oldest first. Until a success is journaled its
+        message is held: never sent twice because the disk was full."""
+        while self._unwritten:
+            send_id, name, key, at, errcode, event, delivered = self._unwritten[0]
+            try:
+                self.journal.end_send(send_id, name, key, at, errcode, event, delivered)
+            except sqlite3.Error as exc:
+                log.warning("receiver=%s journal not writable (%s): %d answers wait in memory; their "
+                            "messages are not sent again", self.section, exc, len(self._unwritten))
+                return
+            self._unwritten.pop(0)
+            self._held.discard(delivered)
 
 
 # ---------------------------------------------------------------------------------------------
 # 6. Recording
 # ---------------------------------------------------------------------------------------------
 
-class Recorder(JournalWorker):
+class Recorder(Worker):
     """Copies journal events into the history store, in order. A store outage only delays it."""
 
     BATCH = 200
@@ -2063,37 +2483,25 @@ class Recorder(JournalWorker):
     PURGE_EVERY = 600.0
     PURGE_BATCH = 1000
 
-    def __init__(self, daemon):
-        super().__init__("recorder", daemon)
-        self.store = daemon.store
+    def __init__(self, bridge):
+        super().__init__("recorder")
+        self.bridge = bridge
+        self.journal = bridge.journal
+        self.store = bridge.store
         self.store_ok = None
         self._last_purge = 0.0
+        self.journal.new_events.listen(self.wake)
 
     def backlog(self):
         return self.journal.backlog()[2]
 
-    def run(self):
-        backoff = 0.5
-        while not self.stopping.is_set():
-            try:
-                if self.step():
-                    backoff = 0.5
-                    continue
-            except StoreUnavailable as exc:
-                if self.store_ok is not False:
-                    log.warning("history store unavailable, alerts wait in the journal: %s", exc)
-                self.store_ok = False
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            except Exception:
-                log.exception("recorder: unexpected error; retrying")
-                self.stopping.wait(1.0)
-                continue
-            self._went_idle()
-            if self.wake.wait(1.0):
-                self.stopping.wait(self.GATHER)
-            self.wake.clear()
+    def failed(self, exc, failures):
+        if not isinstance(exc, StoreUnavailable):
+            return super().failed(exc, failures)
+        if self.store_ok is not False:
+            log.warning("history store unavailable, alerts wait in the journal: %s", exc)
+        self.store_ok = False
+        return min(30.0, 0.5 * 2.0 ** min(failures - 1, 10))
 
     def step(self):
         """Record one batch; True if there was one."""
@@ -2106,25 +2514,25 @@ class Recorder(JournalWorker):
             return False
         try:
             self._record(events)
-        except StoreUnavailable:
+        except (StoreUnavailable, sqlite3.Error):
             raise
         except Exception:  # one bad event must not stop the history: find it, set it aside
             for event in events:
                 try:
                     self._record([event])
-                except StoreUnavailable:
+                except (StoreUnavailable, sqlite3.Error):
                     raise
                 except Exception as exc:
                     log.error("event=%d could not be recorded (%s); kept in the journal as failed", event[0], exc)
                     self.journal.mark_failed(event[0])
-                    self.daemon.metrics.inc("alertbridge_record_failures_total")
+                    self.bridge.metrics.inc("alertbridge_record_failures_total")
         self._recovered()
         return True
 
     def _record(self, events):
         recorded = self.store.record(self.journal.journal_id, events)
         self.journal.mark_recorded(events[-1][0])
-        self.daemon.metrics.inc("alertbridge_alerts_recorded_total", recorded)
+        self.bridge.metrics.inc("alertbridge_alerts_recorded_total", recorded)
 
     def _recovered(self):
         if self.store_ok is False:
@@ -2134,16 +2542,16 @@ class Recorder(JournalWorker):
     def _housekeeping(self):
         """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
         keeps them), and history older than retention_days, in small batches."""
-        now = time.time()
+        now = self.bridge.clock()
         if now - self._last_purge < self.PURGE_EVERY:
             return
         self._last_purge = now
-        config = self.daemon.config
+        config = self.bridge.config
         self.journal.purge(now - max(86400, config.rate_window, config.throttle_seconds))
         if config.retention_days > 0:
-            cutoff = db_time(datetime.now(timezone.utc) - timedelta(days=config.retention_days))
+            cutoff = db_time(datetime.fromtimestamp(now, timezone.utc) - timedelta(days=config.retention_days))
             total, deleted = 0, None
-            while deleted != 0 and not self.stopping.is_set():
+            while deleted != 0 and not self._stopping.is_set():
                 deleted = self.store.purge(cutoff, self.PURGE_BATCH)
                 total += deleted
             if total:
@@ -2255,15 +2663,15 @@ class Daemon:
     """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
     in one process (the tests do): nothing here is global."""
 
-    def __init__(self, config):
+    def __init__(self, config, clock=time.time):
         self.config = config
+        self.clock = clock
         self.metrics = Metrics()
         self.renderer = Renderer(config)
         self.journal = Journal(config.journal_path, config.journal_sync)
         self.store = StoreProcess(config.database)
-        self.pool = RobotPool(config.rate_limit, config.rate_window, config.throttle_seconds)
-        self.pool.restore(self.journal.recent_sends(time.time() - max(config.rate_window, config.throttle_seconds)),
-                          time.time())
+        self.pool = RobotPool(lambda: self.config)
+        self._restore_budgets()
         self.notifier = Notifier(self)
         self.recorder = Recorder(self)
         self.server = None
@@ -2273,6 +2681,14 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._stopped = threading.Event()
 
+    def _restore_budgets(self):
+        """Budgets and throttles from the journal's send log; a row written before robot keys
+        existed (0.3) is matched to the robot of that name."""
+        now, config = self.clock(), self.config
+        keys = {r.name: r.key for rc in config.receivers.values() for r in rc.robots}
+        sends = self.journal.recent_sends(now - max(config.rate_window, config.throttle_seconds))
+        self.pool.restore([(key or keys.get(name, name), at, errcode) for name, key, at, errcode in sends], now)
+
     @property
     def address(self):
         host, port = self.server.server_address[:2]
@@ -2281,9 +2697,7 @@ class Daemon:
     def start(self):
         handler = type("Handler", (IntakeHandler,), {"daemon": self})
         self.server = IntakeServer((self.config.listen, self.config.port), handler, self.config.max_connections)
-        for robot in {r for rc in self.config.receivers.values() for r in rc.robots if r.placeholder}:
-            log.warning("robot=%s still has the placeholder token %s: it is not used until configured",
-                        robot.name, PLACEHOLDER_TOKEN)
+        self._warn_about_robots()
         self.notifier.start()
         self.recorder.start()
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
@@ -2294,6 +2708,15 @@ class Daemon:
                  self.config.journal_path, self.store.describe(), ",".join(sorted(self.config.receivers)))
         sd_notify("READY=1", f"STATUS=listening on {self.address}")
         return self
+
+    def _warn_about_robots(self):
+        for robot in {r for rc in self.config.receivers.values() for r in rc.robots if r.placeholder}:
+            log.warning("robot=%s still has the placeholder token %s: it is not used until configured",
+                        robot.name, PLACEHOLDER_TOKEN)
+        for names in shared_tokens(self.config):
+            log.warning("robots %s have the same access_token: they are one robot to DingTalk and share "
+                        "one budget of %d per %gs", ", ".join(names), self.config.rate_limit,
+                        self.config.rate_window)
 
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
@@ -2317,8 +2740,12 @@ class Daemon:
 
     def stop(self, timeout=10.0):
         """Stop accepting, finish in-flight requests, record what can be recorded, return within
-        about `timeout` seconds. Messages not yet sent stay in the journal for the next start."""
+        about `timeout` seconds (systemd kills at 30). Messages not yet sent stay in the journal
+        for the next start, and so do events the store could not take in time."""
         deadline = time.monotonic() + timeout
+
+        def left(at_most=timeout):
+            return max(0.0, min(at_most, deadline - time.monotonic()))
         sd_notify("STOPPING=1")
         self.draining = True
         self._stopped.set()
@@ -2326,14 +2753,14 @@ class Daemon:
             self.server.shutdown()
             self.server.server_close()
         with self._requests_done:
-            self._requests_done.wait_for(lambda: self._requests == 0, max(0.0, deadline - time.monotonic()))
+            self._requests_done.wait_for(lambda: self._requests == 0, left())
         self.notifier.stop()
-        self.notifier.join(max(0.0, deadline - time.monotonic()))
+        self.notifier.join(left())
         if self.recorder.store_ok:
-            self.recorder.wait_idle(max(0.0, min(5.0, deadline - time.monotonic())))
+            self.recorder.wait_idle(left(5.0))
         self.recorder.stop()
-        self.recorder.join(max(0.0, deadline - time.monotonic()))
-        self.store.close()
+        self.recorder.join(left())
+        self.store.close(max(0.5, left()))
 
     def accept(self, webhook, request_id):
         """Journal a validated webhook; (HTTP status, JSON reply)."""
@@ -2347,8 +2774,6 @@ class Daemon:
                       request_id, exc)
             self.metrics.inc("alertbridge_webhooks_total", outcome="503")
             return 503, {"error": "journal not writable, retry later", "request_id": request_id}
-        self.notifier.wake.set()
-        self.recorder.wake.set()
         self.metrics.inc("alertbridge_webhooks_total", outcome="200")
         self.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
         log.info("request_id=%s accepted receiver=%s via=%s alerts=%d group=%s", request_id, webhook.receiver,
@@ -2371,8 +2796,9 @@ class Daemon:
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             self.renderer = Renderer(config)
-            self.pool.reconfigure(config.rate_limit, config.rate_window, config.throttle_seconds)
-            self.notifier.wake.set()
+            self.pool.forgive()
+            self._warn_about_robots()
+            self.notifier.wake()
             log.info("config reloaded: receivers %s", ",".join(sorted(config.receivers)))
             sd_notify("READY=1", "STATUS=config reloaded")
             return True, "reloaded"
@@ -2393,7 +2819,7 @@ class Daemon:
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
                   ("alertbridge_http_requests_in_flight", {}, self._requests),
                   ("alertbridge_build_info", {"version": VERSION}, 1)]
-        robots = {r.name for rc in self.config.receivers.values() for r in rc.robots}
+        robots = {r for rc in self.config.receivers.values() for r in rc.robots}
         for name, budget, throttled, disabled in self.pool.state(robots, now):
             gauges += [("alertbridge_robot_budget_remaining", {"robot": name}, budget),
                        ("alertbridge_robot_throttled", {"robot": name}, int(throttled)),
@@ -2405,6 +2831,14 @@ class Daemon:
 def setup_logging(level):
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def shared_tokens(config):
+    """Names of robot sections that share one access_token, a tuple per token."""
+    by_key = {}
+    for robot in {r for rc in config.receivers.values() for r in rc.robots}:
+        by_key.setdefault(robot.key, set()).add(robot.name)
+    return [tuple(sorted(names)) for names in by_key.values() if len(names) > 1]
 
 
 def mask_url(url):
@@ -2430,6 +2864,8 @@ def check_config(config):
             notes = [n for n, on in (("signed", robot.secret), (f"keyword {robot.keyword!r}", robot.keyword),
                                      ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
             lines.append(f"  robot {robot.name}: {mask_url(robot.url)}{' (' + ', '.join(notes) + ')' if notes else ''}")
+    for names in shared_tokens(config):
+        lines.append(f"note: robots {', '.join(names)} have the same access_token: one budget between them")
     return "\n".join(lines)
 
 
@@ -2483,12 +2919,14 @@ def main(argv=None):
     action.add_argument("--store-process", type=int, metavar="FD", help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if args.store_process is not None:
+        return serve_store(args.store_process)
+    if args.check_config or args.send_test or args.init_db:  # a command: Ctrl-C acts as usual
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal uses "
               f"upserts); this Python uses SQLite {sqlite3.sqlite_version}", file=sys.stderr)
         return 2
-    if args.store_process is not None:
-        return serve_store(args.store_process)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -2505,14 +2943,24 @@ def main(argv=None):
 
 
 def run(config):
-    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config."""
-    daemon = Daemon(config).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=daemon.reload, daemon=True).start())
-    stop.wait()
-    log.info("stopping: finishing in-flight requests")
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config.
+
+    The three signals are blocked in every thread (from the top of the file on, before any
+    thread exists, so all inherit it) and taken here by the main thread with sigwait(). A signal
+    that comes early waits until we can act on it instead of killing us; one the kernel would
+    hand to another thread is not lost while the main thread sleeps in a lock."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)  # already so when run as a script
+    try:
+        daemon = Daemon(config).start()
+    except JournalDamaged as exc:
+        print(f"alertbridge: {exc}", file=sys.stderr)
+        return 2
+    while True:
+        signum = signal.sigwait(DAEMON_SIGNALS)
+        if signum != signal.SIGHUP:
+            break
+        daemon.reload()
+    log.info("stopping: finishing in-flight requests (%s)", signal.Signals(signum).name)
     daemon.stop()
     log.info("stopped")
     return 0

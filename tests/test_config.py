@@ -46,7 +46,7 @@ def test_schema_sql_is_what_the_daemon_creates():
     ("[receiver:a]\nrobots = x\nat_mobiles = call-me\n[robot:x]\nurl = https://h/r?access_token=t\n", "at_mobiles"),
     ("[receiver:a]\nrobots = x\nalert = {unclosed\n[robot:x]\nurl = https://h/r?access_token=t\n", "bad template"),
     ("[reciever:a]\nrobots = x\n", "unknown section"),
-    ("not an ini file", "File contains no section headers"),
+    ("not an ini file", "line 1: a setting before any [section] header"),
 ])
 def test_config_errors_name_the_section_and_key(tmp_path, text, message):
     path = tmp_path / "config.ini"

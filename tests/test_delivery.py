@@ -411,7 +411,8 @@ def test_dingtalk_down_for_a_while_loses_nothing(make_daemon, fast_fake, databas
 def test_a_send_cut_off_by_a_crash_still_counts_against_the_budget(make_daemon, fake, sqlite_db):
     options = {"receivers": {"dev": {"robots": "dev-1"}}, "delivery": {"rate_limit": "3", "rate_window": "3600"}}
     daemon = make_daemon(sqlite_db, **options)
-    daemon.journal.begin_send("dev-1", time.time() + 5)   # the request went out, then came kill -9
+    robot = daemon.config.receivers["dev"].robots[0]
+    daemon.journal.begin_send(robot.name, robot.key, time.time() + 5)   # the request went out, then kill -9
     daemon.stop()
     again = make_daemon(sqlite_db, **options)
     assert again.pool.available(again.config.receivers["dev"], time.time()) == 2

@@ -311,7 +311,7 @@ def test_retention_purges_old_history_in_batches(make_daemon, fake, database):
                       ("2020-01-01 00:00:00.000", history(daemon, "notifications")[0]["id"]))
     store.close()
     daemon.recorder._last_purge = 0
-    daemon.recorder.wake.set()
+    daemon.recorder.wake()
     assert wait_until(lambda: len(history(daemon)) == 1)
     assert [r["instance"] for r in history(daemon)] == ["new"]
     assert len(history(daemon, "notifications")) == 1

@@ -2017,7 +2017,9 @@ def post_to_dingtalk(robot, payload, timeout):
         except urllib.error.HTTPError as exc:
             result = SendResult(None, f"HTTP {exc.code}")
         except Exception as exc:  # noqa: BLE001 (whatever breaks, it is "no answer", never a crash)
-            result = SendResult(None, _no_answer(exc, request.deadline))
+            result = SendResult(None, _no_answer(exc))
+    if result.errcode is None and request.deadline.passed:  # cut short: what was read is partial
+        result.errmsg = f"no complete answer within timeout ({timeout:g}s)"
     result.errmsg = robot.redact(result.errmsg)[:500]
     result.latency = time.monotonic() - started
     return result
@@ -2036,9 +2038,7 @@ def _read_answer(raw):
     return SendResult(errcode, str(answer.get("errmsg", "")))
 
 
-def _no_answer(exc, deadline):
-    if deadline.passed:
-        return f"no complete answer within timeout ({deadline.seconds:g}s)"
+def _no_answer(exc):
     if isinstance(exc, urllib.error.URLError):
         return f"network: {exc.reason}"
     return f"no answer: {type(exc).__name__}: {exc}"
@@ -2167,7 +2167,8 @@ class Worker:
         self._wake.set()
 
     def join(self, timeout):
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     def is_alive(self):
         return self._thread.is_alive()

@@ -107,15 +107,15 @@ def config_text(fake, database, main=None, delivery=None, receivers=None, robots
 
 @pytest.fixture
 def make_daemon(tmp_path, fake):
-    """make_daemon(database, **config_text options) -> a started Daemon on a free port."""
+    """make_daemon(database, start=True, **config_text options) -> a Daemon on a free port."""
     daemons = []
 
-    def make(database, **options):
+    def make(database, start=True, **options):
         path = tmp_path / "config.ini"
         path.write_text(config_text(fake, database, **options), encoding="utf-8")
-        daemon = alertbridge.Daemon(alertbridge.load_config(str(path))).start()
+        daemon = alertbridge.Daemon(alertbridge.load_config(str(path)))
         daemons.append(daemon)
-        return daemon
+        return daemon.start() if start else daemon
 
     yield make
     for daemon in daemons:

@@ -2,18 +2,30 @@
 
 It checks what the real one checks (access token, signature and its one-hour window, custom
 keyword, body size, 20 messages per window per robot with a throttle after it) and answers with
-the real errcodes. Tests can add latency, script failures, and await what it received.
+the real errcodes. Tests can add latency, script failures (errcodes, HTTP 500, broken answers,
+answers that hang or trickle), run a hook before answering, and await what it received.
 """
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.server
 import json
+import socket
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+
+
+# Answers a proxy or a broken server may give instead of DingTalk's JSON, as raw bytes.
+BROKEN = {
+    "json-array": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]",
+    "json-null": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\nnull",
+    "bad-status-line": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    "cut-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n{\"errcode\": 0, \"er",
+}
 
 
 @dataclass
@@ -42,7 +54,9 @@ class FakeDingTalk:
         self.cond = threading.Condition()
         self._arrivals = {}         # token -> arrival times inside the window
         self._throttled_until = {}
-        self._script = {}           # token -> list of scripted answers: errcode int or "http500"
+        self._script = {}           # token -> scripted answers: errcode, "http500", "hang", "trickle" or BROKEN
+        self.release = threading.Event()   # ends every "hang" and "trickle" answer
+        self.before_answer = None   # called with the Request before it is answered
         self.server = None
 
     # set-up
@@ -81,7 +95,15 @@ class FakeDingTalk:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if fake.latency:
                     time.sleep(fake.latency)
-                status, answer = fake.handle(self.path, body)
+                status, answer, request = fake.handle(self.path, body)
+                if fake.before_answer:
+                    fake.before_answer(request)
+                if answer["errcode"] in BROKEN:
+                    self.wfile.write(BROKEN[answer["errcode"]])
+                    self.close_connection = True
+                    return
+                if answer["errcode"] in ("hang", "trickle"):
+                    return self._stall(answer["errcode"])
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -89,12 +111,27 @@ class FakeDingTalk:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _stall(self, how):
+                """Hang without a byte, or trickle a space every 0.1 s, until released."""
+                self.close_connection = True
+                if how == "trickle":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not fake.release.wait(0.1):
+                    if how == "trickle":
+                        try:
+                            self.wfile.write(b" ")
+                        except OSError:
+                            return
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
     def stop(self):
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -110,9 +147,10 @@ class FakeDingTalk:
                 body = json.loads(raw.decode("utf-8"))
             except ValueError:
                 body = {}
-            self.requests.append(Request(token, body, now, errcode, len(raw)))
+            request = Request(token, body, now, errcode, len(raw))
+            self.requests.append(request)
             self.cond.notify_all()
-        return status, {"errcode": errcode, "errmsg": errmsg}
+        return status, {"errcode": errcode, "errmsg": errmsg}, request
 
     def _judge(self, path, token, query, raw, now):
         if path != "/robot/send":
@@ -141,7 +179,7 @@ class FakeDingTalk:
             answer = script.pop(0)
             if answer == "http500":
                 return 500, -1, "internal error"
-            return 200, answer, "scripted failure"
+            return 200, answer, "scripted failure"   # an errcode, or a BROKEN, "hang" or "trickle" answer
         if len(raw) > self.max_bytes:
             return 200, 460101, "message too long, exceed 20000 bytes"
         try:

@@ -60,3 +60,47 @@ def test_robot_repr_and_redaction_hide_secrets():
     robot = alertbridge.Robot("r", "https://h/robot/send?access_token=abc123tok", secret="SECxyz")
     assert "abc123tok" not in repr(robot) and "SECxyz" not in repr(robot)
     assert robot.redact("url ...access_token=abc123tok sign with SECxyz") == "url ...access_token=*** sign with ***"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("https://oapi.dingtalk.com/robot/send?access_token=tok-leak-1234 ; the ops group", "contains a space"),
+    ("https://oapi.dingtalk.com:44x/robot/send?access_token=tok-leak-1234", "port is not a number"),
+    ("https://oapi.dingtalk.com:99999/robot/send?access_token=tok-leak-1234", "port is not a number"),
+    ("https:///robot/send?access_token=tok-leak-1234", "webhook URL"),
+])
+def test_a_robot_url_that_cannot_work_is_refused_at_load_without_quoting_it(tmp_path, url, message):
+    path = tmp_path / "config.ini"
+    path.write_text(f"[robot:x]\nurl = {url}\n[receiver:a]\nrobots = x\n", encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    assert message in str(error.value) and "[robot:x] url" in str(error.value)
+    assert "tok-leak" not in str(error.value)
+
+
+def test_a_secret_with_a_comment_after_it_is_refused(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_text("[robot:x]\nurl = https://h/r?access_token=t\nsecret = SECabc123 ; old one\n"
+                    "[receiver:a]\nrobots = x\n", encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    assert "[robot:x] secret: contains a space" in str(error.value) and "SECabc" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("[robot:x]\nurl = https://h/r?access_token=t\nSECsupersecret-on-its-own\n", "line 3"),
+    ("secret = SECsupersecret-first\n[robot:x]\n", "line 1"),
+    ("[robot:x]\nsecret = SECsupersecret-a\nsecret = SECsupersecret-b\n", "line 3: [robot:x] secret is set twice"),
+])
+def test_a_syntax_error_names_the_line_but_never_quotes_it(tmp_path, text, where):
+    path = tmp_path / "config.ini"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    assert where in str(error.value) and "SECsupersecret" not in str(error.value)
+
+
+def test_a_failed_exchange_never_carries_the_url_or_raises():
+    robot = alertbridge.Robot("r", "http://127.0.0.1:9/robot/send?access_token=tok-leak x", secret="SECleak")
+    result = alertbridge.post_to_dingtalk(robot, b"{}", 2)          # a URL load would have refused
+    assert result.errcode is None and result.outcome == alertbridge.FAILED
+    assert "tok-leak" not in result.errmsg and "SECleak" not in result.errmsg

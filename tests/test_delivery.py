@@ -1,7 +1,10 @@
 """Delivery that never loses a page: budgets, digests, failover, retries, expiry, outages, crashes."""
 
 import concurrent.futures
+import contextlib
+import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -12,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import (ROBOTS, ROOT, config_text, history, make_alert, make_payload, post, require_mysql,
+import alertbridge
+from conftest import (IN_CI, ROBOTS, ROOT, config_text, history, make_alert, make_payload, post, require_mysql,
                       settle)
 
 OPS = [ROBOTS[f"ops-{i}"]["token"] for i in (1, 2, 3)]
@@ -416,3 +420,150 @@ def test_a_send_cut_off_by_a_crash_still_counts_against_the_budget(make_daemon, 
     daemon.stop()
     again = make_daemon(sqlite_db, **options)
     assert again.pool.available(again.config.receivers["dev"], time.time()) == 2
+
+
+# --- what DingTalk, the network or the disk may do: nothing of it wedges paging -----------------
+
+DEV = ROBOTS["dev-1"]["token"]
+ONE_ROBOT = {"dev": {"robots": "dev-1"}}
+
+
+@pytest.mark.parametrize("broken", ["json-array", "json-null", "bad-status-line", "cut-chunked"])
+def test_a_broken_answer_is_no_answer_and_gives_the_budget_slot_back(make_daemon, fake, sqlite_db, caplog, broken):
+    caplog.set_level(logging.INFO, logger="alertbridge")
+    fake.rate_window = 1.0
+    daemon = make_daemon(sqlite_db, receivers=ONE_ROBOT,
+                         delivery={"rate_limit": "2", "rate_window": "1", "retry_base": "0.05", "retry_max": "0.1"})
+    fake.fail_next(DEV, broken, 4)          # twice the budget: each slot must come back
+    post(daemon, make_payload("dev", [make_alert()]))
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=30)
+    settle(daemon)
+    sends = history(daemon, "notifications")
+    assert [s["errcode"] for s in sends] == [None] * 4 + [0]
+    assert all(s["errmsg"] and "Traceback" not in s["errmsg"] for s in sends[:4])
+    assert not [r for r in caplog.records if r.exc_info]     # a normal failure, not a crash
+    assert daemon.pool.available(daemon.config.receivers["dev"], time.time() + 1.01) == 2
+
+
+def test_retry_delay_stays_bounded_after_any_number_of_attempts():
+    for attempts in (0, 1, 10, 1023, 1024, 10 ** 6):
+        assert 0 < alertbridge.retry_delay(attempts, 2.0, 300.0) <= 300.0
+    assert alertbridge.retry_delay(0, 2.0, 300.0, jitter=lambda a, b: b) == 2.0
+    assert alertbridge.retry_delay(3, 2.0, 300.0, jitter=lambda a, b: b) == 16.0
+
+
+def test_a_message_after_1024_failed_attempts_is_still_retried(make_daemon, fake, sqlite_db, caplog):
+    caplog.set_level(logging.INFO, logger="alertbridge")
+    daemon = make_daemon(sqlite_db, receivers=ONE_ROBOT, start=False)
+    config = daemon.config
+    webhook = alertbridge.parse_webhook(json.dumps(make_payload("dev", [make_alert()])).encode())
+    daemon.journal.accept(webhook, config.receivers["dev"], "req-old")
+    daemon.journal._writer.execute("UPDATE messages SET attempts = 1100")   # 13 hours of DingTalk outage
+    fake.fail_next(DEV, -1)                                                # and one more failure
+    daemon.start()
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=30)
+    assert [r.errcode for r in fake.requests] == [-1, 0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]   # a retry, not a crash
+
+
+def test_a_trickled_answer_is_cut_at_the_timeout_and_the_next_robot_sends(make_daemon, fake, sqlite_db):
+    daemon = make_daemon(sqlite_db, delivery={"timeout": "1"})
+    fake.fail_next(OPS[0], "trickle")       # a byte every 0.1 s: no read ever times out
+    post(daemon, make_payload("ops", [make_alert()]))
+    assert fake.wait_for(lambda f: len(f.delivered(OPS[1])) == 1, timeout=30)
+    assert not fake.release.is_set()        # ops-2 sent while ops-1 was still trickling
+    settle(daemon)
+    first = history(daemon, "notifications")[0]
+    assert first["robot"] == "ops-1" and first["errcode"] is None and "within timeout (1s)" in first["errmsg"]
+
+
+def test_a_hanging_robot_does_not_hold_up_another_receiver(make_daemon, fake, sqlite_db):
+    daemon = make_daemon(sqlite_db, delivery={"timeout": "60"})
+    fake.fail_next(OPS[0], "hang")
+    post(daemon, make_payload("ops", [make_alert("Stuck")]))
+    assert fake.wait_for(lambda f: [r.token for r in f.requests] == [OPS[0]])
+    post(daemon, make_payload("dev", [make_alert("Other")]))
+    assert fake.wait_for(lambda f: len(f.delivered(DEV)) == 1, timeout=30)   # while ops-1 hangs
+    fake.release.set()
+    assert fake.wait_for(lambda f: any("Stuck" in m.text for m in f.delivered()), timeout=30)
+
+
+def test_two_robot_sections_with_one_token_share_one_budget(make_daemon, fake, sqlite_db):
+    fake.rate_limit = 3
+    twins = {**ROBOTS, "twin": dict(ROBOTS["dev-1"])}
+    daemon = make_daemon(sqlite_db, robots=twins, receivers={"dev": {"robots": "dev-1, twin"}},
+                         delivery={"rate_limit": "3", "rate_window": "3600"})
+    for i in range(3):
+        assert post(daemon, make_payload("dev", [make_alert(instance=f"n{i}")]))[0] == 200
+        settle(daemon)
+    assert [r.errcode for r in fake.requests] == [0, 0, 0]
+    assert daemon.pool.available(daemon.config.receivers["dev"], time.time()) == 0   # not 3 more via twin
+    assert "robots dev-1, twin have the same access_token" in alertbridge.check_config(daemon.config)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 16 MiB that the test can fill up and free again."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"the full-disk test needs to mount a tmpfs in CI: {result.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    filler = mount / "filler"
+
+    def fill():  # to the last byte: what is left would take a few more small writes
+        with open(filler, "ab", buffering=0) as fh:
+            for size in (1 << 20, 1 << 16, 1 << 12, 1 << 8, 1):
+                with contextlib.suppress(OSError):
+                    while fh.write(b"\0" * size):
+                        pass
+
+    def free():
+        filler.unlink()
+    yield mount, fill, free
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_neither_loses_nor_repeats_a_page(make_daemon, fake, sqlite_db, small_disk):
+    mount, fill, free = small_disk
+    daemon = make_daemon(sqlite_db, main={"state_dir": str(mount)}, receivers=ONE_ROBOT)
+    full = threading.Event()
+    fake.before_answer = lambda request: (fill(), full.set())   # the disk fills as DingTalk answers
+    assert post(daemon, make_payload("dev", [make_alert("DiskFull")]))[0] == 200
+    assert full.wait(30)
+    fake.before_answer = None
+    assert wait_until(lambda: daemon.journal.failed_at is not None)      # the answer could not be journaled
+    assert post(daemon, make_payload("dev", [make_alert("Later")]))[0] == 503       # Alertmanager retries
+    assert post(daemon, None, path="/-/ready", method="GET")[0] == 503
+    free()
+    assert wait_until(lambda: daemon.journal.backlog()[0] == 0)   # the held answer is journaled
+    assert post(daemon, make_payload("dev", [make_alert("Later")]))[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 2)
+    settle(daemon)
+    texts = [m.text for m in fake.delivered()]
+    assert sum("DiskFull" in t for t in texts) == 1 and sum("Later" in t for t in texts) == 1
+    assert daemon.pool.available(daemon.config.receivers["dev"], time.time()) == 18     # no slot lost
+    assert post(daemon, None, path="/-/ready", method="GET")[0] == 200
+
+
+def test_a_reload_that_removes_a_receiver_keeps_its_messages_for_it(make_daemon, fake, sqlite_db, caplog):
+    caplog.set_level(logging.ERROR, logger="alertbridge")
+    receivers = {"ops": {"robots": "ops-1"}, "dev": {"robots": "dev-1"}}
+    daemon = make_daemon(sqlite_db, receivers=receivers, delivery={"rate_limit": "1", "rate_window": "3600"})
+    post(daemon, make_payload("ops", [make_alert(instance="first")]))
+    settle(daemon)                                           # ops-1 has used its one message
+    post(daemon, make_payload("ops", [make_alert(instance="waiting")]))
+    path = daemon.config.path
+    original = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(original.replace("[receiver:ops]\nrobots = ops-1\n", ""))
+    assert post(daemon, b"", path="/-/reload")[0] == 200
+    assert wait_until(lambda: any("which the config no longer has" in r.getMessage() for r in caplog.records))
+    assert fake.delivered(DEV) == [] and daemon.journal.backlog()[0] == 1    # not sent to dev's group
+    with open(path, "w", encoding="utf-8") as fh:            # the section is back, with another robot
+        fh.write(original.replace("[receiver:ops]\nrobots = ops-1\n", "[receiver:ops]\nrobots = ops-2\n"))
+    assert post(daemon, b"", path="/-/reload")[0] == 200
+    assert fake.wait_for(lambda f: any("waiting" in m.text for m in f.delivered(OPS[1])))

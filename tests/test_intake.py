@@ -1,6 +1,8 @@
 """HTTP intake: every kind of bad request gets a clear 4xx and the daemon keeps serving."""
 
 import json
+import logging
+import re
 import socket
 from datetime import datetime, timezone
 
@@ -189,3 +191,85 @@ def test_reload_takes_a_post_without_a_body(make_daemon, sqlite_db):
     daemon = make_daemon(sqlite_db)
     status, body = raw_request(daemon, b"POST /-/reload HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200 and json.loads(body) == {"status": "reloaded"}
+
+
+def raw_exchange(daemon, data, timeout=10):
+    """Send raw bytes, half-close, and return every response the daemon wrote, parsed."""
+    host, port = daemon.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    responses = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        responses.append((int(head.split()[1]), rest[:length]))
+        answer = rest[length:]
+    return responses
+
+
+def webhook_request(payload, path="/alertmanager"):
+    body = json.dumps(payload).encode()
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), len(body)) + body)
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/-/healthy", "/-/ready", "/nowhere"])
+def test_a_body_on_an_endpoint_that_takes_none_is_never_read_as_a_request(make_daemon, sqlite_db, path):
+    """Behind a proxy that lets only GET /metrics through, a webhook hidden in its body must not
+    reach DingTalk."""
+    daemon = make_daemon(sqlite_db)
+    hidden = webhook_request(make_payload("dev", [make_alert("Smuggled")]))
+    request = b"GET %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(hidden)) + hidden
+    responses = raw_exchange(daemon, request)
+    assert len(responses) == 1
+    assert daemon.journal.backlog() == (0, None, 0, None)
+
+
+@pytest.mark.parametrize("framing, status", [
+    (b"Content-Length: 2\r\nContent-Length: 40", 400),            # which one? neither
+    (b"Content-Length: 2\r\nContent-Length: 2", 400),
+    (b"Content-Length: 2\r\nTransfer-Encoding: chunked", 400),
+    (b"Content-Length: \xb2", 400),                               # Latin-1 '²': isdigit() is true
+    (b"Content-Length: 1" + b"0" * 5000, 400),                    # more digits than int() takes
+    (b"Content-Length: -2", 400),
+    (b"Content-Length: 0x2", 400),
+], ids=["two-lengths", "repeated-length", "length-and-chunked", "superscript-two", "5000-digits",
+        "negative", "hex"])
+def test_framing_that_is_not_one_plain_length_gets_400_and_the_connection_ends(make_daemon, sqlite_db, framing,
+                                                                              status):
+    daemon = make_daemon(sqlite_db)
+    second = webhook_request(make_payload("dev", [make_alert("Smuggled")]))
+    request = b"POST /alertmanager HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n{}" + second
+    responses = raw_exchange(daemon, request)
+    assert [r[0] for r in responses] == [status]              # the rest of the stream is not parsed
+    assert json.loads(responses[0][1])["error"]
+    assert daemon.journal.backlog() == (0, None, 0, None)
+
+
+def test_a_bearer_token_beyond_ascii_is_compared_as_the_utf8_alertmanager_sends(make_daemon, sqlite_db):
+    daemon = make_daemon(sqlite_db, extra="[auth]\nbearer_token = 令牌-ü-token\n")
+    body = json.dumps(make_payload("dev", [make_alert()])).encode()
+    head = ("POST /alertmanager HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nAuthorization: Bearer ").encode()
+    assert raw_exchange(daemon, head + "令牌-ü-token".encode() + b"\r\n\r\n" + body)[0][0] == 200
+    assert raw_exchange(daemon, head + "令牌-u-token".encode() + b"\r\n\r\n" + body)[0][0] == 401
+
+
+def test_request_text_cannot_forge_a_log_line(make_daemon, sqlite_db, caplog):
+    caplog.set_level(logging.DEBUG, logger="alertbridge")
+    daemon = make_daemon(sqlite_db)
+    forged = "x\nINFO alertbridge request_id=0 accepted receiver=ops\r"
+    payload = make_payload(forged, [make_alert()])
+    payload["groupKey"] = forged
+    assert post(daemon, payload)[0] == 200                                     # via default_receiver
+    assert post(daemon, make_payload("dev", [make_alert()]), path="/alertmanager/a%0Ab")[0] == 200
+    bad_label = make_payload("dev", [make_alert(labels={forged: 1})])
+    assert post(daemon, bad_label)[0] == 400
+    settle(daemon)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("x\\nINFO" in m for m in messages) and any("a\\nb" in m for m in messages)
+    assert not [m for m in messages if "\n" in m or "\r" in m]

@@ -7,7 +7,8 @@ import time
 
 import alertbridge
 
-from conftest import ROBOTS, SECRETS, history, load_fixture, make_alert, make_payload, post, settle
+from conftest import (ROBOTS, SECRETS, history, load_fixture, make_alert, make_payload, mysql_connect,
+                      mysql_settings, post, require_mysql, settle)
 
 OPS = [ROBOTS[f"ops-{i}"]["token"] for i in (1, 2, 3)]
 
@@ -146,3 +147,71 @@ def test_recorder_batches_are_bounded_in_bytes_but_never_empty(tmp_path):
     assert [len(body) for _, _, body in journal.unrecorded(max_bytes=100)] == [600]   # one, however large
     assert [len(body) for _, _, body in journal.unrecorded(max_bytes=1000)] == [600, 300]
     assert len(journal.unrecorded(limit=3, max_bytes=10_000)) == 3
+
+
+def drop_alerts_table(settings):
+    if settings["driver"] == "sqlite":
+        db = sqlite3.connect(settings["path"])
+        db.execute("DROP TABLE alerts")
+        db.commit()
+        db.close()
+        return
+    db = mysql_connect()
+    with db.cursor() as cursor:
+        cursor.execute("DROP TABLE alerts")
+    db.close()
+
+
+def test_an_alert_larger_than_its_columns_is_recorded_cut_with_the_rest_of_its_webhook(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    huge = make_alert("Huge", annotations={"summary": "摘要" * 40000, "description": "d" * 70000})
+    post(daemon, make_payload("dev", [huge, make_alert("Small")]))
+    settle(daemon)
+    rows = {r["alertname"]: r for r in history(daemon)}
+    assert set(rows) == {"Huge", "Small"}
+    assert len(rows["Huge"]["summary"].encode()) <= 65535 and rows["Huge"]["summary"].startswith("摘要摘要")
+    assert len(rows["Huge"]["description"]) == 65535
+    assert json.loads(rows["Huge"]["annotations"])["description"] == "d" * 70000    # whole in the JSON
+
+
+def test_a_dropped_history_table_is_created_again_and_nothing_is_lost(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    post(daemon, make_payload("dev", [make_alert(instance="before")]))
+    settle(daemon)
+    drop_alerts_table(database)                             # a DBA's mistake, or a restore under way
+    post(daemon, make_payload("dev", [make_alert(instance="after")]))
+    settle(daemon)
+    assert [r["instance"] for r in history(daemon)] == ["after"]
+    assert daemon.recorder.store_ok and daemon.journal.message_states() == {"sent": 2}
+
+
+def test_receivers_differing_by_case_or_emoji_stay_apart_in_both_stores(make_daemon, fake, database):
+    daemon = make_daemon(database)
+    for receiver in ("ops", "OPS", "ops🔥", "ops🚨", " ops "):   # the last is "ops": spaces are dropped
+        post(daemon, make_payload(receiver, [make_alert(fingerprint="same", starts_at="2026-11-24T08:00:00Z")]))
+    settle(daemon)
+    rows = history(daemon)
+    assert sorted(r["receiver"] for r in rows) == sorted(["ops", "OPS", "ops🔥", "ops🚨"])
+    assert {r["receiver"]: r["received_count"] for r in rows}["ops"] == 2
+    assert all(r["notified_count"] == (2 if r["receiver"] == "ops" else 1) for r in rows)
+
+
+def test_a_mysql_history_table_made_by_0_3_gets_byte_wise_keys(make_daemon, fake):
+    db = require_mysql()
+    old_schema = alertbridge.MYSQL_SCHEMA.replace(" CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", "")
+    with db.cursor() as cursor:
+        for table in ("alerts", "notifications", "recorder_progress"):
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
+        for statement in old_schema.split(";"):
+            if statement.strip():
+                cursor.execute(statement)
+    daemon = make_daemon(mysql_settings())
+    for receiver in ("ops", "OPS"):
+        post(daemon, make_payload(receiver, [make_alert(fingerprint="same")]))
+    settle(daemon)
+    assert sorted(r["receiver"] for r in history(daemon)) == ["OPS", "ops"]
+    with db.cursor() as cursor:
+        cursor.execute("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+                       "DATABASE() AND TABLE_NAME = 'alerts' AND COLUMN_NAME IN ('receiver', 'fingerprint')")
+        assert dict(cursor.fetchall()) == {"receiver": "utf8mb4_bin", "fingerprint": "utf8mb4_bin"}
+    db.close()

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import alertbridge
-from conftest import (IN_CI, ROBOTS, ROOT, SECRETS, config_text, history, make_alert, make_payload, post,
-                      settle)
+from conftest import (IN_CI, ROBOTS, ROOT, SECRETS, config_text, history, make_alert, make_payload,
+                      mysql_settings, post, require_mysql, settle)
 from test_delivery import free_port, wait_until
 
 SCRIPT = str(ROOT / "alertbridge.py")
@@ -330,3 +330,64 @@ def test_systemd_unit_verifies():
                       "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes", "RestrictAddressFamilies=",
                       "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert directive in unit
+
+
+def blocked_signals(pid):
+    """The signals blocked in the process's main thread, from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", fh.read(), re.M).group(1), 16)
+    return {s for s in signal.Signals if mask >> (s - 1) & 1}
+
+
+@pytest.mark.parametrize("first", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_in_the_first_moments_is_acted_on_not_fatal(process, first):
+    p = process()
+    assert wait_until(lambda: p.proc.poll() is not None or signal.SIGHUP in blocked_signals(p.proc.pid),
+                      every=0.001)
+    p.proc.send_signal(first)               # long before the daemon listens
+    if first == signal.SIGHUP:
+        p.wait_healthy()
+        p.wait_log("config reloaded")
+        assert p.stop() == 0
+    else:
+        assert p.proc.wait(30) == 0
+        assert "stopping: finishing in-flight requests (SIGTERM)" in p.log.read_text()
+
+
+def test_shutdown_is_bounded_while_mysql_holds_a_lock(tmp_path, fake):
+    db = require_mysql()
+    settings = mysql_settings()
+    with db.cursor() as cursor:
+        for table in ("alerts", "notifications", "recorder_progress"):
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake, settings), encoding="utf-8")
+    daemon = alertbridge.Daemon(alertbridge.load_config(str(path))).start()
+    post(daemon, make_payload("dev", [make_alert(instance="first")]))
+    settle(daemon)
+    with db.cursor() as cursor:
+        cursor.execute("LOCK TABLES alerts WRITE")          # a migration, a backup, a long report
+    post(daemon, make_payload("dev", [make_alert(instance="locked-out")]))
+    assert fake.wait_for(lambda f: len(f.delivered()) == 2)
+    started = time.monotonic()
+    daemon.stop(timeout=10)
+    assert time.monotonic() - started < 20                    # systemd's TimeoutStopSec is 30 s
+    db.close()                                               # the lock goes with its session
+    again = alertbridge.Daemon(alertbridge.load_config(str(path))).start()
+    try:
+        settle(again)
+        assert [r["instance"] for r in history(again)] == ["first", "locked-out"]
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("damage", [b"", b"this is not a journal" * 100], ids=["empty", "garbage"])
+def test_a_damaged_journal_is_named_with_the_way_out(tmp_path, fake, sqlite_db, damage):
+    journal = tmp_path / "state" / "journal.db"
+    journal.parent.mkdir()
+    journal.write_bytes(damage)
+    p = Process(tmp_path, fake, sqlite_db)
+    assert p.proc.wait(30) == 2
+    lines = p.log.read_text().splitlines()
+    assert len(lines) == 1 and str(journal) in lines[0] and f"mv {journal} {journal}.damaged" in lines[0]
+    assert "Traceback" not in lines[0]

@@ -3,20 +3,38 @@
 
 The file reads top to bottom the way an alert travels through it:
 
-  1. Config     config.ini -> Config, Receiver, Robot (validated as a whole, reloadable)
-  2. Intake     HTTP handler: validate the Alertmanager v4 webhook, journal it, answer 200
-  3. Storage    all SQL in one place; the Journal (local SQLite, WAL: webhooks to record,
-                messages to send, the send log) and the Store (alert history, MySQL or SQLite),
-                which runs in a child process (StoreProcess) to keep its CPU off the intake
-  4. Rendering  alerts -> DingTalk markdown (templates, @mobiles, keyword, size limit)
-  5. Delivery   RobotPool (rotation, per-robot budgets, throttling) and the Notifier thread
-  6. Recording  the Recorder thread: journal -> history store, in order, across store outages
-  7. Daemon     Metrics, sd_notify, wiring, signals, the command line and main()
+   1. Records        what crosses sections: the alert, the webhook, a message's body, the
+                     journal's two events, times as the stores keep them; the error types
+   2. Templates      str.format with blanks, shared by config validation and rendering
+   3. Config         config.ini -> Config: one dataclass per section (its defaults written
+                     once), Robot and Route (the config side of an Alertmanager receiver)
+   4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
+   5. Storage        all SQL; the Journal (local SQLite: messages to send, events to record,
+                     the send log); the Store (history, MySQL or SQLite) and its child process
+   6. Rendering      alerts -> DingTalk markdown (templates, mentions, keyword, sizes)
+   7. Packing        digest and split plans: pure functions, sizes in, groups out
+   8. DingTalk       one request: signing, a total deadline, the answer classified once
+   9. Robot pool     rotation, budgets per token, throttles; time is an argument
+  10. Workers        Worker (owns a thread); Notifier, one Sender per route; Recorder
+  11. Observability  metrics, sd_notify, the watchdog
+  12. Bridge         one instance: wiring, start, reload, readiness, stop
+  13. Command line   --check-config, --send-test, --init-db, run(), main()
 
-An accepted webhook is on disk in the journal before Alertmanager gets its 200. Two background
-threads consume the journal: the Notifier (DingTalk) and the Recorder (history). Paging never
-waits for the history database, and nothing accepted is dropped: a message that cannot be sent
-waits, is retried, and after `max_age` is marked expired, never deleted unseen.
+Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
+nothing accepted is dropped (a message that cannot be sent waits, is retried, and after
+`max_age` is marked expired, never deleted unseen); paging never waits for the history
+database; no robot sends more than `rate_limit` per `rate_window`; a token or secret never
+reaches a log line, a metric or a database.
+
+Threads: "http" accepts connections, with a thread per connection (IntakeHandler); "notifier"
+expires old messages and starts a "sender:ROUTE" per route, each sending its route's messages
+in order; "recorder" copies journal events into the history through the store process;
+"watchdog" pets systemd. The main thread waits for signals (run()).
+
+Locks: Journal._write_lock serializes every journal write on one connection (group commit for
+webhooks, under _queue_lock); RobotPool._lock guards budgets and rotation; StoreProcess._lock
+one call at a time on the pipe; Metrics._lock the counters. None is held while waiting on the
+network, and none is taken while another is held.
 """
 
 import sys
@@ -34,32 +52,33 @@ if __name__ == "__main__":  # before anything slow: see run() for why, and main(
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
 
 import argparse  # noqa: E402
-import base64
-import configparser
-import contextlib
-import functools
-import hashlib
-import hmac
-import http.server
-import io
-import json
-import logging
-import multiprocessing.connection
-import os
-import random
-import re
-import socket
-import sqlite3
-import string
-import subprocess
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+import base64  # noqa: E402
+import configparser  # noqa: E402
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import http.server  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import multiprocessing.connection  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import sqlite3  # noqa: E402
+import string  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace  # noqa: E402
+from datetime import datetime, timedelta, timezone  # noqa: E402
 
 VERSION = "0.4.0"
 log = logging.getLogger("alertbridge")
@@ -80,13 +99,162 @@ class _EscapeControlCharacters(logging.Filter):
 log.addFilter(_EscapeControlCharacters())
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Config
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# 1. Records: what crosses sections
+# =============================================================================================
+#
+# The alert, as normalize_alert() makes it and the journal, the renderer and the store read it:
+#   {"fingerprint": str (<= 64), "status": "firing" | "resolved",
+#    "starts_at": db_time, "ends_at": db_time or None (None while firing),
+#    "labels": {str: str}, "annotations": {str: str}, "generator_url": str,
+#    "external_url": str, "receiver": Alertmanager's receiver name (<= 128)}
+#
+# A message's body, as the journal keeps it for a route and the renderer reads it:
+#   {"alerts": [alert, ...], "truncated": int (Alertmanager's truncatedAlerts),
+#    optional "digest": true (folded from a backlog), optional "part": [i, n] (split)}
+#
+# The journal's two events, which the recorder copies into the history: webhook_event() and
+# send_event() below.
 
 class ConfigError(Exception):
-    """config.ini cannot be used; the message says which section and key."""
+    """config.ini cannot be used; the message names the section and key, never a value."""
 
+
+class BadRequest(Exception):
+    """A request that can never succeed: answered 4xx with a one-line JSON reason."""
+
+    def __init__(self, status, reason, headers=()):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+class JournalDamaged(Exception):
+    """The journal file cannot be opened as a journal; the message says how to go on."""
+
+
+class StoreUnavailable(Exception):
+    """The history database cannot be reached (or a table is gone); the recorder retries."""
+
+
+class StoreError(Exception):
+    """A store call failed in the store process for a reason other than reachability."""
+
+
+@dataclass
+class Webhook:
+    receiver: str           # Alertmanager's receiver: the path segment, else the payload's
+    external_url: str
+    group_key: str
+    alerts: list            # alerts as normalize_alert() makes them
+    truncated: int = 0
+
+
+def message_body(alerts, truncated=0, **extra):
+    return {"alerts": alerts, "truncated": truncated, **extra}
+
+
+def webhook_event(webhook, request_id, received_at):
+    """What the recorder writes for an accepted webhook: one history row per alert."""
+    return {"receiver": webhook.receiver, "request_id": request_id, "received_at": db_time(received_at),
+            "alerts": webhook.alerts}
+
+
+def send_event(route, robot, message, result, at):
+    """What the recorder writes for one DingTalk request: a notifications row and, when
+    DingTalk took it, one more notified_count for each alert it carried."""
+    return {"sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "route": route, "robot": robot.name,
+            "request_id": message.request_id, "message_id": message.id,
+            "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
+            "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)}
+
+
+def db_time(dt):
+    """UTC datetime -> 'YYYY-MM-DD HH:MM:SS.mmm', the form both MySQL and SQLite store."""
+    return dt.isoformat(" ", "milliseconds")[:23] if dt else None
+
+
+def from_db_time(text):
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc) if text else None
+
+
+TEXT_BYTES = 65535     # a MySQL TEXT column; labels and annotations go whole into JSON columns
+
+
+def fit_text(text, limit=TEXT_BYTES):
+    """`text` cut to `limit` UTF-8 bytes at a character boundary: a MySQL TEXT column refuses
+    more, and with it the whole webhook's row batch. Both stores keep the same cut."""
+    if text is None or len(text) * 4 <= limit:
+        return text
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+# =============================================================================================
+# 2. Templates
+# =============================================================================================
+
+class Blank(dict):
+    """A mapping where a missing key renders as an empty string."""
+
+    def __missing__(self, key):
+        return ""
+
+
+class _LenientFormatter(string.Formatter):
+    def get_field(self, field_name, args, kwargs):
+        try:
+            return super().get_field(field_name, args, kwargs)
+        except (KeyError, AttributeError, IndexError, TypeError):
+            return "", field_name
+
+
+_formatter = _LenientFormatter()
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(template):
+    """A template's lines, each as str.format parses it: (literal, field, spec, conversion)."""
+    return tuple(tuple(_formatter.parse(line)) for line in template.split("\n"))
+
+
+def _format(name, spec, conversion, fields):
+    if not spec and not conversion and name.isidentifier():  # the common case, made cheap
+        return str(fields[name])
+    value, _ = _formatter.get_field(name, (), fields)
+    try:
+        return _formatter.format_field(_formatter.convert_field(value, conversion), spec)
+    except (ValueError, TypeError):  # e.g. {x:d} on a label that is not a number
+        return str(value)
+
+
+def render_template(template, fields):
+    """str.format over `fields`; a missing field is empty, and a line whose placeholders all
+    came out empty is left out (so 'Resolved: {ends_at}' disappears while an alert fires).
+    Raises ValueError for a malformed template (checked when the config loads)."""
+    out = []
+    for pieces in _parsed(template):
+        parts, named, filled = [], False, False
+        for literal, name, spec, conversion in pieces:
+            parts.append(literal)
+            if name is not None:
+                value = _format(name, spec, conversion, fields)
+                named, filled = True, filled or value != ""
+                parts.append(value)
+        if named and not filled:
+            continue
+        out.append("".join(parts))
+    return "\n".join(out)
+
+
+# =============================================================================================
+# 3. Config
+# =============================================================================================
+#
+# One frozen dataclass per section of config.ini. A field is named as its key, and its default
+# is the key's default: written here once (the README's tables are checked against them). A
+# default of "" on a path means "derived" (see load_config). Field metadata: "min" for numbers,
+# "choices" for words.
 
 DEFAULT_TITLE = "[{state}] {alertnames}"
 DEFAULT_ALERT = """\
@@ -103,8 +271,90 @@ PLACEHOLDER_TOKEN = "CHANGE_ME"
 
 
 @dataclass(frozen=True)
+class Service:
+    """[alertbridge]"""
+    listen: str = "127.0.0.1"
+    port: int = 9097
+    max_body_bytes: int = field(default=1048576, metadata={"min": 1024})
+    request_timeout: float = field(default=10.0, metadata={"min": 0.1})
+    max_connections: int = field(default=512, metadata={"min": 1})
+    timezone: str = "Asia/Shanghai"
+    state_dir: str = ""         # "": $STATE_DIRECTORY, else "state"
+    journal: str = ""           # "": STATE_DIR/journal.db
+    journal_sync: str = field(default="full", metadata={"choices": ("full", "normal")})
+    default_receiver: str = ""
+
+
+@dataclass(frozen=True)
+class Database:
+    """[database]: the alert history."""
+    driver: str = field(default="sqlite", metadata={"choices": ("sqlite", "mysql")})
+    path: str = ""              # "": STATE_DIR/alertbridge.db
+    host: str = "127.0.0.1"
+    port: int = field(default=3306, metadata={"min": 1})
+    user: str = "alertbridge"
+    password: str = field(default="", repr=False)
+    database: str = "alertbridge"
+    retention_days: float = 180.0
+
+    def describe(self):
+        if self.driver == "sqlite":
+            return f"sqlite:{self.path}"
+        return f"mysql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
+class Auth:
+    """[auth]: the credentials Alertmanager's http_config must present."""
+    bearer_token: str = field(default="", repr=False)
+    username: str = ""
+    password: str = field(default="", repr=False)
+    protect_metrics: bool = False
+
+    @property
+    def enabled(self):
+        return bool(self.bearer_token or self.username)
+
+    def allows(self, authorization):
+        """Whether an Authorization header value carries valid credentials (constant time)."""
+        scheme, _, value = (authorization or "").partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and self.bearer_token:
+            # http.server decodes headers as Latin-1; Alertmanager sends the token's UTF-8 bytes
+            return hmac.compare_digest(value.encode("latin-1"), self.bearer_token.encode())
+        if scheme.lower() == "basic" and self.username:
+            try:
+                given = base64.b64decode(value, validate=True)
+            except ValueError:
+                return False
+            expected = f"{self.username}:{self.password}".encode()
+            return hmac.compare_digest(given, expected)
+        return False
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """[delivery]"""
+    rate_limit: int = field(default=20, metadata={"min": 1})
+    rate_window: float = field(default=60.0, metadata={"min": 0.01})
+    throttle_seconds: float = 600.0
+    max_message_bytes: int = field(default=20000, metadata={"min": 1000})
+    max_age: float = field(default=86400.0, metadata={"min": 1.0})
+    timeout: float = field(default=5.0, metadata={"min": 0.1})
+    retry_base: float = field(default=2.0, metadata={"min": 0.01})
+    retry_max: float = field(default=300.0, metadata={"min": 0.01})
+
+
+@dataclass(frozen=True)
+class Templates:
+    """[templates]: the layout every route has unless it sets its own."""
+    title: str = DEFAULT_TITLE
+    alert: str = DEFAULT_ALERT
+
+
+@dataclass(frozen=True)
 class Robot:
-    """One DingTalk custom robot. Only `name` ever reaches logs, metrics or the database."""
+    """[robot:NAME]: one DingTalk custom robot. Only `name` reaches logs, metrics or databases."""
     name: str
     url: str = field(repr=False)
     secret: str = field(default="", repr=False)
@@ -133,77 +383,37 @@ class Robot:
 
 
 @dataclass(frozen=True)
-class Receiver:
-    """One Alertmanager receiver: the robots it rotates over and how its messages look."""
+class Route:
+    """[receiver:NAME]: where an Alertmanager receiver's alerts go (its robots, used in turn)
+    and how they look. In the code a "receiver" is always Alertmanager's; the section that
+    serves one is its route, named like it (or the default_receiver's, for unknown ones)."""
     name: str
     robots: tuple
     at_mobiles: tuple = ()
     at_all: bool = False
     at_severities: tuple = ()
     per_alert: bool = False
-    title_template: str = DEFAULT_TITLE
-    alert_template: str = DEFAULT_ALERT
-
-
-@dataclass(frozen=True)
-class Auth:
-    """Credentials Alertmanager's http_config must present (bearer token and/or basic auth)."""
-    bearer_token: str = field(default="", repr=False)
-    username: str = ""
-    password: str = field(default="", repr=False)
-    protect_metrics: bool = False
-
-    @property
-    def enabled(self):
-        return bool(self.bearer_token or self.username)
-
-    def allows(self, authorization):
-        """Whether an Authorization header value carries valid credentials (constant time)."""
-        scheme, _, value = (authorization or "").partition(" ")
-        value = value.strip()
-        if scheme.lower() == "bearer" and self.bearer_token:
-            # http.server decodes headers as Latin-1; Alertmanager sends the token's UTF-8 bytes
-            return hmac.compare_digest(value.encode("latin-1"), self.bearer_token.encode())
-        if scheme.lower() == "basic" and self.username:
-            try:
-                given = base64.b64decode(value, validate=True)
-            except ValueError:
-                return False
-            expected = f"{self.username}:{self.password}".encode()
-            return hmac.compare_digest(given, expected)
-        return False
+    title: str = DEFAULT_TITLE
+    alert: str = DEFAULT_ALERT
 
 
 @dataclass(frozen=True)
 class Config:
     path: str = ""
-    listen: str = "127.0.0.1"
-    port: int = 9097
-    max_body_bytes: int = 1 << 20
-    request_timeout: float = 10.0
-    max_connections: int = 512
-    timezone_name: str = "Asia/Shanghai"
-    tz: object = timezone(timedelta(hours=8))
-    state_dir: str = "state"
-    journal_path: str = "state/journal.db"
-    journal_sync: str = "FULL"
-    default_receiver: str = ""
-    database: dict = field(default_factory=dict)
-    rate_limit: int = 20
-    rate_window: float = 60.0
-    throttle_seconds: float = 600.0
-    max_message_bytes: int = 20000
-    max_age: float = 86400.0
-    send_timeout: float = 5.0
-    retry_base: float = 2.0
-    retry_max: float = 300.0
-    retention_days: float = 180.0
-    auth: Auth = field(default_factory=Auth)
-    receivers: dict = field(default_factory=dict)
+    service: Service = Service()
+    database: Database = Database()
+    auth: Auth = Auth()
+    delivery: Delivery = Delivery()
+    routes: dict = field(default_factory=dict)     # route name -> Route
+    tz: object = timezone(timedelta(hours=8))       # service.timezone, loaded
 
-    def receiver_for(self, name):
-        """The receiver section for an Alertmanager receiver name, else the default one."""
-        return self.receivers.get(name) or self.receivers.get(self.default_receiver)
+    def route_for(self, receiver):
+        """The route of an Alertmanager receiver: its own section, else default_receiver's."""
+        return self.routes.get(receiver) or self.routes.get(self.service.default_receiver)
+
+    @property
+    def robots(self):
+        return {r for route in self.routes.values() for r in route.robots}
 
 
 # Zones without daylight saving time that work even where the IANA database is missing (a
@@ -213,7 +423,7 @@ FIXED_ZONES = {"Asia/Shanghai": 8, "Asia/Chongqing": 8, "Asia/Harbin": 8, "Asia/
                "Asia/Singapore": 8, "Asia/Tokyo": 9, "Asia/Seoul": 9, "UTC": 0, "Etc/UTC": 0}
 
 
-def _load_timezone(name):
+def load_timezone(name):
     """IANA name (zoneinfo), UTC, or a fixed offset such as +08:00."""
     match = re.fullmatch(r"(?:UTC)?([+-])([0-9]{2}):?([0-9]{2})", name)
     if match:
@@ -241,25 +451,19 @@ class _Section:
         self.items = parser[name] if parser.has_section(name) else {}
 
     def get(self, key, default=""):
-        return self.items.get(key, default).strip() if key in self.items else default
+        return self.items[key].strip() if key in self.items else default
 
-    def _typed(self, key, default, kind, minimum):
+    def number(self, key, default, kind, minimum=0):
         if key not in self.items:
             return default
         try:
             value = kind(self.items[key].strip())
         except ValueError:
             what = "an integer" if kind is int else "a number"
-            raise ConfigError(f"[{self.name}] {key}: not {what}: {self.items[key]!r}")
+            raise ConfigError(f"[{self.name}] {key}: not {what}")
         if value < minimum:
             raise ConfigError(f"[{self.name}] {key}: must be at least {minimum}")
         return value
-
-    def int(self, key, default, minimum=0):
-        return self._typed(key, default, int, minimum)
-
-    def float(self, key, default, minimum=0.0):
-        return self._typed(key, default, float, minimum)
 
     def bool(self, key, default=False):
         value = self.get(key, "").lower()
@@ -269,16 +473,32 @@ class _Section:
             return True
         if value in ("0", "no", "false", "off"):
             return False
-        raise ConfigError(f"[{self.name}] {key}: not a boolean: {value!r}")
+        raise ConfigError(f"[{self.name}] {key}: not a boolean (true or false)")
 
     def template(self, key, default):
-        text = self.items[key] if key in self.items else default
-        text = text.strip("\n")
+        text = self.items[key].strip("\n") if key in self.items else default
         try:
             render_template(text, Blank())
         except ValueError as exc:
             raise ConfigError(f"[{self.name}] {key}: bad template: {exc}")
         return text
+
+    def settings(self, cls, **derived):
+        """The section as `cls`: each field read by its type, its default when the key is unset."""
+        values = {}
+        for f in fields(cls):
+            if f.name in derived or f.default is MISSING:
+                continue
+            if f.type is bool:
+                values[f.name] = self.bool(f.name, f.default)
+            elif f.type in (int, float):
+                values[f.name] = self.number(f.name, f.default, f.type, f.metadata.get("min", 0))
+            else:
+                values[f.name] = self.get(f.name, f.default)
+                choices = f.metadata.get("choices")
+                if choices and values[f.name].lower() not in choices:
+                    raise ConfigError(f"[{self.name}] {f.name}: must be one of {', '.join(choices)}")
+        return cls(**values, **derived)
 
 
 def load_config(path):
@@ -291,86 +511,24 @@ def load_config(path):
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}")
-    base = os.path.dirname(os.path.abspath(path))
-
-    def resolve(p):
-        return p if os.path.isabs(p) else os.path.join(base, p)
-
-    main = _Section(parser, "alertbridge")
-    state_dir = resolve(main.get("state_dir", os.environ.get("STATE_DIRECTORY", "state")))
-    sync = main.get("journal_sync", "full").upper()
-    if sync not in ("FULL", "NORMAL"):
-        raise ConfigError("[alertbridge] journal_sync: must be full or normal")
-    tz_name = main.get("timezone", "Asia/Shanghai")
-    settings = dict(
-        path=os.path.abspath(path),
-        listen=main.get("listen", "127.0.0.1"),
-        port=main.int("port", 9097),
-        max_body_bytes=main.int("max_body_bytes", 1 << 20, 1024),
-        request_timeout=main.float("request_timeout", 10.0, 0.1),
-        max_connections=main.int("max_connections", 512, 1),
-        timezone_name=tz_name,
-        tz=_load_timezone(tz_name),
-        state_dir=state_dir,
-        journal_path=resolve(main.get("journal", os.path.join(state_dir, "journal.db"))),
-        journal_sync=sync,
-    )
-    db = _Section(parser, "database")
-    driver = db.get("driver", "sqlite")
-    if driver == "sqlite":
-        database = {"driver": "sqlite", "path": resolve(db.get("path", os.path.join(state_dir, "alertbridge.db")))}
-    elif driver == "mysql":
-        database = {"driver": "mysql", "host": db.get("host", "127.0.0.1"), "port": db.int("port", 3306, 1),
-                    "user": db.get("user", "alertbridge"), "password": db.get("password", ""),
-                    "database": db.get("database", "alertbridge")}
-    else:
-        raise ConfigError(f"[database] driver: must be sqlite or mysql, not {driver!r}")
-
-    auth_section = _Section(parser, "auth")
-    auth = Auth(bearer_token=auth_section.get("bearer_token"), username=auth_section.get("username"),
-                password=auth_section.get("password"), protect_metrics=auth_section.bool("protect_metrics"))
-    if auth.password and not auth.username:
-        raise ConfigError("[auth] password: set username too (basic auth)")
-    delivery = _Section(parser, "delivery")
-    templates = _Section(parser, "templates")
-    title_default = templates.template("title", DEFAULT_TITLE)
-    alert_default = templates.template("alert", DEFAULT_ALERT)
-
-    robots = {}
-    for section in parser.sections():
-        if section.startswith("robot:"):
-            robots[section[6:]] = _load_robot(_Section(parser, section), section[6:])
-    receivers = {}
-    for section in parser.sections():
-        if section.startswith("receiver:"):
-            name = section[9:]
-            receivers[name] = _load_receiver(_Section(parser, section), name, robots, title_default, alert_default)
     unknown = [s for s in parser.sections() if s not in ("alertbridge", "database", "delivery", "templates", "auth")
                and not s.startswith(("robot:", "receiver:"))]
     if unknown:
         raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME or robot:NAME)")
-    default_receiver = main.get("default_receiver", "")
-    if default_receiver and default_receiver not in receivers:
-        raise ConfigError(f"[alertbridge] default_receiver: no section [receiver:{default_receiver}]")
-    if not receivers:
+    base = os.path.dirname(os.path.abspath(path))
+    service = _load_service(parser, base)
+    settings = dict(path=os.path.abspath(path), service=service, tz=load_timezone(service.timezone),
+                    database=_load_database(parser, base, service), auth=_load_auth(parser),
+                    delivery=_Section(parser, "delivery").settings(Delivery))
+    templates = _load_templates(parser)
+    robots = {s[6:]: _load_robot(_Section(parser, s), s[6:]) for s in parser.sections() if s.startswith("robot:")}
+    routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates)
+              for s in parser.sections() if s.startswith("receiver:")}
+    if not routes:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
-
-    return Config(
-        **settings,
-        default_receiver=default_receiver,
-        database=database,
-        rate_limit=delivery.int("rate_limit", 20, 1),
-        rate_window=delivery.float("rate_window", 60.0, 0.01),
-        throttle_seconds=delivery.float("throttle_seconds", 600.0),
-        max_message_bytes=delivery.int("max_message_bytes", 20000, 1000),
-        max_age=delivery.float("max_age", 86400.0, 1.0),
-        send_timeout=delivery.float("timeout", 5.0, 0.1),
-        retry_base=delivery.float("retry_base", 2.0, 0.01),
-        retry_max=delivery.float("retry_max", 300.0, 0.01),
-        retention_days=db.float("retention_days", 180.0, 0.0),
-        auth=auth,
-        receivers=receivers,
-    )
+    if service.default_receiver and service.default_receiver not in routes:
+        raise ConfigError(f"[alertbridge] default_receiver: no section [receiver:{service.default_receiver}]")
+    return Config(routes=routes, **settings)
 
 
 def _syntax_error(exc):
@@ -386,6 +544,39 @@ def _syntax_error(exc):
     if isinstance(exc, configparser.DuplicateSectionError):
         return f"line {exc.lineno}: section [{exc.section}] appears twice"
     return type(exc).__name__
+
+
+def _resolver(base):
+    return lambda p: p if os.path.isabs(p) else os.path.join(base, p)
+
+
+def _load_service(parser, base):
+    resolve = _resolver(base)
+    section = _Section(parser, "alertbridge")
+    state_dir = resolve(section.get("state_dir") or os.environ.get("STATE_DIRECTORY", "state"))
+    journal = resolve(section.get("journal") or os.path.join(state_dir, "journal.db"))
+    service = section.settings(Service, state_dir=state_dir, journal=journal)
+    return replace(service, journal_sync=service.journal_sync.lower())
+
+
+def _load_database(parser, base, service):
+    section = _Section(parser, "database")
+    path = _resolver(base)(section.get("path") or os.path.join(service.state_dir, "alertbridge.db"))
+    database = section.settings(Database, path=path)
+    return replace(database, driver=database.driver.lower())
+
+
+def _load_auth(parser):
+    auth = _Section(parser, "auth").settings(Auth)
+    if auth.password and not auth.username:
+        raise ConfigError("[auth] password: set username too (basic auth)")
+    return auth
+
+
+def _load_templates(parser):
+    section = _Section(parser, "templates")
+    return Templates(title=section.template("title", Templates.title),
+                     alert=section.template("alert", Templates.alert))
 
 
 def _load_robot(section, name):
@@ -410,7 +601,7 @@ def _load_robot(section, name):
     return robot
 
 
-def _load_receiver(section, name, robots, title_default, alert_default):
+def _load_route(section, name, robots, templates):
     names = _words(section.get("robots"))
     if not names:
         raise ConfigError(f"[{section.name}] robots: list at least one robot")
@@ -418,43 +609,31 @@ def _load_receiver(section, name, robots, title_default, alert_default):
     if missing:
         raise ConfigError(f"[{section.name}] robots: no section [robot:{missing[0]}]")
     mobiles = _words(section.get("at_mobiles"))
-    bad = [m for m in mobiles if not re.fullmatch(r"\+?[0-9-]{5,20}", m)]
-    if bad:
-        raise ConfigError(f"[{section.name}] at_mobiles: not a phone number: {bad[0]!r}")
-    return Receiver(
+    if any(not re.fullmatch(r"\+?[0-9-]{5,20}", m) for m in mobiles):
+        raise ConfigError(f"[{section.name}] at_mobiles: not a list of phone numbers")
+    return Route(
         name=name,
         robots=tuple(robots[n] for n in names),
         at_mobiles=mobiles,
         at_all=section.bool("at_all"),
         at_severities=_words(section.get("at_severities")),
         per_alert=section.bool("per_alert"),
-        title_template=section.template("title", title_default),
-        alert_template=section.template("alert", alert_default),
+        title=section.template("title", templates.title),
+        alert=section.template("alert", templates.alert),
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. HTTP intake
-# ---------------------------------------------------------------------------------------------
-
-class BadRequest(Exception):
-    """A request that can never succeed: answered 4xx with a one-line JSON reason."""
-
-    def __init__(self, status, reason, headers=()):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers
+def shared_tokens(config):
+    """Names of robot sections that share one access_token, a tuple per token."""
+    by_key = {}
+    for robot in config.robots:
+        by_key.setdefault(robot.key, set()).add(robot.name)
+    return [tuple(sorted(names)) for names in by_key.values() if len(names) > 1]
 
 
-@dataclass
-class Webhook:
-    receiver: str           # the Alertmanager receiver (path segment, else the payload's)
-    external_url: str
-    group_key: str
-    alerts: list            # normalized alerts: see normalize_alert()
-    truncated: int = 0
-
+# =============================================================================================
+# 4. Intake: the Alertmanager payload, the answer, HTTP
+# =============================================================================================
 
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
                       r"(?:[Zz]|([+-])(\d\d):(\d\d))", re.ASCII)
@@ -482,15 +661,6 @@ def parse_time(value, where):
     if not 1970 <= utc.year <= 9998:  # what every store can hold (MySQL DATETIME: years 1000-9999)
         raise BadRequest(400, f"{where}: out of range (1970-9998): {value[:40]!r}")
     return utc
-
-
-def db_time(dt):
-    """UTC datetime -> 'YYYY-MM-DD HH:MM:SS.mmm', the form both MySQL and SQLite store."""
-    return dt.isoformat(" ", "milliseconds")[:23] if dt else None
-
-
-def from_db_time(text):
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc) if text else None
 
 
 def _string_map(value, where):
@@ -618,9 +788,32 @@ class _DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+class Intake:
+    """The policy for a valid webhook: which route serves it, into the journal, and the answer
+    (HTTP status, JSON reply). The HTTP side is IntakeHandler's."""
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+
+    def accept(self, webhook, request_id):
+        route = self.bridge.config.route_for(webhook.receiver)
+        if route is None:
+            raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no default_receiver configured")
+        try:
+            self.bridge.journal.accept(webhook, route, request_id)
+        except sqlite3.Error as exc:
+            log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager retries",
+                      request_id, exc)
+            return 503, {"error": "journal not writable, retry later", "request_id": request_id}
+        self.bridge.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
+        log.info("request_id=%s accepted receiver=%s route=%s alerts=%d group=%s", request_id, webhook.receiver,
+                 route.name, len(webhook.alerts), webhook.group_key[:120])
+        return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
+
+
 class IntakeServer(http.server.ThreadingHTTPServer):
     """Thread per connection, at most `max_connections` at once: beyond that a connection is
-    answered 503 and closed at once, so a flood of idle clients cannot exhaust the daemon."""
+    answered 503 and closed at once, so a flood of idle clients cannot exhaust the bridge."""
     daemon_threads = True
     request_queue_size = 128
 
@@ -646,15 +839,17 @@ class IntakeServer(http.server.ThreadingHTTPServer):
 
 
 class IntakeHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP front door. `daemon` is set on a per-daemon subclass (see Daemon.start)."""
-    daemon = None
+    """HTTP front door: framing, authentication and endpoints; a webhook goes to Intake.
+    `bridge` is set on a per-bridge subclass (see Bridge.start). Every answer but those of the
+    health, metrics and reload endpoints counts in alertbridge_webhooks_total by status."""
+    bridge = None
     protocol_version = "HTTP/1.1"
     server_version = "alertbridge/" + VERSION
     disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait for an ACK
     WEBHOOK_PATHS = re.compile(r"/(?:alertmanager(?:/(?P<receiver>[^/]+))?)?/?")
 
     def setup(self):
-        self.timeout = self.daemon.config.request_timeout
+        self.timeout = self.bridge.config.service.request_timeout
         super().setup()
         self.deadline = time.monotonic() + self.timeout
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
@@ -686,7 +881,6 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         code = {501: 405, 505: 400}.get(code, code)
         self.close_connection = True
         self.request_version = "HTTP/1.1"  # never answer in HTTP/0.9 (no status line)
-        self.daemon.metrics.inc("alertbridge_webhooks_total", outcome=str(code))
         self._reply(code, {"error": message or http.HTTPStatus(code).phrase})
 
     def do_POST(self):
@@ -702,33 +896,33 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _guarded(self, handler):
         request_id = uuid.uuid4().hex[:12]
-        with self.daemon.in_flight():
+        with self.bridge.in_flight():
             try:
                 self.body_left = self._framing()
-                if self.daemon.draining:
+                if self.bridge.draining:
                     self.close_connection = True
                     raise BadRequest(503, "shutting down, retry later")
                 handler(request_id)
             except BadRequest as exc:
-                self.daemon.metrics.inc("alertbridge_webhooks_total", outcome=str(exc.status))
                 log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status, exc.reason)
                 self._reply(exc.status, {"error": exc.reason, "request_id": request_id}, headers=exc.headers)
             except (ConnectionError, socket.timeout):
                 self.close_connection = True
             except Exception:
                 log.exception("request_id=%s internal error", request_id)
-                self.daemon.metrics.inc("alertbridge_webhooks_total", outcome="500")
                 self._reply(500, {"error": "internal error, see the daemon's log", "request_id": request_id})
 
     def _authorize(self):
-        auth = self.daemon.config.auth
+        auth = self.bridge.config.auth
         if auth.enabled and not auth.allows(self.headers.get("Authorization")):
             scheme = "Bearer" if auth.bearer_token else "Basic"
             raise BadRequest(401, "missing or wrong credentials (see [auth] in config.ini)",
                              headers=[("WWW-Authenticate", f'{scheme} realm="alertbridge"')])
 
-    def _reply(self, status, obj, content_type="application/json", headers=()):
+    def _reply(self, status, obj, content_type="application/json", headers=(), count=True):
         body = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+        if count:
+            self.bridge.metrics.inc("alertbridge_webhooks_total", outcome=str(status))
         try:
             self._settle_body()
             self.send_response(status)
@@ -748,15 +942,15 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _get(self, request_id):
         path = self._route()
-        if path in ("/-/healthy", "/-/ready", "/metrics") and self.daemon.config.auth.protect_metrics:
+        if path in ("/-/healthy", "/-/ready", "/metrics") and self.bridge.config.auth.protect_metrics:
             self._authorize()
         if path == "/-/healthy":
-            return self._reply(200, b"OK\n", "text/plain")
+            return self._reply(200, b"OK\n", "text/plain", count=False)
         if path == "/-/ready":
-            ready, detail = self.daemon.readiness()
-            return self._reply(200 if ready else 503, detail)
+            ready, detail = self.bridge.readiness()
+            return self._reply(200 if ready else 503, detail, count=False)
         if path == "/metrics":
-            return self._reply(200, self.daemon.render_metrics().encode(), "text/plain; version=0.0.4")
+            return self._reply(200, self.bridge.render_metrics().encode(), "text/plain; version=0.0.4", count=False)
         self._method_not_allowed(request_id)
 
     def _method_not_allowed(self, request_id):
@@ -770,8 +964,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path == "/-/reload":
             self._authorize()
             self._read_body()
-            ok, message = self.daemon.reload()
-            return self._reply(200 if ok else 500, {"status": "reloaded"} if ok else {"error": message})
+            ok, message = self.bridge.reload()
+            return self._reply(200 if ok else 500, {"status": "reloaded"} if ok else {"error": message}, count=False)
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
             raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
@@ -785,7 +979,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         path_receiver = urllib.parse.unquote(match.group("receiver")) if match.group("receiver") else None
         webhook = parse_webhook(body, path_receiver)
-        status, reply = self.daemon.accept(webhook, request_id)
+        status, reply = self.bridge.intake.accept(webhook, request_id)
         self._reply(status, reply)
 
     def _framing(self):
@@ -809,7 +1003,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         return int(lengths[0])
 
     def _read_body(self):
-        length, limit = self.body_left, self.daemon.config.max_body_bytes
+        length, limit = self.body_left, self.bridge.config.service.max_body_bytes
         if length > limit:
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise BadRequest(413, f"body of {length} bytes exceeds max_body_bytes ({limit})")
@@ -821,7 +1015,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             except socket.timeout:
                 self.close_connection = True
                 raise BadRequest(408, f"body not received within request_timeout "
-                                      f"({self.daemon.config.request_timeout:g}s)")
+                                      f"({self.bridge.config.service.request_timeout:g}s)")
             if not chunk:
                 self.close_connection = True
                 raise BadRequest(400, f"body ended after {length - remaining} of {length} bytes")
@@ -842,13 +1036,17 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         self.body_left = 0
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Storage: all SQL, the Journal and the Store
-# ---------------------------------------------------------------------------------------------
-# Every statement is written with %s placeholders (pymysql's paramstyle); sql_for() turns them
-# into ? for sqlite3. Values are always passed as parameters, never formatted into the text.
+# =============================================================================================
+# 5. Storage: all SQL, the Journal, the Store
+# =============================================================================================
+# Every statement is written with %s placeholders (pymysql's paramstyle); Dialect.sql() turns
+# them into ? for sqlite3. Values are always passed as parameters, never formatted into text.
 
-JOURNAL_SCHEMA = """
+MIN_SQLITE = (3, 26, 0)   # upserts (3.24), RENAME COLUMN (3.25); RHEL 8 ships 3.26, Debian 11 3.34
+
+# The journal: J_* statements. Tables first; then migrations of journals made by older versions;
+# then the indexes, which name the migrated columns.
+JOURNAL_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -857,10 +1055,9 @@ CREATE TABLE IF NOT EXISTS events (
     created_at REAL NOT NULL,
     recorded INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS events_unrecorded ON events (recorded, id);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    receiver TEXT NOT NULL,
+    route TEXT NOT NULL,
     request_id TEXT NOT NULL,
     body TEXT NOT NULL,
     packed INTEGER NOT NULL DEFAULT 0,
@@ -871,10 +1068,6 @@ CREATE TABLE IF NOT EXISTS messages (
     last_error TEXT NOT NULL DEFAULT '',
     done_at REAL
 );
-CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, receiver, id);
-DROP INDEX IF EXISTS messages_due;
-CREATE INDEX IF NOT EXISTS messages_receiver_due ON messages (state, receiver, next_attempt_at);
-CREATE INDEX IF NOT EXISTS messages_age ON messages (state, created_at);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     robot TEXT NOT NULL,
@@ -882,6 +1075,18 @@ CREATE TABLE IF NOT EXISTS sends (
     errcode INTEGER,
     robot_key TEXT NOT NULL DEFAULT ''
 );
+"""
+JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), for journals of 0.3
+    ("messages", "route", "ALTER TABLE messages RENAME COLUMN receiver TO route"),
+    ("sends", "robot_key", "ALTER TABLE sends ADD COLUMN robot_key TEXT NOT NULL DEFAULT ''"),
+)
+JOURNAL_INDEXES = """
+CREATE INDEX IF NOT EXISTS events_unrecorded ON events (recorded, id);
+CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, route, id);
+DROP INDEX IF EXISTS messages_due;
+DROP INDEX IF EXISTS messages_receiver_due;
+CREATE INDEX IF NOT EXISTS messages_route_due ON messages (state, route, next_attempt_at);
+CREATE INDEX IF NOT EXISTS messages_age ON messages (state, created_at);
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
 """
 
@@ -892,23 +1097,24 @@ J_EVENTS_UNRECORDED = "SELECT id, kind, body FROM events WHERE recorded = 0 ORDE
 J_EVENTS_MARK = "UPDATE events SET recorded = %s WHERE id = %s"
 J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <= %s"
 J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
-J_MESSAGE_ADD = ("INSERT INTO messages (receiver, request_id, body, packed, created_at, next_attempt_at) "
+J_COLUMNS = "SELECT name FROM pragma_table_info(%s)"
+J_MESSAGE_ADD = ("INSERT INTO messages (route, request_id, body, packed, created_at, next_attempt_at) "
                  "VALUES (%s, %s, %s, %s, %s, %s)")
-# Receivers with pending messages, one index probe each (a DISTINCT would read every pending row).
-J_MESSAGE_RECEIVERS = ("WITH RECURSIVE r (name) AS ("
-                       "SELECT MIN(receiver) FROM messages WHERE state = 'pending' UNION ALL "
-                       "SELECT (SELECT MIN(receiver) FROM messages WHERE state = 'pending' AND receiver > name) "
-                       "FROM r WHERE name IS NOT NULL) "
-                       "SELECT name FROM r WHERE name IS NOT NULL")
+# Routes with pending messages, one index probe each (a DISTINCT would read every pending row).
+J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
+                    "SELECT MIN(route) FROM messages WHERE state = 'pending' UNION ALL "
+                    "SELECT (SELECT MIN(route) FROM messages WHERE state = 'pending' AND route > name) "
+                    "FROM r WHERE name IS NOT NULL) "
+                    "SELECT name FROM r WHERE name IS NOT NULL")
 J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
-                  "WHERE state = 'pending' AND receiver = %s AND next_attempt_at <= %s ORDER BY id LIMIT %s")
+                  "WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s ORDER BY id LIMIT %s")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
-J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending' AND receiver = %s"
-J_MESSAGES_WAITING = "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND receiver = %s"
+J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending' AND route = %s"
+J_MESSAGES_WAITING = "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND route = %s"
 J_MESSAGE_FINISH = "UPDATE messages SET state = %s, done_at = %s, last_error = %s WHERE id = %s"
 J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s "
                    "WHERE id = %s")
-J_MESSAGES_EXPIRE = ("SELECT id, receiver, request_id FROM messages "
+J_MESSAGES_EXPIRE = ("SELECT id, route, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
@@ -916,14 +1122,12 @@ J_SEND_BEGIN = "INSERT INTO sends (robot, robot_key, at) VALUES (%s, %s, %s)"
 J_SEND_END = "UPDATE sends SET at = %s, errcode = %s WHERE id = %s"
 J_SEND_ADD = "INSERT INTO sends (robot, robot_key, at, errcode) VALUES (%s, %s, %s, %s)"
 J_SENDS_SINCE = "SELECT robot, robot_key, at, errcode FROM sends WHERE at > %s ORDER BY at"
-J_SENDS_COLUMNS = "SELECT name FROM pragma_table_info('sends')"
-J_SENDS_ADD_KEY = "ALTER TABLE sends ADD COLUMN robot_key TEXT NOT NULL DEFAULT ''"  # journals before 0.4
 J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
 J_PURGE_MESSAGES = "DELETE FROM messages WHERE state IN ('sent', 'merged', 'split') AND done_at < %s"
 J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
 
-# The history schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x; utf8mb4).
+# The history: S_* statements. Its schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x).
 MYSQL_SCHEMA = """\
 CREATE TABLE IF NOT EXISTS alerts (
   id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
@@ -1022,18 +1226,18 @@ def _alert_refresh(new_value):
 
 
 # Upsert of one alert occurrence: the one explicit dialect difference in the statements.
-S_ALERT_UPSERT = {
-    "mysql": f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT_VALUES}) "
-             f"ON DUPLICATE KEY UPDATE {_alert_refresh('VALUES({})')}",
-    "sqlite": f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT_VALUES}) "
-              f"ON CONFLICT (receiver, fingerprint, starts_at) DO UPDATE SET {_alert_refresh('excluded.{}')}",
-}
+S_ALERT_UPSERT_MYSQL = (f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT_VALUES}) "
+                        f"ON DUPLICATE KEY UPDATE {_alert_refresh('VALUES({})')}")
+S_ALERT_UPSERT_SQLITE = (f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT_VALUES}) "
+                         f"ON CONFLICT (receiver, fingerprint, starts_at) DO UPDATE SET "
+                         f"{_alert_refresh('excluded.{}')}")
 S_ALERT_NOTIFIED = (
     "UPDATE alerts SET notified_count = notified_count + 1, robots = CASE "
     "WHEN robots = '' THEN %s "
     "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 OR LENGTH(robots) > 896 THEN robots "
     "ELSE CONCAT(robots, ',', %s) END "
     "WHERE receiver = %s AND fingerprint = %s AND starts_at = %s")
+# notifications.receiver holds the route (the [receiver:NAME] section) that sent the message.
 S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, "
                       "fingerprints, errcode, errmsg, latency_ms) "
                       "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
@@ -1055,17 +1259,70 @@ S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM 
                          "WHERE sent_at < %s ORDER BY id LIMIT %s) AS old)")
 
 
-MIN_SQLITE = (3, 24, 0)   # INSERT ... ON CONFLICT DO UPDATE; Debian 11 and RHEL 9 ship 3.34, RHEL 8 3.26
+def statements(script):
+    return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def sql_for(dialect, sql):
-    """The one placeholder helper: %s (pymysql) -> ? (sqlite3)."""
-    return sql.replace("%s", "?") if dialect == "sqlite" else sql
+class Dialect:
+    """What differs between the history's two databases, and nothing else: placeholders,
+    connecting, the schema and its migration, the upsert, and which errors mean "not now"."""
+    name = param = schema = upsert = None
+
+    def sql(self, statement):
+        """The one placeholder helper: %s as written -> this driver's."""
+        return statement if self.param == "%s" else statement.replace("%s", self.param)
+
+    def connect(self, settings):
+        raise NotImplementedError
+
+    def migrate(self, cursor):
+        """Bring tables made by older versions up to date."""
+
+    def unavailable(self, exc):
+        """Whether `exc` means "not now" rather than "never": the database is unreachable, or a
+        table is gone (dropped, a restore under way), which reconnecting creates again."""
+        return isinstance(exc, OSError)
 
 
-def schema_statements(dialect):
-    text = MYSQL_SCHEMA if dialect == "mysql" else SQLITE_SCHEMA
-    return [s.strip() for s in text.split(";") if s.strip()]
+class SQLiteDialect(Dialect):
+    name, param, schema, upsert = "sqlite", "?", SQLITE_SCHEMA, S_ALERT_UPSERT_SQLITE
+
+    def connect(self, settings):
+        os.makedirs(os.path.dirname(os.path.abspath(settings.path)), exist_ok=True)
+        db = sqlite3.connect(settings.path, timeout=30, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.create_function("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts))
+        return db
+
+    def unavailable(self, exc):
+        return super().unavailable(exc) or isinstance(exc, sqlite3.OperationalError)  # "no such table" too
+
+
+class MySQLDialect(Dialect):
+    name, param, schema, upsert = "mysql", "%s", MYSQL_SCHEMA, S_ALERT_UPSERT_MYSQL
+
+    def connect(self, settings):
+        import pymysql
+        return pymysql.connect(host=settings.host, port=settings.port, user=settings.user,
+                               password=settings.password, database=settings.database, charset="utf8mb4",
+                               autocommit=False, connect_timeout=5, read_timeout=30, write_timeout=30)
+
+    def migrate(self, cursor):
+        cursor.execute(S_MYSQL_KEYS_NOT_BINARY)
+        if cursor.fetchone()[0]:
+            log.warning("history: making alerts.receiver and alerts.fingerprint compare byte for byte "
+                        "(ALTER TABLE, once; it rebuilds the table)")
+            cursor.execute(S_MYSQL_KEYS_BINARY)
+
+    def unavailable(self, exc):
+        import pymysql
+        if super().unavailable(exc) or isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            return True
+        return isinstance(exc, pymysql.err.ProgrammingError) and exc.args[:1] == (1146,)  # no such table
+
+
+DIALECTS = {"sqlite": SQLiteDialect(), "mysql": MySQLDialect()}
+SQLITE = DIALECTS["sqlite"]
 
 
 class Signal:
@@ -1083,20 +1340,17 @@ class Signal:
             callback(*args)
 
 
-class JournalDamaged(Exception):
-    """The journal file cannot be opened as a journal; the message says how to go on."""
-
-
 class Journal:
     """The local durable queue (SQLite, WAL). Writes go through one connection under one lock,
     so SQLite never has to busy-wait, which keeps the webhook ack fast; every reading thread
-    gets its own connection. `new_messages` (with the receiver section) and `new_events` tell
+    gets its own connection. `new_messages` (with the route's name) and `new_events` tell
     the workers when there is something for them. `failed_at` is when a write last failed, until
     one succeeds again."""
 
-    def __init__(self, path, sync="FULL"):
+    def __init__(self, path, sync="full", clock=time.time):
         self.path = path
         self.sync = sync
+        self.clock = clock
         self.new_messages = Signal()
         self.new_events = Signal()
         self.failed_at = None       # time.monotonic() of the last failed write, while failing
@@ -1109,11 +1363,14 @@ class Journal:
             raise self._damaged("it is empty (0 bytes): it was truncated")
         try:
             self._writer = self._connect()
-            with self._write_lock:
-                self._writer.executescript(JOURNAL_SCHEMA)  # executescript manages its own transaction
             with self._writing() as db:
-                if "robot_key" not in {row[0] for row in self._run(db, J_SENDS_COLUMNS)}:
-                    self._run(db, J_SENDS_ADD_KEY)
+                for statement in statements(JOURNAL_TABLES):
+                    db.execute(statement)
+                for table, column, migration in JOURNAL_MIGRATIONS:
+                    if column not in {row[0] for row in self._run(db, J_COLUMNS, (table,))}:
+                        db.execute(migration)
+                for statement in statements(JOURNAL_INDEXES):
+                    db.execute(statement)
                 self._run(db, J_META_PUT, ("journal_id", uuid.uuid4().hex))
             self.journal_id = self._read_one(J_META_GET, ("journal_id",))[0]
         except sqlite3.DatabaseError as exc:
@@ -1129,7 +1386,7 @@ class Journal:
     def _connect(self):
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self.sync}")  # validated: FULL or NORMAL
+        db.execute(f"PRAGMA synchronous={self.sync.upper()}")  # validated: full or normal
         return db
 
     def _db(self):
@@ -1161,7 +1418,7 @@ class Journal:
                 self.failed_at = None
 
     def _run(self, db, sql, params=()):
-        return db.execute(sql_for("sqlite", sql), params)
+        return db.execute(SQLITE.sql(sql), params)
 
     def _read(self, sql, params=()):
         return self._run(self._db(), sql, params).fetchall()
@@ -1170,18 +1427,17 @@ class Journal:
         return self._run(self._db(), sql, params).fetchone()
 
     # intake
-    def accept(self, webhook, receiver, request_id):
-        """Journal one webhook: an event for the recorder and its message(s) for the notifier.
-        Returns once it is committed. Group commit: whichever request thread holds the write lock
-        commits every webhook queued by then in one transaction (one fsync), so concurrent
-        webhooks share the cost of durability instead of queueing for it one by one."""
-        now = time.time()
-        event = {"receiver": webhook.receiver, "request_id": request_id, "received_at": db_time(
-            datetime.fromtimestamp(now, timezone.utc)), "alerts": webhook.alerts}
-        groups = [[a] for a in webhook.alerts] if receiver.per_alert else [webhook.alerts]
+    def accept(self, webhook, route, request_id):
+        """Journal one webhook: an event for the recorder and its message(s) for the route's
+        sender. Returns once it is committed. Group commit: whichever request thread holds the
+        write lock commits every webhook queued by then in one transaction (one fsync), so
+        concurrent webhooks share the cost of durability instead of queueing for it one by one."""
+        now = self.clock()
+        event = webhook_event(webhook, request_id, datetime.fromtimestamp(now, timezone.utc))
+        groups = [[a] for a in webhook.alerts] if route.per_alert else [webhook.alerts]
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
-        rows += [(J_MESSAGE_ADD, (receiver.name, request_id, json.dumps(
-            {"alerts": alerts, "truncated": webhook.truncated}, ensure_ascii=False), 0, now, now))
+        rows += [(J_MESSAGE_ADD, (route.name, request_id, json.dumps(
+            message_body(alerts, webhook.truncated), ensure_ascii=False), 0, now, now))
             for alerts in groups if alerts]
         pending = _PendingWrite(rows)
         with self._queue_lock:
@@ -1202,7 +1458,7 @@ class Journal:
         if pending.error:
             raise pending.error
         self.new_events.notify()
-        self.new_messages.notify(receiver.name)
+        self.new_messages.notify(route.name)
 
     def _commit(self, batch):
         db = self._writer
@@ -1213,7 +1469,7 @@ class Journal:
         db.execute("BEGIN IMMEDIATE")
         try:  # few calls into SQLite: the lock holder gives up the GIL, and waits for it, less often
             for sql, rows in by_statement.items():
-                db.executemany(sql_for("sqlite", sql), rows)
+                db.executemany(SQLITE.sql(sql), rows)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -1243,28 +1499,28 @@ class Journal:
             self._run(db, J_EVENTS_MARK, (2, event_id))
 
     # notifier
-    def pending_receivers(self):
-        return [row[0] for row in self._read(J_MESSAGE_RECEIVERS)]
+    def pending_routes(self):
+        return [row[0] for row in self._read(J_MESSAGE_ROUTES)]
 
-    def due_messages(self, receiver, now, limit=1000):
+    def due_messages(self, route, now, limit=1000):
         """Messages due, oldest first; each body is read only if it is used (see Message.body).
         The default limit is more than one digest can hold, however small the template."""
-        return [Message(i, receiver, rid, bool(packed), attempts, created, self)
-                for i, rid, packed, attempts, created in self._read(J_MESSAGES_DUE, (receiver, now, limit))]
+        return [Message(i, route, rid, bool(packed), attempts, created, self)
+                for i, rid, packed, attempts, created in self._read(J_MESSAGES_DUE, (route, now, limit))]
 
     def message_body(self, message_id):
         return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
 
-    def next_due_at(self, receiver):
-        return self._read_one(J_MESSAGE_NEXT_DUE, (receiver,))[0]
+    def next_due_at(self, route):
+        return self._read_one(J_MESSAGE_NEXT_DUE, (route,))[0]
 
-    def pending_count(self, receiver):
-        return self._read_one(J_MESSAGES_WAITING, (receiver,))[0]
+    def pending_count(self, route):
+        return self._read_one(J_MESSAGES_WAITING, (route,))[0]
 
     def replace(self, old, new_bodies, state):
         """Swap messages for new ones in one transaction: merged into a digest, or split.
         Returns the new messages."""
-        now = time.time()
+        now = self.clock()
         request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
         created = min(m.created_at for m in old)
         new = []
@@ -1272,9 +1528,9 @@ class Journal:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
             for body in new_bodies:
-                cursor = self._run(db, J_MESSAGE_ADD, (old[0].receiver, request_ids,
+                cursor = self._run(db, J_MESSAGE_ADD, (old[0].route, request_ids,
                                                        json.dumps(body, ensure_ascii=False), 1, created, now))
-                message = Message(cursor.lastrowid, old[0].receiver, request_ids, True, 0, created, self)
+                message = Message(cursor.lastrowid, old[0].route, request_ids, True, 0, created, self)
                 message.__dict__["body"] = body  # what cached_property would read back
                 new.append(message)
         return new
@@ -1313,7 +1569,7 @@ class Journal:
         if rows:
             with self._writing() as db:
                 for message_id, _, _ in rows:
-                    self._run(db, J_MESSAGE_FINISH, ("expired", time.time(), "max_age exceeded", message_id))
+                    self._run(db, J_MESSAGE_FINISH, ("expired", self.clock(), "max_age exceeded", message_id))
         return rows
 
     # housekeeping and introspection
@@ -1352,7 +1608,7 @@ class _PendingWrite:
 class Message:
     """One DingTalk message waiting in the journal."""
     id: int
-    receiver: str
+    route: str
     request_id: str
     packed: bool        # already a digest or a split part: merging it again gains nothing
     attempts: int
@@ -1369,60 +1625,20 @@ class Message:
         return self.body["alerts"]
 
 
-TEXT_BYTES = 65535     # a MySQL TEXT column; labels and annotations whole in their JSON columns
-
-
-def fit_text(text, limit=TEXT_BYTES):
-    """`text` cut to `limit` UTF-8 bytes at a character boundary: a MySQL TEXT column refuses
-    more, and with it the whole webhook's row batch. Both stores keep the same cut."""
-    if text is None or len(text) * 4 <= limit:
-        return text
-    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-
-
-class StoreUnavailable(Exception):
-    """The history database cannot be reached; the recorder retries later."""
-
-
 class Store:
     """The alert history: MySQL in production, SQLite embedded. Used by the recorder thread."""
 
     def __init__(self, settings):
-        self.settings = settings
-        self.dialect = settings["driver"]
+        self.settings = settings            # a Database
+        self.dialect = DIALECTS[settings.driver]
         self._db = None
 
     def describe(self):
-        s = self.settings
-        return f"sqlite:{s['path']}" if self.dialect == "sqlite" else \
-            f"mysql://{s['user']}@{s['host']}:{s['port']}/{s['database']}"
+        return self.settings.describe()
 
     def _connect(self):
-        if self.dialect == "sqlite":
-            os.makedirs(os.path.dirname(os.path.abspath(self.settings["path"])), exist_ok=True)
-            db = sqlite3.connect(self.settings["path"], timeout=30, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.create_function("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts))
-        else:
-            import pymysql
-            s = self.settings
-            db = pymysql.connect(host=s["host"], port=s["port"], user=s["user"], password=s["password"],
-                                 database=s["database"], charset="utf8mb4", autocommit=False,
-                                 connect_timeout=5, read_timeout=30, write_timeout=30)
-        self._db = db
+        self._db = self.dialect.connect(self.settings)
         self.ensure_schema()
-
-    def _unavailable(self, exc):
-        """Whether `exc` means "not now" rather than "never": the database is unreachable, or
-        a table is gone (dropped, a restore under way), which reconnecting creates again."""
-        if isinstance(exc, (OSError, sqlite3.OperationalError)):  # SQLite's "no such table" too
-            return True
-        if self.dialect == "mysql":
-            import pymysql
-            if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
-                return True
-            return isinstance(exc, pymysql.err.ProgrammingError) and exc.args[:1] == (1146,)  # no such table
-        return False
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1441,24 +1657,19 @@ class Store:
             finally:
                 cursor.close()
         except Exception as exc:
-            if not self._unavailable(exc):
+            if not self.dialect.unavailable(exc):
                 raise
             self.close()
             raise StoreUnavailable(f"{self.describe()}: {exc}") from exc
 
     def execute(self, cursor, sql, params=()):
-        cursor.execute(sql_for(self.dialect, sql), params)
+        cursor.execute(self.dialect.sql(sql), params)
 
     def ensure_schema(self):
         cursor = self._db.cursor()
-        for statement in schema_statements(self.dialect):
+        for statement in statements(self.dialect.schema):
             cursor.execute(statement)
-        if self.dialect == "mysql":
-            cursor.execute(S_MYSQL_KEYS_NOT_BINARY)
-            if cursor.fetchone()[0]:
-                log.warning("history: making alerts.receiver and alerts.fingerprint compare byte for byte "
-                            "(ALTER TABLE, once; it rebuilds the table)")
-                cursor.execute(S_MYSQL_KEYS_BINARY)
+        self.dialect.migrate(cursor)
         self._db.commit()
         cursor.close()
 
@@ -1502,10 +1713,10 @@ class Store:
                     if body["errcode"] == 0:
                         robot = body["robot"]
                         notified += [(robot, robot, robot, *key) for key in body["alerts"]]
-            for sql, rows in ((S_ALERT_UPSERT[self.dialect], alerts), (S_NOTIFICATION_ADD, sends),
+            for sql, rows in ((self.dialect.upsert, alerts), (S_NOTIFICATION_ADD, sends),
                               (S_ALERT_NOTIFIED, notified)):
                 if rows:
-                    cursor.executemany(sql_for(self.dialect, sql), rows)
+                    cursor.executemany(self.dialect.sql(sql), rows)
             self.execute(cursor, S_PROGRESS_PUT, (journal_id, max(done, events[-1][0])))
         return len(alerts)
 
@@ -1525,13 +1736,10 @@ class Store:
 
     @staticmethod
     def _send_row(event):
-        return (event["sent_at"], event["receiver"], event["robot"], event["request_id"][:255],
+        route = event.get("route", event.get("receiver"))     # events journaled by 0.3 say "receiver"
+        return (event["sent_at"], route, event["robot"], event["request_id"][:255],
                 event["message_id"], len(event["alerts"]), fit_text(",".join(a[1] for a in event["alerts"])),
                 event["errcode"], event["errmsg"][:512], event["latency_ms"])
-
-
-class StoreError(Exception):
-    """A store call failed in the store process for a reason other than reachability."""
 
 
 class StoreProcess:
@@ -1547,7 +1755,12 @@ class StoreProcess:
         self._closed = False
 
     def describe(self):
-        return Store(self.settings).describe()
+        return self.settings.describe()
+
+    @property
+    def process(self):
+        """The child (a subprocess.Popen): None before the first call and after close()."""
+        return self._child
 
     def record(self, journal_id, events):
         return self._call("record", journal_id, events)
@@ -1585,7 +1798,7 @@ class StoreProcess:
         finally:
             theirs.close()
         self._pipe = multiprocessing.connection.Connection(ours.detach())
-        self._pipe.send(self.settings)
+        self._pipe.send(asdict(self.settings))
 
     def _end(self, grace=5.0):
         if self._pipe is not None:
@@ -1625,7 +1838,7 @@ def serve_store(fd):
     pipe = multiprocessing.connection.Connection(fd)
     store = None
     try:
-        store = Store(pipe.recv())
+        store = Store(Database(**pipe.recv()))
         while True:
             method, args = pipe.recv()
             try:
@@ -1642,62 +1855,9 @@ def serve_store(fd):
             store.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Rendering
-# ---------------------------------------------------------------------------------------------
-
-class Blank(dict):
-    """A mapping where a missing key renders as an empty string."""
-
-    def __missing__(self, key):
-        return ""
-
-
-class _LenientFormatter(string.Formatter):
-    def get_field(self, field_name, args, kwargs):
-        try:
-            return super().get_field(field_name, args, kwargs)
-        except (KeyError, AttributeError, IndexError, TypeError):
-            return "", field_name
-
-
-_formatter = _LenientFormatter()
-
-
-@functools.lru_cache(maxsize=64)
-def _parsed(template):
-    """A template's lines, each as str.format parses it: (literal, field, spec, conversion)."""
-    return tuple(tuple(_formatter.parse(line)) for line in template.split("\n"))
-
-
-def _format(name, spec, conversion, fields):
-    if not spec and not conversion and name.isidentifier():  # the common case, made cheap
-        return str(fields[name])
-    value, _ = _formatter.get_field(name, (), fields)
-    try:
-        return _formatter.format_field(_formatter.convert_field(value, conversion), spec)
-    except (ValueError, TypeError):  # e.g. {x:d} on a label that is not a number
-        return str(value)
-
-
-def render_template(template, fields):
-    """str.format over `fields`; a missing field is empty, and a line whose placeholders all
-    came out empty is left out (so 'Resolved: {ends_at}' disappears while an alert fires).
-    Raises ValueError for a malformed template (checked when the config loads)."""
-    out = []
-    for pieces in _parsed(template):
-        parts, named, filled = [], False, False
-        for literal, name, spec, conversion in pieces:
-            parts.append(literal)
-            if name is not None:
-                value = _format(name, spec, conversion, fields)
-                named, filled = True, filled or value != ""
-                parts.append(value)
-        if named and not filled:
-            continue
-        out.append("".join(parts))
-    return "\n".join(out)
-
+# =============================================================================================
+# 6. Rendering
+# =============================================================================================
 
 STANDARD_LABELS = ("alertname", "severity", "instance", "job")
 
@@ -1784,33 +1944,35 @@ class Renderer:
 
     def __init__(self, config):
         self.config = config
-        self._blocks = {}  # (id(alert), receiver name) -> (alert, rendered block)
+        self._blocks = {}  # (id(alert), route name) -> (alert, rendered block)
 
-    def alert_block(self, receiver, alert):
-        """The alert in the receiver's template. Remembered by identity (the alert is kept, so its
+    def alert_block(self, route, alert):
+        """The alert in the route's template. Remembered by identity (the alert is kept, so its
         id cannot be reused): sizing a digest, checking it fits each robot and sending it would
         otherwise render every alert five times, on the thread the webhooks share the GIL with."""
-        key = (id(alert), receiver.name)
+        key = (id(alert), route.name)
         kept = self._blocks.get(key)
         if kept is not None and kept[0] is alert:
             return kept[1]
         if len(self._blocks) >= self.BLOCKS_KEPT:
             self._blocks.clear()
-        block = render_template(receiver.alert_template, alert_fields(alert, self.config.tz))
+        block = render_template(route.alert, alert_fields(alert, self.config.tz))
         self._blocks[key] = (alert, block)
         return block
 
-    def mentions(self, receiver, alerts):
+    @staticmethod
+    def mentions(route, alerts):
         """Who to @: only for messages with a firing alert of a listed severity (all if none listed)."""
-        if not (receiver.at_mobiles or receiver.at_all):
+        if not (route.at_mobiles or route.at_all):
             return (), False
         wanted = [a for a in alerts if a["status"] == "firing"
-                  and (not receiver.at_severities or a["labels"].get("severity") in receiver.at_severities)]
-        return (receiver.at_mobiles, receiver.at_all) if wanted else ((), False)
+                  and (not route.at_severities or a["labels"].get("severity") in route.at_severities)]
+        return (route.at_mobiles, route.at_all) if wanted else ((), False)
 
-    def body(self, receiver, robot, message_body, digest=False):
+    def body(self, route, robot, message_body, digest=False):
+        """The JSON body `robot` receives for a message (a digest groups alerts by alertname)."""
         alerts = message_body["alerts"]
-        title = render_template(receiver.title_template,
+        title = render_template(route.title,
                                 title_fields(alerts, message_body.get("part"))).strip()
         if message_body.get("part"):
             title += " ({}/{})".format(*message_body["part"])
@@ -1820,11 +1982,11 @@ class Renderer:
             for alert in alerts:
                 groups.setdefault(alert["labels"].get("alertname", ""), []).append(alert)
             for name, group in groups.items():
-                blocks = self.SEPARATOR.join(self.alert_block(receiver, a) for a in group)
+                blocks = self.SEPARATOR.join(self.alert_block(route, a) for a in group)
                 sections.append(f"##### {name} × {len(group)}\n\n{blocks}")
         else:
-            sections = [self.alert_block(receiver, a) for a in alerts]
-        mobiles, at_all = self.mentions(receiver, alerts)
+            sections = [self.alert_block(route, a) for a in alerts]
+        mobiles, at_all = self.mentions(route, alerts)
         footer = []
         if message_body.get("truncated"):
             footer.append(f"(+{message_body['truncated']} alerts truncated by Alertmanager max_alerts)")
@@ -1835,7 +1997,7 @@ class Renderer:
         head = f"#### {title}\n\n"
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
         text = self.SEPARATOR.join(sections)
-        room = self.config.max_message_bytes - self._overhead(title, head + tail, mobiles, at_all)
+        room = self.config.delivery.max_message_bytes - self._overhead(title, head + tail, mobiles, at_all)
         text = truncate_to(text, room)
         return {"msgtype": "markdown",
                 "markdown": {"title": title[:128], "text": head + text + tail},
@@ -1849,9 +2011,9 @@ class Renderer:
     def encode(self, body):
         return json.dumps(body, ensure_ascii=False).encode()
 
-    def fits(self, receiver, message_body, digest):
-        """Whether the message goes out whole to every robot of the receiver (keywords differ)."""
-        return all(not self._truncated(self.body(receiver, r, message_body, digest)) for r in receiver.robots)
+    def fits(self, route, message_body, digest):
+        """Whether the message goes out whole to every robot of the route (keywords differ)."""
+        return all(not self._truncated(self.body(route, r, message_body, digest)) for r in route.robots)
 
     @staticmethod
     def _truncated(body):
@@ -1860,31 +2022,57 @@ class Renderer:
     def room(self):
         """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
         keyword and digest headings."""
-        return self.config.max_message_bytes - 768
+        return self.config.delivery.max_message_bytes - 768
 
-    def block_size(self, receiver, alert):
-        return json_size(self.alert_block(receiver, alert)) + len(self.SEPARATOR) + 16
-
-    def split(self, receiver, alerts, digest):
-        """Alerts -> chunks that each render whole; a lone oversized alert stays alone (it is cut
-        with a visible mark). Greedy on measured block sizes, so large digests split in one pass."""
-        budget = self.room()
-        chunks, current, used = [], [], 0
-        for alert in alerts:
-            size = self.block_size(receiver, alert)
-            if current and used + size > budget:
-                chunks.append(current)
-                current, used = [], 0
-            current.append(alert)
-            used += size
-        if current:
-            chunks.append(current)
-        return chunks
+    def block_size(self, route, alert):
+        return json_size(self.alert_block(route, alert)) + len(self.SEPARATOR) + 16
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Delivery: DingTalk's answers, the robot pool, and one sender per receiver
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# 7. Packing: how messages become digests and parts (pure: sizes in, lengths out)
+# =============================================================================================
+
+def chunk_lengths(sizes, room):
+    """Greedy packing of items in order: the lengths of consecutive runs whose sizes add up to
+    at most `room`; an item larger than `room` is a run of its own (the renderer cuts it with a
+    visible mark). Lazy, so a digest reads only the messages it takes, and one more."""
+    count = used = 0
+    for size in sizes:
+        if count and used + size > room:
+            yield count
+            count = used = 0
+        count += 1
+        used += size
+    if count:
+        yield count
+
+
+def cut(items, lengths):
+    """`items` in consecutive pieces of the given lengths."""
+    pieces, start = [], 0
+    for length in lengths:
+        pieces.append(items[start:start + length])
+        start += length
+    return pieces
+
+
+def longest_that_fits(items, fits):
+    """The longest prefix of `items` (at least one) for which fits(prefix) holds: the size
+    estimates of chunk_lengths are checked against the real rendering, one item less at a time."""
+    count = len(items)
+    while count > 1 and not fits(items[:count]):
+        count -= 1
+    return items[:count]
+
+
+def split_in_two(items):
+    half = len(items) // 2
+    return [items[:half], items[half:]]
+
+
+# =============================================================================================
+# 8. DingTalk: one request, its deadline, its answer
+# =============================================================================================
 
 THROTTLE_CODES = frozenset({410100, 130101})                # too fast: the robot is muted a while
 CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, no token, disabled
@@ -2044,8 +2232,12 @@ def _no_answer(exc):
     return f"no answer: {type(exc).__name__}: {exc}"
 
 
+# =============================================================================================
+# 9. Robot pool
+# =============================================================================================
+
 class RobotPool:
-    """Which robot sends next: a rotating index per receiver that skips robots out of budget,
+    """Which robot sends next: a rotating index per route that skips robots out of budget,
     throttled by DingTalk or misconfigured. A budget slot is taken before a request and dated by
     the request's end, so DingTalk, counting arrivals, never sees more than `rate_limit` in its
     window. Budgets and throttles belong to the robot as DingTalk knows it, its token
@@ -2058,11 +2250,11 @@ class RobotPool:
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._throttled = {}        # robot key -> time the throttle ends
         self._disabled = {}         # robot key -> reason, until the config is reloaded
-        self._next = {}             # receiver section name -> rotating index
+        self._next = {}             # route name -> rotating index
 
     def restore(self, sends, now):
         """Rebuild budgets and throttles from the journal's send log: (key, at, errcode)."""
-        window, throttle = self.limits().rate_window, self.limits().throttle_seconds
+        window, throttle = self.limits().rate_window, self.limits().throttle_seconds  # Delivery
         with self._lock:
             for key, at, errcode in sends:
                 if at > now - window:
@@ -2085,18 +2277,18 @@ class RobotPool:
         return (robot.key not in self._disabled and not robot.placeholder
                 and self._throttled.get(robot.key, 0) <= now)
 
-    def available(self, receiver, now):
-        """Messages the receiver's robots can take right now."""
+    def available(self, route, now):
+        """Messages the route's robots can take right now."""
         with self._lock:
-            keys = {r.key for r in receiver.robots if self._usable(r, now)}
+            keys = {r.key for r in route.robots if self._usable(r, now)}
             return sum(max(0, self._budget(k, now)) for k in keys)
 
-    def next_slot_at(self, receiver, now):
-        """When the receiver can next send, if it cannot now (None: not while config stays)."""
+    def next_slot_at(self, route, now):
+        """When the route can next send, if it cannot now (None: not while config stays)."""
         limits = self.limits()
         with self._lock:
             times = []
-            for robot in receiver.robots:
+            for robot in route.robots:
                 if robot.key in self._disabled or robot.placeholder:
                     continue
                 slots = sorted(self._slots.get(robot.key, []))
@@ -2105,17 +2297,17 @@ class RobotPool:
                 times.append(max(free, self._throttled.get(robot.key, 0)))
             return min(times) if times else None
 
-    def acquire(self, receiver, now, tried):
+    def acquire(self, route, now, tried):
         """The next robot in turn with budget left, its slot taken; None if there is none.
         Every robot acquire() returns must be given back with release()."""
         with self._lock:
-            robots = receiver.robots
-            start = self._next.get(receiver.name, 0)
+            robots = route.robots
+            start = self._next.get(route.name, 0)
             for step in range(len(robots)):
                 robot = robots[(start + step) % len(robots)]
                 if robot.key in tried or not self._usable(robot, now) or self._budget(robot.key, now) <= 0:
                     continue
-                self._next[receiver.name] = (start + step + 1) % len(robots)
+                self._next[route.name] = (start + step + 1) % len(robots)
                 self._slots[robot.key].append(float("inf"))
                 return robot
             return None
@@ -2138,6 +2330,10 @@ class RobotPool:
             return [(r.name, max(0, self._budget(r.key, now)), self._throttled.get(r.key, 0) > now,
                      r.key in self._disabled) for r in sorted(robots, key=lambda r: r.name)]
 
+
+# =============================================================================================
+# 10. Workers: the thread loop, the notifier and its senders, the recorder
+# =============================================================================================
 
 class Worker:
     """A loop on a thread it owns: step() while there is work, then sleep until woken or
@@ -2226,18 +2422,18 @@ class Worker:
 
 
 class Notifier(Worker):
-    """Runs one Sender per receiver section, so that a slow or hanging robot holds up only the
-    receivers it serves. Itself, it marks messages nobody could send within max_age expired."""
+    """Runs one Sender per route, so that a slow or hanging robot holds up only the routes it
+    serves. Itself, it marks messages nobody could send within max_age expired."""
 
     def __init__(self, bridge):
         super().__init__("notifier")
         self.bridge = bridge
         self.journal = bridge.journal
-        self.senders = {}           # receiver section name -> Sender; only this thread adds
+        self.senders = {}           # route name -> Sender; only this thread adds
         self.journal.new_messages.listen(self._new_message)
 
-    def _new_message(self, section):
-        sender = self.senders.get(section)
+    def _new_message(self, route_name):
+        sender = self.senders.get(route_name)
         (sender or self).wake()
 
     def wake(self, *_):
@@ -2249,17 +2445,17 @@ class Notifier(Worker):
         return self.journal.backlog()[0]
 
     def step(self):
-        self._expire(self.bridge.clock() - self.bridge.config.max_age)
-        for section in set(self.bridge.config.receivers) | set(self.journal.pending_receivers()):
-            if section not in self.senders:
-                self.senders[section] = Sender(self.bridge, section).start()
+        self._expire(self.bridge.clock() - self.bridge.config.delivery.max_age)
+        for name in set(self.bridge.config.routes) | set(self.journal.pending_routes()):
+            if name not in self.senders:
+                self.senders[name] = Sender(self.bridge, name).start()
         return False
 
     def _expire(self, older_than):
-        for message_id, section, request_id in self.journal.expire(older_than):
-            log.error("message=%d receiver=%s request_id=%s expired: no robot could take it within "
-                      "max_age; it stays in the journal as 'expired'", message_id, section, request_id)
-            self.bridge.metrics.inc("alertbridge_messages_expired_total", receiver=section)
+        for message_id, route_name, request_id in self.journal.expire(older_than):
+            log.error("message=%d route=%s request_id=%s expired: no robot could take it within "
+                      "max_age; it stays in the journal as 'expired'", message_id, route_name, request_id)
+            self.bridge.metrics.inc("alertbridge_messages_expired_total", receiver=route_name)
 
     def stop(self):
         super().stop()
@@ -2277,57 +2473,57 @@ class Notifier(Worker):
 
 
 class Sender(Worker):
-    """Sends one receiver section's messages, oldest first, within every robot's budget: folds
-    a backlog into digests, splits what is too long, fails over through the robots, and retries
-    with backoff when every robot failed."""
+    """Sends one route's messages, oldest first, within every robot's budget: folds a backlog
+    into digests, splits what is too long, fails over through the robots, and retries with
+    backoff when every robot failed. Time is the bridge's clock; the request is bridge.post."""
 
     IDLE = 5.0          # longest sleep: new messages and reloads wake it sooner
 
-    def __init__(self, bridge, section):
-        super().__init__(f"sender:{section}")
+    def __init__(self, bridge, route_name):
+        super().__init__(f"sender:{route_name}")
         self.bridge = bridge
-        self.section = section
+        self.route_name = route_name
         self.journal, self.pool, self.metrics = bridge.journal, bridge.pool, bridge.metrics
         self._unwritten = []        # answers the journal could not take yet (a full disk)
         self._held = set()          # ids of messages sent whose success is among them
         self._orphaned = False
 
     def backlog(self):
-        return self.journal.pending_count(self.section)
+        return self.journal.pending_count(self.route_name)
 
     def sleep_for(self):
         now = self.bridge.clock()
-        receiver = self.bridge.config.receivers.get(self.section)
-        if receiver is None:
+        route = self.bridge.config.routes.get(self.route_name)
+        if route is None:
             return self.IDLE
         if self._unwritten:
             return 1.0
-        if self.pool.available(receiver, now) > 0:
-            until = self.journal.next_due_at(self.section)
+        if self.pool.available(route, now) > 0:
+            until = self.journal.next_due_at(self.route_name)
         else:
-            until = self.pool.next_slot_at(receiver, now)
+            until = self.pool.next_slot_at(route, now)
         return self.IDLE if until is None else min(self.IDLE, max(0.01, until - now))
 
     def step(self):
         """Send (or digest, or split) the next due message; True if a request was made."""
         self._write_unwritten()
-        receiver = self.bridge.config.receivers.get(self.section)
-        if receiver is None:
+        route = self.bridge.config.routes.get(self.route_name)
+        if route is None:
             self._report_orphaned()
             return False
         self._orphaned = False
         now = self.bridge.clock()
-        available = self.pool.available(receiver, now)
+        available = self.pool.available(route, now)
         if available <= 0:
             return False
-        due = [m for m in self.journal.due_messages(self.section, now) if m.id not in self._held]
+        due = [m for m in self.journal.due_messages(self.route_name, now) if m.id not in self._held]
         if not due:
             return False
         message = due[0]
         if len(due) > available and not message.packed:
-            message = self._digest(receiver, due)
+            message = self._digest(route, due)
         try:
-            return self.deliver(receiver, message)
+            return self.deliver(route, message)
         except Exception as exc:
             # whatever went wrong, this message waits its turn again and the others go first
             with contextlib.suppress(Exception):
@@ -2335,124 +2531,113 @@ class Sender(Worker):
             raise
 
     def _report_orphaned(self):
-        waiting = self.journal.pending_count(self.section)
+        waiting = self.journal.pending_count(self.route_name)
         if waiting and not self._orphaned:
-            log.error("receiver=%s: %d messages wait for [receiver:%s], which the config no longer has: "
+            log.error("route=%s: %d messages wait for [receiver:%s], which the config no longer has: "
                       "they are kept for it and go out once the section is back (reload), or expire "
-                      "after max_age", self.section, waiting, self.section)
+                      "after max_age", self.route_name, waiting, self.route_name)
         self._orphaned = bool(waiting)
 
-    def _digest(self, receiver, due):
+    def _digest(self, route, due):
         """More messages wait than the robots may send: fold the oldest into one digest as large
         as DingTalk takes, made only when a robot is free to send it. Messages stay whole."""
         renderer = self.bridge.renderer
-        taken, used = [], 0
-        for message in due:
-            if message.packed:
-                break
-            size = sum(renderer.block_size(receiver, a) for a in message.alerts)
-            if taken and used + size > renderer.room():
-                break
-            taken.append(message)
-            used += size
-        while True:
-            if len(taken) == 1:
-                return taken[0]
-            body = {"alerts": [a for m in taken for a in m.alerts], "digest": True,
-                    "truncated": sum(m.body.get("truncated", 0) for m in taken)}
-            if renderer.fits(receiver, body, digest=True):  # the estimate erred: take one less
-                break
-            taken.pop()
-        [digest] = self.journal.replace(taken, [body], "merged")
-        log.info("receiver=%s merged %d messages (%d alerts) into digest message=%d",
-                 receiver.name, len(taken), len(body["alerts"]), digest.id)
-        self.metrics.inc("alertbridge_digests_total", receiver=receiver.name)
+        unpacked = list(itertools.takewhile(lambda m: not m.packed, due))
+        sizes = (sum(renderer.block_size(route, a) for a in m.alerts) for m in unpacked)
+        taken = unpacked[:next(chunk_lengths(sizes, renderer.room()))]
+
+        def body(messages):
+            return message_body([a for m in messages for a in m.alerts], sum(m.body.get("truncated", 0)
+                                                                             for m in messages), digest=True)
+        taken = longest_that_fits(taken, lambda messages: renderer.fits(route, body(messages), digest=True))
+        if len(taken) == 1:
+            return taken[0]
+        [digest] = self.journal.replace(taken, [body(taken)], "merged")
+        log.info("route=%s merged %d messages (%d alerts) into digest message=%d",
+                 route.name, len(taken), len(digest.alerts), digest.id)
+        self.metrics.inc("alertbridge_digests_total", receiver=route.name)
         return digest
 
-    def _split(self, receiver, message):
-        digest = bool(message.body.get("digest"))
-        chunks = self.bridge.renderer.split(receiver, message.alerts, digest)
-        if len(chunks) == 1 and len(message.alerts) > 1:  # block sizes misjudged: halve
-            half = len(message.alerts) // 2
-            chunks = [message.alerts[:half], message.alerts[half:]]
+    def _split(self, route, message):
+        renderer = self.bridge.renderer
+        alerts = message.alerts
+        chunks = cut(alerts, chunk_lengths([renderer.block_size(route, a) for a in alerts], renderer.room()))
+        if len(chunks) == 1:  # the sizes were misjudged: halve
+            chunks = split_in_two(alerts)
         bodies = [{**message.body, "alerts": c, "part": [i + 1, len(chunks)]} for i, c in enumerate(chunks)]
         self.journal.replace([message], bodies, "split")
-        log.info("message=%d receiver=%s too long for DingTalk: split into %d", message.id, receiver.name,
-                 len(bodies))
+        log.info("message=%d route=%s too long for DingTalk: split into %d", message.id, route.name, len(bodies))
 
-    def deliver(self, receiver, message):
-        """Send one message, failing over through the receiver's robots. True if a request was made."""
+    def deliver(self, route, message):
+        """Send one message, failing over through the route's robots. True if a request was made."""
         renderer = self.bridge.renderer
         digest = bool(message.body.get("digest"))
-        if not message.packed and len(message.alerts) > 1 and not renderer.fits(receiver, message.body, digest):
-            self._split(receiver, message)
+        if not message.packed and len(message.alerts) > 1 and not renderer.fits(route, message.body, digest):
+            self._split(route, message)
             return True
         tried, errors = set(), []
         while True:
-            robot = self.pool.acquire(receiver, self.bridge.clock(), tried)
+            robot = self.pool.acquire(route, self.bridge.clock(), tried)
             if robot is None:
                 break
             tried.add(robot.key)
-            result = self._exchange(receiver, robot, message, digest)
+            result = self._exchange(route, robot, message, digest)
             if result.ok:
                 return True
             errors.append(f"{robot.name}: {result.errcode} {result.errmsg}")
             if result.outcome == TOO_LONG and len(message.alerts) > 1:
-                self._split(receiver, message)
+                self._split(route, message)
                 return True
         if errors:
             self._retry_later(message, errors)
         return bool(tried)
 
-    def _exchange(self, receiver, robot, message, digest):
+    def _exchange(self, route, robot, message, digest):
         """One request through one robot: written ahead, sent, its budget slot given back
         whatever happens, its answer journaled."""
-        config, renderer = self.bridge.config, self.bridge.renderer
+        renderer, timeout = self.bridge.renderer, self.bridge.config.delivery.timeout
         result, send_id = SendResult(None, "not sent: internal error"), None
         try:
-            payload = renderer.encode(renderer.body(receiver, robot, message.body, digest))
-            send_id = self._write_ahead(robot, self.bridge.clock() + config.send_timeout)
-            result = post_to_dingtalk(robot, payload, config.send_timeout)
+            payload = renderer.encode(renderer.body(route, robot, message.body, digest))
+            send_id = self._write_ahead(robot, self.bridge.clock() + timeout)
+            result = self.bridge.post(robot, payload, timeout)
         finally:
             done = self.bridge.clock()
             self.pool.release(robot, result, done)
-        self._account(receiver, robot, message, result, done, send_id)
+        self._account(route, robot, message, result, done, send_id)
         return result
 
     def _write_ahead(self, robot, latest_arrival):
         try:
             return self.journal.begin_send(robot.name, robot.key, latest_arrival)
         except sqlite3.Error as exc:  # paging goes first: send, and journal the answer when we can
-            log.warning("receiver=%s journal not writable (%s): sending without the write-ahead record",
-                        self.section, exc)
+            log.warning("route=%s journal not writable (%s): sending without the write-ahead record",
+                        self.route_name, exc)
             return None
 
     def _retry_later(self, message, errors):
-        config = self.bridge.config
-        delay = retry_delay(message.attempts, config.retry_base, config.retry_max)
+        delivery = self.bridge.config.delivery
+        delay = retry_delay(message.attempts, delivery.retry_base, delivery.retry_max)
         self.journal.retry_later(message.id, self.bridge.clock() + delay, "; ".join(errors))
-        log.warning("message=%d receiver=%s request_id=%s not delivered (attempt %d): %s; retry in %.1fs",
-                    message.id, self.section, message.request_id, message.attempts + 1, "; ".join(errors), delay)
+        log.warning("message=%d route=%s request_id=%s not delivered (attempt %d): %s; retry in %.1fs",
+                    message.id, self.route_name, message.request_id, message.attempts + 1, "; ".join(errors),
+                    delay)
 
-    def _account(self, receiver, robot, message, result, at, send_id):
+    def _account(self, route, robot, message, result, at, send_id):
         outcome = result.outcome
         level = {SENT: logging.INFO, MISCONFIGURED: logging.ERROR}.get(outcome, logging.WARNING)
         note = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its token, secret, "
                                "keyword)", THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
-        log.log(level, "send message=%d receiver=%s robot=%s request_id=%s alerts=%d errcode=%s errmsg=%s "
-                "latency_ms=%d%s", message.id, receiver.name, robot.name, message.request_id,
+        log.log(level, "send message=%d route=%s robot=%s request_id=%s alerts=%d errcode=%s errmsg=%s "
+                "latency_ms=%d%s", message.id, route.name, robot.name, message.request_id,
                 len(message.alerts), result.errcode, result.errmsg, result.latency * 1000, note)
         errcode = "none" if result.errcode is None else str(result.errcode)
-        self.metrics.inc("alertbridge_sends_total", receiver=receiver.name, robot=robot.name, errcode=errcode)
+        self.metrics.inc("alertbridge_sends_total", receiver=route.name, robot=robot.name, errcode=errcode)
         self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
         if result.ok:
-            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts), receiver=receiver.name)
-        event = {"sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "receiver": receiver.name,
-                 "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
-                 "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
-                 "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)}
-        self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
-                                message.id if result.ok else None))
+            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts), receiver=route.name)
+        self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode,
+                                send_event(route.name, robot, message, result, at), message.id if result.ok else None))
         if result.ok:
             self._held.add(message.id)
         self._write_unwritten()
@@ -2465,16 +2650,12 @@ class Sender(Worker):
             try:
                 self.journal.end_send(send_id, name, key, at, errcode, event, delivered)
             except sqlite3.Error as exc:
-                log.warning("receiver=%s journal not writable (%s): %d answers wait in memory; their "
-                            "messages are not sent again", self.section, exc, len(self._unwritten))
+                log.warning("route=%s journal not writable (%s): %d answers wait in memory; their "
+                            "messages are not sent again", self.route_name, exc, len(self._unwritten))
                 return
             self._unwritten.pop(0)
             self._held.discard(delivered)
 
-
-# ---------------------------------------------------------------------------------------------
-# 6. Recording
-# ---------------------------------------------------------------------------------------------
 
 class Recorder(Worker):
     """Copies journal events into the history store, in order. A store outage only delays it."""
@@ -2547,10 +2728,10 @@ class Recorder(Worker):
         if now - self._last_purge < self.PURGE_EVERY:
             return
         self._last_purge = now
-        config = self.bridge.config
-        self.journal.purge(now - max(86400, config.rate_window, config.throttle_seconds))
-        if config.retention_days > 0:
-            cutoff = db_time(datetime.fromtimestamp(now, timezone.utc) - timedelta(days=config.retention_days))
+        delivery, retention_days = self.bridge.config.delivery, self.bridge.config.database.retention_days
+        self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds))
+        if retention_days > 0:
+            cutoff = db_time(datetime.fromtimestamp(now, timezone.utc) - timedelta(days=retention_days))
             total, deleted = 0, None
             while deleted != 0 and not self._stopping.is_set():
                 deleted = self.store.purge(cutoff, self.PURGE_BATCH)
@@ -2559,16 +2740,16 @@ class Recorder(Worker):
                 log.info("retention: purged %d history rows older than %s UTC", total, cutoff)
 
 
-# ---------------------------------------------------------------------------------------------
-# 7. Daemon: metrics, wiring, signals, main
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# 11. Observability: metrics, sd_notify, the watchdog
+# =============================================================================================
 
 METRIC_HELP = {
     "alertbridge_webhooks_total": ("counter", "Webhook requests by HTTP status answered."),
     "alertbridge_alerts_accepted_total": ("counter", "Alerts accepted into the journal."),
     "alertbridge_alerts_recorded_total": ("counter", "Alerts written to the history store."),
     "alertbridge_record_failures_total": ("counter", "Journal events the history store refused."),
-    "alertbridge_sends_total": ("counter", "DingTalk requests by receiver, robot and errcode (none: no answer)."),
+    "alertbridge_sends_total": ("counter", "DingTalk requests by route, robot and errcode (none: no answer)."),
     "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages DingTalk accepted."),
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
     "alertbridge_messages_expired_total": ("counter", "Messages no robot could take within max_age."),
@@ -2660,19 +2841,30 @@ def watchdog_interval():
     return int(usec) / 2e6
 
 
-class Daemon:
-    """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
-    in one process (the tests do): nothing here is global."""
+# =============================================================================================
+# 12. Bridge: one alertbridge instance
+# =============================================================================================
 
-    def __init__(self, config, clock=time.time):
+class Bridge:
+    """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
+    in one process (the tests do): nothing here is global. `clock` (seconds since the epoch)
+    and `post` (one DingTalk request) can be replaced, to run delivery in simulated time.
+
+    For the caller: start(), stop(), reload(), readiness(), render_metrics(), address."""
+
+    RESTART_ONLY = ("listen", "port", "max_connections", "state_dir", "journal", "journal_sync")
+
+    def __init__(self, config, clock=time.time, post=None):
         self.config = config
         self.clock = clock
+        self.post = post or post_to_dingtalk
         self.metrics = Metrics()
         self.renderer = Renderer(config)
-        self.journal = Journal(config.journal_path, config.journal_sync)
+        self.journal = Journal(config.service.journal, config.service.journal_sync, clock)
         self.store = StoreProcess(config.database)
-        self.pool = RobotPool(lambda: self.config)
+        self.pool = RobotPool(lambda: self.config.delivery)
         self._restore_budgets()
+        self.intake = Intake(self)
         self.notifier = Notifier(self)
         self.recorder = Recorder(self)
         self.server = None
@@ -2685,9 +2877,9 @@ class Daemon:
     def _restore_budgets(self):
         """Budgets and throttles from the journal's send log; a row written before robot keys
         existed (0.3) is matched to the robot of that name."""
-        now, config = self.clock(), self.config
-        keys = {r.name: r.key for rc in config.receivers.values() for r in rc.robots}
-        sends = self.journal.recent_sends(now - max(config.rate_window, config.throttle_seconds))
+        now, delivery = self.clock(), self.config.delivery
+        keys = {r.name: r.key for r in self.config.robots}
+        sends = self.journal.recent_sends(now - max(delivery.rate_window, delivery.throttle_seconds))
         self.pool.restore([(key or keys.get(name, name), at, errcode) for name, key, at, errcode in sends], now)
 
     @property
@@ -2696,8 +2888,9 @@ class Daemon:
         return f"http://{host}:{port}"
 
     def start(self):
-        handler = type("Handler", (IntakeHandler,), {"daemon": self})
-        self.server = IntakeServer((self.config.listen, self.config.port), handler, self.config.max_connections)
+        service = self.config.service
+        handler = type("Handler", (IntakeHandler,), {"bridge": self})
+        self.server = IntakeServer((service.listen, service.port), handler, service.max_connections)
         self._warn_about_robots()
         self.notifier.start()
         self.recorder.start()
@@ -2706,18 +2899,18 @@ class Daemon:
         if interval:
             threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True).start()
         log.info("alertbridge %s listening on %s, journal %s, history %s, receivers %s", VERSION, self.address,
-                 self.config.journal_path, self.store.describe(), ",".join(sorted(self.config.receivers)))
+                 service.journal, self.store.describe(), ",".join(sorted(self.config.routes)))
         sd_notify("READY=1", f"STATUS=listening on {self.address}")
         return self
 
     def _warn_about_robots(self):
-        for robot in {r for rc in self.config.receivers.values() for r in rc.robots if r.placeholder}:
+        for robot in {r for r in self.config.robots if r.placeholder}:
             log.warning("robot=%s still has the placeholder token %s: it is not used until configured",
                         robot.name, PLACEHOLDER_TOKEN)
         for names in shared_tokens(self.config):
             log.warning("robots %s have the same access_token: they are one robot to DingTalk and share "
-                        "one budget of %d per %gs", ", ".join(names), self.config.rate_limit,
-                        self.config.rate_window)
+                        "one budget of %d per %gs", ", ".join(names), self.config.delivery.rate_limit,
+                        self.config.delivery.rate_window)
 
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
@@ -2763,24 +2956,6 @@ class Daemon:
         self.recorder.join(left())
         self.store.close(max(0.5, left()))
 
-    def accept(self, webhook, request_id):
-        """Journal a validated webhook; (HTTP status, JSON reply)."""
-        receiver = self.config.receiver_for(webhook.receiver)
-        if receiver is None:
-            raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no default_receiver configured")
-        try:
-            self.journal.accept(webhook, receiver, request_id)
-        except sqlite3.Error as exc:
-            log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager retries",
-                      request_id, exc)
-            self.metrics.inc("alertbridge_webhooks_total", outcome="503")
-            return 503, {"error": "journal not writable, retry later", "request_id": request_id}
-        self.metrics.inc("alertbridge_webhooks_total", outcome="200")
-        self.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
-        log.info("request_id=%s accepted receiver=%s via=%s alerts=%d group=%s", request_id, webhook.receiver,
-                 receiver.name, len(webhook.alerts), webhook.group_key[:120])
-        return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
-
     def reload(self):
         """Re-read config.ini; keep the running config if the new one is broken."""
         with self._reload_lock:
@@ -2789,18 +2964,20 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload rejected, keeping the running config: %s", exc)
                 return False, f"config rejected: {exc}"
-            kept = ("listen", "port", "journal_path", "journal_sync", "database", "state_dir")
-            changed = [k for k in kept if getattr(config, k) != getattr(self.config, k)]
+            running = self.config.service
+            changed = [k for k in self.RESTART_ONLY if getattr(config.service, k) != getattr(running, k)]
+            changed += ["[database]"] if config.database != self.config.database else []
             if changed:
                 log.warning("reload: %s change only on restart", ", ".join(changed))
-                config = replace(config, **{k: getattr(self.config, k) for k in kept})
+                kept = {k: getattr(running, k) for k in self.RESTART_ONLY}
+                config = replace(config, service=replace(config.service, **kept), database=self.config.database)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             self.renderer = Renderer(config)
             self.pool.forgive()
             self._warn_about_robots()
             self.notifier.wake()
-            log.info("config reloaded: receivers %s", ",".join(sorted(config.receivers)))
+            log.info("config reloaded: receivers %s", ",".join(sorted(config.routes)))
             sd_notify("READY=1", "STATUS=config reloaded")
             return True, "reloaded"
 
@@ -2812,7 +2989,7 @@ class Daemon:
         return journal_ok, detail
 
     def render_metrics(self):
-        now = time.time()
+        now = self.clock()
         pending, oldest, backlog, _ = self.journal.backlog()
         gauges = [("alertbridge_queue_messages", {}, pending),
                   ("alertbridge_queue_oldest_seconds", {}, round(now - oldest, 3) if oldest else 0),
@@ -2820,26 +2997,20 @@ class Daemon:
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
                   ("alertbridge_http_requests_in_flight", {}, self._requests),
                   ("alertbridge_build_info", {"version": VERSION}, 1)]
-        robots = {r for rc in self.config.receivers.values() for r in rc.robots}
-        for name, budget, throttled, disabled in self.pool.state(robots, now):
+        for name, budget, throttled, disabled in self.pool.state(self.config.robots, now):
             gauges += [("alertbridge_robot_budget_remaining", {"robot": name}, budget),
                        ("alertbridge_robot_throttled", {"robot": name}, int(throttled)),
                        ("alertbridge_robot_disabled", {"robot": name}, int(disabled))]
         return self.metrics.render(gauges)
 
 
+# =============================================================================================
+# 13. Command line
+# =============================================================================================
 
 def setup_logging(level):
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-
-def shared_tokens(config):
-    """Names of robot sections that share one access_token, a tuple per token."""
-    by_key = {}
-    for robot in {r for rc in config.receivers.values() for r in rc.robots}:
-        by_key.setdefault(robot.key, set()).add(robot.name)
-    return [tuple(sorted(names)) for names in by_key.values() if len(names) > 1]
 
 
 def mask_url(url):
@@ -2848,20 +3019,20 @@ def mask_url(url):
 
 def check_config(config):
     """--check-config: a summary an operator can read, secrets masked."""
-    db = config.database
+    service, db, delivery, auth = config.service, config.database, config.delivery, config.auth
     lines = [f"config {config.path}: OK",
-             f"listen {config.listen}:{config.port}, journal {config.journal_path}",
-             f"history {Store(db).describe()}" + (" (password set)" if db.get("password") else ""),
-             f"delivery {config.rate_limit} msgs/{config.rate_window:g}s per robot, max_age {config.max_age:g}s, "
-             f"retention {config.retention_days:g} days",
-             f"auth {'bearer' if config.auth.bearer_token else ''}{' basic' if config.auth.username else ''}"
-             if config.auth.enabled else "auth none (webhooks are open)",
-             f"default receiver {config.default_receiver or '(none: unknown receivers get 404)'}"]
-    for receiver in config.receivers.values():
-        lines.append(f"receiver {receiver.name}: {'one message per alert' if receiver.per_alert else 'one message per group'}"
-                     f"{', @' + ','.join(receiver.at_mobiles) if receiver.at_mobiles else ''}"
-                     f"{', @all' if receiver.at_all else ''}")
-        for robot in receiver.robots:
+             f"listen {service.listen}:{service.port}, journal {service.journal}",
+             f"history {db.describe()}" + (" (password set)" if db.password else ""),
+             f"delivery {delivery.rate_limit} msgs/{delivery.rate_window:g}s per robot, "
+             f"max_age {delivery.max_age:g}s, retention {db.retention_days:g} days",
+             f"auth {'bearer' if auth.bearer_token else ''}{' basic' if auth.username else ''}"
+             if auth.enabled else "auth none (webhooks are open)",
+             f"default receiver {service.default_receiver or '(none: unknown receivers get 404)'}"]
+    for route in config.routes.values():
+        lines.append(f"receiver {route.name}: {'one message per alert' if route.per_alert else 'one message per group'}"
+                     f"{', @' + ','.join(route.at_mobiles) if route.at_mobiles else ''}"
+                     f"{', @all' if route.at_all else ''}")
+        for robot in route.robots:
             notes = [n for n, on in (("signed", robot.secret), (f"keyword {robot.keyword!r}", robot.keyword),
                                      ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
             lines.append(f"  robot {robot.name}: {mask_url(robot.url)}{' (' + ', '.join(notes) + ')' if notes else ''}")
@@ -2870,26 +3041,26 @@ def check_config(config):
     return "\n".join(lines)
 
 
-def send_test(config, receiver_name):
-    """--send-test: one test message through each robot of a receiver; 0 if all accepted it."""
-    receiver = config.receivers.get(receiver_name)
-    if receiver is None:
-        print(f"no [receiver:{receiver_name}] in {config.path}", file=sys.stderr)
+def send_test(config, route_name):
+    """--send-test: one test message through each robot of a route; 0 if all accepted it."""
+    route = config.routes.get(route_name)
+    if route is None:
+        print(f"no [receiver:{route_name}] in {config.path}", file=sys.stderr)
         return 2
     now = datetime.now(timezone.utc)
     alert = {"fingerprint": "alertbridge-test", "status": "firing", "starts_at": db_time(now), "ends_at": None,
              "labels": {"alertname": "AlertbridgeTest", "severity": "info", "instance": socket.gethostname()},
-             "annotations": {"summary": f"Test message from alertbridge for receiver {receiver.name}"},
-             "generator_url": "", "external_url": "", "receiver": receiver.name}
+             "annotations": {"summary": f"Test message from alertbridge for receiver {route.name}"},
+             "generator_url": "", "external_url": "", "receiver": route.name}
     renderer, failures = Renderer(config), 0
-    for robot in receiver.robots:
+    for robot in route.robots:
         if robot.placeholder:
             failures += 1
             print(f"{robot.name}: not called: its url still has the placeholder token {PLACEHOLDER_TOKEN}; "
                   f"put the robot's access_token into [robot:{robot.name}] url")
             continue
-        body = renderer.body(receiver, robot, {"alerts": [alert]})
-        result = post_to_dingtalk(robot, renderer.encode(body), config.send_timeout)
+        body = renderer.body(route, robot, message_body([alert]))
+        result = post_to_dingtalk(robot, renderer.encode(body), config.delivery.timeout)
         failures += not result.ok
         print(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} latency_ms={result.latency * 1000:.0f}")
     return 1 if failures else 0
@@ -2926,7 +3097,7 @@ def main(argv=None):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal uses "
-              f"upserts); this Python uses SQLite {sqlite3.sqlite_version}", file=sys.stderr)
+              f"upserts and renames columns); this Python uses SQLite {sqlite3.sqlite_version}", file=sys.stderr)
         return 2
     try:
         config = load_config(args.config)
@@ -2952,7 +3123,7 @@ def run(config):
     hand to another thread is not lost while the main thread sleeps in a lock."""
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)  # already so when run as a script
     try:
-        daemon = Daemon(config).start()
+        bridge = Bridge(config).start()
     except JournalDamaged as exc:
         print(f"alertbridge: {exc}", file=sys.stderr)
         return 2
@@ -2960,9 +3131,9 @@ def run(config):
         signum = signal.sigwait(DAEMON_SIGNALS)
         if signum != signal.SIGHUP:
             break
-        daemon.reload()
+        bridge.reload()
     log.info("stopping: finishing in-flight requests (%s)", signal.Signals(signum).name)
-    daemon.stop()
+    bridge.stop()
     log.info("stopped")
     return 0
 

@@ -1,0 +1,248 @@
+"""Storage: the journal (batches, migrations), the history store (values that do not fit, tables
+that vanish, keys that must stay apart, outages) and the store process."""
+
+import concurrent.futures
+import dataclasses
+import json
+import socket
+import sqlite3
+import threading
+import time
+
+import alertbridge
+from tests.kit import (delivered_ids, empty_mysql, history, make_alert, make_payload, mysql_connect,
+                       mysql_settings, post, require_mysql, settle, storm_payloads, wait_until)
+
+
+def write_events(path, bodies):
+    """Add journal events as another writer would (the journal's own tables, its own file)."""
+    db = sqlite3.connect(path)
+    db.executemany("INSERT INTO events (kind, body, created_at) VALUES (?, ?, ?)",
+                   [("webhook", body, time.time()) for body in bodies])
+    db.commit()
+    db.close()
+
+
+def test_recorder_batches_are_bounded_in_bytes_but_never_empty(tmp_path):
+    journal = alertbridge.Journal(str(tmp_path / "journal.db"))
+    write_events(journal.path, ["x" * size for size in (600, 300, 300, 50)])
+    assert [len(body) for _, _, body in journal.unrecorded(max_bytes=100)] == [600]   # one, however large
+    assert [len(body) for _, _, body in journal.unrecorded(max_bytes=1000)] == [600, 300]
+    assert len(journal.unrecorded(limit=3, max_bytes=10_000)) == 3
+
+
+JOURNAL_0_3 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, body TEXT NOT NULL,
+    created_at REAL NOT NULL, recorded INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX events_unrecorded ON events (recorded, id);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, receiver TEXT NOT NULL, request_id TEXT NOT NULL,
+    body TEXT NOT NULL, packed INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'pending',
+    created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '', done_at REAL);
+CREATE INDEX messages_pending ON messages (state, receiver, id);
+CREATE INDEX messages_due ON messages (state, next_attempt_at);
+CREATE TABLE sends (id INTEGER PRIMARY KEY AUTOINCREMENT, robot TEXT NOT NULL, at REAL NOT NULL, errcode INTEGER);
+CREATE INDEX sends_at ON sends (at);
+INSERT INTO meta VALUES ('journal_id', 'journal-of-0.3');
+INSERT INTO messages (receiver, request_id, body, created_at, next_attempt_at)
+    VALUES ('dev', 'r1', '{"alerts": [], "truncated": 0}', 1, 1);
+INSERT INTO sends (robot, at, errcode) VALUES ('dev-1', 1e10, 0);
+"""
+
+
+def test_a_journal_made_by_0_3_is_migrated_and_keeps_its_work(tmp_path):
+    path = str(tmp_path / "journal.db")
+    db = sqlite3.connect(path)
+    db.executescript(JOURNAL_0_3)
+    db.close()
+    journal = alertbridge.Journal(path)
+    assert journal.journal_id == "journal-of-0.3"                 # recording goes on where it was
+    assert journal.pending_routes() == ["dev"] and [m.id for m in journal.due_messages("dev", 2)] == [1]
+    assert journal.recent_sends(0) == [("dev-1", "", 1e10, 0)]   # matched to its robot by name
+
+
+def drop_alerts_table(settings):
+    if settings.driver == "sqlite":
+        db = sqlite3.connect(settings.path)
+        db.execute("DROP TABLE alerts")
+        db.commit()
+        db.close()
+        return
+    db = mysql_connect()
+    with db.cursor() as cursor:
+        cursor.execute("DROP TABLE alerts")
+    db.close()
+
+
+def test_an_alert_larger_than_its_columns_is_recorded_cut_with_the_rest_of_its_webhook(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    huge = make_alert("Huge", annotations={"summary": "摘要" * 40000, "description": "d" * 70000})
+    post(bridge, make_payload("dev", [huge, make_alert("Small")]))
+    settle(bridge)
+    rows = {r["alertname"]: r for r in history(bridge)}
+    assert set(rows) == {"Huge", "Small"}
+    assert len(rows["Huge"]["summary"].encode()) <= 65535 and rows["Huge"]["summary"].startswith("摘要摘要")
+    assert len(rows["Huge"]["description"]) == 65535
+    assert json.loads(rows["Huge"]["annotations"])["description"] == "d" * 70000    # whole in the JSON
+
+
+def test_a_dropped_history_table_is_created_again_and_nothing_is_lost(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    post(bridge, make_payload("dev", [make_alert(instance="before")]))
+    settle(bridge)
+    drop_alerts_table(database)                             # a DBA's mistake, or a restore under way
+    post(bridge, make_payload("dev", [make_alert(instance="after")]))
+    settle(bridge)
+    assert [r["instance"] for r in history(bridge)] == ["after"]
+    assert bridge.recorder.store_ok and bridge.journal.message_states() == {"sent": 2}
+
+
+def test_receivers_differing_by_case_or_emoji_stay_apart_in_both_stores(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    for receiver in ("ops", "OPS", "ops🔥", "ops🚨", " ops "):   # the last is "ops": spaces are dropped
+        post(bridge, make_payload(receiver, [make_alert(fingerprint="same", starts_at="2026-11-24T08:00:00Z")]))
+    settle(bridge)
+    rows = history(bridge)
+    assert sorted(r["receiver"] for r in rows) == sorted(["ops", "OPS", "ops🔥", "ops🚨"])
+    assert {r["receiver"]: r["received_count"] for r in rows}["ops"] == 2
+    assert all(r["notified_count"] == (2 if r["receiver"] == "ops" else 1) for r in rows)
+
+
+def test_a_mysql_history_table_made_by_0_3_gets_byte_wise_keys(make_bridge, fake):
+    db = require_mysql()
+    old_schema = alertbridge.MYSQL_SCHEMA.replace(" CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", "")
+    with db.cursor() as cursor:
+        for table in ("alerts", "notifications", "recorder_progress"):
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
+        for statement in alertbridge.statements(old_schema):
+            cursor.execute(statement)
+    bridge = make_bridge(mysql_settings())
+    for receiver in ("ops", "OPS"):
+        post(bridge, make_payload(receiver, [make_alert(fingerprint="same")]))
+    settle(bridge)
+    assert sorted(r["receiver"] for r in history(bridge)) == ["OPS", "ops"]
+    with db.cursor() as cursor:
+        cursor.execute("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+                       "DATABASE() AND TABLE_NAME = 'alerts' AND COLUMN_NAME IN ('receiver', 'fingerprint')")
+        assert dict(cursor.fetchall()) == {"receiver": "utf8mb4_bin", "fingerprint": "utf8mb4_bin"}
+    db.close()
+
+
+def test_an_event_the_store_refuses_is_set_aside_and_recording_goes_on(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    write_events(bridge.journal.path, [json.dumps({"alerts": [{"receiver": "x"}]})])   # no store can take it
+    post(bridge, make_payload("dev", [make_alert()]))
+    settle(bridge)
+    assert len(history(bridge)) == 1
+    assert "alertbridge_record_failures_total 1" in bridge.render_metrics()
+    db = sqlite3.connect(bridge.journal.path)
+    assert db.execute("SELECT COUNT(*) FROM events WHERE recorded = 2").fetchone() == (1,)   # kept, as failed
+    db.close()
+
+
+def test_store_process_is_restarted_if_it_dies_and_ends_with_the_bridge(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    post(bridge, make_payload("dev", [make_alert(instance="before")]))
+    settle(bridge)
+    first = bridge.store.process
+    first.kill()                                                  # OOM killer, a stray kill -9...
+    first.wait()
+    post(bridge, make_payload("dev", [make_alert(instance="after")]))
+    settle(bridge)
+    assert {r["instance"] for r in history(bridge)} == {"before", "after"}
+    second = bridge.store.process
+    assert second.pid != first.pid and second.poll() is None
+    bridge.stop()
+    assert second.poll() is not None
+
+
+class TcpProxy:
+    """A loopback TCP forwarder the test can cut, to make MySQL unreachable and come back."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.port = None
+        self.sockets = []
+        self.listener = None
+
+    def start(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port or 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept() so the port frees
+        except OSError:
+            pass
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        self.sockets = []
+
+
+def post_all(target, payloads, workers=8):
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda p: post(target, p)[0], payloads))
+
+
+def test_mysql_outage_delays_history_not_paging(make_bridge, fast_fake):
+    settings = empty_mysql()
+    proxy = TcpProxy(settings.port).start()
+    bridge = make_bridge(dataclasses.replace(settings, port=proxy.port),
+                         delivery={"rate_window": "1", "retry_base": "0.05", "retry_max": "0.2"})
+    post(bridge, make_payload("ops", [make_alert(instance="before")]))
+    settle(bridge)
+
+    proxy.cut()
+    during = [make_payload("ops", [make_alert(instance=f"during-{i}")]) for i in range(5)]
+    assert post_all(bridge, storm_payloads(groups=40, per_group=5) + during) == [200] * 45
+    expected = {f"storm-{g}-{i}" for g in range(40) for i in range(5)} | {f"during-{i}" for i in range(5)}
+    assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=60)     # paging went on
+    assert wait_until(lambda: bridge.recorder.store_ok is False)
+    status, ready = post(bridge, None, path="/-/ready", method="GET")
+    assert status == 200 and "unreachable" in ready["store"]
+    assert "alertbridge_store_up 0" in bridge.render_metrics()
+    assert [r["instance"] for r in history(settings)] == ["before"]
+
+    proxy.start()                                                  # MySQL is back on the same address
+    settle(bridge, timeout=60)
+    rows = history(settings)
+    assert len(rows) == 1 + 200 + 5 and {r["instance"] for r in rows} >= {"before"} | expected
+    assert all(r["notified_count"] >= 1 for r in rows)
+    sends = history(settings, "notifications")
+    assert sum(s["alerts"] for s in sends if s["errcode"] == 0) >= 206

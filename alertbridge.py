@@ -2721,6 +2721,11 @@ class Recorder(Worker):
             log.info("history store reachable again: %s", self.store.describe())
         self.store_ok = True
 
+    def purge_soon(self):
+        """Run the retention purge now rather than at its next turn."""
+        self._last_purge = 0.0
+        self.wake()
+
     def _housekeeping(self):
         """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
         keeps them), and history older than retention_days, in small batches."""

@@ -1,33 +1,16 @@
-"""What the benchmarks share: processes on loopback, a config, a small HTTP client, metrics."""
+"""What the benchmarks share beyond the test kit (tests/kit.py): fresh databases, the fake DingTalk
+and alertbridge as processes, a fast payload, percentiles. Run them from the repository's top:
+python3 -m bench.NAME."""
 
-import http.client
 import json
 import pathlib
-import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.kit import SCRIPT, Child, connect, free_port, get, make_alert, make_payload, wait_until
+
 PYTHON = sys.executable
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout=60.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(every)
 
 
 def fresh_database(name):
@@ -50,53 +33,29 @@ def count_rows(database, table="alerts"):
     return n
 
 
-class Child:
-    """A child process whose stderr goes to a log file."""
+def describe_rss(child):
+    own, *children = child.peak_rss_mib()
+    return f"{own + sum(children):.0f} MiB" + (
+        f" ({own:.0f} daemon + {' + '.join(f'{c:.0f}' for c in children)} store process)" if children else "")
 
-    def __init__(self, args, log_name):
-        self.log = pathlib.Path(tempfile.gettempdir()) / log_name
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
 
-    def peak_rss_mib(self):
-        """Peak RSS of the process and of each of its children (alertbridge's store process)."""
-        def peak(pid):
-            with open(f"/proc/{pid}/status") as fh:
-                return int(next(line for line in fh if line.startswith("VmHWM:")).split()[1]) / 1024
-        children = []
-        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():  # each thread's children
-            try:
-                children += [int(pid) for pid in (task / "children").read_text().split()]
-            except FileNotFoundError:  # the thread ended meanwhile
-                pass
-        return [peak(self.proc.pid)] + [peak(pid) for pid in children]
-
-    def describe_rss(self):
-        own, *children = self.peak_rss_mib()
-        return f"{own + sum(children):.0f} MiB" + (
-            f" ({own:.0f} daemon + {' + '.join(f'{c:.0f}' for c in children)} store process)" if children else "")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def log_file(name):
+    return pathlib.Path(tempfile.gettempdir()) / name
 
 
 def start_fake(latency, rate_limit=20, rate_window=60.0, tokens=("bench-1", "bench-2", "bench-3")):
     port = free_port()
-    child = Child([PYTHON, str(ROOT / "tests" / "fakedingtalk.py"), "--port", str(port), "--latency", str(latency),
+    child = Child([PYTHON, "-m", "tests.fakedingtalk", "--port", str(port), "--latency", str(latency),
                    "--rate-limit", str(rate_limit), "--rate-window", str(rate_window), "--tokens", ",".join(tokens)],
-                  "bench-fake.log")
+                  log_file("bench-fake.log"))
     child.url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(child.url + "/stats"))
+    assert wait_until(lambda: _answers(child.url, "/stats"), timeout=60)
     return child
 
 
-def _answers(url):
+def _answers(url, path):
     try:
-        return get(url)[0] == 200
+        return get(url, path)[0] == 200
     except OSError:
         return False
 
@@ -122,16 +81,14 @@ database = {database['database']}
 robots = {", ".join(f"r{i}" for i in range(len(tokens)))}
 {robots}
 {extra}""", encoding="utf-8")
-    child = Child([PYTHON, str(ROOT / "alertbridge.py"), "-c", str(config), "--log-level", "warning"],
-                  "bench-alertbridge.log")
+    child = Child([PYTHON, SCRIPT, "-c", str(config), "--log-level", "warning"], log_file("bench-alertbridge.log"))
     child.url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(child.url + "/-/healthy"))
+    assert wait_until(lambda: _answers(child.url, "/-/healthy"), timeout=60)
     return child
 
 
 def client(url):
-    host, port = url.split("//")[1].split(":")
-    return http.client.HTTPConnection(host, int(port), timeout=60)
+    return connect(url, timeout=60)
 
 
 def send(connection, body):
@@ -142,35 +99,15 @@ def send(connection, body):
     return response.status
 
 
-def get(url):
-    host, port = url.split("//")[1].split("/")[0].split(":")
-    path = "/" + url.split("//")[1].split("/", 1)[1]
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("GET", path)
-    response = connection.getresponse()
-    body = response.read()
-    connection.close()
-    return response.status, body
-
-
-def metric(url, name):
-    text = get(url + "/metrics")[1].decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
 def payload(group, per_group, receiver="ops"):
-    alerts = [{"status": "firing",
-               "labels": {"alertname": f"Bench{group % 20}", "instance": f"bench-{group}-{i}", "job": "node",
-                          "severity": "warning"},
-               "annotations": {"summary": f"load test alert {group}/{i}", "description": "generated by bench"},
-               "startsAt": "2026-11-24T08:00:00.000Z", "endsAt": "0001-01-01T00:00:00Z",
-               "generatorURL": "http://prometheus:9090/graph?g0.expr=up", "fingerprint": f"{group:08x}{i:08x}"}
+    """One webhook of `per_group` warnings named bench-GROUP-I, as bytes."""
+    alerts = [make_alert(f"Bench{group % 20}", f"bench-{group}-{i}", severity="warning",
+                         starts_at="2026-11-24T08:00:00.000Z", fingerprint=f"{group:08x}{i:08x}",
+                         annotations={"summary": f"load test alert {group}/{i}", "description": "generated by bench"})
               for i in range(per_group)]
-    return json.dumps({"version": "4", "groupKey": f"{{}}:{{alertname=\"Bench{group}\"}}", "truncatedAlerts": 0,
-                       "status": "firing", "receiver": receiver, "groupLabels": {}, "commonLabels": {},
-                       "commonAnnotations": {}, "externalURL": "http://alertmanager:9093",
-                       "alerts": alerts}).encode()
+    body = make_payload(receiver, alerts)
+    body["groupKey"] = f"{{}}:{{alertname=\"Bench{group}\"}}"
+    return json.dumps(body).encode()
 
 
 def percentile(values, p):

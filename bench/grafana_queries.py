@@ -2,7 +2,7 @@
 """Scale check for the Grafana dashboard: 1,000,000 alert rows (and 500,000 sends) in MariaDB/MySQL,
 then every panel's and variable's query, expanded as Grafana does, timed and EXPLAINed.
 
-    python3 bench/grafana_queries.py [--rows 1000000] [--dsn root:@127.0.0.1:3306/alertbridge_bench]
+    python3 -m bench.grafana_queries [--rows 1000000] [--dsn root:@127.0.0.1:3306/alertbridge_bench]
 
 The database is created (and its tables dropped and refilled) by this script: do not point it at a
 database you care about. Prints one row per query: median time over 3 runs, rows returned, and the
@@ -11,20 +11,16 @@ index EXPLAIN says MySQL uses.
 
 import argparse
 import json
-import pathlib
 import random
 import statistics
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import pymysql
 
-import pymysql  # noqa: E402
-
-import alertbridge  # noqa: E402
-from grafana_sql import expand  # noqa: E402
+import alertbridge
+from tests.grafana_sql import expand
+from tests.kit import ROOT
 
 
 def connect(dsn, database=None):

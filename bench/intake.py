@@ -3,7 +3,7 @@
 alertbridge against the synchronous design (post to DingTalk inside the request), both against the
 same fake DingTalk answering in 50 ms, in the same run.
 
-    python3 bench/intake.py [--rate 200] [--seconds 10] [--connections 16]
+    python3 -m bench.intake [--rate 200] [--seconds 10] [--connections 16]
 
 Fixed rate: requests are scheduled at --rate per second and latency is measured from the scheduled
 time, so a server that falls behind shows it (no coordinated omission). Max: --connections
@@ -21,8 +21,9 @@ import tempfile
 import threading
 import time
 
-from common import (PYTHON, ROOT, Child, client, count_rows, fresh_database, free_port, metric, payload, percentile,
-                    send, start_alertbridge, start_fake, wait_until)
+from bench.common import (PYTHON, client, count_rows, describe_rss, fresh_database, log_file, payload, percentile,
+                          send, start_alertbridge, start_fake)
+from tests.kit import ROOT, Child, free_port, metric, wait_until
 
 
 def fixed_rate(url, rate, seconds, first_group, connections=32):
@@ -166,13 +167,14 @@ def main():
         recorded = metric(bridge.url, "alertbridge_alerts_recorded_total")
         print(f"|   {recorded:,.0f} of {accepted:,.0f} accepted alerts recorded in MariaDB ({count_rows(database):,} rows: "
               f"wrk repeats one webhook); backlog drained {time.monotonic() - began:.1f} s after the load; "
-              f"peak RSS {bridge.describe_rss()} |")
+              f"peak RSS {describe_rss(bridge)} |")
         bridge.stop()
 
     database = fresh_database("alertbridge_bench_intake_sync")
     port = free_port()
     baseline = Child([PYTHON, str(ROOT / "bench" / "sync_baseline.py"), str(port),
-                      f"{fake.url}/robot/send?access_token=baseline", database["database"]], "bench-baseline.log")
+                      f"{fake.url}/robot/send?access_token=baseline", database["database"]],
+                     log_file("bench-baseline.log"))
     baseline.url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _up(port))
     total, latencies, errors = fixed_rate(baseline.url, args.rate, args.seconds, group)

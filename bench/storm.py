@@ -3,7 +3,7 @@
 limit (20 messages per 60 s per robot, enforced by the fake, which throttles past it), history in
 MariaDB.
 
-    python3 bench/storm.py [--groups 1000] [--per-group 10] [--window 60]
+    python3 -m bench.storm [--groups 1000] [--per-group 10] [--window 60]
 
 Prints: time until every alert is recorded, time until every alert was delivered in some
 message, messages sent per robot per full minute while the backlog lasted, the most any robot got
@@ -12,12 +12,12 @@ in any sliding window, 410100 answers, alerts missing from delivered messages, p
 
 import argparse
 import concurrent.futures
-import json
 import re
 import statistics
 import time
 
-from common import client, fresh_database, get, metric, payload, send, start_alertbridge, start_fake, wait_until
+from bench.common import client, describe_rss, fresh_database, payload, send, start_alertbridge, start_fake
+from tests.kit import get, metric, wait_until
 
 ID = re.compile(r"bench-\d+-\d+")
 
@@ -45,7 +45,7 @@ def main():
     recorded = time.monotonic() - started
 
     def delivered():
-        stats = json.loads(get(fake.url + "/stats")[1])
+        stats = get(fake.url, "/stats")[1]
         return stats, {found for r in stats if r["errcode"] == 0 for found in ID.findall(r["text"])}
     deadline = time.monotonic() + 3600
     while True:
@@ -54,7 +54,7 @@ def main():
             break
         time.sleep(1)
     all_delivered = time.monotonic() - started
-    rss = bridge.describe_rss()
+    rss = describe_rss(bridge)
     bridge.stop()
     fake.stop()
 

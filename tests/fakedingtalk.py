@@ -220,7 +220,7 @@ class FakeDingTalk:
         return best
 
 
-if __name__ == "__main__":  # a stand-alone fake for benchmarks: python3 tests/fakedingtalk.py --port 18080 ...
+if __name__ == "__main__":  # a stand-alone fake for benchmarks: python3 -m tests.fakedingtalk --port 18080 ...
     import argparse
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

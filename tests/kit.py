@@ -305,7 +305,7 @@ class Daemon(Child):
     """alertbridge.py as systemd would run it, on a free port, with a config written here."""
 
     def __init__(self, directory, fake_url, database, env=None, args=(), python=sys.executable, **options):
-        self.port = free_port()
+        self.port = int(options.get("main", {}).get("port", 0)) or free_port()
         self.config = pathlib.Path(directory) / "config.ini"
         self.fake_url, self.database, self.options = fake_url, database, options
         self.write_config()

@@ -8,12 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import IN_CI, ROBOTS, history, settle
-from test_delivery import free_port, wait_until
+from tests.kit import DEV, IN_CI, OPS, free_port, history, settle, wait_until
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-OPS = [ROBOTS[f"ops-{i}"]["token"] for i in (1, 2, 3)]
-DEV = ROBOTS["dev-1"]["token"]
 BEARER = "am-to-alertbridge-token"
 
 
@@ -106,10 +103,10 @@ def titles(fake, token=None):
 
 
 @pytest.mark.parametrize("bearer", [None, BEARER], ids=["open", "bearer-auth"])
-def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alertmanager, bearer):
+def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alertmanager, bearer):
     extra = f"[auth]\nbearer_token = {BEARER}\n" if bearer else ""
-    daemon = make_daemon(database, extra=extra)
-    am = alertmanager(daemon.address, bearer)
+    bridge = make_bridge(database, extra=extra)
+    am = alertmanager(bridge.address, bearer)
     pushed = alerts()
     push(am, pushed)
 
@@ -123,8 +120,8 @@ def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alert
     assert "磁盘将满" in disk.text and "10.0.0.2:9100" in disk.text
     assert "@13800000000" in disk.text                            # critical firing: the on-call is @-ed
     assert "/#/silences/new?filter=" in disk.text                 # a link back to this Alertmanager
-    settle(daemon)
-    rows = {r["instance"]: r for r in history(daemon)}
+    settle(bridge)
+    rows = {r["instance"]: r for r in history(bridge)}
     assert set(rows) == {"10.0.0.1:9100", "10.0.0.2:9100", "10.0.0.3:9100", "p:9090"}
     assert rows["p:9090"]["receiver"] == "dev" and rows["10.0.0.1:9100"]["receiver"] == "ops"
     assert all(r["status"] == "firing" and r["notified_count"] == 1 for r in rows.values())
@@ -136,19 +133,19 @@ def test_real_alertmanager_fires_and_resolves(make_daemon, fake, database, alert
     resolved = next(m for m in fake.delivered() if "RESOLVED:2" in m.body["markdown"]["title"])
     assert resolved.body["markdown"]["title"] == "[RESOLVED:2] DiskFull"
     assert "恢复 Resolved" in resolved.text and "@13800000000" not in resolved.text
-    settle(daemon)
-    rows = {r["instance"]: r for r in history(daemon)}
+    settle(bridge)
+    rows = {r["instance"]: r for r in history(bridge)}
     assert rows["10.0.0.1:9100"]["status"] == "resolved" and rows["10.0.0.1:9100"]["ends_at"]
     assert rows["10.0.0.2:9100"]["status"] == "resolved"
     assert rows["10.0.0.3:9100"]["status"] == "firing" and rows["10.0.0.3:9100"]["ends_at"] is None
-    assert len(history(daemon)) == 4                                  # same occurrences, updated
-    assert all(s["errcode"] == 0 for s in history(daemon, "notifications"))
+    assert len(history(bridge)) == 4                                  # same occurrences, updated
+    assert all(s["errcode"] == 0 for s in history(bridge, "notifications"))
 
 
-def test_alertmanager_with_wrong_credentials_is_refused(make_daemon, fake, sqlite_db, alertmanager, tmp_path):
-    daemon = make_daemon(sqlite_db, extra=f"[auth]\nbearer_token = {BEARER}\n")
-    am = alertmanager(daemon.address, "not-the-token")
+def test_alertmanager_with_wrong_credentials_is_refused(make_bridge, fake, sqlite_db, alertmanager, tmp_path):
+    bridge = make_bridge(sqlite_db, extra=f"[auth]\nbearer_token = {BEARER}\n")
+    am = alertmanager(bridge.address, "not-the-token")
     push(am, alerts()[:1])
     log = tmp_path / "alertmanager.log"
     assert wait_until(lambda: "401" in log.read_text(errors="replace"), timeout=60)
-    assert fake.delivered() == [] and daemon.journal.backlog()[2] == 0
+    assert fake.delivered() == [] and bridge.journal.backlog()[2] == 0

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DELETE, load_fixture, post, set_at
-from test_service import Process
+import alertbridge
+from tests.fakedingtalk import FakeDingTalk
+from tests.kit import DELETE, ROBOTS, Daemon, load_fixture, post, set_at
 
 GOOD = load_fixture("am025-ops-partly-resolved.json")
 PATHS = [("version",), ("status",), ("receiver",), ("alerts",), ("groupLabels",), ("commonLabels",),
@@ -54,14 +55,12 @@ HEADERS = st.dictionaries(
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     """One daemon process for the whole fuzz run, so its memory can be watched."""
-    from fakedingtalk import FakeDingTalk
-    from conftest import ROBOTS
     fake = FakeDingTalk().start()
     for robot in ROBOTS.values():
         fake.add_robot(robot["token"], robot.get("secret", ""), robot.get("keyword", ""))
     tmp = tmp_path_factory.mktemp("fuzz")
-    process = Process(tmp, fake, {"driver": "sqlite", "path": str(tmp / "h.db")},
-                      main={"request_timeout": "0.3", "max_body_bytes": "262144"})
+    process = Daemon(tmp, fake.url, alertbridge.Database(driver="sqlite", path=str(tmp / "h.db")),
+                     main={"request_timeout": "0.3", "max_body_bytes": "262144"})
     process.wait_healthy()
     yield process
     assert process.stop() == 0
@@ -144,7 +143,7 @@ def test_10000_fuzzed_requests_get_no_5xx_and_memory_stays_bounded(target):
 
 
 def test_slow_clients_cannot_exhaust_the_server(tmp_path, fake, sqlite_db):
-    process = Process(tmp_path, fake, sqlite_db, main={"request_timeout": "2", "max_connections": "64"})
+    process = Daemon(tmp_path, fake.url, sqlite_db, main={"request_timeout": "2", "max_connections": "64"})
     process.wait_healthy()
     stop = threading.Event()
     closed_by_server = []

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import alertbridge
-from conftest import ROOT, mysql_settings, require_mysql
-from grafana_sql import expand
+from tests.grafana_sql import expand
+from tests.kit import ROOT, empty_mysql, mysql_connect
 
 DASHBOARD = json.loads((ROOT / "grafana-dashboard.json").read_text(encoding="utf-8"))
 PANELS = {p["title"]: p for p in DASHBOARD["panels"]}
@@ -95,11 +95,8 @@ def known_history():
 
 @pytest.fixture(scope="module")
 def history_db():
-    db = require_mysql()
-    with db.cursor() as cursor:
-        for table in ("alerts", "notifications", "recorder_progress"):
-            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608
-    store = alertbridge.Store(mysql_settings())
+    store = alertbridge.Store(empty_mysql())
+    db = mysql_connect()
     events, alerts = known_history()
     store.record("grafana-test", [(i, kind, json.dumps(body)) for i, kind, body in events])
     store.close()

@@ -4,16 +4,13 @@ import subprocess
 
 import pytest
 
-from conftest import OLD_PYTHONS, ROOT, SUPPORTED_PYTHONS, load_fixture, post, require_python
-from test_service import Process
-
-SCRIPT = str(ROOT / "alertbridge.py")
+from tests.kit import OLD_PYTHONS, ROOT, SCRIPT, SUPPORTED_PYTHONS, Daemon, load_fixture, post, require_python
 CAPTURED = ("am025-dev-firing.json", "am025-ops-firing-group.json", "am025-ops-partly-resolved.json")
 
 
 @pytest.mark.parametrize("version", SUPPORTED_PYTHONS)
 def test_daemon_delivers_captured_alertmanager_payloads(version, tmp_path, fake, sqlite_db):
-    p = Process(tmp_path, fake, sqlite_db, python=require_python(version))
+    p = Daemon(tmp_path, fake.url, sqlite_db, python=require_python(version))
     try:
         p.wait_healthy()
         for name in CAPTURED:

@@ -1,7 +1,6 @@
 """Running as a real service: sd_notify, reload, shutdown, health, metrics, auth, CLI, retention."""
 
 import base64
-import os
 import re
 import shutil
 import signal
@@ -14,71 +13,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import alertbridge
-from conftest import (IN_CI, ROBOTS, ROOT, SECRETS, config_text, history, make_alert, make_payload,
-                      mysql_settings, post, require_mysql, settle)
-from test_delivery import free_port, wait_until
-
-SCRIPT = str(ROOT / "alertbridge.py")
+from tests.kit import (IN_CI, ROBOTS, ROOT, SCRIPT, SECRETS, Daemon, config_text, empty_mysql, history,
+                       make_alert, make_payload, mysql_connect, post, settle, wait_until)
 
 
-class Process:
-    """alertbridge as a child process, as systemd would run it."""
-
-    def __init__(self, tmp_path, fake, database, env=None, args=(), python=sys.executable, **options):
-        self.port = free_port()
-        self.config = tmp_path / "config.ini"
-        self.fake, self.database, self.options = fake, database, options
-        self.write_config()
-        self.log = tmp_path / "daemon.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([python, SCRIPT, "-c", str(self.config), *args],
-                                     stderr=open(self.log, "ab"), stdout=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
-
-    def write_config(self, text=None, **changes):
-        options = {**self.options, **changes}
-        main = {"port": str(self.port), **options.pop("main", {})}
-        self.config.write_text(text if text is not None else config_text(self.fake, self.database, main=main, **options),
-                               encoding="utf-8")
-
-    def wait_healthy(self):
-        def healthy():
-            try:
-                return post(self.url, None, path="/-/healthy", method="GET")[0] == 200
-            except OSError:
-                return False
-        assert wait_until(healthy, timeout=30), self.log.read_text()
-
-    def wait_log(self, text, timeout=30):
-        assert wait_until(lambda: text in self.log.read_text(encoding="utf-8"), timeout), self.log.read_text()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-
-@pytest.fixture
-def process(tmp_path, fake, sqlite_db):
-    started = []
-
-    def start(**options):
-        p = Process(tmp_path, fake, sqlite_db, **options)
-        started.append(p)
-        return p
-    yield start
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
-
-
-def test_sd_notify_ready_watchdog_reload_stopping(process, tmp_path):
+def test_sd_notify_ready_watchdog_reload_stopping(daemon, tmp_path):
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(30)
-    p = process(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    p = daemon(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
 
     def next_message():
         return sock.recv(4096).decode()
@@ -112,8 +56,8 @@ def test_sd_notify_is_silent_without_notify_socket(monkeypatch):
     assert alertbridge.watchdog_interval() is None
 
 
-def test_sighup_reloads_and_broken_config_is_rejected(process, fake):
-    p = process(args=["--log-level", "debug"])
+def test_sighup_reloads_and_broken_config_is_rejected(daemon, fake):
+    p = daemon(args=["--log-level", "debug"])
     p.wait_healthy()
     receivers = {"ops": {"robots": "ops-1"}, "dev": {"robots": "dev-1"}, "sre": {"robots": "ops-3"}}
     p.write_config(receivers=receivers)
@@ -131,34 +75,34 @@ def test_sighup_reloads_and_broken_config_is_rejected(process, fake):
     assert p.stop() == 0
 
 
-def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_daemon, fake, sqlite_db):
+def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_bridge, fake, sqlite_db):
     one_robot = {"dev": {"robots": "dev-1"}}
-    daemon = make_daemon(sqlite_db, receivers=one_robot, delivery={"rate_limit": "1", "rate_window": "3600"})
-    post(daemon, make_payload("dev", [make_alert(instance="n0")]))
-    settle(daemon)                                           # dev-1 has used its one message
+    bridge = make_bridge(sqlite_db, receivers=one_robot, delivery={"rate_limit": "1", "rate_window": "3600"})
+    post(bridge, make_payload("dev", [make_alert(instance="n0")]))
+    settle(bridge)                                           # dev-1 has used its one message
     for i in (1, 2):
-        post(daemon, make_payload("dev", [make_alert(instance=f"n{i}")]))
-    assert daemon.pool.available(daemon.config.receivers["dev"], time.time()) == 0
-    assert daemon.journal.backlog()[0] == 2                  # these wait: no robot has budget
+        post(bridge, make_payload("dev", [make_alert(instance=f"n{i}")]))
+    assert bridge.pool.available(bridge.config.routes["dev"], time.time()) == 0
+    assert bridge.journal.backlog()[0] == 2                  # these wait: no robot has budget
 
-    path = daemon.config.path
+    path = bridge.config.path
     original = open(path, encoding="utf-8").read()
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("[receiver:dev]\nrobots = ghost\n")
-    status, reply = post(daemon, b"", path="/-/reload")
+    status, reply = post(bridge, b"", path="/-/reload")
     assert status == 500 and "[receiver:dev] robots: no section [robot:ghost]" in reply["error"]
 
     with open(path, "w", encoding="utf-8") as fh:                 # add a robot to the receiver
         fh.write(original.replace("robots = dev-1", "robots = dev-1, ops-1"))
-    assert post(daemon, b"", path="/-/reload")[0] == 200
-    settle(daemon)
+    assert post(bridge, b"", path="/-/reload")[0] == 200
+    settle(bridge)
     ids = {i for m in fake.delivered() for i in re.findall(r"Instance: (n\d)", m.text)}
     assert ids == {"n0", "n1", "n2"}
     assert ROBOTS["ops-1"]["token"] in [m.token for m in fake.delivered()]
 
 
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(process):
-    p = process()
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(daemon):
+    p = daemon()
     p.wait_healthy()
     body = alertbridge.json.dumps(make_payload("dev", [make_alert("InFlight")])).encode()
     sock = socket.create_connection(("127.0.0.1", p.port))
@@ -191,12 +135,12 @@ def parse_metrics(text):
     return families
 
 
-def test_metrics_are_valid_prometheus_text(make_daemon, fake, sqlite_db):
-    daemon = make_daemon(sqlite_db)
-    post(daemon, make_payload("ops", [make_alert(), make_alert(instance="b")]))
-    post(daemon, b"{", path="/alertmanager")
-    settle(daemon)
-    status, text = post(daemon, None, path="/metrics", method="GET")
+def test_metrics_are_valid_prometheus_text(make_bridge, fake, sqlite_db):
+    bridge = make_bridge(sqlite_db)
+    post(bridge, make_payload("ops", [make_alert(), make_alert(instance="b")]))
+    post(bridge, b"{", path="/alertmanager")
+    settle(bridge)
+    status, text = post(bridge, None, path="/metrics", method="GET")
     assert status == 200
     families = parse_metrics(text)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -220,26 +164,26 @@ password = am-password
 """
 
 
-def test_auth_bearer_and_basic(make_daemon, fake, sqlite_db):
-    daemon = make_daemon(sqlite_db, extra=AUTH)
+def test_auth_bearer_and_basic(make_bridge, fake, sqlite_db):
+    bridge = make_bridge(sqlite_db, extra=AUTH)
     payload = make_payload("dev", [make_alert()])
-    status, reply = post(daemon, payload)
+    status, reply = post(bridge, payload)
     assert status == 401 and "credentials" in reply["error"]
-    assert post(daemon, payload, headers={"Authorization": "Bearer wrong"})[0] == 401
-    assert post(daemon, payload, headers={"Authorization": "Bearer am-bearer-token"})[0] == 200
+    assert post(bridge, payload, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert post(bridge, payload, headers={"Authorization": "Bearer am-bearer-token"})[0] == 200
     basic = base64.b64encode(b"am:am-password").decode()
-    assert post(daemon, payload, headers={"Authorization": f"Basic {basic}"})[0] == 200
+    assert post(bridge, payload, headers={"Authorization": f"Basic {basic}"})[0] == 200
     wrong = base64.b64encode(b"am:nope").decode()
-    assert post(daemon, payload, headers={"Authorization": f"Basic {wrong}"})[0] == 401
-    assert post(daemon, b"", path="/-/reload")[0] == 401
-    assert post(daemon, None, path="/metrics", method="GET")[0] == 200       # open unless configured
-    assert post(daemon, None, path="/-/healthy", method="GET")[0] == 200
+    assert post(bridge, payload, headers={"Authorization": f"Basic {wrong}"})[0] == 401
+    assert post(bridge, b"", path="/-/reload")[0] == 401
+    assert post(bridge, None, path="/metrics", method="GET")[0] == 200       # open unless configured
+    assert post(bridge, None, path="/-/healthy", method="GET")[0] == 200
 
 
-def test_auth_can_protect_metrics(make_daemon, fake, sqlite_db):
-    daemon = make_daemon(sqlite_db, extra=AUTH + "protect_metrics = true\n")
-    assert post(daemon, None, path="/metrics", method="GET")[0] == 401
-    assert post(daemon, None, path="/metrics", method="GET",
+def test_auth_can_protect_metrics(make_bridge, fake, sqlite_db):
+    bridge = make_bridge(sqlite_db, extra=AUTH + "protect_metrics = true\n")
+    assert post(bridge, None, path="/metrics", method="GET")[0] == 401
+    assert post(bridge, None, path="/metrics", method="GET",
                 headers={"Authorization": "Bearer am-bearer-token"})[0] == 200
 
 
@@ -250,7 +194,7 @@ def cli(*args, config=None):
 
 def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake, {**sqlite_db}, extra=AUTH), encoding="utf-8")
+    path.write_text(config_text(fake.url, sqlite_db, extra=AUTH), encoding="utf-8")
     result = cli("--check-config", config=path)
     assert result.returncode == 0, result.stderr
     assert "receiver ops: one message per group, @13800000000" in result.stdout
@@ -264,7 +208,7 @@ def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
 
 def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake, sqlite_db), encoding="utf-8")
+    path.write_text(config_text(fake.url, sqlite_db), encoding="utf-8")
     fake.add_robot(ROBOTS["ops-3"]["token"], ROBOTS["ops-3"]["secret"], keyword="值班")  # config says "alert"
     result = cli("--send-test", "ops", config=path)
     assert result.returncode == 1
@@ -285,7 +229,7 @@ def test_cli_send_test_does_not_call_a_placeholder_robot():
 
 def test_cli_init_db_version_and_log_level(tmp_path, fake, database):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake, database), encoding="utf-8")
+    path.write_text(config_text(fake.url, database), encoding="utf-8")
     result = cli("--init-db", config=path)
     assert result.returncode == 0 and "schema ready" in result.stdout, result.stderr
     store = alertbridge.Store(database)
@@ -297,24 +241,23 @@ def test_cli_init_db_version_and_log_level(tmp_path, fake, database):
     assert cli("--log-level", "loud").returncode == 2
 
 
-def test_retention_purges_old_history_in_batches(make_daemon, fake, database):
-    daemon = make_daemon(database, extra="")
-    daemon.recorder.PURGE_BATCH = 2
-    post(daemon, make_payload("dev", [make_alert(instance=f"old-{i}") for i in range(5)]))
-    post(daemon, make_payload("dev", [make_alert(instance="new")]))
-    settle(daemon)
+def test_retention_purges_old_history_in_batches(make_bridge, fake, database):
+    bridge = make_bridge(database, extra="")
+    bridge.recorder.PURGE_BATCH = 2
+    post(bridge, make_payload("dev", [make_alert(instance=f"old-{i}") for i in range(5)]))
+    post(bridge, make_payload("dev", [make_alert(instance="new")]))
+    settle(bridge)
     store = alertbridge.Store(database)
     with store.transaction() as cursor:            # age five alerts and their sends past the retention
         store.execute(cursor, "UPDATE alerts SET starts_at = %s, last_received_at = %s WHERE instance <> %s",
                       ("2020-01-01 00:00:00.000", "2020-01-01 00:00:00.000", "new"))
         store.execute(cursor, "UPDATE notifications SET sent_at = %s WHERE id = %s",
-                      ("2020-01-01 00:00:00.000", history(daemon, "notifications")[0]["id"]))
+                      ("2020-01-01 00:00:00.000", history(bridge, "notifications")[0]["id"]))
     store.close()
-    daemon.recorder._last_purge = 0
-    daemon.recorder.wake()
-    assert wait_until(lambda: len(history(daemon)) == 1)
-    assert [r["instance"] for r in history(daemon)] == ["new"]
-    assert len(history(daemon, "notifications")) == 1
+    bridge.recorder.purge_soon()
+    assert wait_until(lambda: len(history(bridge)) == 1)
+    assert [r["instance"] for r in history(bridge)] == ["new"]
+    assert len(history(bridge, "notifications")) == 1
 
 
 def test_systemd_unit_verifies():
@@ -340,11 +283,11 @@ def blocked_signals(pid):
 
 
 @pytest.mark.parametrize("first", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
-def test_a_signal_in_the_first_moments_is_acted_on_not_fatal(process, first):
-    p = process()
+def test_a_signal_in_the_first_moments_is_acted_on_not_fatal(daemon, first):
+    p = daemon()
     assert wait_until(lambda: p.proc.poll() is not None or signal.SIGHUP in blocked_signals(p.proc.pid),
                       every=0.001)
-    p.proc.send_signal(first)               # long before the daemon listens
+    p.proc.send_signal(first)               # long before the bridge listens
     if first == signal.SIGHUP:
         p.wait_healthy()
         p.wait_log("config reloaded")
@@ -355,25 +298,22 @@ def test_a_signal_in_the_first_moments_is_acted_on_not_fatal(process, first):
 
 
 def test_shutdown_is_bounded_while_mysql_holds_a_lock(tmp_path, fake):
-    db = require_mysql()
-    settings = mysql_settings()
-    with db.cursor() as cursor:
-        for table in ("alerts", "notifications", "recorder_progress"):
-            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
+    settings = empty_mysql()
+    db = mysql_connect()
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake, settings), encoding="utf-8")
-    daemon = alertbridge.Daemon(alertbridge.load_config(str(path))).start()
-    post(daemon, make_payload("dev", [make_alert(instance="first")]))
-    settle(daemon)
+    path.write_text(config_text(fake.url, settings), encoding="utf-8")
+    bridge = alertbridge.Bridge(alertbridge.load_config(str(path))).start()
+    post(bridge, make_payload("dev", [make_alert(instance="first")]))
+    settle(bridge)
     with db.cursor() as cursor:
         cursor.execute("LOCK TABLES alerts WRITE")          # a migration, a backup, a long report
-    post(daemon, make_payload("dev", [make_alert(instance="locked-out")]))
+    post(bridge, make_payload("dev", [make_alert(instance="locked-out")]))
     assert fake.wait_for(lambda f: len(f.delivered()) == 2)
     started = time.monotonic()
-    daemon.stop(timeout=10)
+    bridge.stop(timeout=10)
     assert time.monotonic() - started < 20                    # systemd's TimeoutStopSec is 30 s
     db.close()                                               # the lock goes with its session
-    again = alertbridge.Daemon(alertbridge.load_config(str(path))).start()
+    again = alertbridge.Bridge(alertbridge.load_config(str(path))).start()
     try:
         settle(again)
         assert [r["instance"] for r in history(again)] == ["first", "locked-out"]
@@ -386,7 +326,7 @@ def test_a_damaged_journal_is_named_with_the_way_out(tmp_path, fake, sqlite_db, 
     journal = tmp_path / "state" / "journal.db"
     journal.parent.mkdir()
     journal.write_bytes(damage)
-    p = Process(tmp_path, fake, sqlite_db)
+    p = Daemon(tmp_path, fake.url, sqlite_db)
     assert p.proc.wait(30) == 2
     lines = p.log.read_text().splitlines()
     assert len(lines) == 1 and str(journal) in lines[0] and f"mv {journal} {journal}.damaged" in lines[0]

@@ -58,6 +58,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+class Clock:
+    """Simulated time for a Bridge (Bridge(config, clock=Clock())): it moves only when told."""
+
+    def __init__(self, now=1_000_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 # --- the history's databases ------------------------------------------------------------------
 
 def mysql_settings():

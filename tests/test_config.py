@@ -21,6 +21,15 @@ def test_shipped_config_runs_on_the_embedded_default():
     assert config.service.default_receiver == "default" and config.service.timezone == "Asia/Shanghai"
 
 
+def config_error(tmp_path, text):
+    """What load_config says of a config.ini with this text."""
+    path = tmp_path / "config.ini"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    return str(error.value)
+
+
 def readme_table(heading):
     """{key: default cell} of the README's table under ### `heading`."""
     text = README[README.index(f"### `{heading}`"):]
@@ -92,11 +101,8 @@ def test_schema_sql_is_what_the_daemon_creates():
     ("not an ini file", "line 1: a setting before any [section] header"),
 ])
 def test_config_errors_name_the_section_and_key(tmp_path, text, message):
-    path = tmp_path / "config.ini"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(alertbridge.ConfigError) as error:
-        alertbridge.load_config(str(path))
-    assert message in str(error.value)
+    error = config_error(tmp_path, text)
+    assert message in error
 
 
 def test_robot_repr_and_redaction_hide_secrets():
@@ -112,21 +118,15 @@ def test_robot_repr_and_redaction_hide_secrets():
     ("https:///robot/send?access_token=tok-leak-1234", "webhook URL"),
 ])
 def test_a_robot_url_that_cannot_work_is_refused_at_load_without_quoting_it(tmp_path, url, message):
-    path = tmp_path / "config.ini"
-    path.write_text(f"[robot:x]\nurl = {url}\n[receiver:a]\nrobots = x\n", encoding="utf-8")
-    with pytest.raises(alertbridge.ConfigError) as error:
-        alertbridge.load_config(str(path))
-    assert message in str(error.value) and "[robot:x] url" in str(error.value)
-    assert "tok-leak" not in str(error.value)
+    error = config_error(tmp_path, f"[robot:x]\nurl = {url}\n[receiver:a]\nrobots = x\n")
+    assert message in error and "[robot:x] url" in error
+    assert "tok-leak" not in error
 
 
 def test_a_secret_with_a_comment_after_it_is_refused(tmp_path):
-    path = tmp_path / "config.ini"
-    path.write_text("[robot:x]\nurl = https://h/r?access_token=t\nsecret = SECabc123 ; old one\n"
-                    "[receiver:a]\nrobots = x\n", encoding="utf-8")
-    with pytest.raises(alertbridge.ConfigError) as error:
-        alertbridge.load_config(str(path))
-    assert "[robot:x] secret: contains a space" in str(error.value) and "SECabc" not in str(error.value)
+    error = config_error(tmp_path, "[robot:x]\nurl = https://h/r?access_token=t\nsecret = SECabc123 ; old one\n"
+                    "[receiver:a]\nrobots = x\n")
+    assert "[robot:x] secret: contains a space" in error and "SECabc" not in error
 
 
 @pytest.mark.parametrize("text, where", [
@@ -135,11 +135,8 @@ def test_a_secret_with_a_comment_after_it_is_refused(tmp_path):
     ("[robot:x]\nsecret = SECsupersecret-a\nsecret = SECsupersecret-b\n", "line 3: [robot:x] secret is set twice"),
 ])
 def test_a_syntax_error_names_the_line_but_never_quotes_it(tmp_path, text, where):
-    path = tmp_path / "config.ini"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(alertbridge.ConfigError) as error:
-        alertbridge.load_config(str(path))
-    assert where in str(error.value) and "SECsupersecret" not in str(error.value)
+    error = config_error(tmp_path, text)
+    assert where in error and "SECsupersecret" not in error
 
 
 def test_timezone_works_without_a_time_zone_database(tmp_path):

@@ -4,6 +4,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,7 +14,7 @@ import time
 import pytest
 
 import alertbridge
-from tests.kit import (DEV, IN_CI, OPS, ROBOTS, config_text, delivered_ids, gone, history, make_alert,
+from tests.kit import (DEV, IN_CI, OPS, ROBOTS, Clock, config_text, delivered_ids, gone, history, make_alert,
                        make_payload, metric, post, rows, settle, storm_payloads, wait_until)
 
 FAST = {"rate_window": "1", "throttle_seconds": "600", "retry_base": "0.05", "retry_max": "0.2"}
@@ -337,3 +338,94 @@ def test_a_reload_that_removes_a_receiver_keeps_its_messages_for_it(make_bridge,
         fh.write(original.replace("[receiver:ops]\nrobots = ops-1\n", "[receiver:ops]\nrobots = ops-2\n"))
     assert post(bridge, b"", path="/-/reload")[0] == 200
     assert fake.wait_for(lambda f: any("waiting" in m.text for m in f.delivered(OPS[1])))
+
+
+# --- the sender in simulated time: no threads, no servers, no waiting --------------------------
+
+class Simulated:
+    """A bridge that is not started, its clock simulated and its DingTalk a function: the test
+    accepts webhooks and turns the route's Sender by hand."""
+
+    def __init__(self, tmp_path, answer=lambda robot, body: alertbridge.SendResult(0, "ok"), **options):
+        self.clock, self.sent, self.answer = Clock(), [], answer
+        path = tmp_path / "config.ini"
+        database = alertbridge.Database(driver="sqlite", path=str(tmp_path / "history.db"))
+        path.write_text(config_text(lambda token: f"http://127.0.0.1:9/robot/send?access_token={token}", database,
+                                    **options), encoding="utf-8")
+        self.bridge = alertbridge.Bridge(alertbridge.load_config(str(path)), clock=self.clock, post=self.post)
+        self.sender = alertbridge.Sender(self.bridge, "ops")
+
+    def post(self, robot, payload, timeout):
+        body = json.loads(payload)
+        self.sent.append((self.clock(), robot.name, body))
+        return self.answer(robot, body)
+
+    def accept(self, payload):
+        webhook = alertbridge.parse_webhook(json.dumps(payload).encode())
+        assert self.bridge.intake.accept(webhook, "req")[0] == 200
+
+    def run(self):
+        """Turn the sender until it has nothing it may send now."""
+        while self.sender.step():
+            pass
+
+    def most_in_a_window(self, name, window=60.0):
+        times = sorted(at for at, robot, _ in self.sent if robot == name)
+        return max((sum(1 for t in times if start <= t < start + window) for start in times), default=0)
+
+
+@pytest.fixture
+def simulated(tmp_path):
+    made = []
+
+    def make(**options):
+        made.append(Simulated(tmp_path, **options))
+        return made[-1]
+    yield make
+    for sim in made:
+        sim.bridge.stop()
+
+
+def test_a_storm_goes_out_in_digests_within_every_budget_in_simulated_time(simulated):
+    sim = simulated()
+    for payload in storm_payloads(groups=300, per_group=10):
+        sim.accept(payload)
+    windows = 0
+    while sim.bridge.journal.pending_count("ops"):
+        sim.run()
+        sim.clock.advance(60)
+        windows += 1
+    delivered = {i for _, _, body in sim.sent for i in re.findall(r"storm-\d+-\d+", body["markdown"]["text"])}
+    assert delivered == {f"storm-{g}-{i}" for g in range(300) for i in range(10)}
+    assert max(sim.most_in_a_window(name) for name in ("ops-1", "ops-2", "ops-3")) == 20
+    assert len(sim.sent) < 300 and windows <= 2          # 3,000 alerts in digests, within two minutes
+    assert all(len(json.dumps(body, ensure_ascii=False).encode()) <= 20000 for _, _, body in sim.sent)
+
+
+def test_a_throttled_robot_rests_throttle_seconds_in_simulated_time(simulated):
+    answers = iter([alertbridge.SendResult(410100, "too fast")])
+    sim = simulated(answer=lambda robot, body: next(answers, alertbridge.SendResult(0, "ok")),
+                    receivers={"ops": {"robots": "ops-1, ops-2"}, "dev": {"robots": "dev-1"}})
+    for i in range(3):
+        sim.accept(make_payload("ops", [make_alert(instance=f"n{i}")]))
+        sim.run()
+        sim.clock.advance(100)
+    assert [robot for _, robot, _ in sim.sent] == ["ops-1", "ops-2", "ops-2", "ops-2"]
+    sim.clock.advance(400)                                   # 600 s after the 410100
+    sim.accept(make_payload("ops", [make_alert(instance="later")]))
+    sim.run()
+    assert sim.sent[-1][1] == "ops-1"
+
+
+def test_retries_back_off_in_simulated_time(simulated):
+    sim = simulated(answer=lambda robot, body: alertbridge.SendResult(-1, "busy"),
+                    delivery={"retry_base": "10", "retry_max": "60"})
+    sim.accept(make_payload("ops", [make_alert()]))
+    delays = []
+    for _ in range(5):
+        sim.run()
+        delays.append(sim.bridge.journal.next_due_at("ops") - sim.clock())
+        sim.clock.advance(delays[-1])
+    assert [5 <= d <= 10 for d in delays[:1]] == [True]      # 10 s, with jitter down to half
+    assert all(10 <= d <= 20 for d in delays[1:2]) and all(30 <= d <= 60 for d in delays[3:])
+    assert len(sim.sent) == 5 * 3                            # each round tried every robot once

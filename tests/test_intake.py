@@ -15,8 +15,8 @@ from tests.kit import DELETE, history, load_fixture, make_alert, make_payload, p
 GOOD = load_fixture("am025-dev-firing.json")
 
 
-def raw_request(bridge, data, timeout=10):
-    """Send raw bytes; return (status, body) of the answer."""
+def raw_exchange(bridge, data, timeout=10):
+    """Send raw bytes, half-close, and return every response the bridge wrote, parsed."""
     host, port = bridge.server.server_address[:2]
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(data)
@@ -24,8 +24,18 @@ def raw_request(bridge, data, timeout=10):
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    responses = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        responses.append((int(head.split()[1]), rest[:length]))
+        answer = rest[length:]
+    return responses
+
+
+def raw_request(bridge, data):
+    """Send raw bytes; (status, body) of the one answer."""
+    return raw_exchange(bridge, data)[0]
 
 
 def with_(path, value):
@@ -183,24 +193,6 @@ def test_reload_takes_a_post_without_a_body(make_bridge, sqlite_db):
     bridge = make_bridge(sqlite_db)
     status, body = raw_request(bridge, b"POST /-/reload HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200 and json.loads(body) == {"status": "reloaded"}
-
-
-def raw_exchange(bridge, data, timeout=10):
-    """Send raw bytes, half-close, and return every response the bridge wrote, parsed."""
-    host, port = bridge.server.server_address[:2]
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    responses = []
-    while answer:
-        head, _, rest = answer.partition(b"\r\n\r\n")
-        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
-        responses.append((int(head.split()[1]), rest[:length]))
-        answer = rest[length:]
-    return responses
 
 
 def webhook_request(payload, path="/alertmanager"):

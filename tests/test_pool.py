@@ -1,0 +1,103 @@
+"""The robot pool in simulated time: rotation, budgets per token, throttles, robots out of
+rotation, and the restart from the send log. Time is an argument; no test here waits."""
+
+import pytest
+
+from alertbridge import Delivery, Robot, RobotPool, Route, SendResult
+
+T0 = 1_000_000.0
+OK, THROTTLED, SIGN_WRONG, NO_ANSWER = (SendResult(0, "ok"), SendResult(410100, "too fast"),
+                                        SendResult(310000, "sign not match"), SendResult(None, "network"))
+
+
+def robot(name, token=None):
+    return Robot(name, f"https://oapi.dingtalk.com/robot/send?access_token={token or 'tok-' + name}")
+
+
+A, B, C = robot("a"), robot("b"), robot("c")
+ROUTE = Route("ops", (A, B, C))
+
+
+@pytest.fixture
+def limits():
+    return {"delivery": Delivery(rate_limit=2, rate_window=60.0, throttle_seconds=600.0)}
+
+
+@pytest.fixture
+def pool(limits):
+    return RobotPool(lambda: limits["delivery"])
+
+
+def send(pool, route, now, result=OK, tried=()):
+    """acquire() then release() at the same moment: one request; the robot's name, or None."""
+    chosen = pool.acquire(route, now, set(tried))
+    if chosen is not None:
+        pool.release(chosen, result, now)
+    return chosen and chosen.name
+
+
+def test_robots_take_turns_and_each_sends_at_most_its_budget_per_window(pool):
+    assert [send(pool, ROUTE, T0) for _ in range(7)] == ["a", "b", "c", "a", "b", "c", None]
+    assert pool.available(ROUTE, T0) == 0
+    assert pool.next_slot_at(ROUTE, T0) == T0 + 60
+    assert send(pool, ROUTE, T0 + 59.9) is None              # the window slides: not a fixed minute
+    assert pool.available(ROUTE, T0 + 60.1) == 6
+    assert send(pool, ROUTE, T0 + 60.1) == "a"
+
+
+def test_a_request_in_flight_holds_its_slot_and_is_dated_by_its_end(pool):
+    a1 = pool.acquire(ROUTE, T0, set())
+    a2 = pool.acquire(Route("ops", (A,)), T0, set())
+    assert (a1, a2) == (A, A) and pool.acquire(Route("ops", (A,)), T0, set()) is None   # 2 in flight
+    pool.release(a1, OK, T0 + 5)                              # an answer that took 5 s
+    pool.release(a2, NO_ANSWER, T0 + 30)                      # no answer counts too: it may have arrived
+    assert pool.available(Route("ops", (A,)), T0 + 64) == 0
+    assert pool.available(Route("ops", (A,)), T0 + 65.1) == 1
+    assert pool.available(Route("ops", (A,)), T0 + 90.1) == 2
+
+
+def test_a_throttled_robot_rests_and_the_others_go_on(pool):
+    assert send(pool, ROUTE, T0, THROTTLED) == "a"
+    assert [send(pool, ROUTE, T0 + 1) for _ in range(4)] == ["b", "c", "b", "c"]
+    assert pool.available(ROUTE, T0 + 100) == 4 and pool.next_slot_at(Route("x", (A,)), T0 + 100) == T0 + 600
+    assert send(pool, Route("x", (A,)), T0 + 600.1) == "a"
+
+
+def test_a_misconfigured_robot_is_out_until_forgiven(pool):
+    assert send(pool, ROUTE, T0, SIGN_WRONG) == "a"
+    assert pool.state([A, B], T0 + 3600) == [("a", 2, False, True), ("b", 2, False, False)]
+    assert send(pool, Route("x", (A,)), T0 + 3600) is None
+    assert pool.next_slot_at(Route("x", (A,)), T0 + 3600) is None     # not while the config stays
+    pool.forgive()                                                     # a reload
+    assert send(pool, Route("x", (A,)), T0 + 3600) == "a"
+
+
+def test_two_sections_with_one_token_share_one_budget_and_one_throttle(pool):
+    twin = robot("twin", token="tok-a")
+    route = Route("ops", (A, twin))
+    assert [send(pool, route, T0) for _ in range(3)] == ["a", "twin", None]
+    send(pool, Route("z", (twin,)), T0 + 61, THROTTLED)
+    assert send(pool, Route("y", (A,)), T0 + 62) is None               # a's throttle too
+
+
+def test_failover_skips_the_robots_already_tried(pool):
+    assert send(pool, ROUTE, T0, tried={A.key, B.key}) == "c"
+    assert send(pool, ROUTE, T0, tried={A.key, B.key, C.key}) is None
+
+
+def test_a_placeholder_robot_is_never_used(pool):
+    placeholder = robot("new", token="CHANGE_ME")
+    route = Route("ops", (placeholder, A))
+    assert [send(pool, route, T0) for _ in range(3)] == ["a", "a", None]
+
+
+def test_budgets_and_throttles_come_back_from_the_send_log(pool):
+    pool.restore([(A.key, T0 - 30, 0), (A.key, T0 - 10, 0), (B.key, T0 - 100, 410100), (C.key, T0 - 61, 0)], T0)
+    assert pool.state([A, B, C], T0) == [("a", 0, False, False), ("b", 2, True, False), ("c", 2, False, False)]
+    assert send(pool, ROUTE, T0) == "c"
+
+
+def test_new_limits_apply_at_once(pool, limits):
+    assert [send(pool, ROUTE, T0) for _ in range(6)] == ["a", "b", "c"] * 2
+    limits["delivery"] = Delivery(rate_limit=3, rate_window=60.0)     # what a reload does
+    assert pool.available(ROUTE, T0) == 3

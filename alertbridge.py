@@ -31,10 +31,11 @@ expires old messages and starts a "sender:ROUTE" per route, each sending its rou
 in order; "recorder" copies journal events into the history through the store process;
 "watchdog" pets systemd. The main thread waits for signals (run()).
 
-Locks: Journal._write_lock serializes every journal write on one connection (group commit for
-webhooks, under _queue_lock); RobotPool._lock guards budgets and rotation; StoreProcess._lock
-one call at a time on the pipe; Metrics._lock the counters. None is held while waiting on the
-network, and none is taken while another is held.
+Locks: Journal._write_lock serializes every journal write on one connection; its holder takes
+_queue_lock briefly to collect the webhooks queued for one group commit (the only nesting).
+RobotPool._lock guards budgets and rotation, Metrics._lock the counters: both are held for
+arithmetic only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's).
+No lock is held during a DingTalk request.
 """
 
 import sys
@@ -92,7 +93,8 @@ class _EscapeControlCharacters(logging.Filter):
     def filter(self, record):
         message = record.getMessage()
         if _CONTROL_CHARACTERS.search(message):
-            record.msg, record.args = _CONTROL_CHARACTERS.sub(lambda m: ascii(m.group())[1:-1], message), None
+            escaped = _CONTROL_CHARACTERS.sub(lambda m: ascii(m.group())[1:-1], message)
+            record.msg, record.args = escaped, None
         return True
 
 
@@ -157,17 +159,23 @@ def message_body(alerts, truncated=0, **extra):
 
 def webhook_event(webhook, request_id, received_at):
     """What the recorder writes for an accepted webhook: one history row per alert."""
-    return {"receiver": webhook.receiver, "request_id": request_id, "received_at": db_time(received_at),
-            "alerts": webhook.alerts}
+    return {"receiver": webhook.receiver, "request_id": request_id,
+            "received_at": db_time(received_at), "alerts": webhook.alerts}
 
 
 def send_event(route, robot, message, result, at):
     """What the recorder writes for one DingTalk request: a notifications row and, when
     DingTalk took it, one more notified_count for each alert it carried."""
-    return {"sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "route": route, "robot": robot.name,
-            "request_id": message.request_id, "message_id": message.id,
+    return {"sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "route": route,
+            "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
             "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
-            "errcode": result.errcode, "errmsg": result.errmsg, "latency_ms": int(result.latency * 1000)}
+            "errcode": result.errcode, "errmsg": result.errmsg,
+            "latency_ms": int(result.latency * 1000)}
+
+
+def json_line(obj):
+    """One line of JSON, as every answer and error body is."""
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
 def db_time(dt):
@@ -435,8 +443,8 @@ def load_timezone(name):
     except Exception:  # no such zone, or no time zone database on this host
         if name in FIXED_ZONES:
             return timezone(timedelta(hours=FIXED_ZONES[name]), name)
-        raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r} (an IANA name such as "
-                          f"Asia/Shanghai, UTC, or an offset such as +08:00)")
+        raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r} (an IANA name "
+                          f"such as Asia/Shanghai, UTC, or an offset such as +08:00)")
 
 
 def _words(value):
@@ -497,7 +505,8 @@ class _Section:
                 values[f.name] = self.get(f.name, f.default)
                 choices = f.metadata.get("choices")
                 if choices and values[f.name].lower() not in choices:
-                    raise ConfigError(f"[{self.name}] {f.name}: must be one of {', '.join(choices)}")
+                    raise ConfigError(f"[{self.name}] {f.name}: must be one of "
+                                      f"{', '.join(choices)}")
         return cls(**values, **derived)
 
 
@@ -511,8 +520,9 @@ def load_config(path):
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}")
-    unknown = [s for s in parser.sections() if s not in ("alertbridge", "database", "delivery", "templates", "auth")
-               and not s.startswith(("robot:", "receiver:"))]
+    known = ("alertbridge", "database", "delivery", "templates", "auth")
+    unknown = [s for s in parser.sections()
+               if s not in known and not s.startswith(("robot:", "receiver:"))]
     if unknown:
         raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME or robot:NAME)")
     base = os.path.dirname(os.path.abspath(path))
@@ -521,13 +531,15 @@ def load_config(path):
                     database=_load_database(parser, base, service), auth=_load_auth(parser),
                     delivery=_Section(parser, "delivery").settings(Delivery))
     templates = _load_templates(parser)
-    robots = {s[6:]: _load_robot(_Section(parser, s), s[6:]) for s in parser.sections() if s.startswith("robot:")}
+    robots = {s[6:]: _load_robot(_Section(parser, s), s[6:])
+              for s in parser.sections() if s.startswith("robot:")}
     routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates)
               for s in parser.sections() if s.startswith("receiver:")}
     if not routes:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
     if service.default_receiver and service.default_receiver not in routes:
-        raise ConfigError(f"[alertbridge] default_receiver: no section [receiver:{service.default_receiver}]")
+        raise ConfigError(f"[alertbridge] default_receiver: no section "
+                          f"[receiver:{service.default_receiver}]")
     return Config(routes=routes, **settings)
 
 
@@ -583,8 +595,8 @@ def _load_robot(section, name):
     # Errors name the key, never quote the value: the URL holds the token.
     url, where = section.get("url"), f"[{section.name}] url"
     if re.search(r"\s", url):
-        raise ConfigError(f"{where}: contains a space (a comment after the value? configparser keeps it "
-                          f"as part of the value: put comments on a line of their own)")
+        raise ConfigError(f"{where}: contains a space (a comment after the value? configparser "
+                          f"keeps it as part of the value: put comments on a line of their own)")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: must be the robot's webhook URL (https://...)")
@@ -764,7 +776,8 @@ def parse_webhook(body, path_receiver=None, now=None):
         receiver=receiver[:128],
         external_url=external_url,
         group_key=_string(payload, "groupKey", ""),
-        alerts=[normalize_alert(a, i, receiver[:128], external_url, now) for i, a in enumerate(alerts)],
+        alerts=[normalize_alert(a, i, receiver[:128], external_url, now)
+                for i, a in enumerate(alerts)],
         truncated=truncated,
     )
 
@@ -798,16 +811,17 @@ class Intake:
     def accept(self, webhook, request_id):
         route = self.bridge.config.route_for(webhook.receiver)
         if route is None:
-            raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no default_receiver configured")
+            raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
+                                  f"default_receiver configured")
         try:
             self.bridge.journal.accept(webhook, route, request_id)
         except sqlite3.Error as exc:
-            log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager retries",
-                      request_id, exc)
+            log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager "
+                      "retries", request_id, exc)
             return 503, {"error": "journal not writable, retry later", "request_id": request_id}
         self.bridge.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
-        log.info("request_id=%s accepted receiver=%s route=%s alerts=%d group=%s", request_id, webhook.receiver,
-                 route.name, len(webhook.alerts), webhook.group_key[:120])
+        log.info("request_id=%s accepted receiver=%s route=%s alerts=%d group=%s", request_id,
+                 webhook.receiver, route.name, len(webhook.alerts), webhook.group_key[:120])
         return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
 
 
@@ -825,8 +839,9 @@ class IntakeServer(http.server.ThreadingHTTPServer):
         if not self.slots.acquire(blocking=False):
             with contextlib.suppress(OSError):
                 body = b'{"error": "too many connections, retry later"}\n'
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                b"Content-Type: application/json\r\nConnection: close\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(body) + body)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -846,6 +861,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "alertbridge/" + VERSION
     disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait for an ACK
+    PROBES = ("/-/healthy", "/-/ready", "/metrics")
     WEBHOOK_PATHS = re.compile(r"/(?:alertmanager(?:/(?P<receiver>[^/]+))?)?/?")
 
     def setup(self):
@@ -904,13 +920,16 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                     raise BadRequest(503, "shutting down, retry later")
                 handler(request_id)
             except BadRequest as exc:
-                log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status, exc.reason)
-                self._reply(exc.status, {"error": exc.reason, "request_id": request_id}, headers=exc.headers)
+                log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status,
+                         exc.reason)
+                self._reply(exc.status, {"error": exc.reason, "request_id": request_id},
+                            headers=exc.headers)
             except (ConnectionError, socket.timeout):
                 self.close_connection = True
             except Exception:
                 log.exception("request_id=%s internal error", request_id)
-                self._reply(500, {"error": "internal error, see the daemon's log", "request_id": request_id})
+                self._reply(500, {"error": "internal error, see the daemon's log",
+                                  "request_id": request_id})
 
     def _authorize(self):
         auth = self.bridge.config.auth
@@ -920,7 +939,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                              headers=[("WWW-Authenticate", f'{scheme} realm="alertbridge"')])
 
     def _reply(self, status, obj, content_type="application/json", headers=(), count=True):
-        body = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+        body = obj if isinstance(obj, bytes) else json_line(obj)
         if count:
             self.bridge.metrics.inc("alertbridge_webhooks_total", outcome=str(status))
         try:
@@ -942,7 +961,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _get(self, request_id):
         path = self._route()
-        if path in ("/-/healthy", "/-/ready", "/metrics") and self.bridge.config.auth.protect_metrics:
+        if path in self.PROBES and self.bridge.config.auth.protect_metrics:
             self._authorize()
         if path == "/-/healthy":
             return self._reply(200, b"OK\n", "text/plain", count=False)
@@ -950,7 +969,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             ready, detail = self.bridge.readiness()
             return self._reply(200 if ready else 503, detail, count=False)
         if path == "/metrics":
-            return self._reply(200, self.bridge.render_metrics().encode(), "text/plain; version=0.0.4", count=False)
+            return self._reply(200, self.bridge.render_metrics().encode(),
+                               "text/plain; version=0.0.4", count=False)
         self._method_not_allowed(request_id)
 
     def _method_not_allowed(self, request_id):
@@ -965,7 +985,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             self._authorize()
             self._read_body()
             ok, message = self.bridge.reload()
-            return self._reply(200 if ok else 500, {"status": "reloaded"} if ok else {"error": message}, count=False)
+            reply = {"status": "reloaded"} if ok else {"error": message}
+            return self._reply(200 if ok else 500, reply, count=False)
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
             raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
@@ -973,11 +994,14 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if "Content-Length" not in self.headers:
             self.close_connection = True  # a body may follow that we cannot delimit
             raise BadRequest(411, "Content-Length required")
-        content_type = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+        content_type = self.headers.get("Content-Type", "application/json")
+        content_type = content_type.split(";")[0].strip().lower()
         if content_type not in ("application/json", "text/json", ""):
-            raise BadRequest(415, f"Content-Type must be application/json, not {content_type[:60]!r}")
+            raise BadRequest(415, f"Content-Type must be application/json, "
+                                  f"not {content_type[:60]!r}")
         body = self._read_body()
-        path_receiver = urllib.parse.unquote(match.group("receiver")) if match.group("receiver") else None
+        named = match.group("receiver")
+        path_receiver = urllib.parse.unquote(named) if named else None
         webhook = parse_webhook(body, path_receiver)
         status, reply = self.bridge.intake.accept(webhook, request_id)
         self._reply(status, reply)
@@ -990,7 +1014,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get_all("Transfer-Encoding"):
             self.close_connection = True
             if lengths:
-                raise BadRequest(400, "both Transfer-Encoding and Content-Length: ambiguous framing")
+                raise BadRequest(400, "both Transfer-Encoding and Content-Length: "
+                                      "ambiguous framing")
             raise BadRequest(411, "chunked bodies are not accepted: send Content-Length")
         if len(lengths) > 1:
             self.close_connection = True
@@ -1098,22 +1123,26 @@ J_EVENTS_MARK = "UPDATE events SET recorded = %s WHERE id = %s"
 J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <= %s"
 J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
 J_COLUMNS = "SELECT name FROM pragma_table_info(%s)"
-J_MESSAGE_ADD = ("INSERT INTO messages (route, request_id, body, packed, created_at, next_attempt_at) "
+J_MESSAGE_ADD = ("INSERT INTO messages "
+                 "(route, request_id, body, packed, created_at, next_attempt_at) "
                  "VALUES (%s, %s, %s, %s, %s, %s)")
 # Routes with pending messages, one index probe each (a DISTINCT would read every pending row).
 J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "SELECT MIN(route) FROM messages WHERE state = 'pending' UNION ALL "
-                    "SELECT (SELECT MIN(route) FROM messages WHERE state = 'pending' AND route > name) "
+                    "SELECT (SELECT MIN(route) FROM messages "
+                    "WHERE state = 'pending' AND route > name) "
                     "FROM r WHERE name IS NOT NULL) "
                     "SELECT name FROM r WHERE name IS NOT NULL")
 J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
-                  "WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s ORDER BY id LIMIT %s")
+                  "WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
+                  "ORDER BY id LIMIT %s")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
-J_MESSAGE_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'pending' AND route = %s"
+J_MESSAGE_NEXT_DUE = ("SELECT MIN(next_attempt_at) FROM messages "
+                      "WHERE state = 'pending' AND route = %s")
 J_MESSAGES_WAITING = "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND route = %s"
 J_MESSAGE_FINISH = "UPDATE messages SET state = %s, done_at = %s, last_error = %s WHERE id = %s"
-J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s "
-                   "WHERE id = %s")
+J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at = %s, "
+                   "last_error = %s WHERE id = %s")
 J_MESSAGES_EXPIRE = ("SELECT id, route, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
@@ -1124,7 +1153,8 @@ J_SEND_ADD = "INSERT INTO sends (robot, robot_key, at, errcode) VALUES (%s, %s, 
 J_SENDS_SINCE = "SELECT robot, robot_key, at, errcode FROM sends WHERE at > %s ORDER BY at"
 J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
-J_PURGE_MESSAGES = "DELETE FROM messages WHERE state IN ('sent', 'merged', 'split') AND done_at < %s"
+J_PURGE_MESSAGES = ("DELETE FROM messages "
+                    "WHERE state IN ('sent', 'merged', 'split') AND done_at < %s")
 J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
 
 # The history: S_* statements. Its schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x).
@@ -1212,12 +1242,12 @@ CREATE TABLE IF NOT EXISTS recorder_progress (
 );
 """
 
-_ALERT_COLUMNS = ("receiver, fingerprint, starts_at, ends_at, status, alertname, instance, severity, job, "
-                  "summary, description, labels, annotations, generator_url, first_received_at, "
-                  "last_received_at")
+_ALERT_COLUMNS = ("receiver, fingerprint, starts_at, ends_at, status, alertname, instance, "
+                  "severity, job, summary, description, labels, annotations, generator_url, "
+                  "first_received_at, last_received_at")
 _ALERT_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
-_ALERT_REFRESHED = ("status", "ends_at", "alertname", "instance", "severity", "job", "summary", "description",
-                    "labels", "annotations", "generator_url", "last_received_at")
+_ALERT_REFRESHED = ("status", "ends_at", "alertname", "instance", "severity", "job", "summary",
+                    "description", "labels", "annotations", "generator_url", "last_received_at")
 
 
 def _alert_refresh(new_value):
@@ -1234,29 +1264,32 @@ S_ALERT_UPSERT_SQLITE = (f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({_ALERT
 S_ALERT_NOTIFIED = (
     "UPDATE alerts SET notified_count = notified_count + 1, robots = CASE "
     "WHEN robots = '' THEN %s "
-    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 OR LENGTH(robots) > 896 THEN robots "
+    "WHEN INSTR(CONCAT(',', robots, ','), CONCAT(',', %s, ',')) > 0 "
+    "OR LENGTH(robots) > 896 THEN robots "
     "ELSE CONCAT(robots, ',', %s) END "
     "WHERE receiver = %s AND fingerprint = %s AND starts_at = %s")
 # notifications.receiver holds the route (the [receiver:NAME] section) that sent the message.
-S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, "
-                      "fingerprints, errcode, errmsg, latency_ms) "
+S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, "
+                      "message_id, alerts, fingerprints, errcode, errmsg, latency_ms) "
                       "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
 S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
 S_PING = "SELECT 1"
 # An alert's key columns compare byte for byte, as in SQLite: the default collation would merge
 # receivers differing by case or emoji into one history row. Tables made before 0.4 are altered.
-S_MYSQL_KEYS_NOT_BINARY = ("SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
-                           "AND TABLE_NAME = 'alerts' AND COLUMN_NAME IN ('receiver', 'fingerprint') "
+S_MYSQL_KEYS_NOT_BINARY = ("SELECT COUNT(*) FROM information_schema.COLUMNS "
+                           "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'alerts' "
+                           "AND COLUMN_NAME IN ('receiver', 'fingerprint') "
                            "AND COLLATION_NAME <> 'utf8mb4_bin'")
-S_MYSQL_KEYS_BINARY = ("ALTER TABLE alerts "
-                       "MODIFY receiver VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, "
-                       "MODIFY fingerprint VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL")
+S_MYSQL_KEYS_BINARY = ("ALTER TABLE alerts MODIFY receiver VARCHAR(128) "
+                       "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, MODIFY fingerprint "
+                       "VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL")
 # Retention: one small batch per statement. The derived table lets MySQL take LIMIT in a subquery.
 S_PURGE_ALERTS = ("DELETE FROM alerts WHERE id IN (SELECT id FROM (SELECT id FROM alerts "
                   "WHERE starts_at < %s AND last_received_at < %s ORDER BY id LIMIT %s) AS old)")
-S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM (SELECT id FROM notifications "
-                         "WHERE sent_at < %s ORDER BY id LIMIT %s) AS old)")
+S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM "
+                         "(SELECT id FROM notifications WHERE sent_at < %s ORDER BY id LIMIT %s) "
+                         "AS old)")
 
 
 def statements(script):
@@ -1284,6 +1317,11 @@ class Dialect:
         return isinstance(exc, OSError)
 
 
+def _concat(*parts):
+    """MySQL's CONCAT for SQLite, so that one statement serves both."""
+    return "".join("" if p is None else str(p) for p in parts)
+
+
 class SQLiteDialect(Dialect):
     name, param, schema, upsert = "sqlite", "?", SQLITE_SCHEMA, S_ALERT_UPSERT_SQLITE
 
@@ -1291,11 +1329,12 @@ class SQLiteDialect(Dialect):
         os.makedirs(os.path.dirname(os.path.abspath(settings.path)), exist_ok=True)
         db = sqlite3.connect(settings.path, timeout=30, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.create_function("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts))
+        db.create_function("CONCAT", -1, _concat)
         return db
 
     def unavailable(self, exc):
-        return super().unavailable(exc) or isinstance(exc, sqlite3.OperationalError)  # "no such table" too
+        # an OperationalError is also SQLite's "no such table"
+        return super().unavailable(exc) or isinstance(exc, sqlite3.OperationalError)
 
 
 class MySQLDialect(Dialect):
@@ -1304,21 +1343,24 @@ class MySQLDialect(Dialect):
     def connect(self, settings):
         import pymysql
         return pymysql.connect(host=settings.host, port=settings.port, user=settings.user,
-                               password=settings.password, database=settings.database, charset="utf8mb4",
-                               autocommit=False, connect_timeout=5, read_timeout=30, write_timeout=30)
+                               password=settings.password, database=settings.database,
+                               charset="utf8mb4", autocommit=False, connect_timeout=5,
+                               read_timeout=30, write_timeout=30)
 
     def migrate(self, cursor):
         cursor.execute(S_MYSQL_KEYS_NOT_BINARY)
         if cursor.fetchone()[0]:
-            log.warning("history: making alerts.receiver and alerts.fingerprint compare byte for byte "
-                        "(ALTER TABLE, once; it rebuilds the table)")
+            log.warning("history: making alerts.receiver and alerts.fingerprint compare byte "
+                        "for byte (ALTER TABLE, once; it rebuilds the table)")
             cursor.execute(S_MYSQL_KEYS_BINARY)
 
     def unavailable(self, exc):
         import pymysql
-        if super().unavailable(exc) or isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+        errors = pymysql.err
+        if super().unavailable(exc) or isinstance(exc, (errors.OperationalError,
+                                                         errors.InterfaceError)):
             return True
-        return isinstance(exc, pymysql.err.ProgrammingError) and exc.args[:1] == (1146,)  # no such table
+        return isinstance(exc, errors.ProgrammingError) and exc.args[:1] == (1146,)  # no such table
 
 
 DIALECTS = {"sqlite": SQLiteDialect(), "mysql": MySQLDialect()}
@@ -1380,8 +1422,9 @@ class Journal:
 
     def _damaged(self, why):
         return JournalDamaged(f"journal {self.path} cannot be used, {why}. Move it aside "
-                              f"(mv {self.path} {self.path}.damaged) and start again: a new journal is "
-                              f"made; messages not yet sent and alerts not yet recorded stay in the old file")
+                              f"(mv {self.path} {self.path}.damaged) and start again: a new "
+                              f"journal is made; messages not yet sent and alerts not yet "
+                              f"recorded stay in the old file")
 
     def _connect(self):
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -1467,7 +1510,8 @@ class Journal:
             for sql, params in item.rows:
                 by_statement.setdefault(sql, []).append(params)
         db.execute("BEGIN IMMEDIATE")
-        try:  # few calls into SQLite: the lock holder gives up the GIL, and waits for it, less often
+        # Few calls into SQLite: the lock holder gives up the GIL, and waits for it, less often.
+        try:
             for sql, rows in by_statement.items():
                 db.executemany(SQLITE.sql(sql), rows)
             db.execute("COMMIT")
@@ -1505,8 +1549,9 @@ class Journal:
     def due_messages(self, route, now, limit=1000):
         """Messages due, oldest first; each body is read only if it is used (see Message.body).
         The default limit is more than one digest can hold, however small the template."""
+        rows = self._read(J_MESSAGES_DUE, (route, now, limit))
         return [Message(i, route, rid, bool(packed), attempts, created, self)
-                for i, rid, packed, attempts, created in self._read(J_MESSAGES_DUE, (route, now, limit))]
+                for i, rid, packed, attempts, created in rows]
 
     def message_body(self, message_id):
         return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
@@ -1522,15 +1567,15 @@ class Journal:
         Returns the new messages."""
         now = self.clock()
         request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
-        created = min(m.created_at for m in old)
+        created, route = min(m.created_at for m in old), old[0].route
         new = []
         with self._writing() as db:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
             for body in new_bodies:
-                cursor = self._run(db, J_MESSAGE_ADD, (old[0].route, request_ids,
-                                                       json.dumps(body, ensure_ascii=False), 1, created, now))
-                message = Message(cursor.lastrowid, old[0].route, request_ids, True, 0, created, self)
+                text = json.dumps(body, ensure_ascii=False)
+                cursor = self._run(db, J_MESSAGE_ADD, (route, request_ids, text, 1, created, now))
+                message = Message(cursor.lastrowid, route, request_ids, True, 0, created, self)
                 message.__dict__["body"] = body  # what cached_property would read back
                 new.append(message)
         return new
@@ -1569,7 +1614,8 @@ class Journal:
         if rows:
             with self._writing() as db:
                 for message_id, _, _ in rows:
-                    self._run(db, J_MESSAGE_FINISH, ("expired", self.clock(), "max_age exceeded", message_id))
+                    self._run(db, J_MESSAGE_FINISH,
+                              ("expired", self.clock(), "max_age exceeded", message_id))
         return rows
 
     # housekeeping and introspection
@@ -1729,17 +1775,20 @@ class Store:
             rows.append((a["receiver"], a["fingerprint"], a["starts_at"], a["ends_at"], a["status"],
                          labels.get("alertname", "")[:255], labels.get("instance", "")[:255],
                          labels.get("severity", "")[:64], labels.get("job", "")[:255],
-                         fit_text(annotations.get("summary")), fit_text(annotations.get("description")),
-                         json.dumps(labels, ensure_ascii=False), json.dumps(annotations, ensure_ascii=False),
+                         fit_text(annotations.get("summary")),
+                         fit_text(annotations.get("description")),
+                         json.dumps(labels, ensure_ascii=False),
+                         json.dumps(annotations, ensure_ascii=False),
                          fit_text(a["generator_url"]), received, received))
         return rows
 
     @staticmethod
     def _send_row(event):
-        route = event.get("route", event.get("receiver"))     # events journaled by 0.3 say "receiver"
+        route = event.get("route", event.get("receiver"))     # 0.3 journaled "receiver"
+        fingerprints = fit_text(",".join(a[1] for a in event["alerts"]))
         return (event["sent_at"], route, event["robot"], event["request_id"][:255],
-                event["message_id"], len(event["alerts"]), fit_text(",".join(a[1] for a in event["alerts"])),
-                event["errcode"], event["errmsg"][:512], event["latency_ms"])
+                event["message_id"], len(event["alerts"]), fingerprints, event["errcode"],
+                event["errmsg"][:512], event["latency_ms"])
 
 
 class StoreProcess:
@@ -1793,7 +1842,8 @@ class StoreProcess:
         ours, theirs = socket.socketpair()
         try:
             self._child = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--store-process", str(theirs.fileno())],
+                [sys.executable, os.path.abspath(__file__), "--store-process",
+                 str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -1867,7 +1917,7 @@ def format_duration(seconds):
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    parts = [f"{n}{unit}" if n else "" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m"))]
     return "".join(parts) + (f"{secs}s" if secs or not any(parts) else "")
 
 
@@ -1875,7 +1925,8 @@ def silence_url(alert):
     if not alert["external_url"]:
         return ""
     matchers = ", ".join(f'{k}="{v}"' for k, v in sorted(alert["labels"].items()))
-    return f"{alert['external_url'].rstrip('/')}/#/silences/new?filter=" + urllib.parse.quote("{" + matchers + "}")
+    return (f"{alert['external_url'].rstrip('/')}/#/silences/new?filter="
+            + urllib.parse.quote("{" + matchers + "}"))
 
 
 def alert_fields(alert, tz):
@@ -1895,7 +1946,8 @@ def alert_fields(alert, tz):
         ends_at=ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if resolved and ends else "",
         duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
         summary=annotations["summary"], description=annotations["description"],
-        other_labels=", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in STANDARD_LABELS),
+        other_labels=", ".join(f"{k}={v}" for k, v in sorted(labels.items())
+                               if k not in STANDARD_LABELS),
         generator_url=alert["generator_url"], silence_url=silence,
         links=" · ".join(link for link in links if link),
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
@@ -1905,11 +1957,12 @@ def alert_fields(alert, tz):
 def title_fields(alerts, part=None):
     firing = sum(a["status"] == "firing" for a in alerts)
     resolved = len(alerts) - firing
-    state = " ".join(s for s in (f"FIRING:{firing}" if firing else "", f"RESOLVED:{resolved}" if resolved else "") if s)
+    state = " ".join(f"{word}:{n}" for word, n in (("FIRING", firing), ("RESOLVED", resolved)) if n)
     names = list(dict.fromkeys(a["labels"].get("alertname", "") for a in alerts))
-    receivers = ", ".join(dict.fromkeys(a["receiver"] for a in alerts))  # Alertmanager's, as in {receiver}
-    return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts), receiver=receivers,
-                 alertnames=", ".join(names[:5]) + (f" +{len(names) - 5}" if len(names) > 5 else ""),
+    receivers = ", ".join(dict.fromkeys(a["receiver"] for a in alerts))  # Alertmanager's receivers
+    more = f" +{len(names) - 5}" if len(names) > 5 else ""
+    return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts),
+                 receiver=receivers, alertnames=", ".join(names[:5]) + more,
                  part=f"({part[0]}/{part[1]})" if part else "")
 
 
@@ -1962,11 +2015,13 @@ class Renderer:
 
     @staticmethod
     def mentions(route, alerts):
-        """Who to @: only for messages with a firing alert of a listed severity (all if none listed)."""
+        """Who to @: only for a message with a firing alert of a listed severity (any, if none
+        is listed)."""
         if not (route.at_mobiles or route.at_all):
             return (), False
+        severities = route.at_severities
         wanted = [a for a in alerts if a["status"] == "firing"
-                  and (not route.at_severities or a["labels"].get("severity") in route.at_severities)]
+                  and (not severities or a["labels"].get("severity") in severities)]
         return (route.at_mobiles, route.at_all) if wanted else ((), False)
 
     def body(self, route, robot, message_body, digest=False):
@@ -1989,7 +2044,8 @@ class Renderer:
         mobiles, at_all = self.mentions(route, alerts)
         footer = []
         if message_body.get("truncated"):
-            footer.append(f"(+{message_body['truncated']} alerts truncated by Alertmanager max_alerts)")
+            footer.append(f"(+{message_body['truncated']} alerts truncated by Alertmanager "
+                          f"max_alerts)")
         if mobiles:
             footer.append(" ".join("@" + m for m in mobiles))
         if robot.keyword:
@@ -1997,7 +2053,8 @@ class Renderer:
         head = f"#### {title}\n\n"
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
         text = self.SEPARATOR.join(sections)
-        room = self.config.delivery.max_message_bytes - self._overhead(title, head + tail, mobiles, at_all)
+        overhead = self._overhead(title, head + tail, mobiles, at_all)
+        room = self.config.delivery.max_message_bytes - overhead
         text = truncate_to(text, room)
         return {"msgtype": "markdown",
                 "markdown": {"title": title[:128], "text": head + text + tail},
@@ -2013,7 +2070,8 @@ class Renderer:
 
     def fits(self, route, message_body, digest):
         """Whether the message goes out whole to every robot of the route (keywords differ)."""
-        return all(not self._truncated(self.body(route, r, message_body, digest)) for r in route.robots)
+        return not any(self._truncated(self.body(route, robot, message_body, digest))
+                       for robot in route.robots)
 
     @staticmethod
     def _truncated(body):
@@ -2078,7 +2136,8 @@ THROTTLE_CODES = frozenset({410100, 130101})                # too fast: the robo
 CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, no token, disabled
 TOO_LONG_CODES = frozenset({460101, 101002})
 
-SENT, THROTTLED, MISCONFIGURED, TOO_LONG, FAILED = "sent", "throttled", "misconfigured", "too long", "failed"
+SENT, THROTTLED, MISCONFIGURED = "sent", "throttled", "misconfigured"
+TOO_LONG, FAILED = "too long", "failed"
 
 
 @dataclass
@@ -2120,7 +2179,8 @@ def signed_url(robot, now_ms=None):
     if not robot.secret:
         return robot.url
     timestamp = str(now_ms if now_ms is not None else int(time.time() * 1000))
-    digest = hmac.new(robot.secret.encode(), f"{timestamp}\n{robot.secret}".encode(), hashlib.sha256).digest()
+    to_sign = f"{timestamp}\n{robot.secret}".encode()
+    digest = hmac.new(robot.secret.encode(), to_sign, hashlib.sha256).digest()
     sign = urllib.parse.quote_plus(base64.b64encode(digest))
     return f"{robot.url}&timestamp={timestamp}&sign={sign}"
 
@@ -2305,7 +2365,9 @@ class RobotPool:
             start = self._next.get(route.name, 0)
             for step in range(len(robots)):
                 robot = robots[(start + step) % len(robots)]
-                if robot.key in tried or not self._usable(robot, now) or self._budget(robot.key, now) <= 0:
+                if robot.key in tried or not self._usable(robot, now):
+                    continue
+                if self._budget(robot.key, now) <= 0:
                     continue
                 self._next[route.name] = (start + step + 1) % len(robots)
                 self._slots[robot.key].append(float("inf"))
@@ -2454,7 +2516,8 @@ class Notifier(Worker):
     def _expire(self, older_than):
         for message_id, route_name, request_id in self.journal.expire(older_than):
             log.error("message=%d route=%s request_id=%s expired: no robot could take it within "
-                      "max_age; it stays in the journal as 'expired'", message_id, route_name, request_id)
+                      "max_age; it stays in the journal as 'expired'", message_id, route_name,
+                      request_id)
             self.bridge.metrics.inc("alertbridge_messages_expired_total", receiver=route_name)
 
     def stop(self):
@@ -2533,9 +2596,9 @@ class Sender(Worker):
     def _report_orphaned(self):
         waiting = self.journal.pending_count(self.route_name)
         if waiting and not self._orphaned:
-            log.error("route=%s: %d messages wait for [receiver:%s], which the config no longer has: "
-                      "they are kept for it and go out once the section is back (reload), or expire "
-                      "after max_age", self.route_name, waiting, self.route_name)
+            log.error("route=%s: %d messages wait for [receiver:%s], which the config no longer "
+                      "has: they are kept for it and go out once the section is back (reload), "
+                      "or expire after max_age", self.route_name, waiting, self.route_name)
         self._orphaned = bool(waiting)
 
     def _digest(self, route, due):
@@ -2547,9 +2610,10 @@ class Sender(Worker):
         taken = unpacked[:next(chunk_lengths(sizes, renderer.room()))]
 
         def body(messages):
-            return message_body([a for m in messages for a in m.alerts], sum(m.body.get("truncated", 0)
-                                                                             for m in messages), digest=True)
-        taken = longest_that_fits(taken, lambda messages: renderer.fits(route, body(messages), digest=True))
+            alerts = [a for m in messages for a in m.alerts]
+            truncated = sum(m.body.get("truncated", 0) for m in messages)
+            return message_body(alerts, truncated, digest=True)
+        taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
         if len(taken) == 1:
             return taken[0]
         [digest] = self.journal.replace(taken, [body(taken)], "merged")
@@ -2561,18 +2625,22 @@ class Sender(Worker):
     def _split(self, route, message):
         renderer = self.bridge.renderer
         alerts = message.alerts
-        chunks = cut(alerts, chunk_lengths([renderer.block_size(route, a) for a in alerts], renderer.room()))
+        sizes = [renderer.block_size(route, a) for a in alerts]
+        chunks = cut(alerts, chunk_lengths(sizes, renderer.room()))
         if len(chunks) == 1:  # the sizes were misjudged: halve
             chunks = split_in_two(alerts)
-        bodies = [{**message.body, "alerts": c, "part": [i + 1, len(chunks)]} for i, c in enumerate(chunks)]
+        bodies = [{**message.body, "alerts": chunk, "part": [i + 1, len(chunks)]}
+                  for i, chunk in enumerate(chunks)]
         self.journal.replace([message], bodies, "split")
-        log.info("message=%d route=%s too long for DingTalk: split into %d", message.id, route.name, len(bodies))
+        log.info("message=%d route=%s too long for DingTalk: split into %d", message.id,
+                 route.name, len(bodies))
 
     def deliver(self, route, message):
         """Send one message, failing over through the route's robots. True if a request was made."""
         renderer = self.bridge.renderer
         digest = bool(message.body.get("digest"))
-        if not message.packed and len(message.alerts) > 1 and not renderer.fits(route, message.body, digest):
+        several = not message.packed and len(message.alerts) > 1
+        if several and not renderer.fits(route, message.body, digest):
             self._split(route, message)
             return True
         tried, errors = set(), []
@@ -2611,33 +2679,37 @@ class Sender(Worker):
         try:
             return self.journal.begin_send(robot.name, robot.key, latest_arrival)
         except sqlite3.Error as exc:  # paging goes first: send, and journal the answer when we can
-            log.warning("route=%s journal not writable (%s): sending without the write-ahead record",
-                        self.route_name, exc)
+            log.warning("route=%s journal not writable (%s): sending without the write-ahead "
+                        "record", self.route_name, exc)
             return None
 
     def _retry_later(self, message, errors):
         delivery = self.bridge.config.delivery
         delay = retry_delay(message.attempts, delivery.retry_base, delivery.retry_max)
         self.journal.retry_later(message.id, self.bridge.clock() + delay, "; ".join(errors))
-        log.warning("message=%d route=%s request_id=%s not delivered (attempt %d): %s; retry in %.1fs",
-                    message.id, self.route_name, message.request_id, message.attempts + 1, "; ".join(errors),
-                    delay)
+        log.warning("message=%d route=%s request_id=%s not delivered (attempt %d): %s; "
+                    "retry in %.1fs", message.id, self.route_name, message.request_id,
+                    message.attempts + 1, "; ".join(errors), delay)
 
     def _account(self, route, robot, message, result, at, send_id):
         outcome = result.outcome
         level = {SENT: logging.INFO, MISCONFIGURED: logging.ERROR}.get(outcome, logging.WARNING)
-        note = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its token, secret, "
-                               "keyword)", THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
-        log.log(level, "send message=%d route=%s robot=%s request_id=%s alerts=%d errcode=%s errmsg=%s "
-                "latency_ms=%d%s", message.id, route.name, robot.name, message.request_id,
+        note = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its "
+                               "token, secret, keyword)",
+                THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
+        log.log(level, "send message=%d route=%s robot=%s request_id=%s alerts=%d errcode=%s "
+                "errmsg=%s latency_ms=%d%s", message.id, route.name, robot.name, message.request_id,
                 len(message.alerts), result.errcode, result.errmsg, result.latency * 1000, note)
         errcode = "none" if result.errcode is None else str(result.errcode)
-        self.metrics.inc("alertbridge_sends_total", receiver=route.name, robot=robot.name, errcode=errcode)
+        self.metrics.inc("alertbridge_sends_total", receiver=route.name, robot=robot.name,
+                         errcode=errcode)
         self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
         if result.ok:
-            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts), receiver=route.name)
-        self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode,
-                                send_event(route.name, robot, message, result, at), message.id if result.ok else None))
+            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts),
+                             receiver=route.name)
+        event = send_event(route.name, robot, message, result, at)
+        self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
+                                message.id if result.ok else None))
         if result.ok:
             self._held.add(message.id)
         self._write_unwritten()
@@ -2650,8 +2722,9 @@ class Sender(Worker):
             try:
                 self.journal.end_send(send_id, name, key, at, errcode, event, delivered)
             except sqlite3.Error as exc:
-                log.warning("route=%s journal not writable (%s): %d answers wait in memory; their "
-                            "messages are not sent again", self.route_name, exc, len(self._unwritten))
+                log.warning("route=%s journal not writable (%s): %d answers wait in memory; "
+                            "their messages are not sent again", self.route_name, exc,
+                            len(self._unwritten))
                 return
             self._unwritten.pop(0)
             self._held.discard(delivered)
@@ -2661,7 +2734,7 @@ class Recorder(Worker):
     """Copies journal events into the history store, in order. A store outage only delays it."""
 
     BATCH = 200
-    GATHER = 0.05       # after a wake-up, let webhooks gather: fewer journal writes and transactions
+    GATHER = 0.05       # after a wake-up, let webhooks gather: fewer writes and transactions
     PURGE_EVERY = 600.0
     PURGE_BATCH = 1000
 
@@ -2705,7 +2778,8 @@ class Recorder(Worker):
                 except (StoreUnavailable, sqlite3.Error):
                     raise
                 except Exception as exc:
-                    log.error("event=%d could not be recorded (%s); kept in the journal as failed", event[0], exc)
+                    log.error("event=%d could not be recorded (%s); kept in the journal as failed",
+                              event[0], exc)
                     self.journal.mark_failed(event[0])
                     self.bridge.metrics.inc("alertbridge_record_failures_total")
         self._recovered()
@@ -2733,10 +2807,11 @@ class Recorder(Worker):
         if now - self._last_purge < self.PURGE_EVERY:
             return
         self._last_purge = now
-        delivery, retention_days = self.bridge.config.delivery, self.bridge.config.database.retention_days
+        config = self.bridge.config
+        delivery, retention = config.delivery, timedelta(days=config.database.retention_days)
         self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds))
-        if retention_days > 0:
-            cutoff = db_time(datetime.fromtimestamp(now, timezone.utc) - timedelta(days=retention_days))
+        if retention:
+            cutoff = db_time(datetime.fromtimestamp(now, timezone.utc) - retention)
             total, deleted = 0, None
             while deleted != 0 and not self._stopping.is_set():
                 deleted = self.store.purge(cutoff, self.PURGE_BATCH)
@@ -2754,19 +2829,20 @@ METRIC_HELP = {
     "alertbridge_alerts_accepted_total": ("counter", "Alerts accepted into the journal."),
     "alertbridge_alerts_recorded_total": ("counter", "Alerts written to the history store."),
     "alertbridge_record_failures_total": ("counter", "Journal events the history store refused."),
-    "alertbridge_sends_total": ("counter", "DingTalk requests by route, robot and errcode (none: no answer)."),
+    "alertbridge_sends_total": ("counter", "DingTalk requests by route, robot and errcode "
+                                           "(none: no answer)."),
     "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages DingTalk accepted."),
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
-    "alertbridge_messages_expired_total": ("counter", "Messages no robot could take within max_age."),
+    "alertbridge_messages_expired_total": ("counter", "Messages no robot took within max_age."),
     "alertbridge_send_duration_seconds": ("histogram", "DingTalk request latency."),
     "alertbridge_queue_messages": ("gauge", "Messages waiting to be sent."),
     "alertbridge_queue_oldest_seconds": ("gauge", "Age of the oldest message waiting to be sent."),
     "alertbridge_record_backlog_events": ("gauge", "Journal events not yet in the history store."),
-    "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send in this window."),
+    "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send now."),
     "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
-    "alertbridge_robot_disabled": ("gauge", "1 while the robot is out of rotation for a config error."),
+    "alertbridge_robot_disabled": ("gauge", "1 while a config error keeps the robot out."),
     "alertbridge_store_up": ("gauge", "1 if the history store answered last time."),
-    "alertbridge_http_requests_in_flight": ("gauge", "HTTP requests being handled, this scrape included."),
+    "alertbridge_http_requests_in_flight": ("gauge", "HTTP requests being handled, this one too."),
     "alertbridge_build_info": ("gauge", "Version of alertbridge."),
 }
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -2775,9 +2851,9 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 def _labels(labels):
     if not labels:
         return ""
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), chr(92) + "n")}"'
-               for k, v in sorted(labels))
-    return "{" + ",".join(escaped) + "}"
+    def escape(value):  # the exposition format's label value escapes: backslash, quote, newline
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in sorted(labels)) + "}"
 
 
 class Metrics:
@@ -2816,9 +2892,11 @@ class Metrics:
             if kind == "histogram":
                 for bound, n in zip(LATENCY_BUCKETS, buckets):
                     lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
-                lines += [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {total}", f"{name}_count {count}"]
+                lines += [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {total}",
+                          f"{name}_count {count}"]
                 continue
-            lines += [f"{name}{_labels(labels)} {value}" for n, labels, value in sorted(samples) if n == name]
+            lines += [f"{name}{_labels(labels)} {value}"
+                      for n, labels, value in sorted(samples) if n == name]
         return "\n".join(lines) + "\n"
 
 
@@ -2884,8 +2962,10 @@ class Bridge:
         existed (0.3) is matched to the robot of that name."""
         now, delivery = self.clock(), self.config.delivery
         keys = {r.name: r.key for r in self.config.robots}
-        sends = self.journal.recent_sends(now - max(delivery.rate_window, delivery.throttle_seconds))
-        self.pool.restore([(key or keys.get(name, name), at, errcode) for name, key, at, errcode in sends], now)
+        since = now - max(delivery.rate_window, delivery.throttle_seconds)
+        sends = self.journal.recent_sends(since)
+        self.pool.restore([(key or keys.get(name, name), at, errcode)
+                           for name, key, at, errcode in sends], now)
 
     @property
     def address(self):
@@ -2902,20 +2982,22 @@ class Bridge:
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         interval = watchdog_interval()
         if interval:
-            threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True).start()
-        log.info("alertbridge %s listening on %s, journal %s, history %s, receivers %s", VERSION, self.address,
-                 service.journal, self.store.describe(), ",".join(sorted(self.config.routes)))
+            threading.Thread(target=self._watchdog, args=(interval,), name="watchdog",
+                             daemon=True).start()
+        log.info("alertbridge %s listening on %s, journal %s, history %s, receivers %s", VERSION,
+                 self.address, service.journal, self.store.describe(),
+                 ",".join(sorted(self.config.routes)))
         sd_notify("READY=1", f"STATUS=listening on {self.address}")
         return self
 
     def _warn_about_robots(self):
         for robot in {r for r in self.config.robots if r.placeholder}:
-            log.warning("robot=%s still has the placeholder token %s: it is not used until configured",
-                        robot.name, PLACEHOLDER_TOKEN)
+            log.warning("robot=%s still has the placeholder token %s: it is not used until "
+                        "configured", robot.name, PLACEHOLDER_TOKEN)
         for names in shared_tokens(self.config):
-            log.warning("robots %s have the same access_token: they are one robot to DingTalk and share "
-                        "one budget of %d per %gs", ", ".join(names), self.config.delivery.rate_limit,
-                        self.config.delivery.rate_window)
+            log.warning("robots %s have the same access_token: they are one robot to DingTalk "
+                        "and share one budget of %d per %gs", ", ".join(names),
+                        self.config.delivery.rate_limit, self.config.delivery.rate_window)
 
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
@@ -2970,12 +3052,14 @@ class Bridge:
                 log.error("reload rejected, keeping the running config: %s", exc)
                 return False, f"config rejected: {exc}"
             running = self.config.service
-            changed = [k for k in self.RESTART_ONLY if getattr(config.service, k) != getattr(running, k)]
+            changed = [k for k in self.RESTART_ONLY
+                       if getattr(config.service, k) != getattr(running, k)]
             changed += ["[database]"] if config.database != self.config.database else []
             if changed:
                 log.warning("reload: %s change only on restart", ", ".join(changed))
                 kept = {k: getattr(running, k) for k in self.RESTART_ONLY}
-                config = replace(config, service=replace(config.service, **kept), database=self.config.database)
+                config = replace(config, service=replace(config.service, **kept),
+                                 database=self.config.database)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             self.renderer = Renderer(config)
@@ -2990,7 +3074,8 @@ class Bridge:
         journal_ok = self.journal.writable()
         store_ok = self.recorder.store_ok is not False
         detail = {"journal": "ok" if journal_ok else "not writable",
-                  "store": "ok" if store_ok else "unreachable (alerts wait in the journal; paging continues)"}
+                  "store": "ok" if store_ok else
+                  "unreachable (alerts wait in the journal; paging continues)"}
         return journal_ok, detail
 
     def render_metrics(self):
@@ -3034,15 +3119,19 @@ def check_config(config):
              if auth.enabled else "auth none (webhooks are open)",
              f"default receiver {service.default_receiver or '(none: unknown receivers get 404)'}"]
     for route in config.routes.values():
-        lines.append(f"receiver {route.name}: {'one message per alert' if route.per_alert else 'one message per group'}"
-                     f"{', @' + ','.join(route.at_mobiles) if route.at_mobiles else ''}"
-                     f"{', @all' if route.at_all else ''}")
+        mentions = [", @" + ",".join(route.at_mobiles) if route.at_mobiles else "",
+                    ", @all" if route.at_all else ""]
+        unit = "alert" if route.per_alert else "group"
+        lines.append(f"receiver {route.name}: one message per {unit}" + "".join(mentions))
         for robot in route.robots:
-            notes = [n for n, on in (("signed", robot.secret), (f"keyword {robot.keyword!r}", robot.keyword),
+            notes = [n for n, on in (("signed", robot.secret),
+                                     (f"keyword {robot.keyword!r}", robot.keyword),
                                      ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
-            lines.append(f"  robot {robot.name}: {mask_url(robot.url)}{' (' + ', '.join(notes) + ')' if notes else ''}")
+            lines.append(f"  robot {robot.name}: {mask_url(robot.url)}"
+                         + (f" ({', '.join(notes)})" if notes else ""))
     for names in shared_tokens(config):
-        lines.append(f"note: robots {', '.join(names)} have the same access_token: one budget between them")
+        lines.append(f"note: robots {', '.join(names)} have the same access_token: "
+                     f"one budget between them")
     return "\n".join(lines)
 
 
@@ -3053,21 +3142,24 @@ def send_test(config, route_name):
         print(f"no [receiver:{route_name}] in {config.path}", file=sys.stderr)
         return 2
     now = datetime.now(timezone.utc)
-    alert = {"fingerprint": "alertbridge-test", "status": "firing", "starts_at": db_time(now), "ends_at": None,
-             "labels": {"alertname": "AlertbridgeTest", "severity": "info", "instance": socket.gethostname()},
+    alert = {"fingerprint": "alertbridge-test", "status": "firing", "starts_at": db_time(now),
+             "ends_at": None, "labels": {"alertname": "AlertbridgeTest", "severity": "info",
+                                         "instance": socket.gethostname()},
              "annotations": {"summary": f"Test message from alertbridge for receiver {route.name}"},
              "generator_url": "", "external_url": "", "receiver": route.name}
     renderer, failures = Renderer(config), 0
     for robot in route.robots:
         if robot.placeholder:
             failures += 1
-            print(f"{robot.name}: not called: its url still has the placeholder token {PLACEHOLDER_TOKEN}; "
-                  f"put the robot's access_token into [robot:{robot.name}] url")
+            print(f"{robot.name}: not called: its url still has the placeholder token "
+                  f"{PLACEHOLDER_TOKEN}; put the robot's access_token into "
+                  f"[robot:{robot.name}] url")
             continue
         body = renderer.body(route, robot, message_body([alert]))
         result = post_to_dingtalk(robot, renderer.encode(body), config.delivery.timeout)
         failures += not result.ok
-        print(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} latency_ms={result.latency * 1000:.0f}")
+        print(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} "
+              f"latency_ms={result.latency * 1000:.0f}")
     return 1 if failures else 0
 
 
@@ -3085,15 +3177,22 @@ def init_db(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prometheus Alertmanager -> DingTalk bridge with alert history.")
-    parser.add_argument("-c", "--config", default="config.ini", help="config file (default: config.ini)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser = argparse.ArgumentParser(
+        description="Prometheus Alertmanager -> DingTalk bridge with alert history.")
+    parser.add_argument("-c", "--config", default="config.ini",
+                        help="config file (default: config.ini)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"alertbridge {VERSION}")
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
-    action.add_argument("--send-test", metavar="RECEIVER", help="send a test message through each robot of RECEIVER")
-    action.add_argument("--init-db", action="store_true", help="create the history tables if missing, exit")
-    action.add_argument("--store-process", type=int, metavar="FD", help=argparse.SUPPRESS)  # see StoreProcess
+    action.add_argument("--check-config", action="store_true",
+                        help="validate the config, print a summary, exit")
+    action.add_argument("--send-test", metavar="RECEIVER",
+                        help="send a test message through each robot of RECEIVER")
+    action.add_argument("--init-db", action="store_true",
+                        help="create the history tables if missing, exit")
+    action.add_argument("--store-process", type=int, metavar="FD",
+                        help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.store_process is not None:
@@ -3101,8 +3200,9 @@ def main(argv=None):
     if args.check_config or args.send_test or args.init_db:  # a command: Ctrl-C acts as usual
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     if sqlite3.sqlite_version_info < MIN_SQLITE:
-        print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal uses "
-              f"upserts and renames columns); this Python uses SQLite {sqlite3.sqlite_version}", file=sys.stderr)
+        print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal "
+              f"uses upserts and renames columns); this Python uses SQLite "
+              f"{sqlite3.sqlite_version}", file=sys.stderr)
         return 2
     try:
         config = load_config(args.config)

@@ -125,7 +125,7 @@ def test_a_robot_url_that_cannot_work_is_refused_at_load_without_quoting_it(tmp_
 
 def test_a_secret_with_a_comment_after_it_is_refused(tmp_path):
     error = config_error(tmp_path, "[robot:x]\nurl = https://h/r?access_token=t\nsecret = SECabc123 ; old one\n"
-                    "[receiver:a]\nrobots = x\n")
+                                   "[receiver:a]\nrobots = x\n")
     assert "[robot:x] secret: contains a space" in error and "SECabc" not in error
 
 

@@ -94,7 +94,7 @@ def main():
         if not args.keep:
             for table in ("alerts", "notifications", "recorder_progress"):
                 cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608
-        for statement in alertbridge.schema_statements("mysql"):
+        for statement in alertbridge.statements(alertbridge.MYSQL_SCHEMA):
             cursor.execute(statement)
         cursor.execute("SELECT COUNT(*) FROM alerts")
         have = cursor.fetchone()[0]

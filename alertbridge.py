@@ -173,6 +173,16 @@ def send_event(route, robot, message, result, at):
             "latency_ms": int(result.latency * 1000)}
 
 
+def alert_key(alert):
+    """One occurrence of an alert, as the history keys it: receiver, fingerprint, start."""
+    occurrence = [alert["receiver"], alert["fingerprint"], alert["starts_at"]]
+    return json.dumps(occurrence, ensure_ascii=False)
+
+
+def alert_keys(alerts):
+    return json.dumps([alert_key(a) for a in alerts], ensure_ascii=False)
+
+
 def json_line(obj):
     """One line of JSON, as every answer and error body is."""
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
@@ -351,6 +361,10 @@ class Delivery:
     timeout: float = field(default=5.0, metadata={"min": 0.1})
     retry_base: float = field(default=2.0, metadata={"min": 0.01})
     retry_max: float = field(default=300.0, metadata={"min": 0.01})
+    reserve: int = 2                    # slots per robot and window only reserve_for may use
+    priority_label: str = "severity"    # the defaults of every [receiver:NAME]
+    priority_order: str = "critical, error, warning, info"
+    reserve_for: str = "critical"
 
 
 @dataclass(frozen=True)
@@ -403,6 +417,21 @@ class Route:
     per_alert: bool = False
     title: str = DEFAULT_TITLE
     alert: str = DEFAULT_ALERT
+    priority_label: str = "severity"
+    priority_order: tuple = ("critical", "error", "warning", "info")
+    reserve_for: tuple = ("critical",)
+
+    def level(self, alert):
+        """(rank, name) of an alert's priority: where its priority_label's value stands in
+        priority_order, 0 the highest. Any other value, or none, ranks last, as "none"."""
+        value = alert["labels"].get(self.priority_label, "").lower()
+        if value in self.priority_order:
+            return self.priority_order.index(value), value
+        return len(self.priority_order), "none"
+
+    def urgent(self, level):
+        """Whether messages of this level may use the robots' reserved slots."""
+        return level in self.reserve_for
 
 
 @dataclass(frozen=True)
@@ -529,11 +558,12 @@ def load_config(path):
     service = _load_service(parser, base)
     settings = dict(path=os.path.abspath(path), service=service, tz=load_timezone(service.timezone),
                     database=_load_database(parser, base, service), auth=_load_auth(parser),
-                    delivery=_Section(parser, "delivery").settings(Delivery))
+                    delivery=_load_delivery(parser))
     templates = _load_templates(parser)
     robots = {s[6:]: _load_robot(_Section(parser, s), s[6:])
               for s in parser.sections() if s.startswith("robot:")}
-    routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates)
+    routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates,
+                                 settings["delivery"])
               for s in parser.sections() if s.startswith("receiver:")}
     if not routes:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
@@ -585,6 +615,17 @@ def _load_auth(parser):
     return auth
 
 
+def _load_delivery(parser):
+    section = _Section(parser, "delivery")
+    delivery = section.settings(Delivery)
+    if "reserve" not in section.items:     # a few slots of 20; none of a small budget
+        delivery = replace(delivery, reserve=min(Delivery.reserve, delivery.rate_limit // 10))
+    if delivery.reserve >= delivery.rate_limit:
+        raise ConfigError("[delivery] reserve: must be less than rate_limit (the rest is for the "
+                          "other messages)")
+    return delivery
+
+
 def _load_templates(parser):
     section = _Section(parser, "templates")
     return Templates(title=section.template("title", Templates.title),
@@ -613,7 +654,7 @@ def _load_robot(section, name):
     return robot
 
 
-def _load_route(section, name, robots, templates):
+def _load_route(section, name, robots, templates, delivery):
     names = _words(section.get("robots"))
     if not names:
         raise ConfigError(f"[{section.name}] robots: list at least one robot")
@@ -632,7 +673,24 @@ def _load_route(section, name, robots, templates):
         per_alert=section.bool("per_alert"),
         title=section.template("title", templates.title),
         alert=section.template("alert", templates.alert),
+        **_priorities(section, delivery),
     )
+
+
+def _priorities(section, delivery):
+    """A route's priority settings: its own keys, else [delivery]'s."""
+    order = tuple(w.lower() for w in _words(section.get("priority_order", delivery.priority_order)))
+    reserve_for = tuple(w.lower() for w in _words(section.get("reserve_for", delivery.reserve_for)))
+    label = section.get("priority_label", delivery.priority_label)
+    if not order or len(set(order)) < len(order) or "none" in order:
+        raise ConfigError(f"[{section.name}] priority_order: list each level once (none is "
+                          f"implied, last)")
+    unknown = [w for w in reserve_for if w not in order + ("none",)]
+    if unknown:
+        raise ConfigError(f"[{section.name}] reserve_for: {unknown[0]!r} is not in priority_order")
+    if not label:
+        raise ConfigError(f"[{section.name}] priority_label: name a label, such as severity")
+    return {"priority_label": label, "priority_order": order, "reserve_for": reserve_for}
 
 
 def shared_tokens(config):
@@ -1091,7 +1149,10 @@ CREATE TABLE IF NOT EXISTS messages (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
-    done_at REAL
+    done_at REAL,
+    priority INTEGER NOT NULL DEFAULT 99,
+    level TEXT NOT NULL DEFAULT 'none',
+    alert_keys TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1103,11 +1164,17 @@ CREATE TABLE IF NOT EXISTS sends (
 """
 JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), for journals of 0.3
     ("messages", "route", "ALTER TABLE messages RENAME COLUMN receiver TO route"),
+    ("messages", "priority",
+     "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 99"),
+    ("messages", "level", "ALTER TABLE messages ADD COLUMN level TEXT NOT NULL DEFAULT 'none'"),
+    ("messages", "alert_keys",
+     "ALTER TABLE messages ADD COLUMN alert_keys TEXT NOT NULL DEFAULT ''"),
     ("sends", "robot_key", "ALTER TABLE sends ADD COLUMN robot_key TEXT NOT NULL DEFAULT ''"),
 )
 JOURNAL_INDEXES = """
 CREATE INDEX IF NOT EXISTS events_unrecorded ON events (recorded, id);
-CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, route, id);
+DROP INDEX IF EXISTS messages_pending;
+CREATE INDEX IF NOT EXISTS messages_by_priority ON messages (state, route, priority, id);
 DROP INDEX IF EXISTS messages_due;
 DROP INDEX IF EXISTS messages_receiver_due;
 CREATE INDEX IF NOT EXISTS messages_route_due ON messages (state, route, next_attempt_at);
@@ -1123,9 +1190,9 @@ J_EVENTS_MARK = "UPDATE events SET recorded = %s WHERE id = %s"
 J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <= %s"
 J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
 J_COLUMNS = "SELECT name FROM pragma_table_info(%s)"
-J_MESSAGE_ADD = ("INSERT INTO messages "
-                 "(route, request_id, body, packed, created_at, next_attempt_at) "
-                 "VALUES (%s, %s, %s, %s, %s, %s)")
+J_MESSAGE_ADD = ("INSERT INTO messages (route, request_id, body, packed, created_at, "
+                 "next_attempt_at, priority, level, alert_keys) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
 # Routes with pending messages, one index probe each (a DISTINCT would read every pending row).
 J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "SELECT MIN(route) FROM messages WHERE state = 'pending' UNION ALL "
@@ -1133,9 +1200,12 @@ J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "WHERE state = 'pending' AND route > name) "
                     "FROM r WHERE name IS NOT NULL) "
                     "SELECT name FROM r WHERE name IS NOT NULL")
-J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at FROM messages "
-                  "WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
-                  "ORDER BY id LIMIT %s")
+J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority, level "
+                  "FROM messages WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
+                  "ORDER BY priority, id LIMIT %s")
+# The alerts of a route's pending messages, as keys: the newest copy of an alert is the one sent.
+J_MESSAGE_KEYS = ("SELECT id, alert_keys FROM messages "
+                  "WHERE state = 'pending' AND route = %s AND id > %s ORDER BY id")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
 J_MESSAGE_NEXT_DUE = ("SELECT MIN(next_attempt_at) FROM messages "
                       "WHERE state = 'pending' AND route = %s")
@@ -1146,6 +1216,8 @@ J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at
 J_MESSAGES_EXPIRE = ("SELECT id, route, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
+J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
+                       "WHERE state = 'pending' GROUP BY level")
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
 J_SEND_BEGIN = "INSERT INTO sends (robot, robot_key, at) VALUES (%s, %s, %s)"
 J_SEND_END = "UPDATE sends SET at = %s, errcode = %s WHERE id = %s"
@@ -1382,6 +1454,18 @@ class Signal:
             callback(*args)
 
 
+def messages_of(route, alerts):
+    """A webhook's alerts as messages: ((rank, level), alerts) for each priority level present,
+    the highest first, so that an alert never waits behind, or goes out with, lower ones
+    (with per_alert, one message per alert)."""
+    if route.per_alert:
+        return sorted(((route.level(a), [a]) for a in alerts), key=lambda item: item[0])
+    levels = {}
+    for alert in alerts:
+        levels.setdefault(route.level(alert), []).append(alert)
+    return sorted(levels.items())
+
+
 class Journal:
     """The local durable queue (SQLite, WAL). Writes go through one connection under one lock,
     so SQLite never has to busy-wait, which keeps the webhook ack fast; every reading thread
@@ -1477,11 +1561,11 @@ class Journal:
         concurrent webhooks share the cost of durability instead of queueing for it one by one."""
         now = self.clock()
         event = webhook_event(webhook, request_id, datetime.fromtimestamp(now, timezone.utc))
-        groups = [[a] for a in webhook.alerts] if route.per_alert else [webhook.alerts]
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
-        rows += [(J_MESSAGE_ADD, (route.name, request_id, json.dumps(
-            message_body(alerts, webhook.truncated), ensure_ascii=False), 0, now, now))
-            for alerts in groups if alerts]
+        for (rank, level), alerts in messages_of(route, webhook.alerts):
+            body = json.dumps(message_body(alerts, webhook.truncated), ensure_ascii=False)
+            rows.append((J_MESSAGE_ADD, (route.name, request_id, body, 0, now, now, rank, level,
+                                         alert_keys(alerts))))
         pending = _PendingWrite(rows)
         with self._queue_lock:
             self._queue.append(pending)
@@ -1550,8 +1634,13 @@ class Journal:
         """Messages due, oldest first; each body is read only if it is used (see Message.body).
         The default limit is more than one digest can hold, however small the template."""
         rows = self._read(J_MESSAGES_DUE, (route, now, limit))
-        return [Message(i, route, rid, bool(packed), attempts, created, self)
-                for i, rid, packed, attempts, created in rows]
+        return [Message(i, route, rid, bool(packed), attempts, created, rank, level, self)
+                for i, rid, packed, attempts, created, rank, level in rows]
+
+    def alert_keys_since(self, route, after_id):
+        """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
+        rows = self._read(J_MESSAGE_KEYS, (route, after_id))
+        return [(message_id, json.loads(keys or "[]")) for message_id, keys in rows]
 
     def message_body(self, message_id):
         return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
@@ -1567,15 +1656,18 @@ class Journal:
         Returns the new messages."""
         now = self.clock()
         request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
-        created, route = min(m.created_at for m in old), old[0].route
+        created, first = min(m.created_at for m in old), old[0]
         new = []
         with self._writing() as db:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
             for body in new_bodies:
                 text = json.dumps(body, ensure_ascii=False)
-                cursor = self._run(db, J_MESSAGE_ADD, (route, request_ids, text, 1, created, now))
-                message = Message(cursor.lastrowid, route, request_ids, True, 0, created, self)
+                cursor = self._run(db, J_MESSAGE_ADD, (
+                    first.route, request_ids, text, 1, created, now, first.priority, first.level,
+                    alert_keys(body["alerts"])))
+                message = Message(cursor.lastrowid, first.route, request_ids, True, 0, created,
+                                  first.priority, first.level, self)
                 message.__dict__["body"] = body  # what cached_property would read back
                 new.append(message)
         return new
@@ -1628,6 +1720,10 @@ class Journal:
         """(pending messages, oldest pending message time, unrecorded events, oldest event time)."""
         return tuple(self._read_one(J_MESSAGES_BACKLOG)) + tuple(self._read_one(J_EVENTS_BACKLOG))
 
+    def waiting_by_level(self):
+        """(level, messages waiting, oldest creation time) for each level that has some."""
+        return self._read(J_MESSAGES_BY_LEVEL)
+
     def message_states(self):
         return dict(self._read(J_MESSAGES_STATES))
 
@@ -1659,6 +1755,8 @@ class Message:
     packed: bool        # already a digest or a split part: merging it again gains nothing
     attempts: int
     created_at: float
+    priority: int       # the rank of its level in the route's priority_order: 0 first
+    level: str          # "critical", ... or "none"
     journal: Journal = field(repr=False)
 
     @functools.cached_property
@@ -2031,6 +2129,8 @@ class Renderer:
                                 title_fields(alerts, message_body.get("part"))).strip()
         if message_body.get("part"):
             title += " ({}/{})".format(*message_body["part"])
+        if digest:
+            title = f"{message_body.get('level', 'none').upper()} 汇总 digest · {title}"
         sections = []
         if digest:
             groups = {}
@@ -2301,8 +2401,16 @@ class RobotPool:
     throttled by DingTalk or misconfigured. A budget slot is taken before a request and dated by
     the request's end, so DingTalk, counting arrivals, never sees more than `rate_limit` in its
     window. Budgets and throttles belong to the robot as DingTalk knows it, its token
-    (Robot.key): two sections with one token share one budget. `limits()` gives the current
-    Config. Thread-safe."""
+    (Robot.key): two sections with one token share one budget.
+
+    Each robot keeps `reserve` of its slots per window for urgent messages (the levels a route's
+    reserve_for names), so a critical page goes out at once even when a storm has used the rest.
+    Routes that share a robot take turns at it: when a slot frees, a route that has been waiting
+    for one goes before a route that has just sent (urgent messages go first regardless).
+
+    `limits()` gives the current Delivery settings; `now` is always an argument. Thread-safe."""
+
+    FORGET_WAITING = 10.0   # a route that has not asked for this long is not waited for
 
     def __init__(self, limits):
         self.limits = limits
@@ -2311,10 +2419,11 @@ class RobotPool:
         self._throttled = {}        # robot key -> time the throttle ends
         self._disabled = {}         # robot key -> reason, until the config is reloaded
         self._next = {}             # route name -> rotating index
+        self._waiting = {}          # route name -> (waiting since, last asked, its robot keys)
 
     def restore(self, sends, now):
         """Rebuild budgets and throttles from the journal's send log: (key, at, errcode)."""
-        window, throttle = self.limits().rate_window, self.limits().throttle_seconds  # Delivery
+        window, throttle = self.limits().rate_window, self.limits().throttle_seconds
         with self._lock:
             for key, at, errcode in sends:
                 if at > now - window:
@@ -2327,52 +2436,83 @@ class RobotPool:
         with self._lock:
             self._disabled.clear()
 
-    def _budget(self, key, now):
+    def _capacity(self, urgent):
         limits = self.limits()
+        return limits.rate_limit - (0 if urgent else limits.reserve)
+
+    def _slots_in_window(self, key, now):
         slots = self._slots.setdefault(key, [])
-        slots[:] = [t for t in slots if t > now - limits.rate_window]
-        return limits.rate_limit - len(slots)
+        slots[:] = [t for t in slots if t > now - self.limits().rate_window]
+        return slots
+
+    def _budget(self, key, now, urgent=True):
+        return self._capacity(urgent) - len(self._slots_in_window(key, now))
 
     def _usable(self, robot, now):
         return (robot.key not in self._disabled and not robot.placeholder
                 and self._throttled.get(robot.key, 0) <= now)
 
-    def available(self, route, now):
-        """Messages the route's robots can take right now."""
+    def _turn_of_another(self, route, robot, now):
+        """Whether another route that wants a slot of `robot` has waited longer than `route`."""
+        mine = self._waiting.get(route.name, (float("inf"),))[0]
+        return any(name != route.name and robot.key in keys and since < mine
+                   and now - asked < self.FORGET_WAITING
+                   for name, (since, asked, keys) in self._waiting.items())
+
+    def _free(self, route, robot, now, urgent):
+        return (self._usable(robot, now) and self._budget(robot.key, now, urgent) > 0
+                and (urgent or not self._turn_of_another(route, robot, now)))
+
+    def available(self, route, now, urgent=True):
+        """Messages the route's robots can take right now (`urgent`: the reserve included)."""
         with self._lock:
             keys = {r.key for r in route.robots if self._usable(r, now)}
-            return sum(max(0, self._budget(k, now)) for k in keys)
+            return sum(max(0, self._budget(k, now, urgent)) for k in keys)
 
-    def next_slot_at(self, route, now):
+    def next_slot_at(self, route, now, urgent=True):
         """When the route can next send, if it cannot now (None: not while config stays)."""
-        limits = self.limits()
+        capacity = self._capacity(urgent)
         with self._lock:
             times = []
             for robot in route.robots:
                 if robot.key in self._disabled or robot.placeholder:
                     continue
-                slots = sorted(self._slots.get(robot.key, []))
-                over = len(slots) - limits.rate_limit
-                free = slots[over] + limits.rate_window if over >= 0 else now
+                slots = sorted(self._slots_in_window(robot.key, now))
+                over = len(slots) - capacity
+                free = slots[over] + self.limits().rate_window if over >= 0 else now
+                if free <= now and not urgent and self._turn_of_another(route, robot, now):
+                    free = now + 0.05           # a route that waited longer takes it first
                 times.append(max(free, self._throttled.get(robot.key, 0)))
             return min(times) if times else None
 
-    def acquire(self, route, now, tried):
-        """The next robot in turn with budget left, its slot taken; None if there is none.
-        Every robot acquire() returns must be given back with release()."""
+    def acquire(self, route, now, tried, urgent=True):
+        """The next robot in turn with a slot for this message, the slot taken; None if there is
+        none. Every robot acquire() returns must be given back with release()."""
         with self._lock:
             robots = route.robots
             start = self._next.get(route.name, 0)
             for step in range(len(robots)):
                 robot = robots[(start + step) % len(robots)]
-                if robot.key in tried or not self._usable(robot, now):
-                    continue
-                if self._budget(robot.key, now) <= 0:
+                if robot.key in tried or not self._free(route, robot, now, urgent):
                     continue
                 self._next[route.name] = (start + step + 1) % len(robots)
                 self._slots[robot.key].append(float("inf"))
+                if not urgent:
+                    self._waiting.pop(route.name, None)
                 return robot
+            if not urgent and not tried:
+                self._wants(route, now)
             return None
+
+    def wants(self, route, now):
+        """The route has a message waiting for a slot (its sender says so every few seconds
+        while it waits): it is in line for the next slot of its robots."""
+        with self._lock:
+            self._wants(route, now)
+
+    def _wants(self, route, now):
+        since = self._waiting.get(route.name, (now,))[0]
+        self._waiting[route.name] = (since, now, {r.key for r in route.robots})
 
     def release(self, robot, result, now):
         """Date the slot taken by acquire() and learn from DingTalk's answer."""
@@ -2536,11 +2676,15 @@ class Notifier(Worker):
 
 
 class Sender(Worker):
-    """Sends one route's messages, oldest first, within every robot's budget: folds a backlog
-    into digests, splits what is too long, fails over through the robots, and retries with
-    backoff when every robot failed. Time is the bridge's clock; the request is bridge.post."""
+    """Sends one route's messages, the highest priority first and oldest first within it, within
+    every robot's budget: an urgent message may use the robots' reserve. It folds a backlog into
+    digests (of one priority level each), sends only the newest copy of an alert that waits more
+    than once (a repeat, or its resolution), splits what is too long, fails over through the
+    robots, and retries with backoff when every robot failed. Time is the bridge's clock; the
+    request is bridge.post."""
 
     IDLE = 5.0          # longest sleep: new messages and reloads wake it sooner
+    COPIES_KEPT = 100_000
 
     def __init__(self, bridge, route_name):
         super().__init__(f"sender:{route_name}")
@@ -2550,6 +2694,9 @@ class Sender(Worker):
         self._unwritten = []        # answers the journal could not take yet (a full disk)
         self._held = set()          # ids of messages sent whose success is among them
         self._orphaned = False
+        self._newest = {}           # alert key -> id of the newest pending message carrying it
+        self._scanned = 0           # the last message id whose keys are in _newest
+        self._urgent = True         # whether the first message waiting may use the reserve
 
     def backlog(self):
         return self.journal.pending_count(self.route_name)
@@ -2561,14 +2708,15 @@ class Sender(Worker):
             return self.IDLE
         if self._unwritten:
             return 1.0
-        if self.pool.available(route, now) > 0:
+        if self.pool.available(route, now, self._urgent) > 0:
             until = self.journal.next_due_at(self.route_name)
         else:
-            until = self.pool.next_slot_at(route, now)
+            until = self.pool.next_slot_at(route, now, self._urgent)
         return self.IDLE if until is None else min(self.IDLE, max(0.01, until - now))
 
     def step(self):
-        """Send (or digest, or split) the next due message; True if a request was made."""
+        """Send (or digest, split or drop as superseded) the first due message; True if there
+        was one."""
         self._write_unwritten()
         route = self.bridge.config.routes.get(self.route_name)
         if route is None:
@@ -2576,22 +2724,40 @@ class Sender(Worker):
             return False
         self._orphaned = False
         now = self.bridge.clock()
-        available = self.pool.available(route, now)
+        first = self._first_due(now)
+        if first is None:
+            return False
+        self._urgent = urgent = route.urgent(first.level)
+        available = self.pool.available(route, now, urgent)
         if available <= 0:
+            if not urgent:
+                self.pool.wants(route, now)   # in line for the next slot; said again every wake-up
             return False
         due = [m for m in self.journal.due_messages(self.route_name, now) if m.id not in self._held]
         if not due:
             return False
         message = due[0]
-        if len(due) > available and not message.packed:
-            message = self._digest(route, due)
+        self._learn_copies()
+        same_level = list(itertools.takewhile(lambda m: m.priority == message.priority, due))
+        if len(same_level) > available and not message.packed:
+            message = self._digest(route, same_level)
+        else:
+            message = self._newest_copies(message)
+        if message is None:
+            return True
         try:
-            return self.deliver(route, message)
+            return self.deliver(route, message, urgent)
         except Exception as exc:
             # whatever went wrong, this message waits its turn again and the others go first
             with contextlib.suppress(Exception):
                 self._retry_later(message, [f"internal error: {type(exc).__name__}"])
             raise
+
+    def _first_due(self, now):
+        """The message to go next, read alone: cheap, as a storm wakes the sender often."""
+        due = [m for m in self.journal.due_messages(self.route_name, now, limit=1 + len(self._held))
+               if m.id not in self._held]
+        return due[0] if due else None
 
     def _report_orphaned(self):
         waiting = self.journal.pending_count(self.route_name)
@@ -2601,24 +2767,55 @@ class Sender(Worker):
                       "or expire after max_age", self.route_name, waiting, self.route_name)
         self._orphaned = bool(waiting)
 
+    def _learn_copies(self):
+        """Note which pending message carries the newest copy of each alert."""
+        if len(self._newest) > self.COPIES_KEPT:      # forget the sent ones: read the pending anew
+            self._newest, self._scanned = {}, 0
+        for message_id, keys in self.journal.alert_keys_since(self.route_name, self._scanned):
+            for key in keys:
+                self._newest[key] = message_id
+            self._scanned = message_id
+
+    def _current(self, message):
+        """The alerts of `message` that no later waiting message carries again."""
+        return [a for a in message.alerts if self._newest.get(alert_key(a), 0) <= message.id]
+
+    def _newest_copies(self, message):
+        """`message` without the alerts a later message carries again (a repeat of its group, or
+        the alert resolved): only the newest state goes out. None if nothing is left of it."""
+        current = self._current(message)
+        if len(current) == len(message.alerts):
+            return message
+        if not current:
+            self.journal.replace([message], [], "merged")
+            log.info("message=%d route=%s superseded: later messages carry all its alerts",
+                     message.id, message.route)
+            return None
+        message.__dict__["body"] = {**message.body, "alerts": current}   # the journal keeps all
+        return message
+
     def _digest(self, route, due):
-        """More messages wait than the robots may send: fold the oldest into one digest as large
-        as DingTalk takes, made only when a robot is free to send it. Messages stay whole."""
+        """More messages of this priority wait than the robots may send: fold the oldest into
+        one digest as large as DingTalk takes, made only when a robot is free to send it.
+        Messages stay whole, but for alerts a later message carries again."""
         renderer = self.bridge.renderer
         unpacked = list(itertools.takewhile(lambda m: not m.packed, due))
-        sizes = (sum(renderer.block_size(route, a) for a in m.alerts) for m in unpacked)
+        sizes = (sum(renderer.block_size(route, a) for a in self._current(m)) for m in unpacked)
         taken = unpacked[:next(chunk_lengths(sizes, renderer.room()))]
 
         def body(messages):
-            alerts = [a for m in messages for a in m.alerts]
+            alerts = [a for m in messages for a in self._current(m)]
             truncated = sum(m.body.get("truncated", 0) for m in messages)
-            return message_body(alerts, truncated, digest=True)
+            return message_body(alerts, truncated, digest=True, level=messages[0].level)
         taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
-        if len(taken) == 1:
-            return taken[0]
+        carrying = [m for m in taken if self._current(m)]
+        if len(carrying) <= 1:              # the rest are older copies: that one message is all
+            if len(taken) > len(carrying):
+                self.journal.replace([m for m in taken if m not in carrying], [], "merged")
+            return self._newest_copies(carrying[0]) if carrying else None
         [digest] = self.journal.replace(taken, [body(taken)], "merged")
-        log.info("route=%s merged %d messages (%d alerts) into digest message=%d",
-                 route.name, len(taken), len(digest.alerts), digest.id)
+        log.info("route=%s merged %d %s messages (%d alerts) into digest message=%d",
+                 route.name, len(taken), digest.level, len(digest.alerts), digest.id)
         self.metrics.inc("alertbridge_digests_total", receiver=route.name)
         return digest
 
@@ -2635,8 +2832,9 @@ class Sender(Worker):
         log.info("message=%d route=%s too long for DingTalk: split into %d", message.id,
                  route.name, len(bodies))
 
-    def deliver(self, route, message):
-        """Send one message, failing over through the route's robots. True if a request was made."""
+    def deliver(self, route, message, urgent=False):
+        """Send one message, failing over through the route's robots (`urgent`: the reserve too).
+        True if a request was made."""
         renderer = self.bridge.renderer
         digest = bool(message.body.get("digest"))
         several = not message.packed and len(message.alerts) > 1
@@ -2645,7 +2843,7 @@ class Sender(Worker):
             return True
         tried, errors = set(), []
         while True:
-            robot = self.pool.acquire(route, self.bridge.clock(), tried)
+            robot = self.pool.acquire(route, self.bridge.clock(), tried, urgent)
             if robot is None:
                 break
             tried.add(robot.key)
@@ -2697,9 +2895,10 @@ class Sender(Worker):
         note = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its "
                                "token, secret, keyword)",
                 THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
-        log.log(level, "send message=%d route=%s robot=%s request_id=%s alerts=%d errcode=%s "
-                "errmsg=%s latency_ms=%d%s", message.id, route.name, robot.name, message.request_id,
-                len(message.alerts), result.errcode, result.errmsg, result.latency * 1000, note)
+        log.log(level, "send message=%d route=%s priority=%s robot=%s request_id=%s alerts=%d "
+                "errcode=%s errmsg=%s latency_ms=%d%s", message.id, route.name, message.level,
+                robot.name, message.request_id, len(message.alerts), result.errcode, result.errmsg,
+                result.latency * 1000, note)
         errcode = "none" if result.errcode is None else str(result.errcode)
         self.metrics.inc("alertbridge_sends_total", receiver=route.name, robot=robot.name,
                          errcode=errcode)
@@ -2707,6 +2906,8 @@ class Sender(Worker):
         if result.ok:
             self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts),
                              receiver=route.name)
+            self.metrics.observe("alertbridge_delivery_seconds", at - message.created_at,
+                                 priority=message.level)
         event = send_event(route.name, robot, message, result, at)
         self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
                                 message.id if result.ok else None))
@@ -2835,8 +3036,10 @@ METRIC_HELP = {
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
     "alertbridge_messages_expired_total": ("counter", "Messages no robot took within max_age."),
     "alertbridge_send_duration_seconds": ("histogram", "DingTalk request latency."),
-    "alertbridge_queue_messages": ("gauge", "Messages waiting to be sent."),
-    "alertbridge_queue_oldest_seconds": ("gauge", "Age of the oldest message waiting to be sent."),
+    "alertbridge_delivery_seconds": ("histogram", "From a webhook's 200 to DingTalk taking its "
+                                                  "alerts, by priority level."),
+    "alertbridge_queue_messages": ("gauge", "Messages waiting to be sent, by priority level."),
+    "alertbridge_queue_oldest_seconds": ("gauge", "Age of the oldest message waiting, by level."),
     "alertbridge_record_backlog_events": ("gauge", "Journal events not yet in the history store."),
     "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send now."),
     "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
@@ -2845,59 +3048,69 @@ METRIC_HELP = {
     "alertbridge_http_requests_in_flight": ("gauge", "HTTP requests being handled, this one too."),
     "alertbridge_build_info": ("gauge", "Version of alertbridge."),
 }
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BUCKETS = {  # the histograms, and the upper bounds of their buckets in seconds
+    "alertbridge_send_duration_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    "alertbridge_delivery_seconds": (1, 3, 10, 30, 60, 120, 300, 600, 1800, 3600),
+}
 
 
 def _labels(labels):
     if not labels:
         return ""
+
     def escape(value):  # the exposition format's label value escapes: backslash, quote, newline
         return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in sorted(labels)) + "}"
 
 
 class Metrics:
-    """Counters and one histogram in the Prometheus text format, standard library only."""
+    """Counters and histograms in the Prometheus text format, standard library only."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._values = {}
-        self._latency = [0] * len(LATENCY_BUCKETS)
-        self._latency_sum = 0.0
-        self._latency_count = 0
+        self._values = {}           # (name, labels) -> counter value
+        self._histograms = {}       # (name, labels) -> [count per bucket..., sum, count]
 
     def inc(self, name, value=1, **labels):
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._values[key] = self._values.get(key, 0) + value
 
-    def observe(self, name, seconds):
+    def observe(self, name, seconds, **labels):
+        bounds = BUCKETS[name]
+        key = (name, tuple(sorted(labels.items())))
         with self._lock:
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    self._latency[i] += 1
-            self._latency_sum += seconds
-            self._latency_count += 1
+            counts = self._histograms.setdefault(key, [0] * (len(bounds) + 2))
+            for i, bound in enumerate(bounds):
+                counts[i] += seconds <= bound
+            counts[-2] += seconds
+            counts[-1] += 1
 
     def render(self, gauges):
         """`gauges`: list of (name, labels dict, value) read at scrape time."""
         with self._lock:
             samples = [(name, labels, value) for (name, labels), value in self._values.items()]
-            buckets = list(self._latency)
-            total, count = self._latency_sum, self._latency_count
+            histograms = {key: list(counts) for key, counts in self._histograms.items()}
         samples += [(name, tuple(sorted(labels.items())), value) for name, labels, value in gauges]
         lines = []
         for name, (kind, text) in METRIC_HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "histogram":
-                for bound, n in zip(LATENCY_BUCKETS, buckets):
-                    lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
-                lines += [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {total}",
-                          f"{name}_count {count}"]
+                for (n, labels), counts in sorted(histograms.items()):
+                    if n == name:
+                        lines += self._histogram_lines(name, labels, counts)
                 continue
             lines += [f"{name}{_labels(labels)} {value}"
                       for n, labels, value in sorted(samples) if n == name]
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _histogram_lines(name, labels, counts):
+        lines = [f"{name}_bucket{_labels(labels + (('le', str(bound)),))} {n}"
+                 for bound, n in zip(BUCKETS[name], counts)]
+        return lines + [f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {counts[-1]}",
+                        f"{name}_sum{_labels(labels)} {counts[-2]}",
+                        f"{name}_count{_labels(labels)} {counts[-1]}"]
 
 
 def sd_notify(*fields):
@@ -3080,13 +3293,18 @@ class Bridge:
 
     def render_metrics(self):
         now = self.clock()
-        pending, oldest, backlog, _ = self.journal.backlog()
-        gauges = [("alertbridge_queue_messages", {}, pending),
-                  ("alertbridge_queue_oldest_seconds", {}, round(now - oldest, 3) if oldest else 0),
-                  ("alertbridge_record_backlog_events", {}, backlog),
+        _, _, backlog, _ = self.journal.backlog()
+        waiting = {level: (0, None) for route in self.config.routes.values()
+                   for level in route.priority_order + ("none",)}
+        waiting.update({level: (n, oldest) for level, n, oldest in self.journal.waiting_by_level()})
+        gauges = [("alertbridge_record_backlog_events", {}, backlog),
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
                   ("alertbridge_http_requests_in_flight", {}, self._requests),
                   ("alertbridge_build_info", {"version": VERSION}, 1)]
+        for level, (n, oldest) in sorted(waiting.items()):
+            gauges += [("alertbridge_queue_messages", {"priority": level}, n),
+                       ("alertbridge_queue_oldest_seconds", {"priority": level},
+                        round(now - oldest, 3) if oldest else 0)]
         for name, budget, throttled, disabled in self.pool.state(self.config.robots, now):
             gauges += [("alertbridge_robot_budget_remaining", {"robot": name}, budget),
                        ("alertbridge_robot_throttled", {"robot": name}, int(throttled)),

@@ -13,14 +13,15 @@ def test_group_goes_out_signed_with_mentions_and_is_recorded(make_bridge, fake, 
     assert status == 200 and reply["alerts"] == 2
     settle(bridge)
 
-    [message] = fake.delivered()
-    assert message.token == OPS[0]                      # first robot in turn; the fake checked its signature
+    message, warning = fake.delivered()                 # one message per level, the critical first
+    assert (message.token, warning.token) == (OPS[0], OPS[1])   # robots in turn; signatures checked
     assert message.body["msgtype"] == "markdown"
-    assert message.body["markdown"]["title"] == "[FIRING:2] DiskFull"
+    assert message.body["markdown"]["title"] == warning.body["markdown"]["title"] == "[FIRING:1] DiskFull"
     text = message.text
-    assert "10.0.0.1:9100" in text and "10.0.0.2:9100" in text and "磁盘将满" in text
+    assert "10.0.0.1:9100" in text and "10.0.0.2:9100" in warning.text and "磁盘将满" in text
     assert "2026-11-25 05:47:13" in text                # 21:47:13Z shown in Asia/Shanghai
     assert "@13800000000" in text and message.body["at"]["atMobiles"] == ["13800000000"]
+    assert warning.body["at"]["atMobiles"] == []        # at_severities = critical
     assert "[Prometheus](http://prom:9090/graph?g0.expr=up)" in text
     assert "http://vm:19093/#/silences/new?filter=" in text
 
@@ -37,9 +38,9 @@ def test_group_goes_out_signed_with_mentions_and_is_recorded(make_bridge, fake, 
     assert first["starts_at"] == "2026-11-24 21:47:13.757" and first["ends_at"] is None
     assert (first["received_count"], first["notified_count"], first["robots"]) == (1, 1, "ops-1")
 
-    [sent] = history(bridge, "notifications")
-    assert (sent["receiver"], sent["robot"], sent["alerts"], sent["errcode"]) == ("ops", "ops-1", 2, 0)
-    assert sent["fingerprints"] == "0ab899e06c62ec30,b2e09faafa783f36"
+    sends = history(bridge, "notifications")
+    assert [(s["receiver"], s["robot"], s["alerts"], s["errcode"], s["fingerprints"]) for s in sends] == [
+        ("ops", "ops-1", 1, 0, "0ab899e06c62ec30"), ("ops", "ops-2", 1, 0, "b2e09faafa783f36")]
 
 
 def test_repeat_counts_rotates_and_resolve_closes(make_bridge, fake, database):
@@ -53,14 +54,16 @@ def test_repeat_counts_rotates_and_resolve_closes(make_bridge, fake, database):
 
     rows = history(bridge)
     assert len(rows) == 2
-    assert [(r["received_count"], r["notified_count"], r["robots"]) for r in rows] == [(2, 2, "ops-1,ops-2")] * 2
+    assert [(r["received_count"], r["notified_count"], r["robots"]) for r in rows] == [
+        (2, 2, "ops-1,ops-3"), (2, 2, "ops-2,ops-1")]
 
     post(bridge, load_fixture("am025-ops-partly-resolved.json"))
     settle(bridge)
-    third = fake.delivered()[2]
-    assert third.token == OPS[2]
-    assert third.body["markdown"]["title"] == "[FIRING:1 RESOLVED:1] DiskFull"
-    assert "2026-11-25 05:47:16" in third.text and "持续 3s" in third.text
+    resolved, still = fake.delivered()[4:]
+    assert (resolved.token, still.token) == (OPS[1], OPS[2])
+    assert resolved.body["markdown"]["title"] == "[RESOLVED:1] DiskFull"
+    assert still.body["markdown"]["title"] == "[FIRING:1] DiskFull"
+    assert "2026-11-25 05:47:16" in resolved.text and "持续 3s" in resolved.text
     rows = {r["instance"]: r for r in history(bridge)}
     assert rows["10.0.0.1:9100"]["status"] == "resolved"
     assert rows["10.0.0.1:9100"]["ends_at"] == "2026-11-24 21:47:16.781"

@@ -101,3 +101,49 @@ def test_new_limits_apply_at_once(pool, limits):
     assert [send(pool, ROUTE, T0) for _ in range(6)] == ["a", "b", "c"] * 2
     limits["delivery"] = Delivery(rate_limit=3, rate_window=60.0)     # what a reload does
     assert pool.available(ROUTE, T0) == 3
+
+
+@pytest.fixture
+def reserving(limits):
+    limits["delivery"] = Delivery(rate_limit=4, rate_window=60.0, reserve=2)
+    return RobotPool(lambda: limits["delivery"])
+
+
+def test_the_reserve_is_kept_for_urgent_messages_and_the_limit_never_exceeded(reserving):
+    route = Route("ops", (A,))
+    assert reserving.available(route, T0, urgent=False) == 2 and reserving.available(route, T0) == 4
+    assert [reserving.acquire(route, T0, set(), urgent=False) for _ in range(3)] == [A, A, None]
+    assert reserving.next_slot_at(route, T0, urgent=False) > T0          # a storm waits here...
+    assert reserving.next_slot_at(route, T0, urgent=True) == T0           # ...a page does not
+    assert [reserving.acquire(route, T0, set(), urgent=True) for _ in range(3)] == [A, A, None]
+
+
+def test_routes_sharing_a_robot_take_turns_when_its_slots_run_short(limits):
+    limits["delivery"] = Delivery(rate_limit=2, rate_window=60.0, reserve=0)
+    pool = RobotPool(lambda: limits["delivery"])
+    storm, other = Route("storm", (A,)), Route("other", (A,))
+    assert [send_as(pool, storm, t) for t in (T0, T0 + 10, T0 + 20)] == ["a", "a", None]
+    assert send_as(pool, other, T0 + 30) is None                  # a page comes; it waits too
+    for t in (T0 + 35, T0 + 40, T0 + 45, T0 + 50, T0 + 55, T0 + 60, T0 + 65, T0 + 70):
+        pool.wants(other, t)                                      # its sender, every few seconds
+    assert send_as(pool, storm, T0 + 60.5) == "a"                # the storm had waited longer
+    assert send_as(pool, storm, T0 + 70.5) is None               # the next slot is the page's...
+    assert pool.next_slot_at(storm, T0 + 70.5, urgent=False) > T0 + 70.5
+    assert send_as(pool, other, T0 + 70.6) == "a"                # ...which takes it
+    assert send_as(pool, storm, T0 + 120.6) == "a"               # and the storm has it back
+
+
+def test_a_route_that_stopped_asking_is_not_waited_for(limits):
+    limits["delivery"] = Delivery(rate_limit=1, rate_window=60.0, reserve=0)
+    pool = RobotPool(lambda: limits["delivery"])
+    storm, gone = Route("storm", (A,)), Route("gone", (A,))
+    assert [send_as(pool, storm, T0), send_as(pool, gone, T0 + 1)] == ["a", None]
+    assert send_as(pool, storm, T0 + 60.5) == "a"                # "gone" has not asked for a minute
+
+
+def send_as(pool, route, now):
+    """One non-urgent request of `route`; the robot's name, or None."""
+    chosen = pool.acquire(route, now, set(), urgent=False)
+    if chosen is not None:
+        pool.release(chosen, OK, now)
+    return chosen and chosen.name

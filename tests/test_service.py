@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import alertbridge
-from tests.kit import (IN_CI, ROBOTS, ROOT, SCRIPT, SECRETS, Daemon, config_text, empty_mysql, history,
+from tests.kit import (IN_CI, ROBOTS, ROOT, SCRIPT, SECRETS, config_text, empty_mysql, history,
                        make_alert, make_payload, mysql_connect, post, settle, wait_until)
 
 
@@ -150,7 +150,8 @@ def test_metrics_are_valid_prometheus_text(make_bridge, fake, sqlite_db):
     assert samples[("alertbridge_alerts_recorded_total", ())] == 2
     assert samples[("alertbridge_sends_total", (("errcode", "0"), ("receiver", "ops"), ("robot", "ops-1")))] == 1
     assert samples[("alertbridge_send_duration_seconds_count", ())] == 1
-    assert samples[("alertbridge_queue_messages", ())] == 0
+    assert samples[("alertbridge_queue_messages", (("priority", "critical"),))] == 0
+    assert samples[("alertbridge_queue_messages", (("priority", "none"),))] == 0
     assert samples[("alertbridge_robot_budget_remaining", (("robot", "ops-1"),))] == 19
     assert samples[("alertbridge_robot_budget_remaining", (("robot", "ops-2"),))] == 20
     assert samples[("alertbridge_build_info", (("version", alertbridge.VERSION),))] == 1
@@ -322,11 +323,11 @@ def test_shutdown_is_bounded_while_mysql_holds_a_lock(tmp_path, fake):
 
 
 @pytest.mark.parametrize("damage", [b"", b"this is not a journal" * 100], ids=["empty", "garbage"])
-def test_a_damaged_journal_is_named_with_the_way_out(tmp_path, fake, sqlite_db, damage):
+def test_a_damaged_journal_is_named_with_the_way_out(tmp_path, daemon, damage):
     journal = tmp_path / "state" / "journal.db"
     journal.parent.mkdir()
     journal.write_bytes(damage)
-    p = Daemon(tmp_path, fake.url, sqlite_db)
+    p = daemon()
     assert p.proc.wait(30) == 2
     lines = p.log.read_text().splitlines()
     assert len(lines) == 1 and str(journal) in lines[0] and f"mv {journal} {journal}.damaged" in lines[0]

@@ -173,14 +173,22 @@ def send_event(route, robot, message, result, at):
             "latency_ms": int(result.latency * 1000)}
 
 
+_KEY_SEPARATORS = str.maketrans("\x1e\x1f", "??")
+
+
 def alert_key(alert):
-    """One occurrence of an alert, as the history keys it: receiver, fingerprint, start."""
-    occurrence = [alert["receiver"], alert["fingerprint"], alert["starts_at"]]
-    return json.dumps(occurrence, ensure_ascii=False)
+    """One occurrence of an alert, as the history keys it: receiver, fingerprint and start,
+    joined by the ASCII unit separator (cheap to make and to split, on the hot path)."""
+    occurrence = (alert["receiver"], alert["fingerprint"], alert["starts_at"])
+    key = "\x1f".join(occurrence)
+    if key.count("\x1f") != 2 or "\x1e" in key:     # a value holding a separator: plain it
+        key = "\x1f".join(part.translate(_KEY_SEPARATORS) for part in occurrence)
+    return key
 
 
 def alert_keys(alerts):
-    return json.dumps([alert_key(a) for a in alerts], ensure_ascii=False)
+    """A message's alert keys as the journal keeps them, joined by the record separator."""
+    return "\x1e".join(alert_key(a) for a in alerts)
 
 
 def json_line(obj):
@@ -382,7 +390,7 @@ class Robot:
     secret: str = field(default="", repr=False)
     keyword: str = ""
 
-    @property
+    @functools.cached_property
     def token(self):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.url).query)
         return (query.get("access_token") or [""])[0]
@@ -1630,9 +1638,9 @@ class Journal:
     def pending_routes(self):
         return [row[0] for row in self._read(J_MESSAGE_ROUTES)]
 
-    def due_messages(self, route, now, limit=1000):
-        """Messages due, oldest first; each body is read only if it is used (see Message.body).
-        The default limit is more than one digest can hold, however small the template."""
+    def due_messages(self, route, now, limit=200):
+        """Messages due, the highest priority first, then the oldest; each body is read only if
+        it is used (see Message.body). The default limit is more than one digest takes."""
         rows = self._read(J_MESSAGES_DUE, (route, now, limit))
         return [Message(i, route, rid, bool(packed), attempts, created, rank, level, self)
                 for i, rid, packed, attempts, created, rank, level in rows]
@@ -1640,7 +1648,7 @@ class Journal:
     def alert_keys_since(self, route, after_id):
         """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
         rows = self._read(J_MESSAGE_KEYS, (route, after_id))
-        return [(message_id, json.loads(keys or "[]")) for message_id, keys in rows]
+        return [(message_id, keys.split("\x1e") if keys else []) for message_id, keys in rows]
 
     def message_body(self, message_id):
         return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
@@ -2684,6 +2692,7 @@ class Sender(Worker):
     request is bridge.post."""
 
     IDLE = 5.0          # longest sleep: new messages and reloads wake it sooner
+    GATHER = 0.05       # after a wake-up, let a burst of webhooks land: one look for them all
     COPIES_KEPT = 100_000
 
     def __init__(self, bridge, route_name):
@@ -2778,7 +2787,10 @@ class Sender(Worker):
 
     def _current(self, message):
         """The alerts of `message` that no later waiting message carries again."""
-        return [a for a in message.alerts if self._newest.get(alert_key(a), 0) <= message.id]
+        return [a for a in message.alerts if self._is_current(message, a)]
+
+    def _is_current(self, message, alert):
+        return self._newest.get(alert_key(alert), 0) <= message.id
 
     def _newest_copies(self, message):
         """`message` without the alerts a later message carries again (a repeat of its group, or
@@ -2808,7 +2820,7 @@ class Sender(Worker):
             truncated = sum(m.body.get("truncated", 0) for m in messages)
             return message_body(alerts, truncated, digest=True, level=messages[0].level)
         taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
-        carrying = [m for m in taken if self._current(m)]
+        carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
             if len(taken) > len(carrying):
                 self.journal.replace([m for m in taken if m not in carrying], [], "merged")

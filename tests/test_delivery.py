@@ -529,7 +529,7 @@ def test_a_critical_during_a_storm_reaches_dingtalk_alone_and_nothing_is_throttl
                                                                                    sqlite_db):
     bridge = make_bridge(sqlite_db, delivery=FAST)
     assert post_all(bridge, storm_payloads(groups=200, per_group=10)) == [200] * 200
-    assert fast_fake.wait_for(lambda f: len(f.delivered()) >= 54)       # the storm has the robots
+    assert fast_fake.wait_for(lambda f: len(f.delivered()) >= 10)       # the storm has the robots
     post(bridge, make_payload("ops", [make_alert("DatacenterDown", "dc-1", severity="critical")]))
     assert fast_fake.wait_for(lambda f: any("DatacenterDown" in m.text for m in f.delivered()), timeout=30)
     [page] = [m for m in fast_fake.delivered() if "DatacenterDown" in m.text]

@@ -191,6 +191,14 @@ def alert_keys(alerts):
     return "\x1e".join(alert_key(a) for a in alerts)
 
 
+def claim_key(webhook, level, alerts):
+    """What a notification says, as a cluster claims it before sending: the same webhook,
+    journaled by two instances or twice by one, gives the same key."""
+    states = sorted((a["fingerprint"], a["starts_at"], a["status"]) for a in alerts)
+    text = json.dumps([webhook.receiver, webhook.group_key, level, states], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def json_line(obj):
     """One line of JSON, as every answer and error body is."""
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
@@ -376,6 +384,16 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """[cluster]: several instances on one MySQL history, each page sent once."""
+    enabled: bool = False
+    instance: str = ""          # "": the host's name
+    instances: int = field(default=2, metadata={"min": 1})
+    lease: float = field(default=30.0, metadata={"min": 1.0})
+    duplicate_window: float = 300.0
+
+
+@dataclass(frozen=True)
 class Templates:
     """[templates]: the layout every route has unless it sets its own."""
     title: str = DEFAULT_TITLE
@@ -449,6 +467,7 @@ class Config:
     database: Database = Database()
     auth: Auth = Auth()
     delivery: Delivery = Delivery()
+    cluster: Cluster = Cluster()
     routes: dict = field(default_factory=dict)     # route name -> Route
     tz: object = timezone(timedelta(hours=8))       # service.timezone, loaded
 
@@ -557,7 +576,7 @@ def load_config(path):
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}")
-    known = ("alertbridge", "database", "delivery", "templates", "auth")
+    known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster")
     unknown = [s for s in parser.sections()
                if s not in known and not s.startswith(("robot:", "receiver:"))]
     if unknown:
@@ -567,6 +586,7 @@ def load_config(path):
     settings = dict(path=os.path.abspath(path), service=service, tz=load_timezone(service.timezone),
                     database=_load_database(parser, base, service), auth=_load_auth(parser),
                     delivery=_load_delivery(parser))
+    settings["cluster"] = _load_cluster(parser, settings["database"])
     templates = _load_templates(parser)
     robots = {s[6:]: _load_robot(_Section(parser, s), s[6:])
               for s in parser.sections() if s.startswith("robot:")}
@@ -632,6 +652,14 @@ def _load_delivery(parser):
         raise ConfigError("[delivery] reserve: must be less than rate_limit (the rest is for the "
                           "other messages)")
     return delivery
+
+
+def _load_cluster(parser, database):
+    cluster = _Section(parser, "cluster").settings(Cluster)
+    if cluster.enabled and database.driver != "mysql":
+        raise ConfigError("[cluster] enabled: needs [database] driver = mysql, which every "
+                          "instance shares (an SQLite history is one host's)")
+    return replace(cluster, instance=cluster.instance or socket.gethostname())
 
 
 def _load_templates(parser):
@@ -1160,7 +1188,8 @@ CREATE TABLE IF NOT EXISTS messages (
     done_at REAL,
     priority INTEGER NOT NULL DEFAULT 99,
     level TEXT NOT NULL DEFAULT 'none',
-    alert_keys TEXT NOT NULL DEFAULT ''
+    alert_keys TEXT NOT NULL DEFAULT '',
+    claims TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1177,6 +1206,7 @@ JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), 
     ("messages", "level", "ALTER TABLE messages ADD COLUMN level TEXT NOT NULL DEFAULT 'none'"),
     ("messages", "alert_keys",
      "ALTER TABLE messages ADD COLUMN alert_keys TEXT NOT NULL DEFAULT ''"),
+    ("messages", "claims", "ALTER TABLE messages ADD COLUMN claims TEXT NOT NULL DEFAULT ''"),
     ("sends", "robot_key", "ALTER TABLE sends ADD COLUMN robot_key TEXT NOT NULL DEFAULT ''"),
 )
 JOURNAL_INDEXES = """
@@ -1199,8 +1229,8 @@ J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <
 J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
 J_COLUMNS = "SELECT name FROM pragma_table_info(%s)"
 J_MESSAGE_ADD = ("INSERT INTO messages (route, request_id, body, packed, created_at, "
-                 "next_attempt_at, priority, level, alert_keys) "
-                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
+                 "next_attempt_at, priority, level, alert_keys, claims) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
 # Routes with pending messages, one index probe each (a DISTINCT would read every pending row).
 J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "SELECT MIN(route) FROM messages WHERE state = 'pending' UNION ALL "
@@ -1208,7 +1238,7 @@ J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "WHERE state = 'pending' AND route > name) "
                     "FROM r WHERE name IS NOT NULL) "
                     "SELECT name FROM r WHERE name IS NOT NULL")
-J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority, level "
+J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority, level, claims "
                   "FROM messages WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
                   "ORDER BY priority, id LIMIT %s")
 # The alerts of a route's pending messages, as keys: the newest copy of an alert is the one sent.
@@ -1224,6 +1254,8 @@ J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at
 J_MESSAGES_EXPIRE = ("SELECT id, route, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
+J_MESSAGES_CLAIMS = ("SELECT id, claims FROM messages WHERE state = 'pending' "
+                     "ORDER BY created_at LIMIT %s")
 J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
                        "WHERE state = 'pending' GROUP BY level")
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
@@ -1370,6 +1402,60 @@ S_PURGE_ALERTS = ("DELETE FROM alerts WHERE id IN (SELECT id FROM (SELECT id FRO
 S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM "
                          "(SELECT id FROM notifications WHERE sent_at < %s ORDER BY id LIMIT %s) "
                          "AS old)")
+
+
+# The cluster's shared state, next to the history (MySQL only): C_* statements. Times are the
+# database's (UNIX_TIMESTAMP(NOW(6))), one clock for every instance whatever their hosts' say.
+CLUSTER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cluster_leader (
+  id TINYINT UNSIGNED NOT NULL,
+  holder VARCHAR(128) NOT NULL,
+  until DOUBLE NOT NULL,
+  PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS cluster_claims (
+  claim_key CHAR(64) CHARACTER SET ascii NOT NULL,
+  owner VARCHAR(128) NOT NULL,
+  claimed_at DOUBLE NOT NULL,
+  sent_at DOUBLE NULL,
+  PRIMARY KEY (claim_key),
+  KEY ix_cluster_claims_claimed_at (claimed_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS cluster_sends (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  robot_key CHAR(16) CHARACTER SET ascii NOT NULL,
+  at DOUBLE NOT NULL,
+  errcode INT NULL,
+  PRIMARY KEY (id),
+  KEY ix_cluster_sends_at (at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+"""
+C_LEADER_ROW = "INSERT IGNORE INTO cluster_leader (id, holder, until) VALUES (1, '', 0)"
+# The lease: taken, or kept, in one atomic statement; one row changed means this instance leads.
+C_LEAD = ("UPDATE cluster_leader SET holder = %s, until = UNIX_TIMESTAMP(NOW(6)) + %s "
+          "WHERE id = 1 AND (holder = %s OR until < UNIX_TIMESTAMP(NOW(6)))")
+C_CLAIM = ("INSERT IGNORE INTO cluster_claims (claim_key, owner, claimed_at) "
+           "VALUES (%s, %s, UNIX_TIMESTAMP(NOW(6)))")
+C_CLAIMS_OF = ("SELECT claim_key, owner, sent_at, UNIX_TIMESTAMP(NOW(6)) - sent_at "
+               "FROM cluster_claims WHERE claim_key IN ({keys})")   # {keys}: one %s per key
+C_RECLAIM = ("UPDATE cluster_claims SET owner = %s, claimed_at = UNIX_TIMESTAMP(NOW(6)), "
+             "sent_at = NULL WHERE claim_key = %s "
+             "AND (sent_at IS NULL OR sent_at < UNIX_TIMESTAMP(NOW(6)) - %s)")
+C_SENT = "UPDATE cluster_claims SET sent_at = UNIX_TIMESTAMP(NOW(6)) WHERE claim_key = %s"
+C_SENT_LATE = ("INSERT INTO cluster_claims (claim_key, owner, claimed_at, sent_at) "
+               "VALUES (%s, %s, UNIX_TIMESTAMP(NOW(6)), UNIX_TIMESTAMP(NOW(6))) "
+               "ON DUPLICATE KEY UPDATE sent_at = COALESCE(sent_at, VALUES(sent_at))")
+C_SENT_AMONG = ("SELECT claim_key FROM cluster_claims "
+                "WHERE sent_at IS NOT NULL AND claim_key IN ({keys})")
+C_SEND_ADD = ("INSERT INTO cluster_sends (robot_key, at, errcode) "
+              "VALUES (%s, UNIX_TIMESTAMP(NOW(6)), %s)")
+C_SENDS_SINCE = ("SELECT robot_key, at - UNIX_TIMESTAMP(NOW(6)), errcode FROM cluster_sends "
+                 "WHERE at > UNIX_TIMESTAMP(NOW(6)) - %s ORDER BY at")  # at: seconds ago, negative
+C_PURGE_CLAIMS = ("DELETE FROM cluster_claims "
+                  "WHERE claimed_at < UNIX_TIMESTAMP(NOW(6)) - %s LIMIT 1000")
+C_PURGE_SENDS = "DELETE FROM cluster_sends WHERE at < UNIX_TIMESTAMP(NOW(6)) - %s LIMIT 1000"
 
 
 def statements(script):
@@ -1573,7 +1659,7 @@ class Journal:
         for (rank, level), alerts in messages_of(route, webhook.alerts):
             body = json.dumps(message_body(alerts, webhook.truncated), ensure_ascii=False)
             rows.append((J_MESSAGE_ADD, (route.name, request_id, body, 0, now, now, rank, level,
-                                         alert_keys(alerts))))
+                                         alert_keys(alerts), claim_key(webhook, level, alerts))))
         pending = _PendingWrite(rows)
         with self._queue_lock:
             self._queue.append(pending)
@@ -1642,8 +1728,12 @@ class Journal:
         """Messages due, the highest priority first, then the oldest; each body is read only if
         it is used (see Message.body). The default limit is more than one digest takes."""
         rows = self._read(J_MESSAGES_DUE, (route, now, limit))
-        return [Message(i, route, rid, bool(packed), attempts, created, rank, level, self)
-                for i, rid, packed, attempts, created, rank, level in rows]
+        return [Message(i, route, rid, bool(packed), attempts, created, rank, level, claims.split(),
+                        self) for i, rid, packed, attempts, created, rank, level, claims in rows]
+
+    def pending_claims(self, limit=500):
+        """(message id, [claim key, ...]) of the oldest pending messages."""
+        return [(i, claims.split()) for i, claims in self._read(J_MESSAGES_CLAIMS, (limit,))]
 
     def alert_keys_since(self, route, after_id):
         """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
@@ -1659,9 +1749,10 @@ class Journal:
     def pending_count(self, route):
         return self._read_one(J_MESSAGES_WAITING, (route,))[0]
 
-    def replace(self, old, new_bodies, state):
-        """Swap messages for new ones in one transaction: merged into a digest, or split.
-        Returns the new messages."""
+    def replace(self, old, new_bodies, state, claims=None):
+        """Swap messages for new ones in one transaction: merged into a digest, or split; with
+        no new bodies, just finish the old ones in `state`. The new messages carry the claims of
+        the old (`claims`: a list per new body). Returns the new messages."""
         now = self.clock()
         request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
         created, first = min(m.created_at for m in old), old[0]
@@ -1669,13 +1760,13 @@ class Journal:
         with self._writing() as db:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
-            for body in new_bodies:
+            for body, carried in zip(new_bodies, claims or [[]] * len(new_bodies)):
                 text = json.dumps(body, ensure_ascii=False)
                 cursor = self._run(db, J_MESSAGE_ADD, (
                     first.route, request_ids, text, 1, created, now, first.priority, first.level,
-                    alert_keys(body["alerts"])))
+                    alert_keys(body["alerts"]), " ".join(carried)))
                 message = Message(cursor.lastrowid, first.route, request_ids, True, 0, created,
-                                  first.priority, first.level, self)
+                                  first.priority, first.level, carried, self)
                 message.__dict__["body"] = body  # what cached_property would read back
                 new.append(message)
         return new
@@ -1765,6 +1856,7 @@ class Message:
     created_at: float
     priority: int       # the rank of its level in the route's priority_order: 0 first
     level: str          # "critical", ... or "none"
+    claims: list        # the keys of the notifications it carries (see claim_key)
     journal: Journal = field(repr=False)
 
     @functools.cached_property
@@ -2416,28 +2508,49 @@ class RobotPool:
     Routes that share a robot take turns at it: when a slot frees, a route that has been waiting
     for one goes before a route that has just sent (urgent messages go first regardless).
 
-    `limits()` gives the current Delivery settings; `now` is always an argument. Thread-safe."""
+    A 410100 rests the robot for one window, then twice as long each time it comes again, up to
+    throttle_seconds; a message it takes ends the run.
+
+    `limits()` gives the current Delivery settings and `share()` the part of each budget this
+    instance may use (all of it, but for a cluster that lost its MySQL); `now` is always an
+    argument. Thread-safe."""
 
     FORGET_WAITING = 10.0   # a route that has not asked for this long is not waited for
 
-    def __init__(self, limits):
+    def __init__(self, limits, share=lambda: 1.0):
         self.limits = limits
+        self.share = share
         self._lock = threading.Lock()
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._throttled = {}        # robot key -> time the throttle ends
+        self._strikes = {}          # robot key -> 410100s in a row
         self._disabled = {}         # robot key -> reason, until the config is reloaded
         self._next = {}             # route name -> rotating index
         self._waiting = {}          # route name -> (waiting since, last asked, its robot keys)
 
-    def restore(self, sends, now):
-        """Rebuild budgets and throttles from the journal's send log: (key, at, errcode)."""
-        window, throttle = self.limits().rate_window, self.limits().throttle_seconds
+    def restore(self, sends, now, forget=False):
+        """Rebuild budgets and throttles from a send log, (key, at, errcode) in time order: the
+        journal's after a restart; the cluster's, forgetting this instance's own view, when it
+        takes over."""
+        window = self.limits().rate_window
         with self._lock:
+            if forget:
+                self._slots, self._throttled, self._strikes = {}, {}, {}
             for key, at, errcode in sends:
                 if at > now - window:
                     self._slots.setdefault(key, []).append(at)
-                if SendResult(errcode, "").outcome == THROTTLED:
-                    self._throttled[key] = max(self._throttled.get(key, 0), at + throttle)
+                self._learn(key, SendResult(errcode, "").outcome, at)
+
+    def _learn(self, key, outcome, at):
+        """What DingTalk's answer says of the robot: rested after a 410100, longer if it
+        repeats; out of rotation after a configuration error is in release()."""
+        if outcome == THROTTLED:
+            strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+            limits = self.limits()
+            rest = min(limits.throttle_seconds, limits.rate_window * 2 ** min(strikes - 1, 16))
+            self._throttled[key] = max(self._throttled.get(key, 0), at + rest)
+        elif outcome == SENT:
+            self._strikes.pop(key, None)
 
     def forgive(self):
         """Put robots taken out for configuration errors back in rotation (after a reload)."""
@@ -2446,7 +2559,7 @@ class RobotPool:
 
     def _capacity(self, urgent):
         limits = self.limits()
-        return limits.rate_limit - (0 if urgent else limits.reserve)
+        return int(limits.rate_limit * self.share()) - (0 if urgent else limits.reserve)
 
     def _slots_in_window(self, key, now):
         slots = self._slots.setdefault(key, [])
@@ -2529,9 +2642,8 @@ class RobotPool:
             if float("inf") in slots:
                 slots.remove(float("inf"))
             slots.append(now)
-            if result.outcome == THROTTLED:
-                self._throttled[robot.key] = now + self.limits().throttle_seconds
-            elif result.outcome == MISCONFIGURED:
+            self._learn(robot.key, result.outcome, now)
+            if result.outcome == MISCONFIGURED:
                 self._disabled[robot.key] = f"errcode {result.errcode}: {result.errmsg}"
 
     def state(self, robots, now):
@@ -2799,12 +2911,18 @@ class Sender(Worker):
         if len(current) == len(message.alerts):
             return message
         if not current:
-            self.journal.replace([message], [], "merged")
+            self._superseded([message])
             log.info("message=%d route=%s superseded: later messages carry all its alerts",
                      message.id, message.route)
             return None
         message.__dict__["body"] = {**message.body, "alerts": current}   # the journal keeps all
         return message
+
+    def _superseded(self, messages):
+        """Messages whose every alert goes out in a later one: done, as far as a cluster goes."""
+        if messages:
+            self.journal.replace(messages, [], "merged")
+            self.bridge.cluster.sent([key for m in messages for key in m.claims])
 
     def _digest(self, route, due):
         """More messages of this priority wait than the robots may send: fold the oldest into
@@ -2822,10 +2940,10 @@ class Sender(Worker):
         taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
         carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
-            if len(taken) > len(carrying):
-                self.journal.replace([m for m in taken if m not in carrying], [], "merged")
+            self._superseded([m for m in taken if m not in carrying])
             return self._newest_copies(carrying[0]) if carrying else None
-        [digest] = self.journal.replace(taken, [body(taken)], "merged")
+        claims = [key for m in taken for key in m.claims]
+        [digest] = self.journal.replace(taken, [body(taken)], "merged", [claims])
         log.info("route=%s merged %d %s messages (%d alerts) into digest message=%d",
                  route.name, len(taken), digest.level, len(digest.alerts), digest.id)
         self.metrics.inc("alertbridge_digests_total", receiver=route.name)
@@ -2840,7 +2958,9 @@ class Sender(Worker):
             chunks = split_in_two(alerts)
         bodies = [{**message.body, "alerts": chunk, "part": [i + 1, len(chunks)]}
                   for i, chunk in enumerate(chunks)]
-        self.journal.replace([message], bodies, "split")
+        # the last part carries the claims: the notification is sent once it is all out
+        claims = [[]] * (len(bodies) - 1) + [message.claims]
+        self.journal.replace([message], bodies, "split", claims)
         log.info("message=%d route=%s too long for DingTalk: split into %d", message.id,
                  route.name, len(bodies))
 

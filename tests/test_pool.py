@@ -56,11 +56,23 @@ def test_a_request_in_flight_holds_its_slot_and_is_dated_by_its_end(pool):
     assert pool.available(Route("ops", (A,)), T0 + 90.1) == 2
 
 
-def test_a_throttled_robot_rests_and_the_others_go_on(pool):
+def test_a_throttled_robot_rests_a_window_longer_if_it_repeats_and_the_others_go_on(pool):
+    only_a = Route("x", (A,))
     assert send(pool, ROUTE, T0, THROTTLED) == "a"
     assert [send(pool, ROUTE, T0 + 1) for _ in range(4)] == ["b", "c", "b", "c"]
-    assert pool.available(ROUTE, T0 + 100) == 4 and pool.next_slot_at(Route("x", (A,)), T0 + 100) == T0 + 600
-    assert send(pool, Route("x", (A,)), T0 + 600.1) == "a"
+    assert pool.available(ROUTE, T0 + 30) == 0 and pool.next_slot_at(only_a, T0 + 30) == T0 + 60
+    assert send(pool, only_a, T0 + 60.1, THROTTLED) == "a"          # again: two windows
+    assert pool.next_slot_at(only_a, T0 + 61) == T0 + 60.1 + 120
+    assert send(pool, only_a, T0 + 180.2, THROTTLED) == "a"         # and again: four
+    assert pool.next_slot_at(only_a, T0 + 181) == T0 + 180.2 + 240
+    last = T0 + 180.2
+    for _ in range(5):                                               # never more than throttle_seconds
+        last = pool.next_slot_at(only_a, last) + 0.1
+        send(pool, only_a, last, THROTTLED)
+    assert pool.next_slot_at(only_a, last) == last + 600
+    assert send(pool, only_a, last + 600.1) == "a"                  # a message taken ends the run
+    assert send(pool, only_a, last + 700, THROTTLED) == "a"
+    assert pool.next_slot_at(only_a, last + 700) == last + 760
 
 
 def test_a_misconfigured_robot_is_out_until_forgiven(pool):
@@ -92,7 +104,8 @@ def test_a_placeholder_robot_is_never_used(pool):
 
 
 def test_budgets_and_throttles_come_back_from_the_send_log(pool):
-    pool.restore([(A.key, T0 - 30, 0), (A.key, T0 - 10, 0), (B.key, T0 - 100, 410100), (C.key, T0 - 61, 0)], T0)
+    pool.restore([(B.key, T0 - 200, 410100), (C.key, T0 - 61, 0), (A.key, T0 - 30, 0), (A.key, T0 - 10, 0),
+                  (B.key, T0 - 100, 410100)], T0)                 # twice: two windows of rest
     assert pool.state([A, B, C], T0) == [("a", 0, False, False), ("b", 2, True, False), ("c", 2, False, False)]
     assert send(pool, ROUTE, T0) == "c"
 

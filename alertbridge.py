@@ -1266,7 +1266,7 @@ J_SENDS_SINCE = "SELECT robot, robot_key, at, errcode FROM sends WHERE at > %s O
 J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
 J_PURGE_MESSAGES = ("DELETE FROM messages "
-                    "WHERE state IN ('sent', 'merged', 'split') AND done_at < %s")
+                    "WHERE state IN ('sent', 'merged', 'split', 'duplicate') AND done_at < %s")
 J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
 
 # The history: S_* statements. Its schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x).
@@ -1770,6 +1770,12 @@ class Journal:
                 message.__dict__["body"] = body  # what cached_property would read back
                 new.append(message)
         return new
+
+    def finish(self, message_ids, state):
+        """Finish messages without sending them (a cluster's duplicates)."""
+        with self._writing() as db:
+            rows = [(state, self.clock(), "", message_id) for message_id in message_ids]
+            db.executemany(SQLITE.sql(J_MESSAGE_FINISH), rows)
 
     def retry_later(self, message_id, at, error):
         with self._writing() as db:
@@ -2844,6 +2850,8 @@ class Sender(Worker):
             self._report_orphaned()
             return False
         self._orphaned = False
+        if not self.bridge.cluster.may_send():      # a cluster's standby: its leader sends
+            return False
         now = self.bridge.clock()
         first = self._first_due(now)
         if first is None:
@@ -2855,8 +2863,11 @@ class Sender(Worker):
                 self.pool.wants(route, now)   # in line for the next slot; said again every wake-up
             return False
         due = [m for m in self.journal.due_messages(self.route_name, now) if m.id not in self._held]
+        due, duplicates = self.bridge.cluster.sort_out(due)
+        if duplicates:
+            self._duplicates(duplicates)
         if not due:
-            return False
+            return bool(duplicates)
         message = due[0]
         self._learn_copies()
         same_level = list(itertools.takewhile(lambda m: m.priority == message.priority, due))
@@ -2873,6 +2884,13 @@ class Sender(Worker):
             with contextlib.suppress(Exception):
                 self._retry_later(message, [f"internal error: {type(exc).__name__}"])
             raise
+
+    def _duplicates(self, messages):
+        """Notifications another instance (or this one, earlier) has sent: finished, not sent."""
+        self.journal.finish([m.id for m in messages], "duplicate")
+        self.metrics.inc("alertbridge_duplicates_total", len(messages))
+        log.info("route=%s %d messages already sent by the cluster: not sent again (message=%s)",
+                 self.route_name, len(messages), ",".join(str(m.id) for m in messages[:10]))
 
     def _first_due(self, now):
         """The message to go next, read alone: cheap, as a storm wakes the sender often."""
@@ -3002,6 +3020,9 @@ class Sender(Worker):
         finally:
             done = self.bridge.clock()
             self.pool.release(robot, result, done)
+        self.bridge.cluster.record(robot, result)
+        if result.ok:
+            self.bridge.cluster.sent(message.claims)
         self._account(route, robot, message, result, done, send_id)
         return result
 
@@ -3154,7 +3175,261 @@ class Recorder(Worker):
 
 
 # =============================================================================================
-# 11. Observability: metrics, sd_notify, the watchdog
+# 11. Cluster: several instances on one MySQL, each page sent once
+# =============================================================================================
+
+LEADER, STANDBY, ALONE = "leader", "standby", "alone"
+
+
+class Solo:
+    """One instance, the default: it sends everything it journals, with every robot's budget."""
+
+    role = LEADER
+
+    def may_send(self):
+        return True
+
+    def share(self):
+        return 1.0
+
+    def sort_out(self, messages):
+        return messages, []
+
+    def sent(self, keys):
+        pass
+
+    def record(self, robot, result):
+        pass
+
+    def wake(self, *_):
+        pass
+
+    def start(self):
+        return self
+
+    def stop(self):
+        pass
+
+    def join(self, timeout):
+        pass
+
+    def is_alive(self):
+        return True
+
+
+class Coordinator(Worker):
+    """The shared MySQL coordinates the instances of a cluster; nothing else is needed.
+
+    - One leader at a time sends: a lease row taken or kept with one atomic UPDATE every
+      lease/3 seconds. Every instance journals every webhook it is given and records it in the
+      history; a standby drops its copies of notifications the leader has sent.
+    - Before the leader sends, it claims each notification's key (claim_key: the receiver, the
+      group, the level and every alert's fingerprint, start and status): a notification sent
+      within duplicate_window, by any instance, is not sent again (Alertmanager's retries and HA
+      peers send the same one more than once). Once DingTalk takes it, the claim is marked sent.
+    - Every request to DingTalk is logged in MySQL too: an instance that takes over starts from
+      the budgets and throttles the cluster has used, not from its own.
+    - A leader that dies loses its lease after `lease` seconds; a standby takes over and sends
+      what was not marked sent (what was in flight at the crash may go twice).
+    - Without MySQL for a lease (a standby: a lease and a window, so that the leader's last sends
+      have aged), every instance sends ALONE, with 1/instances of each robot's budget so that the
+      robots are never over it together; duplicates are then possible, counted and logged.
+      What was sent meanwhile is marked sent when MySQL is back, and coordination resumes."""
+
+    UNREPORTED_KEPT = 10_000
+
+    def __init__(self, bridge):
+        super().__init__("cluster")
+        self.bridge = bridge
+        self.settings = bridge.config.cluster
+        self.me = self.settings.instance
+        self.role = STANDBY
+        self._db = None
+        self._lock = threading.Lock()           # one statement at a time on the connection
+        self._contact = time.monotonic()        # when MySQL last answered
+        self._unreported = []                   # keys sent while MySQL was away
+        self._last_purge = 0.0
+        self._sharing_until = 0.0               # after ALONE: budgets stay shared for a window
+
+    # what the senders ask
+    def may_send(self):
+        return self.role != STANDBY
+
+    def share(self):
+        """The part of each robot's budget this instance may use: a share while it sends alone,
+        and for a window after (the others' sends of that time are nowhere recorded)."""
+        alone = self.role == ALONE or time.monotonic() < self._sharing_until
+        return 1.0 / self.settings.instances if alone else 1.0
+
+    def sort_out(self, messages):
+        """(messages to send, messages already sent as the same notification): the first
+        claimed for this instance, the others to be finished as duplicates."""
+        keys = sorted({key for m in messages for key in m.claims})
+        if not keys or self.role == ALONE:
+            return messages, []
+        try:
+            sent = self._claim(keys)
+        except StoreUnavailable:            # the lease still holds: send; report them later
+            return messages, []
+        duplicates = [m for m in messages if m.claims and set(m.claims) <= sent]
+        return [m for m in messages if m not in duplicates], duplicates
+
+    def _claim(self, keys):
+        """Claim the keys for this instance; the ones sent within duplicate_window."""
+        window = self.settings.duplicate_window
+        self._run(C_CLAIM, [(key, self.me) for key in keys], many=True)
+        rows = self._run(C_CLAIMS_OF.format(keys=", ".join(["%s"] * len(keys))), keys, fetch=True)
+        sent, retake = set(), []
+        for key, owner, sent_at, age in rows:
+            if sent_at is not None and age < window:
+                sent.add(key)
+            elif owner != self.me or sent_at is not None:   # a dead leader's, or sent long ago
+                retake.append((self.me, key, window))
+        if retake:
+            self._run(C_RECLAIM, retake, many=True)
+        return sent
+
+    def sent(self, keys):
+        """DingTalk took these notifications (or a later message carries them)."""
+        if not keys:
+            return
+        if self.role != ALONE:
+            try:
+                self._run(C_SENT, [(key,) for key in keys], many=True)
+                return
+            except StoreUnavailable:
+                pass
+        self._unreported = (self._unreported + list(keys))[-self.UNREPORTED_KEPT:]
+
+    def record(self, robot, result):
+        """Log a request to DingTalk for the budgets the cluster shares."""
+        if self.role == ALONE:
+            self.bridge.metrics.inc("alertbridge_cluster_uncoordinated_sends_total")
+            return
+        with contextlib.suppress(StoreUnavailable):
+            self._run(C_SEND_ADD, (robot.key, result.errcode))
+
+    # the lease
+    def sleep_for(self):
+        return max(0.2, self.settings.lease / 3)
+
+    def backlog(self):
+        return 0
+
+    def step(self):
+        try:
+            self._run(C_LEADER_ROW)
+            leading = self._run(C_LEAD, (self.me, self.settings.lease, self.me)) == 1
+            self._report_unreported()
+        except StoreUnavailable as exc:
+            self._without_mysql(exc)
+            return False
+        if leading:
+            if self.role != LEADER:
+                self._take_over()
+            self._purge()
+        else:
+            self._set_role(STANDBY)
+            self._drop_copies_sent()
+        return False
+
+    def _set_role(self, role):
+        if role == self.role:
+            return
+        level = logging.WARNING if ALONE in (role, self.role) else logging.INFO
+        log.log(level, "cluster: instance=%s is %s (was %s)%s", self.me, role, self.role,
+                " without MySQL: each robot's budget divided by instances, duplicates possible"
+                if role == ALONE else "")
+        self.role = role
+        self.bridge.notifier.wake()
+
+    def _take_over(self):
+        """Lead: start from the budgets and throttles the whole cluster has used (and, coming
+        back from ALONE, from this instance's own sends of that time, which MySQL missed)."""
+        delivery = self.bridge.config.delivery
+        rows = self._run(C_SENDS_SINCE, (max(delivery.rate_window, delivery.throttle_seconds),),
+                         fetch=True)
+        now = self.bridge.clock()
+        self.bridge.pool.restore([(key, now + ago, errcode) for key, ago, errcode in rows], now,
+                                 forget=self.role == STANDBY)   # a standby sent nothing of late
+        self._set_role(LEADER)
+
+    def _without_mysql(self, exc):
+        quiet = time.monotonic() - self._contact
+        patience = self.settings.lease + (0 if self.role == LEADER else
+                                          self.bridge.config.delivery.rate_window)
+        if self.role != ALONE and quiet >= patience:
+            log.warning("cluster: MySQL unreachable for %.0fs (%s)", quiet, exc)
+            self._set_role(ALONE)
+
+    def _report_unreported(self):
+        if self.role == ALONE:             # MySQL is back: the lease decides again
+            self._sharing_until = time.monotonic() + self.bridge.config.delivery.rate_window
+        if self._unreported:
+            keys, self._unreported = self._unreported, []
+            self._run(C_SENT_LATE, [(key, self.me) for key in keys], many=True)
+
+    def _drop_copies_sent(self):
+        """A standby's copies of notifications the leader has sent: finished as duplicates."""
+        pending = self.bridge.journal.pending_claims()
+        keys = sorted({key for _, claims in pending for key in claims})
+        if not keys:
+            return
+        sent = {row[0] for row in self._run(C_SENT_AMONG.format(keys=", ".join(["%s"] * len(keys))),
+                                            keys, fetch=True)}
+        done = [message_id for message_id, claims in pending if claims and set(claims) <= sent]
+        if done:
+            self.bridge.journal.finish(done, "duplicate")
+            self.bridge.metrics.inc("alertbridge_duplicates_total", len(done))
+
+    def _purge(self):
+        now = time.monotonic()
+        if now - self._last_purge < 600:
+            return
+        self._last_purge = now
+        delivery, settings = self.bridge.config.delivery, self.settings
+        self._run(C_PURGE_CLAIMS, (max(settings.duplicate_window, delivery.max_age) + 3600,))
+        self._run(C_PURGE_SENDS, (2 * max(delivery.rate_window, delivery.throttle_seconds),))
+
+    # the connection: the daemon's own, for a few small statements (the history's is the store
+    # process's); MySQL errors that mean "not now" become StoreUnavailable
+    def _run(self, statement, params=(), many=False, fetch=False):
+        dialect = DIALECTS["mysql"]
+        with self._lock:
+            try:
+                if self._db is None:
+                    self._db = dialect.connect(self.bridge.config.database)
+                    with contextlib.closing(self._db.cursor()) as cursor:
+                        for create in statements(CLUSTER_SCHEMA):
+                            cursor.execute(create)
+                with contextlib.closing(self._db.cursor()) as cursor:
+                    result = (cursor.executemany if many else cursor.execute)(statement, params)
+                    rows = cursor.fetchall() if fetch else None
+                self._db.commit()
+            except Exception as exc:
+                if not dialect.unavailable(exc):
+                    raise
+                with contextlib.suppress(Exception):
+                    self._db.close()
+                self._db = None
+                raise StoreUnavailable(f"cluster: {self.bridge.config.database.describe()}: {exc}")
+            self._contact = time.monotonic()
+        return rows if fetch else result
+
+    def stop(self):
+        super().stop()
+        if self._lock.acquire(timeout=1.0):     # not while a statement runs: the process ends it
+            try:
+                if self._db is not None:
+                    with contextlib.suppress(Exception):
+                        self._db.close()
+                    self._db = None
+            finally:
+                self._lock.release()
+
+
+# =============================================================================================
+# 12. Observability: metrics, sd_notify, the watchdog
 # =============================================================================================
 
 METRIC_HELP = {
@@ -3166,6 +3441,11 @@ METRIC_HELP = {
                                            "(none: no answer)."),
     "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages DingTalk accepted."),
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
+    "alertbridge_duplicates_total": ("counter", "Messages not sent: the cluster had sent the same "
+                                                "notification (Alertmanager's retries, HA peers)."),
+    "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
+                                                                 "when duplicates are possible."),
+    "alertbridge_cluster_role": ("gauge", "1 for this instance's role in the cluster."),
     "alertbridge_messages_expired_total": ("counter", "Messages no robot took within max_age."),
     "alertbridge_send_duration_seconds": ("histogram", "DingTalk request latency."),
     "alertbridge_delivery_seconds": ("histogram", "From a webhook's 200 to DingTalk taking its "
@@ -3270,7 +3550,7 @@ def watchdog_interval():
 
 
 # =============================================================================================
-# 12. Bridge: one alertbridge instance
+# 13. Bridge: one alertbridge instance
 # =============================================================================================
 
 class Bridge:
@@ -3290,11 +3570,12 @@ class Bridge:
         self.renderer = Renderer(config)
         self.journal = Journal(config.service.journal, config.service.journal_sync, clock)
         self.store = StoreProcess(config.database)
-        self.pool = RobotPool(lambda: self.config.delivery)
+        self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
         self._restore_budgets()
         self.intake = Intake(self)
         self.notifier = Notifier(self)
         self.recorder = Recorder(self)
+        self.cluster = Coordinator(self) if config.cluster.enabled else Solo()
         self.server = None
         self.draining = False
         self._requests = 0
@@ -3322,6 +3603,7 @@ class Bridge:
         handler = type("Handler", (IntakeHandler,), {"bridge": self})
         self.server = IntakeServer((service.listen, service.port), handler, service.max_connections)
         self._warn_about_robots()
+        self.cluster.start()
         self.notifier.start()
         self.recorder.start()
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
@@ -3347,7 +3629,7 @@ class Bridge:
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
         while not self._stopped.wait(interval):
-            if self.notifier.is_alive() and self.recorder.is_alive():
+            if self.notifier.is_alive() and self.recorder.is_alive() and self.cluster.is_alive():
                 sd_notify("WATCHDOG=1")
             else:
                 log.error("a worker thread died: not petting the watchdog, systemd will restart us")
@@ -3380,6 +3662,7 @@ class Bridge:
             self.server.server_close()
         with self._requests_done:
             self._requests_done.wait_for(lambda: self._requests == 0, left())
+        self.cluster.stop()
         self.notifier.stop()
         self.notifier.join(left())
         if self.recorder.store_ok:
@@ -3400,11 +3683,12 @@ class Bridge:
             changed = [k for k in self.RESTART_ONLY
                        if getattr(config.service, k) != getattr(running, k)]
             changed += ["[database]"] if config.database != self.config.database else []
+            changed += ["[cluster]"] if config.cluster != self.config.cluster else []
             if changed:
                 log.warning("reload: %s change only on restart", ", ".join(changed))
                 kept = {k: getattr(running, k) for k in self.RESTART_ONLY}
                 config = replace(config, service=replace(config.service, **kept),
-                                 database=self.config.database)
+                                 database=self.config.database, cluster=self.config.cluster)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             self.renderer = Renderer(config)
@@ -3433,6 +3717,9 @@ class Bridge:
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
                   ("alertbridge_http_requests_in_flight", {}, self._requests),
                   ("alertbridge_build_info", {"version": VERSION}, 1)]
+        if self.config.cluster.enabled:
+            gauges += [("alertbridge_cluster_role", {"role": role}, int(self.cluster.role == role))
+                       for role in (LEADER, STANDBY, ALONE)]
         for level, (n, oldest) in sorted(waiting.items()):
             gauges += [("alertbridge_queue_messages", {"priority": level}, n),
                        ("alertbridge_queue_oldest_seconds", {"priority": level},
@@ -3445,7 +3732,7 @@ class Bridge:
 
 
 # =============================================================================================
-# 13. Command line
+# 14. Command line
 # =============================================================================================
 
 def setup_logging(level):

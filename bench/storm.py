@@ -12,6 +12,7 @@ long a critical alert posted in the middle of the storm took from its 200 to Din
 """
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import re
@@ -31,21 +32,28 @@ def main():
     parser.add_argument("--window", type=float, default=60.0)
     parser.add_argument("--critical-after", type=float, default=None,
                         help="seconds into the storm to post a critical alert (default: half a window)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="a cluster of this many instances, every webhook posted to each")
     args = parser.parse_args()
     critical_after = args.window / 2 if args.critical_after is None else args.critical_after
     total = args.groups * args.per_group
     fake = start_fake(latency=0.05, rate_limit=20, rate_window=args.window)
     database = fresh_database("alertbridge_bench_storm")
-    bridge = start_alertbridge(fake.url, database, extra=f"[delivery]\nrate_window = {args.window:g}\n")
+    delivery = f"[delivery]\nrate_window = {args.window:g}\n"
+    cluster = ("[cluster]\nenabled = true\ninstance = bench-{}\ninstances = %d\nlease = 5\n" % args.instances
+               if args.instances > 1 else "")
+    bridges = [start_alertbridge(fake.url, database, extra=delivery + cluster.format(n))
+               for n in range(args.instances)]
+    bridge = bridges[0]
     bodies = [payload(g, args.per_group) for g in range(args.groups)]
     expected = {f"bench-{g}-{i}" for g in range(args.groups) for i in range(args.per_group)}
 
     started = time.monotonic()
     wall_start = time.time()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(lambda b: send(client(bridge.url), b), bodies))
+        statuses = list(pool.map(lambda b: [send(client(each.url), b) for each in bridges], bodies))
     posted = time.monotonic() - started
-    assert statuses == [200] * args.groups, set(statuses)
+    assert statuses == [[200] * args.instances] * args.groups, statuses[:3]
     wait_until(lambda: metric(bridge.url, "alertbridge_alerts_recorded_total") >= total, timeout=600, every=0.05)
     recorded = time.monotonic() - started
 
@@ -53,7 +61,7 @@ def main():
         stats = get(fake.url, "/stats")[1]
         return stats, {found for r in stats if r["errcode"] == 0 for found in ID.findall(r["text"])}
     time.sleep(max(0.0, started + critical_after - time.monotonic()))   # the storm's budget is spent
-    critical = critical_alert(bridge.url)
+    critical = min(critical_alert(each.url) for each in bridges)
     deadline = time.monotonic() + 3600
     while True:
         stats, ids = delivered()
@@ -61,11 +69,17 @@ def main():
             break
         time.sleep(1)
     all_delivered = time.monotonic() - started
+    if args.instances > 1:
+        time.sleep(args.window)                 # what a second instance would still send, it sends
+        stats, ids = delivered()
+    named = collections.Counter(i for r in stats if r["errcode"] == 0 for i in set(ID.findall(r["text"])))
+    duplicates = sum(n - 1 for n in named.values())
     page = [r for r in stats if r["errcode"] == 0 and "DatacenterDown" in r["text"]]
     page_seconds = page[0]["at"] - critical if page else float("nan")
     page_alone = bool(page) and not ID.search(page[0]["text"])
-    rss = describe_rss(bridge)
-    bridge.stop()
+    rss = " + ".join(describe_rss(each) for each in bridges)
+    for each in bridges:
+        each.stop()
     fake.stop()
 
     per_robot, storm = {}, {}                                # every request; the storm's alone
@@ -82,8 +96,9 @@ def main():
     messages = sum(r["errcode"] == 0 for r in stats)
     sizes = [r["size"] for r in stats]
 
+    through = f", through a cluster of {args.instances} (every webhook to each)" if args.instances > 1 else ""
     print(f"\nStorm: {total:,} alerts in {args.groups:,} webhooks on 1 receiver with 3 robots, limit 20 per "
-          f"{args.window:g} s per robot (fake DingTalk enforces it), history in MariaDB\n")
+          f"{args.window:g} s per robot (fake DingTalk enforces it), history in MariaDB{through}\n")
     print("| figure | value | goal |")
     print("| --- | --- | --- |")
     print(f"| webhooks posted (16 clients) | {posted:.1f} s | |")
@@ -98,6 +113,7 @@ def main():
     print(f"| most requests one robot got in any sliding {args.window:g} s | {sliding} | <= 20 |")
     print(f"| 410100/130101 answers | {throttled} | 0 |")
     print(f"| alerts missing from delivered messages | {len(expected - ids)} | 0 |")
+    print(f"| alerts delivered more than once | {duplicates} | 0 |")
     print(f"| peak RSS of alertbridge | {rss} | |")
     print(f"| a critical alert posted {critical_after:g} s into the storm: from its 200 to DingTalk | "
           f"{page_seconds:.2f} s, {'in a message of its own' if page_alone else 'NOT alone'} | < 3 s |")

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import alertbridge
@@ -105,7 +106,8 @@ def empty_mysql():
     """The test database without alertbridge's tables; its settings."""
     db = require_mysql()
     with db.cursor() as cursor:
-        for table in ("alerts", "notifications", "recorder_progress"):
+        for table in ("alerts", "notifications", "recorder_progress", "cluster_leader", "cluster_claims",
+                      "cluster_sends"):
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
     db.close()
     return mysql_settings()
@@ -372,3 +374,63 @@ def require_python(version):
             pytest.fail(f"Python {version} is required in CI (pyenv install {version})")
         pytest.skip(f"Python {version} not installed")
     return python
+
+
+# --- a network to cut ----------------------------------------------------------------------
+
+class TcpProxy:
+    """A loopback TCP forwarder the test can cut, to make MySQL unreachable and come back."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.port = None
+        self.sockets = []
+        self.listener = None
+
+    def start(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port or 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept() so the port frees
+        except OSError:
+            pass
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        self.sockets = []

@@ -4,13 +4,11 @@ that vanish, keys that must stay apart, outages) and the store process."""
 import concurrent.futures
 import dataclasses
 import json
-import socket
 import sqlite3
-import threading
 import time
 
 import alertbridge
-from tests.kit import (delivered_ids, empty_mysql, history, make_alert, make_payload, mysql_connect,
+from tests.kit import (TcpProxy, delivered_ids, empty_mysql, history, make_alert, make_payload, mysql_connect,
                        mysql_settings, post, require_mysql, settle, storm_payloads, wait_until)
 
 
@@ -155,64 +153,6 @@ def test_store_process_is_restarted_if_it_dies_and_ends_with_the_bridge(make_bri
     assert second.pid != first.pid and second.poll() is None
     bridge.stop()
     assert second.poll() is not None
-
-
-class TcpProxy:
-    """A loopback TCP forwarder the test can cut, to make MySQL unreachable and come back."""
-
-    def __init__(self, target_port):
-        self.target_port = target_port
-        self.port = None
-        self.sockets = []
-        self.listener = None
-
-    def start(self):
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", self.port or 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-        return self
-
-    def _accept(self, listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept() so the port frees
-        except OSError:
-            pass
-        self.listener.close()
-        for s in self.sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-        self.sockets = []
 
 
 def post_all(target, payloads, workers=8):

@@ -14,11 +14,12 @@ The file reads top to bottom the way an alert travels through it:
    6. Rendering      alerts -> DingTalk markdown (templates, mentions, keyword, sizes)
    7. Packing        digest and split plans: pure functions, sizes in, groups out
    8. DingTalk       one request: signing, a total deadline, the answer classified once
-   9. Robot pool     rotation, budgets per token, throttles; time is an argument
+   9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles
   10. Workers        Worker (owns a thread); Notifier, one Sender per route; Recorder
-  11. Observability  metrics, sd_notify, the watchdog
-  12. Bridge         one instance: wiring, start, reload, readiness, stop
-  13. Command line   --check-config, --send-test, --init-db, run(), main()
+  11. Cluster        several instances on one MySQL: a leader by lease, claims, shared budgets
+  12. Observability  metrics, sd_notify, the watchdog
+  13. Bridge         one instance: wiring, start, reload, readiness, stop
+  14. Command line   --check-config, --send-test, --init-db, run(), main()
 
 Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
 nothing accepted is dropped (a message that cannot be sent waits, is retried, and after
@@ -29,13 +30,15 @@ reaches a log line, a metric or a database.
 Threads: "http" accepts connections, with a thread per connection (IntakeHandler); "notifier"
 expires old messages and starts a "sender:ROUTE" per route, each sending its route's messages
 in order; "recorder" copies journal events into the history through the store process;
-"watchdog" pets systemd. The main thread waits for signals (run()).
+"watchdog" pets systemd; with [cluster], "cluster" holds or watches the leader's lease. The
+main thread waits for signals (run()).
 
 Locks: Journal._write_lock serializes every journal write on one connection; its holder takes
 _queue_lock briefly to collect the webhooks queued for one group commit (the only nesting).
 RobotPool._lock guards budgets and rotation, Metrics._lock the counters: both are held for
-arithmetic only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's).
-No lock is held during a DingTalk request.
+arithmetic only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's);
+Coordinator._lock statements on the cluster's MySQL connection. No lock is held during a
+DingTalk request.
 """
 
 import sys

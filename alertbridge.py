@@ -18,8 +18,9 @@ The file reads top to bottom the way an alert travels through it:
   10. Workers        Worker (owns a thread); Notifier, one Sender per route; Recorder
   11. Cluster        several instances on one MySQL: a leader by lease, claims, shared budgets
   12. Observability  metrics, sd_notify, the watchdog
-  13. Bridge         one instance: wiring, start, reload, readiness, stop
-  14. Command line   --check-config, --send-test, --init-db, run(), main()
+  13. Pages          the status page, the preview, the dry run: HTML, escaped, no script
+  14. Bridge         one instance: wiring, start, reload, readiness, stop
+  15. Command line   --check-config, --send-test, --init-db, --render, run(), main()
 
 Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
 nothing accepted is dropped (a message that cannot be sent waits, is retried, and after
@@ -36,7 +37,8 @@ main thread waits for signals (run()).
 Locks: Journal._write_lock serializes every journal write on one connection; its holder takes
 _queue_lock briefly to collect the webhooks queued for one group commit (the only nesting).
 RobotPool._lock guards budgets and rotation, Metrics._lock the counters: both are held for
-arithmetic only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's);
+arithmetic only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's; the
+status page's, which waits for it 2 s at most);
 Coordinator._lock statements on the cluster's MySQL connection. No lock is held during a
 DingTalk request.
 """
@@ -57,11 +59,13 @@ if __name__ == "__main__":  # before anything slow: see run() for why, and main(
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import collections  # noqa: E402
 import configparser  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
+import html  # noqa: E402
 import http.server  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
@@ -282,6 +286,44 @@ def render_template(template, fields):
             continue
         out.append("".join(parts))
     return "\n".join(out)
+
+
+def template_syntax_errors(template):
+    """Each malformed line of a template, as 'line N: what str.format says'."""
+    errors = []
+    for number, line in enumerate(template.split("\n"), 1):
+        try:
+            list(_formatter.parse(line))
+        except ValueError as exc:
+            errors.append(f"line {number}: {exc}")
+    return errors
+
+
+def template_problems(template, fields):
+    """What goes wrong rendering `template` over `fields` (a real alert's, or a sample's), one
+    line each, numbered from 1: a malformed line; a name that is not a field, which renders
+    empty (the usual "my template has no effect"); a format the value does not take, which is
+    then shown unformatted."""
+    problems = template_syntax_errors(template)
+    for number, line in enumerate(template.split("\n"), 1):
+        try:
+            pieces = list(_formatter.parse(line))
+        except ValueError:
+            continue
+        for _, name, spec, conversion in pieces:
+            if name is None:
+                continue
+            if re.match(r"[^.\[]*", name).group() not in fields:
+                problems.append(f"line {number}: {{{name}}} is not a field, so it renders empty "
+                                f"(fields: {', '.join(sorted(fields))})")
+                continue
+            value, _ = _formatter.get_field(name, (), fields)
+            try:
+                _formatter.format_field(_formatter.convert_field(value, conversion), spec)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"line {number}: {{{name}}}: {exc}; the value is shown "
+                                f"unformatted")
+    return problems
 
 
 # =============================================================================================
@@ -544,10 +586,9 @@ class _Section:
 
     def template(self, key, default):
         text = self.items[key].strip("\n") if key in self.items else default
-        try:
-            render_template(text, Blank())
-        except ValueError as exc:
-            raise ConfigError(f"[{self.name}] {key}: bad template: {exc}")
+        errors = template_syntax_errors(text)
+        if errors:
+            raise ConfigError(f"[{self.name}] {key}: bad template: {'; '.join(errors)}")
         return text
 
     def settings(self, cls, **derived):
@@ -904,8 +945,9 @@ class Intake:
 
     def __init__(self, bridge):
         self.bridge = bridge
+        self.last_payloads = {}     # route name -> (time, the last webhook it took, as text)
 
-    def accept(self, webhook, request_id):
+    def accept(self, webhook, request_id, payload=b""):
         route = self.bridge.config.route_for(webhook.receiver)
         if route is None:
             raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
@@ -917,6 +959,7 @@ class Intake:
                       "retries", request_id, exc)
             return 503, {"error": "journal not writable, retry later", "request_id": request_id}
         self.bridge.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
+        self.last_payloads[route.name] = (self.bridge.clock(), payload.decode("utf-8", "replace"))
         log.info("request_id=%s accepted receiver=%s route=%s alerts=%d group=%s", request_id,
                  webhook.receiver, route.name, len(webhook.alerts), webhook.group_key[:120])
         return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
@@ -1028,10 +1071,12 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                 self._reply(500, {"error": "internal error, see the daemon's log",
                                   "request_id": request_id})
 
-    def _authorize(self):
+    def _authorize(self, page=False):
+        """Webhooks, pages and reload need [auth]'s credentials when it is set. A browser asks
+        for a username and password only when challenged with Basic: pages prefer it."""
         auth = self.bridge.config.auth
         if auth.enabled and not auth.allows(self.headers.get("Authorization")):
-            scheme = "Bearer" if auth.bearer_token else "Basic"
+            scheme = "Basic" if auth.username and (page or not auth.bearer_token) else "Bearer"
             raise BadRequest(401, "missing or wrong credentials (see [auth] in config.ini)",
                              headers=[("WWW-Authenticate", f'{scheme} realm="alertbridge"')])
 
@@ -1068,11 +1113,21 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._reply(200, self.bridge.render_metrics().encode(),
                                "text/plain; version=0.0.4", count=False)
+        if path in ("/", "/status"):
+            self._authorize(page=True)
+            return self._page(200, self.bridge.pages.status())
+        if path == "/preview":
+            self._authorize(page=True)
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            return self._page(*self.bridge.pages.preview(last=query.get("last", [None])[0]))
         self._method_not_allowed(request_id)
+
+    def _page(self, status, text):
+        self._reply(status, text.encode(), "text/html; charset=utf-8", PAGE_HEADERS, count=False)
 
     def _method_not_allowed(self, request_id):
         path = self._route()
-        if self.WEBHOOK_PATHS.fullmatch(path) or path == "/-/reload":
+        if self.WEBHOOK_PATHS.fullmatch(path) or path in ("/-/reload", "/preview"):
             raise BadRequest(405, f"{self.command} not allowed on {path}: use POST")
         raise BadRequest(404, f"no such endpoint: {path[:100]}")
 
@@ -1084,6 +1139,9 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             ok, message = self.bridge.reload()
             reply = {"status": "reloaded"} if ok else {"error": message}
             return self._reply(200 if ok else 500, reply, count=False)
+        if path == "/preview":
+            self._authorize(page=True)
+            return self._page(*self.bridge.pages.preview(form=self._form()))
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
             raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
@@ -1100,8 +1158,23 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         named = match.group("receiver")
         path_receiver = urllib.parse.unquote(named) if named else None
         webhook = parse_webhook(body, path_receiver)
-        status, reply = self.bridge.intake.accept(webhook, request_id)
+        status, reply = self.bridge.intake.accept(webhook, request_id, body)
         self._reply(status, reply)
+
+    def _form(self):
+        """A submitted HTML form's fields (the first value of each). The preview takes what a
+        webhook may be, form-encoded: up to three times max_body_bytes."""
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            raise BadRequest(415, "Content-Type must be application/x-www-form-urlencoded "
+                                  "(the preview's form)")
+        body = self._read_body(3 * self.bridge.config.service.max_body_bytes)
+        try:
+            fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True,
+                                           max_num_fields=10)
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest(400, "the form is not valid UTF-8 or has too many fields")
+        return {k: v[0] for k, v in fields.items()}
 
     def _framing(self):
         """Bytes of body that follow the headers. Framing we cannot be sure of is refused and
@@ -1124,11 +1197,12 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest(400, "Content-Length is not a number")
         return int(lengths[0])
 
-    def _read_body(self):
-        length, limit = self.body_left, self.bridge.config.service.max_body_bytes
+    def _read_body(self, limit=None):
+        length, limit = self.body_left, limit or self.bridge.config.service.max_body_bytes
         if length > limit:
             self.close_connection = True  # the unread body must not be parsed as the next request
-            raise BadRequest(413, f"body of {length} bytes exceeds max_body_bytes ({limit})")
+            raise BadRequest(413, f"body of {length} bytes exceeds the limit of {limit} bytes "
+                                  f"(max_body_bytes)")
         self.body_left = 0
         chunks, remaining = [], length
         while remaining:
@@ -1262,6 +1336,9 @@ J_MESSAGES_CLAIMS = ("SELECT id, claims FROM messages WHERE state = 'pending' "
 J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
                        "WHERE state = 'pending' GROUP BY level")
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
+J_QUEUE_BY_ROUTE = ("SELECT route, level, COUNT(*), MIN(created_at) FROM messages "
+                    "WHERE state = 'pending' GROUP BY route, level")
+J_EXPIRED_BY_ROUTE = "SELECT route, COUNT(*) FROM messages WHERE state = 'expired' GROUP BY route"
 J_SEND_BEGIN = "INSERT INTO sends (robot, robot_key, at) VALUES (%s, %s, %s)"
 J_SEND_END = "UPDATE sends SET at = %s, errcode = %s WHERE id = %s"
 J_SEND_ADD = "INSERT INTO sends (robot, robot_key, at, errcode) VALUES (%s, %s, %s, %s)"
@@ -1390,6 +1467,9 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
 S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
 S_PING = "SELECT 1"
+S_FIRING = ("SELECT receiver, alertname, severity, instance, summary, starts_at FROM alerts "
+            "WHERE status = 'firing' ORDER BY starts_at DESC LIMIT %s")
+S_FIRING_COUNT = "SELECT COUNT(*) FROM alerts WHERE status = 'firing'"
 # An alert's key columns compare byte for byte, as in SQLite: the default collation would merge
 # receivers differing by case or emoji into one history row. Tables made before 0.4 are altered.
 S_MYSQL_KEYS_NOT_BINARY = ("SELECT COUNT(*) FROM information_schema.COLUMNS "
@@ -1835,6 +1915,15 @@ class Journal:
     def message_states(self):
         return dict(self._read(J_MESSAGES_STATES))
 
+    def queue_by_route(self):
+        """{route: ({level: (messages waiting, oldest creation time)}, messages expired)}"""
+        queues = {}
+        for route, level, waiting, oldest in self._read(J_QUEUE_BY_ROUTE):
+            queues.setdefault(route, ({}, 0))[0][level] = (waiting, oldest)
+        for route, expired in self._read(J_EXPIRED_BY_ROUTE):
+            queues[route] = (queues.get(route, ({}, 0))[0], expired)
+        return queues
+
     def writable(self, quiet=30.0):
         """Whether the journal takes writes: a small real write succeeds, and no other write
         failed in the last `quiet` seconds (a probe can fit where a webhook does not)."""
@@ -1936,6 +2025,19 @@ class Store:
                 self._db.close()
             self._db = None
 
+    def firing(self, limit):
+        """(alerts firing now, the newest `limit` of them as dicts), as the history has them."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_FIRING_COUNT)
+            count = cursor.fetchone()[0]
+            self.execute(cursor, S_FIRING, (limit,))
+            names = [column[0] for column in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        for row in rows:        # MySQL gives a datetime, SQLite the text db_time() wrote
+            if isinstance(row["starts_at"], datetime):
+                row["starts_at"] = db_time(row["starts_at"])
+        return count, rows
+
     def purge(self, cutoff, batch):
         """Delete one batch of history older than `cutoff` from each table; rows deleted."""
         with self.transaction() as cursor:
@@ -2027,23 +2129,35 @@ class StoreProcess:
     def purge(self, cutoff, batch):
         return self._call("purge", cutoff, batch)
 
-    def _call(self, method, *args):
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable(f"{self.describe()}: closed")
-            try:
-                if self._child is None:
-                    self._start()
-                self._pipe.send((method, args))
-                outcome, value = self._pipe.recv()
-            except (OSError, EOFError) as exc:
-                self._end()
-                raise StoreUnavailable(f"{self.describe()}: store process lost ({exc!r})") from exc
+    def firing(self, limit, wait=2.0):
+        """Store.firing(); StoreUnavailable if the recorder's call does not end within `wait`
+        (a status page must not hang on a slow database)."""
+        return self._call("firing", limit, wait=wait)
+
+    def _call(self, method, *args, wait=-1):
+        if not self._lock.acquire(timeout=wait):
+            raise StoreUnavailable(f"{self.describe()}: busy")
+        try:
+            outcome, value = self._exchange(method, args)
+        finally:
+            self._lock.release()
         if outcome == "unavailable":
             raise StoreUnavailable(value)
         if outcome == "failed":
             raise StoreError(value)
         return value
+
+    def _exchange(self, method, args):
+        if self._closed:
+            raise StoreUnavailable(f"{self.describe()}: closed")
+        try:
+            if self._child is None:
+                self._start()
+            self._pipe.send((method, args))
+            return self._pipe.recv()
+        except (OSError, EOFError) as exc:
+            self._end()
+            raise StoreUnavailable(f"{self.describe()}: store process lost ({exc!r})") from exc
 
     def _start(self):
         ours, theirs = socket.socketpair()
@@ -2294,6 +2408,36 @@ class Renderer:
     def block_size(self, route, alert):
         return json_size(self.alert_block(route, alert)) + len(self.SEPARATOR) + 16
 
+    def parts(self, route, message_body):
+        """A message's bodies as it goes out: itself if it fits every robot of the route (or
+        has one alert, which is cut instead), else parts of as many alerts as fit, numbered."""
+        alerts = message_body["alerts"]
+        if len(alerts) < 2 or self.fits(route, message_body, message_body.get("digest", False)):
+            return [message_body]
+        chunks = cut(alerts, chunk_lengths([self.block_size(route, a) for a in alerts],
+                                           self.room()))
+        if len(chunks) == 1:  # the sizes were misjudged: halve
+            chunks = split_in_two(alerts)
+        return [{**message_body, "alerts": chunk, "part": [i + 1, len(chunks)]}
+                for i, chunk in enumerate(chunks)]
+
+    def field_problems(self, route, alerts):
+        """template_problems() of the route's title and alert templates, over these alerts."""
+        alert = alerts[0] if alerts else sample_alert(route.name)
+        return ([f"title {p}" for p in template_problems(route.title, title_fields(alerts))]
+                + [f"alert {p}" for p in template_problems(route.alert,
+                                                           alert_fields(alert, self.config.tz))])
+
+
+def sample_alert(receiver, now=None):
+    """A firing alert for tests of a route: --send-test and template checks."""
+    now = now or datetime.now(timezone.utc)
+    return {"fingerprint": "alertbridge-test", "status": "firing", "starts_at": db_time(now),
+            "ends_at": None, "labels": {"alertname": "AlertbridgeTest", "severity": "info",
+                                        "instance": socket.gethostname()},
+            "annotations": {"summary": f"Test message from alertbridge for receiver {receiver}"},
+            "generator_url": "", "external_url": "", "receiver": receiver}
+
 
 # =============================================================================================
 # 7. Packing: how messages become digests and parts (pure: sizes in, lengths out)
@@ -2533,7 +2677,8 @@ class RobotPool:
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._throttled = {}        # robot key -> time the throttle ends
         self._strikes = {}          # robot key -> 410100s in a row
-        self._disabled = {}         # robot key -> reason, until the config is reloaded
+        self._disabled = {}         # robot key -> (errcode, errmsg, since), until a reload
+        self._last_sent = {}        # robot key -> when DingTalk last took a message from it
         self._next = {}             # route name -> rotating index
         self._waiting = {}          # route name -> (waiting since, last asked, its robot keys)
 
@@ -2560,6 +2705,7 @@ class RobotPool:
             self._throttled[key] = max(self._throttled.get(key, 0), at + rest)
         elif outcome == SENT:
             self._strikes.pop(key, None)
+            self._last_sent[key] = max(self._last_sent.get(key, at), at)
 
     def forgive(self):
         """Put robots taken out for configuration errors back in rotation (after a reload)."""
@@ -2653,13 +2799,31 @@ class RobotPool:
             slots.append(now)
             self._learn(robot.key, result.outcome, now)
             if result.outcome == MISCONFIGURED:
-                self._disabled[robot.key] = f"errcode {result.errcode}: {result.errmsg}"
+                self._disabled[robot.key] = (result.errcode, result.errmsg, now)
 
-    def state(self, robots, now):
-        """(robot name, budget left, throttled, disabled) for each robot, for metrics."""
+    def report(self, robots, now):
+        """Each robot's state, by name, for metrics and the status page."""
         with self._lock:
-            return [(r.name, max(0, self._budget(r.key, now)), self._throttled.get(r.key, 0) > now,
-                     r.key in self._disabled) for r in sorted(robots, key=lambda r: r.name)]
+            return [RobotReport(r.name, max(0, self._budget(r.key, now)), self._capacity(True),
+                                self.limits().reserve, self._throttled.get(r.key, 0),
+                                self._disabled.get(r.key), self._last_sent.get(r.key),
+                                r.placeholder)
+                    for r in sorted(robots, key=lambda r: r.name)]
+
+
+@dataclass(frozen=True)
+class RobotReport:
+    name: str
+    budget: int                 # messages it may still send in this window, the reserve included
+    capacity: int               # per window, for this instance
+    reserve: int
+    throttled_until: float      # 0 if it never was
+    disabled: tuple             # (errcode, errmsg, since) while out of rotation, else None
+    last_sent_at: float         # None if it has not sent since the start
+    placeholder: bool
+
+    def throttled(self, now):
+        return self.throttled_until > now
 
 
 # =============================================================================================
@@ -2971,14 +3135,10 @@ class Sender(Worker):
         return digest
 
     def _split(self, route, message):
-        renderer = self.bridge.renderer
-        alerts = message.alerts
-        sizes = [renderer.block_size(route, a) for a in alerts]
-        chunks = cut(alerts, chunk_lengths(sizes, renderer.room()))
-        if len(chunks) == 1:  # the sizes were misjudged: halve
-            chunks = split_in_two(alerts)
-        bodies = [{**message.body, "alerts": chunk, "part": [i + 1, len(chunks)]}
-                  for i, chunk in enumerate(chunks)]
+        bodies = self.bridge.renderer.parts(route, message.body)
+        if len(bodies) == 1:    # DingTalk found it too long, though it fits by our count
+            bodies = [{**message.body, "alerts": half, "part": [i + 1, 2]}
+                      for i, half in enumerate(split_in_two(message.alerts))]
         # the last part carries the claims: the notification is sent once it is all out
         claims = [[]] * (len(bodies) - 1) + [message.claims]
         self.journal.replace([message], bodies, "split", claims)
@@ -3065,6 +3225,7 @@ class Sender(Worker):
             self.metrics.observe("alertbridge_delivery_seconds", at - message.created_at,
                                  priority=message.level)
         event = send_event(route.name, robot, message, result, at)
+        self.bridge.recent_sends.append({**event, "at": at, "level": message.level})
         self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
                                 message.id if result.ok else None))
         if result.ok:
@@ -3553,7 +3714,409 @@ def watchdog_interval():
 
 
 # =============================================================================================
-# 13. Bridge: one alertbridge instance
+# 13. Pages: the status page, the preview, the dry run
+# =============================================================================================
+# HTML made here and nowhere else. Every label, annotation and name is text from outside: each
+# goes through esc() (or markdown_html(), which escapes first), and the Content-Security-Policy
+# lets no script run at all. Nothing is loaded from elsewhere: it must work with no internet.
+
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                                "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+PAGE_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"PingFang SC","Microsoft YaHei",sans-serif;margin:0;
+background:#f4f5f7;color:#1f2329}
+header{background:#1f2329;color:#fff;padding:10px 16px}header a{color:#9cc3ff;margin-right:12px}
+main{max-width:1100px;margin:0 auto;padding:8px}
+section{background:#fff;border-radius:8px;margin:10px 0;padding:10px 14px;
+box-shadow:0 1px 2px #0002}
+h1{font-size:18px;margin:0}h2{font-size:16px;margin:4px 0 8px}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eee;vertical-align:top;
+overflow-wrap:anywhere}
+th{color:#646a73;font-weight:600;white-space:nowrap}
+.ok{color:#1a7f37}.bad{color:#c62828;font-weight:600}.warn{color:#b26a00}.dim{color:#8f959e}
+.badge{display:inline-block;border-radius:10px;padding:1px 8px;margin:2px;background:#eef0f3}
+textarea{width:100%;box-sizing:border-box;font:12px monospace}
+select,button{font-size:14px;padding:4px 8px}
+pre{white-space:pre-wrap;word-break:break-all;background:#f6f8fa;padding:8px;font-size:12px}
+.dingtalk{border:1px solid #dee0e3;border-radius:8px;padding:8px 12px;max-width:560px;
+background:#fff}.dingtalk blockquote{border-left:3px solid #ccc;margin:4px 0;padding-left:8px}
+.dingtalk ul,.dingtalk ol{margin:2px 0;padding-left:22px}.dingtalk p{margin:6px 0}
+.dingtalk h1,.dingtalk h2,.dingtalk h3,.dingtalk h4,.dingtalk h5,.dingtalk h6{margin:6px 0}
+.problem{background:#fff4e5;border-left:4px solid #b26a00;padding:6px 10px;margin:6px 0}
+"""
+PAGE_SENDS = 50         # the last sends on the status page
+PAGE_FIRING = 50        # the newest firing alerts on the status page
+
+
+def esc(value):
+    return html.escape(str(value), quote=True)
+
+
+def page(title, body, refresh=None):
+    """A whole HTML page; `refresh`: seconds until the browser reloads it."""
+    meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8">{meta}'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{esc(title)}</title><style>{PAGE_STYLE}</style></head><body>'
+            f'<header><h1>{esc(title)}</h1><nav><a href="/status">status</a>'
+            f'<a href="/preview">preview</a><a href="/metrics">metrics</a>'
+            f'<a href="/-/ready">ready</a></nav></header><main>{body}</main></body></html>')
+
+
+def span(css, text):
+    return f'<span class="{css}">{esc(text)}</span>'
+
+
+def table(headers, rows, empty="none"):
+    """`rows`: lists of cells already made HTML (a cell may be (html, css class))."""
+    if not rows:
+        return f'<p class="dim">{esc(empty)}</p>'
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def _cell(cell):
+    content, css = cell if isinstance(cell, tuple) else (cell, "")
+    return f'<td class="{css}">{content}</td>' if css else f"<td>{content}</td>"
+
+
+_MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]*)\)")
+_MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+_MD_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_MD_ITALIC = re.compile(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])")
+_MD_FONT = re.compile(r"&lt;font color=(?:&quot;|&#x27;)?(#[0-9a-fA-F]{3,6})(?:&quot;|&#x27;)?&gt;"
+                      r"(.*?)&lt;/font&gt;")
+_MD_KEPT = re.compile("\x00([0-9]+)\x00")
+
+
+def _md_inline(escaped):
+    """Inline markup over text already escaped. Links (to http(s) and dingtalk: only) and
+    images (as their alt text: the page loads nothing from elsewhere) are set aside first, so
+    that no other markup reaches inside an attribute."""
+    kept = []
+
+    def keep(html_text):
+        kept.append(html_text)
+        return f"\x00{len(kept) - 1}\x00"
+
+    def link(match):
+        label, url = match.groups()
+        if not re.match(r"(https?|dingtalk)://", url, re.I):
+            return match.group(0)
+        return keep(f'<a href="{url}" rel="noopener noreferrer" target="_blank">{label}</a>')
+    text = escaped.replace("\x00", "")
+    text = _MD_IMAGE.sub(lambda m: keep(f'<span class="dim">[image {m.group(1)}]</span>'), text)
+    text = _MD_LINK.sub(link, text)
+    text = _MD_FONT.sub(r'<span style="color:\1">\2</span>', text)
+    text = _MD_BOLD.sub(r"<strong>\1</strong>", text)
+    text = _MD_ITALIC.sub(r"<em>\1</em>", text)
+    return _MD_KEPT.sub(lambda m: kept[int(m.group(1))], text)
+
+
+def markdown_html(text):
+    """DingTalk's markdown (headings, quotes, lists, bold, italic, links, rules, <font color>)
+    as HTML that looks about as the group will see it. Everything is escaped first."""
+    out, paragraph = [], []
+
+    def flush():
+        if paragraph:
+            out.append("<p>" + "<br>".join(paragraph) + "</p>")
+            paragraph.clear()
+    for line in text.split("\n"):
+        stripped = line.strip()
+        escaped = _md_inline(esc(stripped))
+        heading = re.match(r"(#{1,6})\s+(.*)", stripped)
+        if not stripped:
+            flush()
+        elif re.fullmatch(r"(-\s*){3,}|(\*\s*){3,}", stripped):
+            flush()
+            out.append("<hr>")
+        elif heading:
+            flush()
+            level = len(heading.group(1))
+            out.append(f"<h{level}>{_md_inline(esc(heading.group(2)))}</h{level}>")
+        elif stripped.startswith(">"):
+            flush()
+            out.append(f"<blockquote>{_md_inline(esc(stripped[1:].strip()))}</blockquote>")
+        elif re.match(r"[-*+]\s", stripped):
+            flush()
+            out.append(f"<ul><li>{_md_inline(esc(stripped[2:]))}</li></ul>")
+        elif re.match(r"\d+\.\s", stripped):
+            flush()
+            number, rest = stripped.split(".", 1)
+            out.append(f'<ol start="{int(number)}"><li>{_md_inline(esc(rest.strip()))}</li></ol>')
+        else:
+            paragraph.append(escaped)
+    flush()
+    return "".join(out)
+
+
+class Pages:
+    """The status page and the preview of one bridge, as HTML text. The HTTP side is
+    IntakeHandler's; they sit behind [auth] like the webhooks."""
+
+    REFRESH = 10        # seconds between the status page's reloads
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+
+    def _time(self, epoch):
+        if not epoch:
+            return ""
+        tz = self.bridge.config.tz
+        return datetime.fromtimestamp(epoch, tz).strftime("%Y-%m-%d %H:%M:%S")
+
+    def _db_time(self, text):
+        return self._time(from_db_time(text).timestamp()) if text else ""
+
+    def _ago(self, epoch, now):
+        return f"{format_duration(now - epoch)} ago" if epoch else ""
+
+    # the status page
+    def status(self):
+        bridge, now = self.bridge, self.bridge.clock()
+        queues = bridge.journal.queue_by_route()
+        robots = {r.name: r for r in bridge.pool.report(bridge.config.robots, now)}
+        parts = [self._summary(now, queues)]
+        for name, route in sorted(bridge.config.routes.items()):
+            parts.append(self._route(route, queues.get(name, ({}, 0)), robots, now))
+        for name in sorted(set(queues) - set(bridge.config.routes)):
+            parts.append(self._orphan(name, queues[name], now))
+        parts += [self._sends(), self._firing()]
+        return page(f"alertbridge {VERSION}", "".join(parts), refresh=self.REFRESH)
+
+    def _summary(self, now, queues):
+        bridge = self.bridge
+        store_ok = bridge.recorder.store_ok is not False
+        _, _, backlog, oldest_event = bridge.journal.backlog()
+        waiting = sum(n for levels, _ in queues.values() for n, _ in levels.values())
+        expired = sum(e for _, e in queues.values())
+        instance = esc(bridge.config.cluster.instance or socket.gethostname())
+        if bridge.config.cluster.enabled:
+            instance += f" · {esc(bridge.cluster.role)}"
+        history = span("ok", "up") if store_ok else span("bad", "DOWN: alerts wait in the journal")
+        history += f" · {esc(bridge.store.describe())} · backlog {backlog} events"
+        if oldest_event:
+            history += f" (oldest {self._ago(oldest_event, now)})"
+        journal = (span("ok", "writable") if bridge.journal.failed_at is None
+                   else span("bad", "NOT WRITABLE: webhooks get 503"))
+        queue = f"{waiting} messages waiting · " + (span("bad", f"{expired} expired") if expired
+                                                    else "0 expired")
+        clock = esc(self._time(now)) + span("dim", f" ({bridge.config.service.timezone}, "
+                                                   f"reloads every {self.REFRESH} s)")
+        items = [("instance", instance), ("history", history), ("journal", journal),
+                 ("queue", queue), ("now", clock)]
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in items)
+        return f"<section><h2>Overview</h2><table>{rows}</table></section>"
+
+    def _queue_line(self, levels, expired, now):
+        if not levels:
+            text = "nothing waiting"
+        else:
+            oldest = min(t for _, t in levels.values())
+            counts = ", ".join(f"{esc(level)} {n}" for level, (n, _) in sorted(levels.items()))
+            text = (f"<strong>{sum(n for n, _ in levels.values())} waiting</strong> ({counts}), "
+                    f"oldest {self._ago(oldest, now)}")
+        return text + (" · " + span("bad", f"{expired} expired") if expired else "")
+
+    def _route(self, route, queue, robots, now):
+        levels, expired = queue
+        rows = [self._robot_row(robots[r.name], now) for r in route.robots]
+        line = self._queue_line(levels, expired, now)
+        if levels:
+            free = self.bridge.pool.next_slot_at(route, now, urgent=False)
+            line += (" · " + span("bad", "no robot can send") if free is None else
+                     f" · next free slot in {format_duration(free - now)}" if free > now else "")
+        preview = (f'<a href="/preview?last={urllib.parse.quote(route.name)}">preview its last '
+                   f'webhook</a>' if route.name in self.bridge.intake.last_payloads else "")
+        return (f"<section><h2>receiver {esc(route.name)}</h2>"
+                f"<p>{line} {preview}</p>"
+                + table(["robot", "budget left now", "throttled", "out of rotation",
+                         "last accepted send"], rows) + "</section>")
+
+    def _robot_row(self, robot, now):
+        budget = (f"{robot.budget} of {robot.capacity}"
+                  + span("dim", f" ({robot.reserve} kept for urgent pages)"))
+        throttled = ((f"until {esc(self._time(robot.throttled_until))}", "bad")
+                     if robot.throttled(now) else ("no", "ok"))
+        if robot.placeholder:
+            out = ("placeholder token: put the robot's access_token into config.ini", "bad")
+        elif robot.disabled:
+            errcode, errmsg, since = robot.disabled
+            out = (f"errcode {esc(errcode)}: {esc(errmsg)} (since {esc(self._time(since))}; "
+                   f"fix the config and reload)", "bad")
+        else:
+            out = ("no", "ok")
+        last = robot.last_sent_at
+        sent = (f"{esc(self._time(last))} ({self._ago(last, now)})" if last
+                else span("dim", "none since the start"))
+        return [esc(robot.name), budget, throttled, out, sent]
+
+    def _orphan(self, name, queue, now):
+        levels, expired = queue
+        return (f"<section><h2>receiver {esc(name)} {span('bad', '(not in the config)')}"
+                f"</h2><p>{self._queue_line(levels, expired, now)}: kept until "
+                f"[receiver:{esc(name)}] is back (reload), or max_age.</p></section>")
+
+    def _sends(self):
+        rows = []
+        for send in reversed(list(self.bridge.recent_sends)):
+            ok = send["errcode"] == 0
+            errcode = "no answer" if send["errcode"] is None else send["errcode"]
+            rows.append([esc(self._time(send["at"])), esc(send["route"]), esc(send["level"]),
+                         esc(send["robot"]), str(len(send["alerts"])),
+                         (esc(errcode), "ok" if ok else "bad"), esc(send["errmsg"]),
+                         str(send["latency_ms"])])
+        return (f"<section><h2>Last {PAGE_SENDS} sends</h2>"
+                + table(["time", "receiver", "level", "robot", "alerts", "errcode", "errmsg",
+                         "ms"], rows, "no request to DingTalk since the start") + "</section>")
+
+    def _firing(self):
+        if self.bridge.recorder.store_ok is False:
+            return ("<section><h2>Firing now</h2><p class='bad'>the history store is unreachable"
+                    "</p></section>")
+        try:
+            count, alerts = self.bridge.store.firing(PAGE_FIRING)
+        except (StoreUnavailable, StoreError) as exc:
+            log.warning("status page: firing alerts not read from the history: %s", exc)
+            return ("<section><h2>Firing now</h2><p class='bad'>the history did not answer in "
+                    "time</p></section>")
+        rows = [[esc(self._db_time(a["starts_at"])), esc(a["receiver"]), esc(a["alertname"]),
+                 esc(a["severity"]), esc(a["instance"]), esc(a["summary"] or "")]
+                for a in alerts]
+        shown = f", the newest {len(alerts)} shown" if count > len(alerts) else ""
+        return (f"<section><h2>Firing now: {count}{shown}</h2>"
+                + table(["since", "receiver", "alertname", "severity", "instance", "summary"],
+                        rows, "nothing is firing") + "</section>")
+
+    # the preview
+    def preview(self, form=None, last=None):
+        """The preview form and, for a payload, what each robot would get: nothing is sent.
+        `form`: the submitted fields; `last`: a route whose last webhook to show. Returns
+        (HTTP status, HTML)."""
+        config = self.bridge.config
+        form = dict(form or {})
+        if last is not None:
+            kept = self.bridge.intake.last_payloads.get(last)
+            form = {"receiver": last, "payload": kept[1] if kept else ""}
+        results, status = "", 200
+        if form.get("payload", "").strip():
+            try:
+                results = self._results(form)
+            except BadRequest as exc:
+                status = 422
+                results = f'<section><div class="problem">{esc(exc.reason)}</div></section>'
+        options = ['<option value="">the receiver the payload names</option>'] + [
+            f'<option value="{esc(n)}"{" selected" if n == form.get("receiver") else ""}>'
+            f"{esc(n)}</option>" for n in sorted(config.routes)]
+        body = (f'<section><h2>Preview a message</h2><form method="post" action="/preview" '
+                f'accept-charset="utf-8"><p>Paste an Alertmanager webhook (JSON, version 4). '
+                f'Nothing is sent: this shows what each robot would get.</p>'
+                f'<textarea name="payload" rows="12" id="payload">'
+                f'{esc(form.get("payload", ""))}</textarea>'
+                f'<p><label>receiver <select name="receiver" id="receiver">{"".join(options)}'
+                f'</select></label></p><details><summary>try other templates (empty: the '
+                f'receiver\'s own, from config.ini)</summary><p>title</p>'
+                f'<textarea name="title" rows="2" id="title">{esc(form.get("title", ""))}'
+                f'</textarea><p>alert</p><textarea name="alert" rows="10" id="alert">'
+                f'{esc(form.get("alert", ""))}</textarea></details><p><button type="submit" '
+                f'id="render">Preview (sends nothing)</button></p></form></section>{results}')
+        return status, page("alertbridge preview", body)
+
+    def _results(self, form):
+        config = self.bridge.config
+        webhook = parse_webhook(form["payload"].encode(), form.get("receiver") or None)
+        route = config.route_for(webhook.receiver)
+        if route is None:
+            raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
+                                  f"default_receiver configured: this webhook would get 404")
+        changed = {k: form[k].strip("\n") for k in ("title", "alert") if form.get(k, "").strip()}
+        for key, text in changed.items():
+            errors = template_syntax_errors(text)
+            if errors:
+                raise BadRequest(422, f"{key} template: {'; '.join(errors)}")
+        route = replace(route, **changed)
+        renderer = Renderer(config)
+        problems = renderer.field_problems(route, webhook.alerts)
+        own = [k for k in ("title", "alert") if k not in changed]
+        out = [f"<section><h2>Receiver {esc(webhook.receiver)} → "
+               f"[receiver:{esc(route.name)}], robots "
+               f"{esc(', '.join(r.name for r in route.robots))} in turn</h2>"]
+        out += [f'<div class="problem">template {esc(p)}</div>' for p in problems]
+        out += [f"<details><summary>its {k} template, from config.ini</summary><pre>"
+                f"{esc(getattr(route, k))}</pre></details>" for k in own]
+        plan = dry_run(renderer, route, webhook)
+        if not plan:
+            out.append("<p>The webhook has no alerts: nothing would be sent.</p>")
+        out.append("</section>")
+        for number, planned in enumerate(plan, 1):
+            out.append(self._planned(route, renderer, f"{number} of {len(plan)}", *planned))
+        return "".join(out)
+
+    def _planned(self, route, renderer, number, level, alerts, bodies):
+        limit = self.bridge.config.delivery.max_message_bytes
+        mobiles, at_all = renderer.mentions(route, alerts)
+        mentioned = ", ".join(["@" + m for m in mobiles] + (["@all"] if at_all else []))
+        notes = [f"priority level <strong>{esc(level)}</strong>"
+                 + (" (may use the robots' reserved slots)" if route.urgent(level) else ""),
+                 f"{len(alerts)} alert{'' if len(alerts) == 1 else 's'}",
+                 f"@-mentions: {esc(mentioned) if mentioned else 'nobody'}"]
+        if len(bodies) > 1:
+            notes.append(f"too long for one DingTalk message: sent as {len(bodies)} parts")
+        notes.append(f"when more {esc(level)} messages wait than the robots may send, they are "
+                     f"folded into one digest titled “{esc(level.upper())} 汇总 digest · …”")
+        out = [f"<section><h2>Message {number}</h2><p>"
+               + " · ".join(notes) + "</p>"]
+        for part, robots_and_bodies in enumerate(bodies, 1):
+            for names, body in _same_bodies(robots_and_bodies):
+                size = len(renderer.encode(body))
+                css = "ok" if size <= limit else "bad"
+                label = f"part {part} of {len(bodies)}, " if len(bodies) > 1 else ""
+                out.append(
+                    f"<h3>{esc(label)}robot {esc(', '.join(names))}: <span class='{css}'>"
+                    f"{size:,} of {limit:,} bytes</span></h3>"
+                    f'<p class="dim">in the chat list: {esc(body["markdown"]["title"])}</p>'
+                    f'<div class="dingtalk">{markdown_html(body["markdown"]["text"])}</div>'
+                    f"<details><summary>the request body (JSON)</summary><pre>"
+                    f"{esc(json.dumps(body, ensure_ascii=False, indent=2))}</pre></details>")
+        out.append("</section>")
+        return "".join(out)
+
+
+def _same_bodies(robots_and_bodies):
+    """[(robot, body)] -> [([robot names], body)]: robots without a keyword get the same."""
+    groups = []
+    for robot, body in robots_and_bodies:
+        for names, seen in groups:
+            if seen == body:
+                names.append(robot.name)
+                break
+        else:
+            groups.append(([robot.name], body))
+    return groups
+
+
+def dry_run(renderer, route, webhook):
+    """What the bridge sends for `webhook` when the robots have budget for it: one message per
+    priority level, each as its parts, each part as (robot, request body) for every robot of
+    the route. [(level, alerts, [[(robot, body), ...] per part])]."""
+    plan = []
+    for (_, level), alerts in messages_of(route, webhook.alerts):
+        parts = renderer.parts(route, message_body(alerts, webhook.truncated))
+        plan.append((level, alerts, [[(robot, renderer.body(route, robot, part))
+                                      for robot in route.robots] for part in parts]))
+    return plan
+
+
+# =============================================================================================
+# 14. Bridge: one alertbridge instance
 # =============================================================================================
 
 class Bridge:
@@ -3576,6 +4139,8 @@ class Bridge:
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
         self._restore_budgets()
         self.intake = Intake(self)
+        self.pages = Pages(self)
+        self.recent_sends = collections.deque(maxlen=PAGE_SENDS)
         self.notifier = Notifier(self)
         self.recorder = Recorder(self)
         self.cluster = Coordinator(self) if config.cluster.enabled else Solo()
@@ -3628,6 +4193,8 @@ class Bridge:
             log.warning("robots %s have the same access_token: they are one robot to DingTalk "
                         "and share one budget of %d per %gs", ", ".join(names),
                         self.config.delivery.rate_limit, self.config.delivery.rate_window)
+        for problem in template_warnings(self.config):
+            log.warning("template: %s", problem)
 
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
@@ -3727,15 +4294,16 @@ class Bridge:
             gauges += [("alertbridge_queue_messages", {"priority": level}, n),
                        ("alertbridge_queue_oldest_seconds", {"priority": level},
                         round(now - oldest, 3) if oldest else 0)]
-        for name, budget, throttled, disabled in self.pool.state(self.config.robots, now):
-            gauges += [("alertbridge_robot_budget_remaining", {"robot": name}, budget),
-                       ("alertbridge_robot_throttled", {"robot": name}, int(throttled)),
-                       ("alertbridge_robot_disabled", {"robot": name}, int(disabled))]
+        for robot in self.pool.report(self.config.robots, now):
+            labels = {"robot": robot.name}
+            gauges += [("alertbridge_robot_budget_remaining", labels, robot.budget),
+                       ("alertbridge_robot_throttled", labels, int(robot.throttled(now))),
+                       ("alertbridge_robot_disabled", labels, int(bool(robot.disabled)))]
         return self.metrics.render(gauges)
 
 
 # =============================================================================================
-# 14. Command line
+# 15. Command line
 # =============================================================================================
 
 def setup_logging(level):
@@ -3772,7 +4340,49 @@ def check_config(config):
     for names in shared_tokens(config):
         lines.append(f"note: robots {', '.join(names)} have the same access_token: "
                      f"one budget between them")
+    lines += [f"warning: {problem}" for problem in template_warnings(config)]
     return "\n".join(lines)
+
+
+def template_warnings(config):
+    """Fields the routes' templates name that do not exist, checked on a sample alert."""
+    renderer = Renderer(config)
+    return [f"[receiver:{route.name}] {problem}" for route in config.routes.values()
+            for problem in renderer.field_problems(route, [])]
+
+
+def render_payload(config, path, out=sys.stdout, err=sys.stderr):
+    """--render: the DingTalk request bodies a webhook (a file, or - for stdin) gives, one JSON
+    per line on `out`, exactly as they would be sent; what each is, and any template problem,
+    on `err`. Nothing is sent. 0: rendered; 1: a template has problems; 2: a bad payload."""
+    try:
+        with (open(0, "rb", closefd=False) if path == "-" else open(path, "rb")) as payload:
+            webhook = parse_webhook(payload.read())
+    except OSError as exc:
+        print(f"cannot read {path}: {exc.strerror}", file=err)
+        return 2
+    except BadRequest as exc:
+        print(f"{path}: {exc.reason}", file=err)
+        return 2
+    route = config.route_for(webhook.receiver)
+    if route is None:
+        print(f"{path}: receiver {webhook.receiver!r} has no [receiver:NAME] section and there "
+              f"is no default_receiver: the bridge would answer 404", file=err)
+        return 2
+    renderer = Renderer(config)
+    plan = dry_run(renderer, route, webhook)
+    for number, (level, _, parts) in enumerate(plan, 1):
+        for part, robots_and_bodies in enumerate(parts, 1):
+            for names, body in _same_bodies(robots_and_bodies):
+                encoded = renderer.encode(body)
+                print(encoded.decode(), file=out)
+                print(f"# message {number}/{len(plan)} ({level}), part {part}/{len(parts)}, "
+                      f"robots {', '.join(names)}: {len(encoded):,} of "
+                      f"{config.delivery.max_message_bytes:,} bytes", file=err)
+    problems = renderer.field_problems(route, webhook.alerts)
+    for problem in problems:
+        print(f"warning: [receiver:{route.name}] template {problem}", file=err)
+    return 1 if problems else 0
 
 
 def send_test(config, route_name):
@@ -3781,12 +4391,7 @@ def send_test(config, route_name):
     if route is None:
         print(f"no [receiver:{route_name}] in {config.path}", file=sys.stderr)
         return 2
-    now = datetime.now(timezone.utc)
-    alert = {"fingerprint": "alertbridge-test", "status": "firing", "starts_at": db_time(now),
-             "ends_at": None, "labels": {"alertname": "AlertbridgeTest", "severity": "info",
-                                         "instance": socket.gethostname()},
-             "annotations": {"summary": f"Test message from alertbridge for receiver {route.name}"},
-             "generator_url": "", "external_url": "", "receiver": route.name}
+    alert = sample_alert(route.name)
     renderer, failures = Renderer(config), 0
     for robot in route.robots:
         if robot.placeholder:
@@ -3831,13 +4436,16 @@ def main(argv=None):
                         help="send a test message through each robot of RECEIVER")
     action.add_argument("--init-db", action="store_true",
                         help="create the history tables if missing, exit")
+    action.add_argument("--render", metavar="PAYLOAD",
+                        help="print the DingTalk request bodies an Alertmanager webhook (a JSON "
+                             "file, - for stdin) gives, one per line; sends nothing")
     action.add_argument("--store-process", type=int, metavar="FD",
                         help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.store_process is not None:
         return serve_store(args.store_process)
-    if args.check_config or args.send_test or args.init_db:  # a command: Ctrl-C acts as usual
+    if args.check_config or args.send_test or args.init_db or args.render:  # Ctrl-C as usual
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal "
@@ -3856,6 +4464,8 @@ def main(argv=None):
         return send_test(config, args.send_test)
     if args.init_db:
         return init_db(config)
+    if args.render:
+        return render_payload(config, args.render)
     return run(config)
 
 

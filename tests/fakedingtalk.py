@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 # Answers a proxy or a broken server may give instead of DingTalk's JSON, as raw bytes.
@@ -35,6 +35,7 @@ class Request:
     at: float
     errcode: int
     size: int
+    raw: bytes = field(default=b"", repr=False)
 
     @property
     def text(self):
@@ -147,7 +148,7 @@ class FakeDingTalk:
                 body = json.loads(raw.decode("utf-8"))
             except ValueError:
                 body = {}
-            request = Request(token, body, now, errcode, len(raw))
+            request = Request(token, body, now, errcode, len(raw), raw)
             self.requests.append(request)
             self.cond.notify_all()
         return status, {"errcode": errcode, "errmsg": errmsg}, request

@@ -29,3 +29,8 @@ def test_intake_benchmark_runs():
 def test_grafana_queries_benchmark_runs():
     out = bench("bench.grafana_queries", "--rows", "2000", "--dsn", "root:@127.0.0.1:3306/alertbridge_bench_smoke")
     assert "Latest 100 alert records" in out
+
+
+def test_status_page_benchmark_runs():
+    out = bench("bench.status_page", "--webhooks", "200", "--loads", "3")
+    assert "| GET / (status) |" in out and "200 alerts firing in MariaDB" in out

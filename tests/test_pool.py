@@ -77,7 +77,9 @@ def test_a_throttled_robot_rests_a_window_longer_if_it_repeats_and_the_others_go
 
 def test_a_misconfigured_robot_is_out_until_forgiven(pool):
     assert send(pool, ROUTE, T0, SIGN_WRONG) == "a"
-    assert pool.state([A, B], T0 + 3600) == [("a", 2, False, True), ("b", 2, False, False)]
+    a, b = pool.report([A, B], T0 + 3600)
+    assert (a.name, a.budget, a.disabled) == ("a", 2, (SIGN_WRONG.errcode, SIGN_WRONG.errmsg, T0))
+    assert (b.name, b.budget, b.disabled, b.last_sent_at) == ("b", 2, None, None)
     assert send(pool, Route("x", (A,)), T0 + 3600) is None
     assert pool.next_slot_at(Route("x", (A,)), T0 + 3600) is None     # not while the config stays
     pool.forgive()                                                     # a reload
@@ -106,7 +108,10 @@ def test_a_placeholder_robot_is_never_used(pool):
 def test_budgets_and_throttles_come_back_from_the_send_log(pool):
     pool.restore([(B.key, T0 - 200, 410100), (C.key, T0 - 61, 0), (A.key, T0 - 30, 0), (A.key, T0 - 10, 0),
                   (B.key, T0 - 100, 410100)], T0)                 # twice: two windows of rest
-    assert pool.state([A, B, C], T0) == [("a", 0, False, False), ("b", 2, True, False), ("c", 2, False, False)]
+    report = pool.report([A, B, C], T0)
+    assert [(r.name, r.budget, r.throttled(T0), r.disabled) for r in report] == [
+        ("a", 0, False, None), ("b", 2, True, None), ("c", 2, False, None)]
+    assert report[1].throttled_until == T0 - 100 + 120
     assert send(pool, ROUTE, T0) == "c"
 
 

@@ -85,6 +85,20 @@ def test_an_alert_larger_than_its_columns_is_recorded_cut_with_the_rest_of_its_w
     assert json.loads(rows["Huge"]["annotations"])["description"] == "d" * 70000    # whole in the JSON
 
 
+def test_what_fires_now_comes_from_the_history_newest_first(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    post(bridge, make_payload("dev", [make_alert("Old", starts_at="2026-11-24T07:00:00Z"),
+                                      make_alert("New", starts_at="2026-11-24T09:30:00.5Z"),
+                                      make_alert("Mid", starts_at="2026-11-24T08:00:00Z")]))
+    post(bridge, make_payload("dev", [make_alert("Mid", status="resolved", starts_at="2026-11-24T08:00:00Z",
+                                                 ends_at="2026-11-24T08:10:00Z")]))
+    settle(bridge)
+    count, rows = bridge.store.firing(1)
+    assert count == 2
+    assert rows == [{"receiver": "dev", "alertname": "New", "severity": "critical", "instance": "node-1:9100",
+                     "summary": "New on node-1:9100", "starts_at": "2026-11-24 09:30:00.500"}]
+
+
 def test_a_dropped_history_table_is_created_again_and_nothing_is_lost(make_bridge, fake, database):
     bridge = make_bridge(database)
     post(bridge, make_payload("dev", [make_alert(instance="before")]))

@@ -1,0 +1,391 @@
+"""The status page, the preview and the dry run (--render): what they show, that they escape
+every outside value, sit behind [auth], and never send. The page itself is checked in a real
+headless Chromium (Debian's chromium and chromium-driver, driven by selenium)."""
+
+import base64
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import urllib.parse
+
+import pytest
+
+import alertbridge
+from alertbridge import markdown_html, template_problems
+from tests.kit import (FIXTURES, IN_CI, OPS, ROBOTS, SCRIPT, config_text, connect, free_port, load_fixture,
+                       make_alert, make_payload, metric, post, storm_payloads, wait_until)
+
+AUTH = "[auth]\nusername = oncall\npassword = pa55word\n"
+CREDENTIALS = {"Authorization": "Basic " + base64.b64encode(b"oncall:pa55word").decode()}
+SCRIPT_LABEL = "<script>window.__pwned = 1</script>"
+IMG_SUMMARY = '"><img src=x onerror="window.__pwned = 2">'
+FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("am025-*.json"))
+
+
+def hostile_payload():
+    alert = make_alert("DatacenterDown", "dc-1", severity="critical", labels={"team": SCRIPT_LABEL},
+                       annotations={"summary": IMG_SUMMARY, "description": "[click](javascript:alert(1))"})
+    return make_payload("ops", [alert])
+
+
+def robot_state(bridge, name):
+    return {r.name: r for r in bridge.pool.report(bridge.config.robots, bridge.clock())}[name]
+
+
+def request(bridge, method, path, body=b"", headers=None):
+    """(status, body bytes, headers) of one request to the bridge."""
+    connection = connect(bridge.address)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read(), response.headers
+    finally:
+        connection.close()
+
+
+# --- rendering DingTalk's markdown as HTML ------------------------------------------------------
+
+@pytest.mark.parametrize("markdown, html", [
+    ("#### [FIRING:1] Disk", "<h4>[FIRING:1] Disk</h4>"),
+    ("**🔥 Disk** · critical", "<p><strong>🔥 Disk</strong> · critical</p>"),
+    ("- 实例 Instance: a:9100", "<ul><li>实例 Instance: a:9100</li></ul>"),
+    ("> quoted", "<blockquote>quoted</blockquote>"),
+    ("a\nb", "<p>a<br>b</p>"),
+    ("---", "<hr>"),
+    ("[Prometheus](http://prom:9090/graph?a=1&b=2)",
+     '<p><a href="http://prom:9090/graph?a=1&amp;b=2" rel="noopener noreferrer" target="_blank">Prometheus</a></p>'),
+    ('<font color="#FF0000">red</font>', '<p><span style="color:#FF0000">red</span></p>'),
+    # what comes from outside stays text
+    (SCRIPT_LABEL, "<p>&lt;script&gt;window.__pwned = 1&lt;/script&gt;</p>"),
+    (IMG_SUMMARY, "<p>&quot;&gt;&lt;img src=x onerror=&quot;window.__pwned = 2&quot;&gt;</p>"),
+    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+    ('[x](http://a/"onmouseover="alert(1))', '<p><a href="http://a/&quot;onmouseover=&quot;alert(1" '
+                                             'rel="noopener noreferrer" target="_blank">x</a>)</p>'),
+    ("![i](http://evil/x.png)", '<p><span class="dim">[image i]</span></p>'),
+    ('<font color="red" onclick="x">t</font>', "<p>&lt;font color=&quot;red&quot; onclick=&quot;x&quot;&gt;t"
+                                               "&lt;/font&gt;</p>"),
+    ("[a*b*](http://h/*c*)", '<p><a href="http://h/*c*" rel="noopener noreferrer" target="_blank">a*b*</a></p>'),
+])
+def test_dingtalk_markdown_becomes_safe_html(markdown, html):
+    assert markdown_html(markdown) == html
+
+
+# --- template problems --------------------------------------------------------------------------
+
+def test_template_problems_name_the_line_and_the_field():
+    fields = {"summary": "s", "labels": alertbridge.Blank(team="a"), "starts_at": "2026-11-24 08:00:00"}
+    assert template_problems("a\n{summary}\n{labels[team]}", fields) == []
+    [typo] = template_problems("x\n- {sumary}", fields)
+    assert typo.startswith("line 2: {sumary} is not a field, so it renders empty (fields: labels, starts_at,")
+    [spec] = template_problems("{starts_at:%H:%M}", fields)
+    assert spec.startswith("line 1: {starts_at}: ") and spec.endswith("the value is shown unformatted")
+    assert template_problems("ok\n{broken", fields) == ["line 2: expected '}' before end of string"]
+
+
+def test_a_malformed_template_in_the_config_names_its_line(tmp_path, fake, sqlite_db):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, receivers={"ops": {"robots": "ops-1", "alert": "\n  a\n  {b"}}))
+    with pytest.raises(alertbridge.ConfigError, match=r"\[receiver:ops\] alert: bad template: line 2: "):
+        alertbridge.load_config(str(path))
+
+
+def test_check_config_warns_of_fields_that_do_not_exist(tmp_path, fake, sqlite_db):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, receivers={
+        "ops": {"robots": "ops-1", "title": "{alertnames} {recevier}"}, "dev": {"robots": "dev-1"}}))
+    out = subprocess.run([sys.executable, SCRIPT, "-c", str(path), "--check-config"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "warning: [receiver:ops] title line 1: {recevier} is not a field" in out
+    assert "[receiver:dev]" not in out.split("warning:", 1)[-1]
+
+
+# --- the dry run --------------------------------------------------------------------------------
+
+def render(config_path, payload_path):
+    return subprocess.run([sys.executable, SCRIPT, "-c", str(config_path), "--render", str(payload_path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_render_prints_exactly_what_the_daemon_sends(name, make_bridge, fake, sqlite_db, tmp_path):
+    """Each captured Alertmanager payload: --render's bodies are byte for byte the ones DingTalk gets."""
+    bridge = make_bridge(sqlite_db)
+    done = render(bridge.config.path, FIXTURES / name)
+    assert done.returncode == 0, done.stderr
+    rendered = done.stdout.splitlines()
+    notes = [line for line in done.stderr.splitlines() if line.startswith("# message")]
+    assert len(notes) == len(rendered) and all("of 20,000 bytes" in n for n in notes)
+
+    assert post(bridge, load_fixture(name))[0] == 200
+    messages = len({n.split(", robots")[0] for n in notes})
+    assert fake.wait_for(lambda f: len(f.delivered()) == messages)
+    sent = [r.raw.decode() for r in fake.delivered()]
+    assert all(body in rendered for body in sent), (sent, rendered)
+
+
+def test_render_shows_every_robots_body_when_keywords_differ(make_bridge, sqlite_db):
+    bridge = make_bridge(sqlite_db, start=False)
+    done = render(bridge.config.path, FIXTURES / "am025-ops-firing-group.json")
+    bodies = [json.loads(line) for line in done.stdout.splitlines()]
+    # ops-1 has no keyword, ops-2 "告警", ops-3 "alert": three bodies per message, two messages
+    assert len(bodies) == 6 and sum(b["markdown"]["text"].endswith("\n\n告警") for b in bodies) == 2
+    assert done.stderr.count("robots ops-1:") == 2
+
+
+def test_render_reports_bad_payloads_and_template_problems(make_bridge, sqlite_db, tmp_path):
+    bridge = make_bridge(sqlite_db, start=False, receivers={"dev": {"robots": "dev-1", "alert": "{alertname} {sumary}"}})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "3"}')
+    done = render(bridge.config.path, bad)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == f'{bad}: version: expected "4", got \'3\''
+    done = render(bridge.config.path, tmp_path / "missing.json")
+    assert done.returncode == 2 and "cannot read" in done.stderr
+    done = render(bridge.config.path, FIXTURES / "am025-dev-firing.json")
+    assert done.returncode == 1 and len(done.stdout.splitlines()) == 1
+    assert "warning: [receiver:dev] template alert line 1: {sumary} is not a field" in done.stderr
+    assert not bridge.journal.backlog()[0]                      # nothing queued, nothing sent
+
+
+def test_render_reads_stdin(make_bridge, sqlite_db):
+    bridge = make_bridge(sqlite_db, start=False)
+    done = subprocess.run([sys.executable, SCRIPT, "-c", bridge.config.path, "--render", "-"], timeout=60,
+                          input=(FIXTURES / "am025-dev-firing.json").read_bytes(), capture_output=True)
+    assert done.returncode == 0 and json.loads(done.stdout)["msgtype"] == "markdown"
+
+
+# --- the pages over HTTP ------------------------------------------------------------------------
+
+def test_pages_need_the_credentials_and_a_browser_is_asked_for_them(make_bridge, sqlite_db):
+    bridge = make_bridge(sqlite_db, extra=AUTH + "bearer_token = for-alertmanager\n")
+    for method, path in (("GET", "/"), ("GET", "/status"), ("GET", "/preview"), ("POST", "/preview")):
+        status, body, headers = request(bridge, method, path)
+        assert status == 401 and json.loads(body)["error"].startswith("missing or wrong credentials")
+        assert headers["WWW-Authenticate"] == 'Basic realm="alertbridge"'   # a browser prompts for Basic
+    status, body, headers = request(bridge, "GET", "/", headers=CREDENTIALS)
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Content-Security-Policy"].startswith("default-src 'none';")
+    assert "script-src" not in headers["Content-Security-Policy"]       # no script may run at all
+    assert b'<meta http-equiv="refresh" content="10">' in body
+    bearer = {"Authorization": "Bearer for-alertmanager"}
+    assert request(bridge, "GET", "/status", headers=bearer)[0] == 200
+    assert request(bridge, "POST", "/alertmanager", json.dumps(load_fixture("am025-dev-firing.json")).encode())[0] == 401
+
+
+def test_the_status_page_shows_queues_robots_sends_and_what_fires(make_bridge, sqlite_db, fake):
+    robots = {**ROBOTS, "ops-3": {**ROBOTS["ops-3"], "secret": "not-the-secret"}}
+    bridge = make_bridge(sqlite_db, robots=robots, delivery={"rate_limit": "1"})
+    assert post(bridge, hostile_payload())[0] == 200
+    for payload in storm_payloads(groups=30, per_group=2):
+        assert post(bridge, payload)[0] == 200
+    assert wait_until(lambda: robot_state(bridge, "ops-3").disabled)
+    assert wait_until(lambda: metric(bridge.address, "alertbridge_alerts_recorded_total") == 61)
+    status, body, _ = request(bridge, "GET", "/")
+    text = body.decode()
+    assert status == 200
+    assert "<h2>receiver ops</h2>" in text and "waiting</strong> (warning " in text
+    assert "errcode 310000: sign not match" in text                      # ops-3, out of rotation
+    assert "<h2>Firing now: 61, the newest 50 shown</h2>" in text and "DatacenterDown" in text
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" not in text  # labels are not on the page...
+    assert "&quot;&gt;&lt;img src=x onerror=" in text                    # ...the summary is, as text
+    assert "<img" not in text and "<script" not in text
+    for secret in (r["token"] for r in ROBOTS.values()):
+        assert secret not in text
+
+
+def test_the_status_page_says_when_the_history_is_down_and_paging_goes_on(make_bridge, fake):
+    nowhere = alertbridge.Database(driver="mysql", host="127.0.0.1", port=free_port(), user="root")
+    bridge = make_bridge(nowhere)
+    assert post(bridge, load_fixture("am025-dev-firing.json"))[0] == 200
+    assert wait_until(lambda: bridge.recorder.store_ok is False and bridge.journal.backlog()[2] == 2)
+    text = request(bridge, "GET", "/status")[1].decode()
+    assert "DOWN: alerts wait in the journal" in text and "backlog 2 events" in text
+    assert "the history store is unreachable" in text
+    assert "<td>dev</td><td>critical</td><td>dev-1</td><td>1</td><td class=\"ok\">0</td>" in text
+
+
+def test_the_status_page_shows_messages_kept_for_a_receiver_no_longer_configured(make_bridge, sqlite_db):
+    bridge = make_bridge(sqlite_db)
+    webhook = alertbridge.parse_webhook(json.dumps(load_fixture("am025-dev-firing.json")).encode())
+    gone = alertbridge.Route("old-team", bridge.config.routes["dev"].robots)
+    bridge.journal.accept(webhook, gone, "r1")               # journaled before a reload removed it
+    text = request(bridge, "GET", "/")[1].decode()
+    assert "<h2>receiver old-team <span class=\"bad\">(not in the config)</span></h2>" in text
+    assert "<strong>1 waiting</strong> (critical 1)" in text and "[receiver:old-team] is back" in text
+
+
+def test_the_preview_renders_without_sending_and_has_a_size_limit(make_bridge, sqlite_db, fake):
+    bridge = make_bridge(sqlite_db, main={"max_body_bytes": "2048"})
+    form = urllib.parse.urlencode({"payload": json.dumps(hostile_payload()), "receiver": ""}).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, body, _ = request(bridge, "POST", "/preview", form, headers)
+    text = body.decode()
+    assert status == 200, text
+    assert "Message 1 of 1" in text and "priority level <strong>critical</strong>" in text
+    assert "@-mentions: @13800000000" in text
+    assert "of 20,000 bytes" in text and "the request body (JSON)" in text
+    assert "<img" not in text and "<script" not in text and 'href="javascript' not in text
+    assert fake.requests == [] and bridge.journal.backlog()[0] == 0
+
+    bad = urllib.parse.urlencode({"payload": '{"version": "4", "status": "firing"}'}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", bad, headers)
+    assert status == 422 and "receiver: required" in body.decode()
+    status, body, _ = request(bridge, "POST", "/preview", b"payload=" + b"x" * 7000, headers)
+    assert status == 413 and json.loads(body)["error"].startswith("body of 7008 bytes exceeds the limit of 6144")
+    assert request(bridge, "POST", "/preview", form, {"Content-Type": "application/json"})[0] == 415
+    assert request(bridge, "PUT", "/preview")[0] == 405
+
+
+def test_the_preview_takes_the_last_webhook_of_a_receiver(make_bridge, sqlite_db, fake):
+    bridge = make_bridge(sqlite_db)
+    assert "preview its last webhook" not in request(bridge, "GET", "/")[1].decode()
+    assert post(bridge, load_fixture("am025-ops-firing-group.json"))[0] == 200
+    assert "/preview?last=ops" in request(bridge, "GET", "/")[1].decode()
+    status, body, _ = request(bridge, "GET", "/preview?last=ops")
+    text = body.decode()
+    assert status == 200 and "Message 2 of 2" in text and "DiskFull" in text
+
+
+def test_a_template_tried_in_the_preview_is_used_and_its_problems_shown(make_bridge, sqlite_db):
+    bridge = make_bridge(sqlite_db)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    payload = json.dumps(load_fixture("am025-dev-firing.json"))
+    form = urllib.parse.urlencode({"payload": payload, "alert": "NEW {alertname}\n{sumary}"}).encode()
+    text = request(bridge, "POST", "/preview", form, headers)[1].decode()
+    assert "NEW TargetDown" in text and "template alert line 2: {sumary} is not a field" in text
+    form = urllib.parse.urlencode({"payload": payload, "title": "{oops"}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, headers)
+    assert status == 422 and "title template: line 1: expected &#x27;}&#x27; before end of string" in body.decode()
+
+
+# --- in a real browser --------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium under selenium; skipped outside CI when it is not installed."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        message = f"browser tests need {', '.join(missing)} (bash tests/run installs them)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    os.environ["SE_OFFLINE"] = "true"           # selenium must not look for drivers online
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1100,1500", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": CREDENTIALS})
+    yield driver
+    driver.quit()
+
+
+def keep_screenshot(driver, tmp_path, name):
+    """Into the test's directory; also into $ALERTBRIDGE_SCREENSHOTS, which is how docs/ gets its PNG."""
+    path = tmp_path / name
+    assert driver.save_screenshot(str(path))
+    target = os.environ.get("ALERTBRIDGE_SCREENSHOTS")
+    if target:
+        shutil.copy(path, pathlib.Path(target) / name)
+    return path
+
+
+def follow(driver, element):
+    """Click a link or button that loads a page, and wait until the page it was on is gone."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    element.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(element))
+
+
+def pwned(driver):
+    return driver.execute_script("return window.__pwned === undefined ? null : window.__pwned")
+
+
+def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(browser, make_bridge, sqlite_db, fake, tmp_path):
+    from selenium.webdriver.common.by import By
+    robots = {**ROBOTS, "ops-3": {**ROBOTS["ops-3"], "secret": "not-the-secret"}}
+    bridge = make_bridge(sqlite_db, robots=robots, delivery={"rate_limit": "1"}, extra=AUTH)
+    assert post(bridge, hostile_payload(), headers=CREDENTIALS)[0] == 200
+    for payload in storm_payloads(groups=60, per_group=5):
+        assert post(bridge, payload, headers=CREDENTIALS)[0] == 200
+    assert wait_until(lambda: robot_state(bridge, "ops-3").disabled)
+    assert wait_until(lambda: len(fake.delivered()) >= 2)
+    assert wait_until(lambda: metric(bridge.address, "alertbridge_alerts_recorded_total") == 301)
+
+    browser.get(bridge.address + "/")
+    assert browser.title == f"alertbridge {alertbridge.VERSION}"
+    ops = browser.find_element(By.XPATH, "//section[h2='receiver ops']")
+    assert "waiting (warning" in ops.text
+    robot_rows = {row.find_element(By.TAG_NAME, "td").text: row.text
+                  for row in ops.find_elements(By.XPATH, ".//tr[td]")}
+    assert set(robot_rows) == {"ops-1", "ops-2", "ops-3"}
+    assert "errcode 310000: sign not match" in robot_rows["ops-3"]
+    assert "0 of 1" in robot_rows["ops-1"] and "ago" in robot_rows["ops-1"]
+    sends = browser.find_element(By.XPATH, "//section[starts-with(h2, 'Last')]").text
+    assert "310000" in sends and "sign not match" in sends and "critical" in sends
+    firing = browser.find_element(By.XPATH, "//section[starts-with(h2, 'Firing now')]")
+    assert firing.find_element(By.TAG_NAME, "h2").text == "Firing now: 301, the newest 50 shown"
+    page_text = browser.find_element(By.TAG_NAME, "body").text
+    assert "history up" in page_text.replace("\n", " ") and "Asia/Shanghai" in page_text
+    for token in OPS:
+        assert token not in browser.page_source
+    keep_screenshot(browser, tmp_path, "status-page.png")
+    assert pwned(browser) is None
+
+    browser.set_window_size(390, 844)                      # a phone: wide tables scroll in their box
+    browser.refresh()
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    keep_screenshot(browser, tmp_path, "status-page-phone.png")
+    browser.set_window_size(1100, 1500)
+
+    # the hostile alert, from the last webhook of the receiver: shown as text, run never
+    hostile = make_payload("ops", hostile_payload()["alerts"])
+    assert post(bridge, hostile, headers=CREDENTIALS)[0] == 200
+    browser.get(bridge.address + "/")
+    follow(browser, browser.find_element(By.LINK_TEXT, "preview its last webhook"))
+    card = browser.find_element(By.CLASS_NAME, "dingtalk")
+    assert IMG_SUMMARY in card.text and "team=" + SCRIPT_LABEL in card.text
+    assert card.find_elements(By.TAG_NAME, "img") == [] and pwned(browser) is None
+    assert card.find_element(By.TAG_NAME, "a").get_attribute("href").startswith("http://prom:9090/")
+
+
+def test_in_a_browser_the_preview_form(browser, make_bridge, sqlite_db, fake, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    bridge = make_bridge(sqlite_db, extra=AUTH)
+    browser.get(bridge.address + "/preview")
+    payload = make_payload("anything", [make_alert("DiskFull", "db-1", severity="critical",
+                                                   labels={"team": SCRIPT_LABEL}, annotations={"summary": IMG_SUMMARY}),
+                                        make_alert("DiskSlow", "db-1", severity="warning")])
+    textarea = browser.find_element(By.ID, "payload")
+    textarea.send_keys(json.dumps(payload, indent=1))      # typed, as an operator pastes it
+    Select(browser.find_element(By.ID, "receiver")).select_by_visible_text("ops")
+    follow(browser, browser.find_element(By.ID, "render"))
+    sections = browser.find_elements(By.XPATH, "//section[starts-with(h2, 'Message')]")
+    assert [s.find_element(By.TAG_NAME, "h2").text for s in sections] == ["Message 1 of 2", "Message 2 of 2"]
+    first = sections[0]
+    assert "priority level critical" in first.text and "@-mentions: @13800000000" in first.text
+    cards = first.find_elements(By.CLASS_NAME, "dingtalk")
+    assert len(cards) == 3                                 # three robots, three keywords: three bodies
+    assert "🔥 DiskFull" in cards[0].text and IMG_SUMMARY in cards[0].text
+    assert first.find_elements(By.TAG_NAME, "img") == []
+    assert "@-mentions: nobody" in sections[1].text        # at_severities = critical
+    assert json.loads(browser.find_element(By.ID, "payload").get_attribute("value")) == payload
+    keep_screenshot(browser, tmp_path, "preview.png")
+    assert pwned(browser) is None
+    assert fake.requests == [] and bridge.journal.backlog()[0] == 0

@@ -1002,7 +1002,10 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     server_version = "alertbridge/" + VERSION
     disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait for an ACK
     PROBES = ("/-/healthy", "/-/ready", "/metrics")
-    WEBHOOK_PATHS = re.compile(r"/(?:alertmanager(?:/(?P<receiver>[^/]+))?)?/?")
+    # /alertmanager[/RECEIVER]; and prometheus-webhook-dingtalk's /dingtalk/TARGET/send, so
+    # that switching from it changes host and port only (a 404 is not retried: pages lost)
+    WEBHOOK_PATHS = re.compile(r"/(?:alertmanager(?:/(?P<receiver>[^/]+))?"
+                               r"|dingtalk/(?P<target>[^/]+)/send)?/?")
 
     def setup(self):
         self.timeout = self.bridge.config.service.request_timeout
@@ -1155,7 +1158,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest(415, f"Content-Type must be application/json, "
                                   f"not {content_type[:60]!r}")
         body = self._read_body()
-        named = match.group("receiver")
+        named = match.group("receiver") or match.group("target")
         path_receiver = urllib.parse.unquote(named) if named else None
         webhook = parse_webhook(body, path_receiver)
         status, reply = self.bridge.intake.accept(webhook, request_id, body)

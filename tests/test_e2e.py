@@ -23,30 +23,30 @@ def alertmanager(tmp_path):
         pytest.skip("prometheus-alertmanager not installed")
     processes = []
 
-    def start(alertbridge_url, bearer=None):
+    def start(alertbridge_url, bearer=None, paths=None):
+        """`paths`: the webhook path of Alertmanager's receivers ops and dev (/alertmanager)."""
+        paths = paths or {"ops": "/alertmanager", "dev": "/alertmanager"}
         http_config = (f"        http_config:\n          authorization:\n            credentials: {bearer}\n"
                        if bearer else "")
+        receivers = "".join(f"""\
+  - name: {name}
+    webhook_configs:
+      - url: {alertbridge_url}{path}
+        send_resolved: true
+{http_config}""" for name, path in paths.items())
         config = tmp_path / "alertmanager.yml"
         config.write_text(f"""\
 route:
-  receiver: ops
+  receiver: {list(paths)[0]}
   group_by: [alertname, job]
   group_wait: 1s
   group_interval: 1s
   repeat_interval: 1h
   routes:
-    - receiver: dev
+    - receiver: {list(paths)[1]}
       matchers: ['team="dev"']
 receivers:
-  - name: ops
-    webhook_configs:
-      - url: {alertbridge_url}/alertmanager
-        send_resolved: true
-{http_config}  - name: dev
-    webhook_configs:
-      - url: {alertbridge_url}/alertmanager
-        send_resolved: true
-{http_config}""", encoding="utf-8")
+{receivers}""", encoding="utf-8")
         port = free_port()
         log = open(tmp_path / "alertmanager.log", "ab")
         process = subprocess.Popen([BINARY, f"--config.file={config}", f"--storage.path={tmp_path / 'am-data'}",
@@ -150,3 +150,18 @@ def test_alertmanager_with_wrong_credentials_is_refused(make_bridge, fake, sqlit
     log = tmp_path / "alertmanager.log"
     assert wait_until(lambda: "401" in log.read_text(errors="replace"), timeout=60)
     assert fake.delivered() == [] and bridge.journal.backlog()[2] == 0
+
+
+def test_urls_of_prometheus_webhook_dingtalk_work_unchanged(make_bridge, fake, sqlite_db, alertmanager):
+    """Alertmanager configured the old way: receivers named freely, each posting to
+    /dingtalk/<target>/send; only host and port changed. The target names the [receiver:NAME]."""
+    bridge = make_bridge(sqlite_db)
+    am = alertmanager(bridge.address, paths={"dingtalk": "/dingtalk/ops/send",
+                                             "dingtalk-dev": "/dingtalk/dev/send"})
+    push(am, alerts())
+    assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
+    assert titles(fake, DEV) == ["[FIRING:1] TargetDown"]
+    assert {m.token for m in fake.delivered() if m.token != DEV} <= set(OPS)
+    settle(bridge)
+    assert {r["instance"]: r["receiver"] for r in history(bridge)} == {
+        "10.0.0.1:9100": "ops", "10.0.0.2:9100": "ops", "10.0.0.3:9100": "ops", "p:9090": "dev"}

@@ -107,6 +107,9 @@ def test_100_malformed_requests_get_4xx_and_the_daemon_keeps_serving(make_bridge
     (b"POST /alertmanager HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}", 400, "Content-Length"),
     (b"POST /alertmanager HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 400, "body ended"),
     (b"POST /alertmanager/ops HTTP/1.1\r\nContent-Length: 7\r\n\r\n{\"a\":1}", 400, "version"),
+    (b"POST /dingtalk/ops/send HTTP/1.1\r\nContent-Length: 7\r\n\r\n{\"a\":1}", 400, "version"),
+    (b"GET /dingtalk/ops/send HTTP/1.1\r\n\r\n", 405, "use POST"),
+    (b"POST /dingtalk/ops HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "no such endpoint"),
 ])
 def test_each_bad_request_gets_its_status_and_a_one_line_reason(make_bridge, sqlite_db, request_bytes, status, reason):
     bridge = make_bridge(sqlite_db)

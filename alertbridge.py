@@ -108,6 +108,17 @@ class _EscapeControlCharacters(logging.Filter):
 log.addFilter(_EscapeControlCharacters())
 
 
+def logfmt(value):
+    """A free-text value (a receiver, a reason, DingTalk's errmsg) for a key=value log field:
+    quoted as a JSON string when it holds a space, a quote or an equals sign, so the text line
+    reads as logfmt and log_format = json takes the field whole."""
+    text = str(value)
+    if text and not re.search(r'[\s"=]', text) and not _CONTROL_CHARACTERS.search(text):
+        return text
+    quoted = json.dumps(text, ensure_ascii=False)
+    return _CONTROL_CHARACTERS.sub(lambda m: "\\u%04x" % ord(m.group()), quoted)
+
+
 # =============================================================================================
 # 1. Records: what crosses sections
 # =============================================================================================
@@ -347,6 +358,7 @@ DEFAULT_ALERT = """\
 - {links}"""
 
 PLACEHOLDER_TOKEN = "CHANGE_ME"
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -362,6 +374,7 @@ class Service:
     journal: str = ""           # "": STATE_DIR/journal.db
     journal_sync: str = field(default="full", metadata={"choices": ("full", "normal")})
     default_receiver: str = ""
+    log_format: str = field(default="text", metadata={"choices": LOG_FORMATS})
 
 
 @dataclass(frozen=True)
@@ -670,7 +683,8 @@ def _load_service(parser, base):
     state_dir = resolve(section.get("state_dir") or os.environ.get("STATE_DIRECTORY", "state"))
     journal = resolve(section.get("journal") or os.path.join(state_dir, "journal.db"))
     service = section.settings(Service, state_dir=state_dir, journal=journal)
-    return replace(service, journal_sync=service.journal_sync.lower())
+    return replace(service, journal_sync=service.journal_sync.lower(),
+                   log_format=service.log_format.lower())
 
 
 def _load_database(parser, base, service):
@@ -961,7 +975,8 @@ class Intake:
         self.bridge.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
         self.last_payloads[route.name] = (self.bridge.clock(), payload.decode("utf-8", "replace"))
         log.info("request_id=%s accepted receiver=%s route=%s alerts=%d group=%s", request_id,
-                 webhook.receiver, route.name, len(webhook.alerts), webhook.group_key[:120])
+                 logfmt(webhook.receiver), route.name, len(webhook.alerts),
+                 logfmt(webhook.group_key[:120]))
         return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
 
 
@@ -1064,7 +1079,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                 handler(request_id)
             except BadRequest as exc:
                 log.info("request_id=%s rejected status=%d reason=%s", request_id, exc.status,
-                         exc.reason)
+                         logfmt(exc.reason))
                 self._reply(exc.status, {"error": exc.reason, "request_id": request_id},
                             headers=exc.headers)
             except (ConnectionError, socket.timeout):
@@ -2167,7 +2182,7 @@ class StoreProcess:
         try:
             self._child = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--store-process",
-                 str(theirs.fileno())],
+                 str(theirs.fileno()), "--log-format", current_log_format()],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -3216,8 +3231,8 @@ class Sender(Worker):
                 THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
         log.log(level, "send message=%d route=%s priority=%s robot=%s request_id=%s alerts=%d "
                 "errcode=%s errmsg=%s latency_ms=%d%s", message.id, route.name, message.level,
-                robot.name, message.request_id, len(message.alerts), result.errcode, result.errmsg,
-                result.latency * 1000, note)
+                robot.name, message.request_id, len(message.alerts), result.errcode,
+                logfmt(result.errmsg), result.latency * 1000, note)
         errcode = "none" if result.errcode is None else str(result.errcode)
         self.metrics.inc("alertbridge_sends_total", receiver=route.name, robot=robot.name,
                          errcode=errcode)
@@ -4264,6 +4279,7 @@ class Bridge:
                                  database=self.config.database, cluster=self.config.cluster)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
+            apply_log_format(config.service.log_format)
             self.renderer = Renderer(config)
             self.pool.forgive()
             self._warn_about_robots()
@@ -4309,9 +4325,61 @@ class Bridge:
 # 15. Command line
 # =============================================================================================
 
-def setup_logging(level):
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_HANDLER = "alertbridge"     # the name of the handler setup_logging() installs
+
+
+class JsonLogFormatter(logging.Formatter):
+    """log_format = json: one object per line for Loki, ELK and the like. The key=value fields
+    of the text line (request_id, receiver, route, robot, errcode...) become keys of their own,
+    as strings; the line itself is "message"."""
+
+    FIELD = re.compile(r'(?<![^\s(])([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
+    RESERVED = ("time", "level", "logger", "message", "exception")
+    RENAMED = {"message": "message_id"}   # the journal's message id, not the line
+
+    def format(self, record):
+        message = record.getMessage()
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc)
+                 .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname.lower(), "logger": record.name, "message": message}
+        for key, value in self.FIELD.findall(message):
+            key = self.RENAMED.get(key, key)
+            if key not in self.RESERVED and key not in entry:
+                entry[key] = self._value(value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+    @staticmethod
+    def _value(text):
+        if text.startswith('"'):
+            with contextlib.suppress(ValueError):
+                return json.loads(text)
+        return text.rstrip(":;,)")
+
+
+def setup_logging(level, log_format="text"):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.name = LOG_HANDLER
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    apply_log_format(log_format)
+
+
+def apply_log_format(log_format):
+    """Set the format of the handler setup_logging() installed: at start and on reload. Bridges
+    in a process that did not call it (tests) leave logging alone."""
+    formatter = (JsonLogFormatter() if log_format == "json"
+                 else logging.Formatter(TEXT_LOG_FORMAT))
+    for handler in logging.getLogger().handlers:
+        if handler.name == LOG_HANDLER:
+            handler.setFormatter(formatter)
+
+
+def current_log_format():
+    """What the store process is told to log as: the daemon's own format."""
+    handlers = [h for h in logging.getLogger().handlers if h.name == LOG_HANDLER]
+    return "json" if handlers and isinstance(handlers[0].formatter, JsonLogFormatter) else "text"
 
 
 def mask_url(url):
@@ -4431,6 +4499,8 @@ def main(argv=None):
                         help="config file (default: config.ini)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help=argparse.SUPPRESS)  # the store process's; log_format in the config
     parser.add_argument("--version", action="version", version=f"alertbridge {VERSION}")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--check-config", action="store_true",
@@ -4445,7 +4515,7 @@ def main(argv=None):
     action.add_argument("--store-process", type=int, metavar="FD",
                         help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if args.store_process is not None:
         return serve_store(args.store_process)
     if args.check_config or args.send_test or args.init_db or args.render:  # Ctrl-C as usual
@@ -4460,6 +4530,7 @@ def main(argv=None):
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    apply_log_format(config.service.log_format)
     if args.check_config:
         print(check_config(config))
         return 0

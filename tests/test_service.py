@@ -1,6 +1,8 @@
 """Running as a real service: sd_notify, reload, shutdown, health, metrics, auth, CLI, retention."""
 
 import base64
+import json
+import logging
 import re
 import shutil
 import signal
@@ -73,6 +75,46 @@ def test_sighup_reloads_and_broken_config_is_rejected(daemon, fake):
     assert fake.wait_for(lambda f: len(f.delivered(ROBOTS["ops-3"]["token"])) == 2)
     assert "DEBUG" in p.log.read_text()                      # --log-level debug took effect
     assert p.stop() == 0
+
+
+def test_json_logs_carry_each_field_whole_and_no_secret(daemon, fake):
+    p = daemon(main={"log_format": "json"})
+    p.wait_healthy()
+    receiver = 'blue "team"\nINFO forged=1'                   # free text, routed by default_receiver
+    assert post(p.url, make_payload(receiver, [make_alert()]))[0] == 200
+    assert post(p.url, b"{not json")[0] == 400
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    p.wait_log('"robot": "dev-1"')
+    entries = [json.loads(line) for line in p.log.read_text(encoding="utf-8").splitlines()]
+    accepted = next(e for e in entries if " accepted " in e["message"])
+    assert accepted["receiver"] == receiver and accepted["route"] == "dev" and accepted["alerts"] == "1"
+    assert "forged" not in accepted and accepted["level"] == "info" and accepted["time"].endswith("Z")
+    rejected = next(e for e in entries if " rejected " in e["message"])
+    assert rejected["status"] == "400" and rejected["reason"].startswith("body is not valid JSON")
+    sent = next(e for e in entries if e["message"].startswith("send "))
+    assert sent["robot"] == "dev-1" and sent["errcode"] == "0" and sent["errmsg"] == "ok"
+    assert sent["request_id"] == accepted["request_id"]
+    assert not [s for s in SECRETS if s in p.log.read_text(encoding="utf-8")]
+    store = p.children()[0]                                  # the store process logs the same way
+    assert "--log-format\0json" in open(f"/proc/{store}/cmdline").read()
+
+    p.write_config(main={"port": str(p.port), "log_format": "text"})
+    p.proc.send_signal(signal.SIGHUP)
+    p.wait_log("INFO alertbridge config reloaded")
+    assert p.stop() == 0
+    assert p.log.read_text(encoding="utf-8").splitlines()[-1].split()[3:] == ["alertbridge", "stopped"]
+
+
+def test_json_log_formatter_takes_quoted_and_bare_fields():
+    record = logging.LogRecord("alertbridge", logging.WARNING, __file__, 1,
+                               "route=%s: message=%d request_id=%s errmsg=%s (x=%s)", None, None)
+    record.args = ("ops", 7, "abc", alertbridge.logfmt('send too fast, "exceed" 20\u2028'), "y")
+    entry = json.loads(alertbridge.JsonLogFormatter().format(record))
+    assert entry["route"] == "ops" and entry["message"].startswith("route=ops: message=7")
+    assert entry["message_id"] == "7"
+    assert entry["errmsg"] == 'send too fast, "exceed" 20\u2028' and entry["x"] == "y"
+    assert entry["level"] == "warning" and entry["logger"] == "alertbridge"
+    assert alertbridge.logfmt("ops-1") == "ops-1" and alertbridge.logfmt("") == '""'
 
 
 def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_bridge, fake, sqlite_db):

@@ -3639,6 +3639,7 @@ METRIC_HELP = {
     "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
     "alertbridge_robot_disabled": ("gauge", "1 while a config error keeps the robot out."),
     "alertbridge_store_up": ("gauge", "1 if the history store answered last time."),
+    "alertbridge_journal_writable": ("gauge", "0 while journal writes fail (webhooks get 503)."),
     "alertbridge_http_requests_in_flight": ("gauge", "HTTP requests being handled, this one too."),
     "alertbridge_build_info": ("gauge", "Version of alertbridge."),
 }
@@ -4304,6 +4305,7 @@ class Bridge:
         waiting.update({level: (n, oldest) for level, n, oldest in self.journal.waiting_by_level()})
         gauges = [("alertbridge_record_backlog_events", {}, backlog),
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
+                  ("alertbridge_journal_writable", {}, int(self.journal.failed_at is None)),
                   ("alertbridge_http_requests_in_flight", {}, self._requests),
                   ("alertbridge_build_info", {"version": VERSION}, 1)]
         if self.config.cluster.enabled:

@@ -59,13 +59,15 @@ class FakeDingTalk:
         self.release = threading.Event()   # ends every "hang" and "trickle" answer
         self.before_answer = None   # called with the Request before it is answered
         self.server = None
+        self.tls = None             # an ssl.SSLContext to serve HTTPS, as DingTalk does
 
     # set-up
     def add_robot(self, token, secret="", keyword=""):
         self.robots[token] = (secret, keyword)
 
     def url(self, token):
-        return f"http://127.0.0.1:{self.server.server_address[1]}/robot/send?access_token={token}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}/robot/send?access_token={token}"
 
     def fail_next(self, token, answer, times=1):
         with self.cond:
@@ -127,6 +129,8 @@ class FakeDingTalk:
                     self.connection.shutdown(socket.SHUT_RDWR)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if self.tls:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self

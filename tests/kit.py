@@ -434,3 +434,39 @@ class TcpProxy:
             except OSError:
                 pass
         self.sockets = []
+
+
+class ConnectProxy(TcpProxy):
+    """An HTTP proxy on loopback, CONNECT only (how HTTPS goes through a proxy): it tunnels to
+    the host and port asked for, and remembers them in `tunnels`."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.tunnels = []
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return client.close()
+            head += chunk
+        method, target = head.split(b" ")[:2]
+        if method != b"CONNECT":
+            client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return client.close()
+        host, port = target.decode().rsplit(":", 1)
+        self.tunnels.append(f"{host}:{port}")
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.sockets += [client, upstream]
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()

@@ -309,6 +309,7 @@ def test_a_full_disk_neither_loses_nor_repeats_a_page(make_bridge, fake, sqlite_
     assert wait_until(lambda: bridge.journal.failed_at is not None)      # the answer could not be journaled
     assert post(bridge, make_payload("dev", [make_alert("Later")]))[0] == 503       # Alertmanager retries
     assert post(bridge, None, path="/-/ready", method="GET")[0] == 503
+    assert "\nalertbridge_journal_writable 0\n" in bridge.render_metrics()     # AlertbridgeJournalNotWritable
     free()
     assert wait_until(lambda: bridge.journal.backlog()[0] == 0)   # the held answer is journaled
     assert post(bridge, make_payload("dev", [make_alert("Later")]))[0] == 200
@@ -318,6 +319,7 @@ def test_a_full_disk_neither_loses_nor_repeats_a_page(make_bridge, fake, sqlite_
     assert sum("DiskFull" in t for t in texts) == 1 and sum("Later" in t for t in texts) == 1
     assert bridge.pool.available(bridge.config.routes["dev"], time.time()) == 18     # no slot lost
     assert post(bridge, None, path="/-/ready", method="GET")[0] == 200
+    assert "\nalertbridge_journal_writable 1\n" in bridge.render_metrics()
 
 
 def test_a_reload_that_removes_a_receiver_keeps_its_messages_for_it(make_bridge, fake, sqlite_db, caplog):

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import alertbridge
-from tests.kit import (IN_CI, ROBOTS, ROOT, SCRIPT, SECRETS, config_text, empty_mysql, history,
+from tests.fakedingtalk import FakeDingTalk
+from tests.kit import (IN_CI, ConnectProxy, Daemon, ROBOTS, ROOT, SCRIPT, SECRETS, config_text, empty_mysql, history,
                        make_alert, make_payload, mysql_connect, post, settle, wait_until)
 
 
@@ -103,6 +105,43 @@ def test_json_logs_carry_each_field_whole_and_no_secret(daemon, fake):
     p.wait_log("INFO alertbridge config reloaded")
     assert p.stop() == 0
     assert p.log.read_text(encoding="utf-8").splitlines()[-1].split()[3:] == ["alertbridge", "stopped"]
+
+
+@pytest.fixture
+def https_fake(tmp_path):
+    """A fake DingTalk serving HTTPS with a certificate for 127.0.0.1, and that certificate's file."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = FakeDingTalk()
+    server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.tls.load_cert_chain(cert, key)
+    server.start()
+    for robot in ROBOTS.values():
+        server.add_robot(robot["token"], robot.get("secret", ""), robot.get("keyword", ""))
+    yield server, cert
+    server.stop()
+
+
+@pytest.mark.parametrize("no_proxy", ["", "localhost,127.0.0.1"], ids=["through-the-proxy", "no-proxy"])
+def test_https_proxy_and_no_proxy_are_honoured(tmp_path, https_fake, sqlite_db, no_proxy):
+    """Servers that reach DingTalk only through a proxy set HTTPS_PROXY (NO_PROXY for exceptions):
+    urllib tunnels HTTPS through it with CONNECT, certificate checked end to end."""
+    fake, cert = https_fake
+    proxy = ConnectProxy().start()
+    env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}", "NO_PROXY": no_proxy, "SSL_CERT_FILE": str(cert)}
+    daemon = Daemon(tmp_path, fake.url, sqlite_db, env=env)
+    try:
+        daemon.wait_healthy()
+        assert post(daemon.url, make_payload("dev", [make_alert("ViaProxy")]))[0] == 200
+        assert fake.wait_for(lambda f: len(f.delivered()) == 1), daemon.log.read_text()
+        assert "ViaProxy" in fake.delivered()[0].text
+        fake_address = f"127.0.0.1:{fake.server.server_address[1]}"
+        assert proxy.tunnels == ([] if no_proxy else [fake_address])
+    finally:
+        daemon.stop()
+        proxy.cut()
 
 
 def test_json_log_formatter_takes_quoted_and_bare_fields():

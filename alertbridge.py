@@ -9,6 +9,7 @@ The file reads top to bottom the way an alert travels through it:
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
                      once), Robot and Route (the config side of an Alertmanager receiver)
    4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
+                     (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it replaces)
    5. Storage        all SQL; the Journal (local SQLite: messages to send, events to record,
                      the send log); the Store (history, MySQL or SQLite) and its child process
    6. Rendering      alerts -> DingTalk markdown (templates, mentions, keyword, sizes)
@@ -20,7 +21,8 @@ The file reads top to bottom the way an alert travels through it:
   12. Observability  metrics, sd_notify, the watchdog
   13. Pages          the status page, the preview, the dry run: HTML, escaped, no script
   14. Bridge         one instance: wiring, start, reload, readiness, stop
-  15. Command line   --check-config, --send-test, --init-db, --render, run(), main()
+  15. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
+                     --render, run(), main()
 
 Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
 nothing accepted is dropped (a message that cannot be sent waits, is retried, and after

@@ -188,15 +188,36 @@ class FakeDingTalk:
         if len(raw) > self.max_bytes:
             return 200, 460101, "message too long, exceed 20000 bytes"
         try:
-            body = json.loads(raw.decode("utf-8"))
-            kind = body["msgtype"]
-            content = body[kind]
-            text = content["text"] + content["title"] if kind == "markdown" else content["content"]
+            text = self._text(json.loads(raw.decode("utf-8")))
         except (ValueError, KeyError, TypeError):
             return 200, 40035, "缺少参数 json"
         if keyword and keyword not in text:
             return 200, 310000, "keywords not in content"
         return 200, 0, "ok"
+
+    @staticmethod
+    def _text(body):
+        """The text a keyword is looked for in; KeyError, TypeError or ValueError when the body
+        lacks what its msgtype needs, as the real API answers 40035 then."""
+        kind = body["msgtype"]
+        content = body[kind]
+        if kind == "text":
+            return str(content["content"])
+        if kind == "markdown":
+            return content["title"] + content["text"]
+        if kind == "actionCard":
+            title, text = content["title"], content["text"]
+            if "btns" in content:
+                buttons = content["btns"]
+                if not isinstance(buttons, list) or not buttons or content.get("btnOrientation", "0") not in ("0", "1"):
+                    raise ValueError("btns")
+                for button in buttons:
+                    if not (button["title"] and str(button["actionURL"]).startswith(("http://", "https://", "dingtalk://"))):
+                        raise ValueError("btn")
+            elif not (content["singleTitle"] and content["singleURL"]):
+                raise ValueError("single")
+            return title + text
+        raise ValueError(kind)
 
     # what tests read
     def delivered(self, token=None):

@@ -1,6 +1,8 @@
 """One DingTalk request: signing, the answer classified once, a total deadline, and whatever
 comes back never raises, never leaks a token, and always says why."""
 
+import json
+
 import pytest
 
 import alertbridge
@@ -75,3 +77,17 @@ def test_retry_delay_stays_bounded_after_any_number_of_attempts():
         assert 0 < alertbridge.retry_delay(attempts, 2.0, 300.0) <= 300.0
     assert alertbridge.retry_delay(0, 2.0, 300.0, jitter=lambda a, b: b) == 2.0
     assert alertbridge.retry_delay(3, 2.0, 300.0, jitter=lambda a, b: b) == 16.0
+
+
+@pytest.mark.parametrize("card, errcode", [
+    ({"title": "t", "text": "hello alert", "btnOrientation": "0",
+      "btns": [{"title": "Silence", "actionURL": "https://am/#/silences/new"}]}, 0),
+    ({"title": "t", "text": "hello alert", "singleTitle": "Open", "singleURL": "https://am/"}, 0),
+    ({"title": "t", "text": "hello alert", "btns": []}, 40035),
+    ({"title": "t", "text": "hello alert", "btnOrientation": "2", "btns": [{"title": "a", "actionURL": "https://x/"}]}, 40035),
+    ({"title": "t", "text": "hello alert", "btns": [{"title": "a"}]}, 40035),
+    ({"text": "hello alert", "btns": [{"title": "a", "actionURL": "https://x/"}]}, 40035),
+])
+def test_the_fake_checks_an_action_cards_shape_as_dingtalk_does(fake, card, errcode):
+    body = json.dumps({"msgtype": "actionCard", "actionCard": card}).encode()
+    assert post_to_dingtalk(robot_at(fake), body, timeout=5).errcode == errcode

@@ -33,7 +33,8 @@ reaches a log line, a metric or a database.
 Threads: "http" accepts connections, with a thread per connection (IntakeHandler); "notifier"
 expires old messages and starts a "sender:ROUTE" per route, each sending its route's messages
 in order; "recorder" copies journal events into the history through the store process;
-"watchdog" pets systemd; with [cluster], "cluster" holds or watches the leader's lease. The
+"watchdog" pets systemd; with [cluster], "cluster" holds or watches the leader's lease; a
+short-lived "history" reads an alert's earlier occurrences for a sender (Recurrence). The
 main thread waits for signals (run()).
 
 Locks: Journal._write_lock serializes every journal write on one connection; its holder takes
@@ -171,6 +172,7 @@ class Webhook:
     group_key: str
     alerts: list            # alerts as normalize_alert() makes them
     truncated: int = 0
+    group_labels: dict = field(default_factory=dict)
 
 
 def message_body(alerts, truncated=0, **extra):
@@ -255,6 +257,25 @@ class Blank(dict):
         return ""
 
 
+class Untrusted(str):
+    """Text from an alert (a label or annotation value): a template shows it escaped for
+    where it lands (DingTalk markdown, a URL), unless the field asks for it `:raw`."""
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]~])")
+
+
+def md_escape(text):
+    """`node_exporter_*x*` as written, not in italics: DingTalk's markdown specials escaped
+    with a backslash (as prometheus-webhook-dingtalk's `markdown` function does, and brackets,
+    which would make a link)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+ESCAPES = {"markdown": md_escape, "url": lambda text: urllib.parse.quote(text, safe=""),
+           None: str}
+
+
 class _LenientFormatter(string.Formatter):
     def get_field(self, field_name, args, kwargs):
         try:
@@ -272,27 +293,35 @@ def _parsed(template):
     return tuple(tuple(_formatter.parse(line)) for line in template.split("\n"))
 
 
-def _format(name, spec, conversion, fields):
-    if not spec and not conversion and name.isidentifier():  # the common case, made cheap
-        return str(fields[name])
-    value, _ = _formatter.get_field(name, (), fields)
+def _format(name, spec, conversion, fields, escape):
+    if name.isidentifier():  # the common case, made cheap
+        value = fields[name]
+    else:
+        value, _ = _formatter.get_field(name, (), fields)
+    if spec == "raw":
+        return str(value)
+    if isinstance(value, Untrusted):
+        value = escape(value)
+    if not spec and not conversion:
+        return str(value)
     try:
         return _formatter.format_field(_formatter.convert_field(value, conversion), spec)
     except (ValueError, TypeError):  # e.g. {x:d} on a label that is not a number
         return str(value)
 
 
-def render_template(template, fields):
+def render_template(template, fields, escape="markdown"):
     """str.format over `fields`; a missing field is empty, and a line whose placeholders all
     came out empty is left out (so 'Resolved: {ends_at}' disappears while an alert fires).
-    Raises ValueError for a malformed template (checked when the config loads)."""
-    out = []
+    Alert text (Untrusted) is escaped for `escape` (markdown, url, or None), unless a field
+    says `:raw`. Raises ValueError for a malformed template (checked when the config loads)."""
+    out, escape = [], ESCAPES[escape]
     for pieces in _parsed(template):
         parts, named, filled = [], False, False
         for literal, name, spec, conversion in pieces:
             parts.append(literal)
             if name is not None:
-                value = _format(name, spec, conversion, fields)
+                value = _format(name, spec, conversion, fields, escape)
                 named, filled = True, filled or value != ""
                 parts.append(value)
         if named and not filled:
@@ -348,11 +377,12 @@ def template_problems(template, fields):
 # default of "" on a path means "derived" (see load_config). Field metadata: "min" for numbers,
 # "choices" for words.
 
-DEFAULT_TITLE = "[{state}] {alertnames}"
+DEFAULT_TITLE = "[{state}] {group_labels}"
 DEFAULT_ALERT = """\
 **{status_icon} {alertname}** · {severity} · {status}
 - 实例 Instance: {instance}
 - 开始 Started: {starts_at}
+- 历史 History: {history}
 - 恢复 Resolved: {ends_at} (持续 {duration})
 - 摘要 Summary: {summary}
 - 描述 Description: {description}
@@ -360,6 +390,9 @@ DEFAULT_ALERT = """\
 - {links}"""
 
 PLACEHOLDER_TOKEN = "CHANGE_ME"
+MOBILE = re.compile(r"(\+[0-9]{1,4}-)?[0-9]{5,15}")       # as DingTalk's atMobiles take them
+USER_ID = re.compile(r"(?!all$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.I)   # "all" is no person
+MENTIONS_FROM_ALERTS = 20   # at most this many @ taken from alerts' labels, per message
 LOG_FORMATS = ("text", "json")
 
 
@@ -498,9 +531,19 @@ class Route:
     name: str
     robots: tuple
     at_mobiles: tuple = ()
+    at_user_ids: tuple = ()
     at_all: bool = False
     at_severities: tuple = ()
+    at_mobiles_from: tuple = ()     # labels or annotations whose values are phone numbers to @
+    at_user_ids_from: tuple = ()    # ... DingTalk user ids to @
+    at_map_label: str = ""          # a label whose value picks entries of at_map
+    at_map: tuple = ()              # ((label value, mobiles, user ids), ...)
     per_alert: bool = False
+    send_resolved: bool = True
+    message_type: str = "markdown"  # or actionCard: the same text with buttons
+    dashboard_url: str = ""         # a template over an alert's fields: its dashboard button
+    prometheus_url: str = ""        # the base put in place of generatorURL's
+    alertmanager_url: str = ""      # the base put in place of externalURL
     title: str = DEFAULT_TITLE
     alert: str = DEFAULT_ALERT
     priority_label: str = "severity"
@@ -757,20 +800,78 @@ def _load_route(section, name, robots, templates, delivery):
     missing = [n for n in names if n not in robots]
     if missing:
         raise ConfigError(f"[{section.name}] robots: no section [robot:{missing[0]}]")
-    mobiles = _words(section.get("at_mobiles"))
-    if any(not re.fullmatch(r"\+?[0-9-]{5,20}", m) for m in mobiles):
+    mobiles, user_ids = _words(section.get("at_mobiles")), _words(section.get("at_user_ids"))
+    if not all(MOBILE.fullmatch(m) for m in mobiles):
         raise ConfigError(f"[{section.name}] at_mobiles: not a list of phone numbers")
+    if not all(USER_ID.fullmatch(u) for u in user_ids):
+        raise ConfigError(f"[{section.name}] at_user_ids: not a list of DingTalk user ids")
+    message_type = section.get("message_type", "markdown")
+    if message_type.lower() not in ("markdown", "actioncard"):
+        raise ConfigError(f"[{section.name}] message_type: must be markdown or actionCard")
     return Route(
         name=name,
         robots=tuple(robots[n] for n in names),
         at_mobiles=mobiles,
+        at_user_ids=user_ids,
         at_all=section.bool("at_all"),
         at_severities=_words(section.get("at_severities")),
+        at_mobiles_from=_words(section.get("at_mobiles_from")),
+        at_user_ids_from=_words(section.get("at_user_ids_from")),
+        at_map_label=section.get("at_map_label"),
+        at_map=_at_map(section),
         per_alert=section.bool("per_alert"),
+        send_resolved=section.bool("send_resolved", True),
+        message_type="actionCard" if message_type.lower() == "actioncard" else "markdown",
+        dashboard_url=section.template("dashboard_url", ""),
+        prometheus_url=_base_url(section, "prometheus_url"),
+        alertmanager_url=_base_url(section, "alertmanager_url"),
         title=section.template("title", templates.title),
         alert=section.template("alert", templates.alert),
         **_priorities(section, delivery),
     )
+
+
+def _at_map(section):
+    """at_map: one `VALUE = mobiles and user ids` per line, for the at_map_label's values."""
+    entries = []
+    for number, line in enumerate(section.get("at_map").splitlines(), 1):
+        if not line.strip():
+            continue
+        value, equals, ids = line.partition("=")
+        if not equals or not value.strip():
+            raise ConfigError(f"[{section.name}] at_map: line {number}: write VALUE = mobiles "
+                              f"or user ids")
+        mobiles, user_ids = split_mentions(_words(ids))
+        if not (mobiles or user_ids) or len(mobiles) + len(user_ids) < len(_words(ids)):
+            raise ConfigError(f"[{section.name}] at_map: line {number}: not a list of phone "
+                              f"numbers and DingTalk user ids")
+        entries.append((value.strip(), mobiles, user_ids))
+    if entries and not section.get("at_map_label"):
+        raise ConfigError(f"[{section.name}] at_map: set at_map_label, the label whose value "
+                          f"picks an entry")
+    return tuple(entries)
+
+
+def split_mentions(words):
+    """Words naming people -> (mobiles, user ids): a phone number is a mobile, `id:X` or any
+    other word a user id fit for DingTalk is a user id; anything else (@all, "all", markup)
+    is dropped, so that text in a label cannot mention everyone."""
+    mobiles, user_ids = [], []
+    for word in words:
+        if word.startswith("id:") and USER_ID.fullmatch(word[3:]):
+            user_ids.append(word[3:])
+        elif MOBILE.fullmatch(word):
+            mobiles.append(word)
+        elif USER_ID.fullmatch(word):
+            user_ids.append(word)
+    return tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids))
+
+
+def _base_url(section, key):
+    url = section.get(key).rstrip("/")
+    if url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f"[{section.name}] {key}: not an http(s) URL without query")
+    return url
 
 
 def _priorities(section, delivery):
@@ -920,7 +1021,8 @@ def parse_webhook(body, path_receiver=None, now=None):
     alerts = payload.get("alerts")
     if not isinstance(alerts, list):
         raise BadRequest(400, "alerts: required, must be a list")
-    for key in ("groupLabels", "commonLabels", "commonAnnotations"):
+    group_labels = _string_map(payload.get("groupLabels"), "groupLabels")
+    for key in ("commonLabels", "commonAnnotations"):
         _string_map(payload.get(key), key)
     external_url = _string(payload, "externalURL", "")
     truncated = payload.get("truncatedAlerts", 0)
@@ -933,6 +1035,7 @@ def parse_webhook(body, path_receiver=None, now=None):
         alerts=[normalize_alert(a, i, receiver[:128], external_url, now)
                 for i, a in enumerate(alerts)],
         truncated=truncated,
+        group_labels=group_labels,
     )
 
 
@@ -1490,6 +1593,10 @@ S_PING = "SELECT 1"
 S_FIRING = ("SELECT receiver, alertname, severity, instance, summary, starts_at FROM alerts "
             "WHERE status = 'firing' ORDER BY starts_at DESC LIMIT %s")
 S_FIRING_COUNT = "SELECT COUNT(*) FROM alerts WHERE status = 'firing'"
+S_EARLIER = ("SELECT COUNT(*) FROM alerts WHERE receiver = %s AND fingerprint = %s "
+             "AND starts_at >= %s AND starts_at < %s")
+S_LAST_RESOLVED = ("SELECT starts_at, ends_at FROM alerts WHERE receiver = %s AND fingerprint = %s "
+                   "AND starts_at < %s AND status = 'resolved' ORDER BY starts_at DESC LIMIT 1")
 # An alert's key columns compare byte for byte, as in SQLite: the default collation would merge
 # receivers differing by case or emoji into one history row. Tables made before 0.4 are altered.
 S_MYSQL_KEYS_NOT_BINARY = ("SELECT COUNT(*) FROM information_schema.COLUMNS "
@@ -1654,7 +1761,10 @@ class Signal:
 def messages_of(route, alerts):
     """A webhook's alerts as messages: ((rank, level), alerts) for each priority level present,
     the highest first, so that an alert never waits behind, or goes out with, lower ones
-    (with per_alert, one message per alert)."""
+    (with per_alert, one message per alert). Without send_resolved, resolved alerts are only
+    recorded, not sent."""
+    if not route.send_resolved:
+        alerts = [a for a in alerts if a["status"] == "firing"]
     if route.per_alert:
         return sorted(((route.level(a), [a]) for a in alerts), key=lambda item: item[0])
     levels = {}
@@ -1760,7 +1870,8 @@ class Journal:
         event = webhook_event(webhook, request_id, datetime.fromtimestamp(now, timezone.utc))
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
         for (rank, level), alerts in messages_of(route, webhook.alerts):
-            body = json.dumps(message_body(alerts, webhook.truncated), ensure_ascii=False)
+            body = json.dumps(message_body(alerts, webhook.truncated,
+                                           group_labels=webhook.group_labels), ensure_ascii=False)
             rows.append((J_MESSAGE_ADD, (route.name, request_id, body, 0, now, now, rank, level,
                                          alert_keys(alerts), claim_key(webhook, level, alerts))))
         pending = _PendingWrite(rows)
@@ -2058,6 +2169,23 @@ class Store:
                 row["starts_at"] = db_time(row["starts_at"])
         return count, rows
 
+    def recurrence(self, occurrences, window):
+        """For each (receiver, fingerprint, starts_at): how many earlier occurrences started
+        within `window` seconds before it, and (starts_at, ends_at) of the last earlier one
+        that resolved, or None. Index probes on uq_alerts_occurrence."""
+        found = []
+        with self.transaction() as cursor:
+            for receiver, fingerprint, starts_at in occurrences:
+                since = db_time(from_db_time(starts_at) - timedelta(seconds=window))
+                self.execute(cursor, S_EARLIER, (receiver, fingerprint, since, starts_at))
+                earlier = cursor.fetchone()[0]
+                self.execute(cursor, S_LAST_RESOLVED, (receiver, fingerprint, starts_at))
+                row = cursor.fetchone()
+                last = tuple(t if t is None or isinstance(t, str) else db_time(t) for t in row) \
+                    if row else None
+                found.append((earlier, last))
+        return found
+
     def purge(self, cutoff, batch):
         """Delete one batch of history older than `cutoff` from each table; rows deleted."""
         with self.transaction() as cursor:
@@ -2153,6 +2281,10 @@ class StoreProcess:
         """Store.firing(); StoreUnavailable if the recorder's call does not end within `wait`
         (a status page must not hang on a slow database)."""
         return self._call("firing", limit, wait=wait)
+
+    def recurrence(self, occurrences, window, wait=0.5):
+        """Store.recurrence(), or StoreUnavailable if the recorder's call does not end in `wait`."""
+        return self._call("recurrence", occurrences, window, wait=wait)
 
     def _call(self, method, *args, wait=-1):
         if not self._lock.acquire(timeout=wait):
@@ -2262,23 +2394,46 @@ def format_duration(seconds):
     return "".join(parts) + (f"{secs}s" if secs or not any(parts) else "")
 
 
-def silence_url(alert):
-    if not alert["external_url"]:
+def rebase_url(url, base):
+    """`url` with its scheme and host replaced by `base` (whose path goes before url's): links
+    to http://prometheus-0:9090 that work from a phone."""
+    if not (url and base):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return base + urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+
+
+def external_url(alert, route=None):
+    """Alertmanager's address for links: the route's alertmanager_url, else the webhook's."""
+    return route.alertmanager_url if route and route.alertmanager_url else alert["external_url"]
+
+
+def silence_url(base, labels):
+    """Alertmanager's form for a new silence, its matchers filled in from `labels`."""
+    if not base or not labels:
         return ""
-    matchers = ", ".join(f'{k}="{v}"' for k, v in sorted(alert["labels"].items()))
-    return (f"{alert['external_url'].rstrip('/')}/#/silences/new?filter="
-            + urllib.parse.quote("{" + matchers + "}"))
+    matchers = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{base.rstrip('/')}/#/silences/new?filter=" + urllib.parse.quote("{" + matchers + "}")
 
 
-def alert_fields(alert, tz):
-    """Everything an alert template can name: {alertname}, {labels[team]}, {duration}..."""
-    labels, annotations = Blank(alert["labels"]), Blank(alert["annotations"])
+def web_url(text):
+    """An annotation's URL, if it is one a button or link may open."""
+    return text if re.match(r"https?://[^\s]+$", text or "") else ""
+
+
+def alert_fields(alert, tz, route=None, history=""):
+    """Everything an alert template can name: {alertname}, {labels[team]}, {duration}...
+    Label and annotation values are Untrusted: escaped where they land, unless `:raw`."""
+    labels = Blank({k: Untrusted(v) for k, v in alert["labels"].items()})
+    annotations = Blank({k: Untrusted(v) for k, v in alert["annotations"].items()})
     starts, ends = from_db_time(alert["starts_at"]), from_db_time(alert["ends_at"])
     resolved = alert["status"] == "resolved"
-    silence = silence_url(alert)
-    links = [f"[Prometheus]({alert['generator_url']})" if alert["generator_url"] else "",
+    external = external_url(alert, route)
+    generator = rebase_url(alert["generator_url"], route.prometheus_url if route else "")
+    silence = silence_url(external, alert["labels"])
+    links = [f"[Prometheus]({generator})" if generator else "",
              f"[静默 Silence]({silence})" if silence and not resolved else ""]
-    return Blank(
+    fields = Blank(
         labels=labels, annotations=annotations,
         **{k: labels[k] for k in STANDARD_LABELS},
         status=alert["status"].upper(),
@@ -2287,23 +2442,41 @@ def alert_fields(alert, tz):
         ends_at=ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if resolved and ends else "",
         duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
         summary=annotations["summary"], description=annotations["description"],
-        other_labels=", ".join(f"{k}={v}" for k, v in sorted(labels.items())
-                               if k not in STANDARD_LABELS),
-        generator_url=alert["generator_url"], silence_url=silence,
+        other_labels=Untrusted(", ".join(f"{k}={v}" for k, v in sorted(alert["labels"].items())
+                                         if k not in STANDARD_LABELS)),
+        generator_url=generator, silence_url=silence, external_url=external,
+        runbook_url=web_url(alert["annotations"].get("runbook_url")),
         links=" · ".join(link for link in links if link),
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
+        history="" if resolved else history,
     )
+    if route and route.dashboard_url:
+        fields["dashboard_url"] = web_url(render_template(route.dashboard_url, fields, "url"))
+    return fields
 
 
-def title_fields(alerts, part=None):
+def common_labels(alerts):
+    """The labels every one of `alerts` has, with the same value."""
+    if not alerts:
+        return {}
+    first, *rest = (a["labels"] for a in alerts)
+    return {k: v for k, v in first.items() if all(other.get(k) == v for other in rest)}
+
+
+def title_fields(alerts, part=None, group_labels=None, route=None):
     firing = sum(a["status"] == "firing" for a in alerts)
     resolved = len(alerts) - firing
     state = " ".join(f"{word}:{n}" for word, n in (("FIRING", firing), ("RESOLVED", resolved)) if n)
     names = list(dict.fromkeys(a["labels"].get("alertname", "") for a in alerts))
     receivers = ", ".join(dict.fromkeys(a["receiver"] for a in alerts))  # Alertmanager's receivers
     more = f" +{len(names) - 5}" if len(names) > 5 else ""
+    alertnames = Untrusted(", ".join(names[:5]) + more)
+    grouped = " ".join(v for _, v in sorted((group_labels or {}).items()))
     return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts),
-                 receiver=receivers, alertnames=", ".join(names[:5]) + more,
+                 receiver=receivers, alertnames=alertnames,
+                 group_labels=Untrusted(grouped) if grouped else alertnames,
+                 common_labels=Blank({k: Untrusted(v) for k, v in common_labels(alerts).items()}),
+                 external_url=next((external_url(a, route) for a in alerts), ""),
                  part=f"({part[0]}/{part[1]})" if part else "")
 
 
@@ -2329,15 +2502,47 @@ def truncate_to(text, limit):
     return text[:lo] + TRUNCATED_MARK
 
 
+@dataclass(frozen=True)
+class Mentions:
+    """Who a message @-mentions. DingTalk wants each one in the text as well as in "at"."""
+    mobiles: tuple = ()
+    user_ids: tuple = ()
+    all: bool = False
+
+    def __bool__(self):
+        return bool(self.mobiles or self.user_ids or self.all)
+
+    def text(self):
+        return " ".join("@" + who for who in self.mobiles + self.user_ids)
+
+    def at(self):
+        at = {"atMobiles": list(self.mobiles), "isAtAll": self.all}
+        if self.user_ids:
+            at["atUserIds"] = list(self.user_ids)
+        return at
+
+
+def _mention_words(value):
+    return [w for w in re.split(r"[\s,;，；、]+", value[:4096]) if w]
+
+
+@functools.lru_cache(maxsize=64)
+def uses_field(template, name):
+    return any(field is not None and re.match(r"[^.\[:!]*", field).group() == name
+               for line in _parsed(template) for _, field, _, _ in line)
+
+
 class Renderer:
-    """Turns a message's alerts into the JSON body one robot receives."""
+    """Turns a message's alerts into the JSON body one robot receives. `history` (optional)
+    gives a firing alert's {history} text (see Recurrence)."""
 
     SEPARATOR = "\n\n---\n\n"
 
     BLOCKS_KEPT = 1024
 
-    def __init__(self, config):
+    def __init__(self, config, history=None):
         self.config = config
+        self.history = history
         self._blocks = {}  # (id(alert), route name) -> (alert, rendered block)
 
     def alert_block(self, route, alert):
@@ -2350,30 +2555,75 @@ class Renderer:
             return kept[1]
         if len(self._blocks) >= self.BLOCKS_KEPT:
             self._blocks.clear()
-        block = render_template(route.alert, alert_fields(alert, self.config.tz))
+        block = render_template(route.alert, self.fields(route, alert))
         self._blocks[key] = (alert, block)
         return block
+
+    def fields(self, route, alert):
+        wanted = (self.history is not None and alert["status"] == "firing"
+                  and uses_field(route.alert, "history"))
+        return alert_fields(alert, self.config.tz, route, self.history(alert) if wanted else "")
 
     @staticmethod
     def mentions(route, alerts):
         """Who to @: only for a message with a firing alert of a listed severity (any, if none
-        is listed)."""
-        if not (route.at_mobiles or route.at_all):
-            return (), False
+        is listed): the route's own list, the people its alerts' labels name (at most
+        MENTIONS_FROM_ALERTS, phone numbers and user ids only), its at_map's entries."""
         severities = route.at_severities
         wanted = [a for a in alerts if a["status"] == "firing"
                   and (not severities or a["labels"].get("severity") in severities)]
-        return (route.at_mobiles, route.at_all) if wanted else ((), False)
+        if not wanted:
+            return Mentions()
+        mobiles, user_ids, named = list(route.at_mobiles), list(route.at_user_ids), []
+        entries = {value: (m, u) for value, m, u in route.at_map}
+        for alert in wanted:
+            found = {**alert["annotations"], **alert["labels"]}
+            named += [("m", w) for key in route.at_mobiles_from
+                      for w in _mention_words(found.get(key, "")) if MOBILE.fullmatch(w)]
+            named += [("u", w) for key in route.at_user_ids_from
+                      for w in _mention_words(found.get(key, "")) if USER_ID.fullmatch(w)]
+            m, u = entries.get(alert["labels"].get(route.at_map_label), ((), ()))
+            mobiles += m
+            user_ids += u
+        named = list(dict.fromkeys(named))[:MENTIONS_FROM_ALERTS]
+        mobiles += [w for kind, w in named if kind == "m"]
+        user_ids += [w for kind, w in named if kind == "u"]
+        return Mentions(tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids)),
+                        route.at_all)
+
+    def buttons(self, route, alerts):
+        """An actionCard's buttons: a silence for what the alerts have in common (while any
+        fires), the first runbook, the first alert's Prometheus graph and dashboard."""
+        if not alerts:
+            return []
+        firing = [a for a in alerts if a["status"] == "firing"]
+        first = self.fields(route, alerts[0])
+        runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
+        candidates = [
+            ("静默 Silence", silence_url(external_url(alerts[0], route), common_labels(firing))),
+            ("手册 Runbook", next((url for url in runbooks if url), "")),
+            ("Prometheus", first["generator_url"]),
+            ("仪表盘 Dashboard", first["dashboard_url"])]
+        return [{"title": title, "actionURL": web_url(url)} for title, url in candidates
+                if web_url(url)]
 
     def body(self, route, robot, message_body, digest=False):
-        """The JSON body `robot` receives for a message (a digest groups alerts by alertname)."""
+        """The JSON body `robot` receives for a message (a digest groups alerts by alertname):
+        markdown, or an actionCard, which cannot @: its mentions go in a message of their own
+        (see mention_apart), whose body is a text message."""
+        if message_body.get("mention"):
+            return self._mention_body(robot, message_body["mention"])
         alerts = message_body["alerts"]
-        title = render_template(route.title,
-                                title_fields(alerts, message_body.get("part"))).strip()
+        fields = title_fields(alerts, message_body.get("part"), message_body.get("group_labels"),
+                              route)
+        titles = [render_template(route.title, fields, escape).strip()
+                  for escape in (None, "markdown")]    # the chat list shows it as plain text
         if message_body.get("part"):
-            title += " ({}/{})".format(*message_body["part"])
+            titles = [t + " ({}/{})".format(*message_body["part"]) for t in titles]
         if digest:
-            title = f"{message_body.get('level', 'none').upper()} 汇总 digest · {title}"
+            titles = [f"{message_body.get('level', 'none').upper()} 汇总 digest · {t}"
+                      for t in titles]
+        title, heading = titles
         sections = []
         if digest:
             groups = {}
@@ -2381,32 +2631,56 @@ class Renderer:
                 groups.setdefault(alert["labels"].get("alertname", ""), []).append(alert)
             for name, group in groups.items():
                 blocks = self.SEPARATOR.join(self.alert_block(route, a) for a in group)
-                sections.append(f"##### {name} × {len(group)}\n\n{blocks}")
+                sections.append(f"##### {md_escape(name)} × {len(group)}\n\n{blocks}")
         else:
             sections = [self.alert_block(route, a) for a in alerts]
-        mobiles, at_all = self.mentions(route, alerts)
+        buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else []
+        mentions = Mentions() if buttons else self.mentions(route, alerts)
         footer = []
         if message_body.get("truncated"):
             footer.append(f"(+{message_body['truncated']} alerts truncated by Alertmanager "
                           f"max_alerts)")
-        if mobiles:
-            footer.append(" ".join("@" + m for m in mobiles))
+        if mentions.text():
+            footer.append(mentions.text())
         if robot.keyword:
             footer.append(robot.keyword)
-        head = f"#### {title}\n\n"
+        head = f"#### {heading}\n\n"
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
-        text = self.SEPARATOR.join(sections)
-        overhead = self._overhead(title, head + tail, mobiles, at_all)
-        room = self.config.delivery.max_message_bytes - overhead
-        text = truncate_to(text, room)
-        return {"msgtype": "markdown",
-                "markdown": {"title": title[:128], "text": head + text + tail},
-                "at": {"atMobiles": list(mobiles), "isAtAll": at_all}}
+        if buttons:
+            body = {"msgtype": "actionCard",
+                    "actionCard": {"title": title[:128], "text": head + tail,
+                                   "btnOrientation": "1" if len(buttons) <= 2 else "0",
+                                   "btns": buttons}}
+        else:
+            body = {"msgtype": "markdown", "markdown": {"title": title[:128], "text": head + tail},
+                    "at": mentions.at()}
+        room = self.config.delivery.max_message_bytes - len(self.encode(body))
+        text = truncate_to(self.SEPARATOR.join(sections), room)
+        body[body["msgtype"]]["text"] = head + text + tail
+        return body
 
-    def _overhead(self, title, around, mobiles, at_all):
-        skeleton = {"msgtype": "markdown", "markdown": {"title": title[:128], "text": around},
-                    "at": {"atMobiles": list(mobiles), "isAtAll": at_all}}
-        return len(json.dumps(skeleton, ensure_ascii=False).encode())
+    def mention_apart(self, route, message_body):
+        """For an actionCard message that should @ someone: the body of the text message that
+        does it, sent right after the card (one more request from the robots' budget). None
+        when the message is no such card, or is a part but the last."""
+        part = message_body.get("part")
+        if (route.message_type != "actionCard" or message_body.get("mention")
+                or message_body.get("card") or (part and part[0] != part[1])):
+            return None
+        alerts = message_body["alerts"]
+        mentions = self.mentions(route, alerts)
+        if not (mentions and self.buttons(route, alerts)):
+            return None
+        fields = title_fields(alerts, None, message_body.get("group_labels"), route)
+        return message_body_of_mention(mentions, render_template(route.title, fields, None).strip())
+
+    @staticmethod
+    def _mention_body(robot, mention):
+        who = Mentions(tuple(mention["mobiles"]), tuple(mention["user_ids"]), mention["all"])
+        content = " ".join(filter(None, [who.text(), mention["title"]]))
+        if robot.keyword:
+            content += "\n" + robot.keyword
+        return {"msgtype": "text", "text": {"content": content}, "at": who.at()}
 
     def encode(self, body):
         return json.dumps(body, ensure_ascii=False).encode()
@@ -2418,7 +2692,7 @@ class Renderer:
 
     @staticmethod
     def _truncated(body):
-        return TRUNCATED_MARK in body["markdown"]["text"]
+        return TRUNCATED_MARK in message_text(body)
 
     def room(self):
         """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
@@ -2445,8 +2719,98 @@ class Renderer:
         """template_problems() of the route's title and alert templates, over these alerts."""
         alert = alerts[0] if alerts else sample_alert(route.name)
         return ([f"title {p}" for p in template_problems(route.title, title_fields(alerts))]
-                + [f"alert {p}" for p in template_problems(route.alert,
-                                                           alert_fields(alert, self.config.tz))])
+                + [f"alert {p}" for p in template_problems(route.alert, self.fields(route, alert))])
+
+
+def ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def recurrence_text(earlier, last, tz):
+    """The {history} field: '24 小时内第 3 次 · 3rd time in 24 h; 上次 11-27 13:02 恢复，持续 6m ·
+    last resolved 11-27 13:02 after 6m', or the part of it the history knows; '' if nothing."""
+    parts = []
+    if earlier:
+        parts.append(f"24 小时内第 {earlier + 1} 次 · {ordinal(earlier + 1)} time in 24 h")
+    if last and last[1]:
+        starts, ends = from_db_time(last[0]), from_db_time(last[1])
+        when = ends.astimezone(tz).strftime("%m-%d %H:%M")
+        lasted = format_duration((ends - starts).total_seconds())
+        parts.append(f"上次 {when} 恢复，持续 {lasted} · last resolved {when} after {lasted}")
+    return "; ".join(parts)
+
+
+def _occurrence(alert):
+    return (alert["receiver"], alert["fingerprint"], alert["starts_at"])
+
+
+class Recurrence:
+    """How often an alert happened before, from the history, for the {history} field. A
+    sender asks for a message's alerts before rendering it (prefetch) and waits WAIT seconds at
+    most: the lookup runs in a thread of its own, one at a time, so a slow or down store leaves
+    the field empty and the page goes out; an answer that comes late is kept for later
+    messages. After a failed lookup, none for BACKOFF seconds."""
+
+    WAIT = 0.5
+    WINDOW = 86400.0
+    BATCH = 20
+    KEPT = 10_000
+    BACKOFF = 30.0
+
+    def __init__(self, store, tz):
+        self.store, self.tz = store, tz
+        self._known = collections.OrderedDict()     # occurrence -> its text
+        self._lock = threading.Lock()
+        self._running = None                        # the lookup under way: an Event set when done
+        self._quiet_until = 0.0
+
+    def __call__(self, alert):
+        with self._lock:
+            return self._known.get(_occurrence(alert), "")
+
+    def prefetch(self, alerts, wait=WAIT):
+        with self._lock:
+            wanted = [o for o in dict.fromkeys(_occurrence(a) for a in alerts
+                                               if a["status"] == "firing")
+                      if o not in self._known][:self.BATCH]
+            if (not wanted or time.monotonic() < self._quiet_until
+                    or (self._running and not self._running.is_set())):
+                return
+            self._running = done = threading.Event()
+        threading.Thread(target=self._lookup, args=(wanted, done), name="history",
+                         daemon=True).start()
+        done.wait(wait)
+
+    def _lookup(self, occurrences, done):
+        try:
+            found = self.store.recurrence(occurrences, self.WINDOW, wait=self.WAIT)
+        except (StoreUnavailable, StoreError) as exc:
+            log.info("history for {history} not read (%s): the field stays empty for %gs", exc,
+                     self.BACKOFF)
+            with self._lock:
+                self._quiet_until = time.monotonic() + self.BACKOFF
+            return
+        finally:
+            done.set()
+        with self._lock:
+            for occurrence, (earlier, last) in zip(occurrences, found):
+                self._known[occurrence] = recurrence_text(earlier, last, self.tz)
+            while len(self._known) > self.KEPT:
+                self._known.popitem(last=False)
+
+
+def message_text(body):
+    """The text of a DingTalk request body, whatever its msgtype."""
+    content = body[body["msgtype"]]
+    return content["content"] if body["msgtype"] == "text" else content["text"]
+
+
+def message_body_of_mention(mentions, title):
+    """The journal's body for an actionCard's @ message: no alerts of its own (they went out
+    in the card), just who and the card's title."""
+    return message_body([], mention={"mobiles": list(mentions.mobiles),
+                                     "user_ids": list(mentions.user_ids),
+                                     "all": mentions.all, "title": title})
 
 
 def sample_alert(receiver, now=None):
@@ -3141,7 +3505,10 @@ class Sender(Worker):
         def body(messages):
             alerts = [a for m in messages for a in self._current(m)]
             truncated = sum(m.body.get("truncated", 0) for m in messages)
-            return message_body(alerts, truncated, digest=True, level=messages[0].level)
+            groups = [m.body.get("group_labels") or {} for m in messages]
+            shared = {k: v for k, v in groups[0].items() if all(g.get(k) == v for g in groups)}
+            return message_body(alerts, truncated, digest=True, level=messages[0].level,
+                                group_labels=shared)
         taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
         carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
@@ -3165,14 +3532,26 @@ class Sender(Worker):
         log.info("message=%d route=%s too long for DingTalk: split into %d", message.id,
                  route.name, len(bodies))
 
+    def _mention_apart(self, route, message, mention):
+        """An actionCard cannot @: the card goes first, then a text message that @s, which
+        carries the claims (the notification is sent once both are out)."""
+        card = {**message.body, "card": True}
+        self.journal.replace([message], [card, mention], "split", [[], message.claims])
+
     def deliver(self, route, message, urgent=False):
         """Send one message, failing over through the route's robots (`urgent`: the reserve too).
         True if a request was made."""
         renderer = self.bridge.renderer
         digest = bool(message.body.get("digest"))
+        if not digest and uses_field(route.alert, "history"):
+            self.bridge.history.prefetch(message.alerts)
         several = not message.packed and len(message.alerts) > 1
         if several and not renderer.fits(route, message.body, digest):
             self._split(route, message)
+            return True
+        mention = renderer.mention_apart(route, message.body)
+        if mention:
+            self._mention_apart(route, message, mention)
             return True
         tried, errors = set(), []
         while True:
@@ -3768,6 +4147,8 @@ pre{white-space:pre-wrap;word-break:break-all;background:#f6f8fa;padding:8px;fon
 .dingtalk{border:1px solid #dee0e3;border-radius:8px;padding:8px 12px;max-width:560px;
 background:#fff}.dingtalk blockquote{border-left:3px solid #ccc;margin:4px 0;padding-left:8px}
 .dingtalk ul,.dingtalk ol{margin:2px 0;padding-left:22px}.dingtalk p{margin:6px 0}
+.buttons a{display:inline-block;border:1px solid #dee0e3;border-radius:6px;padding:4px 10px;
+margin:2px 4px 2px 0;text-decoration:none}
 .dingtalk h1,.dingtalk h2,.dingtalk h3,.dingtalk h4,.dingtalk h5,.dingtalk h6{margin:6px 0}
 .problem{background:#fff4e5;border-left:4px solid #b26a00;padding:6px 10px;margin:6px 0}
 """
@@ -3815,6 +4196,7 @@ _MD_ITALIC = re.compile(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])")
 _MD_FONT = re.compile(r"&lt;font color=(?:&quot;|&#x27;)?(#[0-9a-fA-F]{3,6})(?:&quot;|&#x27;)?&gt;"
                       r"(.*?)&lt;/font&gt;")
 _MD_KEPT = re.compile("\x00([0-9]+)\x00")
+_MD_ESCAPE = re.compile(r"\\([\\`*_\[\]~#>+-])")
 
 
 def _md_inline(escaped):
@@ -3833,6 +4215,7 @@ def _md_inline(escaped):
             return match.group(0)
         return keep(f'<a href="{url}" rel="noopener noreferrer" target="_blank">{label}</a>')
     text = escaped.replace("\x00", "")
+    text = _MD_ESCAPE.sub(lambda m: keep(m.group(1)), text)      # \* is a star, not emphasis
     text = _MD_IMAGE.sub(lambda m: keep(f'<span class="dim">[image {m.group(1)}]</span>'), text)
     text = _MD_LINK.sub(link, text)
     text = _MD_FONT.sub(r'<span style="color:\1">\2</span>', text)
@@ -4064,7 +4447,9 @@ class Pages:
             if errors:
                 raise BadRequest(422, f"{key} template: {'; '.join(errors)}")
         route = replace(route, **changed)
-        renderer = Renderer(config)
+        renderer = Renderer(config, self.bridge.history)
+        if uses_field(route.alert, "history"):
+            self.bridge.history.prefetch(webhook.alerts, wait=1.0)
         problems = renderer.field_problems(route, webhook.alerts)
         own = [k for k in ("title", "alert") if k not in changed]
         out = [f"<section><h2>Receiver {esc(webhook.receiver)} → "
@@ -4083,14 +4468,19 @@ class Pages:
 
     def _planned(self, route, renderer, number, level, alerts, bodies):
         limit = self.bridge.config.delivery.max_message_bytes
-        mobiles, at_all = renderer.mentions(route, alerts)
-        mentioned = ", ".join(["@" + m for m in mobiles] + (["@all"] if at_all else []))
+        who = renderer.mentions(route, alerts)
+        mentioned = ", ".join(["@" + m for m in who.mobiles + who.user_ids]
+                              + (["@all"] if who.all else []))
+        separate = bodies and bodies[-1][0][1]["msgtype"] == "text"
+        parts = len(bodies) - separate
         notes = [f"priority level <strong>{esc(level)}</strong>"
                  + (" (may use the robots' reserved slots)" if route.urgent(level) else ""),
                  f"{len(alerts)} alert{'' if len(alerts) == 1 else 's'}",
-                 f"@-mentions: {esc(mentioned) if mentioned else 'nobody'}"]
-        if len(bodies) > 1:
-            notes.append(f"too long for one DingTalk message: sent as {len(bodies)} parts")
+                 f"@-mentions: {esc(mentioned) if mentioned else 'nobody'}"
+                 + (" (in a text message after the card: an actionCard cannot @)"
+                    if separate else "")]
+        if parts > 1:
+            notes.append(f"too long for one DingTalk message: sent as {parts} parts")
         notes.append(f"when more {esc(level)} messages wait than the robots may send, they are "
                      f"folded into one digest titled “{esc(level.upper())} 汇总 digest · …”")
         out = [f"<section><h2>Message {number}</h2><p>"
@@ -4099,16 +4489,29 @@ class Pages:
             for names, body in _same_bodies(robots_and_bodies):
                 size = len(renderer.encode(body))
                 css = "ok" if size <= limit else "bad"
-                label = f"part {part} of {len(bodies)}, " if len(bodies) > 1 else ""
-                out.append(
-                    f"<h3>{esc(label)}robot {esc(', '.join(names))}: <span class='{css}'>"
-                    f"{size:,} of {limit:,} bytes</span></h3>"
-                    f'<p class="dim">in the chat list: {esc(body["markdown"]["title"])}</p>'
-                    f'<div class="dingtalk">{markdown_html(body["markdown"]["text"])}</div>'
-                    f"<details><summary>the request body (JSON)</summary><pre>"
-                    f"{esc(json.dumps(body, ensure_ascii=False, indent=2))}</pre></details>")
+                label = (f"part {part} of {parts}, " if parts > 1 and part <= parts else
+                         "the @ message, " if part > parts else "")
+                out.append(f"<h3>{esc(label)}{esc(body['msgtype'])} to robot "
+                           f"{esc(', '.join(names))}: <span class='{css}'>"
+                           f"{size:,} of {limit:,} bytes</span></h3>" + _shown(body))
         out.append("</section>")
         return "".join(out)
+
+
+def _shown(body):
+    """A request body as the group sees it, then as JSON."""
+    content = body[body["msgtype"]]
+    if body["msgtype"] == "text":
+        shown = f'<div class="dingtalk"><p>{esc(content["content"])}</p></div>'
+    else:
+        buttons = "".join(f'<a class="button" href="{esc(b["actionURL"])}" rel="noopener '
+                          f'noreferrer" target="_blank">{esc(b["title"])}</a>'
+                          for b in content.get("btns", []))
+        shown = (f'<p class="dim">in the chat list: {esc(content["title"])}</p>'
+                 f'<div class="dingtalk">{markdown_html(content["text"])}'
+                 + (f'<p class="buttons">{buttons}</p>' if buttons else "") + "</div>")
+    return (shown + "<details><summary>the request body (JSON)</summary><pre>"
+            f"{esc(json.dumps(body, ensure_ascii=False, indent=2))}</pre></details>")
 
 
 def _same_bodies(robots_and_bodies):
@@ -4130,7 +4533,9 @@ def dry_run(renderer, route, webhook):
     the route. [(level, alerts, [[(robot, body), ...] per part])]."""
     plan = []
     for (_, level), alerts in messages_of(route, webhook.alerts):
-        parts = renderer.parts(route, message_body(alerts, webhook.truncated))
+        parts = renderer.parts(route, message_body(alerts, webhook.truncated,
+                                                   group_labels=webhook.group_labels))
+        parts += [mention for mention in [renderer.mention_apart(route, parts[-1])] if mention]
         plan.append((level, alerts, [[(robot, renderer.body(route, robot, part))
                                       for robot in route.robots] for part in parts]))
     return plan
@@ -4154,9 +4559,10 @@ class Bridge:
         self.clock = clock
         self.post = post or post_to_dingtalk
         self.metrics = Metrics()
-        self.renderer = Renderer(config)
         self.journal = Journal(config.service.journal, config.service.journal_sync, clock)
         self.store = StoreProcess(config.database)
+        self.history = Recurrence(self.store, config.tz)
+        self.renderer = Renderer(config, self.history)
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
         self._restore_budgets()
         self.intake = Intake(self)
@@ -4283,7 +4689,8 @@ class Bridge:
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             apply_log_format(config.service.log_format)
-            self.renderer = Renderer(config)
+            self.history.tz = config.tz
+            self.renderer = Renderer(config, self.history)
             self.pool.forgive()
             self._warn_about_robots()
             self.notifier.wake()

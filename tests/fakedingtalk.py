@@ -40,7 +40,7 @@ class Request:
     @property
     def text(self):
         kind = self.body.get("msgtype")
-        return (self.body.get(kind) or {}).get("text" if kind == "markdown" else "content", "")
+        return (self.body.get(kind) or {}).get("content" if kind == "text" else "text", "")
 
 
 class FakeDingTalk:

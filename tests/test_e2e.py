@@ -113,9 +113,9 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
     # Three groups (alertname, job): two for ops, one for dev. Each reaches its own group's robots,
     # DiskFull's in one message per severity.
     assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
-    assert titles(fake, DEV) == ["[FIRING:1] TargetDown"]
-    assert titles(fake) == ["[FIRING:1] DiskFull", "[FIRING:1] DiskFull", "[FIRING:1] HighLoad",
-                            "[FIRING:1] TargetDown"]
+    assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]     # Alertmanager's group labels
+    assert titles(fake) == ["[FIRING:1] DiskFull node", "[FIRING:1] DiskFull node", "[FIRING:1] HighLoad node",
+                            "[FIRING:1] TargetDown prometheus"]
     ops_tokens = [m.token for m in fake.delivered() if m.token != DEV]
     assert ops_tokens == OPS                                       # ops robots in turn, signed/keyword checked
     disk = next(m for m in fake.delivered() if "磁盘将满" in m.text)
@@ -131,7 +131,7 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
 
     ended = datetime.now(timezone.utc) - timedelta(seconds=1)
     push(am, [{**a, "endsAt": ended.isoformat()} for a in pushed[:2]])   # DiskFull resolves
-    assert fake.wait_for(lambda f: titles(f).count("[RESOLVED:1] DiskFull") == 2, timeout=60), titles(fake)
+    assert fake.wait_for(lambda f: titles(f).count("[RESOLVED:1] DiskFull node") == 2, timeout=60), titles(fake)
     for resolved in (m for m in fake.delivered() if "RESOLVED" in m.body["markdown"]["title"]):
         assert "恢复 Resolved" in resolved.text and "@13800000000" not in resolved.text
     settle(bridge)
@@ -160,7 +160,7 @@ def test_urls_of_prometheus_webhook_dingtalk_work_unchanged(make_bridge, fake, s
                                              "dingtalk-dev": "/dingtalk/dev/send"})
     push(am, alerts())
     assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
-    assert titles(fake, DEV) == ["[FIRING:1] TargetDown"]
+    assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]
     assert {m.token for m in fake.delivered() if m.token != DEV} <= set(OPS)
     settle(bridge)
     assert {r["instance"]: r["receiver"] for r in history(bridge)} == {

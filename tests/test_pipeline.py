@@ -2,7 +2,10 @@
 
 import json
 import logging
+import socket
 import sqlite3
+
+import alertbridge
 
 from tests.kit import DEV, OPS, SECRETS, history, load_fixture, make_alert, make_payload, post, settle
 
@@ -16,7 +19,7 @@ def test_group_goes_out_signed_with_mentions_and_is_recorded(make_bridge, fake, 
     message, warning = fake.delivered()                 # one message per level, the critical first
     assert (message.token, warning.token) == (OPS[0], OPS[1])   # robots in turn; signatures checked
     assert message.body["msgtype"] == "markdown"
-    assert message.body["markdown"]["title"] == warning.body["markdown"]["title"] == "[FIRING:1] DiskFull"
+    assert message.body["markdown"]["title"] == warning.body["markdown"]["title"] == "[FIRING:1] DiskFull node"     # group labels
     text = message.text
     assert "10.0.0.1:9100" in text and "10.0.0.2:9100" in warning.text and "磁盘将满" in text
     assert "2026-11-25 05:47:13" in text                # 21:47:13Z shown in Asia/Shanghai
@@ -61,8 +64,8 @@ def test_repeat_counts_rotates_and_resolve_closes(make_bridge, fake, database):
     settle(bridge)
     resolved, still = fake.delivered()[4:]
     assert (resolved.token, still.token) == (OPS[1], OPS[2])
-    assert resolved.body["markdown"]["title"] == "[RESOLVED:1] DiskFull"
-    assert still.body["markdown"]["title"] == "[FIRING:1] DiskFull"
+    assert resolved.body["markdown"]["title"] == "[RESOLVED:1] DiskFull node"
+    assert still.body["markdown"]["title"] == "[FIRING:1] DiskFull node"
     assert "2026-11-25 05:47:16" in resolved.text and "持续 3s" in resolved.text
     rows = {r["instance"]: r for r in history(bridge)}
     assert rows["10.0.0.1:9100"]["status"] == "resolved"
@@ -113,7 +116,7 @@ def test_per_alert_receiver_sends_one_message_per_alert(make_bridge, fake, datab
     post(bridge, load_fixture("am025-ops-firing-group.json"))
     settle(bridge)
     titles = sorted(m.body["markdown"]["title"] for m in fake.delivered())
-    assert titles == ["[FIRING:1] DiskFull", "[FIRING:1] DiskFull"]
+    assert titles == ["[FIRING:1] DiskFull node", "[FIRING:1] DiskFull node"]
     assert len({m.token for m in fake.delivered()}) == 2
     assert [r["notified_count"] for r in history(bridge)] == [1, 1]
 
@@ -134,3 +137,84 @@ def test_no_token_or_secret_in_logs_or_databases(make_bridge, fake, database, ca
     assert "ops-1" in dumped and "errcode=310000" in caplog.text
     leaked = [s for s in SECRETS if s in dumped]
     assert leaked == []
+
+
+# --- issue 17: buttons, mentions from labels, history in the message, resolved left out ---------
+
+CARD_ROUTE = {"robots": "ops-1", "message_type": "actionCard", "at_mobiles": "13800000000",
+              "at_severities": "critical", "at_user_ids_from": "oncall", "alert": "{alertname} on {instance}",
+              "alertmanager_url": "https://am.example.com", "prometheus_url": "https://prom.example.com"}
+
+
+def test_action_cards_and_their_mention_reach_dingtalk_as_it_checks_them(make_bridge, fake, database):
+    bridge = make_bridge(database, receivers={"ops": CARD_ROUTE, "dev": {"robots": "dev-1"}})
+    critical = make_alert("DiskFull", "10.0.0.1:9100", annotations={"runbook_url": "https://wiki/disk"},
+                          labels={"oncall": "manager7021"})
+    warning = make_alert("DiskFull", "10.0.0.2:9100", severity="warning")
+    assert post(bridge, make_payload("ops", [critical, warning]))[0] == 200
+    settle(bridge)
+    card, mention, second = fake.delivered()             # the fake checks each actionCard's shape
+    silence = ("https://am.example.com/#/silences/new?filter=%7Balertname%3D%22DiskFull%22%2C%20instance%3D%22"
+               "10.0.0.1%3A9100%22%2C%20job%3D%22node%22%2C%20oncall%3D%22manager7021%22%2C%20severity%3D%22critical%22%7D")
+    assert card.body == {"msgtype": "actionCard", "actionCard": {
+        "title": "[FIRING:1] DiskFull", "text": "#### [FIRING:1] DiskFull\n\nDiskFull on 10.0.0.1:9100",
+        "btnOrientation": "0", "btns": [
+            {"title": "静默 Silence", "actionURL": silence},
+            {"title": "手册 Runbook", "actionURL": "https://wiki/disk"},
+            {"title": "Prometheus", "actionURL": "https://prom.example.com/graph?g0.expr=up"}]}}
+    assert mention.body == {"msgtype": "text",
+                            "text": {"content": "@13800000000 @manager7021 [FIRING:1] DiskFull"},
+                            "at": {"atMobiles": ["13800000000"], "isAtAll": False, "atUserIds": ["manager7021"]}}
+    assert second.body["msgtype"] == "actionCard" and "10.0.0.2:9100" in second.text
+    assert [b["title"] for b in second.body["actionCard"]["btns"]] == ["静默 Silence", "Prometheus"]
+    assert [r["notified_count"] for r in history(bridge)] == [1, 1]     # the @ message carries no alert
+    sends = history(bridge, "notifications")
+    assert [s["alerts"] for s in sends] == [1, 0, 1] and all(s["errcode"] == 0 for s in sends)
+
+
+def test_without_send_resolved_a_resolution_is_recorded_not_sent(make_bridge, fake, database):
+    bridge = make_bridge(database, receivers={"ops": {"robots": "ops-1", "send_resolved": "false"},
+                                              "dev": {"robots": "dev-1"}})
+    post(bridge, make_payload("ops", [make_alert("DiskFull")]))
+    settle(bridge)
+    post(bridge, make_payload("ops", [make_alert("DiskFull", status="resolved", ends_at="2026-11-24T08:05:00Z")]))
+    settle(bridge)
+    assert [m.body["markdown"]["title"] for m in fake.delivered()] == ["[FIRING:1] DiskFull"]
+    assert [(r["status"], r["notified_count"]) for r in history(bridge)] == [("resolved", 1)]
+
+
+def occurrence(starts, ends=None):
+    status = "resolved" if ends else "firing"
+    return make_payload("ops", [make_alert("DiskFull", status=status, starts_at=starts,
+                                           ends_at=ends or "0001-01-01T00:00:00Z")])
+
+
+def test_a_recurring_alert_says_how_often_it_happened(make_bridge, fake, database):
+    bridge = make_bridge(database)
+    for payload in (occurrence("2026-11-24T08:00:00Z"), occurrence("2026-11-24T08:00:00Z", "2026-11-24T08:06:00Z"),
+                    occurrence("2026-11-24T09:00:00Z"), occurrence("2026-11-24T09:00:00Z", "2026-11-24T09:02:30Z"),
+                    occurrence("2026-11-24T10:00:00Z")):
+        assert post(bridge, payload)[0] == 200
+        settle(bridge)                                   # the history has it before the next one comes
+    lines = [[line for line in m.text.splitlines() if "History" in line] for m in fake.delivered()]
+    assert lines == [
+        [], [],
+        ["- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h; 上次 11-24 16:06 恢复，持续 6m · "
+         "last resolved 11-24 16:06 after 6m"], [],
+        ["- 历史 History: 24 小时内第 3 次 · 3rd time in 24 h; 上次 11-24 17:02 恢复，持续 2m30s · "
+         "last resolved 11-24 17:02 after 2m30s"]]
+
+
+def test_a_store_that_does_not_answer_leaves_the_history_out_and_the_page_goes_out(make_bridge, fake):
+    silent = socket.socket()                  # takes connections, never says a word: MySQL hung
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    hung = alertbridge.Database(driver="mysql", host="127.0.0.1", port=silent.getsockname()[1], user="root",
+                                database="test")
+    try:
+        bridge = make_bridge(hung)
+        assert post(bridge, occurrence("2026-11-24T10:00:00Z"))[0] == 200
+        assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=60)
+        assert "DiskFull" in fake.delivered()[0].text and "History" not in fake.delivered()[0].text
+    finally:
+        silent.close()

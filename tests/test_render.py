@@ -50,7 +50,7 @@ def test_resolved_alert_shows_end_and_duration_and_no_silence_link():
 
 def test_silence_link_matches_every_label():
     [alert] = alerts_of("am025-dev-firing.json")
-    url = alertbridge.silence_url(alert)
+    url = alertbridge.silence_url(alert["external_url"], alert["labels"])
     assert url.startswith("http://vm:19093/#/silences/new?filter=%7B")
     assert "alertname%3D%22TargetDown%22" in url and "job%3D%22prometheus%22" in url
 
@@ -111,3 +111,111 @@ def test_single_oversized_alert_is_cut_with_a_visible_mark():
     encoded = json.dumps(body, ensure_ascii=False).encode()
     assert len(encoded) <= 5000
     assert alertbridge.TRUNCATED_MARK in body["markdown"]["text"] and body["markdown"]["text"].endswith("告警")
+
+
+# --- issue 17: escaping, links, mentions from alerts, actionCard, group fields, history ----------
+
+def alert(labels=None, annotations=None, status="firing", **extra):
+    base = {"fingerprint": "f1", "status": status, "starts_at": "2026-11-25 05:47:13.000",
+            "ends_at": "2026-11-25 05:53:13.000" if status == "resolved" else None,
+            "labels": {"alertname": "NodeDown", "severity": "critical", "instance": "n1:9100", **(labels or {})},
+            "annotations": annotations or {}, "generator_url": "http://prometheus-0:9090/graph?g0.expr=up",
+            "external_url": "http://alertmanager-0:9093", "receiver": "ops"}
+    return {**base, **extra}
+
+
+def test_label_and_annotation_values_are_escaped_for_markdown_unless_raw():
+    hostile = alert(labels={"exporter": "node_exporter_*x*"}, annotations={"summary": "see [here](http://x) `now`"})
+    text = render([hostile])["markdown"]["text"]
+    assert r"node\_exporter\_\*x\*" in text and r"\[here\](http://x) \`now\`" in text
+    assert "[Prometheus](http://prometheus-0:9090/graph?g0.expr=up)" in text    # our own links stay links
+    raw = Route("ops", (ROBOT,), alert="{summary:raw} | {labels[exporter]:raw} | {labels[exporter]}")
+    assert render([hostile], raw)["markdown"]["text"].endswith(
+        "see [here](http://x) `now` | node_exporter_*x* | node\\_exporter\\_\\*x\\*")
+    title = render([alert(labels={"alertname": "Disk_full_*x*"})])["markdown"]
+    assert title["title"] == "[FIRING:1] Disk_full_*x*"                      # the chat list: plain text
+    assert title["text"].startswith("#### [FIRING:1] Disk\\_full\\_\\*x\\*\n")
+
+
+def test_links_are_rebased_for_phones():
+    route = Route("ops", (ROBOT,), prometheus_url="https://prom.example.com/p",
+                  alertmanager_url="https://am.example.com")
+    text = render([alert()], route)["markdown"]["text"]
+    assert "[Prometheus](https://prom.example.com/p/graph?g0.expr=up)" in text
+    assert "(https://am.example.com/#/silences/new?filter=%7B" in text and "alertmanager-0" not in text
+    assert alertbridge.rebase_url("http://a:9090/x?y=1#z", "https://b") == "https://b/x?y=1#z"
+
+
+def routed(**options):
+    return Route("ops", (ROBOT,), **options)
+
+
+def test_mentions_come_from_labels_annotations_and_the_team_map():
+    route = routed(at_mobiles=("13800000000",), at_mobiles_from=("owner_mobile",), at_user_ids_from=("oncall",),
+                   at_map_label="team", at_map=(("dba", ("13900000000",), ("dba-lead",)),))
+    who = Renderer(Config()).mentions(route, [alert({"owner_mobile": "13700000000, 13600000000", "team": "dba"},
+                                                    {"oncall": "manager7021"})])
+    assert who.mobiles == ("13800000000", "13900000000", "13700000000", "13600000000")
+    assert who.user_ids == ("dba-lead", "manager7021") and not who.all
+    body = render([alert({"owner_mobile": "13700000000"})], routed(at_mobiles_from=("owner_mobile",)))
+    assert body["at"] == {"atMobiles": ["13700000000"], "isAtAll": False}
+    assert body["markdown"]["text"].endswith("\n\n@13700000000")
+
+
+def test_a_hostile_label_cannot_mention_everyone_or_a_crowd():
+    route = routed(at_mobiles_from=("owner",), at_user_ids_from=("oncall",))
+    crowd = " ".join(str(13000000000 + i) for i in range(50))
+    hostile = alert({"owner": "@all all <script>x</script> 1380000000x " + crowd},
+                    {"oncall": "all ALL @all $$$ ok_user"})
+    who = Renderer(Config()).mentions(route, [hostile])
+    assert not who.all and "all" not in [u.lower() for u in who.user_ids]
+    assert len(who.mobiles) + len(who.user_ids) == alertbridge.MENTIONS_FROM_ALERTS
+    assert all(m.isdigit() for m in who.mobiles)
+    assert Renderer(Config()).mentions(route, [alert({"owner": "13700000000"}, status="resolved")]) == \
+        alertbridge.Mentions()                                                # only firing alerts @
+    severe = routed(at_mobiles_from=("owner",), at_severities=("critical",))
+    assert not Renderer(Config()).mentions(severe, [alert({"owner": "13700000000", "severity": "warning"})])
+
+
+def test_an_action_card_has_buttons_and_its_mention_goes_apart():
+    route = routed(message_type="actionCard", at_mobiles=("13800000000",),
+                   dashboard_url="https://grafana/d/x?var-instance={instance}&var-job={job}")
+    firing = alert({"job": "a b"}, {"runbook_url": "https://wiki/runbooks/node-down"})
+    body = render([firing], route)
+    assert body["msgtype"] == "actionCard" and "at" not in body
+    card = body["actionCard"]
+    assert card["title"] == "[FIRING:1] NodeDown" and "@13800000000" not in card["text"]
+    assert [b["title"] for b in card["btns"]] == ["静默 Silence", "手册 Runbook", "Prometheus", "仪表盘 Dashboard"]
+    assert card["btnOrientation"] == "0"
+    assert card["btns"][0]["actionURL"].startswith("http://alertmanager-0:9093/#/silences/new?filter=%7Balertname")
+    assert card["btns"][3]["actionURL"] == "https://grafana/d/x?var-instance=n1%3A9100&var-job=a%20b"
+    renderer = Renderer(Config())
+    mention = renderer.mention_apart(route, {"alerts": [firing]})
+    assert renderer.body(route, KEYWORD_ROBOT, mention) == {
+        "msgtype": "text", "text": {"content": "@13800000000 [FIRING:1] NodeDown\n告警"},
+        "at": {"atMobiles": ["13800000000"], "isAtAll": False}}
+    assert renderer.mention_apart(route, {"alerts": [firing], "card": True}) is None
+    assert renderer.mention_apart(route, {"alerts": [firing], "part": [1, 2]}) is None
+    resolved = render([alert(status="resolved")], route)["actionCard"]["btns"]
+    assert [b["title"] for b in resolved] == ["Prometheus", "仪表盘 Dashboard"]     # nothing to silence
+
+
+def test_group_labels_common_labels_and_external_url_in_titles():
+    group = [alert({"job": "node"}), alert({"job": "node", "instance": "n2:9100"}, fingerprint="f2")]
+    route = routed(title="[{state}] {group_labels} | {common_labels[job]} | {external_url}")
+    body = render(group, route, group_labels={"alertname": "NodeDown", "job": "node"})
+    assert body["markdown"]["title"] == "[FIRING:2] NodeDown node | node | http://alertmanager-0:9093"
+    assert render(group)["markdown"]["title"] == "[FIRING:2] NodeDown"        # no group labels: the names
+
+
+def test_history_text_in_both_languages():
+    tz = timezone.utc
+    assert alertbridge.recurrence_text(0, None, tz) == ""
+    assert alertbridge.recurrence_text(2, ("2026-11-25 05:00:00.000", "2026-11-25 05:06:00.000"), tz) == (
+        "24 小时内第 3 次 · 3rd time in 24 h; 上次 11-25 05:06 恢复，持续 6m · last resolved 11-25 05:06 after 6m")
+    assert [alertbridge.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]
+    renderer = Renderer(Config(tz=tz), history=lambda a: "24 小时内第 2 次 · 2nd time in 24 h")
+    assert "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h" in renderer.body(routed(), ROBOT, {"alerts": [alert()]})["markdown"]["text"]
+    resolved = renderer.body(routed(), ROBOT, {"alerts": [alert(status="resolved")]})["markdown"]["text"]
+    assert "历史 History" not in resolved                                     # only firing alerts say it

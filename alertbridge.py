@@ -839,11 +839,11 @@ def _at_map(section):
             continue
         value, equals, ids = line.partition("=")
         if not equals or not value.strip():
-            raise ConfigError(f"[{section.name}] at_map: line {number}: write VALUE = mobiles "
+            raise ConfigError(f"[{section.name}] at_map: entry {number}: write VALUE = mobiles "
                               f"or user ids")
         mobiles, user_ids = split_mentions(_words(ids))
         if not (mobiles or user_ids) or len(mobiles) + len(user_ids) < len(_words(ids)):
-            raise ConfigError(f"[{section.name}] at_map: line {number}: not a list of phone "
+            raise ConfigError(f"[{section.name}] at_map: entry {number}: not a list of phone "
                               f"numbers and DingTalk user ids")
         entries.append((value.strip(), mobiles, user_ids))
     if entries and not section.get("at_map_label"):

@@ -146,3 +146,45 @@ def test_timezone_works_without_a_time_zone_database(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
                             env={"PYTHONTZPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and result.stdout.strip() == "8:00:00", result.stderr
+
+
+ROBOT_X = "[robot:x]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n"
+
+
+def test_a_receivers_mentions_buttons_and_links_are_read(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_text(ROBOT_X + """[receiver:ops]
+robots = x
+at_user_ids = manager7021
+at_mobiles_from = owner_mobile, phone
+at_user_ids_from = oncall
+at_map_label = team
+at_map =
+    dba = 13800000000, manager01, id:0123
+    web = +86-13900000000
+message_type = ActionCard
+send_resolved = false
+dashboard_url = https://grafana/d/x?var-instance={instance}
+prometheus_url = https://prom.example.com/
+alertmanager_url = https://am.example.com/am
+""", encoding="utf-8")
+    route = alertbridge.load_config(str(path)).routes["ops"]
+    assert route.at_map == (("dba", ("13800000000",), ("manager01", "0123")), ("web", ("+86-13900000000",), ()))
+    assert (route.at_user_ids, route.at_mobiles_from, route.at_user_ids_from) == (
+        ("manager7021",), ("owner_mobile", "phone"), ("oncall",))
+    assert (route.message_type, route.send_resolved) == ("actionCard", False)
+    assert (route.prometheus_url, route.alertmanager_url) == ("https://prom.example.com", "https://am.example.com/am")
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("at_map_label = team\nat_map =\n    dba 13800000000\n", "at_map: entry 1: write VALUE ="),
+    ("at_map_label = team\nat_map =\n    dba = @all\n", "at_map: entry 1: not a list of phone numbers"),
+    ("at_map =\n    dba = 13800000000\n", "at_map: set at_map_label"),
+    ("at_user_ids = all\n", "at_user_ids: not a list of DingTalk user ids"),
+    ("message_type = feedCard\n", "message_type: must be markdown or actionCard"),
+    ("prometheus_url = prometheus-0:9090\n", "prometheus_url: not an http(s) URL"),
+    ("alertmanager_url = https://am/?x=1\n", "alertmanager_url: not an http(s) URL"),
+    ("dashboard_url = https://g/{instance\n", "dashboard_url: bad template"),
+])
+def test_bad_mention_button_and_link_settings_are_named(tmp_path, lines, message):
+    assert message in config_error(tmp_path, ROBOT_X + "[receiver:ops]\nrobots = x\n" + lines)

@@ -12,7 +12,8 @@ The file reads top to bottom the way an alert travels through it:
                      (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it replaces)
    5. Storage        all SQL; the Journal (local SQLite: messages to send, events to record,
                      the send log); the Store (history, MySQL or SQLite) and its child process
-   6. Rendering      alerts -> DingTalk markdown (templates, mentions, keyword, sizes)
+   6. Rendering      alerts -> DingTalk markdown or actionCard (templates, escaping, links,
+                     mentions from config and labels, buttons, keyword, sizes; {history})
    7. Packing        digest and split plans: pure functions, sizes in, groups out
    8. DingTalk       one request: signing, a total deadline, the answer classified once
    9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles

@@ -68,6 +68,8 @@ def request(bridge, method, path, body=b"", headers=None):
     ('<font color="red" onclick="x">t</font>', "<p>&lt;font color=&quot;red&quot; onclick=&quot;x&quot;&gt;t"
                                                "&lt;/font&gt;</p>"),
     ("[a*b*](http://h/*c*)", '<p><a href="http://h/*c*" rel="noopener noreferrer" target="_blank">a*b*</a></p>'),
+    # escaped label values (md_escape) show as written, as DingTalk shows them
+    ("node\\_exporter\\_\\*x\\* \\[a\\](http://h)", "<p>node_exporter_*x* [a](http://h)</p>"),
 ])
 def test_dingtalk_markdown_becomes_safe_html(markdown, html):
     assert markdown_html(markdown) == html
@@ -389,3 +391,28 @@ def test_in_a_browser_the_preview_form(browser, make_bridge, sqlite_db, fake, tm
     keep_screenshot(browser, tmp_path, "preview.png")
     assert pwned(browser) is None
     assert fake.requests == [] and bridge.journal.backlog()[0] == 0
+
+
+CARD = {"robots": "ops-1, ops-2", "message_type": "actionCard", "at_mobiles": "13800000000",
+        "at_severities": "critical", "dashboard_url": "https://grafana/d/x?var-instance={instance}"}
+
+
+def test_the_preview_and_the_dry_run_show_an_action_card_and_its_mention(make_bridge, sqlite_db, fake, tmp_path):
+    bridge = make_bridge(sqlite_db, receivers={"ops": CARD, "dev": {"robots": "dev-1"}})
+    payload = make_payload("ops", [make_alert("DiskFull", annotations={"runbook_url": "https://wiki/disk"})])
+    form = urllib.parse.urlencode({"payload": json.dumps(payload), "receiver": ""}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    text = body.decode()
+    assert status == 200, text
+    assert "actionCard to robot ops-1" in text and "the @ message, text to robot ops-1" in text
+    assert ">手册 Runbook</a>" in text and 'href="https://grafana/d/x?var-instance=node-1%3A9100"' in text
+    assert "in a text message after the card" in text and fake.requests == []
+
+    path = tmp_path / "payload.json"
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    done = render(bridge.config.path, path)
+    assert done.returncode == 0, done.stderr
+    card, mention = [json.loads(line) for line in done.stdout.splitlines()][::2]    # ops-2's keyword differs
+    assert card["msgtype"] == "actionCard" and len(card["actionCard"]["btns"]) == 4
+    assert mention == {"msgtype": "text", "text": {"content": "@13800000000 [FIRING:1] DiskFull"},
+                       "at": {"atMobiles": ["13800000000"], "isAtAll": False}}

@@ -2527,6 +2527,20 @@ def _mention_words(value):
     return [w for w in re.split(r"[\s,;，；、]+", value[:4096]) if w]
 
 
+@dataclass(frozen=True)
+class GroupFields:
+    """What an alert block can say of its message: {group_labels}, {common_labels[NAME]}."""
+    key: tuple
+    fields: dict
+
+
+def group_fields(title):
+    """The message-level fields of title_fields() that alert blocks may use too."""
+    common = title["common_labels"]
+    return GroupFields((str(title["group_labels"]), tuple(sorted(common.items()))),
+                       {"group_labels": title["group_labels"], "common_labels": common})
+
+
 @functools.lru_cache(maxsize=64)
 def uses_field(template, name):
     return any(field is not None and re.match(r"[^.\[:!]*", field).group() == name
@@ -2546,17 +2560,20 @@ class Renderer:
         self.history = history
         self._blocks = {}  # (id(alert), route name) -> (alert, rendered block)
 
-    def alert_block(self, route, alert):
-        """The alert in the route's template. Remembered by identity (the alert is kept, so its
-        id cannot be reused): sizing a digest, checking it fits each robot and sending it would
-        otherwise render every alert five times, on the thread the webhooks share the GIL with."""
-        key = (id(alert), route.name)
+    def alert_block(self, route, alert, group=None):
+        """The alert in the route's template; `group`: the message's group fields (group_fields).
+        Remembered by identity (the alert is kept, so its id cannot be reused): sizing a digest,
+        checking it fits each robot and sending it would otherwise render every alert five
+        times, on the thread the webhooks share the GIL with."""
+        key = (id(alert), route.name, group.key if group else None)
         kept = self._blocks.get(key)
         if kept is not None and kept[0] is alert:
             return kept[1]
         if len(self._blocks) >= self.BLOCKS_KEPT:
             self._blocks.clear()
-        block = render_template(route.alert, self.fields(route, alert))
+        fields = self.fields(route, alert)
+        fields.update(group.fields if group else {})
+        block = render_template(route.alert, fields)
         self._blocks[key] = (alert, block)
         return block
 
@@ -2625,16 +2642,17 @@ class Renderer:
             titles = [f"{message_body.get('level', 'none').upper()} 汇总 digest · {t}"
                       for t in titles]
         title, heading = titles
+        shared = group_fields(fields)
         sections = []
         if digest:
             groups = {}
             for alert in alerts:
                 groups.setdefault(alert["labels"].get("alertname", ""), []).append(alert)
             for name, group in groups.items():
-                blocks = self.SEPARATOR.join(self.alert_block(route, a) for a in group)
+                blocks = self.SEPARATOR.join(self.alert_block(route, a, shared) for a in group)
                 sections.append(f"##### {md_escape(name)} × {len(group)}\n\n{blocks}")
         else:
-            sections = [self.alert_block(route, a) for a in alerts]
+            sections = [self.alert_block(route, a, shared) for a in alerts]
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else []
         mentions = Mentions() if buttons else self.mentions(route, alerts)
         footer = []

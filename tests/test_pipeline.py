@@ -172,6 +172,24 @@ def test_action_cards_and_their_mention_reach_dingtalk_as_it_checks_them(make_br
     assert [s["alerts"] for s in sends] == [1, 0, 1] and all(s["errcode"] == 0 for s in sends)
 
 
+def test_a_markdown_message_that_mentions_from_labels_is_exactly_this(make_bridge, fake, sqlite_db):
+    receivers = {"ops": {"robots": "ops-1"},
+                 "dev": {"robots": "dev-1", "alert": "{alertname} on {instance}: {summary}", "at_map_label": "team",
+                         "at_map": "\n    dba = 13900000000, id:0123", "at_mobiles_from": "owner"}}
+    bridge = make_bridge(sqlite_db, receivers=receivers)
+    payload = make_payload("dev", [make_alert("Slow_query", "db-1:9104", labels={"team": "dba", "owner": "13700000000 all"},
+                                              annotations={"summary": "p99 *way* up"})])
+    payload["groupLabels"] = {"alertname": "Slow_query"}
+    assert post(bridge, payload)[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    assert fake.delivered()[0].body == {
+        "msgtype": "markdown",
+        "markdown": {"title": "[FIRING:1] Slow_query",
+                     "text": "#### [FIRING:1] Slow\\_query\n\nSlow\\_query on db-1:9104: p99 \\*way\\* up\n\n"
+                             "@13900000000 @13700000000 @0123"},
+        "at": {"atMobiles": ["13900000000", "13700000000"], "isAtAll": False, "atUserIds": ["0123"]}}
+
+
 def test_without_send_resolved_a_resolution_is_recorded_not_sent(make_bridge, fake, database):
     bridge = make_bridge(database, receivers={"ops": {"robots": "ops-1", "send_resolved": "false"},
                                               "dev": {"robots": "dev-1"}})

@@ -219,3 +219,10 @@ def test_history_text_in_both_languages():
     assert "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h" in renderer.body(routed(), ROBOT, {"alerts": [alert()]})["markdown"]["text"]
     resolved = renderer.body(routed(), ROBOT, {"alerts": [alert(status="resolved")]})["markdown"]["text"]
     assert "历史 History" not in resolved                                     # only firing alerts say it
+
+
+def test_alert_blocks_can_name_the_group_too():
+    group = [alert({"job": "node"}), alert({"job": "node", "instance": "n2:9100"}, fingerprint="f2")]
+    route = routed(alert="{alertname} {instance} in {group_labels} ({common_labels[job]})")
+    text = render(group, route, group_labels={"alertname": "NodeDown", "job": "node"})["markdown"]["text"]
+    assert "NodeDown n1:9100 in NodeDown node (node)" in text and "NodeDown n2:9100 in NodeDown node (node)" in text

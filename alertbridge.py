@@ -842,30 +842,26 @@ def _at_map(section):
         if not equals or not value.strip():
             raise ConfigError(f"[{section.name}] at_map: entry {number}: write VALUE = mobiles "
                               f"or user ids")
-        mobiles, user_ids = split_mentions(_words(ids))
-        if not (mobiles or user_ids) or len(mobiles) + len(user_ids) < len(_words(ids)):
+        people = [person(word) for word in _words(ids)]
+        if not people or None in people:
             raise ConfigError(f"[{section.name}] at_map: entry {number}: not a list of phone "
                               f"numbers and DingTalk user ids")
-        entries.append((value.strip(), mobiles, user_ids))
+        entries.append((value.strip(), *(tuple(dict.fromkeys(w for k, w in people if k == kind))
+                                          for kind in ("mobile", "user_id"))))
     if entries and not section.get("at_map_label"):
         raise ConfigError(f"[{section.name}] at_map: set at_map_label, the label whose value "
                           f"picks an entry")
     return tuple(entries)
 
 
-def split_mentions(words):
-    """Words naming people -> (mobiles, user ids): a phone number is a mobile, `id:X` or any
-    other word a user id fit for DingTalk is a user id; anything else (@all, "all", markup)
-    is dropped, so that text in a label cannot mention everyone."""
-    mobiles, user_ids = [], []
-    for word in words:
-        if word.startswith("id:") and USER_ID.fullmatch(word[3:]):
-            user_ids.append(word[3:])
-        elif MOBILE.fullmatch(word):
-            mobiles.append(word)
-        elif USER_ID.fullmatch(word):
-            user_ids.append(word)
-    return tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids))
+def person(word):
+    """An at_map word -> ("mobile", it) for a phone number, ("user_id", id) for `id:X` or any
+    other word fit for a DingTalk user id; None for anything else (@all, "all", markup)."""
+    if word.startswith("id:") and USER_ID.fullmatch(word[3:]):
+        return "user_id", word[3:]
+    if MOBILE.fullmatch(word):
+        return "mobile", word
+    return ("user_id", word) if USER_ID.fullmatch(word) else None
 
 
 def _base_url(section, key):
@@ -2503,6 +2499,83 @@ def truncate_to(text, limit):
     return text[:lo] + TRUNCATED_MARK
 
 
+def ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def recurrence_text(earlier, last, tz):
+    """The {history} field: '24 小时内第 3 次 · 3rd time in 24 h; 上次 11-27 13:02 恢复，持续 6m ·
+    last resolved 11-27 13:02 after 6m', or the part of it the history knows; '' if nothing."""
+    parts = []
+    if earlier:
+        parts.append(f"24 小时内第 {earlier + 1} 次 · {ordinal(earlier + 1)} time in 24 h")
+    if last and last[1]:
+        starts, ends = from_db_time(last[0]), from_db_time(last[1])
+        when = ends.astimezone(tz).strftime("%m-%d %H:%M")
+        lasted = format_duration((ends - starts).total_seconds())
+        parts.append(f"上次 {when} 恢复，持续 {lasted} · last resolved {when} after {lasted}")
+    return "; ".join(parts)
+
+
+def _occurrence(alert):
+    return (alert["receiver"], alert["fingerprint"], alert["starts_at"])
+
+
+class Recurrence:
+    """How often an alert happened before, from the history, for the {history} field. A
+    sender asks for a message's alerts before rendering it (prefetch) and waits WAIT seconds at
+    most: the lookup runs in a thread of its own, one at a time, so a slow or down store leaves
+    the field empty and the page goes out; an answer that comes late is kept for later
+    messages. After a failed lookup, none for BACKOFF seconds."""
+
+    WAIT = 0.5
+    WINDOW = 86400.0
+    BATCH = 20
+    KEPT = 10_000
+    BACKOFF = 30.0
+
+    def __init__(self, store, tz):
+        self.store, self.tz = store, tz
+        self._known = collections.OrderedDict()     # occurrence -> its text
+        self._lock = threading.Lock()
+        self._running = None                        # the lookup under way: an Event set when done
+        self._quiet_until = 0.0
+
+    def __call__(self, alert):
+        with self._lock:
+            return self._known.get(_occurrence(alert), "")
+
+    def prefetch(self, alerts, wait=WAIT):
+        with self._lock:
+            wanted = [o for o in dict.fromkeys(_occurrence(a) for a in alerts
+                                               if a["status"] == "firing")
+                      if o not in self._known][:self.BATCH]
+            if (not wanted or time.monotonic() < self._quiet_until
+                    or (self._running and not self._running.is_set())):
+                return
+            self._running = done = threading.Event()
+        threading.Thread(target=self._lookup, args=(wanted, done), name="history",
+                         daemon=True).start()
+        done.wait(wait)
+
+    def _lookup(self, occurrences, done):
+        try:
+            found = self.store.recurrence(occurrences, self.WINDOW, wait=self.WAIT)
+        except (StoreUnavailable, StoreError) as exc:
+            log.info("history for {history} not read (%s): the field stays empty for %gs", exc,
+                     self.BACKOFF)
+            with self._lock:
+                self._quiet_until = time.monotonic() + self.BACKOFF
+            return
+        finally:
+            done.set()
+        with self._lock:
+            for occurrence, (earlier, last) in zip(occurrences, found):
+                self._known[occurrence] = recurrence_text(earlier, last, self.tz)
+            while len(self._known) > self.KEPT:
+                self._known.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class Mentions:
     """Who a message @-mentions. DingTalk wants each one in the text as well as in "at"."""
@@ -2581,6 +2654,12 @@ class Renderer:
         wanted = (self.history is not None and alert["status"] == "firing"
                   and uses_field(route.alert, "history"))
         return alert_fields(alert, self.config.tz, route, self.history(alert) if wanted else "")
+
+    def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
+        """Before rendering: have the alerts' {history} read, if the route's template shows it
+        (waiting `wait` seconds at most, see Recurrence)."""
+        if self.history is not None and uses_field(route.alert, "history"):
+            self.history.prefetch(alerts, wait)
 
     @staticmethod
     def mentions(route, alerts):
@@ -2739,83 +2818,6 @@ class Renderer:
         alert = alerts[0] if alerts else sample_alert(route.name)
         return ([f"title {p}" for p in template_problems(route.title, title_fields(alerts))]
                 + [f"alert {p}" for p in template_problems(route.alert, self.fields(route, alert))])
-
-
-def ordinal(n):
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def recurrence_text(earlier, last, tz):
-    """The {history} field: '24 小时内第 3 次 · 3rd time in 24 h; 上次 11-27 13:02 恢复，持续 6m ·
-    last resolved 11-27 13:02 after 6m', or the part of it the history knows; '' if nothing."""
-    parts = []
-    if earlier:
-        parts.append(f"24 小时内第 {earlier + 1} 次 · {ordinal(earlier + 1)} time in 24 h")
-    if last and last[1]:
-        starts, ends = from_db_time(last[0]), from_db_time(last[1])
-        when = ends.astimezone(tz).strftime("%m-%d %H:%M")
-        lasted = format_duration((ends - starts).total_seconds())
-        parts.append(f"上次 {when} 恢复，持续 {lasted} · last resolved {when} after {lasted}")
-    return "; ".join(parts)
-
-
-def _occurrence(alert):
-    return (alert["receiver"], alert["fingerprint"], alert["starts_at"])
-
-
-class Recurrence:
-    """How often an alert happened before, from the history, for the {history} field. A
-    sender asks for a message's alerts before rendering it (prefetch) and waits WAIT seconds at
-    most: the lookup runs in a thread of its own, one at a time, so a slow or down store leaves
-    the field empty and the page goes out; an answer that comes late is kept for later
-    messages. After a failed lookup, none for BACKOFF seconds."""
-
-    WAIT = 0.5
-    WINDOW = 86400.0
-    BATCH = 20
-    KEPT = 10_000
-    BACKOFF = 30.0
-
-    def __init__(self, store, tz):
-        self.store, self.tz = store, tz
-        self._known = collections.OrderedDict()     # occurrence -> its text
-        self._lock = threading.Lock()
-        self._running = None                        # the lookup under way: an Event set when done
-        self._quiet_until = 0.0
-
-    def __call__(self, alert):
-        with self._lock:
-            return self._known.get(_occurrence(alert), "")
-
-    def prefetch(self, alerts, wait=WAIT):
-        with self._lock:
-            wanted = [o for o in dict.fromkeys(_occurrence(a) for a in alerts
-                                               if a["status"] == "firing")
-                      if o not in self._known][:self.BATCH]
-            if (not wanted or time.monotonic() < self._quiet_until
-                    or (self._running and not self._running.is_set())):
-                return
-            self._running = done = threading.Event()
-        threading.Thread(target=self._lookup, args=(wanted, done), name="history",
-                         daemon=True).start()
-        done.wait(wait)
-
-    def _lookup(self, occurrences, done):
-        try:
-            found = self.store.recurrence(occurrences, self.WINDOW, wait=self.WAIT)
-        except (StoreUnavailable, StoreError) as exc:
-            log.info("history for {history} not read (%s): the field stays empty for %gs", exc,
-                     self.BACKOFF)
-            with self._lock:
-                self._quiet_until = time.monotonic() + self.BACKOFF
-            return
-        finally:
-            done.set()
-        with self._lock:
-            for occurrence, (earlier, last) in zip(occurrences, found):
-                self._known[occurrence] = recurrence_text(earlier, last, self.tz)
-            while len(self._known) > self.KEPT:
-                self._known.popitem(last=False)
 
 
 def message_text(body):
@@ -3562,8 +3564,8 @@ class Sender(Worker):
         True if a request was made."""
         renderer = self.bridge.renderer
         digest = bool(message.body.get("digest"))
-        if not digest and uses_field(route.alert, "history"):
-            self.bridge.history.prefetch(message.alerts)
+        if not digest:
+            renderer.look_up_history(route, message.alerts)
         several = not message.packed and len(message.alerts) > 1
         if several and not renderer.fits(route, message.body, digest):
             self._split(route, message)
@@ -4467,8 +4469,7 @@ class Pages:
                 raise BadRequest(422, f"{key} template: {'; '.join(errors)}")
         route = replace(route, **changed)
         renderer = Renderer(config, self.bridge.history)
-        if uses_field(route.alert, "history"):
-            self.bridge.history.prefetch(webhook.alerts, wait=1.0)
+        renderer.look_up_history(route, webhook.alerts, wait=1.0)
         problems = renderer.field_problems(route, webhook.alerts)
         own = [k for k in ("title", "alert") if k not in changed]
         out = [f"<section><h2>Receiver {esc(webhook.receiver)} → "
@@ -4488,8 +4489,7 @@ class Pages:
     def _planned(self, route, renderer, number, level, alerts, bodies):
         limit = self.bridge.config.delivery.max_message_bytes
         who = renderer.mentions(route, alerts)
-        mentioned = ", ".join(["@" + m for m in who.mobiles + who.user_ids]
-                              + (["@all"] if who.all else []))
+        mentioned = " ".join(filter(None, [who.text(), "@all" if who.all else ""]))
         separate = bodies and bodies[-1][0][1]["msgtype"] == "text"
         parts = len(bodies) - separate
         notes = [f"priority level <strong>{esc(level)}</strong>"
@@ -4554,7 +4554,9 @@ def dry_run(renderer, route, webhook):
     for (_, level), alerts in messages_of(route, webhook.alerts):
         parts = renderer.parts(route, message_body(alerts, webhook.truncated,
                                                    group_labels=webhook.group_labels))
-        parts += [mention for mention in [renderer.mention_apart(route, parts[-1])] if mention]
+        mention = renderer.mention_apart(route, parts[-1])
+        if mention:
+            parts.append(mention)
         plan.append((level, alerts, [[(robot, renderer.body(route, robot, part))
                                       for robot in route.robots] for part in parts]))
     return plan

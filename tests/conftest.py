@@ -64,6 +64,4 @@ def daemon(tmp_path, fake, sqlite_db):
         return child
     yield start
     for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-            child.proc.wait()
+        child.kill()

@@ -305,6 +305,12 @@ class Child:
     def wait_log(self, text, timeout=30):
         assert wait_until(lambda: text in self.log.read_text(encoding="utf-8"), timeout), self.log.read_text()
 
+    def kill(self):
+        """SIGKILL if still running (a test's clean-up)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self, timeout=30):
         """SIGTERM, then the exit status (killed if it does not exit in time)."""
         if self.proc.poll() is None:
@@ -402,10 +408,15 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            self._serve(client)
+
+    def _serve(self, client):
+        self._splice(client, socket.create_connection(("127.0.0.1", self.target_port)))
+
+    def _splice(self, client, upstream):
+        self.sockets += [client, upstream]
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(a, b):
@@ -444,13 +455,8 @@ class ConnectProxy(TcpProxy):
         super().__init__(None)
         self.tunnels = []
 
-    def _accept(self, listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+    def _serve(self, client):
+        threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
 
     def _tunnel(self, client):
         head = b""
@@ -467,6 +473,4 @@ class ConnectProxy(TcpProxy):
         self.tunnels.append(f"{host}:{port}")
         upstream = socket.create_connection((host, int(port)))
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        self.sockets += [client, upstream]
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+        self._splice(client, upstream)

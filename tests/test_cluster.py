@@ -43,9 +43,7 @@ def instances(tmp_path, small_fake):
         return started
     yield start
     for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-            child.proc.wait()
+        child.kill()
 
 
 def role(child):

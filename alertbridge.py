@@ -66,6 +66,7 @@ import base64  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import contextlib  # noqa: E402
+import difflib  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
@@ -250,6 +251,12 @@ def fit_text(text, limit=TEXT_BYTES):
 # =============================================================================================
 # 2. Templates
 # =============================================================================================
+#
+# A template is str.format text over a message's fields, with blanks. A field is a name, or a
+# name and one [key] (`{labels[team]}`), with an optional conversion and format spec; nothing
+# else: attribute access or indexing deeper would walk from a label map to the module and its
+# secrets. What each kind of template can name is declared here, once (FieldSet); a template
+# naming anything else is refused when the config loads and in the preview.
 
 class Blank(dict):
     """A mapping where a missing key renders as an empty string."""
@@ -264,28 +271,79 @@ class Untrusted(str):
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]~])")
+_LINE_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+_LINE_START = re.compile(r"^(\s*)(#|>|[-+=]+(?=\s|$)|[0-9]+[.)](?=\s|$))")
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 
 
 def md_escape(text):
-    """`node_exporter_*x*` as written, not in italics: DingTalk's markdown specials escaped
-    with a backslash (as prometheus-webhook-dingtalk's `markdown` function does, and brackets,
-    which would make a link)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    """Alert text as DingTalk markdown shows it literally: `node_exporter_*x*` as written, not
+    in italics (the specials escaped with a backslash, as prometheus-webhook-dingtalk's
+    `markdown` function does, and brackets, which would make a link); line breaks as spaces and
+    a heading, quote or list mark at its start escaped, so that a value never starts a line of
+    its own; `<` before a tag name full-width, so that a value cannot open a <font> tag."""
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    text = _LINE_BREAKS.sub(" ", text)
+    text = _LINE_START.sub(r"\1\\\2", text)
+    return _TAG_START.sub("＜", text)
 
 
-ESCAPES = {"markdown": md_escape, "url": lambda text: urllib.parse.quote(text, safe=""),
-           None: str}
+def url_text(text):
+    """A value put inside a URL: every reserved character percent-encoded."""
+    return urllib.parse.quote(text, safe="")
 
 
-class _LenientFormatter(string.Formatter):
-    def get_field(self, field_name, args, kwargs):
-        try:
-            return super().get_field(field_name, args, kwargs)
-        except (KeyError, AttributeError, IndexError, TypeError):
-            return "", field_name
+ESCAPES = {"markdown": md_escape, "url": url_text, None: str}
 
 
-_formatter = _LenientFormatter()
+@dataclass(frozen=True)
+class FieldSet:
+    """The fields a kind of template can name: text, numbers, and maps that take a [key]."""
+    text: frozenset
+    numbers: frozenset = frozenset()
+    maps: frozenset = frozenset()
+
+    def names(self):
+        return self.text | self.numbers | self.maps
+
+    def sample(self, name):
+        """A value of the field's type, to try a format spec on."""
+        return 1 if name in self.numbers else "x"
+
+
+ALERT_FIELDS = FieldSet(
+    text=frozenset({"alertname", "severity", "instance", "job", "status", "status_icon",
+                    "starts_at", "ends_at", "duration", "summary", "description", "other_labels",
+                    "generator_url", "silence_url", "external_url", "runbook_url",
+                    "dashboard_url", "links", "fingerprint", "receiver", "history",
+                    "group_labels"}),
+    maps=frozenset({"labels", "annotations", "common_labels"}))
+TITLE_FIELDS = FieldSet(
+    text=frozenset({"state", "receiver", "alertnames", "group_labels", "external_url", "part"}),
+    numbers=frozenset({"firing", "resolved", "count"}),
+    maps=frozenset({"common_labels"}))
+DASHBOARD_FIELDS = replace(ALERT_FIELDS, text=ALERT_FIELDS.text - {"dashboard_url", "links",
+                                                                     "history"})
+MAX_FIELD_WIDTH = 200   # a width or precision in a format spec: one field never grows a message
+_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[([^\[\]{}]*)\])?")
+_SPEC_NUMBERS = re.compile(r"[0-9]+")
+_formatter = string.Formatter()
+
+
+@functools.lru_cache(maxsize=256)
+def field_name(name):
+    """'labels[team]' -> ('labels', 'team'); 'summary' -> ('summary', None); None for
+    anything else a str.format field could be (attributes, several indexes, positions)."""
+    match = _FIELD.fullmatch(name or "")
+    return match.groups() if match else None
+
+
+@functools.lru_cache(maxsize=256)
+def spec_allowed(spec):
+    """Whether a format spec is bounded: no width or precision over MAX_FIELD_WIDTH, no
+    nested field."""
+    return "{" not in spec and all(int(n) <= MAX_FIELD_WIDTH
+                                   for n in _SPEC_NUMBERS.findall(spec))
 
 
 @functools.lru_cache(maxsize=64)
@@ -295,10 +353,13 @@ def _parsed(template):
 
 
 def _format(name, spec, conversion, fields, escape):
-    if name.isidentifier():  # the common case, made cheap
-        value = fields[name]
-    else:
-        value, _ = _formatter.get_field(name, (), fields)
+    parsed = field_name(name)
+    if parsed is None or not spec_allowed(spec):    # refused at load: never rendered
+        return ""
+    base, key = parsed
+    value = fields[base]
+    if key is not None:
+        value = value[key] if isinstance(value, dict) else ""
     if spec == "raw":
         return str(value)
     if isinstance(value, Untrusted):
@@ -315,7 +376,7 @@ def render_template(template, fields, escape="markdown"):
     """str.format over `fields`; a missing field is empty, and a line whose placeholders all
     came out empty is left out (so 'Resolved: {ends_at}' disappears while an alert fires).
     Alert text (Untrusted) is escaped for `escape` (markdown, url, or None), unless a field
-    says `:raw`. Raises ValueError for a malformed template (checked when the config loads)."""
+    says `:raw`. The template must have passed template_errors()."""
     out, escape = [], ESCAPES[escape]
     for pieces in _parsed(template):
         parts, named, filled = [], False, False
@@ -331,42 +392,51 @@ def render_template(template, fields, escape="markdown"):
     return "\n".join(out)
 
 
-def template_syntax_errors(template):
-    """Each malformed line of a template, as 'line N: what str.format says'."""
+def template_errors(template, allowed):
+    """What is wrong with a template whose fields come from the FieldSet `allowed`, one line
+    each, numbered from 1: a malformed line; a field that is not a plain name with at most one
+    [key]; a name no alert can have (with the closest one); a map without its key, or a key on
+    text; a format spec that is unbounded or does not apply to the field's type."""
     errors = []
     for number, line in enumerate(template.split("\n"), 1):
         try:
-            list(_formatter.parse(line))
+            pieces = list(_formatter.parse(line))
         except ValueError as exc:
             errors.append(f"line {number}: {exc}")
+            continue
+        for _, name, spec, conversion in pieces:
+            if name is not None:
+                problem = _field_error(name, spec, conversion, allowed)
+                if problem:
+                    errors.append(f"line {number}: {problem}")
     return errors
 
 
-def template_problems(template, fields):
-    """What goes wrong rendering `template` over `fields` (a real alert's, or a sample's), one
-    line each, numbered from 1: a malformed line; a name that is not a field, which renders
-    empty (the usual "my template has no effect"); a format the value does not take, which is
-    then shown unformatted."""
-    problems = template_syntax_errors(template)
-    for number, line in enumerate(template.split("\n"), 1):
+def _field_error(name, spec, conversion, allowed):
+    shown = "{" + name + "}"
+    parsed = field_name(name)
+    if parsed is None:
+        return (f"{shown}: a field is a name, or a name and one [key] such as {{labels[team]}}"
+                if name else "{}: name the field, such as {alertname}")
+    base, key = parsed
+    if base not in allowed.names():
+        close = difflib.get_close_matches(base, sorted(allowed.names()), 1)
+        return (f"{shown} is not a field" + (f"; did you mean {{{close[0]}}}?" if close else "")
+                + f" (fields: {', '.join(sorted(allowed.names()))})")
+    if base in allowed.maps and key is None:
+        return f"{shown} needs a key, such as {{{base}[team]}}"
+    if base not in allowed.maps and key is not None:
+        return f"{shown}: only {', '.join(sorted(allowed.maps))} take a [key]"
+    if not spec_allowed(spec):
+        return f"{shown}: a format width or precision is at most {MAX_FIELD_WIDTH}"
+    if spec and spec != "raw":
         try:
-            pieces = list(_formatter.parse(line))
-        except ValueError:
-            continue
-        for _, name, spec, conversion in pieces:
-            if name is None:
-                continue
-            if re.match(r"[^.\[]*", name).group() not in fields:
-                problems.append(f"line {number}: {{{name}}} is not a field, so it renders empty "
-                                f"(fields: {', '.join(sorted(fields))})")
-                continue
-            value, _ = _formatter.get_field(name, (), fields)
-            try:
-                _formatter.format_field(_formatter.convert_field(value, conversion), spec)
-            except (ValueError, TypeError) as exc:
-                problems.append(f"line {number}: {{{name}}}: {exc}; the value is shown "
-                                f"unformatted")
-    return problems
+            _formatter.format_field(_formatter.convert_field(allowed.sample(base), conversion),
+                                    spec)
+        except (ValueError, TypeError) as exc:
+            kind = "a number" if base in allowed.numbers else "text"
+            return f"{shown}: format {spec!r} does not apply to {kind} ({exc})"
+    return None
 
 
 # =============================================================================================
@@ -643,9 +713,13 @@ class _Section:
             return False
         raise ConfigError(f"[{self.name}] {key}: not a boolean (true or false)")
 
-    def template(self, key, default):
-        text = self.items[key].strip("\n") if key in self.items else default
-        errors = template_syntax_errors(text)
+    def template(self, key, default, allowed):
+        """A template over the FieldSet `allowed`; a default is not checked again: it is
+        [templates]' (checked there) or the built-in one."""
+        if key not in self.items:
+            return default
+        text = self.items[key].strip("\n")
+        errors = template_errors(text, allowed)
         if errors:
             raise ConfigError(f"[{self.name}] {key}: bad template: {'; '.join(errors)}")
         return text
@@ -768,8 +842,8 @@ def _load_cluster(parser, database):
 
 def _load_templates(parser):
     section = _Section(parser, "templates")
-    return Templates(title=section.template("title", Templates.title),
-                     alert=section.template("alert", Templates.alert))
+    return Templates(title=section.template("title", Templates.title, TITLE_FIELDS),
+                     alert=section.template("alert", Templates.alert, ALERT_FIELDS))
 
 
 def _load_robot(section, name):
@@ -823,11 +897,11 @@ def _load_route(section, name, robots, templates, delivery):
         per_alert=section.bool("per_alert"),
         send_resolved=section.bool("send_resolved", True),
         message_type="actionCard" if message_type.lower() == "actioncard" else "markdown",
-        dashboard_url=section.template("dashboard_url", ""),
+        dashboard_url=section.template("dashboard_url", "", DASHBOARD_FIELDS),
         prometheus_url=_base_url(section, "prometheus_url"),
         alertmanager_url=_base_url(section, "alertmanager_url"),
-        title=section.template("title", templates.title),
-        alert=section.template("alert", templates.alert),
+        title=section.template("title", templates.title, TITLE_FIELDS),
+        alert=section.template("alert", templates.alert, ALERT_FIELDS),
         **_priorities(section, delivery),
     )
 
@@ -2414,8 +2488,13 @@ def silence_url(base, labels):
 
 
 def web_url(text):
-    """An annotation's URL, if it is one a button or link may open."""
-    return text if re.match(r"https?://[^\s]+$", text or "") else ""
+    """A URL from an alert (an annotation, generatorURL, externalURL) that a link or button
+    may open: http(s) only, and encoded so that it stays one markdown link (a `)`, a space or
+    a bracket in it is percent-encoded, never the end of the link). "" for anything else."""
+    text = (text or "").strip()
+    if not re.match(r"https?://[^\s/?#]", text, re.I) or _CONTROL_CHARACTERS.search(text):
+        return ""
+    return urllib.parse.quote(text, safe="!#$%&'*+,/:;=?@~-._")
 
 
 def alert_fields(alert, tz, route=None, history=""):
@@ -2425,8 +2504,8 @@ def alert_fields(alert, tz, route=None, history=""):
     annotations = Blank({k: Untrusted(v) for k, v in alert["annotations"].items()})
     starts, ends = from_db_time(alert["starts_at"]), from_db_time(alert["ends_at"])
     resolved = alert["status"] == "resolved"
-    external = external_url(alert, route)
-    generator = rebase_url(alert["generator_url"], route.prometheus_url if route else "")
+    external = web_url(external_url(alert, route))
+    generator = web_url(rebase_url(alert["generator_url"], route.prometheus_url if route else ""))
     silence = silence_url(external, alert["labels"])
     links = [f"[Prometheus]({generator})" if generator else "",
              f"[静默 Silence]({silence})" if silence and not resolved else ""]
@@ -2445,7 +2524,7 @@ def alert_fields(alert, tz, route=None, history=""):
         runbook_url=web_url(alert["annotations"].get("runbook_url")),
         links=" · ".join(link for link in links if link),
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
-        history="" if resolved else history,
+        history="" if resolved else history, dashboard_url="",
     )
     if route and route.dashboard_url:
         fields["dashboard_url"] = web_url(render_template(route.dashboard_url, fields, "url"))
@@ -2473,7 +2552,7 @@ def title_fields(alerts, part=None, group_labels=None, route=None):
                  receiver=receivers, alertnames=alertnames,
                  group_labels=Untrusted(grouped) if grouped else alertnames,
                  common_labels=Blank({k: Untrusted(v) for k, v in common_labels(alerts).items()}),
-                 external_url=next((external_url(a, route) for a in alerts), ""),
+                 external_url=next((web_url(external_url(a, route)) for a in alerts), ""),
                  part=f"({part[0]}/{part[1]})" if part else "")
 
 
@@ -2616,8 +2695,8 @@ def group_fields(title):
 
 @functools.lru_cache(maxsize=64)
 def uses_field(template, name):
-    return any(field is not None and re.match(r"[^.\[:!]*", field).group() == name
-               for line in _parsed(template) for _, field, _, _ in line)
+    return any((field_name(field) or ("",))[0] == name
+               for line in _parsed(template) for _, field, _, _ in line if field is not None)
 
 
 class Renderer:
@@ -2697,7 +2776,8 @@ class Renderer:
         first = self.fields(route, alerts[0])
         runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
         candidates = [
-            ("静默 Silence", silence_url(external_url(alerts[0], route), common_labels(firing))),
+            ("静默 Silence", silence_url(web_url(external_url(alerts[0], route)),
+                                       common_labels(firing))),
             ("手册 Runbook", next((url for url in runbooks if url), "")),
             ("Prometheus", first["generator_url"]),
             ("仪表盘 Dashboard", first["dashboard_url"])]
@@ -2813,11 +2893,6 @@ class Renderer:
         return [{**message_body, "alerts": chunk, "part": [i + 1, len(chunks)]}
                 for i, chunk in enumerate(chunks)]
 
-    def field_problems(self, route, alerts):
-        """template_problems() of the route's title and alert templates, over these alerts."""
-        alert = alerts[0] if alerts else sample_alert(route.name)
-        return ([f"title {p}" for p in template_problems(route.title, title_fields(alerts))]
-                + [f"alert {p}" for p in template_problems(route.alert, self.fields(route, alert))])
 
 
 def message_text(body):
@@ -4463,19 +4538,17 @@ class Pages:
             raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
                                   f"default_receiver configured: this webhook would get 404")
         changed = {k: form[k].strip("\n") for k in ("title", "alert") if form.get(k, "").strip()}
-        for key, text in changed.items():
-            errors = template_syntax_errors(text)
+        for key, text in changed.items():       # checked as config.ini's are
+            errors = template_errors(text, TITLE_FIELDS if key == "title" else ALERT_FIELDS)
             if errors:
                 raise BadRequest(422, f"{key} template: {'; '.join(errors)}")
         route = replace(route, **changed)
         renderer = Renderer(config, self.bridge.history)
         renderer.look_up_history(route, webhook.alerts, wait=1.0)
-        problems = renderer.field_problems(route, webhook.alerts)
         own = [k for k in ("title", "alert") if k not in changed]
         out = [f"<section><h2>Receiver {esc(webhook.receiver)} → "
                f"[receiver:{esc(route.name)}], robots "
                f"{esc(', '.join(r.name for r in route.robots))} in turn</h2>"]
-        out += [f'<div class="problem">template {esc(p)}</div>' for p in problems]
         out += [f"<details><summary>its {k} template, from config.ini</summary><pre>"
                 f"{esc(getattr(route, k))}</pre></details>" for k in own]
         plan = dry_run(renderer, route, webhook)
@@ -4641,8 +4714,6 @@ class Bridge:
             log.warning("robots %s have the same access_token: they are one robot to DingTalk "
                         "and share one budget of %d per %gs", ", ".join(names),
                         self.config.delivery.rate_limit, self.config.delivery.rate_window)
-        for problem in template_warnings(self.config):
-            log.warning("template: %s", problem)
 
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
@@ -4781,7 +4852,9 @@ class JsonLogFormatter(logging.Formatter):
                 entry[key] = self._value(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        # json.dumps leaves U+2028, U+2029 and C1 controls (NEL) raw: line breaks to some readers
+        return _CONTROL_CHARACTERS.sub(lambda m: "\\u%04x" % ord(m.group()),
+                                       json.dumps(entry, ensure_ascii=False))
 
     @staticmethod
     def _value(text):
@@ -4843,21 +4916,13 @@ def check_config(config):
     for names in shared_tokens(config):
         lines.append(f"note: robots {', '.join(names)} have the same access_token: "
                      f"one budget between them")
-    lines += [f"warning: {problem}" for problem in template_warnings(config)]
     return "\n".join(lines)
-
-
-def template_warnings(config):
-    """Fields the routes' templates name that do not exist, checked on a sample alert."""
-    renderer = Renderer(config)
-    return [f"[receiver:{route.name}] {problem}" for route in config.routes.values()
-            for problem in renderer.field_problems(route, [])]
 
 
 def render_payload(config, path, out=sys.stdout, err=sys.stderr):
     """--render: the DingTalk request bodies a webhook (a file, or - for stdin) gives, one JSON
-    per line on `out`, exactly as they would be sent; what each is, and any template problem,
-    on `err`. Nothing is sent. 0: rendered; 1: a template has problems; 2: a bad payload."""
+    per line on `out`, exactly as they would be sent; what each is on `err`. Nothing is sent.
+    0: rendered; 2: a bad payload (templates were checked when the config loaded)."""
     try:
         with (open(0, "rb", closefd=False) if path == "-" else open(path, "rb")) as payload:
             webhook = parse_webhook(payload.read())
@@ -4882,10 +4947,7 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
                 print(f"# message {number}/{len(plan)} ({level}), part {part}/{len(parts)}, "
                       f"robots {', '.join(names)}: {len(encoded):,} of "
                       f"{config.delivery.max_message_bytes:,} bytes", file=err)
-    problems = renderer.field_problems(route, webhook.alerts)
-    for problem in problems:
-        print(f"warning: [receiver:{route.name}] template {problem}", file=err)
-    return 1 if problems else 0
+    return 0
 
 
 def send_test(config, route_name):

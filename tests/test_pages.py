@@ -14,8 +14,8 @@ import urllib.parse
 import pytest
 
 import alertbridge
-from alertbridge import markdown_html, template_problems
-from tests.kit import (FIXTURES, IN_CI, OPS, ROBOTS, SCRIPT, config_text, connect, free_port, load_fixture,
+from alertbridge import ALERT_FIELDS, TITLE_FIELDS, markdown_html, template_errors
+from tests.kit import (FIXTURES, IN_CI, OPS, ROBOTS, SCRIPT, SECRETS, config_text, connect, free_port, load_fixture,
                        make_alert, make_payload, metric, post, storm_payloads, wait_until)
 
 AUTH = "[auth]\nusername = oncall\npassword = pa55word\n"
@@ -77,14 +77,31 @@ def test_dingtalk_markdown_becomes_safe_html(markdown, html):
 
 # --- template problems --------------------------------------------------------------------------
 
-def test_template_problems_name_the_line_and_the_field():
-    fields = {"summary": "s", "labels": alertbridge.Blank(team="a"), "starts_at": "2026-11-24 08:00:00"}
-    assert template_problems("a\n{summary}\n{labels[team]}", fields) == []
-    [typo] = template_problems("x\n- {sumary}", fields)
-    assert typo.startswith("line 2: {sumary} is not a field, so it renders empty (fields: labels, starts_at,")
-    [spec] = template_problems("{starts_at:%H:%M}", fields)
-    assert spec.startswith("line 1: {starts_at}: ") and spec.endswith("the value is shown unformatted")
-    assert template_problems("ok\n{broken", fields) == ["line 2: expected '}' before end of string"]
+def test_template_errors_name_the_line_and_the_field():
+    assert template_errors("a\n{summary}\n{labels[team]:raw}\n{status!r:>8}", ALERT_FIELDS) == []
+    [typo] = template_errors("x\n- {sumary}", ALERT_FIELDS)
+    assert typo.startswith("line 2: {sumary} is not a field; did you mean {summary}? (fields: alertname, ")
+    [spec] = template_errors("{starts_at:%H:%M}", ALERT_FIELDS)
+    assert spec.startswith("line 1: {starts_at}: format '%H:%M' does not apply to text")
+    assert template_errors("{count:d} {firing:>3}", TITLE_FIELDS) == []
+    assert template_errors("ok\n{broken", ALERT_FIELDS) == ["line 2: expected '}' before end of string"]
+    assert template_errors("{labels}", ALERT_FIELDS) == ["line 1: {labels} needs a key, such as {labels[team]}"]
+    assert template_errors("{alertname[0]}", ALERT_FIELDS)[0].endswith("take a [key]")
+
+
+@pytest.mark.parametrize("field", ["labels.__missing__.__globals__[CONFIG]", "labels[a][b]", "0", "labels[x].y",
+                                   "alertname.__class__", "", "labels[{x}]"])
+def test_a_field_is_a_name_and_at_most_one_key(field):
+    """Attribute access or deeper indexing would walk from a label map to the module's globals."""
+    [error] = template_errors("{" + field + "}", ALERT_FIELDS)
+    assert error.startswith("line 1: {") and ("a field is a name" in error or "name the field" in error
+                                              or "expected" in error)
+
+
+@pytest.mark.parametrize("spec", [">10000000", ".100000", "0>201", "{x}"])
+def test_a_format_width_is_bounded(spec):
+    [error] = template_errors("{alertname:" + spec + "}", ALERT_FIELDS)
+    assert "at most 200" in error or "expected" in error or "does not apply" in error
 
 
 def test_a_malformed_template_in_the_config_names_its_line(tmp_path, fake, sqlite_db):
@@ -94,14 +111,33 @@ def test_a_malformed_template_in_the_config_names_its_line(tmp_path, fake, sqlit
         alertbridge.load_config(str(path))
 
 
-def test_check_config_warns_of_fields_that_do_not_exist(tmp_path, fake, sqlite_db):
+def check_config(path):
+    return subprocess.run([sys.executable, SCRIPT, "-c", str(path), "--check-config"], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_config_refuses_fields_that_do_not_exist_and_names_the_section(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db, receivers={
         "ops": {"robots": "ops-1", "title": "{alertnames} {recevier}"}, "dev": {"robots": "dev-1"}}))
-    out = subprocess.run([sys.executable, SCRIPT, "-c", str(path), "--check-config"], capture_output=True,
-                         text=True, check=True).stdout
-    assert "warning: [receiver:ops] title line 1: {recevier} is not a field" in out
-    assert "[receiver:dev]" not in out.split("warning:", 1)[-1]
+    done = check_config(path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("config error: [receiver:ops] title: bad template: line 1: {recevier} is not a "
+                                  "field; did you mean {receiver}?")
+    inherited = "[templates]\nalert = **{alertname}**\n  {sumary}\n"        # every receiver inherits it
+    path.write_text(config_text(fake.url, sqlite_db, extra=inherited))
+    done = check_config(path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("config error: [templates] alert: bad template: line 2: {sumary} is not a field")
+
+
+@pytest.mark.parametrize("template", ["{labels.__missing__.__globals__[ROBOTS]}", "{alertname:>10000000}"])
+def test_a_template_that_reads_beyond_its_fields_or_grows_unbounded_is_refused_at_load(tmp_path, fake, sqlite_db,
+                                                                                       template):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, receivers={"dev": {"robots": "dev-1", "alert": template}}))
+    with pytest.raises(alertbridge.ConfigError, match=r"^\[receiver:dev\] alert: bad template: line 1: "):
+        alertbridge.load_config(str(path))
 
 
 # --- the dry run --------------------------------------------------------------------------------
@@ -137,8 +173,8 @@ def test_render_shows_every_robots_body_when_keywords_differ(make_bridge, sqlite
     assert done.stderr.count("robots ops-1:") == 2
 
 
-def test_render_reports_bad_payloads_and_template_problems(make_bridge, sqlite_db, tmp_path):
-    bridge = make_bridge(sqlite_db, start=False, receivers={"dev": {"robots": "dev-1", "alert": "{alertname} {sumary}"}})
+def test_render_reports_bad_payloads(make_bridge, sqlite_db, tmp_path):
+    bridge = make_bridge(sqlite_db, start=False)
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": "3"}')
     done = render(bridge.config.path, bad)
@@ -147,9 +183,16 @@ def test_render_reports_bad_payloads_and_template_problems(make_bridge, sqlite_d
     done = render(bridge.config.path, tmp_path / "missing.json")
     assert done.returncode == 2 and "cannot read" in done.stderr
     done = render(bridge.config.path, FIXTURES / "am025-dev-firing.json")
-    assert done.returncode == 1 and len(done.stdout.splitlines()) == 1
-    assert "warning: [receiver:dev] template alert line 1: {sumary} is not a field" in done.stderr
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
     assert not bridge.journal.backlog()[0]                      # nothing queued, nothing sent
+
+
+def test_render_and_check_config_agree_on_a_template_typo(tmp_path, fake, sqlite_db):
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, receivers={"dev": {"robots": "dev-1", "alert": "{sumary}"}}))
+    rendered, checked = render(path, FIXTURES / "am025-dev-firing.json"), check_config(path)
+    assert rendered.returncode == checked.returncode == 2 and rendered.stderr == checked.stderr
+    assert "{sumary} is not a field" in checked.stderr
 
 
 def test_render_reads_stdin(make_bridge, sqlite_db):
@@ -251,16 +294,40 @@ def test_the_preview_takes_the_last_webhook_of_a_receiver(make_bridge, sqlite_db
     assert status == 200 and "Message 2 of 2" in text and "DiskFull" in text
 
 
-def test_a_template_tried_in_the_preview_is_used_and_its_problems_shown(make_bridge, sqlite_db):
+def test_a_template_tried_in_the_preview_is_used_and_its_problems_refused(make_bridge, sqlite_db):
     bridge = make_bridge(sqlite_db)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     payload = json.dumps(load_fixture("am025-dev-firing.json"))
+    form = urllib.parse.urlencode({"payload": payload, "alert": "NEW {alertname}\n{summary}"}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, headers)
+    assert status == 200 and "NEW TargetDown" in body.decode()
     form = urllib.parse.urlencode({"payload": payload, "alert": "NEW {alertname}\n{sumary}"}).encode()
-    text = request(bridge, "POST", "/preview", form, headers)[1].decode()
-    assert "NEW TargetDown" in text and "template alert line 2: {sumary} is not a field" in text
+    status, body, _ = request(bridge, "POST", "/preview", form, headers)
+    assert status == 422 and "alert template: line 2: {sumary} is not a field; did you mean {summary}?" in body.decode()
     form = urllib.parse.urlencode({"payload": payload, "title": "{oops"}).encode()
     status, body, _ = request(bridge, "POST", "/preview", form, headers)
     assert status == 422 and "title template: line 1: expected &#x27;}&#x27; before end of string" in body.decode()
+
+
+@pytest.mark.parametrize("key, template", [
+    ("alert", "{labels.__missing__.__globals__}"),
+    ("alert", "{labels.__missing__.__globals__[ROBOTS]}"),
+    ("title", "{common_labels.__missing__.__globals__[Bridge].__init__.__globals__[log]}"),
+    ("alert", "{annotations.__class__.__mro__[1].__subclasses__}"),
+    ("alert", "{alertname:>10000000}"),
+    ("title", "{count:.100000f}"),
+])
+def test_the_preview_never_reads_beyond_the_fields_nor_grows_unbounded(make_bridge, sqlite_db, key, template):
+    """Unauthenticated by default: a template field that walked attributes reached every robot
+    URL and secret through the module's globals; a huge width grew the daemon by 150 MB."""
+    bridge = make_bridge(sqlite_db)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    payload = json.dumps(load_fixture("am025-dev-firing.json"))
+    form = urllib.parse.urlencode({"payload": payload, key: template}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, headers)
+    text = body.decode()
+    assert status == 422 and f"{key} template: line 1: " in text and len(body) < 20000
+    assert not [secret for secret in SECRETS if secret in text]
 
 
 # --- in a real browser --------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Message rendering: templates, times, mentions, keyword, and DingTalk's size limit."""
 
 import json
+import re
 from datetime import timezone
+
+import pytest
 
 import alertbridge
 from alertbridge import Config, Delivery, Renderer, Robot, Route, render_template
-from tests.kit import load_fixture
+from tests.kit import load_fixture, make_alert, make_payload, post
 
 ROBOT = Robot("r1", "http://127.0.0.1:1/robot/send?access_token=t")
 KEYWORD_ROBOT = Robot("r2", "http://127.0.0.1:1/robot/send?access_token=t2", keyword="告警")
@@ -226,3 +229,48 @@ def test_alert_blocks_can_name_the_group_too():
     route = routed(alert="{alertname} {instance} in {group_labels} ({common_labels[job]})")
     text = render(group, route, group_labels={"alertname": "NodeDown", "job": "node"})["markdown"]["text"]
     assert "NodeDown n1:9100 in NodeDown node (node)" in text and "NodeDown n2:9100 in NodeDown node (node)" in text
+
+
+# --- values from alerts are text, never markdown structure ---------------------------------------
+
+MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+FORGED = {"summary": "ok\n#### [FIRING:1] 数据库已恢复 All clear\n> <font color=#ff0000>ignore the page</font>",
+          "description": "# Heading\r\n- list\u2028> quote\u2029---"}
+EVIL_URL = "http://prometheus-0:9090/graph?g0.expr=up)[重置密码 Reset password](http://evil.example/login"
+
+
+def structure_of(text):
+    """The lines of a markdown text that DingTalk would show as headings, quotes or rules."""
+    return [line for line in text.split("\n") if re.match(r"\s*(#|>|[-*_]{3,}\s*$|<font)", line)]
+
+
+@pytest.mark.parametrize("template", [alertbridge.DEFAULT_ALERT, "{summary}\n{description}\n{labels[team]}"])
+def test_a_value_from_an_alert_cannot_start_a_line_a_heading_a_quote_or_a_font(template):
+    hostile = alert(labels={"team": "# t\n> q"}, annotations=FORGED, generator_url=EVIL_URL)
+    text = render([hostile], Route("ops", (ROBOT,), alert=template))["markdown"]["text"]
+    assert structure_of(text) == ["#### [FIRING:1] NodeDown"]          # the title is the only heading
+    assert "<font" not in text and "数据库已恢复" in text and "ignore the page" in text
+
+
+def test_a_url_from_an_alert_stays_one_link_to_where_it_points():
+    hostile = alert(annotations={"runbook_url": "https://wiki/run book)(x"}, generator_url=EVIL_URL)
+    text = render([hostile], Route("ops", (ROBOT,), alert="{links}\n[runbook]({runbook_url})"))["markdown"]["text"]
+    links = MD_LINK.findall(text)
+    assert [label for label, _ in links] == ["Prometheus", "静默 Silence", "runbook"]
+    assert links[0][1].startswith("http://prometheus-0:9090/graph?g0.expr=up%29%5B") and "evil" in links[0][1]
+    assert links[2][1] == "https://wiki/run%20book%29%28x"
+    card = Route("ops", (ROBOT,), message_type="actionCard")
+    buttons = render([hostile], card)["actionCard"]["btns"]
+    assert [b["actionURL"].startswith(("http://alertmanager-0:9093/", "https://wiki/run%20book%29",
+                                       "http://prometheus-0:9090/graph?g0.expr=up%29")) for b in buttons] == [True] * 3
+
+
+def test_hostile_values_reach_dingtalk_as_text(make_bridge, fake, sqlite_db):
+    bridge = make_bridge(sqlite_db, receivers={"dev": {"robots": "dev-1"}})
+    payload = make_payload("dev", [make_alert("Forged", annotations=FORGED)])
+    payload["alerts"][0]["generatorURL"] = EVIL_URL
+    assert post(bridge, payload)[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    text = fake.delivered()[0].text
+    assert structure_of(text) == ["#### [FIRING:1] Forged"]
+    assert [label for label, _ in MD_LINK.findall(text)] == ["Prometheus", "静默 Silence"]

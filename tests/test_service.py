@@ -147,11 +147,13 @@ def test_https_proxy_and_no_proxy_are_honoured(tmp_path, https_fake, sqlite_db, 
 def test_json_log_formatter_takes_quoted_and_bare_fields():
     record = logging.LogRecord("alertbridge", logging.WARNING, __file__, 1,
                                "route=%s: message=%d request_id=%s errmsg=%s (x=%s)", None, None)
-    record.args = ("ops", 7, "abc", alertbridge.logfmt('send too fast, "exceed" 20\u2028'), "y")
-    entry = json.loads(alertbridge.JsonLogFormatter().format(record))
+    record.args = ("ops", 7, "abc", alertbridge.logfmt('send too fast, "exceed" 20\u2028\u2029\x85'), "y")
+    line = alertbridge.JsonLogFormatter().format(record)
+    assert not re.search("[\u2028\u2029\x85\n]", line)      # line breaks to JavaScript and to Unicode readers
+    entry = json.loads(line)
     assert entry["route"] == "ops" and entry["message"].startswith("route=ops: message=7")
     assert entry["message_id"] == "7"
-    assert entry["errmsg"] == 'send too fast, "exceed" 20\u2028' and entry["x"] == "y"
+    assert entry["errmsg"] == 'send too fast, "exceed" 20\u2028\u2029\x85' and entry["x"] == "y"
     assert entry["level"] == "warning" and entry["logger"] == "alertbridge"
     assert alertbridge.logfmt("ops-1") == "ops-1" and alertbridge.logfmt("") == '""'
 

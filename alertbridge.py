@@ -187,10 +187,10 @@ def webhook_event(webhook, request_id, received_at):
             "received_at": db_time(received_at), "alerts": webhook.alerts}
 
 
-def send_event(route, robot, message, result, at):
+def send_event(route, robot, message, result, sent_at):
     """What the recorder writes for one DingTalk request: a notifications row and, when
-    DingTalk took it, one more notified_count for each alert it carried."""
-    return {"sent_at": db_time(datetime.fromtimestamp(at, timezone.utc)), "route": route,
+    DingTalk took it, one more notified_count for each alert it carried. `sent_at`: wall time."""
+    return {"sent_at": db_time(datetime.fromtimestamp(sent_at, timezone.utc)), "route": route,
             "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
             "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
             "errcode": result.errcode, "errmsg": result.errmsg,
@@ -235,6 +235,26 @@ def db_time(dt):
 
 def from_db_time(text):
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc) if text else None
+
+
+def wall_time():
+    """The wall clock: what is stored in the history and shown on pages."""
+    return time.time()
+
+
+class SteadyClock:
+    """Seconds since the epoch as the wall clock said at the start, advanced by the monotonic
+    clock since: an NTP step, a VM restore or a hand-set date moves the wall clock, never this.
+    Budgets, retries, expiry and every other duration or deadline use it; what is stored in the
+    history or shown uses the wall clock (Bridge.wall). The journal keeps its times, so they
+    carry over a restart as wall times (see Journal.bring_forward)."""
+
+    def __init__(self, wall=wall_time, monotonic=time.monotonic):
+        self._monotonic = monotonic
+        self._origin = wall() - monotonic()
+
+    def __call__(self):
+        return self._origin + self._monotonic()
 
 
 TEXT_BYTES = 65535     # a MySQL TEXT column; labels and annotations go whole into JSON columns
@@ -1537,6 +1557,12 @@ J_SEND_BEGIN = "INSERT INTO sends (robot, robot_key, at) VALUES (%s, %s, %s)"
 J_SEND_END = "UPDATE sends SET at = %s, errcode = %s WHERE id = %s"
 J_SEND_ADD = "INSERT INTO sends (robot, robot_key, at, errcode) VALUES (%s, %s, %s, %s)"
 J_SENDS_SINCE = "SELECT robot, robot_key, at, errcode FROM sends WHERE at > %s ORDER BY at"
+# Times an earlier run wrote in the future of this one's clock (the wall clock stepped back
+# between them): brought to now, so that nothing waits for the length of the step.
+J_FORWARD_DUE = ("UPDATE messages SET next_attempt_at = %s "
+                 "WHERE state = 'pending' AND next_attempt_at > %s")
+J_FORWARD_CREATED = "UPDATE messages SET created_at = %s WHERE state = 'pending' AND created_at > %s"
+J_FORWARD_SENDS = "UPDATE sends SET at = %s WHERE at > %s"
 J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
 J_PURGE_MESSAGES = ("DELETE FROM messages "
@@ -1851,10 +1877,11 @@ class Journal:
     the workers when there is something for them. `failed_at` is when a write last failed, until
     one succeeds again."""
 
-    def __init__(self, path, sync="full", clock=time.time):
+    def __init__(self, path, sync="full", clock=None, wall=wall_time):
         self.path = path
         self.sync = sync
-        self.clock = clock
+        self.clock = clock or SteadyClock(wall)     # every time the journal keeps
+        self.wall = wall                            # when a webhook came, for the history
         self.new_messages = Signal()
         self.new_events = Signal()
         self.failed_at = None       # time.monotonic() of the last failed write, while failing
@@ -1938,7 +1965,7 @@ class Journal:
         write lock commits every webhook queued by then in one transaction (one fsync), so
         concurrent webhooks share the cost of durability instead of queueing for it one by one."""
         now = self.clock()
-        event = webhook_event(webhook, request_id, datetime.fromtimestamp(now, timezone.utc))
+        event = webhook_event(webhook, request_id, datetime.fromtimestamp(self.wall(), timezone.utc))
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
         for (rank, level), alerts in messages_of(route, webhook.alerts):
             body = json.dumps(message_body(alerts, webhook.truncated,
@@ -2089,6 +2116,16 @@ class Journal:
 
     def recent_sends(self, since):
         return self._read(J_SENDS_SINCE, (since,))
+
+    def bring_forward(self, longest_wait):
+        """At start: no time an earlier run kept may lie ahead of this run's clock by more
+        than it could (a retry `longest_wait` away): a wall clock stepped back between the runs
+        would otherwise hold messages and budgets for the length of the step."""
+        now = self.clock()
+        with self._writing() as db:
+            self._run(db, J_FORWARD_DUE, (now, now + longest_wait))
+            self._run(db, J_FORWARD_CREATED, (now, now))
+            self._run(db, J_FORWARD_SENDS, (now, now))
 
     def expire(self, older_than):
         """Mark messages nobody could send in time as expired (kept, never deleted)."""
@@ -3719,7 +3756,7 @@ class Sender(Worker):
                              receiver=route.name)
             self.metrics.observe("alertbridge_delivery_seconds", at - message.created_at,
                                  priority=message.level)
-        event = send_event(route.name, robot, message, result, at)
+        event = send_event(route.name, robot, message, result, self.bridge.wall())
         self.bridge.recent_sends.append({**event, "at": at, "level": message.level})
         self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
                                 message.id if result.ok else None))
@@ -3824,7 +3861,7 @@ class Recorder(Worker):
         delivery, retention = config.delivery, timedelta(days=config.database.retention_days)
         self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds))
         if retention:
-            cutoff = db_time(datetime.fromtimestamp(now, timezone.utc) - retention)
+            cutoff = db_time(datetime.fromtimestamp(self.bridge.wall(), timezone.utc) - retention)
             total, deleted = 0, None
             while deleted != 0 and not self._stopping.is_set():
                 deleted = self.store.purge(cutoff, self.PURGE_BATCH)
@@ -4368,13 +4405,16 @@ class Pages:
         self.bridge = bridge
 
     def _time(self, epoch):
+        """A time of the bridge's clock, as the wall clock shows it now."""
         if not epoch:
             return ""
-        tz = self.bridge.config.tz
-        return datetime.fromtimestamp(epoch, tz).strftime("%Y-%m-%d %H:%M:%S")
+        shown = epoch + self.bridge.wall() - self.bridge.clock()
+        return datetime.fromtimestamp(shown, self.bridge.config.tz).strftime("%Y-%m-%d %H:%M:%S")
 
     def _db_time(self, text):
-        return self._time(from_db_time(text).timestamp()) if text else ""
+        """A time the history keeps (the wall clock's)."""
+        tz = self.bridge.config.tz
+        return from_db_time(text).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if text else ""
 
     def _ago(self, epoch, now):
         return f"{format_duration(now - epoch)} ago" if epoch else ""
@@ -4641,19 +4681,23 @@ def dry_run(renderer, route, webhook):
 
 class Bridge:
     """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
-    in one process (the tests do): nothing here is global. `clock` (seconds since the epoch)
-    and `post` (one DingTalk request) can be replaced, to run delivery in simulated time.
+    in one process (the tests do): nothing here is global. `clock` (seconds since the epoch,
+    steady: every duration and deadline), `wall` (what is stored and shown) and `post` (one
+    DingTalk request) can be replaced, to run delivery in simulated time.
 
     For the caller: start(), stop(), reload(), readiness(), render_metrics(), address."""
 
     RESTART_ONLY = ("listen", "port", "max_connections", "state_dir", "journal", "journal_sync")
 
-    def __init__(self, config, clock=time.time, post=None):
+    def __init__(self, config, clock=None, wall=wall_time, post=None):
         self.config = config
-        self.clock = clock
+        self.clock = clock or SteadyClock(wall)
+        self.wall = wall
         self.post = post or post_to_dingtalk
         self.metrics = Metrics()
-        self.journal = Journal(config.service.journal, config.service.journal_sync, clock)
+        self.journal = Journal(config.service.journal, config.service.journal_sync, self.clock,
+                               wall)
+        self.journal.bring_forward(config.delivery.retry_max + config.delivery.timeout)
         self.store = StoreProcess(config.database)
         self.history = Recurrence(self.store, config.tz)
         self.renderer = Renderer(config, self.history)

@@ -18,6 +18,10 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+# DingTalk's clock is its own: a test that steps the wall clock of alertbridge's process
+# (monkeypatching time.time) does not move it.
+REAL_TIME = time.time
+
 
 # Answers a proxy or a broken server may give instead of DingTalk's JSON, as raw bytes.
 BROKEN = {
@@ -72,6 +76,10 @@ class FakeDingTalk:
     def fail_next(self, token, answer, times=1):
         with self.cond:
             self._script.setdefault(token, []).extend([answer] * times)
+
+    def clear_script(self):
+        with self.cond:
+            self._script.clear()
 
     def start(self, port=0):
         fake = self
@@ -142,7 +150,7 @@ class FakeDingTalk:
 
     # the API
     def handle(self, path, raw):
-        now = time.time()
+        now = REAL_TIME()
         parts = urllib.parse.urlsplit(path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         token = query.get("access_token", "")

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import alertbridge
-from tests.kit import (DEV, IN_CI, OPS, ROBOTS, Clock, config_text, delivered_ids, gone, history, make_alert,
+from tests.kit import (DEV, IN_CI, OPS, ROBOTS, ROOT, Clock, config_text, delivered_ids, gone, history, make_alert,
                        make_payload, metric, post, rows, settle, storm_payloads, wait_until)
 
 FAST = {"rate_window": "1", "throttle_seconds": "600", "retry_base": "0.05", "retry_max": "0.2"}
@@ -541,3 +541,75 @@ def test_a_critical_during_a_storm_reaches_dingtalk_alone_and_nothing_is_throttl
     assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=60)
     assert [r for r in fast_fake.requests if r.errcode == 410100] == []
     assert all(fast_fake.max_per_window(token) <= 20 for token in OPS)
+
+
+# --- the wall clock steps (NTP, a VM restore, a hand-set date): budgets and retries hold -------
+
+STEP = 1800.0       # within DingTalk's one hour for a signature's timestamp
+TIGHT = {"rate_limit": "4", "rate_window": "2", "reserve": "1", "retry_base": "0.05", "retry_max": "0.2"}
+DEV_ONLY = {"dev": {"robots": "dev-1"}}
+
+
+@pytest.fixture
+def tight_fake(fake):
+    fake.rate_limit, fake.rate_window = 4, 2.0          # DingTalk's 20 per 60 s, scaled
+    return fake
+
+
+@pytest.fixture
+def stepped(tmp_path):
+    """stepped(seconds): step the wall clock of daemons started with stepped.env."""
+    path = tmp_path / "clock-step"
+    path.write_text("0")
+
+    def step(seconds):
+        path.write_text(f"{seconds}")
+    step.env = {"PYTHONPATH": str(ROOT / "tests" / "steppedclock"), "ALERTBRIDGE_TEST_CLOCK_STEP": str(path)}
+    return step
+
+
+def fill_the_budget(url, fake):
+    """Four sends in a row: the robot's whole window (the last one from the critical reserve)."""
+    for i, severity in enumerate(["warning"] * 3 + ["critical"]):
+        assert post(url, make_payload("dev", [make_alert("Fill", f"fill-{i}", severity=severity)]))[0] == 200
+        assert fake.wait_for(lambda f: len(f.delivered()) == i + 1)
+
+
+def delivered_instances(fake, prefix):
+    return {i for m in fake.delivered() for i in re.findall(prefix + r"-\d+", m.text)}
+
+
+@pytest.mark.parametrize("seconds", [-STEP, STEP], ids=["back", "forward"])
+def test_a_wall_clock_step_neither_holds_a_page_nor_overruns_a_robot(daemon, tight_fake, sqlite_db, stepped,
+                                                                    seconds):
+    """Back: budgets dated by the wall clock stayed spent for the length of the step, and a
+    critical page waited with them. Forward: the robot forgot its window and went over it."""
+    child = daemon(receivers=DEV_ONLY, delivery=TIGHT, env=stepped.env)
+    child.wait_healthy()
+    fill_the_budget(child.url, tight_fake)
+    stepped(seconds)
+    for i in range(4):
+        assert post(child.url, make_payload("dev", [make_alert("After", f"after-{i}", severity="critical")]))[0] == 200
+    expected = {f"after-{i}" for i in range(4)}
+    assert tight_fake.wait_for(lambda f: delivered_instances(f, "after") == expected, timeout=20)
+    assert [r.errcode for r in tight_fake.requests if r.errcode] == []
+    assert tight_fake.max_per_window(DEV) <= 4
+    assert wait_until(lambda: len(history(sqlite_db, "notifications")) == len(tight_fake.requests))
+    last = max(history(sqlite_db, "notifications"), key=lambda r: r["id"])
+    stored = alertbridge.from_db_time(last["sent_at"]).timestamp()
+    assert abs(stored - (time.time() + seconds)) < 60                  # what is stored: the wall clock
+
+
+def test_times_an_earlier_run_wrote_ahead_of_a_stepped_back_clock_do_not_hold_messages(daemon, fake, sqlite_db,
+                                                                                      stepped):
+    fake.fail_next(DEV, "http500", times=1000)
+    first = daemon(receivers=DEV_ONLY, delivery={"retry_base": "30", "retry_max": "60"}, env=stepped.env)
+    first.wait_healthy()
+    assert post(first.url, make_payload("dev", [make_alert("Retried")]))[0] == 200
+    assert fake.wait_for(lambda f: len(f.requests) == 1)
+    assert first.stop() == 0                               # the message waits for its retry
+    fake.clear_script()
+    stepped(-STEP)                                         # the clock steps back between the two runs
+    again = daemon(receivers=DEV_ONLY, delivery={"retry_base": "30", "retry_max": "60"}, env=stepped.env)
+    again.wait_healthy()
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=90)

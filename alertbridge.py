@@ -575,6 +575,7 @@ class Cluster:
     instances: int = field(default=2, metadata={"min": 1})
     lease: float = field(default=30.0, metadata={"min": 1.0})
     duplicate_window: float = 300.0
+    presumed_alone: float = 3600.0  # an instance silent this long is no longer presumed alone
 
 
 @dataclass(frozen=True)
@@ -852,12 +853,20 @@ def _load_delivery(parser):
     return delivery
 
 
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _load_cluster(parser, database):
     cluster = _Section(parser, "cluster").settings(Cluster)
     if cluster.enabled and database.driver != "mysql":
         raise ConfigError("[cluster] enabled: needs [database] driver = mysql, which every "
                           "instance shares (an SQLite history is one host's)")
-    return replace(cluster, instance=cluster.instance or socket.gethostname())
+    instance = cluster.instance or socket.gethostname()
+    if cluster.enabled and not INSTANCE_NAME.fullmatch(instance):
+        where = "" if cluster.instance else " (unset: the host's name)"
+        raise ConfigError(f"[cluster] instance{where}: 1 to 64 letters, digits, dots, dashes or "
+                          f"underscores, unique to each instance")
+    return replace(cluster, instance=instance)
 
 
 def _load_templates(parser):
@@ -1547,6 +1556,13 @@ J_MESSAGES_EXPIRE = ("SELECT id, route, request_id FROM messages "
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
 J_MESSAGES_CLAIMS = ("SELECT id, claims FROM messages WHERE state = 'pending' "
                      "ORDER BY created_at LIMIT %s")
+J_CLAIMS_SINCE = "SELECT id, claims FROM messages WHERE id > %s ORDER BY id LIMIT %s"
+J_MESSAGES_UNSEEN = ("SELECT id, route, request_id, body, packed, priority, level, claims, "
+                     "created_at FROM messages WHERE state = 'pending' AND id > %s "
+                     "AND created_at < %s ORDER BY id LIMIT %s")
+J_CLAIM_HELD = ("SELECT 1 FROM messages "
+                "WHERE instr(' ' || claims || ' ', ' ' || %s || ' ') > 0 LIMIT 1")
+J_CLAIMS_ADD = "UPDATE messages SET claims = trim(claims || ' ' || %s) WHERE id = %s"
 J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
                        "WHERE state = 'pending' GROUP BY level")
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
@@ -1566,7 +1582,8 @@ J_FORWARD_SENDS = "UPDATE sends SET at = %s WHERE at > %s"
 J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
 J_PURGE_MESSAGES = ("DELETE FROM messages "
-                    "WHERE state IN ('sent', 'merged', 'split', 'duplicate') AND done_at < %s")
+                    "WHERE state IN ('sent', 'merged', 'split', 'duplicate', 'handed off') "
+                    "AND done_at < %s")
 J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
 
 # The history: S_* statements. Its schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x).
@@ -1738,6 +1755,29 @@ CREATE TABLE IF NOT EXISTS cluster_sends (
   PRIMARY KEY (id),
   KEY ix_cluster_sends_at (at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS cluster_members (
+  instance VARCHAR(64) CHARACTER SET ascii NOT NULL,
+  incarnation CHAR(32) CHARACTER SET ascii NOT NULL,
+  host VARCHAR(255) NOT NULL,
+  pid INT NOT NULL,
+  seen_at DOUBLE NOT NULL,
+  PRIMARY KEY (instance)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS cluster_handoff (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  origin VARCHAR(64) CHARACTER SET ascii NOT NULL,
+  route VARCHAR(255) NOT NULL,
+  request_id VARCHAR(255) NOT NULL,
+  body LONGTEXT NOT NULL,
+  packed TINYINT NOT NULL,
+  priority INT NOT NULL,
+  level VARCHAR(64) NOT NULL,
+  claims TEXT NOT NULL,
+  age DOUBLE NOT NULL,
+  PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
 C_LEADER_ROW = "INSERT IGNORE INTO cluster_leader (id, holder, until) VALUES (1, '', 0)"
 # The lease: taken, or kept, in one atomic statement; one row changed means this instance leads.
@@ -1763,6 +1803,31 @@ C_SENDS_SINCE = ("SELECT robot_key, at - UNIX_TIMESTAMP(NOW(6)), errcode FROM cl
 C_PURGE_CLAIMS = ("DELETE FROM cluster_claims "
                   "WHERE claimed_at < UNIX_TIMESTAMP(NOW(6)) - %s LIMIT 1000")
 C_PURGE_SENDS = "DELETE FROM cluster_sends WHERE at < UNIX_TIMESTAMP(NOW(6)) - %s LIMIT 1000"
+# Membership: each instance checks in every lease/3 seconds. The row is the name's: a second
+# process with the same name (incarnation differs) finds it fresh, leaves it as it is and stays
+# out of the lease. One statement: the assignments run in order, each seeing the ones before.
+C_CHECK_IN = ("INSERT INTO cluster_members (instance, incarnation, host, pid, seen_at) "
+              "VALUES (%s, %s, %s, %s, UNIX_TIMESTAMP(NOW(6))) ON DUPLICATE KEY UPDATE "
+              "host = IF(incarnation = VALUES(incarnation) OR seen_at < VALUES(seen_at) - %s, "
+              "VALUES(host), host), "
+              "pid = IF(incarnation = VALUES(incarnation) OR seen_at < VALUES(seen_at) - %s, "
+              "VALUES(pid), pid), "
+              "incarnation = IF(incarnation = VALUES(incarnation) "
+              "OR seen_at < VALUES(seen_at) - %s, VALUES(incarnation), incarnation), "
+              "seen_at = IF(incarnation = VALUES(incarnation), VALUES(seen_at), seen_at)")
+C_MEMBER_OF = "SELECT incarnation, host, pid FROM cluster_members WHERE instance = %s"
+C_MEMBERS_ALIVE = ("SELECT instance FROM cluster_members WHERE instance <> %s "
+                   "AND seen_at >= UNIX_TIMESTAMP(NOW(6)) - %s ORDER BY instance")
+C_LEAVE = "DELETE FROM cluster_members WHERE instance = %s AND incarnation = %s"
+C_PURGE_MEMBERS = "DELETE FROM cluster_members WHERE seen_at < UNIX_TIMESTAMP(NOW(6)) - %s"
+# Claims known to the cluster: the leader registers those of every message it journals; a
+# standby hands the leader, through cluster_handoff, what it journaled and the leader has not.
+C_CLAIMS_KNOWN = "SELECT claim_key FROM cluster_claims WHERE claim_key IN ({keys})"
+C_HAND_OFF = ("INSERT INTO cluster_handoff (origin, route, request_id, body, packed, priority, "
+              "level, claims, age) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
+C_HANDED = ("SELECT id, route, request_id, body, packed, priority, level, claims, age "
+            "FROM cluster_handoff ORDER BY id LIMIT %s")
+C_ADOPTED = "DELETE FROM cluster_handoff WHERE id = %s"
 
 
 def statements(script):
@@ -2047,6 +2112,30 @@ class Journal:
         """(message id, [claim key, ...]) of the oldest pending messages."""
         return [(i, claims.split()) for i, claims in self._read(J_MESSAGES_CLAIMS, (limit,))]
 
+    def claims_since(self, after_id, limit=2000):
+        """(message id, [claim key, ...]) of every message after `after_id`, oldest first."""
+        return [(i, claims.split()) for i, claims in self._read(J_CLAIMS_SINCE, (after_id, limit))]
+
+    def unseen(self, after_id, older_than, limit=200):
+        """Pending messages after `after_id` made before `older_than`, whole, as a standby hands
+        them to its leader: (id, route, request_id, body, packed, priority, level, claims, age)."""
+        now = self.clock()
+        return [(*row[:7], row[7].split(), now - row[8])
+                for row in self._read(J_MESSAGES_UNSEEN, (after_id, older_than, limit))]
+
+    def holds_claim(self, key):
+        """Whether any message here carries the claim key (a full scan: for rare handoffs)."""
+        return self._read_one(J_CLAIM_HELD, (key,)) is not None
+
+    def adopt(self, route, request_id, body, packed, priority, level, claims, age):
+        """A message another instance journaled, handed over to this one to send."""
+        now = self.clock()
+        with self._writing() as db:
+            self._run(db, J_MESSAGE_ADD, (route, request_id, body, int(packed), now - age, now,
+                                          priority, level, alert_keys(json.loads(body)["alerts"]),
+                                          " ".join(claims)))
+        self.new_messages.notify(route)
+
     def alert_keys_since(self, route, after_id):
         """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
         rows = self._read(J_MESSAGE_KEYS, (route, after_id))
@@ -2083,8 +2172,19 @@ class Journal:
                 new.append(message)
         return new
 
+    def supersede(self, old, heirs):
+        """Finish messages whose every alert goes out in a later message ("merged"), and give
+        each one's claims to that message (`heirs`: message id -> claim keys): a notification
+        is sent when what carries it now is, never before."""
+        now = self.clock()
+        with self._writing() as db:
+            for message in old:
+                self._run(db, J_MESSAGE_FINISH, ("merged", now, "", message.id))
+            for message_id, keys in heirs.items():
+                self._run(db, J_CLAIMS_ADD, (" ".join(keys), message_id))
+
     def finish(self, message_ids, state):
-        """Finish messages without sending them (a cluster's duplicates)."""
+        """Finish messages without sending them (a cluster's duplicates, or handed off)."""
         with self._writing() as db:
             rows = [(state, self.clock(), "", message_id) for message_id in message_ids]
             db.executemany(SQLITE.sql(J_MESSAGE_FINISH), rows)
@@ -2207,11 +2307,14 @@ class Message:
 
 
 class Store:
-    """The alert history: MySQL in production, SQLite embedded. Used by the recorder thread."""
+    """The alert history: MySQL in production, SQLite embedded. Used by the recorder thread.
+    With another `schema` (the cluster's), the same session handling for other tables."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, schema=None, autocommit=False):
         self.settings = settings            # a Database
         self.dialect = DIALECTS[settings.driver]
+        self.schema = schema                # None: the history's, migrated
+        self.autocommit = autocommit        # each statement its own transaction
         self._db = None
 
     def describe(self):
@@ -2220,6 +2323,8 @@ class Store:
     def _connect(self):
         self._db = self.dialect.connect(self.settings)
         self.ensure_schema()
+        if self.autocommit:
+            self._db.autocommit(True)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -2248,9 +2353,10 @@ class Store:
 
     def ensure_schema(self):
         cursor = self._db.cursor()
-        for statement in statements(self.dialect.schema):
+        for statement in statements(self.schema or self.dialect.schema):
             cursor.execute(statement)
-        self.dialect.migrate(cursor)
+        if self.schema is None:
+            self.dialect.migrate(cursor)
         self._db.commit()
         cursor.close()
 
@@ -3307,6 +3413,13 @@ class RobotPool:
         since = self._waiting.get(route.name, (now,))[0]
         self._waiting[route.name] = (since, now, {r.key for r in route.robots})
 
+    def cancel(self, robot):
+        """Give back the slot acquire() took for a request that was not made."""
+        with self._lock:
+            slots = self._slots.setdefault(robot.key, [])
+            if float("inf") in slots:
+                slots.remove(float("inf"))
+
     def release(self, robot, result, now):
         """Date the slot taken by acquire() and learn from DingTalk's answer."""
         with self._lock:
@@ -3621,10 +3734,18 @@ class Sender(Worker):
         return message
 
     def _superseded(self, messages):
-        """Messages whose every alert goes out in a later one: done, as far as a cluster goes."""
+        """Messages whose every alert goes out in a later one: finished, and their claims given
+        to the newest message that carries their alerts (marking them sent would drop, across
+        a cluster, every copy of a notification nothing has sent yet). Returns the heirs:
+        message id -> claim keys it takes."""
+        heirs = {}
+        for message in messages:
+            heir = max((self._newest.get(alert_key(a), 0) for a in message.alerts), default=0)
+            if heir > message.id and message.claims:
+                heirs.setdefault(heir, []).extend(message.claims)
         if messages:
-            self.journal.replace(messages, [], "merged")
-            self.bridge.cluster.sent([key for m in messages for key in m.claims])
+            self.journal.supersede(messages, heirs)
+        return heirs
 
     def _digest(self, route, due):
         """More messages of this priority wait than the robots may send: fold the oldest into
@@ -3645,7 +3766,9 @@ class Sender(Worker):
         taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
         carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
-            self._superseded([m for m in taken if m not in carrying])
+            heirs = self._superseded([m for m in taken if m not in carrying])
+            for message in carrying:
+                message.claims = message.claims + heirs.get(message.id, [])
             return self._newest_copies(carrying[0]) if carrying else None
         claims = [key for m in taken for key in m.claims]
         [digest] = self.journal.replace(taken, [body(taken)], "merged", [claims])
@@ -3693,6 +3816,8 @@ class Sender(Worker):
                 break
             tried.add(robot.key)
             result = self._exchange(route, robot, message, digest)
+            if result is None:          # no longer the cluster's leader: the message waits
+                return True
             if result.ok:
                 return True
             errors.append(f"{robot.name}: {result.errcode} {result.errmsg}")
@@ -3705,11 +3830,19 @@ class Sender(Worker):
 
     def _exchange(self, route, robot, message, digest):
         """One request through one robot: written ahead, sent, its budget slot given back
-        whatever happens, its answer journaled."""
+        whatever happens, its answer journaled. None, and no request, if the instance may no
+        longer send (a cluster's leader whose lease lapsed, as when it was paused meanwhile)."""
         renderer, timeout = self.bridge.renderer, self.bridge.config.delivery.timeout
-        result, send_id = SendResult(None, "not sent: internal error"), None
         try:
             payload = renderer.encode(renderer.body(route, robot, message.body, digest))
+        except BaseException:
+            self.pool.cancel(robot)
+            raise
+        if not self.bridge.cluster.may_send():
+            self.pool.cancel(robot)
+            return None
+        result, send_id = SendResult(None, "not sent: internal error"), None
+        try:
             send_id = self._write_ahead(robot, self.bridge.clock() + timeout)
             result = self.bridge.post(robot, payload, timeout)
         finally:
@@ -3877,10 +4010,18 @@ class Recorder(Worker):
 LEADER, STANDBY, ALONE = "leader", "standby", "alone"
 
 
+def lease_clock():
+    """Seconds on a clock that goes on while the process is stopped (SIGSTOP) or its machine
+    is suspended: what a lease is measured with, so that a leader that was paused knows it."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") \
+        else time.monotonic()
+
+
 class Solo:
     """One instance, the default: it sends everything it journals, with every robot's budget."""
 
     role = LEADER
+    missing = 0
 
     def may_send(self):
         return True
@@ -3916,45 +4057,75 @@ class Solo:
 class Coordinator(Worker):
     """The shared MySQL coordinates the instances of a cluster; nothing else is needed.
 
-    - One leader at a time sends: a lease row taken or kept with one atomic UPDATE every
-      lease/3 seconds. Every instance journals every webhook it is given and records it in the
-      history; a standby drops its copies of notifications the leader has sent.
-    - Before the leader sends, it claims each notification's key (claim_key: the receiver, the
-      group, the level and every alert's fingerprint, start and status): a notification sent
-      within duplicate_window, by any instance, is not sent again (Alertmanager's retries and HA
-      peers send the same one more than once). Once DingTalk takes it, the claim is marked sent.
+    - Membership: every instance checks in every lease/3 seconds (cluster_members). A second
+      process with a name already checked in by another stays out of the lease and says so.
+    - One leader at a time sends: a lease row taken or kept with one atomic UPDATE at each
+      check-in. The leader sends only while its lease holds by its own clock (lease_clock: it
+      goes on while the process is paused), which ends a third of a lease before MySQL's does:
+      a leader paused past its lease does not send on as leader when it resumes.
+    - Every instance journals every webhook it is given and records it in the history. The
+      leader registers the claim keys of what it journals (cluster_claims); a standby hands the
+      leader, through MySQL (cluster_handoff), any message older than a lease whose claims the
+      leader has not registered: a webhook that reached only a standby is sent too. A standby
+      drops its copies of notifications the leader has sent.
+    - Before the leader sends, it claims each notification's key (claim_key): a notification
+      sent within duplicate_window, by any instance, is not sent again (Alertmanager's retries
+      and HA peers send the same one more than once). Once DingTalk takes it, it is marked sent.
     - Every request to DingTalk is logged in MySQL too: an instance that takes over starts from
       the budgets and throttles the cluster has used, not from its own.
     - A leader that dies loses its lease after `lease` seconds; a standby takes over and sends
       what was not marked sent (what was in flight at the crash may go twice).
-    - Without MySQL for a lease (a standby: a lease and a window, so that the leader's last sends
-      have aged), every instance sends ALONE, with 1/instances of each robot's budget so that the
-      robots are never over it together; duplicates are then possible, counted and logged.
-      What was sent meanwhile is marked sent when MySQL is back, and coordination resumes."""
+    - Without MySQL for a while (the leader: a lease; a standby: two leases and a window, so
+      that the leader has seen it go missing and its last sends have aged), an instance sends
+      ALONE, with 1/instances of each robot's budget. While fewer of the `instances` check in
+      than there should be (for up to presumed_alone seconds), the leader presumes the missing
+      ones send alone and keeps to its share too, so that together they never exceed a robot's
+      budget. Duplicates are then possible, counted and logged. What was sent alone is marked
+      sent when MySQL is back.
+
+    Threads: the "cluster" thread runs step(); senders call may_send(), sort_out(), sent() and
+    record(). _lock makes the statements on the one MySQL session one at a time; role, the
+    lease's end and the missing count are plain values, replaced whole."""
 
     UNREPORTED_KEPT = 10_000
+    REGISTER_BATCH = 2000       # claims the leader registers per step
+    HANDOFF_BATCH = 200         # messages handed off, or adopted, per step
 
-    def __init__(self, bridge):
+    def __init__(self, settings, delivery, database, journal, pool, metrics, on_role=None,
+                 clock=lease_clock):
         super().__init__("cluster")
-        self.bridge = bridge
-        self.settings = bridge.config.cluster
-        self.me = self.settings.instance
+        self.settings, self.delivery = settings, delivery
+        self.journal, self.pool, self.metrics = journal, pool, metrics
+        self.on_role = on_role or (lambda role: None)
+        self.clock = clock
+        self.me = settings.instance
+        self.incarnation = uuid.uuid4().hex
         self.role = STANDBY
-        self._db = None
-        self._lock = threading.Lock()           # one statement at a time on the connection
-        self._contact = time.monotonic()        # when MySQL last answered
+        self.missing = 0                        # other instances not checking in, presumed alone
+        self._missing_since = None
+        self.conflict = None                    # (host, pid) of a live namesake, if any
+        self._store = Store(database, schema=CLUSTER_SCHEMA, autocommit=True)
+        self._lock = threading.Lock()           # one statement at a time on the session
+        self._contact = clock()                 # when MySQL last answered
+        self._lease_until = 0.0                 # by self.clock: the leader may send until then
         self._unreported = []                   # keys sent while MySQL was away
-        self._last_purge = 0.0
+        self._registered = 0                    # the last journal message whose claims we told
+        self._offered = 0                       # the last journal message a standby looked at
+        self._last_purge = None
         self._sharing_until = 0.0               # after ALONE: budgets stay shared for a window
 
     # what the senders ask
     def may_send(self):
-        return self.role != STANDBY
+        """Whether this instance may send now: alone, or the leader with its lease still held
+        by its own clock (asked again right before each request)."""
+        return self.role == ALONE or (self.role == LEADER and self.clock() < self._lease_until)
 
     def share(self):
         """The part of each robot's budget this instance may use: a share while it sends alone,
-        and for a window after (the others' sends of that time are nowhere recorded)."""
-        alone = self.role == ALONE or time.monotonic() < self._sharing_until
+        for a window after (the others' sends of that time are nowhere recorded), and while
+        another instance may be sending alone."""
+        alone = (self.role == ALONE or self.clock() < self._sharing_until
+                 or (self.role == LEADER and self.missing))
         return 1.0 / self.settings.instances if alone else 1.0
 
     def sort_out(self, messages):
@@ -3973,37 +4144,43 @@ class Coordinator(Worker):
     def _claim(self, keys):
         """Claim the keys for this instance; the ones sent within duplicate_window."""
         window = self.settings.duplicate_window
-        self._run(C_CLAIM, [(key, self.me) for key in keys], many=True)
-        rows = self._run(C_CLAIMS_OF.format(keys=", ".join(["%s"] * len(keys))), keys, fetch=True)
-        sent, retake = set(), []
-        for key, owner, sent_at, age in rows:
-            if sent_at is not None and age < window:
-                sent.add(key)
-            elif owner != self.me or sent_at is not None:   # a dead leader's, or sent long ago
-                retake.append((self.me, key, window))
-        if retake:
-            self._run(C_RECLAIM, retake, many=True)
+        with self._session() as run:
+            run(C_CLAIM, [(key, self.me) for key in keys], many=True)
+            rows = run(_in(C_CLAIMS_OF, keys), keys)
+            sent, retake = set(), []
+            for key, owner, sent_at, age in rows:
+                if sent_at is not None and age < window:
+                    sent.add(key)
+                elif owner != self.me or sent_at is not None:   # another's, or sent long ago
+                    retake.append((self.me, key, window))
+            if retake:
+                run(C_RECLAIM, retake, many=True)
         return sent
 
     def sent(self, keys):
-        """DingTalk took these notifications (or a later message carries them)."""
+        """DingTalk took these notifications."""
         if not keys:
             return
         if self.role != ALONE:
             try:
-                self._run(C_SENT, [(key,) for key in keys], many=True)
+                with self._session() as run:
+                    run(C_SENT, [(key,) for key in keys], many=True)
                 return
             except StoreUnavailable:
                 pass
+        dropped = len(self._unreported) + len(keys) - self.UNREPORTED_KEPT
+        if dropped > 0:
+            self.metrics.inc("alertbridge_cluster_unreported_dropped_total", dropped)
         self._unreported = (self._unreported + list(keys))[-self.UNREPORTED_KEPT:]
 
     def record(self, robot, result):
         """Log a request to DingTalk for the budgets the cluster shares."""
         if self.role == ALONE:
-            self.bridge.metrics.inc("alertbridge_cluster_uncoordinated_sends_total")
+            self.metrics.inc("alertbridge_cluster_uncoordinated_sends_total")
             return
         with contextlib.suppress(StoreUnavailable):
-            self._run(C_SEND_ADD, (robot.key, result.errcode))
+            with self._session() as run:
+                run(C_SEND_ADD, (robot.key, result.errcode))
 
     # the lease
     def sleep_for(self):
@@ -4013,21 +4190,64 @@ class Coordinator(Worker):
         return 0
 
     def step(self):
+        started = self.clock()
         try:
-            self._run(C_LEADER_ROW)
-            leading = self._run(C_LEAD, (self.me, self.settings.lease, self.me)) == 1
-            self._report_unreported()
+            with self._session() as run:
+                leading = self._check_in(run)
+                self._report_unreported(run)
         except StoreUnavailable as exc:
             self._without_mysql(exc)
             return False
         if leading:
+            self._lease_until = started + self.settings.lease * 2 / 3
             if self.role != LEADER:
                 self._take_over()
-            self._purge()
+            self._lead()
         else:
             self._set_role(STANDBY)
-            self._drop_copies_sent()
+            self._stand_by()
         return False
+
+    def _check_in(self, run):
+        """Check in as a member, then take or keep the lease; whether this instance leads."""
+        lease = self.settings.lease
+        run(C_CHECK_IN, (self.me, self.incarnation, socket.gethostname()[:255], os.getpid(),
+                         lease, lease, lease))
+        [(incarnation, host, pid)] = run(C_MEMBER_OF, (self.me,))
+        if incarnation != self.incarnation:
+            self._namesake(host, pid)
+            return False
+        self.conflict = None
+        run(C_LEADER_ROW)
+        leading = run(C_LEAD, (self.me, self.settings.lease, self.me), count=True) == 1
+        alive = [r[0] for r in run(C_MEMBERS_ALIVE, (self.me, self.settings.lease))]
+        self._count_missing(alive)
+        return leading
+
+    def _count_missing(self, alive):
+        """Instances `instances` promises that are not checking in (stopped, or never seen):
+        each may be sending alone, for presumed_alone seconds after it went missing."""
+        missing = max(0, self.settings.instances - 1 - len(alive))
+        now = self.clock()
+        if not missing:
+            self._missing_since = None
+        elif self._missing_since is None:
+            self._missing_since = now
+        if missing and now - self._missing_since >= self.settings.presumed_alone:
+            missing = 0
+        if missing != self.missing:
+            log.warning("cluster: %d of the other %d instances not checking in (alive: %s)%s",
+                        missing, self.settings.instances - 1, ",".join(alive) or "none",
+                        ": presumed to send alone, the leader keeps to its share of each budget"
+                        if missing else "")
+        self.missing = missing
+
+    def _namesake(self, host, pid):
+        if self.conflict != (host, pid):
+            log.error("cluster: another process checks in as instance=%s (pid %s on %s): this "
+                      "one stays out of the lease until it stops; give each instance its own "
+                      "[cluster] instance", self.me, pid, logfmt(host))
+        self.conflict = (host, pid)
 
     def _set_role(self, role):
         if role == self.role:
@@ -4037,91 +4257,131 @@ class Coordinator(Worker):
                 " without MySQL: each robot's budget divided by instances, duplicates possible"
                 if role == ALONE else "")
         self.role = role
-        self.bridge.notifier.wake()
+        self.on_role(role)
 
     def _take_over(self):
         """Lead: start from the budgets and throttles the whole cluster has used (and, coming
         back from ALONE, from this instance's own sends of that time, which MySQL missed)."""
-        delivery = self.bridge.config.delivery
-        rows = self._run(C_SENDS_SINCE, (max(delivery.rate_window, delivery.throttle_seconds),),
-                         fetch=True)
-        now = self.bridge.clock()
-        self.bridge.pool.restore([(key, now + ago, errcode) for key, ago, errcode in rows], now,
-                                 forget=self.role == STANDBY)   # a standby sent nothing of late
+        delivery = self.delivery()
+        with self._session() as run:
+            rows = run(C_SENDS_SINCE, (max(delivery.rate_window, delivery.throttle_seconds),))
+        now = self.journal.clock()
+        self.pool.restore([(key, now + ago, errcode) for key, ago, errcode in rows], now,
+                          forget=self.role == STANDBY)   # a standby sent nothing of late
+        self._registered = 0                # register again what this journal holds
         self._set_role(LEADER)
 
+    def _lead(self):
+        """The leader's turn: tell the cluster what it holds; take what standbys handed it."""
+        registered = self.journal.claims_since(self._registered, self.REGISTER_BATCH)
+        keys = [(key, self.me) for _, claims in registered for key in claims]
+        with self._session() as run:
+            if keys:
+                run(C_CLAIM, keys, many=True)
+            handed = run(C_HANDED, (self.HANDOFF_BATCH,))
+        if registered:
+            self._registered = registered[-1][0]
+        for row_id, route, request_id, body, packed, priority, level, claims, age in handed:
+            claims = claims.split()
+            if not (claims and all(self.journal.holds_claim(key) for key in claims)):
+                self.journal.adopt(route, request_id, body, packed, priority, level, claims, age)
+                log.info("cluster: adopted a message of route=%s request_id=%s a standby "
+                         "handed over", route, request_id)
+            with self._session() as run:
+                run(C_ADOPTED, (row_id,))
+        self._purge()
+
+    def _stand_by(self):
+        """A standby's turn: drop copies of what the leader sent; hand the leader what only
+        this instance has (its claims unknown to the cluster a lease after it came)."""
+        self._drop_copies_sent()
+        older_than = self.journal.clock() - self.settings.lease
+        unseen = self.journal.unseen(self._offered, older_than, self.HANDOFF_BATCH)
+        if not unseen:
+            return
+        keys = sorted({key for row in unseen for key in row[7]})
+        with self._session() as run:
+            known = {r[0] for r in run(_in(C_CLAIMS_KNOWN, keys), keys)} if keys else set()
+        handed = [row for row in unseen if not (row[7] and set(row[7]) <= known)]
+        if handed:
+            with self._session() as run:
+                run(C_HAND_OFF, [(self.me, route, rid, body, packed, priority, level,
+                                  " ".join(claims), age)
+                                 for _, route, rid, body, packed, priority, level, claims, age
+                                 in handed], many=True)
+            self.journal.finish([row[0] for row in handed], "handed off")
+            self.metrics.inc("alertbridge_cluster_handoffs_total", len(handed))
+            log.warning("cluster: %d messages only this standby had were handed to the leader "
+                        "(message=%s)", len(handed), ",".join(str(r[0]) for r in handed[:10]))
+        self._offered = unseen[-1][0]
+
     def _without_mysql(self, exc):
-        quiet = time.monotonic() - self._contact
-        patience = self.settings.lease + (0 if self.role == LEADER else
-                                          self.bridge.config.delivery.rate_window)
+        quiet = self.clock() - self._contact
+        lease = self.settings.lease
+        patience = lease if self.role == LEADER else 2 * lease + self.delivery().rate_window
         if self.role != ALONE and quiet >= patience:
             log.warning("cluster: MySQL unreachable for %.0fs (%s)", quiet, exc)
             self._set_role(ALONE)
 
-    def _report_unreported(self):
+    def _report_unreported(self, run):
         if self.role == ALONE:             # MySQL is back: the lease decides again
-            self._sharing_until = time.monotonic() + self.bridge.config.delivery.rate_window
+            self._sharing_until = self.clock() + self.delivery().rate_window
         if self._unreported:
             keys, self._unreported = self._unreported, []
-            self._run(C_SENT_LATE, [(key, self.me) for key in keys], many=True)
+            run(C_SENT_LATE, [(key, self.me) for key in keys], many=True)
 
     def _drop_copies_sent(self):
         """A standby's copies of notifications the leader has sent: finished as duplicates."""
-        pending = self.bridge.journal.pending_claims()
+        pending = self.journal.pending_claims()
         keys = sorted({key for _, claims in pending for key in claims})
         if not keys:
             return
-        sent = {row[0] for row in self._run(C_SENT_AMONG.format(keys=", ".join(["%s"] * len(keys))),
-                                            keys, fetch=True)}
+        with self._session() as run:
+            sent = {row[0] for row in run(_in(C_SENT_AMONG, keys), keys)}
         done = [message_id for message_id, claims in pending if claims and set(claims) <= sent]
         if done:
-            self.bridge.journal.finish(done, "duplicate")
-            self.bridge.metrics.inc("alertbridge_duplicates_total", len(done))
+            self.journal.finish(done, "duplicate")
+            self.metrics.inc("alertbridge_duplicates_total", len(done))
 
     def _purge(self):
-        now = time.monotonic()
-        if now - self._last_purge < 600:
+        now = self.clock()
+        if self._last_purge is not None and now - self._last_purge < Recorder.PURGE_EVERY:
             return
         self._last_purge = now
-        delivery, settings = self.bridge.config.delivery, self.settings
-        self._run(C_PURGE_CLAIMS, (max(settings.duplicate_window, delivery.max_age) + 3600,))
-        self._run(C_PURGE_SENDS, (2 * max(delivery.rate_window, delivery.throttle_seconds),))
+        delivery, settings = self.delivery(), self.settings
+        with self._session() as run:
+            run(C_PURGE_CLAIMS, (max(settings.duplicate_window, delivery.max_age) + 3600,))
+            run(C_PURGE_SENDS, (2 * max(delivery.rate_window, delivery.throttle_seconds),))
+            run(C_PURGE_MEMBERS, (settings.presumed_alone + 86400,))
 
-    # the connection: the daemon's own, for a few small statements (the history's is the store
-    # process's); MySQL errors that mean "not now" become StoreUnavailable
-    def _run(self, statement, params=(), many=False, fetch=False):
-        dialect = DIALECTS["mysql"]
-        with self._lock:
-            try:
-                if self._db is None:
-                    self._db = dialect.connect(self.bridge.config.database)
-                    with contextlib.closing(self._db.cursor()) as cursor:
-                        for create in statements(CLUSTER_SCHEMA):
-                            cursor.execute(create)
-                with contextlib.closing(self._db.cursor()) as cursor:
-                    result = (cursor.executemany if many else cursor.execute)(statement, params)
-                    rows = cursor.fetchall() if fetch else None
-                self._db.commit()
-            except Exception as exc:
-                if not dialect.unavailable(exc):
-                    raise
-                with contextlib.suppress(Exception):
-                    self._db.close()
-                self._db = None
-                raise StoreUnavailable(f"cluster: {self.bridge.config.database.describe()}: {exc}")
-            self._contact = time.monotonic()
-        return rows if fetch else result
+    @contextlib.contextmanager
+    def _session(self):
+        """run(statement, params, many=False, count=False) on the cluster's MySQL session (the
+        Store's: errors that mean "not now" become StoreUnavailable). Each statement commits
+        on its own: a transaction held open by a paused process would lock the lease row, or
+        claims, away from the instance taking over. run() returns the rows, or the count of
+        rows changed."""
+        with self._lock, self._store.transaction() as cursor:
+            def run(statement, params=(), many=False, count=False):
+                changed = (cursor.executemany if many else cursor.execute)(statement, params)
+                return changed if count else cursor.fetchall()
+            yield run
+        self._contact = self.clock()
 
     def stop(self):
         super().stop()
         if self._lock.acquire(timeout=1.0):     # not while a statement runs: the process ends it
             try:
-                if self._db is not None:
-                    with contextlib.suppress(Exception):
-                        self._db.close()
-                    self._db = None
+                with contextlib.suppress(Exception), self._store.transaction() as cursor:
+                    cursor.execute(C_LEAVE, (self.me, self.incarnation))   # not presumed alone
+                self._store.close()
             finally:
                 self._lock.release()
+
+
+def _in(statement, keys):
+    """A statement with one %s per key in its {keys}."""
+    return statement.format(keys=", ".join(["%s"] * len(keys)))
 
 
 # =============================================================================================
@@ -4142,6 +4402,13 @@ METRIC_HELP = {
     "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
                                                                  "when duplicates are possible."),
     "alertbridge_cluster_role": ("gauge", "1 for this instance's role in the cluster."),
+    "alertbridge_cluster_missing_instances": ("gauge", "Instances of `instances` not checking in, "
+                                                       "presumed to send alone: budgets shared."),
+    "alertbridge_cluster_handoffs_total": ("counter", "Messages this standby handed to the "
+                                                      "leader, which had not received them."),
+    "alertbridge_cluster_unreported_dropped_total": ("counter", "Sent notifications not reported "
+                                                               "to MySQL: more than 10,000 "
+                                                               "while it was away."),
     "alertbridge_messages_expired_total": ("counter", "Messages no robot took within max_age."),
     "alertbridge_send_duration_seconds": ("histogram", "DingTalk request latency."),
     "alertbridge_delivery_seconds": ("histogram", "From a webhook's 200 to DingTalk taking its "
@@ -4708,7 +4975,10 @@ class Bridge:
         self.recent_sends = collections.deque(maxlen=PAGE_SENDS)
         self.notifier = Notifier(self)
         self.recorder = Recorder(self)
-        self.cluster = Coordinator(self) if config.cluster.enabled else Solo()
+        self.cluster = (Coordinator(config.cluster, lambda: self.config.delivery,
+                                    config.database, self.journal, self.pool, self.metrics,
+                                    on_role=lambda role: self.notifier.wake())
+                        if config.cluster.enabled else Solo())
         self.server = None
         self.draining = False
         self._requests = 0
@@ -4856,6 +5126,7 @@ class Bridge:
         if self.config.cluster.enabled:
             gauges += [("alertbridge_cluster_role", {"role": role}, int(self.cluster.role == role))
                        for role in (LEADER, STANDBY, ALONE)]
+            gauges += [("alertbridge_cluster_missing_instances", {}, self.cluster.missing)]
         for level, (n, oldest) in sorted(waiting.items()):
             gauges += [("alertbridge_queue_messages", {"priority": level}, n),
                        ("alertbridge_queue_oldest_seconds", {"priority": level},

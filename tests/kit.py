@@ -107,7 +107,7 @@ def empty_mysql():
     db = require_mysql()
     with db.cursor() as cursor:
         for table in ("alerts", "notifications", "recorder_progress", "cluster_leader", "cluster_claims",
-                      "cluster_sends"):
+                      "cluster_sends", "cluster_members", "cluster_handoff"):
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
     db.close()
     return mysql_settings()

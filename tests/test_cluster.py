@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.fakedingtalk import REAL_TIME
 from tests.kit import (OPS, Daemon, TcpProxy, empty_mysql, get, history, make_alert, make_payload, post,
                        settle, storm_payloads, wait_until)
 
@@ -30,17 +31,21 @@ def small_fake(fake):
 
 @pytest.fixture
 def instances(tmp_path, small_fake):
-    """instances(database) -> two alertbridge processes, "a" and "b", on one MySQL history."""
+    """instances(database, names=("a", "b")) -> alertbridge processes on one MySQL history, in
+    directories of their own; `database` may be a list, one settings per instance."""
     started = []
 
-    def start(database):
-        for name in ("a", "b"):
-            directory = tmp_path / name
+    def start(database, names=("a", "b")):
+        databases = database if isinstance(database, list) else [database] * len(names)
+        children = []
+        for number, (name, settings) in enumerate(zip(names, databases)):
+            directory = tmp_path / f"{number}-{name}"
             directory.mkdir()
-            started.append(Daemon(directory, small_fake.url, database, delivery=SMALL, extra=cluster(name)))
-        for child in started:
+            children.append(Daemon(directory, small_fake.url, settings, delivery=SMALL, extra=cluster(name)))
+        started.extend(children)
+        for child in children:
             child.wait_healthy()
-        return started
+        return children
     yield start
     for child in started:
         child.kill()
@@ -70,7 +75,7 @@ def idle(fake, quiet=0.5):
     """No request has reached DingTalk for `quiet` seconds: nothing is in flight."""
     with fake.cond:
         last = max((r.at for r in fake.requests), default=0)
-    return time.time() - last >= quiet
+    return REAL_TIME() - last >= quiet
 
 
 def test_two_instances_send_each_page_once_even_when_the_leader_dies(instances, small_fake):
@@ -144,3 +149,109 @@ def test_paging_goes_on_while_mysql_is_away_and_no_robot_goes_over_budget(instan
     assert all(settle_process(c) for c in children)
     assert wait_until(lambda: len(history(settings)) == 200, timeout=60)
     assert wait_until(lambda: sorted(role(c) for c in children) == ["leader", "standby"], timeout=30)
+
+
+# --- the second hostile pass: pages lost or held, budgets overrun, two processes with one name ---
+
+def storm_ids(groups, per_group):
+    return {f"storm-{g}-{i}" for g in range(groups) for i in range(per_group)}
+
+
+def test_a_page_each_instance_got_twice_is_sent_once(instances, small_fake):
+    """An Alertmanager HA pair sends each notification from both peers: each instance journals
+    it twice. The older copy was superseded and marked sent, so the newer one was a duplicate."""
+    children = instances(empty_mysql())
+    leader_of(children)
+    payloads = [make_payload("ops", [make_alert("Twice", f"storm-{g}-0")]) for g in range(3)]
+    for payload in payloads:
+        for _ in range(2):
+            assert [post(c.url, payload)[0] for c in children] == [200, 200]
+    assert small_fake.wait_for(lambda f: set(accepted_ids(f)) == storm_ids(3, 1), timeout=30)
+    assert all(settle_process(c) for c in children)
+    assert accepted_ids(small_fake) == {i: 1 for i in storm_ids(3, 1)}
+
+
+def test_a_group_repeated_while_dingtalk_fails_is_sent_once_it_recovers(make_bridge, fake):
+    bridge = make_bridge(empty_mysql(), extra=cluster("solo", lease=1, instances=1),
+                         delivery={"retry_base": "0.05", "retry_max": "0.1"})
+    assert wait_until(lambda: bridge.cluster.role == "leader", timeout=30)
+    fake.fail_next(OPS[0], "http500", times=1000)
+    fake.fail_next(OPS[1], "http500", times=1000)
+    fake.fail_next(OPS[2], "http500", times=1000)
+    payload = make_payload("ops", [make_alert("Repeated", "r-1")])
+    for _ in range(3):                                   # repeat_interval, or Alertmanager's retries
+        assert post(bridge, payload)[0] == 200
+        assert fake.wait_for(lambda f: len(f.requests) >= 3, timeout=30)
+    fake.clear_script()
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=30)
+    settle(bridge)
+    assert len(fake.delivered()) == 1 and "Repeated" in fake.delivered()[0].text
+
+
+def test_a_webhook_only_the_standby_got_is_sent_by_the_leader(instances, small_fake):
+    """Alertmanager reached only the standby (the leader answered 503, or a network path)."""
+    children = instances(empty_mysql())
+    leader = leader_of(children)
+    standby = next(c for c in children if c is not leader)
+    assert post(standby.url, make_payload("ops", [make_alert("OnlyHere", "storm-0-0")]))[0] == 200
+    assert small_fake.wait_for(lambda f: accepted_ids(f) == {"storm-0-0": 1}, timeout=30)
+    standby.wait_log("handed to the leader")
+    leader.wait_log("adopted a message of route=ops")
+    assert all(settle_process(c) for c in children)
+    assert accepted_ids(small_fake) == {"storm-0-0": 1}
+    assert "alertbridge_cluster_handoffs_total 1" in get(standby.url, "/metrics")[1]
+
+
+def test_an_instance_cut_off_from_mysql_and_the_leader_stay_within_each_budget_together(instances, small_fake):
+    """The cut-off instance sends alone with half of each budget; the leader, seeing it go
+    silent, presumes so and keeps to its half too."""
+    settings = empty_mysql()
+    proxies = [TcpProxy(settings.port).start() for _ in range(2)]
+    children = instances([dataclasses.replace(settings, port=p.port) for p in proxies])
+    leader = leader_of(children)
+    cut = children.index(next(c for c in children if c is not leader))
+    proxies[cut].cut()                                   # the standby's MySQL path only
+    payloads = storm_payloads(groups=60, per_group=5)
+    for payload in payloads[:10]:
+        assert [post(c.url, payload)[0] for c in children] == [200, 200]
+    assert wait_until(lambda: role(children[cut]) == "alone", timeout=30)
+    for payload in payloads[10:]:                        # both send now: the leader, and alone the other
+        assert [post(c.url, payload)[0] for c in children] == [200, 200]
+    assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= storm_ids(60, 5), timeout=120)
+    assert wait_until(lambda: idle(small_fake, quiet=3), timeout=60)
+    assert [r for r in small_fake.requests if r.errcode == 410100] == []
+    assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
+    assert 'alertbridge_cluster_missing_instances 1' in get(leader.url, "/metrics")[1]
+
+
+def test_a_leader_paused_past_its_lease_does_not_send_as_leader_when_it_resumes(instances, small_fake):
+    children = instances(empty_mysql())
+    first = leader_of(children)
+    for payload in storm_payloads(groups=200, per_group=5):
+        assert [post(c.url, payload)[0] for c in children] == [200, 200]
+    assert small_fake.wait_for(lambda f: len(f.delivered()) >= 4, timeout=30)
+    first.proc.send_signal(signal.SIGSTOP)                # a long GC, a frozen VM
+    other = next(c for c in children if c is not first)
+    assert leader_of([other]) is other
+    sent = len(small_fake.delivered())
+    assert small_fake.wait_for(lambda f: len(f.delivered()) >= sent + 3, timeout=60)
+    first.proc.send_signal(signal.SIGCONT)               # it still has messages it would send
+    assert wait_until(lambda: role(first) == "standby", timeout=30)
+    assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= storm_ids(200, 5), timeout=120)
+    assert [r for r in small_fake.requests if r.errcode == 410100] == []
+    assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
+
+
+def test_two_processes_with_one_instance_name_do_not_both_lead(instances, small_fake):
+    children = instances(empty_mysql(), names=("twin", "twin"))
+    assert wait_until(lambda: [role(c) for c in children].count("leader") == 1, timeout=30)
+    leader = next(c for c in children if role(c) == "leader")
+    namesake = next(c for c in children if c is not leader)
+    namesake.wait_log(f"another process checks in as instance=twin (pid {leader.pid} on ")
+    for payload in storm_payloads(groups=20, per_group=3):
+        assert [post(c.url, payload)[0] for c in children] == [200, 200]
+    assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= storm_ids(20, 3), timeout=120)
+    assert all(settle_process(c) for c in children)
+    assert [i for i, n in accepted_ids(small_fake).items() if n > 1] == []
+    assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
+    assert role(namesake) == "standby"

@@ -188,3 +188,22 @@ alertmanager_url = https://am.example.com/am
 ])
 def test_bad_mention_button_and_link_settings_are_named(tmp_path, lines, message):
     assert message in config_error(tmp_path, ROBOT_X + "[receiver:ops]\nrobots = x\n" + lines)
+
+
+CLUSTERED = ("[database]\ndriver = mysql\n[receiver:x]\nrobots = r\n[robot:r]\n"
+             "url = https://oapi.dingtalk.com/robot/send?access_token=t\n[cluster]\nenabled = true\n")
+
+
+@pytest.mark.parametrize("instance", ["a" * 65, "two words", "ops/1", "-x", "名字"])
+def test_a_cluster_instance_name_is_one_word_that_fits_its_columns(tmp_path, instance):
+    """A name longer than the columns made every statement fail: the instance never led."""
+    assert config_error(tmp_path, CLUSTERED + f"instance = {instance}\n") == (
+        "[cluster] instance: 1 to 64 letters, digits, dots, dashes or underscores, unique to each instance")
+
+
+def test_a_host_name_that_cannot_name_an_instance_asks_for_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(alertbridge.socket, "gethostname", lambda: "node-" + "x" * 70 + ".example.com")
+    assert config_error(tmp_path, CLUSTERED).startswith("[cluster] instance (unset: the host's name): 1 to 64 ")
+    path = tmp_path / "ok.ini"
+    path.write_text(CLUSTERED + "instance = alertbridge-0.prod_1\n")
+    assert alertbridge.load_config(str(path)).cluster.instance == "alertbridge-0.prod_1"

@@ -67,6 +67,8 @@ import collections  # noqa: E402
 import configparser  # noqa: E402
 import contextlib  # noqa: E402
 import difflib  # noqa: E402
+import errno  # noqa: E402
+import fcntl  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
@@ -155,7 +157,11 @@ class BadRequest(Exception):
         self.headers = headers
 
 
-class JournalDamaged(Exception):
+class StartError(Exception):
+    """The daemon cannot start (the port, the journal's directory...): one line says why."""
+
+
+class JournalDamaged(StartError):
     """The journal file cannot be opened as a journal; the message says how to go on."""
 
 
@@ -481,6 +487,7 @@ DEFAULT_ALERT = """\
 - {links}"""
 
 PLACEHOLDER_TOKEN = "CHANGE_ME"
+NO_LEVEL = "none"       # the level of an alert whose priority label is missing or unknown
 MOBILE = re.compile(r"(\+[0-9]{1,4}-)?[0-9]{5,15}")       # as DingTalk's atMobiles take them
 USER_ID = re.compile(r"(?!all$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.I)   # "all" is no person
 MENTIONS_FROM_ALERTS = 20   # at most this many @ taken from alerts' labels, per message
@@ -491,7 +498,7 @@ LOG_FORMATS = ("text", "json")
 class Service:
     """[alertbridge]"""
     listen: str = "127.0.0.1"
-    port: int = 9097
+    port: int = field(default=9097, metadata={"max": 65535})
     max_body_bytes: int = field(default=1048576, metadata={"min": 1024})
     request_timeout: float = field(default=10.0, metadata={"min": 0.1})
     max_connections: int = field(default=512, metadata={"min": 1})
@@ -509,7 +516,7 @@ class Database:
     driver: str = field(default="sqlite", metadata={"choices": ("sqlite", "mysql")})
     path: str = ""              # "": STATE_DIR/alertbridge.db
     host: str = "127.0.0.1"
-    port: int = field(default=3306, metadata={"min": 1})
+    port: int = field(default=3306, metadata={"min": 1, "max": 65535})
     user: str = "alertbridge"
     password: str = field(default="", repr=False)
     database: str = "alertbridge"
@@ -644,11 +651,11 @@ class Route:
 
     def level(self, alert):
         """(rank, name) of an alert's priority: where its priority_label's value stands in
-        priority_order, 0 the highest. Any other value, or none, ranks last, as "none"."""
+        priority_order, 0 the highest. Any other value, or none, ranks last, as NO_LEVEL."""
         value = alert["labels"].get(self.priority_label, "").lower()
         if value in self.priority_order:
             return self.priority_order.index(value), value
-        return len(self.priority_order), "none"
+        return len(self.priority_order), NO_LEVEL
 
     def urgent(self, level):
         """Whether messages of this level may use the robots' reserved slots."""
@@ -712,7 +719,7 @@ class _Section:
     def get(self, key, default=""):
         return self.items[key].strip() if key in self.items else default
 
-    def number(self, key, default, kind, minimum=0):
+    def number(self, key, default, kind, minimum=0, maximum=None):
         if key not in self.items:
             return default
         try:
@@ -720,8 +727,12 @@ class _Section:
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise ConfigError(f"[{self.name}] {key}: not {what}")
+        if not value == value or value in (float("inf"), float("-inf")):   # nan, inf
+            raise ConfigError(f"[{self.name}] {key}: not a finite number")
         if value < minimum:
             raise ConfigError(f"[{self.name}] {key}: must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"[{self.name}] {key}: must be at most {maximum}")
         return value
 
     def bool(self, key, default=False):
@@ -754,7 +765,8 @@ class _Section:
             if f.type is bool:
                 values[f.name] = self.bool(f.name, f.default)
             elif f.type in (int, float):
-                values[f.name] = self.number(f.name, f.default, f.type, f.metadata.get("min", 0))
+                values[f.name] = self.number(f.name, f.default, f.type, f.metadata.get("min", 0),
+                                             f.metadata.get("max"))
             else:
                 values[f.name] = self.get(f.name, f.default)
                 choices = f.metadata.get("choices")
@@ -912,13 +924,14 @@ def _load_route(section, name, robots, templates, delivery):
     message_type = section.get("message_type", "markdown")
     if message_type.lower() not in ("markdown", "actioncard"):
         raise ConfigError(f"[{section.name}] message_type: must be markdown or actionCard")
+    priorities = _priorities(section, delivery)
     return Route(
         name=name,
         robots=tuple(robots[n] for n in names),
         at_mobiles=mobiles,
         at_user_ids=user_ids,
         at_all=section.bool("at_all"),
-        at_severities=_words(section.get("at_severities")),
+        at_severities=_levels(section, "at_severities", "", priorities["priority_order"]),
         at_mobiles_from=_words(section.get("at_mobiles_from")),
         at_user_ids_from=_words(section.get("at_user_ids_from")),
         at_map_label=section.get("at_map_label"),
@@ -931,7 +944,7 @@ def _load_route(section, name, robots, templates, delivery):
         alertmanager_url=_base_url(section, "alertmanager_url"),
         title=section.template("title", templates.title, TITLE_FIELDS),
         alert=section.template("alert", templates.alert, ALERT_FIELDS),
-        **_priorities(section, delivery),
+        **priorities,
     )
 
 
@@ -977,17 +990,25 @@ def _base_url(section, key):
 def _priorities(section, delivery):
     """A route's priority settings: its own keys, else [delivery]'s."""
     order = tuple(w.lower() for w in _words(section.get("priority_order", delivery.priority_order)))
-    reserve_for = tuple(w.lower() for w in _words(section.get("reserve_for", delivery.reserve_for)))
     label = section.get("priority_label", delivery.priority_label)
-    if not order or len(set(order)) < len(order) or "none" in order:
-        raise ConfigError(f"[{section.name}] priority_order: list each level once (none is "
-                          f"implied, last)")
-    unknown = [w for w in reserve_for if w not in order + ("none",)]
-    if unknown:
-        raise ConfigError(f"[{section.name}] reserve_for: {unknown[0]!r} is not in priority_order")
+    if not order or len(set(order)) < len(order) or NO_LEVEL in order:
+        raise ConfigError(f"[{section.name}] priority_order: list each level once ({NO_LEVEL} "
+                          f"is implied, last)")
     if not label:
         raise ConfigError(f"[{section.name}] priority_label: name a label, such as severity")
+    reserve_for = _levels(section, "reserve_for", delivery.reserve_for, order)
     return {"priority_label": label, "priority_order": order, "reserve_for": reserve_for}
+
+
+def _levels(section, key, default, order):
+    """A key that names levels: each one of priority_order, or none. A typo here would mute
+    whatever the key turns on (a mention, the reserve) without a word, so it is refused."""
+    levels = tuple(w.lower() for w in _words(section.get(key, default)))
+    unknown = [w for w in levels if w not in order + (NO_LEVEL,)]
+    if unknown:
+        raise ConfigError(f"[{section.name}] {key}: {unknown[0]!r} is not a level of "
+                          f"priority_order ({', '.join(order + (NO_LEVEL,))})")
+    return levels
 
 
 def shared_tokens(config):
@@ -1211,6 +1232,31 @@ class IntakeServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+
+def listen_problem(service, exc):
+    """Why the HTTP server cannot listen, in one line an operator can act on."""
+    where = f"cannot listen on {service.listen}:{service.port}"
+    hints = {errno.EADDRINUSE: "address already in use (another alertbridge, or another program: "
+                               f"ss -ltnp 'sport = :{service.port}')",
+             errno.EACCES: "permission denied (a port below 1024 needs root or "
+                           "CAP_NET_BIND_SERVICE)",
+             errno.EADDRNOTAVAIL: "not an address of this host ([alertbridge] listen)"}
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: [alertbridge] listen is not an address or a known host name"
+    return f"{where}: {hints.get(exc.errno, exc.strerror or str(exc))}"
+
+
+def try_listen(service):
+    """Bind the configured address and port for a moment; None, or listen_problem(). A port in
+    use may be the running daemon's own: that is for the caller to judge (EADDRINUSE)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((service.listen, service.port))
+    except OSError as exc:
+        return exc
+    return None
 
 
 class IntakeHandler(http.server.BaseHTTPRequestHandler):
@@ -1935,6 +1981,24 @@ def messages_of(route, alerts):
     return sorted(levels.items())
 
 
+def writable_problem(path):
+    """Why a file cannot be written or made at `path` (its directory made if missing); None if
+    it can. What is checked: the nearest existing directory above it, and the file itself."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if os.path.isdir(path):
+            return "is a directory"
+        return None if os.access(path, os.R_OK | os.W_OK) else "not writable (permissions)"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {parent} not writable (permissions)"
+    return None
+
+
 class Journal:
     """The local durable queue (SQLite, WAL). Writes go through one connection under one lock,
     so SQLite never has to busy-wait, which keeps the webhook ack fast; every reading thread
@@ -1954,7 +2018,11 @@ class Journal:
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue = []            # webhooks waiting for the next group commit
+        problem = writable_problem(path)
+        if problem:
+            raise StartError(f"journal {path}: {problem}")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._lock_file = self._lock(path + ".lock")
         if os.path.exists(path) and os.path.getsize(path) == 0:  # we never leave one this way
             raise self._damaged("it is empty (0 bytes): it was truncated")
         try:
@@ -1973,6 +2041,33 @@ class Journal:
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
             raise self._damaged(f"SQLite says: {exc}") from exc
+
+    @staticmethod
+    def _lock(path):
+        """One daemon per journal: a second one (a second unit, a manual start during an
+        incident) would send every message twice. The lock goes with the process."""
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise StartError(f"journal {path[:-5]} is in use by another alertbridge (pid "
+                             f"{holder}): one daemon per journal; stop that one, or give this "
+                             f"one a state_dir of its own")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        return lock
+
+    def close(self):
+        """Let the journal go (at stop): its lock first, for the next daemon."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        with self._write_lock, contextlib.suppress(sqlite3.Error):
+            self._writer.close()
 
     def _damaged(self, why):
         return JournalDamaged(f"journal {self.path} cannot be used, {why}. Move it aside "
@@ -2292,7 +2387,7 @@ class Message:
     attempts: int
     created_at: float
     priority: int       # the rank of its level in the route's priority_order: 0 first
-    level: str          # "critical", ... or "none"
+    level: str          # "critical", ... or NO_LEVEL
     claims: list        # the keys of the notifications it carries (see claim_key)
     journal: Journal = field(repr=False)
 
@@ -2885,12 +2980,12 @@ class Renderer:
 
     @staticmethod
     def mentions(route, alerts):
-        """Who to @: only for a message with a firing alert of a listed severity (any, if none
-        is listed): the route's own list, the people its alerts' labels name (at most
+        """Who to @: only for a message with a firing alert of a level at_severities lists (any,
+        if it lists none): the route's own list, the people its alerts' labels name (at most
         MENTIONS_FROM_ALERTS, phone numbers and user ids only), its at_map's entries."""
-        severities = route.at_severities
+        levels = route.at_severities
         wanted = [a for a in alerts if a["status"] == "firing"
-                  and (not severities or a["labels"].get("severity") in severities)]
+                  and (not levels or route.level(a)[1] in levels)]
         if not wanted:
             return Mentions()
         mobiles, user_ids, named = list(route.at_mobiles), list(route.at_user_ids), []
@@ -5004,7 +5099,11 @@ class Bridge:
     def start(self):
         service = self.config.service
         handler = type("Handler", (IntakeHandler,), {"bridge": self})
-        self.server = IntakeServer((service.listen, service.port), handler, service.max_connections)
+        try:
+            self.server = IntakeServer((service.listen, service.port), handler,
+                                       service.max_connections)
+        except OSError as exc:
+            raise StartError(listen_problem(service, exc)) from exc
         self._warn_about_robots()
         self.cluster.start()
         self.notifier.start()
@@ -5073,6 +5172,8 @@ class Bridge:
         self.recorder.stop()
         self.recorder.join(left())
         self.store.close(max(0.5, left()))
+        if not (self.notifier.is_alive() or self.recorder.is_alive()):
+            self.journal.close()
 
     def reload(self):
         """Re-read config.ini; keep the running config if the new one is broken."""
@@ -5116,7 +5217,7 @@ class Bridge:
         now = self.clock()
         _, _, backlog, _ = self.journal.backlog()
         waiting = {level: (0, None) for route in self.config.routes.values()
-                   for level in route.priority_order + ("none",)}
+                   for level in route.priority_order + (NO_LEVEL,)}
         waiting.update({level: (n, oldest) for level, n, oldest in self.journal.waiting_by_level()})
         gauges = [("alertbridge_record_backlog_events", {}, backlog),
                   ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
@@ -5219,7 +5320,9 @@ def check_config(config):
              f"default receiver {service.default_receiver or '(none: unknown receivers get 404)'}"]
     for route in config.routes.values():
         mentions = [", @" + ",".join(route.at_mobiles) if route.at_mobiles else "",
-                    ", @all" if route.at_all else ""]
+                    ", @all" if route.at_all else "",
+                    f" (for {', '.join(route.at_severities)} alerts)"
+                    if route.at_severities and (route.at_mobiles or route.at_all) else ""]
         unit = "alert" if route.per_alert else "group"
         lines.append(f"receiver {route.name}: one message per {unit}" + "".join(mentions))
         for robot in route.robots:
@@ -5232,6 +5335,25 @@ def check_config(config):
         lines.append(f"note: robots {', '.join(names)} have the same access_token: "
                      f"one budget between them")
     return "\n".join(lines)
+
+
+def preflight(config):
+    """What --check-config can check of the host without starting: ([errors], [notes]). The
+    port is bound for a moment; in use, it may be the running daemon's (a note, not an error)."""
+    service, errors, notes = config.service, [], []
+    problem = try_listen(service)
+    if problem is not None and problem.errno == errno.EADDRINUSE:
+        notes.append(f"port {service.port} is in use now (by this alertbridge, if it runs)")
+    elif problem is not None:
+        errors.append(listen_problem(service, problem))
+    files = [("journal", service.journal)]
+    if config.database.driver == "sqlite":
+        files.append(("history", config.database.path))
+    for what, path in files:
+        problem = writable_problem(path)
+        if problem:
+            errors.append(f"{what} {path}: {problem}")
+    return errors, notes
 
 
 def render_payload(config, path, out=sys.stdout, err=sys.stderr):
@@ -5340,16 +5462,31 @@ def main(argv=None):
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     apply_log_format(config.service.log_format)
+    if not (args.check_config or args.send_test or args.init_db or args.render):
+        return run(config)
+    try:
+        return command(config, args)
+    except BrokenPipeError:         # `--check-config | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def command(config, args):
+    """The one-shot commands: --check-config, --send-test, --init-db, --render."""
     if args.check_config:
-        print(check_config(config))
-        return 0
+        errors, notes = preflight(config)
+        summary = check_config(config)
+        print("\n".join([summary.replace(": OK", ": NOT OK", 1) if errors else summary]
+                        + [f"note: {note}" for note in notes]))
+        sys.stdout.flush()
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 1 if errors else 0
     if args.send_test:
         return send_test(config, args.send_test)
     if args.init_db:
         return init_db(config)
-    if args.render:
-        return render_payload(config, args.render)
-    return run(config)
+    return render_payload(config, args.render)
 
 
 def run(config):
@@ -5362,9 +5499,13 @@ def run(config):
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)  # already so when run as a script
     try:
         bridge = Bridge(config).start()
-    except JournalDamaged as exc:
+    except StartError as exc:
         print(f"alertbridge: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, JournalDamaged) else 1
+    except OSError as exc:      # a cause not foreseen: still one line, never a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"alertbridge: cannot start: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     while True:
         signum = signal.sigwait(DAEMON_SIGNALS)
         if signum != signal.SIGHUP:

@@ -415,3 +415,104 @@ def test_a_damaged_journal_is_named_with_the_way_out(tmp_path, daemon, damage):
     lines = p.log.read_text().splitlines()
     assert len(lines) == 1 and str(journal) in lines[0] and f"mv {journal} {journal}.damaged" in lines[0]
     assert "Traceback" not in lines[0]
+
+
+# --- a config that checks OK must run; a start that cannot must say why in one line ----------
+
+def test_check_config_refuses_a_port_out_of_range(tmp_path, fake, sqlite_db):
+    """port = 99999 checked OK, then the daemon died with OverflowError."""
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, main={"port": "99999"}), encoding="utf-8")
+    result = cli("--check-config", config=path)
+    assert result.returncode == 2 and result.stderr == "config error: [alertbridge] port: must be at most 65535\n"
+
+
+def test_a_typo_in_a_level_is_refused_not_a_silent_end_to_every_mention(tmp_path, fake, sqlite_db):
+    path = tmp_path / "config.ini"
+    receivers = {"ops": {"robots": "ops-1", "at_mobiles": "13800000000", "at_severities": "critcal"},
+                 "dev": {"robots": "dev-1"}}
+    path.write_text(config_text(fake.url, sqlite_db, receivers=receivers), encoding="utf-8")
+    result = cli("--check-config", config=path)
+    assert result.returncode == 2 and result.stderr == (
+        "config error: [receiver:ops] at_severities: 'critcal' is not a level of priority_order "
+        "(critical, error, warning, info, none)\n")
+    receivers["ops"]["at_severities"] = "critical"
+    path.write_text(config_text(fake.url, sqlite_db, receivers=receivers), encoding="utf-8")
+    result = cli("--check-config", config=path)
+    assert result.returncode == 0 and "receiver ops: one message per group, @13800000000 (for critical alerts)" in \
+        result.stdout
+
+
+def test_mentions_follow_the_routes_priority_label():
+    route = alertbridge.Route("ops", (), at_mobiles=("13800000000",), at_severities=("p1",), priority_label="urgency",
+                              priority_order=("p1", "p2"))
+    alert = {"status": "firing", "labels": {"urgency": "P1", "severity": "info"}, "annotations": {}}
+    assert alertbridge.Renderer.mentions(route, [alert]).mobiles == ("13800000000",)
+    assert not alertbridge.Renderer.mentions(route, [{**alert, "labels": {"urgency": "p2"}}])
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["port in use", "not an address of this host", "state_dir under a file",
+                                  "history under a file"])
+def test_every_start_up_failure_is_one_line_and_a_non_zero_exit(tmp_path, fake, sqlite_db, taken_port, case):
+    """Under systemd, a traceback looped with Restart=on-failure; --check-config had said OK."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    main, database = {}, sqlite_db
+    if case == "port in use":
+        main = {"port": str(taken_port)}
+    elif case == "not an address of this host":
+        main = {"listen": "192.0.2.1"}                   # TEST-NET-1: never this host's
+    elif case == "state_dir under a file":
+        main = {"state_dir": str(blocker / "state")}
+    else:
+        database = alertbridge.Database(driver="sqlite", path=str(blocker / "history.db"))
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, database, main=main), encoding="utf-8")
+    expected = {"port in use": f"cannot listen on 127.0.0.1:{taken_port}: address already in use",
+                "not an address of this host": "cannot listen on 192.0.2.1:0: not an address of this host",
+                "state_dir under a file": f"{blocker} is a file, not a directory",
+                "history under a file": f"{blocker} is a file, not a directory"}[case]
+    checked = cli("--check-config", config=path)
+    if case == "port in use":                                # it may be the running daemon's own
+        assert checked.returncode == 0 and f"note: port {taken_port} is in use now" in checked.stdout
+    else:
+        assert checked.returncode == 1 and "NOT OK" in checked.stdout
+        assert checked.stderr.startswith("error: ") and expected in checked.stderr
+    if case == "history under a file":
+        return                                               # the daemon pages on; the history waits
+    started = subprocess.run([sys.executable, SCRIPT, "-c", str(path)], capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 1
+    assert started.stderr.count("\n") == 1 and "Traceback" not in started.stderr and expected in started.stderr
+
+
+def test_a_second_daemon_on_one_journal_refuses_naming_the_first(daemon, tmp_path):
+    first = daemon()
+    first.wait_healthy()
+    second = subprocess.run([sys.executable, SCRIPT, "-c", str(first.config)], capture_output=True, text=True,
+                            timeout=60, input="")
+    assert second.returncode == 1
+    assert second.stderr == (f"alertbridge: journal {tmp_path}/state/journal.db is in use by another alertbridge "
+                             f"(pid {first.pid}): one daemon per journal; stop that one, or give this one a "
+                             f"state_dir of its own\n")
+    assert first.stop() == 0
+    again = daemon()                                          # the lock went with the process
+    again.wait_healthy()
+
+
+def test_check_config_piped_into_head_ends_quietly(tmp_path, fake, sqlite_db):
+    receivers = {f"r{i}": {"robots": "dev-1"} for i in range(2000)}    # more than a pipe holds
+    receivers["dev"] = {"robots": "dev-1"}
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, receivers=receivers), encoding="utf-8")
+    piped = subprocess.run(f"{sys.executable} {SCRIPT} -c {path} --check-config | head -1", shell=True,
+                           capture_output=True, text=True, timeout=60)
+    assert piped.stdout.startswith("config ") and piped.stderr == ""

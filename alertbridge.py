@@ -4513,12 +4513,17 @@ METRIC_HELP = {
     "alertbridge_record_backlog_events": ("gauge", "Journal events not yet in the history store."),
     "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send now."),
     "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
-    "alertbridge_robot_disabled": ("gauge", "1 while a config error keeps the robot out."),
+    "alertbridge_robot_disabled": ("gauge", "1 while a config error (DingTalk refused it, or a "
+                                            "placeholder token) keeps the robot out."),
     "alertbridge_store_up": ("gauge", "1 if the history store answered last time."),
     "alertbridge_journal_writable": ("gauge", "0 while journal writes fail (webhooks get 503)."),
     "alertbridge_http_requests_in_flight": ("gauge", "HTTP requests being handled, this one too."),
     "alertbridge_build_info": ("gauge", "Version of alertbridge."),
 }
+COUNTERS_AT_START = ("alertbridge_alerts_accepted_total", "alertbridge_alerts_recorded_total",
+                     "alertbridge_record_failures_total", "alertbridge_duplicates_total")
+ROUTE_COUNTERS = ("alertbridge_messages_expired_total", "alertbridge_alerts_delivered_total",
+                  "alertbridge_digests_total")
 BUCKETS = {  # the histograms, and the upper bounds of their buckets in seconds
     "alertbridge_send_duration_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     "alertbridge_delivery_seconds": (1, 3, 10, 30, 60, 120, 300, 600, 1800, 3600),
@@ -4546,6 +4551,11 @@ class Metrics:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._values[key] = self._values.get(key, 0) + value
+
+    def declare(self, name, **labels):
+        """A counter's series at 0 until it counts: a series that first appears at 1 has not
+        increased, to Prometheus, and a rule on increase() would miss the first event."""
+        self.inc(name, 0, **labels)
 
     def observe(self, name, seconds, **labels):
         bounds = BUCKETS[name]
@@ -5057,6 +5067,7 @@ class Bridge:
         self.wall = wall
         self.post = post or post_to_dingtalk
         self.metrics = Metrics()
+        self._declare_series(config)
         self.journal = Journal(config.service.journal, config.service.journal_sync, self.clock,
                                wall)
         self.journal.bring_forward(config.delivery.retry_max + config.delivery.timeout)
@@ -5080,6 +5091,19 @@ class Bridge:
         self._requests_done = threading.Condition()
         self._reload_lock = threading.Lock()
         self._stopped = threading.Event()
+
+    def _declare_series(self, config):
+        """Every counter the shipped rules watch, at 0 for every route and robot from the start
+        (and for new ones on reload)."""
+        for name in COUNTERS_AT_START:
+            self.metrics.declare(name)
+        for route in config.routes.values():
+            for name in ROUTE_COUNTERS:
+                self.metrics.declare(name, receiver=route.name)
+            for robot in route.robots:
+                for errcode in ("0", "410100"):
+                    self.metrics.declare("alertbridge_sends_total", receiver=route.name,
+                                         robot=robot.name, errcode=errcode)
 
     def _restore_budgets(self):
         """Budgets and throttles from the journal's send log; a row written before robot keys
@@ -5199,6 +5223,7 @@ class Bridge:
             self.history.tz = config.tz
             self.renderer = Renderer(config, self.history)
             self.pool.forgive()
+            self._declare_series(config)
             self._warn_about_robots()
             self.notifier.wake()
             log.info("config reloaded: receivers %s", ",".join(sorted(config.routes)))
@@ -5236,7 +5261,8 @@ class Bridge:
             labels = {"robot": robot.name}
             gauges += [("alertbridge_robot_budget_remaining", labels, robot.budget),
                        ("alertbridge_robot_throttled", labels, int(robot.throttled(now))),
-                       ("alertbridge_robot_disabled", labels, int(bool(robot.disabled)))]
+                       ("alertbridge_robot_disabled", labels,
+                        int(bool(robot.disabled) or robot.placeholder))]
         return self.metrics.render(gauges)
 
 

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+import alertbridge
+
 from tests.kit import ROOT
 
 READMES = ("README.md", "README.zh-CN.md")
@@ -58,3 +60,9 @@ def test_both_readmes_show_the_same_code():
         if "prometheus-webhook-dingtalk " in en:        # the side-by-side picture has its captions translated
             continue
         assert en == zh
+
+
+def test_every_metric_is_documented_in_both_readmes():
+    for name in alertbridge.METRIC_HELP:
+        for path in ("README.md", "README.zh-CN.md"):
+            assert f"`{name}" in (ROOT / path).read_text(encoding="utf-8"), f"{name} is not in {path}"

@@ -166,7 +166,12 @@ class JournalDamaged(StartError):
 
 
 class StoreUnavailable(Exception):
-    """The history database cannot be reached (or a table is gone); the recorder retries."""
+    """The history database cannot be reached (or a table is gone), or refuses alertbridge's
+    user a privilege (`denied`: a grant fixes it, no restart needed); the recorder retries."""
+
+    def __init__(self, message, denied=False):
+        super().__init__(message)
+        self.denied = denied
 
 
 class StoreError(Exception):
@@ -1892,13 +1897,18 @@ class Dialect:
     def connect(self, settings):
         raise NotImplementedError
 
-    def migrate(self, cursor):
-        """Bring tables made by older versions up to date."""
+    def migrate(self, cursor, say):
+        """Bring tables made by older versions up to date; say(text) logs a step once."""
 
     def unavailable(self, exc):
         """Whether `exc` means "not now" rather than "never": the database is unreachable, or a
-        table is gone (dropped, a restore under way), which reconnecting creates again."""
+        table is gone (dropped, a restore under way), which reconnecting creates again; or a
+        privilege is missing, which a GRANT gives."""
         return isinstance(exc, OSError)
+
+    def denied(self, exc):
+        """Whether `exc` is a missing privilege (an operator's GRANT, not the network)."""
+        return False
 
 
 def _concat(*parts):
@@ -1931,12 +1941,19 @@ class MySQLDialect(Dialect):
                                charset="utf8mb4", autocommit=False, connect_timeout=5,
                                read_timeout=30, write_timeout=30)
 
-    def migrate(self, cursor):
+    def migrate(self, cursor, say):
         cursor.execute(S_MYSQL_KEYS_NOT_BINARY)
         if cursor.fetchone()[0]:
-            log.warning("history: making alerts.receiver and alerts.fingerprint compare byte "
-                        "for byte (ALTER TABLE, once; it rebuilds the table)")
+            say("history: making alerts.receiver and alerts.fingerprint compare byte for byte "
+                "(ALTER TABLE, once; it rebuilds the table)")
             cursor.execute(S_MYSQL_KEYS_BINARY)
+
+    DENIED = frozenset({1044, 1045, 1142, 1143, 1227, 1370})   # access, command, column denied
+
+    def denied(self, exc):
+        import pymysql
+        return isinstance(exc, pymysql.err.MySQLError) and bool(exc.args) and \
+            exc.args[0] in self.DENIED
 
     def unavailable(self, exc):
         import pymysql
@@ -2411,6 +2428,12 @@ class Store:
         self.schema = schema                # None: the history's, migrated
         self.autocommit = autocommit        # each statement its own transaction
         self._db = None
+        self._said = set()
+
+    def _say_once(self, text):
+        if text not in self._said:
+            self._said.add(text)
+            log.warning("%s", text)
 
     def describe(self):
         return self.settings.describe()
@@ -2441,7 +2464,8 @@ class Store:
             if not self.dialect.unavailable(exc):
                 raise
             self.close()
-            raise StoreUnavailable(f"{self.describe()}: {exc}") from exc
+            raise StoreUnavailable(f"{self.describe()}: {exc}",
+                                   denied=self.dialect.denied(exc)) from exc
 
     def execute(self, cursor, sql, params=()):
         cursor.execute(self.dialect.sql(sql), params)
@@ -2451,7 +2475,7 @@ class Store:
         for statement in statements(self.schema or self.dialect.schema):
             cursor.execute(statement)
         if self.schema is None:
-            self.dialect.migrate(cursor)
+            self.dialect.migrate(cursor, self._say_once)
         self._db.commit()
         cursor.close()
 
@@ -2602,8 +2626,8 @@ class StoreProcess:
             outcome, value = self._exchange(method, args)
         finally:
             self._lock.release()
-        if outcome == "unavailable":
-            raise StoreUnavailable(value)
+        if outcome in ("unavailable", "denied"):
+            raise StoreUnavailable(value, denied=outcome == "denied")
         if outcome == "failed":
             raise StoreError(value)
         return value
@@ -2676,7 +2700,7 @@ def serve_store(fd):
             try:
                 reply = ("ok", getattr(store, method)(*args))
             except StoreUnavailable as exc:
-                reply = ("unavailable", str(exc))
+                reply = ("denied" if exc.denied else "unavailable", str(exc))
             except Exception as exc:
                 reply = ("failed", f"{type(exc).__name__}: {exc}")
             pipe.send(reply)
@@ -4022,6 +4046,8 @@ class Recorder(Worker):
         self.journal = bridge.journal
         self.store = bridge.store
         self.store_ok = None
+        self.store_denied = False       # the last failure was a missing privilege
+        self._store_error = None        # its text, logged once
         self._last_purge = 0.0
         self.journal.new_events.listen(self.wake)
 
@@ -4031,9 +4057,15 @@ class Recorder(Worker):
     def failed(self, exc, failures):
         if not isinstance(exc, StoreUnavailable):
             return super().failed(exc, failures)
-        if self.store_ok is not False:
-            log.warning("history store unavailable, alerts wait in the journal: %s", exc)
-        self.store_ok = False
+        if str(exc) != self._store_error:        # once per distinct error, not per retry
+            if exc.denied:
+                log.error("history store refuses a privilege to alertbridge's database user, "
+                          "alerts wait in the journal: %s. Grant what the README's \"History in "
+                          "MySQL\" lists (ALTER too, for upgrades); no restart is needed", exc)
+            else:
+                log.warning("history store unavailable, alerts wait in the journal: %s", exc)
+            self._store_error = str(exc)
+        self.store_ok, self.store_denied = False, exc.denied
         return min(30.0, 0.5 * 2.0 ** min(failures - 1, 10))
 
     def step(self):
@@ -4071,7 +4103,7 @@ class Recorder(Worker):
     def _recovered(self):
         if self.store_ok is False:
             log.info("history store reachable again: %s", self.store.describe())
-        self.store_ok = True
+        self.store_ok, self.store_denied, self._store_error = True, False, None
 
     def purge_soon(self):
         """Run the retention purge now rather than at its next turn."""
@@ -5235,6 +5267,8 @@ class Bridge:
         store_ok = self.recorder.store_ok is not False
         detail = {"journal": "ok" if journal_ok else "not writable",
                   "store": "ok" if store_ok else
+                  "access denied: a privilege is missing, see the log (alerts wait in the "
+                  "journal; paging continues)" if self.recorder.store_denied else
                   "unreachable (alerts wait in the journal; paging continues)"}
         return journal_ok, detail
 

@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 import alertbridge
-from tests.kit import (TcpProxy, delivered_ids, empty_mysql, history, make_alert, make_payload, mysql_connect,
+from tests.kit import (TcpProxy, delivered_ids, empty_mysql, get, history, make_alert, make_payload, mysql_connect,
                        mysql_settings, post, require_mysql, settle, storm_payloads, wait_until)
 
 
@@ -200,3 +200,36 @@ def test_mysql_outage_delays_history_not_paging(make_bridge, fast_fake):
     assert all(r["notified_count"] >= 1 for r in rows)
     sends = history(settings, "notifications")
     assert sum(s["alerts"] for s in sends if s["errcode"] == 0) >= 206
+
+
+def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restart(daemon, fake):
+    """Without ALTER, which the upgrade from 0.3 needs, the log repeated the error and /-/ready
+    said "unreachable", sending the operator to the network."""
+    db = require_mysql()
+    old_schema = alertbridge.MYSQL_SCHEMA.replace(" CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", "")
+    with db.cursor() as cursor:
+        for table in ("alerts", "notifications", "recorder_progress"):
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
+        for statement in alertbridge.statements(old_schema):
+            cursor.execute(statement)
+        cursor.execute("DROP USER IF EXISTS 'ab_no_alter'@'%'")
+        cursor.execute("CREATE USER 'ab_no_alter'@'%' IDENTIFIED BY 'no-alter-pw'")
+        cursor.execute("GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON test.* TO 'ab_no_alter'@'%'")
+    try:
+        child = daemon(database=dataclasses.replace(mysql_settings(), user="ab_no_alter", password="no-alter-pw"))
+        child.wait_healthy()
+        assert post(child.url, make_payload("dev", [make_alert()]))[0] == 200
+        assert fake.wait_for(lambda f: len(f.delivered()) == 1)          # paging never waits for it
+        assert wait_until(lambda: "access denied" in get(child.url, "/-/ready")[1]["store"])
+        child.wait_log("Grant what the README's")
+        with db.cursor() as cursor:
+            cursor.execute("GRANT ALTER ON test.* TO 'ab_no_alter'@'%'")
+        assert wait_until(lambda: len(history(mysql_settings())) == 1, timeout=90)
+        assert wait_until(lambda: get(child.url, "/-/ready")[1]["store"] == "ok")
+        text = child.log.read_text(encoding="utf-8")
+        assert text.count("refuses a privilege") == 1 and text.count("making alerts.receiver") == 1
+        assert "unreachable" not in text
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP USER IF EXISTS 'ab_no_alter'@'%'")
+        db.close()

@@ -1412,6 +1412,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             self._read_body()
             ok, message = self.bridge.reload()
             reply = {"status": "reloaded"} if ok else {"error": message}
+            if ok and self.bridge.restart_needed:
+                reply["restart_needed"] = self.bridge.restart_needed
             return self._reply(200 if ok else 500, reply, count=False)
         if path == "/preview":
             self._authorize(page=True)
@@ -5122,6 +5124,7 @@ class Bridge:
         self._requests = 0
         self._requests_done = threading.Condition()
         self._reload_lock = threading.Lock()
+        self.restart_needed = []        # what the last reload changed that only a restart applies
         self._stopped = threading.Event()
 
     def _declare_series(self, config):
@@ -5240,12 +5243,17 @@ class Bridge:
                 log.error("reload rejected, keeping the running config: %s", exc)
                 return False, f"config rejected: {exc}"
             running = self.config.service
-            changed = [k for k in self.RESTART_ONLY
+            changed = [f"[alertbridge] {k}" for k in self.RESTART_ONLY
                        if getattr(config.service, k) != getattr(running, k)]
-            changed += ["[database]"] if config.database != self.config.database else []
-            changed += ["[cluster]"] if config.cluster != self.config.cluster else []
+            for section in ("database", "cluster"):
+                old, new = getattr(self.config, section), getattr(config, section)
+                changed += [f"[{section}] {f.name}" for f in fields(old)
+                            if getattr(old, f.name) != getattr(new, f.name)]
+            self.restart_needed = changed
             if changed:
-                log.warning("reload: %s change only on restart", ", ".join(changed))
+                log.warning("reload: %s changed, which takes effect only on a restart "
+                            "(systemctl restart alertbridge): running on as before meanwhile",
+                            ", ".join(changed))
                 kept = {k: getattr(running, k) for k in self.RESTART_ONLY}
                 config = replace(config, service=replace(config.service, **kept),
                                  database=self.config.database, cluster=self.config.cluster)
@@ -5259,7 +5267,8 @@ class Bridge:
             self._warn_about_robots()
             self.notifier.wake()
             log.info("config reloaded: receivers %s", ",".join(sorted(config.routes)))
-            sd_notify("READY=1", "STATUS=config reloaded")
+            sd_notify("READY=1", "STATUS=config reloaded" + (
+                f"; restart needed for {', '.join(changed)}" if changed else ""))
             return True, "reloaded"
 
     def readiness(self):

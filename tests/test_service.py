@@ -516,3 +516,19 @@ def test_check_config_piped_into_head_ends_quietly(tmp_path, fake, sqlite_db):
     piped = subprocess.run(f"{sys.executable} {SCRIPT} -c {path} --check-config | head -1", shell=True,
                            capture_output=True, text=True, timeout=60)
     assert piped.stdout.startswith("config ") and piped.stderr == ""
+
+
+def test_a_reload_says_what_only_a_restart_applies(make_bridge, fake, sqlite_db, tmp_path, caplog):
+    """A changed [database] was kept, and the reload answered "reloaded" without a word."""
+    caplog.set_level(logging.WARNING, logger="alertbridge")
+    bridge = make_bridge(sqlite_db)
+    other = alertbridge.Database(driver="sqlite", path=str(tmp_path / "other.db"))
+    (tmp_path / "config.ini").write_text(config_text(fake.url, other, main={"port": "19999"}), encoding="utf-8")
+    status, reply = post(bridge, b"", path="/-/reload")
+    assert status == 200 and reply == {"status": "reloaded", "restart_needed": [
+        "[alertbridge] port", "[database] path"]}
+    assert any("[alertbridge] port, [database] path changed, which takes effect only on a restart"
+               in r.getMessage() for r in caplog.records)
+    assert bridge.config.database == sqlite_db                   # running on as before
+    (tmp_path / "config.ini").write_text(config_text(fake.url, sqlite_db), encoding="utf-8")
+    assert post(bridge, b"", path="/-/reload") == (200, {"status": "reloaded"})

@@ -88,6 +88,7 @@ import string  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
@@ -1401,7 +1402,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _method_not_allowed(self, request_id):
         path = self._route()
-        if self.WEBHOOK_PATHS.fullmatch(path) or path in ("/-/reload", "/preview"):
+        if self.WEBHOOK_PATHS.fullmatch(path) or path in ("/-/reload", "/-/send-test", "/preview"):
             raise BadRequest(405, f"{self.command} not allowed on {path}: use POST")
         raise BadRequest(404, f"no such endpoint: {path[:100]}")
 
@@ -1418,6 +1419,12 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path == "/preview":
             self._authorize(page=True)
             return self._page(*self.bridge.pages.preview(form=self._form()))
+        if path == "/-/send-test":
+            self._authorize()
+            self._read_body()
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            status, reply = self.bridge.send_test(query.get("receiver", [""])[0])
+            return self._reply(status, reply, count=False)
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
             raise BadRequest(404, f"no such endpoint: {path[:100]}; post webhooks to /alertmanager")
@@ -3534,6 +3541,15 @@ class RobotPool:
         since = self._waiting.get(route.name, (now,))[0]
         self._waiting[route.name] = (since, now, {r.key for r in route.robots})
 
+    def take(self, robot, now, urgent=False):
+        """A slot of this very robot for a request outside rotation (a test message): True and
+        the slot taken (give it back with release()), or False: it has none now."""
+        with self._lock:
+            if not (self._usable(robot, now) and self._budget(robot.key, now, urgent) > 0):
+                return False
+            self._slots[robot.key].append(float("inf"))
+            return True
+
     def cancel(self, robot):
         """Give back the slot acquire() took for a request that was not made."""
         with self._lock:
@@ -4032,6 +4048,41 @@ class Sender(Worker):
                 return
             self._unwritten.pop(0)
             self._held.discard(delivered)
+
+
+def send_test_messages(route, renderer, pool, post, clock, timeout, ledger=None):
+    """--send-test: one test message through each robot of a route, each within the robot's
+    budget (a test during a storm must not cost a 410100); never the urgent reserve.
+    `ledger(robot, result, at)` journals each request, when there is a journal. Returns the
+    lines to show, and whether every robot took its message."""
+    lines, ok = [], True
+    body = message_body([sample_alert(route.name)])
+    for robot in route.robots:
+        now = clock()
+        if robot.placeholder:
+            ok = False
+            lines.append(f"{robot.name}: not called: its url still has the placeholder token "
+                         f"{PLACEHOLDER_TOKEN}; put the robot's access_token into "
+                         f"[robot:{robot.name}] url")
+            continue
+        if not pool.take(robot, now):
+            ok = False
+            free = pool.next_slot_at(replace(route, robots=(robot,)), now, urgent=False)
+            when = f"in {format_duration(free - now + 0.999)}" if free else "after a reload"
+            lines.append(f"{robot.name}: not sent: no budget for it now (alerts come first; "
+                         f"a slot frees {when})")
+            continue
+        result = SendResult(None, "not sent: internal error")
+        try:
+            result = post(robot, renderer.encode(renderer.body(route, robot, body)), timeout)
+        finally:
+            pool.release(robot, result, clock())
+        if ledger is not None:
+            ledger(robot, result, clock())
+        ok = ok and result.ok
+        lines.append(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} "
+                     f"latency_ms={result.latency * 1000:.0f}")
+    return lines, ok
 
 
 class Recorder(Worker):
@@ -5271,6 +5322,27 @@ class Bridge:
                 f"; restart needed for {', '.join(changed)}" if changed else ""))
             return True, "reloaded"
 
+    def send_test(self, route_name):
+        """POST /-/send-test?receiver=NAME (what --send-test asks a running daemon): the test
+        message through each robot of the route, within the budgets this daemon keeps."""
+        route = self.config.routes.get(route_name)
+        if route is None:
+            return 404, {"error": f"no [receiver:{route_name[:60]}] in the running config"}
+        if not self.cluster.may_send():
+            return 409, {"error": f"this instance is a cluster's {self.cluster.role}: it does "
+                                  f"not send; run --send-test on the leader"}
+
+        def ledger(robot, result, at):
+            send_id = self.journal.begin_send(robot.name, robot.key, at)
+            test = types.SimpleNamespace(request_id="send-test", id=0, alerts=[])
+            self.journal.end_send(send_id, robot.name, robot.key, at, result.errcode,
+                                  send_event(route.name, robot, test, result, self.wall()))
+            self.cluster.record(robot, result)
+        lines, ok = send_test_messages(route, self.renderer, self.pool, self.post, self.clock,
+                                       self.config.delivery.timeout, ledger)
+        log.info("route=%s send-test: %s", route.name, logfmt("; ".join(lines)))
+        return 200, {"ok": ok, "robots": lines}
+
     def readiness(self):
         journal_ok = self.journal.writable()
         store_ok = self.recorder.store_ok is not False
@@ -5457,26 +5529,90 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
 
 
 def send_test(config, route_name):
-    """--send-test: one test message through each robot of a route; 0 if all accepted it."""
+    """--send-test: one test message through each robot of a route; 0 if all took it. Through
+    the running daemon when there is one (its budgets count it), else directly, within the
+    budgets the journal's send log shows."""
     route = config.routes.get(route_name)
     if route is None:
         print(f"no [receiver:{route_name}] in {config.path}", file=sys.stderr)
         return 2
-    alert = sample_alert(route.name)
-    renderer, failures = Renderer(config), 0
-    for robot in route.robots:
-        if robot.placeholder:
-            failures += 1
-            print(f"{robot.name}: not called: its url still has the placeholder token "
-                  f"{PLACEHOLDER_TOKEN}; put the robot's access_token into "
-                  f"[robot:{robot.name}] url")
-            continue
-        body = renderer.body(route, robot, message_body([alert]))
-        result = post_to_dingtalk(robot, renderer.encode(body), config.delivery.timeout)
-        failures += not result.ok
-        print(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} "
-              f"latency_ms={result.latency * 1000:.0f}")
-    return 1 if failures else 0
+    url = daemon_url(config.service) + "/-/send-test?receiver=" + urllib.parse.quote(route_name)
+    try:
+        answer = ask_daemon(config.auth, url)
+    except OSError:                 # no daemon listening: send from here
+        answer = None
+    if answer is not None:
+        status, reply = answer
+        print("\n".join(reply.get("robots") or [reply.get("error", f"HTTP {status}")]))
+        return 0 if status == 200 and reply.get("ok") else 1
+    holder = journal_holder(config.service.journal)
+    if holder:
+        print(f"an alertbridge (pid {holder}) holds the journal {config.service.journal} but "
+              f"does not answer on {daemon_url(config.service)}: not sending outside its "
+              f"budgets", file=sys.stderr)
+        return 1
+    pool = RobotPool(lambda: config.delivery)
+    pool.restore(journal_sends(config.service.journal), time.time())
+    lines, ok = send_test_messages(route, Renderer(config), pool, post_to_dingtalk, time.time,
+                                   config.delivery.timeout)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def daemon_url(service):
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(service.listen,
+                                                                     service.listen)
+    return f"http://{host}:{service.port}" if ":" not in host else f"http://[{host}]:{service.port}"
+
+
+def ask_daemon(auth, url, timeout=60.0):
+    """POST to the running daemon with [auth]'s credentials: (status, JSON reply). OSError if
+    nothing listens."""
+    headers = {"Content-Length": "0"}
+    if auth.bearer_token:
+        headers["Authorization"] = f"Bearer {auth.bearer_token}"
+    elif auth.username:
+        basic = base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}"
+    request = urllib.request.Request(url, data=b"", method="POST", headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: no proxy
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError):
+            return exc.code, json.loads(exc.read())
+        return exc.code, {"error": f"HTTP {exc.code}"}
+
+
+def journal_holder(path):
+    """The pid of the daemon that holds a journal's lock, or None. The lock file is only read:
+    one made by root here would keep the daemon's own user out of it."""
+    try:
+        with open(path + ".lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return lock.read().strip() or "unknown"
+    except OSError:
+        return None
+    return None
+
+
+def journal_sends(path):
+    """A stopped daemon's recent send log, read without writing anything next to the journal
+    (no -wal or -shm file owned by whoever runs this): (robot key, at, errcode)."""
+    if not os.path.exists(path):
+        return []
+    try:
+        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1", uri=True)
+        try:
+            rows = db.execute(SQLITE.sql(J_SENDS_SINCE), (time.time() - 3600,)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    return [(key or name, at, errcode) for name, key, at, errcode in rows]
 
 
 def init_db(config):

@@ -532,3 +532,24 @@ def test_a_reload_says_what_only_a_restart_applies(make_bridge, fake, sqlite_db,
     assert bridge.config.database == sqlite_db                   # running on as before
     (tmp_path / "config.ini").write_text(config_text(fake.url, sqlite_db), encoding="utf-8")
     assert post(bridge, b"", path="/-/reload") == (200, {"status": "reloaded"})
+
+
+def test_send_test_takes_a_slot_of_the_budget_or_says_it_cannot(daemon, fake):
+    """During a storm a test message outside the budget cost a 410100 and ten minutes."""
+    child = daemon(receivers={"dev": {"robots": "dev-1"}}, extra=AUTH,
+                   delivery={"rate_limit": "3", "rate_window": "3600", "reserve": "1"})
+    child.wait_healthy()
+    through = cli("--send-test", "dev", config=child.config)         # the running daemon sends it
+    assert through.returncode == 0 and through.stdout.startswith("dev-1: errcode=0 errmsg=ok")
+    child.wait_log("route=dev send-test: ")
+    headers = {"Authorization": "Bearer am-bearer-token"}
+    assert post(child.url, make_payload("dev", [make_alert("Storm")]), headers=headers)[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 2)          # 2 of 3: the last is for critical pages
+    refused = cli("--send-test", "dev", config=child.config)
+    assert refused.returncode == 1 and refused.stdout.startswith("dev-1: not sent: no budget for it now")
+    assert len(fake.requests) == 2
+    assert child.stop() == 0
+    alone = cli("--send-test", "dev", config=child.config)            # no daemon: the journal's send log
+    assert alone.returncode == 1 and alone.stdout.startswith("dev-1: not sent: no budget for it now")
+    assert len(fake.requests) == 2 and [r for r in fake.requests if r.errcode] == []
+    assert not list(child.config.parent.glob("state/*-wal"))         # nothing written next to it

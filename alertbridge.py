@@ -4,21 +4,26 @@
 The file reads top to bottom the way an alert travels through it:
 
    1. Records        what crosses sections: the alert, the webhook, a message's body, the
-                     journal's two events, times as the stores keep them; the error types
-   2. Templates      str.format with blanks, shared by config validation and rendering
+                     journal's two events, times as the stores keep them, the steady clock;
+                     the error types
+   2. Templates      str.format with blanks over declared fields (a name and one [key]),
+                     shared by config validation, the preview and rendering
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
                      once), Robot and Route (the config side of an Alertmanager receiver)
    4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
                      (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it replaces)
-   5. Storage        all SQL; the Journal (local SQLite: messages to send, events to record,
-                     the send log); the Store (history, MySQL or SQLite) and its child process
+   5. Storage        all SQL; the Journal (local SQLite, one daemon's: messages to send, events
+                     to record, the send log); the Store (history, MySQL or SQLite) and its
+                     child process
    6. Rendering      alerts -> DingTalk markdown or actionCard (templates, escaping, links,
                      mentions from config and labels, buttons, keyword, sizes; {history})
    7. Packing        digest and split plans: pure functions, sizes in, groups out
    8. DingTalk       one request: signing, a total deadline, the answer classified once
    9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles
-  10. Workers        Worker (owns a thread); Notifier, one Sender per route; Recorder
-  11. Cluster        several instances on one MySQL: a leader by lease, claims, shared budgets
+  10. Workers        Worker (owns a thread); Notifier, one Sender per route; test messages;
+                     Recorder
+  11. Cluster        several instances on one MySQL: members, a leader by lease fenced by its
+                     own clock, claims, handoffs from standbys, shared budgets
   12. Observability  metrics, sd_notify, the watchdog
   13. Pages          the status page, the preview, the dry run: HTML, escaped, no script
   14. Bridge         one instance: wiring, start, reload, readiness, stop
@@ -29,7 +34,8 @@ Invariants: an accepted webhook is on disk in the journal before Alertmanager ge
 nothing accepted is dropped (a message that cannot be sent waits, is retried, and after
 `max_age` is marked expired, never deleted unseen); paging never waits for the history
 database; no robot sends more than `rate_limit` per `rate_window`; a token or secret never
-reaches a log line, a metric or a database.
+reaches a log line, a metric or a database. Durations and deadlines (budgets, retries, expiry)
+use the steady clock; only what is stored or shown uses the wall clock.
 
 Threads: "http" accepts connections, with a thread per connection (IntakeHandler); "notifier"
 expires old messages and starts a "sender:ROUTE" per route, each sending its route's messages
@@ -1637,7 +1643,8 @@ J_SENDS_SINCE = "SELECT robot, robot_key, at, errcode FROM sends WHERE at > %s O
 # between them): brought to now, so that nothing waits for the length of the step.
 J_FORWARD_DUE = ("UPDATE messages SET next_attempt_at = %s "
                  "WHERE state = 'pending' AND next_attempt_at > %s")
-J_FORWARD_CREATED = "UPDATE messages SET created_at = %s WHERE state = 'pending' AND created_at > %s"
+J_FORWARD_CREATED = ("UPDATE messages SET created_at = %s "
+                     "WHERE state = 'pending' AND created_at > %s")
 J_FORWARD_SENDS = "UPDATE sends SET at = %s WHERE at > %s"
 J_PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', %s)"
 J_PURGE_EVENTS = "DELETE FROM events WHERE recorded = 1 AND created_at < %s"
@@ -2151,7 +2158,8 @@ class Journal:
         write lock commits every webhook queued by then in one transaction (one fsync), so
         concurrent webhooks share the cost of durability instead of queueing for it one by one."""
         now = self.clock()
-        event = webhook_event(webhook, request_id, datetime.fromtimestamp(self.wall(), timezone.utc))
+        received = datetime.fromtimestamp(self.wall(), timezone.utc)
+        event = webhook_event(webhook, request_id, received)
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
         for (rank, level), alerts in messages_of(route, webhook.alerts):
             body = json.dumps(message_body(alerts, webhook.truncated,

@@ -143,9 +143,7 @@ def logfmt(value):
 #    "labels": {str: str}, "annotations": {str: str}, "generator_url": str,
 #    "external_url": str, "receiver": Alertmanager's receiver name (<= 128)}
 #
-# A message's body, as the journal keeps it for a route and the renderer reads it:
-#   {"alerts": [alert, ...], "truncated": int (Alertmanager's truncatedAlerts),
-#    optional "digest": true (folded from a backlog), optional "part": [i, n] (split)}
+# A message's body: Body below (the journal keeps it as JSON, Body.to_json()).
 #
 # The journal's two events, which the recorder copies into the history: webhook_event() and
 # send_event() below.
@@ -195,8 +193,65 @@ class Webhook:
     group_labels: dict = field(default_factory=dict)
 
 
-def message_body(alerts, truncated=0, **extra):
-    return {"alerts": alerts, "truncated": truncated, **extra}
+NO_LEVEL = "none"       # the level of an alert whose priority label is missing or unknown
+ALERTS, CARD, MENTION = "alerts", "card", "mention"     # the kinds of a message body
+
+
+@dataclass(frozen=True)
+class Mentions:
+    """Who a message @-mentions: phone numbers, DingTalk user ids, everyone. How a mention is
+    written is the channel's."""
+    mobiles: tuple = ()
+    user_ids: tuple = ()
+    all: bool = False
+
+    def __bool__(self):
+        return bool(self.mobiles or self.user_ids or self.all)
+
+
+@dataclass(frozen=True)
+class Body:
+    """What a message says, as the journal keeps it and every stage after reads it. Its kind:
+    ALERTS, alerts to show; CARD, alerts shown with buttons, whose mentions went into a
+    message of their own (a channel that cannot @ beside buttons); MENTION, that message: who,
+    and the title of the card it follows (no alerts: they went out in the card)."""
+    alerts: tuple = ()
+    truncated: int = 0                  # Alertmanager's truncatedAlerts
+    group_labels: dict = field(default_factory=dict)
+    level: str = NO_LEVEL               # a digest's level, for its title
+    digest: bool = False                # folded from a backlog, grouped by alertname
+    part: tuple = None                  # (i, n): part i of a message too long for one request
+    kind: str = ALERTS
+    mention: Mentions = Mentions()      # MENTION: who
+    title: str = ""                     # MENTION: the card's title
+
+    def to_json(self):
+        """The journal's JSON object (the keys written by every version since 0.3)."""
+        data = {"alerts": list(self.alerts), "truncated": self.truncated}
+        if self.group_labels:
+            data["group_labels"] = self.group_labels
+        if self.digest:
+            data.update(digest=True, level=self.level)
+        if self.part:
+            data["part"] = list(self.part)
+        if self.kind == CARD:
+            data["card"] = True
+        if self.kind == MENTION:
+            data["mention"] = {"mobiles": list(self.mention.mobiles), "all": self.mention.all,
+                               "user_ids": list(self.mention.user_ids), "title": self.title}
+        return data
+
+    @classmethod
+    def from_json(cls, data):
+        mention = data.get("mention")
+        kind = MENTION if mention else CARD if data.get("card") else ALERTS
+        return cls(alerts=tuple(data.get("alerts", ())), truncated=data.get("truncated", 0),
+                   group_labels=data.get("group_labels") or {},
+                   level=data.get("level", NO_LEVEL), digest=bool(data.get("digest")),
+                   part=tuple(data["part"]) if data.get("part") else None, kind=kind,
+                   mention=Mentions(tuple(mention["mobiles"]), tuple(mention["user_ids"]),
+                                    mention["all"]) if mention else Mentions(),
+                   title=mention["title"] if mention else "")
 
 
 def webhook_event(webhook, request_id, received_at):
@@ -499,7 +554,6 @@ DEFAULT_ALERT = """\
 - {links}"""
 
 PLACEHOLDER_TOKEN = "CHANGE_ME"
-NO_LEVEL = "none"       # the level of an alert whose priority label is missing or unknown
 MOBILE = re.compile(r"(\+[0-9]{1,4}-)?[0-9]{5,15}")       # as DingTalk's atMobiles take them
 USER_ID = re.compile(r"(?!all$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.I)   # "all" is no person
 MENTIONS_FROM_ALERTS = 20   # at most this many @ taken from alerts' labels, per message
@@ -1193,29 +1247,71 @@ class _DeadlineReader(io.RawIOBase):
 
 class Intake:
     """The policy for a valid webhook: which route serves it, into the journal, and the answer
-    (HTTP status, JSON reply). The HTTP side is IntakeHandler's."""
+    (HTTP status, JSON reply). The HTTP side is IntakeHandler's. `last_webhooks`: route name
+    -> (time, the last webhook it took, as text), for the preview (one dict assignment a
+    webhook: atomic, no lock)."""
 
-    def __init__(self, bridge):
-        self.bridge = bridge
-        self.last_payloads = {}     # route name -> (time, the last webhook it took, as text)
+    def __init__(self, config, journal, metrics, last_webhooks, clock):
+        self.config, self.journal, self.metrics = config, journal, metrics
+        self.last_webhooks, self.clock = last_webhooks, clock
 
     def accept(self, webhook, request_id, payload=b""):
-        route = self.bridge.config.route_for(webhook.receiver)
+        route = self.config().route_for(webhook.receiver)
         if route is None:
             raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
                                   f"default_receiver configured")
         try:
-            self.bridge.journal.accept(webhook, route, request_id)
+            self.journal.accept(webhook, route, request_id)
         except sqlite3.Error as exc:
             log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager "
                       "retries", request_id, exc)
             return 503, {"error": "journal not writable, retry later", "request_id": request_id}
-        self.bridge.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
-        self.last_payloads[route.name] = (self.bridge.clock(), payload.decode("utf-8", "replace"))
+        self.metrics.inc("alertbridge_alerts_accepted_total", len(webhook.alerts))
+        self.last_webhooks[route.name] = (self.clock(), payload.decode("utf-8", "replace"))
         log.info("request_id=%s accepted receiver=%s route=%s alerts=%d group=%s", request_id,
                  logfmt(webhook.receiver), route.name, len(webhook.alerts),
                  logfmt(webhook.group_key[:120]))
         return 200, {"status": "accepted", "alerts": len(webhook.alerts), "request_id": request_id}
+
+
+class Requests:
+    """The HTTP requests being handled: counted (shutdown waits for them, /metrics shows them),
+    and told to go away once `draining`. _done guards count."""
+
+    def __init__(self):
+        self.count = 0
+        self.draining = False
+        self._done = threading.Condition()
+
+    @contextlib.contextmanager
+    def handling(self):
+        with self._done:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._done:
+                self.count -= 1
+                self._done.notify_all()
+
+    def drain(self, timeout):
+        """Refuse new requests; wait up to `timeout` seconds for those under way."""
+        self.draining = True
+        with self._done:
+            self._done.wait_for(lambda: self.count == 0, timeout)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """What the HTTP handler serves, given by the Bridge that wires them."""
+    config: object          # () -> the running Config
+    intake: Intake
+    pages: object           # Pages
+    probes: object          # Probes: /-/ready, /metrics
+    metrics: object         # Metrics
+    requests: Requests
+    reload: object          # () -> (ok, message, [keys only a restart applies])
+    send_test: object       # route name -> (HTTP status, reply)
 
 
 class IntakeServer(http.server.ThreadingHTTPServer):
@@ -1273,9 +1369,10 @@ def try_listen(service):
 
 class IntakeHandler(http.server.BaseHTTPRequestHandler):
     """HTTP front door: framing, authentication and endpoints; a webhook goes to Intake.
-    `bridge` is set on a per-bridge subclass (see Bridge.start). Every answer but those of the
-    health, metrics and reload endpoints counts in alertbridge_webhooks_total by status."""
-    bridge = None
+    `endpoints` (Endpoints) is set on a per-bridge subclass (see Bridge.start). Every answer but
+    those of the health, metrics and reload endpoints counts in alertbridge_webhooks_total by
+    status."""
+    endpoints = None
     protocol_version = "HTTP/1.1"
     server_version = "alertbridge/" + VERSION
     disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait for an ACK
@@ -1286,7 +1383,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                                r"|dingtalk/(?P<target>[^/]+)/send)?/?")
 
     def setup(self):
-        self.timeout = self.bridge.config.service.request_timeout
+        self.service = self.endpoints.config().service
+        self.timeout = self.service.request_timeout
         super().setup()
         self.deadline = time.monotonic() + self.timeout
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
@@ -1333,10 +1431,10 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _guarded(self, handler):
         request_id = uuid.uuid4().hex[:12]
-        with self.bridge.in_flight():
+        with self.endpoints.requests.handling():
             try:
                 self.body_left = self._framing()
-                if self.bridge.draining:
+                if self.endpoints.requests.draining:
                     self.close_connection = True
                     raise BadRequest(503, "shutting down, retry later")
                 handler(request_id)
@@ -1355,7 +1453,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     def _authorize(self, page=False):
         """Webhooks, pages and reload need [auth]'s credentials when it is set. A browser asks
         for a username and password only when challenged with Basic: pages prefer it."""
-        auth = self.bridge.config.auth
+        auth = self.endpoints.config().auth
         if auth.enabled and not auth.allows(self.headers.get("Authorization")):
             scheme = "Basic" if auth.username and (page or not auth.bearer_token) else "Bearer"
             raise BadRequest(401, "missing or wrong credentials (see [auth] in config.ini)",
@@ -1364,7 +1462,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
     def _reply(self, status, obj, content_type="application/json", headers=(), count=True):
         body = obj if isinstance(obj, bytes) else json_line(obj)
         if count:
-            self.bridge.metrics.inc("alertbridge_webhooks_total", outcome=str(status))
+            self.endpoints.metrics.inc("alertbridge_webhooks_total", outcome=str(status))
         try:
             self._settle_body()
             self.send_response(status)
@@ -1384,23 +1482,24 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
 
     def _get(self, request_id):
         path = self._route()
-        if path in self.PROBES and self.bridge.config.auth.protect_metrics:
+        endpoints = self.endpoints
+        if path in self.PROBES and endpoints.config().auth.protect_metrics:
             self._authorize()
         if path == "/-/healthy":
             return self._reply(200, b"OK\n", "text/plain", count=False)
         if path == "/-/ready":
-            ready, detail = self.bridge.readiness()
+            ready, detail = endpoints.probes.readiness()
             return self._reply(200 if ready else 503, detail, count=False)
         if path == "/metrics":
-            return self._reply(200, self.bridge.render_metrics().encode(),
+            return self._reply(200, endpoints.probes.render_metrics().encode(),
                                "text/plain; version=0.0.4", count=False)
         if path in ("/", "/status"):
             self._authorize(page=True)
-            return self._page(200, self.bridge.pages.status())
+            return self._page(200, endpoints.pages.status())
         if path == "/preview":
             self._authorize(page=True)
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            return self._page(*self.bridge.pages.preview(last=query.get("last", [None])[0]))
+            return self._page(*endpoints.pages.preview(last=query.get("last", [None])[0]))
         self._method_not_allowed(request_id)
 
     def _page(self, status, text):
@@ -1417,19 +1516,19 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path == "/-/reload":
             self._authorize()
             self._read_body()
-            ok, message = self.bridge.reload()
+            ok, message, restart_needed = self.endpoints.reload()
             reply = {"status": "reloaded"} if ok else {"error": message}
-            if ok and self.bridge.restart_needed:
-                reply["restart_needed"] = self.bridge.restart_needed
+            if ok and restart_needed:
+                reply["restart_needed"] = restart_needed
             return self._reply(200 if ok else 500, reply, count=False)
         if path == "/preview":
             self._authorize(page=True)
-            return self._page(*self.bridge.pages.preview(form=self._form()))
+            return self._page(*self.endpoints.pages.preview(form=self._form()))
         if path == "/-/send-test":
             self._authorize()
             self._read_body()
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            status, reply = self.bridge.send_test(query.get("receiver", [""])[0])
+            status, reply = self.endpoints.send_test(query.get("receiver", [""])[0])
             return self._reply(status, reply, count=False)
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
@@ -1447,7 +1546,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         named = match.group("receiver") or match.group("target")
         path_receiver = urllib.parse.unquote(named) if named else None
         webhook = parse_webhook(body, path_receiver)
-        status, reply = self.bridge.intake.accept(webhook, request_id, body)
+        status, reply = self.endpoints.intake.accept(webhook, request_id, body)
         self._reply(status, reply)
 
     def _form(self):
@@ -1457,7 +1556,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if content_type != "application/x-www-form-urlencoded":
             raise BadRequest(415, "Content-Type must be application/x-www-form-urlencoded "
                                   "(the preview's form)")
-        body = self._read_body(3 * self.bridge.config.service.max_body_bytes)
+        body = self._read_body(3 * self.service.max_body_bytes)
         try:
             fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True,
                                            max_num_fields=10)
@@ -1487,7 +1586,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         return int(lengths[0])
 
     def _read_body(self, limit=None):
-        length, limit = self.body_left, limit or self.bridge.config.service.max_body_bytes
+        length, limit = self.body_left, limit or self.service.max_body_bytes
         if length > limit:
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise BadRequest(413, f"body of {length} bytes exceeds the limit of {limit} bytes "
@@ -1500,7 +1599,7 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             except socket.timeout:
                 self.close_connection = True
                 raise BadRequest(408, f"body not received within request_timeout "
-                                      f"({self.bridge.config.service.request_timeout:g}s)")
+                                      f"({self.service.request_timeout:g}s)")
             if not chunk:
                 self.close_connection = True
                 raise BadRequest(400, f"body ended after {length - remaining} of {length} bytes")
@@ -1999,19 +2098,23 @@ class Signal:
             callback(*args)
 
 
-def messages_of(route, alerts):
-    """A webhook's alerts as messages: ((rank, level), alerts) for each priority level present,
-    the highest first, so that an alert never waits behind, or goes out with, lower ones
-    (with per_alert, one message per alert). Without send_resolved, resolved alerts are only
+def bodies_of(route, webhook):
+    """A webhook as messages: ((rank, level), Body) for each priority level present, the
+    highest first, so that an alert never waits behind, or goes out with, lower ones (with
+    per_alert, one message per alert). Without send_resolved, resolved alerts are only
     recorded, not sent."""
+    alerts = webhook.alerts
     if not route.send_resolved:
         alerts = [a for a in alerts if a["status"] == "firing"]
     if route.per_alert:
-        return sorted(((route.level(a), [a]) for a in alerts), key=lambda item: item[0])
-    levels = {}
-    for alert in alerts:
-        levels.setdefault(route.level(alert), []).append(alert)
-    return sorted(levels.items())
+        groups = sorted(((route.level(a), [a]) for a in alerts), key=lambda item: item[0])
+    else:
+        levels = {}
+        for alert in alerts:
+            levels.setdefault(route.level(alert), []).append(alert)
+        groups = sorted(levels.items())
+    return [(level, Body(alerts=tuple(group), truncated=webhook.truncated,
+                         group_labels=webhook.group_labels)) for level, group in groups]
 
 
 def writable_problem(path):
@@ -2161,9 +2264,9 @@ class Journal:
         received = datetime.fromtimestamp(self.wall(), timezone.utc)
         event = webhook_event(webhook, request_id, received)
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
-        for (rank, level), alerts in messages_of(route, webhook.alerts):
-            body = json.dumps(message_body(alerts, webhook.truncated,
-                                           group_labels=webhook.group_labels), ensure_ascii=False)
+        for (rank, level), body in bodies_of(route, webhook):
+            alerts = body.alerts
+            body = json.dumps(body.to_json(), ensure_ascii=False)
             rows.append((J_MESSAGE_ADD, (route.name, request_id, body, 0, now, now, rank, level,
                                          alert_keys(alerts), claim_key(webhook, level, alerts))))
         pending = _PendingWrite(rows)
@@ -2270,8 +2373,8 @@ class Journal:
         rows = self._read(J_MESSAGE_KEYS, (route, after_id))
         return [(message_id, keys.split("\x1e") if keys else []) for message_id, keys in rows]
 
-    def message_body(self, message_id):
-        return json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0])
+    def body(self, message_id):
+        return Body.from_json(json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0]))
 
     def next_due_at(self, route):
         return self._read_one(J_MESSAGE_NEXT_DUE, (route,))[0]
@@ -2291,14 +2394,12 @@ class Journal:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
             for body, carried in zip(new_bodies, claims or [[]] * len(new_bodies)):
-                text = json.dumps(body, ensure_ascii=False)
+                text = json.dumps(body.to_json(), ensure_ascii=False)
                 cursor = self._run(db, J_MESSAGE_ADD, (
-                    first.route, request_ids, text, 1, created, now, first.priority, first.level,
-                    alert_keys(body["alerts"]), " ".join(carried)))
-                message = Message(cursor.lastrowid, first.route, request_ids, True, 0, created,
-                                  first.priority, first.level, carried, self)
-                message.__dict__["body"] = body  # what cached_property would read back
-                new.append(message)
+                    first.route, request_ids, text, 1, created, now, first.rank, first.level,
+                    alert_keys(body.alerts), " ".join(carried)))
+                new.append(Message(cursor.lastrowid, first.route, request_ids, True, 0, created,
+                                   first.rank, first.level, carried, self, body))
         return new
 
     def supersede(self, old, heirs):
@@ -2413,26 +2514,33 @@ class _PendingWrite:
 
 @dataclass
 class Message:
-    """One DingTalk message waiting in the journal."""
+    """One message waiting in the journal: where it is kept, and its Body, read only if used
+    (a storm wakes a sender often, to look at the first message due alone)."""
     id: int
     route: str
     request_id: str
     packed: bool        # already a digest or a split part: merging it again gains nothing
     attempts: int
     created_at: float
-    priority: int       # the rank of its level in the route's priority_order: 0 first
+    rank: int           # its level's place in the route's priority_order: 0 first
     level: str          # "critical", ... or NO_LEVEL
     claims: list        # the keys of the notifications it carries (see claim_key)
     journal: Journal = field(repr=False)
+    loaded: Body = field(default=None, repr=False)     # the body, once read or given
 
-    @functools.cached_property
+    @property
     def body(self):
-        """{"alerts": [...], "truncated": n, optional "digest": true, "part": [i, n]}"""
-        return self.journal.message_body(self.id)
+        if self.loaded is None:
+            self.loaded = self.journal.body(self.id)
+        return self.loaded
 
     @property
     def alerts(self):
-        return self.body["alerts"]
+        return self.body.alerts
+
+    def narrowed(self, alerts):
+        """The message as it goes out with only these of its alerts (the journal keeps all)."""
+        return replace(self, loaded=replace(self.body, alerts=tuple(alerts)))
 
 
 class Store:
@@ -2892,8 +3000,8 @@ class Recurrence:
     KEPT = 10_000
     BACKOFF = 30.0
 
-    def __init__(self, store, tz):
-        self.store, self.tz = store, tz
+    def __init__(self, store, config):
+        self.store, self.config = store, config
         self._known = collections.OrderedDict()     # occurrence -> its text
         self._lock = threading.Lock()
         self._running = None                        # the lookup under way: an Event set when done
@@ -2929,29 +3037,9 @@ class Recurrence:
             done.set()
         with self._lock:
             for occurrence, (earlier, last) in zip(occurrences, found):
-                self._known[occurrence] = recurrence_text(earlier, last, self.tz)
+                self._known[occurrence] = recurrence_text(earlier, last, self.config().tz)
             while len(self._known) > self.KEPT:
                 self._known.popitem(last=False)
-
-
-@dataclass(frozen=True)
-class Mentions:
-    """Who a message @-mentions. DingTalk wants each one in the text as well as in "at"."""
-    mobiles: tuple = ()
-    user_ids: tuple = ()
-    all: bool = False
-
-    def __bool__(self):
-        return bool(self.mobiles or self.user_ids or self.all)
-
-    def text(self):
-        return " ".join("@" + who for who in self.mobiles + self.user_ids)
-
-    def at(self):
-        at = {"atMobiles": list(self.mobiles), "isAtAll": self.all}
-        if self.user_ids:
-            at["atUserIds"] = list(self.user_ids)
-        return at
 
 
 def _mention_words(value):
@@ -2978,40 +3066,64 @@ def uses_field(template, name):
                for line in _parsed(template) for _, field, _, _ in line if field is not None)
 
 
+def digest_title(level, title):
+    """A digest's title: its level first, so a backlog reads at a glance in the chat list."""
+    return f"{level.upper()} 汇总 digest · {title}"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A message as any channel can send it, the renderer's output and a channel's input:
+    markdown (DingTalk's dialect) in blocks, and apart from it who to mention and which
+    buttons, for the channel to place as its wire format wants."""
+    title: str          # plain text, as a chat list shows it
+    heading: str        # the title, as markdown
+    blocks: tuple       # one per alert, or per alertname in a digest
+    notes: tuple        # lines after the blocks (Alertmanager's truncation)
+    buttons: tuple      # (label, url) pairs
+    mentions: Mentions
+
+
 class Renderer:
-    """Turns a message's alerts into the JSON body one robot receives. `history` (optional)
-    gives a firing alert's {history} text (see Recurrence)."""
+    """Turns a message Body into a Rendered message (templates, escaping, links, mentions,
+    buttons, {history}), and plans how a body goes out through a channel: parts, and the @
+    message of a card. `config()` gives the running Config; `history` (optional) a firing
+    alert's {history} text (see Recurrence).
+
+    Sender threads share one Renderer: _lock guards the cache of rendered alert blocks."""
 
     SEPARATOR = "\n\n---\n\n"
-
     BLOCKS_KEPT = 1024
 
     def __init__(self, config, history=None):
         self.config = config
         self.history = history
-        self._blocks = {}  # (id(alert), route name) -> (alert, rendered block)
+        self._lock = threading.Lock()
+        self._blocks = {}       # (id(alert), route, group key) -> (alert, its block)
 
     def alert_block(self, route, alert, group=None):
         """The alert in the route's template; `group`: the message's group fields (group_fields).
-        Remembered by identity (the alert is kept, so its id cannot be reused): sizing a digest,
-        checking it fits each robot and sending it would otherwise render every alert five
-        times, on the thread the webhooks share the GIL with."""
-        key = (id(alert), route.name, group.key if group else None)
-        kept = self._blocks.get(key)
+        Remembered by identity (the alert is kept, so its id cannot be reused) and route:
+        sizing a digest, checking it fits each robot and sending it would otherwise render
+        every alert five times, on the thread the webhooks share the GIL with."""
+        key = (id(alert), route, group.key if group else None)
+        with self._lock:
+            kept = self._blocks.get(key)
         if kept is not None and kept[0] is alert:
             return kept[1]
-        if len(self._blocks) >= self.BLOCKS_KEPT:
-            self._blocks.clear()
         fields = self.fields(route, alert)
         fields.update(group.fields if group else {})
         block = render_template(route.alert, fields)
-        self._blocks[key] = (alert, block)
+        with self._lock:
+            if len(self._blocks) >= self.BLOCKS_KEPT:
+                self._blocks.clear()
+            self._blocks[key] = (alert, block)
         return block
 
     def fields(self, route, alert):
         wanted = (self.history is not None and alert["status"] == "firing"
                   and uses_field(route.alert, "history"))
-        return alert_fields(alert, self.config.tz, route, self.history(alert) if wanted else "")
+        return alert_fields(alert, self.config().tz, route, self.history(alert) if wanted else "")
 
     def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
         """Before rendering: have the alerts' {history} read, if the route's template shows it
@@ -3047,10 +3159,10 @@ class Renderer:
                         route.at_all)
 
     def buttons(self, route, alerts):
-        """An actionCard's buttons: a silence for what the alerts have in common (while any
-        fires), the first runbook, the first alert's Prometheus graph and dashboard."""
+        """A card's buttons, (label, url): a silence for what the alerts have in common (while
+        any fires), the first runbook, the first alert's Prometheus graph and dashboard."""
         if not alerts:
-            return []
+            return ()
         firing = [a for a in alerts if a["status"] == "firing"]
         first = self.fields(route, alerts[0])
         runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
@@ -3060,132 +3172,102 @@ class Renderer:
             ("手册 Runbook", next((url for url in runbooks if url), "")),
             ("Prometheus", first["generator_url"]),
             ("仪表盘 Dashboard", first["dashboard_url"])]
-        return [{"title": title, "actionURL": web_url(url)} for title, url in candidates
-                if web_url(url)]
+        return tuple((label, web_url(url)) for label, url in candidates if web_url(url))
 
-    def body(self, route, robot, message_body, digest=False):
-        """The JSON body `robot` receives for a message (a digest groups alerts by alertname):
-        markdown, or an actionCard, which cannot @: its mentions go in a message of their own
-        (see mention_apart), whose body is a text message."""
-        if message_body.get("mention"):
-            return self._mention_body(robot, message_body["mention"])
-        alerts = message_body["alerts"]
-        fields = title_fields(alerts, message_body.get("part"), message_body.get("group_labels"),
-                              route)
+    def render(self, route, body):
+        """A body of alerts (ALERTS or CARD) as a Rendered message."""
+        alerts = list(body.alerts)
+        fields = title_fields(alerts, body.part, body.group_labels, route)
         titles = [render_template(route.title, fields, escape).strip()
                   for escape in (None, "markdown")]    # the chat list shows it as plain text
-        if message_body.get("part"):
-            titles = [t + " ({}/{})".format(*message_body["part"]) for t in titles]
-        if digest:
-            titles = [f"{message_body.get('level', 'none').upper()} 汇总 digest · {t}"
-                      for t in titles]
-        title, heading = titles
+        if body.part:
+            titles = [t + " ({}/{})".format(*body.part) for t in titles]
+        if body.digest:
+            titles = [digest_title(body.level, t) for t in titles]
         shared = group_fields(fields)
-        sections = []
-        if digest:
+        if body.digest:
             groups = {}
             for alert in alerts:
                 groups.setdefault(alert["labels"].get("alertname", ""), []).append(alert)
-            for name, group in groups.items():
-                blocks = self.SEPARATOR.join(self.alert_block(route, a, shared) for a in group)
-                sections.append(f"##### {md_escape(name)} × {len(group)}\n\n{blocks}")
+            blocks = [f"##### {md_escape(name)} × {len(group)}\n\n"
+                      + self.SEPARATOR.join(self.alert_block(route, a, shared) for a in group)
+                      for name, group in groups.items()]
         else:
-            sections = [self.alert_block(route, a, shared) for a in alerts]
-        buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else []
-        mentions = Mentions() if buttons else self.mentions(route, alerts)
-        footer = []
-        if message_body.get("truncated"):
-            footer.append(f"(+{message_body['truncated']} alerts truncated by Alertmanager "
-                          f"max_alerts)")
-        if mentions.text():
-            footer.append(mentions.text())
-        if robot.keyword:
-            footer.append(robot.keyword)
-        head = f"#### {heading}\n\n"
-        tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
-        if buttons:
-            body = {"msgtype": "actionCard",
-                    "actionCard": {"title": title[:128], "text": head + tail,
-                                   "btnOrientation": "1" if len(buttons) <= 2 else "0",
-                                   "btns": buttons}}
-        else:
-            body = {"msgtype": "markdown", "markdown": {"title": title[:128], "text": head + tail},
-                    "at": mentions.at()}
-        room = self.config.delivery.max_message_bytes - len(self.encode(body))
-        text = truncate_to(self.SEPARATOR.join(sections), room)
-        body[body["msgtype"]]["text"] = head + text + tail
-        return body
+            blocks = [self.alert_block(route, a, shared) for a in alerts]
+        notes = ((f"(+{body.truncated} alerts truncated by Alertmanager max_alerts)",)
+                 if body.truncated else ())
+        buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
+        return Rendered(titles[0], titles[1], tuple(blocks), notes, buttons,
+                        self.mentions(route, alerts))
 
-    def mention_apart(self, route, message_body):
-        """For an actionCard message that should @ someone: the body of the text message that
-        does it, sent right after the card (one more request from the robots' budget). None
-        when the message is no such card, or is a part but the last."""
-        part = message_body.get("part")
-        if (route.message_type != "actionCard" or message_body.get("mention")
-                or message_body.get("card") or (part and part[0] != part[1])):
-            return None
-        alerts = message_body["alerts"]
-        mentions = self.mentions(route, alerts)
-        if not (mentions and self.buttons(route, alerts)):
-            return None
-        fields = title_fields(alerts, None, message_body.get("group_labels"), route)
-        return message_body_of_mention(mentions, render_template(route.title, fields, None).strip())
+    def plain_title(self, route, body):
+        """The message's title without part or digest marks (what its @ message repeats)."""
+        fields = title_fields(list(body.alerts), None, body.group_labels, route)
+        return render_template(route.title, fields, None).strip()
 
-    @staticmethod
-    def _mention_body(robot, mention):
-        who = Mentions(tuple(mention["mobiles"]), tuple(mention["user_ids"]), mention["all"])
-        content = " ".join(filter(None, [who.text(), mention["title"]]))
-        if robot.keyword:
-            content += "\n" + robot.keyword
-        return {"msgtype": "text", "text": {"content": content}, "at": who.at()}
+    # how a body goes out
+    def plan(self, route, body, channel, packed=False):
+        """The bodies that go out, in order, for this one: itself; or its parts, if it does not
+        fit every robot of the route (not tried again for a `packed` digest or part); or, for
+        a card whose channel cannot @ beside buttons, the card and then its @ message (after a
+        message's last part only). Each part is planned again when its turn comes."""
+        if body.kind != ALERTS:
+            return [body]
+        parts = [body] if packed else self.parts(route, body, channel)
+        if len(parts) > 1 or (body.part and body.part[0] != body.part[1]):
+            return parts
+        rendered = self.render(route, body)
+        if not channel.mentions_apart(rendered):
+            return [body]
+        mention = Body(kind=MENTION, mention=rendered.mentions,
+                       title=self.plain_title(route, body))
+        return [replace(body, kind=CARD), mention]
 
-    def encode(self, body):
-        return json.dumps(body, ensure_ascii=False).encode()
+    def expand(self, route, body, channel):
+        """Every body that goes out for this one, parts planned in turn: the dry run's view."""
+        planned = self.plan(route, body, channel)
+        if planned == [body]:
+            return planned
+        return [done for each in planned for done in self.expand(route, each, channel)]
 
-    def fits(self, route, message_body, digest):
-        """Whether the message goes out whole to every robot of the route (keywords differ)."""
-        return not any(self._truncated(self.body(route, robot, message_body, digest))
-                       for robot in route.robots)
+    def fits(self, route, body, channel):
+        """Whether the body goes out whole to every robot of the route (keywords differ)."""
+        rendered = self.render(route, body)
+        return all(channel.fits(rendered, robot) for robot in route.robots)
 
-    @staticmethod
-    def _truncated(body):
-        return TRUNCATED_MARK in message_text(body)
-
-    def room(self):
+    def room(self, channel):
         """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
         keyword and digest headings."""
-        return self.config.delivery.max_message_bytes - 768
+        return channel.limit() - 768
 
     def block_size(self, route, alert):
         return json_size(self.alert_block(route, alert)) + len(self.SEPARATOR) + 16
 
-    def parts(self, route, message_body):
-        """A message's bodies as it goes out: itself if it fits every robot of the route (or
-        has one alert, which is cut instead), else parts of as many alerts as fit, numbered."""
-        alerts = message_body["alerts"]
-        if len(alerts) < 2 or self.fits(route, message_body, message_body.get("digest", False)):
-            return [message_body]
+    def parts(self, route, body, channel):
+        """A body as it goes out: itself if it fits every robot of the route (or has one alert,
+        which is cut instead), else parts of as many alerts as fit, numbered."""
+        alerts = list(body.alerts)
+        if len(alerts) < 2 or self.fits(route, body, channel):
+            return [body]
         chunks = cut(alerts, chunk_lengths([self.block_size(route, a) for a in alerts],
-                                           self.room()))
+                                           self.room(channel)))
         if len(chunks) == 1:  # the sizes were misjudged: halve
             chunks = split_in_two(alerts)
-        return [{**message_body, "alerts": chunk, "part": [i + 1, len(chunks)]}
-                for i, chunk in enumerate(chunks)]
+        return numbered(body, chunks)
 
 
+def numbered(body, chunks):
+    """The body cut into parts of these alerts, numbered (1/n)..."""
+    return [replace(body, alerts=tuple(chunk), part=(i + 1, len(chunks)))
+            for i, chunk in enumerate(chunks)]
 
-def message_text(body):
-    """The text of a DingTalk request body, whatever its msgtype."""
-    content = body[body["msgtype"]]
-    return content["content"] if body["msgtype"] == "text" else content["text"]
 
-
-def message_body_of_mention(mentions, title):
-    """The journal's body for an actionCard's @ message: no alerts of its own (they went out
-    in the card), just who and the card's title."""
-    return message_body([], mention={"mobiles": list(mentions.mobiles),
-                                     "user_ids": list(mentions.user_ids),
-                                     "all": mentions.all, "title": title})
+def request_body(renderer, channel, route, body, robot):
+    """The request one robot gets for a body: what every sender, the preview and the dry run
+    send or show."""
+    if body.kind == MENTION:
+        return channel.mention_request(body, robot)
+    return channel.request(renderer.render(route, body), robot)
 
 
 def sample_alert(receiver, now=None):
@@ -3241,12 +3323,14 @@ def split_in_two(items):
 
 
 # =============================================================================================
-# 8. DingTalk: one request, its deadline, its answer
+# 8. Channel: how a message reaches DingTalk. The custom group robot: its wire format, signing,
+#    one request with its deadline, its answer classified once
 # =============================================================================================
-
-THROTTLE_CODES = frozenset({410100, 130101})                # too fast: the robot is muted a while
-CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, no token, disabled
-TOO_LONG_CODES = frozenset({460101, 101002})
+#
+# A channel turns a Rendered message into the request one robot gets, posts it, and says what
+# the answer means. Its methods: limit(), request(), mention_request(), mentions_apart(),
+# fits(), encode(), shown() (for the preview), post(), outcome(). Another way of talking to
+# DingTalk is another class with these methods; nothing outside this section reads a request.
 
 SENT, THROTTLED, MISCONFIGURED = "sent", "throttled", "misconfigured"
 TOO_LONG, FAILED = "too long", "failed"
@@ -3254,30 +3338,128 @@ TOO_LONG, FAILED = "too long", "failed"
 
 @dataclass
 class SendResult:
-    """DingTalk's answer to one request. errcode None: no answer was read (network or HTTP
-    error, timeout, or a reply that is not DingTalk's JSON object)."""
+    """A channel's answer to one request. errcode None: no answer was read (network or HTTP
+    error, timeout, or a reply that is not the API's JSON). `outcome`, decided by the channel
+    and nowhere else: SENT; THROTTLED (rest the robot, try the next); MISCONFIGURED (out of
+    rotation until a reload, try the next); TOO_LONG (split the message); FAILED (try the next
+    robot, then retry later). Without one, the custom robot's reading of the errcode (the send
+    log keeps errcodes only)."""
     errcode: object
     errmsg: str
     latency: float = 0.0
+    outcome: str = None
 
-    @property
-    def outcome(self):
-        """What the answer means, decided here and nowhere else: SENT; THROTTLED (rest the robot,
-        try the next); MISCONFIGURED (out of rotation until a reload, try the next); TOO_LONG
-        (split the message); FAILED (try the next robot, then retry later)."""
-        if self.errcode == 0:
-            return SENT
-        if self.errcode in THROTTLE_CODES:
-            return THROTTLED
-        if self.errcode in CONFIG_CODES:
-            return MISCONFIGURED
-        if self.errcode in TOO_LONG_CODES:
-            return TOO_LONG
-        return FAILED
+    def __post_init__(self):
+        if self.outcome is None:
+            self.outcome = RobotChannel.outcome(self.errcode)
 
     @property
     def ok(self):
-        return self.errcode == 0
+        return self.outcome == SENT
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A request as a person would see it: what the preview shows."""
+    kind: str           # markdown, actionCard, text
+    title: str          # the chat list's line ("" for a text message)
+    text: str           # markdown, or plain text
+    buttons: tuple      # (label, url)
+    markdown: bool = True
+
+
+class RobotChannel:
+    """DingTalk's custom group robot (自定义机器人): a JSON body per message, markdown, or an
+    actionCard when there are buttons (which cannot @: a text message of its own carries the
+    mentions); each @ written in the text as well as in "at"; the robot's keyword at the end;
+    the whole body at most max_message_bytes (20,000 at DingTalk), alert text cut with a mark
+    beyond that; signed URLs; errcodes classified. `config()` gives the running Config."""
+
+    THROTTLE_CODES = frozenset({410100, 130101})                # too fast: muted a while
+    CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, token, off
+    TOO_LONG_CODES = frozenset({460101, 101002})
+
+    def __init__(self, config):
+        self.config = config
+
+    def limit(self):
+        return self.config().delivery.max_message_bytes
+
+    @staticmethod
+    def mention_text(mentions):
+        return " ".join("@" + who for who in mentions.mobiles + mentions.user_ids)
+
+    @staticmethod
+    def at(mentions):
+        at = {"atMobiles": list(mentions.mobiles), "isAtAll": mentions.all}
+        if mentions.user_ids:
+            at["atUserIds"] = list(mentions.user_ids)
+        return at
+
+    def mentions_apart(self, rendered):
+        """Whether the message's mentions need a message of their own: an actionCard cannot @."""
+        return bool(rendered.buttons and rendered.mentions)
+
+    def request(self, rendered, robot):
+        """The body `robot` receives: alert text cut to fit, with a visible mark, if need be."""
+        mentions = Mentions() if rendered.buttons else rendered.mentions
+        footer = list(rendered.notes) + [t for t in (self.mention_text(mentions), robot.keyword)
+                                         if t]
+        head = f"#### {rendered.heading}\n\n"
+        tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
+        if rendered.buttons:
+            request = {"msgtype": "actionCard", "actionCard": {
+                "title": rendered.title[:128], "text": head + tail,
+                "btnOrientation": "1" if len(rendered.buttons) <= 2 else "0",
+                "btns": [{"title": label, "actionURL": url} for label, url in rendered.buttons]}}
+        else:
+            request = {"msgtype": "markdown",
+                       "markdown": {"title": rendered.title[:128], "text": head + tail},
+                       "at": self.at(mentions)}
+        room = self.limit() - len(self.encode(request))
+        text = truncate_to(Renderer.SEPARATOR.join(rendered.blocks), room)
+        request[request["msgtype"]]["text"] = head + text + tail
+        return request
+
+    def mention_request(self, body, robot):
+        """A card's @ message: a text message, who and the card's title."""
+        content = " ".join(filter(None, [self.mention_text(body.mention), body.title]))
+        if robot.keyword:
+            content += "\n" + robot.keyword
+        return {"msgtype": "text", "text": {"content": content}, "at": self.at(body.mention)}
+
+    def fits(self, rendered, robot):
+        """Whether the message goes to this robot whole (nothing cut)."""
+        return TRUNCATED_MARK not in self.shown(self.request(rendered, robot)).text
+
+    @staticmethod
+    def encode(request):
+        return json.dumps(request, ensure_ascii=False).encode()
+
+    @staticmethod
+    def shown(request):
+        kind = request["msgtype"]
+        content = request[kind]
+        if kind == "text":
+            return Shown(kind, "", content["content"], (), markdown=False)
+        return Shown(kind, content["title"], content["text"],
+                     tuple((b["title"], b["actionURL"]) for b in content.get("btns", ())))
+
+    @staticmethod
+    def post(robot, payload, timeout):
+        return post_to_dingtalk(robot, payload, timeout)
+
+    @classmethod
+    def outcome(cls, errcode):
+        if errcode == 0:
+            return SENT
+        if errcode in cls.THROTTLE_CODES:
+            return THROTTLED
+        if errcode in cls.CONFIG_CODES:
+            return MISCONFIGURED
+        if errcode in cls.TOO_LONG_CODES:
+            return TOO_LONG
+        return FAILED
 
 
 def retry_delay(attempts, base, longest, jitter=random.uniform):
@@ -3421,19 +3603,25 @@ class RobotPool:
     for one goes before a route that has just sent (urgent messages go first regardless).
 
     A 410100 rests the robot for one window, then twice as long each time it comes again, up to
-    throttle_seconds; a message it takes ends the run.
+    throttle_seconds; a message it takes ends the run. While a request to a robot has been
+    under way for HANGING seconds, the robot takes no other: a hanging robot holds up the
+    sender threads that reached it first, not every route that uses it.
 
     `limits()` gives the current Delivery settings and `share()` the part of each budget this
-    instance may use (all of it, but for a cluster that lost its MySQL); `now` is always an
-    argument. Thread-safe."""
+    instance may use (all of it, but while a cluster may have instances sending alone); `now` is
+    always an argument.
+
+    _lock guards every dict below, held for arithmetic only (never during a request)."""
 
     FORGET_WAITING = 10.0   # a route that has not asked for this long is not waited for
+    HANGING = 1.0           # a request under way this long: its robot takes no other meanwhile
 
     def __init__(self, limits, share=lambda: 1.0):
         self.limits = limits
         self.share = share
         self._lock = threading.Lock()
         self._slots = {}            # robot key -> send end times (inf while in flight)
+        self._flights = {}          # robot key -> start times of its requests under way
         self._throttled = {}        # robot key -> time the throttle ends
         self._strikes = {}          # robot key -> 410100s in a row
         self._disabled = {}         # robot key -> (errcode, errmsg, since), until a reload
@@ -3494,8 +3682,15 @@ class RobotPool:
                    and now - asked < self.FORGET_WAITING
                    for name, (since, asked, keys) in self._waiting.items())
 
+    def _hanging(self, key, now):
+        """Whether a request to the robot has been under way for longer than DingTalk takes to
+        answer: then no more go to it until that one ends (its deadline ends it)."""
+        flights = self._flights.get(key)
+        return bool(flights) and min(flights) < now - self.HANGING
+
     def _free(self, route, robot, now, urgent):
-        return (self._usable(robot, now) and self._budget(robot.key, now, urgent) > 0
+        return (self._usable(robot, now) and not self._hanging(robot.key, now)
+                and self._budget(robot.key, now, urgent) > 0
                 and (urgent or not self._turn_of_another(route, robot, now)))
 
     def available(self, route, now, urgent=True):
@@ -3517,6 +3712,8 @@ class RobotPool:
                 free = slots[over] + self.limits().rate_window if over >= 0 else now
                 if free <= now and not urgent and self._turn_of_another(route, robot, now):
                     free = now + 0.05           # a route that waited longer takes it first
+                if free <= now and self._hanging(robot.key, now):
+                    free = now + 0.5            # its hanging request ends first
                 times.append(max(free, self._throttled.get(robot.key, 0)))
             return min(times) if times else None
 
@@ -3531,7 +3728,7 @@ class RobotPool:
                 if robot.key in tried or not self._free(route, robot, now, urgent):
                     continue
                 self._next[route.name] = (start + step + 1) % len(robots)
-                self._slots[robot.key].append(float("inf"))
+                self._take_slot(robot.key, now)
                 if not urgent:
                     self._waiting.pop(route.name, None)
                 return robot
@@ -3553,25 +3750,34 @@ class RobotPool:
         """A slot of this very robot for a request outside rotation (a test message): True and
         the slot taken (give it back with release()), or False: it has none now."""
         with self._lock:
-            if not (self._usable(robot, now) and self._budget(robot.key, now, urgent) > 0):
+            if not (self._usable(robot, now) and not self._hanging(robot.key, now)
+                    and self._budget(robot.key, now, urgent) > 0):
                 return False
-            self._slots[robot.key].append(float("inf"))
+            self._take_slot(robot.key, now)
             return True
+
+    def _take_slot(self, key, now):
+        self._slots.setdefault(key, []).append(float("inf"))
+        self._flights.setdefault(key, []).append(now)
+
+    def _land(self, key):
+        """The end of a request under way: its slot no longer in flight."""
+        slots, flights = self._slots.setdefault(key, []), self._flights.get(key)
+        if float("inf") in slots:
+            slots.remove(float("inf"))
+        if flights:
+            flights.remove(min(flights))
 
     def cancel(self, robot):
         """Give back the slot acquire() took for a request that was not made."""
         with self._lock:
-            slots = self._slots.setdefault(robot.key, [])
-            if float("inf") in slots:
-                slots.remove(float("inf"))
+            self._land(robot.key)
 
     def release(self, robot, result, now):
         """Date the slot taken by acquire() and learn from DingTalk's answer."""
         with self._lock:
-            slots = self._slots.setdefault(robot.key, [])
-            if float("inf") in slots:
-                slots.remove(float("inf"))
-            slots.append(now)
+            self._land(robot.key)
+            self._slots[robot.key].append(now)
             self._learn(robot.key, result.outcome, now)
             if result.outcome == MISCONFIGURED:
                 self._disabled[robot.key] = (result.errcode, result.errmsg, now)
@@ -3692,33 +3898,25 @@ class Worker:
 
 
 class Notifier(Worker):
-    """Runs one Sender per route, so that a slow or hanging robot holds up only the routes it
-    serves. Itself, it marks messages nobody could send within max_age expired."""
+    """Marks messages nobody could send within max_age expired, and keeps a sender for every
+    route that has messages waiting (the journal's, after a restart, or a route gone from the
+    config). The senders are the Senders pool's."""
 
-    def __init__(self, bridge):
+    def __init__(self, config, journal, senders, metrics):
         super().__init__("notifier")
-        self.bridge = bridge
-        self.journal = bridge.journal
-        self.senders = {}           # route name -> Sender; only this thread adds
-        self.journal.new_messages.listen(self._new_message)
-
-    def _new_message(self, route_name):
-        sender = self.senders.get(route_name)
-        (sender or self).wake()
+        self.config, self.journal, self.senders, self.metrics = config, journal, senders, metrics
 
     def wake(self, *_):
         super().wake()
-        for sender in list(self.senders.values()):
-            sender.wake()
+        self.senders.wake()
 
     def backlog(self):
         return self.journal.backlog()[0]
 
     def step(self):
-        self._expire(self.bridge.clock() - self.bridge.config.delivery.max_age)
-        for name in set(self.bridge.config.routes) | set(self.journal.pending_routes()):
-            if name not in self.senders:
-                self.senders[name] = Sender(self.bridge, name).start()
+        self._expire(self.journal.clock() - self.config().delivery.max_age)
+        for name in self.journal.pending_routes():
+            self.senders.ensure(name)
         return False
 
     def _expire(self, older_than):
@@ -3726,75 +3924,224 @@ class Notifier(Worker):
             log.error("message=%d route=%s request_id=%s expired: no robot could take it within "
                       "max_age; it stays in the journal as 'expired'", message_id, route_name,
                       request_id)
-            self.bridge.metrics.inc("alertbridge_messages_expired_total", receiver=route_name)
+            self.metrics.inc("alertbridge_messages_expired_total", receiver=route_name)
+
+
+class Senders:
+    """THREADS sender threads for every route, however many there are. A route is served by
+    one thread at a time (its messages go out in order), the route due earliest first. A step
+    makes one request at most, and its deadline (`timeout`) bounds how long a hanging robot
+    holds a thread; a robot has RobotPool.IN_FLIGHT requests under way at most, so a hanging
+    robot holds up that many threads and the routes it serves, not the others.
+
+    _cond guards _senders, _due and _busy; no request is made while it is held."""
+
+    THREADS = 8
+    GATHER = 0.05       # after a new message, let a burst of webhooks land: one look for them all
+
+    def __init__(self, make_sender):
+        self._make = make_sender        # route name -> RouteSender
+        self._senders = {}              # route name -> RouteSender
+        self._due = {}                  # route name -> time.monotonic() it is next due
+        self._busy = set()              # routes a thread is serving now
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._serve, name=f"sender-{n + 1}", daemon=True)
+                         for n in range(self.THREADS)]
+
+    def ensure(self, name, gather=0.0):
+        """The route's sender, made (and due in `gather` seconds) if it had none."""
+        with self._cond:
+            if name not in self._senders:
+                self._senders[name] = self._make(name)
+                self._due[name] = time.monotonic() + gather
+                self._cond.notify()
+            return self._senders[name]
+
+    def wake(self, name=None, gather=0.0):
+        """The route (None: every route) is due now, or in `gather` seconds."""
+        if name is not None:
+            self.ensure(name, gather)
+        with self._cond:
+            at = time.monotonic() + gather
+            for each in [name] if name is not None else list(self._senders):
+                self._due[each] = min(self._due.get(each, at), at)
+            self._cond.notify_all()
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
+        return self
 
     def stop(self):
-        super().stop()
-        for sender in list(self.senders.values()):
-            sender.stop()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
 
     def join(self, timeout):
         deadline = time.monotonic() + timeout
-        super().join(timeout)
-        for sender in list(self.senders.values()):
-            sender.join(max(0.0, deadline - time.monotonic()))
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def is_alive(self):
-        return super().is_alive() and all(s.is_alive() for s in list(self.senders.values()))
+        return all(thread.is_alive() for thread in self._threads)
+
+    def _serve(self):
+        while True:
+            with self._cond:
+                name = self._take()
+                if name is None:
+                    return
+                sender = self._senders[name]
+            delay = sender.turn()
+            with self._cond:
+                self._busy.discard(name)
+                if delay is not None:
+                    at = time.monotonic() + delay
+                    self._due[name] = min(self._due.get(name, at), at)
+                self._cond.notify_all()
+
+    def _take(self):
+        """The free route due earliest, once due (None when stopping). Holds _cond."""
+        while not self._stopping:
+            free = [(at, name) for name, at in self._due.items() if name not in self._busy]
+            if not free:
+                self._cond.wait()
+                continue
+            at, name = min(free)
+            left = at - time.monotonic()
+            if left > 0:
+                self._cond.wait(left)
+                continue
+            del self._due[name]
+            self._busy.add(name)
+            return name
+        return None
 
 
-class Sender(Worker):
-    """Sends one route's messages, the highest priority first and oldest first within it, within
-    every robot's budget: an urgent message may use the robots' reserve. It folds a backlog into
-    digests (of one priority level each), sends only the newest copy of an alert that waits more
-    than once (a repeat, or its resolution), splits what is too long, fails over through the
-    robots, and retries with backoff when every robot failed. Time is the bridge's clock; the
-    request is bridge.post."""
+@dataclass(frozen=True)
+class Sent:
+    """One request a sender made, for what accounts for it (the Signal RouteSender.sent)."""
+    route: str
+    robot: Robot
+    message: Message
+    result: SendResult
+    at: float           # the bridge's clock, when the answer came
+    sent_at: float      # the wall clock, then: what the history keeps
 
-    IDLE = 5.0          # longest sleep: new messages and reloads wake it sooner
-    GATHER = 0.05       # after a wake-up, let a burst of webhooks land: one look for them all
+
+class Ledger:
+    """The journal's record of one route's requests: each written ahead (a crash still counts
+    it against the robot's budget, dated as late as DingTalk could have received it), then its
+    answer, its event for the history and, for a success, its message marked sent, in one
+    transaction. Answers the journal cannot take yet (a full disk) wait here in order; a message
+    whose success waits is held: never sent twice because the disk was full."""
+
+    def __init__(self, journal, route_name):
+        self.journal, self.route_name = journal, route_name
+        self.unwritten = []         # (send id, Sent) not yet journaled, oldest first
+        self.held = set()           # ids of messages sent whose success is among them
+
+    def begin(self, robot, latest_arrival):
+        try:
+            return self.journal.begin_send(robot.name, robot.key, latest_arrival)
+        except sqlite3.Error as exc:  # paging goes first: send, and journal the answer when we can
+            log.warning("route=%s journal not writable (%s): sending without the write-ahead "
+                        "record", self.route_name, exc)
+            return None
+
+    def end(self, send_id, sent):
+        if sent.result.ok:
+            self.held.add(sent.message.id)
+        self.unwritten.append((send_id, sent))
+        self.flush()
+
+    def flush(self):
+        while self.unwritten:
+            send_id, sent = self.unwritten[0]
+            robot, result, message = sent.robot, sent.result, sent.message
+            event = send_event(sent.route, robot, message, result, sent.sent_at)
+            try:
+                self.journal.end_send(send_id, robot.name, robot.key, sent.at, result.errcode,
+                                      event, message.id if result.ok else None)
+            except sqlite3.Error as exc:
+                log.warning("route=%s journal not writable (%s): %d answers wait in memory; "
+                            "their messages are not sent again", self.route_name, exc,
+                            len(self.unwritten))
+                return
+            self.unwritten.pop(0)
+            self.held.discard(message.id)
+
+
+class RouteSender:
+    """Sends one route's messages, the highest priority first and oldest first within it,
+    within every robot's budget (an urgent message may use the robots' reserve). Its stages,
+    one turn at a time: choose what goes out next (duplicates a cluster sent dropped; a backlog
+    folded into digests of one level; only the newest copy of an alert that waits more than
+    once); plan it with the renderer (parts, a card's @ message: what --render and the preview
+    show too); deliver it, failing over through the robots; journal it (Ledger); tell `sent`.
+    Time is `clock`; a request is `post` (the channel's)."""
+
+    IDLE = 5.0          # longest wait while messages wait: new ones and reloads wake it sooner
     COPIES_KEPT = 100_000
 
-    def __init__(self, bridge, route_name):
-        super().__init__(f"sender:{route_name}")
-        self.bridge = bridge
-        self.route_name = route_name
-        self.journal, self.pool, self.metrics = bridge.journal, bridge.pool, bridge.metrics
-        self._unwritten = []        # answers the journal could not take yet (a full disk)
-        self._held = set()          # ids of messages sent whose success is among them
+    def __init__(self, name, config, journal, pool, renderer, channel, cluster, metrics,
+                 clock, wall, post, sent):
+        self.name = name
+        self.config, self.journal, self.pool = config, journal, pool
+        self.renderer, self.channel, self.cluster = renderer, channel, cluster
+        self.metrics, self.clock, self.wall, self.post = metrics, clock, wall, post
+        self.sent = sent            # Signal: a Sent for each request made
+        self.ledger = Ledger(journal, name)
         self._orphaned = False
         self._newest = {}           # alert key -> id of the newest pending message carrying it
         self._scanned = 0           # the last message id whose keys are in _newest
         self._urgent = True         # whether the first message waiting may use the reserve
+        self._failures, self._last_error = 0, None
 
-    def backlog(self):
-        return self.journal.pending_count(self.route_name)
+    # for the Senders pool
+    def turn(self):
+        """One step; then seconds until the next (0: at once), or None: until woken."""
+        try:
+            worked = self.step()
+        except Exception as exc:  # noqa: BLE001 (a sender must outlive any one failure)
+            self._failures += 1
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._last_error:
+                log.error("sender:%s: %s; retrying", self.name, text, exc_info=exc)
+                self._last_error = text
+            return retry_delay(self._failures - 1, 0.5, 30.0)
+        if self._failures:
+            log.info("sender:%s: working again", self.name)
+            self._failures, self._last_error = 0, None
+        return 0.0 if worked else self.sleep_for()
 
     def sleep_for(self):
-        now = self.bridge.clock()
-        route = self.bridge.config.routes.get(self.route_name)
-        if route is None:
-            return self.IDLE
-        if self._unwritten:
+        if self.ledger.unwritten:
             return 1.0
+        route = self.config().routes.get(self.name)
+        if route is None:
+            return None                 # a reload that brings it back wakes every sender
+        now = self.clock()
         if self.pool.available(route, now, self._urgent) > 0:
-            until = self.journal.next_due_at(self.route_name)
+            until = self.journal.next_due_at(self.name)
         else:
             until = self.pool.next_slot_at(route, now, self._urgent)
-        return self.IDLE if until is None else min(self.IDLE, max(0.01, until - now))
+        return None if until is None else min(self.IDLE, max(0.01, until - now))
 
     def step(self):
         """Send (or digest, split or drop as superseded) the first due message; True if there
         was one."""
-        self._write_unwritten()
-        route = self.bridge.config.routes.get(self.route_name)
+        self.ledger.flush()
+        route = self.config().routes.get(self.name)
         if route is None:
             self._report_orphaned()
             return False
         self._orphaned = False
-        if not self.bridge.cluster.may_send():      # a cluster's standby: its leader sends
+        if not self.cluster.may_send():         # a cluster's standby: its leader sends
             return False
-        now = self.bridge.clock()
+        now = self.clock()
         first = self._first_due(now)
         if first is None:
             return False
@@ -3804,19 +4151,7 @@ class Sender(Worker):
             if not urgent:
                 self.pool.wants(route, now)   # in line for the next slot; said again every wake-up
             return False
-        due = [m for m in self.journal.due_messages(self.route_name, now) if m.id not in self._held]
-        due, duplicates = self.bridge.cluster.sort_out(due)
-        if duplicates:
-            self._duplicates(duplicates)
-        if not due:
-            return bool(duplicates)
-        message = due[0]
-        self._learn_copies()
-        same_level = list(itertools.takewhile(lambda m: m.priority == message.priority, due))
-        if len(same_level) > available and not message.packed:
-            message = self._digest(route, same_level)
-        else:
-            message = self._newest_copies(message)
+        message = self._choose(route, now, available)
         if message is None:
             return True
         try:
@@ -3827,32 +4162,52 @@ class Sender(Worker):
                 self._retry_later(message, [f"internal error: {type(exc).__name__}"])
             raise
 
+    # choosing
+    def _choose(self, route, now, available):
+        """The message to deliver now: the first due, as a digest if more of its level wait
+        than the robots may send, with only the newest copies of its alerts. None if there was
+        only bookkeeping to do (duplicates dropped, superseded copies finished)."""
+        held = self.ledger.held
+        due = [m for m in self.journal.due_messages(self.name, now) if m.id not in held]
+        due, duplicates = self.cluster.sort_out(due)
+        if duplicates:
+            self._duplicates(duplicates)
+        if not due:
+            return None
+        message = due[0]
+        self._learn_copies()
+        same_level = list(itertools.takewhile(lambda m: m.rank == message.rank, due))
+        if len(same_level) > available and not message.packed:
+            return self._digest(route, same_level)
+        return self._newest_copies(message)
+
     def _duplicates(self, messages):
         """Notifications another instance (or this one, earlier) has sent: finished, not sent."""
         self.journal.finish([m.id for m in messages], "duplicate")
         self.metrics.inc("alertbridge_duplicates_total", len(messages))
         log.info("route=%s %d messages already sent by the cluster: not sent again (message=%s)",
-                 self.route_name, len(messages), ",".join(str(m.id) for m in messages[:10]))
+                 self.name, len(messages), ",".join(str(m.id) for m in messages[:10]))
 
     def _first_due(self, now):
         """The message to go next, read alone: cheap, as a storm wakes the sender often."""
-        due = [m for m in self.journal.due_messages(self.route_name, now, limit=1 + len(self._held))
-               if m.id not in self._held]
+        held = self.ledger.held
+        due = [m for m in self.journal.due_messages(self.name, now, limit=1 + len(held))
+               if m.id not in held]
         return due[0] if due else None
 
     def _report_orphaned(self):
-        waiting = self.journal.pending_count(self.route_name)
+        waiting = self.journal.pending_count(self.name)
         if waiting and not self._orphaned:
             log.error("route=%s: %d messages wait for [receiver:%s], which the config no longer "
                       "has: they are kept for it and go out once the section is back (reload), "
-                      "or expire after max_age", self.route_name, waiting, self.route_name)
+                      "or expire after max_age", self.name, waiting, self.name)
         self._orphaned = bool(waiting)
 
     def _learn_copies(self):
         """Note which pending message carries the newest copy of each alert."""
         if len(self._newest) > self.COPIES_KEPT:      # forget the sent ones: read the pending anew
             self._newest, self._scanned = {}, 0
-        for message_id, keys in self.journal.alert_keys_since(self.route_name, self._scanned):
+        for message_id, keys in self.journal.alert_keys_since(self.name, self._scanned):
             for key in keys:
                 self._newest[key] = message_id
             self._scanned = message_id
@@ -3875,8 +4230,7 @@ class Sender(Worker):
             log.info("message=%d route=%s superseded: later messages carry all its alerts",
                      message.id, message.route)
             return None
-        message.__dict__["body"] = {**message.body, "alerts": current}   # the journal keeps all
-        return message
+        return message.narrowed(current)
 
     def _superseded(self, messages):
         """Messages whose every alert goes out in a later one: finished, and their claims given
@@ -3896,19 +4250,18 @@ class Sender(Worker):
         """More messages of this priority wait than the robots may send: fold the oldest into
         one digest as large as DingTalk takes, made only when a robot is free to send it.
         Messages stay whole, but for alerts a later message carries again."""
-        renderer = self.bridge.renderer
+        renderer, channel = self.renderer, self.channel
         unpacked = list(itertools.takewhile(lambda m: not m.packed, due))
         sizes = (sum(renderer.block_size(route, a) for a in self._current(m)) for m in unpacked)
-        taken = unpacked[:next(chunk_lengths(sizes, renderer.room()))]
+        taken = unpacked[:next(chunk_lengths(sizes, renderer.room(channel)))]
 
         def body(messages):
-            alerts = [a for m in messages for a in self._current(m)]
-            truncated = sum(m.body.get("truncated", 0) for m in messages)
-            groups = [m.body.get("group_labels") or {} for m in messages]
+            groups = [m.body.group_labels for m in messages]
             shared = {k: v for k, v in groups[0].items() if all(g.get(k) == v for g in groups)}
-            return message_body(alerts, truncated, digest=True, level=messages[0].level,
-                                group_labels=shared)
-        taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), digest=True))
+            return Body(alerts=tuple(a for m in messages for a in self._current(m)),
+                        truncated=sum(m.body.truncated for m in messages), group_labels=shared,
+                        digest=True, level=messages[0].level)
+        taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), channel))
         carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
             heirs = self._superseded([m for m in taken if m not in carrying])
@@ -3922,45 +4275,39 @@ class Sender(Worker):
         self.metrics.inc("alertbridge_digests_total", receiver=route.name)
         return digest
 
-    def _split(self, route, message):
-        bodies = self.bridge.renderer.parts(route, message.body)
-        if len(bodies) == 1:    # DingTalk found it too long, though it fits by our count
-            bodies = [{**message.body, "alerts": half, "part": [i + 1, 2]}
-                      for i, half in enumerate(split_in_two(message.alerts))]
-        # the last part carries the claims: the notification is sent once it is all out
+    # planning
+    def _replace_by(self, message, bodies, why):
+        """The message goes out as these bodies: journaled in its place, the last carrying its
+        claims (the notification is sent once all of it is out)."""
         claims = [[]] * (len(bodies) - 1) + [message.claims]
         self.journal.replace([message], bodies, "split", claims)
-        log.info("message=%d route=%s too long for DingTalk: split into %d", message.id,
-                 route.name, len(bodies))
+        log.info("message=%d route=%s %s: it goes out as %d messages", message.id, self.name,
+                 why, len(bodies))
 
-    def _mention_apart(self, route, message, mention):
-        """An actionCard cannot @: the card goes first, then a text message that @s, which
-        carries the claims (the notification is sent once both are out)."""
-        card = {**message.body, "card": True}
-        self.journal.replace([message], [card, mention], "split", [[], message.claims])
+    def _split(self, route, message):
+        """DingTalk found it too long, though it fits by our count: halves at least."""
+        bodies = self.renderer.parts(route, message.body, self.channel)
+        if len(bodies) == 1:
+            bodies = numbered(message.body, split_in_two(list(message.alerts)))
+        self._replace_by(message, bodies, "too long for DingTalk")
 
+    # delivering
     def deliver(self, route, message, urgent=False):
         """Send one message, failing over through the route's robots (`urgent`: the reserve too).
-        True if a request was made."""
-        renderer = self.bridge.renderer
-        digest = bool(message.body.get("digest"))
-        if not digest:
-            renderer.look_up_history(route, message.alerts)
-        several = not message.packed and len(message.alerts) > 1
-        if several and not renderer.fits(route, message.body, digest):
-            self._split(route, message)
-            return True
-        mention = renderer.mention_apart(route, message.body)
-        if mention:
-            self._mention_apart(route, message, mention)
+        True if a request was made, or the message was planned into several."""
+        if not message.body.digest:
+            self.renderer.look_up_history(route, message.alerts)
+        planned = self.renderer.plan(route, message.body, self.channel, packed=message.packed)
+        if len(planned) > 1:
+            self._replace_by(message, planned, "too long for one request, or a card that @s")
             return True
         tried, errors = set(), []
         while True:
-            robot = self.pool.acquire(route, self.bridge.clock(), tried, urgent)
+            robot = self.pool.acquire(route, self.clock(), tried, urgent)
             if robot is None:
                 break
             tried.add(robot.key)
-            result = self._exchange(route, robot, message, digest)
+            result = self._exchange(route, robot, message)
             if result is None:          # no longer the cluster's leader: the message waits
                 return True
             if result.ok:
@@ -3973,98 +4320,51 @@ class Sender(Worker):
             self._retry_later(message, errors)
         return bool(tried)
 
-    def _exchange(self, route, robot, message, digest):
+    def _exchange(self, route, robot, message):
         """One request through one robot: written ahead, sent, its budget slot given back
-        whatever happens, its answer journaled. None, and no request, if the instance may no
-        longer send (a cluster's leader whose lease lapsed, as when it was paused meanwhile)."""
-        renderer, timeout = self.bridge.renderer, self.bridge.config.delivery.timeout
+        whatever happens, its answer journaled and told. None, and no request, if the instance
+        may no longer send (a cluster's leader whose lease lapsed, as when it was paused)."""
+        timeout = self.config().delivery.timeout
         try:
-            payload = renderer.encode(renderer.body(route, robot, message.body, digest))
+            payload = self.channel.encode(request_body(self.renderer, self.channel, route,
+                                                       message.body, robot))
         except BaseException:
             self.pool.cancel(robot)
             raise
-        if not self.bridge.cluster.may_send():
+        if not self.cluster.may_send():
             self.pool.cancel(robot)
             return None
         result, send_id = SendResult(None, "not sent: internal error"), None
         try:
-            send_id = self._write_ahead(robot, self.bridge.clock() + timeout)
-            result = self.bridge.post(robot, payload, timeout)
+            send_id = self.ledger.begin(robot, self.clock() + timeout)
+            result = self.post(robot, payload, timeout)
         finally:
-            done = self.bridge.clock()
+            done = self.clock()
             self.pool.release(robot, result, done)
-        self.bridge.cluster.record(robot, result)
+        self.cluster.record(robot, result)
         if result.ok:
-            self.bridge.cluster.sent(message.claims)
-        self._account(route, robot, message, result, done, send_id)
+            self.cluster.sent(message.claims)
+        sent = Sent(route.name, robot, message, result, done, self.wall())
+        self.ledger.end(send_id, sent)
+        self.sent.notify(sent)
         return result
 
-    def _write_ahead(self, robot, latest_arrival):
-        try:
-            return self.journal.begin_send(robot.name, robot.key, latest_arrival)
-        except sqlite3.Error as exc:  # paging goes first: send, and journal the answer when we can
-            log.warning("route=%s journal not writable (%s): sending without the write-ahead "
-                        "record", self.route_name, exc)
-            return None
-
     def _retry_later(self, message, errors):
-        delivery = self.bridge.config.delivery
+        delivery = self.config().delivery
         delay = retry_delay(message.attempts, delivery.retry_base, delivery.retry_max)
-        self.journal.retry_later(message.id, self.bridge.clock() + delay, "; ".join(errors))
+        self.journal.retry_later(message.id, self.clock() + delay, "; ".join(errors))
         log.warning("message=%d route=%s request_id=%s not delivered (attempt %d): %s; "
-                    "retry in %.1fs", message.id, self.route_name, message.request_id,
+                    "retry in %.1fs", message.id, self.name, message.request_id,
                     message.attempts + 1, "; ".join(errors), delay)
 
-    def _account(self, route, robot, message, result, at, send_id):
-        outcome = result.outcome
-        level = {SENT: logging.INFO, MISCONFIGURED: logging.ERROR}.get(outcome, logging.WARNING)
-        note = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its "
-                               "token, secret, keyword)",
-                THROTTLED: " robot throttled by DingTalk"}.get(outcome, "")
-        log.log(level, "send message=%d route=%s priority=%s robot=%s request_id=%s alerts=%d "
-                "errcode=%s errmsg=%s latency_ms=%d%s", message.id, route.name, message.level,
-                robot.name, message.request_id, len(message.alerts), result.errcode,
-                logfmt(result.errmsg), result.latency * 1000, note)
-        errcode = "none" if result.errcode is None else str(result.errcode)
-        self.metrics.inc("alertbridge_sends_total", receiver=route.name, robot=robot.name,
-                         errcode=errcode)
-        self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
-        if result.ok:
-            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts),
-                             receiver=route.name)
-            self.metrics.observe("alertbridge_delivery_seconds", at - message.created_at,
-                                 priority=message.level)
-        event = send_event(route.name, robot, message, result, self.bridge.wall())
-        self.bridge.recent_sends.append({**event, "at": at, "level": message.level})
-        self._unwritten.append((send_id, robot.name, robot.key, at, result.errcode, event,
-                                message.id if result.ok else None))
-        if result.ok:
-            self._held.add(message.id)
-        self._write_unwritten()
 
-    def _write_unwritten(self):
-        """Journal the answers not journaled yet, oldest first. Until a success is journaled its
-        message is held: never sent twice because the disk was full."""
-        while self._unwritten:
-            send_id, name, key, at, errcode, event, delivered = self._unwritten[0]
-            try:
-                self.journal.end_send(send_id, name, key, at, errcode, event, delivered)
-            except sqlite3.Error as exc:
-                log.warning("route=%s journal not writable (%s): %d answers wait in memory; "
-                            "their messages are not sent again", self.route_name, exc,
-                            len(self._unwritten))
-                return
-            self._unwritten.pop(0)
-            self._held.discard(delivered)
-
-
-def send_test_messages(route, renderer, pool, post, clock, timeout, ledger=None):
+def send_test_messages(route, renderer, channel, pool, post, clock, timeout, ledger=None):
     """--send-test: one test message through each robot of a route, each within the robot's
     budget (a test during a storm must not cost a 410100); never the urgent reserve.
     `ledger(robot, result, at)` journals each request, when there is a journal. Returns the
     lines to show, and whether every robot took its message."""
     lines, ok = [], True
-    body = message_body([sample_alert(route.name)])
+    body = Body(alerts=(sample_alert(route.name),))
     for robot in route.robots:
         now = clock()
         if robot.placeholder:
@@ -4082,7 +4382,8 @@ def send_test_messages(route, renderer, pool, post, clock, timeout, ledger=None)
             continue
         result = SendResult(None, "not sent: internal error")
         try:
-            result = post(robot, renderer.encode(renderer.body(route, robot, body)), timeout)
+            request = request_body(renderer, channel, route, body, robot)
+            result = post(robot, channel.encode(request), timeout)
         finally:
             pool.release(robot, result, clock())
         if ledger is not None:
@@ -4094,22 +4395,24 @@ def send_test_messages(route, renderer, pool, post, clock, timeout, ledger=None)
 
 
 class Recorder(Worker):
-    """Copies journal events into the history store, in order. A store outage only delays it."""
+    """Copies journal events into the history store, in order. A store outage only delays it;
+    `store_changed` tells (ok, denied) when the store goes down or comes back. Every
+    PURGE_EVERY seconds, and at start, it purges what retention_days no longer keeps."""
 
     BATCH = 200
     GATHER = 0.05       # after a wake-up, let webhooks gather: fewer writes and transactions
     PURGE_EVERY = 600.0
     PURGE_BATCH = 1000
 
-    def __init__(self, bridge):
+    def __init__(self, config, journal, store, metrics, clock, wall):
         super().__init__("recorder")
-        self.bridge = bridge
-        self.journal = bridge.journal
-        self.store = bridge.store
+        self.config, self.journal, self.store, self.metrics = config, journal, store, metrics
+        self.clock, self.wall = clock, wall
+        self.store_changed = Signal()
         self.store_ok = None
         self.store_denied = False       # the last failure was a missing privilege
         self._store_error = None        # its text, logged once
-        self._last_purge = 0.0
+        self._last_purge = None
         self.journal.new_events.listen(self.wake)
 
     def backlog(self):
@@ -4126,7 +4429,9 @@ class Recorder(Worker):
             else:
                 log.warning("history store unavailable, alerts wait in the journal: %s", exc)
             self._store_error = str(exc)
-        self.store_ok, self.store_denied = False, exc.denied
+        if self.store_ok is not False or self.store_denied != exc.denied:
+            self.store_ok, self.store_denied = False, exc.denied
+            self.store_changed.notify(False, exc.denied)
         return min(30.0, 0.5 * 2.0 ** min(failures - 1, 10))
 
     def step(self):
@@ -4152,37 +4457,34 @@ class Recorder(Worker):
                     log.error("event=%d could not be recorded (%s); kept in the journal as failed",
                               event[0], exc)
                     self.journal.mark_failed(event[0])
-                    self.bridge.metrics.inc("alertbridge_record_failures_total")
+                    self.metrics.inc("alertbridge_record_failures_total")
         self._recovered()
         return True
 
     def _record(self, events):
         recorded = self.store.record(self.journal.journal_id, events)
         self.journal.mark_recorded(events[-1][0])
-        self.bridge.metrics.inc("alertbridge_alerts_recorded_total", recorded)
+        self.metrics.inc("alertbridge_alerts_recorded_total", recorded)
 
     def _recovered(self):
         if self.store_ok is False:
             log.info("history store reachable again: %s", self.store.describe())
+        if self.store_ok is not True:
+            self.store_changed.notify(True, False)
         self.store_ok, self.store_denied, self._store_error = True, False, None
-
-    def purge_soon(self):
-        """Run the retention purge now rather than at its next turn."""
-        self._last_purge = 0.0
-        self.wake()
 
     def _housekeeping(self):
         """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
         keeps them), and history older than retention_days, in small batches."""
-        now = self.bridge.clock()
-        if now - self._last_purge < self.PURGE_EVERY:
+        now = self.clock()
+        if self._last_purge is not None and now - self._last_purge < self.PURGE_EVERY:
             return
         self._last_purge = now
-        config = self.bridge.config
+        config = self.config()
         delivery, retention = config.delivery, timedelta(days=config.database.retention_days)
         self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds))
         if retention:
-            cutoff = db_time(datetime.fromtimestamp(self.bridge.wall(), timezone.utc) - retention)
+            cutoff = db_time(datetime.fromtimestamp(self.wall(), timezone.utc) - retention)
             total, deleted = 0, None
             while deleted != 0 and not self._stopping.is_set():
                 deleted = self.store.purge(cutoff, self.PURGE_BATCH)
@@ -4711,6 +5013,102 @@ def watchdog_interval():
     return int(usec) / 2e6
 
 
+class SendAccounting:
+    """Listens to every sender's `sent`: the log line and the metrics of each request."""
+
+    NOTES = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its "
+                            "token, secret, keyword)",
+             THROTTLED: " robot throttled by DingTalk"}
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def __call__(self, sent):
+        result, message, robot = sent.result, sent.message, sent.robot
+        level = {SENT: logging.INFO, MISCONFIGURED: logging.ERROR}.get(result.outcome,
+                                                                      logging.WARNING)
+        log.log(level, "send message=%d route=%s priority=%s robot=%s request_id=%s alerts=%d "
+                "errcode=%s errmsg=%s latency_ms=%d%s", message.id, sent.route, message.level,
+                robot.name, message.request_id, len(message.alerts), result.errcode,
+                logfmt(result.errmsg), result.latency * 1000, self.NOTES.get(result.outcome, ""))
+        errcode = "none" if result.errcode is None else str(result.errcode)
+        self.metrics.inc("alertbridge_sends_total", receiver=sent.route, robot=robot.name,
+                         errcode=errcode)
+        self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
+        if result.ok:
+            self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts),
+                             receiver=sent.route)
+            self.metrics.observe("alertbridge_delivery_seconds", sent.at - message.created_at,
+                                 priority=message.level)
+
+
+class Probes:
+    """What /-/ready and /metrics say of one instance, read when they are asked. The history's
+    state comes by the recorder's `store_changed` (store_changed() is its listener)."""
+
+    def __init__(self, config, journal, pool, cluster, metrics, requests, clock):
+        self.config, self.journal, self.pool, self.cluster = config, journal, pool, cluster
+        self.metrics, self.requests, self.clock = metrics, requests, clock
+        self.store_ok, self.store_denied = None, False
+
+    def store_changed(self, ok, denied):
+        self.store_ok, self.store_denied = ok, denied
+
+    def store_state(self):
+        if self.store_ok is not False:
+            return "ok"
+        if self.store_denied:
+            return ("access denied: a privilege is missing, see the log (alerts wait in the "
+                    "journal; paging continues)")
+        return "unreachable (alerts wait in the journal; paging continues)"
+
+    def readiness(self):
+        journal_ok = self.journal.writable()
+        return journal_ok, {"journal": "ok" if journal_ok else "not writable",
+                            "store": self.store_state()}
+
+    def render_metrics(self):
+        config, now = self.config(), self.clock()
+        _, _, backlog, _ = self.journal.backlog()
+        waiting = {level: (0, None) for route in config.routes.values()
+                   for level in route.priority_order + (NO_LEVEL,)}
+        waiting.update({level: (n, oldest) for level, n, oldest in self.journal.waiting_by_level()})
+        gauges = [("alertbridge_record_backlog_events", {}, backlog),
+                  ("alertbridge_store_up", {}, 1 if self.store_ok is not False else 0),
+                  ("alertbridge_journal_writable", {}, int(self.journal.failed_at is None)),
+                  ("alertbridge_http_requests_in_flight", {}, self.requests.count),
+                  ("alertbridge_build_info", {"version": VERSION}, 1)]
+        if config.cluster.enabled:
+            gauges += [("alertbridge_cluster_role", {"role": role}, int(self.cluster.role == role))
+                       for role in (LEADER, STANDBY, ALONE)]
+            gauges += [("alertbridge_cluster_missing_instances", {}, self.cluster.missing)]
+        for level, (n, oldest) in sorted(waiting.items()):
+            gauges += [("alertbridge_queue_messages", {"priority": level}, n),
+                       ("alertbridge_queue_oldest_seconds", {"priority": level},
+                        round(now - oldest, 3) if oldest else 0)]
+        for robot in self.pool.report(config.robots, now):
+            labels = {"robot": robot.name}
+            gauges += [("alertbridge_robot_budget_remaining", labels, robot.budget),
+                       ("alertbridge_robot_throttled", labels, int(robot.throttled(now))),
+                       ("alertbridge_robot_disabled", labels,
+                        int(bool(robot.disabled) or robot.placeholder))]
+        return self.metrics.render(gauges)
+
+
+def declare_series(metrics, config):
+    """Every counter the shipped rules watch, at 0 for every route and robot from the start (and
+    for new ones on reload): a series that first appears at 1 has not increased, to Prometheus."""
+    for name in COUNTERS_AT_START:
+        metrics.declare(name)
+    for route in config.routes.values():
+        for name in ROUTE_COUNTERS:
+            metrics.declare(name, receiver=route.name)
+        for robot in route.robots:
+            for errcode in ("0", "410100"):
+                metrics.declare("alertbridge_sends_total", receiver=route.name,
+                                robot=robot.name, errcode=errcode)
+
+
 # =============================================================================================
 # 13. Pages: the status page, the preview, the dry run
 # =============================================================================================
@@ -4861,24 +5259,36 @@ def markdown_html(text):
 
 
 class Pages:
-    """The status page and the preview of one bridge, as HTML text. The HTTP side is
-    IntakeHandler's; they sit behind [auth] like the webhooks."""
+    """The status page and the preview of one instance, as HTML text. The HTTP side is
+    IntakeHandler's; they sit behind [auth] like the webhooks. sent() listens to the senders
+    (the last PAGE_SENDS requests, a deque: appends are atomic)."""
 
     REFRESH = 10        # seconds between the status page's reloads
 
-    def __init__(self, bridge):
-        self.bridge = bridge
+    def __init__(self, config, journal, pool, store, probes, cluster, last_webhooks, renderer,
+                 channel, clock, wall):
+        self.config, self.journal, self.pool, self.store = config, journal, pool, store
+        self.probes, self.cluster, self.last_webhooks = probes, cluster, last_webhooks
+        self.renderer, self.channel, self.clock, self.wall = renderer, channel, clock, wall
+        self.recent_sends = collections.deque(maxlen=PAGE_SENDS)
+
+    def sent(self, sent):
+        result, message = sent.result, sent.message
+        self.recent_sends.append({"at": sent.at, "route": sent.route, "level": message.level,
+                                  "robot": sent.robot.name, "alerts": len(message.alerts),
+                                  "errcode": result.errcode, "errmsg": result.errmsg,
+                                  "latency_ms": int(result.latency * 1000)})
 
     def _time(self, epoch):
         """A time of the bridge's clock, as the wall clock shows it now."""
         if not epoch:
             return ""
-        shown = epoch + self.bridge.wall() - self.bridge.clock()
-        return datetime.fromtimestamp(shown, self.bridge.config.tz).strftime("%Y-%m-%d %H:%M:%S")
+        shown = epoch + self.wall() - self.clock()
+        return datetime.fromtimestamp(shown, self.config().tz).strftime("%Y-%m-%d %H:%M:%S")
 
     def _db_time(self, text):
         """A time the history keeps (the wall clock's)."""
-        tz = self.bridge.config.tz
+        tz = self.config().tz
         return from_db_time(text).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if text else ""
 
     def _ago(self, epoch, now):
@@ -4886,35 +5296,34 @@ class Pages:
 
     # the status page
     def status(self):
-        bridge, now = self.bridge, self.bridge.clock()
-        queues = bridge.journal.queue_by_route()
-        robots = {r.name: r for r in bridge.pool.report(bridge.config.robots, now)}
-        parts = [self._summary(now, queues)]
-        for name, route in sorted(bridge.config.routes.items()):
+        config, now = self.config(), self.clock()
+        queues = self.journal.queue_by_route()
+        robots = {r.name: r for r in self.pool.report(config.robots, now)}
+        parts = [self._summary(config, now, queues)]
+        for name, route in sorted(config.routes.items()):
             parts.append(self._route(route, queues.get(name, ({}, 0)), robots, now))
-        for name in sorted(set(queues) - set(bridge.config.routes)):
+        for name in sorted(set(queues) - set(config.routes)):
             parts.append(self._orphan(name, queues[name], now))
         parts += [self._sends(), self._firing()]
         return page(f"alertbridge {VERSION}", "".join(parts), refresh=self.REFRESH)
 
-    def _summary(self, now, queues):
-        bridge = self.bridge
-        store_ok = bridge.recorder.store_ok is not False
-        _, _, backlog, oldest_event = bridge.journal.backlog()
+    def _summary(self, config, now, queues):
+        store_ok = self.probes.store_ok is not False
+        _, _, backlog, oldest_event = self.journal.backlog()
         waiting = sum(n for levels, _ in queues.values() for n, _ in levels.values())
         expired = sum(e for _, e in queues.values())
-        instance = esc(bridge.config.cluster.instance or socket.gethostname())
-        if bridge.config.cluster.enabled:
-            instance += f" · {esc(bridge.cluster.role)}"
+        instance = esc(config.cluster.instance)
+        if config.cluster.enabled:
+            instance += f" · {esc(self.cluster.role)}"
         history = span("ok", "up") if store_ok else span("bad", "DOWN: alerts wait in the journal")
-        history += f" · {esc(bridge.store.describe())} · backlog {backlog} events"
+        history += f" · {esc(self.store.describe())} · backlog {backlog} events"
         if oldest_event:
             history += f" (oldest {self._ago(oldest_event, now)})"
-        journal = (span("ok", "writable") if bridge.journal.failed_at is None
+        journal = (span("ok", "writable") if self.journal.failed_at is None
                    else span("bad", "NOT WRITABLE: webhooks get 503"))
         queue = f"{waiting} messages waiting · " + (span("bad", f"{expired} expired") if expired
                                                     else "0 expired")
-        clock = esc(self._time(now)) + span("dim", f" ({bridge.config.service.timezone}, "
+        clock = esc(self._time(now)) + span("dim", f" ({config.service.timezone}, "
                                                    f"reloads every {self.REFRESH} s)")
         items = [("instance", instance), ("history", history), ("journal", journal),
                  ("queue", queue), ("now", clock)]
@@ -4936,11 +5345,11 @@ class Pages:
         rows = [self._robot_row(robots[r.name], now) for r in route.robots]
         line = self._queue_line(levels, expired, now)
         if levels:
-            free = self.bridge.pool.next_slot_at(route, now, urgent=False)
+            free = self.pool.next_slot_at(route, now, urgent=False)
             line += (" · " + span("bad", "no robot can send") if free is None else
                      f" · next free slot in {format_duration(free - now)}" if free > now else "")
         preview = (f'<a href="/preview?last={urllib.parse.quote(route.name)}">preview its last '
-                   f'webhook</a>' if route.name in self.bridge.intake.last_payloads else "")
+                   f'webhook</a>' if route.name in self.last_webhooks else "")
         return (f"<section><h2>receiver {esc(route.name)}</h2>"
                 f"<p>{line} {preview}</p>"
                 + table(["robot", "budget left now", "throttled", "out of rotation",
@@ -4972,23 +5381,23 @@ class Pages:
 
     def _sends(self):
         rows = []
-        for send in reversed(list(self.bridge.recent_sends)):
+        for send in reversed(list(self.recent_sends)):
             ok = send["errcode"] == 0
             errcode = "no answer" if send["errcode"] is None else send["errcode"]
             rows.append([esc(self._time(send["at"])), esc(send["route"]), esc(send["level"]),
-                         esc(send["robot"]), str(len(send["alerts"])),
+                         esc(send["robot"]), str(send["alerts"]),
                          (esc(errcode), "ok" if ok else "bad"), esc(send["errmsg"]),
                          str(send["latency_ms"])])
         return (f"<section><h2>Last {PAGE_SENDS} sends</h2>"
-                + table(["time", "receiver", "level", "robot", "alerts", "errcode", "errmsg",
+                + table(["time", "route", "level", "robot", "alerts", "errcode", "errmsg",
                          "ms"], rows, "no request to DingTalk since the start") + "</section>")
 
     def _firing(self):
-        if self.bridge.recorder.store_ok is False:
+        if self.probes.store_ok is False:
             return ("<section><h2>Firing now</h2><p class='bad'>the history store is unreachable"
                     "</p></section>")
         try:
-            count, alerts = self.bridge.store.firing(PAGE_FIRING)
+            count, alerts = self.store.firing(PAGE_FIRING)
         except (StoreUnavailable, StoreError) as exc:
             log.warning("status page: firing alerts not read from the history: %s", exc)
             return ("<section><h2>Firing now</h2><p class='bad'>the history did not answer in "
@@ -5006,10 +5415,10 @@ class Pages:
         """The preview form and, for a payload, what each robot would get: nothing is sent.
         `form`: the submitted fields; `last`: a route whose last webhook to show. Returns
         (HTTP status, HTML)."""
-        config = self.bridge.config
+        config = self.config()
         form = dict(form or {})
         if last is not None:
-            kept = self.bridge.intake.last_payloads.get(last)
+            kept = self.last_webhooks.get(last)
             form = {"receiver": last, "payload": kept[1] if kept else ""}
         results, status = "", 200
         if form.get("payload", "").strip():
@@ -5036,7 +5445,7 @@ class Pages:
         return status, page("alertbridge preview", body)
 
     def _results(self, form):
-        config = self.bridge.config
+        config = self.config()
         webhook = parse_webhook(form["payload"].encode(), form.get("receiver") or None)
         route = config.route_for(webhook.receiver)
         if route is None:
@@ -5048,7 +5457,7 @@ class Pages:
             if errors:
                 raise BadRequest(422, f"{key} template: {'; '.join(errors)}")
         route = replace(route, **changed)
-        renderer = Renderer(config, self.bridge.history)
+        renderer = self.renderer
         renderer.look_up_history(route, webhook.alerts, wait=1.0)
         own = [k for k in ("title", "alert") if k not in changed]
         out = [f"<section><h2>Receiver {esc(webhook.receiver)} → "
@@ -5056,19 +5465,20 @@ class Pages:
                f"{esc(', '.join(r.name for r in route.robots))} in turn</h2>"]
         out += [f"<details><summary>its {k} template, from config.ini</summary><pre>"
                 f"{esc(getattr(route, k))}</pre></details>" for k in own]
-        plan = dry_run(renderer, route, webhook)
+        plan = dry_run(renderer, self.channel, route, webhook)
         if not plan:
             out.append("<p>The webhook has no alerts: nothing would be sent.</p>")
         out.append("</section>")
         for number, planned in enumerate(plan, 1):
-            out.append(self._planned(route, renderer, f"{number} of {len(plan)}", *planned))
+            out.append(self._planned(route, f"{number} of {len(plan)}", *planned))
         return "".join(out)
 
-    def _planned(self, route, renderer, number, level, alerts, bodies):
-        limit = self.bridge.config.delivery.max_message_bytes
-        who = renderer.mentions(route, alerts)
-        mentioned = " ".join(filter(None, [who.text(), "@all" if who.all else ""]))
-        separate = bodies and bodies[-1][0][1]["msgtype"] == "text"
+    def _planned(self, route, number, level, alerts, bodies):
+        limit = self.channel.limit()
+        who = self.renderer.mentions(route, alerts)
+        mentioned = " ".join(["@" + w for w in who.mobiles + who.user_ids]
+                             + (["@all"] if who.all else []))
+        separate = bool(bodies) and bodies[-1][0].kind == MENTION
         parts = len(bodies) - separate
         notes = [f"priority level <strong>{esc(level)}</strong>"
                  + (" (may use the robots' reserved slots)" if route.urgent(level) else ""),
@@ -5079,64 +5489,63 @@ class Pages:
         if parts > 1:
             notes.append(f"too long for one DingTalk message: sent as {parts} parts")
         notes.append(f"when more {esc(level)} messages wait than the robots may send, they are "
-                     f"folded into one digest titled “{esc(level.upper())} 汇总 digest · …”")
+                     f"folded into one digest titled “{esc(digest_title(level, '…'))}”")
         out = [f"<section><h2>Message {number}</h2><p>"
                + " · ".join(notes) + "</p>"]
-        for part, robots_and_bodies in enumerate(bodies, 1):
-            for names, body in _same_bodies(robots_and_bodies):
-                size = len(renderer.encode(body))
+        for part, (body, robots_and_requests) in enumerate(bodies, 1):
+            for names, request in _same_requests(robots_and_requests):
+                size = len(self.channel.encode(request))
                 css = "ok" if size <= limit else "bad"
                 label = (f"part {part} of {parts}, " if parts > 1 and part <= parts else
                          "the @ message, " if part > parts else "")
-                out.append(f"<h3>{esc(label)}{esc(body['msgtype'])} to robot "
+                shown = self.channel.shown(request)
+                out.append(f"<h3>{esc(label)}{esc(shown.kind)} to robot "
                            f"{esc(', '.join(names))}: <span class='{css}'>"
-                           f"{size:,} of {limit:,} bytes</span></h3>" + _shown(body))
+                           f"{size:,} of {limit:,} bytes</span></h3>"
+                           + _shown(shown, request))
         out.append("</section>")
         return "".join(out)
 
 
-def _shown(body):
-    """A request body as the group sees it, then as JSON."""
-    content = body[body["msgtype"]]
-    if body["msgtype"] == "text":
-        shown = f'<div class="dingtalk"><p>{esc(content["content"])}</p></div>'
+def _shown(shown, request):
+    """A request as the group sees it (a channel's Shown), then as JSON."""
+    if not shown.markdown:
+        view = f'<div class="dingtalk"><p>{esc(shown.text)}</p></div>'
     else:
-        buttons = "".join(f'<a class="button" href="{esc(b["actionURL"])}" rel="noopener '
-                          f'noreferrer" target="_blank">{esc(b["title"])}</a>'
-                          for b in content.get("btns", []))
-        shown = (f'<p class="dim">in the chat list: {esc(content["title"])}</p>'
-                 f'<div class="dingtalk">{markdown_html(content["text"])}'
-                 + (f'<p class="buttons">{buttons}</p>' if buttons else "") + "</div>")
-    return (shown + "<details><summary>the request body (JSON)</summary><pre>"
-            f"{esc(json.dumps(body, ensure_ascii=False, indent=2))}</pre></details>")
+        buttons = "".join(f'<a class="button" href="{esc(url)}" rel="noopener '
+                          f'noreferrer" target="_blank">{esc(label)}</a>'
+                          for label, url in shown.buttons)
+        view = (f'<p class="dim">in the chat list: {esc(shown.title)}</p>'
+                f'<div class="dingtalk">{markdown_html(shown.text)}'
+                + (f'<p class="buttons">{buttons}</p>' if buttons else "") + "</div>")
+    return (view + "<details><summary>the request body (JSON)</summary><pre>"
+            f"{esc(json.dumps(request, ensure_ascii=False, indent=2))}</pre></details>")
 
 
-def _same_bodies(robots_and_bodies):
-    """[(robot, body)] -> [([robot names], body)]: robots without a keyword get the same."""
+def _same_requests(robots_and_requests):
+    """[(robot, request)] -> [([robot names], request)]: robots without a keyword get the same."""
     groups = []
-    for robot, body in robots_and_bodies:
+    for robot, request in robots_and_requests:
         for names, seen in groups:
-            if seen == body:
+            if seen == request:
                 names.append(robot.name)
                 break
         else:
-            groups.append(([robot.name], body))
+            groups.append(([robot.name], request))
     return groups
 
 
-def dry_run(renderer, route, webhook):
-    """What the bridge sends for `webhook` when the robots have budget for it: one message per
-    priority level, each as its parts, each part as (robot, request body) for every robot of
-    the route. [(level, alerts, [[(robot, body), ...] per part])]."""
+def dry_run(renderer, channel, route, webhook):
+    """What the bridge sends for `webhook` when the robots have budget for it, planned as the
+    senders plan it (Renderer.expand): one message per priority level, each as the bodies that
+    go out, each with the request every robot of the route gets.
+    [(level, alerts, [(body, [(robot, request), ...]), ...])]."""
     plan = []
-    for (_, level), alerts in messages_of(route, webhook.alerts):
-        parts = renderer.parts(route, message_body(alerts, webhook.truncated,
-                                                   group_labels=webhook.group_labels))
-        mention = renderer.mention_apart(route, parts[-1])
-        if mention:
-            parts.append(mention)
-        plan.append((level, alerts, [[(robot, renderer.body(route, robot, part))
-                                      for robot in route.robots] for part in parts]))
+    for (_, level), body in bodies_of(route, webhook):
+        bodies = renderer.expand(route, body, channel)
+        plan.append((level, list(body.alerts), [
+            (each, [(robot, request_body(renderer, channel, route, each, robot))
+                    for robot in route.robots]) for each in bodies]))
     return plan
 
 
@@ -5145,59 +5554,67 @@ def dry_run(renderer, route, webhook):
 # =============================================================================================
 
 class Bridge:
-    """One alertbridge instance: HTTP server, journal, store, notifier, recorder. Several can run
-    in one process (the tests do): nothing here is global. `clock` (seconds since the epoch,
-    steady: every duration and deadline), `wall` (what is stored and shown) and `post` (one
-    DingTalk request) can be replaced, to run delivery in simulated time.
+    """One alertbridge instance: it makes the components, gives each what it uses, and owns
+    start, reload and stop; nothing else. Several can run in one process (the tests do): nothing
+    here is global. `clock` (seconds since the epoch, steady: every duration and deadline),
+    `wall` (what is stored and shown), `post` (one request; the channel's by default) and
+    `channel` can be replaced, to run delivery in simulated time or through another channel.
 
-    For the caller: start(), stop(), reload(), readiness(), render_metrics(), address."""
+    The components reach the running Config through `self.current` (a reload replaces it whole)
+    and tell each other through Signals: a message journaled (Journal.new_messages), a request
+    made (sent), the history up or down (Recorder.store_changed), a cluster role changed."""
 
     RESTART_ONLY = ("listen", "port", "max_connections", "state_dir", "journal", "journal_sync")
 
-    def __init__(self, config, clock=None, wall=wall_time, post=None):
+    def __init__(self, config, clock=None, wall=wall_time, post=None, channel=None):
         self.config = config
         self.clock = clock or SteadyClock(wall)
         self.wall = wall
-        self.post = post or post_to_dingtalk
+        current = self.current
         self.metrics = Metrics()
-        self._declare_series(config)
+        declare_series(self.metrics, config)
         self.journal = Journal(config.service.journal, config.service.journal_sync, self.clock,
                                wall)
         self.journal.bring_forward(config.delivery.retry_max + config.delivery.timeout)
         self.store = StoreProcess(config.database)
-        self.history = Recurrence(self.store, config.tz)
-        self.renderer = Renderer(config, self.history)
+        self.history = Recurrence(self.store, current)
+        self.channel = channel or RobotChannel(current)
+        self.post = post or self.channel.post
+        self.renderer = Renderer(current, self.history)
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
         self._restore_budgets()
-        self.intake = Intake(self)
-        self.pages = Pages(self)
-        self.recent_sends = collections.deque(maxlen=PAGE_SENDS)
-        self.notifier = Notifier(self)
-        self.recorder = Recorder(self)
         self.cluster = (Coordinator(config.cluster, lambda: self.config.delivery,
                                     config.database, self.journal, self.pool, self.metrics,
                                     on_role=lambda role: self.notifier.wake())
                         if config.cluster.enabled else Solo())
+        self.sent = Signal()            # a Sent, for every request a sender makes
+        self.senders = Senders(self._sender)
+        self.notifier = Notifier(current, self.journal, self.senders, self.metrics)
+        self.recorder = Recorder(current, self.journal, self.store, self.metrics, self.clock,
+                                 wall)
+        self.requests = Requests()
+        self.probes = Probes(current, self.journal, self.pool, self.cluster, self.metrics,
+                             self.requests, self.clock)
+        self.intake = Intake(current, self.journal, self.metrics, {}, self.clock)
+        self.pages = Pages(current, self.journal, self.pool, self.store, self.probes,
+                           self.cluster, self.intake.last_webhooks, self.renderer, self.channel,
+                           self.clock, wall)
+        self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
+        self.recorder.store_changed.listen(self.probes.store_changed)
+        self.sent.listen(SendAccounting(self.metrics))
+        self.sent.listen(self.pages.sent)
         self.server = None
-        self.draining = False
-        self._requests = 0
-        self._requests_done = threading.Condition()
         self._reload_lock = threading.Lock()
-        self.restart_needed = []        # what the last reload changed that only a restart applies
         self._stopped = threading.Event()
 
-    def _declare_series(self, config):
-        """Every counter the shipped rules watch, at 0 for every route and robot from the start
-        (and for new ones on reload)."""
-        for name in COUNTERS_AT_START:
-            self.metrics.declare(name)
-        for route in config.routes.values():
-            for name in ROUTE_COUNTERS:
-                self.metrics.declare(name, receiver=route.name)
-            for robot in route.robots:
-                for errcode in ("0", "410100"):
-                    self.metrics.declare("alertbridge_sends_total", receiver=route.name,
-                                         robot=robot.name, errcode=errcode)
+    def current(self):
+        """The running Config: what every component reads, replaced whole by a reload."""
+        return self.config
+
+    def _sender(self, name):
+        return RouteSender(name, self.current, self.journal, self.pool, self.renderer,
+                           self.channel, self.cluster, self.metrics, self.clock, self.wall,
+                           self.post, self.sent)
 
     def _restore_budgets(self):
         """Budgets and throttles from the journal's send log; a row written before robot keys
@@ -5216,7 +5633,9 @@ class Bridge:
 
     def start(self):
         service = self.config.service
-        handler = type("Handler", (IntakeHandler,), {"bridge": self})
+        endpoints = Endpoints(self.current, self.intake, self.pages, self.probes, self.metrics,
+                              self.requests, self.reload, self.send_test)
+        handler = type("Handler", (IntakeHandler,), {"endpoints": endpoints})
         try:
             self.server = IntakeServer((service.listen, service.port), handler,
                                        service.max_connections)
@@ -5224,6 +5643,7 @@ class Bridge:
             raise StartError(listen_problem(service, exc)) from exc
         self._warn_about_robots()
         self.cluster.start()
+        self.senders.start()
         self.notifier.start()
         self.recorder.start()
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
@@ -5249,22 +5669,11 @@ class Bridge:
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
         while not self._stopped.wait(interval):
-            if self.notifier.is_alive() and self.recorder.is_alive() and self.cluster.is_alive():
+            if all(w.is_alive() for w in (self.notifier, self.senders, self.recorder,
+                                          self.cluster)):
                 sd_notify("WATCHDOG=1")
             else:
                 log.error("a worker thread died: not petting the watchdog, systemd will restart us")
-
-    @contextlib.contextmanager
-    def in_flight(self):
-        """Count a request being handled, so shutdown can wait for it."""
-        with self._requests_done:
-            self._requests += 1
-        try:
-            yield
-        finally:
-            with self._requests_done:
-                self._requests -= 1
-                self._requests_done.notify_all()
 
     def stop(self, timeout=10.0):
         """Stop accepting, finish in-flight requests, record what can be recorded, return within
@@ -5275,60 +5684,64 @@ class Bridge:
         def left(at_most=timeout):
             return max(0.0, min(at_most, deadline - time.monotonic()))
         sd_notify("STOPPING=1")
-        self.draining = True
         self._stopped.set()
         if self.server:
             self.server.shutdown()
             self.server.server_close()
-        with self._requests_done:
-            self._requests_done.wait_for(lambda: self._requests == 0, left())
+        self.requests.drain(left())
         self.cluster.stop()
         self.notifier.stop()
+        self.senders.stop()
         self.notifier.join(left())
+        self.senders.join(left())
         if self.recorder.store_ok:
             self.recorder.wait_idle(left(5.0))
         self.recorder.stop()
         self.recorder.join(left())
         self.store.close(max(0.5, left()))
-        if not (self.notifier.is_alive() or self.recorder.is_alive()):
+        if not any(w.is_alive() for w in (self.notifier, self.senders, self.recorder)):
             self.journal.close()
 
     def reload(self):
-        """Re-read config.ini; keep the running config if the new one is broken."""
+        """Re-read config.ini; keep the running config if the new one is broken. Returns (ok,
+        what to say, the keys it changed that only a restart applies)."""
         with self._reload_lock:
             try:
                 config = load_config(self.config.path)
             except ConfigError as exc:
                 log.error("reload rejected, keeping the running config: %s", exc)
-                return False, f"config rejected: {exc}"
-            running = self.config.service
-            changed = [f"[alertbridge] {k}" for k in self.RESTART_ONLY
-                       if getattr(config.service, k) != getattr(running, k)]
-            for section in ("database", "cluster"):
-                old, new = getattr(self.config, section), getattr(config, section)
-                changed += [f"[{section}] {f.name}" for f in fields(old)
-                            if getattr(old, f.name) != getattr(new, f.name)]
-            self.restart_needed = changed
-            if changed:
-                log.warning("reload: %s changed, which takes effect only on a restart "
-                            "(systemctl restart alertbridge): running on as before meanwhile",
-                            ", ".join(changed))
-                kept = {k: getattr(running, k) for k in self.RESTART_ONLY}
-                config = replace(config, service=replace(config.service, **kept),
-                                 database=self.config.database, cluster=self.config.cluster)
+                return False, f"config rejected: {exc}", []
+            config, changed = self._restart_only(config)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config = config
             apply_log_format(config.service.log_format)
-            self.history.tz = config.tz
-            self.renderer = Renderer(config, self.history)
             self.pool.forgive()
-            self._declare_series(config)
+            declare_series(self.metrics, config)
             self._warn_about_robots()
             self.notifier.wake()
             log.info("config reloaded: receivers %s", ",".join(sorted(config.routes)))
             sd_notify("READY=1", "STATUS=config reloaded" + (
                 f"; restart needed for {', '.join(changed)}" if changed else ""))
-            return True, "reloaded"
+            return True, "reloaded", changed
+
+    def _restart_only(self, config):
+        """`config` with the running values of what only a restart applies, and which of those
+        keys it changed (said in a WARNING)."""
+        running = self.config.service
+        changed = [f"[alertbridge] {k}" for k in self.RESTART_ONLY
+                   if getattr(config.service, k) != getattr(running, k)]
+        for section in ("database", "cluster"):
+            old, new = getattr(self.config, section), getattr(config, section)
+            changed += [f"[{section}] {f.name}" for f in fields(old)
+                        if getattr(old, f.name) != getattr(new, f.name)]
+        if not changed:
+            return config, changed
+        log.warning("reload: %s changed, which takes effect only on a restart "
+                    "(systemctl restart alertbridge): running on as before meanwhile",
+                    ", ".join(changed))
+        kept = {k: getattr(running, k) for k in self.RESTART_ONLY}
+        return replace(config, service=replace(config.service, **kept),
+                       database=self.config.database, cluster=self.config.cluster), changed
 
     def send_test(self, route_name):
         """POST /-/send-test?receiver=NAME (what --send-test asks a running daemon): the test
@@ -5346,47 +5759,10 @@ class Bridge:
             self.journal.end_send(send_id, robot.name, robot.key, at, result.errcode,
                                   send_event(route.name, robot, test, result, self.wall()))
             self.cluster.record(robot, result)
-        lines, ok = send_test_messages(route, self.renderer, self.pool, self.post, self.clock,
-                                       self.config.delivery.timeout, ledger)
+        lines, ok = send_test_messages(route, self.renderer, self.channel, self.pool, self.post,
+                                       self.clock, self.config.delivery.timeout, ledger)
         log.info("route=%s send-test: %s", route.name, logfmt("; ".join(lines)))
         return 200, {"ok": ok, "robots": lines}
-
-    def readiness(self):
-        journal_ok = self.journal.writable()
-        store_ok = self.recorder.store_ok is not False
-        detail = {"journal": "ok" if journal_ok else "not writable",
-                  "store": "ok" if store_ok else
-                  "access denied: a privilege is missing, see the log (alerts wait in the "
-                  "journal; paging continues)" if self.recorder.store_denied else
-                  "unreachable (alerts wait in the journal; paging continues)"}
-        return journal_ok, detail
-
-    def render_metrics(self):
-        now = self.clock()
-        _, _, backlog, _ = self.journal.backlog()
-        waiting = {level: (0, None) for route in self.config.routes.values()
-                   for level in route.priority_order + (NO_LEVEL,)}
-        waiting.update({level: (n, oldest) for level, n, oldest in self.journal.waiting_by_level()})
-        gauges = [("alertbridge_record_backlog_events", {}, backlog),
-                  ("alertbridge_store_up", {}, 1 if self.recorder.store_ok is not False else 0),
-                  ("alertbridge_journal_writable", {}, int(self.journal.failed_at is None)),
-                  ("alertbridge_http_requests_in_flight", {}, self._requests),
-                  ("alertbridge_build_info", {"version": VERSION}, 1)]
-        if self.config.cluster.enabled:
-            gauges += [("alertbridge_cluster_role", {"role": role}, int(self.cluster.role == role))
-                       for role in (LEADER, STANDBY, ALONE)]
-            gauges += [("alertbridge_cluster_missing_instances", {}, self.cluster.missing)]
-        for level, (n, oldest) in sorted(waiting.items()):
-            gauges += [("alertbridge_queue_messages", {"priority": level}, n),
-                       ("alertbridge_queue_oldest_seconds", {"priority": level},
-                        round(now - oldest, 3) if oldest else 0)]
-        for robot in self.pool.report(self.config.robots, now):
-            labels = {"robot": robot.name}
-            gauges += [("alertbridge_robot_budget_remaining", labels, robot.budget),
-                       ("alertbridge_robot_throttled", labels, int(robot.throttled(now))),
-                       ("alertbridge_robot_disabled", labels,
-                        int(bool(robot.disabled) or robot.placeholder))]
-        return self.metrics.render(gauges)
 
 
 # =============================================================================================
@@ -5523,16 +5899,16 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
         print(f"{path}: receiver {webhook.receiver!r} has no [receiver:NAME] section and there "
               f"is no default_receiver: the bridge would answer 404", file=err)
         return 2
-    renderer = Renderer(config)
-    plan = dry_run(renderer, route, webhook)
-    for number, (level, _, parts) in enumerate(plan, 1):
-        for part, robots_and_bodies in enumerate(parts, 1):
-            for names, body in _same_bodies(robots_and_bodies):
-                encoded = renderer.encode(body)
+    channel = RobotChannel(lambda: config)
+    plan = dry_run(Renderer(lambda: config), channel, route, webhook)
+    for number, (level, _, bodies) in enumerate(plan, 1):
+        for part, (_, robots_and_requests) in enumerate(bodies, 1):
+            for names, request in _same_requests(robots_and_requests):
+                encoded = channel.encode(request)
                 print(encoded.decode(), file=out)
-                print(f"# message {number}/{len(plan)} ({level}), part {part}/{len(parts)}, "
+                print(f"# message {number}/{len(plan)} ({level}), part {part}/{len(bodies)}, "
                       f"robots {', '.join(names)}: {len(encoded):,} of "
-                      f"{config.delivery.max_message_bytes:,} bytes", file=err)
+                      f"{channel.limit():,} bytes", file=err)
     return 0
 
 
@@ -5561,8 +5937,9 @@ def send_test(config, route_name):
         return 1
     pool = RobotPool(lambda: config.delivery)
     pool.restore(journal_sends(config.service.journal), time.time())
-    lines, ok = send_test_messages(route, Renderer(config), pool, post_to_dingtalk, time.time,
-                                   config.delivery.timeout)
+    channel = RobotChannel(lambda: config)
+    lines, ok = send_test_messages(route, Renderer(lambda: config), channel, pool, channel.post,
+                                   time.time, config.delivery.timeout)
     print("\n".join(lines))
     return 0 if ok else 1
 

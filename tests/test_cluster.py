@@ -126,7 +126,7 @@ def test_the_same_webhook_twice_is_sent_once(make_bridge, fake):
     assert post(bridge, payload)[0] == 200               # Alertmanager retried: it had no answer
     settle(bridge)
     assert len(fake.delivered()) == 1 and bridge.journal.message_states() == {"sent": 1, "duplicate": 1}
-    assert "alertbridge_duplicates_total 1" in bridge.render_metrics()
+    assert "alertbridge_duplicates_total 1" in bridge.probes.render_metrics()
     [row] = history(bridge)
     assert (row["received_count"], row["notified_count"]) == (2, 1)
 

@@ -65,7 +65,7 @@ def test_throttled_robot_rests_and_others_take_over(make_bridge, fake, sqlite_db
         settle(bridge)
     assert [(r.token, r.errcode) for r in fake.requests] == [
         (OPS[0], 410100), (OPS[1], 0), (OPS[2], 0), (OPS[1], 0), (OPS[2], 0)]
-    metrics = bridge.render_metrics()
+    metrics = bridge.probes.render_metrics()
     assert 'alertbridge_robot_throttled{robot="ops-1"} 1' in metrics
     assert 'alertbridge_sends_total{errcode="410100",receiver="ops",robot="ops-1"} 1' in metrics
 
@@ -113,7 +113,7 @@ def test_undeliverable_message_expires_but_is_kept(make_bridge, fake, sqlite_db,
                          delivery={"max_age": "1"})
     post(bridge, make_payload("dev", [make_alert()]))
     assert wait_until(lambda: bridge.journal.message_states().get("expired") == 1)
-    assert "alertbridge_messages_expired_total{receiver=\"dev\"} 1" in bridge.render_metrics()
+    assert "alertbridge_messages_expired_total{receiver=\"dev\"} 1" in bridge.probes.render_metrics()
     assert any("expired" in r.getMessage() for r in caplog.records)
     assert bridge.recorder.wait_idle(10) and len(history(bridge)) == 1
 
@@ -179,7 +179,7 @@ def test_dingtalk_down_for_a_while_loses_nothing(make_bridge, fast_fake, databas
     fast_fake.stop()                                               # DingTalk unreachable: refused
     payloads = storm_payloads(groups=30, per_group=5)
     assert post_all(bridge, payloads) == [200] * 30
-    assert wait_until(lambda: "errcode=\"none\"" in bridge.render_metrics())   # sends are failing
+    assert wait_until(lambda: "errcode=\"none\"" in bridge.probes.render_metrics())   # sends are failing
     fast_fake.start(port)                                          # and back on the same address
     expected = {f"storm-{g}-{i}" for g in range(30) for i in range(5)}
     assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=60)
@@ -309,7 +309,7 @@ def test_a_full_disk_neither_loses_nor_repeats_a_page(make_bridge, fake, sqlite_
     assert wait_until(lambda: bridge.journal.failed_at is not None)      # the answer could not be journaled
     assert post(bridge, make_payload("dev", [make_alert("Later")]))[0] == 503       # Alertmanager retries
     assert post(bridge, None, path="/-/ready", method="GET")[0] == 503
-    assert "\nalertbridge_journal_writable 0\n" in bridge.render_metrics()     # AlertbridgeJournalNotWritable
+    assert "\nalertbridge_journal_writable 0\n" in bridge.probes.render_metrics()     # AlertbridgeJournalNotWritable
     free()
     assert wait_until(lambda: bridge.journal.backlog()[0] == 0)   # the held answer is journaled
     assert post(bridge, make_payload("dev", [make_alert("Later")]))[0] == 200
@@ -319,7 +319,7 @@ def test_a_full_disk_neither_loses_nor_repeats_a_page(make_bridge, fake, sqlite_
     assert sum("DiskFull" in t for t in texts) == 1 and sum("Later" in t for t in texts) == 1
     assert bridge.pool.available(bridge.config.routes["dev"], time.time()) == 18     # no slot lost
     assert post(bridge, None, path="/-/ready", method="GET")[0] == 200
-    assert "\nalertbridge_journal_writable 1\n" in bridge.render_metrics()
+    assert "\nalertbridge_journal_writable 1\n" in bridge.probes.render_metrics()
 
 
 def test_a_reload_that_removes_a_receiver_keeps_its_messages_for_it(make_bridge, fake, sqlite_db, caplog):
@@ -356,13 +356,10 @@ class Simulated:
         path.write_text(config_text(lambda token: f"http://127.0.0.1:9/robot/send?access_token={token}", database,
                                     **options), encoding="utf-8")
         self.bridge = alertbridge.Bridge(alertbridge.load_config(str(path)), clock=self.clock, post=self.post)
-        self.sender = alertbridge.Sender(self.bridge, "ops")
-        self.senders = {"ops": self.sender}
+        self.sender = self.bridge.senders.ensure("ops")
 
     def sender_of(self, route):
-        if route not in self.senders:
-            self.senders[route] = alertbridge.Sender(self.bridge, route)
-        return self.senders[route]
+        return self.bridge.senders.ensure(route)
 
     def texts(self):
         return [body["markdown"]["text"] for _, _, body in self.sent]
@@ -517,12 +514,12 @@ def test_metrics_show_the_queue_and_delivery_time_per_priority(simulated):
     sim = simulated()
     sim.accept(make_payload("ops", [make_alert("Page", "p", severity="critical"),
                                     make_alert("Note", "n", severity="info")]))
-    metrics = sim.bridge.render_metrics()
+    metrics = sim.bridge.probes.render_metrics()
     assert 'alertbridge_queue_messages{priority="critical"} 1' in metrics
     assert 'alertbridge_queue_messages{priority="warning"} 0' in metrics
     sim.clock.advance(2)
     sim.run()
-    metrics = sim.bridge.render_metrics()
+    metrics = sim.bridge.probes.render_metrics()
     assert 'alertbridge_queue_messages{priority="critical"} 0' in metrics
     assert 'alertbridge_delivery_seconds_bucket{le="3",priority="critical"} 1' in metrics
     assert 'alertbridge_delivery_seconds_bucket{le="1",priority="info"} 0' in metrics

@@ -18,10 +18,24 @@ def alerts_of(name):
     return alertbridge.parse_webhook(json.dumps(load_fixture(name)).encode()).alerts
 
 
+def body_of(alerts, digest=False, part=None, **extra):
+    return alertbridge.Body(alerts=tuple(alerts), digest=digest, part=tuple(part) if part else None, **extra)
+
+
+def renderer_and_channel(config, history=None):
+    return Renderer(lambda: config, history), alertbridge.RobotChannel(lambda: config)
+
+
+def draw(config, route, robot, body, history=None):
+    """The request `robot` gets for `body`: rendered, then written by the channel."""
+    renderer, channel = renderer_and_channel(config, history)
+    return alertbridge.request_body(renderer, channel, route, body, robot)
+
+
 def render(alerts, route=None, robot=ROBOT, max_bytes=20000, digest=False, **extra):
     config = Config(delivery=Delivery(max_message_bytes=max_bytes))
     route = route or Route("ops", (ROBOT, KEYWORD_ROBOT))
-    return Renderer(config).body(route, robot, {"alerts": alerts, **extra}, digest)
+    return draw(config, route, robot, body_of(alerts, digest, **extra))
 
 
 def test_missing_labels_render_empty_and_empty_lines_are_dropped():
@@ -47,7 +61,7 @@ def test_resolved_alert_shows_end_and_duration_and_no_silence_link():
     assert "- 恢复 Resolved: 2026-11-25 05:47:16 (持续 3s)" in text
     assert "silences" not in text
     utc = Config(tz=timezone.utc)
-    text = Renderer(utc).body(Route("ops", (ROBOT,)), ROBOT, {"alerts": alerts[:1]})["markdown"]["text"]
+    text = draw(utc, Route("ops", (ROBOT,)), ROBOT, body_of(alerts[:1]))["markdown"]["text"]
     assert "2026-11-24 21:47:16" in text
 
 
@@ -82,7 +96,7 @@ def test_custom_templates_from_config(tmp_path):
                     "[robot:r]\nurl = http://127.0.0.1:1/robot/send?access_token=t\n", encoding="utf-8")
     config = alertbridge.load_config(str(path))
     route = config.routes["ops"]
-    body = Renderer(config).body(route, route.robots[0], {"alerts": alerts_of("am025-dev-firing.json")})
+    body = draw(config, route, route.robots[0], body_of(alerts_of("am025-dev-firing.json")))
     # {receiver} is Alertmanager's receiver ("dev" in the payload) in the title and the block
     # alike, also when another section (here "ops") serves it
     assert body["markdown"]["title"] == "dev: 1 (1 firing)"
@@ -94,16 +108,16 @@ def test_digest_groups_by_alertname_and_split_fits_the_limit():
     alerts = [{**base, "fingerprint": f"f{i}", "labels": {**base["labels"], "alertname": f"Rule{i % 3}",
                                                           "instance": f"10.0.{i}.1:9100"}} for i in range(300)]
     route = Route("ops", (ROBOT, KEYWORD_ROBOT))
-    renderer = Renderer(Config())
+    renderer, channel = renderer_and_channel(Config())
     sizes = [renderer.block_size(route, a) for a in alerts]          # the estimates packing works on
-    chunks = alertbridge.cut(alerts, alertbridge.chunk_lengths(sizes, renderer.room()))
+    chunks = alertbridge.cut(alerts, alertbridge.chunk_lengths(sizes, renderer.room(channel)))
     assert len(chunks) > 1 and sum(len(c) for c in chunks) == 300
     for i, chunk in enumerate(chunks):
         for robot in route.robots:
-            body = renderer.body(route, robot, {"alerts": chunk, "part": [i + 1, len(chunks)]}, digest=True)
-            assert len(renderer.encode(body)) <= 20000
+            body = draw(Config(), route, robot, body_of(chunk, True, part=[i + 1, len(chunks)]))
+            assert len(channel.encode(body)) <= 20000
             assert alertbridge.TRUNCATED_MARK not in body["markdown"]["text"]
-    text = renderer.body(route, ROBOT, {"alerts": chunks[0], "part": [1, len(chunks)]}, True)["markdown"]
+    text = draw(Config(), route, ROBOT, body_of(chunks[0], True, part=[1, len(chunks)]))["markdown"]
     assert f"(1/{len(chunks)})" in text["title"] and "##### Rule0 × " in text["text"]
 
 
@@ -192,13 +206,14 @@ def test_an_action_card_has_buttons_and_its_mention_goes_apart():
     assert card["btnOrientation"] == "0"
     assert card["btns"][0]["actionURL"].startswith("http://alertmanager-0:9093/#/silences/new?filter=%7Balertname")
     assert card["btns"][3]["actionURL"] == "https://grafana/d/x?var-instance=n1%3A9100&var-job=a%20b"
-    renderer = Renderer(Config())
-    mention = renderer.mention_apart(route, {"alerts": [firing]})
-    assert renderer.body(route, KEYWORD_ROBOT, mention) == {
+    renderer, channel = renderer_and_channel(Config())
+    card, mention = renderer.plan(route, body_of([firing]), channel)
+    assert card.kind == alertbridge.CARD and mention.kind == alertbridge.MENTION
+    assert draw(Config(), route, KEYWORD_ROBOT, mention) == {
         "msgtype": "text", "text": {"content": "@13800000000 [FIRING:1] NodeDown\n告警"},
         "at": {"atMobiles": ["13800000000"], "isAtAll": False}}
-    assert renderer.mention_apart(route, {"alerts": [firing], "card": True}) is None
-    assert renderer.mention_apart(route, {"alerts": [firing], "part": [1, 2]}) is None
+    assert renderer.plan(route, card, channel) == [card]                     # its @ is apart already
+    assert renderer.plan(route, body_of([firing], part=[1, 2]), channel) == [body_of([firing], part=[1, 2])]
     resolved = render([alert(status="resolved")], route)["actionCard"]["btns"]
     assert [b["title"] for b in resolved] == ["Prometheus", "仪表盘 Dashboard"]     # nothing to silence
 
@@ -218,9 +233,10 @@ def test_history_text_in_both_languages():
         "24 小时内第 3 次 · 3rd time in 24 h; 上次 11-25 05:06 恢复，持续 6m · last resolved 11-25 05:06 after 6m")
     assert [alertbridge.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]
-    renderer = Renderer(Config(tz=tz), history=lambda a: "24 小时内第 2 次 · 2nd time in 24 h")
-    assert "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h" in renderer.body(routed(), ROBOT, {"alerts": [alert()]})["markdown"]["text"]
-    resolved = renderer.body(routed(), ROBOT, {"alerts": [alert(status="resolved")]})["markdown"]["text"]
+    history = lambda a: "24 小时内第 2 次 · 2nd time in 24 h"  # noqa: E731
+    assert "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h" in draw(
+        Config(tz=tz), routed(), ROBOT, body_of([alert()]), history)["markdown"]["text"]
+    resolved = draw(Config(tz=tz), routed(), ROBOT, body_of([alert(status="resolved")]), history)["markdown"]["text"]
     assert "历史 History" not in resolved                                     # only firing alerts say it
 
 

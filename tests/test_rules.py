@@ -70,7 +70,7 @@ def test_the_rules_use_the_metrics_and_labels_the_daemon_exposes(make_bridge, fa
     bridge = make_bridge(sqlite_db, receivers=receivers, delivery={"max_age": "1"}, extra=robots_extra)
     assert post(bridge, make_payload("dev", [make_alert()]))[0] == 200
     assert post(bridge, make_payload("stuck", [make_alert()]))[0] == 200     # no robot: it expires
-    assert wait_until(lambda: 'alertbridge_messages_expired_total{receiver="stuck"}' in bridge.render_metrics())
+    assert wait_until(lambda: 'alertbridge_messages_expired_total{receiver="stuck"}' in bridge.probes.render_metrics())
     assert fake.wait_for(lambda f: len(f.delivered()) == 1)
     exposed = series(get(bridge.address, "/metrics")[1])
     for rule in rules():
@@ -112,7 +112,7 @@ def test_every_rule_fires_on_what_a_running_daemon_really_exposes(make_bridge, f
     assert post(bridge, make_payload("dev", [make_alert()]))[0] == 200
     assert post(bridge, make_payload("stuck", [make_alert()]))[0] == 200     # no robot: it expires
     assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=30)
-    assert wait_until(lambda: 'alertbridge_messages_expired_total{receiver="stuck"} 1' in bridge.render_metrics())
+    assert wait_until(lambda: 'alertbridge_messages_expired_total{receiver="stuck"} 1' in bridge.probes.render_metrics())
     after = scraped(get(bridge.address, "/metrics")[1])
 
     def values(series):

@@ -327,7 +327,6 @@ def test_cli_init_db_version_and_log_level(tmp_path, fake, database):
 
 def test_retention_purges_old_history_in_batches(make_bridge, fake, database):
     bridge = make_bridge(database, extra="")
-    bridge.recorder.PURGE_BATCH = 2
     post(bridge, make_payload("dev", [make_alert(instance=f"old-{i}") for i in range(5)]))
     post(bridge, make_payload("dev", [make_alert(instance="new")]))
     settle(bridge)
@@ -338,7 +337,10 @@ def test_retention_purges_old_history_in_batches(make_bridge, fake, database):
         store.execute(cursor, "UPDATE notifications SET sent_at = %s WHERE id = %s",
                       ("2020-01-01 00:00:00.000", history(bridge, "notifications")[0]["id"]))
     store.close()
-    bridge.recorder.purge_soon()
+    bridge.stop()
+    again = make_bridge(database, start=False, extra="")       # the purge runs at start, then every 10 min
+    again.recorder.PURGE_BATCH = 2
+    again.start()
     assert wait_until(lambda: len(history(bridge)) == 1)
     assert [r["instance"] for r in history(bridge)] == ["new"]
     assert len(history(bridge, "notifications")) == 1

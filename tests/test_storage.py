@@ -147,7 +147,7 @@ def test_an_event_the_store_refuses_is_set_aside_and_recording_goes_on(make_brid
     post(bridge, make_payload("dev", [make_alert()]))
     settle(bridge)
     assert len(history(bridge)) == 1
-    assert "alertbridge_record_failures_total 1" in bridge.render_metrics()
+    assert "alertbridge_record_failures_total 1" in bridge.probes.render_metrics()
     db = sqlite3.connect(bridge.journal.path)
     assert db.execute("SELECT COUNT(*) FROM events WHERE recorded = 2").fetchone() == (1,)   # kept, as failed
     db.close()
@@ -190,7 +190,7 @@ def test_mysql_outage_delays_history_not_paging(make_bridge, fast_fake):
     assert wait_until(lambda: bridge.recorder.store_ok is False)
     status, ready = post(bridge, None, path="/-/ready", method="GET")
     assert status == 200 and "unreachable" in ready["store"]
-    assert "alertbridge_store_up 0" in bridge.render_metrics()
+    assert "alertbridge_store_up 0" in bridge.probes.render_metrics()
     assert [r["instance"] for r in history(settings)] == ["before"]
 
     proxy.start()                                                  # MySQL is back on the same address

@@ -4507,6 +4507,48 @@ def lease_clock():
         else time.monotonic()
 
 
+# The cluster's rules, as pure functions of what an instance knows and of its lease clock's
+# `now`: unit-tested in simulated time (tests/test_cluster_rules.py).
+
+def role_after(role, leading, quiet, lease, window):
+    """The role after a turn: `leading` is MySQL's answer on the lease (None: MySQL did not
+    answer, for `quiet` seconds now). Without MySQL the leader goes ALONE after a lease; a
+    standby after two leases and a window: the leader has seen it go missing by then, and its
+    own last sends at the full budget have aged out of the window."""
+    if leading is None:
+        patience = lease if role == LEADER else 2 * lease + window
+        return ALONE if role != ALONE and quiet >= patience else role
+    return LEADER if leading else STANDBY
+
+
+def lease_end(started, lease):
+    """Until when a leader that renewed its lease at `started` may send: a third of a lease
+    before MySQL lets another take over, so that a request begun just before still ends first."""
+    return started + lease * 2 / 3
+
+
+def may_send(role, now, lease_until):
+    return role == ALONE or (role == LEADER and now < lease_until)
+
+
+def budget_share(role, now, sharing_until, missing, instances):
+    """The part of each robot's budget an instance may use: 1/instances while it sends alone,
+    for a window after (its sends of that time are nowhere recorded), and, leading, while
+    instances are missing (each may be sending alone); all of it otherwise."""
+    alone = role == ALONE or now < sharing_until or (role == LEADER and missing)
+    return 1.0 / instances if alone else 1.0
+
+
+def missing_after(instances, alive, since, now, presumed_alone):
+    """(instances presumed to send alone, since when they are missing): the ones `instances`
+    promises but that do not check in, until they have been missing presumed_alone seconds."""
+    missing = max(0, instances - 1 - alive)
+    since = None if not missing else now if since is None else since
+    if missing and now - since >= presumed_alone:
+        missing = 0
+    return missing, since
+
+
 class Solo:
     """One instance, the default: it sends everything it journals, with every robot's budget."""
 
@@ -4608,15 +4650,11 @@ class Coordinator(Worker):
     def may_send(self):
         """Whether this instance may send now: alone, or the leader with its lease still held
         by its own clock (asked again right before each request)."""
-        return self.role == ALONE or (self.role == LEADER and self.clock() < self._lease_until)
+        return may_send(self.role, self.clock(), self._lease_until)
 
     def share(self):
-        """The part of each robot's budget this instance may use: a share while it sends alone,
-        for a window after (the others' sends of that time are nowhere recorded), and while
-        another instance may be sending alone."""
-        alone = (self.role == ALONE or self.clock() < self._sharing_until
-                 or (self.role == LEADER and self.missing))
-        return 1.0 / self.settings.instances if alone else 1.0
+        return budget_share(self.role, self.clock(), self._sharing_until, self.missing,
+                            self.settings.instances)
 
     def sort_out(self, messages):
         """(messages to send, messages already sent as the same notification): the first
@@ -4689,12 +4727,12 @@ class Coordinator(Worker):
             self._without_mysql(exc)
             return False
         if leading:
-            self._lease_until = started + self.settings.lease * 2 / 3
+            self._lease_until = lease_end(started, self.settings.lease)
             if self.role != LEADER:
                 self._take_over()
             self._lead()
         else:
-            self._set_role(STANDBY)
+            self._set_role(role_after(self.role, False, 0.0, self.settings.lease, 0.0))
             self._stand_by()
         return False
 
@@ -4715,16 +4753,9 @@ class Coordinator(Worker):
         return leading
 
     def _count_missing(self, alive):
-        """Instances `instances` promises that are not checking in (stopped, or never seen):
-        each may be sending alone, for presumed_alone seconds after it went missing."""
-        missing = max(0, self.settings.instances - 1 - len(alive))
-        now = self.clock()
-        if not missing:
-            self._missing_since = None
-        elif self._missing_since is None:
-            self._missing_since = now
-        if missing and now - self._missing_since >= self.settings.presumed_alone:
-            missing = 0
+        missing, self._missing_since = missing_after(
+            self.settings.instances, len(alive), self._missing_since, self.clock(),
+            self.settings.presumed_alone)
         if missing != self.missing:
             log.warning("cluster: %d of the other %d instances not checking in (alive: %s)%s",
                         missing, self.settings.instances - 1, ",".join(alive) or "none",
@@ -4807,11 +4838,10 @@ class Coordinator(Worker):
 
     def _without_mysql(self, exc):
         quiet = self.clock() - self._contact
-        lease = self.settings.lease
-        patience = lease if self.role == LEADER else 2 * lease + self.delivery().rate_window
-        if self.role != ALONE and quiet >= patience:
+        role = role_after(self.role, None, quiet, self.settings.lease, self.delivery().rate_window)
+        if role != self.role:
             log.warning("cluster: MySQL unreachable for %.0fs (%s)", quiet, exc)
-            self._set_role(ALONE)
+            self._set_role(role)
 
     def _report_unreported(self, run):
         if self.role == ALONE:             # MySQL is back: the lease decides again

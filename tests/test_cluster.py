@@ -5,7 +5,6 @@ import collections
 import dataclasses
 import re
 import signal
-import time
 
 import pytest
 

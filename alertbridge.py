@@ -3,30 +3,36 @@
 
 The file reads top to bottom the way an alert travels through it:
 
-   1. Records        what crosses sections: the alert, the webhook, a message's body, the
-                     journal's two events, times as the stores keep them, the steady clock;
-                     the error types
+   1. Records        what crosses sections: the alert, the webhook, a message's Body (alerts,
+                     card, mention) and Mentions, the journal's two events, times as the stores
+                     keep them, the steady clock; the error types
    2. Templates      str.format with blanks over declared fields (a name and one [key]),
                      shared by config validation, the preview and rendering
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
                      once), Robot and Route (the config side of an Alertmanager receiver)
    4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
-                     (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it replaces)
+                     (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it
+                     replaces), the Endpoints it serves, the Requests under way
    5. Storage        all SQL; the Journal (local SQLite, one daemon's: messages to send, events
                      to record, the send log); the Store (history, MySQL or SQLite) and its
                      child process
-   6. Rendering      alerts -> DingTalk markdown or actionCard (templates, escaping, links,
-                     mentions from config and labels, buttons, keyword, sizes; {history})
+   6. Rendering      a Body -> a Rendered message, any channel's input (templates, escaping,
+                     links, mentions from config and labels, buttons; {history}); the plan of
+                     how a body goes out (parts, a card's @ message)
    7. Packing        digest and split plans: pure functions, sizes in, groups out
-   8. DingTalk       one request: signing, a total deadline, the answer classified once
-   9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles
-  10. Workers        Worker (owns a thread); Notifier, one Sender per route; test messages;
-                     Recorder
+   8. Channel        RobotChannel, the custom group robot: its wire format (markdown,
+                     actionCard, the @ text message), limits, signing, one request with a total
+                     deadline, its answer classified once
+   9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles, hanging robots
+  10. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
+                     RouteSender per route, in stages: choose, plan, deliver, Ledger, `sent`;
+                     test messages; Recorder
   11. Cluster        several instances on one MySQL: members, a leader by lease fenced by its
                      own clock, claims, handoffs from standbys, shared budgets
-  12. Observability  metrics, sd_notify, the watchdog
+  12. Observability  metrics, sd_notify, the watchdog; what a request accounts for
+                     (SendAccounting), /-/ready and /metrics (Probes)
   13. Pages          the status page, the preview, the dry run: HTML, escaped, no script
-  14. Bridge         one instance: wiring, start, reload, readiness, stop
+  14. Bridge         one instance: wiring, start, reload, stop
   15. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
                      --render, run(), main()
 
@@ -37,20 +43,31 @@ database; no robot sends more than `rate_limit` per `rate_window`; a token or se
 reaches a log line, a metric or a database. Durations and deadlines (budgets, retries, expiry)
 use the steady clock; only what is stored or shown uses the wall clock.
 
-Threads: "http" accepts connections, with a thread per connection (IntakeHandler); "notifier"
-expires old messages and starts a "sender:ROUTE" per route, each sending its route's messages
-in order; "recorder" copies journal events into the history through the store process;
-"watchdog" pets systemd; with [cluster], "cluster" holds or watches the leader's lease; a
-short-lived "history" reads an alert's earlier occurrences for a sender (Recurrence). The
+Threads: "http" accepts connections, with a thread per connection (IntakeHandler); eight
+"sender-N" threads (Senders) serve every route, one thread a route at a time, so a route's
+messages go out in order and the thread count does not grow with routes; "notifier" expires
+old messages and keeps a sender for each route with messages; "recorder" copies journal events
+into the history through the store process; "watchdog" pets systemd; with [cluster],
+"cluster" holds or watches the leader's lease; a short-lived "history" reads an alert's
+earlier occurrences for a sender (Recurrence); a Deadline's timer ends a slow request. The
 main thread waits for signals (run()).
 
-Locks: Journal._write_lock serializes every journal write on one connection; its holder takes
-_queue_lock briefly to collect the webhooks queued for one group commit (the only nesting).
-RobotPool._lock guards budgets and rotation, Metrics._lock the counters: both are held for
-arithmetic only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's; the
-status page's, which waits for it 2 s at most);
-Coordinator._lock statements on the cluster's MySQL connection. No lock is held during a
-DingTalk request.
+Locks, each described where it is made: Journal._write_lock serializes every journal write on
+one connection, and its holder takes _queue_lock briefly to collect the webhooks queued for one
+group commit (the only nesting). Senders._cond guards which route is due and served;
+RobotPool._lock budgets and rotation; Renderer._lock its cache of alert blocks; Metrics._lock
+the counters; Recurrence._lock its answers; Requests._done the count of requests; all held for
+bookkeeping only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's; the
+status page's, which waits for it 2 s at most); Coordinator._lock statements on the cluster's
+MySQL session. No lock is held during a DingTalk request.
+
+Where a change goes (each touches at most two sections):
+  - another way to talk to DingTalk: a class with RobotChannel's methods (8. Channel), and the
+    config that chooses it (3. Config);
+  - the digest's format: Renderer.render and digest_title (6. Rendering);
+  - a metric: METRIC_HELP (12. Observability), and where it counts: a listener of a Signal in
+    12 (SendAccounting for requests), or the one component that knows;
+  - a cluster rule: its pure function and Coordinator (11. Cluster), its statements in 5.
 """
 
 import sys
@@ -560,6 +577,33 @@ MENTIONS_FROM_ALERTS = 20   # at most this many @ taken from alerts' labels, per
 LOG_FORMATS = ("text", "json")
 
 
+def _words(value):
+    return tuple(w for w in re.split(r"[\s,]+", value or "") if w)
+
+
+# Zones without daylight saving time that work even where the IANA database is missing (a
+# minimal container without tzdata): China's own among them, so the default always loads.
+FIXED_ZONES = {"Asia/Shanghai": 8, "Asia/Chongqing": 8, "Asia/Harbin": 8, "Asia/Urumqi": 6,
+               "PRC": 8, "Asia/Hong_Kong": 8, "Asia/Macau": 8, "Asia/Taipei": 8,
+               "Asia/Singapore": 8, "Asia/Tokyo": 9, "Asia/Seoul": 9, "UTC": 0, "Etc/UTC": 0}
+
+
+def load_timezone(name):
+    """IANA name (zoneinfo), UTC, or a fixed offset such as +08:00."""
+    match = re.fullmatch(r"(?:UTC)?([+-])([0-9]{2}):?([0-9]{2})", name)
+    if match:
+        sign = -1 if match.group(1) == "-" else 1
+        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+    try:
+        from zoneinfo import ZoneInfo
+        return ZoneInfo(name)
+    except Exception:  # no such zone, or no time zone database on this host
+        if name in FIXED_ZONES:
+            return timezone(timedelta(hours=FIXED_ZONES[name]), name)
+        raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r} (an IANA name "
+                          f"such as Asia/Shanghai, UTC, or an offset such as +08:00)")
+
+
 @dataclass(frozen=True)
 class Service:
     """[alertbridge]"""
@@ -711,9 +755,9 @@ class Route:
     alertmanager_url: str = ""      # the base put in place of externalURL
     title: str = DEFAULT_TITLE
     alert: str = DEFAULT_ALERT
-    priority_label: str = "severity"
-    priority_order: tuple = ("critical", "error", "warning", "info")
-    reserve_for: tuple = ("critical",)
+    priority_label: str = Delivery.priority_label
+    priority_order: tuple = _words(Delivery.priority_order)
+    reserve_for: tuple = _words(Delivery.reserve_for)
 
     def level(self, alert):
         """(rank, name) of an alert's priority: where its priority_label's value stands in
@@ -737,7 +781,7 @@ class Config:
     delivery: Delivery = Delivery()
     cluster: Cluster = Cluster()
     routes: dict = field(default_factory=dict)     # route name -> Route
-    tz: object = timezone(timedelta(hours=8))       # service.timezone, loaded
+    tz: object = load_timezone(Service.timezone)    # service.timezone, loaded
 
     def route_for(self, receiver):
         """The route of an Alertmanager receiver: its own section, else default_receiver's."""
@@ -746,33 +790,6 @@ class Config:
     @property
     def robots(self):
         return {r for route in self.routes.values() for r in route.robots}
-
-
-# Zones without daylight saving time that work even where the IANA database is missing (a
-# minimal container without tzdata): China's own among them, so the default always loads.
-FIXED_ZONES = {"Asia/Shanghai": 8, "Asia/Chongqing": 8, "Asia/Harbin": 8, "Asia/Urumqi": 6,
-               "PRC": 8, "Asia/Hong_Kong": 8, "Asia/Macau": 8, "Asia/Taipei": 8,
-               "Asia/Singapore": 8, "Asia/Tokyo": 9, "Asia/Seoul": 9, "UTC": 0, "Etc/UTC": 0}
-
-
-def load_timezone(name):
-    """IANA name (zoneinfo), UTC, or a fixed offset such as +08:00."""
-    match = re.fullmatch(r"(?:UTC)?([+-])([0-9]{2}):?([0-9]{2})", name)
-    if match:
-        sign = -1 if match.group(1) == "-" else 1
-        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
-    try:
-        from zoneinfo import ZoneInfo
-        return ZoneInfo(name)
-    except Exception:  # no such zone, or no time zone database on this host
-        if name in FIXED_ZONES:
-            return timezone(timedelta(hours=FIXED_ZONES[name]), name)
-        raise ConfigError(f"[alertbridge] timezone: unknown time zone {name!r} (an IANA name "
-                          f"such as Asia/Shanghai, UTC, or an offset such as +08:00)")
-
-
-def _words(value):
-    return tuple(w for w in re.split(r"[\s,]+", value or "") if w)
 
 
 class _Section:
@@ -987,7 +1004,7 @@ def _load_route(section, name, robots, templates, delivery):
         raise ConfigError(f"[{section.name}] at_mobiles: not a list of phone numbers")
     if not all(USER_ID.fullmatch(u) for u in user_ids):
         raise ConfigError(f"[{section.name}] at_user_ids: not a list of DingTalk user ids")
-    message_type = section.get("message_type", "markdown")
+    message_type = section.get("message_type", Route.message_type)
     if message_type.lower() not in ("markdown", "actioncard"):
         raise ConfigError(f"[{section.name}] message_type: must be markdown or actionCard")
     priorities = _priorities(section, delivery)
@@ -996,14 +1013,14 @@ def _load_route(section, name, robots, templates, delivery):
         robots=tuple(robots[n] for n in names),
         at_mobiles=mobiles,
         at_user_ids=user_ids,
-        at_all=section.bool("at_all"),
+        at_all=section.bool("at_all", Route.at_all),
         at_severities=_levels(section, "at_severities", "", priorities["priority_order"]),
         at_mobiles_from=_words(section.get("at_mobiles_from")),
         at_user_ids_from=_words(section.get("at_user_ids_from")),
         at_map_label=section.get("at_map_label"),
         at_map=_at_map(section),
-        per_alert=section.bool("per_alert"),
-        send_resolved=section.bool("send_resolved", True),
+        per_alert=section.bool("per_alert", Route.per_alert),
+        send_resolved=section.bool("send_resolved", Route.send_resolved),
         message_type="actionCard" if message_type.lower() == "actioncard" else "markdown",
         dashboard_url=section.template("dashboard_url", "", DASHBOARD_FIELDS),
         prometheus_url=_base_url(section, "prometheus_url"),
@@ -2150,9 +2167,9 @@ class Journal:
         self.new_messages = Signal()
         self.new_events = Signal()
         self.failed_at = None       # time.monotonic() of the last failed write, while failing
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
+        self._local = threading.local()     # each reading thread's own connection
+        self._write_lock = threading.Lock() # every write, on the one writing connection
+        self._queue_lock = threading.Lock() # _queue; taken inside _write_lock, never around it
         self._queue = []            # webhooks waiting for the next group commit
         problem = writable_problem(path)
         if problem:
@@ -3003,7 +3020,7 @@ class Recurrence:
     def __init__(self, store, config):
         self.store, self.config = store, config
         self._known = collections.OrderedDict()     # occurrence -> its text
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()               # _known, _running, _quiet_until
         self._running = None                        # the lookup under way: an Event set when done
         self._quiet_until = 0.0
 
@@ -3487,7 +3504,7 @@ class Deadline:
         self.seconds = seconds
         self.passed = False
         self._sockets = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # _sockets and passed: the timer's thread and ours
         self._timer = threading.Timer(seconds, self._cut)
         self._timer.daemon = True
 
@@ -3822,7 +3839,7 @@ class Worker:
         self.name = name
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._idle = threading.Condition()
+        self._idle = threading.Condition()  # wait_idle() waits on it; the loop notifies it idle
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._last_error = None
 
@@ -4968,7 +4985,7 @@ class Metrics:
     """Counters and histograms in the Prometheus text format, standard library only."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # both dicts; held for arithmetic only
         self._values = {}           # (name, labels) -> counter value
         self._histograms = {}       # (name, labels) -> [count per bucket..., sum, count]
 

@@ -69,6 +69,26 @@ def test_the_readme_documents_every_key_of_robots_and_receivers():
     assert readme_table("[templates]")["title"] == f"`{alertbridge.Templates.title}`"
 
 
+def test_the_readme_gives_each_receiver_key_the_default_the_code_has():
+    """A receiver's defaults: literal ones as Route has them, the others from [delivery] and
+    [templates], whose defaults Route takes."""
+    route, table = alertbridge.Route("x", ()), readme_table("[receiver:NAME]")
+    for cell, default in table.items():
+        for key in cell.replace("`", "").split(", "):
+            value = getattr(route, key)
+            if default == "from `[delivery]`":
+                wanted = getattr(alertbridge.Delivery, key)
+                assert value == (alertbridge._words(wanted) if isinstance(value, tuple) else wanted), key
+            elif default == "from `[templates]`":
+                assert value == getattr(alertbridge.Templates, key), key
+            elif default == "*required*":
+                assert value == (), key
+            elif default in ("*(none)*", "*(any)*"):
+                assert value in ((), ""), key
+            else:
+                assert default == documented(value), key
+
+
 def test_every_shipped_key_is_documented_in_the_readme():
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(ROOT / "config.ini", encoding="utf-8")

@@ -313,28 +313,6 @@ def claim_key(webhook, level, alerts):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class MemoryRelease:
-    """Gives the C heap's free pages back to the system, at most every EVERY seconds. Compiling
-    this file at start leaves about 10 MiB freed but held by malloc, and so does a storm;
-    glibc's malloc_trim returns them (elsewhere, as on musl, there is nothing to do)."""
-
-    EVERY = 10.0
-
-    def __init__(self, clock=time.monotonic):
-        self.clock, self._last = clock, clock()
-        try:
-            import ctypes
-            self._trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            self._trim = None
-
-    def __call__(self):
-        now = self.clock()
-        if self._trim is not None and now - self._last >= self.EVERY:
-            self._last = now
-            self._trim(0)
-
-
 def json_line(obj):
     """One line of JSON, as every answer and error body is."""
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
@@ -2865,7 +2843,7 @@ def serve_store(fd):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)  # blocked by the daemon we came from
     pipe = multiprocessing.connection.Connection(fd)
-    store, release_memory = None, MemoryRelease()
+    store = None
     try:
         store = Store(Database(**pipe.recv()))
         while True:
@@ -2877,7 +2855,6 @@ def serve_store(fd):
             except Exception as exc:
                 reply = ("failed", f"{type(exc).__name__}: {exc}")
             pipe.send(reply)
-            release_memory()
     except (EOFError, OSError):
         return 0
     finally:
@@ -3954,7 +3931,6 @@ class Notifier(Worker):
     def __init__(self, config, journal, senders, metrics):
         super().__init__("notifier")
         self.config, self.journal, self.senders, self.metrics = config, journal, senders, metrics
-        self.release_memory = MemoryRelease()
 
     def wake(self, *_):
         super().wake()
@@ -3967,7 +3943,6 @@ class Notifier(Worker):
         self._expire(self.journal.clock() - self.config().delivery.max_age)
         for name in self.journal.pending_routes():
             self.senders.ensure(name)
-        self.release_memory()
         return False
 
     def _expire(self, older_than):

@@ -28,19 +28,32 @@ def connect(dsn, database=None):
     user, _, password = creds.partition(":")
     hostport, _, name = location.partition("/")
     host, _, port = hostport.partition(":")
-    db = pymysql.connect(host=host, port=int(port or 3306), user=user, password=password,
-                         database=database, charset="utf8mb4", autocommit=True)
+    db = pymysql.connect(
+        host=host,
+        port=int(port or 3306),
+        user=user,
+        password=password,
+        database=database,
+        charset="utf8mb4",
+        autocommit=True,
+    )
     return db, name
 
 
 def fill(db, rows, now):
     rng = random.Random(42)
     names = [f"Rule{i:03d}" for i in range(200)]
-    weights = [1 / (i + 1) for i in range(200)]                 # a few rules fire most, as in life
-    severities, receivers = ["critical", "warning", "info", "page"], ["ops", "dev", "dba", "net", "sre"]
-    columns = ("receiver, fingerprint, starts_at, ends_at, status, alertname, instance, severity, job, summary, "
-               "description, labels, annotations, generator_url, first_received_at, last_received_at, "
-               "received_count, notified_count, robots")
+    weights = [1 / (i + 1) for i in range(200)]  # a few rules fire most, as in life
+    severities, receivers = (
+        ["critical", "warning", "info", "page"],
+        ["ops", "dev", "dba", "net", "sre"],
+    )
+    columns = (
+        "receiver, fingerprint, starts_at, ends_at, status, alertname, instance, severity, job, "
+        "summary, "
+        "description, labels, annotations, generator_url, first_received_at, last_received_at, "
+        "received_count, notified_count, robots"
+    )
     insert = f"INSERT INTO alerts ({columns}) VALUES ({', '.join(['%s'] * 19)})"
     batch = []
     # The daemon records alerts as they come, so row ids follow time: keep that physical order.
@@ -53,24 +66,62 @@ def fill(db, rows, now):
             starts = now - timedelta(seconds=offset)
             firing = rng.random() < 0.02
             ends = None if firing else starts + timedelta(seconds=rng.randrange(60, 7200))
-            labels = json.dumps({"alertname": name, "instance": instance, "severity": severity, "job": "node"})
-            batch.append((receiver, f"{n:016x}", alertbridge.db_time(starts), alertbridge.db_time(ends),
-                          "firing" if firing else "resolved", name, instance, severity, "node",
-                          f"{name} on {instance}", "", labels, "{}", "", alertbridge.db_time(starts),
-                          alertbridge.db_time(ends or starts), 1, rng.randrange(1, 5), f"{receiver}-1"))
+            labels = json.dumps(
+                {"alertname": name, "instance": instance, "severity": severity, "job": "node"}
+            )
+            batch.append(
+                (
+                    receiver,
+                    f"{n:016x}",
+                    alertbridge.db_time(starts),
+                    alertbridge.db_time(ends),
+                    "firing" if firing else "resolved",
+                    name,
+                    instance,
+                    severity,
+                    "node",
+                    f"{name} on {instance}",
+                    "",
+                    labels,
+                    "{}",
+                    "",
+                    alertbridge.db_time(starts),
+                    alertbridge.db_time(ends or starts),
+                    1,
+                    rng.randrange(1, 5),
+                    f"{receiver}-1",
+                )
+            )
             if len(batch) == 5000:
                 cursor.executemany(insert, batch)
                 batch = []
         if batch:
             cursor.executemany(insert, batch)
         sends = []
-        insert = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, fingerprints, "
-                  "errcode, errmsg, latency_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
-        for n, offset in enumerate(sorted((rng.randrange(180 * 86400) for _ in range(rows // 2)), reverse=True)):
+        insert = (
+            "INSERT INTO notifications (sent_at, receiver, robot, request_id, message_id, alerts, "
+            "fingerprints, "
+            "errcode, errmsg, latency_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        )
+        for n, offset in enumerate(
+            sorted((rng.randrange(180 * 86400) for _ in range(rows // 2)), reverse=True)
+        ):
             receiver = rng.choice(receivers)
             errcode = rng.choices([0, 410100, -1, None, 310000], [95, 2, 1, 1, 1])[0]
-            sends.append((alertbridge.db_time(now - timedelta(seconds=offset)), receiver,
-                          f"{receiver}-{rng.randrange(1, 4)}", "r", n, 1, "", errcode, "", rng.randrange(20, 200)))
+            sends.append(
+                (
+                    alertbridge.db_time(now - timedelta(seconds=offset)),
+                    receiver,
+                    f"{receiver}-{rng.randrange(1, 4)}",
+                    "r",
+                    n,
+                    1,
+                    "",
+                    errcode,
+                    "",
+                    rng.randrange(20, 200),
+                )
+            )
             if len(sends) == 5000:
                 cursor.executemany(insert, sends)
                 sends = []
@@ -88,7 +139,8 @@ def main():
     args = parser.parse_args()
     db, name = connect(args.dsn)
     with db.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")  # noqa: S608
+        create = f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4"  # noqa: S608
+        cursor.execute(create)
         cursor.execute(f"USE `{name}`")
         cursor.execute("SET time_zone = '+00:00'")
         if not args.keep:
@@ -104,23 +156,35 @@ def main():
     if have < args.rows:
         started = time.monotonic()
         fill(db, args.rows - have, now)
-        print(f"filled {args.rows - have:,} alert rows and {(args.rows - have) // 2:,} sends "
-              f"in {time.monotonic() - started:.0f} s")
+        print(
+            f"filled {args.rows - have:,} alert rows and {(args.rows - have) // 2:,} sends "
+            f"in {time.monotonic() - started:.0f} s"
+        )
 
     dashboard = json.loads((ROOT / "grafana-dashboard.json").read_text(encoding="utf-8"))
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    queries = [(f"variable {v['name']}", v["query"]) for v in variables.values() if v["type"] == "query"]
+    queries = [
+        (f"variable {v['name']}", v["query"]) for v in variables.values() if v["type"] == "query"
+    ]
     queries += [(p["title"], p["targets"][0]["rawSql"]) for p in dashboard["panels"]]
     with db.cursor() as cursor:
         values = {}
         for var in ("receiver", "severity", "alertname"):
             cursor.execute(variables[var]["query"])
             values[var] = ([r[0] for r in cursor.fetchall()], True)
-        print(f"\n{version}: {args.rows:,} alert rows, time range: last 7 days, all variables at All\n")
+        print(
+            f"\n{version}: {args.rows:,} alert rows, time range: last 7 days, all variables at "
+            f"All\n"
+        )
         print(f"{'query':45} {'median ms':>10} {'rows':>6}  index used (EXPLAIN, first table)")
         for title, sql in queries:
-            expanded = expand(sql, {**values, "dimension": ("alertname", False)},
-                              int((now - timedelta(days=7)).timestamp()), int(now.timestamp()), "1h")
+            expanded = expand(
+                sql,
+                {**values, "dimension": ("alertname", False)},
+                int((now - timedelta(days=7)).timestamp()),
+                int(now.timestamp()),
+                "1h",
+            )
             times = []
             for _ in range(3):
                 started = time.perf_counter()
@@ -131,7 +195,10 @@ def main():
             columns = [c[0] for c in cursor.description]
             plan = dict(zip(columns, cursor.fetchone()))
             used = plan.get("key") or "none (full scan)"
-            print(f"{title[:45]:45} {statistics.median(times):10.1f} {len(rows):6}  {used} ({plan.get('type')})")
+            print(
+                f"{title[:45]:45} {statistics.median(times):10.1f} {len(rows):6}  {used} "
+                f"({plan.get('type')})"
+            )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,19 @@ import tempfile
 import threading
 import time
 
-from bench.common import (PYTHON, client, count_rows, describe_rss, fresh_database, log_file, payload, percentile,
-                          send, start_alertbridge, start_fake)
+from bench.common import (
+    PYTHON,
+    client,
+    count_rows,
+    describe_rss,
+    fresh_database,
+    log_file,
+    payload,
+    percentile,
+    send,
+    start_alertbridge,
+    start_fake,
+)
 from tests.kit import ROOT, Child, free_port, metric, wait_until
 
 
@@ -36,9 +47,11 @@ def fixed_rate(url, rate, seconds, first_group, connections=32):
 async def _fixed_rate(url, rate, seconds, first_group, connections):
     host, port = url.split("//")[1].split(":")
     total = int(rate * seconds)
-    requests = [b"POST /alertmanager HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(body) + body
-                for body in (payload(first_group + i, 10) for i in range(total))]
+    requests = [
+        b"POST /alertmanager HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+        for body in (payload(first_group + i, 10) for i in range(total))
+    ]
     idle = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection(host, int(port)))
@@ -90,6 +103,7 @@ def max_throughput(url, seconds, connections, first_group):
                 errors[0] += not ok
             n += 1
         counts[w] = n
+
     started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(connections)]
     for t in threads:
@@ -116,23 +130,43 @@ def max_with_wrk(url, seconds, connections, group):
         fh.write(payload(group, 10))
     with open(script, "w") as fh:
         fh.write(WRK_SCRIPT % body)
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", script,
-                          url + "/alertmanager"], capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds:.0f}s",
+            "--latency",
+            "-s",
+            script,
+            url + "/alertmanager",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or re.search(r"()$", "0")).group(1) or 0)
+    errors = int(
+        (re.search(r"Non-2xx or 3xx responses: (\d+)", out) or re.search(r"()$", "0")).group(1) or 0
+    )
 
     def ms(label):
         value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-    print(f"| {'':34} | wrk, {connections} conns{'':6} | {total:8} | {rate:9.0f} | {ms('50'):7.1f} | "
-          f"{ms('99'):8.1f} | {'':8} | {errors:6} |")
+
+    print(
+        f"| {'':34} | wrk, {connections} conns{'':6} | {total:8} | {rate:9.0f} | {ms('50'):7.1f} | "
+        f"{ms('99'):8.1f} | {'':8} | {errors:6} |"
+    )
 
 
 def row(name, mode, webhooks, rate, latencies, errors):
     ms = [x * 1000 for x in latencies]
-    print(f"| {name:34} | {mode:18} | {webhooks:8} | {rate:9.0f} | {percentile(ms, 50):7.1f} | "
-          f"{percentile(ms, 99):8.1f} | {max(ms):8.1f} | {errors:6} |")
+    print(
+        f"| {name:34} | {mode:18} | {webhooks:8} | {rate:9.0f} | {percentile(ms, 50):7.1f} | "
+        f"{percentile(ms, 99):8.1f} | {max(ms):8.1f} | {errors:6} |"
+    )
 
 
 def main():
@@ -143,11 +177,20 @@ def main():
     args = parser.parse_args()
 
     fake = start_fake(latency=0.05)
-    print(f"\nIntake: 10 alerts per webhook, fake DingTalk answering in 50 ms, history in MariaDB; "
-          f"fixed rate {args.rate:.0f}/s for {args.seconds:.0f} s, then {args.connections} connections flat out "
-          f"for {args.seconds:.0f} s\n")
-    print("| design                             | load               | webhooks | webhooks/s | p50 ms | p99 ms   | max ms   | errors |")
-    print("| ---------------------------------- | ------------------ | -------- | --------- | ------- | -------- | -------- | ------ |")
+    print(
+        f"\nIntake: 10 alerts per webhook, fake DingTalk answering in 50 ms, history in MariaDB; "
+        f"fixed rate {args.rate:.0f}/s for {args.seconds:.0f} s, then {args.connections} "
+        f"connections flat out "
+        f"for {args.seconds:.0f} s\n"
+    )
+    print(
+        "| design                             | load               | webhooks | webhooks/s | p50 "
+        "ms | p99 ms   | max ms   | errors |"
+    )
+    print(
+        "| ---------------------------------- | ------------------ | -------- | --------- | "
+        "------- | -------- | -------- | ------ |"
+    )
     group = 0
     for sync in ("full", "normal"):
         database = fresh_database(f"alertbridge_bench_intake_{sync}")
@@ -156,31 +199,62 @@ def main():
         total, latencies, errors = fixed_rate(bridge.url, args.rate, args.seconds, group)
         group += total
         row(name, f"fixed {args.rate:.0f}/s", total, total / args.seconds, latencies, errors)
-        count, elapsed, latencies, errors = max_throughput(bridge.url, args.seconds, args.connections, group)
+        count, elapsed, latencies, errors = max_throughput(
+            bridge.url, args.seconds, args.connections, group
+        )
         group += 20000
         row(name, f"max, {args.connections} conns", count, count / elapsed, latencies, errors)
         if shutil.which("wrk"):
             max_with_wrk(bridge.url, args.seconds, args.connections, group)
         began = time.monotonic()
-        wait_until(lambda: metric(bridge.url, "alertbridge_record_backlog_events") == 0, timeout=600)
+        wait_until(
+            lambda: metric(bridge.url, "alertbridge_record_backlog_events") == 0, timeout=600
+        )
         accepted = metric(bridge.url, "alertbridge_alerts_accepted_total")
         recorded = metric(bridge.url, "alertbridge_alerts_recorded_total")
-        print(f"|   {recorded:,.0f} of {accepted:,.0f} accepted alerts recorded in MariaDB ({count_rows(database):,} rows: "
-              f"wrk repeats one webhook); backlog drained {time.monotonic() - began:.1f} s after the load; "
-              f"peak RSS {describe_rss(bridge)} |")
+        print(
+            f"|   {recorded:,.0f} of {accepted:,.0f} accepted alerts recorded in MariaDB "
+            f"({count_rows(database):,} rows: "
+            f"wrk repeats one webhook); backlog drained {time.monotonic() - began:.1f} s after "
+            f"the load; "
+            f"peak RSS {describe_rss(bridge)} |"
+        )
         bridge.stop()
 
     database = fresh_database("alertbridge_bench_intake_sync")
     port = free_port()
-    baseline = Child([PYTHON, str(ROOT / "bench" / "sync_baseline.py"), str(port),
-                      f"{fake.url}/robot/send?access_token=baseline", database["database"]],
-                     log_file("bench-baseline.log"))
+    baseline = Child(
+        [
+            PYTHON,
+            str(ROOT / "bench" / "sync_baseline.py"),
+            str(port),
+            f"{fake.url}/robot/send?access_token=baseline",
+            database["database"],
+        ],
+        log_file("bench-baseline.log"),
+    )
     baseline.url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _up(port))
     total, latencies, errors = fixed_rate(baseline.url, args.rate, args.seconds, group)
-    row("synchronous baseline", f"fixed {args.rate:.0f}/s", total, total / args.seconds, latencies, errors)
-    count, elapsed, latencies, errors = max_throughput(baseline.url, args.seconds, args.connections, group + total)
-    row("synchronous baseline", f"max, {args.connections} conns", count, count / elapsed, latencies, errors)
+    row(
+        "synchronous baseline",
+        f"fixed {args.rate:.0f}/s",
+        total,
+        total / args.seconds,
+        latencies,
+        errors,
+    )
+    count, elapsed, latencies, errors = max_throughput(
+        baseline.url, args.seconds, args.connections, group + total
+    )
+    row(
+        "synchronous baseline",
+        f"max, {args.connections} conns",
+        count,
+        count / elapsed,
+        latencies,
+        errors,
+    )
     if shutil.which("wrk"):
         max_with_wrk(baseline.url, args.seconds, args.connections, group)
     baseline.stop()
@@ -189,6 +263,7 @@ def main():
 
 def _up(port):
     import socket
+
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True

@@ -41,7 +41,7 @@ def measure(routes, database):
     try:
         assert post(daemon.url, make_payload("ops", [make_alert("Memory")]))[0] == 200
         assert wait_until(lambda: recorded(database), timeout=60)
-        time.sleep(5)                                   # idle: every thread asleep
+        time.sleep(5)  # idle: every thread asleep
         [store] = daemon.children()
         own, child = smaps(daemon.pid), smaps(store)
         threads = len(list(pathlib.Path(f"/proc/{daemon.pid}/task").iterdir()))
@@ -59,8 +59,10 @@ def main():
     print("| ---: | ---: | ---: | ---: | ---: |")
     for routes in args.routes:
         own, child, threads = measure(routes, fresh_database("alertbridge_bench_memory"))
-        print(f"| {routes} | {own['Rss']:.1f} / {own['Pss']:.1f} MiB | {child['Rss']:.1f} / "
-              f"{child['Pss']:.1f} MiB | {own['Pss'] + child['Pss']:.1f} MiB | {threads} |")
+        print(
+            f"| {routes} | {own['Rss']:.1f} / {own['Pss']:.1f} MiB | {child['Rss']:.1f} / "
+            f"{child['Pss']:.1f} MiB | {own['Pss'] + child['Pss']:.1f} MiB | {threads} |"
+        )
 
 
 if __name__ == "__main__":

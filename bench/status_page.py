@@ -16,7 +16,15 @@ import statistics
 import time
 import urllib.parse
 
-from bench.common import client, fresh_database, payload, percentile, send, start_alertbridge, start_fake
+from bench.common import (
+    client,
+    fresh_database,
+    payload,
+    percentile,
+    send,
+    start_alertbridge,
+    start_fake,
+)
 from tests.kit import FIXTURES, connect, get, metric, wait_until
 
 
@@ -39,13 +47,20 @@ def main():
     args = parser.parse_args()
     fake = start_fake(latency=0.05, rate_window=3600)
     database = fresh_database("alertbridge_bench_status")
-    bridge = start_alertbridge(fake.url, database, extra="[delivery]\nrate_limit = 1\nrate_window = 3600\n")
+    bridge = start_alertbridge(
+        fake.url, database, extra="[delivery]\nrate_limit = 1\nrate_window = 3600\n"
+    )
     bodies = [payload(g, 1) for g in range(args.webhooks)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert set(pool.map(lambda b: send(client(bridge.url), b), bodies)) == {200}
-    wait_until(lambda: metric(bridge.url, "alertbridge_alerts_recorded_total") >= args.webhooks, timeout=600)
+    wait_until(
+        lambda: metric(bridge.url, "alertbridge_alerts_recorded_total") >= args.webhooks,
+        timeout=600,
+    )
     metrics = get(bridge.url, "/metrics")[1]
-    waiting = sum(float(v) for v in re.findall(r"^alertbridge_queue_messages\{[^}]*\} (\S+)$", metrics, re.M))
+    waiting = sum(
+        float(v) for v in re.findall(r"^alertbridge_queue_messages\{[^}]*\} (\S+)$", metrics, re.M)
+    )
 
     page = [timed(bridge.url, "GET", "/") for _ in range(args.loads)]
     fixture = (FIXTURES / "am025-ops-firing-group.json").read_text(encoding="utf-8")
@@ -55,14 +70,19 @@ def main():
     for child in (bridge, fake):
         child.stop()
 
-    print(f"\nStatus page: {args.webhooks:,} alerts firing in MariaDB, {waiting:,.0f} messages waiting "
-          f"in the journal, {args.loads} loads each, one at a time\n")
+    print(
+        f"\nStatus page: {args.webhooks:,} alerts firing in MariaDB, {waiting:,.0f} messages "
+        f"waiting "
+        f"in the journal, {args.loads} loads each, one at a time\n"
+    )
     print("| page | median | p99 | max | size |")
     print("| --- | --- | --- | --- | --- |")
     for name, runs in (("GET / (status)", page), ("POST /preview (2 alerts, 3 robots)", preview)):
         times = [t * 1000 for t, _ in runs]
-        print(f"| {name} | {statistics.median(times):.1f} ms | {percentile(times, 99):.1f} ms | "
-              f"{max(times):.1f} ms | {runs[0][1] / 1024:.0f} KiB |")
+        print(
+            f"| {name} | {statistics.median(times):.1f} ms | {percentile(times, 99):.1f} ms | "
+            f"{max(times):.1f} ms | {runs[0][1] / 1024:.0f} KiB |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,15 @@ import re
 import statistics
 import time
 
-from bench.common import client, describe_rss, fresh_database, payload, send, start_alertbridge, start_fake
+from bench.common import (
+    client,
+    describe_rss,
+    fresh_database,
+    payload,
+    send,
+    start_alertbridge,
+    start_fake,
+)
 from tests.kit import get, make_alert, make_payload, metric, wait_until
 
 ID = re.compile(r"bench-\d+-\d+")
@@ -30,20 +38,34 @@ def main():
     parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--per-group", type=int, default=10)
     parser.add_argument("--window", type=float, default=60.0)
-    parser.add_argument("--critical-after", type=float, default=None,
-                        help="seconds into the storm to post a critical alert (default: half a window)")
-    parser.add_argument("--instances", type=int, default=1,
-                        help="a cluster of this many instances, every webhook posted to each")
+    parser.add_argument(
+        "--critical-after",
+        type=float,
+        default=None,
+        help="seconds into the storm to post a critical alert (default: half a window)",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="a cluster of this many instances, every webhook posted to each",
+    )
     args = parser.parse_args()
     critical_after = args.window / 2 if args.critical_after is None else args.critical_after
     total = args.groups * args.per_group
     fake = start_fake(latency=0.05, rate_limit=20, rate_window=args.window)
     database = fresh_database("alertbridge_bench_storm")
     delivery = f"[delivery]\nrate_window = {args.window:g}\n"
-    cluster = ("[cluster]\nenabled = true\ninstance = bench-{}\ninstances = %d\nlease = 5\n" % args.instances
-               if args.instances > 1 else "")
-    bridges = [start_alertbridge(fake.url, database, extra=delivery + cluster.format(n))
-               for n in range(args.instances)]
+    cluster = (
+        "[cluster]\nenabled = true\ninstance = bench-{}\ninstances = %d\nlease = 5\n"
+        % args.instances
+        if args.instances > 1
+        else ""
+    )
+    bridges = [
+        start_alertbridge(fake.url, database, extra=delivery + cluster.format(n))
+        for n in range(args.instances)
+    ]
     bridge = bridges[0]
     bodies = [payload(g, args.per_group) for g in range(args.groups)]
     expected = {f"bench-{g}-{i}" for g in range(args.groups) for i in range(args.per_group)}
@@ -54,13 +76,18 @@ def main():
         statuses = list(pool.map(lambda b: [send(client(each.url), b) for each in bridges], bodies))
     posted = time.monotonic() - started
     assert statuses == [[200] * args.instances] * args.groups, statuses[:3]
-    wait_until(lambda: metric(bridge.url, "alertbridge_alerts_recorded_total") >= total, timeout=600, every=0.05)
+    wait_until(
+        lambda: metric(bridge.url, "alertbridge_alerts_recorded_total") >= total,
+        timeout=600,
+        every=0.05,
+    )
     recorded = time.monotonic() - started
 
     def delivered():
         stats = get(fake.url, "/stats")[1]
         return stats, {found for r in stats if r["errcode"] == 0 for found in ID.findall(r["text"])}
-    time.sleep(max(0.0, started + critical_after - time.monotonic()))   # the storm's budget is spent
+
+    time.sleep(max(0.0, started + critical_after - time.monotonic()))  # the storm's budget is spent
     critical = min(critical_alert(each.url) for each in bridges)
     deadline = time.monotonic() + 3600
     while True:
@@ -70,9 +97,11 @@ def main():
         time.sleep(1)
     all_delivered = time.monotonic() - started
     if args.instances > 1:
-        time.sleep(args.window)                 # what a second instance would still send, it sends
+        time.sleep(args.window)  # what a second instance would still send, it sends
         stats, ids = delivered()
-    named = collections.Counter(i for r in stats if r["errcode"] == 0 for i in set(ID.findall(r["text"])))
+    named = collections.Counter(
+        i for r in stats if r["errcode"] == 0 for i in set(ID.findall(r["text"]))
+    )
     duplicates = sum(n - 1 for n in named.values())
     page = [r for r in stats if r["errcode"] == 0 and "DatacenterDown" in r["text"]]
     page_seconds = page[0]["at"] - critical if page else float("nan")
@@ -82,46 +111,76 @@ def main():
         each.stop()
     fake.stop()
 
-    per_robot, storm = {}, {}                                # every request; the storm's alone
+    per_robot, storm = {}, {}  # every request; the storm's alone
     for r in stats:
         per_robot.setdefault(r["token"], []).append(r["at"])
         if "DatacenterDown" not in r["text"]:
             storm.setdefault(r["token"], []).append(r["at"])
-    storm_share = 20 - 2                                     # the reserve keeps 2 for urgent pages
-    minutes = int((max(r["at"] for r in stats) - wall_start) // args.window)   # full windows of backlog
-    counts = [sum(1 for t in times if wall_start + k * args.window <= t < wall_start + (k + 1) * args.window)
-              for times in storm.values() for k in range(minutes)]
+    storm_share = 20 - 2  # the reserve keeps 2 for urgent pages
+    minutes = int(
+        (max(r["at"] for r in stats) - wall_start) // args.window
+    )  # full windows of backlog
+    counts = [
+        sum(
+            1
+            for t in times
+            if wall_start + k * args.window <= t < wall_start + (k + 1) * args.window
+        )
+        for times in storm.values()
+        for k in range(minutes)
+    ]
     sliding = max(max_in_window(times, args.window) for times in per_robot.values())
     throttled = sum(r["errcode"] in (410100, 130101) for r in stats)
     messages = sum(r["errcode"] == 0 for r in stats)
     sizes = [r["size"] for r in stats]
 
-    through = f", through a cluster of {args.instances} (every webhook to each)" if args.instances > 1 else ""
-    print(f"\nStorm: {total:,} alerts in {args.groups:,} webhooks on 1 receiver with 3 robots, limit 20 per "
-          f"{args.window:g} s per robot (fake DingTalk enforces it), history in MariaDB{through}\n")
+    through = (
+        f", through a cluster of {args.instances} (every webhook to each)"
+        if args.instances > 1
+        else ""
+    )
+    print(
+        f"\nStorm: {total:,} alerts in {args.groups:,} webhooks on 1 receiver with 3 robots, "
+        f"limit 20 per "
+        f"{args.window:g} s per robot (fake DingTalk enforces it), history in MariaDB{through}\n"
+    )
     print("| figure | value | goal |")
     print("| --- | --- | --- |")
     print(f"| webhooks posted (16 clients) | {posted:.1f} s | |")
-    print(f"| all {total:,} alerts recorded in MariaDB | {recorded:.1f} s after the first webhook | < 10 s |")
-    print(f"| all alerts delivered in some message | {all_delivered:.0f} s, {messages} messages "
-          f"(largest {max(sizes):,} bytes) | |")
+    print(
+        f"| all {total:,} alerts recorded in MariaDB | {recorded:.1f} s after the first webhook | "
+        f"< 10 s |"
+    )
+    print(
+        f"| all alerts delivered in some message | {all_delivered:.0f} s, {messages} messages "
+        f"(largest {max(sizes):,} bytes) | |"
+    )
     if counts:
-        print(f"| messages per robot per full {args.window:g} s window while the backlog lasted | "
-              f"min {min(counts)}, mean {statistics.mean(counts):.1f} "
-              f"({statistics.mean(counts) / storm_share:.0%} of the {storm_share} the reserve leaves), "
-              f"{len(counts)} robot-windows | >= 90 % of {storm_share} |")
+        print(
+            f"| messages per robot per full {args.window:g} s window while the backlog lasted | "
+            f"min {min(counts)}, mean {statistics.mean(counts):.1f} "
+            f"({statistics.mean(counts) / storm_share:.0%} of the {storm_share} the reserve "
+            f"leaves), "
+            f"{len(counts)} robot-windows | >= 90 % of {storm_share} |"
+        )
     print(f"| most requests one robot got in any sliding {args.window:g} s | {sliding} | <= 20 |")
     print(f"| 410100/130101 answers | {throttled} | 0 |")
     print(f"| alerts missing from delivered messages | {len(expected - ids)} | 0 |")
     print(f"| alerts delivered more than once | {duplicates} | 0 |")
     print(f"| peak RSS of alertbridge | {rss} | |")
-    print(f"| a critical alert posted {critical_after:g} s into the storm: from its 200 to DingTalk | "
-          f"{page_seconds:.2f} s, {'in a message of its own' if page_alone else 'NOT alone'} | < 3 s |")
+    print(
+        f"| a critical alert posted {critical_after:g} s into the storm: from its 200 to DingTalk "
+        f"| "
+        f"{page_seconds:.2f} s, {'in a message of its own' if page_alone else 'NOT alone'} | < 3 "
+        f"s |"
+    )
 
 
 def critical_alert(url):
     """Post one critical alert to the storm's receiver; the wall-clock time of its 200."""
-    alert = make_alert("DatacenterDown", "dc-1", severity="critical", starts_at="2026-11-24T09:00:00Z")
+    alert = make_alert(
+        "DatacenterDown", "dc-1", severity="critical", starts_at="2026-11-24T09:00:00Z"
+    )
     connection = client(url)
     assert send(connection, json.dumps(make_payload("ops", [alert])).encode()) == 200
     return time.time()

@@ -20,12 +20,20 @@ local = threading.local()
 
 def db():
     if getattr(local, "db", None) is None:
-        local.db = pymysql.connect(host="127.0.0.1", user="root", password="", database=DATABASE,
-                                   charset="utf8mb4", autocommit=True)
+        local.db = pymysql.connect(
+            host="127.0.0.1",
+            user="root",
+            password="",
+            database=DATABASE,
+            charset="utf8mb4",
+            autocommit=True,
+        )
         with local.db.cursor() as cursor:
-            cursor.execute("CREATE TABLE IF NOT EXISTS alerts (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
-                           "fingerprint VARCHAR(64), alertname VARCHAR(255), instance VARCHAR(255), "
-                           "status VARCHAR(16), labels JSON, starts_at VARCHAR(40))")
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS alerts (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
+                "fingerprint VARCHAR(64), alertname VARCHAR(255), instance VARCHAR(255), "
+                "status VARCHAR(16), labels JSON, starts_at VARCHAR(40))"
+            )
     return local.db
 
 
@@ -38,16 +46,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = "\n\n".join(f"**{a['labels'].get('alertname')}** {a['labels'].get('instance')} {a['status']}"
-                           for a in payload["alerts"])
-        body = json.dumps({"msgtype": "markdown", "markdown": {"title": "alerts", "text": text}}).encode()
-        request = urllib.request.Request(DINGTALK, data=body, headers={"Content-Type": "application/json"})
+        text = "\n\n".join(
+            f"**{a['labels'].get('alertname')}** {a['labels'].get('instance')} {a['status']}"
+            for a in payload["alerts"]
+        )
+        body = json.dumps(
+            {"msgtype": "markdown", "markdown": {"title": "alerts", "text": text}}
+        ).encode()
+        request = urllib.request.Request(
+            DINGTALK, data=body, headers={"Content-Type": "application/json"}
+        )
         urllib.request.urlopen(request, timeout=10).read()
         with db().cursor() as cursor:
-            cursor.executemany("INSERT INTO alerts (fingerprint, alertname, instance, status, labels, starts_at) "
-                               "VALUES (%s, %s, %s, %s, %s, %s)",
-                               [(a["fingerprint"], a["labels"].get("alertname"), a["labels"].get("instance"),
-                                 a["status"], json.dumps(a["labels"]), a["startsAt"]) for a in payload["alerts"]])
+            cursor.executemany(
+                "INSERT INTO alerts (fingerprint, alertname, instance, status, labels, starts_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        a["fingerprint"],
+                        a["labels"].get("alertname"),
+                        a["labels"].get("instance"),
+                        a["status"],
+                        json.dumps(a["labels"]),
+                        a["startsAt"],
+                    )
+                    for a in payload["alerts"]
+                ],
+            )
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()

@@ -19,7 +19,7 @@ def fake():
 
 @pytest.fixture
 def fast_fake(fake):
-    fake.rate_window = 1.0          # 20 per second per token, as DingTalk allows 20 per minute
+    fake.rate_window = 1.0  # 20 per second per token, as DingTalk allows 20 per minute
     return fake
 
 
@@ -38,13 +38,16 @@ def sqlite_db(tmp_path):
 
 @pytest.fixture
 def make_bridge(tmp_path, fake):
-    """make_bridge(database, start=True, clock=..., **config_text options) -> a Bridge on a free port."""
+    """make_bridge(database, start=True, clock=..., **config_text options) -> a Bridge on a
+    free port."""
     bridges = []
 
     def make(database, start=True, clock=None, **options):
         path = tmp_path / "config.ini"
         path.write_text(config_text(fake.url, database, **options), encoding="utf-8")
-        bridge = alertbridge.Bridge(alertbridge.load_config(str(path)), **({"clock": clock} if clock else {}))
+        bridge = alertbridge.Bridge(
+            alertbridge.load_config(str(path)), **({"clock": clock} if clock else {})
+        )
         bridges.append(bridge)
         return bridge.start() if start else bridge
 
@@ -62,6 +65,7 @@ def daemon(tmp_path, fake, sqlite_db):
         child = Daemon(tmp_path, fake.url, options.pop("database", sqlite_db), **options)
         started.append(child)
         return child
+
     yield start
     for child in started:
         child.kill()

@@ -25,10 +25,12 @@ REAL_TIME = time.time
 
 # Answers a proxy or a broken server may give instead of DingTalk's JSON, as raw bytes.
 BROKEN = {
-    "json-array": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]",
-    "json-null": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\nnull",
+    "json-array": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 2\r\n\r\n[]",
+    "json-null": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 4\r\n\r\nnull",
     "bad-status-line": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
-    "cut-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n{\"errcode\": 0, \"er",
+    "cut-chunked": b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n{"errcode": 0, "er',
 }
 
 
@@ -54,16 +56,17 @@ class FakeDingTalk:
         self.throttle_seconds = throttle_seconds
         self.max_bytes = max_bytes
         self.latency = 0.0
-        self.robots = {}            # token -> (secret, keyword)
-        self.requests = []          # every request, in arrival order
+        self.robots = {}  # token -> (secret, keyword)
+        self.requests = []  # every request, in arrival order
         self.cond = threading.Condition()
-        self._arrivals = {}         # token -> arrival times inside the window
+        self._arrivals = {}  # token -> arrival times inside the window
         self._throttled_until = {}
-        self._script = {}           # token -> scripted answers: errcode, "http500", "hang", "trickle" or BROKEN
-        self.release = threading.Event()   # ends every "hang" and "trickle" answer
-        self.before_answer = None   # called with the Request before it is answered
+        # token -> scripted answers: errcode, "http500", "hang", "trickle" or BROKEN
+        self._script = {}
+        self.release = threading.Event()  # ends every "hang" and "trickle" answer
+        self.before_answer = None  # called with the Request before it is answered
         self.server = None
-        self.tls = None             # an ssl.SSLContext to serve HTTPS, as DingTalk does
+        self.tls = None  # an ssl.SSLContext to serve HTTPS, as DingTalk does
 
     # set-up
     def add_robot(self, token, secret="", keyword=""):
@@ -71,7 +74,9 @@ class FakeDingTalk:
 
     def url(self, token):
         scheme = "https" if self.tls else "http"
-        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}/robot/send?access_token={token}"
+        return (
+            f"{scheme}://127.0.0.1:{self.server.server_address[1]}/robot/send?access_token={token}"
+        )
 
     def fail_next(self, token, answer, times=1):
         with self.cond:
@@ -93,8 +98,16 @@ class FakeDingTalk:
 
             def do_GET(self):  # /stats: what a benchmark in another process needs to know
                 with fake.cond:
-                    stats = [{"token": r.token, "at": r.at, "errcode": r.errcode, "size": r.size,
-                              "text": r.text if r.errcode == 0 else ""} for r in fake.requests]
+                    stats = [
+                        {
+                            "token": r.token,
+                            "at": r.at,
+                            "errcode": r.errcode,
+                            "size": r.size,
+                            "text": r.text if r.errcode == 0 else "",
+                        }
+                        for r in fake.requests
+                    ]
                 data = json.dumps(stats, ensure_ascii=False).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -175,8 +188,11 @@ class FakeDingTalk:
             timestamp, sign = query.get("timestamp", ""), query.get("sign", "")
             if not timestamp.isdigit() or abs(int(timestamp) - now * 1000) > 3600 * 1000:
                 return 200, 310000, "sign not match, more: [timestamp expired]"
-            expected = base64.b64encode(hmac.new(secret.encode(), f"{timestamp}\n{secret}".encode(),
-                                                 hashlib.sha256).digest()).decode()
+            expected = base64.b64encode(
+                hmac.new(
+                    secret.encode(), f"{timestamp}\n{secret}".encode(), hashlib.sha256
+                ).digest()
+            ).decode()
             if not hmac.compare_digest(sign, expected):
                 return 200, 310000, "sign not match"
         if self._throttled_until.get(token, 0) > now:
@@ -192,7 +208,11 @@ class FakeDingTalk:
             answer = script.pop(0)
             if answer == "http500":
                 return 500, -1, "internal error"
-            return 200, answer, "scripted failure"   # an errcode, or a BROKEN, "hang" or "trickle" answer
+            return (
+                200,
+                answer,
+                "scripted failure",
+            )  # an errcode, or a BROKEN, "hang" or "trickle" answer
         if len(raw) > self.max_bytes:
             return 200, 460101, "message too long, exceed 20000 bytes"
         try:
@@ -217,10 +237,19 @@ class FakeDingTalk:
             title, text = content["title"], content["text"]
             if "btns" in content:
                 buttons = content["btns"]
-                if not isinstance(buttons, list) or not buttons or content.get("btnOrientation", "0") not in ("0", "1"):
+                if (
+                    not isinstance(buttons, list)
+                    or not buttons
+                    or content.get("btnOrientation", "0") not in ("0", "1")
+                ):
                     raise ValueError("btns")
                 for button in buttons:
-                    if not (button["title"] and str(button["actionURL"]).startswith(("http://", "https://", "dingtalk://"))):
+                    if not (
+                        button["title"]
+                        and str(button["actionURL"]).startswith(
+                            ("http://", "https://", "dingtalk://")
+                        )
+                    ):
                         raise ValueError("btn")
             elif not (content["singleTitle"] and content["singleURL"]):
                 raise ValueError("single")
@@ -230,7 +259,9 @@ class FakeDingTalk:
     # what tests read
     def delivered(self, token=None):
         with self.cond:
-            return [r for r in self.requests if r.errcode == 0 and (token is None or r.token == token)]
+            return [
+                r for r in self.requests if r.errcode == 0 and (token is None or r.token == token)
+            ]
 
     def wait_for(self, predicate, timeout=10.0):
         """Wait until predicate(self) is true; returns its last value."""
@@ -254,8 +285,11 @@ class FakeDingTalk:
         return best
 
 
-if __name__ == "__main__":  # a stand-alone fake for benchmarks: python3 -m tests.fakedingtalk --port 18080 ...
+if (
+    __name__ == "__main__"
+):  # a stand-alone fake for benchmarks: python3 -m tests.fakedingtalk --port 18080 ...
     import argparse
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", default="bench-1,bench-2,bench-3")

@@ -4,7 +4,8 @@ Grafana first interpolates template variables in the frontend (a multi-value or 
 variable becomes a list of quoted literals 'a','b'; a single-value one its raw value with quotes
 doubled; $__interval an interval such as 1m), then the MySQL data source expands its macros:
   $__timeFilter(col)          -> col BETWEEN FROM_UNIXTIME(from) AND FROM_UNIXTIME(to)
-  $__timeGroupAlias(col, 5m)  -> cast(cast(UNIX_TIMESTAMP(col)/(300) as signed)*300 as signed) AS "time"
+  $__timeGroupAlias(col, 5m)  -> cast(cast(UNIX_TIMESTAMP(col)/(300) as signed)*300 as signed)
+                                 AS "time"
 (as documented for Grafana's MySQL data source). Only the macros the dashboard uses are here.
 """
 
@@ -39,15 +40,19 @@ def interpolate(sql, variables, interval="1m"):
 
 def expand_macros(sql, time_from, time_to):
     """time_from, time_to: unix seconds (UTC)."""
+
     def macro(match):
         name, args = match.group(1), [a.strip() for a in match.group(2).split(",")]
         if name == "timeFilter":
             return f"{args[0]} BETWEEN FROM_UNIXTIME({time_from}) AND FROM_UNIXTIME({time_to})"
         if name in ("timeGroup", "timeGroupAlias"):
             seconds = int(interval_seconds(args[1]))
-            group = f"cast(cast(UNIX_TIMESTAMP({args[0]})/({seconds}) as signed)*{seconds} as signed)"
+            group = (
+                f"cast(cast(UNIX_TIMESTAMP({args[0]})/({seconds}) as signed)*{seconds} as signed)"
+            )
             return group + (' AS "time"' if name == "timeGroupAlias" else "")
         raise ValueError(f"macro $__{name} not supported by this expander")
+
     expanded = re.sub(r"\$__(\w+)\(([^)]*)\)", macro, sql)
     assert "$" not in expanded, f"unexpanded variable in {expanded}"
     return expanded

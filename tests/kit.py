@@ -33,7 +33,11 @@ OLD_PYTHONS = ("3.6", "3.7", "3.8")
 ROBOTS = {
     "ops-1": {"token": "tok-ops-1-0123456789abcdef", "secret": "SECops1secretvalue"},
     "ops-2": {"token": "tok-ops-2-0123456789abcdef", "keyword": "告警"},
-    "ops-3": {"token": "tok-ops-3-0123456789abcdef", "secret": "SECops3secretvalue", "keyword": "alert"},
+    "ops-3": {
+        "token": "tok-ops-3-0123456789abcdef",
+        "secret": "SECops3secretvalue",
+        "keyword": "alert",
+    },
     "dev-1": {"token": "tok-dev-1-0123456789abcdef", "secret": "SECdev1secretvalue"},
 }
 SECRETS = [v for r in ROBOTS.values() for k, v in r.items() if k in ("token", "secret")]
@@ -42,6 +46,7 @@ DEV = ROBOTS["dev-1"]["token"]
 
 
 # --- waiting and ports ----------------------------------------------------------------------
+
 
 def wait_until(predicate, timeout=30.0, every=0.02):
     """Poll a condition that has no event to wait on (a process's state, another database)."""
@@ -74,26 +79,42 @@ class Clock:
 
 # --- the history's databases ------------------------------------------------------------------
 
+
 def mysql_settings():
     """ALERTBRIDGE_TEST_MYSQL is user:password@host:port/database."""
     creds, _, location = MYSQL_DSN.rpartition("@")
     user, _, password = creds.partition(":")
     hostport, _, database = location.partition("/")
     host, _, port = hostport.partition(":")
-    return alertbridge.Database(driver="mysql", host=host, port=int(port or 3306), user=user,
-                                password=password, database=database)
+    return alertbridge.Database(
+        driver="mysql",
+        host=host,
+        port=int(port or 3306),
+        user=user,
+        password=password,
+        database=database,
+    )
 
 
 def mysql_connect(database=None):
     import pymysql
+
     s = mysql_settings()
-    return pymysql.connect(host=s.host, port=s.port, user=s.user, password=s.password,
-                           database=database or s.database, charset="utf8mb4", autocommit=True)
+    return pymysql.connect(
+        host=s.host,
+        port=s.port,
+        user=s.user,
+        password=s.password,
+        database=database or s.database,
+        charset="utf8mb4",
+        autocommit=True,
+    )
 
 
 def require_mysql():
     """Connect to the test MariaDB; skip outside CI when it is missing, fail in CI."""
     import pytest
+
     try:
         return mysql_connect()
     except Exception as exc:
@@ -106,8 +127,16 @@ def empty_mysql():
     """The test database without alertbridge's tables; its settings."""
     db = require_mysql()
     with db.cursor() as cursor:
-        for table in ("alerts", "notifications", "recorder_progress", "cluster_leader", "cluster_claims",
-                      "cluster_sends", "cluster_members", "cluster_handoff"):
+        for table in (
+            "alerts",
+            "notifications",
+            "recorder_progress",
+            "cluster_leader",
+            "cluster_claims",
+            "cluster_sends",
+            "cluster_members",
+            "cluster_handoff",
+        ):
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
     db.close()
     return mysql_settings()
@@ -143,19 +172,36 @@ def history(bridge_or_settings, table="alerts", order="id"):
 
 # --- configs and payloads ---------------------------------------------------------------------
 
+
 def database_lines(settings):
-    keys = ("driver", "path") if settings.driver == "sqlite" else ("driver", "host", "port", "user", "password",
-                                                                   "database")
+    keys = (
+        ("driver", "path")
+        if settings.driver == "sqlite"
+        else ("driver", "host", "port", "user", "password", "database")
+    )
     return [f"{k} = {getattr(settings, k)}" for k in keys]
 
 
-def config_text(fake_url, database, main=None, delivery=None, receivers=None, robots=None, extra=""):
-    """A config.ini for tests, written the way an operator would. `fake_url(token)` is a robot URL."""
-    main = {"listen": "127.0.0.1", "port": "0", "state_dir": "state", "default_receiver": "dev",
-            "journal_sync": "normal", **(main or {})}
+def config_text(
+    fake_url, database, main=None, delivery=None, receivers=None, robots=None, extra=""
+):
+    """A config.ini for tests, written the way an operator would. `fake_url(token)` is a robot
+    URL."""
+    main = {
+        "listen": "127.0.0.1",
+        "port": "0",
+        "state_dir": "state",
+        "default_receiver": "dev",
+        "journal_sync": "normal",
+        **(main or {}),
+    }
     delivery = {"retry_base": "0.05", "retry_max": "0.5", "timeout": "5", **(delivery or {})}
     receivers = receivers or {
-        "ops": {"robots": "ops-1, ops-2, ops-3", "at_mobiles": "13800000000", "at_severities": "critical"},
+        "ops": {
+            "robots": "ops-1, ops-2, ops-3",
+            "at_mobiles": "13800000000",
+            "at_severities": "critical",
+        },
         "dev": {"robots": "dev-1"},
     }
     robots = robots or ROBOTS
@@ -165,8 +211,13 @@ def config_text(fake_url, database, main=None, delivery=None, receivers=None, ro
     for name, options in receivers.items():
         lines += ["", f"[receiver:{name}]"] + [f"{k} = {v}" for k, v in options.items()]
     for name, robot in robots.items():
-        lines += ["", f"[robot:{name}]", f"url = {fake_url(robot['token'])}",
-                  f"secret = {robot.get('secret', '')}", f"keyword = {robot.get('keyword', '')}"]
+        lines += [
+            "",
+            f"[robot:{name}]",
+            f"url = {fake_url(robot['token'])}",
+            f"secret = {robot.get('secret', '')}",
+            f"keyword = {robot.get('keyword', '')}",
+        ]
     return "\n".join(lines) + "\n" + textwrap.dedent(extra)
 
 
@@ -174,29 +225,70 @@ def load_fixture(name):
     return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 
 
-def make_alert(alertname="HighLoad", instance="node-1:9100", severity="critical", status="firing",
-               starts_at="2026-11-24T08:00:00.123Z", ends_at="0001-01-01T00:00:00Z", fingerprint=None,
-               labels=None, annotations=None):
-    all_labels = {"alertname": alertname, "instance": instance, "severity": severity, "job": "node",
-                  **(labels or {})}
-    return {"status": status, "labels": all_labels,
-            "annotations": annotations if annotations is not None else {"summary": f"{alertname} on {instance}"},
-            "startsAt": starts_at, "endsAt": ends_at, "generatorURL": "http://prom:9090/graph?g0.expr=up",
-            "fingerprint": fingerprint or f"fp-{alertname}-{instance}"}
+def make_alert(
+    alertname="HighLoad",
+    instance="node-1:9100",
+    severity="critical",
+    status="firing",
+    starts_at="2026-11-24T08:00:00.123Z",
+    ends_at="0001-01-01T00:00:00Z",
+    fingerprint=None,
+    labels=None,
+    annotations=None,
+):
+    all_labels = {
+        "alertname": alertname,
+        "instance": instance,
+        "severity": severity,
+        "job": "node",
+        **(labels or {}),
+    }
+    return {
+        "status": status,
+        "labels": all_labels,
+        "annotations": annotations
+        if annotations is not None
+        else {"summary": f"{alertname} on {instance}"},
+        "startsAt": starts_at,
+        "endsAt": ends_at,
+        "generatorURL": "http://prom:9090/graph?g0.expr=up",
+        "fingerprint": fingerprint or f"fp-{alertname}-{instance}",
+    }
 
 
 def make_payload(receiver, alerts, status=None):
     status = status or ("firing" if any(a["status"] == "firing" for a in alerts) else "resolved")
-    return {"version": "4", "groupKey": "{}:{alertname=\"x\"}", "truncatedAlerts": 0, "status": status,
-            "receiver": receiver, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
-            "externalURL": "http://alertmanager:9093", "alerts": alerts}
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="x"}',
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": receiver,
+        "groupLabels": {},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": alerts,
+    }
 
 
 def storm_payloads(groups, per_group, receiver="ops"):
     """Alerts named storm-G-I, warnings, in `groups` webhooks of `per_group`."""
-    return [make_payload(receiver, [make_alert(f"Storm{g % 7}", f"storm-{g}-{i}", severity="warning",
-                                               starts_at="2026-11-24T08:00:00Z") for i in range(per_group)])
-            for g in range(groups)]
+    return [
+        make_payload(
+            receiver,
+            [
+                make_alert(
+                    f"Storm{g % 7}",
+                    f"storm-{g}-{i}",
+                    severity="warning",
+                    starts_at="2026-11-24T08:00:00Z",
+                )
+                for i in range(per_group)
+            ],
+        )
+        for g in range(groups)
+    ]
 
 
 TEST_ID = re.compile(r"(?:storm|during)-\d+(?:-\d+)?")
@@ -224,6 +316,7 @@ def set_at(payload, path, value):
 
 # --- HTTP -------------------------------------------------------------------------------------
 
+
 def connect(url, timeout=30):
     host, port = url.split("//")[1].split("/")[0].split(":")
     return http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -235,7 +328,9 @@ def post(bridge_or_url, body, path="/alertmanager", headers=None, method="POST")
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     connection = connect(url)
     try:
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        connection.request(
+            method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         response = connection.getresponse()
         raw = response.read()
     finally:
@@ -273,13 +368,18 @@ def settle(bridge, timeout=20):
 
 # --- processes --------------------------------------------------------------------------------
 
+
 class Child:
     """A program as a child process, its stderr in a log file."""
 
     def __init__(self, args, log, env=None):
         self.log = pathlib.Path(log)
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),
+            env={**os.environ, **(env or {})},
+        )
 
     @property
     def pid(self):
@@ -288,22 +388,26 @@ class Child:
     def children(self):
         """Its children (alertbridge's store process), from /proc."""
         found = []
-        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():    # each thread's children
+        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():  # each thread's children
             try:
                 found += [int(pid) for pid in (task / "children").read_text().split()]
-            except FileNotFoundError:                                         # the thread ended meanwhile
+            except FileNotFoundError:  # the thread ended meanwhile
                 pass
         return found
 
     def peak_rss_mib(self):
         """Peak RSS of the process and of each of its children."""
+
         def peak(pid):
             with open(f"/proc/{pid}/status") as fh:
                 return int(next(line for line in fh if line.startswith("VmHWM:")).split()[1]) / 1024
+
         return [peak(self.proc.pid)] + [peak(pid) for pid in self.children()]
 
     def wait_log(self, text, timeout=30):
-        assert wait_until(lambda: text in self.log.read_text(encoding="utf-8"), timeout), self.log.read_text()
+        assert wait_until(lambda: text in self.log.read_text(encoding="utf-8"), timeout), (
+            self.log.read_text()
+        )
 
     def kill(self):
         """SIGKILL if still running (a test's clean-up)."""
@@ -325,20 +429,29 @@ class Child:
 class Daemon(Child):
     """alertbridge.py as systemd would run it, on a free port, with a config written here."""
 
-    def __init__(self, directory, fake_url, database, env=None, args=(), python=sys.executable, **options):
+    def __init__(
+        self, directory, fake_url, database, env=None, args=(), python=sys.executable, **options
+    ):
         self.port = int(options.get("main", {}).get("port", 0)) or free_port()
         self.config = pathlib.Path(directory) / "config.ini"
         self.fake_url, self.database, self.options = fake_url, database, options
         self.write_config()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([python, SCRIPT, "-c", str(self.config), *args], pathlib.Path(directory) / "daemon.log",
-                         env)
+        super().__init__(
+            [python, SCRIPT, "-c", str(self.config), *args],
+            pathlib.Path(directory) / "daemon.log",
+            env,
+        )
 
     def write_config(self, text=None, **changes):
         options = {**self.options, **changes}
         main = {"port": str(self.port), **options.pop("main", {})}
-        self.config.write_text(text if text is not None else config_text(self.fake_url, self.database, main=main,
-                                                                          **options), encoding="utf-8")
+        self.config.write_text(
+            text
+            if text is not None
+            else config_text(self.fake_url, self.database, main=main, **options),
+            encoding="utf-8",
+        )
 
     def wait_healthy(self):
         assert wait_until(lambda: healthy(self.url), timeout=30), self.log.read_text()
@@ -355,18 +468,24 @@ def gone(pid):
 
 # --- Python interpreters ----------------------------------------------------------------------
 
+
 def find_python(version):
-    """The interpreter for version "3.X": pyenv's newest 3.X.*, else python3.X on PATH, else None."""
+    """The interpreter for version "3.X": pyenv's newest 3.X.*, else python3.X on PATH, else
+    None."""
     try:
-        installed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True,
-                                   timeout=30).stdout.split()
+        installed = subprocess.run(
+            ["pyenv", "versions", "--bare"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
     except OSError:
         installed = []
-    matches = sorted((v for v in installed if v.startswith(version + ".") and v[len(version) + 1:].isdigit()),
-                     key=lambda v: int(v.rsplit(".", 1)[1]))
+    matches = sorted(
+        (v for v in installed if v.startswith(version + ".") and v[len(version) + 1 :].isdigit()),
+        key=lambda v: int(v.rsplit(".", 1)[1]),
+    )
     if matches:
-        prefix = subprocess.run(["pyenv", "prefix", matches[-1]], capture_output=True, text=True,
-                                timeout=30).stdout.strip()
+        prefix = subprocess.run(
+            ["pyenv", "prefix", matches[-1]], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
         return os.path.join(prefix, "bin", "python" + version)
     return shutil.which("python" + version)
 
@@ -374,6 +493,7 @@ def find_python(version):
 def require_python(version):
     """The interpreter for version; skip outside CI when this machine lacks it, fail in CI."""
     import pytest
+
     python = find_python(version)
     if python is None:
         if IN_CI:
@@ -383,6 +503,7 @@ def require_python(version):
 
 
 # --- a network to cut ----------------------------------------------------------------------
+
 
 class TcpProxy:
     """A loopback TCP forwarder the test can cut, to make MySQL unreachable and come back."""
@@ -434,7 +555,7 @@ class TcpProxy:
 
     def cut(self):
         try:
-            self.listener.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept() so the port frees
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() so the port frees
         except OSError:
             pass
         self.listener.close()

@@ -9,8 +9,9 @@ from tests.kit import ROOT, require_mysql
 
 def bench(*args):
     require_mysql().close()
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 
@@ -27,7 +28,13 @@ def test_intake_benchmark_runs():
 
 
 def test_grafana_queries_benchmark_runs():
-    out = bench("bench.grafana_queries", "--rows", "2000", "--dsn", "root:@127.0.0.1:3306/alertbridge_bench_smoke")
+    out = bench(
+        "bench.grafana_queries",
+        "--rows",
+        "2000",
+        "--dsn",
+        "root:@127.0.0.1:3306/alertbridge_bench_smoke",
+    )
     assert "Latest 100 alert records" in out
 
 

@@ -87,19 +87,28 @@ def plain_service():
 def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service, sqlite_db):
     url, received = plain_service
     path = tmp_path / "config.ini"
-    path.write_text(f"[alertbridge]\nport = 0\nstate_dir = state\njournal_sync = normal\n"
-                    f"[database]\ndriver = sqlite\npath = {sqlite_db.path}\n"
-                    f"[receiver:ops]\nrobots = plain\nat_mobiles = 13800000000\nmessage_type = actionCard\n"
-                    f"[robot:plain]\nurl = {url}\n", encoding="utf-8")
+    path.write_text(
+        f"[alertbridge]\nport = 0\nstate_dir = state\njournal_sync = normal\n"
+        f"[database]\ndriver = sqlite\npath = {sqlite_db.path}\n"
+        f"[receiver:ops]\nrobots = plain\nat_mobiles = 13800000000\nmessage_type = actionCard\n"
+        f"[robot:plain]\nurl = {url}\n",
+        encoding="utf-8",
+    )
     bridge = alertbridge.Bridge(alertbridge.load_config(str(path)), channel=PlainChannel()).start()
     try:
-        alerts = [make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 150})
-                  for i in range(4)]
+        alerts = [
+            make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 150})
+            for i in range(4)
+        ]
         assert post(bridge, make_payload("ops", alerts))[0] == 200
         settle(bridge)
-        assert len(received) > 1                                   # split by its own limit
-        assert all(len(json.dumps(r, ensure_ascii=False).encode()) <= PlainChannel.LIMIT for r in received)
-        assert all(r["notify"] == ["13800000000"] and "Prometheus: http" in r["text"] for r in received)
+        assert len(received) > 1  # split by its own limit
+        assert all(
+            len(json.dumps(r, ensure_ascii=False).encode()) <= PlainChannel.LIMIT for r in received
+        )
+        assert all(
+            r["notify"] == ["13800000000"] and "Prometheus: http" in r["text"] for r in received
+        )
         assert "msgtype" not in received[0] and "(1/" in received[0]["text"]
         rows = history(bridge)
         assert len(rows) == 4 and all(r["notified_count"] == 1 for r in rows)

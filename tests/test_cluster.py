@@ -9,22 +9,41 @@ import signal
 import pytest
 
 from tests.fakedingtalk import REAL_TIME
-from tests.kit import (OPS, Daemon, TcpProxy, empty_mysql, get, history, make_alert, make_payload, post,
-                       settle, storm_payloads, wait_until)
+from tests.kit import (
+    OPS,
+    Daemon,
+    TcpProxy,
+    empty_mysql,
+    get,
+    history,
+    make_alert,
+    make_payload,
+    post,
+    settle,
+    storm_payloads,
+    wait_until,
+)
 
 STORM_ID = re.compile(r"storm-\d+-\d+")
-SMALL = {"rate_limit": "4", "rate_window": "2", "throttle_seconds": "600", "retry_base": "0.05",
-         "retry_max": "0.2"}
+SMALL = {
+    "rate_limit": "4",
+    "rate_window": "2",
+    "throttle_seconds": "600",
+    "retry_base": "0.05",
+    "retry_max": "0.2",
+}
 
 
 def cluster(instance, lease=2, instances=2):
-    return (f"\n[cluster]\nenabled = true\ninstance = {instance}\nlease = {lease:g}\n"
-            f"instances = {instances}\n")
+    return (
+        f"\n[cluster]\nenabled = true\ninstance = {instance}\nlease = {lease:g}\n"
+        f"instances = {instances}\n"
+    )
 
 
 @pytest.fixture
 def small_fake(fake):
-    fake.rate_limit, fake.rate_window = 4, 2.0      # DingTalk's limit, scaled: 4 per 2 s per robot
+    fake.rate_limit, fake.rate_window = 4, 2.0  # DingTalk's limit, scaled: 4 per 2 s per robot
     return fake
 
 
@@ -40,11 +59,14 @@ def instances(tmp_path, small_fake):
         for number, (name, settings) in enumerate(zip(names, databases)):
             directory = tmp_path / f"{number}-{name}"
             directory.mkdir()
-            children.append(Daemon(directory, small_fake.url, settings, delivery=SMALL, extra=cluster(name)))
+            children.append(
+                Daemon(directory, small_fake.url, settings, delivery=SMALL, extra=cluster(name))
+            )
         started.extend(children)
         for child in children:
             child.wait_healthy()
         return children
+
     yield start
     for child in started:
         child.kill()
@@ -81,11 +103,11 @@ def test_two_instances_send_each_page_once_even_when_the_leader_dies(instances, 
     children = instances(empty_mysql())
     first = leader_of(children)
     payloads = storm_payloads(groups=150, per_group=10)
-    for payload in payloads:                       # Alertmanager's webhook_configs list both
+    for payload in payloads:  # Alertmanager's webhook_configs list both
         assert [post(c.url, payload)[0] for c in children] == [200, 200]
     assert small_fake.wait_for(lambda f: len(f.delivered()) >= 12, timeout=30)
     assert wait_until(lambda: idle(small_fake), timeout=30)
-    first.proc.send_signal(signal.SIGKILL)         # the leader dies between two windows
+    first.proc.send_signal(signal.SIGKILL)  # the leader dies between two windows
     first.proc.wait()
     survivor = next(c for c in children if c is not first)
     assert leader_of([survivor]) is survivor
@@ -93,7 +115,7 @@ def test_two_instances_send_each_page_once_even_when_the_leader_dies(instances, 
     assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= expected, timeout=120)
     assert settle_process(survivor)
     counts = accepted_ids(small_fake)
-    assert [i for i, n in counts.items() if n > 1] == []          # each alert in one accepted message
+    assert [i for i, n in counts.items() if n > 1] == []  # each alert in one accepted message
     assert [r for r in small_fake.requests if r.errcode == 410100] == []
     assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
     rows = history(empty_settings())
@@ -102,16 +124,23 @@ def test_two_instances_send_each_page_once_even_when_the_leader_dies(instances, 
 
 def settle_process(child):
     """Until the process has nothing left to send or record."""
+
     def quiet():
         text = get(child.url, "/metrics")[1]
-        waiting = sum(float(v) for v in re.findall(r'^alertbridge_queue_messages\{[^}]*\} (\S+)$', text, re.M))
-        backlog = float(re.search(r"^alertbridge_record_backlog_events (\S+)$", text, re.M).group(1))
+        waiting = sum(
+            float(v) for v in re.findall(r"^alertbridge_queue_messages\{[^}]*\} (\S+)$", text, re.M)
+        )
+        backlog = float(
+            re.search(r"^alertbridge_record_backlog_events (\S+)$", text, re.M).group(1)
+        )
         return waiting == 0 and backlog == 0
+
     return wait_until(quiet, timeout=60)
 
 
 def empty_settings():
     from tests.kit import mysql_settings
+
     return mysql_settings()
 
 
@@ -122,9 +151,12 @@ def test_the_same_webhook_twice_is_sent_once(make_bridge, fake):
     assert post(bridge, payload)[0] == 200
     assert fake.wait_for(lambda f: len(f.delivered()) == 1)
     settle(bridge)
-    assert post(bridge, payload)[0] == 200               # Alertmanager retried: it had no answer
+    assert post(bridge, payload)[0] == 200  # Alertmanager retried: it had no answer
     settle(bridge)
-    assert len(fake.delivered()) == 1 and bridge.journal.message_states() == {"sent": 1, "duplicate": 1}
+    assert len(fake.delivered()) == 1 and bridge.journal.message_states() == {
+        "sent": 1,
+        "duplicate": 1,
+    }
     assert "alertbridge_duplicates_total 1" in bridge.probes.render_metrics()
     [row] = history(bridge)
     assert (row["received_count"], row["notified_count"]) == (2, 1)
@@ -135,22 +167,27 @@ def test_paging_goes_on_while_mysql_is_away_and_no_robot_goes_over_budget(instan
     proxy = TcpProxy(settings.port).start()
     children = instances(dataclasses.replace(settings, port=proxy.port))
     leader_of(children)
-    proxy.cut()                                          # MySQL unreachable for both instances
+    proxy.cut()  # MySQL unreachable for both instances
     payloads = storm_payloads(groups=40, per_group=5)
     for payload in payloads:
         assert [post(c.url, payload)[0] for c in children] == [200, 200]
     expected = {f"storm-{g}-{i}" for g in range(40) for i in range(5)}
-    assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= expected, timeout=120)   # paging went on
+    assert small_fake.wait_for(
+        lambda f: set(accepted_ids(f)) >= expected, timeout=120
+    )  # paging went on
     assert wait_until(lambda: all(role(c) == "alone" for c in children), timeout=30)
     assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
     assert [r for r in small_fake.requests if r.errcode == 410100] == []
-    proxy.start()                                        # MySQL is back: the history catches up
+    proxy.start()  # MySQL is back: the history catches up
     assert all(settle_process(c) for c in children)
     assert wait_until(lambda: len(history(settings)) == 200, timeout=60)
-    assert wait_until(lambda: sorted(role(c) for c in children) == ["leader", "standby"], timeout=30)
+    assert wait_until(
+        lambda: sorted(role(c) for c in children) == ["leader", "standby"], timeout=30
+    )
 
 
 # --- the second hostile pass: pages lost or held, budgets overrun, two processes with one name ---
+
 
 def storm_ids(groups, per_group):
     return {f"storm-{g}-{i}" for g in range(groups) for i in range(per_group)}
@@ -171,14 +208,17 @@ def test_a_page_each_instance_got_twice_is_sent_once(instances, small_fake):
 
 
 def test_a_group_repeated_while_dingtalk_fails_is_sent_once_it_recovers(make_bridge, fake):
-    bridge = make_bridge(empty_mysql(), extra=cluster("solo", lease=1, instances=1),
-                         delivery={"retry_base": "0.05", "retry_max": "0.1"})
+    bridge = make_bridge(
+        empty_mysql(),
+        extra=cluster("solo", lease=1, instances=1),
+        delivery={"retry_base": "0.05", "retry_max": "0.1"},
+    )
     assert wait_until(lambda: bridge.cluster.role == "leader", timeout=30)
     fake.fail_next(OPS[0], "http500", times=1000)
     fake.fail_next(OPS[1], "http500", times=1000)
     fake.fail_next(OPS[2], "http500", times=1000)
     payload = make_payload("ops", [make_alert("Repeated", "r-1")])
-    for _ in range(3):                                   # repeat_interval, or Alertmanager's retries
+    for _ in range(3):  # repeat_interval, or Alertmanager's retries
         assert post(bridge, payload)[0] == 200
         assert fake.wait_for(lambda f: len(f.requests) >= 3, timeout=30)
     fake.clear_script()
@@ -201,7 +241,9 @@ def test_a_webhook_only_the_standby_got_is_sent_by_the_leader(instances, small_f
     assert "alertbridge_cluster_handoffs_total 1" in get(standby.url, "/metrics")[1]
 
 
-def test_an_instance_cut_off_from_mysql_and_the_leader_stay_within_each_budget_together(instances, small_fake):
+def test_an_instance_cut_off_from_mysql_and_the_leader_stay_within_each_budget_together(
+    instances, small_fake
+):
     """The cut-off instance sends alone with half of each budget; the leader, seeing it go
     silent, presumes so and keeps to its half too."""
     settings = empty_mysql()
@@ -209,32 +251,34 @@ def test_an_instance_cut_off_from_mysql_and_the_leader_stay_within_each_budget_t
     children = instances([dataclasses.replace(settings, port=p.port) for p in proxies])
     leader = leader_of(children)
     cut = children.index(next(c for c in children if c is not leader))
-    proxies[cut].cut()                                   # the standby's MySQL path only
+    proxies[cut].cut()  # the standby's MySQL path only
     payloads = storm_payloads(groups=60, per_group=5)
     for payload in payloads[:10]:
         assert [post(c.url, payload)[0] for c in children] == [200, 200]
     assert wait_until(lambda: role(children[cut]) == "alone", timeout=30)
-    for payload in payloads[10:]:                        # both send now: the leader, and alone the other
+    for payload in payloads[10:]:  # both send now: the leader, and alone the other
         assert [post(c.url, payload)[0] for c in children] == [200, 200]
     assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= storm_ids(60, 5), timeout=120)
     assert wait_until(lambda: idle(small_fake, quiet=3), timeout=60)
     assert [r for r in small_fake.requests if r.errcode == 410100] == []
     assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
-    assert 'alertbridge_cluster_missing_instances 1' in get(leader.url, "/metrics")[1]
+    assert "alertbridge_cluster_missing_instances 1" in get(leader.url, "/metrics")[1]
 
 
-def test_a_leader_paused_past_its_lease_does_not_send_as_leader_when_it_resumes(instances, small_fake):
+def test_a_leader_paused_past_its_lease_does_not_send_as_leader_when_it_resumes(
+    instances, small_fake
+):
     children = instances(empty_mysql())
     first = leader_of(children)
     for payload in storm_payloads(groups=200, per_group=5):
         assert [post(c.url, payload)[0] for c in children] == [200, 200]
     assert small_fake.wait_for(lambda f: len(f.delivered()) >= 4, timeout=30)
-    first.proc.send_signal(signal.SIGSTOP)                # a long GC, a frozen VM
+    first.proc.send_signal(signal.SIGSTOP)  # a long GC, a frozen VM
     other = next(c for c in children if c is not first)
     assert leader_of([other]) is other
     sent = len(small_fake.delivered())
     assert small_fake.wait_for(lambda f: len(f.delivered()) >= sent + 3, timeout=60)
-    first.proc.send_signal(signal.SIGCONT)               # it still has messages it would send
+    first.proc.send_signal(signal.SIGCONT)  # it still has messages it would send
     assert wait_until(lambda: role(first) == "standby", timeout=30)
     assert small_fake.wait_for(lambda f: set(accepted_ids(f)) >= storm_ids(200, 5), timeout=120)
     assert [r for r in small_fake.requests if r.errcode == 410100] == []

@@ -2,8 +2,16 @@
 lease clock: no MySQL, no processes, no waiting. tests/test_cluster.py runs the same rules
 through real processes on the real MariaDB."""
 
-from alertbridge import (ALONE, LEADER, STANDBY, budget_share, lease_end, may_send, missing_after,
-                         role_after)
+from alertbridge import (
+    ALONE,
+    LEADER,
+    STANDBY,
+    budget_share,
+    lease_end,
+    may_send,
+    missing_after,
+    role_after,
+)
 
 LEASE, WINDOW, INSTANCES, PRESUMED = 30.0, 60.0, 2, 3600.0
 
@@ -21,8 +29,9 @@ class Instance:
             if self.role == ALONE:
                 self.sharing_until = now + WINDOW
             self.contact = now
-            self.missing, self.missing_since = missing_after(INSTANCES, alive, self.missing_since,
-                                                             now, PRESUMED)
+            self.missing, self.missing_since = missing_after(
+                INSTANCES, alive, self.missing_since, now, PRESUMED
+            )
             if leading:
                 self.lease_until = lease_end(now, LEASE)
         self.role = role_after(self.role, leading, now - self.contact, LEASE, WINDOW)
@@ -38,10 +47,10 @@ def test_the_leader_dies_a_standby_takes_over_and_keeps_to_its_share_while_it_is
     standby = Instance()
     standby.turn(0, leading=False)
     assert standby.role == STANDBY and not standby.may_send(0)
-    standby.turn(40, leading=True, alive=0)          # the lease lapsed: MySQL gives it to the standby
+    standby.turn(40, leading=True, alive=0)  # the lease lapsed: MySQL gives it to the standby
     assert standby.role == LEADER and standby.may_send(40) and standby.share(40) == 0.5
     standby.turn(40 + PRESUMED, leading=True, alive=0)
-    assert standby.share(40 + PRESUMED) == 1.0         # missing that long: presumed gone, not alone
+    assert standby.share(40 + PRESUMED) == 1.0  # missing that long: presumed gone, not alone
     standby.turn(50 + PRESUMED, leading=True, alive=1)
     assert standby.missing == 0 and standby.share(50 + PRESUMED) == 1.0
 
@@ -50,18 +59,18 @@ def test_a_paused_leader_does_not_send_when_it_resumes():
     leader = Instance(LEADER)
     leader.turn(0, leading=True)
     assert leader.may_send(0) and leader.may_send(19.9)
-    assert not leader.may_send(20.0)                   # paused past two thirds of its lease
-    assert not leader.may_send(95)                     # resumed long after: the lease is gone
-    leader.turn(95, leading=False)                     # another holds it now
+    assert not leader.may_send(20.0)  # paused past two thirds of its lease
+    assert not leader.may_send(95)  # resumed long after: the lease is gone
+    leader.turn(95, leading=False)  # another holds it now
     assert leader.role == STANDBY and not leader.may_send(95)
 
 
 def test_the_lease_lost_in_the_middle_of_a_send_stops_the_next_request():
     leader = Instance(LEADER)
     leader.turn(0, leading=True)
-    leader.turn(10, leading=True)                      # renewed: good until 30
+    leader.turn(10, leading=True)  # renewed: good until 30
     assert leader.may_send(29.9)
-    leader.turn(20, leading=None)                      # MySQL does not answer: no renewal
+    leader.turn(20, leading=None)  # MySQL does not answer: no renewal
     assert leader.role == LEADER and leader.may_send(29.9) and not leader.may_send(30.1)
 
 
@@ -76,7 +85,7 @@ def test_mysql_gone_and_back():
             assert leader.role == ALONE and standby.role == STANDBY
         if now == 2 * LEASE + WINDOW:
             assert standby.role == ALONE
-    assert leader.share(199) == standby.share(199) == 0.5   # together within a robot's budget
+    assert leader.share(199) == standby.share(199) == 0.5  # together within a robot's budget
     leader.turn(200, leading=True)
     standby.turn(200, leading=False)
     assert leader.role == LEADER and standby.role == STANDBY
@@ -91,5 +100,7 @@ def test_a_standby_cut_off_goes_alone_only_after_the_leader_has_seen_it_missing(
         standby.turn(now, leading=None)
         leader.turn(now, leading=True, alive=1 if now <= LEASE else 0)
         if standby.role == ALONE:
-            assert leader.share(now) == 0.5 and now - LEASE >= WINDOW   # the leader's full-rate sends aged
+            assert (
+                leader.share(now) == 0.5 and now - LEASE >= WINDOW
+            )  # the leader's full-rate sends aged
     assert standby.role == ALONE

@@ -18,7 +18,9 @@ def test_shipped_config_runs_on_the_embedded_default():
     config = alertbridge.load_config(str(ROOT / "config.ini"))
     assert config.database.driver == "sqlite"
     assert config.routes["default"].robots[0].placeholder
-    assert config.service.default_receiver == "default" and config.service.timezone == "Asia/Shanghai"
+    assert (
+        config.service.default_receiver == "default" and config.service.timezone == "Asia/Shanghai"
+    )
 
 
 def config_error(tmp_path, text):
@@ -32,8 +34,8 @@ def config_error(tmp_path, text):
 
 def readme_table(heading):
     """{key: default cell} of the README's table under ### `heading`."""
-    text = README[README.index(f"### `{heading}`"):]
-    table = text[text.index("| key |"):].split("\n\n")[0]
+    text = README[README.index(f"### `{heading}`") :]
+    table = text[text.index("| key |") :].split("\n\n")[0]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     return {key.strip("`"): default for key, default, *_ in cells}
 
@@ -46,17 +48,22 @@ def documented(value):
     return f"`{value}`" if value != "" else "*(none)*"
 
 
-@pytest.mark.parametrize("heading, section", [("[alertbridge]", alertbridge.Service),
-                                              ("[database]", alertbridge.Database),
-                                              ("[auth]", alertbridge.Auth),
-                                              ("[delivery]", alertbridge.Delivery),
-                                              ("[cluster]", alertbridge.Cluster)])
+@pytest.mark.parametrize(
+    "heading, section",
+    [
+        ("[alertbridge]", alertbridge.Service),
+        ("[database]", alertbridge.Database),
+        ("[auth]", alertbridge.Auth),
+        ("[delivery]", alertbridge.Delivery),
+        ("[cluster]", alertbridge.Cluster),
+    ],
+)
 def test_the_readme_documents_every_key_with_the_default_the_code_has(heading, section):
     table = readme_table(heading)
     assert set(table) == {f.name for f in dataclasses.fields(section)}
     for f in dataclasses.fields(section):
         if f.default == "" and ("STATE_DIR" in table[f.name] or table[f.name].startswith("*(the")):
-            continue                                              # derived: from state_dir, the host
+            continue  # derived: from state_dir, the host
         assert table[f.name] == documented(f.default), f.name
 
 
@@ -64,7 +71,9 @@ def test_the_readme_documents_every_key_of_robots_and_receivers():
     robot_keys = {f.name for f in dataclasses.fields(alertbridge.Robot)} - {"name"}
     assert set(readme_table("[robot:NAME]")) == robot_keys
     route_keys = {f.name for f in dataclasses.fields(alertbridge.Route)} - {"name"}
-    documented_keys = {k for cell in readme_table("[receiver:NAME]") for k in cell.replace("`", "").split(", ")}
+    documented_keys = {
+        k for cell in readme_table("[receiver:NAME]") for k in cell.replace("`", "").split(", ")
+    }
     assert documented_keys == route_keys
     assert readme_table("[templates]")["title"] == f"`{alertbridge.Templates.title}`"
 
@@ -78,7 +87,9 @@ def test_the_readme_gives_each_receiver_key_the_default_the_code_has():
             value = getattr(route, key)
             if default == "from `[delivery]`":
                 wanted = getattr(alertbridge.Delivery, key)
-                assert value == (alertbridge._words(wanted) if isinstance(value, tuple) else wanted), key
+                assert value == (
+                    alertbridge._words(wanted) if isinstance(value, tuple) else wanted
+                ), key
             elif default == "from `[templates]`":
                 assert value == getattr(alertbridge.Templates, key), key
             elif default == "*required*":
@@ -105,22 +116,43 @@ def test_schema_sql_is_what_the_daemon_creates():
     assert alertbridge.MYSQL_SCHEMA in shipped
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[receiver:a]\nrobots = x\n", "[receiver:a] robots: no section [robot:x]"),
-    ("[receiver:a]\nrobots =\n", "[receiver:a] robots: list at least one robot"),
-    ("[robot:x]\nurl = ftp://x\n[receiver:a]\nrobots = x\n", "[robot:x] url"),
-    ("[robot:x]\nurl = https://oapi.dingtalk.com/robot/send\n[receiver:a]\nrobots = x\n", "access_token"),
-    ("[alertbridge]\nport = eighty\n", "[alertbridge] port: not an integer"),
-    ("[alertbridge]\ntimezone = Mars/Base\n", "unknown time zone"),
-    ("[alertbridge]\ndefault_receiver = nope\n[robot:x]\nurl = https://h/r?access_token=t\n"
-     "[receiver:a]\nrobots = x\n", "default_receiver"),
-    ("[database]\ndriver = oracle\n", "[database] driver"),
-    ("[receiver:a]\nrobots = x\nat_all = maybe\n[robot:x]\nurl = https://h/r?access_token=t\n", "at_all"),
-    ("[receiver:a]\nrobots = x\nat_mobiles = call-me\n[robot:x]\nurl = https://h/r?access_token=t\n", "at_mobiles"),
-    ("[receiver:a]\nrobots = x\nalert = {unclosed\n[robot:x]\nurl = https://h/r?access_token=t\n", "bad template"),
-    ("[reciever:a]\nrobots = x\n", "unknown section"),
-    ("not an ini file", "line 1: a setting before any [section] header"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[receiver:a]\nrobots = x\n", "[receiver:a] robots: no section [robot:x]"),
+        ("[receiver:a]\nrobots =\n", "[receiver:a] robots: list at least one robot"),
+        ("[robot:x]\nurl = ftp://x\n[receiver:a]\nrobots = x\n", "[robot:x] url"),
+        (
+            "[robot:x]\nurl = https://oapi.dingtalk.com/robot/send\n[receiver:a]\nrobots = x\n",
+            "access_token",
+        ),
+        ("[alertbridge]\nport = eighty\n", "[alertbridge] port: not an integer"),
+        ("[alertbridge]\ntimezone = Mars/Base\n", "unknown time zone"),
+        (
+            "[alertbridge]\ndefault_receiver = nope\n[robot:x]\nurl = https://h/r?access_token=t\n"
+            "[receiver:a]\nrobots = x\n",
+            "default_receiver",
+        ),
+        ("[database]\ndriver = oracle\n", "[database] driver"),
+        (
+            "[receiver:a]\nrobots = x\nat_all = maybe\n[robot:x]\nurl = "
+            "https://h/r?access_token=t\n",
+            "at_all",
+        ),
+        (
+            "[receiver:a]\nrobots = x\nat_mobiles = call-me\n[robot:x]\nurl = "
+            "https://h/r?access_token=t\n",
+            "at_mobiles",
+        ),
+        (
+            "[receiver:a]\nrobots = x\nalert = {unclosed\n[robot:x]\nurl = "
+            "https://h/r?access_token=t\n",
+            "bad template",
+        ),
+        ("[reciever:a]\nrobots = x\n", "unknown section"),
+        ("not an ini file", "line 1: a setting before any [section] header"),
+    ],
+)
 def test_config_errors_name_the_section_and_key(tmp_path, text, message):
     error = config_error(tmp_path, text)
     assert message in error
@@ -129,15 +161,30 @@ def test_config_errors_name_the_section_and_key(tmp_path, text, message):
 def test_robot_repr_and_redaction_hide_secrets():
     robot = alertbridge.Robot("r", "https://h/robot/send?access_token=abc123tok", secret="SECxyz")
     assert "abc123tok" not in repr(robot) and "SECxyz" not in repr(robot)
-    assert robot.redact("url ...access_token=abc123tok sign with SECxyz") == "url ...access_token=*** sign with ***"
+    assert (
+        robot.redact("url ...access_token=abc123tok sign with SECxyz")
+        == "url ...access_token=*** sign with ***"
+    )
 
 
-@pytest.mark.parametrize("url, message", [
-    ("https://oapi.dingtalk.com/robot/send?access_token=tok-leak-1234 ; the ops group", "contains a space"),
-    ("https://oapi.dingtalk.com:44x/robot/send?access_token=tok-leak-1234", "port is not a number"),
-    ("https://oapi.dingtalk.com:99999/robot/send?access_token=tok-leak-1234", "port is not a number"),
-    ("https:///robot/send?access_token=tok-leak-1234", "webhook URL"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        (
+            "https://oapi.dingtalk.com/robot/send?access_token=tok-leak-1234 ; the ops group",
+            "contains a space",
+        ),
+        (
+            "https://oapi.dingtalk.com:44x/robot/send?access_token=tok-leak-1234",
+            "port is not a number",
+        ),
+        (
+            "https://oapi.dingtalk.com:99999/robot/send?access_token=tok-leak-1234",
+            "port is not a number",
+        ),
+        ("https:///robot/send?access_token=tok-leak-1234", "webhook URL"),
+    ],
+)
 def test_a_robot_url_that_cannot_work_is_refused_at_load_without_quoting_it(tmp_path, url, message):
     error = config_error(tmp_path, f"[robot:x]\nurl = {url}\n[receiver:a]\nrobots = x\n")
     assert message in error and "[robot:x] url" in error
@@ -145,16 +192,25 @@ def test_a_robot_url_that_cannot_work_is_refused_at_load_without_quoting_it(tmp_
 
 
 def test_a_secret_with_a_comment_after_it_is_refused(tmp_path):
-    error = config_error(tmp_path, "[robot:x]\nurl = https://h/r?access_token=t\nsecret = SECabc123 ; old one\n"
-                                   "[receiver:a]\nrobots = x\n")
+    error = config_error(
+        tmp_path,
+        "[robot:x]\nurl = https://h/r?access_token=t\nsecret = SECabc123 ; old one\n"
+        "[receiver:a]\nrobots = x\n",
+    )
     assert "[robot:x] secret: contains a space" in error and "SECabc" not in error
 
 
-@pytest.mark.parametrize("text, where", [
-    ("[robot:x]\nurl = https://h/r?access_token=t\nSECsupersecret-on-its-own\n", "line 3"),
-    ("secret = SECsupersecret-first\n[robot:x]\n", "line 1"),
-    ("[robot:x]\nsecret = SECsupersecret-a\nsecret = SECsupersecret-b\n", "line 3: [robot:x] secret is set twice"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("[robot:x]\nurl = https://h/r?access_token=t\nSECsupersecret-on-its-own\n", "line 3"),
+        ("secret = SECsupersecret-first\n[robot:x]\n", "line 1"),
+        (
+            "[robot:x]\nsecret = SECsupersecret-a\nsecret = SECsupersecret-b\n",
+            "line 3: [robot:x] secret is set twice",
+        ),
+    ],
+)
 def test_a_syntax_error_names_the_line_but_never_quotes_it(tmp_path, text, where):
     error = config_error(tmp_path, text)
     assert where in error and "SECsupersecret" not in error
@@ -162,9 +218,18 @@ def test_a_syntax_error_names_the_line_but_never_quotes_it(tmp_path, text, where
 
 def test_timezone_works_without_a_time_zone_database(tmp_path):
     """A minimal container has no tzdata: China's zone (the default) still loads, as +08:00."""
-    script = "import alertbridge; tz = alertbridge.load_timezone('Asia/Shanghai'); print(tz.utcoffset(None))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                            env={"PYTHONTZPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    script = (
+        "import alertbridge; tz = alertbridge.load_timezone('Asia/Shanghai'); "
+        "print(tz.utcoffset(None))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PYTHONTZPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0 and result.stdout.strip() == "8:00:00", result.stderr
 
 
@@ -173,7 +238,9 @@ ROBOT_X = "[robot:x]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\
 
 def test_a_receivers_mentions_buttons_and_links_are_read(tmp_path):
     path = tmp_path / "config.ini"
-    path.write_text(ROBOT_X + """[receiver:ops]
+    path.write_text(
+        ROBOT_X
+        + """[receiver:ops]
 robots = x
 at_user_ids = manager7021
 at_mobiles_from = owner_mobile, phone
@@ -187,43 +254,68 @@ send_resolved = false
 dashboard_url = https://grafana/d/x?var-instance={instance}
 prometheus_url = https://prom.example.com/
 alertmanager_url = https://am.example.com/am
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     route = alertbridge.load_config(str(path)).routes["ops"]
-    assert route.at_map == (("dba", ("13800000000",), ("manager01", "0123")), ("web", ("+86-13900000000",), ()))
+    assert route.at_map == (
+        ("dba", ("13800000000",), ("manager01", "0123")),
+        ("web", ("+86-13900000000",), ()),
+    )
     assert (route.at_user_ids, route.at_mobiles_from, route.at_user_ids_from) == (
-        ("manager7021",), ("owner_mobile", "phone"), ("oncall",))
+        ("manager7021",),
+        ("owner_mobile", "phone"),
+        ("oncall",),
+    )
     assert (route.message_type, route.send_resolved) == ("actionCard", False)
-    assert (route.prometheus_url, route.alertmanager_url) == ("https://prom.example.com", "https://am.example.com/am")
+    assert (route.prometheus_url, route.alertmanager_url) == (
+        "https://prom.example.com",
+        "https://am.example.com/am",
+    )
 
 
-@pytest.mark.parametrize("lines, message", [
-    ("at_map_label = team\nat_map =\n    dba 13800000000\n", "at_map: entry 1: write VALUE ="),
-    ("at_map_label = team\nat_map =\n    dba = @all\n", "at_map: entry 1: not a list of phone numbers"),
-    ("at_map =\n    dba = 13800000000\n", "at_map: set at_map_label"),
-    ("at_user_ids = all\n", "at_user_ids: not a list of DingTalk user ids"),
-    ("message_type = feedCard\n", "message_type: must be markdown or actionCard"),
-    ("prometheus_url = prometheus-0:9090\n", "prometheus_url: not an http(s) URL"),
-    ("alertmanager_url = https://am/?x=1\n", "alertmanager_url: not an http(s) URL"),
-    ("dashboard_url = https://g/{instance\n", "dashboard_url: bad template"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("at_map_label = team\nat_map =\n    dba 13800000000\n", "at_map: entry 1: write VALUE ="),
+        (
+            "at_map_label = team\nat_map =\n    dba = @all\n",
+            "at_map: entry 1: not a list of phone numbers",
+        ),
+        ("at_map =\n    dba = 13800000000\n", "at_map: set at_map_label"),
+        ("at_user_ids = all\n", "at_user_ids: not a list of DingTalk user ids"),
+        ("message_type = feedCard\n", "message_type: must be markdown or actionCard"),
+        ("prometheus_url = prometheus-0:9090\n", "prometheus_url: not an http(s) URL"),
+        ("alertmanager_url = https://am/?x=1\n", "alertmanager_url: not an http(s) URL"),
+        ("dashboard_url = https://g/{instance\n", "dashboard_url: bad template"),
+    ],
+)
 def test_bad_mention_button_and_link_settings_are_named(tmp_path, lines, message):
     assert message in config_error(tmp_path, ROBOT_X + "[receiver:ops]\nrobots = x\n" + lines)
 
 
-CLUSTERED = ("[database]\ndriver = mysql\n[receiver:x]\nrobots = r\n[robot:r]\n"
-             "url = https://oapi.dingtalk.com/robot/send?access_token=t\n[cluster]\nenabled = true\n")
+CLUSTERED = (
+    "[database]\ndriver = mysql\n[receiver:x]\nrobots = r\n[robot:r]\n"
+    "url = https://oapi.dingtalk.com/robot/send?access_token=t\n[cluster]\nenabled = true\n"
+)
 
 
 @pytest.mark.parametrize("instance", ["a" * 65, "two words", "ops/1", "-x", "名字"])
 def test_a_cluster_instance_name_is_one_word_that_fits_its_columns(tmp_path, instance):
     """A name longer than the columns made every statement fail: the instance never led."""
     assert config_error(tmp_path, CLUSTERED + f"instance = {instance}\n") == (
-        "[cluster] instance: 1 to 64 letters, digits, dots, dashes or underscores, unique to each instance")
+        "[cluster] instance: 1 to 64 letters, digits, dots, dashes or underscores, unique to each "
+        "instance"
+    )
 
 
 def test_a_host_name_that_cannot_name_an_instance_asks_for_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(alertbridge.socket, "gethostname", lambda: "node-" + "x" * 70 + ".example.com")
-    assert config_error(tmp_path, CLUSTERED).startswith("[cluster] instance (unset: the host's name): 1 to 64 ")
+    monkeypatch.setattr(
+        alertbridge.socket, "gethostname", lambda: "node-" + "x" * 70 + ".example.com"
+    )
+    assert config_error(tmp_path, CLUSTERED).startswith(
+        "[cluster] instance (unset: the host's name): 1 to 64 "
+    )
     path = tmp_path / "ok.ini"
     path.write_text(CLUSTERED + "instance = alertbridge-0.prod_1\n")
     assert alertbridge.load_config(str(path)).cluster.instance == "alertbridge-0.prod_1"

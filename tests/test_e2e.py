@@ -16,7 +16,8 @@ BEARER = "am-to-alertbridge-token"
 
 @pytest.fixture
 def alertmanager(tmp_path):
-    """start(alertbridge_url, bearer=None) -> Alertmanager's base URL, routed like our users' setup."""
+    """start(alertbridge_url, bearer=None) -> Alertmanager's base URL, routed like our users'
+    setup."""
     if not BINARY:
         if IN_CI:
             pytest.fail("prometheus-alertmanager is required in CI (tests/run installs it)")
@@ -26,16 +27,23 @@ def alertmanager(tmp_path):
     def start(alertbridge_url, bearer=None, paths=None):
         """`paths`: the webhook path of Alertmanager's receivers ops and dev (/alertmanager)."""
         paths = paths or {"ops": "/alertmanager", "dev": "/alertmanager"}
-        http_config = (f"        http_config:\n          authorization:\n            credentials: {bearer}\n"
-                       if bearer else "")
-        receivers = "".join(f"""\
+        http_config = (
+            f"        http_config:\n          authorization:\n            credentials: {bearer}\n"
+            if bearer
+            else ""
+        )
+        receivers = "".join(
+            f"""\
   - name: {name}
     webhook_configs:
       - url: {alertbridge_url}{path}
         send_resolved: true
-{http_config}""" for name, path in paths.items())
+{http_config}"""
+            for name, path in paths.items()
+        )
         config = tmp_path / "alertmanager.yml"
-        config.write_text(f"""\
+        config.write_text(
+            f"""\
 route:
   receiver: {list(paths)[0]}
   group_by: [alertname, job]
@@ -46,12 +54,23 @@ route:
     - receiver: {list(paths)[1]}
       matchers: ['team="dev"']
 receivers:
-{receivers}""", encoding="utf-8")
+{receivers}""",
+            encoding="utf-8",
+        )
         port = free_port()
         log = open(tmp_path / "alertmanager.log", "ab")
-        process = subprocess.Popen([BINARY, f"--config.file={config}", f"--storage.path={tmp_path / 'am-data'}",
-                                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-                                    "--log.level=debug"], stdout=log, stderr=log)
+        process = subprocess.Popen(
+            [
+                BINARY,
+                f"--config.file={config}",
+                f"--storage.path={tmp_path / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+                "--log.level=debug",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
 
@@ -61,6 +80,7 @@ receivers:
                     return response.status == 200
             except OSError:
                 return False
+
         assert wait_until(ready, timeout=60), (tmp_path / "alertmanager.log").read_text()
         return url
 
@@ -72,8 +92,12 @@ receivers:
 
 def push(am_url, alerts):
     """POST /api/v2/alerts, as Prometheus does."""
-    request = urllib.request.Request(am_url + "/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        am_url + "/api/v2/alerts",
+        data=json.dumps(alerts).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
 
@@ -82,20 +106,25 @@ def am_alert(name, instance, job, severity, team=None, ends=None, summary=""):
     labels = {"alertname": name, "instance": instance, "job": job, "severity": severity}
     if team:
         labels["team"] = team
-    alert = {"labels": labels, "annotations": {"summary": summary or f"{name} on {instance}"},
-             "generatorURL": f"http://prometheus:9090/graph?g0.expr={name}",
-             # starting now: Alertmanager flushes a group at once for alerts older than group_wait
-             "startsAt": datetime.now(timezone.utc).isoformat()}
+    alert = {
+        "labels": labels,
+        "annotations": {"summary": summary or f"{name} on {instance}"},
+        "generatorURL": f"http://prometheus:9090/graph?g0.expr={name}",
+        # starting now: Alertmanager flushes a group at once for alerts older than group_wait
+        "startsAt": datetime.now(timezone.utc).isoformat(),
+    }
     if ends:
         alert["endsAt"] = ends.isoformat()
     return alert
 
 
 def alerts():
-    return [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满"),
-            am_alert("DiskFull", "10.0.0.2:9100", "node", "warning"),
-            am_alert("HighLoad", "10.0.0.3:9100", "node", "warning"),
-            am_alert("TargetDown", "p:9090", "prometheus", "critical", team="dev")]
+    return [
+        am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满"),
+        am_alert("DiskFull", "10.0.0.2:9100", "node", "warning"),
+        am_alert("HighLoad", "10.0.0.3:9100", "node", "warning"),
+        am_alert("TargetDown", "p:9090", "prometheus", "critical", team="dev"),
+    ]
 
 
 def titles(fake, token=None):
@@ -113,15 +142,19 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
     # Three groups (alertname, job): two for ops, one for dev. Each reaches its own group's robots,
     # DiskFull's in one message per severity.
     assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
-    assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]     # Alertmanager's group labels
-    assert titles(fake) == ["[FIRING:1] DiskFull node", "[FIRING:1] DiskFull node", "[FIRING:1] HighLoad node",
-                            "[FIRING:1] TargetDown prometheus"]
+    assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]  # Alertmanager's group labels
+    assert titles(fake) == [
+        "[FIRING:1] DiskFull node",
+        "[FIRING:1] DiskFull node",
+        "[FIRING:1] HighLoad node",
+        "[FIRING:1] TargetDown prometheus",
+    ]
     ops_tokens = [m.token for m in fake.delivered() if m.token != DEV]
-    assert ops_tokens == OPS                                       # ops robots in turn, signed/keyword checked
+    assert ops_tokens == OPS  # ops robots in turn, signed/keyword checked
     disk = next(m for m in fake.delivered() if "磁盘将满" in m.text)
     assert "10.0.0.1:9100" in disk.text and "10.0.0.2:9100" not in disk.text
-    assert "@13800000000" in disk.text                            # critical firing: the on-call is @-ed
-    assert "/#/silences/new?filter=" in disk.text                 # a link back to this Alertmanager
+    assert "@13800000000" in disk.text  # critical firing: the on-call is @-ed
+    assert "/#/silences/new?filter=" in disk.text  # a link back to this Alertmanager
     settle(bridge)
     rows = {r["instance"]: r for r in history(bridge)}
     assert set(rows) == {"10.0.0.1:9100", "10.0.0.2:9100", "10.0.0.3:9100", "p:9090"}
@@ -130,8 +163,10 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
     assert json.loads(rows["p:9090"]["labels"])["team"] == "dev"
 
     ended = datetime.now(timezone.utc) - timedelta(seconds=1)
-    push(am, [{**a, "endsAt": ended.isoformat()} for a in pushed[:2]])   # DiskFull resolves
-    assert fake.wait_for(lambda f: titles(f).count("[RESOLVED:1] DiskFull node") == 2, timeout=60), titles(fake)
+    push(am, [{**a, "endsAt": ended.isoformat()} for a in pushed[:2]])  # DiskFull resolves
+    assert fake.wait_for(
+        lambda f: titles(f).count("[RESOLVED:1] DiskFull node") == 2, timeout=60
+    ), titles(fake)
     for resolved in (m for m in fake.delivered() if "RESOLVED" in m.body["markdown"]["title"]):
         assert "恢复 Resolved" in resolved.text and "@13800000000" not in resolved.text
     settle(bridge)
@@ -139,11 +174,13 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
     assert rows["10.0.0.1:9100"]["status"] == "resolved" and rows["10.0.0.1:9100"]["ends_at"]
     assert rows["10.0.0.2:9100"]["status"] == "resolved"
     assert rows["10.0.0.3:9100"]["status"] == "firing" and rows["10.0.0.3:9100"]["ends_at"] is None
-    assert len(history(bridge)) == 4                                  # same occurrences, updated
+    assert len(history(bridge)) == 4  # same occurrences, updated
     assert all(s["errcode"] == 0 for s in history(bridge, "notifications"))
 
 
-def test_alertmanager_with_wrong_credentials_is_refused(make_bridge, fake, sqlite_db, alertmanager, tmp_path):
+def test_alertmanager_with_wrong_credentials_is_refused(
+    make_bridge, fake, sqlite_db, alertmanager, tmp_path
+):
     bridge = make_bridge(sqlite_db, extra=f"[auth]\nbearer_token = {BEARER}\n")
     am = alertmanager(bridge.address, "not-the-token")
     push(am, alerts()[:1])
@@ -152,16 +189,24 @@ def test_alertmanager_with_wrong_credentials_is_refused(make_bridge, fake, sqlit
     assert fake.delivered() == [] and bridge.journal.backlog()[2] == 0
 
 
-def test_urls_of_prometheus_webhook_dingtalk_work_unchanged(make_bridge, fake, sqlite_db, alertmanager):
+def test_urls_of_prometheus_webhook_dingtalk_work_unchanged(
+    make_bridge, fake, sqlite_db, alertmanager
+):
     """Alertmanager configured the old way: receivers named freely, each posting to
     /dingtalk/<target>/send; only host and port changed. The target names the [receiver:NAME]."""
     bridge = make_bridge(sqlite_db)
-    am = alertmanager(bridge.address, paths={"dingtalk": "/dingtalk/ops/send",
-                                             "dingtalk-dev": "/dingtalk/dev/send"})
+    am = alertmanager(
+        bridge.address,
+        paths={"dingtalk": "/dingtalk/ops/send", "dingtalk-dev": "/dingtalk/dev/send"},
+    )
     push(am, alerts())
     assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
     assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]
     assert {m.token for m in fake.delivered() if m.token != DEV} <= set(OPS)
     settle(bridge)
     assert {r["instance"]: r["receiver"] for r in history(bridge)} == {
-        "10.0.0.1:9100": "ops", "10.0.0.2:9100": "ops", "10.0.0.3:9100": "ops", "p:9090": "dev"}
+        "10.0.0.1:9100": "ops",
+        "10.0.0.2:9100": "ops",
+        "10.0.0.3:9100": "ops",
+        "p:9090": "dev",
+    }

@@ -16,8 +16,16 @@ VARIABLES = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
 
 
 def test_dashboard_structure_is_what_grafana_imports():
-    assert DASHBOARD["__inputs"] == [{"name": "DS_MYSQL", "label": "MySQL", "description": DASHBOARD["__inputs"][0]["description"],
-                                      "type": "datasource", "pluginId": "mysql", "pluginName": "MySQL"}]
+    assert DASHBOARD["__inputs"] == [
+        {
+            "name": "DS_MYSQL",
+            "label": "MySQL",
+            "description": DASHBOARD["__inputs"][0]["description"],
+            "type": "datasource",
+            "pluginId": "mysql",
+            "pluginName": "MySQL",
+        }
+    ]
     assert DASHBOARD["time"] == {"from": "now-7d", "to": "now"} and DASHBOARD["refresh"]
     ids = [p["id"] for p in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids))
@@ -25,7 +33,9 @@ def test_dashboard_structure_is_what_grafana_imports():
     for panel in DASHBOARD["panels"]:
         g = panel["gridPos"]
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0
-        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not cells & mine, f"{panel['title']} overlaps another panel"
         cells |= mine
         assert panel["datasource"] == {"type": "mysql", "uid": "${DS_MYSQL}"}
@@ -36,11 +46,23 @@ def test_dashboard_structure_is_what_grafana_imports():
         if variable["type"] == "query":
             assert variable["datasource"] == {"type": "mysql", "uid": "${DS_MYSQL}"}
             assert variable["multi"] and variable["includeAll"]
-    assert VARIABLES["dimension"]["query"].split(",") == ["alertname", "instance", "job", "severity", "receiver"]
-    required = {"Firing now", "Latest 100 alert records", "Alerts started over time by severity",
-                "Mean time to resolve per alertname", "DingTalk sends per receiver and robot",
-                "DingTalk failures by errcode", "Top 10 by occurrences ($dimension)",
-                "Top 10 by notifications ($dimension)"}
+    assert VARIABLES["dimension"]["query"].split(",") == [
+        "alertname",
+        "instance",
+        "job",
+        "severity",
+        "receiver",
+    ]
+    required = {
+        "Firing now",
+        "Latest 100 alert records",
+        "Alerts started over time by severity",
+        "Mean time to resolve per alertname",
+        "DingTalk sends per receiver and robot",
+        "DingTalk failures by errcode",
+        "Top 10 by occurrences ($dimension)",
+        "Top 10 by notifications ($dimension)",
+    }
     assert required <= set(PANELS)
 
 
@@ -59,37 +81,99 @@ def known_history():
         for k in range(i):
             starts = base + timedelta(seconds=i * 100 + k)
             resolved = i <= 6
-            occurrences.append({
-                "receiver": "ops" if i % 2 == 0 else "dev", "fingerprint": f"{name}-{k}",
-                "starts_at": T(starts), "ends_at": T(starts + timedelta(minutes=i)) if resolved else None,
-                "status": "resolved" if resolved else "firing",
-                "labels": {"alertname": name, "instance": f"host-{k}", "job": "node",
-                           "severity": "critical" if i % 3 == 0 else "warning"},
-                "annotations": {"summary": f"{name} #{k}"}, "generator_url": "", "external_url": ""})
+            occurrences.append(
+                {
+                    "receiver": "ops" if i % 2 == 0 else "dev",
+                    "fingerprint": f"{name}-{k}",
+                    "starts_at": T(starts),
+                    "ends_at": T(starts + timedelta(minutes=i)) if resolved else None,
+                    "status": "resolved" if resolved else "firing",
+                    "labels": {
+                        "alertname": name,
+                        "instance": f"host-{k}",
+                        "job": "node",
+                        "severity": "critical" if i % 3 == 0 else "warning",
+                    },
+                    "annotations": {"summary": f"{name} #{k}"},
+                    "generator_url": "",
+                    "external_url": "",
+                }
+            )
         alerts += occurrences
-        for _ in range(13 - i):                 # A01 notified 12 times per occurrence ... A12 once
-            sends.append({"robot": f"{occurrences[0]['receiver']}-1", "errcode": 0, "errmsg": "ok",
-                          "receiver": occurrences[0]["receiver"],
-                          "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in occurrences]})
-    for k in range(5):                          # firing for days: outside the range, still firing now
-        alerts.append({"receiver": "ops", "fingerprint": f"Outside-{k}", "starts_at": T(NOW - timedelta(days=3, seconds=k)),
-                       "ends_at": None, "status": "firing",
-                       "labels": {"alertname": "Outside", "instance": f"old-{k}", "severity": "info"},
-                       "annotations": {}, "generator_url": "", "external_url": ""})
-    for k in range(40):                         # resolved long ago, recorded last
+        for _ in range(13 - i):  # A01 notified 12 times per occurrence ... A12 once
+            sends.append(
+                {
+                    "robot": f"{occurrences[0]['receiver']}-1",
+                    "errcode": 0,
+                    "errmsg": "ok",
+                    "receiver": occurrences[0]["receiver"],
+                    "alerts": [
+                        (a["receiver"], a["fingerprint"], a["starts_at"]) for a in occurrences
+                    ],
+                }
+            )
+    for k in range(5):  # firing for days: outside the range, still firing now
+        alerts.append(
+            {
+                "receiver": "ops",
+                "fingerprint": f"Outside-{k}",
+                "starts_at": T(NOW - timedelta(days=3, seconds=k)),
+                "ends_at": None,
+                "status": "firing",
+                "labels": {"alertname": "Outside", "instance": f"old-{k}", "severity": "info"},
+                "annotations": {},
+                "generator_url": "",
+                "external_url": "",
+            }
+        )
+    for k in range(40):  # resolved long ago, recorded last
         starts = NOW - timedelta(days=2, seconds=k)
-        alerts.append({"receiver": "dev", "fingerprint": f"Bulk-{k}", "starts_at": T(starts),
-                       "ends_at": T(starts + timedelta(minutes=1)), "status": "resolved",
-                       "labels": {"alertname": "Bulk", "instance": f"bulk-{k}", "severity": "warning"},
-                       "annotations": {}, "generator_url": "", "external_url": ""})
+        alerts.append(
+            {
+                "receiver": "dev",
+                "fingerprint": f"Bulk-{k}",
+                "starts_at": T(starts),
+                "ends_at": T(starts + timedelta(minutes=1)),
+                "status": "resolved",
+                "labels": {"alertname": "Bulk", "instance": f"bulk-{k}", "severity": "warning"},
+                "annotations": {},
+                "generator_url": "",
+                "external_url": "",
+            }
+        )
     failures = [(410100, "send too fast")] * 3 + [(None, "network: timed out")] * 2
     for errcode, errmsg in failures:
-        sends.append({"robot": "ops-2", "errcode": errcode, "errmsg": errmsg, "receiver": "ops", "alerts": []})
+        sends.append(
+            {
+                "robot": "ops-2",
+                "errcode": errcode,
+                "errmsg": errmsg,
+                "receiver": "ops",
+                "alerts": [],
+            }
+        )
     sent_at = T(NOW - timedelta(hours=1))
-    events = [(1, "webhook", {"receiver": "x", "received_at": T(NOW - timedelta(hours=2)), "alerts": alerts})]
+    events = [
+        (
+            1,
+            "webhook",
+            {"receiver": "x", "received_at": T(NOW - timedelta(hours=2)), "alerts": alerts},
+        )
+    ]
     for n, send in enumerate(sends):
-        events.append((n + 2, "send", {**send, "sent_at": sent_at, "request_id": f"r{n}", "message_id": n,
-                                       "latency_ms": 10 * (n % 5)}))
+        events.append(
+            (
+                n + 2,
+                "send",
+                {
+                    **send,
+                    "sent_at": sent_at,
+                    "request_id": f"r{n}",
+                    "message_id": n,
+                    "latency_ms": 10 * (n % 5),
+                },
+            )
+        )
     return events, alerts
 
 
@@ -101,7 +185,9 @@ def history_db():
     store.record("grafana-test", [(i, kind, json.dumps(body)) for i, kind, body in events])
     store.close()
     with db.cursor() as cursor:
-        cursor.execute("SET time_zone = '+00:00'")       # as the README sets the data source's session zone
+        cursor.execute(
+            "SET time_zone = '+00:00'"
+        )  # as the README sets the data source's session zone
     yield db, alerts
     db.close()
 
@@ -132,7 +218,11 @@ def in_range(alerts):
 def test_variable_queries(history_db):
     db, _ = history_db
     assert [r[0] for r in query(db, VARIABLES["receiver"]["query"])] == ["dev", "ops"]
-    assert [r[0] for r in query(db, VARIABLES["severity"]["query"])] == ["critical", "info", "warning"]
+    assert [r[0] for r in query(db, VARIABLES["severity"]["query"])] == [
+        "critical",
+        "info",
+        "warning",
+    ]
     assert [r[0] for r in query(db, VARIABLES["alertname"]["query"])][:2] == ["A01", "A02"]
 
 
@@ -151,7 +241,9 @@ def test_top_10_by_occurrences_most_frequent_first(history_db):
 
 def test_top_10_by_notifications(history_db):
     db, _ = history_db
-    rows = [(name, int(n)) for name, n in run(db, panel_sql("Top 10 by notifications ($dimension)"))]
+    rows = [
+        (name, int(n)) for name, n in run(db, panel_sql("Top 10 by notifications ($dimension)"))
+    ]
     totals = {f"A{i:02d}": i * (13 - i) for i in range(1, 13)}
     assert rows == sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
 
@@ -160,9 +252,12 @@ def test_firing_now_lists_exactly_the_unresolved(history_db):
     db, alerts = history_db
     rows = run(db, panel_sql("Firing now"))
     assert sorted((r[0], r[1]) for r in rows) == sorted(
-        (a["labels"]["alertname"], a["labels"]["instance"]) for a in alerts if a["status"] == "firing")
-    assert all(r[5] >= 0 for r in rows)                      # duration in seconds
-    assert rows[0][0] == "A12"                               # newest first
+        (a["labels"]["alertname"], a["labels"]["instance"])
+        for a in alerts
+        if a["status"] == "firing"
+    )
+    assert all(r[5] >= 0 for r in rows)  # duration in seconds
+    assert rows[0][0] == "A12"  # newest first
     assert len(run(db, panel_sql("Firing now"), severity=["info"])) == 5
 
 
@@ -187,7 +282,9 @@ def test_alerts_over_time_by_severity(history_db):
 def test_mean_time_to_resolve(history_db):
     db, _ = history_db
     rows = run(db, panel_sql("Mean time to resolve per alertname"))
-    assert [(name, float(mean), n) for name, mean, n in rows] == [(f"A{i:02d}", i * 60.0, i) for i in range(6, 0, -1)]
+    assert [(name, float(mean), n) for name, mean, n in rows] == [
+        (f"A{i:02d}", i * 60.0, i) for i in range(6, 0, -1)
+    ]
 
 
 def test_dingtalk_sends_and_failures(history_db):

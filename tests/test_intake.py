@@ -45,8 +45,18 @@ def with_(path, value):
 
 def malformed_bodies():
     """100 bodies that can never succeed, each with a reason a person would recognize."""
-    bodies = [b"", b"{", b"[]", b"null", b"42", b'"text"', b"\xff\xfe\x00", b"{\"version\": \"4\"",
-              b"[" * 100000 + b"]" * 100000, "{\"version\":\"4\",\"x\":\"\ud800\"}".encode("utf-8", "surrogatepass")]
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b"42",
+        b'"text"',
+        b"\xff\xfe\x00",
+        b'{"version": "4"',
+        b"[" * 100000 + b"]" * 100000,
+        '{"version":"4","x":"\ud800"}'.encode("utf-8", "surrogatepass"),
+    ]
     fields = {
         ("version",): [None, "3", 4, "", ["4"]],
         ("status",): [None, "pending", 1, ""],
@@ -61,10 +71,20 @@ def malformed_bodies():
         ("alerts", 0, "status"): [None, "ok", 1],
         ("alerts", 0, "labels"): [None, {}, [], "a=b", {"a": 1}, {"a": {"b": "c"}}],
         ("alerts", 0, "annotations"): [[], {"s": 1}, "x"],
-        ("alerts", 0, "startsAt"): [None, "", "yesterday", "2026-11-24", "2026-11-24T08:00:00",
-                                    "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-11-24T25:00:00Z",
-                                    "2026-11-24T08:00:00+8", 1700000000, "2026-11-24T08:00:00.Z",
-                                    "2026-11-24T08:00:00.1234567890Z"],
+        ("alerts", 0, "startsAt"): [
+            None,
+            "",
+            "yesterday",
+            "2026-11-24",
+            "2026-11-24T08:00:00",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-11-24T25:00:00Z",
+            "2026-11-24T08:00:00+8",
+            1700000000,
+            "2026-11-24T08:00:00.Z",
+            "2026-11-24T08:00:00.1234567890Z",
+        ],
         ("alerts", 0, "endsAt"): ["never", 0, "0001-01-01", "2026-11-24T08:00:00ZZ"],
         ("alerts", 0, "fingerprint"): [5, ["x"]],
         ("alerts", 0, "generatorURL"): [5, {}],
@@ -74,8 +94,10 @@ def malformed_bodies():
             if value is None and path[-1] in ("groupLabels",):
                 continue
             bodies.append(json.dumps(with_(path, value)).encode())
-    bodies += [json.dumps({**GOOD, "alerts": [GOOD["alerts"][0], 7]}).encode(),
-               json.dumps({**GOOD, "alerts": [{}]}).encode()]
+    bodies += [
+        json.dumps({**GOOD, "alerts": [GOOD["alerts"][0], 7]}).encode(),
+        json.dumps({**GOOD, "alerts": [{}]}).encode(),
+    ]
     while len(bodies) < 100:
         bodies.append(b"{" * len(bodies) + b"}")
     return bodies[:100]
@@ -96,22 +118,45 @@ def test_100_malformed_requests_get_4xx_and_the_daemon_keeps_serving(make_bridge
     assert len(history(bridge)) == 1
 
 
-@pytest.mark.parametrize("request_bytes, status, reason", [
-    (b"POST /nowhere HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "no such endpoint"),
-    (b"GET /alertmanager HTTP/1.1\r\n\r\n", 405, "use POST"),
-    (b"DELETE / HTTP/1.1\r\n\r\n", 405, "use POST"),
-    (b"POST /alertmanager HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{}", 411, "Content-Length"),
-    (b"POST /alertmanager HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411, "chunked"),
-    (b"POST /alertmanager HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{}", 413, "max_body_bytes"),
-    (b"POST /alertmanager HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}", 415, "application/json"),
-    (b"POST /alertmanager HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}", 400, "Content-Length"),
-    (b"POST /alertmanager HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 400, "body ended"),
-    (b"POST /alertmanager/ops HTTP/1.1\r\nContent-Length: 7\r\n\r\n{\"a\":1}", 400, "version"),
-    (b"POST /dingtalk/ops/send HTTP/1.1\r\nContent-Length: 7\r\n\r\n{\"a\":1}", 400, "version"),
-    (b"GET /dingtalk/ops/send HTTP/1.1\r\n\r\n", 405, "use POST"),
-    (b"POST /dingtalk/ops HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "no such endpoint"),
-])
-def test_each_bad_request_gets_its_status_and_a_one_line_reason(make_bridge, sqlite_db, request_bytes, status, reason):
+@pytest.mark.parametrize(
+    "request_bytes, status, reason",
+    [
+        (b"POST /nowhere HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "no such endpoint"),
+        (b"GET /alertmanager HTTP/1.1\r\n\r\n", 405, "use POST"),
+        (b"DELETE / HTTP/1.1\r\n\r\n", 405, "use POST"),
+        (
+            b"POST /alertmanager HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{}",
+            411,
+            "Content-Length",
+        ),
+        (
+            b"POST /alertmanager HTTP/1.1\r\nTransfer-Encoding: "
+            b"chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            411,
+            "chunked",
+        ),
+        (
+            b"POST /alertmanager HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{}",
+            413,
+            "max_body_bytes",
+        ),
+        (
+            b"POST /alertmanager HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: "
+            b"2\r\n\r\n{}",
+            415,
+            "application/json",
+        ),
+        (b"POST /alertmanager HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}", 400, "Content-Length"),
+        (b"POST /alertmanager HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 400, "body ended"),
+        (b'POST /alertmanager/ops HTTP/1.1\r\nContent-Length: 7\r\n\r\n{"a":1}', 400, "version"),
+        (b'POST /dingtalk/ops/send HTTP/1.1\r\nContent-Length: 7\r\n\r\n{"a":1}', 400, "version"),
+        (b"GET /dingtalk/ops/send HTTP/1.1\r\n\r\n", 405, "use POST"),
+        (b"POST /dingtalk/ops HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "no such endpoint"),
+    ],
+)
+def test_each_bad_request_gets_its_status_and_a_one_line_reason(
+    make_bridge, sqlite_db, request_bytes, status, reason
+):
     bridge = make_bridge(sqlite_db)
     got, body = raw_request(bridge, request_bytes)
     assert got == status
@@ -136,17 +181,19 @@ def test_unknown_receiver_without_default_is_404(make_bridge, sqlite_db):
 
 def test_alertmanager_time_forms_are_accepted(make_bridge, sqlite_db):
     bridge = make_bridge(sqlite_db)
-    alerts = [make_alert(instance="ns", starts_at="2026-11-24T21:47:13.776597105Z"),
-              make_alert(instance="offset", starts_at="2026-11-25T05:47:13+08:00"),
-              make_alert(instance="future-end", ends_at="2030-01-01T00:00:00Z"),
-              {**make_alert(instance="no-fingerprint"), "fingerprint": "", "generatorURL": ""}]
+    alerts = [
+        make_alert(instance="ns", starts_at="2026-11-24T21:47:13.776597105Z"),
+        make_alert(instance="offset", starts_at="2026-11-25T05:47:13+08:00"),
+        make_alert(instance="future-end", ends_at="2030-01-01T00:00:00Z"),
+        {**make_alert(instance="no-fingerprint"), "fingerprint": "", "generatorURL": ""},
+    ]
     status, reply = post(bridge, make_payload("dev", alerts))
     assert status == 200 and reply["alerts"] == 4
     settle(bridge)
     rows = {r["instance"]: r for r in history(bridge)}
     assert rows["ns"]["starts_at"] == "2026-11-24 21:47:13.776"
     assert rows["offset"]["starts_at"] == "2026-11-24 21:47:13.000"
-    assert rows["future-end"]["ends_at"] is None            # a firing alert's endsAt is only an estimate
+    assert rows["future-end"]["ends_at"] is None  # a firing alert's endsAt is only an estimate
     assert len(rows["no-fingerprint"]["fingerprint"]) == 16
 
 
@@ -160,31 +207,53 @@ def test_health_endpoints_answer(make_bridge, sqlite_db):
 UTC = timezone.utc
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2026-11-24T21:47:13.776597105Z", (2026, 11, 24, 21, 47, 13, 776597)),   # nanoseconds: cut, not rounded
-    ("2026-11-24T21:47:13.999999999Z", (2026, 11, 24, 21, 47, 13, 999999)),
-    ("2026-11-24T21:47:13.7Z", (2026, 11, 24, 21, 47, 13, 700000)),
-    ("2026-11-24T21:47:13.123456Z", (2026, 11, 24, 21, 47, 13, 123456)),
-    ("2026-11-24T21:47:13Z", (2026, 11, 24, 21, 47, 13, 0)),
-    ("2026-11-24t21:47:13z", (2026, 11, 24, 21, 47, 13, 0)),
-    ("2026-11-24 21:47:13Z", (2026, 11, 24, 21, 47, 13, 0)),
-    ("2026-11-25T05:47:13.5+08:00", (2026, 11, 24, 21, 47, 13, 500000)),
-    ("2026-11-24T16:17:13-05:30", (2026, 11, 24, 21, 47, 13, 0)),
-    ("2026-11-24T21:47:13-00:00", (2026, 11, 24, 21, 47, 13, 0)),
-    ("2027-01-01T07:59:59.000000001+08:00", (2026, 12, 31, 23, 59, 59, 0)),   # offset crosses the year
-    ("2024-02-29T00:00:00Z", (2024, 2, 29, 0, 0, 0, 0)),
-    ("0001-01-01T00:00:00Z", None),                                            # Go's zero time
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "2026-11-24T21:47:13.776597105Z",
+            (2026, 11, 24, 21, 47, 13, 776597),
+        ),  # nanoseconds: cut, not rounded
+        ("2026-11-24T21:47:13.999999999Z", (2026, 11, 24, 21, 47, 13, 999999)),
+        ("2026-11-24T21:47:13.7Z", (2026, 11, 24, 21, 47, 13, 700000)),
+        ("2026-11-24T21:47:13.123456Z", (2026, 11, 24, 21, 47, 13, 123456)),
+        ("2026-11-24T21:47:13Z", (2026, 11, 24, 21, 47, 13, 0)),
+        ("2026-11-24t21:47:13z", (2026, 11, 24, 21, 47, 13, 0)),
+        ("2026-11-24 21:47:13Z", (2026, 11, 24, 21, 47, 13, 0)),
+        ("2026-11-25T05:47:13.5+08:00", (2026, 11, 24, 21, 47, 13, 500000)),
+        ("2026-11-24T16:17:13-05:30", (2026, 11, 24, 21, 47, 13, 0)),
+        ("2026-11-24T21:47:13-00:00", (2026, 11, 24, 21, 47, 13, 0)),
+        (
+            "2027-01-01T07:59:59.000000001+08:00",
+            (2026, 12, 31, 23, 59, 59, 0),
+        ),  # offset crosses the year
+        ("2024-02-29T00:00:00Z", (2024, 2, 29, 0, 0, 0, 0)),
+        ("0001-01-01T00:00:00Z", None),  # Go's zero time
+    ],
+)
 def test_rfc3339_times_parse_the_same_on_every_python(text, expected):
     parsed = alertbridge.parse_time(text, "t")
     assert parsed == (datetime(*expected, tzinfo=UTC) if expected else None)
 
 
-@pytest.mark.parametrize("text", ["2026-11-24T21:47:13", "2026-11-24T21:47:13.Z", "2026-11-24T21:47:13.1234567890Z",
-                                  "2026-11-24T21:47:13+0800", "2026-11-24T21:47:13+08", "2026-11-24T21:47:13+24:00",
-                                  "2026-11-24T21:47:13+08:60", "2025-02-29T00:00:00Z", "2026-11-24T24:00:00Z",
-                                  "2026-11-24T23:59:60Z", "２０２６-11-24T21:47:13Z", "1969-12-31T23:59:59Z",
-                                  "9999-12-31T23:59:59Z"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-24T21:47:13",
+        "2026-11-24T21:47:13.Z",
+        "2026-11-24T21:47:13.1234567890Z",
+        "2026-11-24T21:47:13+0800",
+        "2026-11-24T21:47:13+08",
+        "2026-11-24T21:47:13+24:00",
+        "2026-11-24T21:47:13+08:60",
+        "2025-02-29T00:00:00Z",
+        "2026-11-24T24:00:00Z",
+        "2026-11-24T23:59:60Z",
+        "２０２６-11-24T21:47:13Z",
+        "1969-12-31T23:59:59Z",
+        "9999-12-31T23:59:59Z",
+    ],
+)
 def test_times_that_are_not_rfc3339_or_out_of_range_are_refused(text):
     with pytest.raises(alertbridge.BadRequest) as error:
         alertbridge.parse_time(text, "alerts[0].startsAt")
@@ -200,48 +269,71 @@ def test_reload_takes_a_post_without_a_body(make_bridge, sqlite_db):
 
 def webhook_request(payload, path="/alertmanager"):
     body = json.dumps(payload).encode()
-    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % (path.encode(), len(body)) + body)
+    return (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+        b"%d\r\n\r\n" % (path.encode(), len(body)) + body
+    )
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/-/healthy", "/-/ready", "/nowhere"])
-def test_a_body_on_an_endpoint_that_takes_none_is_never_read_as_a_request(make_bridge, sqlite_db, path):
+def test_a_body_on_an_endpoint_that_takes_none_is_never_read_as_a_request(
+    make_bridge, sqlite_db, path
+):
     """Behind a proxy that lets only GET /metrics through, a webhook hidden in its body must not
     reach DingTalk."""
     bridge = make_bridge(sqlite_db)
     hidden = webhook_request(make_payload("dev", [make_alert("Smuggled")]))
-    request = b"GET %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(hidden)) + hidden
+    request = (
+        b"GET %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(hidden))
+        + hidden
+    )
     responses = raw_exchange(bridge, request)
     assert len(responses) == 1
     assert bridge.journal.backlog() == (0, None, 0, None)
 
 
-@pytest.mark.parametrize("framing, status", [
-    (b"Content-Length: 2\r\nContent-Length: 40", 400),            # which one? neither
-    (b"Content-Length: 2\r\nContent-Length: 2", 400),
-    (b"Content-Length: 2\r\nTransfer-Encoding: chunked", 400),
-    (b"Content-Length: \xb2", 400),                               # Latin-1 '²': isdigit() is true
-    (b"Content-Length: 1" + b"0" * 5000, 400),                    # more digits than int() takes
-    (b"Content-Length: -2", 400),
-    (b"Content-Length: 0x2", 400),
-], ids=["two-lengths", "repeated-length", "length-and-chunked", "superscript-two", "5000-digits",
-        "negative", "hex"])
-def test_framing_that_is_not_one_plain_length_gets_400_and_the_connection_ends(make_bridge, sqlite_db, framing,
-                                                                              status):
+@pytest.mark.parametrize(
+    "framing, status",
+    [
+        (b"Content-Length: 2\r\nContent-Length: 40", 400),  # which one? neither
+        (b"Content-Length: 2\r\nContent-Length: 2", 400),
+        (b"Content-Length: 2\r\nTransfer-Encoding: chunked", 400),
+        (b"Content-Length: \xb2", 400),  # Latin-1 '²': isdigit() is true
+        (b"Content-Length: 1" + b"0" * 5000, 400),  # more digits than int() takes
+        (b"Content-Length: -2", 400),
+        (b"Content-Length: 0x2", 400),
+    ],
+    ids=[
+        "two-lengths",
+        "repeated-length",
+        "length-and-chunked",
+        "superscript-two",
+        "5000-digits",
+        "negative",
+        "hex",
+    ],
+)
+def test_framing_that_is_not_one_plain_length_gets_400_and_the_connection_ends(
+    make_bridge, sqlite_db, framing, status
+):
     bridge = make_bridge(sqlite_db)
     second = webhook_request(make_payload("dev", [make_alert("Smuggled")]))
     request = b"POST /alertmanager HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n{}" + second
     responses = raw_exchange(bridge, request)
-    assert [r[0] for r in responses] == [status]              # the rest of the stream is not parsed
+    assert [r[0] for r in responses] == [status]  # the rest of the stream is not parsed
     assert json.loads(responses[0][1])["error"]
     assert bridge.journal.backlog() == (0, None, 0, None)
 
 
-def test_a_bearer_token_beyond_ascii_is_compared_as_the_utf8_alertmanager_sends(make_bridge, sqlite_db):
+def test_a_bearer_token_beyond_ascii_is_compared_as_the_utf8_alertmanager_sends(
+    make_bridge, sqlite_db
+):
     bridge = make_bridge(sqlite_db, extra="[auth]\nbearer_token = 令牌-ü-token\n")
     body = json.dumps(make_payload("dev", [make_alert()])).encode()
-    head = ("POST /alertmanager HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nAuthorization: Bearer ").encode()
+    head = (
+        "POST /alertmanager HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nAuthorization: Bearer "
+    ).encode()
     assert raw_exchange(bridge, head + "令牌-ü-token".encode() + b"\r\n\r\n" + body)[0][0] == 200
     assert raw_exchange(bridge, head + "令牌-u-token".encode() + b"\r\n\r\n" + body)[0][0] == 401
 
@@ -252,7 +344,7 @@ def test_request_text_cannot_forge_a_log_line(make_bridge, sqlite_db, caplog):
     forged = "x\nINFO alertbridge request_id=0 accepted receiver=ops\r"
     payload = make_payload(forged, [make_alert()])
     payload["groupKey"] = forged
-    assert post(bridge, payload)[0] == 200                                     # via default_receiver
+    assert post(bridge, payload)[0] == 200  # via default_receiver
     assert post(bridge, make_payload("dev", [make_alert()]), path="/alertmanager/a%0Ab")[0] == 200
     bad_label = make_payload("dev", [make_alert(labels={forged: 1})])
     assert post(bridge, bad_label)[0] == 400

@@ -9,8 +9,8 @@ from alertbridge import chunk_lengths, cut, longest_that_fits, split_in_two
 def test_items_are_packed_greedily_in_order_into_runs_that_fit():
     assert list(chunk_lengths([4, 4, 4, 4], 10)) == [2, 2]
     assert list(chunk_lengths([3, 3, 3, 3], 10)) == [3, 1]
-    assert list(chunk_lengths([5, 5], 10)) == [2]                      # exactly full
-    assert list(chunk_lengths([1, 9, 1], 10)) == [2, 1]                # order kept, no reshuffling
+    assert list(chunk_lengths([5, 5], 10)) == [2]  # exactly full
+    assert list(chunk_lengths([1, 9, 1], 10)) == [2, 1]  # order kept, no reshuffling
     assert list(chunk_lengths([], 10)) == []
 
 
@@ -26,8 +26,9 @@ def test_a_digest_reads_only_what_it_takes_and_one_more():
         for n in itertools.count():
             read.append(n)
             yield 4
+
     assert next(chunk_lengths(sizes(), 10)) == 2
-    assert read == [0, 1, 2]                       # message bodies are read lazily, as few as possible
+    assert read == [0, 1, 2]  # message bodies are read lazily, as few as possible
 
 
 def test_cut_and_halve_keep_every_item_in_order():
@@ -38,7 +39,7 @@ def test_cut_and_halve_keep_every_item_in_order():
 
 
 def test_the_estimate_is_checked_against_the_real_size_one_item_less_at_a_time():
-    fits = lambda prefix: sum(prefix) <= 10                 # noqa: E731 (the real rendering, in small)
+    fits = lambda prefix: sum(prefix) <= 10  # noqa: E731 (the real rendering, in small)
     assert longest_that_fits([4, 4, 4], fits) == [4, 4]
     assert longest_that_fits([4, 4], fits) == [4, 4]
-    assert longest_that_fits([30, 1], fits) == [30]        # at least one: it will be cut or split
+    assert longest_that_fits([30, 1], fits) == [30]  # at least one: it will be cut or split

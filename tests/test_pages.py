@@ -15,8 +15,24 @@ import pytest
 
 import alertbridge
 from alertbridge import ALERT_FIELDS, TITLE_FIELDS, markdown_html, template_errors
-from tests.kit import (FIXTURES, IN_CI, OPS, ROBOTS, SCRIPT, SECRETS, config_text, connect, free_port, load_fixture,
-                       make_alert, make_payload, metric, post, storm_payloads, wait_until)
+from tests.kit import (
+    FIXTURES,
+    IN_CI,
+    OPS,
+    ROBOTS,
+    SCRIPT,
+    SECRETS,
+    config_text,
+    connect,
+    free_port,
+    load_fixture,
+    make_alert,
+    make_payload,
+    metric,
+    post,
+    storm_payloads,
+    wait_until,
+)
 
 AUTH = "[auth]\nusername = oncall\npassword = pa55word\n"
 CREDENTIALS = {"Authorization": "Basic " + base64.b64encode(b"oncall:pa55word").decode()}
@@ -31,8 +47,13 @@ def shown(text):
 
 
 def hostile_payload():
-    alert = make_alert("DatacenterDown", "dc-1", severity="critical", labels={"team": SCRIPT_LABEL},
-                       annotations={"summary": IMG_SUMMARY, "description": "[click](javascript:alert(1))"})
+    alert = make_alert(
+        "DatacenterDown",
+        "dc-1",
+        severity="critical",
+        labels={"team": SCRIPT_LABEL},
+        annotations={"summary": IMG_SUMMARY, "description": "[click](javascript:alert(1))"},
+    )
     return make_payload("ops", [alert])
 
 
@@ -53,54 +74,87 @@ def request(bridge, method, path, body=b"", headers=None):
 
 # --- rendering DingTalk's markdown as HTML ------------------------------------------------------
 
-@pytest.mark.parametrize("markdown, html", [
-    ("#### [FIRING:1] Disk", "<h4>[FIRING:1] Disk</h4>"),
-    ("**🔥 Disk** · critical", "<p><strong>🔥 Disk</strong> · critical</p>"),
-    ("- 实例 Instance: a:9100", "<ul><li>实例 Instance: a:9100</li></ul>"),
-    ("> quoted", "<blockquote>quoted</blockquote>"),
-    ("a\nb", "<p>a<br>b</p>"),
-    ("---", "<hr>"),
-    ("[Prometheus](http://prom:9090/graph?a=1&b=2)",
-     '<p><a href="http://prom:9090/graph?a=1&amp;b=2" rel="noopener noreferrer" target="_blank">Prometheus</a></p>'),
-    ('<font color="#FF0000">red</font>', '<p><span style="color:#FF0000">red</span></p>'),
-    # what comes from outside stays text
-    (SCRIPT_LABEL, "<p>&lt;script&gt;window.__pwned = 1&lt;/script&gt;</p>"),
-    (IMG_SUMMARY, "<p>&quot;&gt;&lt;img src=x onerror=&quot;window.__pwned = 2&quot;&gt;</p>"),
-    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
-    ('[x](http://a/"onmouseover="alert(1))', '<p><a href="http://a/&quot;onmouseover=&quot;alert(1" '
-                                             'rel="noopener noreferrer" target="_blank">x</a>)</p>'),
-    ("![i](http://evil/x.png)", '<p><span class="dim">[image i]</span></p>'),
-    ('<font color="red" onclick="x">t</font>', "<p>&lt;font color=&quot;red&quot; onclick=&quot;x&quot;&gt;t"
-                                               "&lt;/font&gt;</p>"),
-    ("[a*b*](http://h/*c*)", '<p><a href="http://h/*c*" rel="noopener noreferrer" target="_blank">a*b*</a></p>'),
-    # escaped label values (md_escape) show as written, as DingTalk shows them
-    ("node\\_exporter\\_\\*x\\* \\[a\\](http://h)", "<p>node_exporter_*x* [a](http://h)</p>"),
-])
+
+@pytest.mark.parametrize(
+    "markdown, html",
+    [
+        ("#### [FIRING:1] Disk", "<h4>[FIRING:1] Disk</h4>"),
+        ("**🔥 Disk** · critical", "<p><strong>🔥 Disk</strong> · critical</p>"),
+        ("- 实例 Instance: a:9100", "<ul><li>实例 Instance: a:9100</li></ul>"),
+        ("> quoted", "<blockquote>quoted</blockquote>"),
+        ("a\nb", "<p>a<br>b</p>"),
+        ("---", "<hr>"),
+        (
+            "[Prometheus](http://prom:9090/graph?a=1&b=2)",
+            '<p><a href="http://prom:9090/graph?a=1&amp;b=2" rel="noopener noreferrer" '
+            'target="_blank">Prometheus</a></p>',
+        ),
+        ('<font color="#FF0000">red</font>', '<p><span style="color:#FF0000">red</span></p>'),
+        # what comes from outside stays text
+        (SCRIPT_LABEL, "<p>&lt;script&gt;window.__pwned = 1&lt;/script&gt;</p>"),
+        (IMG_SUMMARY, "<p>&quot;&gt;&lt;img src=x onerror=&quot;window.__pwned = 2&quot;&gt;</p>"),
+        ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+        (
+            '[x](http://a/"onmouseover="alert(1))',
+            '<p><a href="http://a/&quot;onmouseover=&quot;alert(1" '
+            'rel="noopener noreferrer" target="_blank">x</a>)</p>',
+        ),
+        ("![i](http://evil/x.png)", '<p><span class="dim">[image i]</span></p>'),
+        (
+            '<font color="red" onclick="x">t</font>',
+            "<p>&lt;font color=&quot;red&quot; onclick=&quot;x&quot;&gt;t&lt;/font&gt;</p>",
+        ),
+        (
+            "[a*b*](http://h/*c*)",
+            '<p><a href="http://h/*c*" rel="noopener noreferrer" target="_blank">a*b*</a></p>',
+        ),
+        # escaped label values (md_escape) show as written, as DingTalk shows them
+        ("node\\_exporter\\_\\*x\\* \\[a\\](http://h)", "<p>node_exporter_*x* [a](http://h)</p>"),
+    ],
+)
 def test_dingtalk_markdown_becomes_safe_html(markdown, html):
     assert markdown_html(markdown) == html
 
 
 # --- template problems --------------------------------------------------------------------------
 
+
 def test_template_errors_name_the_line_and_the_field():
     assert template_errors("a\n{summary}\n{labels[team]:raw}\n{status!r:>8}", ALERT_FIELDS) == []
     [typo] = template_errors("x\n- {sumary}", ALERT_FIELDS)
-    assert typo.startswith("line 2: {sumary} is not a field; did you mean {summary}? (fields: alertname, ")
+    assert typo.startswith(
+        "line 2: {sumary} is not a field; did you mean {summary}? (fields: alertname, "
+    )
     [spec] = template_errors("{starts_at:%H:%M}", ALERT_FIELDS)
     assert spec.startswith("line 1: {starts_at}: format '%H:%M' does not apply to text")
     assert template_errors("{count:d} {firing:>3}", TITLE_FIELDS) == []
-    assert template_errors("ok\n{broken", ALERT_FIELDS) == ["line 2: expected '}' before end of string"]
-    assert template_errors("{labels}", ALERT_FIELDS) == ["line 1: {labels} needs a key, such as {labels[team]}"]
+    assert template_errors("ok\n{broken", ALERT_FIELDS) == [
+        "line 2: expected '}' before end of string"
+    ]
+    assert template_errors("{labels}", ALERT_FIELDS) == [
+        "line 1: {labels} needs a key, such as {labels[team]}"
+    ]
     assert template_errors("{alertname[0]}", ALERT_FIELDS)[0].endswith("take a [key]")
 
 
-@pytest.mark.parametrize("field", ["labels.__missing__.__globals__[CONFIG]", "labels[a][b]", "0", "labels[x].y",
-                                   "alertname.__class__", "", "labels[{x}]"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "labels.__missing__.__globals__[CONFIG]",
+        "labels[a][b]",
+        "0",
+        "labels[x].y",
+        "alertname.__class__",
+        "",
+        "labels[{x}]",
+    ],
+)
 def test_a_field_is_a_name_and_at_most_one_key(field):
     """Attribute access or deeper indexing would walk from a label map to the module's globals."""
     [error] = template_errors("{" + field + "}", ALERT_FIELDS)
-    assert error.startswith("line 1: {") and ("a field is a name" in error or "name the field" in error
-                                              or "expected" in error)
+    assert error.startswith("line 1: {") and (
+        "a field is a name" in error or "name the field" in error or "expected" in error
+    )
 
 
 @pytest.mark.parametrize("spec", [">10000000", ".100000", "0>201", "{x}"])
@@ -111,50 +165,87 @@ def test_a_format_width_is_bounded(spec):
 
 def test_a_malformed_template_in_the_config_names_its_line(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake.url, sqlite_db, receivers={"ops": {"robots": "ops-1", "alert": "\n  a\n  {b"}}))
-    with pytest.raises(alertbridge.ConfigError, match=r"\[receiver:ops\] alert: bad template: line 2: "):
+    path.write_text(
+        config_text(
+            fake.url, sqlite_db, receivers={"ops": {"robots": "ops-1", "alert": "\n  a\n  {b"}}
+        )
+    )
+    with pytest.raises(
+        alertbridge.ConfigError, match=r"\[receiver:ops\] alert: bad template: line 2: "
+    ):
         alertbridge.load_config(str(path))
 
 
 def check_config(path):
-    return subprocess.run([sys.executable, SCRIPT, "-c", str(path), "--check-config"], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, SCRIPT, "-c", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def test_check_config_refuses_fields_that_do_not_exist_and_names_the_section(tmp_path, fake, sqlite_db):
+def test_check_config_refuses_fields_that_do_not_exist_and_names_the_section(
+    tmp_path, fake, sqlite_db
+):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake.url, sqlite_db, receivers={
-        "ops": {"robots": "ops-1", "title": "{alertnames} {recevier}"}, "dev": {"robots": "dev-1"}}))
+    path.write_text(
+        config_text(
+            fake.url,
+            sqlite_db,
+            receivers={
+                "ops": {"robots": "ops-1", "title": "{alertnames} {recevier}"},
+                "dev": {"robots": "dev-1"},
+            },
+        )
+    )
     done = check_config(path)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("config error: [receiver:ops] title: bad template: line 1: {recevier} is not a "
-                                  "field; did you mean {receiver}?")
-    inherited = "[templates]\nalert = **{alertname}**\n  {sumary}\n"        # every receiver inherits it
+    assert done.stderr.startswith(
+        "config error: [receiver:ops] title: bad template: line 1: {recevier} is not a "
+        "field; did you mean {receiver}?"
+    )
+    inherited = "[templates]\nalert = **{alertname}**\n  {sumary}\n"  # every receiver inherits it
     path.write_text(config_text(fake.url, sqlite_db, extra=inherited))
     done = check_config(path)
     assert done.returncode == 2
-    assert done.stderr.startswith("config error: [templates] alert: bad template: line 2: {sumary} is not a field")
+    assert done.stderr.startswith(
+        "config error: [templates] alert: bad template: line 2: {sumary} is not a field"
+    )
 
 
-@pytest.mark.parametrize("template", ["{labels.__missing__.__globals__[ROBOTS]}", "{alertname:>10000000}"])
-def test_a_template_that_reads_beyond_its_fields_or_grows_unbounded_is_refused_at_load(tmp_path, fake, sqlite_db,
-                                                                                       template):
+@pytest.mark.parametrize(
+    "template", ["{labels.__missing__.__globals__[ROBOTS]}", "{alertname:>10000000}"]
+)
+def test_a_template_that_reads_beyond_its_fields_or_grows_unbounded_is_refused_at_load(
+    tmp_path, fake, sqlite_db, template
+):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake.url, sqlite_db, receivers={"dev": {"robots": "dev-1", "alert": template}}))
-    with pytest.raises(alertbridge.ConfigError, match=r"^\[receiver:dev\] alert: bad template: line 1: "):
+    path.write_text(
+        config_text(fake.url, sqlite_db, receivers={"dev": {"robots": "dev-1", "alert": template}})
+    )
+    with pytest.raises(
+        alertbridge.ConfigError, match=r"^\[receiver:dev\] alert: bad template: line 1: "
+    ):
         alertbridge.load_config(str(path))
 
 
 # --- the dry run --------------------------------------------------------------------------------
 
+
 def render(config_path, payload_path):
-    return subprocess.run([sys.executable, SCRIPT, "-c", str(config_path), "--render", str(payload_path)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, SCRIPT, "-c", str(config_path), "--render", str(payload_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_render_prints_exactly_what_the_daemon_sends(name, make_bridge, fake, sqlite_db, tmp_path):
-    """Each captured Alertmanager payload: --render's bodies are byte for byte the ones DingTalk gets."""
+    """Each captured Alertmanager payload: --render's bodies are byte for byte the ones DingTalk
+    gets."""
     bridge = make_bridge(sqlite_db)
     done = render(bridge.config.path, FIXTURES / name)
     assert done.returncode == 0, done.stderr
@@ -184,17 +275,21 @@ def test_render_reports_bad_payloads(make_bridge, sqlite_db, tmp_path):
     bad.write_text('{"version": "3"}')
     done = render(bridge.config.path, bad)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip() == f'{bad}: version: expected "4", got \'3\''
+    assert done.stderr.strip() == f"{bad}: version: expected \"4\", got '3'"
     done = render(bridge.config.path, tmp_path / "missing.json")
     assert done.returncode == 2 and "cannot read" in done.stderr
     done = render(bridge.config.path, FIXTURES / "am025-dev-firing.json")
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
-    assert not bridge.journal.backlog()[0]                      # nothing queued, nothing sent
+    assert not bridge.journal.backlog()[0]  # nothing queued, nothing sent
 
 
 def test_render_and_check_config_agree_on_a_template_typo(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
-    path.write_text(config_text(fake.url, sqlite_db, receivers={"dev": {"robots": "dev-1", "alert": "{sumary}"}}))
+    path.write_text(
+        config_text(
+            fake.url, sqlite_db, receivers={"dev": {"robots": "dev-1", "alert": "{sumary}"}}
+        )
+    )
     rendered, checked = render(path, FIXTURES / "am025-dev-firing.json"), check_config(path)
     assert rendered.returncode == checked.returncode == 2 and rendered.stderr == checked.stderr
     assert "{sumary} is not a field" in checked.stderr
@@ -202,27 +297,49 @@ def test_render_and_check_config_agree_on_a_template_typo(tmp_path, fake, sqlite
 
 def test_render_reads_stdin(make_bridge, sqlite_db):
     bridge = make_bridge(sqlite_db, start=False)
-    done = subprocess.run([sys.executable, SCRIPT, "-c", bridge.config.path, "--render", "-"], timeout=60,
-                          input=(FIXTURES / "am025-dev-firing.json").read_bytes(), capture_output=True)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "-c", bridge.config.path, "--render", "-"],
+        timeout=60,
+        input=(FIXTURES / "am025-dev-firing.json").read_bytes(),
+        capture_output=True,
+    )
     assert done.returncode == 0 and json.loads(done.stdout)["msgtype"] == "markdown"
 
 
 # --- the pages over HTTP ------------------------------------------------------------------------
 
+
 def test_pages_need_the_credentials_and_a_browser_is_asked_for_them(make_bridge, sqlite_db):
     bridge = make_bridge(sqlite_db, extra=AUTH + "bearer_token = for-alertmanager\n")
-    for method, path in (("GET", "/"), ("GET", "/status"), ("GET", "/preview"), ("POST", "/preview")):
+    for method, path in (
+        ("GET", "/"),
+        ("GET", "/status"),
+        ("GET", "/preview"),
+        ("POST", "/preview"),
+    ):
         status, body, headers = request(bridge, method, path)
-        assert status == 401 and json.loads(body)["error"].startswith("missing or wrong credentials")
-        assert headers["WWW-Authenticate"] == 'Basic realm="alertbridge"'   # a browser prompts for Basic
+        assert status == 401 and json.loads(body)["error"].startswith(
+            "missing or wrong credentials"
+        )
+        assert (
+            headers["WWW-Authenticate"] == 'Basic realm="alertbridge"'
+        )  # a browser prompts for Basic
     status, body, headers = request(bridge, "GET", "/", headers=CREDENTIALS)
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert headers["Content-Security-Policy"].startswith("default-src 'none';")
-    assert "script-src" not in headers["Content-Security-Policy"]       # no script may run at all
+    assert "script-src" not in headers["Content-Security-Policy"]  # no script may run at all
     assert b'<meta http-equiv="refresh" content="10">' in body
     bearer = {"Authorization": "Bearer for-alertmanager"}
     assert request(bridge, "GET", "/status", headers=bearer)[0] == 200
-    assert request(bridge, "POST", "/alertmanager", json.dumps(load_fixture("am025-dev-firing.json")).encode())[0] == 401
+    assert (
+        request(
+            bridge,
+            "POST",
+            "/alertmanager",
+            json.dumps(load_fixture("am025-dev-firing.json")).encode(),
+        )[0]
+        == 401
+    )
 
 
 def test_the_status_page_shows_queues_robots_sends_and_what_fires(make_bridge, sqlite_db, fake):
@@ -237,10 +354,12 @@ def test_the_status_page_shows_queues_robots_sends_and_what_fires(make_bridge, s
     text = body.decode()
     assert status == 200
     assert "<h2>receiver ops</h2>" in text and "waiting</strong> (warning " in text
-    assert "errcode 310000: sign not match" in text                      # ops-3, out of rotation
+    assert "errcode 310000: sign not match" in text  # ops-3, out of rotation
     assert "<h2>Firing now: 61, the newest 50 shown</h2>" in text and "DatacenterDown" in text
-    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" not in text  # labels are not on the page...
-    assert "&quot;&gt;&lt;img src=x onerror=" in text                    # ...the summary is, as text
+    assert (
+        "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" not in text
+    )  # labels are not on the page...
+    assert "&quot;&gt;&lt;img src=x onerror=" in text  # ...the summary is, as text
     assert "<img" not in text and "<script" not in text
     for secret in (r["token"] for r in ROBOTS.values()):
         assert secret not in text
@@ -250,26 +369,34 @@ def test_the_status_page_says_when_the_history_is_down_and_paging_goes_on(make_b
     nowhere = alertbridge.Database(driver="mysql", host="127.0.0.1", port=free_port(), user="root")
     bridge = make_bridge(nowhere)
     assert post(bridge, load_fixture("am025-dev-firing.json"))[0] == 200
-    assert wait_until(lambda: bridge.recorder.store_ok is False and bridge.journal.backlog()[2] == 2)
+    assert wait_until(
+        lambda: bridge.recorder.store_ok is False and bridge.journal.backlog()[2] == 2
+    )
     text = request(bridge, "GET", "/status")[1].decode()
     assert "DOWN: alerts wait in the journal" in text and "backlog 2 events" in text
     assert "the history store is unreachable" in text
-    assert "<td>dev</td><td>critical</td><td>dev-1</td><td>1</td><td class=\"ok\">0</td>" in text
+    assert '<td>dev</td><td>critical</td><td>dev-1</td><td>1</td><td class="ok">0</td>' in text
 
 
-def test_the_status_page_shows_messages_kept_for_a_receiver_no_longer_configured(make_bridge, sqlite_db):
+def test_the_status_page_shows_messages_kept_for_a_receiver_no_longer_configured(
+    make_bridge, sqlite_db
+):
     bridge = make_bridge(sqlite_db)
     webhook = alertbridge.parse_webhook(json.dumps(load_fixture("am025-dev-firing.json")).encode())
     gone = alertbridge.Route("old-team", bridge.config.routes["dev"].robots)
-    bridge.journal.accept(webhook, gone, "r1")               # journaled before a reload removed it
+    bridge.journal.accept(webhook, gone, "r1")  # journaled before a reload removed it
     text = request(bridge, "GET", "/")[1].decode()
-    assert "<h2>receiver old-team <span class=\"bad\">(not in the config)</span></h2>" in text
-    assert "<strong>1 waiting</strong> (critical 1)" in text and "[receiver:old-team] is back" in text
+    assert '<h2>receiver old-team <span class="bad">(not in the config)</span></h2>' in text
+    assert (
+        "<strong>1 waiting</strong> (critical 1)" in text and "[receiver:old-team] is back" in text
+    )
 
 
 def test_the_preview_renders_without_sending_and_has_a_size_limit(make_bridge, sqlite_db, fake):
     bridge = make_bridge(sqlite_db, main={"max_body_bytes": "2048"})
-    form = urllib.parse.urlencode({"payload": json.dumps(hostile_payload()), "receiver": ""}).encode()
+    form = urllib.parse.urlencode(
+        {"payload": json.dumps(hostile_payload()), "receiver": ""}
+    ).encode()
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     status, body, _ = request(bridge, "POST", "/preview", form, headers)
     text = body.decode()
@@ -284,7 +411,9 @@ def test_the_preview_renders_without_sending_and_has_a_size_limit(make_bridge, s
     status, body, _ = request(bridge, "POST", "/preview", bad, headers)
     assert status == 422 and "receiver: required" in body.decode()
     status, body, _ = request(bridge, "POST", "/preview", b"payload=" + b"x" * 7000, headers)
-    assert status == 413 and json.loads(body)["error"].startswith("body of 7008 bytes exceeds the limit of 6144")
+    assert status == 413 and json.loads(body)["error"].startswith(
+        "body of 7008 bytes exceeds the limit of 6144"
+    )
     assert request(bridge, "POST", "/preview", form, {"Content-Type": "application/json"})[0] == 415
     assert request(bridge, "PUT", "/preview")[0] == 405
 
@@ -303,26 +432,42 @@ def test_a_template_tried_in_the_preview_is_used_and_its_problems_refused(make_b
     bridge = make_bridge(sqlite_db)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     payload = json.dumps(load_fixture("am025-dev-firing.json"))
-    form = urllib.parse.urlencode({"payload": payload, "alert": "NEW {alertname}\n{summary}"}).encode()
+    form = urllib.parse.urlencode(
+        {"payload": payload, "alert": "NEW {alertname}\n{summary}"}
+    ).encode()
     status, body, _ = request(bridge, "POST", "/preview", form, headers)
     assert status == 200 and "NEW TargetDown" in body.decode()
-    form = urllib.parse.urlencode({"payload": payload, "alert": "NEW {alertname}\n{sumary}"}).encode()
+    form = urllib.parse.urlencode(
+        {"payload": payload, "alert": "NEW {alertname}\n{sumary}"}
+    ).encode()
     status, body, _ = request(bridge, "POST", "/preview", form, headers)
-    assert status == 422 and "alert template: line 2: {sumary} is not a field; did you mean {summary}?" in body.decode()
+    assert (
+        status == 422
+        and "alert template: line 2: {sumary} is not a field; did you mean {summary}?"
+        in body.decode()
+    )
     form = urllib.parse.urlencode({"payload": payload, "title": "{oops"}).encode()
     status, body, _ = request(bridge, "POST", "/preview", form, headers)
-    assert status == 422 and "title template: line 1: expected &#x27;}&#x27; before end of string" in body.decode()
+    assert (
+        status == 422
+        and "title template: line 1: expected &#x27;}&#x27; before end of string" in body.decode()
+    )
 
 
-@pytest.mark.parametrize("key, template", [
-    ("alert", "{labels.__missing__.__globals__}"),
-    ("alert", "{labels.__missing__.__globals__[ROBOTS]}"),
-    ("title", "{common_labels.__missing__.__globals__[Bridge].__init__.__globals__[log]}"),
-    ("alert", "{annotations.__class__.__mro__[1].__subclasses__}"),
-    ("alert", "{alertname:>10000000}"),
-    ("title", "{count:.100000f}"),
-])
-def test_the_preview_never_reads_beyond_the_fields_nor_grows_unbounded(make_bridge, sqlite_db, key, template):
+@pytest.mark.parametrize(
+    "key, template",
+    [
+        ("alert", "{labels.__missing__.__globals__}"),
+        ("alert", "{labels.__missing__.__globals__[ROBOTS]}"),
+        ("title", "{common_labels.__missing__.__globals__[Bridge].__init__.__globals__[log]}"),
+        ("alert", "{annotations.__class__.__mro__[1].__subclasses__}"),
+        ("alert", "{alertname:>10000000}"),
+        ("title", "{count:.100000f}"),
+    ],
+)
+def test_the_preview_never_reads_beyond_the_fields_nor_grows_unbounded(
+    make_bridge, sqlite_db, key, template
+):
     """Unauthenticated by default: a template field that walked attributes reached every robot
     URL and secret through the module's globals; a huge width grew the daemon by 150 MB."""
     bridge = make_bridge(sqlite_db)
@@ -354,12 +499,21 @@ def browser(tmp_path):
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    os.environ["SE_OFFLINE"] = "true"           # selenium must not look for drivers online
+    os.environ["SE_OFFLINE"] = "true"  # selenium must not look for drivers online
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1100,1500", f"--user-data-dir={tmp_path / 'chromium'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,1500",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.execute_cdp_cmd("Network.enable", {})
@@ -369,7 +523,8 @@ def browser(tmp_path):
 
 
 def keep_screenshot(driver, tmp_path, name):
-    """Into the test's directory; also into $ALERTBRIDGE_SCREENSHOTS, which is how docs/ gets its PNG."""
+    """Into the test's directory; also into $ALERTBRIDGE_SCREENSHOTS, which is how docs/ gets
+    its PNG."""
     path = tmp_path / name
     assert driver.save_screenshot(str(path))
     target = os.environ.get("ALERTBRIDGE_SCREENSHOTS")
@@ -382,6 +537,7 @@ def follow(driver, element):
     """Click a link or button that loads a page, and wait until the page it was on is gone."""
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
+
     element.click()
     WebDriverWait(driver, 30).until(expected_conditions.staleness_of(element))
 
@@ -390,8 +546,11 @@ def pwned(driver):
     return driver.execute_script("return window.__pwned === undefined ? null : window.__pwned")
 
 
-def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(browser, make_bridge, sqlite_db, fake, tmp_path):
+def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(
+    browser, make_bridge, sqlite_db, fake, tmp_path
+):
     from selenium.webdriver.common.by import By
+
     robots = {**ROBOTS, "ops-3": {**ROBOTS["ops-3"], "secret": "not-the-secret"}}
     bridge = make_bridge(sqlite_db, robots=robots, delivery={"rate_limit": "1"}, extra=AUTH)
     assert post(bridge, hostile_payload(), headers=CREDENTIALS)[0] == 200
@@ -405,8 +564,10 @@ def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(browser, make_
     assert browser.title == f"alertbridge {alertbridge.VERSION}"
     ops = browser.find_element(By.XPATH, "//section[h2='receiver ops']")
     assert "waiting (warning" in ops.text
-    robot_rows = {row.find_element(By.TAG_NAME, "td").text: row.text
-                  for row in ops.find_elements(By.XPATH, ".//tr[td]")}
+    robot_rows = {
+        row.find_element(By.TAG_NAME, "td").text: row.text
+        for row in ops.find_elements(By.XPATH, ".//tr[td]")
+    }
     assert set(robot_rows) == {"ops-1", "ops-2", "ops-3"}
     assert "errcode 310000: sign not match" in robot_rows["ops-3"]
     assert "0 of 1" in robot_rows["ops-1"] and "ago" in robot_rows["ops-1"]
@@ -421,9 +582,11 @@ def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(browser, make_
     keep_screenshot(browser, tmp_path, "status-page.png")
     assert pwned(browser) is None
 
-    browser.set_window_size(390, 844)                      # a phone: wide tables scroll in their box
+    browser.set_window_size(390, 844)  # a phone: wide tables scroll in their box
     browser.refresh()
-    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth"
+    )
     keep_screenshot(browser, tmp_path, "status-page-phone.png")
     browser.set_window_size(1100, 1500)
 
@@ -441,50 +604,83 @@ def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(browser, make_
 def test_in_a_browser_the_preview_form(browser, make_bridge, sqlite_db, fake, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
+
     bridge = make_bridge(sqlite_db, extra=AUTH)
     browser.get(bridge.address + "/preview")
-    payload = make_payload("anything", [make_alert("DiskFull", "db-1", severity="critical",
-                                                   labels={"team": SCRIPT_LABEL}, annotations={"summary": IMG_SUMMARY}),
-                                        make_alert("DiskSlow", "db-1", severity="warning")])
+    payload = make_payload(
+        "anything",
+        [
+            make_alert(
+                "DiskFull",
+                "db-1",
+                severity="critical",
+                labels={"team": SCRIPT_LABEL},
+                annotations={"summary": IMG_SUMMARY},
+            ),
+            make_alert("DiskSlow", "db-1", severity="warning"),
+        ],
+    )
     textarea = browser.find_element(By.ID, "payload")
-    textarea.send_keys(json.dumps(payload, indent=1))      # typed, as an operator pastes it
+    textarea.send_keys(json.dumps(payload, indent=1))  # typed, as an operator pastes it
     Select(browser.find_element(By.ID, "receiver")).select_by_visible_text("ops")
     follow(browser, browser.find_element(By.ID, "render"))
     sections = browser.find_elements(By.XPATH, "//section[starts-with(h2, 'Message')]")
-    assert [s.find_element(By.TAG_NAME, "h2").text for s in sections] == ["Message 1 of 2", "Message 2 of 2"]
+    assert [s.find_element(By.TAG_NAME, "h2").text for s in sections] == [
+        "Message 1 of 2",
+        "Message 2 of 2",
+    ]
     first = sections[0]
     assert "priority level critical" in first.text and "@-mentions: @13800000000" in first.text
     cards = first.find_elements(By.CLASS_NAME, "dingtalk")
-    assert len(cards) == 3                                 # three robots, three keywords: three bodies
+    assert len(cards) == 3  # three robots, three keywords: three bodies
     assert "🔥 DiskFull" in cards[0].text and shown(IMG_SUMMARY) in cards[0].text
     assert first.find_elements(By.TAG_NAME, "img") == []
-    assert "@-mentions: nobody" in sections[1].text        # at_severities = critical
+    assert "@-mentions: nobody" in sections[1].text  # at_severities = critical
     assert json.loads(browser.find_element(By.ID, "payload").get_attribute("value")) == payload
     keep_screenshot(browser, tmp_path, "preview.png")
     assert pwned(browser) is None
     assert fake.requests == [] and bridge.journal.backlog()[0] == 0
 
 
-CARD = {"robots": "ops-1, ops-2", "message_type": "actionCard", "at_mobiles": "13800000000",
-        "at_severities": "critical", "dashboard_url": "https://grafana/d/x?var-instance={instance}"}
+CARD = {
+    "robots": "ops-1, ops-2",
+    "message_type": "actionCard",
+    "at_mobiles": "13800000000",
+    "at_severities": "critical",
+    "dashboard_url": "https://grafana/d/x?var-instance={instance}",
+}
 
 
-def test_the_preview_and_the_dry_run_show_an_action_card_and_its_mention(make_bridge, sqlite_db, fake, tmp_path):
+def test_the_preview_and_the_dry_run_show_an_action_card_and_its_mention(
+    make_bridge, sqlite_db, fake, tmp_path
+):
     bridge = make_bridge(sqlite_db, receivers={"ops": CARD, "dev": {"robots": "dev-1"}})
-    payload = make_payload("ops", [make_alert("DiskFull", annotations={"runbook_url": "https://wiki/disk"})])
+    payload = make_payload(
+        "ops", [make_alert("DiskFull", annotations={"runbook_url": "https://wiki/disk"})]
+    )
     form = urllib.parse.urlencode({"payload": json.dumps(payload), "receiver": ""}).encode()
-    status, body, _ = request(bridge, "POST", "/preview", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    status, body, _ = request(
+        bridge, "POST", "/preview", form, {"Content-Type": "application/x-www-form-urlencoded"}
+    )
     text = body.decode()
     assert status == 200, text
     assert "actionCard to robot ops-1" in text and "the @ message, text to robot ops-1" in text
-    assert ">手册 Runbook</a>" in text and 'href="https://grafana/d/x?var-instance=node-1%3A9100"' in text
+    assert (
+        ">手册 Runbook</a>" in text
+        and 'href="https://grafana/d/x?var-instance=node-1%3A9100"' in text
+    )
     assert "in a text message after the card" in text and fake.requests == []
 
     path = tmp_path / "payload.json"
     path.write_text(json.dumps(payload), encoding="utf-8")
     done = render(bridge.config.path, path)
     assert done.returncode == 0, done.stderr
-    card, mention = [json.loads(line) for line in done.stdout.splitlines()][::2]    # ops-2's keyword differs
+    card, mention = [json.loads(line) for line in done.stdout.splitlines()][
+        ::2
+    ]  # ops-2's keyword differs
     assert card["msgtype"] == "actionCard" and len(card["actionCard"]["btns"]) == 4
-    assert mention == {"msgtype": "text", "text": {"content": "@13800000000 [FIRING:1] DiskFull"},
-                       "at": {"atMobiles": ["13800000000"], "isAtAll": False}}
+    assert mention == {
+        "msgtype": "text",
+        "text": {"content": "@13800000000 [FIRING:1] DiskFull"},
+        "at": {"atMobiles": ["13800000000"], "isAtAll": False},
+    }

@@ -6,12 +6,18 @@ import pytest
 from alertbridge import Delivery, Robot, RobotPool, Route, SendResult
 
 T0 = 1_000_000.0
-OK, THROTTLED, SIGN_WRONG, NO_ANSWER = (SendResult(0, "ok"), SendResult(410100, "too fast"),
-                                        SendResult(310000, "sign not match"), SendResult(None, "network"))
+OK, THROTTLED, SIGN_WRONG, NO_ANSWER = (
+    SendResult(0, "ok"),
+    SendResult(410100, "too fast"),
+    SendResult(310000, "sign not match"),
+    SendResult(None, "network"),
+)
 
 
 def robot(name, token=None):
-    return Robot(name, f"https://oapi.dingtalk.com/robot/send?access_token={token or 'tok-' + name}")
+    return Robot(
+        name, f"https://oapi.dingtalk.com/robot/send?access_token={token or 'tok-' + name}"
+    )
 
 
 A, B, C = robot("a"), robot("b"), robot("c")
@@ -40,7 +46,7 @@ def test_robots_take_turns_and_each_sends_at_most_its_budget_per_window(pool):
     assert [send(pool, ROUTE, T0) for _ in range(7)] == ["a", "b", "c", "a", "b", "c", None]
     assert pool.available(ROUTE, T0) == 0
     assert pool.next_slot_at(ROUTE, T0) == T0 + 60
-    assert send(pool, ROUTE, T0 + 59.9) is None              # the window slides: not a fixed minute
+    assert send(pool, ROUTE, T0 + 59.9) is None  # the window slides: not a fixed minute
     assert pool.available(ROUTE, T0 + 60.1) == 6
     assert send(pool, ROUTE, T0 + 60.1) == "a"
 
@@ -48,9 +54,9 @@ def test_robots_take_turns_and_each_sends_at_most_its_budget_per_window(pool):
 def test_a_request_in_flight_holds_its_slot_and_is_dated_by_its_end(pool):
     a1 = pool.acquire(ROUTE, T0, set())
     a2 = pool.acquire(Route("ops", (A,)), T0, set())
-    assert (a1, a2) == (A, A) and pool.acquire(Route("ops", (A,)), T0, set()) is None   # 2 in flight
-    pool.release(a1, OK, T0 + 5)                              # an answer that took 5 s
-    pool.release(a2, NO_ANSWER, T0 + 30)                      # no answer counts too: it may have arrived
+    assert (a1, a2) == (A, A) and pool.acquire(Route("ops", (A,)), T0, set()) is None  # 2 in flight
+    pool.release(a1, OK, T0 + 5)  # an answer that took 5 s
+    pool.release(a2, NO_ANSWER, T0 + 30)  # no answer counts too: it may have arrived
     assert pool.available(Route("ops", (A,)), T0 + 64) == 0
     assert pool.available(Route("ops", (A,)), T0 + 65.1) == 1
     assert pool.available(Route("ops", (A,)), T0 + 90.1) == 2
@@ -61,16 +67,16 @@ def test_a_throttled_robot_rests_a_window_longer_if_it_repeats_and_the_others_go
     assert send(pool, ROUTE, T0, THROTTLED) == "a"
     assert [send(pool, ROUTE, T0 + 1) for _ in range(4)] == ["b", "c", "b", "c"]
     assert pool.available(ROUTE, T0 + 30) == 0 and pool.next_slot_at(only_a, T0 + 30) == T0 + 60
-    assert send(pool, only_a, T0 + 60.1, THROTTLED) == "a"          # again: two windows
+    assert send(pool, only_a, T0 + 60.1, THROTTLED) == "a"  # again: two windows
     assert pool.next_slot_at(only_a, T0 + 61) == T0 + 60.1 + 120
-    assert send(pool, only_a, T0 + 180.2, THROTTLED) == "a"         # and again: four
+    assert send(pool, only_a, T0 + 180.2, THROTTLED) == "a"  # and again: four
     assert pool.next_slot_at(only_a, T0 + 181) == T0 + 180.2 + 240
     last = T0 + 180.2
-    for _ in range(5):                                               # never more than throttle_seconds
+    for _ in range(5):  # never more than throttle_seconds
         last = pool.next_slot_at(only_a, last) + 0.1
         send(pool, only_a, last, THROTTLED)
     assert pool.next_slot_at(only_a, last) == last + 600
-    assert send(pool, only_a, last + 600.1) == "a"                  # a message taken ends the run
+    assert send(pool, only_a, last + 600.1) == "a"  # a message taken ends the run
     assert send(pool, only_a, last + 700, THROTTLED) == "a"
     assert pool.next_slot_at(only_a, last + 700) == last + 760
 
@@ -81,8 +87,8 @@ def test_a_misconfigured_robot_is_out_until_forgiven(pool):
     assert (a.name, a.budget, a.disabled) == ("a", 2, (SIGN_WRONG.errcode, SIGN_WRONG.errmsg, T0))
     assert (b.name, b.budget, b.disabled, b.last_sent_at) == ("b", 2, None, None)
     assert send(pool, Route("x", (A,)), T0 + 3600) is None
-    assert pool.next_slot_at(Route("x", (A,)), T0 + 3600) is None     # not while the config stays
-    pool.forgive()                                                     # a reload
+    assert pool.next_slot_at(Route("x", (A,)), T0 + 3600) is None  # not while the config stays
+    pool.forgive()  # a reload
     assert send(pool, Route("x", (A,)), T0 + 3600) == "a"
 
 
@@ -91,7 +97,7 @@ def test_two_sections_with_one_token_share_one_budget_and_one_throttle(pool):
     route = Route("ops", (A, twin))
     assert [send(pool, route, T0) for _ in range(3)] == ["a", "twin", None]
     send(pool, Route("z", (twin,)), T0 + 61, THROTTLED)
-    assert send(pool, Route("y", (A,)), T0 + 62) is None               # a's throttle too
+    assert send(pool, Route("y", (A,)), T0 + 62) is None  # a's throttle too
 
 
 def test_failover_skips_the_robots_already_tried(pool):
@@ -106,18 +112,29 @@ def test_a_placeholder_robot_is_never_used(pool):
 
 
 def test_budgets_and_throttles_come_back_from_the_send_log(pool):
-    pool.restore([(B.key, T0 - 200, 410100), (C.key, T0 - 61, 0), (A.key, T0 - 30, 0), (A.key, T0 - 10, 0),
-                  (B.key, T0 - 100, 410100)], T0)                 # twice: two windows of rest
+    pool.restore(
+        [
+            (B.key, T0 - 200, 410100),
+            (C.key, T0 - 61, 0),
+            (A.key, T0 - 30, 0),
+            (A.key, T0 - 10, 0),
+            (B.key, T0 - 100, 410100),
+        ],
+        T0,
+    )  # twice: two windows of rest
     report = pool.report([A, B, C], T0)
     assert [(r.name, r.budget, r.throttled(T0), r.disabled) for r in report] == [
-        ("a", 0, False, None), ("b", 2, True, None), ("c", 2, False, None)]
+        ("a", 0, False, None),
+        ("b", 2, True, None),
+        ("c", 2, False, None),
+    ]
     assert report[1].throttled_until == T0 - 100 + 120
     assert send(pool, ROUTE, T0) == "c"
 
 
 def test_new_limits_apply_at_once(pool, limits):
     assert [send(pool, ROUTE, T0) for _ in range(6)] == ["a", "b", "c"] * 2
-    limits["delivery"] = Delivery(rate_limit=3, rate_window=60.0)     # what a reload does
+    limits["delivery"] = Delivery(rate_limit=3, rate_window=60.0)  # what a reload does
     assert pool.available(ROUTE, T0) == 3
 
 
@@ -131,8 +148,8 @@ def test_the_reserve_is_kept_for_urgent_messages_and_the_limit_never_exceeded(re
     route = Route("ops", (A,))
     assert reserving.available(route, T0, urgent=False) == 2 and reserving.available(route, T0) == 4
     assert [reserving.acquire(route, T0, set(), urgent=False) for _ in range(3)] == [A, A, None]
-    assert reserving.next_slot_at(route, T0, urgent=False) > T0          # a storm waits here...
-    assert reserving.next_slot_at(route, T0, urgent=True) == T0           # ...a page does not
+    assert reserving.next_slot_at(route, T0, urgent=False) > T0  # a storm waits here...
+    assert reserving.next_slot_at(route, T0, urgent=True) == T0  # ...a page does not
     assert [reserving.acquire(route, T0, set(), urgent=True) for _ in range(3)] == [A, A, None]
 
 
@@ -141,14 +158,14 @@ def test_routes_sharing_a_robot_take_turns_when_its_slots_run_short(limits):
     pool = RobotPool(lambda: limits["delivery"])
     storm, other = Route("storm", (A,)), Route("other", (A,))
     assert [send_as(pool, storm, t) for t in (T0, T0 + 10, T0 + 20)] == ["a", "a", None]
-    assert send_as(pool, other, T0 + 30) is None                  # a page comes; it waits too
+    assert send_as(pool, other, T0 + 30) is None  # a page comes; it waits too
     for t in (T0 + 35, T0 + 40, T0 + 45, T0 + 50, T0 + 55, T0 + 60, T0 + 65, T0 + 70):
-        pool.wants(other, t)                                      # its sender, every few seconds
-    assert send_as(pool, storm, T0 + 60.5) == "a"                # the storm had waited longer
-    assert send_as(pool, storm, T0 + 70.5) is None               # the next slot is the page's...
+        pool.wants(other, t)  # its sender, every few seconds
+    assert send_as(pool, storm, T0 + 60.5) == "a"  # the storm had waited longer
+    assert send_as(pool, storm, T0 + 70.5) is None  # the next slot is the page's...
     assert pool.next_slot_at(storm, T0 + 70.5, urgent=False) > T0 + 70.5
-    assert send_as(pool, other, T0 + 70.6) == "a"                # ...which takes it
-    assert send_as(pool, storm, T0 + 120.6) == "a"               # and the storm has it back
+    assert send_as(pool, other, T0 + 70.6) == "a"  # ...which takes it
+    assert send_as(pool, storm, T0 + 120.6) == "a"  # and the storm has it back
 
 
 def test_a_route_that_stopped_asking_is_not_waited_for(limits):
@@ -156,7 +173,7 @@ def test_a_route_that_stopped_asking_is_not_waited_for(limits):
     pool = RobotPool(lambda: limits["delivery"])
     storm, gone = Route("storm", (A,)), Route("gone", (A,))
     assert [send_as(pool, storm, T0), send_as(pool, gone, T0 + 1)] == ["a", None]
-    assert send_as(pool, storm, T0 + 60.5) == "a"                # "gone" has not asked for a minute
+    assert send_as(pool, storm, T0 + 60.5) == "a"  # "gone" has not asked for a minute
 
 
 def send_as(pool, route, now):

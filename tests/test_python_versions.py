@@ -4,8 +4,22 @@ import subprocess
 
 import pytest
 
-from tests.kit import OLD_PYTHONS, ROOT, SCRIPT, SUPPORTED_PYTHONS, Daemon, load_fixture, post, require_python
-CAPTURED = ("am025-dev-firing.json", "am025-ops-firing-group.json", "am025-ops-partly-resolved.json")
+from tests.kit import (
+    OLD_PYTHONS,
+    ROOT,
+    SCRIPT,
+    SUPPORTED_PYTHONS,
+    Daemon,
+    load_fixture,
+    post,
+    require_python,
+)
+
+CAPTURED = (
+    "am025-dev-firing.json",
+    "am025-ops-firing-group.json",
+    "am025-ops-partly-resolved.json",
+)
 
 
 @pytest.mark.parametrize("version", SUPPORTED_PYTHONS)
@@ -27,15 +41,25 @@ def test_daemon_delivers_captured_alertmanager_payloads(version, tmp_path, fake,
 
 @pytest.mark.parametrize("version", OLD_PYTHONS)
 def test_older_python_gets_one_clear_line_and_exit_2(version):
-    result = subprocess.run([require_python(version), SCRIPT, "-c", "config.ini"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [require_python(version), SCRIPT, "-c", "config.ini"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1, result.stderr                 # no traceback
-    assert "needs Python 3.9 or newer" in result.stderr and f"this is Python {version}." in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # no traceback
+    assert (
+        "needs Python 3.9 or newer" in result.stderr
+        and f"this is Python {version}." in result.stderr
+    )
 
 
 def test_file_still_compiles_on_python_3_6():
     """The version check can only speak if the file parses: no syntax newer than 3.6."""
     check = f"compile(open({SCRIPT!r}, encoding='utf-8').read(), {SCRIPT!r}, 'exec')"
-    result = subprocess.run([require_python("3.6"), "-c", check], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [require_python("3.6"), "-c", check], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr

@@ -19,7 +19,9 @@ def alerts_of(name):
 
 
 def body_of(alerts, digest=False, part=None, **extra):
-    return alertbridge.Body(alerts=tuple(alerts), digest=digest, part=tuple(part) if part else None, **extra)
+    return alertbridge.Body(
+        alerts=tuple(alerts), digest=digest, part=tuple(part) if part else None, **extra
+    )
 
 
 def renderer_and_channel(config, history=None):
@@ -40,7 +42,9 @@ def render(alerts, route=None, robot=ROBOT, max_bytes=20000, digest=False, **ext
 
 def test_missing_labels_render_empty_and_empty_lines_are_dropped():
     fields = alertbridge.Blank(labels=alertbridge.Blank(team="sre"), alertname="X")
-    template = "A {alertname}\nteam {labels[team]}\nowner {labels[owner]}\n{nosuch.attr} {x[1]}\nplain"
+    template = (
+        "A {alertname}\nteam {labels[team]}\nowner {labels[owner]}\n{nosuch.attr} {x[1]}\nplain"
+    )
     assert render_template(template, fields) == "A X\nteam sre\nplain"
 
 
@@ -50,9 +54,9 @@ def test_firing_alert_layout_in_the_configured_zone():
     assert text.startswith("#### [FIRING:2] DiskFull\n")
     assert "**🔥 DiskFull** · critical · FIRING" in text
     assert "- 开始 Started: 2026-11-25 05:47:13" in text
-    assert "恢复 Resolved" not in text                   # no end time while firing
+    assert "恢复 Resolved" not in text  # no end time while firing
     assert "- 摘要 Summary: 磁盘将满" in text and "- 描述 Description: usage 95%" in text
-    assert text.count("---") == 1                          # two alerts, one separator
+    assert text.count("---") == 1  # two alerts, one separator
 
 
 def test_resolved_alert_shows_end_and_duration_and_no_silence_link():
@@ -91,9 +95,12 @@ def test_keyword_robot_gets_its_keyword():
 
 def test_custom_templates_from_config(tmp_path):
     path = tmp_path / "c.ini"
-    path.write_text("[receiver:ops]\nrobots = r\ntitle = {receiver}: {count} ({firing} firing)\n"
-                    "alert = {alertname}@{instance} team={labels[team]} via {receiver}\n"
-                    "[robot:r]\nurl = http://127.0.0.1:1/robot/send?access_token=t\n", encoding="utf-8")
+    path.write_text(
+        "[receiver:ops]\nrobots = r\ntitle = {receiver}: {count} ({firing} firing)\n"
+        "alert = {alertname}@{instance} team={labels[team]} via {receiver}\n"
+        "[robot:r]\nurl = http://127.0.0.1:1/robot/send?access_token=t\n",
+        encoding="utf-8",
+    )
     config = alertbridge.load_config(str(path))
     route = config.routes["ops"]
     body = draw(config, route, route.robots[0], body_of(alerts_of("am025-dev-firing.json")))
@@ -105,11 +112,21 @@ def test_custom_templates_from_config(tmp_path):
 
 def test_digest_groups_by_alertname_and_split_fits_the_limit():
     base = alerts_of("am025-ops-firing-group.json")[0]
-    alerts = [{**base, "fingerprint": f"f{i}", "labels": {**base["labels"], "alertname": f"Rule{i % 3}",
-                                                          "instance": f"10.0.{i}.1:9100"}} for i in range(300)]
+    alerts = [
+        {
+            **base,
+            "fingerprint": f"f{i}",
+            "labels": {
+                **base["labels"],
+                "alertname": f"Rule{i % 3}",
+                "instance": f"10.0.{i}.1:9100",
+            },
+        }
+        for i in range(300)
+    ]
     route = Route("ops", (ROBOT, KEYWORD_ROBOT))
     renderer, channel = renderer_and_channel(Config())
-    sizes = [renderer.block_size(route, a) for a in alerts]          # the estimates packing works on
+    sizes = [renderer.block_size(route, a) for a in alerts]  # the estimates packing works on
     chunks = alertbridge.cut(alerts, alertbridge.chunk_lengths(sizes, renderer.room(channel)))
     assert len(chunks) > 1 and sum(len(c) for c in chunks) == 300
     for i, chunk in enumerate(chunks):
@@ -127,39 +144,67 @@ def test_single_oversized_alert_is_cut_with_a_visible_mark():
     body = render([alert], max_bytes=5000, robot=KEYWORD_ROBOT)
     encoded = json.dumps(body, ensure_ascii=False).encode()
     assert len(encoded) <= 5000
-    assert alertbridge.TRUNCATED_MARK in body["markdown"]["text"] and body["markdown"]["text"].endswith("告警")
+    assert alertbridge.TRUNCATED_MARK in body["markdown"]["text"] and body["markdown"][
+        "text"
+    ].endswith("告警")
 
 
 # --- issue 17: escaping, links, mentions from alerts, actionCard, group fields, history ----------
 
+
 def alert(labels=None, annotations=None, status="firing", **extra):
-    base = {"fingerprint": "f1", "status": status, "starts_at": "2026-11-25 05:47:13.000",
-            "ends_at": "2026-11-25 05:53:13.000" if status == "resolved" else None,
-            "labels": {"alertname": "NodeDown", "severity": "critical", "instance": "n1:9100", **(labels or {})},
-            "annotations": annotations or {}, "generator_url": "http://prometheus-0:9090/graph?g0.expr=up",
-            "external_url": "http://alertmanager-0:9093", "receiver": "ops"}
+    base = {
+        "fingerprint": "f1",
+        "status": status,
+        "starts_at": "2026-11-25 05:47:13.000",
+        "ends_at": "2026-11-25 05:53:13.000" if status == "resolved" else None,
+        "labels": {
+            "alertname": "NodeDown",
+            "severity": "critical",
+            "instance": "n1:9100",
+            **(labels or {}),
+        },
+        "annotations": annotations or {},
+        "generator_url": "http://prometheus-0:9090/graph?g0.expr=up",
+        "external_url": "http://alertmanager-0:9093",
+        "receiver": "ops",
+    }
     return {**base, **extra}
 
 
 def test_label_and_annotation_values_are_escaped_for_markdown_unless_raw():
-    hostile = alert(labels={"exporter": "node_exporter_*x*"}, annotations={"summary": "see [here](http://x) `now`"})
+    hostile = alert(
+        labels={"exporter": "node_exporter_*x*"},
+        annotations={"summary": "see [here](http://x) `now`"},
+    )
     text = render([hostile])["markdown"]["text"]
     assert r"node\_exporter\_\*x\*" in text and r"\[here\](http://x) \`now\`" in text
-    assert "[Prometheus](http://prometheus-0:9090/graph?g0.expr=up)" in text    # our own links stay links
-    raw = Route("ops", (ROBOT,), alert="{summary:raw} | {labels[exporter]:raw} | {labels[exporter]}")
+    assert (
+        "[Prometheus](http://prometheus-0:9090/graph?g0.expr=up)" in text
+    )  # our own links stay links
+    raw = Route(
+        "ops", (ROBOT,), alert="{summary:raw} | {labels[exporter]:raw} | {labels[exporter]}"
+    )
     assert render([hostile], raw)["markdown"]["text"].endswith(
-        "see [here](http://x) `now` | node_exporter_*x* | node\\_exporter\\_\\*x\\*")
+        "see [here](http://x) `now` | node_exporter_*x* | node\\_exporter\\_\\*x\\*"
+    )
     title = render([alert(labels={"alertname": "Disk_full_*x*"})])["markdown"]
-    assert title["title"] == "[FIRING:1] Disk_full_*x*"                      # the chat list: plain text
+    assert title["title"] == "[FIRING:1] Disk_full_*x*"  # the chat list: plain text
     assert title["text"].startswith("#### [FIRING:1] Disk\\_full\\_\\*x\\*\n")
 
 
 def test_links_are_rebased_for_phones():
-    route = Route("ops", (ROBOT,), prometheus_url="https://prom.example.com/p",
-                  alertmanager_url="https://am.example.com")
+    route = Route(
+        "ops",
+        (ROBOT,),
+        prometheus_url="https://prom.example.com/p",
+        alertmanager_url="https://am.example.com",
+    )
     text = render([alert()], route)["markdown"]["text"]
     assert "[Prometheus](https://prom.example.com/p/graph?g0.expr=up)" in text
-    assert "(https://am.example.com/#/silences/new?filter=%7B" in text and "alertmanager-0" not in text
+    assert (
+        "(https://am.example.com/#/silences/new?filter=%7B" in text and "alertmanager-0" not in text
+    )
     assert alertbridge.rebase_url("http://a:9090/x?y=1#z", "https://b") == "https://b/x?y=1#z"
 
 
@@ -168,13 +213,27 @@ def routed(**options):
 
 
 def test_mentions_come_from_labels_annotations_and_the_team_map():
-    route = routed(at_mobiles=("13800000000",), at_mobiles_from=("owner_mobile",), at_user_ids_from=("oncall",),
-                   at_map_label="team", at_map=(("dba", ("13900000000",), ("dba-lead",)),))
-    who = Renderer(Config()).mentions(route, [alert({"owner_mobile": "13700000000, 13600000000", "team": "dba"},
-                                                    {"oncall": "manager7021"})])
+    route = routed(
+        at_mobiles=("13800000000",),
+        at_mobiles_from=("owner_mobile",),
+        at_user_ids_from=("oncall",),
+        at_map_label="team",
+        at_map=(("dba", ("13900000000",), ("dba-lead",)),),
+    )
+    who = Renderer(Config()).mentions(
+        route,
+        [
+            alert(
+                {"owner_mobile": "13700000000, 13600000000", "team": "dba"},
+                {"oncall": "manager7021"},
+            )
+        ],
+    )
     assert who.mobiles == ("13800000000", "13900000000", "13700000000", "13600000000")
     assert who.user_ids == ("dba-lead", "manager7021") and not who.all
-    body = render([alert({"owner_mobile": "13700000000"})], routed(at_mobiles_from=("owner_mobile",)))
+    body = render(
+        [alert({"owner_mobile": "13700000000"})], routed(at_mobiles_from=("owner_mobile",))
+    )
     assert body["at"] == {"atMobiles": ["13700000000"], "isAtAll": False}
     assert body["markdown"]["text"].endswith("\n\n@13700000000")
 
@@ -182,77 +241,138 @@ def test_mentions_come_from_labels_annotations_and_the_team_map():
 def test_a_hostile_label_cannot_mention_everyone_or_a_crowd():
     route = routed(at_mobiles_from=("owner",), at_user_ids_from=("oncall",))
     crowd = " ".join(str(13000000000 + i) for i in range(50))
-    hostile = alert({"owner": "@all all <script>x</script> 1380000000x " + crowd},
-                    {"oncall": "all ALL @all $$$ ok_user"})
+    hostile = alert(
+        {"owner": "@all all <script>x</script> 1380000000x " + crowd},
+        {"oncall": "all ALL @all $$$ ok_user"},
+    )
     who = Renderer(Config()).mentions(route, [hostile])
     assert not who.all and "all" not in [u.lower() for u in who.user_ids]
     assert len(who.mobiles) + len(who.user_ids) == alertbridge.MENTIONS_FROM_ALERTS
     assert all(m.isdigit() for m in who.mobiles)
-    assert Renderer(Config()).mentions(route, [alert({"owner": "13700000000"}, status="resolved")]) == \
-        alertbridge.Mentions()                                                # only firing alerts @
+    assert (
+        Renderer(Config()).mentions(route, [alert({"owner": "13700000000"}, status="resolved")])
+        == alertbridge.Mentions()
+    )  # only firing alerts @
     severe = routed(at_mobiles_from=("owner",), at_severities=("critical",))
-    assert not Renderer(Config()).mentions(severe, [alert({"owner": "13700000000", "severity": "warning"})])
+    assert not Renderer(Config()).mentions(
+        severe, [alert({"owner": "13700000000", "severity": "warning"})]
+    )
 
 
 def test_an_action_card_has_buttons_and_its_mention_goes_apart():
-    route = routed(message_type="actionCard", at_mobiles=("13800000000",),
-                   dashboard_url="https://grafana/d/x?var-instance={instance}&var-job={job}")
+    route = routed(
+        message_type="actionCard",
+        at_mobiles=("13800000000",),
+        dashboard_url="https://grafana/d/x?var-instance={instance}&var-job={job}",
+    )
     firing = alert({"job": "a b"}, {"runbook_url": "https://wiki/runbooks/node-down"})
     body = render([firing], route)
     assert body["msgtype"] == "actionCard" and "at" not in body
     card = body["actionCard"]
     assert card["title"] == "[FIRING:1] NodeDown" and "@13800000000" not in card["text"]
-    assert [b["title"] for b in card["btns"]] == ["静默 Silence", "手册 Runbook", "Prometheus", "仪表盘 Dashboard"]
+    assert [b["title"] for b in card["btns"]] == [
+        "静默 Silence",
+        "手册 Runbook",
+        "Prometheus",
+        "仪表盘 Dashboard",
+    ]
     assert card["btnOrientation"] == "0"
-    assert card["btns"][0]["actionURL"].startswith("http://alertmanager-0:9093/#/silences/new?filter=%7Balertname")
-    assert card["btns"][3]["actionURL"] == "https://grafana/d/x?var-instance=n1%3A9100&var-job=a%20b"
+    assert card["btns"][0]["actionURL"].startswith(
+        "http://alertmanager-0:9093/#/silences/new?filter=%7Balertname"
+    )
+    assert (
+        card["btns"][3]["actionURL"] == "https://grafana/d/x?var-instance=n1%3A9100&var-job=a%20b"
+    )
     renderer, channel = renderer_and_channel(Config())
     card, mention = renderer.plan(route, body_of([firing]), channel)
     assert card.kind == alertbridge.CARD and mention.kind == alertbridge.MENTION
     assert draw(Config(), route, KEYWORD_ROBOT, mention) == {
-        "msgtype": "text", "text": {"content": "@13800000000 [FIRING:1] NodeDown\n告警"},
-        "at": {"atMobiles": ["13800000000"], "isAtAll": False}}
-    assert renderer.plan(route, card, channel) == [card]                     # its @ is apart already
-    assert renderer.plan(route, body_of([firing], part=[1, 2]), channel) == [body_of([firing], part=[1, 2])]
+        "msgtype": "text",
+        "text": {"content": "@13800000000 [FIRING:1] NodeDown\n告警"},
+        "at": {"atMobiles": ["13800000000"], "isAtAll": False},
+    }
+    assert renderer.plan(route, card, channel) == [card]  # its @ is apart already
+    assert renderer.plan(route, body_of([firing], part=[1, 2]), channel) == [
+        body_of([firing], part=[1, 2])
+    ]
     resolved = render([alert(status="resolved")], route)["actionCard"]["btns"]
-    assert [b["title"] for b in resolved] == ["Prometheus", "仪表盘 Dashboard"]     # nothing to silence
+    assert [b["title"] for b in resolved] == [
+        "Prometheus",
+        "仪表盘 Dashboard",
+    ]  # nothing to silence
 
 
 def test_group_labels_common_labels_and_external_url_in_titles():
-    group = [alert({"job": "node"}), alert({"job": "node", "instance": "n2:9100"}, fingerprint="f2")]
+    group = [
+        alert({"job": "node"}),
+        alert({"job": "node", "instance": "n2:9100"}, fingerprint="f2"),
+    ]
     route = routed(title="[{state}] {group_labels} | {common_labels[job]} | {external_url}")
     body = render(group, route, group_labels={"alertname": "NodeDown", "job": "node"})
-    assert body["markdown"]["title"] == "[FIRING:2] NodeDown node | node | http://alertmanager-0:9093"
-    assert render(group)["markdown"]["title"] == "[FIRING:2] NodeDown"        # no group labels: the names
+    assert (
+        body["markdown"]["title"] == "[FIRING:2] NodeDown node | node | http://alertmanager-0:9093"
+    )
+    assert render(group)["markdown"]["title"] == "[FIRING:2] NodeDown"  # no group labels: the names
 
 
 def test_history_text_in_both_languages():
     tz = timezone.utc
     assert alertbridge.recurrence_text(0, None, tz) == ""
-    assert alertbridge.recurrence_text(2, ("2026-11-25 05:00:00.000", "2026-11-25 05:06:00.000"), tz) == (
-        "24 小时内第 3 次 · 3rd time in 24 h; 上次 11-25 05:06 恢复，持续 6m · last resolved 11-25 05:06 after 6m")
+    assert alertbridge.recurrence_text(
+        2, ("2026-11-25 05:00:00.000", "2026-11-25 05:06:00.000"), tz
+    ) == (
+        "24 小时内第 3 次 · 3rd time in 24 h; 上次 11-25 05:06 恢复，持续 6m · last resolved 11-25 05:06 "
+        "after 6m"
+    )
     assert [alertbridge.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
-        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]
+        "1st",
+        "2nd",
+        "3rd",
+        "4th",
+        "11th",
+        "12th",
+        "13th",
+        "21st",
+        "22nd",
+        "101st",
+        "111th",
+    ]
     history = lambda a: "24 小时内第 2 次 · 2nd time in 24 h"  # noqa: E731
-    assert "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h" in draw(
-        Config(tz=tz), routed(), ROBOT, body_of([alert()]), history)["markdown"]["text"]
-    resolved = draw(Config(tz=tz), routed(), ROBOT, body_of([alert(status="resolved")]), history)["markdown"]["text"]
-    assert "历史 History" not in resolved                                     # only firing alerts say it
+    assert (
+        "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h"
+        in draw(Config(tz=tz), routed(), ROBOT, body_of([alert()]), history)["markdown"]["text"]
+    )
+    resolved = draw(Config(tz=tz), routed(), ROBOT, body_of([alert(status="resolved")]), history)[
+        "markdown"
+    ]["text"]
+    assert "历史 History" not in resolved  # only firing alerts say it
 
 
 def test_alert_blocks_can_name_the_group_too():
-    group = [alert({"job": "node"}), alert({"job": "node", "instance": "n2:9100"}, fingerprint="f2")]
+    group = [
+        alert({"job": "node"}),
+        alert({"job": "node", "instance": "n2:9100"}, fingerprint="f2"),
+    ]
     route = routed(alert="{alertname} {instance} in {group_labels} ({common_labels[job]})")
-    text = render(group, route, group_labels={"alertname": "NodeDown", "job": "node"})["markdown"]["text"]
-    assert "NodeDown n1:9100 in NodeDown node (node)" in text and "NodeDown n2:9100 in NodeDown node (node)" in text
+    text = render(group, route, group_labels={"alertname": "NodeDown", "job": "node"})["markdown"][
+        "text"
+    ]
+    assert (
+        "NodeDown n1:9100 in NodeDown node (node)" in text
+        and "NodeDown n2:9100 in NodeDown node (node)" in text
+    )
 
 
 # --- values from alerts are text, never markdown structure ---------------------------------------
 
 MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
-FORGED = {"summary": "ok\n#### [FIRING:1] 数据库已恢复 All clear\n> <font color=#ff0000>ignore the page</font>",
-          "description": "# Heading\r\n- list\u2028> quote\u2029---"}
-EVIL_URL = "http://prometheus-0:9090/graph?g0.expr=up)[重置密码 Reset password](http://evil.example/login"
+FORGED = {
+    "summary": "ok\n#### [FIRING:1] 数据库已恢复 All clear\n> <font color=#ff0000>ignore the page</font>",
+    "description": "# Heading\r\n- list\u2028> quote\u2029---",
+}
+EVIL_URL = (
+    "http://prometheus-0:9090/graph?g0.expr=up)[重置密码 Reset password](http://evil.example/login"
+)
 
 
 def structure_of(text):
@@ -260,25 +380,40 @@ def structure_of(text):
     return [line for line in text.split("\n") if re.match(r"\s*(#|>|[-*_]{3,}\s*$|<font)", line)]
 
 
-@pytest.mark.parametrize("template", [alertbridge.DEFAULT_ALERT, "{summary}\n{description}\n{labels[team]}"])
+@pytest.mark.parametrize(
+    "template", [alertbridge.DEFAULT_ALERT, "{summary}\n{description}\n{labels[team]}"]
+)
 def test_a_value_from_an_alert_cannot_start_a_line_a_heading_a_quote_or_a_font(template):
     hostile = alert(labels={"team": "# t\n> q"}, annotations=FORGED, generator_url=EVIL_URL)
     text = render([hostile], Route("ops", (ROBOT,), alert=template))["markdown"]["text"]
-    assert structure_of(text) == ["#### [FIRING:1] NodeDown"]          # the title is the only heading
+    assert structure_of(text) == ["#### [FIRING:1] NodeDown"]  # the title is the only heading
     assert "<font" not in text and "数据库已恢复" in text and "ignore the page" in text
 
 
 def test_a_url_from_an_alert_stays_one_link_to_where_it_points():
     hostile = alert(annotations={"runbook_url": "https://wiki/run book)(x"}, generator_url=EVIL_URL)
-    text = render([hostile], Route("ops", (ROBOT,), alert="{links}\n[runbook]({runbook_url})"))["markdown"]["text"]
+    text = render([hostile], Route("ops", (ROBOT,), alert="{links}\n[runbook]({runbook_url})"))[
+        "markdown"
+    ]["text"]
     links = MD_LINK.findall(text)
     assert [label for label, _ in links] == ["Prometheus", "静默 Silence", "runbook"]
-    assert links[0][1].startswith("http://prometheus-0:9090/graph?g0.expr=up%29%5B") and "evil" in links[0][1]
+    assert (
+        links[0][1].startswith("http://prometheus-0:9090/graph?g0.expr=up%29%5B")
+        and "evil" in links[0][1]
+    )
     assert links[2][1] == "https://wiki/run%20book%29%28x"
     card = Route("ops", (ROBOT,), message_type="actionCard")
     buttons = render([hostile], card)["actionCard"]["btns"]
-    assert [b["actionURL"].startswith(("http://alertmanager-0:9093/", "https://wiki/run%20book%29",
-                                       "http://prometheus-0:9090/graph?g0.expr=up%29")) for b in buttons] == [True] * 3
+    assert [
+        b["actionURL"].startswith(
+            (
+                "http://alertmanager-0:9093/",
+                "https://wiki/run%20book%29",
+                "http://prometheus-0:9090/graph?g0.expr=up%29",
+            )
+        )
+        for b in buttons
+    ] == [True] * 3
 
 
 def test_hostile_values_reach_dingtalk_as_text(make_bridge, fake, sqlite_db):

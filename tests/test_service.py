@@ -17,8 +17,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import alertbridge
 from tests.fakedingtalk import FakeDingTalk
-from tests.kit import (IN_CI, ConnectProxy, Daemon, ROBOTS, ROOT, SCRIPT, SECRETS, config_text, empty_mysql, history,
-                       make_alert, make_payload, mysql_connect, post, settle, wait_until)
+from tests.kit import (
+    IN_CI,
+    ConnectProxy,
+    Daemon,
+    ROBOTS,
+    ROOT,
+    SCRIPT,
+    SECRETS,
+    config_text,
+    empty_mysql,
+    history,
+    make_alert,
+    make_payload,
+    mysql_connect,
+    post,
+    settle,
+    wait_until,
+)
 
 
 def test_sd_notify_ready_watchdog_reload_stopping(daemon, tmp_path):
@@ -56,7 +72,7 @@ def test_sd_notify_is_silent_without_notify_socket(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert alertbridge.sd_notify("READY=1") is False
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
-    monkeypatch.setenv("WATCHDOG_PID", "1")          # another process's watchdog
+    monkeypatch.setenv("WATCHDOG_PID", "1")  # another process's watchdog
     assert alertbridge.watchdog_interval() is None
 
 
@@ -75,45 +91,74 @@ def test_sighup_reloads_and_broken_config_is_rejected(daemon, fake):
     p.wait_log("reload rejected, keeping the running config: [receiver:broken] robots")
     assert post(p.url, make_payload("sre", [make_alert("StillRunning")]))[0] == 200
     assert fake.wait_for(lambda f: len(f.delivered(ROBOTS["ops-3"]["token"])) == 2)
-    assert "DEBUG" in p.log.read_text()                      # --log-level debug took effect
+    assert "DEBUG" in p.log.read_text()  # --log-level debug took effect
     assert p.stop() == 0
 
 
 def test_json_logs_carry_each_field_whole_and_no_secret(daemon, fake):
     p = daemon(main={"log_format": "json"})
     p.wait_healthy()
-    receiver = 'blue "team"\nINFO forged=1'                   # free text, routed by default_receiver
+    receiver = 'blue "team"\nINFO forged=1'  # free text, routed by default_receiver
     assert post(p.url, make_payload(receiver, [make_alert()]))[0] == 200
     assert post(p.url, b"{not json")[0] == 400
     assert fake.wait_for(lambda f: len(f.delivered()) == 1)
     p.wait_log('"robot": "dev-1"')
     entries = [json.loads(line) for line in p.log.read_text(encoding="utf-8").splitlines()]
     accepted = next(e for e in entries if " accepted " in e["message"])
-    assert accepted["receiver"] == receiver and accepted["route"] == "dev" and accepted["alerts"] == "1"
-    assert "forged" not in accepted and accepted["level"] == "info" and accepted["time"].endswith("Z")
+    assert (
+        accepted["receiver"] == receiver
+        and accepted["route"] == "dev"
+        and accepted["alerts"] == "1"
+    )
+    assert (
+        "forged" not in accepted and accepted["level"] == "info" and accepted["time"].endswith("Z")
+    )
     rejected = next(e for e in entries if " rejected " in e["message"])
     assert rejected["status"] == "400" and rejected["reason"].startswith("body is not valid JSON")
     sent = next(e for e in entries if e["message"].startswith("send "))
     assert sent["robot"] == "dev-1" and sent["errcode"] == "0" and sent["errmsg"] == "ok"
     assert sent["request_id"] == accepted["request_id"]
     assert not [s for s in SECRETS if s in p.log.read_text(encoding="utf-8")]
-    store = p.children()[0]                                  # the store process logs the same way
+    store = p.children()[0]  # the store process logs the same way
     assert "--log-format\0json" in open(f"/proc/{store}/cmdline").read()
 
     p.write_config(main={"port": str(p.port), "log_format": "text"})
     p.proc.send_signal(signal.SIGHUP)
     p.wait_log("INFO alertbridge config reloaded")
     assert p.stop() == 0
-    assert p.log.read_text(encoding="utf-8").splitlines()[-1].split()[3:] == ["alertbridge", "stopped"]
+    assert p.log.read_text(encoding="utf-8").splitlines()[-1].split()[3:] == [
+        "alertbridge",
+        "stopped",
+    ]
 
 
 @pytest.fixture
 def https_fake(tmp_path):
-    """A fake DingTalk serving HTTPS with a certificate for 127.0.0.1, and that certificate's file."""
+    """A fake DingTalk serving HTTPS with a certificate for 127.0.0.1, and that certificate's
+    file."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     server = FakeDingTalk()
     server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.tls.load_cert_chain(cert, key)
@@ -124,13 +169,19 @@ def https_fake(tmp_path):
     server.stop()
 
 
-@pytest.mark.parametrize("no_proxy", ["", "localhost,127.0.0.1"], ids=["through-the-proxy", "no-proxy"])
+@pytest.mark.parametrize(
+    "no_proxy", ["", "localhost,127.0.0.1"], ids=["through-the-proxy", "no-proxy"]
+)
 def test_https_proxy_and_no_proxy_are_honoured(tmp_path, https_fake, sqlite_db, no_proxy):
     """Servers that reach DingTalk only through a proxy set HTTPS_PROXY (NO_PROXY for exceptions):
     urllib tunnels HTTPS through it with CONNECT, certificate checked end to end."""
     fake, cert = https_fake
     proxy = ConnectProxy().start()
-    env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}", "NO_PROXY": no_proxy, "SSL_CERT_FILE": str(cert)}
+    env = {
+        "HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}",
+        "NO_PROXY": no_proxy,
+        "SSL_CERT_FILE": str(cert),
+    }
     daemon = Daemon(tmp_path, fake.url, sqlite_db, env=env)
     try:
         daemon.wait_healthy()
@@ -145,11 +196,26 @@ def test_https_proxy_and_no_proxy_are_honoured(tmp_path, https_fake, sqlite_db, 
 
 
 def test_json_log_formatter_takes_quoted_and_bare_fields():
-    record = logging.LogRecord("alertbridge", logging.WARNING, __file__, 1,
-                               "route=%s: message=%d request_id=%s errmsg=%s (x=%s)", None, None)
-    record.args = ("ops", 7, "abc", alertbridge.logfmt('send too fast, "exceed" 20\u2028\u2029\x85'), "y")
+    record = logging.LogRecord(
+        "alertbridge",
+        logging.WARNING,
+        __file__,
+        1,
+        "route=%s: message=%d request_id=%s errmsg=%s (x=%s)",
+        None,
+        None,
+    )
+    record.args = (
+        "ops",
+        7,
+        "abc",
+        alertbridge.logfmt('send too fast, "exceed" 20\u2028\u2029\x85'),
+        "y",
+    )
     line = alertbridge.JsonLogFormatter().format(record)
-    assert not re.search("[\u2028\u2029\x85\n]", line)      # line breaks to JavaScript and to Unicode readers
+    assert not re.search(
+        "[\u2028\u2029\x85\n]", line
+    )  # line breaks to JavaScript and to Unicode readers
     entry = json.loads(line)
     assert entry["route"] == "ops" and entry["message"].startswith("route=ops: message=7")
     assert entry["message_id"] == "7"
@@ -158,15 +224,19 @@ def test_json_log_formatter_takes_quoted_and_bare_fields():
     assert alertbridge.logfmt("ops-1") == "ops-1" and alertbridge.logfmt("") == '""'
 
 
-def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_bridge, fake, sqlite_db):
+def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(
+    make_bridge, fake, sqlite_db
+):
     one_robot = {"dev": {"robots": "dev-1"}}
-    bridge = make_bridge(sqlite_db, receivers=one_robot, delivery={"rate_limit": "1", "rate_window": "3600"})
+    bridge = make_bridge(
+        sqlite_db, receivers=one_robot, delivery={"rate_limit": "1", "rate_window": "3600"}
+    )
     post(bridge, make_payload("dev", [make_alert(instance="n0")]))
-    settle(bridge)                                           # dev-1 has used its one message
+    settle(bridge)  # dev-1 has used its one message
     for i in (1, 2):
         post(bridge, make_payload("dev", [make_alert(instance=f"n{i}")]))
     assert bridge.pool.available(bridge.config.routes["dev"], time.time()) == 0
-    assert bridge.journal.backlog()[0] == 2                  # these wait: no robot has budget
+    assert bridge.journal.backlog()[0] == 2  # these wait: no robot has budget
 
     path = bridge.config.path
     original = open(path, encoding="utf-8").read()
@@ -175,7 +245,7 @@ def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(make_b
     status, reply = post(bridge, b"", path="/-/reload")
     assert status == 500 and "[receiver:dev] robots: no section [robot:ghost]" in reply["error"]
 
-    with open(path, "w", encoding="utf-8") as fh:                 # add a robot to the receiver
+    with open(path, "w", encoding="utf-8") as fh:  # add a robot to the receiver
         fh.write(original.replace("robots = dev-1", "robots = dev-1, ops-1"))
     assert post(bridge, b"", path="/-/reload")[0] == 200
     settle(bridge)
@@ -189,13 +259,19 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(daemon):
     p.wait_healthy()
     body = alertbridge.json.dumps(make_payload("dev", [make_alert("InFlight")])).encode()
     sock = socket.create_connection(("127.0.0.1", p.port))
-    sock.sendall(b"POST /alertmanager HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+    sock.sendall(
+        b"POST /alertmanager HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body[:10]
+    )
 
     def in_flight():
         text = post(p.url, None, path="/metrics", method="GET")[1]
-        return float(re.search(r"^alertbridge_http_requests_in_flight (\S+)", text, re.M).group(1)) >= 2
-    assert wait_until(in_flight)                              # our half-sent request is being handled
+        return (
+            float(re.search(r"^alertbridge_http_requests_in_flight (\S+)", text, re.M).group(1))
+            >= 2
+        )
+
+    assert wait_until(in_flight)  # our half-sent request is being handled
     p.proc.send_signal(signal.SIGTERM)
     p.wait_log("stopping: finishing in-flight requests")
     sock.sendall(body[10:])
@@ -203,7 +279,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(daemon):
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert p.proc.wait(30) == 0
     with pytest.raises(OSError):
-        post(p.url, None, path="/-/healthy", method="GET")       # no longer accepting
+        post(p.url, None, path="/-/healthy", method="GET")  # no longer accepting
 
 
 def parse_metrics(text):
@@ -211,7 +287,7 @@ def parse_metrics(text):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            assert re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+Inf]+', line), line
+            assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+Inf]+", line), line
     helped = set(re.findall(r"^# HELP (\S+)", text, re.M))
     typed = set(re.findall(r"^# TYPE (\S+)", text, re.M))
     assert helped == typed
@@ -226,12 +302,21 @@ def test_metrics_are_valid_prometheus_text(make_bridge, fake, sqlite_db):
     status, text = post(bridge, None, path="/metrics", method="GET")
     assert status == 200
     families = parse_metrics(text)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
     assert samples[("alertbridge_webhooks_total", (("outcome", "200"),))] == 1
     assert samples[("alertbridge_webhooks_total", (("outcome", "400"),))] == 1
     assert samples[("alertbridge_alerts_accepted_total", ())] == 2
     assert samples[("alertbridge_alerts_recorded_total", ())] == 2
-    assert samples[("alertbridge_sends_total", (("errcode", "0"), ("receiver", "ops"), ("robot", "ops-1")))] == 1
+    assert (
+        samples[
+            ("alertbridge_sends_total", (("errcode", "0"), ("receiver", "ops"), ("robot", "ops-1")))
+        ]
+        == 1
+    )
     assert samples[("alertbridge_send_duration_seconds_count", ())] == 1
     assert samples[("alertbridge_queue_messages", (("priority", "critical"),))] == 0
     assert samples[("alertbridge_queue_messages", (("priority", "none"),))] == 0
@@ -260,15 +345,23 @@ def test_auth_bearer_and_basic(make_bridge, fake, sqlite_db):
     wrong = base64.b64encode(b"am:nope").decode()
     assert post(bridge, payload, headers={"Authorization": f"Basic {wrong}"})[0] == 401
     assert post(bridge, b"", path="/-/reload")[0] == 401
-    assert post(bridge, None, path="/metrics", method="GET")[0] == 200       # open unless configured
+    assert post(bridge, None, path="/metrics", method="GET")[0] == 200  # open unless configured
     assert post(bridge, None, path="/-/healthy", method="GET")[0] == 200
 
 
 def test_auth_can_protect_metrics(make_bridge, fake, sqlite_db):
     bridge = make_bridge(sqlite_db, extra=AUTH + "protect_metrics = true\n")
     assert post(bridge, None, path="/metrics", method="GET")[0] == 401
-    assert post(bridge, None, path="/metrics", method="GET",
-                headers={"Authorization": "Bearer am-bearer-token"})[0] == 200
+    assert (
+        post(
+            bridge,
+            None,
+            path="/metrics",
+            method="GET",
+            headers={"Authorization": "Bearer am-bearer-token"},
+        )[0]
+        == 200
+    )
 
 
 def cli(*args, config=None):
@@ -282,9 +375,16 @@ def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
     result = cli("--check-config", config=path)
     assert result.returncode == 0, result.stderr
     assert "receiver ops: one message per group, @13800000000" in result.stdout
-    assert "robot ops-1: http://127.0.0.1:" in result.stdout and "access_token=tok-***" in result.stdout
+    assert (
+        "robot ops-1: http://127.0.0.1:" in result.stdout
+        and "access_token=tok-***" in result.stdout
+    )
     assert "auth bearer basic" in result.stdout
-    assert not [s for s in SECRETS + ["am-bearer-token", "am-password"] if s in result.stdout + result.stderr]
+    assert not [
+        s
+        for s in SECRETS + ["am-bearer-token", "am-password"]
+        if s in result.stdout + result.stderr
+    ]
     path.write_text("[receiver:x]\nrobots = y\n", encoding="utf-8")
     result = cli("--check-config", config=path)
     assert result.returncode == 2 and "[receiver:x] robots: no section [robot:y]" in result.stderr
@@ -293,11 +393,15 @@ def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
 def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db), encoding="utf-8")
-    fake.add_robot(ROBOTS["ops-3"]["token"], ROBOTS["ops-3"]["secret"], keyword="值班")  # config says "alert"
+    fake.add_robot(
+        ROBOTS["ops-3"]["token"], ROBOTS["ops-3"]["secret"], keyword="值班"
+    )  # config says "alert"
     result = cli("--send-test", "ops", config=path)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("ops-1: errcode=0 errmsg=ok") and lines[1].startswith("ops-2: errcode=0")
+    assert lines[0].startswith("ops-1: errcode=0 errmsg=ok") and lines[1].startswith(
+        "ops-2: errcode=0"
+    )
     assert lines[2].startswith("ops-3: errcode=310000 errmsg=keywords not in content")
     assert all("AlertbridgeTest" in m.text for m in fake.delivered())
     assert cli("--send-test", "dev", config=path).returncode == 0
@@ -331,14 +435,22 @@ def test_retention_purges_old_history_in_batches(make_bridge, fake, database):
     post(bridge, make_payload("dev", [make_alert(instance="new")]))
     settle(bridge)
     store = alertbridge.Store(database)
-    with store.transaction() as cursor:            # age five alerts and their sends past the retention
-        store.execute(cursor, "UPDATE alerts SET starts_at = %s, last_received_at = %s WHERE instance <> %s",
-                      ("2020-01-01 00:00:00.000", "2020-01-01 00:00:00.000", "new"))
-        store.execute(cursor, "UPDATE notifications SET sent_at = %s WHERE id = %s",
-                      ("2020-01-01 00:00:00.000", history(bridge, "notifications")[0]["id"]))
+    with store.transaction() as cursor:  # age five alerts and their sends past the retention
+        store.execute(
+            cursor,
+            "UPDATE alerts SET starts_at = %s, last_received_at = %s WHERE instance <> %s",
+            ("2020-01-01 00:00:00.000", "2020-01-01 00:00:00.000", "new"),
+        )
+        store.execute(
+            cursor,
+            "UPDATE notifications SET sent_at = %s WHERE id = %s",
+            ("2020-01-01 00:00:00.000", history(bridge, "notifications")[0]["id"]),
+        )
     store.close()
     bridge.stop()
-    again = make_bridge(database, start=False, extra="")       # the purge runs at start, then every 10 min
+    again = make_bridge(
+        database, start=False, extra=""
+    )  # the purge runs at start, then every 10 min
     again.recorder.PURGE_BATCH = 2
     again.start()
     assert wait_until(lambda: len(history(bridge)) == 1)
@@ -351,13 +463,26 @@ def test_systemd_unit_verifies():
         if IN_CI:
             pytest.fail("systemd-analyze is required in CI")
         pytest.skip("systemd-analyze not installed")
-    result = subprocess.run(["systemd-analyze", "verify", str(ROOT / "alertbridge.service")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(ROOT / "alertbridge.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     unit = (ROOT / "alertbridge.service").read_text()
-    for directive in ("Type=notify", "WatchdogSec=", "StateDirectory=alertbridge", "ProtectSystem=strict",
-                      "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes", "RestrictAddressFamilies=",
-                      "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID"):
+    for directive in (
+        "Type=notify",
+        "WatchdogSec=",
+        "StateDirectory=alertbridge",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=",
+        "Restart=on-failure",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ):
         assert directive in unit
 
 
@@ -371,9 +496,11 @@ def blocked_signals(pid):
 @pytest.mark.parametrize("first", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
 def test_a_signal_in_the_first_moments_is_acted_on_not_fatal(daemon, first):
     p = daemon()
-    assert wait_until(lambda: p.proc.poll() is not None or signal.SIGHUP in blocked_signals(p.proc.pid),
-                      every=0.001)
-    p.proc.send_signal(first)               # long before the bridge listens
+    assert wait_until(
+        lambda: p.proc.poll() is not None or signal.SIGHUP in blocked_signals(p.proc.pid),
+        every=0.001,
+    )
+    p.proc.send_signal(first)  # long before the bridge listens
     if first == signal.SIGHUP:
         p.wait_healthy()
         p.wait_log("config reloaded")
@@ -392,13 +519,13 @@ def test_shutdown_is_bounded_while_mysql_holds_a_lock(tmp_path, fake):
     post(bridge, make_payload("dev", [make_alert(instance="first")]))
     settle(bridge)
     with db.cursor() as cursor:
-        cursor.execute("LOCK TABLES alerts WRITE")          # a migration, a backup, a long report
+        cursor.execute("LOCK TABLES alerts WRITE")  # a migration, a backup, a long report
     post(bridge, make_payload("dev", [make_alert(instance="locked-out")]))
     assert fake.wait_for(lambda f: len(f.delivered()) == 2)
     started = time.monotonic()
     bridge.stop(timeout=10)
-    assert time.monotonic() - started < 20                    # systemd's TimeoutStopSec is 30 s
-    db.close()                                               # the lock goes with its session
+    assert time.monotonic() - started < 20  # systemd's TimeoutStopSec is 30 s
+    db.close()  # the lock goes with its session
     again = alertbridge.Bridge(alertbridge.load_config(str(path))).start()
     try:
         settle(again)
@@ -415,39 +542,59 @@ def test_a_damaged_journal_is_named_with_the_way_out(tmp_path, daemon, damage):
     p = daemon()
     assert p.proc.wait(30) == 2
     lines = p.log.read_text().splitlines()
-    assert len(lines) == 1 and str(journal) in lines[0] and f"mv {journal} {journal}.damaged" in lines[0]
+    assert (
+        len(lines) == 1
+        and str(journal) in lines[0]
+        and f"mv {journal} {journal}.damaged" in lines[0]
+    )
     assert "Traceback" not in lines[0]
 
 
 # --- a config that checks OK must run; a start that cannot must say why in one line ----------
+
 
 def test_check_config_refuses_a_port_out_of_range(tmp_path, fake, sqlite_db):
     """port = 99999 checked OK, then the daemon died with OverflowError."""
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db, main={"port": "99999"}), encoding="utf-8")
     result = cli("--check-config", config=path)
-    assert result.returncode == 2 and result.stderr == "config error: [alertbridge] port: must be at most 65535\n"
+    assert (
+        result.returncode == 2
+        and result.stderr == "config error: [alertbridge] port: must be at most 65535\n"
+    )
 
 
 def test_a_typo_in_a_level_is_refused_not_a_silent_end_to_every_mention(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
-    receivers = {"ops": {"robots": "ops-1", "at_mobiles": "13800000000", "at_severities": "critcal"},
-                 "dev": {"robots": "dev-1"}}
+    receivers = {
+        "ops": {"robots": "ops-1", "at_mobiles": "13800000000", "at_severities": "critcal"},
+        "dev": {"robots": "dev-1"},
+    }
     path.write_text(config_text(fake.url, sqlite_db, receivers=receivers), encoding="utf-8")
     result = cli("--check-config", config=path)
     assert result.returncode == 2 and result.stderr == (
         "config error: [receiver:ops] at_severities: 'critcal' is not a level of priority_order "
-        "(critical, error, warning, info, none)\n")
+        "(critical, error, warning, info, none)\n"
+    )
     receivers["ops"]["at_severities"] = "critical"
     path.write_text(config_text(fake.url, sqlite_db, receivers=receivers), encoding="utf-8")
     result = cli("--check-config", config=path)
-    assert result.returncode == 0 and "receiver ops: one message per group, @13800000000 (for critical alerts)" in \
-        result.stdout
+    assert (
+        result.returncode == 0
+        and "receiver ops: one message per group, @13800000000 (for critical alerts)"
+        in result.stdout
+    )
 
 
 def test_mentions_follow_the_routes_priority_label():
-    route = alertbridge.Route("ops", (), at_mobiles=("13800000000",), at_severities=("p1",), priority_label="urgency",
-                              priority_order=("p1", "p2"))
+    route = alertbridge.Route(
+        "ops",
+        (),
+        at_mobiles=("13800000000",),
+        at_severities=("p1",),
+        priority_label="urgency",
+        priority_order=("p1", "p2"),
+    )
     alert = {"status": "firing", "labels": {"urgency": "P1", "severity": "info"}, "annotations": {}}
     assert alertbridge.Renderer.mentions(route, [alert]).mobiles == ("13800000000",)
     assert not alertbridge.Renderer.mentions(route, [{**alert, "labels": {"urgency": "p2"}}])
@@ -461,9 +608,18 @@ def taken_port():
         yield sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["port in use", "not an address of this host", "state_dir under a file",
-                                  "history under a file"])
-def test_every_start_up_failure_is_one_line_and_a_non_zero_exit(tmp_path, fake, sqlite_db, taken_port, case):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "port in use",
+        "not an address of this host",
+        "state_dir under a file",
+        "history under a file",
+    ],
+)
+def test_every_start_up_failure_is_one_line_and_a_non_zero_exit(
+    tmp_path, fake, sqlite_db, taken_port, case
+):
     """Under systemd, a traceback looped with Restart=on-failure; --check-config had said OK."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -471,52 +627,73 @@ def test_every_start_up_failure_is_one_line_and_a_non_zero_exit(tmp_path, fake, 
     if case == "port in use":
         main = {"port": str(taken_port)}
     elif case == "not an address of this host":
-        main = {"listen": "192.0.2.1"}                   # TEST-NET-1: never this host's
+        main = {"listen": "192.0.2.1"}  # TEST-NET-1: never this host's
     elif case == "state_dir under a file":
         main = {"state_dir": str(blocker / "state")}
     else:
         database = alertbridge.Database(driver="sqlite", path=str(blocker / "history.db"))
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, database, main=main), encoding="utf-8")
-    expected = {"port in use": f"cannot listen on 127.0.0.1:{taken_port}: address already in use",
-                "not an address of this host": "cannot listen on 192.0.2.1:0: not an address of this host",
-                "state_dir under a file": f"{blocker} is a file, not a directory",
-                "history under a file": f"{blocker} is a file, not a directory"}[case]
+    expected = {
+        "port in use": f"cannot listen on 127.0.0.1:{taken_port}: address already in use",
+        "not an address of this host": "cannot listen on 192.0.2.1:0: not an address of this host",
+        "state_dir under a file": f"{blocker} is a file, not a directory",
+        "history under a file": f"{blocker} is a file, not a directory",
+    }[case]
     checked = cli("--check-config", config=path)
-    if case == "port in use":                                # it may be the running daemon's own
-        assert checked.returncode == 0 and f"note: port {taken_port} is in use now" in checked.stdout
+    if case == "port in use":  # it may be the running daemon's own
+        assert (
+            checked.returncode == 0 and f"note: port {taken_port} is in use now" in checked.stdout
+        )
     else:
         assert checked.returncode == 1 and "NOT OK" in checked.stdout
         assert checked.stderr.startswith("error: ") and expected in checked.stderr
     if case == "history under a file":
-        return                                               # the daemon pages on; the history waits
-    started = subprocess.run([sys.executable, SCRIPT, "-c", str(path)], capture_output=True, text=True,
-                             timeout=60)
+        return  # the daemon pages on; the history waits
+    started = subprocess.run(
+        [sys.executable, SCRIPT, "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert started.returncode == 1
-    assert started.stderr.count("\n") == 1 and "Traceback" not in started.stderr and expected in started.stderr
+    assert (
+        started.stderr.count("\n") == 1
+        and "Traceback" not in started.stderr
+        and expected in started.stderr
+    )
 
 
 def test_a_second_daemon_on_one_journal_refuses_naming_the_first(daemon, tmp_path):
     first = daemon()
     first.wait_healthy()
-    second = subprocess.run([sys.executable, SCRIPT, "-c", str(first.config)], capture_output=True, text=True,
-                            timeout=60, input="")
+    second = subprocess.run(
+        [sys.executable, SCRIPT, "-c", str(first.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input="",
+    )
     assert second.returncode == 1
-    assert second.stderr == (f"alertbridge: journal {tmp_path}/state/journal.db is in use by another alertbridge "
-                             f"(pid {first.pid}): one daemon per journal; stop that one, or give this one a "
-                             f"state_dir of its own\n")
+    assert second.stderr == (
+        f"alertbridge: journal {tmp_path}/state/journal.db is in use by another alertbridge "
+        f"(pid {first.pid}): one daemon per journal; stop that one, or give this one a "
+        f"state_dir of its own\n"
+    )
     assert first.stop() == 0
-    again = daemon()                                          # the lock went with the process
+    again = daemon()  # the lock went with the process
     again.wait_healthy()
 
 
 def test_check_config_piped_into_head_ends_quietly(tmp_path, fake, sqlite_db):
-    receivers = {f"r{i}": {"robots": "dev-1"} for i in range(2000)}    # more than a pipe holds
+    receivers = {f"r{i}": {"robots": "dev-1"} for i in range(2000)}  # more than a pipe holds
     receivers["dev"] = {"robots": "dev-1"}
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db, receivers=receivers), encoding="utf-8")
-    piped = subprocess.run(f"{sys.executable} {SCRIPT} -c {path} --check-config | head -1", shell=True,
-                           capture_output=True, text=True, timeout=60)
+    piped = subprocess.run(
+        f"{sys.executable} {SCRIPT} -c {path} --check-config | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert piped.stdout.startswith("config ") and piped.stderr == ""
 
 
@@ -525,33 +702,49 @@ def test_a_reload_says_what_only_a_restart_applies(make_bridge, fake, sqlite_db,
     caplog.set_level(logging.WARNING, logger="alertbridge")
     bridge = make_bridge(sqlite_db)
     other = alertbridge.Database(driver="sqlite", path=str(tmp_path / "other.db"))
-    (tmp_path / "config.ini").write_text(config_text(fake.url, other, main={"port": "19999"}), encoding="utf-8")
+    (tmp_path / "config.ini").write_text(
+        config_text(fake.url, other, main={"port": "19999"}), encoding="utf-8"
+    )
     status, reply = post(bridge, b"", path="/-/reload")
-    assert status == 200 and reply == {"status": "reloaded", "restart_needed": [
-        "[alertbridge] port", "[database] path"]}
-    assert any("[alertbridge] port, [database] path changed, which takes effect only on a restart"
-               in r.getMessage() for r in caplog.records)
-    assert bridge.config.database == sqlite_db                   # running on as before
+    assert status == 200 and reply == {
+        "status": "reloaded",
+        "restart_needed": ["[alertbridge] port", "[database] path"],
+    }
+    assert any(
+        "[alertbridge] port, [database] path changed, which takes effect only on a restart"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    assert bridge.config.database == sqlite_db  # running on as before
     (tmp_path / "config.ini").write_text(config_text(fake.url, sqlite_db), encoding="utf-8")
     assert post(bridge, b"", path="/-/reload") == (200, {"status": "reloaded"})
 
 
 def test_send_test_takes_a_slot_of_the_budget_or_says_it_cannot(daemon, fake):
     """During a storm a test message outside the budget cost a 410100 and ten minutes."""
-    child = daemon(receivers={"dev": {"robots": "dev-1"}}, extra=AUTH,
-                   delivery={"rate_limit": "3", "rate_window": "3600", "reserve": "1"})
+    child = daemon(
+        receivers={"dev": {"robots": "dev-1"}},
+        extra=AUTH,
+        delivery={"rate_limit": "3", "rate_window": "3600", "reserve": "1"},
+    )
     child.wait_healthy()
-    through = cli("--send-test", "dev", config=child.config)         # the running daemon sends it
+    through = cli("--send-test", "dev", config=child.config)  # the running daemon sends it
     assert through.returncode == 0 and through.stdout.startswith("dev-1: errcode=0 errmsg=ok")
     child.wait_log("route=dev send-test: ")
     headers = {"Authorization": "Bearer am-bearer-token"}
     assert post(child.url, make_payload("dev", [make_alert("Storm")]), headers=headers)[0] == 200
-    assert fake.wait_for(lambda f: len(f.delivered()) == 2)          # 2 of 3: the last is for critical pages
+    assert fake.wait_for(
+        lambda f: len(f.delivered()) == 2
+    )  # 2 of 3: the last is for critical pages
     refused = cli("--send-test", "dev", config=child.config)
-    assert refused.returncode == 1 and refused.stdout.startswith("dev-1: not sent: no budget for it now")
+    assert refused.returncode == 1 and refused.stdout.startswith(
+        "dev-1: not sent: no budget for it now"
+    )
     assert len(fake.requests) == 2
     assert child.stop() == 0
-    alone = cli("--send-test", "dev", config=child.config)            # no daemon: the journal's send log
-    assert alone.returncode == 1 and alone.stdout.startswith("dev-1: not sent: no budget for it now")
+    alone = cli("--send-test", "dev", config=child.config)  # no daemon: the journal's send log
+    assert alone.returncode == 1 and alone.stdout.startswith(
+        "dev-1: not sent: no budget for it now"
+    )
     assert len(fake.requests) == 2 and [r for r in fake.requests if r.errcode] == []
-    assert not list(child.config.parent.glob("state/*-wal"))         # nothing written next to it
+    assert not list(child.config.parent.glob("state/*-wal"))  # nothing written next to it

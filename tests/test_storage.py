@@ -8,15 +8,31 @@ import sqlite3
 import time
 
 import alertbridge
-from tests.kit import (TcpProxy, delivered_ids, empty_mysql, get, history, make_alert, make_payload, mysql_connect,
-                       mysql_settings, post, require_mysql, settle, storm_payloads, wait_until)
+from tests.kit import (
+    TcpProxy,
+    delivered_ids,
+    empty_mysql,
+    get,
+    history,
+    make_alert,
+    make_payload,
+    mysql_connect,
+    mysql_settings,
+    post,
+    require_mysql,
+    settle,
+    storm_payloads,
+    wait_until,
+)
 
 
 def write_events(path, bodies):
     """Add journal events as another writer would (the journal's own tables, its own file)."""
     db = sqlite3.connect(path)
-    db.executemany("INSERT INTO events (kind, body, created_at) VALUES (?, ?, ?)",
-                   [("webhook", body, time.time()) for body in bodies])
+    db.executemany(
+        "INSERT INTO events (kind, body, created_at) VALUES (?, ?, ?)",
+        [("webhook", body, time.time()) for body in bodies],
+    )
     db.commit()
     db.close()
 
@@ -24,7 +40,9 @@ def write_events(path, bodies):
 def test_recorder_batches_are_bounded_in_bytes_but_never_empty(tmp_path):
     journal = alertbridge.Journal(str(tmp_path / "journal.db"))
     write_events(journal.path, ["x" * size for size in (600, 300, 300, 50)])
-    assert [len(body) for _, _, body in journal.unrecorded(max_bytes=100)] == [600]   # one, however large
+    assert [len(body) for _, _, body in journal.unrecorded(max_bytes=100)] == [
+        600
+    ]  # one, however large
     assert [len(body) for _, _, body in journal.unrecorded(max_bytes=1000)] == [600, 300]
     assert len(journal.unrecorded(limit=3, max_bytes=10_000)) == 3
 
@@ -34,13 +52,15 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, body TEXT NOT NULL,
     created_at REAL NOT NULL, recorded INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX events_unrecorded ON events (recorded, id);
-CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, receiver TEXT NOT NULL, request_id TEXT NOT NULL,
-    body TEXT NOT NULL, packed INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'pending',
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, receiver TEXT NOT NULL,
+    request_id TEXT NOT NULL, body TEXT NOT NULL, packed INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
     created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '', done_at REAL);
 CREATE INDEX messages_pending ON messages (state, receiver, id);
 CREATE INDEX messages_due ON messages (state, next_attempt_at);
-CREATE TABLE sends (id INTEGER PRIMARY KEY AUTOINCREMENT, robot TEXT NOT NULL, at REAL NOT NULL, errcode INTEGER);
+CREATE TABLE sends (id INTEGER PRIMARY KEY AUTOINCREMENT, robot TEXT NOT NULL, at REAL NOT NULL,
+    errcode INTEGER);
 CREATE INDEX sends_at ON sends (at);
 INSERT INTO meta VALUES ('journal_id', 'journal-of-0.3');
 INSERT INTO messages (receiver, request_id, body, created_at, next_attempt_at)
@@ -55,9 +75,11 @@ def test_a_journal_made_by_0_3_is_migrated_and_keeps_its_work(tmp_path):
     db.executescript(JOURNAL_0_3)
     db.close()
     journal = alertbridge.Journal(path)
-    assert journal.journal_id == "journal-of-0.3"                 # recording goes on where it was
-    assert journal.pending_routes() == ["dev"] and [m.id for m in journal.due_messages("dev", 2)] == [1]
-    assert journal.recent_sends(0) == [("dev-1", "", 1e10, 0)]   # matched to its robot by name
+    assert journal.journal_id == "journal-of-0.3"  # recording goes on where it was
+    assert journal.pending_routes() == ["dev"] and [
+        m.id for m in journal.due_messages("dev", 2)
+    ] == [1]
+    assert journal.recent_sends(0) == [("dev-1", "", 1e10, 0)]  # matched to its robot by name
 
 
 def drop_alerts_table(settings):
@@ -73,47 +95,94 @@ def drop_alerts_table(settings):
     db.close()
 
 
-def test_an_alert_larger_than_its_columns_is_recorded_cut_with_the_rest_of_its_webhook(make_bridge, fake, database):
+def test_an_alert_larger_than_its_columns_is_recorded_cut_with_the_rest_of_its_webhook(
+    make_bridge, fake, database
+):
     bridge = make_bridge(database)
     huge = make_alert("Huge", annotations={"summary": "摘要" * 40000, "description": "d" * 70000})
     post(bridge, make_payload("dev", [huge, make_alert("Small")]))
     settle(bridge)
     rows = {r["alertname"]: r for r in history(bridge)}
     assert set(rows) == {"Huge", "Small"}
-    assert len(rows["Huge"]["summary"].encode()) <= 65535 and rows["Huge"]["summary"].startswith("摘要摘要")
+    assert len(rows["Huge"]["summary"].encode()) <= 65535 and rows["Huge"]["summary"].startswith(
+        "摘要摘要"
+    )
     assert len(rows["Huge"]["description"]) == 65535
-    assert json.loads(rows["Huge"]["annotations"])["description"] == "d" * 70000    # whole in the JSON
+    assert (
+        json.loads(rows["Huge"]["annotations"])["description"] == "d" * 70000
+    )  # whole in the JSON
 
 
 def test_what_fires_now_comes_from_the_history_newest_first(make_bridge, fake, database):
     bridge = make_bridge(database)
-    post(bridge, make_payload("dev", [make_alert("Old", starts_at="2026-11-24T07:00:00Z"),
-                                      make_alert("New", starts_at="2026-11-24T09:30:00.5Z"),
-                                      make_alert("Mid", starts_at="2026-11-24T08:00:00Z")]))
-    post(bridge, make_payload("dev", [make_alert("Mid", status="resolved", starts_at="2026-11-24T08:00:00Z",
-                                                 ends_at="2026-11-24T08:10:00Z")]))
+    post(
+        bridge,
+        make_payload(
+            "dev",
+            [
+                make_alert("Old", starts_at="2026-11-24T07:00:00Z"),
+                make_alert("New", starts_at="2026-11-24T09:30:00.5Z"),
+                make_alert("Mid", starts_at="2026-11-24T08:00:00Z"),
+            ],
+        ),
+    )
+    post(
+        bridge,
+        make_payload(
+            "dev",
+            [
+                make_alert(
+                    "Mid",
+                    status="resolved",
+                    starts_at="2026-11-24T08:00:00Z",
+                    ends_at="2026-11-24T08:10:00Z",
+                )
+            ],
+        ),
+    )
     settle(bridge)
     count, rows = bridge.store.firing(1)
     assert count == 2
-    assert rows == [{"receiver": "dev", "alertname": "New", "severity": "critical", "instance": "node-1:9100",
-                     "summary": "New on node-1:9100", "starts_at": "2026-11-24 09:30:00.500"}]
+    assert rows == [
+        {
+            "receiver": "dev",
+            "alertname": "New",
+            "severity": "critical",
+            "instance": "node-1:9100",
+            "summary": "New on node-1:9100",
+            "starts_at": "2026-11-24 09:30:00.500",
+        }
+    ]
 
 
 def test_a_dropped_history_table_is_created_again_and_nothing_is_lost(make_bridge, fake, database):
     bridge = make_bridge(database)
     post(bridge, make_payload("dev", [make_alert(instance="before")]))
     settle(bridge)
-    drop_alerts_table(database)                             # a DBA's mistake, or a restore under way
+    drop_alerts_table(database)  # a DBA's mistake, or a restore under way
     post(bridge, make_payload("dev", [make_alert(instance="after")]))
     settle(bridge)
     assert [r["instance"] for r in history(bridge)] == ["after"]
     assert bridge.recorder.store_ok and bridge.journal.message_states() == {"sent": 2}
 
 
-def test_receivers_differing_by_case_or_emoji_stay_apart_in_both_stores(make_bridge, fake, database):
+def test_receivers_differing_by_case_or_emoji_stay_apart_in_both_stores(
+    make_bridge, fake, database
+):
     bridge = make_bridge(database)
-    for receiver in ("ops", "OPS", "ops🔥", "ops🚨", " ops "):   # the last is "ops": spaces are dropped
-        post(bridge, make_payload(receiver, [make_alert(fingerprint="same", starts_at="2026-11-24T08:00:00Z")]))
+    for receiver in (
+        "ops",
+        "OPS",
+        "ops🔥",
+        "ops🚨",
+        " ops ",
+    ):  # the last is "ops": spaces are dropped
+        post(
+            bridge,
+            make_payload(
+                receiver, [make_alert(fingerprint="same", starts_at="2026-11-24T08:00:00Z")]
+            ),
+        )
     settle(bridge)
     rows = history(bridge)
     assert sorted(r["receiver"] for r in rows) == sorted(["ops", "OPS", "ops🔥", "ops🚨"])
@@ -135,30 +204,39 @@ def test_a_mysql_history_table_made_by_0_3_gets_byte_wise_keys(make_bridge, fake
     settle(bridge)
     assert sorted(r["receiver"] for r in history(bridge)) == ["OPS", "ops"]
     with db.cursor() as cursor:
-        cursor.execute("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
-                       "DATABASE() AND TABLE_NAME = 'alerts' AND COLUMN_NAME IN ('receiver', 'fingerprint')")
+        cursor.execute(
+            "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE "
+            "TABLE_SCHEMA = "
+            "DATABASE() AND TABLE_NAME = 'alerts' AND COLUMN_NAME IN ('receiver', 'fingerprint')"
+        )
         assert dict(cursor.fetchall()) == {"receiver": "utf8mb4_bin", "fingerprint": "utf8mb4_bin"}
     db.close()
 
 
 def test_an_event_the_store_refuses_is_set_aside_and_recording_goes_on(make_bridge, fake, database):
     bridge = make_bridge(database)
-    write_events(bridge.journal.path, [json.dumps({"alerts": [{"receiver": "x"}]})])   # no store can take it
+    write_events(
+        bridge.journal.path, [json.dumps({"alerts": [{"receiver": "x"}]})]
+    )  # no store can take it
     post(bridge, make_payload("dev", [make_alert()]))
     settle(bridge)
     assert len(history(bridge)) == 1
     assert "alertbridge_record_failures_total 1" in bridge.probes.render_metrics()
     db = sqlite3.connect(bridge.journal.path)
-    assert db.execute("SELECT COUNT(*) FROM events WHERE recorded = 2").fetchone() == (1,)   # kept, as failed
+    assert db.execute("SELECT COUNT(*) FROM events WHERE recorded = 2").fetchone() == (
+        1,
+    )  # kept, as failed
     db.close()
 
 
-def test_store_process_is_restarted_if_it_dies_and_ends_with_the_bridge(make_bridge, fake, database):
+def test_store_process_is_restarted_if_it_dies_and_ends_with_the_bridge(
+    make_bridge, fake, database
+):
     bridge = make_bridge(database)
     post(bridge, make_payload("dev", [make_alert(instance="before")]))
     settle(bridge)
     first = bridge.store.process
-    first.kill()                                                  # OOM killer, a stray kill -9...
+    first.kill()  # OOM killer, a stray kill -9...
     first.wait()
     post(bridge, make_payload("dev", [make_alert(instance="after")]))
     settle(bridge)
@@ -177,23 +255,27 @@ def post_all(target, payloads, workers=8):
 def test_mysql_outage_delays_history_not_paging(make_bridge, fast_fake):
     settings = empty_mysql()
     proxy = TcpProxy(settings.port).start()
-    bridge = make_bridge(dataclasses.replace(settings, port=proxy.port),
-                         delivery={"rate_window": "1", "retry_base": "0.05", "retry_max": "0.2"})
+    bridge = make_bridge(
+        dataclasses.replace(settings, port=proxy.port),
+        delivery={"rate_window": "1", "retry_base": "0.05", "retry_max": "0.2"},
+    )
     post(bridge, make_payload("ops", [make_alert(instance="before")]))
     settle(bridge)
 
     proxy.cut()
     during = [make_payload("ops", [make_alert(instance=f"during-{i}")]) for i in range(5)]
     assert post_all(bridge, storm_payloads(groups=40, per_group=5) + during) == [200] * 45
-    expected = {f"storm-{g}-{i}" for g in range(40) for i in range(5)} | {f"during-{i}" for i in range(5)}
-    assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=60)     # paging went on
+    expected = {f"storm-{g}-{i}" for g in range(40) for i in range(5)} | {
+        f"during-{i}" for i in range(5)
+    }
+    assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=60)  # paging went on
     assert wait_until(lambda: bridge.recorder.store_ok is False)
     status, ready = post(bridge, None, path="/-/ready", method="GET")
     assert status == 200 and "unreachable" in ready["store"]
     assert "alertbridge_store_up 0" in bridge.probes.render_metrics()
     assert [r["instance"] for r in history(settings)] == ["before"]
 
-    proxy.start()                                                  # MySQL is back on the same address
+    proxy.start()  # MySQL is back on the same address
     settle(bridge, timeout=60)
     rows = history(settings)
     assert len(rows) == 1 + 200 + 5 and {r["instance"] for r in rows} >= {"before"} | expected
@@ -214,12 +296,18 @@ def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restar
             cursor.execute(statement)
         cursor.execute("DROP USER IF EXISTS 'ab_no_alter'@'%'")
         cursor.execute("CREATE USER 'ab_no_alter'@'%' IDENTIFIED BY 'no-alter-pw'")
-        cursor.execute("GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON test.* TO 'ab_no_alter'@'%'")
+        cursor.execute(
+            "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON test.* TO 'ab_no_alter'@'%'"
+        )
     try:
-        child = daemon(database=dataclasses.replace(mysql_settings(), user="ab_no_alter", password="no-alter-pw"))
+        child = daemon(
+            database=dataclasses.replace(
+                mysql_settings(), user="ab_no_alter", password="no-alter-pw"
+            )
+        )
         child.wait_healthy()
         assert post(child.url, make_payload("dev", [make_alert()]))[0] == 200
-        assert fake.wait_for(lambda f: len(f.delivered()) == 1)          # paging never waits for it
+        assert fake.wait_for(lambda f: len(f.delivered()) == 1)  # paging never waits for it
         assert wait_until(lambda: "access denied" in get(child.url, "/-/ready")[1]["store"])
         child.wait_log("Grant what the README's")
         with db.cursor() as cursor:

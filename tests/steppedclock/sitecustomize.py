@@ -8,7 +8,7 @@ import time
 
 _real_time = time.time
 _path = os.environ.get("ALERTBRIDGE_TEST_CLOCK_STEP")
-_seen = [None, 0.0]     # the file's (mtime_ns, size) last read, and its step
+_seen = [None, 0.0]  # the file's (mtime_ns, size) last read, and its step
 
 
 def _stepped():

@@ -2747,11 +2747,6 @@ class StoreProcess:
     def describe(self):
         return self.settings.describe()
 
-    @property
-    def process(self):
-        """The child (a subprocess.Popen): None before the first call and after close()."""
-        return self._child
-
     def record(self, journal_id, events):
         return self._call("record", journal_id, events)
 
@@ -5377,6 +5372,10 @@ class Pages:
             history += f" (oldest {self._ago(oldest_event, now)})"
         journal = (span("ok", "writable") if self.journal.failed_at is None
                    else span("bad", "NOT WRITABLE: webhooks get 503"))
+        kept = self.journal.message_states()
+        if kept:
+            journal += span("dim", " · messages of the last day: " + ", ".join(
+                f"{state} {n}" for state, n in sorted(kept.items())))
         queue = f"{waiting} messages waiting · " + (span("bad", f"{expired} expired") if expired
                                                     else "0 expired")
         clock = esc(self._time(now)) + span("dim", f" ({config.service.timezone}, "

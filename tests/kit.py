@@ -369,6 +369,26 @@ def settle(bridge, timeout=20):
 # --- processes --------------------------------------------------------------------------------
 
 
+def child_pids(pid):
+    """The children of a process, from /proc (each thread's)."""
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return found
+
+
+def store_processes():
+    """The pids of the store processes of the bridges running in this process."""
+    return [
+        pid
+        for pid in child_pids(os.getpid())
+        if not gone(pid) and b"--store-process" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
 class Child:
     """A program as a child process, its stderr in a log file."""
 
@@ -387,13 +407,7 @@ class Child:
 
     def children(self):
         """Its children (alertbridge's store process), from /proc."""
-        found = []
-        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():  # each thread's children
-            try:
-                found += [int(pid) for pid in (task / "children").read_text().split()]
-            except FileNotFoundError:  # the thread ended meanwhile
-                pass
-        return found
+        return child_pids(self.proc.pid)
 
     def peak_rss_mib(self):
         """Peak RSS of the process and of each of its children."""

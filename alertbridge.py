@@ -4644,12 +4644,11 @@ class Coordinator(Worker):
     REGISTER_BATCH = 2000       # claims the leader registers per step
     HANDOFF_BATCH = 200         # messages handed off, or adopted, per step
 
-    def __init__(self, settings, delivery, database, journal, pool, metrics, on_role=None,
-                 clock=lease_clock):
+    def __init__(self, settings, delivery, database, journal, pool, metrics, clock=lease_clock):
         super().__init__("cluster")
         self.settings, self.delivery = settings, delivery
         self.journal, self.pool, self.metrics = journal, pool, metrics
-        self.on_role = on_role or (lambda role: None)
+        self.role_changed = Signal()            # the new role, after it changed
         self.clock = clock
         self.me = settings.instance
         self.incarnation = uuid.uuid4().hex
@@ -4799,7 +4798,7 @@ class Coordinator(Worker):
                 " without MySQL: each robot's budget divided by instances, duplicates possible"
                 if role == ALONE else "")
         self.role = role
-        self.on_role(role)
+        self.role_changed.notify(role)
 
     def _take_over(self):
         """Lead: start from the budgets and throttles the whole cluster has used (and, coming
@@ -5639,8 +5638,7 @@ class Bridge:
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
         self._restore_budgets()
         self.cluster = (Coordinator(config.cluster, lambda: self.config.delivery,
-                                    config.database, self.journal, self.pool, self.metrics,
-                                    on_role=lambda role: self.notifier.wake())
+                                    config.database, self.journal, self.pool, self.metrics)
                         if config.cluster.enabled else Solo())
         self.sent = Signal()            # a Sent, for every request a sender makes
         self.senders = Senders(self._sender)
@@ -5656,6 +5654,8 @@ class Bridge:
                            self.clock, wall)
         self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
         self.recorder.store_changed.listen(self.probes.store_changed)
+        if config.cluster.enabled:
+            self.cluster.role_changed.listen(self.notifier.wake)     # a leader sends: wake it
         self.sent.listen(SendAccounting(self.metrics))
         self.sent.listen(self.pages.sent)
         self.server = None

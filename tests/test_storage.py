@@ -194,14 +194,19 @@ def test_receivers_differing_by_case_or_emoji_stay_apart_in_both_stores(
     assert all(r["notified_count"] >= 1 for r in rows)  # "ops" twice, or once if both copies waited
 
 
-def test_a_mysql_history_table_made_by_0_3_gets_byte_wise_keys(make_bridge, fake):
-    db = require_mysql()
+def history_tables_of_0_3(db):
+    """The test database's history tables as 0.3 made them: keys in the default collation."""
     old_schema = alertbridge.MYSQL_SCHEMA.replace(" CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", "")
     with db.cursor() as cursor:
         for table in ("alerts", "notifications", "recorder_progress"):
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
         for statement in alertbridge.statements(old_schema):
             cursor.execute(statement)
+
+
+def test_a_mysql_history_table_made_by_0_3_gets_byte_wise_keys(make_bridge, fake):
+    db = require_mysql()
+    history_tables_of_0_3(db)
     bridge = make_bridge(mysql_settings())
     for receiver in ("ops", "OPS"):
         post(bridge, make_payload(receiver, [make_alert(fingerprint="same")]))
@@ -292,12 +297,8 @@ def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restar
     """Without ALTER, which the upgrade from 0.3 needs, the log repeated the error and /-/ready
     said "unreachable", sending the operator to the network."""
     db = require_mysql()
-    old_schema = alertbridge.MYSQL_SCHEMA.replace(" CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", "")
+    history_tables_of_0_3(db)
     with db.cursor() as cursor:
-        for table in ("alerts", "notifications", "recorder_progress"):
-            cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
-        for statement in alertbridge.statements(old_schema):
-            cursor.execute(statement)
         cursor.execute("DROP USER IF EXISTS 'ab_no_alter'@'%'")
         cursor.execute("CREATE USER 'ab_no_alter'@'%' IDENTIFIED BY 'no-alter-pw'")
         cursor.execute(

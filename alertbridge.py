@@ -2235,10 +2235,12 @@ class Journal:
         return db
 
     def _db(self):
-        """This thread's reading connection."""
+        """This thread's reading connection, with a small page cache: a dozen threads read, and
+        the file's pages are in the OS's cache anyway."""
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = self._connect()
+            db.execute("PRAGMA cache_size=-256")        # KiB
         return db
 
     @contextlib.contextmanager
@@ -3980,14 +3982,20 @@ class Senders:
             return self._senders[name]
 
     def wake(self, name=None, gather=0.0):
-        """The route (None: every route) is due now, or in `gather` seconds."""
+        """The route (None: every route) is due now, or in `gather` seconds. A thread is woken
+        only if that is sooner than it was due: a burst of webhooks wakes one thread once."""
         if name is not None:
             self.ensure(name, gather)
         with self._cond:
             at = time.monotonic() + gather
-            for each in [name] if name is not None else list(self._senders):
-                self._due[each] = min(self._due.get(each, at), at)
-            self._cond.notify_all()
+            sooner = [each for each in ([name] if name is not None else list(self._senders))
+                      if self._due.get(each, at + 1) > at]
+            for each in sooner:
+                self._due[each] = at
+            if len(sooner) == 1:
+                self._cond.notify()
+            elif sooner:
+                self._cond.notify_all()
 
     def start(self):
         for thread in self._threads:
@@ -4021,7 +4029,8 @@ class Senders:
                 if delay is not None:
                     at = time.monotonic() + delay
                     self._due[name] = min(self._due.get(name, at), at)
-                self._cond.notify_all()
+                if name in self._due:
+                    self._cond.notify()         # a thread may be waiting for it, or for sooner
 
     def _take(self):
         """The free route due earliest, once due (None when stopping). Holds _cond."""

@@ -119,7 +119,7 @@ import uuid  # noqa: E402
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace  # noqa: E402
 from datetime import datetime, timedelta, timezone  # noqa: E402
 
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 log = logging.getLogger("alertbridge")
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 

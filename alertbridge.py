@@ -238,6 +238,7 @@ class Body:
     level: str = NO_LEVEL               # a digest's level, for its title
     digest: bool = False                # folded from a backlog, grouped by alertname
     part: tuple = None                  # (i, n): part i of a message too long for one request
+    total: tuple = None                 # a part's: (firing, resolved) of the whole message
     kind: str = ALERTS
     mention: Mentions = Mentions()      # MENTION: who
     title: str = ""                     # MENTION: the card's title
@@ -251,6 +252,8 @@ class Body:
             data.update(digest=True, level=self.level)
         if self.part:
             data["part"] = list(self.part)
+        if self.total:
+            data["total"] = list(self.total)
         if self.kind == CARD:
             data["card"] = True
         if self.kind == MENTION:
@@ -265,7 +268,8 @@ class Body:
         return cls(alerts=tuple(data.get("alerts", ())), truncated=data.get("truncated", 0),
                    group_labels=data.get("group_labels") or {},
                    level=data.get("level", NO_LEVEL), digest=bool(data.get("digest")),
-                   part=tuple(data["part"]) if data.get("part") else None, kind=kind,
+                   part=tuple(data["part"]) if data.get("part") else None,
+                   total=tuple(data["total"]) if data.get("total") else None, kind=kind,
                    mention=Mentions(tuple(mention["mobiles"]), tuple(mention["user_ids"]),
                                     mention["all"]) if mention else Mentions(),
                    title=mention["title"] if mention else "")
@@ -423,13 +427,15 @@ class FieldSet:
 
 ALERT_FIELDS = FieldSet(
     text=frozenset({"alertname", "severity", "instance", "job", "status", "status_icon",
-                    "starts_at", "ends_at", "duration", "summary", "description", "other_labels",
+                    "level", "level_status", "starts_at", "starts_short", "zone",
+                    "ends_at", "duration", "summary", "description", "other_labels",
                     "generator_url", "silence_url", "external_url", "runbook_url",
                     "dashboard_url", "links", "fingerprint", "receiver", "history",
                     "group_labels"}),
     maps=frozenset({"labels", "annotations", "common_labels"}))
 TITLE_FIELDS = FieldSet(
-    text=frozenset({"state", "receiver", "alertnames", "group_labels", "external_url", "part"}),
+    text=frozenset({"state", "tag", "level", "receiver", "alertnames", "group_labels",
+                    "external_url", "part"}),
     numbers=frozenset({"firing", "resolved", "count"}),
     maps=frozenset({"common_labels"}))
 DASHBOARD_FIELDS = replace(ALERT_FIELDS, text=ALERT_FIELDS.text - {"dashboard_url", "links",
@@ -558,17 +564,45 @@ def _field_error(name, spec, conversion, allowed):
 # default of "" on a path means "derived" (see load_config). Field metadata: "min" for numbers,
 # "choices" for words.
 
-DEFAULT_TITLE = "[{state}] {group_labels}"
-DEFAULT_ALERT = """\
-**{status_icon} {alertname}** · {severity} · {status}
-- 实例 Instance: {instance}
-- 开始 Started: {starts_at}
-- 历史 History: {history}
-- 恢复 Resolved: {ends_at} (持续 {duration})
-- 摘要 Summary: {summary}
-- 描述 Description: {description}
-- 标签 Labels: {other_labels}
-- {links}"""
+# The built-in words of messages, by `language`: zh by default, as the groups alertbridge pages
+# read Chinese first; en for international teams; both for groups that mix them (each word
+# twice, longer lines). Level and state words (CRITICAL, FIRING) stay as Alertmanager writes
+# them: they are what on-call searches for.
+LANGUAGES = ("zh", "en", "both")
+WORDS = {
+    "zh": {"instance": "实例", "started": "开始", "history": "历史", "resolved": "恢复",
+           "lasted": "持续", "summary": "摘要", "description": "描述", "labels": "标签",
+           "silence": "静默", "runbook": "手册", "dashboard": "仪表盘", "digest": "汇总",
+           "nth": "24 小时内第 {n} 次", "last_resolved": "上次 {when} 恢复，持续 {lasted}",
+           "and": "；", "colon": "："},
+    "en": {"instance": "Instance", "started": "Started", "history": "History",
+           "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
+           "description": "Description", "labels": "Labels", "silence": "Silence",
+           "runbook": "Runbook", "dashboard": "Dashboard", "digest": "digest",
+           "nth": "{ordinal} time in 24 h", "last_resolved": "last resolved {when} after {lasted}",
+           "and": "; ", "colon": ": "},
+}
+WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
+                 else f"{zh} {WORDS['en'][key]}" for key, zh in WORDS["zh"].items()}
+WORDS["both"].update(lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
+                     last_resolved="上次 {when} 恢复，持续 {lasted} · last resolved {when} after "
+                                   "{lasted}", colon=": ", **{"and": "; "})
+
+DEFAULT_TITLE = "[{tag}] {group_labels}"
+DEFAULT_ALERT_LINES = """\
+**{{status_icon}} {{alertname}}** · {{level_status}}
+- {instance}{colon}{{instance}}
+- {started}{colon}{{starts_at}} {{zone}}
+- {history}{colon}{{history}}
+- {resolved}{colon}{{ends_at}} ({lasted} {{duration}})
+- {summary}{colon}{{summary}}
+- {description}{colon}{{description}}
+- {labels}{colon}{{other_labels}}
+- {{links}}"""
+DEFAULT_ALERTS = {language: DEFAULT_ALERT_LINES.format(**words)
+                  for language, words in WORDS.items()}
+DEFAULT_ALERT = DEFAULT_ALERTS["zh"]
+DEFAULT_COMPACT = "- {status_icon} **{alertname}** {instance} · {level_status} · {starts_short}"
 
 PLACEHOLDER_TOKEN = "CHANGE_ME"
 MOBILE = re.compile(r"(\+[0-9]{1,4}-)?[0-9]{5,15}")       # as DingTalk's atMobiles take them
@@ -697,9 +731,13 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Templates:
-    """[templates]: the layout every route has unless it sets its own."""
+    """[templates]: the layout every route has unless it sets its own. An alert template left
+    unset is the built-in one of the route's language."""
+    language: str = field(default="zh", metadata={"choices": LANGUAGES})
     title: str = DEFAULT_TITLE
-    alert: str = DEFAULT_ALERT
+    alert: str = ""                 # "": DEFAULT_ALERTS[language]
+    compact: str = DEFAULT_COMPACT  # the alerts of a message after its first compact_after
+    compact_after: int = 5          # 0: every alert in full
 
 
 @dataclass(frozen=True)
@@ -753,8 +791,11 @@ class Route:
     dashboard_url: str = ""         # a template over an alert's fields: its dashboard button
     prometheus_url: str = ""        # the base put in place of generatorURL's
     alertmanager_url: str = ""      # the base put in place of externalURL
+    language: str = Templates.language
     title: str = DEFAULT_TITLE
     alert: str = DEFAULT_ALERT
+    compact: str = DEFAULT_COMPACT
+    compact_after: int = Templates.compact_after
     priority_label: str = Delivery.priority_label
     priority_order: tuple = _words(Delivery.priority_order)
     reserve_for: tuple = _words(Delivery.reserve_for)
@@ -770,6 +811,9 @@ class Route:
     def urgent(self, level):
         """Whether messages of this level may use the robots' reserved slots."""
         return level in self.reserve_for
+
+
+DEFAULT_ROUTE = Route("", ())     # a route's defaults, for what renders without one
 
 
 @dataclass(frozen=True)
@@ -966,8 +1010,18 @@ def _load_cluster(parser, database):
 
 def _load_templates(parser):
     section = _Section(parser, "templates")
-    return Templates(title=section.template("title", Templates.title, TITLE_FIELDS),
-                     alert=section.template("alert", Templates.alert, ALERT_FIELDS))
+    return Templates(language=_language(section, Templates.language),
+                     title=section.template("title", Templates.title, TITLE_FIELDS),
+                     alert=section.template("alert", Templates.alert, ALERT_FIELDS),
+                     compact=section.template("compact", Templates.compact, ALERT_FIELDS),
+                     compact_after=section.number("compact_after", Templates.compact_after, int))
+
+
+def _language(section, default):
+    language = section.get("language", default).lower()
+    if language not in LANGUAGES:
+        raise ConfigError(f"[{section.name}] language: must be one of {', '.join(LANGUAGES)}")
+    return language
 
 
 def _load_robot(section, name):
@@ -1008,6 +1062,7 @@ def _load_route(section, name, robots, templates, delivery):
     if message_type.lower() not in ("markdown", "actioncard"):
         raise ConfigError(f"[{section.name}] message_type: must be markdown or actionCard")
     priorities = _priorities(section, delivery)
+    language = _language(section, templates.language)
     return Route(
         name=name,
         robots=tuple(robots[n] for n in names),
@@ -1025,8 +1080,12 @@ def _load_route(section, name, robots, templates, delivery):
         dashboard_url=section.template("dashboard_url", "", DASHBOARD_FIELDS),
         prometheus_url=_base_url(section, "prometheus_url"),
         alertmanager_url=_base_url(section, "alertmanager_url"),
+        language=language,
         title=section.template("title", templates.title, TITLE_FIELDS),
-        alert=section.template("alert", templates.alert, ALERT_FIELDS),
+        alert=section.template("alert", templates.alert or DEFAULT_ALERTS[language],
+                               ALERT_FIELDS),
+        compact=section.template("compact", templates.compact, ALERT_FIELDS),
+        compact_after=section.number("compact_after", templates.compact_after, int),
         **priorities,
     )
 
@@ -2214,11 +2273,14 @@ class Journal:
         lock.flush()
         return lock
 
-    def close(self):
-        """Let the journal go (at stop): its lock first, for the next daemon."""
+    def unlock(self):
+        """Let the next daemon have the journal (at stop, whatever still runs of this one)."""
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    def close(self):
+        self.unlock()
         with self._write_lock, contextlib.suppress(sqlite3.Error):
             self._writer.close()
 
@@ -2907,6 +2969,15 @@ def web_url(text):
     return urllib.parse.quote(text, safe="!#$%&'*+,/:;=?@~-._")
 
 
+def zone_name(moment):
+    """'UTC+8', 'UTC-3:30', 'UTC' for an aware datetime: what a reader in any zone can read."""
+    offset = int(moment.utcoffset().total_seconds() // 60)
+    if not offset:
+        return "UTC"
+    hours, minutes = divmod(abs(offset), 60)
+    return f"UTC{'-' if offset < 0 else '+'}{hours}" + (f":{minutes:02d}" if minutes else "")
+
+
 def alert_fields(alert, tz, route=None, history=""):
     """Everything an alert template can name: {alertname}, {labels[team]}, {duration}...
     Label and annotation values are Untrusted: escaped where they land, unless `:raw`."""
@@ -2917,27 +2988,34 @@ def alert_fields(alert, tz, route=None, history=""):
     external = web_url(external_url(alert, route))
     generator = web_url(rebase_url(alert["generator_url"], route.prometheus_url if route else ""))
     silence = silence_url(external, alert["labels"])
-    links = [f"[Prometheus]({generator})" if generator else "",
-             f"[静默 Silence]({silence})" if silence and not resolved else ""]
+    level = (route or DEFAULT_ROUTE).level(alert)[1]
+    level = "" if level == NO_LEVEL else level
+    local = starts.astimezone(tz)
     fields = Blank(
         labels=labels, annotations=annotations,
         **{k: labels[k] for k in STANDARD_LABELS},
         status=alert["status"].upper(),
         status_icon="✅" if resolved else "🔥",
-        starts_at=starts.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
+        level=level, level_status=" · ".join(filter(None, [level, alert["status"].upper()])),
+        starts_at=local.strftime("%Y-%m-%d %H:%M:%S"), starts_short=local.strftime("%m-%d %H:%M"),
+        zone=zone_name(local),
         ends_at=ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if resolved and ends else "",
         duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
         summary=annotations["summary"], description=annotations["description"],
         other_labels=Untrusted(", ".join(f"{k}={v}" for k, v in sorted(alert["labels"].items())
                                          if k not in STANDARD_LABELS)),
-        generator_url=generator, silence_url=silence, external_url=external,
+        generator_url=generator, silence_url="" if resolved else silence, external_url=external,
         runbook_url=web_url(alert["annotations"].get("runbook_url")),
-        links=" · ".join(link for link in links if link),
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
         history="" if resolved else history, dashboard_url="",
     )
     if route and route.dashboard_url:
         fields["dashboard_url"] = web_url(render_template(route.dashboard_url, fields, "url"))
+    words = WORDS[route.language if route else Templates.language]
+    links = [("Prometheus", generator), (words["silence"], fields["silence_url"]),
+             (words["runbook"], fields["runbook_url"]),
+             (words["dashboard"], fields["dashboard_url"])]
+    fields["links"] = " · ".join(f"[{label}]({url})" for label, url in links if url)
     return fields
 
 
@@ -2949,16 +3027,24 @@ def common_labels(alerts):
     return {k: v for k, v in first.items() if all(other.get(k) == v for other in rest)}
 
 
-def title_fields(alerts, part=None, group_labels=None, route=None):
+def title_fields(alerts, part=None, group_labels=None, route=None, total=None):
+    """What a title can name. `total`: (firing, resolved) of the whole message, for a part of
+    it: the counts in the title are the message's, not the part's."""
     firing = sum(a["status"] == "firing" for a in alerts)
     resolved = len(alerts) - firing
+    if total:
+        firing, resolved = total
     state = " ".join(f"{word}:{n}" for word, n in (("FIRING", firing), ("RESOLVED", resolved)) if n)
+    ranks = [(route or DEFAULT_ROUTE).level(a) for a in alerts]
+    level = min(ranks)[1] if ranks else NO_LEVEL
+    level = "" if level == NO_LEVEL else level
     names = list(dict.fromkeys(a["labels"].get("alertname", "") for a in alerts))
     receivers = ", ".join(dict.fromkeys(a["receiver"] for a in alerts))  # Alertmanager's receivers
     more = f" +{len(names) - 5}" if len(names) > 5 else ""
     alertnames = Untrusted(", ".join(names[:5]) + more)
     grouped = " ".join(v for _, v in sorted((group_labels or {}).items()))
-    return Blank(state=state, firing=firing, resolved=resolved, count=len(alerts),
+    return Blank(state=state, firing=firing, resolved=resolved, count=firing + resolved,
+                 level=level, tag=" · ".join(filter(None, [level.upper(), state])),
                  receiver=receivers, alertnames=alertnames,
                  group_labels=Untrusted(grouped) if grouped else alertnames,
                  common_labels=Blank({k: Untrusted(v) for k, v in common_labels(alerts).items()}),
@@ -2992,18 +3078,19 @@ def ordinal(n):
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def recurrence_text(earlier, last, tz):
-    """The {history} field: '24 小时内第 3 次 · 3rd time in 24 h; 上次 11-27 13:02 恢复，持续 6m ·
-    last resolved 11-27 13:02 after 6m', or the part of it the history knows; '' if nothing."""
-    parts = []
+def recurrence_text(earlier, last, tz, language):
+    """The {history} field in `language`: '24 小时内第 3 次；上次 11-27 13:02 恢复，持续 6m' (zh),
+    '3rd time in 24 h; last resolved 11-27 13:02 after 6m' (en), or the part of it the history
+    knows; '' if nothing."""
+    words, parts = WORDS[language], []
     if earlier:
-        parts.append(f"24 小时内第 {earlier + 1} 次 · {ordinal(earlier + 1)} time in 24 h")
+        parts.append(words["nth"].format(n=earlier + 1, ordinal=ordinal(earlier + 1)))
     if last and last[1]:
         starts, ends = from_db_time(last[0]), from_db_time(last[1])
         when = ends.astimezone(tz).strftime("%m-%d %H:%M")
         lasted = format_duration((ends - starts).total_seconds())
-        parts.append(f"上次 {when} 恢复，持续 {lasted} · last resolved {when} after {lasted}")
-    return "; ".join(parts)
+        parts.append(words["last_resolved"].format(when=when, lasted=lasted))
+    return words["and"].join(parts)
 
 
 def _occurrence(alert):
@@ -3023,16 +3110,17 @@ class Recurrence:
     KEPT = 10_000
     BACKOFF = 30.0
 
-    def __init__(self, store, config):
-        self.store, self.config = store, config
-        self._known = collections.OrderedDict()     # occurrence -> its text
+    def __init__(self, store):
+        self.store = store
+        self._known = collections.OrderedDict()     # occurrence -> (earlier, last)
         self._lock = threading.Lock()               # _known, _running, _quiet_until
         self._running = None                        # the lookup under way: an Event set when done
         self._quiet_until = 0.0
 
     def __call__(self, alert):
+        """(earlier occurrences in WINDOW, the last one resolved), or None: not known yet."""
         with self._lock:
-            return self._known.get(_occurrence(alert), "")
+            return self._known.get(_occurrence(alert))
 
     def prefetch(self, alerts, wait=WAIT):
         with self._lock:
@@ -3060,7 +3148,7 @@ class Recurrence:
             done.set()
         with self._lock:
             for occurrence, (earlier, last) in zip(occurrences, found):
-                self._known[occurrence] = recurrence_text(earlier, last, self.config().tz)
+                self._known[occurrence] = (earlier, last)
             while len(self._known) > self.KEPT:
                 self._known.popitem(last=False)
 
@@ -3089,9 +3177,9 @@ def uses_field(template, name):
                for line in _parsed(template) for _, field, _, _ in line if field is not None)
 
 
-def digest_title(level, title):
+def digest_title(level, title, language):
     """A digest's title: its level first, so a backlog reads at a glance in the chat list."""
-    return f"{level.upper()} 汇总 digest · {title}"
+    return f"{level.upper()} {WORDS[language]['digest']} · {title}"
 
 
 @dataclass(frozen=True)
@@ -3124,19 +3212,20 @@ class Renderer:
         self._lock = threading.Lock()
         self._blocks = {}       # (id(alert), route, group key) -> (alert, its block)
 
-    def alert_block(self, route, alert, group=None):
-        """The alert in the route's template; `group`: the message's group fields (group_fields).
-        Remembered by identity (the alert is kept, so its id cannot be reused) and route:
-        sizing a digest, checking it fits each robot and sending it would otherwise render
-        every alert five times, on the thread the webhooks share the GIL with."""
-        key = (id(alert), route, group.key if group else None)
+    def alert_block(self, route, alert, group=None, compact=False):
+        """The alert in the route's template (`compact`: its compact one); `group`: the
+        message's group fields (group_fields). Remembered by identity (the alert is kept, so
+        its id cannot be reused) and route: sizing a digest, checking it fits each robot and
+        sending it would otherwise render every alert five times, on the thread the webhooks
+        share the GIL with."""
+        key = (id(alert), route, group.key if group else None, compact)
         with self._lock:
             kept = self._blocks.get(key)
         if kept is not None and kept[0] is alert:
             return kept[1]
         fields = self.fields(route, alert)
         fields.update(group.fields if group else {})
-        block = render_template(route.alert, fields)
+        block = render_template(route.compact if compact else route.alert, fields)
         with self._lock:
             if len(self._blocks) >= self.BLOCKS_KEPT:
                 self._blocks.clear()
@@ -3144,9 +3233,12 @@ class Renderer:
         return block
 
     def fields(self, route, alert):
-        wanted = (self.history is not None and alert["status"] == "firing"
-                  and uses_field(route.alert, "history"))
-        return alert_fields(alert, self.config().tz, route, self.history(alert) if wanted else "")
+        tz, known = self.config().tz, None
+        if (self.history is not None and alert["status"] == "firing"
+                and uses_field(route.alert, "history")):
+            known = self.history(alert)
+        text = recurrence_text(*known, tz, route.language) if known else ""
+        return alert_fields(alert, tz, route, text)
 
     def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
         """Before rendering: have the alerts' {history} read, if the route's template shows it
@@ -3189,39 +3281,51 @@ class Renderer:
         firing = [a for a in alerts if a["status"] == "firing"]
         first = self.fields(route, alerts[0])
         runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
+        words = WORDS[route.language]
         candidates = [
-            ("静默 Silence", silence_url(web_url(external_url(alerts[0], route)),
-                                       common_labels(firing))),
-            ("手册 Runbook", next((url for url in runbooks if url), "")),
+            (words["silence"], silence_url(web_url(external_url(alerts[0], route)),
+                                           common_labels(firing))),
+            (words["runbook"], next((url for url in runbooks if url), "")),
             ("Prometheus", first["generator_url"]),
-            ("仪表盘 Dashboard", first["dashboard_url"])]
+            (words["dashboard"], first["dashboard_url"])]
         return tuple((label, web_url(url)) for label, url in candidates if web_url(url))
 
     def render(self, route, body):
         """A body of alerts (ALERTS or CARD) as a Rendered message."""
         alerts = list(body.alerts)
-        fields = title_fields(alerts, body.part, body.group_labels, route)
+        fields = title_fields(alerts, body.part, body.group_labels, route, body.total)
         titles = [render_template(route.title, fields, escape).strip()
                   for escape in (None, "markdown")]    # the chat list shows it as plain text
         if body.part:
             titles = [t + " ({}/{})".format(*body.part) for t in titles]
         if body.digest:
-            titles = [digest_title(body.level, t) for t in titles]
+            titles = [digest_title(body.level, t, route.language) for t in titles]
         shared = group_fields(fields)
+        full = self.full_blocks(route, body)
         if body.digest:
-            groups = {}
+            groups, at = {}, 0
             for alert in alerts:
-                groups.setdefault(alert["labels"].get("alertname", ""), []).append(alert)
-            blocks = [f"##### {md_escape(name)} × {len(group)}\n\n"
-                      + self.SEPARATOR.join(self.alert_block(route, a, shared) for a in group)
-                      for name, group in groups.items()]
+                groups.setdefault(alert["labels"].get("alertname", ""), []).append((at, alert))
+                at += 1
+            blocks = [f"##### {md_escape(name)} × {len(group)}\n\n" + self.SEPARATOR.join(
+                          self.alert_block(route, a, shared, compact=i >= full)
+                          for i, a in group) for name, group in groups.items()]
         else:
-            blocks = [self.alert_block(route, a, shared) for a in alerts]
+            blocks = [self.alert_block(route, a, shared, compact=i >= full)
+                      for i, a in enumerate(alerts)]
         notes = ((f"(+{body.truncated} alerts truncated by Alertmanager max_alerts)",)
                  if body.truncated else ())
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
         return Rendered(titles[0], titles[1], tuple(blocks), notes, buttons,
                         self.mentions(route, alerts))
+
+    @staticmethod
+    def full_blocks(route, body):
+        """How many of a body's alerts are shown in full, the others compact: the first
+        compact_after of a message (none after its first part; all if compact_after is 0)."""
+        if not route.compact_after:
+            return len(body.alerts)
+        return 0 if body.part and body.part[0] > 1 else route.compact_after
 
     def plain_title(self, route, body):
         """The message's title without part or digest marks (what its @ message repeats)."""
@@ -3263,25 +3367,33 @@ class Renderer:
         keyword and digest headings."""
         return channel.limit() - 768
 
-    def block_size(self, route, alert):
-        return json_size(self.alert_block(route, alert)) + len(self.SEPARATOR) + 16
+    def block_size(self, route, alert, compact=False):
+        return json_size(self.alert_block(route, alert, compact=compact)) + len(self.SEPARATOR) + 16
+
+    def block_sizes(self, route, alerts, start=0):
+        """The sizes of alerts' blocks where they stand in a message (from position `start`):
+        in full for the first compact_after, compact after."""
+        full = route.compact_after or len(alerts) + start
+        return [self.block_size(route, a, compact=start + i >= full) for i, a in enumerate(alerts)]
 
     def parts(self, route, body, channel):
         """A body as it goes out: itself if it fits every robot of the route (or has one alert,
-        which is cut instead), else parts of as many alerts as fit, numbered."""
+        which is cut instead), else parts of as many alerts as fit, numbered, each titled with
+        the whole message's counts."""
         alerts = list(body.alerts)
         if len(alerts) < 2 or self.fits(route, body, channel):
             return [body]
-        chunks = cut(alerts, chunk_lengths([self.block_size(route, a) for a in alerts],
-                                           self.room(channel)))
+        chunks = cut(alerts, chunk_lengths(self.block_sizes(route, alerts), self.room(channel)))
         if len(chunks) == 1:  # the sizes were misjudged: halve
             chunks = split_in_two(alerts)
         return numbered(body, chunks)
 
 
 def numbered(body, chunks):
-    """The body cut into parts of these alerts, numbered (1/n)..."""
-    return [replace(body, alerts=tuple(chunk), part=(i + 1, len(chunks)))
+    """The body cut into parts of these alerts, numbered (1/n), with the message's counts."""
+    firing = sum(a["status"] == "firing" for chunk in chunks for a in chunk)
+    total = body.total or (firing, sum(len(chunk) for chunk in chunks) - firing)
+    return [replace(body, alerts=tuple(chunk), part=(i + 1, len(chunks)), total=total)
             for i, chunk in enumerate(chunks)]
 
 
@@ -4282,8 +4394,14 @@ class RouteSender:
         Messages stay whole, but for alerts a later message carries again."""
         renderer, channel = self.renderer, self.channel
         unpacked = list(itertools.takewhile(lambda m: not m.packed, due))
-        sizes = (sum(renderer.block_size(route, a) for a in self._current(m)) for m in unpacked)
-        taken = unpacked[:next(chunk_lengths(sizes, renderer.room(channel)))]
+
+        def sizes():
+            at = 0
+            for message in unpacked:
+                current = self._current(message)
+                yield sum(renderer.block_sizes(route, current, start=at))
+                at += len(current)
+        taken = unpacked[:next(chunk_lengths(sizes(), renderer.room(channel)))]
 
         def body(messages):
             groups = [m.body.group_labels for m in messages]
@@ -5552,7 +5670,8 @@ class Pages:
         if parts > 1:
             notes.append(f"too long for one DingTalk message: sent as {parts} parts")
         notes.append(f"when more {esc(level)} messages wait than the robots may send, they are "
-                     f"folded into one digest titled “{esc(digest_title(level, '…'))}”")
+                     f"folded into one digest titled "
+                     f"“{esc(digest_title(level, '…', route.language))}”")
         out = [f"<section><h2>Message {number}</h2><p>"
                + " · ".join(notes) + "</p>"]
         for part, (body, robots_and_requests) in enumerate(bodies, 1):
@@ -5640,7 +5759,7 @@ class Bridge:
                                wall)
         self.journal.bring_forward(config.delivery.retry_max + config.delivery.timeout)
         self.store = StoreProcess(config.database)
-        self.history = Recurrence(self.store, current)
+        self.history = Recurrence(self.store)
         self.channel = channel or RobotChannel(current)
         self.post = post or self.channel.post
         self.renderer = Renderer(current, self.history)
@@ -5763,7 +5882,9 @@ class Bridge:
         self.recorder.stop()
         self.recorder.join(left())
         self.store.close(max(0.5, left()))
-        if not any(w.is_alive() for w in (self.notifier, self.senders, self.recorder)):
+        if any(w.is_alive() for w in (self.notifier, self.senders, self.recorder)):
+            self.journal.unlock()       # a worker still holds on: its writes may still land
+        else:
             self.journal.close()
 
     def reload(self):

@@ -35,9 +35,11 @@ SMALL = {
 
 
 def cluster(instance, lease=2, instances=2):
+    # Full pages only (no compact layout): a storm's digests stay as large as before, so a storm
+    # of 150 groups outlasts DingTalk's first window.
     return (
         f"\n[cluster]\nenabled = true\ninstance = {instance}\nlease = {lease:g}\n"
-        f"instances = {instances}\n"
+        f"instances = {instances}\n\n[templates]\ncompact_after = 0\n"
     )
 
 

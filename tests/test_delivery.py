@@ -441,6 +441,9 @@ class Simulated:
     ):
         self.clock, self.sent, self.answer = Clock(), [], answer
         options.setdefault("delivery", {})
+        options.setdefault(
+            "extra", "[templates]\ncompact_after = 0\n"
+        )  # the budgets, not the layout
         path = tmp_path / "config.ini"
         database = alertbridge.Database(driver="sqlite", path=str(tmp_path / "history.db"))
         path.write_text(
@@ -588,9 +591,7 @@ def test_no_digest_mixes_priority_levels(simulated):
         sim.clock.advance(60)
     assert all(len(severities(text)) == 1 for text in sim.texts())
     digests = [
-        body["markdown"]["title"]
-        for _, _, body in sim.sent
-        if "digest" in body["markdown"]["title"]
+        body["markdown"]["title"] for _, _, body in sim.sent if "汇总" in body["markdown"]["title"]
     ]
     assert digests and all(t.split(" ")[0] in ("CRITICAL", "WARNING", "INFO") for t in digests)
     first_levels = [severities(text).pop() for text in sim.texts()]
@@ -672,7 +673,8 @@ def test_a_critical_during_a_storm_reaches_dingtalk_alone_and_nothing_is_throttl
     )
     [page] = [m for m in fast_fake.delivered() if "DatacenterDown" in m.text]
     assert (
-        "storm-" not in page.text and page.body["markdown"]["title"] == "[FIRING:1] DatacenterDown"
+        "storm-" not in page.text
+        and page.body["markdown"]["title"] == "[CRITICAL · FIRING:1] DatacenterDown"
     )
     expected = {f"storm-{g}-{i}" for g in range(200) for i in range(10)}
     assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=60)

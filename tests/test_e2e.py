@@ -142,12 +142,12 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
     # Three groups (alertname, job): two for ops, one for dev. Each reaches its own group's robots,
     # DiskFull's in one message per severity.
     assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
-    assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]  # Alertmanager's group labels
+    assert titles(fake, DEV) == ["[CRITICAL · FIRING:1] TargetDown prometheus"]  # the group labels
     assert titles(fake) == [
-        "[FIRING:1] DiskFull node",
-        "[FIRING:1] DiskFull node",
-        "[FIRING:1] HighLoad node",
-        "[FIRING:1] TargetDown prometheus",
+        "[CRITICAL · FIRING:1] DiskFull node",
+        "[CRITICAL · FIRING:1] TargetDown prometheus",
+        "[WARNING · FIRING:1] DiskFull node",
+        "[WARNING · FIRING:1] HighLoad node",
     ]
     ops_tokens = [m.token for m in fake.delivered() if m.token != DEV]
     assert ops_tokens == OPS  # ops robots in turn, signed/keyword checked
@@ -165,10 +165,10 @@ def test_real_alertmanager_fires_and_resolves(make_bridge, fake, database, alert
     ended = datetime.now(timezone.utc) - timedelta(seconds=1)
     push(am, [{**a, "endsAt": ended.isoformat()} for a in pushed[:2]])  # DiskFull resolves
     assert fake.wait_for(
-        lambda f: titles(f).count("[RESOLVED:1] DiskFull node") == 2, timeout=60
+        lambda f: sum("RESOLVED:1] DiskFull node" in t for t in titles(f)) == 2, timeout=60
     ), titles(fake)
     for resolved in (m for m in fake.delivered() if "RESOLVED" in m.body["markdown"]["title"]):
-        assert "恢复 Resolved" in resolved.text and "@13800000000" not in resolved.text
+        assert "恢复：" in resolved.text and "@13800000000" not in resolved.text
     settle(bridge)
     rows = {r["instance"]: r for r in history(bridge)}
     assert rows["10.0.0.1:9100"]["status"] == "resolved" and rows["10.0.0.1:9100"]["ends_at"]
@@ -201,7 +201,7 @@ def test_urls_of_prometheus_webhook_dingtalk_work_unchanged(
     )
     push(am, alerts())
     assert fake.wait_for(lambda f: len(f.delivered()) == 4, timeout=60), fake.requests
-    assert titles(fake, DEV) == ["[FIRING:1] TargetDown prometheus"]
+    assert titles(fake, DEV) == ["[CRITICAL · FIRING:1] TargetDown prometheus"]
     assert {m.token for m in fake.delivered() if m.token != DEV} <= set(OPS)
     settle(bridge)
     assert {r["instance"]: r["receiver"] for r in history(bridge)} == {

@@ -30,10 +30,9 @@ def test_group_goes_out_signed_with_mentions_and_is_recorded(make_bridge, fake, 
     assert (message.token, warning.token) == (OPS[0], OPS[1])  # robots in turn; signatures checked
     assert message.body["msgtype"] == "markdown"
     assert (
-        message.body["markdown"]["title"]
-        == warning.body["markdown"]["title"]
-        == "[FIRING:1] DiskFull node"
+        message.body["markdown"]["title"] == "[CRITICAL · FIRING:1] DiskFull node"
     )  # group labels
+    assert warning.body["markdown"]["title"] == "[WARNING · FIRING:1] DiskFull node"  # told apart
     text = message.text
     assert "10.0.0.1:9100" in text and "10.0.0.2:9100" in warning.text and "磁盘将满" in text
     assert "2026-11-25 05:47:13" in text  # 21:47:13Z shown in Asia/Shanghai
@@ -87,8 +86,8 @@ def test_repeat_counts_rotates_and_resolve_closes(make_bridge, fake, database):
     settle(bridge)
     resolved, still = fake.delivered()[4:]
     assert (resolved.token, still.token) == (OPS[1], OPS[2])
-    assert resolved.body["markdown"]["title"] == "[RESOLVED:1] DiskFull node"
-    assert still.body["markdown"]["title"] == "[FIRING:1] DiskFull node"
+    assert resolved.body["markdown"]["title"] == "[CRITICAL · RESOLVED:1] DiskFull node"
+    assert still.body["markdown"]["title"] == "[WARNING · FIRING:1] DiskFull node"
     assert "2026-11-25 05:47:16" in resolved.text and "持续 3s" in resolved.text
     rows = {r["instance"]: r for r in history(bridge)}
     assert rows["10.0.0.1:9100"]["status"] == "resolved"
@@ -138,7 +137,7 @@ def test_unknown_receiver_uses_default_and_path_names_receiver(make_bridge, fake
     post(bridge, make_payload("nobody", [make_alert("B")]), path="/alertmanager/ops")
     settle(bridge)
     by_name = {m.body["markdown"]["title"]: m.token for m in fake.delivered()}
-    assert by_name == {"[FIRING:1] A": DEV, "[FIRING:1] B": OPS[0]}
+    assert by_name == {"[CRITICAL · FIRING:1] A": DEV, "[CRITICAL · FIRING:1] B": OPS[0]}
     assert sorted((r["alertname"], r["receiver"]) for r in history(bridge)) == [
         ("A", "nobody"),
         ("B", "ops"),
@@ -156,7 +155,7 @@ def test_per_alert_receiver_sends_one_message_per_alert(make_bridge, fake, datab
     post(bridge, load_fixture("am025-ops-firing-group.json"))
     settle(bridge)
     titles = sorted(m.body["markdown"]["title"] for m in fake.delivered())
-    assert titles == ["[FIRING:1] DiskFull node", "[FIRING:1] DiskFull node"]
+    assert titles == ["[CRITICAL · FIRING:1] DiskFull node", "[WARNING · FIRING:1] DiskFull node"]
     assert len({m.token for m in fake.delivered()}) == 2
     assert [r["notified_count"] for r in history(bridge)] == [1, 1]
 
@@ -217,23 +216,23 @@ def test_action_cards_and_their_mention_reach_dingtalk_as_it_checks_them(
     assert card.body == {
         "msgtype": "actionCard",
         "actionCard": {
-            "title": "[FIRING:1] DiskFull",
-            "text": "#### [FIRING:1] DiskFull\n\nDiskFull on 10.0.0.1:9100",
+            "title": "[CRITICAL · FIRING:1] DiskFull",
+            "text": "#### [CRITICAL · FIRING:1] DiskFull\n\nDiskFull on 10.0.0.1:9100",
             "btnOrientation": "0",
             "btns": [
-                {"title": "静默 Silence", "actionURL": silence},
-                {"title": "手册 Runbook", "actionURL": "https://wiki/disk"},
+                {"title": "静默", "actionURL": silence},
+                {"title": "手册", "actionURL": "https://wiki/disk"},
                 {"title": "Prometheus", "actionURL": "https://prom.example.com/graph?g0.expr=up"},
             ],
         },
     }
     assert mention.body == {
         "msgtype": "text",
-        "text": {"content": "@13800000000 @manager7021 [FIRING:1] DiskFull"},
+        "text": {"content": "@13800000000 @manager7021 [CRITICAL · FIRING:1] DiskFull"},
         "at": {"atMobiles": ["13800000000"], "isAtAll": False, "atUserIds": ["manager7021"]},
     }
     assert second.body["msgtype"] == "actionCard" and "10.0.0.2:9100" in second.text
-    assert [b["title"] for b in second.body["actionCard"]["btns"]] == ["静默 Silence", "Prometheus"]
+    assert [b["title"] for b in second.body["actionCard"]["btns"]] == ["静默", "Prometheus"]
     assert [r["notified_count"] for r in history(bridge)] == [
         1,
         1,
@@ -271,9 +270,9 @@ def test_a_markdown_message_that_mentions_from_labels_is_exactly_this(make_bridg
     assert fake.delivered()[0].body == {
         "msgtype": "markdown",
         "markdown": {
-            "title": "[FIRING:1] Slow_query",
-            "text": "#### [FIRING:1] Slow\\_query\n\nSlow\\_query on db-1:9104: p99 \\*way\\* "
-            "up\n\n"
+            "title": "[CRITICAL · FIRING:1] Slow_query",
+            "text": "#### [CRITICAL · FIRING:1] Slow\\_query\n\n"
+            "Slow\\_query on db-1:9104: p99 \\*way\\* up\n\n"
             "@13900000000 @13700000000 @0123",
         },
         "at": {
@@ -301,7 +300,9 @@ def test_without_send_resolved_a_resolution_is_recorded_not_sent(make_bridge, fa
         ),
     )
     settle(bridge)
-    assert [m.body["markdown"]["title"] for m in fake.delivered()] == ["[FIRING:1] DiskFull"]
+    assert [m.body["markdown"]["title"] for m in fake.delivered()] == [
+        "[CRITICAL · FIRING:1] DiskFull"
+    ]
     assert [(r["status"], r["notified_count"]) for r in history(bridge)] == [("resolved", 1)]
 
 
@@ -328,19 +329,13 @@ def test_a_recurring_alert_says_how_often_it_happened(make_bridge, fake, databas
     ):
         assert post(bridge, payload)[0] == 200
         settle(bridge)  # the history has it before the next one comes
-    lines = [[line for line in m.text.splitlines() if "History" in line] for m in fake.delivered()]
+    lines = [[line for line in m.text.splitlines() if "历史" in line] for m in fake.delivered()]
     assert lines == [
         [],
         [],
-        [
-            "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h; 上次 11-24 16:06 恢复，持续 6m · "
-            "last resolved 11-24 16:06 after 6m"
-        ],
+        ["- 历史：24 小时内第 2 次；上次 11-24 16:06 恢复，持续 6m"],
         [],
-        [
-            "- 历史 History: 24 小时内第 3 次 · 3rd time in 24 h; 上次 11-24 17:02 恢复，持续 2m30s · "
-            "last resolved 11-24 17:02 after 2m30s"
-        ],
+        ["- 历史：24 小时内第 3 次；上次 11-24 17:02 恢复，持续 2m30s"],
     ]
 
 
@@ -357,6 +352,6 @@ def test_a_store_that_does_not_answer_leaves_the_history_out_and_the_page_goes_o
         bridge = make_bridge(hung)
         assert post(bridge, occurrence("2026-11-24T10:00:00Z"))[0] == 200
         assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=60)
-        assert "DiskFull" in fake.delivered()[0].text and "History" not in fake.delivered()[0].text
+        assert "DiskFull" in fake.delivered()[0].text and "历史" not in fake.delivered()[0].text
     finally:
         silent.close()

@@ -51,18 +51,20 @@ def test_missing_labels_render_empty_and_empty_lines_are_dropped():
 def test_firing_alert_layout_in_the_configured_zone():
     body = render(alerts_of("am025-ops-firing-group.json"))
     text = body["markdown"]["text"]
-    assert text.startswith("#### [FIRING:2] DiskFull\n")
+    assert text.startswith(
+        "#### [CRITICAL · FIRING:2] DiskFull\n"
+    )  # the level, in the chat list too
     assert "**🔥 DiskFull** · critical · FIRING" in text
-    assert "- 开始 Started: 2026-11-25 05:47:13" in text
-    assert "恢复 Resolved" not in text  # no end time while firing
-    assert "- 摘要 Summary: 磁盘将满" in text and "- 描述 Description: usage 95%" in text
+    assert "- 开始：2026-11-25 05:47:13 UTC+8" in text  # the time says its zone
+    assert "恢复" not in text  # no end time while firing
+    assert "- 摘要：磁盘将满" in text and "- 描述：usage 95%" in text
     assert text.count("---") == 1  # two alerts, one separator
 
 
 def test_resolved_alert_shows_end_and_duration_and_no_silence_link():
     alerts = alerts_of("am025-ops-partly-resolved.json")
     text = render(alerts[:1])["markdown"]["text"]
-    assert "- 恢复 Resolved: 2026-11-25 05:47:16 (持续 3s)" in text
+    assert "- 恢复：2026-11-25 05:47:16 (持续 3s)" in text
     assert "silences" not in text
     utc = Config(tz=timezone.utc)
     text = draw(utc, Route("ops", (ROBOT,)), ROBOT, body_of(alerts[:1]))["markdown"]["text"]
@@ -189,8 +191,8 @@ def test_label_and_annotation_values_are_escaped_for_markdown_unless_raw():
         "see [here](http://x) `now` | node_exporter_*x* | node\\_exporter\\_\\*x\\*"
     )
     title = render([alert(labels={"alertname": "Disk_full_*x*"})])["markdown"]
-    assert title["title"] == "[FIRING:1] Disk_full_*x*"  # the chat list: plain text
-    assert title["text"].startswith("#### [FIRING:1] Disk\\_full\\_\\*x\\*\n")
+    assert title["title"] == "[CRITICAL · FIRING:1] Disk_full_*x*"  # the chat list: plain text
+    assert title["text"].startswith("#### [CRITICAL · FIRING:1] Disk\\_full\\_\\*x\\*\n")
 
 
 def test_links_are_rebased_for_phones():
@@ -269,13 +271,8 @@ def test_an_action_card_has_buttons_and_its_mention_goes_apart():
     body = render([firing], route)
     assert body["msgtype"] == "actionCard" and "at" not in body
     card = body["actionCard"]
-    assert card["title"] == "[FIRING:1] NodeDown" and "@13800000000" not in card["text"]
-    assert [b["title"] for b in card["btns"]] == [
-        "静默 Silence",
-        "手册 Runbook",
-        "Prometheus",
-        "仪表盘 Dashboard",
-    ]
+    assert card["title"] == "[CRITICAL · FIRING:1] NodeDown" and "@13800000000" not in card["text"]
+    assert [b["title"] for b in card["btns"]] == ["静默", "手册", "Prometheus", "仪表盘"]
     assert card["btnOrientation"] == "0"
     assert card["btns"][0]["actionURL"].startswith(
         "http://alertmanager-0:9093/#/silences/new?filter=%7Balertname"
@@ -288,7 +285,7 @@ def test_an_action_card_has_buttons_and_its_mention_goes_apart():
     assert card.kind == alertbridge.CARD and mention.kind == alertbridge.MENTION
     assert draw(Config(), route, KEYWORD_ROBOT, mention) == {
         "msgtype": "text",
-        "text": {"content": "@13800000000 [FIRING:1] NodeDown\n告警"},
+        "text": {"content": "@13800000000 [CRITICAL · FIRING:1] NodeDown\n告警"},
         "at": {"atMobiles": ["13800000000"], "isAtAll": False},
     }
     assert renderer.plan(route, card, channel) == [card]  # its @ is apart already
@@ -298,7 +295,7 @@ def test_an_action_card_has_buttons_and_its_mention_goes_apart():
     resolved = render([alert(status="resolved")], route)["actionCard"]["btns"]
     assert [b["title"] for b in resolved] == [
         "Prometheus",
-        "仪表盘 Dashboard",
+        "仪表盘",
     ]  # nothing to silence
 
 
@@ -312,17 +309,24 @@ def test_group_labels_common_labels_and_external_url_in_titles():
     assert (
         body["markdown"]["title"] == "[FIRING:2] NodeDown node | node | http://alertmanager-0:9093"
     )
-    assert render(group)["markdown"]["title"] == "[FIRING:2] NodeDown"  # no group labels: the names
+    assert render(group)["markdown"]["title"] == "[CRITICAL · FIRING:2] NodeDown"  # no group labels
 
 
 def test_history_text_in_both_languages():
     tz = timezone.utc
-    assert alertbridge.recurrence_text(0, None, tz) == ""
-    assert alertbridge.recurrence_text(
-        2, ("2026-11-25 05:00:00.000", "2026-11-25 05:06:00.000"), tz
-    ) == (
+    last = ("2026-11-25 05:00:00.000", "2026-11-25 05:06:00.000")
+    assert alertbridge.recurrence_text(0, None, tz, "zh") == ""
+    assert alertbridge.recurrence_text(2, last, tz, "both") == (
         "24 小时内第 3 次 · 3rd time in 24 h; 上次 11-25 05:06 恢复，持续 6m · last resolved 11-25 05:06 "
         "after 6m"
+    )
+    assert (
+        alertbridge.recurrence_text(2, last, tz, "zh")
+        == "24 小时内第 3 次；上次 11-25 05:06 恢复，持续 6m"
+    )
+    assert (
+        alertbridge.recurrence_text(2, last, tz, "en")
+        == "3rd time in 24 h; last resolved 11-25 05:06 after 6m"
     )
     assert [alertbridge.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
         "1st",
@@ -337,12 +341,13 @@ def test_history_text_in_both_languages():
         "101st",
         "111th",
     ]
-    history = lambda a: "24 小时内第 2 次 · 2nd time in 24 h"  # noqa: E731
+    history = lambda a: (1, None)  # noqa: E731 (one earlier occurrence, none resolved)
+    both = routed(language="both", alert=alertbridge.DEFAULT_ALERTS["both"])
     assert (
         "- 历史 History: 24 小时内第 2 次 · 2nd time in 24 h"
-        in draw(Config(tz=tz), routed(), ROBOT, body_of([alert()]), history)["markdown"]["text"]
+        in draw(Config(tz=tz), both, ROBOT, body_of([alert()]), history)["markdown"]["text"]
     )
-    resolved = draw(Config(tz=tz), routed(), ROBOT, body_of([alert(status="resolved")]), history)[
+    resolved = draw(Config(tz=tz), both, ROBOT, body_of([alert(status="resolved")]), history)[
         "markdown"
     ]["text"]
     assert "历史 History" not in resolved  # only firing alerts say it
@@ -386,7 +391,9 @@ def structure_of(text):
 def test_a_value_from_an_alert_cannot_start_a_line_a_heading_a_quote_or_a_font(template):
     hostile = alert(labels={"team": "# t\n> q"}, annotations=FORGED, generator_url=EVIL_URL)
     text = render([hostile], Route("ops", (ROBOT,), alert=template))["markdown"]["text"]
-    assert structure_of(text) == ["#### [FIRING:1] NodeDown"]  # the title is the only heading
+    assert structure_of(text) == [
+        "#### [CRITICAL · FIRING:1] NodeDown"
+    ]  # the title: the only heading
     assert "<font" not in text and "数据库已恢复" in text and "ignore the page" in text
 
 
@@ -396,7 +403,7 @@ def test_a_url_from_an_alert_stays_one_link_to_where_it_points():
         "markdown"
     ]["text"]
     links = MD_LINK.findall(text)
-    assert [label for label, _ in links] == ["Prometheus", "静默 Silence", "runbook"]
+    assert [label for label, _ in links] == ["Prometheus", "静默", "手册", "runbook"]
     assert (
         links[0][1].startswith("http://prometheus-0:9090/graph?g0.expr=up%29%5B")
         and "evil" in links[0][1]
@@ -423,5 +430,5 @@ def test_hostile_values_reach_dingtalk_as_text(make_bridge, fake, sqlite_db):
     assert post(bridge, payload)[0] == 200
     assert fake.wait_for(lambda f: len(f.delivered()) == 1)
     text = fake.delivered()[0].text
-    assert structure_of(text) == ["#### [FIRING:1] Forged"]
-    assert [label for label, _ in MD_LINK.findall(text)] == ["Prometheus", "静默 Silence"]
+    assert structure_of(text) == ["#### [CRITICAL · FIRING:1] Forged"]
+    assert [label for label, _ in MD_LINK.findall(text)] == ["Prometheus", "静默"]

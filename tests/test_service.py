@@ -249,7 +249,7 @@ def test_reload_endpoint_keeps_waiting_messages_and_rejects_broken_config(
         fh.write(original.replace("robots = dev-1", "robots = dev-1, ops-1"))
     assert post(bridge, b"", path="/-/reload")[0] == 200
     settle(bridge)
-    ids = {i for m in fake.delivered() for i in re.findall(r"Instance: (n\d)", m.text)}
+    ids = {i for m in fake.delivered() for i in re.findall(r"实例：(n\d)", m.text)}
     assert ids == {"n0", "n1", "n2"}
     assert ROBOTS["ops-1"]["token"] in [m.token for m in fake.delivered()]
 

@@ -3308,16 +3308,24 @@ class Renderer:
                 groups.setdefault(alert["labels"].get("alertname", ""), []).append((at, alert))
                 at += 1
             blocks = [f"##### {md_escape(name)} × {len(group)}\n\n" + self.SEPARATOR.join(
-                          self.alert_block(route, a, shared, compact=i >= full)
-                          for i, a in group) for name, group in groups.items()]
+                          self.blocks(route, group, shared, full))
+                      for name, group in groups.items()]
         else:
-            blocks = [self.alert_block(route, a, shared, compact=i >= full)
-                      for i, a in enumerate(alerts)]
+            blocks = self.blocks(route, enumerate(alerts), shared, full)
         notes = ((f"(+{body.truncated} alerts truncated by Alertmanager max_alerts)",)
                  if body.truncated else ())
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
         return Rendered(titles[0], titles[1], tuple(blocks), notes, buttons,
                         self.mentions(route, alerts))
+
+    def blocks(self, route, placed, shared, full):
+        """The blocks of (position, alert) pairs in order: an alert before position `full` as a
+        block of its own, the compact lines after it as one block, a list."""
+        blocks, lines = [], []
+        for at, alert in placed:
+            block = self.alert_block(route, alert, shared, compact=at >= full)
+            (lines if at >= full else blocks).append(block)
+        return blocks + (["\n".join(lines)] if lines else [])
 
     @staticmethod
     def full_blocks(route, body):

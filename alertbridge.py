@@ -662,7 +662,7 @@ class Database:
     host: str = "127.0.0.1"
     port: int = field(default=3306, metadata={"min": 1, "max": 65535})
     user: str = "alertbridge"
-    password: str = field(default="", repr=False)
+    password: str = field(default="", repr=False, metadata={"secret": True})
     database: str = "alertbridge"
     retention_days: float = 180.0
 
@@ -675,9 +675,9 @@ class Database:
 @dataclass(frozen=True)
 class Auth:
     """[auth]: the credentials Alertmanager's http_config must present."""
-    bearer_token: str = field(default="", repr=False)
+    bearer_token: str = field(default="", repr=False, metadata={"secret": True})
     username: str = ""
-    password: str = field(default="", repr=False)
+    password: str = field(default="", repr=False, metadata={"secret": True})
     protect_metrics: bool = False
 
     @property
@@ -836,11 +836,14 @@ class Config:
         return {r for route in self.routes.values() for r in route.robots}
 
 
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 class _Section:
     """Typed reads from one config section, with errors that name the key."""
 
-    def __init__(self, parser, name):
-        self.name = name
+    def __init__(self, parser, name, base=""):
+        self.name, self.base = name, base      # base: the directory relative paths start from
         self.items = parser[name] if parser.has_section(name) else {}
 
     def get(self, key, default=""):
@@ -872,6 +875,34 @@ class _Section:
             return False
         raise ConfigError(f"[{self.name}] {key}: not a boolean (true or false)")
 
+    def secret(self, key, default=""):
+        """A credential: the key's value, or the first line of the file `KEY_file` names (such
+        as one systemd's LoadCredential= puts in $CREDENTIALS_DIRECTORY), not both. Either may
+        name environment variables as ${NAME}. Errors name the key, the variable or the file,
+        never the value."""
+        from_file = f"{key}_file"
+        if key in self.items and from_file in self.items:
+            raise ConfigError(f"[{self.name}] {key}, {from_file}: set one of them, not both")
+        if from_file not in self.items:
+            return self.expand(key, self.get(key, default))
+        path = os.path.join(self.base, self.expand(from_file, self.get(from_file)))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"[{self.name}] {from_file}: cannot read {path}: "
+                              f"{exc.strerror or type(exc).__name__}")
+        return lines[0].strip() if lines else ""
+
+    def expand(self, key, value):
+        """`value` with each ${NAME} replaced by the environment's NAME, which must be set."""
+        def variable(match):
+            if match.group(1) not in os.environ:
+                raise ConfigError(f"[{self.name}] {key}: the environment has no "
+                                  f"{match.group(1)}")
+            return os.environ[match.group(1)].strip()
+        return ENV_REFERENCE.sub(variable, value)
+
     def template(self, key, default, allowed):
         """A template over the FieldSet `allowed`; a default is not checked again: it is
         [templates]' (checked there) or the built-in one."""
@@ -889,7 +920,9 @@ class _Section:
         for f in fields(cls):
             if f.name in derived or f.default is MISSING:
                 continue
-            if f.type is bool:
+            if f.metadata.get("secret"):
+                values[f.name] = self.secret(f.name, f.default)
+            elif f.type is bool:
                 values[f.name] = self.bool(f.name, f.default)
             elif f.type in (int, float):
                 values[f.name] = self.number(f.name, f.default, f.type, f.metadata.get("min", 0),
@@ -921,11 +954,11 @@ def load_config(path):
     base = os.path.dirname(os.path.abspath(path))
     service = _load_service(parser, base)
     settings = dict(path=os.path.abspath(path), service=service, tz=load_timezone(service.timezone),
-                    database=_load_database(parser, base, service), auth=_load_auth(parser),
+                    database=_load_database(parser, base, service), auth=_load_auth(parser, base),
                     delivery=_load_delivery(parser))
     settings["cluster"] = _load_cluster(parser, settings["database"])
     templates = _load_templates(parser)
-    robots = {s[6:]: _load_robot(_Section(parser, s), s[6:])
+    robots = {s[6:]: _load_robot(_Section(parser, s, base), s[6:])
               for s in parser.sections() if s.startswith("robot:")}
     routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates,
                                  settings["delivery"])
@@ -968,14 +1001,14 @@ def _load_service(parser, base):
 
 
 def _load_database(parser, base, service):
-    section = _Section(parser, "database")
+    section = _Section(parser, "database", base)
     path = _resolver(base)(section.get("path") or os.path.join(service.state_dir, "alertbridge.db"))
     database = section.settings(Database, path=path)
     return replace(database, driver=database.driver.lower())
 
 
-def _load_auth(parser):
-    auth = _Section(parser, "auth").settings(Auth)
+def _load_auth(parser, base):
+    auth = _Section(parser, "auth", base).settings(Auth)
     if auth.password and not auth.username:
         raise ConfigError("[auth] password: set username too (basic auth)")
     return auth
@@ -1026,7 +1059,7 @@ def _language(section, default):
 
 def _load_robot(section, name):
     # Errors name the key, never quote the value: the URL holds the token.
-    url, where = section.get("url"), f"[{section.name}] url"
+    url, where = section.expand("url", section.get("url")), f"[{section.name}] url"
     if re.search(r"\s", url):
         raise ConfigError(f"{where}: contains a space (a comment after the value? configparser "
                           f"keeps it as part of the value: put comments on a line of their own)")
@@ -1037,12 +1070,18 @@ def _load_robot(section, name):
         parts.port
     except ValueError:
         raise ConfigError(f"{where}: the port is not a number from 0 to 65535")
-    secret = section.get("secret")
-    if re.search(r"\s", secret):
-        raise ConfigError(f"[{section.name}] secret: contains a space (a comment after the value?)")
+    secret, token = section.secret("secret"), section.secret("token")
+    for key, value in (("secret", secret), ("token", token)):
+        if re.search(r"\s", value):
+            raise ConfigError(f"[{section.name}] {key}: contains a space (a comment after the "
+                              f"value?)")
+    if token:       # the URL without its token, the token from a file or the environment
+        if "access_token" in urllib.parse.parse_qs(parts.query):
+            raise ConfigError(f"{where}: has an access_token and the token is set apart: one")
+        url += ("&" if parts.query else "?") + urllib.parse.urlencode({"access_token": token})
     robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"))
     if not robot.token:
-        raise ConfigError(f"{where}: has no access_token parameter")
+        raise ConfigError(f"{where}: has no access_token parameter (or set token, token_file)")
     return robot
 
 

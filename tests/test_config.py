@@ -320,3 +320,74 @@ def test_a_host_name_that_cannot_name_an_instance_asks_for_one(tmp_path, monkeyp
     path = tmp_path / "ok.ini"
     path.write_text(CLUSTERED + "instance = alertbridge-0.prod_1\n")
     assert alertbridge.load_config(str(path)).cluster.instance == "alertbridge-0.prod_1"
+
+
+ROBOT_APART = """
+[receiver:default]
+robots = r
+[robot:r]
+url = https://oapi.dingtalk.com/robot/send
+token_file = ${CREDENTIALS_DIRECTORY}/r.token
+secret_file = ${CREDENTIALS_DIRECTORY}/r.secret
+[auth]
+bearer_token = ${AM_TOKEN}
+[database]
+password_file = db.password
+"""
+
+
+def test_secrets_come_from_files_and_the_environment(tmp_path, monkeypatch):
+    """As systemd's LoadCredential= gives them: files in $CREDENTIALS_DIRECTORY; or variables."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "r.token").write_text("tok123\n")
+    (credentials / "r.secret").write_text("SECabc\n")
+    (tmp_path / "db.password").write_text("pw\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    monkeypatch.setenv("AM_TOKEN", "bearer-xyz")
+    path = tmp_path / "config.ini"
+    path.write_text(ROBOT_APART)
+    config = alertbridge.load_config(str(path))
+    robot = config.routes["default"].robots[0]
+    assert robot.url == "https://oapi.dingtalk.com/robot/send?access_token=tok123"
+    assert (robot.token, robot.secret) == ("tok123", "SECabc")
+    assert config.auth.bearer_token == "bearer-xyz" and config.database.password == "pw"
+    checked = subprocess.run(
+        [sys.executable, str(ROOT / "alertbridge.py"), "-c", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stderr
+    for secret in ("tok123", "SECabc", "bearer-xyz"):
+        assert secret not in checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({}, "[robot:r] secret_file: the environment has no CREDENTIALS_DIRECTORY"),
+        (
+            {"CREDENTIALS_DIRECTORY": "/nonexistent"},
+            "[robot:r] secret_file: cannot read /nonexistent/r.secret: No such file or directory",
+        ),
+    ],
+)
+def test_a_secret_that_cannot_be_read_is_named_not_left_empty(
+    tmp_path, monkeypatch, change, message
+):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("AM_TOKEN", "bearer-xyz")
+    (tmp_path / "db.password").write_text("pw\n")
+    for name, value in change.items():
+        monkeypatch.setenv(name, value)
+    assert config_error(tmp_path, ROBOT_APART) == message
+
+
+def test_a_secret_set_twice_or_a_token_in_both_places_is_refused(tmp_path):
+    both = "[receiver:default]\nrobots = r\n[robot:r]\nurl = https://x/robot/send?access_token=a\n"
+    assert config_error(tmp_path, both + "secret = s\nsecret_file = f\n") == (
+        "[robot:r] secret, secret_file: set one of them, not both"
+    )
+    assert config_error(tmp_path, both + "token = b\n") == (
+        "[robot:r] url: has an access_token and the token is set apart: one"
+    )

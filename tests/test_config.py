@@ -11,7 +11,7 @@ import pytest
 import alertbridge
 from tests.kit import ROOT
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+README = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 
 
 def test_shipped_config_runs_on_the_embedded_default():
@@ -106,7 +106,7 @@ def test_every_shipped_key_is_documented_in_the_readme():
     parser.read(ROOT / "config.ini", encoding="utf-8")
     text = (ROOT / "config.ini").read_text(encoding="utf-8")
     commented = set(re.findall(r"^; (\w+) =", text, re.M))
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = README
     keys = {k for s in parser.sections() for k in parser[s]} | commented
     missing = sorted(k for k in keys if f"`{k}`" not in readme)
     assert missing == []

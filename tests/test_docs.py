@@ -1,5 +1,6 @@
-"""The READMEs: English and Chinese have the same sections, so they cannot drift apart, and every
-link inside each one lands on a heading or an anchor it has."""
+"""The documentation: the README and each page of docs/ in English and Chinese have the same
+sections and code, so a pair cannot drift apart, and every link lands on a file, a heading or an
+anchor."""
 
 import re
 
@@ -9,7 +10,12 @@ import alertbridge
 
 from tests.kit import ROOT
 
-READMES = ("README.md", "README.zh-CN.md")
+PAIRS = [("README.md", "README.zh-CN.md")] + [
+    (f"docs/{p.name}", f"docs/{p.stem}.zh-CN.md")
+    for p in sorted((ROOT / "docs").glob("*.md"))
+    if not p.name.endswith(".zh-CN.md")
+]
+PAGES = [page for pair in PAIRS for page in pair]
 
 
 def text(name):
@@ -34,8 +40,22 @@ def slug(heading):
     return "".join(c for c in heading if c.isalnum() or c in "-_ ").replace(" ", "-")
 
 
-def test_both_readmes_have_the_same_sections_at_the_same_levels():
-    english, chinese = headings(text("README.md")), headings(text("README.zh-CN.md"))
+def anchors(name):
+    markdown = text(name)
+    return {slug(h) for _, h in headings(markdown)} | set(re.findall(r'<a id="([^"]+)">', markdown))
+
+
+def test_every_page_has_its_translation():
+    assert (ROOT / "docs" / "configuration.md").exists()
+    for english, chinese in PAIRS:
+        assert (ROOT / chinese).exists(), f"{english} has no {chinese}"
+    names = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")}
+    assert names == {page for page in PAGES if page.startswith("docs/")}
+
+
+@pytest.mark.parametrize("english, chinese", PAIRS)
+def test_both_languages_have_the_same_sections_at_the_same_levels(english, chinese):
+    english, chinese = headings(text(english)), headings(text(chinese))
     assert [level for level, _ in english] == [level for level, _ in chinese], "\n".join(
         f"{a!s:60} {b}" for a, b in zip(english, chinese)
     )
@@ -43,21 +63,25 @@ def test_both_readmes_have_the_same_sections_at_the_same_levels():
         assert re.findall(r"`\[[^\]]+\]`", en) == re.findall(r"`\[[^\]]+\]`", zh), (en, zh)
 
 
-@pytest.mark.parametrize("name", READMES)
-def test_each_readme_links_to_the_other_and_its_links_resolve(name):
-    markdown = text(name)
-    anchors = {slug(h) for _, h in headings(markdown)} | set(
-        re.findall(r'<a id="([^"]+)">', markdown)
-    )
+@pytest.mark.parametrize("name", PAGES)
+def test_each_page_links_to_its_translation_and_its_links_resolve(name):
+    markdown, here = text(name), (ROOT / name).parent
     for target in re.findall(r"\]\(#([^)]+)\)", without_code(markdown)):
-        assert target in anchors, f"{name}: no anchor #{target}"
-    for path in re.findall(r"\]\(((?!https?:|#)[^)#]+)", without_code(markdown)):
-        assert (ROOT / path).exists(), f"{name}: links to missing {path}"
-    other = READMES[1 - READMES.index(name)]
-    assert f"]({other})" in markdown.split("\n## ")[0]
+        assert target in anchors(name), f"{name}: no anchor #{target}"
+    for path, anchor in re.findall(
+        r"\]\(((?!https?:|#)[^)#]+)(?:#([^)]+))?\)", without_code(markdown)
+    ):
+        assert (here / path).exists(), f"{name}: links to missing {path}"
+        if anchor:
+            linked = (here / path).resolve().relative_to(ROOT).as_posix()
+            assert anchor in anchors(linked), f"{name}: {path} has no anchor #{anchor}"
+    pair = next(p for p in PAIRS if name in p)
+    translation = pair[1 - pair.index(name)].split("/")[-1]
+    assert f"]({translation})" in markdown.split("\n## ")[0], f"{name}: no link to {translation}"
 
 
-def test_both_readmes_show_the_same_code():
+@pytest.mark.parametrize("english, chinese", PAIRS)
+def test_both_languages_show_the_same_code(english, chinese):
     """Commands, configs and payloads are the same in both languages (comments aside)."""
 
     def blocks(markdown):
@@ -66,7 +90,7 @@ def test_both_readmes_show_the_same_code():
             for b in re.findall(r"^```[a-z]*\n(.*?)^```", markdown, re.S | re.M)
         ]
 
-    english, chinese = blocks(text("README.md")), blocks(text("README.zh-CN.md"))
+    english, chinese = blocks(text(english)), blocks(text(chinese))
     assert len(english) == len(chinese)
     for en, zh in zip(english, chinese):
         if (
@@ -76,9 +100,9 @@ def test_both_readmes_show_the_same_code():
         assert en == zh
 
 
-def test_every_metric_is_documented_in_both_readmes():
+def test_every_metric_is_documented_in_both_languages():
     for name in alertbridge.METRIC_HELP:
-        for path in ("README.md", "README.zh-CN.md"):
+        for path in ("docs/operations.md", "docs/operations.zh-CN.md"):
             assert f"`{name}" in (ROOT / path).read_text(encoding="utf-8"), (
                 f"{name} is not in {path}"
             )

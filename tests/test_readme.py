@@ -1,0 +1,120 @@
+"""A newcomer reaches the first message by following only the README's first screen: this test
+runs the exact code blocks of "Your first message in five minutes", in order, in a fresh copy of
+the repository, against a fake DingTalk robot and a real Alertmanager. Only what cannot be the
+same here is replaced: DingTalk's address (the fake's), the ports (free ones) and `python3`
+(this interpreter)."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.kit import IN_CI, ROOT, free_port, wait_until
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+AMTOOL = shutil.which("amtool")
+
+
+def walkthrough(readme="README.md"):
+    """The (language, code) blocks of the first section, in order."""
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    section = text.split("\n## ")[1]
+    return re.findall(r"^```(\w+)\n(.*?)^```", section, re.S | re.M)
+
+
+def test_the_walkthrough_is_what_this_test_runs():
+    kinds = [kind for kind, _ in walkthrough()]
+    assert kinds == ["sh", "ini", "sh", "yaml", "sh", "text", "text"]
+    assert walkthrough() == walkthrough("README.zh-CN.md")  # the same commands in both
+
+
+@pytest.fixture
+def tools():
+    if not (ALERTMANAGER and AMTOOL and shutil.which("curl")):
+        if IN_CI:
+            pytest.fail(
+                "Alertmanager, amtool and curl are required in CI (tests/run installs them)"
+            )
+        pytest.skip("needs prometheus-alertmanager (with amtool) and curl")
+
+
+def test_a_newcomer_gets_the_first_message_by_following_the_readme(tmp_path, fake, tools):
+    clone = tmp_path / "alertbridge"
+    clone.mkdir()
+    for name in ("alertbridge.py", "config.ini"):
+        shutil.copy(ROOT / name, clone / name)
+    port, am_port = free_port(), free_port()
+    fake.add_robot("YOUR_ACCESS_TOKEN", "SEC_YOUR_SIGNING_SECRET")
+    fake_base = fake.url("x").split("/robot/")[0]
+
+    def here(code):
+        code = code.replace("https://oapi.dingtalk.com", fake_base)
+        code = code.replace("9097", str(port)).replace("9093", str(am_port))
+        return re.sub(r"^python3 ", f"{sys.executable} ", code, flags=re.M)
+
+    config = clone / "config.ini"
+    config.write_text(here(config.read_text(encoding="utf-8")), encoding="utf-8")
+    start, robot, check, alertmanager_yml, fire = [code for _, code in walkthrough()[:5]]
+    processes = []
+
+    def background(command, **options):
+        log = open(tmp_path / f"{len(processes)}.log", "wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **options)
+        processes.append(process)
+        return process
+
+    def healthy():
+        return subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/-/healthy"]).returncode == 0
+
+    try:
+        # 2. start: the clone is made; the daemon runs in the foreground of its terminal
+        [clone_line, daemon_line] = start.strip().splitlines()
+        assert clone_line.startswith("git clone ")
+        background(["bash", "-c", "exec " + here(daemon_line)], cwd=clone)
+        assert wait_until(healthy, timeout=30), (tmp_path / "0.log").read_text()
+
+        # 3. the robot replaces [robot:default-1]
+        text = config.read_text(encoding="utf-8")
+        text = re.sub(
+            r"^\[robot:default-1\]\n(?:[^\[].*\n|\n)*", here(robot) + "\n", text, flags=re.M
+        )
+        config.write_text(text, encoding="utf-8")
+        for line in here(check).strip().splitlines():
+            done = subprocess.run(["bash", "-c", line], cwd=clone, capture_output=True, text=True)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+        assert fake.wait_for(lambda f: any("AlertbridgeTest" in m.text for m in f.delivered()))
+
+        # 4. Alertmanager with the README's configuration
+        (tmp_path / "alertmanager.yml").write_text(here(alertmanager_yml), encoding="utf-8")
+        background(
+            [
+                ALERTMANAGER,
+                f"--config.file={tmp_path / 'alertmanager.yml'}",
+                f"--storage.path={tmp_path / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{am_port}",
+                "--cluster.listen-address=",
+            ]
+        )
+        am_ready = ["curl", "-sf", f"http://127.0.0.1:{am_port}/-/ready"]
+        assert wait_until(lambda: subprocess.run(am_ready).returncode == 0, timeout=60)
+
+        # 5. fire: the page arrives after Alertmanager's group_wait (30 s)
+        done = subprocess.run(["bash", "-c", here(fire)], cwd=clone, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert fake.wait_for(
+            lambda f: any(
+                "DiskFull" in m.body["markdown"]["title"]
+                for m in f.delivered()
+                if m.body.get("msgtype") == "markdown"
+            ),
+            timeout=90,
+        )
+        [page] = [m for m in fake.delivered() if "DiskFull" in m.text]
+        assert page.body["markdown"]["title"] == "[CRITICAL · FIRING:1] DiskFull db-3:9100"
+        assert "/data on db-3 is 95% full" in page.text
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)

@@ -5355,10 +5355,19 @@ main{max-width:1100px;margin:0 auto;padding:8px}
 section{background:#fff;border-radius:8px;margin:10px 0;padding:10px 14px;
 box-shadow:0 1px 2px #0002}
 h1{font-size:18px;margin:0}h2{font-size:16px;margin:4px 0 8px}
-.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}
+table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eee;vertical-align:top;
-overflow-wrap:anywhere}
+overflow-wrap:break-word}
 th{color:#646a73;font-weight:600;white-space:nowrap}
+.t,.w{white-space:nowrap}.overview td{overflow-wrap:anywhere}
+.attention{border-left:4px solid #c62828}.attention li{margin:4px 0}
+@media (max-width:700px){
+.rows table,.rows tbody,.rows tr,.rows td{display:block;width:auto}
+.rows tr:first-child{display:none}.rows tr{border-bottom:1px solid #dee0e3;padding:4px 0}
+.rows td{border:0;padding:1px 4px}
+.rows td::before{content:attr(data-label) ": ";color:#646a73}
+.rows td:first-child{font-weight:600}.rows td:first-child::before{content:none}
+main{padding:4px}section{padding:8px 10px}}
 .ok{color:#1a7f37}.bad{color:#c62828;font-weight:600}.warn{color:#b26a00}.dim{color:#8f959e}
 .badge{display:inline-block;border-radius:10px;padding:1px 8px;margin:2px;background:#eef0f3}
 textarea{width:100%;box-sizing:border-box;font:12px monospace}
@@ -5400,13 +5409,26 @@ def table(headers, rows, empty="none"):
     if not rows:
         return f'<p class="dim">{esc(empty)}</p>'
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+    body = "".join("<tr>" + "".join(_cell(c, h) for c, h in zip(row, headers)) + "</tr>"
+                   for row in rows)
+    return f'<div class="rows"><table><tr>{head}</tr>{body}</table></div>'
 
 
-def _cell(cell):
+def _cell(cell, header):
+    """A cell, labelled with its column: on a phone, each row is a card of `header: value`."""
     content, css = cell if isinstance(cell, tuple) else (cell, "")
-    return f'<td class="{css}">{content}</td>' if css else f"<td>{content}</td>"
+    css = f' class="{css}"' if css else ""
+    return f'<td data-label="{esc(header)}"{css}>{content}</td>'
+
+
+def when(text):
+    """A time that never breaks across lines."""
+    return f'<span class="t">{esc(text)}</span>' if text else ""
+
+
+def word(text):
+    """A word that never breaks across lines (a level: critical)."""
+    return f'<span class="w">{esc(text)}</span>' if text else ""
 
 
 _MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]*)\)")
@@ -5523,13 +5545,49 @@ class Pages:
         config, now = self.config(), self.clock()
         queues = self.journal.queue_by_route()
         robots = {r.name: r for r in self.pool.report(config.robots, now)}
-        parts = [self._summary(config, now, queues)]
+        parts = [self._attention(config, robots, now), self._summary(config, now, queues)]
         for name, route in sorted(config.routes.items()):
             parts.append(self._route(route, queues.get(name, ({}, 0)), robots, now))
         for name in sorted(set(queues) - set(config.routes)):
             parts.append(self._orphan(name, queues[name], now))
         parts += [self._sends(), self._firing()]
         return page(f"alertbridge {VERSION}", "".join(parts), refresh=self.REFRESH)
+
+    def _attention(self, config, robots, now):
+        """The robots that cannot send, first on the page: what on-call opens it for."""
+        items = []
+        for name, route in sorted(config.routes.items()):
+            for robot in sorted((robots[r.name] for r in route.robots), key=self._trouble):
+                problem = self._problem(robot, now)
+                if problem:
+                    items.append(f"<li><strong>{esc(robot.name)}</strong> (receiver "
+                                 f"{esc(name)}): {problem}</li>")
+        if not items:
+            return ""
+        return (f'<section class="attention"><h2>Needs attention</h2><ul>{"".join(items)}'
+                f"</ul></section>")
+
+    def _problem(self, robot, now):
+        """Why a robot cannot send now, as HTML; "" if it can."""
+        if robot.placeholder:
+            return span("bad", "placeholder token: put the robot's access_token into config.ini")
+        if robot.disabled:
+            errcode, errmsg, since = robot.disabled
+            return (span("bad", f"out of rotation, errcode {errcode}: {errmsg}")
+                    + f" since {when(self._time(since))}; fix the config and reload")
+        if robot.throttled(now):
+            errcodes = [s["errcode"] for s in self.recent_sends
+                        if s["robot"] == robot.name and s["errcode"]]
+            said = f", errcode {errcodes[-1]}" if errcodes else ""
+            return (span("bad", f"throttled by DingTalk{said}")
+                    + f" until {when(self._time(robot.throttled_until))}")
+        return ""
+
+    @staticmethod
+    def _trouble(robot):
+        """Sort key: robots out of rotation first, then throttled ones, then the others."""
+        return (not (robot.placeholder or robot.disabled), robot.throttled_until == 0,
+                robot.name)
 
     def _summary(self, config, now, queues):
         store_ok = self.probes.store_ok is not False
@@ -5551,12 +5609,12 @@ class Pages:
                 f"{state} {n}" for state, n in sorted(kept.items())))
         queue = f"{waiting} messages waiting · " + (span("bad", f"{expired} expired") if expired
                                                     else "0 expired")
-        clock = esc(self._time(now)) + span("dim", f" ({config.service.timezone}, "
+        clock = when(self._time(now)) + span("dim", f" ({config.service.timezone}, "
                                                    f"reloads every {self.REFRESH} s)")
         items = [("instance", instance), ("history", history), ("journal", journal),
                  ("queue", queue), ("now", clock)]
         rows = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in items)
-        return f"<section><h2>Overview</h2><table>{rows}</table></section>"
+        return f'<section><h2>Overview</h2><table class="overview">{rows}</table></section>'
 
     def _queue_line(self, levels, expired, now):
         if not levels:
@@ -5570,7 +5628,10 @@ class Pages:
 
     def _route(self, route, queue, robots, now):
         levels, expired = queue
-        rows = [self._robot_row(robots[r.name], now) for r in route.robots]
+        rows = [self._robot_row(robot, now)
+                for robot in sorted((robots[r.name] for r in route.robots),
+                                    key=lambda robot: (self._trouble(robot)[0],
+                                                       not robot.throttled(now), robot.name))]
         line = self._queue_line(levels, expired, now)
         if levels:
             free = self.pool.next_slot_at(route, now, urgent=False)
@@ -5586,18 +5647,18 @@ class Pages:
     def _robot_row(self, robot, now):
         budget = (f"{robot.budget} of {robot.capacity}"
                   + span("dim", f" ({robot.reserve} kept for urgent pages)"))
-        throttled = ((f"until {esc(self._time(robot.throttled_until))}", "bad")
+        throttled = ((f"until {when(self._time(robot.throttled_until))}", "bad")
                      if robot.throttled(now) else ("no", "ok"))
         if robot.placeholder:
             out = ("placeholder token: put the robot's access_token into config.ini", "bad")
         elif robot.disabled:
             errcode, errmsg, since = robot.disabled
-            out = (f"errcode {esc(errcode)}: {esc(errmsg)} (since {esc(self._time(since))}; "
+            out = (f"errcode {esc(errcode)}: {esc(errmsg)} (since {when(self._time(since))}; "
                    f"fix the config and reload)", "bad")
         else:
             out = ("no", "ok")
         last = robot.last_sent_at
-        sent = (f"{esc(self._time(last))} ({self._ago(last, now)})" if last
+        sent = (f"{when(self._time(last))} ({self._ago(last, now)})" if last
                 else span("dim", "none since the start"))
         return [esc(robot.name), budget, throttled, out, sent]
 
@@ -5612,7 +5673,7 @@ class Pages:
         for send in reversed(list(self.recent_sends)):
             ok = send["errcode"] == 0
             errcode = "no answer" if send["errcode"] is None else send["errcode"]
-            rows.append([esc(self._time(send["at"])), esc(send["route"]), esc(send["level"]),
+            rows.append([when(self._time(send["at"])), esc(send["route"]), word(send["level"]),
                          esc(send["robot"]), str(send["alerts"]),
                          (esc(errcode), "ok" if ok else "bad"), esc(send["errmsg"]),
                          str(send["latency_ms"])])
@@ -5630,8 +5691,8 @@ class Pages:
             log.warning("status page: firing alerts not read from the history: %s", exc)
             return ("<section><h2>Firing now</h2><p class='bad'>the history did not answer in "
                     "time</p></section>")
-        rows = [[esc(self._db_time(a["starts_at"])), esc(a["receiver"]), esc(a["alertname"]),
-                 esc(a["severity"]), esc(a["instance"]), esc(a["summary"] or "")]
+        rows = [[when(self._db_time(a["starts_at"])), esc(a["receiver"]), esc(a["alertname"]),
+                 word(a["severity"]), esc(a["instance"]), esc(a["summary"] or "")]
                 for a in alerts]
         shown = f", the newest {len(alerts)} shown" if count > len(alerts) else ""
         return (f"<section><h2>Firing now: {count}{shown}</h2>"

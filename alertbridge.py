@@ -1341,6 +1341,44 @@ def parse_webhook(body, path_receiver=None, now=None):
     )
 
 
+FIRING_ENDS_AT = "0001-01-01T00:00:00Z"    # a firing alert's endsAt in a webhook
+
+
+def webhook_of_api_alerts(body, receiver=None, now=None):
+    """The preview and --render take what people have at hand: an array of alerts as
+    Alertmanager's GET /api/v2/alerts (and `amtool alert query -o json`) gives them, made into
+    the webhook Alertmanager would send for them as one group (the receiver: `receiver`, else
+    the first alert's first); the bytes of a webhook; anything else comes back as it is, for
+    parse_webhook to judge."""
+    try:
+        alerts = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    if not isinstance(alerts, list):
+        return body
+    if not all(isinstance(a, dict) for a in alerts):
+        raise BadRequest(400, "an array must hold Alertmanager's alerts (GET /api/v2/alerts)")
+    now = now or datetime.now(timezone.utc)
+    named = [r.get("name") for a in alerts for r in a.get("receivers") or ()
+             if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    receiver = receiver or (named[0] if named else "")
+    if not receiver:
+        raise BadRequest(400, "receiver: these alerts name none, choose one")
+    converted = []
+    for index, alert in enumerate(alerts):
+        ends = alert.get("endsAt")
+        over = isinstance(ends, str) and parse_time(ends, f"[{index}].endsAt") < now
+        converted.append({
+            "status": "resolved" if over else "firing", "labels": alert.get("labels") or {},
+            "annotations": alert.get("annotations") or {}, "startsAt": alert.get("startsAt"),
+            "endsAt": ends if over else FIRING_ENDS_AT,
+            "generatorURL": alert.get("generatorURL") or "",
+            "fingerprint": alert.get("fingerprint") or ""})
+    status = "firing" if any(a["status"] == "firing" for a in converted) else "resolved"
+    return json.dumps({"version": "4", "status": status, "receiver": receiver,
+                       "groupLabels": {}, "alerts": converted}).encode()
+
+
 class _DeadlineReader(io.RawIOBase):
     """The socket as a file whose reads fail once the handler's deadline has passed."""
 
@@ -1613,8 +1651,10 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             return self._page(200, endpoints.pages.status())
         if path == "/preview":
             self._authorize(page=True)
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            return self._page(*endpoints.pages.preview(last=query.get("last", [None])[0]))
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query,
+                                          keep_blank_values=True)
+            return self._page(*endpoints.pages.preview(last=query.get("last", [None])[0],
+                                                       sample="sample" in query))
         self._method_not_allowed(request_id)
 
     def _page(self, status, text):
@@ -3450,6 +3490,28 @@ def request_body(renderer, channel, route, body, robot):
     if body.kind == MENTION:
         return channel.mention_request(body, robot)
     return channel.request(renderer.render(route, body), robot)
+
+
+def sample_webhook(now):
+    """A webhook for the preview to start from: a firing critical page and a warning, as
+    Alertmanager 0.25 sends them to receiver `default`."""
+    starts = datetime.fromtimestamp(now - 754, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def alert(name, instance, severity, summary, **annotations):
+        return {"status": "firing", "labels": {"alertname": name, "instance": instance,
+                                               "job": "node", "severity": severity},
+                "annotations": {"summary": summary, **annotations}, "startsAt": starts,
+                "endsAt": FIRING_ENDS_AT, "fingerprint": hashlib.sha256(
+                    f"{name}{instance}".encode()).hexdigest()[:16],
+                "generatorURL": "http://prometheus:9090/graph?g0.expr=node_filesystem_avail"}
+    return {"version": "4", "groupKey": '{}:{alertname="DiskFull"}', "truncatedAlerts": 0,
+            "status": "firing", "receiver": "default", "groupLabels": {"alertname": "DiskFull"},
+            "commonLabels": {"alertname": "DiskFull", "job": "node"}, "commonAnnotations": {},
+            "externalURL": "http://alertmanager:9093", "alerts": [
+                alert("DiskFull", "db-3:9100", "critical", "/data on db-3 is 95% full",
+                      description="At this rate it is full in 40 minutes.",
+                      runbook_url="https://wiki.example.com/runbooks/disk-full"),
+                alert("DiskFull", "db-4:9100", "warning", "/data on db-4 is 85% full")]}
 
 
 def sample_alert(receiver, now=None):
@@ -5700,15 +5762,18 @@ class Pages:
                         rows, "nothing is firing") + "</section>")
 
     # the preview
-    def preview(self, form=None, last=None):
+    def preview(self, form=None, last=None, sample=False):
         """The preview form and, for a payload, what each robot would get: nothing is sent.
-        `form`: the submitted fields; `last`: a route whose last webhook to show. Returns
-        (HTTP status, HTML)."""
+        `form`: the submitted fields; `last`: a route whose last webhook to show; `sample`:
+        show a sample webhook. Returns (HTTP status, HTML)."""
         config = self.config()
         form = dict(form or {})
         if last is not None:
             kept = self.last_webhooks.get(last)
             form = {"receiver": last, "payload": kept[1] if kept else ""}
+        if sample:
+            form = {"payload": json.dumps(sample_webhook(self.wall()), indent=1,
+                                          ensure_ascii=False)}
         results, status = "", 200
         if form.get("payload", "").strip():
             try:
@@ -5719,9 +5784,15 @@ class Pages:
         options = ['<option value="">the receiver the payload names</option>'] + [
             f'<option value="{esc(n)}"{" selected" if n == form.get("receiver") else ""}>'
             f"{esc(n)}</option>" for n in sorted(config.routes)]
+        lasts = " · ".join(f'<a href="/preview?last={urllib.parse.quote(n)}">{esc(n)}</a>'
+                           for n in sorted(self.last_webhooks) if n in config.routes)
+        load = ('<p>Load <a href="/preview?sample" id="sample">a sample webhook</a>'
+                + (f" or the last webhook of receiver {lasts}" if lasts else "") + ".</p>")
         body = (f'<section><h2>Preview a message</h2><form method="post" action="/preview" '
-                f'accept-charset="utf-8"><p>Paste an Alertmanager webhook (JSON, version 4). '
-                f'Nothing is sent: this shows what each robot would get.</p>'
+                f'accept-charset="utf-8"><p>Paste an Alertmanager webhook (JSON, version 4), or '
+                f'the alerts of its API (<code>GET /api/v2/alerts</code>, <code>amtool alert '
+                f'query -o json</code>). Nothing is sent: this shows what each robot would get.'
+                f'</p>{load}'
                 f'<textarea name="payload" rows="12" id="payload">'
                 f'{esc(form.get("payload", ""))}</textarea>'
                 f'<p><label>receiver <select name="receiver" id="receiver">{"".join(options)}'
@@ -5735,7 +5806,9 @@ class Pages:
 
     def _results(self, form):
         config = self.config()
-        webhook = parse_webhook(form["payload"].encode(), form.get("receiver") or None)
+        receiver = form.get("receiver") or None
+        webhook = parse_webhook(webhook_of_api_alerts(form["payload"].encode(), receiver),
+                                receiver)
         route = config.route_for(webhook.receiver)
         if route is None:
             raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
@@ -6180,7 +6253,7 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
     0: rendered; 2: a bad payload (templates were checked when the config loaded)."""
     try:
         with (open(0, "rb", closefd=False) if path == "-" else open(path, "rb")) as payload:
-            webhook = parse_webhook(payload.read())
+            webhook = parse_webhook(webhook_of_api_alerts(payload.read()))
     except OSError as exc:
         print(f"cannot read {path}: {exc.strerror}", file=err)
         return 2

@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
@@ -210,3 +211,25 @@ def test_urls_of_prometheus_webhook_dingtalk_work_unchanged(
         "10.0.0.3:9100": "ops",
         "p:9090": "dev",
     }
+
+
+def test_the_preview_takes_what_a_real_alertmanager_api_gives(
+    make_bridge, fake, sqlite_db, alertmanager
+):
+    """What an SRE has at hand: `curl alertmanager/api/v2/alerts`, pasted into the preview."""
+    bridge = make_bridge(sqlite_db)
+    am = alertmanager(bridge.address)
+    push(am, alerts())
+    with urllib.request.urlopen(am + "/api/v2/alerts?receiver=dev", timeout=10) as response:
+        api = response.read()
+    assert [a["labels"]["alertname"] for a in json.loads(api)] == ["TargetDown"]
+    form = urllib.parse.urlencode({"payload": api.decode(), "receiver": ""}).encode()
+    request = urllib.request.Request(
+        bridge.address + "/preview",
+        data=form,
+        method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    assert "Receiver dev → [receiver:dev]" in page and "TargetDown on p:9090" in page

@@ -805,3 +805,74 @@ def test_the_preview_and_the_dry_run_show_an_action_card_and_its_mention(
         "text": {"content": "@13800000000 [CRITICAL · FIRING:1] DiskFull"},
         "at": {"atMobiles": ["13800000000"], "isAtAll": False},
     }
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def textarea(html_text, name="payload"):
+    import html as html_module
+
+    found = re.search(rf'<textarea name="{name}"[^>]*>(.*?)</textarea>', html_text, re.S)
+    return html_module.unescape(found.group(1))
+
+
+def test_the_preview_starts_from_a_sample_or_the_last_webhook_of_a_receiver(make_bridge, sqlite_db):
+    bridge = make_bridge(sqlite_db)
+    status, body, _ = request(bridge, "GET", "/preview")
+    assert status == 200 and 'href="/preview?sample"' in body.decode()
+    assert "last webhook of receiver" not in body.decode()  # none came yet
+
+    sample = textarea(request(bridge, "GET", "/preview?sample")[1].decode())
+    form = urllib.parse.urlencode({"payload": sample, "receiver": "ops"}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, FORM)
+    assert status == 200 and "Message 1 of 2" in body.decode()  # critical, then warning
+    assert "DiskFull" in body.decode() and "db-3:9100" in body.decode()
+
+    assert post(bridge, load_fixture("am025-dev-firing.json"))[0] == 200
+    form_page = request(bridge, "GET", "/preview")[1].decode()
+    assert 'last webhook of receiver <a href="/preview?last=dev">dev</a>' in form_page
+    last = textarea(request(bridge, "GET", "/preview?last=dev")[1].decode())
+    assert json.loads(last) == load_fixture("am025-dev-firing.json")
+
+
+def api_alerts(receiver="ops"):
+    """Alerts as Alertmanager's GET /api/v2/alerts gives them."""
+    return [
+        {
+            "annotations": {"summary": f"{name} on db-1"},
+            "endsAt": "2999-01-01T00:00:00.000Z",
+            "fingerprint": f"{n:016x}",
+            "receivers": [{"name": receiver}],
+            "startsAt": "2026-11-30T02:00:00.000Z",
+            "status": {"inhibitedBy": [], "silencedBy": [], "state": "active"},
+            "updatedAt": "2026-11-30T02:00:30.000Z",
+            "generatorURL": "http://prometheus:9090/graph?g0.expr=up",
+            "labels": {"alertname": name, "instance": "db-1:9100", "severity": severity},
+        }
+        for n, (name, severity) in enumerate([("DiskFull", "critical"), ("DiskSlow", "warning")])
+    ]
+
+
+def test_the_preview_and_the_dry_run_take_the_alerts_of_alertmanagers_api(
+    make_bridge, sqlite_db, fake, tmp_path
+):
+    bridge = make_bridge(sqlite_db)
+    form = urllib.parse.urlencode({"payload": json.dumps(api_alerts()), "receiver": ""}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, FORM)
+    text = body.decode()
+    assert status == 200, text
+    assert "Receiver ops → [receiver:ops]" in text and "Message 1 of 2" in text
+    assert "DiskFull on db-1" in text and "DiskSlow on db-1" in text
+
+    nameless = [{k: v for k, v in a.items() if k != "receivers"} for a in api_alerts()]
+    form = urllib.parse.urlencode({"payload": json.dumps(nameless), "receiver": ""}).encode()
+    status, body, _ = request(bridge, "POST", "/preview", form, FORM)
+    assert status == 422 and "these alerts name none, choose one" in body.decode()
+
+    path = tmp_path / "alerts.json"
+    path.write_text(json.dumps(api_alerts("dev")), encoding="utf-8")
+    done = render(bridge.config.path, path)
+    assert done.returncode == 0, done.stderr
+    assert "robots dev-1" in done.stderr and "DiskFull on db-1" in done.stdout
+    assert fake.requests == []

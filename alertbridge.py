@@ -6278,6 +6278,92 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
     return 0
 
 
+GO_DURATION = re.compile(r"([0-9.]+)(ns|us|µs|ms|s|m|h)")
+GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+WEBHOOK_DINGTALK_PORT = 8060    # prometheus-webhook-dingtalk's --web.listen-address
+
+
+def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
+    """--import-webhook-dingtalk: prometheus-webhook-dingtalk's config.yml as the config.ini
+    that does the same (each target a receiver of its name, with a robot of its name: its
+    /dingtalk/TARGET/send URLs keep working), on `out`; what needs a human (Go templates, mobiles
+    that are no phone numbers) as comments in it and on `err`. 0 done, 2 cannot read it."""
+    try:
+        import yaml
+    except ImportError:
+        print("--import-webhook-dingtalk reads YAML with PyYAML, which is not installed: pip "
+              "install pyyaml, or apt-get install python3-yaml (dnf install python3-pyyaml); "
+              "the daemon itself does not need it", file=err)
+        return 2
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        print(f"cannot read {path}: {exc.strerror}", file=err)
+        return 2
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        print(f"{path}: not YAML: {str(exc).splitlines()[0]}", file=err)
+        return 2
+    targets = loaded.get("targets") if isinstance(loaded, dict) else None
+    if not isinstance(targets, dict) or not targets:
+        print(f"{path}: no targets: not a prometheus-webhook-dingtalk config", file=err)
+        return 2
+    human, lines = [], ["[alertbridge]", "listen = 0.0.0.0", f"port = {WEBHOOK_DINGTALK_PORT}"]
+    timeout = _go_seconds(loaded.get("timeout"))
+    if timeout:
+        lines += ["", "[delivery]", f"timeout = {timeout:g}"]
+    for key in ("templates", "template", "default_message", "no_builtin_template"):
+        if loaded.get(key):
+            human.append(f"{key}: Go templates are not converted: alertbridge's [templates] "
+                         f"(docs/configuration.md) has the fields; the built-in page is "
+                         f"already in Chinese")
+    for name, target in targets.items():
+        lines += _imported_target(str(name), target if isinstance(target, dict) else {}, human)
+    header = [f"; Converted by alertbridge {VERSION} --import-webhook-dingtalk from {path}.",
+              "; Each target is a [receiver:NAME] with a [robot:NAME]: Alertmanager's",
+              "; webhook_configs URLs, http://HOST:8060/dingtalk/NAME/send, work unchanged."]
+    header += [f"; NEEDS A HUMAN: {note}" for note in human]
+    print("\n".join(header + [""] + lines), file=out)
+    for note in human:
+        print(f"needs a human: {note}", file=err)
+    return 0
+
+
+def _go_seconds(value):
+    """A Go duration ("5s", "1m30s") in seconds, or None."""
+    pieces = GO_DURATION.findall(value) if isinstance(value, str) else []
+    if not pieces or "".join(n + u for n, u in pieces) != value.strip():
+        return None
+    return sum(float(n) * GO_UNITS[u] for n, u in pieces)
+
+
+def _imported_target(name, target, human):
+    """The [receiver:NAME] and [robot:NAME] lines of one target; what cannot be converted goes
+    to `human`."""
+    url = str(target.get("url") or "")
+    robot = ["", f"[robot:{name}]", f"url = {url}"]
+    if target.get("secret"):
+        robot.append(f"secret = {target['secret']}")
+    receiver = ["", f"[receiver:{name}]", f"robots = {name}"]
+    mention = target.get("mention") if isinstance(target.get("mention"), dict) else {}
+    if mention.get("all"):
+        receiver.append("at_all = true")
+    mobiles = [str(m) for m in mention.get("mobiles") or ()]
+    valid = [m for m in mobiles if MOBILE.fullmatch(m)]
+    if valid:
+        receiver.append(f"at_mobiles = {', '.join(valid)}")
+    for mobile in mobiles:
+        if mobile not in valid:
+            human.append(f"[receiver:{name}] at_mobiles: {mobile!r} is not a phone number; "
+                         f"write the real one")
+    if target.get("message"):
+        human.append(f"[receiver:{name}]: its message templates (Go) are not converted; the "
+                     f"receiver uses [templates]")
+    if not url:
+        human.append(f"[robot:{name}] url: the target has none")
+    return receiver + robot
+
+
 def send_test(config, route_name):
     """--send-test: one test message through each robot of a route; 0 if all took it. Through
     the running daemon when there is one (its budgets count it), else directly, within the
@@ -6399,12 +6485,17 @@ def main(argv=None):
     action.add_argument("--render", metavar="PAYLOAD",
                         help="print the DingTalk request bodies an Alertmanager webhook (a JSON "
                              "file, - for stdin) gives, one per line; sends nothing")
+    action.add_argument("--import-webhook-dingtalk", metavar="CONFIG_YML",
+                        help="print the config.ini equivalent to a prometheus-webhook-dingtalk "
+                             "config.yml (needs PyYAML); no config.ini is read")
     action.add_argument("--store-process", type=int, metavar="FD",
                         help=argparse.SUPPRESS)  # see StoreProcess
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if args.store_process is not None:
         return serve_store(args.store_process)
+    if args.import_webhook_dingtalk:
+        return import_webhook_dingtalk(args.import_webhook_dingtalk)
     if args.check_config or args.send_test or args.init_db or args.render:  # Ctrl-C as usual
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     if sqlite3.sqlite_version_info < MIN_SQLITE:

@@ -9,7 +9,8 @@ The file reads top to bottom the way an alert travels through it:
    2. Templates      str.format with blanks over declared fields (a name and one [key]),
                      shared by config validation, the preview and rendering
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
-                     once), Robot and Route (the config side of an Alertmanager receiver)
+                     once), Robot and Route (the config side of an Alertmanager receiver);
+                     credentials from files and ${ENV}
    4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
                      (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it
                      replaces), the Endpoints it serves, the Requests under way
@@ -34,7 +35,7 @@ The file reads top to bottom the way an alert travels through it:
   13. Pages          the status page, the preview, the dry run: HTML, escaped, no script
   14. Bridge         one instance: wiring, start, reload, stop
   15. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
-                     --render, run(), main()
+                     --render, --import-webhook-dingtalk, run(), main()
 
 Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
 nothing accepted is dropped (a message that cannot be sent waits, is retried, and after
@@ -560,9 +561,9 @@ def _field_error(name, spec, conversion, allowed):
 # =============================================================================================
 #
 # One frozen dataclass per section of config.ini. A field is named as its key, and its default
-# is the key's default: written here once (the README's tables are checked against them). A
-# default of "" on a path means "derived" (see load_config). Field metadata: "min" for numbers,
-# "choices" for words.
+# is the key's default: written here once (docs/configuration.md's tables are checked against
+# them). A default of "" on a path means "derived" (see load_config). Field metadata: "min" for
+# numbers, "choices" for words, "secret" for credentials (read from a file or the environment).
 
 # The built-in words of messages, by `language`: zh by default, as the groups alertbridge pages
 # read Chinese first; en for international teams; both for groups that mix them (each word
@@ -4681,8 +4682,9 @@ class Recorder(Worker):
         if str(exc) != self._store_error:        # once per distinct error, not per retry
             if exc.denied:
                 log.error("history store refuses a privilege to alertbridge's database user, "
-                          "alerts wait in the journal: %s. Grant what the README's \"History in "
-                          "MySQL\" lists (ALTER too, for upgrades); no restart is needed", exc)
+                          "alerts wait in the journal: %s. Grant what docs/operations.md, "
+                          "\"History in MySQL\", lists (ALTER too, for upgrades); no restart is "
+                          "needed", exc)
             else:
                 log.warning("history store unavailable, alerts wait in the journal: %s", exc)
             self._store_error = str(exc)

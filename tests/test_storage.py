@@ -314,7 +314,7 @@ def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restar
         assert post(child.url, make_payload("dev", [make_alert()]))[0] == 200
         assert fake.wait_for(lambda f: len(f.delivered()) == 1)  # paging never waits for it
         assert wait_until(lambda: "access denied" in get(child.url, "/-/ready")[1]["store"])
-        child.wait_log("Grant what the README's")
+        child.wait_log("Grant what docs/operations.md")
         with db.cursor() as cursor:
             cursor.execute("GRANT ALTER ON test.* TO 'ab_no_alter'@'%'")
         assert wait_until(lambda: len(history(mysql_settings())) == 1, timeout=90)

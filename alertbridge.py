@@ -952,6 +952,8 @@ def load_config(path):
                if s not in known and not s.startswith(("robot:", "receiver:"))]
     if unknown:
         raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME or robot:NAME)")
+    for name in parser.sections():
+        _refuse_unknown_keys(parser, name)
     base = os.path.dirname(os.path.abspath(path))
     service = _load_service(parser, base)
     settings = dict(path=os.path.abspath(path), service=service, tz=load_timezone(service.timezone),
@@ -970,6 +972,28 @@ def load_config(path):
         raise ConfigError(f"[alertbridge] default_receiver: no section "
                           f"[receiver:{service.default_receiver}]")
     return Config(routes=routes, **settings)
+
+
+def _keys(cls, without=()):
+    """The keys of the section `cls` reads: its fields, and KEY_file for each credential."""
+    return ({f.name for f in fields(cls)} - set(without)
+            | {f"{f.name}_file" for f in fields(cls) if f.metadata.get("secret")})
+
+
+ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword"}
+
+
+def _refuse_unknown_keys(parser, name):
+    """A key no section has is an error: a typo (at_mobile) would otherwise be ignored, and its
+    setting silently not in effect. Keys of [DEFAULT] go to every section and are not judged."""
+    sections = {"alertbridge": Service, "database": Database, "auth": Auth,
+                "delivery": Delivery, "cluster": Cluster, "templates": Templates}
+    known = (_keys(sections[name]) if name in sections else
+             ROBOT_KEYS if name.startswith("robot:") else _keys(Route, without=("name",)))
+    for key in sorted(set(parser[name]) - set(parser.defaults()) - known):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"[{name}] {key}: unknown key{hint}")
 
 
 def _syntax_error(exc):

@@ -391,3 +391,42 @@ def test_a_secret_set_twice_or_a_token_in_both_places_is_refused(tmp_path):
     assert config_error(tmp_path, both + "token = b\n") == (
         "[robot:r] url: has an access_token and the token is set apart: one"
     )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "[receiver:default]\nrobots = r\nat_mobile = 13800000000\n",
+            "[receiver:default] at_mobile: unknown key (did you mean at_mobiles?)",
+        ),
+        (
+            "[receiver:default]\nrobots = r\n[robot:r]\nurl = https://x/?access_token=t\n"
+            "secret_flie = s\n",
+            "[robot:r] secret_flie: unknown key (did you mean secret_file?)",
+        ),
+        (
+            "[delivery]\nrate_limits = 10\n",
+            "[delivery] rate_limits: unknown key (did you mean rate_limit?)",
+        ),
+        (
+            "[auth]\nbearer_token_fil = x\n",
+            "[auth] bearer_token_fil: unknown key (did you mean bearer_token_file?)",
+        ),
+    ],
+)
+def test_a_key_no_section_has_is_refused_not_ignored(tmp_path, text, message):
+    """A typo would leave its setting silently not in effect: nobody @-mentioned, no signing."""
+    robot = "[robot:r]\nurl = https://x/?access_token=t\n" if "[robot:r]" not in text else ""
+    receiver = "[receiver:default]\nrobots = r\n" if "[receiver:" not in text else ""
+    assert config_error(tmp_path, text + robot + receiver) == message
+
+
+def test_keys_of_the_default_section_are_not_judged(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[DEFAULT]\nteam = sre\n[receiver:default]\nrobots = r\n"
+        "[robot:r]\nurl = https://x/?access_token=t\n",
+        encoding="utf-8",
+    )
+    assert alertbridge.load_config(str(path)).routes["default"].robots[0].token == "t"

@@ -118,7 +118,8 @@ import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace  # noqa: E402
-from datetime import datetime, timedelta, timezone  # noqa: E402
+from datetime import date, datetime, timedelta, timezone  # noqa: E402
+from datetime import time as dtime  # noqa: E402
 
 VERSION = "0.5.0"
 log = logging.getLogger("alertbridge")
@@ -772,6 +773,36 @@ class Robot:
 
 
 @dataclass(frozen=True)
+class Person:
+    """[person:HANDLE]: someone alertbridge can @-mention and put on call. `handle` is how the
+    config names them (at_people, rotations, at_map); `name` is how messages and pages do."""
+    handle: str
+    name: str
+    mobile: str = ""
+    user_id: str = ""
+
+
+SHIFTS = {"daily": 1, "weekly": 7}
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """[rotation:NAME]: people on call in turn, one shift each (a day or a week), handed over at
+    a time of day in [alertbridge] timezone, from a start date; overrides put someone else on
+    call for a span of time. See on_call()."""
+    name: str
+    people: tuple                   # Person, in turn
+    start: date                     # the first shift begins at hand_over_at of this day
+    hand_over_at: dtime = dtime(9, 30)
+    shift: str = "weekly"
+    overrides: tuple = ()           # ((from epoch, until epoch, Person), ...): the last listed wins
+
+    @property
+    def days(self):
+        return SHIFTS[self.shift]
+
+
+@dataclass(frozen=True)
 class Route:
     """[receiver:NAME]: where an Alertmanager receiver's alerts go (its robots, used in turn)
     and how they look. In the code a "receiver" is always Alertmanager's; the section that
@@ -785,7 +816,8 @@ class Route:
     at_mobiles_from: tuple = ()     # labels or annotations whose values are phone numbers to @
     at_user_ids_from: tuple = ()    # ... DingTalk user ids to @
     at_map_label: str = ""          # a label whose value picks entries of at_map
-    at_map: tuple = ()              # ((label value, mobiles, user ids), ...)
+    at_map: tuple = ()              # ((label value, mobiles, user ids, people), ...)
+    at_people: tuple = ()           # Person and Rotation: a person, whoever is on call
     per_alert: bool = False
     send_resolved: bool = True
     message_type: str = "markdown"  # or actionCard: the same text with buttons
@@ -826,6 +858,8 @@ class Config:
     delivery: Delivery = Delivery()
     cluster: Cluster = Cluster()
     routes: dict = field(default_factory=dict)     # route name -> Route
+    people: dict = field(default_factory=dict)     # handle -> Person
+    rotations: dict = field(default_factory=dict)  # rotation name -> Rotation
     tz: object = load_timezone(Service.timezone)    # service.timezone, loaded
 
     def route_for(self, receiver):
@@ -949,9 +983,11 @@ def load_config(path):
         raise ConfigError(f"{path}: {exc}")
     known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster")
     unknown = [s for s in parser.sections()
-               if s not in known and not s.startswith(("robot:", "receiver:"))]
+               if s not in known and not s.startswith(("robot:", "receiver:", "person:",
+                                                       "rotation:"))]
     if unknown:
-        raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME or robot:NAME)")
+        raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME, robot:NAME, "
+                          f"person:HANDLE or rotation:NAME)")
     for name in parser.sections():
         _refuse_unknown_keys(parser, name)
     base = os.path.dirname(os.path.abspath(path))
@@ -963,15 +999,20 @@ def load_config(path):
     templates = _load_templates(parser)
     robots = {s[6:]: _load_robot(_Section(parser, s, base), s[6:])
               for s in parser.sections() if s.startswith("robot:")}
+    people = {s[7:]: _load_person(_Section(parser, s), s[7:])
+              for s in parser.sections() if s.startswith("person:")}
+    rotations = {s[9:]: _load_rotation(_Section(parser, s), s[9:], people, settings["tz"])
+                 for s in parser.sections() if s.startswith("rotation:")}
+    directory = (people, rotations)
     routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates,
-                                 settings["delivery"])
+                                 settings["delivery"], directory)
               for s in parser.sections() if s.startswith("receiver:")}
     if not routes:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
     if service.default_receiver and service.default_receiver not in routes:
         raise ConfigError(f"[alertbridge] default_receiver: no section "
                           f"[receiver:{service.default_receiver}]")
-    return Config(routes=routes, **settings)
+    return Config(routes=routes, people=people, rotations=rotations, **settings)
 
 
 def _keys(cls, without=()):
@@ -981,6 +1022,8 @@ def _keys(cls, without=()):
 
 
 ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword"}
+PERSON_KEYS = {"name", "mobile", "user_id"}
+ROTATION_KEYS = {"people", "start", "hand_over_at", "shift", "overrides"}
 
 
 def _refuse_unknown_keys(parser, name):
@@ -988,8 +1031,10 @@ def _refuse_unknown_keys(parser, name):
     setting silently not in effect. Keys of [DEFAULT] go to every section and are not judged."""
     sections = {"alertbridge": Service, "database": Database, "auth": Auth,
                 "delivery": Delivery, "cluster": Cluster, "templates": Templates}
+    kinds = {"robot:": ROBOT_KEYS, "person:": PERSON_KEYS, "rotation:": ROTATION_KEYS}
     known = (_keys(sections[name]) if name in sections else
-             ROBOT_KEYS if name.startswith("robot:") else _keys(Route, without=("name",)))
+             next((keys for prefix, keys in kinds.items() if name.startswith(prefix)), None)
+             or _keys(Route, without=("name",)))
     for key in sorted(set(parser[name]) - set(parser.defaults()) - known):
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -1110,7 +1155,98 @@ def _load_robot(section, name):
     return robot
 
 
-def _load_route(section, name, robots, templates, delivery):
+HANDLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _load_person(section, handle):
+    where = f"[{section.name}]"
+    if not HANDLE.fullmatch(handle):
+        raise ConfigError(f"{where}: a handle is 1 to 64 letters, digits, dots, dashes or "
+                          f"underscores")
+    mobile, user_id = section.get("mobile"), section.get("user_id")
+    if mobile and not MOBILE.fullmatch(mobile):
+        raise ConfigError(f"{where} mobile: not a phone number")
+    if user_id and not USER_ID.fullmatch(user_id):
+        raise ConfigError(f"{where} user_id: not a DingTalk user id")
+    if not (mobile or user_id):
+        raise ConfigError(f"{where}: set mobile or user_id: a person nobody can @ cannot be paged")
+    return Person(handle, section.get("name") or handle, mobile, user_id)
+
+
+def _load_rotation(section, name, people, tz):
+    where = f"[{section.name}]"
+    handles = _words(section.get("people"))
+    if not handles:
+        raise ConfigError(f"{where} people: list at least one person (a rotation with nobody "
+                          f"pages nobody)")
+    missing = [h for h in handles if h not in people]
+    if missing:
+        raise ConfigError(f"{where} people: no section [person:{missing[0]}]")
+    shift = section.get("shift", Rotation.shift).lower()
+    if shift not in SHIFTS:
+        raise ConfigError(f"{where} shift: must be one of {', '.join(SHIFTS)}")
+    try:
+        hand_over_at = dtime.fromisoformat(section.get("hand_over_at", "09:30"))
+    except ValueError:
+        raise ConfigError(f"{where} hand_over_at: not a time of day such as 09:30")
+    try:
+        start = date.fromisoformat(section.get("start"))
+    except ValueError:
+        raise ConfigError(f"{where} start: required, the date of the first shift (2026-12-01)")
+    rotation = Rotation(name, tuple(people[h] for h in handles), start, hand_over_at, shift)
+    return replace(rotation, overrides=_overrides(section, rotation, people, tz))
+
+
+def _overrides(section, rotation, people, tz):
+    """overrides: one `FROM .. UNTIL = HANDLE` per line. FROM and UNTIL are a date (its
+    hand-over time; UNTIL's day included: until the next day's hand-over) or a date and time."""
+    found = []
+    for number, line in enumerate(section.get("overrides").splitlines(), 1):
+        if not line.strip():
+            continue
+        span, equals, handle = line.partition("=")
+        begins, dots, ends = span.partition("..")
+        where = f"[{section.name}] overrides: entry {number}"
+        if not (equals and dots):
+            raise ConfigError(f"{where}: write FROM .. UNTIL = HANDLE")
+        if handle.strip() not in people:
+            raise ConfigError(f"{where}: no section [person:{handle.strip()}]")
+        found.append((_override_time(begins, rotation, tz, where, False),
+                      _override_time(ends, rotation, tz, where, True), people[handle.strip()]))
+        if found[-1][0] >= found[-1][1]:
+            raise ConfigError(f"{where}: ends before it begins")
+    return tuple(found)
+
+
+def _override_time(text, rotation, tz, where, until):
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text) + timedelta(days=1 if until else 0)
+            return local_epoch(day, rotation.hand_over_at, tz)
+        moment = datetime.fromisoformat(text)
+        return local_epoch(moment.date(), moment.time(), tz)
+    except ValueError:
+        raise ConfigError(f"{where}: {text[:20]!r} is not a date (2026-12-24) or a date and time "
+                          f"(2026-12-24 18:00)")
+
+
+def _people(section, key, people, rotations):
+    """A list of person handles and rotation:NAME words -> Person and Rotation objects."""
+    found = []
+    for word in _words(section.get(key)):
+        if word.startswith("rotation:"):
+            if word[9:] not in rotations:
+                raise ConfigError(f"[{section.name}] {key}: no section [{word}]")
+            found.append(rotations[word[9:]])
+        elif word in people:
+            found.append(people[word])
+        else:
+            raise ConfigError(f"[{section.name}] {key}: no section [person:{word}]")
+    return tuple(found)
+
+
+def _load_route(section, name, robots, templates, delivery, directory=({}, {})):
     names = _words(section.get("robots"))
     if not names:
         raise ConfigError(f"[{section.name}] robots: list at least one robot")
@@ -1137,7 +1273,8 @@ def _load_route(section, name, robots, templates, delivery):
         at_mobiles_from=_words(section.get("at_mobiles_from")),
         at_user_ids_from=_words(section.get("at_user_ids_from")),
         at_map_label=section.get("at_map_label"),
-        at_map=_at_map(section),
+        at_map=_at_map(section, *directory),
+        at_people=_people(section, "at_people", *directory),
         per_alert=section.bool("per_alert", Route.per_alert),
         send_resolved=section.bool("send_resolved", Route.send_resolved),
         message_type="actionCard" if message_type.lower() == "actioncard" else "markdown",
@@ -1154,9 +1291,10 @@ def _load_route(section, name, robots, templates, delivery):
     )
 
 
-def _at_map(section):
-    """at_map: one `VALUE = mobiles and user ids` per line, for the at_map_label's values."""
-    entries = []
+def _at_map(section, people=None, rotations=None):
+    """at_map: one `VALUE = mobiles, user ids, person handles, rotation:NAME` per line, for the
+    at_map_label's values."""
+    people, rotations, entries = people or {}, rotations or {}, []
     for number, line in enumerate(section.get("at_map").splitlines(), 1):
         if not line.strip():
             continue
@@ -1164,12 +1302,17 @@ def _at_map(section):
         if not equals or not value.strip():
             raise ConfigError(f"[{section.name}] at_map: entry {number}: write VALUE = mobiles "
                               f"or user ids")
-        people = [person(word) for word in _words(ids)]
-        if not people or None in people:
+        words = _words(ids)
+        named = tuple(people[w] if w in people else rotations.get(w[9:]) for w in words
+                      if w in people or w.startswith("rotation:"))
+        if None in named:
+            raise ConfigError(f"[{section.name}] at_map: entry {number}: no such rotation")
+        found = [person(w) for w in words if w not in people and not w.startswith("rotation:")]
+        if not words or None in found:
             raise ConfigError(f"[{section.name}] at_map: entry {number}: not a list of phone "
-                              f"numbers and DingTalk user ids")
-        entries.append((value.strip(), *(tuple(dict.fromkeys(w for k, w in people if k == kind))
-                                          for kind in ("mobile", "user_id"))))
+                              f"numbers, DingTalk user ids, people and rotations")
+        entries.append((value.strip(), *(tuple(dict.fromkeys(w for k, w in found if k == kind))
+                                          for kind in ("mobile", "user_id")), named))
     if entries and not section.get("at_map_label"):
         raise ConfigError(f"[{section.name}] at_map: set at_map_label, the label whose value "
                           f"picks an entry")
@@ -1674,6 +1817,9 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path in ("/", "/status"):
             self._authorize(page=True)
             return self._page(200, endpoints.pages.status())
+        if path == "/api/oncall":
+            self._authorize()
+            return self._reply(200, endpoints.pages.on_call(), count=False)
         if path == "/preview":
             self._authorize(page=True)
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query,
@@ -3182,6 +3328,58 @@ def ordinal(n):
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
+def local_epoch(day, at, tz):
+    """The epoch of a local date and time of day in `tz` (a time a DST change skips or
+    repeats: as zoneinfo takes it, fold 0)."""
+    return datetime.combine(day, at).replace(tzinfo=tz).timestamp()
+
+
+def shift_of(rotation, at, tz):
+    """(number of the shift, its start, its end) at epoch `at`: shifts begin at hand_over_at
+    local time every `days` days from `start` (numbered backwards before it)."""
+    local = datetime.fromtimestamp(at, tz)
+    days = (local.date() - rotation.start).days - (local.time() < rotation.hand_over_at)
+    number = days // rotation.days
+
+    def begins(n):
+        return local_epoch(rotation.start + timedelta(days=n * rotation.days),
+                           rotation.hand_over_at, tz)
+    return number, begins(number), begins(number + 1)
+
+
+def on_call(rotation, at, tz):
+    """(Person, until): who is on call in the rotation at epoch `at`, and when that changes
+    (the shift's end, an override's start or end). The last listed override that covers `at`
+    wins over the others and the shift."""
+    number, _, end = shift_of(rotation, at, tz)
+    person = rotation.people[number % len(rotation.people)]
+    for begins, ends, who in reversed(rotation.overrides):
+        if begins <= at < ends:
+            person, end = who, ends
+            break
+    changes = [t for begins, ends, _ in rotation.overrides for t in (begins, ends) if at < t < end]
+    return person, min([end] + changes)
+
+
+def on_call_report(rotations, at, tz):
+    """[(rotation, (person, until), (next person, until))]: now and next, for the status page
+    and GET /api/oncall."""
+    report = []
+    for rotation in rotations:
+        now = on_call(rotation, at, tz)
+        following = on_call(rotation, now[1], tz)
+        while following[0] == now[0] and following[1] < now[1] + 366 * 86400:
+            following = on_call(rotation, following[1], tz)   # the next one who is someone else
+        report.append((rotation, now, following))
+    return report
+
+
+def reached(targets, at, tz):
+    """People and rotations -> (mobiles, user ids) of who they are at epoch `at`."""
+    people = [t if isinstance(t, Person) else on_call(t, at, tz)[0] for t in targets]
+    return ([p.mobile for p in people if p.mobile], [p.user_id for p in people if p.user_id])
+
+
 def recurrence_text(earlier, last, tz, language):
     """The {history} field in `language`: '24 小时内第 3 次；上次 11-27 13:02 恢复，持续 6m' (zh),
     '3rd time in 24 h; last resolved 11-27 13:02 after 6m' (en), or the part of it the history
@@ -3310,9 +3508,10 @@ class Renderer:
     SEPARATOR = "\n\n---\n\n"
     BLOCKS_KEPT = 1024
 
-    def __init__(self, config, history=None):
+    def __init__(self, config, history=None, wall=wall_time):
         self.config = config
         self.history = history
+        self.wall = wall            # the time whoever is on call is mentioned at
         self._lock = threading.Lock()
         self._blocks = {}       # (id(alert), route, group key) -> (alert, its block)
 
@@ -3351,26 +3550,31 @@ class Renderer:
             self.history.prefetch(alerts, wait)
 
     @staticmethod
-    def mentions(route, alerts):
+    def mentions(route, alerts, at=None, tz=timezone.utc):
         """Who to @: only for a message with a firing alert of a level at_severities lists (any,
-        if it lists none): the route's own list, the people its alerts' labels name (at most
+        if it lists none): the route's own list and people (whoever is on call in a rotation at
+        epoch `at`, now if None), the people its alerts' labels name (at most
         MENTIONS_FROM_ALERTS, phone numbers and user ids only), its at_map's entries."""
         levels = route.at_severities
         wanted = [a for a in alerts if a["status"] == "firing"
                   and (not levels or route.level(a)[1] in levels)]
         if not wanted:
             return Mentions()
+        at = wall_time() if at is None else at
         mobiles, user_ids, named = list(route.at_mobiles), list(route.at_user_ids), []
-        entries = {value: (m, u) for value, m, u in route.at_map}
+        for found, more in zip((mobiles, user_ids), reached(route.at_people, at, tz)):
+            found += more
+        entries = {value: (m, u, p) for value, m, u, p in route.at_map}
         for alert in wanted:
             found = {**alert["annotations"], **alert["labels"]}
             named += [("m", w) for key in route.at_mobiles_from
                       for w in _mention_words(found.get(key, "")) if MOBILE.fullmatch(w)]
             named += [("u", w) for key in route.at_user_ids_from
                       for w in _mention_words(found.get(key, "")) if USER_ID.fullmatch(w)]
-            m, u = entries.get(alert["labels"].get(route.at_map_label), ((), ()))
-            mobiles += m
-            user_ids += u
+            m, u, p = entries.get(alert["labels"].get(route.at_map_label), ((), (), ()))
+            on_duty = reached(p, at, tz)
+            mobiles += list(m) + on_duty[0]
+            user_ids += list(u) + on_duty[1]
         named = list(dict.fromkeys(named))[:MENTIONS_FROM_ALERTS]
         mobiles += [w for kind, w in named if kind == "m"]
         user_ids += [w for kind, w in named if kind == "u"]
@@ -3420,7 +3624,7 @@ class Renderer:
                  if body.truncated else ())
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
         return Rendered(titles[0], titles[1], tuple(blocks), notes, buttons,
-                        self.mentions(route, alerts))
+                        self.mentions(route, alerts, self.wall(), self.config().tz))
 
     def blocks(self, route, placed, shared, full):
         """The blocks of (position, alert) pairs in order: an alert before position `full` as a
@@ -5638,8 +5842,39 @@ class Pages:
             parts.append(self._route(route, queues.get(name, ({}, 0)), robots, now))
         for name in sorted(set(queues) - set(config.routes)):
             parts.append(self._orphan(name, queues[name], now))
-        parts += [self._sends(), self._firing()]
+        parts += [self._on_call_section(), self._sends(), self._firing()]
         return page(f"alertbridge {VERSION}", "".join(parts), refresh=self.REFRESH)
+
+    def on_call(self):
+        """GET /api/oncall: who is on call now and next in each rotation, until when."""
+        config = self.config()
+
+        def shift(person, until, **since):
+            return {"person": person.handle, "name": person.name, **since,
+                    "until": datetime.fromtimestamp(until, config.tz).isoformat()}
+        return {"rotations": [
+            {"rotation": rotation.name, "now": shift(*now),
+             "next": shift(*following, since=datetime.fromtimestamp(now[1], config.tz)
+                           .isoformat())}
+            for rotation, now, following in on_call_report(
+                sorted(config.rotations.values(), key=lambda r: r.name), self.wall(),
+                config.tz)]}
+
+    def _on_call_section(self):
+        config = self.config()
+        if not config.rotations:
+            return ""
+        rows = [[esc(rotation.name), f"<strong>{esc(now[0].name)}</strong>",
+                 when(self._shown(now[1])), esc(following[0].name)]
+                for rotation, now, following in on_call_report(
+                    sorted(config.rotations.values(), key=lambda r: r.name), self.wall(),
+                    config.tz)]
+        return ("<section><h2>On call</h2>" + table(["rotation", "now", "until", "next"], rows)
+                + "</section>")
+
+    def _shown(self, epoch):
+        """A wall-clock epoch as the page shows times."""
+        return datetime.fromtimestamp(epoch, self.config().tz).strftime("%Y-%m-%d %H:%M")
 
     def _attention(self, config, robots, now):
         """The robots that cannot send, first on the page: what on-call opens it for."""
@@ -5863,7 +6098,7 @@ class Pages:
 
     def _planned(self, route, number, level, alerts, bodies):
         limit = self.channel.limit()
-        who = self.renderer.mentions(route, alerts)
+        who = self.renderer.mentions(route, alerts, self.wall(), self.config().tz)
         mentioned = " ".join(["@" + w for w in who.mobiles + who.user_ids]
                              + (["@all"] if who.all else []))
         separate = bool(bodies) and bodies[-1][0].kind == MENTION
@@ -5969,7 +6204,7 @@ class Bridge:
         self.history = Recurrence(self.store)
         self.channel = channel or RobotChannel(current)
         self.post = post or self.channel.post
-        self.renderer = Renderer(current, self.history)
+        self.renderer = Renderer(current, self.history, wall)
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
         self._restore_budgets()
         self.cluster = (Coordinator(config.cluster, lambda: self.config.delivery,

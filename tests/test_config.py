@@ -260,8 +260,8 @@ alertmanager_url = https://am.example.com/am
     )
     route = alertbridge.load_config(str(path)).routes["ops"]
     assert route.at_map == (
-        ("dba", ("13800000000",), ("manager01", "0123")),
-        ("web", ("+86-13900000000",), ()),
+        ("dba", ("13800000000",), ("manager01", "0123"), ()),
+        ("web", ("+86-13900000000",), (), ()),
     )
     assert (route.at_user_ids, route.at_mobiles_from, route.at_user_ids_from) == (
         ("manager7021",),

@@ -220,7 +220,7 @@ def test_mentions_come_from_labels_annotations_and_the_team_map():
         at_mobiles_from=("owner_mobile",),
         at_user_ids_from=("oncall",),
         at_map_label="team",
-        at_map=(("dba", ("13900000000",), ("dba-lead",)),),
+        at_map=(("dba", ("13900000000",), ("dba-lead",), ()),),
     )
     who = Renderer(Config()).mentions(
         route,

@@ -277,10 +277,24 @@ class Body:
                    title=mention["title"] if mention else "")
 
 
-def webhook_event(webhook, request_id, received_at):
-    """What the recorder writes for an accepted webhook: one history row per alert."""
-    return {"receiver": webhook.receiver, "request_id": request_id,
-            "received_at": db_time(received_at), "alerts": webhook.alerts}
+def webhook_event(webhook, request_id, received_at, route=None):
+    """What the recorder writes for an accepted webhook: one history row per alert; with the
+    `route` that took it, the incident of its Alertmanager group (opened while any alert fires,
+    resolved when none does)."""
+    event = {"receiver": webhook.receiver, "request_id": request_id,
+             "received_at": db_time(received_at), "alerts": webhook.alerts}
+    if route is not None and webhook.group_key:
+        firing = [a for a in webhook.alerts if a["status"] == "firing"]
+        ranks = [route.level(a) for a in firing]
+        names = dict.fromkeys(a["labels"].get("alertname", "") for a in webhook.alerts)
+        event["incident"] = {
+            "route": route.name, "group_key": webhook.group_key,
+            "group_labels": webhook.group_labels, "firing": bool(firing),
+            "level": min(ranks)[1] if ranks else NO_LEVEL,
+            "title": " ".join([", ".join(n for n in names if n)]
+                              + [v for k, v in sorted(webhook.group_labels.items())
+                                 if k != "alertname"])[:512]}
+    return event
 
 
 def send_event(route, robot, message, result, sent_at):
@@ -2131,6 +2145,41 @@ CREATE TABLE IF NOT EXISTS recorder_progress (
   last_event_id BIGINT NOT NULL,
   PRIMARY KEY (journal_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS incidents (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  route VARCHAR(128) NOT NULL,
+  receiver VARCHAR(128) NOT NULL,
+  group_hash CHAR(64) NOT NULL,
+  open_group CHAR(64) NULL,
+  group_key TEXT NOT NULL,
+  group_labels JSON NOT NULL,
+  title VARCHAR(512) NOT NULL DEFAULT '',
+  level VARCHAR(64) NOT NULL DEFAULT '',
+  state VARCHAR(16) NOT NULL,
+  opened_at DATETIME(3) NOT NULL,
+  acknowledged_at DATETIME(3) NULL,
+  acknowledged_by VARCHAR(128) NULL,
+  resolved_at DATETIME(3) NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_incidents_open (route, open_group),
+  KEY ix_incidents_group (route, group_hash, resolved_at),
+  KEY ix_incidents_state (state, opened_at),
+  KEY ix_incidents_opened_at (opened_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS incident_events (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  incident_id BIGINT UNSIGNED NOT NULL,
+  at DATETIME(3) NOT NULL,
+  kind VARCHAR(32) NOT NULL,
+  actor VARCHAR(128) NOT NULL DEFAULT '',
+  via VARCHAR(32) NOT NULL DEFAULT '',
+  detail VARCHAR(1024) NOT NULL DEFAULT '',
+  PRIMARY KEY (id),
+  KEY ix_incident_events_incident (incident_id, at),
+  KEY ix_incident_events_at (at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
 
 # The same tables in SQLite's words: the one explicit dialect difference in the schema.
@@ -2161,6 +2210,24 @@ CREATE INDEX IF NOT EXISTS ix_notifications_receiver ON notifications (receiver,
 CREATE TABLE IF NOT EXISTS recorder_progress (
   journal_id TEXT NOT NULL PRIMARY KEY, last_event_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS incidents (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  route TEXT NOT NULL, receiver TEXT NOT NULL, group_hash TEXT NOT NULL, open_group TEXT,
+  group_key TEXT NOT NULL, group_labels TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
+  level TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, opened_at TEXT NOT NULL,
+  acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
+  UNIQUE (route, open_group)
+);
+CREATE INDEX IF NOT EXISTS ix_incidents_group ON incidents (route, group_hash, resolved_at);
+CREATE INDEX IF NOT EXISTS ix_incidents_state ON incidents (state, opened_at);
+CREATE INDEX IF NOT EXISTS ix_incidents_opened_at ON incidents (opened_at);
+CREATE TABLE IF NOT EXISTS incident_events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  incident_id INTEGER NOT NULL, at TEXT NOT NULL, kind TEXT NOT NULL,
+  actor TEXT NOT NULL DEFAULT '', via TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS ix_incident_events_incident ON incident_events (incident_id, at);
+CREATE INDEX IF NOT EXISTS ix_incident_events_at ON incident_events (at);
 """
 
 _ALERT_COLUMNS = ("receiver, fingerprint, starts_at, ends_at, status, alertname, instance, "
@@ -2193,6 +2260,28 @@ S_ALERT_NOTIFIED = (
 S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, request_id, "
                       "message_id, alerts, fingerprints, errcode, errmsg, latency_ms) "
                       "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+# Incidents: one per route and Alertmanager group while it fires. open_group is the group's hash
+# while the incident is open, NULL after: the unique key lets one incident be open per group
+# whichever instances record the same webhooks, and an open is skipped when the history already
+# has the group resolved at or after it (a late copy of an earlier notification).
+_INCIDENT_OPEN = ("INTO incidents (route, receiver, group_hash, open_group, group_key, "
+                  "group_labels, title, level, state, opened_at) "
+                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s FROM (SELECT 1 AS one) AS x "
+                  "WHERE NOT EXISTS (SELECT 1 FROM incidents WHERE route = %s AND group_hash = %s "
+                  "AND resolved_at >= %s)")
+S_INCIDENT_OPEN_MYSQL = "INSERT IGNORE " + _INCIDENT_OPEN    # the dialects' one difference here
+S_INCIDENT_OPEN_SQLITE = "INSERT OR IGNORE " + _INCIDENT_OPEN
+S_INCIDENT_OPEN_ID = "SELECT id FROM incidents WHERE route = %s AND open_group = %s"
+S_INCIDENT_RESOLVE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, open_group = NULL "
+                      "WHERE route = %s AND open_group = %s")
+S_INCIDENT_RESOLVED_ID = ("SELECT id FROM incidents WHERE route = %s AND group_hash = %s "
+                          "AND resolved_at = %s ORDER BY id DESC LIMIT 1")
+S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
+                        "VALUES (%s, %s, %s, %s, %s, %s)")
+S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
+               "acknowledged_by, resolved_at FROM incidents ORDER BY id DESC LIMIT %s")
+S_INCIDENT_EVENTS = ("SELECT kind, at, actor, via, detail FROM incident_events "
+                     "WHERE incident_id = %s ORDER BY id")
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
 S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
 S_PING = "SELECT 1"
@@ -2218,6 +2307,12 @@ S_PURGE_ALERTS = ("DELETE FROM alerts WHERE id IN (SELECT id FROM (SELECT id FRO
 S_PURGE_NOTIFICATIONS = ("DELETE FROM notifications WHERE id IN (SELECT id FROM "
                          "(SELECT id FROM notifications WHERE sent_at < %s ORDER BY id LIMIT %s) "
                          "AS old)")
+S_PURGE_INCIDENT_EVENTS = ("DELETE FROM incident_events WHERE id IN (SELECT id FROM (SELECT e.id "
+                           "FROM incident_events e JOIN incidents i ON i.id = e.incident_id "
+                           "WHERE i.resolved_at < %s ORDER BY e.id LIMIT %s) AS old)")
+S_PURGE_INCIDENTS = ("DELETE FROM incidents WHERE id IN (SELECT id FROM (SELECT id FROM incidents "
+                     "WHERE resolved_at < %s AND id NOT IN (SELECT incident_id FROM "
+                     "incident_events) ORDER BY id LIMIT %s) AS old)")
 
 
 # The cluster's shared state, next to the history (MySQL only): C_* statements. Times are the
@@ -2328,8 +2423,9 @@ def statements(script):
 
 class Dialect:
     """What differs between the history's two databases, and nothing else: placeholders,
-    connecting, the schema and its migration, the upsert, and which errors mean "not now"."""
-    name = param = schema = upsert = None
+    connecting, the schema and its migration, the upsert, the insert that skips a duplicate,
+    and which errors mean "not now"."""
+    name = param = schema = upsert = open_incident = None
 
     def sql(self, statement):
         """The one placeholder helper: %s as written -> this driver's."""
@@ -2359,6 +2455,7 @@ def _concat(*parts):
 
 class SQLiteDialect(Dialect):
     name, param, schema, upsert = "sqlite", "?", SQLITE_SCHEMA, S_ALERT_UPSERT_SQLITE
+    open_incident = S_INCIDENT_OPEN_SQLITE
 
     def connect(self, settings):
         os.makedirs(os.path.dirname(os.path.abspath(settings.path)), exist_ok=True)
@@ -2374,6 +2471,7 @@ class SQLiteDialect(Dialect):
 
 class MySQLDialect(Dialect):
     name, param, schema, upsert = "mysql", "%s", MYSQL_SCHEMA, S_ALERT_UPSERT_MYSQL
+    open_incident = S_INCIDENT_OPEN_MYSQL
 
     def connect(self, settings):
         import pymysql
@@ -2593,7 +2691,7 @@ class Journal:
         concurrent webhooks share the cost of durability instead of queueing for it one by one."""
         now = self.clock()
         received = datetime.fromtimestamp(self.wall(), timezone.utc)
-        event = webhook_event(webhook, request_id, received)
+        event = webhook_event(webhook, request_id, received, route)
         rows = [(J_EVENT_ADD, ("webhook", json.dumps(event, ensure_ascii=False), now))]
         for (rank, level), body in bodies_of(route, webhook):
             alerts = body.alerts
@@ -2981,7 +3079,11 @@ class Store:
             self.execute(cursor, S_PURGE_ALERTS, (cutoff, cutoff, batch))
             deleted = cursor.rowcount
             self.execute(cursor, S_PURGE_NOTIFICATIONS, (cutoff, batch))
-            return deleted + cursor.rowcount
+            deleted += cursor.rowcount
+            for sql in (S_PURGE_INCIDENT_EVENTS, S_PURGE_INCIDENTS):   # events first, then theirs
+                self.execute(cursor, sql, (cutoff, batch))
+                deleted += cursor.rowcount
+            return deleted
 
     # what the recorder writes
     def record(self, journal_id, events):
@@ -3000,6 +3102,9 @@ class Store:
                 body = json.loads(text)
                 if kind == "webhook":
                     alerts += self._alert_rows(body)
+                    if "incident" in body:      # in the order they came: opens and resolves
+                        self._incident(cursor, body["receiver"], body["incident"],
+                                       body["received_at"])
                 else:
                     sends.append(self._send_row(body))
                     if body["errcode"] == 0:
@@ -3011,6 +3116,45 @@ class Store:
                     cursor.executemany(self.dialect.sql(sql), rows)
             self.execute(cursor, S_PROGRESS_PUT, (journal_id, max(done, events[-1][0])))
         return len(alerts)
+
+    def _incident(self, cursor, receiver, incident, at):
+        """Open the group's incident on a firing notification (unless one is open, or the
+        group was resolved since), resolve it when none of its alerts fires; log each change."""
+        route, group = incident["route"], hashlib.sha256(
+            incident["group_key"].encode()).hexdigest()
+        if incident["firing"]:
+            self.execute(cursor, self.dialect.open_incident, (
+                route, receiver[:128], group, group, incident["group_key"],
+                json.dumps(incident["group_labels"], ensure_ascii=False), incident["title"],
+                incident["level"][:64], at, route, group, at))
+            kind = "opened"
+        else:
+            self.execute(cursor, S_INCIDENT_RESOLVE, (at, route, group))
+            kind = "resolved"
+        if cursor.rowcount != 1:
+            return
+        if kind == "opened":
+            self.execute(cursor, S_INCIDENT_OPEN_ID, (route, group))
+            number = cursor.fetchone()[0]
+        else:       # resolved: open_group is gone, the newest resolved one of the group
+            self.execute(cursor, S_INCIDENT_RESOLVED_ID, (route, group, at))
+            number = cursor.fetchone()[0]
+        self.execute(cursor, S_INCIDENT_EVENT_ADD, (number, at, kind, "", "alertmanager", ""))
+
+    def incidents(self, limit=100):
+        """The newest incidents, each a dict with its events, newest first."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENTS, (limit,))
+            names = [column[0] for column in cursor.description]
+            found = [dict(zip(names, row)) for row in cursor.fetchall()]
+            for incident in found:
+                self.execute(cursor, S_INCIDENT_EVENTS, (incident["id"],))
+                incident["events"] = [row[0] for row in cursor.fetchall()]
+        for incident in found:
+            for key in ("opened_at", "acknowledged_at", "resolved_at"):
+                if isinstance(incident[key], datetime):
+                    incident[key] = db_time(incident[key])
+        return found
 
     @staticmethod
     def _alert_rows(event):

@@ -52,3 +52,38 @@ CREATE TABLE IF NOT EXISTS recorder_progress (
   last_event_id BIGINT NOT NULL,
   PRIMARY KEY (journal_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS incidents (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  route VARCHAR(128) NOT NULL,
+  receiver VARCHAR(128) NOT NULL,
+  group_hash CHAR(64) NOT NULL,
+  open_group CHAR(64) NULL,
+  group_key TEXT NOT NULL,
+  group_labels JSON NOT NULL,
+  title VARCHAR(512) NOT NULL DEFAULT '',
+  level VARCHAR(64) NOT NULL DEFAULT '',
+  state VARCHAR(16) NOT NULL,
+  opened_at DATETIME(3) NOT NULL,
+  acknowledged_at DATETIME(3) NULL,
+  acknowledged_by VARCHAR(128) NULL,
+  resolved_at DATETIME(3) NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_incidents_open (route, open_group),
+  KEY ix_incidents_group (route, group_hash, resolved_at),
+  KEY ix_incidents_state (state, opened_at),
+  KEY ix_incidents_opened_at (opened_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS incident_events (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  incident_id BIGINT UNSIGNED NOT NULL,
+  at DATETIME(3) NOT NULL,
+  kind VARCHAR(32) NOT NULL,
+  actor VARCHAR(128) NOT NULL DEFAULT '',
+  via VARCHAR(32) NOT NULL DEFAULT '',
+  detail VARCHAR(1024) NOT NULL DEFAULT '',
+  PRIMARY KEY (id),
+  KEY ix_incident_events_incident (incident_id, at),
+  KEY ix_incident_events_at (at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

@@ -1,0 +1,126 @@
+"""Incidents in the history: one per route and Alertmanager group while it fires, opened by its
+first firing notification, resolved when none of its alerts fires, with an event log; the same
+whichever instances record the webhooks, in either store."""
+
+import json
+
+import pytest
+
+import alertbridge
+from tests.kit import make_alert, make_payload
+
+
+def group(alerts, key='{}:{alertname="DiskFull"}', receiver="ops"):
+    payload = make_payload(receiver, alerts)
+    payload["groupKey"] = key
+    payload["groupLabels"] = {"alertname": alerts[0]["labels"]["alertname"]}
+    return alertbridge.parse_webhook(json.dumps(payload).encode())
+
+
+FIRING = [make_alert("DiskFull", "db-1"), make_alert("DiskFull", "db-2", severity="warning")]
+RESOLVED = [
+    make_alert("DiskFull", "db-1", status="resolved", ends_at="2026-11-24T09:00:00Z"),
+    make_alert(
+        "DiskFull", "db-2", severity="warning", status="resolved", ends_at="2026-11-24T09:00:00Z"
+    ),
+]
+ROUTE = alertbridge.Route("ops", ())
+
+
+class Recorder:
+    """Journal events as an instance's recorder hands them to the store: numbered, in order."""
+
+    def __init__(self, store, journal_id="j1"):
+        self.store, self.journal_id, self.number = store, journal_id, 0
+
+    def webhook(self, webhook, received, route=ROUTE):
+        self.number += 1
+        event = alertbridge.webhook_event(
+            webhook, f"r{self.number}", alertbridge.from_db_time(received), route
+        )
+        self.store.record(self.journal_id, [(self.number, "webhook", json.dumps(event))])
+
+
+@pytest.fixture
+def store(database):
+    store = alertbridge.Store(database)
+    yield store
+    store.close()
+
+
+def test_a_group_opens_one_incident_until_it_resolves(store):
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    recorder.webhook(group(FIRING), "2026-11-24 12:00:05")  # repeat_interval: the same one
+    recorder.webhook(group(RESOLVED), "2026-11-24 12:30:00")
+    [incident] = store.incidents()
+    assert incident["state"] == "resolved" and incident["level"] == "critical"
+    assert (incident["route"], incident["title"]) == ("ops", "DiskFull")
+    assert incident["opened_at"].startswith("2026-11-24 08:00:05")
+    assert incident["resolved_at"].startswith("2026-11-24 12:30:00")
+    assert incident["events"] == ["opened", "resolved"]
+    recorder.webhook(group(FIRING), "2026-11-25 08:00:00")  # fires again: a new incident
+    newest, first = store.incidents()
+    assert (newest["state"], newest["events"], first["id"]) == ("open", ["opened"], incident["id"])
+
+
+def test_groups_and_routes_have_incidents_of_their_own(store):
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    recorder.webhook(
+        group([make_alert("NodeDown")], key='{}:{alertname="NodeDown"}'), "2026-11-24 08:00:06"
+    )
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:07", alertbridge.Route("dev", ()))
+    assert sorted((i["route"], i["title"]) for i in store.incidents()) == [
+        ("dev", "DiskFull"),
+        ("ops", "DiskFull"),
+        ("ops", "NodeDown"),
+    ]
+
+
+def test_two_instances_recording_the_same_webhooks_make_one_incident(store):
+    """HA: each instance journals and records every webhook; their recorders interleave, and a
+    late copy of a firing notification does not open the resolved incident again."""
+    first, second = Recorder(store, "instance-a"), Recorder(store, "instance-b")
+    first.webhook(group(FIRING), "2026-11-24 08:00:05")
+    second.webhook(group(FIRING), "2026-11-24 08:00:05.020")
+    first.webhook(group(RESOLVED), "2026-11-24 08:30:00")
+    second.webhook(group(FIRING), "2026-11-24 08:20:00")  # its recorder was behind
+    second.webhook(group(RESOLVED), "2026-11-24 08:30:00.010")
+    [incident] = store.incidents()
+    assert incident["state"] == "resolved" and incident["events"] == ["opened", "resolved"]
+
+
+def test_an_event_recorded_twice_changes_nothing(store):
+    """The recorder's progress is kept with the rows: a batch sent again after a crash is
+    skipped, incidents included."""
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    event = alertbridge.webhook_event(
+        group(RESOLVED), "r2", alertbridge.from_db_time("2026-11-24 08:30:00"), ROUTE
+    )
+    batch = [(2, "webhook", json.dumps(event))]
+    store.record("j1", batch)
+    store.record("j1", batch)
+    [incident] = store.incidents()
+    assert incident["events"] == ["opened", "resolved"]
+
+
+def test_events_journaled_before_incidents_existed_are_recorded_without_one(store):
+    old = alertbridge.webhook_event(
+        group(FIRING), "r1", alertbridge.from_db_time("2026-11-24 08:00:05")
+    )
+    assert "incident" not in old
+    store.record("j1", [(1, "webhook", json.dumps(old))])
+    assert store.incidents() == []
+
+
+def test_retention_purges_incidents_resolved_before_the_cutoff_with_their_events(store):
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-01-01 08:00:00")
+    recorder.webhook(group(RESOLVED), "2026-01-01 09:00:00")
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:00")  # open: kept whatever its age
+    while store.purge("2026-06-01 00:00:00", 1):
+        pass
+    [kept] = store.incidents()
+    assert (kept["state"], kept["events"]) == ("open", ["opened"])

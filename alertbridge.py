@@ -2272,8 +2272,8 @@ _INCIDENT_OPEN = ("INTO incidents (route, receiver, group_hash, open_group, grou
 S_INCIDENT_OPEN_MYSQL = "INSERT IGNORE " + _INCIDENT_OPEN    # the dialects' one difference here
 S_INCIDENT_OPEN_SQLITE = "INSERT OR IGNORE " + _INCIDENT_OPEN
 S_INCIDENT_OPEN_ID = "SELECT id FROM incidents WHERE route = %s AND open_group = %s"
-S_INCIDENT_RESOLVE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, open_group = NULL "
-                      "WHERE route = %s AND open_group = %s")
+S_INCIDENT_RESOLVE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, "
+                      "open_group = NULL WHERE route = %s AND open_group = %s")
 S_INCIDENT_RESOLVED_ID = ("SELECT id FROM incidents WHERE route = %s AND group_hash = %s "
                           "AND resolved_at = %s ORDER BY id DESC LIMIT 1")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "

@@ -2276,6 +2276,11 @@ S_INCIDENT_RESOLVE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s
                       "open_group = NULL WHERE route = %s AND open_group = %s")
 S_INCIDENT_RESOLVED_ID = ("SELECT id FROM incidents WHERE route = %s AND group_hash = %s "
                           "AND resolved_at = %s ORDER BY id DESC LIMIT 1")
+S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowledged_at = %s, "
+                          "acknowledged_by = %s WHERE route = %s AND open_group = %s "
+                          "AND state = 'open'")
+S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by FROM "
+                       "incidents WHERE route = %s AND open_group = %s")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
@@ -3120,8 +3125,7 @@ class Store:
     def _incident(self, cursor, receiver, incident, at):
         """Open the group's incident on a firing notification (unless one is open, or the
         group was resolved since), resolve it when none of its alerts fires; log each change."""
-        route, group = incident["route"], hashlib.sha256(
-            incident["group_key"].encode()).hexdigest()
+        route, group = incident["route"], group_hash(incident["group_key"])
         if incident["firing"]:
             self.execute(cursor, self.dialect.open_incident, (
                 route, receiver[:128], group, group, incident["group_key"],
@@ -3140,6 +3144,25 @@ class Store:
             self.execute(cursor, S_INCIDENT_RESOLVED_ID, (route, group, at))
             number = cursor.fetchone()[0]
         self.execute(cursor, S_INCIDENT_EVENT_ADD, (number, at, kind, "", "alertmanager", ""))
+
+    def claim(self, route, group, person, at, via="link"):
+        """`person` takes the open incident of a route's group, once: the first claim
+        acknowledges it (and is logged), a later one changes nothing. Returns the incident
+        (id, state, opened_at, acknowledged_at, acknowledged_by, claimed: whether this claim
+        took it), or None when the group has no open incident (resolved, or not recorded yet)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_ACKNOWLEDGE, (at, person[:128], route, group))
+            claimed = cursor.rowcount == 1
+            self.execute(cursor, S_INCIDENT_OPEN_ROW, (route, group))
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            if claimed:
+                self.execute(cursor, S_INCIDENT_EVENT_ADD, (row[0], at, "acknowledged",
+                                                            person[:128], via, ""))
+        names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by")
+        found = {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
+        return {**found, "claimed": claimed}
 
     def incidents(self, limit=100):
         """The newest incidents, each a dict with its events, newest first."""
@@ -3470,6 +3493,50 @@ def truncate_to(text, limit):
 
 def ordinal(n):
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+class LinkRefused(Exception):
+    """A claim or silence link that must change nothing: malformed, forged or expired."""
+
+
+LINK_ACTIONS = ("claim", "silence")
+LINK_MAC_BYTES = 16
+
+
+def sign_link(secret, route, group_hash, action, expires):
+    """The token of a link that acts on the open incident of one route's Alertmanager group
+    until epoch `expires`: its fields, then an HMAC-SHA256 of them with the config's secret.
+    The group, not an incident id: a page is sent before the history has recorded its incident
+    (or while the history is down), and a claim finds the incident open when it comes."""
+    fields = base64.urlsafe_b64encode(json.dumps(
+        [route, group_hash, action, int(expires)], separators=(",", ":")).encode())
+    mac = hmac.new(secret.encode(), fields, hashlib.sha256).digest()[:LINK_MAC_BYTES]
+    return (fields + b"." + base64.urlsafe_b64encode(mac)).decode().replace("=", "")
+
+
+def read_link(secret, token, now):
+    """(route, group_hash, action, expires) of a link token, checked: LinkRefused says why a
+    link is not one (the signature first: nothing of a forged link is believed)."""
+    fields, dot, mac = token.partition(".")
+    try:
+        fields_bytes = fields.encode("ascii")
+        given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
+    except (UnicodeEncodeError, ValueError):
+        raise LinkRefused("this link is damaged: open it again from the message")
+    wanted = hmac.new(secret.encode(), fields_bytes, hashlib.sha256).digest()[:LINK_MAC_BYTES]
+    if not dot or not hmac.compare_digest(given, wanted):
+        raise LinkRefused("this link was not made by this alertbridge (or is cut): it does "
+                          "nothing")
+    route, group_hash, action, expires = json.loads(
+        base64.urlsafe_b64decode(fields_bytes + b"=" * (-len(fields_bytes) % 4)))
+    if now >= expires:
+        raise LinkRefused("this link has expired: the incident is older than the links last")
+    return route, group_hash, action, expires
+
+
+def group_hash(group_key):
+    """How the history and the links name an Alertmanager group: its key, hashed."""
+    return hashlib.sha256(group_key.encode()).hexdigest()
 
 
 def local_epoch(day, at, tz):

@@ -5,6 +5,8 @@ whichever instances record the webhooks, in either store."""
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import alertbridge
 from tests.kit import make_alert, make_payload
@@ -124,3 +126,46 @@ def test_retention_purges_incidents_resolved_before_the_cutoff_with_their_events
         pass
     [kept] = store.incidents()
     assert (kept["state"], kept["events"]) == ("open", ["opened"])
+
+
+def test_the_first_claim_acknowledges_the_open_incident_and_a_second_changes_nothing(store):
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    key = alertbridge.group_hash('{}:{alertname="DiskFull"}')
+    taken = store.claim("ops", key, "zhangsan", "2026-11-24 08:03:17")
+    assert taken["claimed"] and taken["acknowledged_by"] == "zhangsan"
+    assert taken["acknowledged_at"].startswith("2026-11-24 08:03:17")
+    again = store.claim("ops", key, "lisi", "2026-11-24 08:04:00")  # shows who has it
+    assert not again["claimed"] and again["acknowledged_by"] == "zhangsan"
+    assert again["id"] == taken["id"]
+    recorder.webhook(group(RESOLVED), "2026-11-24 08:30:00")
+    [incident] = store.incidents()
+    assert (incident["state"], incident["events"]) == (
+        "resolved",
+        ["opened", "acknowledged", "resolved"],
+    )
+    assert store.claim("ops", key, "lisi", "2026-11-24 08:31:00") is None  # nothing open
+
+
+def test_a_link_acts_only_as_signed_and_until_it_expires():
+    token = alertbridge.sign_link("s3cret", "ops", "ab" * 32, "claim", 1_000)
+    assert alertbridge.read_link("s3cret", token, 999) == ("ops", "ab" * 32, "claim", 1_000)
+    with pytest.raises(alertbridge.LinkRefused, match="expired"):
+        alertbridge.read_link("s3cret", token, 1_000)
+    with pytest.raises(alertbridge.LinkRefused, match="not made by this alertbridge"):
+        alertbridge.read_link("another", token, 999)
+    fields, mac = token.split(".")
+    forged = alertbridge.sign_link("guess", "ops", "ab" * 32, "claim", 10**10).split(".")[0]
+    for bad in (forged + "." + mac, fields, fields + "." + mac[:-2], "", "..", "é.é"):
+        with pytest.raises(alertbridge.LinkRefused):
+            alertbridge.read_link("s3cret", bad, 999)
+    assert "=" not in token and "/" not in token and "+" not in token  # fits in a URL path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_as_a_link_is_refused_in_words_never_with_an_error(text):
+    try:
+        alertbridge.read_link("s3cret", text, 0)
+    except alertbridge.LinkRefused:
+        pass

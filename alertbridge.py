@@ -97,6 +97,7 @@ import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import html  # noqa: E402
+import http.cookies  # noqa: E402
 import http.server  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
@@ -106,6 +107,7 @@ import multiprocessing.connection  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import secrets  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import string  # noqa: E402
@@ -237,6 +239,7 @@ class Body:
     alerts: tuple = ()
     truncated: int = 0                  # Alertmanager's truncatedAlerts
     group_labels: dict = field(default_factory=dict)
+    group_key: str = ""                 # Alertmanager's group (its incident; "" in a digest)
     level: str = NO_LEVEL               # a digest's level, for its title
     digest: bool = False                # folded from a backlog, grouped by alertname
     part: tuple = None                  # (i, n): part i of a message too long for one request
@@ -250,6 +253,8 @@ class Body:
         data = {"alerts": list(self.alerts), "truncated": self.truncated}
         if self.group_labels:
             data["group_labels"] = self.group_labels
+        if self.group_key:
+            data["group_key"] = self.group_key
         if self.digest:
             data.update(digest=True, level=self.level)
         if self.part:
@@ -269,6 +274,7 @@ class Body:
         kind = MENTION if mention else CARD if data.get("card") else ALERTS
         return cls(alerts=tuple(data.get("alerts", ())), truncated=data.get("truncated", 0),
                    group_labels=data.get("group_labels") or {},
+                   group_key=data.get("group_key", ""),
                    level=data.get("level", NO_LEVEL), digest=bool(data.get("digest")),
                    part=tuple(data["part"]) if data.get("part") else None,
                    total=tuple(data["total"]) if data.get("total") else None, kind=kind,
@@ -590,13 +596,13 @@ WORDS = {
            "lasted": "持续", "summary": "摘要", "description": "描述", "labels": "标签",
            "silence": "静默", "runbook": "手册", "dashboard": "仪表盘", "digest": "汇总",
            "nth": "24 小时内第 {n} 次", "last_resolved": "上次 {when} 恢复，持续 {lasted}",
-           "and": "；", "colon": "："},
+           "claim": "我来处理", "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
            "description": "Description", "labels": "Labels", "silence": "Silence",
            "runbook": "Runbook", "dashboard": "Dashboard", "digest": "digest",
            "nth": "{ordinal} time in 24 h", "last_resolved": "last resolved {when} after {lasted}",
-           "and": "; ", "colon": ": "},
+           "claim": "Claim", "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
                  else f"{zh} {WORDS['en'][key]}" for key, zh in WORDS["zh"].items()}
@@ -787,6 +793,15 @@ class Robot:
 
 
 @dataclass(frozen=True)
+class OnCall:
+    """[oncall]: the links on pages that act on an incident (claim it), signed with
+    link_secret, on a base URL the team's phones can reach."""
+    base_url: str = ""              # https://alertbridge.example.com: where links point
+    link_secret: str = field(default="", repr=False, metadata={"secret": True})
+    link_ttl: float = field(default=604800.0, metadata={"min": 60})   # a week
+
+
+@dataclass(frozen=True)
 class Person:
     """[person:HANDLE]: someone alertbridge can @-mention and put on call. `handle` is how the
     config names them (at_people, rotations, at_map); `name` is how messages and pages do."""
@@ -832,6 +847,7 @@ class Route:
     at_map_label: str = ""          # a label whose value picks entries of at_map
     at_map: tuple = ()              # ((label value, mobiles, user ids, people), ...)
     at_people: tuple = ()           # Person and Rotation: a person, whoever is on call
+    claim_links: bool = False       # a Claim link on firing pages ([oncall])
     per_alert: bool = False
     send_resolved: bool = True
     message_type: str = "markdown"  # or actionCard: the same text with buttons
@@ -871,6 +887,7 @@ class Config:
     auth: Auth = Auth()
     delivery: Delivery = Delivery()
     cluster: Cluster = Cluster()
+    oncall: OnCall = OnCall()
     routes: dict = field(default_factory=dict)     # route name -> Route
     people: dict = field(default_factory=dict)     # handle -> Person
     rotations: dict = field(default_factory=dict)  # rotation name -> Rotation
@@ -995,7 +1012,7 @@ def load_config(path):
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}")
-    known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster")
+    known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster", "oncall")
     unknown = [s for s in parser.sections()
                if s not in known and not s.startswith(("robot:", "receiver:", "person:",
                                                        "rotation:"))]
@@ -1010,6 +1027,7 @@ def load_config(path):
                     database=_load_database(parser, base, service), auth=_load_auth(parser, base),
                     delivery=_load_delivery(parser))
     settings["cluster"] = _load_cluster(parser, settings["database"])
+    settings["oncall"] = _load_oncall(parser, base)
     templates = _load_templates(parser)
     robots = {s[6:]: _load_robot(_Section(parser, s, base), s[6:])
               for s in parser.sections() if s.startswith("robot:")}
@@ -1023,6 +1041,10 @@ def load_config(path):
               for s in parser.sections() if s.startswith("receiver:")}
     if not routes:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
+    linked = [name for name, route in sorted(routes.items()) if route.claim_links]
+    if linked and not (settings["oncall"].base_url and settings["oncall"].link_secret):
+        raise ConfigError(f"[receiver:{linked[0]}] claim_links: set [oncall] base_url (where "
+                          f"phones reach alertbridge) and link_secret (which signs the links)")
     if service.default_receiver and service.default_receiver not in routes:
         raise ConfigError(f"[alertbridge] default_receiver: no section "
                           f"[receiver:{service.default_receiver}]")
@@ -1044,7 +1066,8 @@ def _refuse_unknown_keys(parser, name):
     """A key no section has is an error: a typo (at_mobile) would otherwise be ignored, and its
     setting silently not in effect. Keys of [DEFAULT] go to every section and are not judged."""
     sections = {"alertbridge": Service, "database": Database, "auth": Auth,
-                "delivery": Delivery, "cluster": Cluster, "templates": Templates}
+                "delivery": Delivery, "cluster": Cluster, "templates": Templates,
+                "oncall": OnCall}
     kinds = {"robot:": ROBOT_KEYS, "person:": PERSON_KEYS, "rotation:": ROTATION_KEYS}
     known = (_keys(sections[name]) if name in sections else
              next((keys for prefix, keys in kinds.items() if name.startswith(prefix)), None)
@@ -1123,6 +1146,18 @@ def _load_cluster(parser, database):
         raise ConfigError(f"[cluster] instance{where}: 1 to 64 letters, digits, dots, dashes or "
                           f"underscores, unique to each instance")
     return replace(cluster, instance=instance)
+
+
+def _load_oncall(parser, base):
+    section = _Section(parser, "oncall", base)
+    oncall = section.settings(OnCall)
+    url = oncall.base_url.rstrip("/")
+    if url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
+        raise ConfigError("[oncall] base_url: not an http(s) URL without query")
+    if oncall.link_secret and len(oncall.link_secret) < 16:
+        raise ConfigError("[oncall] link_secret: at least 16 characters (it signs the links: "
+                          "anyone who knows it can make one)")
+    return replace(oncall, base_url=url)
 
 
 def _load_templates(parser):
@@ -1290,6 +1325,7 @@ def _load_route(section, name, robots, templates, delivery, directory=({}, {})):
         at_map=_at_map(section, *directory),
         at_people=_people(section, "at_people", *directory),
         per_alert=section.bool("per_alert", Route.per_alert),
+        claim_links=section.bool("claim_links", Route.claim_links),
         send_resolved=section.bool("send_resolved", Route.send_resolved),
         message_type="actionCard" if message_type.lower() == "actioncard" else "markdown",
         dashboard_url=section.template("dashboard_url", "", DASHBOARD_FIELDS),
@@ -1831,6 +1867,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path in ("/", "/status"):
             self._authorize(page=True)
             return self._page(200, endpoints.pages.status())
+        if path.startswith("/incident/"):     # behind its signature only: phones open it
+            return self._page(*endpoints.pages.incident(path[10:], self._cookies()))
         if path == "/api/oncall":
             self._authorize()
             return self._reply(200, endpoints.pages.on_call(), count=False)
@@ -1842,8 +1880,15 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                                                        sample="sample" in query))
         self._method_not_allowed(request_id)
 
-    def _page(self, status, text):
-        self._reply(status, text.encode(), "text/html; charset=utf-8", PAGE_HEADERS, count=False)
+    def _page(self, status, text, headers=()):
+        self._reply(status, text.encode(), "text/html; charset=utf-8",
+                    PAGE_HEADERS + tuple(headers), count=False)
+
+    def _cookies(self):
+        jar = http.cookies.SimpleCookie()
+        with contextlib.suppress(http.cookies.CookieError):
+            jar.load(self.headers.get("Cookie", ""))
+        return {name: morsel.value for name, morsel in jar.items()}
 
     def _method_not_allowed(self, request_id):
         path = self._route()
@@ -1864,6 +1909,9 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
         if path == "/preview":
             self._authorize(page=True)
             return self._page(*self.endpoints.pages.preview(form=self._form()))
+        if path.startswith("/incident/"):
+            return self._page(*self.endpoints.pages.incident(path[10:], self._cookies(),
+                                                             self._form()))
         if path == "/-/send-test":
             self._authorize()
             self._read_body()
@@ -2279,8 +2327,8 @@ S_INCIDENT_RESOLVED_ID = ("SELECT id FROM incidents WHERE route = %s AND group_h
 S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowledged_at = %s, "
                           "acknowledged_by = %s WHERE route = %s AND open_group = %s "
                           "AND state = 'open'")
-S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by FROM "
-                       "incidents WHERE route = %s AND open_group = %s")
+S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
+                       "level FROM incidents WHERE route = %s AND open_group = %s")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
@@ -2543,7 +2591,8 @@ def bodies_of(route, webhook):
             levels.setdefault(route.level(alert), []).append(alert)
         groups = sorted(levels.items())
     return [(level, Body(alerts=tuple(group), truncated=webhook.truncated,
-                         group_labels=webhook.group_labels)) for level, group in groups]
+                         group_labels=webhook.group_labels, group_key=webhook.group_key))
+            for level, group in groups]
 
 
 def writable_problem(path):
@@ -3160,9 +3209,20 @@ class Store:
             if claimed:
                 self.execute(cursor, S_INCIDENT_EVENT_ADD, (row[0], at, "acknowledged",
                                                             person[:128], via, ""))
-        names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by")
-        found = {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
-        return {**found, "claimed": claimed}
+        return {**self._incident_row(row), "claimed": claimed}
+
+    def open_incident(self, route, group):
+        """The open incident of a route's group, as claim() gives it (claimed: False), or None."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_OPEN_ROW, (route, group))
+            row = cursor.fetchone()
+        return {**self._incident_row(row), "claimed": False} if row else None
+
+    @staticmethod
+    def _incident_row(row):
+        names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by", "title",
+                 "level")
+        return {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
 
     def incidents(self, limit=100):
         """The newest incidents, each a dict with its events, newest first."""
@@ -3245,6 +3305,15 @@ class StoreProcess:
     def recurrence(self, occurrences, window, wait=0.5):
         """Store.recurrence(), or StoreUnavailable if the recorder's call does not end in `wait`."""
         return self._call("recurrence", occurrences, window, wait=wait)
+
+    def claim(self, route, group, person, at, via="link", wait=5.0):
+        return self._call("claim", route, group, person, at, via, wait=wait)
+
+    def incidents(self, limit=100, wait=2.0):
+        return self._call("incidents", limit, wait=wait)
+
+    def open_incident(self, route, group, wait=5.0):
+        return self._call("open_incident", route, group, wait=wait)
 
     def _call(self, method, *args, wait=-1):
         if not self._lock.acquire(timeout=wait):
@@ -3831,9 +3900,14 @@ class Renderer:
                       for name, group in groups.items()]
         else:
             blocks = self.blocks(route, enumerate(alerts), shared, full)
-        notes = ((f"(+{body.truncated} alerts truncated by Alertmanager max_alerts)",)
-                 if body.truncated else ())
+        claim = self.claim_url(route, body)
+        words = WORDS[route.language]
+        notes = ((f"👉 [{words['claim']}]({claim})",) if claim else ()) + (
+            (f"(+{body.truncated} alerts truncated by Alertmanager max_alerts)",)
+            if body.truncated else ())
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
+        if claim and buttons:
+            buttons = ((words["claim"], claim),) + buttons[:3]
         return Rendered(titles[0], titles[1], tuple(blocks), notes, buttons,
                         self.mentions(route, alerts, self.wall(), self.config().tz))
 
@@ -3845,6 +3919,18 @@ class Renderer:
             block = self.alert_block(route, alert, shared, compact=at >= full)
             (lines if at >= full else blocks).append(block)
         return blocks + (["\n".join(lines)] if lines else [])
+
+    def claim_url(self, route, body):
+        """The signed Claim link of a firing page, if the route puts one on: it acts on the
+        open incident of the page's Alertmanager group ([oncall] link_ttl long)."""
+        if not (route.claim_links and body.group_key and not body.digest
+                and any(a["status"] == "firing" for a in body.alerts)):
+            return ""
+        oncall = self.config().oncall
+        expires = self.wall() + oncall.link_ttl
+        token = sign_link(oncall.link_secret, route.name, group_hash(body.group_key), "claim",
+                          expires)
+        return f"{oncall.base_url}/incident/{token}"
 
     @staticmethod
     def full_blocks(route, body):
@@ -5892,15 +5978,16 @@ def esc(value):
     return html.escape(str(value), quote=True)
 
 
-def page(title, body, refresh=None):
-    """A whole HTML page; `refresh`: seconds until the browser reloads it."""
+def page(title, body, refresh=None, nav=True):
+    """A whole HTML page; `refresh`: seconds until the browser reloads it; `nav`: the links
+    to the other pages (not on the incident page, which phones open without credentials)."""
     meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
+    links = ('<nav><a href="/status">status</a><a href="/preview">preview</a>'
+             '<a href="/metrics">metrics</a><a href="/-/ready">ready</a></nav>' if nav else "")
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8">{meta}'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>{esc(title)}</title><style>{PAGE_STYLE}</style></head><body>'
-            f'<header><h1>{esc(title)}</h1><nav><a href="/status">status</a>'
-            f'<a href="/preview">preview</a><a href="/metrics">metrics</a>'
-            f'<a href="/-/ready">ready</a></nav></header><main>{body}</main></body></html>')
+            f'<header><h1>{esc(title)}</h1>{links}</header><main>{body}</main></body></html>')
 
 
 def span(css, text):
@@ -6232,6 +6319,92 @@ class Pages:
         return (f"<section><h2>Firing now: {count}{shown}</h2>"
                 + table(["since", "receiver", "alertname", "severity", "instance", "summary"],
                         rows, "nothing is firing") + "</section>")
+
+    # the incident page: what a Claim link opens
+    CSRF_COOKIE, PERSON_COOKIE = "alertbridge_csrf", "alertbridge_person"
+
+    def incident(self, token, cookies, form=None):
+        """A Claim link: GET (`form` None) shows the incident and a form to confirm, and never
+        acts (link previewers and scanners fetch links); POST, with the form's token matching
+        its cookie (CSRF), claims it for the person chosen, remembered in a cookie. Returns
+        (status, HTML, headers)."""
+        config = self.config()
+        if not config.oncall.link_secret:       # no secret, no link is anyone's
+            return 404, self._incident_page("Claim links are not set up here ([oncall])."), ()
+        try:
+            route, group, _, _ = read_link(config.oncall.link_secret, token, self.wall())
+        except LinkRefused as exc:
+            return 403, self._incident_page("🚫 " + str(exc)), ()
+        try:
+            if form is None:
+                return self._incident_form(config, token, route, group, cookies)
+            return self._claim(config, route, group, cookies, form)
+        except (StoreUnavailable, StoreError) as exc:
+            log.warning("incident page: the history did not answer: %s", exc)
+            return 503, self._incident_page("The history cannot be reached now: nothing was "
+                                            "changed. Try again in a minute."), ()
+
+    def _incident_form(self, config, token, route, group, cookies):
+        incident = self.store.open_incident(route, group)
+        if incident is None or incident["state"] != "open":
+            return 200, self._incident_page(self._incident_state(config, incident)), ()
+        csrf = secrets.token_urlsafe(16)
+        chosen = cookies.get(self.PERSON_COOKIE, "")
+        if config.people:
+            options = "".join(
+                f'<option value="{esc(p.handle)}"{" selected" if p.handle == chosen else ""}>'
+                f"{esc(p.name)}</option>" for p in sorted(config.people.values(),
+                                                          key=lambda p: p.name))
+            who = f'<select name="person" id="person">{options}</select>'
+        else:
+            who = f'<input name="person" id="person" maxlength="64" value="{esc(chosen)}">'
+        body = (f"<section><h2>{esc(incident['title'])}</h2>"
+                f"<p>{word(incident['level'])} · open since "
+                f"{when(self._db_time(incident['opened_at']))} · receiver {esc(route)}</p>"
+                f'<form method="post" action="/incident/{esc(token)}">'
+                f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
+                f"<p><label>I am {who}</label></p>"
+                f'<p><button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
+                f"</p></form></section>")
+        cookie = (f"{self.CSRF_COOKIE}={csrf}; Path=/incident/; HttpOnly; SameSite=Strict; "
+                  f"Max-Age=3600")
+        return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
+
+    def _claim(self, config, route, group, cookies, form):
+        given = form.get("csrf", "")
+        if not given or not hmac.compare_digest(given, cookies.get(self.CSRF_COOKIE, "")):
+            return 403, self._incident_page("This form is stale or came from elsewhere: nothing "
+                                            "was changed. Open the link again."), ()
+        chosen = form.get("person", "").strip()
+        person = config.people.get(chosen)
+        if (config.people and person is None) or not chosen or len(chosen) > 64:
+            return 400, self._incident_page("Choose who you are: nothing was changed."), ()
+        at = db_time(datetime.fromtimestamp(self.wall(), timezone.utc))
+        incident = self.store.claim(route, group, chosen, at)
+        cookie = (f"{self.PERSON_COOKIE}={urllib.parse.quote(chosen)}; Path=/incident/; "
+                  f"HttpOnly; SameSite=Lax; Max-Age=31536000")
+        if incident is not None and incident["claimed"]:
+            log.info("incident=%s route=%s claimed by %s", incident["id"], route, chosen)
+        return 200, self._incident_page(self._incident_state(config, incident)), \
+            [("Set-Cookie", cookie)]
+
+    def _incident_state(self, config, incident):
+        if incident is None:
+            return ("Nothing is open for this page: its alerts resolved (or the history has not "
+                    "recorded them yet).")
+        taken = self._ago_between(incident["opened_at"], incident["acknowledged_at"])
+        holder = config.people.get(incident["acknowledged_by"])
+        name = holder.name if holder else incident["acknowledged_by"]
+        mark = "✅ " if incident.get("claimed") else ""
+        return f"{mark}{name} has it, since {self._db_time(incident['acknowledged_at'])} " \
+               f"({taken} after the page)."
+
+    @staticmethod
+    def _ago_between(start, end):
+        return format_duration((from_db_time(end) - from_db_time(start)).total_seconds())
+
+    def _incident_page(self, text):
+        return page("alertbridge: claim", f"<section><p>{esc(text)}</p></section>", nav=False)
 
     # the preview
     def preview(self, form=None, last=None, sample=False):

@@ -136,6 +136,8 @@ def empty_mysql():
             "cluster_sends",
             "cluster_members",
             "cluster_handoff",
+            "incidents",
+            "incident_events",
         ):
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
     db.close()

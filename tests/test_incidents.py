@@ -2,14 +2,19 @@
 first firing notification, resolved when none of its alerts fires, with an event log; the same
 whichever instances record the webhooks, in either store."""
 
+import http.client
+import http.cookies
 import json
+import re
+import time
+import urllib.parse
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alertbridge
-from tests.kit import make_alert, make_payload
+from tests.kit import make_alert, make_payload, post, wait_until
 
 
 def group(alerts, key='{}:{alertname="DiskFull"}', receiver="ops"):
@@ -169,3 +174,112 @@ def test_any_text_as_a_link_is_refused_in_words_never_with_an_error(text):
         alertbridge.read_link("s3cret", text, 0)
     except alertbridge.LinkRefused:
         pass
+
+
+# --- claim links, through a running bridge --------------------------------------------------
+
+SECRET = "0123456789abcdef-link-secret"
+ONCALL = f"""
+[oncall]
+base_url = https://alertbridge.example.com
+link_secret = {SECRET}
+
+[person:zhangsan]
+name = 张三
+mobile = 13800000001
+
+[person:lisi]
+name = 李四
+mobile = 13800000002
+"""
+CLAIMING = {"ops": {"robots": "ops-1", "claim_links": "true"}, "dev": {"robots": "dev-1"}}
+LINK = re.compile(
+    r"👉 \[我来处理\]\(https://alertbridge\.example\.com/incident/([A-Za-z0-9_.-]+)\)"
+)
+
+
+def claim_request(bridge, token, method="GET", form=None, cookies=None):
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in (cookies or {}).items())}
+    body = b""
+    if form is not None:
+        body = urllib.parse.urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    connection = http.client.HTTPConnection(bridge.address.split("//")[1], timeout=10)
+    try:
+        connection.request(method, f"/incident/{token}", body=body, headers=headers)
+        response = connection.getresponse()
+        jar = http.cookies.SimpleCookie()
+        for value in response.headers.get_all("Set-Cookie") or ():
+            jar.load(value)
+        return response.status, response.read().decode(), {k: m.value for k, m in jar.items()}
+    finally:
+        connection.close()
+
+
+def paged(bridge, fake, sqlite_db):
+    """A firing DiskFull group paged and recorded: the token of its Claim link."""
+    assert post(bridge, make_payload("ops", FIRING) | {"groupKey": "g-disk"})[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    history = alertbridge.Store(sqlite_db)
+    assert wait_until(lambda: history.incidents() != [])
+    history.close()
+    return LINK.search(fake.delivered()[0].text).group(1)
+
+
+def test_a_firing_page_carries_a_claim_link_that_claims_once_on_confirmation(
+    make_bridge, sqlite_db, fake
+):
+    bridge = make_bridge(sqlite_db, receivers=CLAIMING, extra=ONCALL)
+    token = paged(bridge, fake, sqlite_db)
+    assert alertbridge.read_link(SECRET, token, time.time())[:3] == (
+        "ops",
+        alertbridge.group_hash("g-disk"),
+        "claim",
+    )
+
+    status, html, cookies = claim_request(bridge, token)  # what a link previewer does
+    assert status == 200 and 'id="claim"' in html and "DiskFull" in html
+    assert alertbridge.Store(sqlite_db).incidents()[0]["state"] == "open"  # GET never acts
+
+    form = {"person": "zhangsan", "csrf": cookies["alertbridge_csrf"]}
+    status, html, _ = claim_request(bridge, token, "POST", form)  # no cookie: from elsewhere
+    assert status == 403 and "nothing was changed" in html
+    status, html, remembered = claim_request(bridge, token, "POST", form, cookies)
+    assert status == 200 and "✅ 张三 has it" in html
+    assert remembered["alertbridge_person"] == "zhangsan"
+    again = {"person": "lisi", "csrf": cookies["alertbridge_csrf"]}
+    status, html, _ = claim_request(bridge, token, "POST", again, cookies)  # a second claim
+    assert status == 200 and "张三 has it" in html and "✅" not in html
+    [incident] = alertbridge.Store(sqlite_db).incidents()
+    assert (incident["state"], incident["acknowledged_by"]) == ("acknowledged", "zhangsan")
+    assert incident["events"] == ["opened", "acknowledged"]
+
+
+def test_a_forged_or_foreign_link_gets_a_clear_page_and_changes_nothing(
+    make_bridge, sqlite_db, fake
+):
+    bridge = make_bridge(sqlite_db, receivers=CLAIMING, extra=ONCALL)
+    token = paged(bridge, fake, sqlite_db)
+    forged = alertbridge.sign_link(
+        "not-the-secret-at-all",
+        "ops",
+        alertbridge.group_hash("g-disk"),
+        "claim",
+        time.time() + 3600,
+    )
+    for bad in (forged, token[:-3], "nonsense"):
+        status, html, cookies = claim_request(bridge, bad)
+        assert status == 403 and ("does nothing" in html or "damaged" in html)
+        assert cookies == {}
+    assert alertbridge.Store(sqlite_db).incidents()[0]["state"] == "open"
+
+
+def test_claim_links_need_a_base_url_and_a_secret(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[receiver:ops]\nrobots = r\nclaim_links = true\n"
+        "[robot:r]\nurl = https://x/?access_token=t\n"
+    )
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    assert str(error.value).startswith("[receiver:ops] claim_links: set [oncall] base_url")

@@ -215,7 +215,7 @@ class Webhook:
 
 
 NO_LEVEL = "none"       # the level of an alert whose priority label is missing or unknown
-ALERTS, CARD, MENTION = "alerts", "card", "mention"     # the kinds of a message body
+ALERTS, CARD, MENTION, NOTE = "alerts", "card", "mention", "note"  # the kinds of a message body
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,8 @@ class Body:
     """What a message says, as the journal keeps it and every stage after reads it. Its kind:
     ALERTS, alerts to show; CARD, alerts shown with buttons, whose mentions went into a
     message of their own (a channel that cannot @ beside buttons); MENTION, that message: who,
-    and the title of the card it follows (no alerts: they went out in the card)."""
+    and the title of the card it follows (no alerts: they went out in the card); NOTE, a short
+    line about an incident (who claimed it), a title and its markdown text."""
     alerts: tuple = ()
     truncated: int = 0                  # Alertmanager's truncatedAlerts
     group_labels: dict = field(default_factory=dict)
@@ -246,7 +247,8 @@ class Body:
     total: tuple = None                 # a part's: (firing, resolved) of the whole message
     kind: str = ALERTS
     mention: Mentions = Mentions()      # MENTION: who
-    title: str = ""                     # MENTION: the card's title
+    title: str = ""                     # MENTION: the card's title; NOTE: its title
+    note: str = ""                      # NOTE: its markdown text
 
     def to_json(self):
         """The journal's JSON object (the keys written by every version since 0.3)."""
@@ -263,6 +265,8 @@ class Body:
             data["total"] = list(self.total)
         if self.kind == CARD:
             data["card"] = True
+        if self.kind == NOTE:
+            data["note"] = {"title": self.title, "text": self.note}
         if self.kind == MENTION:
             data["mention"] = {"mobiles": list(self.mention.mobiles), "all": self.mention.all,
                                "user_ids": list(self.mention.user_ids), "title": self.title}
@@ -270,7 +274,9 @@ class Body:
 
     @classmethod
     def from_json(cls, data):
-        mention = data.get("mention")
+        mention, note = data.get("mention"), data.get("note")
+        if note:
+            return cls(kind=NOTE, title=note["title"], note=note["text"])
         kind = MENTION if mention else CARD if data.get("card") else ALERTS
         return cls(alerts=tuple(data.get("alerts", ())), truncated=data.get("truncated", 0),
                    group_labels=data.get("group_labels") or {},
@@ -596,17 +602,20 @@ WORDS = {
            "lasted": "持续", "summary": "摘要", "description": "描述", "labels": "标签",
            "silence": "静默", "runbook": "手册", "dashboard": "仪表盘", "digest": "汇总",
            "nth": "24 小时内第 {n} 次", "last_resolved": "上次 {when} 恢复，持续 {lasted}",
-           "claim": "我来处理", "and": "；", "colon": "："},
+           "claim": "我来处理", "claimed": "✅ {name} 认领了 {title}（告警后 {after}）",
+           "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
            "description": "Description", "labels": "Labels", "silence": "Silence",
            "runbook": "Runbook", "dashboard": "Dashboard", "digest": "digest",
            "nth": "{ordinal} time in 24 h", "last_resolved": "last resolved {when} after {lasted}",
-           "claim": "Claim", "and": "; ", "colon": ": "},
+           "claim": "Claim", "claimed": "✅ {name} claimed {title}, {after} after the page",
+           "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
                  else f"{zh} {WORDS['en'][key]}" for key, zh in WORDS["zh"].items()}
-WORDS["both"].update(lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
+WORDS["both"].update(claimed=WORDS["zh"]["claimed"] + " · " + WORDS["en"]["claimed"][2:],
+                     lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
                      last_resolved="上次 {when} 恢复，持续 {lasted} · last resolved {when} after "
                                    "{lasted}", colon=": ", **{"and": "; "})
 
@@ -2851,6 +2860,16 @@ class Journal:
                                           " ".join(claims)))
         self.new_messages.notify(route)
 
+    def note(self, route, title, text, rank, claim):
+        """Journal a NOTE for a route's group: at `rank` (a low one), packed so that it is never
+        folded into a digest, with a cluster claim so that it goes out once."""
+        body = json.dumps(Body(kind=NOTE, title=title, note=text).to_json(), ensure_ascii=False)
+        now = self.clock()
+        with self._writing() as db:
+            self._run(db, J_MESSAGE_ADD, (route, claim, body, 1, now, now, rank, NO_LEVEL, "",
+                                          claim))
+        self.new_messages.notify(route)
+
     def alert_keys_since(self, route, after_id):
         """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
         rows = self._read(J_MESSAGE_KEYS, (route, after_id))
@@ -4015,6 +4034,8 @@ def request_body(renderer, channel, route, body, robot):
     send or show."""
     if body.kind == MENTION:
         return channel.mention_request(body, robot)
+    if body.kind == NOTE:
+        return channel.note_request(body, robot)
     return channel.request(renderer.render(route, body), robot)
 
 
@@ -4190,6 +4211,11 @@ class RobotChannel:
         text = truncate_to(Renderer.SEPARATOR.join(rendered.blocks), room)
         request[request["msgtype"]]["text"] = head + text + tail
         return request
+
+    def note_request(self, body, robot):
+        """A NOTE: its title and text, and the robot's keyword."""
+        text = "\n\n".join(filter(None, [body.note, robot.keyword]))
+        return {"msgtype": "markdown", "markdown": {"title": body.title[:128], "text": text}}
 
     def mention_request(self, body, robot):
         """A card's @ message: a text message, who and the card's title."""
@@ -6385,8 +6411,21 @@ class Pages:
                   f"HttpOnly; SameSite=Lax; Max-Age=31536000")
         if incident is not None and incident["claimed"]:
             log.info("incident=%s route=%s claimed by %s", incident["id"], route, chosen)
+            self._announce_claim(config, route, incident, person.name if person else chosen)
         return 200, self._incident_page(self._incident_state(config, incident)), \
             [("Set-Cookie", cookie)]
+
+    def _announce_claim(self, config, route_name, incident, name):
+        """The group hears who took its page, through the route's queue, after its pages."""
+        route = config.routes.get(route_name)
+        if route is None:
+            return
+        after = self._ago_between(incident["opened_at"], incident["acknowledged_at"])
+        text = WORDS[route.language]["claimed"].format(name=md_escape(name),
+                                                       title=md_escape(incident["title"]),
+                                                       after=after)
+        self.journal.note(route.name, f"✅ {name}: {incident['title']}"[:128], text,
+                          len(route.priority_order) + 1, f"claimed:{incident['id']}")
 
     def _incident_state(self, config, incident):
         if incident is None:

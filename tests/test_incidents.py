@@ -219,7 +219,7 @@ def claim_request(bridge, token, method="GET", form=None, cookies=None):
 def paged(bridge, fake, sqlite_db):
     """A firing DiskFull group paged and recorded: the token of its Claim link."""
     assert post(bridge, make_payload("ops", FIRING) | {"groupKey": "g-disk"})[0] == 200
-    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    assert fake.wait_for(lambda f: len(f.delivered()) == 2)  # the critical page, the warning
     history = alertbridge.Store(sqlite_db)
     assert wait_until(lambda: history.incidents() != [])
     history.close()
@@ -253,6 +253,12 @@ def test_a_firing_page_carries_a_claim_link_that_claims_once_on_confirmation(
     [incident] = alertbridge.Store(sqlite_db).incidents()
     assert (incident["state"], incident["acknowledged_by"]) == ("acknowledged", "zhangsan")
     assert incident["events"] == ["opened", "acknowledged"]
+    # the group hears it once, through the route's queue
+    assert fake.wait_for(lambda f: len(f.delivered()) == 3)
+    note = fake.delivered()[2]
+    assert note.body["msgtype"] == "markdown" and "at" not in note.body
+    assert re.fullmatch(r"✅ 张三 认领了 DiskFull（告警后 \d+(ms|s)）", note.text), note.text
+    assert all("认领了" not in m.text for m in fake.delivered()[:2])
 
 
 def test_a_forged_or_foreign_link_gets_a_clear_page_and_changes_nothing(

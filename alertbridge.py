@@ -5986,7 +5986,7 @@ main{padding:4px}section{padding:8px 10px}}
 .ok{color:#1a7f37}.bad{color:#c62828;font-weight:600}.warn{color:#b26a00}.dim{color:#8f959e}
 .badge{display:inline-block;border-radius:10px;padding:1px 8px;margin:2px;background:#eef0f3}
 textarea{width:100%;box-sizing:border-box;font:12px monospace}
-select,button{font-size:14px;padding:4px 8px}
+select,button{font-size:14px;padding:4px 8px}#claim,#person{font-size:18px;padding:8px 16px}
 pre{white-space:pre-wrap;word-break:break-all;background:#f6f8fa;padding:8px;font-size:12px}
 .dingtalk{border:1px solid #dee0e3;border-radius:8px;padding:8px 12px;max-width:560px;
 background:#fff}.dingtalk blockquote{border-left:3px solid #ccc;margin:4px 0;padding-left:8px}

@@ -216,9 +216,10 @@ def claim_request(bridge, token, method="GET", form=None, cookies=None):
         connection.close()
 
 
-def paged(bridge, fake, sqlite_db):
+def paged(bridge, fake, sqlite_db, headers=None):
     """A firing DiskFull group paged and recorded: the token of its Claim link."""
-    assert post(bridge, make_payload("ops", FIRING) | {"groupKey": "g-disk"})[0] == 200
+    payload = make_payload("ops", FIRING) | {"groupKey": "g-disk"}
+    assert post(bridge, payload, headers=headers)[0] == 200
     assert fake.wait_for(lambda f: len(f.delivered()) == 2)  # the critical page, the warning
     history = alertbridge.Store(sqlite_db)
     assert wait_until(lambda: history.incidents() != [])

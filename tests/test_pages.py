@@ -876,3 +876,31 @@ def test_the_preview_and_the_dry_run_take_the_alerts_of_alertmanagers_api(
     assert done.returncode == 0, done.stderr
     assert "robots dev-1" in done.stderr and "DiskFull on db-1" in done.stdout
     assert fake.requests == []
+
+
+def test_in_a_browser_a_claim_link_on_a_phone(browser, make_bridge, sqlite_db, fake, tmp_path):
+    """What on-call does from the group on a phone: open the link, choose who they are, claim;
+    the page fits a 390 px screen and the choice is remembered for the next link."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_incidents import CLAIMING, ONCALL, paged
+
+    bridge = make_bridge(sqlite_db, receivers=CLAIMING, extra=ONCALL + AUTH)
+    token = paged(bridge, fake, sqlite_db, headers=CREDENTIALS)
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})  # no credentials
+    browser.set_window_size(390, 844)
+    browser.get(f"{bridge.address}/incident/{token}")
+    assert overflowing(browser) == [] and "DiskFull" in browser.find_element(By.TAG_NAME, "h2").text
+    Select(browser.find_element(By.ID, "person")).select_by_visible_text("李四")
+    keep_screenshot(browser, tmp_path, "claim-page-phone.png")
+    follow(browser, browser.find_element(By.ID, "claim"))
+    text = browser.find_element(By.TAG_NAME, "main").text
+    assert text.startswith("✅ 李四 has it") and overflowing(browser) == []
+    assert alertbridge.Store(sqlite_db).incidents()[0]["acknowledged_by"] == "lisi"
+    browser.get(f"{bridge.address}/incident/{token}")  # opened again: who has it, no form
+    assert "李四 has it" in browser.find_element(By.TAG_NAME, "main").text
+    assert browser.find_elements(By.ID, "claim") == []
+    browser.get(f"{bridge.address}/incident/{token[:-4]}")  # a cut link: says so
+    assert "does nothing" in browser.find_element(By.TAG_NAME, "main").text
+    assert pwned(browser) is None

@@ -266,7 +266,9 @@ class Body:
         if self.kind == CARD:
             data["card"] = True
         if self.kind == NOTE:
-            data["note"] = {"title": self.title, "text": self.note}
+            data["note"] = {"title": self.title, "text": self.note,
+                            "mobiles": list(self.mention.mobiles),
+                            "user_ids": list(self.mention.user_ids)}
         if self.kind == MENTION:
             data["mention"] = {"mobiles": list(self.mention.mobiles), "all": self.mention.all,
                                "user_ids": list(self.mention.user_ids), "title": self.title}
@@ -276,7 +278,9 @@ class Body:
     def from_json(cls, data):
         mention, note = data.get("mention"), data.get("note")
         if note:
-            return cls(kind=NOTE, title=note["title"], note=note["text"])
+            return cls(kind=NOTE, title=note["title"], note=note["text"],
+                       mention=Mentions(tuple(note.get("mobiles", ())),
+                                        tuple(note.get("user_ids", ()))))
         kind = MENTION if mention else CARD if data.get("card") else ALERTS
         return cls(alerts=tuple(data.get("alerts", ())), truncated=data.get("truncated", 0),
                    group_labels=data.get("group_labels") or {},
@@ -603,6 +607,7 @@ WORDS = {
            "silence": "静默", "runbook": "手册", "dashboard": "仪表盘", "digest": "汇总",
            "nth": "24 小时内第 {n} 次", "last_resolved": "上次 {when} 恢复，持续 {lasted}",
            "claim": "我来处理", "claimed": "✅ {name} 认领了 {title}（告警后 {after}）",
+           "escalated": "⏫ 升级第 {step} 步：{title} 已等待 {waited}，无人认领",
            "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
@@ -610,11 +615,13 @@ WORDS = {
            "runbook": "Runbook", "dashboard": "Dashboard", "digest": "digest",
            "nth": "{ordinal} time in 24 h", "last_resolved": "last resolved {when} after {lasted}",
            "claim": "Claim", "claimed": "✅ {name} claimed {title}, {after} after the page",
+           "escalated": "⏫ Escalation step {step}: {title} has waited {waited}, unclaimed",
            "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
                  else f"{zh} {WORDS['en'][key]}" for key, zh in WORDS["zh"].items()}
 WORDS["both"].update(claimed=WORDS["zh"]["claimed"] + " · " + WORDS["en"]["claimed"][2:],
+                     escalated=WORDS["zh"]["escalated"] + " · " + WORDS["en"]["escalated"][2:],
                      lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
                      last_resolved="上次 {when} 恢复，持续 {lasted} · last resolved {when} after "
                                    "{lasted}", colon=": ", **{"and": "; "})
@@ -841,6 +848,24 @@ class Rotation:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of an escalation: `after` seconds since the page, who to @ (people, whoever is
+    on call in a rotation) and which other receivers' groups hear it too."""
+    after: float
+    people: tuple = ()
+    routes: tuple = ()              # route names
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """[escalation:NAME]: what happens while nobody claims a page: its steps in order, the
+    whole chain again `repeat` more times (each round as long as the last step's delay)."""
+    name: str
+    steps: tuple
+    repeat: int = 0
+
+
+@dataclass(frozen=True)
 class Route:
     """[receiver:NAME]: where an Alertmanager receiver's alerts go (its robots, used in turn)
     and how they look. In the code a "receiver" is always Alertmanager's; the section that
@@ -857,6 +882,8 @@ class Route:
     at_map: tuple = ()              # ((label value, mobiles, user ids, people), ...)
     at_people: tuple = ()           # Person and Rotation: a person, whoever is on call
     claim_links: bool = False       # a Claim link on firing pages ([oncall])
+    escalation: Escalation = None   # what happens while nobody claims a page
+    escalate_levels: tuple = ("critical",)
     per_alert: bool = False
     send_resolved: bool = True
     message_type: str = "markdown"  # or actionCard: the same text with buttons
@@ -911,6 +938,18 @@ class Config:
         return {r for route in self.routes.values() for r in route.robots}
 
 
+DURATION = re.compile(r"([0-9.]+)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(value):
+    """A duration as Go and Prometheus write them ("90s", "10m", "1h30m") in seconds, or None."""
+    pieces = DURATION.findall(value) if isinstance(value, str) else []
+    if not pieces or "".join(n + u for n, u in pieces) != value.strip():
+        return None
+    return sum(float(n) * DURATION_UNITS[u] for n, u in pieces)
+
+
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -920,6 +959,13 @@ class _Section:
     def __init__(self, parser, name, base=""):
         self.name, self.base = name, base      # base: the directory relative paths start from
         self.items = parser[name] if parser.has_section(name) else {}
+
+    @classmethod
+    def of(cls, name, items):
+        """A section of given items, to read a value the way a key is read."""
+        section = cls.__new__(cls)
+        section.name, section.base, section.items = name, "", items
+        return section
 
     def get(self, key, default=""):
         return self.items[key].strip() if key in self.items else default
@@ -1024,10 +1070,10 @@ def load_config(path):
     known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster", "oncall")
     unknown = [s for s in parser.sections()
                if s not in known and not s.startswith(("robot:", "receiver:", "person:",
-                                                       "rotation:"))]
+                                                       "rotation:", "escalation:"))]
     if unknown:
         raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME, robot:NAME, "
-                          f"person:HANDLE or rotation:NAME)")
+                          f"person:HANDLE, rotation:NAME or escalation:NAME)")
     for name in parser.sections():
         _refuse_unknown_keys(parser, name)
     base = os.path.dirname(os.path.abspath(path))
@@ -1045,9 +1091,15 @@ def load_config(path):
     rotations = {s[9:]: _load_rotation(_Section(parser, s), s[9:], people, settings["tz"])
                  for s in parser.sections() if s.startswith("rotation:")}
     directory = (people, rotations)
+    escalations = {s[11:]: _load_escalation(_Section(parser, s), s[11:], *directory)
+                   for s in parser.sections() if s.startswith("escalation:")}
     routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates,
-                                 settings["delivery"], directory)
+                                 settings["delivery"], directory, escalations)
               for s in parser.sections() if s.startswith("receiver:")}
+    for escalation in escalations.values():
+        for route in (r for step in escalation.steps for r in step.routes if r not in routes):
+            raise ConfigError(f"[escalation:{escalation.name}] steps: no section "
+                              f"[receiver:{route}]")
     if not routes:
         raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
     linked = [name for name, route in sorted(routes.items()) if route.claim_links]
@@ -1069,6 +1121,7 @@ def _keys(cls, without=()):
 ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword"}
 PERSON_KEYS = {"name", "mobile", "user_id"}
 ROTATION_KEYS = {"people", "start", "hand_over_at", "shift", "overrides"}
+ESCALATION_KEYS = {"steps", "repeat"}
 
 
 def _refuse_unknown_keys(parser, name):
@@ -1077,7 +1130,8 @@ def _refuse_unknown_keys(parser, name):
     sections = {"alertbridge": Service, "database": Database, "auth": Auth,
                 "delivery": Delivery, "cluster": Cluster, "templates": Templates,
                 "oncall": OnCall}
-    kinds = {"robot:": ROBOT_KEYS, "person:": PERSON_KEYS, "rotation:": ROTATION_KEYS}
+    kinds = {"robot:": ROBOT_KEYS, "person:": PERSON_KEYS, "rotation:": ROTATION_KEYS,
+             "escalation:": ESCALATION_KEYS}
     known = (_keys(sections[name]) if name in sections else
              next((keys for prefix, keys in kinds.items() if name.startswith(prefix)), None)
              or _keys(Route, without=("name",)))
@@ -1289,6 +1343,33 @@ def _override_time(text, rotation, tz, where, until):
                           f"(2026-12-24 18:00)")
 
 
+def _load_escalation(section, name, people, rotations):
+    """steps: one `AFTER = people, rotation:NAME, receiver:NAME` per line, AFTER a duration
+    since the page (10m, 1h30m), later steps after earlier ones."""
+    steps = []
+    for number, line in enumerate(section.get("steps").splitlines(), 1):
+        if not line.strip():
+            continue
+        after, equals, targets = line.partition("=")
+        where = f"[{section.name}] steps: entry {number}"
+        seconds = duration_seconds(after.strip())
+        if not equals or seconds is None or seconds <= 0:
+            raise ConfigError(f"{where}: write AFTER = people, rotation:NAME, receiver:NAME "
+                              f"(AFTER such as 10m)")
+        if steps and seconds <= steps[-1].after:
+            raise ConfigError(f"{where}: comes no later than the step before it")
+        words = _words(targets)
+        routes = tuple(w[9:] for w in words if w.startswith("receiver:"))
+        named = " ".join(w for w in words if not w.startswith("receiver:"))
+        found = _people(_Section.of(section.name, {"steps": named}), "steps", people, rotations)
+        if not (routes or found):
+            raise ConfigError(f"{where}: names nobody to @ and no receiver")
+        steps.append(Step(seconds, found, routes))
+    if not steps:
+        raise ConfigError(f"[{section.name}] steps: list at least one step")
+    return Escalation(name, tuple(steps), section.number("repeat", 0, int, 0, 100))
+
+
 def _people(section, key, people, rotations):
     """A list of person handles and rotation:NAME words -> Person and Rotation objects."""
     found = []
@@ -1304,7 +1385,8 @@ def _people(section, key, people, rotations):
     return tuple(found)
 
 
-def _load_route(section, name, robots, templates, delivery, directory=({}, {})):
+def _load_route(section, name, robots, templates, delivery, directory=({}, {}),
+                escalations=None):
     names = _words(section.get("robots"))
     if not names:
         raise ConfigError(f"[{section.name}] robots: list at least one robot")
@@ -1321,6 +1403,7 @@ def _load_route(section, name, robots, templates, delivery, directory=({}, {})):
         raise ConfigError(f"[{section.name}] message_type: must be markdown or actionCard")
     priorities = _priorities(section, delivery)
     language = _language(section, templates.language)
+    escalation = _route_escalation(section, escalations or {})
     return Route(
         name=name,
         robots=tuple(robots[n] for n in names),
@@ -1335,6 +1418,10 @@ def _load_route(section, name, robots, templates, delivery, directory=({}, {})):
         at_people=_people(section, "at_people", *directory),
         per_alert=section.bool("per_alert", Route.per_alert),
         claim_links=section.bool("claim_links", Route.claim_links),
+        escalation=escalation,
+        escalate_levels=_levels(section, "escalate_levels", ", ".join(Route.escalate_levels),
+                                priorities["priority_order"])
+        if escalation else Route.escalate_levels,
         send_resolved=section.bool("send_resolved", Route.send_resolved),
         message_type="actionCard" if message_type.lower() == "actioncard" else "markdown",
         dashboard_url=section.template("dashboard_url", "", DASHBOARD_FIELDS),
@@ -1348,6 +1435,13 @@ def _load_route(section, name, robots, templates, delivery, directory=({}, {})):
         compact_after=section.number("compact_after", templates.compact_after, int),
         **priorities,
     )
+
+
+def _route_escalation(section, escalations):
+    name = section.get("escalation")
+    if name and name not in escalations:
+        raise ConfigError(f"[{section.name}] escalation: no section [escalation:{name}]")
+    return escalations.get(name)
 
 
 def _at_map(section, people=None, rotations=None):
@@ -2218,6 +2312,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   acknowledged_at DATETIME(3) NULL,
   acknowledged_by VARCHAR(128) NULL,
   resolved_at DATETIME(3) NULL,
+  escalations INT UNSIGNED NOT NULL DEFAULT 0,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_group (route, group_hash, resolved_at),
@@ -2273,6 +2368,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   group_key TEXT NOT NULL, group_labels TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
   level TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, opened_at TEXT NOT NULL,
   acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
+  escalations INTEGER NOT NULL DEFAULT 0,
   UNIQUE (route, open_group)
 );
 CREATE INDEX IF NOT EXISTS ix_incidents_group ON incidents (route, group_hash, resolved_at);
@@ -2338,6 +2434,10 @@ S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowle
                           "AND state = 'open'")
 S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
                        "level FROM incidents WHERE route = %s AND open_group = %s")
+S_INCIDENTS_UNCLAIMED = ("SELECT id, route, level, opened_at, escalations, title, group_hash "
+                         "FROM incidents WHERE state = 'open' ORDER BY id LIMIT %s")
+S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s WHERE id = %s AND escalations = %s "
+                       "AND state = 'open'")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
@@ -2860,13 +2960,14 @@ class Journal:
                                           " ".join(claims)))
         self.new_messages.notify(route)
 
-    def note(self, route, title, text, rank, claim):
-        """Journal a NOTE for a route's group: at `rank` (a low one), packed so that it is never
+    def note(self, route, title, text, rank, claim, level=NO_LEVEL, mention=Mentions()):
+        """Journal a NOTE for a route's group at `rank` and `level`, packed so that it is never
         folded into a digest, with a cluster claim so that it goes out once."""
-        body = json.dumps(Body(kind=NOTE, title=title, note=text).to_json(), ensure_ascii=False)
+        body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
+                          ensure_ascii=False)
         now = self.clock()
         with self._writing() as db:
-            self._run(db, J_MESSAGE_ADD, (route, claim, body, 1, now, now, rank, NO_LEVEL, "",
+            self._run(db, J_MESSAGE_ADD, (route, claim, body, 1, now, now, rank, level, "",
                                           claim))
         self.new_messages.notify(route)
 
@@ -3230,6 +3331,28 @@ class Store:
                                                             person[:128], via, ""))
         return {**self._incident_row(row), "claimed": claimed}
 
+    def unclaimed(self, limit):
+        """Incidents open and not claimed, oldest first, as dicts (opened_at as text)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENTS_UNCLAIMED, (limit,))
+            names = [column[0] for column in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        for row in rows:
+            if isinstance(row["opened_at"], datetime):
+                row["opened_at"] = db_time(row["opened_at"])
+        return rows
+
+    def escalate(self, incident_id, done, now_done, at, detail):
+        """Mark steps done for an open, unclaimed incident, if no other instance did: True when
+        this call did (its event logged), so each step goes out once."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_ESCALATE, (now_done, incident_id, done))
+            if cursor.rowcount != 1:
+                return False
+            self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "escalated", "",
+                                                        "escalation", detail[:1024]))
+        return True
+
     def open_incident(self, route, group):
         """The open incident of a route's group, as claim() gives it (claimed: False), or None."""
         with self.transaction() as cursor:
@@ -3333,6 +3456,12 @@ class StoreProcess:
 
     def open_incident(self, route, group, wait=5.0):
         return self._call("open_incident", route, group, wait=wait)
+
+    def unclaimed(self, limit, wait=5.0):
+        return self._call("unclaimed", limit, wait=wait)
+
+    def escalate(self, incident_id, done, now_done, at, detail, wait=5.0):
+        return self._call("escalate", incident_id, done, now_done, at, detail, wait=wait)
 
     def _call(self, method, *args, wait=-1):
         if not self._lock.acquire(timeout=wait):
@@ -3620,6 +3749,37 @@ def read_link(secret, token, now):
     if now >= expires:
         raise LinkRefused("this link has expired: the incident is older than the links last")
     return route, group_hash, action, expires
+
+
+def claim_link(oncall, route_name, group, now):
+    """The URL that claims the open incident of a route's group, [oncall] link_ttl long."""
+    token = sign_link(oncall.link_secret, route_name, group, "claim", now + oncall.link_ttl)
+    return f"{oncall.base_url}/incident/{token}"
+
+
+def due_step(escalation, opened_at, done, now):
+    """The step to send now for an incident opened at epoch `opened_at` with `done` steps sent:
+    (its number from 1, which is the steps done after it; Step; epoch it was due), or None.
+    When several are
+    due (after a restart, or a long history outage), only the latest goes out."""
+    steps, rounds = escalation.steps, escalation.repeat + 1
+    found = None
+    for number in range(done, len(steps) * rounds):
+        round_, index = divmod(number, len(steps))
+        due = opened_at + round_ * steps[-1].after + steps[index].after
+        if due > now:
+            break
+        found = (number + 1, steps[index], due)
+    return found
+
+
+def next_step_at(escalation, opened_at, done):
+    """When the next step is due (epoch), or None when the chain is over."""
+    steps = escalation.steps
+    if done >= len(steps) * (escalation.repeat + 1):
+        return None
+    round_, index = divmod(done, len(steps))
+    return opened_at + round_ * steps[-1].after + steps[index].after
 
 
 def group_hash(group_key):
@@ -3940,16 +4100,12 @@ class Renderer:
         return blocks + (["\n".join(lines)] if lines else [])
 
     def claim_url(self, route, body):
-        """The signed Claim link of a firing page, if the route puts one on: it acts on the
-        open incident of the page's Alertmanager group ([oncall] link_ttl long)."""
+        """The signed Claim link of a firing page, if the route puts one on."""
         if not (route.claim_links and body.group_key and not body.digest
                 and any(a["status"] == "firing" for a in body.alerts)):
             return ""
-        oncall = self.config().oncall
-        expires = self.wall() + oncall.link_ttl
-        token = sign_link(oncall.link_secret, route.name, group_hash(body.group_key), "claim",
-                          expires)
-        return f"{oncall.base_url}/incident/{token}"
+        return claim_link(self.config().oncall, route.name, group_hash(body.group_key),
+                          self.wall())
 
     @staticmethod
     def full_blocks(route, body):
@@ -4213,9 +4369,13 @@ class RobotChannel:
         return request
 
     def note_request(self, body, robot):
-        """A NOTE: its title and text, and the robot's keyword."""
-        text = "\n\n".join(filter(None, [body.note, robot.keyword]))
-        return {"msgtype": "markdown", "markdown": {"title": body.title[:128], "text": text}}
+        """A NOTE: its title and text, who it @-mentions, and the robot's keyword."""
+        text = "\n\n".join(filter(None, [body.note, self.mention_text(body.mention),
+                                          robot.keyword]))
+        request = {"msgtype": "markdown", "markdown": {"title": body.title[:128], "text": text}}
+        if body.mention:
+            request["at"] = self.at(body.mention)
+        return request
 
     def mention_request(self, body, robot):
         """A card's @ message: a text message, who and the card's title."""
@@ -5203,6 +5363,65 @@ def send_test_messages(route, renderer, channel, pool, post, clock, timeout, led
     return lines, ok
 
 
+class Escalator(Worker):
+    """Escalation, on the instance that sends (alone, or the cluster's leader): every POLL
+    seconds, each open incident nobody has claimed, of a route with an escalation for its
+    level, gets its due step: a message at the top of the queue (urgent: its level may use the
+    reserve) to the route's group, @-mentioning the step's people (whoever is on call in its
+    rotations), and to the groups of the step's receivers. The history marks each step done
+    first, so it goes out once whichever instance leads; a claim or a resolve ends the chain."""
+
+    POLL = 1.0
+    BATCH = 10_000
+
+    def __init__(self, config, store, journal, cluster, metrics, wall):
+        super().__init__("escalator")
+        self.config, self.store, self.journal = config, store, journal
+        self.cluster, self.metrics, self.wall = cluster, metrics, wall
+
+    def sleep_for(self):
+        return self.POLL
+
+    def step(self):
+        config = self.config()
+        if not any(r.escalation for r in config.routes.values()) or not self.cluster.may_send():
+            return False
+        now = self.wall()
+        for incident in self.store.unclaimed(self.BATCH):
+            route = config.routes.get(incident["route"])
+            if route is None or route.escalation is None \
+                    or incident["level"] not in route.escalate_levels:
+                continue
+            opened = from_db_time(incident["opened_at"]).timestamp()
+            due = due_step(route.escalation, opened, incident["escalations"], now)
+            if due is None:
+                continue
+            number, step, _ = due
+            if self.store.escalate(incident["id"], incident["escalations"], number,
+                                   db_time(datetime.fromtimestamp(now, timezone.utc)),
+                                   f"step {number}"):
+                self._send(config, route, incident, number, step, now - opened)
+        return False
+
+    def _send(self, config, route, incident, number, step, waited):
+        """The step's message, to the incident's route and the step's other receivers."""
+        mobiles, user_ids = reached(step.people, self.wall(), config.tz)
+        mention = Mentions(tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids)))
+        claim = (claim_link(config.oncall, route.name, incident["group_hash"], self.wall())
+                 if route.claim_links else "")
+        for target in (route.name,) + tuple(r for r in step.routes if r != route.name):
+            words = WORDS[config.routes[target].language]
+            line = words["escalated"].format(step=number, title=md_escape(incident["title"]),
+                                             waited=format_duration(waited))
+            link = f"\n\n👉 [{words['claim']}]({claim})" if claim else ""
+            self.journal.note(target, line[:128], line + link, 0,
+                              f"escalated:{incident['id']}:{number}:{target}",
+                              level=incident["level"], mention=mention)
+        self.metrics.inc("alertbridge_escalations_total", receiver=route.name)
+        log.info("incident=%s route=%s escalation step %d (%s)", incident["id"], route.name,
+                 number, route.escalation.name)
+
+
 class Recorder(Worker):
     """Copies journal events into the history store, in order. A store outage only delays it;
     `store_changed` tells (ok, denied) when the store goes down or comes back. Every
@@ -5726,6 +5945,8 @@ METRIC_HELP = {
                                            "(none: no answer)."),
     "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages DingTalk accepted."),
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
+    "alertbridge_escalations_total": ("counter", "Escalation steps sent, by the route of the "
+                                                 "incident."),
     "alertbridge_duplicates_total": ("counter", "Messages not sent: the cluster had sent the same "
                                                 "notification (Alertmanager's retries, HA peers)."),
     "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
@@ -5757,7 +5978,7 @@ METRIC_HELP = {
 COUNTERS_AT_START = ("alertbridge_alerts_accepted_total", "alertbridge_alerts_recorded_total",
                      "alertbridge_record_failures_total", "alertbridge_duplicates_total")
 ROUTE_COUNTERS = ("alertbridge_messages_expired_total", "alertbridge_alerts_delivered_total",
-                  "alertbridge_digests_total")
+                  "alertbridge_digests_total", "alertbridge_escalations_total")
 BUCKETS = {  # the histograms, and the upper bounds of their buckets in seconds
     "alertbridge_send_duration_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     "alertbridge_delivery_seconds": (1, 3, 10, 30, 60, 120, 300, 600, 1800, 3600),
@@ -6638,6 +6859,8 @@ class Bridge:
         self.notifier = Notifier(current, self.journal, self.senders, self.metrics)
         self.recorder = Recorder(current, self.journal, self.store, self.metrics, self.clock,
                                  wall)
+        self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
+                                   wall)
         self.requests = Requests()
         self.probes = Probes(current, self.journal, self.pool, self.cluster, self.metrics,
                              self.requests, self.clock)
@@ -6694,6 +6917,7 @@ class Bridge:
         self.senders.start()
         self.notifier.start()
         self.recorder.start()
+        self.escalator.start()
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         interval = watchdog_interval()
         if interval:
@@ -6718,7 +6942,7 @@ class Bridge:
         """Pet systemd's watchdog only while every worker thread is alive."""
         while not self._stopped.wait(interval):
             if all(w.is_alive() for w in (self.notifier, self.senders, self.recorder,
-                                          self.cluster)):
+                                          self.escalator, self.cluster)):
                 sd_notify("WATCHDOG=1")
             else:
                 log.error("a worker thread died: not petting the watchdog, systemd will restart us")
@@ -6738,8 +6962,10 @@ class Bridge:
             self.server.server_close()
         self.requests.drain(left())
         self.cluster.stop()
+        self.escalator.stop()
         self.notifier.stop()
         self.senders.stop()
+        self.escalator.join(left())
         self.notifier.join(left())
         self.senders.join(left())
         if self.recorder.store_ok:
@@ -6747,7 +6973,8 @@ class Bridge:
         self.recorder.stop()
         self.recorder.join(left())
         self.store.close(max(0.5, left()))
-        if any(w.is_alive() for w in (self.notifier, self.senders, self.recorder)):
+        if any(w.is_alive() for w in (self.notifier, self.senders, self.recorder,
+                                      self.escalator)):
             self.journal.unlock()       # a worker still holds on: its writes may still land
         else:
             self.journal.close()
@@ -6962,8 +7189,6 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
     return 0
 
 
-GO_DURATION = re.compile(r"([0-9.]+)(ns|us|µs|ms|s|m|h)")
-GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 WEBHOOK_DINGTALK_PORT = 8060    # prometheus-webhook-dingtalk's --web.listen-address
 
 
@@ -6993,7 +7218,7 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
         print(f"{path}: no targets: not a prometheus-webhook-dingtalk config", file=err)
         return 2
     human, lines = [], ["[alertbridge]", "listen = 0.0.0.0", f"port = {WEBHOOK_DINGTALK_PORT}"]
-    timeout = _go_seconds(loaded.get("timeout"))
+    timeout = duration_seconds(loaded.get("timeout"))
     if timeout:
         lines += ["", "[delivery]", f"timeout = {timeout:g}"]
     for key in ("templates", "template", "default_message", "no_builtin_template"):
@@ -7011,14 +7236,6 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     for note in human:
         print(f"needs a human: {note}", file=err)
     return 0
-
-
-def _go_seconds(value):
-    """A Go duration ("5s", "1m30s") in seconds, or None."""
-    pieces = GO_DURATION.findall(value) if isinstance(value, str) else []
-    if not pieces or "".join(n + u for n, u in pieces) != value.strip():
-        return None
-    return sum(float(n) * GO_UNITS[u] for n, u in pieces)
 
 
 def _imported_target(name, target, human):

@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   acknowledged_at DATETIME(3) NULL,
   acknowledged_by VARCHAR(128) NULL,
   resolved_at DATETIME(3) NULL,
+  escalations INT UNSIGNED NOT NULL DEFAULT 0,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_group (route, group_hash, resolved_at),

@@ -304,3 +304,100 @@ def test_every_panel_query_runs_for_every_dimension(history_db):
     for panel in DASHBOARD["panels"]:
         for dimension in VARIABLES["dimension"]["query"].split(","):
             run(db, panel["targets"][0]["rawSql"], dimension=dimension)
+
+
+# --- the on-call panels ---------------------------------------------------------------------
+
+# (route, opened hours ago, seconds to acknowledge or None, by whom, escalation steps)
+INCIDENTS = [
+    ("ops", 30, 60, "zhangsan", 0),
+    ("ops", 20, 120, "zhangsan", 1),
+    ("ops", 19, 180, "lisi", 1),
+    ("ops", 18, 600, "lisi", 2),
+    ("dev", 10, 30, "wangwu", 0),
+    ("ops", 5, None, None, 3),  # open, nobody has it
+    ("dev", 2, None, None, 0),
+    ("ops", 60, 90, "zhangsan", 0),  # outside the range
+]
+
+
+@pytest.fixture(scope="module")
+def incidents_db(history_db):
+    db, _ = history_db
+    with db.cursor() as cursor:
+        cursor.execute("DELETE FROM incident_events")
+        cursor.execute("DELETE FROM incidents")
+        for n, (route, hours, tta, who, steps) in enumerate(INCIDENTS):
+            opened = NOW - timedelta(hours=hours)
+            acknowledged = opened + timedelta(seconds=tta) if tta else None
+            cursor.execute(
+                "INSERT INTO incidents (route, receiver, group_hash, open_group, group_key, "
+                "group_labels, title, level, state, opened_at, acknowledged_at, acknowledged_by, "
+                "escalations) VALUES (%s, %s, %s, %s, %s, '{}', %s, 'critical', %s, %s, %s, %s, "
+                "%s)",
+                (
+                    route,
+                    route,
+                    f"g{n}",
+                    f"g{n}",
+                    f"g{n}",
+                    f"Incident {n}",
+                    "acknowledged" if tta else "open",
+                    T(opened),
+                    T(acknowledged) if acknowledged else None,
+                    who,
+                    steps,
+                ),
+            )
+            incident = cursor.lastrowid
+            for step in range(steps):
+                cursor.execute(
+                    "INSERT INTO incident_events (incident_id, at, kind, via, detail) "
+                    "VALUES (%s, %s, 'escalated', 'escalation', %s)",
+                    (incident, T(opened + timedelta(minutes=10 * (step + 1))), f"step {step + 1}"),
+                )
+    db.commit()
+    return db
+
+
+def test_unacknowledged_now_lists_the_open_incidents_oldest_first(incidents_db):
+    rows = run(incidents_db, panel_sql("On call: unacknowledged now"))
+    assert [(r[1], r[2], r[4]) for r in rows] == [
+        ("ops", "Incident 5", 3),
+        ("dev", "Incident 6", 0),
+    ]
+    assert 5 * 3600 - 5 <= rows[0][5] <= 5 * 3600 + 300  # waiting, in seconds
+
+
+def test_time_to_acknowledge_p50_p90_by_route_and_day(incidents_db):
+    rows = run(incidents_db, panel_sql("On call: time to acknowledge p50/p90 by route"))
+    days = {}
+    for bucket, metric, value in rows:
+        assert bucket % 86400 == 0
+        days.setdefault(metric, []).append(value)
+    expected = {}  # nearest rank, per route and UTC day, from the table above
+    for route, hours, tta, _, _ in INCIDENTS:
+        opened = NOW - timedelta(hours=hours)
+        if tta and FROM <= opened <= TO:
+            expected.setdefault((route, opened.date()), []).append(tta)
+    want = {}
+    for (route, _), values in sorted(expected.items(), key=lambda kv: kv[0][1]):
+        values.sort()
+        for name, q in (("p50", 0.5), ("p90", 0.9)):
+            rank = next(i for i in range(len(values)) if (i + 1) / len(values) >= q)
+            want.setdefault(f"{route} {name}", []).append(values[rank])
+    assert {k: [int(v) for v in vs] for k, vs in days.items()} == want
+
+
+def test_acknowledgements_by_person(incidents_db):
+    rows = run(incidents_db, panel_sql("On call: acknowledgements by person"))
+    assert [(r[0], r[1], float(r[2])) for r in rows] == [
+        ("lisi", 2, 390.0),
+        ("wangwu", 1, 30.0),
+        ("zhangsan", 1, 120.0),  # its page of 30 hours ago is outside the range
+    ]
+
+
+def test_escalations_by_route(incidents_db):
+    rows = run(incidents_db, panel_sql("On call: escalations by route"))
+    assert [(r[0], r[1], r[2]) for r in rows] == [("ops", 7, 4)]

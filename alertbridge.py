@@ -2438,6 +2438,8 @@ S_INCIDENTS_UNCLAIMED = ("SELECT id, route, level, opened_at, escalations, title
                          "FROM incidents WHERE state = 'open' ORDER BY id LIMIT %s")
 S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s WHERE id = %s AND escalations = %s "
                        "AND state = 'open'")
+S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
+                             "WHERE state IN ('open', 'acknowledged') GROUP BY state")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
@@ -3342,6 +3344,12 @@ class Store:
                 row["opened_at"] = db_time(row["opened_at"])
         return rows
 
+    def open_by_state(self):
+        """{state: incidents} of the open ones (open, acknowledged)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENTS_OPEN_BY_STATE)
+            return {state: count for state, count in cursor.fetchall()}
+
     def escalate(self, incident_id, done, now_done, at, detail):
         """Mark steps done for an open, unclaimed incident, if no other instance did: True when
         this call did (its event logged), so each step goes out once."""
@@ -3459,6 +3467,9 @@ class StoreProcess:
 
     def unclaimed(self, limit, wait=5.0):
         return self._call("unclaimed", limit, wait=wait)
+
+    def open_by_state(self, wait=5.0):
+        return self._call("open_by_state", wait=wait)
 
     def escalate(self, incident_id, done, now_done, at, detail, wait=5.0):
         return self._call("escalate", incident_id, done, now_done, at, detail, wait=wait)
@@ -5384,7 +5395,11 @@ class Escalator(Worker):
 
     def step(self):
         config = self.config()
-        if not any(r.escalation for r in config.routes.values()) or not self.cluster.may_send():
+        if not any(r.escalation or r.claim_links for r in config.routes.values()):
+            return False
+        for state, count in {"open": 0, "acknowledged": 0, **self.store.open_by_state()}.items():
+            self.metrics.set("alertbridge_incidents_open", count, state=state)
+        if not self.cluster.may_send():
             return False
         now = self.wall()
         for incident in self.store.unclaimed(self.BATCH):
@@ -5947,6 +5962,10 @@ METRIC_HELP = {
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
     "alertbridge_escalations_total": ("counter", "Escalation steps sent, by the route of the "
                                                  "incident."),
+    "alertbridge_time_to_acknowledge_seconds": ("histogram", "Time from a page to its claim, by "
+                                                             "route and level."),
+    "alertbridge_incidents_open": ("gauge", "Incidents open in the history, by state (open: "
+                                            "nobody has claimed it; acknowledged)."),
     "alertbridge_duplicates_total": ("counter", "Messages not sent: the cluster had sent the same "
                                                 "notification (Alertmanager's retries, HA peers)."),
     "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
@@ -5982,6 +6001,7 @@ ROUTE_COUNTERS = ("alertbridge_messages_expired_total", "alertbridge_alerts_deli
 BUCKETS = {  # the histograms, and the upper bounds of their buckets in seconds
     "alertbridge_send_duration_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     "alertbridge_delivery_seconds": (1, 3, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    "alertbridge_time_to_acknowledge_seconds": (30, 60, 120, 300, 600, 900, 1800, 3600, 7200),
 }
 
 
@@ -6006,6 +6026,11 @@ class Metrics:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._values[key] = self._values.get(key, 0) + value
+
+    def set(self, name, value, **labels):
+        """A gauge a worker keeps (the others are read at scrape time, see Probes)."""
+        with self._lock:
+            self._values[(name, tuple(sorted(labels.items())))] = value
 
     def declare(self, name, **labels):
         """A counter's series at 0 until it counts: a series that first appears at 1 has not
@@ -6349,10 +6374,11 @@ class Pages:
     REFRESH = 10        # seconds between the status page's reloads
 
     def __init__(self, config, journal, pool, store, probes, cluster, last_webhooks, renderer,
-                 channel, clock, wall):
+                 channel, metrics, clock, wall):
         self.config, self.journal, self.pool, self.store = config, journal, pool, store
         self.probes, self.cluster, self.last_webhooks = probes, cluster, last_webhooks
-        self.renderer, self.channel, self.clock, self.wall = renderer, channel, clock, wall
+        self.renderer, self.channel, self.metrics = renderer, channel, metrics
+        self.clock, self.wall = clock, wall
         self.recent_sends = collections.deque(maxlen=PAGE_SENDS)
 
     def sent(self, sent):
@@ -6632,6 +6658,9 @@ class Pages:
                   f"HttpOnly; SameSite=Lax; Max-Age=31536000")
         if incident is not None and incident["claimed"]:
             log.info("incident=%s route=%s claimed by %s", incident["id"], route, chosen)
+            self.metrics.observe("alertbridge_time_to_acknowledge_seconds", (
+                from_db_time(incident["acknowledged_at"]) - from_db_time(incident["opened_at"])
+            ).total_seconds(), route=route, level=incident["level"])
             self._announce_claim(config, route, incident, person.name if person else chosen)
         return 200, self._incident_page(self._incident_state(config, incident)), \
             [("Set-Cookie", cookie)]
@@ -6867,7 +6896,7 @@ class Bridge:
         self.intake = Intake(current, self.journal, self.metrics, {}, self.clock)
         self.pages = Pages(current, self.journal, self.pool, self.store, self.probes,
                            self.cluster, self.intake.last_webhooks, self.renderer, self.channel,
-                           self.clock, wall)
+                           self.metrics, self.clock, wall)
         self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
         self.recorder.store_changed.listen(self.probes.store_changed)
         if config.cluster.enabled:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alertbridge
-from tests.kit import make_alert, make_payload, post, wait_until
+from tests.kit import get, make_alert, make_payload, post, wait_until
 
 
 def group(alerts, key='{}:{alertname="DiskFull"}', receiver="ops"):
@@ -290,3 +290,24 @@ def test_claim_links_need_a_base_url_and_a_secret(tmp_path):
     with pytest.raises(alertbridge.ConfigError) as error:
         alertbridge.load_config(str(path))
     assert str(error.value).startswith("[receiver:ops] claim_links: set [oncall] base_url")
+
+
+def test_a_claim_is_measured_and_open_incidents_are_counted(make_bridge, sqlite_db, fake):
+    bridge = make_bridge(sqlite_db, receivers=CLAIMING, extra=ONCALL)
+    token = paged(bridge, fake, sqlite_db)
+
+    def exposed():
+        return get(bridge.address, "/metrics")[1]
+
+    assert wait_until(lambda: 'alertbridge_incidents_open{state="open"} 1' in exposed())
+    _, _, cookies = claim_request(bridge, token)
+    form = {"person": "lisi", "csrf": cookies["alertbridge_csrf"]}
+    assert claim_request(bridge, token, "POST", form, cookies)[0] == 200
+    text = exposed()
+    assert re.search(
+        r'^alertbridge_time_to_acknowledge_seconds_count\{level="critical",route="ops"\} 1$',
+        text,
+        re.M,
+    )
+    assert wait_until(lambda: 'alertbridge_incidents_open{state="acknowledged"} 1' in exposed())
+    assert 'alertbridge_incidents_open{state="open"} 0' in exposed()

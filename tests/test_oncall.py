@@ -230,6 +230,7 @@ def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
         {},
         None,
         None,
+        None,
         clock=lambda: 0.0,
         wall=lambda: at("2026-12-03 12:00"),
     )

@@ -3,6 +3,7 @@ page mentions, and the mistakes refused at load. Time is simulated: each answer 
 of the moment asked about."""
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -293,3 +294,18 @@ def test_a_running_bridge_pages_whoever_is_on_call_and_says_who_over_http(
         assert page.body["at"]["atMobiles"] == [mobile] and f"@{mobile}" in page.text
     else:
         assert page.body["at"]["atUserIds"] == ["wangwu"]
+
+
+def test_the_readme_example_is_a_complete_config(tmp_path):
+    from tests.test_readme import ROOT
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## On call: claims, escalation, rotations\n")[1].split("\n## ")[0]
+    [example] = re.findall(r"```ini\n(.*?)```", section, re.S)
+    (tmp_path / "link.secret").write_text("a-secret-of-32-characters-or-so\n")
+    example = example.replace("/etc/alertbridge/link.secret", str(tmp_path / "link.secret"))
+    config = load(tmp_path, example)
+    ops = config.routes["ops"]
+    assert ops.claim_links and ops.escalation.name == "critical-pages"
+    assert [s.after for s in ops.escalation.steps] == [600, 1800]
+    assert ops.escalation.steps[1].routes == ("leads",)

@@ -18,6 +18,7 @@ from tests.kit import (
     history,
     make_alert,
     make_payload,
+    mysql_settings,
     post,
     settle,
     storm_payloads,
@@ -300,3 +301,71 @@ def test_two_processes_with_one_instance_name_do_not_both_lead(instances, small_
     assert [i for i, n in accepted_ids(small_fake).items() if n > 1] == []
     assert all(small_fake.max_per_window(token) <= 4 for token in OPS)
     assert role(namesake) == "standby"
+
+
+ON_CALL = """
+[oncall]
+base_url = https://alertbridge.example.com
+link_secret = 0123456789abcdef-link-secret
+
+[person:zhangsan]
+name = 张三
+mobile = 13800000001
+
+[person:lisi]
+name = 李四
+mobile = 13800000002
+
+[escalation:fast]
+steps =
+    2s = lisi
+    60s = zhangsan
+"""
+
+
+def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_path, fake):
+    """On one MariaDB: the page goes out once, its first escalation step once (from the leader),
+    and a claim served by the standby ends the chain and is announced once."""
+    from tests.test_incidents import LINK, claim_request
+
+    receivers = {
+        "ops": {"robots": "ops-1", "claim_links": "true", "escalation": "fast"},
+        "dev": {"robots": "dev-1"},
+    }
+    children = []
+    for name in ("a", "b"):
+        directory = tmp_path / name
+        directory.mkdir()
+        children.append(
+            Daemon(
+                directory,
+                fake.url,
+                empty_mysql() if name == "a" else mysql_settings(),
+                receivers=receivers,
+                extra=cluster(name) + ON_CALL,
+            )
+        )
+    try:
+        for child in children:
+            child.wait_healthy()
+        leader = leader_of(children)
+        standby = next(c for c in children if c is not leader)
+        page = make_payload("ops", [make_alert("DiskFull")]) | {"groupKey": "g-1"}
+        assert [post(c.url, page)[0] for c in children] == [200, 200]
+        assert fake.wait_for(lambda f: any("升级第 1 步" in m.text for m in f.delivered()))
+        token = LINK.search(fake.delivered()[0].text).group(1)
+        _, _, cookies = claim_request(standby, token)
+        form = {"person": "zhangsan", "csrf": cookies["alertbridge_csrf"]}
+        assert "✅ 张三 has it" in claim_request(standby, token, "POST", form, cookies)[1]
+        assert fake.wait_for(lambda f: any("认领了" in m.text for m in f.delivered()))
+        for child in children:
+            assert settle_process(child)
+        texts = [m.text for m in fake.delivered()]
+        assert sum("DiskFull on node-1" in t and "升级" not in t for t in texts) == 1  # the page
+        assert sum("升级第 1 步" in t for t in texts) == 1
+        assert sum("认领了" in t for t in texts) == 1
+        [escalated] = [m for m in fake.delivered() if "升级第 1 步" in m.text]
+        assert escalated.body["at"]["atMobiles"] == ["13800000002"]  # lisi
+    finally:
+        for child in children:
+            child.kill()

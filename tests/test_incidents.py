@@ -204,7 +204,8 @@ def claim_request(bridge, token, method="GET", form=None, cookies=None):
     if form is not None:
         body = urllib.parse.urlencode(form).encode()
         headers["Content-Type"] = "application/x-www-form-urlencoded"
-    connection = http.client.HTTPConnection(bridge.address.split("//")[1], timeout=10)
+    url = bridge.url if hasattr(bridge, "url") else bridge.address  # a child process, a Bridge
+    connection = http.client.HTTPConnection(url.split("//")[1], timeout=10)
     try:
         connection.request(method, f"/incident/{token}", body=body, headers=headers)
         response = connection.getresponse()

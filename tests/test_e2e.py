@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tests.kit import DEV, IN_CI, OPS, free_port, history, settle, wait_until
+from tests.test_pages import browser  # noqa: F401 (the fixture)
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 BEARER = "am-to-alertbridge-token"
@@ -233,3 +234,49 @@ def test_the_preview_takes_what_a_real_alertmanager_api_gives(
     with urllib.request.urlopen(request, timeout=10) as response:
         page = response.read().decode()
     assert "Receiver dev → [receiver:dev]" in page and "TargetDown on p:9090" in page
+
+
+def test_real_alertmanager_page_escalates_until_claimed_in_a_browser(
+    make_bridge, fake, sqlite_db, alertmanager, browser
+):
+    """The on-call loop end to end: Alertmanager pages, nobody claims, the next step @-mentions
+    the next person; a claim through the link in headless Chromium stops the chain and the
+    group reads who took it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_cluster import ON_CALL
+    from tests.test_incidents import LINK
+    from tests.test_pages import follow
+
+    receivers = {
+        "ops": {"robots": "ops-1", "claim_links": "true", "escalation": "fast"},
+        "dev": {"robots": "dev-1"},
+    }
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=ON_CALL)
+    am = alertmanager(bridge.address)
+    push(am, [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满")])
+    assert fake.wait_for(lambda f: any("升级第 1 步" in m.text for m in f.delivered()), 60)
+    [page] = [m for m in fake.delivered() if "磁盘将满" in m.text]
+    [step] = [m for m in fake.delivered() if "升级第 1 步" in m.text]
+    assert step.body["at"]["atMobiles"] == ["13800000002"]  # lisi, the step's person
+    token = LINK.search(page.text).group(1)
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
+    browser.get(f"{bridge.address}/incident/{token}")
+    Select(browser.find_element(By.ID, "person")).select_by_visible_text("张三")
+    follow(browser, browser.find_element(By.ID, "claim"))
+    assert browser.find_element(By.TAG_NAME, "main").text.startswith("✅ 张三 has it")
+    assert fake.wait_for(lambda f: any("✅ 张三 认领了" in m.text for m in f.delivered()))
+    history = rows_of(sqlite_db)
+    assert [(i["state"], i["acknowledged_by"]) for i in history] == [("acknowledged", "zhangsan")]
+    assert history[0]["events"] == ["opened", "escalated", "acknowledged"]
+
+
+def rows_of(database):
+    import alertbridge
+
+    store = alertbridge.Store(database)
+    try:
+        return store.incidents()
+    finally:
+        store.close()

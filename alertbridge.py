@@ -608,6 +608,7 @@ WORDS = {
            "nth": "24 小时内第 {n} 次", "last_resolved": "上次 {when} 恢复，持续 {lasted}",
            "claim": "我来处理", "claimed": "✅ {name} 认领了 {title}（告警后 {after}）",
            "escalated": "⏫ 升级第 {step} 步：{title} 已等待 {waited}，无人认领",
+           "silence_for": "静默…", "silenced": "🔕 {name} 静默了 {title} {hours} 小时",
            "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
@@ -616,12 +617,14 @@ WORDS = {
            "nth": "{ordinal} time in 24 h", "last_resolved": "last resolved {when} after {lasted}",
            "claim": "Claim", "claimed": "✅ {name} claimed {title}, {after} after the page",
            "escalated": "⏫ Escalation step {step}: {title} has waited {waited}, unclaimed",
+           "silence_for": "Silence…", "silenced": "🔕 {name} silenced {title} for {hours} h",
            "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
                  else f"{zh} {WORDS['en'][key]}" for key, zh in WORDS["zh"].items()}
 WORDS["both"].update(claimed=WORDS["zh"]["claimed"] + " · " + WORDS["en"]["claimed"][2:],
                      escalated=WORDS["zh"]["escalated"] + " · " + WORDS["en"]["escalated"][2:],
+                     silenced=WORDS["zh"]["silenced"] + " · " + WORDS["en"]["silenced"][2:],
                      lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
                      last_resolved="上次 {when} 恢复，持续 {lasted} · last resolved {when} after "
                                    "{lasted}", colon=": ", **{"and": "; "})
@@ -815,6 +818,8 @@ class OnCall:
     base_url: str = ""              # https://alertbridge.example.com: where links point
     link_secret: str = field(default="", repr=False, metadata={"secret": True})
     link_ttl: float = field(default=604800.0, metadata={"min": 60})   # a week
+    alertmanager_api: str = ""      # http://127.0.0.1:9093: where alertbridge makes silences
+    follow_interval: float = field(default=30.0, metadata={"min": 1})   # silenced incidents
 
 
 @dataclass(frozen=True)
@@ -1217,6 +1222,10 @@ def _load_oncall(parser, base):
     url = oncall.base_url.rstrip("/")
     if url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
         raise ConfigError("[oncall] base_url: not an http(s) URL without query")
+    api = oncall.alertmanager_api.rstrip("/")
+    if api and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", api):
+        raise ConfigError("[oncall] alertmanager_api: not an http(s) URL without query")
+    oncall = replace(oncall, alertmanager_api=api)
     if oncall.link_secret and len(oncall.link_secret) < 16:
         raise ConfigError("[oncall] link_secret: at least 16 characters (it signs the links: "
                           "anyone who knows it can make one)")
@@ -1688,7 +1697,8 @@ def webhook_of_api_alerts(body, receiver=None, now=None):
     converted = []
     for index, alert in enumerate(alerts):
         ends = alert.get("endsAt")
-        over = isinstance(ends, str) and parse_time(ends, f"[{index}].endsAt") < now
+        ended = parse_time(ends, f"[{index}].endsAt") if isinstance(ends, str) else None
+        over = ended is not None and ended < now
         converted.append({
             "status": "resolved" if over else "firing", "labels": alert.get("labels") or {},
             "annotations": alert.get("annotations") or {}, "startsAt": alert.get("startsAt"),
@@ -2313,6 +2323,8 @@ CREATE TABLE IF NOT EXISTS incidents (
   acknowledged_by VARCHAR(128) NULL,
   resolved_at DATETIME(3) NULL,
   escalations INT UNSIGNED NOT NULL DEFAULT 0,
+  silence_id VARCHAR(64) NULL,
+  silenced_until DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_group (route, group_hash, resolved_at),
@@ -2368,7 +2380,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   group_key TEXT NOT NULL, group_labels TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
   level TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, opened_at TEXT NOT NULL,
   acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
-  escalations INTEGER NOT NULL DEFAULT 0,
+  escalations INTEGER NOT NULL DEFAULT 0, silence_id TEXT, silenced_until TEXT,
   UNIQUE (route, open_group)
 );
 CREATE INDEX IF NOT EXISTS ix_incidents_group ON incidents (route, group_hash, resolved_at);
@@ -2433,9 +2445,18 @@ S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowle
                           "acknowledged_by = %s WHERE route = %s AND open_group = %s "
                           "AND state = 'open'")
 S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
-                       "level FROM incidents WHERE route = %s AND open_group = %s")
+                       "level, group_labels, silence_id FROM incidents "
+                       "WHERE route = %s AND open_group = %s")
 S_INCIDENTS_UNCLAIMED = ("SELECT id, route, level, opened_at, escalations, title, group_hash "
-                         "FROM incidents WHERE state = 'open' ORDER BY id LIMIT %s")
+                         "FROM incidents WHERE state = 'open' AND silence_id IS NULL "
+                         "ORDER BY id LIMIT %s")
+S_INCIDENT_SILENCE = ("UPDATE incidents SET silence_id = %s, silenced_until = %s "
+                      "WHERE id = %s AND open_group IS NOT NULL")
+S_INCIDENTS_SILENCED = ("SELECT id, route, group_hash, group_labels, silence_id FROM incidents "
+                        "WHERE open_group IS NOT NULL AND silence_id IS NOT NULL "
+                        "ORDER BY id LIMIT %s")
+S_INCIDENT_CLOSE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, open_group = NULL "
+                    "WHERE id = %s AND open_group IS NOT NULL")
 S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s WHERE id = %s AND escalations = %s "
                        "AND state = 'open'")
 S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
@@ -3344,6 +3365,32 @@ class Store:
                 row["opened_at"] = db_time(row["opened_at"])
         return rows
 
+    def silenced(self, incident_id, silence_id, until, person, at, hours):
+        """Note the Alertmanager silence made for an open incident (it escalates no more)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, incident_id))
+            self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "silenced",
+                                                        person[:128], "link",
+                                                        f"{hours:g} h, silence {silence_id}"))
+
+    def silenced_incidents(self, limit):
+        """Open incidents with a silence: what Alertmanager will not tell us the end of."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENTS_SILENCED, (limit,))
+            rows = cursor.fetchall()
+        return [{"id": i, "route": r, "group_hash": g, "group_labels": json.loads(labels),
+                 "silence_id": s} for i, r, g, labels, s in rows]
+
+    def resolve_silenced(self, incident_id, at, detail):
+        """Resolve a silenced incident whose alerts are gone; True if this call did."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_CLOSE, (at, incident_id))
+            if cursor.rowcount != 1:
+                return False
+            self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "resolved", "",
+                                                        "alertmanager-api", detail[:1024]))
+        return True
+
     def open_by_state(self):
         """{state: incidents} of the open ones (open, acknowledged)."""
         with self.transaction() as cursor:
@@ -3371,8 +3418,10 @@ class Store:
     @staticmethod
     def _incident_row(row):
         names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by", "title",
-                 "level")
-        return {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
+                 "level", "group_labels", "silence_id")
+        found = {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
+        found["group_labels"] = json.loads(found["group_labels"] or "{}")
+        return found
 
     def incidents(self, limit=100):
         """The newest incidents, each a dict with its events, newest first."""
@@ -3470,6 +3519,16 @@ class StoreProcess:
 
     def open_by_state(self, wait=5.0):
         return self._call("open_by_state", wait=wait)
+
+    def silenced(self, incident_id, silence_id, until, person, at, hours, wait=5.0):
+        return self._call("silenced", incident_id, silence_id, until, person, at, hours,
+                          wait=wait)
+
+    def silenced_incidents(self, limit, wait=5.0):
+        return self._call("silenced_incidents", limit, wait=wait)
+
+    def resolve_silenced(self, incident_id, at, detail, wait=5.0):
+        return self._call("resolve_silenced", incident_id, at, detail, wait=wait)
 
     def escalate(self, incident_id, done, now_done, at, detail, wait=5.0):
         return self._call("escalate", incident_id, done, now_done, at, detail, wait=wait)
@@ -3737,9 +3796,9 @@ def sign_link(secret, route, group_hash, action, expires):
     The group, not an incident id: a page is sent before the history has recorded its incident
     (or while the history is down), and a claim finds the incident open when it comes."""
     fields = base64.urlsafe_b64encode(json.dumps(
-        [route, group_hash, action, int(expires)], separators=(",", ":")).encode())
+        [route, group_hash, action, int(expires)], separators=(",", ":")).encode()).rstrip(b"=")
     mac = hmac.new(secret.encode(), fields, hashlib.sha256).digest()[:LINK_MAC_BYTES]
-    return (fields + b"." + base64.urlsafe_b64encode(mac)).decode().replace("=", "")
+    return (fields + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
 
 
 def read_link(secret, token, now):
@@ -3762,9 +3821,10 @@ def read_link(secret, token, now):
     return route, group_hash, action, expires
 
 
-def claim_link(oncall, route_name, group, now):
-    """The URL that claims the open incident of a route's group, [oncall] link_ttl long."""
-    token = sign_link(oncall.link_secret, route_name, group, "claim", now + oncall.link_ttl)
+def claim_link(oncall, route_name, group, now, action="claim"):
+    """The URL that claims (or silences) the open incident of a route's group, [oncall]
+    link_ttl long."""
+    token = sign_link(oncall.link_secret, route_name, group, action, now + oncall.link_ttl)
     return f"{oncall.base_url}/incident/{token}"
 
 
@@ -4092,7 +4152,11 @@ class Renderer:
             blocks = self.blocks(route, enumerate(alerts), shared, full)
         claim = self.claim_url(route, body)
         words = WORDS[route.language]
-        notes = ((f"👉 [{words['claim']}]({claim})",) if claim else ()) + (
+        silence = self.claim_url(route, body, "silence") \
+            if claim and self.config().oncall.alertmanager_api else ""
+        links = [f"[{words['claim']}]({claim})"] + (
+            [f"[{words['silence_for']}]({silence})"] if silence else [])
+        notes = (("👉 " + " · ".join(links),) if claim else ()) + (
             (f"(+{body.truncated} alerts truncated by Alertmanager max_alerts)",)
             if body.truncated else ())
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
@@ -4110,13 +4174,14 @@ class Renderer:
             (lines if at >= full else blocks).append(block)
         return blocks + (["\n".join(lines)] if lines else [])
 
-    def claim_url(self, route, body):
-        """The signed Claim link of a firing page, if the route puts one on."""
+    def claim_url(self, route, body, action="claim"):
+        """The signed link of a firing page that claims (or silences) its incident, if the
+        route puts links on."""
         if not (route.claim_links and body.group_key and not body.digest
                 and any(a["status"] == "firing" for a in body.alerts)):
             return ""
         return claim_link(self.config().oncall, route.name, group_hash(body.group_key),
-                          self.wall())
+                          self.wall(), action)
 
     @staticmethod
     def full_blocks(route, body):
@@ -4551,6 +4616,62 @@ def _no_answer(exc):
     if isinstance(exc, urllib.error.URLError):
         return f"network: {exc.reason}"
     return f"no answer: {type(exc).__name__}: {exc}"
+
+
+class AlertmanagerError(Exception):
+    """Alertmanager's API did not do what was asked; the text says what it answered."""
+
+
+class AlertmanagerAPI:
+    """Alertmanager's API v2, for what alertbridge does there: make a silence, expire it, and
+    list a group's alerts (silenced ones get no resolved notification: alertmanager #226)."""
+
+    def __init__(self, base, timeout=10.0):
+        self.base, self.timeout = base.rstrip("/"), timeout
+
+    def silence(self, labels, starts, ends, created_by, comment):
+        """A silence on exactly these labels, from and until epochs; its id."""
+        body = {"matchers": [{"name": k, "value": v, "isRegex": False, "isEqual": True}
+                             for k, v in sorted(labels.items())],
+                "startsAt": _rfc3339(starts), "endsAt": _rfc3339(ends),
+                "createdBy": created_by, "comment": comment}
+        answer = self._call("POST", "/api/v2/silences", body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
+            raise AlertmanagerError("the answer has no silenceID")
+        return answer["silenceID"]
+
+    def expire(self, silence_id):
+        self._call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
+
+    def alerts(self, labels):
+        """The alerts Alertmanager holds that have these labels, silenced ones too."""
+        query = urllib.parse.urlencode([("filter", f'{k}="{v}"') for k, v in
+                                        sorted(labels.items())])
+        answer = self._call("GET", "/api/v2/alerts?" + query)
+        if not isinstance(answer, list):
+            raise AlertmanagerError("the answer is not a list of alerts")
+        return answer
+
+    def _call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers={
+            "Content-Type": "application/json", "User-Agent": "alertbridge/" + VERSION})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read(4 << 20)
+        except urllib.error.HTTPError as exc:
+            raise AlertmanagerError(f"HTTP {exc.code}: {exc.read(300).decode(errors='replace')}")
+        except (OSError, ValueError) as exc:
+            raise AlertmanagerError(_no_answer(exc)) from exc
+        try:
+            return json.loads(raw) if raw.strip() else None
+        except ValueError:
+            raise AlertmanagerError("the answer is not JSON")
+
+
+def _rfc3339(epoch):
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
 
 
 # =============================================================================================
@@ -5374,6 +5495,15 @@ def send_test_messages(route, renderer, channel, pool, post, clock, timeout, led
     return lines, ok
 
 
+def _ends_after(alert, now):
+    """Whether an alert of Alertmanager's API still fires at epoch `now` (its endsAt later)."""
+    try:
+        ends = parse_time(alert.get("endsAt") or "", "endsAt")
+    except BadRequest:
+        return True
+    return ends is None or ends.timestamp() > now
+
+
 class Escalator(Worker):
     """Escalation, on the instance that sends (alone, or the cluster's leader): every POLL
     seconds, each open incident nobody has claimed, of a route with an escalation for its
@@ -5389,6 +5519,7 @@ class Escalator(Worker):
         super().__init__("escalator")
         self.config, self.store, self.journal = config, store, journal
         self.cluster, self.metrics, self.wall = cluster, metrics, wall
+        self._followed_at = 0.0
 
     def sleep_for(self):
         return self.POLL
@@ -5402,6 +5533,10 @@ class Escalator(Worker):
         if not self.cluster.may_send():
             return False
         now = self.wall()
+        if config.oncall.alertmanager_api and now - self._followed_at >= \
+                config.oncall.follow_interval:
+            self._followed_at = now
+            self.follow_silenced(AlertmanagerAPI(config.oncall.alertmanager_api), now)
         for incident in self.store.unclaimed(self.BATCH):
             route = config.routes.get(incident["route"])
             if route is None or route.escalation is None \
@@ -5417,6 +5552,31 @@ class Escalator(Worker):
                                    f"step {number}"):
                 self._send(config, route, incident, number, step, now - opened)
         return False
+
+    def follow_silenced(self, api, now):
+        """Alertmanager sends no resolved notification for silenced alerts: ask it for each
+        silenced incident's alerts; when none is left, resolve the incident and expire its
+        silence early."""
+        at = db_time(datetime.fromtimestamp(now, timezone.utc))
+        for incident in self.store.silenced_incidents(self.BATCH):
+            try:
+                alerts = api.alerts(incident["group_labels"])
+            except AlertmanagerError as exc:
+                log.warning("incident=%s: cannot ask Alertmanager about its alerts: %s",
+                            incident["id"], exc)
+                return
+            live = [a for a in alerts if (a.get("status") or {}).get("state") != "unprocessed"
+                    and _ends_after(a, now)]
+            if live:
+                continue
+            if self.store.resolve_silenced(incident["id"], at, "its alerts are gone"):
+                log.info("incident=%s route=%s resolved: its silenced alerts are gone",
+                         incident["id"], incident["route"])
+                try:
+                    api.expire(incident["silence_id"])
+                except AlertmanagerError as exc:
+                    log.warning("incident=%s: silence %s not expired: %s", incident["id"],
+                                incident["silence_id"], exc)
 
     def _send(self, config, route, incident, number, step, waited):
         """The step's message, to the incident's route and the step's other receivers."""
@@ -6605,21 +6765,34 @@ class Pages:
         if not config.oncall.link_secret:       # no secret, no link is anyone's
             return 404, self._incident_page("Claim links are not set up here ([oncall])."), ()
         try:
-            route, group, _, _ = read_link(config.oncall.link_secret, token, self.wall())
+            route, group, action, _ = read_link(config.oncall.link_secret, token, self.wall())
         except LinkRefused as exc:
             return 403, self._incident_page("🚫 " + str(exc)), ()
         try:
             if form is None:
-                return self._incident_form(config, token, route, group, cookies)
+                return self._incident_form(config, token, route, group, action, cookies)
+            if not self._same_form(form, cookies):
+                return 403, self._incident_page("This form is stale or came from elsewhere: "
+                                                "nothing was changed. Open the link again."), ()
+            if action == "silence":
+                return self._silence(config, route, group, form)
             return self._claim(config, route, group, cookies, form)
         except (StoreUnavailable, StoreError) as exc:
             log.warning("incident page: the history did not answer: %s", exc)
             return 503, self._incident_page("The history cannot be reached now: nothing was "
                                             "changed. Try again in a minute."), ()
 
-    def _incident_form(self, config, token, route, group, cookies):
+    def _same_form(self, form, cookies):
+        """Whether a POST comes from the form this page gave (its token matches the cookie)."""
+        given = form.get("csrf", "")
+        return bool(given) and hmac.compare_digest(given, cookies.get(self.CSRF_COOKIE, ""))
+
+    def _incident_form(self, config, token, route, group, action, cookies):
         incident = self.store.open_incident(route, group)
-        if incident is None or incident["state"] != "open":
+        if action == "silence" and incident is not None and incident["silence_id"]:
+            return 200, self._incident_page(f"Silenced already (silence "
+                                            f"{incident['silence_id']})."), ()
+        if incident is None or (action == "claim" and incident["state"] != "open"):
             return 200, self._incident_page(self._incident_state(config, incident)), ()
         csrf = secrets.token_urlsafe(16)
         chosen = cookies.get(self.PERSON_COOKIE, "")
@@ -6637,21 +6810,75 @@ class Pages:
                 f'<form method="post" action="/incident/{esc(token)}">'
                 f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
                 f"<p><label>I am {who}</label></p>"
-                f'<p><button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
-                f"</p></form></section>")
+                f"<p>{self._incident_buttons(action)}</p></form></section>")
         cookie = (f"{self.CSRF_COOKIE}={csrf}; Path=/incident/; HttpOnly; SameSite=Strict; "
                   f"Max-Age=3600")
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
 
-    def _claim(self, config, route, group, cookies, form):
-        given = form.get("csrf", "")
-        if not given or not hmac.compare_digest(given, cookies.get(self.CSRF_COOKIE, "")):
-            return 403, self._incident_page("This form is stale or came from elsewhere: nothing "
-                                            "was changed. Open the link again."), ()
+    SILENCE_HOURS = (1, 4, 24)
+
+    def _incident_buttons(self, action):
+        if action == "claim":
+            return f'<button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
+        return " ".join(f'<button type="submit" name="hours" value="{h}" id="silence-{h}">'
+                        f"🔕 {h} h</button>" for h in self.SILENCE_HOURS)
+
+    def _chosen(self, config, form):
+        """(handle or name, Person or None) of who the form says they are, or None if unfit."""
         chosen = form.get("person", "").strip()
         person = config.people.get(chosen)
         if (config.people and person is None) or not chosen or len(chosen) > 64:
+            return None
+        return chosen, person
+
+    def _silence(self, config, route, group, form):
+        """An Alertmanager silence on the incident's group labels, for the hours chosen,
+        created by the person; the incident escalates no more and is followed until its
+        alerts are gone (see Escalator)."""
+        who, hours = self._chosen(config, form), form.get("hours", "")
+        if who is None or not hours.isdigit() or int(hours) not in self.SILENCE_HOURS:
+            return 400, self._incident_page("Choose who you are and how long: nothing was "
+                                            "changed."), ()
+        chosen, person = who
+        name = person.name if person else chosen
+        incident = self.store.open_incident(route, group)
+        if incident is None:
+            return 200, self._incident_page(self._incident_state(config, incident)), ()
+        if incident["silence_id"]:
+            return 200, self._incident_page(f"Silenced already (silence "
+                                            f"{incident['silence_id']})."), ()
+        if not incident["group_labels"]:
+            return 409, self._incident_page("This group has no labels to silence on (group_by "
+                                            "in Alertmanager): nothing was changed."), ()
+        now, hours = self.wall(), int(hours)
+        api = AlertmanagerAPI(config.oncall.alertmanager_api)
+        try:
+            silence = api.silence(incident["group_labels"], now, now + hours * 3600, name,
+                                  f"alertbridge: from DingTalk, incident {incident['id']}")
+        except AlertmanagerError as exc:
+            log.warning("incident=%s: Alertmanager did not take the silence: %s",
+                        incident["id"], exc)
+            return 502, self._incident_page(f"Alertmanager did not take the silence ({exc}): "
+                                            f"nothing was changed."), ()
+        at = db_time(datetime.fromtimestamp(now, timezone.utc))
+        until = db_time(datetime.fromtimestamp(now + hours * 3600, timezone.utc))
+        self.store.silenced(incident["id"], silence, until, chosen, at, hours)
+        log.info("incident=%s route=%s silenced %d h by %s (silence %s)", incident["id"], route,
+                 hours, chosen, silence)
+        route_config = config.routes.get(route)
+        if route_config is not None:
+            text = WORDS[route_config.language]["silenced"].format(
+                name=md_escape(name), title=md_escape(incident["title"]), hours=hours)
+            self.journal.note(route, text[:128], text, len(route_config.priority_order) + 1,
+                              f"silenced:{incident['id']}")
+        return 200, self._incident_page(f"🔕 Silenced for {hours} h in Alertmanager (silence "
+                                        f"{silence}) by {name}."), ()
+
+    def _claim(self, config, route, group, cookies, form):
+        who = self._chosen(config, form)
+        if who is None:
             return 400, self._incident_page("Choose who you are: nothing was changed."), ()
+        chosen, person = who
         at = db_time(datetime.fromtimestamp(self.wall(), timezone.utc))
         incident = self.store.claim(route, group, chosen, at)
         cookie = (f"{self.PERSON_COOKIE}={urllib.parse.quote(chosen)}; Path=/incident/; "

@@ -1,6 +1,8 @@
 """End to end with a real Alertmanager (Debian's prometheus-alertmanager) on loopback."""
 
 import json
+import pathlib
+import re
 import shutil
 import subprocess
 import urllib.parse
@@ -280,3 +282,56 @@ def rows_of(database):
         return store.incidents()
     finally:
         store.close()
+
+
+def test_a_silence_from_the_page_is_made_in_alertmanager_and_expired_when_the_alert_ends(
+    make_bridge, fake, sqlite_db, alertmanager
+):
+    """Silence links: 张三 silences the group for 1 h; Alertmanager has the silence, created by
+    him; the alert ends, which a silenced alert's group never hears from Alertmanager: the
+    bridge follows it through the API, resolves the incident and expires the silence early."""
+    from tests.test_cluster import ON_CALL
+    from tests.test_incidents import claim_request
+
+    receivers = {"ops": {"robots": "ops-1", "claim_links": "true"}, "dev": {"robots": "dev-1"}}
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=ON_CALL)
+    am = alertmanager(bridge.address)
+    config = pathlib.Path(bridge.config.path)
+    config.write_text(
+        config.read_text(encoding="utf-8").replace(
+            "[oncall]\n", f"[oncall]\nalertmanager_api = {am}\nfollow_interval = 1\n"
+        ),
+        encoding="utf-8",
+    )
+    assert bridge.reload()[0]
+    firing = am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满")
+    push(am, [firing])
+    assert fake.wait_for(lambda f: any("静默…" in m.text for m in f.delivered()), 60)
+    [page] = [m for m in fake.delivered() if "磁盘将满" in m.text]
+    token = re.search(r"\[静默…\]\(https://alertbridge\.example\.com/incident/([^)]+)\)", page.text)
+    assert wait_until(lambda: rows_of(sqlite_db))
+    _, html, cookies = claim_request(bridge, token.group(1))
+    assert 'id="silence-4"' in html, page.text
+    form = {"person": "zhangsan", "hours": "1", "csrf": cookies["alertbridge_csrf"]}
+    status, html, _ = claim_request(bridge, token.group(1), "POST", form, cookies)
+    assert status == 200 and "Silenced for 1 h" in html
+    with urllib.request.urlopen(am + "/api/v2/silences", timeout=10) as response:
+        [silence] = json.loads(response.read())
+    assert silence["createdBy"] == "张三" and silence["status"]["state"] == "active"
+    assert sorted((m["name"], m["value"]) for m in silence["matchers"]) == [
+        ("alertname", "DiskFull"),
+        ("job", "node"),
+    ]
+    assert fake.wait_for(
+        lambda f: any("🔕 张三 静默了 DiskFull node 1 小时" in m.text for m in f.delivered())
+    )
+    push(am, [{**firing, "endsAt": datetime.now(timezone.utc).isoformat()}])  # it ends
+
+    def expired():
+        with urllib.request.urlopen(am + "/api/v2/silences", timeout=10) as response:
+            return json.loads(response.read())[0]["status"]["state"] == "expired"
+
+    assert wait_until(expired, timeout=30)
+    [incident] = rows_of(sqlite_db)
+    assert incident["state"] == "resolved"
+    assert incident["events"] == ["opened", "silenced", "resolved"]

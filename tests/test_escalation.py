@@ -193,3 +193,13 @@ def test_a_policy_that_cannot_work_is_refused_at_load(tmp_path, change, message)
     with pytest.raises(alertbridge.ConfigError) as error:
         load(tmp_path, PEOPLE + ESCALATION.replace(change, message))
     assert str(error.value) == expected
+
+
+def test_a_silenced_incident_escalates_no_more(world):
+    world.page()
+    [incident] = world.store.incidents()
+    world.store.silenced(
+        incident["id"], "s-1", "2026-11-30 03:00:00", "zhangsan", "2026-11-30 02:01:00", 1
+    )
+    assert world.at(600) == {"ops": [], "leads": []}
+    assert world.store.incidents()[0]["events"] == ["opened", "silenced"]

@@ -312,3 +312,12 @@ def test_a_claim_is_measured_and_open_incidents_are_counted(make_bridge, sqlite_
     )
     assert wait_until(lambda: 'alertbridge_incidents_open{state="acknowledged"} 1' in exposed())
     assert 'alertbridge_incidents_open{state="open"} 0' in exposed()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40), st.sampled_from(alertbridge.LINK_ACTIONS), st.integers(1, 2**40))
+def test_every_link_made_is_read_back(route, action, expires):
+    """Whatever the route's name and the length of the fields (base64 padding or none)."""
+    group = alertbridge.group_hash(route)
+    token = alertbridge.sign_link("s3cret", route, group, action, expires)
+    assert alertbridge.read_link("s3cret", token, 0) == (route, group, action, expires)

@@ -81,7 +81,12 @@ def _answers(url, path):
 
 
 def start_alertbridge(
-    fake_url, database, tokens=("bench-1", "bench-2", "bench-3"), sync="full", extra=""
+    fake_url,
+    database,
+    tokens=("bench-1", "bench-2", "bench-3"),
+    sync="full",
+    extra="",
+    receiver="",
 ):
     port = free_port()
     state = tempfile.mkdtemp(prefix="alertbridge-bench-")
@@ -105,6 +110,7 @@ password = {database["password"]}
 database = {database["database"]}
 [receiver:ops]
 robots = {", ".join(f"r{i}" for i in range(len(tokens)))}
+{receiver}
 {robots}
 {extra}""",
         encoding="utf-8",

@@ -41,3 +41,9 @@ def test_grafana_queries_benchmark_runs():
 def test_status_page_benchmark_runs():
     out = bench("bench.status_page", "--webhooks", "200", "--loads", "3")
     assert "| GET / (status) |" in out and "200 alerts firing in MariaDB" in out
+
+
+def test_oncall_benchmark_runs():
+    out = bench("bench.oncall", "--incidents", "300", "--loads", "6")
+    assert "300 open incidents in MariaDB" in out and "(journaled: 100)" in out
+    assert "| POST /incident/TOKEN, a claim (3 claims) |" in out

@@ -200,6 +200,11 @@ class StoreUnavailable(Exception):
         self.denied = denied
 
 
+class StoreConflict(Exception):
+    """A history transaction rolled back because another was in its way (two instances
+    recording the same webhooks): worth trying again at once."""
+
+
 class StoreError(Exception):
     """A store call failed in the store process for a reason other than reachability."""
 
@@ -2632,6 +2637,11 @@ class Dialect:
         """Whether `exc` is a missing privilege (an operator's GRANT, not the network)."""
         return False
 
+    def conflict(self, exc):
+        """Whether `exc` ended a transaction another one was in the way of (a deadlock): it
+        was rolled back, and the same transaction again may well succeed."""
+        return False
+
 
 def _concat(*parts):
     """MySQL's CONCAT for SQLite, so that one statement serves both."""
@@ -2673,6 +2683,14 @@ class MySQLDialect(Dialect):
             cursor.execute(S_MYSQL_KEYS_BINARY)
 
     DENIED = frozenset({1044, 1045, 1142, 1143, 1227, 1370})   # access, command, column denied
+    # deadlock, lock wait timeout; and what InnoDB says of an auto-increment an INSERT ... SELECT
+    # racing another could not take (MariaDB 10.11)
+    CONFLICTS = frozenset({1213, 1205, 1467})
+
+    def conflict(self, exc):
+        import pymysql
+        return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and \
+            exc.args[0] in self.CONFLICTS
 
     def denied(self, exc):
         import pymysql
@@ -3212,6 +3230,8 @@ class Store:
             finally:
                 cursor.close()
         except Exception as exc:
+            if self.dialect.conflict(exc):
+                raise StoreConflict(str(exc)) from exc
             if not self.dialect.unavailable(exc):
                 raise
             self.close()
@@ -3283,7 +3303,20 @@ class Store:
             return deleted
 
     # what the recorder writes
+    CONFLICT_RETRIES = 5
+
     def record(self, journal_id, events):
+        """_record(), again after a deadlock with another instance's recorder (a few times,
+        after a short random pause); then the history counts as unavailable for now."""
+        for attempt in range(self.CONFLICT_RETRIES):
+            try:
+                return self._record(journal_id, events)
+            except StoreConflict as exc:
+                last = exc
+                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+        raise StoreUnavailable(f"{self.describe()}: {last}")
+
+    def _record(self, journal_id, events):
         """Apply journal events (id, kind, JSON text) in one transaction, exactly once (progress
         kept alongside); returns how many alerts were recorded. Rows are gathered and written with
         one statement per kind: the upserts and increments commute, so grouping them gives the same

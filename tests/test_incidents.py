@@ -321,3 +321,57 @@ def test_every_link_made_is_read_back(route, action, expires):
     group = alertbridge.group_hash(route)
     token = alertbridge.sign_link("s3cret", route, group, action, expires)
     assert alertbridge.read_link("s3cret", token, 0) == (route, group, action, expires)
+
+
+def test_two_recorders_at_once_on_mariadb_make_one_incident_per_group(tmp_path):
+    """Two instances' recorders write the same webhooks at the same moment: InnoDB may find
+    them in each other's way (a deadlock); the loser tries again, nothing is reported down, and
+    each group has one incident."""
+    import threading
+
+    from tests.kit import empty_mysql
+
+    settings = empty_mysql()
+    groups = 60
+    failures = []
+
+    def recorder(journal_id):
+        store = alertbridge.Store(settings)
+        try:
+            for start in range(0, groups, 5):
+                batch = []
+                for n in range(start, start + 5):
+                    webhook = group([make_alert(f"G{n}", "db-1")], key=f"k{n}")
+                    event = alertbridge.webhook_event(
+                        webhook, f"r{n}", alertbridge.from_db_time("2026-11-24 08:00:00"), ROUTE
+                    )
+                    batch.append((n + 1, "webhook", json.dumps(event)))
+                store.record(journal_id, batch)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            failures.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=recorder, args=(f"j{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    store = alertbridge.Store(settings)
+    incidents = store.incidents(1000)
+    store.close()
+    assert len(incidents) == groups and {i["events"][0] for i in incidents} == {"opened"}
+
+
+def test_a_conflict_is_tried_again_and_then_reported(store, monkeypatch):
+    calls = []
+
+    def conflicting(journal_id, events):
+        calls.append(1)
+        raise alertbridge.StoreConflict("Deadlock found when trying to get lock")
+
+    monkeypatch.setattr(store, "_record", conflicting)
+    with pytest.raises(alertbridge.StoreUnavailable, match="Deadlock"):
+        store.record("j", [])
+    assert len(calls) == alertbridge.Store.CONFLICT_RETRIES

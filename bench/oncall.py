@@ -118,9 +118,8 @@ def main():
     args = parser.parse_args()
     fake = start_fake(latency=0.05, rate_window=3600)
     database = fresh_database("alertbridge_bench_oncall")
-    # all opened 30 minutes ago: none due (the step comes after 1 h) but the last 100, opened 2 h ago
+    # opened 30 minutes ago: none due (the step comes after 1 h), but the last 100 (2 h ago)
     fill(database, args.incidents, lambda n: 120 if n >= args.incidents - 100 else 30)
-    tokens_config = fake.url
     state = tempfile.mkdtemp(prefix="alertbridge-bench-oncall-config-")
     path = f"{state}/config.ini"
     with open(path, "w", encoding="utf-8") as fh:
@@ -128,7 +127,7 @@ def main():
             f"[alertbridge]\nstate_dir = {state}\n[database]\ndriver = mysql\n"
             + "".join(f"{k} = {v}\n" for k, v in database.items())
             + f"[receiver:ops]\nrobots = r0\n{ESCALATING}\n[robot:r0]\n"
-            f"url = {tokens_config}/robot/send?access_token=bench-1\n" + PEOPLE
+            f"url = {fake.url}/robot/send?access_token=bench-1\n" + PEOPLE
         )
     config = alertbridge.load_config(path)
     first, due = ticks(config, database, 1)  # the 100 steps due go out

@@ -2328,10 +2328,12 @@ CREATE TABLE IF NOT EXISTS incidents (
   acknowledged_by VARCHAR(128) NULL,
   resolved_at DATETIME(3) NULL,
   escalations INT UNSIGNED NOT NULL DEFAULT 0,
+  next_step_at DATETIME(3) NOT NULL,
   silence_id VARCHAR(64) NULL,
   silenced_until DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
+  KEY ix_incidents_next_step (state, next_step_at),
   KEY ix_incidents_group (route, group_hash, resolved_at),
   KEY ix_incidents_state (state, opened_at),
   KEY ix_incidents_opened_at (opened_at)
@@ -2385,9 +2387,11 @@ CREATE TABLE IF NOT EXISTS incidents (
   group_key TEXT NOT NULL, group_labels TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
   level TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, opened_at TEXT NOT NULL,
   acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
-  escalations INTEGER NOT NULL DEFAULT 0, silence_id TEXT, silenced_until TEXT,
+  escalations INTEGER NOT NULL DEFAULT 0, next_step_at TEXT NOT NULL, silence_id TEXT,
+  silenced_until TEXT,
   UNIQUE (route, open_group)
 );
+CREATE INDEX IF NOT EXISTS ix_incidents_next_step ON incidents (state, next_step_at);
 CREATE INDEX IF NOT EXISTS ix_incidents_group ON incidents (route, group_hash, resolved_at);
 CREATE INDEX IF NOT EXISTS ix_incidents_state ON incidents (state, opened_at);
 CREATE INDEX IF NOT EXISTS ix_incidents_opened_at ON incidents (opened_at);
@@ -2435,8 +2439,9 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
 # whichever instances record the same webhooks, and an open is skipped when the history already
 # has the group resolved at or after it (a late copy of an earlier notification).
 _INCIDENT_OPEN = ("INTO incidents (route, receiver, group_hash, open_group, group_key, "
-                  "group_labels, title, level, state, opened_at) "
-                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s FROM (SELECT 1 AS one) AS x "
+                  "group_labels, title, level, state, opened_at, next_step_at) "
+                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s "
+                  "FROM (SELECT 1 AS one) AS x "
                   "WHERE NOT EXISTS (SELECT 1 FROM incidents WHERE route = %s AND group_hash = %s "
                   "AND resolved_at >= %s)")
 S_INCIDENT_OPEN_MYSQL = "INSERT IGNORE " + _INCIDENT_OPEN    # the dialects' one difference here
@@ -2452,18 +2457,26 @@ S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowle
 S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
                        "level, group_labels, silence_id FROM incidents "
                        "WHERE route = %s AND open_group = %s")
+# The escalator reads only the incidents whose next step is due (next_step_at, which it keeps;
+# a new incident's is its opening: look at it once), not every open one every second.
+NEVER = "9998-01-01 00:00:00.000"      # a next_step_at for an incident that escalates no more
 S_INCIDENTS_UNCLAIMED = ("SELECT id, route, level, opened_at, escalations, title, group_hash "
-                         "FROM incidents WHERE state = 'open' AND silence_id IS NULL "
-                         "ORDER BY id LIMIT %s")
-S_INCIDENT_SILENCE = ("UPDATE incidents SET silence_id = %s, silenced_until = %s "
-                      "WHERE id = %s AND open_group IS NOT NULL")
+                         "FROM incidents WHERE state = 'open' AND next_step_at <= %s "
+                         "AND silence_id IS NULL ORDER BY next_step_at "
+                         "LIMIT %s")
+S_INCIDENT_SCHEDULE = ("UPDATE incidents SET next_step_at = %s WHERE id = %s AND escalations = %s "
+                       "AND state = 'open'")
+S_INCIDENTS_RESCHEDULE = ("UPDATE incidents SET next_step_at = opened_at "
+                          "WHERE state = 'open' AND silence_id IS NULL")
+S_INCIDENT_SILENCE = ("UPDATE incidents SET silence_id = %s, silenced_until = %s, "
+                      "next_step_at = %s WHERE id = %s AND open_group IS NOT NULL")
 S_INCIDENTS_SILENCED = ("SELECT id, route, group_hash, group_labels, silence_id FROM incidents "
                         "WHERE open_group IS NOT NULL AND silence_id IS NOT NULL "
                         "ORDER BY id LIMIT %s")
 S_INCIDENT_CLOSE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, open_group = NULL "
                     "WHERE id = %s AND open_group IS NOT NULL")
-S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s WHERE id = %s AND escalations = %s "
-                       "AND state = 'open'")
+S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s, next_step_at = %s WHERE id = %s "
+                       "AND escalations = %s AND state = 'open'")
 S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
                              "WHERE state IN ('open', 'acknowledged') GROUP BY state")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
@@ -3355,7 +3368,7 @@ class Store:
             self.execute(cursor, self.dialect.open_incident, (
                 route, receiver[:128], group, group, incident["group_key"],
                 json.dumps(incident["group_labels"], ensure_ascii=False), incident["title"],
-                incident["level"][:64], at, route, group, at))
+                incident["level"][:64], at, at, route, group, at))
             kind = "opened"
         else:
             self.execute(cursor, S_INCIDENT_RESOLVE, (at, route, group))
@@ -3387,10 +3400,11 @@ class Store:
                                                             person[:128], via, ""))
         return {**self._incident_row(row), "claimed": claimed}
 
-    def unclaimed(self, limit):
-        """Incidents open and not claimed, oldest first, as dicts (opened_at as text)."""
+    def unclaimed(self, now, limit):
+        """Incidents open, not claimed, whose next step is due by `now` (text) or that have not
+        been looked at yet, as dicts (opened_at as text)."""
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENTS_UNCLAIMED, (limit,))
+            self.execute(cursor, S_INCIDENTS_UNCLAIMED, (now, limit))
             names = [column[0] for column in cursor.description]
             rows = [dict(zip(names, row)) for row in cursor.fetchall()]
         for row in rows:
@@ -3401,7 +3415,7 @@ class Store:
     def silenced(self, incident_id, silence_id, until, person, at, hours):
         """Note the Alertmanager silence made for an open incident (it escalates no more)."""
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, incident_id))
+            self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, NEVER, incident_id))
             self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "silenced",
                                                         person[:128], "link",
                                                         f"{hours:g} h, silence {silence_id}"))
@@ -3430,11 +3444,23 @@ class Store:
             self.execute(cursor, S_INCIDENTS_OPEN_BY_STATE)
             return {state: count for state, count in cursor.fetchall()}
 
-    def escalate(self, incident_id, done, now_done, at, detail):
+    def schedule(self, incidents):
+        """When to look at incidents next: (id, steps done, next_step_at text) each, unless
+        another instance escalated one meanwhile."""
+        with self.transaction() as cursor:
+            for incident_id, done, next_at in incidents:
+                self.execute(cursor, S_INCIDENT_SCHEDULE, (next_at, incident_id, done))
+
+    def reschedule(self):
+        """Every open incident looked at again (the escalations of the config changed)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENTS_RESCHEDULE)
+
+    def escalate(self, incident_id, done, now_done, next_at, at, detail):
         """Mark steps done for an open, unclaimed incident, if no other instance did: True when
         this call did (its event logged), so each step goes out once."""
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENT_ESCALATE, (now_done, incident_id, done))
+            self.execute(cursor, S_INCIDENT_ESCALATE, (now_done, next_at, incident_id, done))
             if cursor.rowcount != 1:
                 return False
             self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "escalated", "",
@@ -3547,8 +3573,14 @@ class StoreProcess:
     def open_incident(self, route, group, wait=5.0):
         return self._call("open_incident", route, group, wait=wait)
 
-    def unclaimed(self, limit, wait=5.0):
-        return self._call("unclaimed", limit, wait=wait)
+    def unclaimed(self, now, limit, wait=5.0):
+        return self._call("unclaimed", now, limit, wait=wait)
+
+    def schedule(self, incidents, wait=5.0):
+        return self._call("schedule", incidents, wait=wait)
+
+    def reschedule(self, wait=5.0):
+        return self._call("reschedule", wait=wait)
 
     def open_by_state(self, wait=5.0):
         return self._call("open_by_state", wait=wait)
@@ -3563,8 +3595,9 @@ class StoreProcess:
     def resolve_silenced(self, incident_id, at, detail, wait=5.0):
         return self._call("resolve_silenced", incident_id, at, detail, wait=wait)
 
-    def escalate(self, incident_id, done, now_done, at, detail, wait=5.0):
-        return self._call("escalate", incident_id, done, now_done, at, detail, wait=wait)
+    def escalate(self, incident_id, done, now_done, next_at, at, detail, wait=5.0):
+        return self._call("escalate", incident_id, done, now_done, next_at, at, detail,
+                          wait=wait)
 
     def _call(self, method, *args, wait=-1):
         if not self._lock.acquire(timeout=wait):
@@ -5553,6 +5586,7 @@ class Escalator(Worker):
         self.config, self.store, self.journal = config, store, journal
         self.cluster, self.metrics, self.wall = cluster, metrics, wall
         self._followed_at = 0.0
+        self._escalations = None    # the routes' escalations the schedule was made for
 
     def sleep_for(self):
         return self.POLL
@@ -5570,21 +5604,39 @@ class Escalator(Worker):
                 config.oncall.follow_interval:
             self._followed_at = now
             self.follow_silenced(AlertmanagerAPI(config.oncall.alertmanager_api), now)
-        for incident in self.store.unclaimed(self.BATCH):
+        escalations = {name: (r.escalation, r.escalate_levels)
+                       for name, r in config.routes.items()}
+        if escalations != self._escalations:    # started, or reloaded: look at every one again
+            self.store.reschedule()
+            self._escalations = escalations
+        later = []
+        for incident in self.store.unclaimed(self._text(now), self.BATCH):
             route = config.routes.get(incident["route"])
-            if route is None or route.escalation is None \
-                    or incident["level"] not in route.escalate_levels:
+            escalation = route.escalation if route else None
+            if escalation is None or incident["level"] not in route.escalate_levels:
+                later.append((incident["id"], incident["escalations"], NEVER))
                 continue
             opened = from_db_time(incident["opened_at"]).timestamp()
-            due = due_step(route.escalation, opened, incident["escalations"], now)
+            due = due_step(escalation, opened, incident["escalations"], now)
             if due is None:
+                following = next_step_at(escalation, opened, incident["escalations"])
+                later.append((incident["id"], incident["escalations"], self._text(following)))
                 continue
             number, step, _ = due
-            if self.store.escalate(incident["id"], incident["escalations"], number,
-                                   db_time(datetime.fromtimestamp(now, timezone.utc)),
-                                   f"step {number}"):
+            following = self._text(next_step_at(escalation, opened, number))
+            if self.store.escalate(incident["id"], incident["escalations"], number, following,
+                                   self._text(now), f"step {number}"):
                 self._send(config, route, incident, number, step, now - opened)
+        if later:
+            self.store.schedule(later)
         return False
+
+    @staticmethod
+    def _text(epoch):
+        """An epoch as the history keeps times; None (never) as NEVER."""
+        if epoch is None:
+            return NEVER
+        return db_time(datetime.fromtimestamp(epoch, timezone.utc))
 
     def follow_silenced(self, api, now):
         """Alertmanager sends no resolved notification for silenced alerts: ask it for each

@@ -69,10 +69,12 @@ CREATE TABLE IF NOT EXISTS incidents (
   acknowledged_by VARCHAR(128) NULL,
   resolved_at DATETIME(3) NULL,
   escalations INT UNSIGNED NOT NULL DEFAULT 0,
+  next_step_at DATETIME(3) NOT NULL,
   silence_id VARCHAR(64) NULL,
   silenced_until DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
+  KEY ix_incidents_next_step (state, next_step_at),
   KEY ix_incidents_group (route, group_hash, resolved_at),
   KEY ix_incidents_state (state, opened_at),
   KEY ix_incidents_opened_at (opened_at)

@@ -333,8 +333,8 @@ def incidents_db(history_db):
             cursor.execute(
                 "INSERT INTO incidents (route, receiver, group_hash, open_group, group_key, "
                 "group_labels, title, level, state, opened_at, acknowledged_at, acknowledged_by, "
-                "escalations) VALUES (%s, %s, %s, %s, %s, '{}', %s, 'critical', %s, %s, %s, %s, "
-                "%s)",
+                "escalations, next_step_at) VALUES (%s, %s, %s, %s, %s, '{}', %s, 'critical', %s, "
+                "%s, %s, %s, %s, %s)",
                 (
                     route,
                     route,
@@ -347,6 +347,7 @@ def incidents_db(history_db):
                     T(acknowledged) if acknowledged else None,
                     who,
                     steps,
+                    T(opened),
                 ),
             )
             incident = cursor.lastrowid

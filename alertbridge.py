@@ -5591,6 +5591,15 @@ class Escalator(Worker):
     def sleep_for(self):
         return self.POLL
 
+    def failed(self, exc, failures):
+        """The history away: the recorder says so; escalation waits for it, as quietly."""
+        if not isinstance(exc, (StoreUnavailable, StoreError)):
+            return super().failed(exc, failures)
+        if str(exc) != self._last_error:
+            log.warning("escalator: waiting for the history: %s", exc)
+            self._last_error = str(exc)
+        return retry_delay(failures - 1, 1.0, 10.0)
+
     def step(self):
         config = self.config()
         if not any(r.escalation or r.claim_links for r in config.routes.values()):

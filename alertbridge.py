@@ -7183,6 +7183,7 @@ class Bridge:
     made (sent), the history up or down (Recorder.store_changed), a cluster role changed."""
 
     RESTART_ONLY = ("listen", "port", "max_connections", "state_dir", "journal", "journal_sync")
+    SHUTDOWN_POLL = 0.1     # seconds the HTTP server may take to notice a stop
 
     def __init__(self, config, clock=None, wall=wall_time, post=None, channel=None):
         self.config = config
@@ -7268,7 +7269,8 @@ class Bridge:
         self.notifier.start()
         self.recorder.start()
         self.escalator.start()
-        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(self.SHUTDOWN_POLL,),
+                         name="http", daemon=True).start()
         interval = watchdog_interval()
         if interval:
             threading.Thread(target=self._watchdog, args=(interval,), name="watchdog",

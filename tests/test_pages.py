@@ -724,6 +724,14 @@ def test_in_a_browser_the_status_page_reads_on_a_phone_and_a_desktop(
     name = "status-page-phone.png" if width == 390 else "status-page.png"
     keep_screenshot(browser, tmp_path, name)
 
+    # the preview, from its sample: what it shows fits too (the docs' picture, at 1280 px)
+    browser.get(bridge.address + "/preview")
+    follow(browser, browser.find_element(By.ID, "sample"))
+    follow(browser, browser.find_element(By.ID, "render"))
+    assert browser.find_elements(By.CLASS_NAME, "dingtalk") and overflowing(browser) == []
+    if width == 1280:
+        keep_screenshot(browser, tmp_path, "preview.png")
+
 
 def test_in_a_browser_the_preview_form(browser, make_bridge, sqlite_db, fake, tmp_path):
     from selenium.webdriver.common.by import By
@@ -761,7 +769,6 @@ def test_in_a_browser_the_preview_form(browser, make_bridge, sqlite_db, fake, tm
     assert first.find_elements(By.TAG_NAME, "img") == []
     assert "@-mentions: nobody" in sections[1].text  # at_severities = critical
     assert json.loads(browser.find_element(By.ID, "payload").get_attribute("value")) == payload
-    keep_screenshot(browser, tmp_path, "preview.png")
     assert pwned(browser) is None
     assert fake.requests == [] and bridge.journal.backlog()[0] == 0
 

@@ -321,7 +321,7 @@ def webhook_event(webhook, request_id, received_at, route=None):
 def send_event(route, robot, message, result, sent_at):
     """What the recorder writes for one DingTalk request: a notifications row and, when
     DingTalk took it, one more notified_count for each alert it carried. `sent_at`: wall time."""
-    return {"sent_at": db_time(datetime.fromtimestamp(sent_at, timezone.utc)), "route": route,
+    return {"sent_at": epoch_db_time(sent_at), "route": route,
             "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
             "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
             "errcode": result.errcode, "errmsg": result.errmsg,
@@ -362,6 +362,11 @@ def json_line(obj):
 def db_time(dt):
     """UTC datetime -> 'YYYY-MM-DD HH:MM:SS.mmm', the form both MySQL and SQLite store."""
     return dt.isoformat(" ", "milliseconds")[:23] if dt else None
+
+
+def epoch_db_time(epoch):
+    """An epoch as the history keeps times (see db_time)."""
+    return db_time(datetime.fromtimestamp(epoch, timezone.utc))
 
 
 def from_db_time(text):
@@ -5645,13 +5650,13 @@ class Escalator(Worker):
         """An epoch as the history keeps times; None (never) as NEVER."""
         if epoch is None:
             return NEVER
-        return db_time(datetime.fromtimestamp(epoch, timezone.utc))
+        return epoch_db_time(epoch)
 
     def follow_silenced(self, api, now):
         """Alertmanager sends no resolved notification for silenced alerts: ask it for each
         silenced incident's alerts; when none is left, resolve the incident and expire its
         silence early."""
-        at = db_time(datetime.fromtimestamp(now, timezone.utc))
+        at = epoch_db_time(now)
         for incident in self.store.silenced_incidents(self.BATCH):
             try:
                 alerts = api.alerts(incident["group_labels"])
@@ -6954,17 +6959,12 @@ class Pages:
                         incident["id"], exc)
             return 502, self._incident_page(f"Alertmanager did not take the silence ({exc}): "
                                             f"nothing was changed."), ()
-        at = db_time(datetime.fromtimestamp(now, timezone.utc))
-        until = db_time(datetime.fromtimestamp(now + hours * 3600, timezone.utc))
+        at, until = epoch_db_time(now), epoch_db_time(now + hours * 3600)
         self.store.silenced(incident["id"], silence, until, chosen, at, hours)
         log.info("incident=%s route=%s silenced %d h by %s (silence %s)", incident["id"], route,
                  hours, chosen, silence)
-        route_config = config.routes.get(route)
-        if route_config is not None:
-            text = WORDS[route_config.language]["silenced"].format(
-                name=md_escape(name), title=md_escape(incident["title"]), hours=hours)
-            self.journal.note(route, text[:128], text, len(route_config.priority_order) + 1,
-                              f"silenced:{incident['id']}")
+        self._tell_group(config, route, "silenced", incident, name=md_escape(name),
+                         title=md_escape(incident["title"]), hours=hours)
         return 200, self._incident_page(f"🔕 Silenced for {hours} h in Alertmanager (silence "
                                         f"{silence}) by {name}."), ()
 
@@ -6973,7 +6973,7 @@ class Pages:
         if who is None:
             return 400, self._incident_page("Choose who you are: nothing was changed."), ()
         chosen, person = who
-        at = db_time(datetime.fromtimestamp(self.wall(), timezone.utc))
+        at = epoch_db_time(self.wall())
         incident = self.store.claim(route, group, chosen, at)
         cookie = (f"{self.PERSON_COOKIE}={urllib.parse.quote(chosen)}; Path=/incident/; "
                   f"HttpOnly; SameSite=Lax; Max-Age=31536000")
@@ -6987,16 +6987,20 @@ class Pages:
             [("Set-Cookie", cookie)]
 
     def _announce_claim(self, config, route_name, incident, name):
-        """The group hears who took its page, through the route's queue, after its pages."""
+        """The group hears who took its page."""
+        after = self._ago_between(incident["opened_at"], incident["acknowledged_at"])
+        self._tell_group(config, route_name, "claimed", incident, name=md_escape(name),
+                         title=md_escape(incident["title"]), after=after)
+
+    def _tell_group(self, config, route_name, what, incident, **words):
+        """A NOTE to the route's group in its language (WORDS[what]), through its queue after
+        its pages, once per incident and kind."""
         route = config.routes.get(route_name)
         if route is None:
             return
-        after = self._ago_between(incident["opened_at"], incident["acknowledged_at"])
-        text = WORDS[route.language]["claimed"].format(name=md_escape(name),
-                                                       title=md_escape(incident["title"]),
-                                                       after=after)
-        self.journal.note(route.name, f"✅ {name}: {incident['title']}"[:128], text,
-                          len(route.priority_order) + 1, f"claimed:{incident['id']}")
+        text = WORDS[route.language][what].format(**words)
+        self.journal.note(route.name, text[:128], text, len(route.priority_order) + 1,
+                          f"{what}:{incident['id']}")
 
     def _incident_state(self, config, incident):
         if incident is None:

@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from tests.fakedingtalk import REAL_TIME
+from tests.test_incidents import ONCALL
 from tests.kit import (
     OPS,
     Daemon,
@@ -303,24 +304,15 @@ def test_two_processes_with_one_instance_name_do_not_both_lead(instances, small_
     assert role(namesake) == "standby"
 
 
-ON_CALL = """
-[oncall]
-base_url = https://alertbridge.example.com
-link_secret = 0123456789abcdef-link-secret
-
-[person:zhangsan]
-name = 张三
-mobile = 13800000001
-
-[person:lisi]
-name = 李四
-mobile = 13800000002
-
+ON_CALL = (
+    ONCALL
+    + """
 [escalation:fast]
 steps =
     2s = lisi
     60s = zhangsan
 """
+)
 
 
 def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_path, fake):

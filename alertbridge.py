@@ -2788,6 +2788,8 @@ class Journal:
     the workers when there is something for them. `failed_at` is when a write last failed, until
     one succeeds again."""
 
+    BODIES_KEPT = 512
+
     def __init__(self, path, sync="full", clock=None, wall=wall_time):
         self.path = path
         self.sync = sync
@@ -2800,6 +2802,8 @@ class Journal:
         self._write_lock = threading.Lock() # every write, on the one writing connection
         self._queue_lock = threading.Lock() # _queue; taken inside _write_lock, never around it
         self._queue = []            # webhooks waiting for the next group commit
+        self._bodies = {}           # message id -> Body, the newest BODIES_KEPT read
+        self._bodies_lock = threading.Lock()
         problem = writable_problem(path)
         if problem:
             raise StartError(f"journal {path}: {problem}")
@@ -3036,7 +3040,18 @@ class Journal:
         return [(message_id, keys.split("\x1e") if keys else []) for message_id, keys in rows]
 
     def body(self, message_id):
-        return Body.from_json(json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0]))
+        """A message's body, as read before if it was lately: a message's body never changes
+        (ids are never reused), and the renderer knows the alerts it rendered by identity, so
+        a storm's sender does not parse and render its backlog again at each digest."""
+        with self._bodies_lock:
+            kept = self._bodies.get(message_id)
+        if kept is None:
+            kept = Body.from_json(json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0]))
+            with self._bodies_lock:
+                while len(self._bodies) >= self.BODIES_KEPT:
+                    del self._bodies[next(iter(self._bodies))]
+                self._bodies[message_id] = kept
+        return kept
 
     def next_due_at(self, route):
         return self._read_one(J_MESSAGE_NEXT_DUE, (route,))[0]
@@ -3753,16 +3768,19 @@ def zone_name(moment):
     return f"UTC{'-' if offset < 0 else '+'}{hours}" + (f":{minutes:02d}" if minutes else "")
 
 
-def alert_fields(alert, tz, route=None, history=""):
+LINK_FIELDS = frozenset({"links", "generator_url", "silence_url", "external_url", "runbook_url",
+                         "dashboard_url", "other_labels"})
+
+
+def alert_fields(alert, tz, route=None, history="", names=None):
     """Everything an alert template can name: {alertname}, {labels[team]}, {duration}...
-    Label and annotation values are Untrusted: escaped where they land, unless `:raw`."""
+    Label and annotation values are Untrusted: escaped where they land, unless `:raw`.
+    `names`: the fields a template uses (template_fields), if it names none of LINK_FIELDS
+    those are left out: a storm's compact lines render twice as fast without them."""
     labels = Blank({k: Untrusted(v) for k, v in alert["labels"].items()})
     annotations = Blank({k: Untrusted(v) for k, v in alert["annotations"].items()})
     starts, ends = from_db_time(alert["starts_at"]), from_db_time(alert["ends_at"])
     resolved = alert["status"] == "resolved"
-    external = web_url(external_url(alert, route))
-    generator = web_url(rebase_url(alert["generator_url"], route.prometheus_url if route else ""))
-    silence = silence_url(external, alert["labels"])
     level = (route or DEFAULT_ROUTE).level(alert)[1]
     level = "" if level == NO_LEVEL else level
     local = starts.astimezone(tz)
@@ -3777,13 +3795,24 @@ def alert_fields(alert, tz, route=None, history=""):
         ends_at=ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if resolved and ends else "",
         duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
         summary=annotations["summary"], description=annotations["description"],
+        fingerprint=alert["fingerprint"], receiver=alert["receiver"],
+        history="" if resolved else history,
+    )
+    if names is None or names & LINK_FIELDS:
+        add_link_fields(fields, alert, route, resolved)
+    return fields
+
+
+def add_link_fields(fields, alert, route, resolved):
+    """An alert's LINK_FIELDS: where to look, silence, read the runbook, see the dashboard."""
+    external = web_url(external_url(alert, route))
+    generator = web_url(rebase_url(alert["generator_url"], route.prometheus_url if route else ""))
+    fields.update(
         other_labels=Untrusted(", ".join(f"{k}={v}" for k, v in sorted(alert["labels"].items())
                                          if k not in STANDARD_LABELS)),
-        generator_url=generator, silence_url="" if resolved else silence, external_url=external,
-        runbook_url=web_url(alert["annotations"].get("runbook_url")),
-        fingerprint=alert["fingerprint"], receiver=alert["receiver"],
-        history="" if resolved else history, dashboard_url="",
-    )
+        generator_url=generator, external_url=external, dashboard_url="",
+        silence_url="" if resolved else silence_url(external, alert["labels"]),
+        runbook_url=web_url(alert["annotations"].get("runbook_url")))
     if route and route.dashboard_url:
         fields["dashboard_url"] = web_url(render_template(route.dashboard_url, fields, "url"))
     words = WORDS[route.language if route else Templates.language]
@@ -3791,7 +3820,6 @@ def alert_fields(alert, tz, route=None, history=""):
              (words["runbook"], fields["runbook_url"]),
              (words["dashboard"], fields["dashboard_url"])]
     fields["links"] = " · ".join(f"[{label}]({url})" for label, url in links if url)
-    return fields
 
 
 def common_labels(alerts):
@@ -4075,9 +4103,14 @@ def group_fields(title):
 
 
 @functools.lru_cache(maxsize=64)
+def template_fields(template):
+    """The top-level field names a template uses: {labels[team]} is 'labels'."""
+    return frozenset((field_name(field) or ("",))[0]
+                     for line in _parsed(template) for _, field, _, _ in line if field is not None)
+
+
 def uses_field(template, name):
-    return any((field_name(field) or ("",))[0] == name
-               for line in _parsed(template) for _, field, _, _ in line if field is not None)
+    return name in template_fields(template)
 
 
 def digest_title(level, title, language):
@@ -4107,42 +4140,52 @@ class Renderer:
     Sender threads share one Renderer: _lock guards the cache of rendered alert blocks."""
 
     SEPARATOR = "\n\n---\n\n"
-    BLOCKS_KEPT = 1024
+    BLOCKS_KEPT = 8192      # a storm's backlog: a digest of compact lines holds ~200 alerts
 
     def __init__(self, config, history=None, wall=wall_time):
         self.config = config
         self.history = history
         self.wall = wall            # the time whoever is on call is mentioned at
         self._lock = threading.Lock()
-        self._blocks = {}       # (id(alert), route, group key) -> (alert, its block)
+        self._blocks = {}       # (id(alert), route, group key, compact) -> (alert, block, size)
 
     def alert_block(self, route, alert, group=None, compact=False):
         """The alert in the route's template (`compact`: its compact one); `group`: the
-        message's group fields (group_fields). Remembered by identity (the alert is kept, so
-        its id cannot be reused) and route: sizing a digest, checking it fits each robot and
-        sending it would otherwise render every alert five times, on the thread the webhooks
-        share the GIL with."""
-        key = (id(alert), route, group.key if group else None, compact)
+        message's group fields (group_fields)."""
+        return self._kept_block(route, alert, group, compact)[0]
+
+    def _kept_block(self, route, alert, group, compact):
+        """(block, its size in a request): remembered by identity (the alert is kept, so its id
+        cannot be reused), route and, only if the template shows them, the group fields.
+        Sizing a digest, checking it fits each robot and sending it would otherwise render
+        every alert five times, on the thread the webhooks share the GIL with; the oldest
+        blocks are forgotten first."""
+        template = route.compact if compact else route.alert
+        grouped = group is not None and (uses_field(template, "group_labels")
+                                         or uses_field(template, "common_labels"))
+        key = (id(alert), route, group.key if grouped else None, compact)
         with self._lock:
             kept = self._blocks.get(key)
         if kept is not None and kept[0] is alert:
-            return kept[1]
-        fields = self.fields(route, alert)
+            return kept[1:]
+        fields = self.fields(route, alert, template)
         fields.update(group.fields if group else {})
-        block = render_template(route.compact if compact else route.alert, fields)
+        block = render_template(template, fields)
+        size = json_size(block) + len(self.SEPARATOR) + 16
         with self._lock:
-            if len(self._blocks) >= self.BLOCKS_KEPT:
-                self._blocks.clear()
-            self._blocks[key] = (alert, block)
-        return block
+            while len(self._blocks) >= self.BLOCKS_KEPT:
+                del self._blocks[next(iter(self._blocks))]
+            self._blocks[key] = (alert, block, size)
+        return block, size
 
-    def fields(self, route, alert):
+    def fields(self, route, alert, template=None):
+        """The alert's fields (only those `template` may name, if given)."""
         tz, known = self.config().tz, None
         if (self.history is not None and alert["status"] == "firing"
                 and uses_field(route.alert, "history")):
             known = self.history(alert)
         text = recurrence_text(*known, tz, route.language) if known else ""
-        return alert_fields(alert, tz, route, text)
+        return alert_fields(alert, tz, route, text, template_fields(template) if template else None)
 
     def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
         """Before rendering: have the alerts' {history} read, if the route's template shows it
@@ -4303,7 +4346,7 @@ class Renderer:
         return channel.limit() - 768
 
     def block_size(self, route, alert, compact=False):
-        return json_size(self.alert_block(route, alert, compact=compact)) + len(self.SEPARATOR) + 16
+        return self._kept_block(route, alert, None, compact)[1]
 
     def block_sizes(self, route, alerts, start=0):
         """The sizes of alerts' blocks where they stand in a message (from position `start`):

@@ -28,13 +28,17 @@ The file reads top to bottom the way an alert travels through it:
   10. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
                      RouteSender per route, in stages: choose, plan, deliver, Ledger, `sent`;
                      test messages; Recorder
-  11. Cluster        several instances on one MySQL: members, a leader by lease fenced by its
+  11. DingTalk app  the enterprise app robot: AppAPI (token, cards, DING), an RFC 6455
+                     WebSocket client and the StreamClient on it (the leader's connection to
+                     DingTalk's gateway), AppPager (pages as cards, updated in place), Desk
+                     (claim and silence, however they come), AppDesk (clicks and commands)
+  12. Cluster        several instances on one MySQL: members, a leader by lease fenced by its
                      own clock, claims, handoffs from standbys, shared budgets
-  12. Observability  metrics, sd_notify, the watchdog; what a request accounts for
+  13. Observability  metrics, sd_notify, the watchdog; what a request accounts for
                      (SendAccounting), /-/ready and /metrics (Probes)
-  13. Pages          the status page, the preview, the dry run: HTML, escaped, no script
-  14. Bridge         one instance: wiring, start, reload, stop
-  15. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
+  14. Pages          the status page, the preview, the dry run: HTML, escaped, no script
+  15. Bridge         one instance: wiring, start, reload, stop
+  16. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
                      --render, --import-webhook-dingtalk, run(), main()
 
 Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
@@ -66,9 +70,9 @@ Where a change goes (each touches at most two sections):
   - another way to talk to DingTalk: a class with RobotChannel's methods (8. Channel), and the
     config that chooses it (3. Config);
   - the digest's format: Renderer.render and digest_title (6. Rendering);
-  - a metric: METRIC_HELP (12. Observability), and where it counts: a listener of a Signal in
-    12 (SendAccounting for requests), or the one component that knows;
-  - a cluster rule: its pure function and Coordinator (11. Cluster), its statements in 5.
+  - a metric: METRIC_HELP (13. Observability), and where it counts: a listener of a Signal in
+    13 (SendAccounting for requests), or the one component that knows;
+  - a cluster rule: its pure function and Coordinator (12. Cluster), its statements in 5.
 """
 
 import sys
@@ -109,6 +113,7 @@ import random  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import sqlite3  # noqa: E402
 import string  # noqa: E402
 import subprocess  # noqa: E402
@@ -619,6 +624,8 @@ WORDS = {
            "claim": "我来处理", "claimed": "✅ {name} 认领了 {title}（告警后 {after}）",
            "escalated": "⏫ 升级第 {step} 步：{title} 已等待 {waited}，无人认领",
            "silence_for": "静默…", "silenced": "🔕 {name} 静默了 {title} {hours} 小时",
+           "has_it": "✅ {name} 已认领（告警后 {after}）", "resolved_card": "✅ 已恢复",
+           "silenced_card": "🔕 {name} 静默 {hours} 小时",
            "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
@@ -628,6 +635,8 @@ WORDS = {
            "claim": "Claim", "claimed": "✅ {name} claimed {title}, {after} after the page",
            "escalated": "⏫ Escalation step {step}: {title} has waited {waited}, unclaimed",
            "silence_for": "Silence…", "silenced": "🔕 {name} silenced {title} for {hours} h",
+           "has_it": "✅ {name} has it, {after} after the page", "resolved_card": "✅ Resolved",
+           "silenced_card": "🔕 Silenced for {hours} h by {name}",
            "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
@@ -635,6 +644,10 @@ WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "l
 WORDS["both"].update(claimed=WORDS["zh"]["claimed"] + " · " + WORDS["en"]["claimed"][2:],
                      escalated=WORDS["zh"]["escalated"] + " · " + WORDS["en"]["escalated"][2:],
                      silenced=WORDS["zh"]["silenced"] + " · " + WORDS["en"]["silenced"][2:],
+                     has_it=WORDS["zh"]["has_it"] + " · " + WORDS["en"]["has_it"][2:],
+                     resolved_card=WORDS["zh"]["resolved_card"] + " · Resolved",
+                     silenced_card=WORDS["zh"]["silenced_card"] + " · "
+                     + WORDS["en"]["silenced_card"][2:],
                      lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
                      last_resolved="上次 {when} 恢复，持续 {lasted} · last resolved {when} after "
                                    "{lasted}", colon=": ", **{"and": "; "})
@@ -833,6 +846,28 @@ class OnCall:
 
 
 @dataclass(frozen=True)
+class App:
+    """[app]: a DingTalk enterprise internal app (企业内部应用) with a robot, for receivers that
+    set app_group: pages as interactive cards whose buttons call back over the app's Stream
+    connection (no public address), claims by the clicker's DingTalk user id, commands typed
+    to the robot. The custom robots stay the fallback."""
+    client_id: str = ""             # the app's Client ID (AppKey)
+    client_secret: str = field(default="", repr=False, metadata={"secret": True})
+    robot_code: str = ""            # the app robot's code: the Client ID unless set
+    card_template: str = ""         # the id of the card template (docs/dingtalk-app.md)
+    api_url: str = "https://api.dingtalk.com"       # DingTalk's OpenAPI, and its Stream gateway
+    timeout: float = field(default=10.0, metadata={"min": 1})
+
+    @property
+    def enabled(self):
+        return bool(self.client_id and self.client_secret)
+
+    @property
+    def robot(self):
+        return self.robot_code or self.client_id
+
+
+@dataclass(frozen=True)
 class Person:
     """[person:HANDLE]: someone alertbridge can @-mention and put on call. `handle` is how the
     config names them (at_people, rotations, at_map); `name` is how messages and pages do."""
@@ -897,6 +932,7 @@ class Route:
     at_map: tuple = ()              # ((label value, mobiles, user ids, people), ...)
     at_people: tuple = ()           # Person and Rotation: a person, whoever is on call
     claim_links: bool = False       # a Claim link on firing pages ([oncall])
+    app_group: str = ""             # the openConversationId of a group the [app] robot is in
     escalation: Escalation = None   # what happens while nobody claims a page
     escalate_levels: tuple = ("critical",)
     per_alert: bool = False
@@ -939,6 +975,7 @@ class Config:
     delivery: Delivery = Delivery()
     cluster: Cluster = Cluster()
     oncall: OnCall = OnCall()
+    app: App = App()
     routes: dict = field(default_factory=dict)     # route name -> Route
     people: dict = field(default_factory=dict)     # handle -> Person
     rotations: dict = field(default_factory=dict)  # rotation name -> Rotation
@@ -1082,7 +1119,8 @@ def load_config(path):
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}")
-    known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster", "oncall")
+    known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster", "oncall",
+             "app")
     unknown = [s for s in parser.sections()
                if s not in known and not s.startswith(("robot:", "receiver:", "person:",
                                                        "rotation:", "escalation:"))]
@@ -1098,6 +1136,7 @@ def load_config(path):
                     delivery=_load_delivery(parser))
     settings["cluster"] = _load_cluster(parser, settings["database"])
     settings["oncall"] = _load_oncall(parser, base)
+    settings["app"] = _load_app(parser, base)
     templates = _load_templates(parser)
     robots = {s[6:]: _load_robot(_Section(parser, s, base), s[6:])
               for s in parser.sections() if s.startswith("robot:")}
@@ -1121,6 +1160,10 @@ def load_config(path):
     if linked and not (settings["oncall"].base_url and settings["oncall"].link_secret):
         raise ConfigError(f"[receiver:{linked[0]}] claim_links: set [oncall] base_url (where "
                           f"phones reach alertbridge) and link_secret (which signs the links)")
+    carded = [name for name, route in sorted(routes.items()) if route.app_group]
+    if carded and not (settings["app"].enabled and settings["app"].card_template):
+        raise ConfigError(f"[receiver:{carded[0]}] app_group: set [app] client_id, client_secret "
+                          f"and card_template (docs/dingtalk-app.md)")
     if service.default_receiver and service.default_receiver not in routes:
         raise ConfigError(f"[alertbridge] default_receiver: no section "
                           f"[receiver:{service.default_receiver}]")
@@ -1144,7 +1187,7 @@ def _refuse_unknown_keys(parser, name):
     setting silently not in effect. Keys of [DEFAULT] go to every section and are not judged."""
     sections = {"alertbridge": Service, "database": Database, "auth": Auth,
                 "delivery": Delivery, "cluster": Cluster, "templates": Templates,
-                "oncall": OnCall}
+                "oncall": OnCall, "app": App}
     kinds = {"robot:": ROBOT_KEYS, "person:": PERSON_KEYS, "rotation:": ROTATION_KEYS,
              "escalation:": ESCALATION_KEYS}
     known = (_keys(sections[name]) if name in sections else
@@ -1240,6 +1283,17 @@ def _load_oncall(parser, base):
         raise ConfigError("[oncall] link_secret: at least 16 characters (it signs the links: "
                           "anyone who knows it can make one)")
     return replace(oncall, base_url=url)
+
+
+def _load_app(parser, base):
+    app = _Section(parser, "app", base).settings(App)
+    url = app.api_url.rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s?#]+", url):
+        raise ConfigError("[app] api_url: an http(s) URL without a path (https://api.dingtalk.com)")
+    if bool(app.client_id) != bool(app.client_secret):
+        raise ConfigError("[app] client_id and client_secret: set both (the app's credentials, "
+                          "from its page in DingTalk's developer console)")
+    return replace(app, api_url=url)
 
 
 def _load_templates(parser):
@@ -1437,6 +1491,7 @@ def _load_route(section, name, robots, templates, delivery, directory=({}, {}),
         at_people=_people(section, "at_people", *directory),
         per_alert=section.bool("per_alert", Route.per_alert),
         claim_links=section.bool("claim_links", Route.claim_links),
+        app_group=section.get("app_group"),
         escalation=escalation,
         escalate_levels=_levels(section, "escalate_levels", ", ".join(Route.escalate_levels),
                                 priorities["priority_order"])
@@ -2174,6 +2229,14 @@ CREATE TABLE IF NOT EXISTS sends (
     errcode INTEGER,
     robot_key TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS cards (
+    track TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    group_hash TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    closed_at REAL
+);
+CREATE INDEX IF NOT EXISTS ix_cards_open ON cards (route, group_hash, closed_at);
 """
 JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), for journals of 0.3
     ("messages", "route", "ALTER TABLE messages RENAME COLUMN receiver TO route"),
@@ -2221,6 +2284,10 @@ J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority
 J_MESSAGE_KEYS = ("SELECT id, alert_keys FROM messages "
                   "WHERE state = 'pending' AND route = %s AND id > %s ORDER BY id")
 J_MESSAGE_BODY = "SELECT body FROM messages WHERE id = %s"
+J_CARD_OPEN = ("SELECT track FROM cards WHERE route = %s AND group_hash = %s AND closed_at IS NULL "
+               "ORDER BY opened_at DESC LIMIT 1")
+J_CARD_ADD = "INSERT INTO cards (track, route, group_hash, opened_at) VALUES (%s, %s, %s, %s)"
+J_CARD_CLOSE = "UPDATE cards SET closed_at = %s WHERE track = %s"
 J_MESSAGE_NEXT_DUE = ("SELECT MIN(next_attempt_at) FROM messages "
                       "WHERE state = 'pending' AND route = %s")
 J_MESSAGES_WAITING = "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND route = %s"
@@ -3056,6 +3123,19 @@ class Journal:
     def next_due_at(self, route):
         return self._read_one(J_MESSAGE_NEXT_DUE, (route,))[0]
 
+    # the app's cards: which one shows a group's open incident (see AppPager)
+    def open_card(self, route, group):
+        row = self._read_one(J_CARD_OPEN, (route, group))
+        return row[0] if row else None
+
+    def card_opened(self, route, group, track):
+        with self._writing() as db:
+            self._run(db, J_CARD_ADD, (track, route, group, self.clock()))
+
+    def card_closed(self, track):
+        with self._writing() as db:
+            self._run(db, J_CARD_CLOSE, (self.clock(), track))
+
     def pending_count(self, route):
         return self._read_one(J_MESSAGES_WAITING, (route,))[0]
 
@@ -3432,12 +3512,12 @@ class Store:
                 row["opened_at"] = db_time(row["opened_at"])
         return rows
 
-    def silenced(self, incident_id, silence_id, until, person, at, hours):
+    def silenced(self, incident_id, silence_id, until, person, at, hours, via="link"):
         """Note the Alertmanager silence made for an open incident (it escalates no more)."""
         with self.transaction() as cursor:
             self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, NEVER, incident_id))
             self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "silenced",
-                                                        person[:128], "link",
+                                                        person[:128], via,
                                                         f"{hours:g} h, silence {silence_id}"))
 
     def silenced_incidents(self, limit):
@@ -3605,8 +3685,9 @@ class StoreProcess:
     def open_by_state(self, wait=5.0):
         return self._call("open_by_state", wait=wait)
 
-    def silenced(self, incident_id, silence_id, until, person, at, hours, wait=5.0):
-        return self._call("silenced", incident_id, silence_id, until, person, at, hours,
+    def silenced(self, incident_id, silence_id, until, person, at, hours, via="link",
+                 wait=5.0):
+        return self._call("silenced", incident_id, silence_id, until, person, at, hours, via,
                           wait=wait)
 
     def silenced_incidents(self, limit, wait=5.0):
@@ -5296,8 +5377,9 @@ class RouteSender:
     COPIES_KEPT = 100_000
 
     def __init__(self, name, config, journal, pool, renderer, channel, cluster, metrics,
-                 clock, wall, post, sent):
+                 clock, wall, post, sent, app=None):
         self.name = name
+        self.app = app              # AppPager: pages as the app's cards, for routes that say so
         self.config, self.journal, self.pool = config, journal, pool
         self.renderer, self.channel, self.cluster = renderer, channel, cluster
         self.metrics, self.clock, self.wall, self.post = metrics, clock, wall, post
@@ -5512,6 +5594,9 @@ class RouteSender:
         True if a request was made, or the message was planned into several."""
         if not message.body.digest:
             self.renderer.look_up_history(route, message.alerts)
+        if self.app is not None and self.app.takes(route, message.body) and self._as_card(
+                route, message):
+            return True
         planned = self.renderer.plan(route, message.body, self.channel, packed=message.packed)
         if len(planned) > 1:
             self._replace_by(message, planned, "too long for one request, or a card that @s")
@@ -5534,6 +5619,24 @@ class RouteSender:
         if errors:
             self._retry_later(message, errors)
         return bool(tried)
+
+    def _as_card(self, route, message):
+        """The page as the app's card (or its update): True if done, or if this instance may
+        no longer send. Whatever fails, the robots send it (False)."""
+        if not self.cluster.may_send():
+            return True
+        try:
+            done = self.app.page(route, message.body)
+        except AppError as exc:
+            log.warning("message=%d route=%s the app did not take the page (%s): the robots "
+                        "send it", message.id, route.name, exc)
+            return False
+        if done:
+            self.cluster.sent(message.claims)
+            robot = Robot(name="app", url=self.config().app.api_url)
+            self.ledger.end(None, Sent(route.name, robot, message, SendResult(0, "ok"),
+                                       self.clock(), self.wall()))
+        return done
 
     def _exchange(self, route, robot, message):
         """One request through one robot: written ahead, sent, its budget slot given back
@@ -5840,7 +5943,732 @@ class Recorder(Worker):
 
 
 # =============================================================================================
-# 11. Cluster: several instances on one MySQL, each page sent once
+# 11. The DingTalk app: its OpenAPI, its Stream connection (a WebSocket), cards and commands
+# =============================================================================================
+
+CARD_CALLBACK = "/v1.0/card/instances/callback"     # a card's button clicked
+BOT_MESSAGE = "/v1.0/im/bot/messages/get"           # someone wrote to the app robot
+
+
+class AppError(Exception):
+    """The app's OpenAPI refused a call or did not answer. `status`: the HTTP status, if any;
+    `throttled`: its rate limit (the app waits THROTTLE_REST before calling again)."""
+
+    def __init__(self, message, status=None, throttled=False):
+        super().__init__(message)
+        self.status, self.throttled = status, throttled
+
+
+class AppAPI:
+    """DingTalk's OpenAPI as the app uses it: an access token kept until TOKEN_MARGIN before it
+    expires (and fetched again once if refused), the Stream gateway's tickets, interactive
+    cards (created and delivered to a group, updated in place), DING. Throttled, it makes no
+    call for THROTTLE_REST seconds: pages go through the custom robots meanwhile. `config()`
+    gives the running Config; `clock`: steady seconds. _lock guards the token and the rest."""
+
+    TOKEN_MARGIN = 300.0
+    THROTTLE_REST = 2.0
+
+    def __init__(self, config, metrics, clock=time.monotonic):
+        self.config, self.metrics, self.clock = config, metrics, clock
+        self._lock = threading.Lock()
+        self._token = ("", "", 0.0)         # (client id, token, valid until)
+        self.throttled_until = 0.0
+        self.last_error = ""
+
+    def token(self):
+        app = self.config().app
+        with self._lock:
+            client, token, until = self._token
+            if token and client == app.client_id and self.clock() < until:
+                return token
+        answer = self._call("token", "POST", "/v1.0/oauth2/accessToken",
+                            {"appKey": app.client_id, "appSecret": app.client_secret}, token="")
+        token, expires = answer.get("accessToken"), answer.get("expireIn")
+        if not isinstance(token, str) or not token or not isinstance(expires, (int, float)):
+            raise AppError("the token answer has no accessToken and expireIn")
+        with self._lock:
+            self._token = (app.client_id, token, self.clock() + max(expires - self.TOKEN_MARGIN,
+                                                                    expires / 2))
+        return token
+
+    def open_stream(self, topics):
+        """(endpoint, ticket) of a new Stream connection for these callback topics."""
+        app = self.config().app
+        answer = self._call("gateway", "POST", "/v1.0/gateway/connections/open", {
+            "clientId": app.client_id, "clientSecret": app.client_secret,
+            "subscriptions": [{"type": "CALLBACK", "topic": t} for t in topics],
+            "ua": f"alertbridge/{VERSION}", "localIp": ""}, token="")
+        endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
+        if not (isinstance(endpoint, str) and endpoint.startswith(("ws://", "wss://"))
+                and isinstance(ticket, str) and ticket):
+            raise AppError("the gateway's answer has no ws(s):// endpoint and ticket")
+        return endpoint, ticket
+
+    def send_card(self, track, group, params, at_user_ids=()):
+        """An interactive card of the app's template, in a group (its openConversationId),
+        known by `track` (its outTrackId); its buttons call back over the Stream connection."""
+        app = self.config().app
+        deliver = {"robotCode": app.robot}
+        if at_user_ids:
+            deliver["atUserIds"] = {u: u for u in at_user_ids}
+        self._call("card", "POST", "/v1.0/card/instances/createAndDeliver", {
+            "cardTemplateId": app.card_template, "outTrackId": track, "callbackType": "STREAM",
+            "cardData": {"cardParamMap": params}, "openSpaceId": f"dtv1.card//IM_GROUP.{group}",
+            "imGroupOpenSpaceModel": {"supportForward": True},
+            "imGroupOpenDeliverModel": deliver, "userIdType": 1})
+
+    def update_card(self, track, params):
+        self._call("card", "PUT", "/v1.0/card/instances", {
+            "outTrackId": track, "cardData": {"cardParamMap": params},
+            "cardUpdateOptions": {"updateCardDataByKey": True}})
+
+    def ding(self, user_ids, text, remind_type=1):
+        """DING people (1 in the app, 2 SMS, 3 a call: editions and packages allowing)."""
+        self._call("ding", "POST", "/v1.0/robot/ding/send", {
+            "robotCode": self.config().app.robot, "remindType": remind_type,
+            "receiverUserIdList": list(user_ids), "content": text})
+
+    def _call(self, api, method, path, body, token=None):
+        """One call; a token refused is fetched again once. The answer, a dict."""
+        try:
+            return self._request(api, method, path, body, token)
+        except AppError as exc:
+            if token is not None or exc.status != 401:
+                raise
+            with self._lock:
+                self._token = ("", "", 0.0)
+            return self._request(api, method, path, body, token)
+
+    def _request(self, api, method, path, body, token):
+        app = self.config().app
+        if self.clock() < self.throttled_until:
+            self.metrics.inc("alertbridge_app_requests_total", api=api, outcome="held")
+            raise AppError("throttled by DingTalk: resting", throttled=True)
+        headers = {"Content-Type": "application/json", "User-Agent": "alertbridge/" + VERSION}
+        if token is None:
+            headers["x-acs-dingtalk-access-token"] = self.token()
+        request = urllib.request.Request(app.api_url + path, json.dumps(body).encode(), headers,
+                                         method=method)
+        try:
+            with _OPENER.open(request, timeout=app.timeout) as response:
+                answer = json.loads(response.read(1 << 20) or b"{}")
+        except urllib.error.HTTPError as exc:
+            raise self._refused(api, exc.code, exc.read(2048))
+        except (OSError, ValueError) as exc:
+            self._count(api, "error", _no_answer(exc))
+            raise AppError(_no_answer(exc)) from exc
+        if not isinstance(answer, dict) or answer.get("success") is False:
+            raise self._refused(api, 200, json.dumps(answer)[:2048].encode())
+        self._count(api, "ok")
+        return answer
+
+    def _refused(self, api, status, raw):
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = {}
+        answer = answer if isinstance(answer, dict) else {}
+        code, text = str(answer.get("code", "")), str(answer.get("message", ""))[:200]
+        throttled = status == 429 or "QpsLimit" in code or "Throttling" in code
+        if throttled:
+            self.throttled_until = self.clock() + self.THROTTLE_REST
+        self._count(api, "throttled" if throttled else "refused", f"HTTP {status} {code} {text}")
+        return AppError(f"HTTP {status} {code} {text}".strip(), status, throttled)
+
+    def _count(self, api, outcome, error=""):
+        self.metrics.inc("alertbridge_app_requests_total", api=api, outcome=outcome)
+        if error:
+            self.last_error = error
+
+
+class WebSocketClosed(Exception):
+    """The WebSocket is closed (a close frame, or the socket ended)."""
+
+
+class WebSocket:
+    """An RFC 6455 client over a plain or TLS socket: the handshake, masked frames of any size,
+    fragmented messages, ping and pong, close. One thread reads (recv); sends take _send_lock,
+    so the owner may ping while the reader answers a ping. `heard`: time.monotonic() of the
+    last frame received, pongs included (how a half-open connection is noticed)."""
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    MAX_MESSAGE = 4 << 20
+    TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.heard = time.monotonic()
+        self._send_lock = threading.Lock()
+        self._buffer = b""
+        self._parts, self._opcode = [], None    # a fragmented message being received
+        self.closed = False
+
+    @classmethod
+    def connect(cls, url, timeout, context=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("not a ws:// or wss:// URL")
+        secure = parts.scheme == "wss"
+        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)),
+                                        timeout=timeout)
+        try:
+            if secure:
+                sock = (context or ssl.create_default_context()).wrap_socket(
+                    sock, server_hostname=parts.hostname)
+            key = base64.b64encode(os.urandom(16)).decode()
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            sock.sendall((f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                          f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                          f"User-Agent: alertbridge/{VERSION}\r\n\r\n").encode())
+            ws = cls(sock)
+            ws._handshake(key)
+            return ws
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake(self, key):
+        while b"\r\n\r\n" not in self._buffer:
+            if len(self._buffer) > 16384:
+                raise WebSocketClosed("the handshake's answer is too long")
+            self._fill()
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        status, *lines = head.decode("latin-1").split("\r\n")
+        if status.split(" ")[1:2] != ["101"]:
+            raise WebSocketClosed(f"the handshake was answered {status[:80]!r}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
+        if headers.get("sec-websocket-accept") != accept:
+            raise WebSocketClosed("the handshake's Sec-WebSocket-Accept is wrong")
+
+    def send_text(self, text):
+        self._send(self.TEXT, text.encode())
+
+    def ping(self, payload=b""):
+        self._send(self.PING, payload)
+
+    def recv(self, timeout):
+        """The next text message (str), answering pings and noting pongs on the way; raises
+        socket.timeout if none came whole within `timeout` (what did stays buffered)."""
+        self.sock.settimeout(timeout)
+        while True:
+            final, opcode, payload = self._frame()
+            self.heard = time.monotonic()
+            if opcode == self.PING:
+                self._send(self.PONG, payload)
+            elif opcode == self.CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close(code)
+                raise WebSocketClosed(f"closed by the server ({code} "
+                                      f"{payload[2:125].decode(errors='replace')})")
+            elif opcode == self.PONG:
+                continue
+            elif opcode in (self.TEXT, self.BINARY) or (opcode == 0 and self._opcode):
+                if opcode:
+                    if self._opcode:
+                        raise self._fail(1002, "a new message inside a fragmented one")
+                    self._opcode = opcode
+                self._parts.append(payload)
+                if sum(map(len, self._parts)) > self.MAX_MESSAGE:
+                    raise self._fail(1009, "a message over 4 MiB")
+                if final:
+                    data, opcode = b"".join(self._parts), self._opcode
+                    self._parts, self._opcode = [], None
+                    return data.decode() if opcode == self.TEXT else data.decode("latin-1")
+            else:
+                raise self._fail(1002, f"an unexpected frame (opcode {opcode})")
+
+    def close(self, code=1000):
+        if not self.closed:
+            self.closed = True
+            try:
+                self._send(self.CLOSE, code.to_bytes(2, "big"), force=True)
+            except OSError:
+                pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _fail(self, code, why):
+        self.close(code)
+        return WebSocketClosed(why)
+
+    def _frame(self):
+        """(final, opcode, payload) of the next whole frame; nothing is consumed until it is."""
+        while True:
+            data = self._buffer
+            if len(data) >= 2:
+                if data[0] & 0x70 or data[1] & 0x80:
+                    raise self._fail(1002, "a frame with reserved bits set, or masked")
+                length, at = data[1] & 0x7F, 2
+                if length >= 126:
+                    size = 2 if length == 126 else 8
+                    if len(data) < 2 + size:
+                        self._fill()
+                        continue
+                    length, at = int.from_bytes(data[2:2 + size], "big"), 2 + size
+                if length > self.MAX_MESSAGE:
+                    raise self._fail(1009, "a frame over 4 MiB")
+                if len(data) >= at + length:
+                    self._buffer = data[at + length:]
+                    return bool(data[0] & 0x80), data[0] & 0x0F, data[at:at + length]
+            self._fill()
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            self.closed = True
+            raise WebSocketClosed("the connection ended")
+        self._buffer += chunk
+
+    def _send(self, opcode, payload, force=False):
+        if self.closed and not force:
+            raise WebSocketClosed("closed")
+        mask, n = os.urandom(4), len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, 0x80 | n])
+        elif n < 1 << 16:
+            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+        key = (mask * (n // 4 + 1))[:n]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+        with self._send_lock:
+            self.sock.sendall(head + mask + masked)
+
+
+class StreamClient(Worker):
+    """The app's Stream connection, held only while this instance may send (a cluster's
+    leader; a new leader opens its own): a WebSocket to DingTalk's gateway, opened with a fresh
+    ticket, that brings card clicks and messages written to the robot, each answered with its
+    messageId (a frame seen again gets the same answer). The gateway's `disconnect` means
+    connect again at once; any other end, again after growing delays. A ping goes out when the
+    connection has been quiet PING_EVERY seconds; quiet for DEAD_AFTER, it is half-open and
+    given up. `handle(topic, data)` answers a callback (AppDesk.handle)."""
+
+    PING_EVERY = 20.0
+    DEAD_AFTER = 50.0
+    LOOK = 1.0              # how often the connection checks it is still the leader's
+    ANSWERS_KEPT = 256
+
+    def __init__(self, config, api, handle, cluster, metrics):
+        super().__init__("stream")
+        self.config, self.api, self.handle = config, api, handle
+        self.cluster, self.metrics = cluster, metrics
+        self.socket = None
+        self.connected_at = None        # the wall clock, while connected
+        self.connections = 0
+        self._answers = collections.OrderedDict()       # messageId -> the answer given
+
+    def stop(self):
+        super().stop()
+        socket_ = self.socket
+        if socket_ is not None:
+            socket_.close(1001)
+
+    def backlog(self):
+        return 0
+
+    def sleep_for(self):
+        return self.LOOK if self.config().app.enabled else 30.0
+
+    def step(self):
+        if not self.config().app.enabled or not self.cluster.may_send():
+            return False
+        endpoint, ticket = self.api.open_stream((CARD_CALLBACK, BOT_MESSAGE))
+        url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
+        ws = WebSocket.connect(url, self.config().app.timeout)
+        self.socket, self.connected_at = ws, wall_time()
+        self.connections += 1
+        self.metrics.set("alertbridge_app_stream_connected", 1)
+        log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
+            endpoint).hostname)
+        try:
+            again = self._serve(ws)
+        finally:
+            self.socket, self.connected_at = None, None
+            self.metrics.set("alertbridge_app_stream_connected", 0)
+            ws.close()
+        return again and not self._stopping.is_set()
+
+    def _serve(self, ws):
+        """Frames until the gateway says disconnect (True: connect again at once) or this
+        instance no longer leads (False); any other end raises."""
+        pinged = time.monotonic()
+        while not self._stopping.is_set():
+            if not self.cluster.may_send():
+                log.info("stream: not the leader any more: closing the connection")
+                return False
+            try:
+                text = ws.recv(self.LOOK)
+            except socket.timeout:
+                now = time.monotonic()
+                if now - ws.heard > self.DEAD_AFTER:
+                    raise WebSocketClosed(f"nothing heard for {self.DEAD_AFTER:g} s, a ping "
+                                          f"unanswered: the connection is half-open")
+                if now - max(ws.heard, pinged) >= self.PING_EVERY:
+                    ws.ping()
+                    pinged = now
+                continue
+            answer = self.answer(text)
+            if answer == "disconnect":
+                log.info("stream: the gateway asks to reconnect")
+                return True
+            if answer is not None:
+                ws.send_text(json.dumps(answer, ensure_ascii=False))
+        return False
+
+    def answer(self, text):
+        """The answer to one frame (a dict), None for none, or "disconnect"."""
+        try:
+            frame = json.loads(text)
+            headers = frame.get("headers") or {}
+            kind, topic, message_id = frame.get("type"), headers.get("topic"), headers.get(
+                "messageId", "")
+        except (ValueError, AttributeError):
+            log.warning("stream: a frame that is not JSON: ignored")
+            return None
+        reply = {"code": 200, "headers": {"messageId": message_id,
+                                          "contentType": "application/json"}, "message": "OK"}
+        if kind == "SYSTEM":
+            if topic == "disconnect":
+                return "disconnect"
+            return {**reply, "data": frame.get("data") or ""}        # ping, and the rest
+        if message_id in self._answers:
+            return self._answers[message_id]
+        try:
+            data = json.loads(frame.get("data") or "{}")
+            result = self.handle(topic, data if isinstance(data, dict) else {})
+        except Exception as exc:  # noqa: BLE001 (one bad callback must not end the connection)
+            log.error("stream: topic=%s: %s: %s", logfmt(str(topic)), type(exc).__name__, exc,
+                      exc_info=exc)
+            return {**reply, "code": 500, "message": "error", "data": "{}"}
+        reply["data"] = json.dumps(result or {}, ensure_ascii=False)
+        self._answers[message_id] = reply
+        while len(self._answers) > self.ANSWERS_KEPT:
+            self._answers.popitem(last=False)
+        return reply
+
+
+def card_track(route_name, group):
+    """A card's outTrackId: its incident's route and group, and a nonce (a group that fires
+    again after it resolved gets a new card)."""
+    name = base64.urlsafe_b64encode(route_name.encode()).decode().rstrip("=")
+    return f"{name}.{group}.{secrets.token_hex(4)}"
+
+
+def read_track(track):
+    """(route name, group hash) of a card's outTrackId, or None."""
+    pieces = str(track).split(".")
+    if len(pieces) != 3 or not re.fullmatch(r"[0-9a-f]{64}", pieces[1]):
+        return None
+    try:
+        name = base64.urlsafe_b64decode(pieces[0] + "=" * (-len(pieces[0]) % 4)).decode()
+    except ValueError:
+        return None
+    return name, pieces[1]
+
+
+class AppPager:
+    """Pages through the app for routes with app_group: a firing group's first page is an
+    interactive card (the page's text, Claim and Silence buttons, its links), its next pages
+    and its resolution update that card in place; what the card shows of its incident changes
+    with it (claimed, silenced). The journal knows each group's open card. Any failure raises
+    AppError: the sender then sends the page through the custom robots."""
+
+    def __init__(self, config, api, journal, renderer, wall):
+        self.config, self.api, self.journal = config, api, journal
+        self.renderer, self.wall = renderer, wall
+
+    @staticmethod
+    def takes(route, body):
+        return bool(route.app_group and body.kind == ALERTS and not body.digest
+                    and body.group_key and not body.part)
+
+    def page(self, route, body):
+        """Put the body on the group's card. False if there is no card to put a resolution on
+        (the robots send it, as any message)."""
+        group = group_hash(body.group_key)
+        track = self.journal.open_card(route.name, group)
+        firing = any(a["status"] == "firing" for a in body.alerts)
+        if not firing and track is None:
+            return False
+        params = self.card_params(route, body, "open" if firing else "resolved")
+        if track is None:
+            track = card_track(route.name, group)
+            rendered = self.renderer.render(route, body)
+            self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
+            self.journal.card_opened(route.name, group, track)
+        else:
+            self.api.update_card(track, params)
+        if not firing:
+            self.journal.card_closed(track)
+        return True
+
+    def card_params(self, route, body, state):
+        rendered = self.renderer.render(route, replace(body, group_key=""))     # no link notes
+        words = WORDS[route.language]
+        fields = alert_fields(body.alerts[0], self.config().tz, route)
+        return {"title": rendered.title, "markdown": self.renderer.SEPARATOR.join(
+                    rendered.blocks + rendered.notes),
+                "state": state, "status": words["resolved_card"] if state == "resolved" else "",
+                "claim_label": words["claim"], "silence_1h_label": "🔕 1 h",
+                "silence_4h_label": "🔕 4 h", "runbook_url": fields["runbook_url"],
+                "dashboard_url": fields["dashboard_url"]}
+
+    def tell(self, route_name, group, state, status):
+        """Show an incident's new state on its card, if it has one here: True if shown."""
+        track = self.journal.open_card(route_name, group)
+        if track is None:
+            return False
+        self.api.update_card(track, {"state": state, "status": status})
+        return True
+
+
+class DeskRefused(Exception):
+    """An action on an incident that cannot be done: `status` (HTTP) and why, for people."""
+
+    def __init__(self, status, why):
+        super().__init__(why)
+        self.status = status
+
+
+class Desk:
+    """What people do to an incident, whichever way they reach it (a signed link's page, a
+    card's button, a command written to the app robot): claim it, silence it in Alertmanager.
+    Each is kept in the history with how it came (`via`), measured, and told to the group:
+    on the incident's card if it has one (`tell_card(route, group, state, status)`), else in a
+    NOTE through the route's queue."""
+
+    SILENCE_HOURS = (1, 4, 24)
+
+    def __init__(self, config, store, journal, metrics, wall, tell_card=None):
+        self.config, self.store, self.journal = config, store, journal
+        self.metrics, self.wall, self.tell_card = metrics, wall, tell_card
+
+    def claim(self, route, group, chosen, name, via):
+        """`chosen` (a handle, or a name or user id) takes the group's open incident: the
+        incident (see Store.claim), or None if nothing is open."""
+        incident = self.store.claim(route, group, chosen, epoch_db_time(self.wall()), via)
+        if incident is not None and incident["claimed"]:
+            log.info("incident=%s route=%s claimed by %s via %s", incident["id"], route, chosen,
+                     via)
+            self.metrics.observe("alertbridge_time_to_acknowledge_seconds", (
+                from_db_time(incident["acknowledged_at"]) - from_db_time(incident["opened_at"])
+            ).total_seconds(), route=route, level=incident["level"])
+            self._tell(route, group, "claimed", incident, name=md_escape(name),
+                       title=md_escape(incident["title"]), after=self.taken(incident))
+        return incident
+
+    def silence(self, route, group, hours, chosen, name, via):
+        """An Alertmanager silence on the open incident's group labels for `hours`: the
+        incident and the silence's id; DeskRefused says why not."""
+        config = self.config()
+        incident = self.store.open_incident(route, group)
+        if incident is None:
+            raise DeskRefused(200, "Nothing is open for this page: its alerts resolved (or the "
+                                   "history has not recorded them yet).")
+        if incident["silence_id"]:
+            raise DeskRefused(200, f"Silenced already (silence {incident['silence_id']}).")
+        if not incident["group_labels"]:
+            raise DeskRefused(409, "This group has no labels to silence on (group_by in "
+                                   "Alertmanager): nothing was changed.")
+        if not config.oncall.alertmanager_api:
+            raise DeskRefused(409, "Silences need [oncall] alertmanager_api: nothing was "
+                                   "changed.")
+        now = self.wall()
+        api = AlertmanagerAPI(config.oncall.alertmanager_api)
+        try:
+            silence = api.silence(incident["group_labels"], now, now + hours * 3600, name,
+                                  f"alertbridge: from DingTalk, incident {incident['id']}")
+        except AlertmanagerError as exc:
+            log.warning("incident=%s: Alertmanager did not take the silence: %s",
+                        incident["id"], exc)
+            raise DeskRefused(502, f"Alertmanager did not take the silence ({exc}): nothing "
+                                   f"was changed.")
+        at, until = epoch_db_time(now), epoch_db_time(now + hours * 3600)
+        self.store.silenced(incident["id"], silence, until, chosen, at, hours, via)
+        log.info("incident=%s route=%s silenced %d h by %s via %s (silence %s)", incident["id"],
+                 route, hours, chosen, via, silence)
+        self._tell(route, group, "silenced", incident, name=md_escape(name),
+                   title=md_escape(incident["title"]), hours=hours)
+        return incident, silence
+
+    @staticmethod
+    def taken(incident):
+        return format_duration((from_db_time(incident["acknowledged_at"])
+                                - from_db_time(incident["opened_at"])).total_seconds())
+
+    def _tell(self, route_name, group, what, incident, **words):
+        """The group hears it: on the incident's card, else in a NOTE (WORDS[what] in the
+        route's language), through its queue after its pages, once per incident and kind."""
+        route = self.config().routes.get(route_name)
+        if route is None:
+            return
+        text = WORDS[route.language][what].format(**words)
+        if self.tell_card is not None and route.app_group:
+            try:
+                if self.tell_card(route_name, group, what, text):
+                    return
+            except AppError as exc:
+                log.warning("incident=%s: the card was not updated (%s): a message tells it",
+                            incident["id"], exc)
+        self.journal.note(route.name, text[:128], text, len(route.priority_order) + 1,
+                          f"{what}:{incident['id']}")
+
+
+COMMANDS = {"claim": "claim", "ack": "claim", "认领": "claim", "silence": "silence",
+            "静默": "silence", "oncall": "oncall", "值班": "oncall", "open": "open",
+            "告警": "open", "help": "help", "帮助": "help"}
+
+
+class AppDesk:
+    """The app's callbacks (StreamClient.handle): a card's button, a message written to the
+    robot. Who clicked or wrote is their DingTalk user id: the person with that user_id, or
+    the id itself. Commands are answered through the message's sessionWebhook."""
+
+    def __init__(self, config, desk, store, wall, reply=None):
+        self.config, self.desk, self.store, self.wall = config, desk, store, wall
+        self.reply = reply or post_session_reply
+
+    def handle(self, topic, data):
+        if topic == CARD_CALLBACK:
+            return self.click(data)
+        if topic == BOT_MESSAGE:
+            self.command(data)
+        return {}
+
+    def who(self, user_id):
+        """(handle or user id, name) of a DingTalk user."""
+        person = next((p for p in self.config().people.values() if p.user_id == user_id), None)
+        return (person.handle, person.name) if person else (user_id, user_id)
+
+    def click(self, data):
+        """A card's button: claim, silence_1h, silence_4h. The answer updates the card."""
+        found = read_track(data.get("outTrackId", ""))
+        user = str(data.get("userId", ""))[:64]
+        try:
+            content = json.loads(data.get("content") or "{}")
+            private = content.get("cardPrivateData") or {}
+            action = (private.get("actionIds") or [""])[0] or private.get("params", {}).get(
+                "action", "")
+        except (ValueError, AttributeError, TypeError):
+            action = ""
+        if found is None or not user:
+            log.warning("stream: a card click without a card of ours or a user: ignored")
+            return {}
+        route, group = found
+        chosen, name = self.who(user)
+        status = self._act(route, group, str(action), chosen, name)
+        return {"cardData": {"cardParamMap": status}}
+
+    def _act(self, route, group, action, chosen, name):
+        language = self._language(route)
+        try:
+            if action == "claim":
+                incident = self.desk.claim(route, group, chosen, name, "dingtalk")
+                if incident is None:
+                    return {"state": "resolved", "status": WORDS[language]["resolved_card"]}
+                holder = self.who_is(incident["acknowledged_by"])
+                return {"state": "claimed", "status": WORDS[language]["has_it"].format(
+                    name=holder, after=Desk.taken(incident))}
+            hours = {"silence_1h": 1, "silence_4h": 4}.get(action)
+            if hours is None:
+                return {}
+            self.desk.silence(route, group, hours, chosen, name, "dingtalk")
+            return {"state": "silenced", "status": WORDS[language]["silenced_card"].format(
+                name=name, hours=hours)}
+        except DeskRefused as exc:
+            return {"status": str(exc)}
+
+    def who_is(self, handle):
+        person = self.config().people.get(handle)
+        return person.name if person else handle
+
+    def _language(self, route):
+        found = self.config().routes.get(route)
+        return found.language if found else Templates.language
+
+    def command(self, data):
+        """A message written to the robot: claim N, silence N 1h, oncall, open (in Chinese
+        too); anything else gets the help."""
+        text = str((data.get("text") or {}).get("content", "")).strip()
+        user = str(data.get("senderStaffId") or data.get("senderId") or "")[:64]
+        answer = self.answer_to(text, user)
+        webhook = data.get("sessionWebhook", "")
+        if re.match(r"https?://", str(webhook)):
+            self.reply(webhook, answer, self.config().app.timeout)
+
+    def answer_to(self, text, user):
+        words = text.split()
+        command = COMMANDS.get(words[0].lower(), "help") if words else "help"
+        if command == "oncall":
+            return self._on_call()
+        if command == "open":
+            return self._open()
+        if command in ("claim", "silence") and len(words) >= 2 and words[1].lstrip("#").isdigit():
+            incident = self._incident(int(words[1].lstrip("#")))
+            if incident is None:
+                return f"No open incident #{words[1].lstrip('#')}."
+            chosen, name = self.who(user)
+            if command == "claim":
+                taken = self.desk.claim(incident["route"], incident["group_hash"], chosen, name,
+                                        "dingtalk")
+                if taken is None:
+                    return f"#{incident['id']} is not open any more."
+                return f"#{incident['id']}: {self.who_is(taken['acknowledged_by'])} has it."
+            seconds = duration_seconds(words[2]) if len(words) >= 3 else 3600
+            if not seconds or not 60 <= seconds <= 7 * 86400:
+                return "A silence lasts 1m to 7d: silence 12 1h."
+            try:
+                _, silence = self.desk.silence(incident["route"], incident["group_hash"],
+                                               seconds / 3600, chosen, name, "dingtalk")
+            except DeskRefused as exc:
+                return str(exc)
+            return f"#{incident['id']} silenced for {words[2] if len(words) >= 3 else '1h'} " \
+                   f"(silence {silence})."
+        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警")
+
+    def _incident(self, number):
+        return next((i for i in self.store.incidents(200) if i["id"] == number
+                     and i["state"] != "resolved"), None)
+
+    def _on_call(self):
+        config = self.config()
+        report = on_call_report(config.rotations.values(), self.wall(), config.tz)
+        if not report:
+            return "No rotation is set up ([rotation:NAME])."
+        return "\n".join(f"{rotation.name}: {person.name} until "
+                         f"{datetime.fromtimestamp(until, config.tz):%m-%d %H:%M}, then "
+                         f"{following.name}" for rotation, (person, until), (following, _)
+                         in report)
+
+    def _open(self):
+        found = [i for i in self.store.incidents(100) if i["state"] != "resolved"]
+        if not found:
+            return "Nothing is open."
+        return "\n".join(f"#{i['id']} {i['title'][:60]} · {i['state']}"
+                         + (f" · {self.who_is(i['acknowledged_by'])}" if i["acknowledged_by"]
+                            else "") for i in found[:20])
+
+
+def post_session_reply(webhook, text, timeout):
+    """Answer a message written to the robot, through its sessionWebhook (valid for a while)."""
+    body = json.dumps({"msgtype": "text", "text": {"content": text}},
+                      ensure_ascii=False).encode()
+    request = urllib.request.Request(webhook, body, {"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            response.read(4096)
+    except (OSError, ValueError) as exc:
+        log.warning("stream: the reply to a command was not delivered: %s", _no_answer(exc))
+
+
+# =============================================================================================
+# 12. Cluster: several instances on one MySQL, each page sent once
 # =============================================================================================
 
 LEADER, STANDBY, ALONE = "leader", "standby", "alone"
@@ -6250,7 +7078,7 @@ def _in(statement, keys):
 
 
 # =============================================================================================
-# 12. Observability: metrics, sd_notify, the watchdog
+# 13. Observability: metrics, sd_notify, the watchdog
 # =============================================================================================
 
 METRIC_HELP = {
@@ -6268,6 +7096,11 @@ METRIC_HELP = {
                                                              "route and level."),
     "alertbridge_incidents_open": ("gauge", "Incidents open in the history, by state (open: "
                                             "nobody has claimed it; acknowledged)."),
+    "alertbridge_app_requests_total": ("counter", "Calls to the DingTalk app's OpenAPI, by api "
+                                                  "(token, gateway, card, ding) and outcome (ok, "
+                                                  "refused, throttled, held, error)."),
+    "alertbridge_app_stream_connected": ("gauge", "1 while this instance holds the app's Stream "
+                                                  "connection to DingTalk (the leader does)."),
     "alertbridge_duplicates_total": ("counter", "Messages not sent: the cluster had sent the same "
                                                 "notification (Alertmanager's retries, HA peers)."),
     "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
@@ -6497,7 +7330,7 @@ def declare_series(metrics, config):
 
 
 # =============================================================================================
-# 13. Pages: the status page, the preview, the dry run
+# 14. Pages: the status page, the preview, the dry run
 # =============================================================================================
 # HTML made here and nowhere else. Every label, annotation and name is text from outside: each
 # goes through esc() (or markdown_html(), which escapes first), and the Content-Security-Policy
@@ -6676,8 +7509,9 @@ class Pages:
     REFRESH = 10        # seconds between the status page's reloads
 
     def __init__(self, config, journal, pool, store, probes, cluster, last_webhooks, renderer,
-                 channel, metrics, clock, wall):
+                 channel, metrics, clock, wall, desk):
         self.config, self.journal, self.pool, self.store = config, journal, pool, store
+        self.desk = desk
         self.probes, self.cluster, self.last_webhooks = probes, cluster, last_webhooks
         self.renderer, self.channel, self.metrics = renderer, channel, metrics
         self.clock, self.wall = clock, wall
@@ -6957,13 +7791,11 @@ class Pages:
                   f"Max-Age=3600")
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
 
-    SILENCE_HOURS = (1, 4, 24)
-
     def _incident_buttons(self, action):
         if action == "claim":
             return f'<button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
         return " ".join(f'<button type="submit" name="hours" value="{h}" id="silence-{h}">'
-                        f"🔕 {h} h</button>" for h in self.SILENCE_HOURS)
+                        f"🔕 {h} h</button>" for h in Desk.SILENCE_HOURS)
 
     def _chosen(self, config, form):
         """(handle or name, Person or None) of who the form says they are, or None if unfit."""
@@ -6975,39 +7807,17 @@ class Pages:
 
     def _silence(self, config, route, group, form):
         """An Alertmanager silence on the incident's group labels, for the hours chosen,
-        created by the person; the incident escalates no more and is followed until its
-        alerts are gone (see Escalator)."""
+        created by the person (see Desk.silence)."""
         who, hours = self._chosen(config, form), form.get("hours", "")
-        if who is None or not hours.isdigit() or int(hours) not in self.SILENCE_HOURS:
+        if who is None or not hours.isdigit() or int(hours) not in Desk.SILENCE_HOURS:
             return 400, self._incident_page("Choose who you are and how long: nothing was "
                                             "changed."), ()
         chosen, person = who
         name = person.name if person else chosen
-        incident = self.store.open_incident(route, group)
-        if incident is None:
-            return 200, self._incident_page(self._incident_state(config, incident)), ()
-        if incident["silence_id"]:
-            return 200, self._incident_page(f"Silenced already (silence "
-                                            f"{incident['silence_id']})."), ()
-        if not incident["group_labels"]:
-            return 409, self._incident_page("This group has no labels to silence on (group_by "
-                                            "in Alertmanager): nothing was changed."), ()
-        now, hours = self.wall(), int(hours)
-        api = AlertmanagerAPI(config.oncall.alertmanager_api)
         try:
-            silence = api.silence(incident["group_labels"], now, now + hours * 3600, name,
-                                  f"alertbridge: from DingTalk, incident {incident['id']}")
-        except AlertmanagerError as exc:
-            log.warning("incident=%s: Alertmanager did not take the silence: %s",
-                        incident["id"], exc)
-            return 502, self._incident_page(f"Alertmanager did not take the silence ({exc}): "
-                                            f"nothing was changed."), ()
-        at, until = epoch_db_time(now), epoch_db_time(now + hours * 3600)
-        self.store.silenced(incident["id"], silence, until, chosen, at, hours)
-        log.info("incident=%s route=%s silenced %d h by %s (silence %s)", incident["id"], route,
-                 hours, chosen, silence)
-        self._tell_group(config, route, "silenced", incident, name=md_escape(name),
-                         title=md_escape(incident["title"]), hours=hours)
+            _, silence = self.desk.silence(route, group, int(hours), chosen, name, "link")
+        except DeskRefused as exc:
+            return exc.status, self._incident_page(str(exc)), ()
         return 200, self._incident_page(f"🔕 Silenced for {hours} h in Alertmanager (silence "
                                         f"{silence}) by {name}."), ()
 
@@ -7016,49 +7826,23 @@ class Pages:
         if who is None:
             return 400, self._incident_page("Choose who you are: nothing was changed."), ()
         chosen, person = who
-        at = epoch_db_time(self.wall())
-        incident = self.store.claim(route, group, chosen, at)
+        incident = self.desk.claim(route, group, chosen, person.name if person else chosen,
+                                   "link")
         cookie = (f"{self.PERSON_COOKIE}={urllib.parse.quote(chosen)}; Path=/incident/; "
                   f"HttpOnly; SameSite=Lax; Max-Age=31536000")
-        if incident is not None and incident["claimed"]:
-            log.info("incident=%s route=%s claimed by %s", incident["id"], route, chosen)
-            self.metrics.observe("alertbridge_time_to_acknowledge_seconds", (
-                from_db_time(incident["acknowledged_at"]) - from_db_time(incident["opened_at"])
-            ).total_seconds(), route=route, level=incident["level"])
-            self._announce_claim(config, route, incident, person.name if person else chosen)
         return 200, self._incident_page(self._incident_state(config, incident)), \
             [("Set-Cookie", cookie)]
-
-    def _announce_claim(self, config, route_name, incident, name):
-        """The group hears who took its page."""
-        after = self._ago_between(incident["opened_at"], incident["acknowledged_at"])
-        self._tell_group(config, route_name, "claimed", incident, name=md_escape(name),
-                         title=md_escape(incident["title"]), after=after)
-
-    def _tell_group(self, config, route_name, what, incident, **words):
-        """A NOTE to the route's group in its language (WORDS[what]), through its queue after
-        its pages, once per incident and kind."""
-        route = config.routes.get(route_name)
-        if route is None:
-            return
-        text = WORDS[route.language][what].format(**words)
-        self.journal.note(route.name, text[:128], text, len(route.priority_order) + 1,
-                          f"{what}:{incident['id']}")
 
     def _incident_state(self, config, incident):
         if incident is None:
             return ("Nothing is open for this page: its alerts resolved (or the history has not "
                     "recorded them yet).")
-        taken = self._ago_between(incident["opened_at"], incident["acknowledged_at"])
+        taken = Desk.taken(incident)
         holder = config.people.get(incident["acknowledged_by"])
         name = holder.name if holder else incident["acknowledged_by"]
         mark = "✅ " if incident.get("claimed") else ""
         return f"{mark}{name} has it, since {self._db_time(incident['acknowledged_at'])} " \
                f"({taken} after the page)."
-
-    @staticmethod
-    def _ago_between(start, end):
-        return format_duration((from_db_time(end) - from_db_time(start)).total_seconds())
 
     def _incident_page(self, text):
         return page("alertbridge: claim", f"<section><p>{esc(text)}</p></section>", nav=False)
@@ -7215,7 +7999,7 @@ def dry_run(renderer, channel, route, webhook):
 
 
 # =============================================================================================
-# 14. Bridge: one alertbridge instance
+# 15. Bridge: one alertbridge instance
 # =============================================================================================
 
 class Bridge:
@@ -7259,13 +8043,19 @@ class Bridge:
                                  wall)
         self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
                                    wall)
+        self.app_api = AppAPI(current, self.metrics, self.clock)
+        self.app = AppPager(current, self.app_api, self.journal, self.renderer, wall)
+        self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self._tell_card)
+        self.stream = StreamClient(current, self.app_api,
+                                   AppDesk(current, self.desk, self.store, wall).handle,
+                                   self.cluster, self.metrics)
         self.requests = Requests()
         self.probes = Probes(current, self.journal, self.pool, self.cluster, self.metrics,
                              self.requests, self.clock)
         self.intake = Intake(current, self.journal, self.metrics, {}, self.clock)
         self.pages = Pages(current, self.journal, self.pool, self.store, self.probes,
                            self.cluster, self.intake.last_webhooks, self.renderer, self.channel,
-                           self.metrics, self.clock, wall)
+                           self.metrics, self.clock, wall, self.desk)
         self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
         self.recorder.store_changed.listen(self.probes.store_changed)
         if config.cluster.enabled:
@@ -7283,7 +8073,12 @@ class Bridge:
     def _sender(self, name):
         return RouteSender(name, self.current, self.journal, self.pool, self.renderer,
                            self.channel, self.cluster, self.metrics, self.clock, self.wall,
-                           self.post, self.sent)
+                           self.post, self.sent, self.app)
+
+    def _tell_card(self, route_name, group, what, text):
+        """An incident's change shown on its card (see AppPager.tell)."""
+        state = {"claimed": "claimed", "silenced": "silenced"}.get(what, "open")
+        return self.app.tell(route_name, group, state, text)
 
     def _restore_budgets(self):
         """Budgets and throttles from the journal's send log; a row written before robot keys
@@ -7316,6 +8111,7 @@ class Bridge:
         self.notifier.start()
         self.recorder.start()
         self.escalator.start()
+        self.stream.start()
         threading.Thread(target=self.server.serve_forever, args=(self.SHUTDOWN_POLL,),
                          name="http", daemon=True).start()
         interval = watchdog_interval()
@@ -7341,7 +8137,7 @@ class Bridge:
         """Pet systemd's watchdog only while every worker thread is alive."""
         while not self._stopped.wait(interval):
             if all(w.is_alive() for w in (self.notifier, self.senders, self.recorder,
-                                          self.escalator, self.cluster)):
+                                          self.escalator, self.cluster, self.stream)):
                 sd_notify("WATCHDOG=1")
             else:
                 log.error("a worker thread died: not petting the watchdog, systemd will restart us")
@@ -7361,9 +8157,11 @@ class Bridge:
             self.server.server_close()
         self.requests.drain(left())
         self.cluster.stop()
+        self.stream.stop()
         self.escalator.stop()
         self.notifier.stop()
         self.senders.stop()
+        self.stream.join(left())
         self.escalator.join(left())
         self.notifier.join(left())
         self.senders.join(left())
@@ -7442,7 +8240,7 @@ class Bridge:
 
 
 # =============================================================================================
-# 15. Command line
+# 16. Command line
 # =============================================================================================
 
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -234,6 +234,7 @@ def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
         None,
         clock=lambda: 0.0,
         wall=lambda: at("2026-12-03 12:00"),
+        desk=None,
     )
     assert pages.on_call() == {
         "rotations": [

@@ -101,6 +101,7 @@ import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import html  # noqa: E402
+import http.client  # noqa: E402
 import http.cookies  # noqa: E402
 import http.server  # noqa: E402
 import io  # noqa: E402
@@ -2554,7 +2555,7 @@ S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
-               "acknowledged_by, resolved_at FROM incidents ORDER BY id DESC LIMIT %s")
+               "acknowledged_by, resolved_at, group_hash FROM incidents ORDER BY id DESC LIMIT %s")
 S_INCIDENT_EVENTS = ("SELECT kind, at, actor, via, detail FROM incident_events "
                      "WHERE incident_id = %s ORDER BY id")
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
@@ -6051,11 +6052,12 @@ class AppAPI:
         request = urllib.request.Request(app.api_url + path, json.dumps(body).encode(), headers,
                                          method=method)
         try:
-            with _OPENER.open(request, timeout=app.timeout) as response:
+            with Deadline(app.timeout) as request.deadline, \
+                    _OPENER.open(request, timeout=app.timeout) as response:
                 answer = json.loads(response.read(1 << 20) or b"{}")
         except urllib.error.HTTPError as exc:
             raise self._refused(api, exc.code, exc.read(2048))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             self._count(api, "error", _no_answer(exc))
             raise AppError(_no_answer(exc)) from exc
         if not isinstance(answer, dict) or answer.get("success") is False:
@@ -6274,6 +6276,17 @@ class StreamClient(Worker):
 
     def sleep_for(self):
         return self.LOOK if self.config().app.enabled else 30.0
+
+    def failed(self, exc, failures):
+        """A connection that ends or cannot be made is told once, without a traceback: the
+        network's doing, not a bug."""
+        if not isinstance(exc, (WebSocketClosed, AppError, OSError)):
+            return super().failed(exc, failures)
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_error:
+            log.warning("stream: %s; connecting again", text)
+            self._last_error = text
+        return retry_delay(failures - 1, 1.0, 60.0)
 
     def step(self):
         if not self.config().app.enabled or not self.cluster.may_send():
@@ -6661,9 +6674,10 @@ def post_session_reply(webhook, text, timeout):
                       ensure_ascii=False).encode()
     request = urllib.request.Request(webhook, body, {"Content-Type": "application/json"})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with Deadline(timeout) as request.deadline, \
+                _OPENER.open(request, timeout=timeout) as response:
             response.read(4096)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         log.warning("stream: the reply to a command was not delivered: %s", _no_answer(exc))
 
 

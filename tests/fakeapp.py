@@ -1,0 +1,361 @@
+"""A fake DingTalk for the enterprise app robot, on loopback: the OpenAPI (access tokens that
+expire, the Stream gateway's tickets, interactive cards created, delivered and updated, DING,
+session webhooks) over http.server, and the Stream gateway itself over a real WebSocket server
+(the `websockets` package), which sends frames as DingTalk does and collects the answers.
+
+Failures on demand: `card_failures` (HTTP status codes the next card calls get), tokens expired
+at once (`expire_tokens`), the gateway's `disconnect`, and a connection frozen half-open through
+a TCP proxy (`freeze`)."""
+
+import asyncio
+import collections
+import http.server
+import json
+import queue
+import secrets
+import socket
+import threading
+import time
+import uuid
+
+import websockets
+import websockets.asyncio.server
+
+
+class FakeApp:
+    def __init__(
+        self, client_id="ding-app", client_secret="app-secret-123456", expire_in=7200
+    ):
+        self.client_id, self.client_secret, self.expire_in = (
+            client_id,
+            client_secret,
+            expire_in,
+        )
+        self.tokens = {}  # token -> valid until (time.monotonic())
+        self.tickets = set()
+        self.cards = {}  # outTrackId -> {"group", "params", "at", "updates": [...]}
+        self.dings, self.replies, self.calls = [], [], collections.Counter()
+        self.card_failures = []  # HTTP statuses the next card calls answer
+        self.connections = 0  # WebSocket connections accepted, each with a fresh ticket
+        self.answers = queue.Queue()  # the client's answers to frames, as dicts
+        self.pinged = threading.Event()  # a WebSocket ping came from the client
+        self._sockets = []
+        self._lock = threading.Lock()
+        self._loop = None
+        self._frozen = threading.Event()
+
+    # ---- life
+    def start(self):
+        handler = type("Handler", (_Handler,), {"app": self})
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(
+            target=self.http.serve_forever, args=(0.02,), daemon=True
+        ).start()
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        ready = threading.Event()
+        threading.Thread(target=self._gateway, args=(ready,), daemon=True).start()
+        ready.wait(10)
+        self.proxy = _FreezableProxy(self.ws_port, self._frozen).start()
+        return self
+
+    def stop(self):
+        self.http.shutdown()
+        self.http.server_close()
+        if self._loop:
+            self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        self.proxy.stop()
+
+    # ---- the gateway (a real WebSocket server)
+    def _gateway(self, ready):
+        self._loop = asyncio.new_event_loop()
+
+        async def main():
+            self._stop = self._loop.create_future()
+            async with websockets.asyncio.server.serve(
+                self._serve, "127.0.0.1", 0, ping_interval=None, max_size=8 << 20
+            ) as server:
+                self.ws_port = server.sockets[0].getsockname()[1]
+                ready.set()
+                await self._stop
+
+        self._loop.run_until_complete(main())
+
+    async def _serve(self, ws):
+        ticket = ws.request.path.partition("ticket=")[2]
+        with self._lock:
+            known = ticket in self.tickets
+            self.tickets.discard(ticket)  # a ticket opens one connection
+        if not known:
+            await ws.close(4001, "unknown ticket")
+            return
+        self.connections += 1
+        self._sockets.append(ws)
+        try:
+            async for message in ws:
+                self.answers.put(json.loads(message))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self._sockets.remove(ws)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def send(self, frame):
+        """Send a frame on the newest connection."""
+
+        async def go():
+            await self._sockets[-1].send(json.dumps(frame))
+
+        self._run(go())
+
+    def send_fragmented(self, frame, pieces=4):
+        text = json.dumps(frame)
+        size = len(text) // pieces + 1
+
+        async def go():
+            await self._sockets[-1].send(
+                [text[i : i + size] for i in range(0, len(text), size)]
+            )
+
+        self._run(go())
+
+    def ask(self, kind, topic, data, message_id=None, timeout=10):
+        """Send a frame and wait for the client's answer to it."""
+        message_id = message_id or uuid.uuid4().hex
+        self.send(
+            {
+                "specVersion": "1.0",
+                "type": kind,
+                "headers": {
+                    "topic": topic,
+                    "messageId": message_id,
+                    "contentType": "application/json",
+                    "time": str(int(time.time() * 1000)),
+                },
+                "data": json.dumps(data) if isinstance(data, dict) else data,
+            }
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                answer = self.answers.get(
+                    timeout=max(0.01, deadline - time.monotonic())
+                )
+            except queue.Empty:
+                break
+            if answer.get("headers", {}).get("messageId") == message_id:
+                return answer
+        raise AssertionError(f"no answer to {message_id}")
+
+    def click(self, track, user_id, action="claim"):
+        content = {
+            "cardPrivateData": {"actionIds": [action], "params": {"action": action}}
+        }
+        answer = self.ask(
+            "CALLBACK",
+            "/v1.0/card/instances/callback",
+            {
+                "outTrackId": track,
+                "userId": user_id,
+                "corpId": "ding-corp",
+                "type": "actionCallback",
+                "content": json.dumps(content),
+            },
+        )
+        return json.loads(answer["data"])
+
+    def write(self, text, user_id, conversation="cid-ops"):
+        """Someone writes to the robot in a group; the reply goes to this fake's session hook."""
+        session = uuid.uuid4().hex
+        self.ask(
+            "CALLBACK",
+            "/v1.0/im/bot/messages/get",
+            {
+                "conversationId": conversation,
+                "conversationType": "2",
+                "senderStaffId": user_id,
+                "senderNick": user_id,
+                "msgtype": "text",
+                "text": {"content": " " + text + " "},
+                "sessionWebhook": f"{self.url}/session/{session}",
+                "sessionWebhookExpiredTime": int(time.time() * 1000) + 3600_000,
+            },
+        )
+        return session
+
+    def disconnect(self):
+        self.send(
+            {
+                "specVersion": "1.0",
+                "type": "SYSTEM",
+                "headers": {"topic": "disconnect", "messageId": uuid.uuid4().hex},
+                "data": json.dumps({"reason": "gateway upgrade"}),
+            }
+        )
+
+    def freeze(self):
+        """The connection goes half-open: bytes stop flowing, nothing is closed."""
+        self._frozen.set()
+
+    def thaw(self):
+        self._frozen.clear()
+
+    def expire_tokens(self):
+        with self._lock:
+            self.tokens.clear()
+
+    def reply_to(self, session, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [r for s, r in self.replies if s == session]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError("no reply through the session webhook")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    app: FakeApp
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self._handle()
+
+    def do_PUT(self):
+        self._handle()
+
+    def _handle(self):
+        app = self.app
+        body = json.loads(
+            self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}"
+        )
+        path = self.path
+        app.calls[path] += 1
+        if path == "/v1.0/oauth2/accessToken":
+            if (body.get("appKey"), body.get("appSecret")) != (
+                app.client_id,
+                app.client_secret,
+            ):
+                return self._answer(
+                    400, {"code": "invalidClientIdOrSecret", "message": "bad"}
+                )
+            token = secrets.token_hex(16)
+            with app._lock:
+                app.tokens[token] = time.monotonic() + app.expire_in
+            return self._answer(200, {"accessToken": token, "expireIn": app.expire_in})
+        if path == "/v1.0/gateway/connections/open":
+            if (body.get("clientId"), body.get("clientSecret")) != (
+                app.client_id,
+                app.client_secret,
+            ):
+                return self._answer(
+                    401, {"code": "InvalidAuthentication", "message": "bad"}
+                )
+            ticket = secrets.token_hex(8)
+            with app._lock:
+                app.tickets.add(ticket)
+            return self._answer(
+                200,
+                {
+                    "endpoint": f"ws://127.0.0.1:{app.proxy.port}/connect",
+                    "ticket": ticket,
+                },
+            )
+        if path.startswith("/session/"):
+            app.replies.append((path[9:], body))
+            return self._answer(200, {"errcode": 0, "errmsg": "ok"})
+        token = self.headers.get("x-acs-dingtalk-access-token", "")
+        with app._lock:
+            valid = app.tokens.get(token, 0) > time.monotonic()
+        if not valid:
+            return self._answer(
+                401, {"code": "InvalidAuthentication", "message": "token"}
+            )
+        if path.startswith("/v1.0/card/") and app.card_failures:
+            status = app.card_failures.pop(0)
+            code = (
+                "Forbidden.AccessDenied.QpsLimitForApi"
+                if status == 403
+                else "ServiceError"
+            )
+            return self._answer(status, {"code": code, "message": "fake failure"})
+        if path == "/v1.0/card/instances/createAndDeliver":
+            app.cards[body["outTrackId"]] = {
+                "body": body,
+                "params": dict(body["cardData"]["cardParamMap"]),
+                "updates": [],
+            }
+            return self._answer(
+                200, {"success": True, "result": {"outTrackId": body["outTrackId"]}}
+            )
+        if path == "/v1.0/card/instances" and self.command == "PUT":
+            card = app.cards.get(body["outTrackId"])
+            if card is None:
+                return self._answer(
+                    400, {"code": "cardNotExist", "message": "no such card"}
+                )
+            card["params"].update(body["cardData"]["cardParamMap"])
+            card["updates"].append(body["cardData"]["cardParamMap"])
+            return self._answer(200, {"success": True, "result": True})
+        if path == "/v1.0/robot/ding/send":
+            app.dings.append(body)
+            return self._answer(200, {"openDingId": uuid.uuid4().hex})
+        return self._answer(404, {"code": "notFound", "message": path})
+
+    def _answer(self, status, body):
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+class _FreezableProxy:
+    """TCP on loopback, in front of the gateway: while `frozen`, no byte goes either way (a
+    connection half-open, as a NAT that forgot it leaves one)."""
+
+    def __init__(self, target, frozen):
+        self.target, self.frozen = target, frozen
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopping = False
+
+    def start(self):
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self):
+        self.stopping = True
+        self.listener.close()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                while self.frozen.is_set():
+                    time.sleep(0.01)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

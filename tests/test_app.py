@@ -1,0 +1,299 @@
+"""The DingTalk app robot: the standard-library WebSocket client against a real WebSocket server
+(the `websockets` package), the Stream connection against a fake gateway (tickets, pings,
+disconnect, a half-open socket), pages as interactive cards that a click claims, commands
+written to the robot, and the custom robots as the fallback when the app's API fails."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import websockets.sync.server
+
+import alertbridge
+from tests.fakeapp import FakeApp
+from tests.kit import get, make_alert, make_payload, post, wait_until
+
+
+def metrics(bridge):
+    return get(bridge.address, "/metrics")[1]
+
+
+# ---- the WebSocket client, against a real server
+
+
+@pytest.fixture
+def server():
+    """A websockets server; `behave(ws)` runs for each connection (echo by default)."""
+    state = {"behave": lambda ws: [ws.send(m) for m in ws]}
+
+    def handler(ws):
+        state["behave"](ws)
+
+    with websockets.sync.server.serve(handler, "127.0.0.1", 0, max_size=8 << 20) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        state["url"] = f"ws://127.0.0.1:{srv.socket.getsockname()[1]}/path?ticket=x"
+        yield state
+        srv.shutdown()
+
+
+def test_the_client_shakes_hands_and_exchanges_small_and_large_masked_messages(server):
+    ws = alertbridge.WebSocket.connect(server["url"], timeout=5)
+    for size in (
+        0,
+        5,
+        125,
+        126,
+        65535,
+        65536,
+        1_000_000,
+    ):  # 7-bit, 16-bit and 64-bit lengths
+        text = ("页" * size)[:size]
+        ws.send_text(text)
+        assert ws.recv(timeout=5) == text
+    ws.close()
+
+
+def test_a_fragmented_message_arrives_whole_and_a_ping_in_between_is_answered(server):
+    pongs = []
+
+    def behave(ws):
+        ws.recv()
+        ws.send(
+            ["frag", "mented ", "mess", "age"]
+        )  # four frames: text, then continuations
+        pongs.append(ws.ping(b"are you there").wait(5))
+        ws.send("after the ping")
+        ws.recv()
+
+    server["behave"] = behave
+    ws = alertbridge.WebSocket.connect(server["url"], timeout=5)
+    ws.send_text("go")
+    assert ws.recv(timeout=5) == "fragmented message"
+    assert ws.recv(timeout=5) == "after the ping"  # the ping was answered on the way
+    assert pongs == [True]
+    ws.send_text("bye")
+    ws.close()
+
+
+def test_a_close_from_the_server_ends_recv_and_a_timeout_keeps_what_arrived(server):
+    def behave(ws):
+        ws.recv()
+        ws.close(1001, "going away")
+
+    server["behave"] = behave
+    ws = alertbridge.WebSocket.connect(server["url"], timeout=5)
+    with pytest.raises(socket.timeout):
+        ws.recv(timeout=0.05)  # nothing yet: a timeout, the connection still up
+    ws.send_text("now")
+    with pytest.raises(alertbridge.WebSocketClosed, match="1001"):
+        ws.recv(timeout=5)
+
+
+def test_a_server_that_does_not_speak_websocket_is_refused():
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    with pytest.raises(alertbridge.WebSocketClosed, match="200 OK"):
+        alertbridge.WebSocket.connect(
+            f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=5
+        )
+    listener.close()
+
+
+# ---- the app, end to end in one process
+
+
+@pytest.fixture
+def app():
+    fake = FakeApp().start()
+    yield fake
+    fake.stop()
+
+
+APP_PEOPLE = """
+[person:zhangsan]
+name = 张三
+user_id = manager4321
+"""
+
+
+def app_bridge(make_bridge, sqlite_db, app, extra=""):
+    return make_bridge(
+        sqlite_db,
+        receivers={
+            "ops": {
+                "robots": "ops-1, ops-2",
+                "app_group": "cid-ops",
+                "at_severities": "critical",
+            },
+            "dev": {"robots": "dev-1"},
+        },
+        extra="\n".join(
+            [
+                "[app]",
+                f"client_id = {app.client_id}",
+                f"client_secret = {app.client_secret}",
+                "card_template = alerts.schema",
+                f"api_url = {app.url}",
+                "timeout = 5",
+                APP_PEOPLE,
+                extra,
+            ]
+        ),
+    )
+
+
+def firing(instance="node-1:9100", status="firing"):
+    return make_payload("ops", [make_alert("DiskFull", instance, status=status)])
+
+
+def test_a_page_is_a_card_a_click_claims_it_as_the_clicker_and_the_card_changes(
+    make_bridge, sqlite_db, app, fake
+):
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: app.cards, timeout=10)
+    [(track, card)] = app.cards.items()
+    assert card["body"]["openSpaceId"] == "dtv1.card//IM_GROUP.cid-ops"
+    assert card["body"]["callbackType"] == "STREAM"
+    assert "DiskFull" in card["params"]["title"] and card["params"]["state"] == "open"
+    assert fake.delivered() == []  # the card went instead of a robot message
+    assert wait_until(
+        lambda: bridge.store.open_incident("ops", track.split(".")[1]), timeout=10
+    )
+
+    answer = app.click(track, "manager4321")
+    assert answer["cardData"]["cardParamMap"]["state"] == "claimed"
+    assert "张三" in answer["cardData"]["cardParamMap"]["status"]
+    incident = bridge.store.open_incident("ops", track.split(".")[1])
+    assert (
+        incident["state"] == "acknowledged"
+        and incident["acknowledged_by"] == "zhangsan"
+    )
+    assert "alertbridge_time_to_acknowledge_seconds_count" in metrics(bridge)
+
+    assert (
+        post(bridge.address, firing(status="resolved"))[0] == 200
+    )  # resolved: same card
+    assert wait_until(lambda: card["params"]["state"] == "resolved", timeout=10)
+    assert len(app.cards) == 1 and fake.delivered() == []
+
+
+def test_when_the_card_api_fails_the_page_goes_through_the_robots(
+    make_bridge, sqlite_db, app, fake
+):
+    app.card_failures = [500]
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: fake.delivered(), timeout=10)
+    assert "DiskFull" in fake.delivered()[0].text and not app.cards
+    assert 'api="card",outcome="refused"' in metrics(bridge)
+
+    app.card_failures = [
+        403
+    ]  # the app's rate limit: the robots meanwhile, nothing lost
+    assert post(bridge.address, firing("node-2:9100"))[0] == 200
+    assert wait_until(lambda: len(fake.delivered()) == 2, timeout=10)
+    assert 'outcome="throttled"' in metrics(bridge)
+
+
+def test_an_expired_token_is_fetched_again_and_the_card_still_goes(
+    make_bridge, sqlite_db, app, fake
+):
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: len(app.cards) == 1, timeout=10)
+    app.expire_tokens()  # DingTalk refuses the token it gave (401)
+    assert post(bridge.address, firing("node-2:9100"))[0] == 200
+    assert wait_until(lambda: app.calls["/v1.0/oauth2/accessToken"] == 2, timeout=10)
+    assert wait_until(
+        lambda: sum(len(c["updates"]) for c in app.cards.values()) == 1, timeout=10
+    )
+    assert fake.delivered() == []
+
+
+def test_the_stream_answers_pings_reconnects_on_disconnect_and_leaves_a_half_open_socket(
+    make_bridge, sqlite_db, app, monkeypatch
+):
+    monkeypatch.setattr(alertbridge.StreamClient, "PING_EVERY", 0.2)
+    monkeypatch.setattr(alertbridge.StreamClient, "DEAD_AFTER", 1.0)
+    monkeypatch.setattr(alertbridge.StreamClient, "LOOK", 0.1)
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    answer = app.ask("SYSTEM", "ping", json.dumps({"opaque": "abc"}))
+    assert answer["code"] == 200 and json.loads(answer["data"]) == {"opaque": "abc"}
+
+    app.disconnect()  # the gateway asks: a new ticket, a new connection, at once
+    assert wait_until(lambda: app.connections == 2, timeout=10)
+
+    app.freeze()  # half-open: no byte either way; the client's pings go unanswered
+    started = time.monotonic()
+    assert wait_until(lambda: bridge.stream.socket is None, timeout=10)
+    assert time.monotonic() - started < 5  # DEAD_AFTER (1 s here, 50 s in production)
+    app.thaw()
+    assert wait_until(lambda: app.connections == 3, timeout=20)
+    assert app.ask("SYSTEM", "ping", "{}")["code"] == 200
+
+
+def test_a_frame_seen_again_gets_the_same_answer_and_fragments_are_joined(
+    make_bridge, sqlite_db, app
+):
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    first = app.ask(
+        "CALLBACK", "/v1.0/card/instances/callback", {"outTrackId": "x"}, "m-1"
+    )
+    again = app.ask(
+        "CALLBACK", "/v1.0/card/instances/callback", {"outTrackId": "x"}, "m-1"
+    )
+    assert first == again
+    app.send_fragmented(
+        {
+            "type": "SYSTEM",
+            "headers": {"topic": "ping", "messageId": "m-2"},
+            "data": json.dumps({"pad": "x" * 100_000}),
+        }
+    )
+    answer = app.answers.get(timeout=10)
+    assert answer["headers"]["messageId"] == "m-2" and len(answer["data"]) > 100_000
+    assert bridge.stream.socket is not None
+
+
+def test_commands_written_to_the_robot_claim_and_list(make_bridge, sqlite_db, app):
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: bridge.store.incidents(10), timeout=10)
+    number = bridge.store.incidents(10)[0]["id"]
+    listing = app.reply_to(app.write("告警", "manager4321"))["text"]["content"]
+    assert f"#{number}" in listing and "DiskFull" in listing
+    reply = app.reply_to(app.write(f"认领 {number}", "manager4321"))["text"]["content"]
+    assert "张三" in reply
+    assert bridge.store.incidents(10)[0]["acknowledged_by"] == "zhangsan"
+    helped = app.reply_to(app.write("what?", "someone"))["text"]["content"]
+    assert "claim N" in helped and "认领 N" in helped
+
+
+def test_the_app_needs_its_credentials_and_a_template(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[receiver:ops]\nrobots = r\napp_group = cid-1\n"
+        "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(
+        alertbridge.ConfigError, match=r"app_group: set \[app\] client_id"
+    ):
+        alertbridge.load_config(str(path))
+    path.write_text(path.read_text() + "[app]\nclient_id = x\n", encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match="set both"):
+        alertbridge.load_config(str(path))

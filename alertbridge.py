@@ -6610,12 +6610,12 @@ class AppDesk:
         too); anything else gets the help."""
         text = str((data.get("text") or {}).get("content", "")).strip()
         user = str(data.get("senderStaffId") or data.get("senderId") or "")[:64]
-        answer = self.answer_to(text, user)
+        answer = self.answer_to(text, user, str(data.get("conversationId", ""))[:128])
         webhook = data.get("sessionWebhook", "")
         if re.match(r"https?://", str(webhook)):
             self.reply(webhook, answer, self.config().app.timeout)
 
-    def answer_to(self, text, user):
+    def answer_to(self, text, user, conversation=""):
         words = text.split()
         command = COMMANDS.get(words[0].lower(), "help") if words else "help"
         if command == "oncall":
@@ -6643,7 +6643,8 @@ class AppDesk:
                 return str(exc)
             return f"#{incident['id']} silenced for {words[2] if len(words) >= 3 else '1h'} " \
                    f"(silence {silence})."
-        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警")
+        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警"
+                + (f"\napp_group = {conversation}" if conversation else ""))
 
     def _incident(self, number):
         return next((i for i in self.store.incidents(200) if i["id"] == number

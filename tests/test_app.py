@@ -281,6 +281,7 @@ def test_commands_written_to_the_robot_claim_and_list(make_bridge, sqlite_db, ap
     assert bridge.store.incidents(10)[0]["acknowledged_by"] == "zhangsan"
     helped = app.reply_to(app.write("what?", "someone"))["text"]["content"]
     assert "claim N" in helped and "认领 N" in helped
+    assert "app_group = cid-ops" in helped  # how a team learns its group's id
 
 
 def test_the_app_needs_its_credentials_and_a_template(tmp_path):

@@ -58,6 +58,7 @@ def documented(value):
         ("[auth]", alertbridge.Auth),
         ("[delivery]", alertbridge.Delivery),
         ("[cluster]", alertbridge.Cluster),
+        ("[app]", alertbridge.App),
     ],
 )
 def test_the_readme_documents_every_key_with_the_default_the_code_has(heading, section):

@@ -8351,6 +8351,28 @@ def check_config(config):
     return "\n".join(lines)
 
 
+def check_app(config, out=None):
+    """--check-app: the [app] credentials tried with DingTalk: a token, and a Stream ticket
+    (the secret is never printed). 0 if both came, 1 if not, 2 if there is no [app]."""
+    app, out = config.app, out or sys.stdout
+    if not app.enabled:
+        print("no [app] client_id and client_secret: nothing to check", file=out)
+        return 2
+    api = AppAPI(lambda: config, Metrics())
+    try:
+        api.token()
+        print(f"app {app.client_id}: token OK ({app.api_url})", file=out)
+        api.open_stream((CARD_CALLBACK, BOT_MESSAGE))
+        print(f"app {app.client_id}: Stream ticket OK", file=out)
+    except AppError as exc:
+        print(f"app {app.client_id}: NOT OK: {exc}", file=out)
+        return 1
+    carded = [r.name for r in config.routes.values() if r.app_group]
+    receivers = ", ".join(carded) or "(none: set app_group)"
+    print(f"app {app.client_id}: cards for receivers {receivers}", file=out)
+    return 0
+
+
 def preflight(config):
     """What --check-config can check of the host without starting: ([errors], [notes]). The
     port is bound for a moment; in use, it may be the running daemon's (a note, not an error)."""
@@ -8593,6 +8615,9 @@ def main(argv=None):
                         help="validate the config, print a summary, exit")
     action.add_argument("--send-test", metavar="RECEIVER",
                         help="send a test message through each robot of RECEIVER")
+    action.add_argument("--check-app", action="store_true",
+                        help="check the [app] credentials with DingTalk (a token, a Stream "
+                             "ticket), exit")
     action.add_argument("--init-db", action="store_true",
                         help="create the history tables if missing, exit")
     action.add_argument("--render", metavar="PAYLOAD",
@@ -8609,7 +8634,9 @@ def main(argv=None):
         return serve_store(args.store_process)
     if args.import_webhook_dingtalk:
         return import_webhook_dingtalk(args.import_webhook_dingtalk)
-    if args.check_config or args.send_test or args.init_db or args.render:  # Ctrl-C as usual
+    one_shot = (args.check_config or args.check_app or args.send_test or args.init_db
+                or args.render)
+    if one_shot:  # Ctrl-C as usual
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         print(f"alertbridge needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer (the journal "
@@ -8622,7 +8649,7 @@ def main(argv=None):
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     apply_log_format(config.service.log_format)
-    if not (args.check_config or args.send_test or args.init_db or args.render):
+    if not one_shot:
         return run(config)
     try:
         return command(config, args)
@@ -8632,7 +8659,7 @@ def main(argv=None):
 
 
 def command(config, args):
-    """The one-shot commands: --check-config, --send-test, --init-db, --render."""
+    """The one-shot commands: --check-config, --check-app, --send-test, --init-db, --render."""
     if args.check_config:
         errors, notes = preflight(config)
         summary = check_config(config)
@@ -8642,6 +8669,8 @@ def command(config, args):
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return 1 if errors else 0
+    if args.check_app:
+        return check_app(config)
     if args.send_test:
         return send_test(config, args.send_test)
     if args.init_db:

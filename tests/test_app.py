@@ -298,3 +298,27 @@ def test_the_app_needs_its_credentials_and_a_template(tmp_path):
     path.write_text(path.read_text() + "[app]\nclient_id = x\n", encoding="utf-8")
     with pytest.raises(alertbridge.ConfigError, match="set both"):
         alertbridge.load_config(str(path))
+
+
+def test_check_app_fetches_a_token_and_a_ticket_and_says_why_not(tmp_path, app, capsys):
+    path = tmp_path / "config.ini"
+    base = (
+        "[receiver:ops]\nrobots = r\napp_group = cid-1\n"
+        "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n"
+        f"[app]\nclient_id = {app.client_id}\ncard_template = t\napi_url = {app.url}\n"
+    )
+    path.write_text(base + f"client_secret = {app.client_secret}\n", encoding="utf-8")
+    assert alertbridge.main(["-c", str(path), "--check-app"]) == 0
+    said = capsys.readouterr().out
+    assert (
+        "token OK" in said
+        and "Stream ticket OK" in said
+        and app.client_secret not in said
+    )
+    path.write_text(base + "client_secret = wrong-secret\n", encoding="utf-8")
+    assert alertbridge.main(["-c", str(path), "--check-app"]) == 1
+    said = capsys.readouterr().out
+    assert (
+        "NOT OK: HTTP 400 invalidClientIdOrSecret" in said
+        and "wrong-secret" not in said
+    )

@@ -858,6 +858,7 @@ class App:
     card_template: str = ""         # the id of the card template (docs/dingtalk-app.md)
     api_url: str = "https://api.dingtalk.com"       # DingTalk's OpenAPI, and its Stream gateway
     timeout: float = field(default=10.0, metadata={"min": 1})
+    ding: str = field(default="none", metadata={"choices": ("none", "app", "sms", "call")})
 
     @property
     def enabled(self):
@@ -5733,10 +5734,11 @@ class Escalator(Worker):
     POLL = 1.0
     BATCH = 10_000
 
-    def __init__(self, config, store, journal, cluster, metrics, wall):
+    def __init__(self, config, store, journal, cluster, metrics, wall, ding=None):
         super().__init__("escalator")
         self.config, self.store, self.journal = config, store, journal
         self.cluster, self.metrics, self.wall = cluster, metrics, wall
+        self.ding = ding            # ding(user ids, text): the app's DING, if [app] ding is set
         self._followed_at = 0.0
         self._escalations = None    # the routes' escalations the schedule was made for
 
@@ -5841,6 +5843,14 @@ class Escalator(Worker):
         self.metrics.inc("alertbridge_escalations_total", receiver=route.name)
         log.info("incident=%s route=%s escalation step %d (%s)", incident["id"], route.name,
                  number, route.escalation.name)
+        if self.ding is not None and config.app.ding != "none" and user_ids:
+            line = WORDS[route.language]["escalated"].format(
+                step=number, title=incident["title"], waited=format_duration(waited))
+            try:
+                self.ding(tuple(dict.fromkeys(user_ids)), line)
+            except AppError as exc:
+                log.warning("incident=%s: the DING of escalation step %d failed (%s): the "
+                            "message @-mentions them still", incident["id"], number, exc)
 
 
 class Recorder(Worker):
@@ -5948,6 +5958,7 @@ class Recorder(Worker):
 # =============================================================================================
 
 CARD_CALLBACK = "/v1.0/card/instances/callback"     # a card's button clicked
+DING_TYPES = {"app": 1, "sms": 2, "call": 3}        # [app] ding -> DING's remindType
 BOT_MESSAGE = "/v1.0/im/bot/messages/get"           # someone wrote to the app robot
 
 
@@ -6024,11 +6035,13 @@ class AppAPI:
             "outTrackId": track, "cardData": {"cardParamMap": params},
             "cardUpdateOptions": {"updateCardDataByKey": True}})
 
-    def ding(self, user_ids, text, remind_type=1):
-        """DING people (1 in the app, 2 SMS, 3 a call: editions and packages allowing)."""
+    def ding(self, user_ids, text):
+        """DING people as [app] ding says (in the app, SMS, a call: editions and packages
+        allowing; at most 20 people)."""
+        app = self.config().app
         self._call("ding", "POST", "/v1.0/robot/ding/send", {
-            "robotCode": self.config().app.robot, "remindType": remind_type,
-            "receiverUserIdList": list(user_ids), "content": text})
+            "robotCode": app.robot, "remindType": DING_TYPES[app.ding],
+            "receiverUserIdList": list(user_ids)[:20], "content": text})
 
     def _call(self, api, method, path, body, token=None):
         """One call; a token refused is fetched again once. The answer, a dict."""
@@ -6263,6 +6276,7 @@ class StreamClient(Worker):
         self.socket = None
         self.connected_at = None        # the wall clock, while connected
         self.connections = 0
+        self.last_error = ""            # why the last connection ended or could not be made
         self._answers = collections.OrderedDict()       # messageId -> the answer given
 
     def stop(self):
@@ -6286,6 +6300,7 @@ class StreamClient(Worker):
         if text != self._last_error:
             log.warning("stream: %s; connecting again", text)
             self._last_error = text
+        self.last_error = text
         return retry_delay(failures - 1, 1.0, 60.0)
 
     def step(self):
@@ -7524,9 +7539,10 @@ class Pages:
     REFRESH = 10        # seconds between the status page's reloads
 
     def __init__(self, config, journal, pool, store, probes, cluster, last_webhooks, renderer,
-                 channel, metrics, clock, wall, desk):
+                 channel, metrics, clock, wall, desk, app_state=None):
         self.config, self.journal, self.pool, self.store = config, journal, pool, store
         self.desk = desk
+        self.app_state = app_state      # () -> the DingTalk app's state (see Bridge.app_state)
         self.probes, self.cluster, self.last_webhooks = probes, cluster, last_webhooks
         self.renderer, self.channel, self.metrics = renderer, channel, metrics
         self.clock, self.wall = clock, wall
@@ -7564,8 +7580,32 @@ class Pages:
             parts.append(self._route(route, queues.get(name, ({}, 0)), robots, now))
         for name in sorted(set(queues) - set(config.routes)):
             parts.append(self._orphan(name, queues[name], now))
-        parts += [self._on_call_section(), self._sends(), self._firing()]
+        parts += [self._app_section(config), self._on_call_section(), self._sends(),
+                  self._firing()]
         return page(f"alertbridge {VERSION}", "".join(parts), refresh=self.REFRESH)
+
+    def _app_section(self, config):
+        """The DingTalk app: its Stream connection, its OpenAPI's throttling and last error."""
+        if not config.app.enabled or self.app_state is None:
+            return ""
+        state = self.app_state()
+        if state["connected_at"]:
+            stream = span("ok", "connected") + f" since {when(self._shown(state['connected_at']))}"
+        elif not state["leader"]:
+            stream = "held by the cluster's leader"
+        else:
+            stream = span("bad", "not connected") + (f": {esc(state['stream_error'])}"
+                                                     if state["stream_error"] else "")
+        api = (span("bad", f"throttled by DingTalk for {state['throttled_for']:.0f} s more")
+               if state["throttled_for"] > 0 else span("ok", "ok"))
+        if state["api_error"]:
+            api += f" · last error: {esc(state['api_error'])}"
+        groups = ", ".join(f"{esc(r.name)} → {esc(r.app_group)}"
+                           for r in sorted(config.routes.values(), key=lambda r: r.name)
+                           if r.app_group) or "none (set app_group on a receiver)"
+        rows = [["Stream connection", stream], ["OpenAPI", api], ["cards for", groups]]
+        return (f"<section><h2>DingTalk app {esc(config.app.client_id)}</h2>"
+                + table(["part", "state"], rows) + "</section>")
 
     def on_call(self):
         """GET /api/oncall: who is on call now and next in each rotation, until when."""
@@ -7599,8 +7639,14 @@ class Pages:
         return datetime.fromtimestamp(epoch, self.config().tz).strftime("%Y-%m-%d %H:%M")
 
     def _attention(self, config, robots, now):
-        """The robots that cannot send, first on the page: what on-call opens it for."""
+        """The robots that cannot send, and a leader without the app's Stream connection (card
+        buttons do nothing), first on the page: what on-call opens it for."""
         items = []
+        state = self.app_state() if config.app.enabled and self.app_state else None
+        if state and state["leader"] and not state["connected_at"]:
+            items.append("<li><strong>DingTalk app</strong>: " + span(
+                "bad", "no Stream connection: buttons on cards do nothing")
+                + (f" ({esc(state['stream_error'])})" if state["stream_error"] else "") + "</li>")
         for name, route in sorted(config.routes.items()):
             for robot in sorted((robots[r.name] for r in route.robots), key=self._trouble):
                 problem = self._problem(robot, now)
@@ -8056,9 +8102,9 @@ class Bridge:
         self.notifier = Notifier(current, self.journal, self.senders, self.metrics)
         self.recorder = Recorder(current, self.journal, self.store, self.metrics, self.clock,
                                  wall)
-        self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
-                                   wall)
         self.app_api = AppAPI(current, self.metrics, self.clock)
+        self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
+                                   wall, ding=self.app_api.ding)
         self.app = AppPager(current, self.app_api, self.journal, self.renderer, wall)
         self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self._tell_card)
         self.stream = StreamClient(current, self.app_api,
@@ -8070,7 +8116,7 @@ class Bridge:
         self.intake = Intake(current, self.journal, self.metrics, {}, self.clock)
         self.pages = Pages(current, self.journal, self.pool, self.store, self.probes,
                            self.cluster, self.intake.last_webhooks, self.renderer, self.channel,
-                           self.metrics, self.clock, wall, self.desk)
+                           self.metrics, self.clock, wall, self.desk, self.app_state)
         self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
         self.recorder.store_changed.listen(self.probes.store_changed)
         if config.cluster.enabled:
@@ -8089,6 +8135,13 @@ class Bridge:
         return RouteSender(name, self.current, self.journal, self.pool, self.renderer,
                            self.channel, self.cluster, self.metrics, self.clock, self.wall,
                            self.post, self.sent, self.app)
+
+    def app_state(self):
+        """What the status page shows of the DingTalk app."""
+        return {"connected_at": self.stream.connected_at, "leader": self.cluster.may_send(),
+                "stream_error": self.stream.last_error,
+                "throttled_for": self.app_api.throttled_until - self.clock(),
+                "api_error": self.app_api.last_error}
 
     def _tell_card(self, route_name, group, what, text):
         """An incident's change shown on its card (see AppPager.tell)."""

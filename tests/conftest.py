@@ -4,6 +4,7 @@ process and daemons in child processes. The helpers they use are in tests/kit.py
 import pytest
 
 import alertbridge
+from tests.fakeapp import FakeApp
 from tests.fakedingtalk import FakeDingTalk
 from tests.kit import ROBOTS, Daemon, config_text, empty_mysql
 
@@ -13,6 +14,14 @@ def fake():
     server = FakeDingTalk().start()
     for robot in ROBOTS.values():
         server.add_robot(robot["token"], robot.get("secret", ""), robot.get("keyword", ""))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def app():
+    """A fake DingTalk for the app robot: its OpenAPI and its Stream gateway (tests/fakeapp.py)."""
+    server = FakeApp().start()
     yield server
     server.stop()
 

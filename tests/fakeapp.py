@@ -23,9 +23,7 @@ import websockets.asyncio.server
 
 
 class FakeApp:
-    def __init__(
-        self, client_id="ding-app", client_secret="app-secret-123456", expire_in=7200
-    ):
+    def __init__(self, client_id="ding-app", client_secret="app-secret-123456", expire_in=7200):
         self.client_id, self.client_secret, self.expire_in = (
             client_id,
             client_secret,
@@ -48,9 +46,7 @@ class FakeApp:
     def start(self):
         handler = type("Handler", (_Handler,), {"app": self})
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(
-            target=self.http.serve_forever, args=(0.02,), daemon=True
-        ).start()
+        threading.Thread(target=self.http.serve_forever, args=(0.02,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
         ready = threading.Event()
         threading.Thread(target=self._gateway, args=(ready,), daemon=True).start()
@@ -114,9 +110,7 @@ class FakeApp:
         size = len(text) // pieces + 1
 
         async def go():
-            await self._sockets[-1].send(
-                [text[i : i + size] for i in range(0, len(text), size)]
-            )
+            await self._sockets[-1].send([text[i : i + size] for i in range(0, len(text), size)])
 
         self._run(go())
 
@@ -139,9 +133,7 @@ class FakeApp:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                answer = self.answers.get(
-                    timeout=max(0.01, deadline - time.monotonic())
-                )
+                answer = self.answers.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if answer.get("headers", {}).get("messageId") == message_id:
@@ -149,9 +141,7 @@ class FakeApp:
         raise AssertionError(f"no answer to {message_id}")
 
     def click(self, track, user_id, action="claim"):
-        content = {
-            "cardPrivateData": {"actionIds": [action], "params": {"action": action}}
-        }
+        content = {"cardPrivateData": {"actionIds": [action], "params": {"action": action}}}
         answer = self.ask(
             "CALLBACK",
             "/v1.0/card/instances/callback",
@@ -229,9 +219,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self):
         app = self.app
-        body = json.loads(
-            self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}"
-        )
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         path = self.path
         app.calls[path] += 1
         if path == "/v1.0/oauth2/accessToken":
@@ -239,9 +227,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 app.client_id,
                 app.client_secret,
             ):
-                return self._answer(
-                    400, {"code": "invalidClientIdOrSecret", "message": "bad"}
-                )
+                return self._answer(400, {"code": "invalidClientIdOrSecret", "message": "bad"})
             token = secrets.token_hex(16)
             with app._lock:
                 app.tokens[token] = time.monotonic() + app.expire_in
@@ -251,9 +237,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 app.client_id,
                 app.client_secret,
             ):
-                return self._answer(
-                    401, {"code": "InvalidAuthentication", "message": "bad"}
-                )
+                return self._answer(401, {"code": "InvalidAuthentication", "message": "bad"})
             ticket = secrets.token_hex(8)
             with app._lock:
                 app.tickets.add(ticket)
@@ -271,16 +255,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with app._lock:
             valid = app.tokens.get(token, 0) > time.monotonic()
         if not valid:
-            return self._answer(
-                401, {"code": "InvalidAuthentication", "message": "token"}
-            )
+            return self._answer(401, {"code": "InvalidAuthentication", "message": "token"})
         if path.startswith("/v1.0/card/") and app.card_failures:
             status = app.card_failures.pop(0)
-            code = (
-                "Forbidden.AccessDenied.QpsLimitForApi"
-                if status == 403
-                else "ServiceError"
-            )
+            code = "Forbidden.AccessDenied.QpsLimitForApi" if status == 403 else "ServiceError"
             return self._answer(status, {"code": code, "message": "fake failure"})
         if path == "/v1.0/card/instances/createAndDeliver":
             app.cards[body["outTrackId"]] = {
@@ -294,9 +272,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/v1.0/card/instances" and self.command == "PUT":
             card = app.cards.get(body["outTrackId"])
             if card is None:
-                return self._answer(
-                    400, {"code": "cardNotExist", "message": "no such card"}
-                )
+                return self._answer(400, {"code": "cardNotExist", "message": "no such card"})
             card["params"].update(body["cardData"]["cardParamMap"])
             card["updates"].append(body["cardData"]["cardParamMap"])
             return self._answer(200, {"success": True, "result": True})

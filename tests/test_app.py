@@ -12,7 +12,6 @@ import pytest
 import websockets.sync.server
 
 import alertbridge
-from tests.fakeapp import FakeApp
 from tests.kit import get, make_alert, make_payload, post, wait_until
 
 
@@ -60,9 +59,7 @@ def test_a_fragmented_message_arrives_whole_and_a_ping_in_between_is_answered(se
 
     def behave(ws):
         ws.recv()
-        ws.send(
-            ["frag", "mented ", "mess", "age"]
-        )  # four frames: text, then continuations
+        ws.send(["frag", "mented ", "mess", "age"])  # four frames: text, then continuations
         pongs.append(ws.ping(b"are you there").wait(5))
         ws.send("after the ping")
         ws.recv()
@@ -102,20 +99,11 @@ def test_a_server_that_does_not_speak_websocket_is_refused():
 
     threading.Thread(target=answer, daemon=True).start()
     with pytest.raises(alertbridge.WebSocketClosed, match="200 OK"):
-        alertbridge.WebSocket.connect(
-            f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=5
-        )
+        alertbridge.WebSocket.connect(f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=5)
     listener.close()
 
 
 # ---- the app, end to end in one process
-
-
-@pytest.fixture
-def app():
-    fake = FakeApp().start()
-    yield fake
-    fake.stop()
 
 
 APP_PEOPLE = """
@@ -125,30 +113,24 @@ user_id = manager4321
 """
 
 
-def app_bridge(make_bridge, sqlite_db, app, extra=""):
-    return make_bridge(
-        sqlite_db,
-        receivers={
-            "ops": {
-                "robots": "ops-1, ops-2",
-                "app_group": "cid-ops",
-                "at_severities": "critical",
-            },
-            "dev": {"robots": "dev-1"},
-        },
-        extra="\n".join(
-            [
-                "[app]",
-                f"client_id = {app.client_id}",
-                f"client_secret = {app.client_secret}",
-                "card_template = alerts.schema",
-                f"api_url = {app.url}",
-                "timeout = 5",
-                APP_PEOPLE,
-                extra,
-            ]
-        ),
+def app_config(app):
+    """The [app] section for the fake app."""
+    return (
+        f"\n[app]\nclient_id = {app.client_id}\nclient_secret = {app.client_secret}\n"
+        f"card_template = alerts.schema\napi_url = {app.url}\ntimeout = 5\n"
     )
+
+
+def app_bridge(make_bridge, sqlite_db, app, extra=""):
+    receivers = {
+        "ops": {
+            "robots": "ops-1, ops-2",
+            "app_group": "cid-ops",
+            "at_severities": "critical",
+        },
+        "dev": {"robots": "dev-1"},
+    }
+    return make_bridge(sqlite_db, receivers=receivers, extra=app_config(app) + APP_PEOPLE + extra)
 
 
 def firing(instance="node-1:9100", status="firing"):
@@ -167,23 +149,16 @@ def test_a_page_is_a_card_a_click_claims_it_as_the_clicker_and_the_card_changes(
     assert card["body"]["callbackType"] == "STREAM"
     assert "DiskFull" in card["params"]["title"] and card["params"]["state"] == "open"
     assert fake.delivered() == []  # the card went instead of a robot message
-    assert wait_until(
-        lambda: bridge.store.open_incident("ops", track.split(".")[1]), timeout=10
-    )
+    assert wait_until(lambda: bridge.store.open_incident("ops", track.split(".")[1]), timeout=10)
 
     answer = app.click(track, "manager4321")
     assert answer["cardData"]["cardParamMap"]["state"] == "claimed"
     assert "张三" in answer["cardData"]["cardParamMap"]["status"]
     incident = bridge.store.open_incident("ops", track.split(".")[1])
-    assert (
-        incident["state"] == "acknowledged"
-        and incident["acknowledged_by"] == "zhangsan"
-    )
+    assert incident["state"] == "acknowledged" and incident["acknowledged_by"] == "zhangsan"
     assert "alertbridge_time_to_acknowledge_seconds_count" in metrics(bridge)
 
-    assert (
-        post(bridge.address, firing(status="resolved"))[0] == 200
-    )  # resolved: same card
+    assert post(bridge.address, firing(status="resolved"))[0] == 200  # resolved: same card
     assert wait_until(lambda: card["params"]["state"] == "resolved", timeout=10)
     assert len(app.cards) == 1 and fake.delivered() == []
 
@@ -198,9 +173,7 @@ def test_when_the_card_api_fails_the_page_goes_through_the_robots(
     assert "DiskFull" in fake.delivered()[0].text and not app.cards
     assert 'api="card",outcome="refused"' in metrics(bridge)
 
-    app.card_failures = [
-        403
-    ]  # the app's rate limit: the robots meanwhile, nothing lost
+    app.card_failures = [403]  # the app's rate limit: the robots meanwhile, nothing lost
     assert post(bridge.address, firing("node-2:9100"))[0] == 200
     assert wait_until(lambda: len(fake.delivered()) == 2, timeout=10)
     assert 'outcome="throttled"' in metrics(bridge)
@@ -215,9 +188,7 @@ def test_an_expired_token_is_fetched_again_and_the_card_still_goes(
     app.expire_tokens()  # DingTalk refuses the token it gave (401)
     assert post(bridge.address, firing("node-2:9100"))[0] == 200
     assert wait_until(lambda: app.calls["/v1.0/oauth2/accessToken"] == 2, timeout=10)
-    assert wait_until(
-        lambda: sum(len(c["updates"]) for c in app.cards.values()) == 1, timeout=10
-    )
+    assert wait_until(lambda: sum(len(c["updates"]) for c in app.cards.values()) == 1, timeout=10)
     assert fake.delivered() == []
 
 
@@ -239,9 +210,13 @@ def test_the_stream_answers_pings_reconnects_on_disconnect_and_leaves_a_half_ope
     started = time.monotonic()
     assert wait_until(lambda: bridge.stream.socket is None, timeout=10)
     assert time.monotonic() - started < 5  # DEAD_AFTER (1 s here, 50 s in production)
+    assert wait_until(lambda: "no Stream connection" in get(bridge.address, "/")[1], timeout=20)
     app.thaw()
     assert wait_until(lambda: app.connections == 3, timeout=20)
     assert app.ask("SYSTEM", "ping", "{}")["code"] == 200
+    status = get(bridge.address, "/")[1]
+    assert "DingTalk app ding-app" in status and "no Stream connection" not in status
+    assert "ops → cid-ops" in status
 
 
 def test_a_frame_seen_again_gets_the_same_answer_and_fragments_are_joined(
@@ -249,12 +224,8 @@ def test_a_frame_seen_again_gets_the_same_answer_and_fragments_are_joined(
 ):
     bridge = app_bridge(make_bridge, sqlite_db, app)
     assert wait_until(lambda: app.connections == 1, timeout=10)
-    first = app.ask(
-        "CALLBACK", "/v1.0/card/instances/callback", {"outTrackId": "x"}, "m-1"
-    )
-    again = app.ask(
-        "CALLBACK", "/v1.0/card/instances/callback", {"outTrackId": "x"}, "m-1"
-    )
+    first = app.ask("CALLBACK", "/v1.0/card/instances/callback", {"outTrackId": "x"}, "m-1")
+    again = app.ask("CALLBACK", "/v1.0/card/instances/callback", {"outTrackId": "x"}, "m-1")
     assert first == again
     app.send_fragmented(
         {
@@ -291,9 +262,7 @@ def test_the_app_needs_its_credentials_and_a_template(tmp_path):
         "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n",
         encoding="utf-8",
     )
-    with pytest.raises(
-        alertbridge.ConfigError, match=r"app_group: set \[app\] client_id"
-    ):
+    with pytest.raises(alertbridge.ConfigError, match=r"app_group: set \[app\] client_id"):
         alertbridge.load_config(str(path))
     path.write_text(path.read_text() + "[app]\nclient_id = x\n", encoding="utf-8")
     with pytest.raises(alertbridge.ConfigError, match="set both"):
@@ -310,15 +279,28 @@ def test_check_app_fetches_a_token_and_a_ticket_and_says_why_not(tmp_path, app, 
     path.write_text(base + f"client_secret = {app.client_secret}\n", encoding="utf-8")
     assert alertbridge.main(["-c", str(path), "--check-app"]) == 0
     said = capsys.readouterr().out
-    assert (
-        "token OK" in said
-        and "Stream ticket OK" in said
-        and app.client_secret not in said
-    )
+    assert "token OK" in said and "Stream ticket OK" in said and app.client_secret not in said
     path.write_text(base + "client_secret = wrong-secret\n", encoding="utf-8")
     assert alertbridge.main(["-c", str(path), "--check-app"]) == 1
     said = capsys.readouterr().out
-    assert (
-        "NOT OK: HTTP 400 invalidClientIdOrSecret" in said
-        and "wrong-secret" not in said
+    assert "NOT OK: HTTP 400 invalidClientIdOrSecret" in said and "wrong-secret" not in said
+
+
+def test_an_escalation_step_dings_its_people_through_the_app(make_bridge, sqlite_db, app, fake):
+    receivers = {
+        "ops": {"robots": "ops-1", "app_group": "cid-ops", "escalation": "fast"},
+        "dev": {"robots": "dev-1"},
+    }
+    escalation = "\n[escalation:fast]\nsteps =\n    1s = zhangsan\n"
+    bridge = make_bridge(
+        sqlite_db,
+        receivers=receivers,
+        extra=app_config(app) + "ding = call\n" + APP_PEOPLE + escalation,
     )
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: app.dings, timeout=30)
+    [ding] = app.dings
+    assert ding["receiverUserIdList"] == ["manager4321"] and ding["remindType"] == 3
+    assert "DiskFull" in ding["content"]
+    # the step's message still goes to the group, @-mentioning him
+    assert fake.wait_for(lambda f: any("升级第 1 步" in m.text for m in f.delivered()))

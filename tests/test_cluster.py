@@ -8,6 +8,8 @@ import signal
 
 import pytest
 
+import alertbridge
+
 from tests.fakedingtalk import REAL_TIME
 from tests.test_incidents import ONCALL
 from tests.kit import (
@@ -358,6 +360,57 @@ def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_
         assert sum("认领了" in t for t in texts) == 1
         [escalated] = [m for m in fake.delivered() if "升级第 1 步" in m.text]
         assert escalated.body["at"]["atMobiles"] == ["13800000002"]  # lisi
+    finally:
+        for child in children:
+            child.kill()
+
+
+def test_only_the_leader_holds_the_app_stream_and_a_new_leader_serves_clicks(tmp_path, fake, app):
+    """The DingTalk app on two instances: one Stream connection, the leader's; the standby
+    says who holds it. kill -9 the leader: the other takes the lease, opens its own connection
+    with a fresh ticket and serves a click on the card the first one sent."""
+    from tests.test_app import APP_PEOPLE, app_config
+
+    receivers = {
+        "ops": {"robots": "ops-1", "app_group": "cid-ops"},
+        "dev": {"robots": "dev-1"},
+    }
+    children = []
+    for name in ("a", "b"):
+        directory = tmp_path / name
+        directory.mkdir()
+        children.append(
+            Daemon(
+                directory,
+                fake.url,
+                empty_mysql() if name == "a" else mysql_settings(),
+                receivers=receivers,
+                extra=cluster(name) + app_config(app) + APP_PEOPLE,
+            )
+        )
+    try:
+        for child in children:
+            child.wait_healthy()
+        leader = leader_of(children)
+        standby = next(c for c in children if c is not leader)
+        assert wait_until(lambda: app.connections == 1)
+        assert wait_until(lambda: "held by the cluster" in get(standby.url, "/")[1])
+        assert app.connections == 1  # the standby looked, and left the connection to the leader
+        page = make_payload("ops", [make_alert("DiskFull")]) | {"groupKey": "g-1"}
+        assert [post(c.url, page)[0] for c in children] == [200, 200]
+        assert wait_until(lambda: app.cards, timeout=30)
+        [track] = app.cards
+        store = alertbridge.Store(mysql_settings())
+        try:
+            assert wait_until(lambda: store.open_incident("ops", track.split(".")[1]), timeout=30)
+        finally:
+            store.close()
+
+        leader.kill()  # SIGKILL: its socket dies with it, its lease runs out
+        assert wait_until(lambda: app.connections == 2, timeout=60), standby.log.read_text()
+        answer = app.click(track, "manager4321")["cardData"]["cardParamMap"]
+        assert answer["state"] == "claimed" and "张三" in answer["status"]
+        assert len(app.cards) == 1 and fake.delivered() == []  # one card, no robot message
     finally:
         for child in children:
             child.kill()

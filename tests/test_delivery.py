@@ -37,12 +37,7 @@ from tests.kit import (
     wait_until,
 )
 
-FAST = {
-    "rate_window": "1",
-    "throttle_seconds": "600",
-    "retry_base": "0.05",
-    "retry_max": "0.2",
-}
+FAST = {"rate_window": "1", "throttle_seconds": "600", "retry_base": "0.05", "retry_max": "0.2"}
 
 
 def post_all(target, payloads, workers=8):
@@ -70,18 +65,14 @@ def test_storm_reaches_the_group_within_every_budget(make_bridge, fast_fake, dat
 def test_budget_survives_a_restart(make_bridge, fake, sqlite_db):
     receivers = {"dev": {"robots": "dev-1"}}
     bridge = make_bridge(
-        sqlite_db,
-        receivers=receivers,
-        delivery={"rate_limit": "3", "rate_window": "3600"},
+        sqlite_db, receivers=receivers, delivery={"rate_limit": "3", "rate_window": "3600"}
     )
     for i in range(3):
         post(bridge, make_payload("dev", [make_alert(instance=f"n{i}")]))
         settle(bridge)
     bridge.stop()
     again = make_bridge(
-        sqlite_db,
-        receivers=receivers,
-        delivery={"rate_limit": "3", "rate_window": "3600"},
+        sqlite_db, receivers=receivers, delivery={"rate_limit": "3", "rate_window": "3600"}
     )
     receiver = again.config.routes["dev"]
     assert again.pool.available(receiver, time.time()) == 0
@@ -105,15 +96,10 @@ def test_throttled_robot_rests_and_others_take_over(make_bridge, fake, sqlite_db
     ]
     metrics = bridge.probes.render_metrics()
     assert 'alertbridge_robot_throttled{robot="ops-1"} 1' in metrics
-    assert (
-        'alertbridge_sends_total{errcode="410100",receiver="ops",robot="ops-1"} 1'
-        in metrics
-    )
+    assert 'alertbridge_sends_total{errcode="410100",receiver="ops",robot="ops-1"} 1' in metrics
 
 
-def test_misconfigured_robot_leaves_rotation_until_reload(
-    make_bridge, fake, sqlite_db, caplog
-):
+def test_misconfigured_robot_leaves_rotation_until_reload(make_bridge, fake, sqlite_db, caplog):
     caplog.set_level(logging.INFO, logger="alertbridge")
     wrong = {**ROBOTS, "ops-1": {**ROBOTS["ops-1"], "secret": "SECwrong"}}
     bridge = make_bridge(sqlite_db, robots=wrong)
@@ -132,11 +118,7 @@ def test_misconfigured_robot_leaves_rotation_until_reload(
     path = bridge.config.path  # the operator fixes the secret and reloads
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(
-            config_text(
-                fake.url,
-                sqlite_db,
-                main={"state_dir": "state", "journal_sync": "normal"},
-            )
+            config_text(fake.url, sqlite_db, main={"state_dir": "state", "journal_sync": "normal"})
         )
     assert post(bridge, b"", path="/-/reload")[0] == 200
     for i in range(3):
@@ -160,23 +142,15 @@ def test_every_robot_failing_is_retried_with_backoff(make_bridge, fake, database
     assert history(bridge)[0]["notified_count"] == 1
 
 
-def test_undeliverable_message_expires_but_is_kept(
-    make_bridge, fake, sqlite_db, caplog
-):
+def test_undeliverable_message_expires_but_is_kept(make_bridge, fake, sqlite_db, caplog):
     caplog.set_level(logging.ERROR, logger="alertbridge")
     robots = {**ROBOTS, "dev-1": {"token": "tok-not-registered"}}
     bridge = make_bridge(
-        sqlite_db,
-        robots=robots,
-        receivers={"dev": {"robots": "dev-1"}},
-        delivery={"max_age": "1"},
+        sqlite_db, robots=robots, receivers={"dev": {"robots": "dev-1"}}, delivery={"max_age": "1"}
     )
     post(bridge, make_payload("dev", [make_alert()]))
     assert wait_until(lambda: bridge.journal.message_states().get("expired") == 1)
-    assert (
-        'alertbridge_messages_expired_total{receiver="dev"} 1'
-        in bridge.probes.render_metrics()
-    )
+    assert 'alertbridge_messages_expired_total{receiver="dev"} 1' in bridge.probes.render_metrics()
     assert any("expired" in r.getMessage() for r in caplog.records)
     assert bridge.recorder.wait_idle(10) and len(history(bridge)) == 1
 
@@ -187,9 +161,7 @@ def test_ack_does_not_wait_for_a_slow_dingtalk(make_bridge, fake, sqlite_db):
     for i in range(5):
         status, _ = post(bridge, make_payload("ops", [make_alert(instance=f"n{i}")]))
         assert status == 200
-    assert (
-        fake.delivered() == []
-    )  # five acks came back before DingTalk answered even once
+    assert fake.delivered() == []  # five acks came back before DingTalk answered even once
     assert fake.wait_for(lambda f: len(f.delivered()) >= 1, timeout=10)
 
 
@@ -222,24 +194,19 @@ def test_kill_9_mid_storm_loses_nothing(tmp_path, fast_fake, database, daemon):
     assert 60 <= accepted_before < 150  # killed mid-storm
 
     again = daemon(
-        database=database,
-        main={"journal_sync": "full", "port": str(child.port)},
-        delivery=FAST,
+        database=database, main={"journal_sync": "full", "port": str(child.port)}, delivery=FAST
     )
     try:
         again.wait_healthy()
-        for i, payload in enumerate(
-            payloads
-        ):  # Alertmanager retries what was not acked
+        for i, payload in enumerate(payloads):  # Alertmanager retries what was not acked
             if outcome[i] != 200:
                 assert post(again.url, payload)[0] == 200
         expected = {f"storm-{g}-{i}" for g in range(150) for i in range(10)}
-        assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=90), (
-            sorted(expected - delivered_ids(fast_fake))[:5]
-        )
+        assert fast_fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=90), sorted(
+            expected - delivered_ids(fast_fake)
+        )[:5]
         assert wait_until(
-            lambda: metric(again.url, "alertbridge_record_backlog_events") == 0,
-            timeout=60,
+            lambda: metric(again.url, "alertbridge_record_backlog_events") == 0, timeout=60
         )
     finally:
         assert again.stop() == 0
@@ -267,9 +234,7 @@ def test_dingtalk_down_for_a_while_loses_nothing(make_bridge, fast_fake, databas
     assert failures and all(s["errmsg"].startswith("network") for s in failures)
 
 
-def test_a_send_cut_off_by_a_crash_still_counts_against_the_budget(
-    make_bridge, fake, sqlite_db
-):
+def test_a_send_cut_off_by_a_crash_still_counts_against_the_budget(make_bridge, fake, sqlite_db):
     options = {
         "receivers": {"dev": {"robots": "dev-1"}},
         "delivery": {"rate_limit": "3", "rate_window": "3600"},
@@ -289,9 +254,7 @@ def test_a_send_cut_off_by_a_crash_still_counts_against_the_budget(
 ONE_ROBOT = {"dev": {"robots": "dev-1"}}
 
 
-@pytest.mark.parametrize(
-    "broken", ["json-array", "json-null", "bad-status-line", "cut-chunked"]
-)
+@pytest.mark.parametrize("broken", ["json-array", "json-null", "bad-status-line", "cut-chunked"])
 def test_a_broken_answer_is_no_answer_and_gives_the_budget_slot_back(
     make_bridge, fake, sqlite_db, caplog, broken
 ):
@@ -300,12 +263,7 @@ def test_a_broken_answer_is_no_answer_and_gives_the_budget_slot_back(
     bridge = make_bridge(
         sqlite_db,
         receivers=ONE_ROBOT,
-        delivery={
-            "rate_limit": "2",
-            "rate_window": "1",
-            "retry_base": "0.05",
-            "retry_max": "0.1",
-        },
+        delivery={"rate_limit": "2", "rate_window": "1", "retry_base": "0.05", "retry_max": "0.1"},
     )
     fake.fail_next(DEV, broken, 4)  # twice the budget: each slot must come back
     post(bridge, make_payload("dev", [make_alert()]))
@@ -314,9 +272,7 @@ def test_a_broken_answer_is_no_answer_and_gives_the_budget_slot_back(
     sends = history(bridge, "notifications")
     assert [s["errcode"] for s in sends] == [None] * 4 + [0]
     assert all(s["errmsg"] and "Traceback" not in s["errmsg"] for s in sends[:4])
-    assert not [
-        r for r in caplog.records if r.exc_info
-    ]  # a normal failure, not a crash
+    assert not [r for r in caplog.records if r.exc_info]  # a normal failure, not a crash
     assert bridge.pool.available(bridge.config.routes["dev"], time.time() + 1.01) == 2
 
 
@@ -326,9 +282,7 @@ def test_a_message_after_1024_failed_attempts_is_still_retried(
     caplog.set_level(logging.INFO, logger="alertbridge")
     bridge = make_bridge(sqlite_db, receivers=ONE_ROBOT, start=False)
     config = bridge.config
-    webhook = alertbridge.parse_webhook(
-        json.dumps(make_payload("dev", [make_alert()])).encode()
-    )
+    webhook = alertbridge.parse_webhook(json.dumps(make_payload("dev", [make_alert()])).encode())
     bridge.journal.accept(webhook, config.routes["dev"], "req-old")
     with sqlite3.connect(bridge.journal.path) as db:  # 13 hours of DingTalk outage
         db.execute("UPDATE messages SET attempts = 1100")
@@ -336,9 +290,7 @@ def test_a_message_after_1024_failed_attempts_is_still_retried(
     bridge.start()
     assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=30)
     assert [r.errcode for r in fake.requests] == [-1, 0]
-    assert not [
-        r for r in caplog.records if r.levelno >= logging.ERROR
-    ]  # a retry, not a crash
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a retry, not a crash
 
 
 def test_a_trickled_answer_is_cut_at_the_timeout_and_the_next_robot_sends(
@@ -358,26 +310,18 @@ def test_a_trickled_answer_is_cut_at_the_timeout_and_the_next_robot_sends(
     )
 
 
-def test_a_hanging_robot_does_not_hold_up_another_receiver(
-    make_bridge, fake, sqlite_db
-):
+def test_a_hanging_robot_does_not_hold_up_another_receiver(make_bridge, fake, sqlite_db):
     bridge = make_bridge(sqlite_db, delivery={"timeout": "60"})
     fake.fail_next(OPS[0], "hang")
     post(bridge, make_payload("ops", [make_alert("Stuck")]))
     assert fake.wait_for(lambda f: [r.token for r in f.requests] == [OPS[0]])
     post(bridge, make_payload("dev", [make_alert("Other")]))
-    assert fake.wait_for(
-        lambda f: len(f.delivered(DEV)) == 1, timeout=30
-    )  # while ops-1 hangs
+    assert fake.wait_for(lambda f: len(f.delivered(DEV)) == 1, timeout=30)  # while ops-1 hangs
     fake.release.set()
-    assert fake.wait_for(
-        lambda f: any("Stuck" in m.text for m in f.delivered()), timeout=30
-    )
+    assert fake.wait_for(lambda f: any("Stuck" in m.text for m in f.delivered()), timeout=30)
 
 
-def test_two_robot_sections_with_one_token_share_one_budget(
-    make_bridge, fake, sqlite_db
-):
+def test_two_robot_sections_with_one_token_share_one_budget(make_bridge, fake, sqlite_db):
     fake.rate_limit = 3
     twins = {**ROBOTS, "twin": dict(ROBOTS["dev-1"])}
     bridge = make_bridge(
@@ -387,9 +331,7 @@ def test_two_robot_sections_with_one_token_share_one_budget(
         delivery={"rate_limit": "3", "rate_window": "3600"},
     )
     for i in range(3):
-        assert (
-            post(bridge, make_payload("dev", [make_alert(instance=f"n{i}")]))[0] == 200
-        )
+        assert post(bridge, make_payload("dev", [make_alert(instance=f"n{i}")]))[0] == 200
         settle(bridge)
     assert [r.errcode for r in fake.requests] == [0, 0, 0]
     assert (
@@ -412,9 +354,7 @@ def small_disk(tmp_path):
     )
     if result.returncode != 0:
         if IN_CI:
-            pytest.fail(
-                f"the full-disk test needs to mount a tmpfs in CI: {result.stderr}"
-            )
+            pytest.fail(f"the full-disk test needs to mount a tmpfs in CI: {result.stderr}")
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     filler = mount / "filler"
 
@@ -432,16 +372,11 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_full_disk_neither_loses_nor_repeats_a_page(
-    make_bridge, fake, sqlite_db, small_disk
-):
+def test_a_full_disk_neither_loses_nor_repeats_a_page(make_bridge, fake, sqlite_db, small_disk):
     mount, fill, free = small_disk
     bridge = make_bridge(sqlite_db, main={"state_dir": str(mount)}, receivers=ONE_ROBOT)
     full = threading.Event()
-    fake.before_answer = lambda request: (
-        fill(),
-        full.set(),
-    )  # the disk fills as DingTalk answers
+    fake.before_answer = lambda request: (fill(), full.set())  # the disk fills as DingTalk answers
     assert post(bridge, make_payload("dev", [make_alert("DiskFull")]))[0] == 200
     assert full.wait(30)
     fake.before_answer = None
@@ -456,20 +391,13 @@ def test_a_full_disk_neither_loses_nor_repeats_a_page(
         "\nalertbridge_journal_writable 0\n" in bridge.probes.render_metrics()
     )  # AlertbridgeJournalNotWritable
     free()
-    assert wait_until(
-        lambda: bridge.journal.backlog()[0] == 0
-    )  # the held answer is journaled
+    assert wait_until(lambda: bridge.journal.backlog()[0] == 0)  # the held answer is journaled
     assert post(bridge, make_payload("dev", [make_alert("Later")]))[0] == 200
     assert fake.wait_for(lambda f: len(f.delivered()) == 2)
     settle(bridge)
     texts = [m.text for m in fake.delivered()]
-    assert (
-        sum("DiskFull" in t for t in texts) == 1
-        and sum("Later" in t for t in texts) == 1
-    )
-    assert (
-        bridge.pool.available(bridge.config.routes["dev"], time.time()) == 18
-    )  # no slot lost
+    assert sum("DiskFull" in t for t in texts) == 1 and sum("Later" in t for t in texts) == 1
+    assert bridge.pool.available(bridge.config.routes["dev"], time.time()) == 18  # no slot lost
     assert post(bridge, None, path="/-/ready", method="GET")[0] == 200
     assert "\nalertbridge_journal_writable 1\n" in bridge.probes.render_metrics()
 
@@ -480,9 +408,7 @@ def test_a_reload_that_removes_a_receiver_keeps_its_messages_for_it(
     caplog.set_level(logging.ERROR, logger="alertbridge")
     receivers = {"ops": {"robots": "ops-1"}, "dev": {"robots": "dev-1"}}
     bridge = make_bridge(
-        sqlite_db,
-        receivers=receivers,
-        delivery={"rate_limit": "1", "rate_window": "3600"},
+        sqlite_db, receivers=receivers, delivery={"rate_limit": "1", "rate_window": "3600"}
     )
     post(bridge, make_payload("ops", [make_alert(instance="first")]))
     settle(bridge)  # ops-1 has used its one message
@@ -493,25 +419,15 @@ def test_a_reload_that_removes_a_receiver_keeps_its_messages_for_it(
         fh.write(original.replace("[receiver:ops]\nrobots = ops-1\n", ""))
     assert post(bridge, b"", path="/-/reload")[0] == 200
     assert wait_until(
-        lambda: any(
-            "which the config no longer has" in r.getMessage() for r in caplog.records
-        )
+        lambda: any("which the config no longer has" in r.getMessage() for r in caplog.records)
     )
-    assert (
-        fake.delivered(DEV) == [] and bridge.journal.backlog()[0] == 1
-    )  # not sent to dev's group
-    with open(
-        path, "w", encoding="utf-8"
-    ) as fh:  # the section is back, with another robot
+    assert fake.delivered(DEV) == [] and bridge.journal.backlog()[0] == 1  # not sent to dev's group
+    with open(path, "w", encoding="utf-8") as fh:  # the section is back, with another robot
         fh.write(
-            original.replace(
-                "[receiver:ops]\nrobots = ops-1\n", "[receiver:ops]\nrobots = ops-2\n"
-            )
+            original.replace("[receiver:ops]\nrobots = ops-1\n", "[receiver:ops]\nrobots = ops-2\n")
         )
     assert post(bridge, b"", path="/-/reload")[0] == 200
-    assert fake.wait_for(
-        lambda f: any("waiting" in m.text for m in f.delivered(OPS[1]))
-    )
+    assert fake.wait_for(lambda f: any("waiting" in m.text for m in f.delivered(OPS[1])))
 
 
 # --- the sender in simulated time: no threads, no servers, no waiting --------------------------
@@ -522,10 +438,7 @@ class Simulated:
     accepts webhooks and turns the route's Sender by hand."""
 
     def __init__(
-        self,
-        tmp_path,
-        answer=lambda robot, body: alertbridge.SendResult(0, "ok"),
-        **options,
+        self, tmp_path, answer=lambda robot, body: alertbridge.SendResult(0, "ok"), **options
     ):
         self.clock, self.sent, self.answer = Clock(), [], answer
         options.setdefault("delivery", {})
@@ -533,9 +446,7 @@ class Simulated:
             "extra", "[templates]\ncompact_after = 0\n"
         )  # the budgets, not the layout
         path = tmp_path / "config.ini"
-        database = alertbridge.Database(
-            driver="sqlite", path=str(tmp_path / "history.db")
-        )
+        database = alertbridge.Database(driver="sqlite", path=str(tmp_path / "history.db"))
         path.write_text(
             config_text(
                 lambda token: f"http://127.0.0.1:9/robot/send?access_token={token}",
@@ -572,8 +483,7 @@ class Simulated:
     def most_in_a_window(self, name, window=60.0):
         times = sorted(at for at, robot, _ in self.sent if robot == name)
         return max(
-            (sum(1 for t in times if start <= t < start + window) for start in times),
-            default=0,
+            (sum(1 for t in times if start <= t < start + window) for start in times), default=0
         )
 
 
@@ -600,20 +510,15 @@ def test_a_storm_goes_out_in_digests_within_every_budget_in_simulated_time(simul
         sim.clock.advance(60)
         windows += 1
     delivered = {
-        i
-        for _, _, body in sim.sent
-        for i in re.findall(r"storm-\d+-\d+", body["markdown"]["text"])
+        i for _, _, body in sim.sent for i in re.findall(r"storm-\d+-\d+", body["markdown"]["text"])
     }
     assert delivered == {f"storm-{g}-{i}" for g in range(300) for i in range(10)}
     assert (
         max(sim.most_in_a_window(name) for name in ("ops-1", "ops-2", "ops-3")) == 18
     )  # 2 reserved
-    assert (
-        len(sim.sent) < 300 and windows <= 2
-    )  # 3,000 alerts in digests, within two minutes
+    assert len(sim.sent) < 300 and windows <= 2  # 3,000 alerts in digests, within two minutes
     assert all(
-        len(json.dumps(body, ensure_ascii=False).encode()) <= 20000
-        for _, _, body in sim.sent
+        len(json.dumps(body, ensure_ascii=False).encode()) <= 20000 for _, _, body in sim.sent
     )
 
 
@@ -649,9 +554,7 @@ def test_a_storm_renders_each_alert_about_once_not_at_every_digest(
     )  # once; a digest's first five in full too
 
 
-def test_a_throttled_robot_rests_one_window_not_ten_minutes_in_simulated_time(
-    simulated,
-):
+def test_a_throttled_robot_rests_one_window_not_ten_minutes_in_simulated_time(simulated):
     answers = iter([alertbridge.SendResult(410100, "too fast")])
     sim = simulated(
         answer=lambda robot, body: next(answers, alertbridge.SendResult(0, "ok")),
@@ -680,21 +583,13 @@ def test_retries_back_off_in_simulated_time(simulated):
         sim.run()
         delays.append(sim.bridge.journal.next_due_at("ops") - sim.clock())
         sim.clock.advance(delays[-1])
-    assert [5 <= d <= 10 for d in delays[:1]] == [
-        True
-    ]  # 10 s, with jitter down to half
-    assert all(10 <= d <= 20 for d in delays[1:2]) and all(
-        30 <= d <= 60 for d in delays[3:]
-    )
+    assert [5 <= d <= 10 for d in delays[:1]] == [True]  # 10 s, with jitter down to half
+    assert all(10 <= d <= 20 for d in delays[1:2]) and all(30 <= d <= 60 for d in delays[3:])
     assert len(sim.sent) == 5 * 3  # each round tried every robot once
 
 
 def severities(text):
-    return set(
-        re.findall(
-            r"· (critical|warning|info|error|none|\w*) · (?:FIRING|RESOLVED)", text
-        )
-    )
+    return set(re.findall(r"· (critical|warning|info|error|none|\w*) · (?:FIRING|RESOLVED)", text))
 
 
 def test_a_critical_after_a_storm_goes_out_in_the_next_request_alone(simulated):
@@ -704,18 +599,11 @@ def test_a_critical_after_a_storm_goes_out_in_the_next_request_alone(simulated):
     sim.run()
     assert len(sim.sent) == 3 * 18  # the storm used all but the reserve
     sim.clock.advance(1)
-    sim.accept(
-        make_payload("ops", [make_alert("DatacenterDown", "dc-1", severity="critical")])
-    )
+    sim.accept(make_payload("ops", [make_alert("DatacenterDown", "dc-1", severity="critical")]))
     sim.run()
     at, robot, body = sim.sent[-1]
-    assert (
-        at == sim.clock() and len(sim.sent) == 3 * 18 + 1
-    )  # at once, before the window ends
-    assert (
-        "DatacenterDown" in body["markdown"]["text"]
-        and "storm-" not in body["markdown"]["text"]
-    )
+    assert at == sim.clock() and len(sim.sent) == 3 * 18 + 1  # at once, before the window ends
+    assert "DatacenterDown" in body["markdown"]["text"] and "storm-" not in body["markdown"]["text"]
     assert max(sim.most_in_a_window(name) for name in ("ops-1", "ops-2", "ops-3")) <= 20
 
 
@@ -736,13 +624,9 @@ def test_no_digest_mixes_priority_levels(simulated):
         sim.clock.advance(60)
     assert all(len(severities(text)) == 1 for text in sim.texts())
     digests = [
-        body["markdown"]["title"]
-        for _, _, body in sim.sent
-        if "汇总" in body["markdown"]["title"]
+        body["markdown"]["title"] for _, _, body in sim.sent if "汇总" in body["markdown"]["title"]
     ]
-    assert digests and all(
-        t.split(" ")[0] in ("CRITICAL", "WARNING", "INFO") for t in digests
-    )
+    assert digests and all(t.split(" ")[0] in ("CRITICAL", "WARNING", "INFO") for t in digests)
     first_levels = [severities(text).pop() for text in sim.texts()]
     assert first_levels.index("warning") > max(
         i for i, v in enumerate(first_levels) if v == "critical"
@@ -756,9 +640,7 @@ def test_firing_and_resolved_waiting_together_go_out_once_resolved(simulated):
     )
     sim.accept(make_payload("ops", [make_alert("Busy", "b")]))
     sim.run()  # the one slot of this window is used
-    down = make_alert(
-        "NodeDown", "n-1", severity="warning", starts_at="2026-11-24T08:00:00Z"
-    )
+    down = make_alert("NodeDown", "n-1", severity="warning", starts_at="2026-11-24T08:00:00Z")
     sim.accept(make_payload("ops", [down]))
     sim.accept(make_payload("ops", [down]))  # Alertmanager's repeat_interval
     resolved = {**down, "status": "resolved", "endsAt": "2026-11-24T08:07:00Z"}
@@ -766,11 +648,7 @@ def test_firing_and_resolved_waiting_together_go_out_once_resolved(simulated):
     sim.clock.advance(61)
     sim.run()
     [text] = [t for t in sim.texts() if "NodeDown" in t]
-    assert (
-        text.count("**✅ NodeDown**") == 1
-        and "FIRING" not in text
-        and "持续 7m" in text
-    )
+    assert text.count("**✅ NodeDown**") == 1 and "FIRING" not in text and "持续 7m" in text
     assert sim.bridge.journal.message_states() == {"sent": 2, "merged": 2}
 
 
@@ -783,9 +661,7 @@ def test_a_storm_on_one_receiver_does_not_starve_another_on_the_same_robot(simul
         sim.accept(payload)
     sim.run("ops")
     arrived = sim.clock()
-    sim.accept(
-        make_payload("dev", [make_alert("TheirPage", "t-1", severity="warning")])
-    )
+    sim.accept(make_payload("dev", [make_alert("TheirPage", "t-1", severity="warning")]))
     for _ in range(130):  # both senders, as their threads would
         sim.clock.advance(1)
         for route in ("ops", "dev"):  # the storm's sender always first
@@ -814,9 +690,7 @@ def test_metrics_show_the_queue_and_delivery_time_per_priority(simulated):
     sim.run()
     metrics = sim.bridge.probes.render_metrics()
     assert 'alertbridge_queue_messages{priority="critical"} 0' in metrics
-    assert (
-        'alertbridge_delivery_seconds_bucket{le="3",priority="critical"} 1' in metrics
-    )
+    assert 'alertbridge_delivery_seconds_bucket{le="3",priority="critical"} 1' in metrics
     assert 'alertbridge_delivery_seconds_bucket{le="1",priority="info"} 0' in metrics
 
 
@@ -825,15 +699,8 @@ def test_a_critical_during_a_storm_reaches_dingtalk_alone_and_nothing_is_throttl
 ):
     bridge = make_bridge(sqlite_db, delivery=FAST)
     assert post_all(bridge, storm_payloads(groups=200, per_group=10)) == [200] * 200
-    assert fast_fake.wait_for(
-        lambda f: len(f.delivered()) >= 10
-    )  # the storm has the robots
-    post(
-        bridge,
-        make_payload(
-            "ops", [make_alert("DatacenterDown", "dc-1", severity="critical")]
-        ),
-    )
+    assert fast_fake.wait_for(lambda f: len(f.delivered()) >= 10)  # the storm has the robots
+    post(bridge, make_payload("ops", [make_alert("DatacenterDown", "dc-1", severity="critical")]))
     assert fast_fake.wait_for(
         lambda f: any("DatacenterDown" in m.text for m in f.delivered()), timeout=30
     )
@@ -887,12 +754,7 @@ def fill_the_budget(url, fake):
     """Four sends in a row: the robot's whole window (the last one from the critical reserve)."""
     for i, severity in enumerate(["warning"] * 3 + ["critical"]):
         assert (
-            post(
-                url,
-                make_payload(
-                    "dev", [make_alert("Fill", f"fill-{i}", severity=severity)]
-                ),
-            )[0]
+            post(url, make_payload("dev", [make_alert("Fill", f"fill-{i}", severity=severity)]))[0]
             == 200
         )
         assert fake.wait_for(lambda f: len(f.delivered()) == i + 1)
@@ -916,21 +778,15 @@ def test_a_wall_clock_step_neither_holds_a_page_nor_overruns_a_robot(
         assert (
             post(
                 child.url,
-                make_payload(
-                    "dev", [make_alert("After", f"after-{i}", severity="critical")]
-                ),
+                make_payload("dev", [make_alert("After", f"after-{i}", severity="critical")]),
             )[0]
             == 200
         )
     expected = {f"after-{i}" for i in range(4)}
-    assert tight_fake.wait_for(
-        lambda f: delivered_instances(f, "after") == expected, timeout=20
-    )
+    assert tight_fake.wait_for(lambda f: delivered_instances(f, "after") == expected, timeout=20)
     assert [r.errcode for r in tight_fake.requests if r.errcode] == []
     assert tight_fake.max_per_window(DEV) <= 4
-    assert wait_until(
-        lambda: len(history(sqlite_db, "notifications")) == len(tight_fake.requests)
-    )
+    assert wait_until(lambda: len(history(sqlite_db, "notifications")) == len(tight_fake.requests))
     last = max(history(sqlite_db, "notifications"), key=lambda r: r["id"])
     stored = alertbridge.from_db_time(last["sent_at"]).timestamp()
     assert abs(stored - (time.time() + seconds)) < 60  # what is stored: the wall clock
@@ -941,9 +797,7 @@ def test_times_an_earlier_run_wrote_ahead_of_a_stepped_back_clock_do_not_hold_me
 ):
     fake.fail_next(DEV, "http500", times=1000)
     first = daemon(
-        receivers=DEV_ONLY,
-        delivery={"retry_base": "30", "retry_max": "60"},
-        env=stepped.env,
+        receivers=DEV_ONLY, delivery={"retry_base": "30", "retry_max": "60"}, env=stepped.env
     )
     first.wait_healthy()
     assert post(first.url, make_payload("dev", [make_alert("Retried")]))[0] == 200
@@ -952,9 +806,7 @@ def test_times_an_earlier_run_wrote_ahead_of_a_stepped_back_clock_do_not_hold_me
     fake.clear_script()
     stepped(-STEP)  # the clock steps back between the two runs
     again = daemon(
-        receivers=DEV_ONLY,
-        delivery={"retry_base": "30", "retry_max": "60"},
-        env=stepped.env,
+        receivers=DEV_ONLY, delivery={"retry_base": "30", "retry_max": "60"}, env=stepped.env
     )
     again.wait_healthy()
     assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=90)

@@ -335,3 +335,69 @@ def test_a_silence_from_the_page_is_made_in_alertmanager_and_expired_when_the_al
     [incident] = rows_of(sqlite_db)
     assert incident["state"] == "resolved"
     assert incident["events"] == ["opened", "silenced", "resolved"]
+
+
+def test_real_alertmanager_page_is_a_card_a_click_claims_it_and_a_command_silences(
+    make_bridge, fake, sqlite_db, alertmanager, app
+):
+    """The app robot end to end: Alertmanager pages, the page is a card, nobody claims and the
+    first escalation step goes out; 张三 taps Claim on the card (his DingTalk user id): the
+    incident is his, its time to acknowledge measured, the card says so. Then he writes
+    "静默 N 1h" to the robot about a second page: the silence is made in Alertmanager, by him,
+    and that card shows it."""
+    from tests.test_app import app_config
+    from tests.test_cluster import ON_CALL
+
+    receivers = {
+        "ops": {"robots": "ops-1", "app_group": "cid-ops", "escalation": "fast"},
+        "dev": {"robots": "dev-1"},
+    }
+    people = ON_CALL.replace("mobile = 13800000001", "mobile = 13800000001\nuser_id = manager4321")
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=people + app_config(app))
+    am = alertmanager(bridge.address)
+    config = pathlib.Path(bridge.config.path)
+    config.write_text(
+        config.read_text(encoding="utf-8").replace(
+            "[oncall]\n", f"[oncall]\nalertmanager_api = {am}\n"
+        ),
+        encoding="utf-8",
+    )
+    assert bridge.reload()[0]
+    push(
+        am,
+        [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满")],
+    )
+    assert wait_until(lambda: app.cards, timeout=60)
+    [(track, card)] = app.cards.items()
+    assert "磁盘将满" in card["params"]["markdown"] and card["params"]["state"] == "open"
+    assert fake.wait_for(lambda f: any("升级第 1 步" in m.text for m in f.delivered()), 60)
+    assert not any("磁盘将满" in m.text for m in fake.delivered())  # the page was the card
+
+    assert wait_until(lambda: app.connections == 1)
+    answer = app.click(track, "manager4321")["cardData"]["cardParamMap"]
+    assert answer["state"] == "claimed" and answer["status"].startswith("✅ 张三 已认领")
+    [incident] = rows_of(sqlite_db)
+    assert (incident["state"], incident["acknowledged_by"]) == (
+        "acknowledged",
+        "zhangsan",
+    )
+    assert incident["events"] == ["opened", "escalated", "acknowledged"]
+    with urllib.request.urlopen(bridge.address + "/metrics", timeout=10) as response:
+        assert 'alertbridge_time_to_acknowledge_seconds_count{level="critical",route="ops"} 1' in (
+            response.read().decode()
+        )
+
+    push(am, [am_alert("HighLoad", "10.0.0.3:9100", "node", "critical")])
+    assert wait_until(lambda: len(rows_of(sqlite_db)) == 2, timeout=60)
+    number = max(i["id"] for i in rows_of(sqlite_db))
+    reply = app.reply_to(app.write(f"静默 {number} 1h", "manager4321"))["text"]["content"]
+    assert f"#{number} silenced for 1h" in reply
+    with urllib.request.urlopen(am + "/api/v2/silences", timeout=10) as response:
+        [silence] = json.loads(response.read())
+    assert silence["createdBy"] == "张三" and silence["status"]["state"] == "active"
+    assert sorted((m["name"], m["value"]) for m in silence["matchers"]) == [
+        ("alertname", "HighLoad"),
+        ("job", "node"),
+    ]
+    [second] = [c for t, c in app.cards.items() if t != track]
+    assert wait_until(lambda: second["params"]["state"] == "silenced", timeout=10)

@@ -69,28 +69,17 @@ def at(text, tz=SHANGHAI):
 
 
 def who(config, rotation, moment, tz=SHANGHAI):
-    person, until = alertbridge.on_call(
-        config.rotations[rotation], at(moment, tz), config.tz
-    )
+    person, until = alertbridge.on_call(config.rotations[rotation], at(moment, tz), config.tz)
     return person.handle, datetime.fromtimestamp(until, tz).strftime("%Y-%m-%d %H:%M")
 
 
 def test_weekly_shifts_hand_over_at_the_time_of_day_in_the_zone(tmp_path):
     config = load(tmp_path)
-    assert who(config, "primary", "2026-11-30 09:30") == (
-        "zhangsan",
-        "2026-12-07 09:30",
-    )
-    assert who(config, "primary", "2026-12-07 09:29") == (
-        "zhangsan",
-        "2026-12-07 09:30",
-    )
+    assert who(config, "primary", "2026-11-30 09:30") == ("zhangsan", "2026-12-07 09:30")
+    assert who(config, "primary", "2026-12-07 09:29") == ("zhangsan", "2026-12-07 09:30")
     assert who(config, "primary", "2026-12-07 09:30") == ("lisi", "2026-12-14 09:30")
     assert who(config, "primary", "2026-12-14 10:00") == ("wangwu", "2026-12-21 09:30")
-    assert who(config, "primary", "2026-12-21 09:30") == (
-        "zhangsan",
-        "2026-12-24 09:30",
-    )
+    assert who(config, "primary", "2026-12-21 09:30") == ("zhangsan", "2026-12-24 09:30")
     # before the start the turn goes on backwards: the shift before zhangsan's is wangwu's
     assert who(config, "primary", "2026-11-30 09:29") == ("wangwu", "2026-11-30 09:30")
 
@@ -107,21 +96,12 @@ def test_overrides_take_the_shift_for_their_span(tmp_path):
     config = load(tmp_path)
     # zhangsan's week (12-21 to 12-28) is cut by wangwu's override: both dates' hand-over, the
     # second day included
-    assert who(config, "primary", "2026-12-24 09:29") == (
-        "zhangsan",
-        "2026-12-24 09:30",
-    )
+    assert who(config, "primary", "2026-12-24 09:29") == ("zhangsan", "2026-12-24 09:30")
     assert who(config, "primary", "2026-12-24 09:30") == ("wangwu", "2026-12-26 09:30")
-    assert who(config, "primary", "2026-12-26 09:30") == (
-        "zhangsan",
-        "2026-12-28 09:30",
-    )
+    assert who(config, "primary", "2026-12-26 09:30") == ("zhangsan", "2026-12-28 09:30")
     # a span given to the minute, inside lisi's week
     assert who(config, "primary", "2026-12-31 17:59") == ("lisi", "2026-12-31 18:00")
-    assert who(config, "primary", "2026-12-31 18:00") == (
-        "zhangsan",
-        "2027-01-01 09:30",
-    )
+    assert who(config, "primary", "2026-12-31 18:00") == ("zhangsan", "2027-01-01 09:30")
     assert who(config, "primary", "2027-01-01 09:30") == ("lisi", "2027-01-04 09:30")
 
 
@@ -134,9 +114,7 @@ def test_hand_over_keeps_local_time_across_daylight_saving(tmp_path):
     person, until = alertbridge.on_call(
         config.rotations["nights"], at("2027-03-14 20:00", NEW_YORK), config.tz
     )
-    assert (
-        until - at("2027-03-14 20:00", NEW_YORK) == 86400
-    )  # a day after a 23-hour one
+    assert until - at("2027-03-14 20:00", NEW_YORK) == 86400  # a day after a 23-hour one
 
 
 def test_the_report_gives_now_and_the_next_other_person(tmp_path):
@@ -163,26 +141,15 @@ def test_a_page_mentions_whoever_is_on_call_when_it_is_sent(tmp_path):
             }
         ).encode()
     ).alerts
-    first = alertbridge.Renderer.mentions(
-        route, alerts, at("2026-12-01 12:00"), config.tz
-    )
-    assert first.mobiles == (
-        "13800000001",
-        "13900000000",
-        "13800000002",
-    )  # zhangsan, lisi
+    first = alertbridge.Renderer.mentions(route, alerts, at("2026-12-01 12:00"), config.tz)
+    assert first.mobiles == ("13800000001", "13900000000", "13800000002")  # zhangsan, lisi
     assert first.user_ids == ("wangwu", "lisi01")  # wangwu named, lisi on nights
-    later = alertbridge.Renderer.mentions(
-        route, alerts, at("2026-12-08 12:00"), config.tz
-    )
-    assert later.mobiles[0] == "13800000002" and later.user_ids[:2] == (
-        "lisi01",
-        "wangwu",
-    )
+    later = alertbridge.Renderer.mentions(route, alerts, at("2026-12-08 12:00"), config.tz)
+    assert later.mobiles[0] == "13800000002" and later.user_ids[:2] == ("lisi01", "wangwu")
     warning = [{**alerts[0], "labels": {**alerts[0]["labels"], "severity": "warning"}}]
-    assert alertbridge.Renderer.mentions(
-        route, warning, at("2026-12-01 12:00"), config.tz
-    ) == (alertbridge.Mentions())
+    assert alertbridge.Renderer.mentions(route, warning, at("2026-12-01 12:00"), config.tz) == (
+        alertbridge.Mentions()
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,9 +173,7 @@ def test_a_page_mentions_whoever_is_on_call_when_it_is_sent(tmp_path):
             "[rotation:nights] hand_over_at: not a time of day such as 09:30",
         ),
         (
-            PEOPLE.replace(
-                "2026-12-24 .. 2026-12-25 = wangwu", "2026-12-24 .. 2026-12-25 = bob"
-            ),
+            PEOPLE.replace("2026-12-24 .. 2026-12-25 = wangwu", "2026-12-24 .. 2026-12-25 = bob"),
             "[rotation:primary] overrides: entry 1: no section [person:bob]",
         ),
         (
@@ -217,9 +182,7 @@ def test_a_page_mentions_whoever_is_on_call_when_it_is_sent(tmp_path):
         ),
     ],
 )
-def test_who_cannot_be_on_call_is_refused_at_load_naming_the_key(
-    tmp_path, text, message
-):
+def test_who_cannot_be_on_call_is_refused_at_load_naming_the_key(tmp_path, text, message):
     with pytest.raises(alertbridge.ConfigError) as error:
         load(tmp_path, text + ROUTES)
     assert str(error.value) == message
@@ -232,9 +195,7 @@ def test_who_cannot_be_on_call_is_refused_at_load_naming_the_key(
         ("at_people = rotation:primary, wangwu", "at_people = bob"),
     ],
 )
-def test_a_receiver_naming_a_missing_rotation_or_person_is_refused(
-    tmp_path, change, message
-):
+def test_a_receiver_naming_a_missing_rotation_or_person_is_refused(tmp_path, change, message):
     with pytest.raises(alertbridge.ConfigError) as error:
         load(tmp_path, PEOPLE + ROUTES.replace(change, message))
     word = message.split("= ")[1]
@@ -253,13 +214,9 @@ def test_now_plus_a_year_of_hand_overs_is_consistent(tmp_path):
         seen.append((moment, person.handle))
         moment = until
     assert {handle for _, handle in seen} == {"zhangsan", "lisi", "wangwu"}
-    assert (
-        len(seen) == 53 + 4
-    )  # weekly hand-overs, and each override cuts a shift in three
+    assert len(seen) == 53 + 4  # weekly hand-overs, and each override cuts a shift in three
     start = datetime.fromtimestamp(seen[0][0], timezone.utc)
-    assert start + timedelta(weeks=3) == datetime.fromtimestamp(
-        seen[3][0], timezone.utc
-    )
+    assert start + timedelta(weeks=3) == datetime.fromtimestamp(seen[3][0], timezone.utc)
 
 
 def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
@@ -283,11 +240,7 @@ def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
         "rotations": [
             {
                 "rotation": "nights",
-                "now": {
-                    "person": "lisi",
-                    "name": "李四",
-                    "until": "2026-12-03T20:00:00+08:00",
-                },
+                "now": {"person": "lisi", "name": "李四", "until": "2026-12-03T20:00:00+08:00"},
                 "next": {
                     "person": "zhangsan",
                     "name": "张三",
@@ -297,11 +250,7 @@ def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
             },
             {
                 "rotation": "primary",
-                "now": {
-                    "person": "zhangsan",
-                    "name": "张三",
-                    "until": "2026-12-07T09:30:00+08:00",
-                },
+                "now": {"person": "zhangsan", "name": "张三", "until": "2026-12-07T09:30:00+08:00"},
                 "next": {
                     "person": "lisi",
                     "name": "李四",
@@ -341,9 +290,7 @@ def test_a_running_bridge_pages_whoever_is_on_call_and_says_who_over_http(
     status, body = get(bridge.address, "/api/oncall")
     assert status == 200
     primary = next(r for r in body["rotations"] if r["rotation"] == "primary")
-    mobile = {"zhangsan": "13800000001", "lisi": "13800000002"}.get(
-        primary["now"]["person"]
-    )
+    mobile = {"zhangsan": "13800000001", "lisi": "13800000002"}.get(primary["now"]["person"])
     if mobile:  # wangwu has only a user id
         assert page.body["at"]["atMobiles"] == [mobile] and f"@{mobile}" in page.text
     else:
@@ -354,14 +301,10 @@ def test_the_readme_example_is_a_complete_config(tmp_path):
     from tests.test_readme import ROOT
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## On call: claims, escalation, rotations\n")[1].split(
-        "\n## "
-    )[0]
+    section = text.split("\n## On call: claims, escalation, rotations\n")[1].split("\n## ")[0]
     [example] = re.findall(r"```ini\n(.*?)```", section, re.S)
     (tmp_path / "link.secret").write_text("a-secret-of-32-characters-or-so\n")
-    example = example.replace(
-        "/etc/alertbridge/link.secret", str(tmp_path / "link.secret")
-    )
+    example = example.replace("/etc/alertbridge/link.secret", str(tmp_path / "link.secret"))
     config = load(tmp_path, example)
     ops = config.routes["ops"]
     assert ops.claim_links and ops.escalation.name == "critical-pages"

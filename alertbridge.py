@@ -6293,7 +6293,9 @@ class StreamClient(Worker):
 
     def failed(self, exc, failures):
         """A connection that ends or cannot be made is told once, without a traceback: the
-        network's doing, not a bug."""
+        network's doing, not a bug (nor is a socket closed by stop())."""
+        if self._stopping.is_set():
+            return 0.0
         if not isinstance(exc, (WebSocketClosed, AppError, OSError)):
             return super().failed(exc, failures)
         text = f"{type(exc).__name__}: {exc}"
@@ -6430,8 +6432,9 @@ class AppPager:
             rendered = self.renderer.render(route, body)
             self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
             self.journal.card_opened(route.name, group, track)
-        else:
-            self.api.update_card(track, params)
+        else:       # the group again: its text; a claim or silence shown stays shown
+            self.api.update_card(track, params if not firing else {
+                k: v for k, v in params.items() if k not in ("state", "status")})
         if not firing:
             self.journal.card_closed(track)
         return True
@@ -6599,7 +6602,8 @@ class AppDesk:
             if action == "claim":
                 incident = self.desk.claim(route, group, chosen, name, "dingtalk")
                 if incident is None:
-                    return {"state": "resolved", "status": WORDS[language]["resolved_card"]}
+                    return {"status": "Nothing is open for this card (resolved, or not recorded "
+                                      "yet): try again in a minute."}
                 holder = self.who_is(incident["acknowledged_by"])
                 return {"state": "claimed", "status": WORDS[language]["has_it"].format(
                     name=holder, after=Desk.taken(incident))}

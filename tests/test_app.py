@@ -158,6 +158,11 @@ def test_a_page_is_a_card_a_click_claims_it_as_the_clicker_and_the_card_changes(
     assert incident["state"] == "acknowledged" and incident["acknowledged_by"] == "zhangsan"
     assert "alertbridge_time_to_acknowledge_seconds_count" in metrics(bridge)
 
+    updates = len(card["updates"])
+    assert post(bridge.address, firing())[0] == 200  # the group again (repeat_interval)
+    assert wait_until(lambda: len(card["updates"]) > updates, timeout=10)
+    assert card["params"]["state"] == "claimed"  # the claim stays shown
+
     assert post(bridge.address, firing(status="resolved"))[0] == 200  # resolved: same card
     assert wait_until(lambda: card["params"]["state"] == "resolved", timeout=10)
     assert len(app.cards) == 1 and fake.delivered() == []

@@ -6409,9 +6409,9 @@ class AppPager:
     with it (claimed, silenced). The journal knows each group's open card. Any failure raises
     AppError: the sender then sends the page through the custom robots."""
 
-    def __init__(self, config, api, journal, renderer, wall):
+    def __init__(self, config, api, journal, renderer):
         self.config, self.api, self.journal = config, api, journal
-        self.renderer, self.wall = renderer, wall
+        self.renderer = renderer
 
     @staticmethod
     def takes(route, body):
@@ -6426,21 +6426,24 @@ class AppPager:
         firing = any(a["status"] == "firing" for a in body.alerts)
         if not firing and track is None:
             return False
-        params = self.card_params(route, body, "open" if firing else "resolved")
+        rendered = self.renderer.render(route, replace(body, group_key=""))  # no link notes
+        params = self.card_params(route, body, rendered, "open" if firing else "resolved")
         if track is None:
             track = card_track(route.name, group)
-            rendered = self.renderer.render(route, body)
             self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
             self.journal.card_opened(route.name, group, track)
-        else:       # the group again: its text; a claim or silence shown stays shown
-            self.api.update_card(track, params if not firing else {
-                k: v for k, v in params.items() if k not in ("state", "status")})
-        if not firing:
-            self.journal.card_closed(track)
+        elif firing:    # the group again: its text; a claim or silence shown stays shown
+            self.api.update_card(track, {k: v for k, v in params.items()
+                                         if k not in ("state", "status")})
+        else:           # resolved: the card is the incident's no more, shown or not
+            try:
+                self.api.update_card(track, params)
+            finally:
+                self.journal.card_closed(track)
         return True
 
-    def card_params(self, route, body, state):
-        rendered = self.renderer.render(route, replace(body, group_key=""))     # no link notes
+    def card_params(self, route, body, rendered, state):
+        """What the card template shows (docs/dingtalk-app.md names each variable)."""
         words = WORDS[route.language]
         fields = alert_fields(body.alerts[0], self.config().tz, route)
         return {"title": rendered.title, "markdown": self.renderer.SEPARATOR.join(
@@ -8109,7 +8112,7 @@ class Bridge:
         self.app_api = AppAPI(current, self.metrics, self.clock)
         self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
                                    wall, ding=self.app_api.ding)
-        self.app = AppPager(current, self.app_api, self.journal, self.renderer, wall)
+        self.app = AppPager(current, self.app_api, self.journal, self.renderer)
         self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self._tell_card)
         self.stream = StreamClient(current, self.app_api,
                                    AppDesk(current, self.desk, self.store, wall).handle,
@@ -8405,6 +8408,10 @@ def check_config(config):
     for names in shared_tokens(config):
         lines.append(f"note: robots {', '.join(names)} have the same access_token: "
                      f"one budget between them")
+    if config.app.enabled:
+        carded = ", ".join(r.name for r in config.routes.values() if r.app_group) or "none"
+        lines.append(f"app {config.app.client_id} (secret set): cards for receivers {carded}, "
+                     f"DING {config.app.ding}; --check-app tries the credentials with DingTalk")
     return "\n".join(lines)
 
 

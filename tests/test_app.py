@@ -285,6 +285,10 @@ def test_check_app_fetches_a_token_and_a_ticket_and_says_why_not(tmp_path, app, 
     assert alertbridge.main(["-c", str(path), "--check-app"]) == 0
     said = capsys.readouterr().out
     assert "token OK" in said and "Stream ticket OK" in said and app.client_secret not in said
+    assert alertbridge.main(["-c", str(path), "--check-config"]) == 0
+    said = capsys.readouterr().out
+    assert f"app {app.client_id} (secret set): cards for receivers ops" in said
+    assert app.client_secret not in said
     path.write_text(base + "client_secret = wrong-secret\n", encoding="utf-8")
     assert alertbridge.main(["-c", str(path), "--check-app"]) == 1
     said = capsys.readouterr().out
@@ -309,3 +313,21 @@ def test_an_escalation_step_dings_its_people_through_the_app(make_bridge, sqlite
     assert "DiskFull" in ding["content"]
     # the step's message still goes to the group, @-mentioning him
     assert fake.wait_for(lambda f: any("升级第 1 步" in m.text for m in f.delivered()))
+
+
+def test_a_token_is_kept_until_shortly_before_it_expires_then_fetched_again(tmp_path, app):
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[receiver:ops]\nrobots = r\n"
+        "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n"
+        + app_config(app),
+        encoding="utf-8",
+    )
+    config = alertbridge.load_config(str(path))
+    now = [1000.0]
+    api = alertbridge.AppAPI(lambda: config, alertbridge.Metrics(), clock=lambda: now[0])
+    first = api.token()
+    now[0] += 7200 - 301  # expireIn is 7200 s: kept until 300 s before
+    assert api.token() == first and app.calls["/v1.0/oauth2/accessToken"] == 1
+    now[0] += 2
+    assert api.token() != first and app.calls["/v1.0/oauth2/accessToken"] == 2

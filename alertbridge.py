@@ -4230,7 +4230,8 @@ class Renderer:
         self.history = history
         self.wall = wall            # the time whoever is on call is mentioned at
         self._lock = threading.Lock()
-        self._blocks = {}       # (id(alert), route, group key, compact) -> (alert, block, size)
+        self._blocks = {}   # (id(alert), id(route), group key, compact) -> (alert, route, block,
+        #                     size): both kept, so neither id can be another's while it is here
 
     def alert_block(self, route, alert, group=None, compact=False):
         """The alert in the route's template (`compact`: its compact one); `group`: the
@@ -4238,19 +4239,20 @@ class Renderer:
         return self._kept_block(route, alert, group, compact)[0]
 
     def _kept_block(self, route, alert, group, compact):
-        """(block, its size in a request): remembered by identity (the alert is kept, so its id
-        cannot be reused), route and, only if the template shows them, the group fields.
+        """(block, its size in a request): remembered by the alert's and the route's identity
+        (both kept, so their ids cannot be reused; a reload makes new routes) and, only if the
+        template shows them, the group fields.
         Sizing a digest, checking it fits each robot and sending it would otherwise render
         every alert five times, on the thread the webhooks share the GIL with; the oldest
         blocks are forgotten first."""
         template = route.compact if compact else route.alert
         grouped = group is not None and (uses_field(template, "group_labels")
                                          or uses_field(template, "common_labels"))
-        key = (id(alert), route, group.key if grouped else None, compact)
+        key = (id(alert), id(route), group.key if grouped else None, compact)
         with self._lock:
             kept = self._blocks.get(key)
-        if kept is not None and kept[0] is alert:
-            return kept[1:]
+        if kept is not None and kept[0] is alert and kept[1] is route:
+            return kept[2:]
         fields = self.fields(route, alert, template)
         fields.update(group.fields if group else {})
         block = render_template(template, fields)
@@ -4258,7 +4260,7 @@ class Renderer:
         with self._lock:
             while len(self._blocks) >= self.BLOCKS_KEPT:
                 del self._blocks[next(iter(self._blocks))]
-            self._blocks[key] = (alert, block, size)
+            self._blocks[key] = (alert, route, block, size)
         return block, size
 
     def fields(self, route, alert, template=None):

@@ -5978,7 +5978,7 @@ class AppAPI:
     expires (and fetched again once if refused), the Stream gateway's tickets, interactive
     cards (created and delivered to a group, updated in place), DING. Throttled, it makes no
     call for THROTTLE_REST seconds: pages go through the custom robots meanwhile. `config()`
-    gives the running Config; `clock`: steady seconds. _lock guards the token and the rest."""
+    gives the running Config; `clock`: steady seconds. _lock guards the token."""
 
     TOKEN_MARGIN = 300.0
     THROTTLE_REST = 2.0
@@ -6193,7 +6193,10 @@ class WebSocket:
                 if final:
                     data, opcode = b"".join(self._parts), self._opcode
                     self._parts, self._opcode = [], None
-                    return data.decode() if opcode == self.TEXT else data.decode("latin-1")
+                    try:
+                        return data.decode() if opcode == self.TEXT else data.decode("latin-1")
+                    except UnicodeDecodeError:
+                        raise self._fail(1007, "a text message that is not UTF-8")
             else:
                 raise self._fail(1002, f"an unexpected frame (opcode {opcode})")
 
@@ -6327,13 +6330,16 @@ class StreamClient(Worker):
         return again and not self._stopping.is_set()
 
     def _serve(self, ws):
-        """Frames until the gateway says disconnect (True: connect again at once) or this
-        instance no longer leads (False); any other end raises."""
-        pinged = time.monotonic()
+        """Frames until the gateway says disconnect or a reload changes [app] (True: connect
+        again at once) or this instance no longer leads (False); any other end raises."""
+        pinged, app = time.monotonic(), self.config().app
         while not self._stopping.is_set():
             if not self.cluster.may_send():
                 log.info("stream: not the leader any more: closing the connection")
                 return False
+            if self.config().app != app:
+                log.info("stream: [app] changed: connecting again")
+                return True
             try:
                 text = ws.recv(self.LOOK)
             except socket.timeout:
@@ -6530,7 +6536,7 @@ class Desk:
         log.info("incident=%s route=%s silenced %d h by %s via %s (silence %s)", incident["id"],
                  route, hours, chosen, via, silence)
         self._tell(route, group, "silenced", incident, name=md_escape(name),
-                   title=md_escape(incident["title"]), hours=hours)
+                   title=md_escape(incident["title"]), hours=f"{hours:g}")
         return incident, silence
 
     @staticmethod

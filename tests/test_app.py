@@ -182,6 +182,7 @@ def test_when_the_card_api_fails_the_page_goes_through_the_robots(
     assert post(bridge.address, firing("node-2:9100"))[0] == 200
     assert wait_until(lambda: len(fake.delivered()) == 2, timeout=10)
     assert 'outcome="throttled"' in metrics(bridge)
+    assert "QpsLimitForApi" in get(bridge.address, "/")[1]  # the status page says why
 
 
 def test_an_expired_token_is_fetched_again_and_the_card_still_goes(
@@ -244,8 +245,11 @@ def test_a_frame_seen_again_gets_the_same_answer_and_fragments_are_joined(
     assert bridge.stream.socket is not None
 
 
-def test_commands_written_to_the_robot_claim_and_list(make_bridge, sqlite_db, app):
-    bridge = app_bridge(make_bridge, sqlite_db, app)
+def test_commands_written_to_the_robot_claim_list_and_tell_who_is_on_call(
+    make_bridge, sqlite_db, app
+):
+    rotation = "\n[rotation:primary]\npeople = zhangsan\nstart = 2026-11-30\n"
+    bridge = app_bridge(make_bridge, sqlite_db, app, extra=rotation)
     assert wait_until(lambda: app.connections == 1, timeout=10)
     assert post(bridge.address, firing())[0] == 200
     assert wait_until(lambda: bridge.store.incidents(10), timeout=10)
@@ -258,6 +262,9 @@ def test_commands_written_to_the_robot_claim_and_list(make_bridge, sqlite_db, ap
     helped = app.reply_to(app.write("what?", "someone"))["text"]["content"]
     assert "claim N" in helped and "认领 N" in helped
     assert "app_group = cid-ops" in helped  # how a team learns its group's id
+    for word in ("值班", "oncall"):
+        assert "primary: 张三 until" in app.reply_to(app.write(word, "x"))["text"]["content"]
+    assert app.reply_to(app.write("claim 999", "x"))["text"]["content"] == "No open incident #999."
 
 
 def test_the_app_needs_its_credentials_and_a_template(tmp_path):

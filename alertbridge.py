@@ -129,7 +129,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace  # no
 from datetime import date, datetime, timedelta, timezone  # noqa: E402
 from datetime import time as dtime  # noqa: E402
 
-VERSION = "0.6.0"
+VERSION = "0.7.0"
 log = logging.getLogger("alertbridge")
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 

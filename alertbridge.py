@@ -60,11 +60,11 @@ main thread waits for signals (run()).
 Locks, each described where it is made: Journal._write_lock serializes every journal write on
 one connection, and its holder takes _queue_lock briefly to collect the webhooks queued for one
 group commit (the only nesting). Senders._cond guards which route is due and served;
-RobotPool._lock budgets and rotation; Renderer._lock its cache of alert blocks; Metrics._lock
-the counters; Recurrence._lock its answers; Requests._done the count of requests; all held for
-bookkeeping only. StoreProcess._lock makes calls on the pipe one at a time (the recorder's; the
-status page's, which waits for it 2 s at most); Coordinator._lock statements on the cluster's
-MySQL session. No lock is held during a DingTalk request.
+RobotPool._lock budgets and rotation; Renderer._lock its caches (alert blocks, messages);
+Metrics._lock the counters; Recurrence._lock its answers; Requests._done the count of
+requests; all held for bookkeeping only. StoreProcess._lock makes calls on the pipe one at a
+time (the recorder's; the status page's, which waits for it 2 s at most); Coordinator._lock
+statements on the cluster's MySQL session. No lock is held during a DingTalk request.
 
 Where a change goes (each touches at most two sections):
   - another way to talk to DingTalk: a class with RobotChannel's methods (8. Channel), and the
@@ -4220,16 +4220,18 @@ class Renderer:
     message of a card. `config()` gives the running Config; `history` (optional) a firing
     alert's {history} text (see Recurrence).
 
-    Sender threads share one Renderer: _lock guards the cache of rendered alert blocks."""
+    Sender threads share one Renderer: _lock guards its caches of alert blocks and messages."""
 
     SEPARATOR = "\n\n---\n\n"
     BLOCKS_KEPT = 8192      # a storm's backlog: a digest of compact lines holds ~200 alerts
+    RENDERED_KEPT = 16
 
     def __init__(self, config, history=None, wall=wall_time):
         self.config = config
         self.history = history
         self.wall = wall            # the time whoever is on call is mentioned at
         self._lock = threading.Lock()
+        self._rendered = {}  # (id(body), id(route)) -> (body, route, second, Rendered)
         self._blocks = {}   # (id(alert), id(route), group key, compact) -> (alert, route, block,
         #                     size): both kept, so neither id can be another's while it is here
 
@@ -4328,7 +4330,22 @@ class Renderer:
         return tuple((label, web_url(url)) for label, url in candidates if web_url(url))
 
     def render(self, route, body):
-        """A body of alerts (ALERTS or CARD) as a Rendered message."""
+        """A body of alerts (ALERTS or CARD) as a Rendered message. Remembered for the rest of
+        the second by the body's and the route's identity: a digest is checked against each
+        robot, planned and sent, and each of those would render it again."""
+        key, second = (id(body), id(route)), int(self.wall())
+        with self._lock:
+            kept = self._rendered.get(key)
+        if kept is not None and kept[0] is body and kept[1] is route and kept[2] == second:
+            return kept[3]
+        rendered = self._render(route, body)
+        with self._lock:
+            while len(self._rendered) >= self.RENDERED_KEPT:
+                del self._rendered[next(iter(self._rendered))]
+            self._rendered[key] = (body, route, second, rendered)
+        return rendered
+
+    def _render(self, route, body):
         alerts = list(body.alerts)
         fields = title_fields(alerts, body.part, body.group_labels, route, body.total)
         titles = [render_template(route.title, fields, escape).strip()
@@ -5556,12 +5573,18 @@ class RouteSender:
                 at += len(current)
         taken = unpacked[:next(chunk_lengths(sizes(), renderer.room(channel)))]
 
-        def body(messages):
-            groups = [m.body.group_labels for m in messages]
-            shared = {k: v for k, v in groups[0].items() if all(g.get(k) == v for g in groups)}
-            return Body(alerts=tuple(a for m in messages for a in self._current(m)),
-                        truncated=sum(m.body.truncated for m in messages), group_labels=shared,
-                        digest=True, level=messages[0].level)
+        made = {}
+
+        def body(messages):     # one Body per length: the renderer knows it when it is sent
+            if len(messages) not in made:
+                groups = [m.body.group_labels for m in messages]
+                shared = {k: v for k, v in groups[0].items()
+                          if all(g.get(k) == v for g in groups)}
+                made[len(messages)] = Body(
+                    alerts=tuple(a for m in messages for a in self._current(m)),
+                    truncated=sum(m.body.truncated for m in messages), group_labels=shared,
+                    digest=True, level=messages[0].level)
+            return made[len(messages)]
         taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), channel))
         carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all

@@ -554,6 +554,23 @@ def test_a_storm_renders_each_alert_about_once_not_at_every_digest(
     )  # once; a digest's first five in full too
 
 
+def test_a_digest_is_rendered_once_though_it_is_checked_planned_and_sent(simulated, monkeypatch):
+    """Checked against each robot, planned, then sent: each of those asks the renderer for the
+    same digest, which renders it once."""
+    sim = simulated(extra="")
+    renders = []
+    real = alertbridge.Renderer._render
+    monkeypatch.setattr(
+        alertbridge.Renderer, "_render", lambda self, *a: renders.append(1) or real(self, *a)
+    )
+    for payload in storm_payloads(groups=100, per_group=10):
+        sim.accept(payload)
+    while sim.bridge.journal.pending_count("ops"):
+        sim.run()
+        sim.clock.advance(60)
+    assert len(renders) <= len(sim.sent) + 2
+
+
 def test_a_throttled_robot_rests_one_window_not_ten_minutes_in_simulated_time(simulated):
     answers = iter([alertbridge.SendResult(410100, "too fast")])
     sim = simulated(

@@ -3862,21 +3862,16 @@ def alert_fields(alert, tz, route=None, history="", names=None):
     those are left out: a storm's compact lines render twice as fast without them."""
     labels = Blank({k: Untrusted(v) for k, v in alert["labels"].items()})
     annotations = Blank({k: Untrusted(v) for k, v in alert["annotations"].items()})
-    starts, ends = from_db_time(alert["starts_at"]), from_db_time(alert["ends_at"])
     resolved = alert["status"] == "resolved"
     level = (route or DEFAULT_ROUTE).level(alert)[1]
     level = "" if level == NO_LEVEL else level
-    local = starts.astimezone(tz)
     fields = Blank(
         labels=labels, annotations=annotations,
         **{k: labels[k] for k in STANDARD_LABELS},
         status=alert["status"].upper(),
         status_icon="✅" if resolved else "🔥",
         level=level, level_status=" · ".join(filter(None, [level, alert["status"].upper()])),
-        starts_at=local.strftime("%Y-%m-%d %H:%M:%S"), starts_short=local.strftime("%m-%d %H:%M"),
-        zone=zone_name(local),
-        ends_at=ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if resolved and ends else "",
-        duration=format_duration((ends - starts).total_seconds()) if resolved and ends else "",
+        **time_fields(alert["starts_at"], alert["ends_at"] if resolved else "", tz),
         summary=annotations["summary"], description=annotations["description"],
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
         history="" if resolved else history,
@@ -3884,6 +3879,18 @@ def alert_fields(alert, tz, route=None, history="", names=None):
     if names is None or names & LINK_FIELDS:
         add_link_fields(fields, alert, route, resolved)
     return fields
+
+
+@functools.lru_cache(maxsize=4096)
+def time_fields(starts_at, ends_at, tz):
+    """An alert's times as templates show them, in `tz` (`ends_at` "" while it fires). A
+    storm's alerts share a few start times: each is formatted once."""
+    starts, ends = from_db_time(starts_at), from_db_time(ends_at)
+    local = starts.astimezone(tz)
+    return {"starts_at": local.strftime("%Y-%m-%d %H:%M:%S"),
+            "starts_short": local.strftime("%m-%d %H:%M"), "zone": zone_name(local),
+            "ends_at": ends.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if ends else "",
+            "duration": format_duration((ends - starts).total_seconds()) if ends else ""}
 
 
 def add_link_fields(fields, alert, route, resolved):

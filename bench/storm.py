@@ -87,15 +87,26 @@ def main():
         stats = get(fake.url, "/stats")[1]
         return stats, {found for r in stats if r["errcode"] == 0 for found in ID.findall(r["text"])}
 
-    time.sleep(max(0.0, started + critical_after - time.monotonic()))  # the storm's budget is spent
+    all_delivered = None  # seconds until the storm was delivered: it may be before the page
+
+    def storm_out(ids):
+        nonlocal all_delivered
+        if all_delivered is None and ids >= expected:
+            all_delivered = time.monotonic() - started
+        return all_delivered is not None
+
+    while time.monotonic() < started + critical_after:  # until the storm's budget is spent
+        storm_out(delivered()[1])
+        time.sleep(max(0.0, min(0.5, started + critical_after - time.monotonic())))
     critical = min(critical_alert(each.url) for each in bridges)
     deadline = time.monotonic() + 3600
-    while True:
+    while True:  # the storm delivered, and the critical page
         stats, ids = delivered()
-        if ids >= expected or time.monotonic() > deadline:
+        paged = any(r["errcode"] == 0 and "DatacenterDown" in r["text"] for r in stats)
+        if (storm_out(ids) and paged) or time.monotonic() > deadline:
             break
-        time.sleep(1)
-    all_delivered = time.monotonic() - started
+        time.sleep(0.05 if all_delivered is not None else 1)
+    all_delivered = all_delivered or time.monotonic() - started
     if args.instances > 1:
         time.sleep(args.window)  # what a second instance would still send, it sends
         stats, ids = delivered()

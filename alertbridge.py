@@ -60,7 +60,7 @@ main thread waits for signals (run()).
 Locks, each described where it is made: Journal._write_lock serializes every journal write on
 one connection, and its holder takes _queue_lock briefly to collect the webhooks queued for one
 group commit (the only nesting). Senders._cond guards which route is due and served;
-RobotPool._lock budgets and rotation; Renderer._lock its caches (alert blocks, messages);
+RobotPool._lock budgets and rotation; each Recent's _lock its entries (caches);
 Metrics._lock the counters; Recurrence._lock its answers; Requests._done the count of
 requests; all held for bookkeeping only. StoreProcess._lock makes calls on the pipe one at a
 time (the recorder's; the status page's, which waits for it 2 s at most); Coordinator._lock
@@ -382,6 +382,27 @@ def from_db_time(text):
 def wall_time():
     """The wall clock: what is stored in the history and shown on pages."""
     return time.time()
+
+
+class Recent:
+    """A map of at most `size` entries, the oldest forgotten first, safe to share between
+    threads (_lock guards its entries): the caches that spare a storm's sender work."""
+
+    def __init__(self, size):
+        self.size = size
+        self._entries = {}
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key, value):
+        with self._lock:
+            while len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = value
+        return value
 
 
 class SteadyClock:
@@ -983,6 +1004,12 @@ class Config:
     rotations: dict = field(default_factory=dict)  # rotation name -> Rotation
     tz: object = load_timezone(Service.timezone)    # service.timezone, loaded
 
+    def name_of(self, handle):
+        """How pages and messages name someone: their [person] name, else the handle (or
+        DingTalk user id) itself."""
+        person = self.people.get(handle)
+        return person.name if person else handle
+
     def route_for(self, receiver):
         """The route of an Alertmanager receiver: its own section, else default_receiver's."""
         return self.routes.get(receiver) or self.routes.get(self.service.default_receiver)
@@ -1274,28 +1301,20 @@ def _load_cluster(parser, database):
 def _load_oncall(parser, base):
     section = _Section(parser, "oncall", base)
     oncall = section.settings(OnCall)
-    url = oncall.base_url.rstrip("/")
-    if url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
-        raise ConfigError("[oncall] base_url: not an http(s) URL without query")
-    api = oncall.alertmanager_api.rstrip("/")
-    if api and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", api):
-        raise ConfigError("[oncall] alertmanager_api: not an http(s) URL without query")
-    oncall = replace(oncall, alertmanager_api=api)
     if oncall.link_secret and len(oncall.link_secret) < 16:
         raise ConfigError("[oncall] link_secret: at least 16 characters (it signs the links: "
                           "anyone who knows it can make one)")
-    return replace(oncall, base_url=url)
+    return replace(oncall, base_url=_base_url(section, "base_url"),
+                   alertmanager_api=_base_url(section, "alertmanager_api"))
 
 
 def _load_app(parser, base):
-    app = _Section(parser, "app", base).settings(App)
-    url = app.api_url.rstrip("/")
-    if not re.fullmatch(r"https?://[^/\s?#]+", url):
-        raise ConfigError("[app] api_url: an http(s) URL without a path (https://api.dingtalk.com)")
+    section = _Section(parser, "app", base)
+    app = section.settings(App)
     if bool(app.client_id) != bool(app.client_secret):
         raise ConfigError("[app] client_id and client_secret: set both (the app's credentials, "
                           "from its page in DingTalk's developer console)")
-    return replace(app, api_url=url)
+    return replace(app, api_url=_base_url(section, "api_url", path=False) or App.api_url)
 
 
 def _load_templates(parser):
@@ -1558,10 +1577,13 @@ def person(word):
     return ("user_id", word) if USER_ID.fullmatch(word) else None
 
 
-def _base_url(section, key):
-    url = section.get(key).rstrip("/")
-    if url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
-        raise ConfigError(f"[{section.name}] {key}: not an http(s) URL without query")
+def _base_url(section, key, default="", path=True):
+    """An http(s) URL without query (nor path, unless `path`), its trailing slash dropped."""
+    url = section.get(key, default).rstrip("/")
+    shape = r"https?://[^/\s?#]+" + (r"(/[^\s?#]*)?" if path else "")
+    if url and not re.fullmatch(shape, url):
+        raise ConfigError(f"[{section.name}] {key}: not an http(s) URL without "
+                          f"{'query' if path else 'path'}")
     return url
 
 
@@ -2871,8 +2893,7 @@ class Journal:
         self._write_lock = threading.Lock() # every write, on the one writing connection
         self._queue_lock = threading.Lock() # _queue; taken inside _write_lock, never around it
         self._queue = []            # webhooks waiting for the next group commit
-        self._bodies = {}           # message id -> Body, the newest BODIES_KEPT read
-        self._bodies_lock = threading.Lock()
+        self._bodies = Recent(self.BODIES_KEPT)     # message id -> Body, the newest read
         problem = writable_problem(path)
         if problem:
             raise StartError(f"journal {path}: {problem}")
@@ -3112,14 +3133,10 @@ class Journal:
         """A message's body, as read before if it was lately: a message's body never changes
         (ids are never reused), and the renderer knows the alerts it rendered by identity, so
         a storm's sender does not parse and render its backlog again at each digest."""
-        with self._bodies_lock:
-            kept = self._bodies.get(message_id)
+        kept = self._bodies.get(message_id)
         if kept is None:
-            kept = Body.from_json(json.loads(self._read_one(J_MESSAGE_BODY, (message_id,))[0]))
-            with self._bodies_lock:
-                while len(self._bodies) >= self.BODIES_KEPT:
-                    del self._bodies[next(iter(self._bodies))]
-                self._bodies[message_id] = kept
+            kept = self._bodies.put(message_id, Body.from_json(json.loads(
+                self._read_one(J_MESSAGE_BODY, (message_id,))[0])))
         return kept
 
     def next_due_at(self, route):
@@ -4227,7 +4244,7 @@ class Renderer:
     message of a card. `config()` gives the running Config; `history` (optional) a firing
     alert's {history} text (see Recurrence).
 
-    Sender threads share one Renderer: _lock guards its caches of alert blocks and messages."""
+    Sender threads share one Renderer and its caches of alert blocks and messages (Recent)."""
 
     SEPARATOR = "\n\n---\n\n"
     BLOCKS_KEPT = 8192      # a storm's backlog: a digest of compact lines holds ~200 alerts
@@ -4237,10 +4254,10 @@ class Renderer:
         self.config = config
         self.history = history
         self.wall = wall            # the time whoever is on call is mentioned at
-        self._lock = threading.Lock()
-        self._rendered = {}  # (id(body), id(route)) -> (body, route, second, Rendered)
-        self._blocks = {}   # (id(alert), id(route), group key, compact) -> (alert, route, block,
-        #                     size): both kept, so neither id can be another's while it is here
+        self._rendered = Recent(self.RENDERED_KEPT)     # (id(body), id(route)) ->
+        #                                         (body, route, second, Rendered)
+        self._blocks = Recent(self.BLOCKS_KEPT)  # (id(alert), id(route), group key, compact)
+        #   -> (alert, route, block, size): both kept, so neither id is another's while here
 
     def alert_block(self, route, alert, group=None, compact=False):
         """The alert in the route's template (`compact`: its compact one); `group`: the
@@ -4258,18 +4275,14 @@ class Renderer:
         grouped = group is not None and (uses_field(template, "group_labels")
                                          or uses_field(template, "common_labels"))
         key = (id(alert), id(route), group.key if grouped else None, compact)
-        with self._lock:
-            kept = self._blocks.get(key)
+        kept = self._blocks.get(key)
         if kept is not None and kept[0] is alert and kept[1] is route:
             return kept[2:]
         fields = self.fields(route, alert, template)
         fields.update(group.fields if group else {})
         block = render_template(template, fields)
         size = json_size(block) + len(self.SEPARATOR) + 16
-        with self._lock:
-            while len(self._blocks) >= self.BLOCKS_KEPT:
-                del self._blocks[next(iter(self._blocks))]
-            self._blocks[key] = (alert, route, block, size)
+        self._blocks.put(key, (alert, route, block, size))
         return block, size
 
     def fields(self, route, alert, template=None):
@@ -4341,16 +4354,10 @@ class Renderer:
         the second by the body's and the route's identity: a digest is checked against each
         robot, planned and sent, and each of those would render it again."""
         key, second = (id(body), id(route)), int(self.wall())
-        with self._lock:
-            kept = self._rendered.get(key)
+        kept = self._rendered.get(key)
         if kept is not None and kept[0] is body and kept[1] is route and kept[2] == second:
             return kept[3]
-        rendered = self._render(route, body)
-        with self._lock:
-            while len(self._rendered) >= self.RENDERED_KEPT:
-                del self._rendered[next(iter(self._rendered))]
-            self._rendered[key] = (body, route, second, rendered)
-        return rendered
+        return self._rendered.put(key, (body, route, second, self._render(route, body)))[3]
 
     def _render(self, route, body):
         alerts = list(body.alerts)
@@ -4841,6 +4848,25 @@ def _no_answer(exc):
     return f"no answer: {type(exc).__name__}: {exc}"
 
 
+NO_ANSWER = (OSError, ValueError, http.client.HTTPException)    # what exchange_json may raise
+
+
+def exchange_json(method, url, body=None, headers=None, timeout=10.0, limit=4 << 20):
+    """One HTTP request with a JSON body (if any), done within `timeout` seconds in all (see
+    Deadline): (HTTP status, the answer's first `limit` bytes); an error status is an answer
+    too. A request that gets no answer raises one of NO_ANSWER."""
+    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+    request = urllib.request.Request(url, data, method=method, headers={
+        "Content-Type": "application/json", "User-Agent": "alertbridge/" + VERSION,
+        **(headers or {})})
+    with Deadline(timeout) as request.deadline:
+        try:
+            with _OPENER.open(request, timeout=timeout) as response:
+                return response.status, response.read(limit)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(limit)
+
+
 class AlertmanagerError(Exception):
     """Alertmanager's API did not do what was asked; the text says what it answered."""
 
@@ -4876,16 +4902,12 @@ class AlertmanagerAPI:
         return answer
 
     def _call(self, method, path, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers={
-            "Content-Type": "application/json", "User-Agent": "alertbridge/" + VERSION})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read(4 << 20)
-        except urllib.error.HTTPError as exc:
-            raise AlertmanagerError(f"HTTP {exc.code}: {exc.read(300).decode(errors='replace')}")
-        except (OSError, ValueError) as exc:
+            status, raw = exchange_json(method, self.base + path, body, timeout=self.timeout)
+        except NO_ANSWER as exc:
             raise AlertmanagerError(_no_answer(exc)) from exc
+        if status >= 400:
+            raise AlertmanagerError(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
         try:
             return json.loads(raw) if raw.strip() else None
         except ValueError:
@@ -5990,8 +6012,8 @@ class Recorder(Worker):
 # =============================================================================================
 
 CARD_CALLBACK = "/v1.0/card/instances/callback"     # a card's button clicked
-DING_TYPES = {"app": 1, "sms": 2, "call": 3}        # [app] ding -> DING's remindType
 BOT_MESSAGE = "/v1.0/im/bot/messages/get"           # someone wrote to the app robot
+DING_TYPES = {"app": 1, "sms": 2, "call": 3}        # [app] ding -> DING's remindType
 
 
 class AppError(Exception):
@@ -6091,18 +6113,14 @@ class AppAPI:
         if self.clock() < self.throttled_until:
             self.metrics.inc("alertbridge_app_requests_total", api=api, outcome="held")
             raise AppError("throttled by DingTalk: resting", throttled=True)
-        headers = {"Content-Type": "application/json", "User-Agent": "alertbridge/" + VERSION}
-        if token is None:
-            headers["x-acs-dingtalk-access-token"] = self.token()
-        request = urllib.request.Request(app.api_url + path, json.dumps(body).encode(), headers,
-                                         method=method)
+        headers = {} if token is not None else {"x-acs-dingtalk-access-token": self.token()}
         try:
-            with Deadline(app.timeout) as request.deadline, \
-                    _OPENER.open(request, timeout=app.timeout) as response:
-                answer = json.loads(response.read(1 << 20) or b"{}")
-        except urllib.error.HTTPError as exc:
-            raise self._refused(api, exc.code, exc.read(2048))
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+            status, raw = exchange_json(method, app.api_url + path, body, headers, app.timeout,
+                                        1 << 20)
+            if status >= 400:
+                raise self._refused(api, status, raw[:2048])
+            answer = json.loads(raw or b"{}")
+        except NO_ANSWER as exc:
             self._count(api, "error", _no_answer(exc))
             raise AppError(_no_answer(exc)) from exc
         if not isinstance(answer, dict) or answer.get("success") is False:
@@ -6310,9 +6328,8 @@ class StreamClient(Worker):
         self.cluster, self.metrics = cluster, metrics
         self.socket = None
         self.connected_at = None        # the wall clock, while connected
-        self.connections = 0
         self.last_error = ""            # why the last connection ended or could not be made
-        self._answers = collections.OrderedDict()       # messageId -> the answer given
+        self._answers = Recent(self.ANSWERS_KEPT)       # messageId -> the answer given
 
     def stop(self):
         super().stop()
@@ -6347,7 +6364,6 @@ class StreamClient(Worker):
         url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
         ws = WebSocket.connect(url, self.config().app.timeout)
         self.socket, self.connected_at = ws, wall_time()
-        self.connections += 1
         self.metrics.set("alertbridge_app_stream_connected", 1)
         log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
             endpoint).hostname)
@@ -6405,8 +6421,9 @@ class StreamClient(Worker):
             if topic == "disconnect":
                 return "disconnect"
             return {**reply, "data": frame.get("data") or ""}        # ping, and the rest
-        if message_id in self._answers:
-            return self._answers[message_id]
+        answered = self._answers.get(message_id)
+        if answered is not None:
+            return answered
         try:
             data = json.loads(frame.get("data") or "{}")
             result = self.handle(topic, data if isinstance(data, dict) else {})
@@ -6415,10 +6432,7 @@ class StreamClient(Worker):
                       exc_info=exc)
             return {**reply, "code": 500, "message": "error", "data": "{}"}
         reply["data"] = json.dumps(result or {}, ensure_ascii=False)
-        self._answers[message_id] = reply
-        while len(self._answers) > self.ANSWERS_KEPT:
-            self._answers.popitem(last=False)
-        return reply
+        return self._answers.put(message_id, reply)
 
 
 def card_track(route_name, group):
@@ -6513,7 +6527,7 @@ class Desk:
     card's button, a command written to the app robot): claim it, silence it in Alertmanager.
     Each is kept in the history with how it came (`via`), measured, and told to the group:
     on the incident's card if it has one (`tell_card(route, group, state, status)`), else in a
-    NOTE through the route's queue."""
+    NOTE through the route's queue. What happened (claimed, silenced) is the card's state."""
 
     SILENCE_HOURS = (1, 4, 24)
 
@@ -6528,9 +6542,9 @@ class Desk:
         if incident is not None and incident["claimed"]:
             log.info("incident=%s route=%s claimed by %s via %s", incident["id"], route, chosen,
                      via)
-            self.metrics.observe("alertbridge_time_to_acknowledge_seconds", (
-                from_db_time(incident["acknowledged_at"]) - from_db_time(incident["opened_at"])
-            ).total_seconds(), route=route, level=incident["level"])
+            self.metrics.observe("alertbridge_time_to_acknowledge_seconds",
+                                 self.seconds_to_acknowledge(incident), route=route,
+                                 level=incident["level"])
             self._tell(route, group, "claimed", incident, name=md_escape(name),
                        title=md_escape(incident["title"]), after=self.taken(incident))
         return incident
@@ -6563,16 +6577,21 @@ class Desk:
                                    f"was changed.")
         at, until = epoch_db_time(now), epoch_db_time(now + hours * 3600)
         self.store.silenced(incident["id"], silence, until, chosen, at, hours, via)
-        log.info("incident=%s route=%s silenced %d h by %s via %s (silence %s)", incident["id"],
+        log.info("incident=%s route=%s silenced %g h by %s via %s (silence %s)", incident["id"],
                  route, hours, chosen, via, silence)
         self._tell(route, group, "silenced", incident, name=md_escape(name),
                    title=md_escape(incident["title"]), hours=f"{hours:g}")
         return incident, silence
 
     @staticmethod
-    def taken(incident):
-        return format_duration((from_db_time(incident["acknowledged_at"])
-                                - from_db_time(incident["opened_at"])).total_seconds())
+    def seconds_to_acknowledge(incident):
+        return (from_db_time(incident["acknowledged_at"])
+                - from_db_time(incident["opened_at"])).total_seconds()
+
+    @classmethod
+    def taken(cls, incident):
+        """How long the incident waited for its claim, as people read it."""
+        return format_duration(cls.seconds_to_acknowledge(incident))
 
     def _tell(self, route_name, group, what, incident, **words):
         """The group hears it: on the incident's card, else in a NOTE (WORDS[what] in the
@@ -6645,7 +6664,7 @@ class AppDesk:
                 if incident is None:
                     return {"status": "Nothing is open for this card (resolved, or not recorded "
                                       "yet): try again in a minute."}
-                holder = self.who_is(incident["acknowledged_by"])
+                holder = self.config().name_of(incident["acknowledged_by"])
                 return {"state": "claimed", "status": WORDS[language]["has_it"].format(
                     name=holder, after=Desk.taken(incident))}
             hours = {"silence_1h": 1, "silence_4h": 4}.get(action)
@@ -6656,10 +6675,6 @@ class AppDesk:
                 name=name, hours=hours)}
         except DeskRefused as exc:
             return {"status": str(exc)}
-
-    def who_is(self, handle):
-        person = self.config().people.get(handle)
-        return person.name if person else handle
 
     def _language(self, route):
         found = self.config().routes.get(route)
@@ -6692,7 +6707,8 @@ class AppDesk:
                                         "dingtalk")
                 if taken is None:
                     return f"#{incident['id']} is not open any more."
-                return f"#{incident['id']}: {self.who_is(taken['acknowledged_by'])} has it."
+                holder = self.config().name_of(taken["acknowledged_by"])
+                return f"#{incident['id']}: {holder} has it."
             seconds = duration_seconds(words[2]) if len(words) >= 3 else 3600
             if not seconds or not 60 <= seconds <= 7 * 86400:
                 return "A silence lasts 1m to 7d: silence 12 1h."
@@ -6724,22 +6740,22 @@ class AppDesk:
         found = [i for i in self.store.incidents(100) if i["state"] != "resolved"]
         if not found:
             return "Nothing is open."
+        name_of = self.config().name_of
         return "\n".join(f"#{i['id']} {i['title'][:60]} · {i['state']}"
-                         + (f" · {self.who_is(i['acknowledged_by'])}" if i["acknowledged_by"]
-                            else "") for i in found[:20])
+                         + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
+                         for i in found[:20])
 
 
 def post_session_reply(webhook, text, timeout):
     """Answer a message written to the robot, through its sessionWebhook (valid for a while)."""
-    body = json.dumps({"msgtype": "text", "text": {"content": text}},
-                      ensure_ascii=False).encode()
-    request = urllib.request.Request(webhook, body, {"Content-Type": "application/json"})
     try:
-        with Deadline(timeout) as request.deadline, \
-                _OPENER.open(request, timeout=timeout) as response:
-            response.read(4096)
-    except (OSError, ValueError, http.client.HTTPException) as exc:
+        status, _ = exchange_json("POST", webhook, {"msgtype": "text", "text": {"content": text}},
+                                  timeout=timeout, limit=4096)
+    except NO_ANSWER as exc:
         log.warning("stream: the reply to a command was not delivered: %s", _no_answer(exc))
+        return
+    if status >= 400:
+        log.warning("stream: the reply to a command was not delivered: HTTP %d", status)
 
 
 # =============================================================================================
@@ -7944,8 +7960,7 @@ class Pages:
             return ("Nothing is open for this page: its alerts resolved (or the history has not "
                     "recorded them yet).")
         taken = Desk.taken(incident)
-        holder = config.people.get(incident["acknowledged_by"])
-        name = holder.name if holder else incident["acknowledged_by"]
+        name = config.name_of(incident["acknowledged_by"])
         mark = "✅ " if incident.get("claimed") else ""
         return f"{mark}{name} has it, since {self._db_time(incident['acknowledged_at'])} " \
                f"({taken} after the page)."
@@ -8151,7 +8166,7 @@ class Bridge:
         self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
                                    wall, ding=self.app_api.ding)
         self.app = AppPager(current, self.app_api, self.journal, self.renderer)
-        self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self._tell_card)
+        self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self.app.tell)
         self.stream = StreamClient(current, self.app_api,
                                    AppDesk(current, self.desk, self.store, wall).handle,
                                    self.cluster, self.metrics)
@@ -8188,10 +8203,6 @@ class Bridge:
                 "throttled_for": self.app_api.throttled_until - self.clock(),
                 "api_error": self.app_api.last_error}
 
-    def _tell_card(self, route_name, group, what, text):
-        """An incident's change shown on its card (see AppPager.tell)."""
-        state = {"claimed": "claimed", "silenced": "silenced"}.get(what, "open")
-        return self.app.tell(route_name, group, state, text)
 
     def _restore_budgets(self):
         """Budgets and throttles from the journal's send log; a row written before robot keys

@@ -19,23 +19,16 @@ import urllib.parse
 
 import alertbridge
 from bench.common import fresh_database, percentile, start_alertbridge, start_fake
-from tests.kit import connect
+from tests.kit import ONCALL, SECRET, connect
 
-SECRET = "bench-link-secret-0123456789"
-PEOPLE = f"""
-[oncall]
-base_url = https://alertbridge.example.com
-link_secret = {SECRET}
-[person:zhangsan]
-name = 张三
-mobile = 13800000001
-[person:lisi]
-name = 李四
-mobile = 13800000002
+PEOPLE = (
+    ONCALL
+    + """
 [escalation:slow]
 steps =
     1h = lisi
 """
+)
 ESCALATING = "claim_links = true\nescalation = slow\n"
 
 

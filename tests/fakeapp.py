@@ -13,13 +13,14 @@ import http.server
 import json
 import queue
 import secrets
-import socket
 import threading
 import time
 import uuid
 
 import websockets
 import websockets.asyncio.server
+
+from tests.kit import TcpProxy
 
 
 class FakeApp:
@@ -36,11 +37,9 @@ class FakeApp:
         self.card_failures = []  # HTTP statuses the next card calls answer
         self.connections = 0  # WebSocket connections accepted, each with a fresh ticket
         self.answers = queue.Queue()  # the client's answers to frames, as dicts
-        self.pinged = threading.Event()  # a WebSocket ping came from the client
         self._sockets = []
         self._lock = threading.Lock()
         self._loop = None
-        self._frozen = threading.Event()
 
     # ---- life
     def start(self):
@@ -51,7 +50,7 @@ class FakeApp:
         ready = threading.Event()
         threading.Thread(target=self._gateway, args=(ready,), daemon=True).start()
         ready.wait(10)
-        self.proxy = _FreezableProxy(self.ws_port, self._frozen).start()
+        self.proxy = TcpProxy(self.ws_port).start()
         return self
 
     def stop(self):
@@ -59,7 +58,7 @@ class FakeApp:
         self.http.server_close()
         if self._loop:
             self._loop.call_soon_threadsafe(self._stop.set_result, None)
-        self.proxy.stop()
+        self.proxy.cut()
 
     # ---- the gateway (a real WebSocket server)
     def _gateway(self, ready):
@@ -186,10 +185,13 @@ class FakeApp:
 
     def freeze(self):
         """The connection goes half-open: bytes stop flowing, nothing is closed."""
-        self._frozen.set()
+        self.proxy.frozen.set()
 
     def thaw(self):
-        self._frozen.clear()
+        self.proxy.frozen.clear()
+
+    def knows(self, client_id, client_secret):
+        return (client_id, client_secret) == (self.client_id, self.client_secret)
 
     def expire_tokens(self):
         with self._lock:
@@ -223,20 +225,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path
         app.calls[path] += 1
         if path == "/v1.0/oauth2/accessToken":
-            if (body.get("appKey"), body.get("appSecret")) != (
-                app.client_id,
-                app.client_secret,
-            ):
+            if not app.knows(body.get("appKey"), body.get("appSecret")):
                 return self._answer(400, {"code": "invalidClientIdOrSecret", "message": "bad"})
             token = secrets.token_hex(16)
             with app._lock:
                 app.tokens[token] = time.monotonic() + app.expire_in
             return self._answer(200, {"accessToken": token, "expireIn": app.expire_in})
         if path == "/v1.0/gateway/connections/open":
-            if (body.get("clientId"), body.get("clientSecret")) != (
-                app.client_id,
-                app.client_secret,
-            ):
+            if not app.knows(body.get("clientId"), body.get("clientSecret")):
                 return self._answer(401, {"code": "InvalidAuthentication", "message": "bad"})
             ticket = secrets.token_hex(8)
             with app._lock:
@@ -288,50 +284,3 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
-
-
-class _FreezableProxy:
-    """TCP on loopback, in front of the gateway: while `frozen`, no byte goes either way (a
-    connection half-open, as a NAT that forgot it leaves one)."""
-
-    def __init__(self, target, frozen):
-        self.target, self.frozen = target, frozen
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.stopping = False
-
-    def start(self):
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def stop(self):
-        self.stopping = True
-        self.listener.close()
-
-    def _accept(self):
-        while not self.stopping:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, source, sink):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                while self.frozen.is_set():
-                    time.sleep(0.01)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

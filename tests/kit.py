@@ -184,6 +184,23 @@ def database_lines(settings):
     return [f"{k} = {getattr(settings, k)}" for k in keys]
 
 
+# [oncall] with claim links, and two people: what the on-call tests and benchmarks share
+SECRET = "0123456789abcdef-link-secret"
+ONCALL = f"""
+[oncall]
+base_url = https://alertbridge.example.com
+link_secret = {SECRET}
+
+[person:zhangsan]
+name = 张三
+mobile = 13800000001
+
+[person:lisi]
+name = 李四
+mobile = 13800000002
+"""
+
+
 def config_text(
     fake_url, database, main=None, delivery=None, receivers=None, robots=None, extra=""
 ):
@@ -522,10 +539,13 @@ def require_python(version):
 
 
 class TcpProxy:
-    """A loopback TCP forwarder the test can cut, to make MySQL unreachable and come back."""
+    """A loopback TCP forwarder the test can cut, to make MySQL unreachable and come back, or
+    freeze: while `frozen` is set no byte goes either way and nothing is closed (a half-open
+    connection, as a NAT that forgot it leaves one)."""
 
     def __init__(self, target_port):
         self.target_port = target_port
+        self.frozen = threading.Event()
         self.port = None
         self.sockets = []
         self.listener = None
@@ -555,10 +575,11 @@ class TcpProxy:
         for a, b in ((client, upstream), (upstream, client)):
             threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a, b):
+    def _pipe(self, a, b):
         try:
             while data := a.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.01)
                 b.sendall(data)
         except OSError:
             pass

@@ -11,8 +11,8 @@ import pytest
 import alertbridge
 
 from tests.fakedingtalk import REAL_TIME
-from tests.test_incidents import ONCALL
 from tests.kit import (
+    ONCALL,
     OPS,
     Daemon,
     TcpProxy,
@@ -317,15 +317,8 @@ steps =
 )
 
 
-def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_path, fake):
-    """On one MariaDB: the page goes out once, its first escalation step once (from the leader),
-    and a claim served by the standby ends the chain and is announced once."""
-    from tests.test_incidents import LINK, claim_request
-
-    receivers = {
-        "ops": {"robots": "ops-1", "claim_links": "true", "escalation": "fast"},
-        "dev": {"robots": "dev-1"},
-    }
+def two_instances(tmp_path, fake, receivers, extra):
+    """Instances a and b on one MariaDB (emptied first), healthy; the caller kills them."""
     children = []
     for name in ("a", "b"):
         directory = tmp_path / name
@@ -336,12 +329,30 @@ def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_
                 fake.url,
                 empty_mysql() if name == "a" else mysql_settings(),
                 receivers=receivers,
-                extra=cluster(name) + ON_CALL,
+                extra=cluster(name) + extra,
             )
         )
     try:
         for child in children:
             child.wait_healthy()
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
+    return children
+
+
+def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_path, fake):
+    """On one MariaDB: the page goes out once, its first escalation step once (from the leader),
+    and a claim served by the standby ends the chain and is announced once."""
+    from tests.test_incidents import LINK, claim_request
+
+    receivers = {
+        "ops": {"robots": "ops-1", "claim_links": "true", "escalation": "fast"},
+        "dev": {"robots": "dev-1"},
+    }
+    children = two_instances(tmp_path, fake, receivers, ON_CALL)
+    try:
         leader = leader_of(children)
         standby = next(c for c in children if c is not leader)
         page = make_payload("ops", [make_alert("DiskFull")]) | {"groupKey": "g-1"}
@@ -375,22 +386,8 @@ def test_only_the_leader_holds_the_app_stream_and_a_new_leader_serves_clicks(tmp
         "ops": {"robots": "ops-1", "app_group": "cid-ops"},
         "dev": {"robots": "dev-1"},
     }
-    children = []
-    for name in ("a", "b"):
-        directory = tmp_path / name
-        directory.mkdir()
-        children.append(
-            Daemon(
-                directory,
-                fake.url,
-                empty_mysql() if name == "a" else mysql_settings(),
-                receivers=receivers,
-                extra=cluster(name) + app_config(app) + APP_PEOPLE,
-            )
-        )
+    children = two_instances(tmp_path, fake, receivers, app_config(app) + APP_PEOPLE)
     try:
-        for child in children:
-            child.wait_healthy()
         leader = leader_of(children)
         standby = next(c for c in children if c is not leader)
         assert wait_until(lambda: app.connections == 1)

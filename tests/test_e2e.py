@@ -274,6 +274,19 @@ def test_real_alertmanager_page_escalates_until_claimed_in_a_browser(
     assert history[0]["events"] == ["opened", "escalated", "acknowledged"]
 
 
+def make_silences(bridge, am, more=""):
+    """The running bridge makes silences in this Alertmanager ([oncall] alertmanager_api, and
+    `more` [oncall] lines), reloaded as an operator would."""
+    config = pathlib.Path(bridge.config.path)
+    config.write_text(
+        config.read_text(encoding="utf-8").replace(
+            "[oncall]\n", f"[oncall]\nalertmanager_api = {am}\n{more}"
+        ),
+        encoding="utf-8",
+    )
+    assert bridge.reload()[0]
+
+
 def rows_of(database):
     import alertbridge
 
@@ -296,14 +309,7 @@ def test_a_silence_from_the_page_is_made_in_alertmanager_and_expired_when_the_al
     receivers = {"ops": {"robots": "ops-1", "claim_links": "true"}, "dev": {"robots": "dev-1"}}
     bridge = make_bridge(sqlite_db, receivers=receivers, extra=ON_CALL)
     am = alertmanager(bridge.address)
-    config = pathlib.Path(bridge.config.path)
-    config.write_text(
-        config.read_text(encoding="utf-8").replace(
-            "[oncall]\n", f"[oncall]\nalertmanager_api = {am}\nfollow_interval = 1\n"
-        ),
-        encoding="utf-8",
-    )
-    assert bridge.reload()[0]
+    make_silences(bridge, am, "follow_interval = 1\n")
     firing = am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满")
     push(am, [firing])
     assert fake.wait_for(lambda f: any("静默…" in m.text for m in f.delivered()), 60)
@@ -355,14 +361,7 @@ def test_real_alertmanager_page_is_a_card_a_click_claims_it_and_a_command_silenc
     people = ON_CALL.replace("mobile = 13800000001", "mobile = 13800000001\nuser_id = manager4321")
     bridge = make_bridge(sqlite_db, receivers=receivers, extra=people + app_config(app))
     am = alertmanager(bridge.address)
-    config = pathlib.Path(bridge.config.path)
-    config.write_text(
-        config.read_text(encoding="utf-8").replace(
-            "[oncall]\n", f"[oncall]\nalertmanager_api = {am}\n"
-        ),
-        encoding="utf-8",
-    )
-    assert bridge.reload()[0]
+    make_silences(bridge, am)
     push(
         am,
         [am_alert("DiskFull", "10.0.0.1:9100", "node", "critical", summary="磁盘将满")],

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alertbridge
-from tests.kit import get, make_alert, make_payload, post, wait_until
+from tests.kit import ONCALL, SECRET, get, make_alert, make_payload, post, wait_until
 
 
 def group(alerts, key='{}:{alertname="DiskFull"}', receiver="ops"):
@@ -178,20 +178,6 @@ def test_any_text_as_a_link_is_refused_in_words_never_with_an_error(text):
 
 # --- claim links, through a running bridge --------------------------------------------------
 
-SECRET = "0123456789abcdef-link-secret"
-ONCALL = f"""
-[oncall]
-base_url = https://alertbridge.example.com
-link_secret = {SECRET}
-
-[person:zhangsan]
-name = 张三
-mobile = 13800000001
-
-[person:lisi]
-name = 李四
-mobile = 13800000002
-"""
 CLAIMING = {"ops": {"robots": "ops-1", "claim_links": "true"}, "dev": {"robots": "dev-1"}}
 LINK = re.compile(
     r"👉 \[我来处理\]\(https://alertbridge\.example\.com/incident/([A-Za-z0-9_.-]+)\)"

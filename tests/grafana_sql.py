@@ -4,9 +4,10 @@ Grafana first interpolates template variables in the frontend (a multi-value or 
 variable becomes a list of quoted literals 'a','b'; a single-value one its raw value with quotes
 doubled; $__interval an interval such as 1m), then the MySQL data source expands its macros:
   $__timeFilter(col)          -> col BETWEEN FROM_UNIXTIME(from) AND FROM_UNIXTIME(to)
-  $__timeGroupAlias(col, 5m)  -> cast(cast(UNIX_TIMESTAMP(col)/(300) as signed)*300 as signed)
-                                 AS "time"
-(as documented for Grafana's MySQL data source). Only the macros the dashboard uses are here.
+  $__timeGroup(col, 5m)       -> UNIX_TIMESTAMP(col) DIV 300 * 300
+  $__timeGroupAlias(col, 5m)  -> UNIX_TIMESTAMP(col) DIV 300 * 300 AS "time"
+(as Grafana's MySQL data source does today; older versions cast the quotient to an
+integer, which rounds half a bucket forward). Only the macros the dashboard uses are here.
 """
 
 import re
@@ -47,9 +48,7 @@ def expand_macros(sql, time_from, time_to):
             return f"{args[0]} BETWEEN FROM_UNIXTIME({time_from}) AND FROM_UNIXTIME({time_to})"
         if name in ("timeGroup", "timeGroupAlias"):
             seconds = int(interval_seconds(args[1]))
-            group = (
-                f"cast(cast(UNIX_TIMESTAMP({args[0]})/({seconds}) as signed)*{seconds} as signed)"
-            )
+            group = f"UNIX_TIMESTAMP({args[0]}) DIV {seconds} * {seconds}"
             return group + (' AS "time"' if name == "timeGroupAlias" else "")
         raise ValueError(f"macro $__{name} not supported by this expander")
 

@@ -192,13 +192,14 @@ def history_db():
     db.close()
 
 
-def run(db, sql, dimension="alertname", **chosen):
+def run(db, sql, dimension="alertname", between=(FROM, TO), **chosen):
     """Run SQL as Grafana would with variables at All unless chosen."""
     variables = {"dimension": (dimension, False)}
     for name in ("receiver", "severity", "alertname"):
         values = chosen.get(name) or [r[0] for r in query(db, VARIABLES[name]["query"])]
         variables[name] = (values, True)
-    return query(db, expand(sql, variables, int(FROM.timestamp()), int(TO.timestamp())))
+    time_from, time_to = (int(t.timestamp()) for t in between)
+    return query(db, expand(sql, variables, time_from, time_to))
 
 
 def query(db, sql):
@@ -371,24 +372,76 @@ def test_unacknowledged_now_lists_the_open_incidents_oldest_first(incidents_db):
     assert waited - 5 <= rows[0][5] <= waited + 5  # waiting, in seconds, as of the query
 
 
-def test_time_to_acknowledge_p50_p90_by_route_and_day(incidents_db):
-    rows = run(incidents_db, panel_sql("On call: time to acknowledge p50/p90 by route"))
+def nearest_rank(opened_and_tta, zone_offset=timedelta(0)):
+    """{"route p50": [(day bucket, value), ...]} as the panel should chart it.
+
+    A bucket is a day of UNIX_TIMESTAMP(opened_at), which reads the stored UTC time in the
+    session's zone: with a zone ahead of UTC, a day starts zone_offset earlier."""
     days = {}
-    for bucket, metric, value in rows:
-        assert bucket % 86400 == 0
-        days.setdefault(metric, []).append(value)
-    expected = {}  # nearest rank, per route and UTC day, from the table above
-    for route, hours, tta, _, _ in INCIDENTS:
-        opened = NOW - timedelta(hours=hours)
-        if tta and FROM <= opened <= TO:
-            expected.setdefault((route, opened.date()), []).append(tta)
+    for route, opened, tta in opened_and_tta:
+        epoch = int((opened - zone_offset).timestamp())
+        days.setdefault((epoch // 86400 * 86400, route), []).append(tta)
     want = {}
-    for (route, _), values in sorted(expected.items(), key=lambda kv: kv[0][1]):
+    for (bucket, route), values in sorted(days.items()):
         values.sort()
         for name, q in (("p50", 0.5), ("p90", 0.9)):
             rank = next(i for i in range(len(values)) if (i + 1) / len(values) >= q)
-            want.setdefault(f"{route} {name}", []).append(values[rank])
-    assert {k: [int(v) for v in vs] for k, vs in days.items()} == want
+            want.setdefault(f"{route} {name}", []).append((bucket, values[rank]))
+    return want
+
+
+def charted(rows, route=None):
+    series = {}
+    for bucket, metric, value in rows:
+        assert bucket % 86400 == 0 and value is not None, (bucket, metric, value)
+        if route is None or metric.startswith(route + " "):
+            series.setdefault(metric, []).append((bucket, int(value)))
+    return series
+
+
+def test_time_to_acknowledge_p50_p90_by_route_and_day(incidents_db):
+    rows = run(incidents_db, panel_sql("On call: time to acknowledge p50/p90 by route"))
+    acknowledged = [
+        (route, NOW - timedelta(hours=hours), tta) for route, hours, tta, _, _ in INCIDENTS if tta
+    ]
+    assert charted(rows) == nearest_rank([a for a in acknowledged if FROM <= a[1] <= TO])
+
+
+@pytest.mark.parametrize("zone", ["+00:00", "+08:00"])
+def test_time_to_acknowledge_days_are_the_buckets_whatever_the_hour_or_session_zone(
+    incidents_db, zone
+):
+    """The percentiles are ranked within the panel's own day buckets: incidents just after
+    midnight, either side of noon and just before midnight of one day land in one point, also
+    when the data source's session zone is not UTC (the test failed with days counted by DATE(),
+    or by a day bucket rounded to the nearest midnight)."""
+    day = datetime.combine(NOW.date(), datetime.min.time(), timezone.utc) - timedelta(days=5)
+    opened = [(0.5, 10), (11.9, 20), (12.1, 30), (23.5, 40), (24.2, 50), (32.5, 60)]
+    edge = [("edge", day + timedelta(hours=h), tta) for h, tta in opened]
+    with incidents_db.cursor() as cursor:
+        for n, (route, at, tta) in enumerate(edge):
+            cursor.execute(
+                "INSERT INTO incidents (route, receiver, group_hash, open_group, group_key, "
+                "group_labels, title, level, state, opened_at, acknowledged_at, escalations, "
+                "next_step_at) VALUES ('edge', 'edge', %s, %s, %s, '{}', 'Edge', 'critical', "
+                "'acknowledged', %s, %s, 0, %s)",
+                (f"e{n}", f"e{n}", f"e{n}", T(at), T(at + timedelta(seconds=tta)), T(at)),
+            )
+        cursor.execute(f"SET time_zone = '{zone}'")
+    incidents_db.commit()
+    offset = timedelta(hours=int(zone[1:3])) * (1 if zone[0] == "+" else -1)
+    try:
+        rows = run(
+            incidents_db,
+            panel_sql("On call: time to acknowledge p50/p90 by route"),
+            between=(day - timedelta(days=1), day + timedelta(days=3)),
+        )
+        assert charted(rows, route="edge") == nearest_rank(edge, offset)
+    finally:
+        with incidents_db.cursor() as cursor:
+            cursor.execute("SET time_zone = '+00:00'")
+            cursor.execute("DELETE FROM incidents WHERE route = 'edge'")
+        incidents_db.commit()
 
 
 def test_acknowledgements_by_person(incidents_db):

@@ -6016,6 +6016,23 @@ BOT_MESSAGE = "/v1.0/im/bot/messages/get"           # someone wrote to the app r
 DING_TYPES = {"app": 1, "sms": 2, "call": 3}        # [app] ding -> DING's remindType
 
 
+def undelivered(answer):
+    """Why createAndDeliver's answer is a card nobody sees ("" if every space got it): the call
+    succeeds once the card is created, and each space says whether it was delivered there (not
+    if the robot is not in the group, or the group is not the one meant)."""
+    result = answer.get("result")
+    spaces = result.get("deliverResults") if isinstance(result, dict) else None
+    if not isinstance(spaces, list) or not spaces:
+        return "the answer does not say the card was delivered (no deliverResults)"
+    for space in spaces:
+        if not isinstance(space, dict) or space.get("success") is not True:
+            space = space if isinstance(space, dict) else {}
+            return (f"the card was not delivered to {space.get('spaceType', '?')} "
+                    f"{str(space.get('spaceId', '?'))[:80]}: "
+                    f"{str(space.get('errorMsg', 'no reason given'))[:200]}")
+    return ""
+
+
 class AppError(Exception):
     """The app's OpenAPI refused a call or did not answer. `status`: the HTTP status, if any;
     `throttled`: its rate limit (the app waits THROTTLE_REST before calling again)."""
@@ -6082,7 +6099,7 @@ class AppAPI:
             "cardTemplateId": app.card_template, "outTrackId": track, "callbackType": "STREAM",
             "cardData": {"cardParamMap": params}, "openSpaceId": f"dtv1.card//IM_GROUP.{group}",
             "imGroupOpenSpaceModel": {"supportForward": True},
-            "imGroupOpenDeliverModel": deliver, "userIdType": 1})
+            "imGroupOpenDeliverModel": deliver, "userIdType": 1}, check=undelivered)
 
     def update_card(self, track, params):
         self._call("card", "PUT", "/v1.0/card/instances", {
@@ -6097,18 +6114,19 @@ class AppAPI:
             "robotCode": app.robot, "remindType": DING_TYPES[app.ding],
             "receiverUserIdList": list(user_ids)[:20], "content": text})
 
-    def _call(self, api, method, path, body, token=None):
-        """One call; a token refused is fetched again once. The answer, a dict."""
+    def _call(self, api, method, path, body, token=None, check=None):
+        """One call; a token refused is fetched again once. The answer, a dict. `check(answer)`
+        says why a successful answer is still a refusal ("" if it is not)."""
         try:
-            return self._request(api, method, path, body, token)
+            return self._request(api, method, path, body, token, check)
         except AppError as exc:
             if token is not None or exc.status != 401:
                 raise
             with self._lock:
                 self._token = ("", "", 0.0)
-            return self._request(api, method, path, body, token)
+            return self._request(api, method, path, body, token, check)
 
-    def _request(self, api, method, path, body, token):
+    def _request(self, api, method, path, body, token, check):
         app = self.config().app
         if self.clock() < self.throttled_until:
             self.metrics.inc("alertbridge_app_requests_total", api=api, outcome="held")
@@ -6125,6 +6143,10 @@ class AppAPI:
             raise AppError(_no_answer(exc)) from exc
         if not isinstance(answer, dict) or answer.get("success") is False:
             raise self._refused(api, 200, json.dumps(answer)[:2048].encode())
+        why = check(answer) if check else ""
+        if why:
+            self._count(api, "refused", why)
+            raise AppError(why, 200)
         self._count(api, "ok")
         return answer
 

@@ -3,7 +3,8 @@ expire, the Stream gateway's tickets, interactive cards created, delivered and u
 session webhooks) over http.server, and the Stream gateway itself over a real WebSocket server
 (the `websockets` package), which sends frames as DingTalk does and collects the answers.
 
-Failures on demand: `card_failures` (HTTP status codes the next card calls get), tokens expired
+Failures on demand: `card_failures` (HTTP status codes the next card calls get), groups the
+robot is not in (`groups_without_robot`: the card is created, its delivery fails), tokens expired
 at once (`expire_tokens`), the gateway's `disconnect`, and a connection frozen half-open through
 a TCP proxy (`freeze`)."""
 
@@ -35,6 +36,7 @@ class FakeApp:
         self.cards = {}  # outTrackId -> {"group", "params", "at", "updates": [...]}
         self.dings, self.replies, self.calls = [], [], collections.Counter()
         self.card_failures = []  # HTTP statuses the next card calls answer
+        self.groups_without_robot = set()  # openConversationIds: created, never delivered
         self.connections = 0  # WebSocket connections accepted, each with a fresh ticket
         self.answers = queue.Queue()  # the client's answers to frames, as dicts
         self._sockets = []
@@ -257,13 +259,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             code = "Forbidden.AccessDenied.QpsLimitForApi" if status == 403 else "ServiceError"
             return self._answer(status, {"code": code, "message": "fake failure"})
         if path == "/v1.0/card/instances/createAndDeliver":
-            app.cards[body["outTrackId"]] = {
-                "body": body,
-                "params": dict(body["cardData"]["cardParamMap"]),
-                "updates": [],
-            }
+            # as DingTalk: the card is created whatever happens to its delivery, and the call
+            # succeeds; each space it was to go to says in deliverResults whether it went
+            group = body["openSpaceId"].rpartition("IM_GROUP.")[2]
+            delivered = group not in app.groups_without_robot
+            if delivered:
+                app.cards[body["outTrackId"]] = {
+                    "body": body,
+                    "params": dict(body["cardData"]["cardParamMap"]),
+                    "updates": [],
+                }
+            result = {"spaceType": "IM_GROUP", "spaceId": group, "success": delivered}
+            if not delivered:
+                result["errorMsg"] = "robot is not a member of the group"
             return self._answer(
-                200, {"success": True, "result": {"outTrackId": body["outTrackId"]}}
+                200,
+                {
+                    "success": True,
+                    "result": {"outTrackId": body["outTrackId"], "deliverResults": [result]},
+                },
             )
         if path == "/v1.0/card/instances" and self.command == "PUT":
             card = app.cards.get(body["outTrackId"])

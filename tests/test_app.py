@@ -185,6 +185,25 @@ def test_when_the_card_api_fails_the_page_goes_through_the_robots(
     assert "QpsLimitForApi" in get(bridge.address, "/")[1]  # the status page says why
 
 
+def test_a_card_created_but_not_delivered_to_the_group_goes_through_the_robots(
+    make_bridge, sqlite_db, app, fake
+):
+    """createAndDeliver succeeds when the card is created, and says per group whether it was
+    delivered: the robot not in the group (or a wrong app_group) is a page nobody saw."""
+    app.groups_without_robot.add("cid-ops")
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: fake.delivered(), timeout=10)
+    assert "DiskFull" in fake.delivered()[0].text and not app.cards
+    assert 'api="card",outcome="refused"' in metrics(bridge)
+    assert "robot is not a member of the group" in get(bridge.address, "/")[1]
+
+    app.groups_without_robot.clear()  # the robot added to the group: the next page is a card
+    assert post(bridge.address, firing("node-2:9100"))[0] == 200
+    assert wait_until(lambda: app.cards, timeout=10)
+    assert len(fake.delivered()) == 1
+
+
 def test_an_expired_token_is_fetched_again_and_the_card_still_goes(
     make_bridge, sqlite_db, app, fake
 ):
@@ -326,8 +345,7 @@ def test_a_token_is_kept_until_shortly_before_it_expires_then_fetched_again(tmp_
     path = tmp_path / "config.ini"
     path.write_text(
         "[receiver:ops]\nrobots = r\n"
-        "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n"
-        + app_config(app),
+        "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\n" + app_config(app),
         encoding="utf-8",
     )
     config = alertbridge.load_config(str(path))

@@ -6344,10 +6344,9 @@ class StreamClient(Worker):
     LOOK = 1.0              # how often the connection checks it is still the leader's
     ANSWERS_KEPT = 256
 
-    def __init__(self, config, api, handle, cluster, metrics):
+    def __init__(self, config, api, handle, cluster):
         super().__init__("stream")
-        self.config, self.api, self.handle = config, api, handle
-        self.cluster, self.metrics = cluster, metrics
+        self.config, self.api, self.handle, self.cluster = config, api, handle, cluster
         self.socket = None
         self.connected_at = None        # the wall clock, while connected
         self.last_error = ""            # why the last connection ended or could not be made
@@ -6386,14 +6385,12 @@ class StreamClient(Worker):
         url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
         ws = WebSocket.connect(url, self.config().app.timeout)
         self.socket, self.connected_at = ws, wall_time()
-        self.metrics.set("alertbridge_app_stream_connected", 1)
         log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
             endpoint).hostname)
         try:
             again = self._serve(ws)
         finally:
             self.socket, self.connected_at = None, None
-            self.metrics.set("alertbridge_app_stream_connected", 0)
             ws.close()
         return again and not self._stopping.is_set()
 
@@ -7213,7 +7210,8 @@ METRIC_HELP = {
                                                   "(token, gateway, card, ding) and outcome (ok, "
                                                   "refused, throttled, held, error)."),
     "alertbridge_app_stream_connected": ("gauge", "1 while this instance holds the app's Stream "
-                                                  "connection to DingTalk (the leader does)."),
+                                                  "connection to DingTalk (the leader does), "
+                                                  "else 0; present while [app] is set."),
     "alertbridge_duplicates_total": ("counter", "Messages not sent: the cluster had sent the same "
                                                 "notification (Alertmanager's retries, HA peers)."),
     "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
@@ -7377,11 +7375,13 @@ class SendAccounting:
 
 class Probes:
     """What /-/ready and /metrics say of one instance, read when they are asked. The history's
-    state comes by the recorder's `store_changed` (store_changed() is its listener)."""
+    state comes by the recorder's `store_changed` (store_changed() is its listener);
+    `app_state()` is the DingTalk app's (Bridge.app_state)."""
 
-    def __init__(self, config, journal, pool, cluster, metrics, requests, clock):
+    def __init__(self, config, journal, pool, cluster, metrics, requests, clock, app_state):
         self.config, self.journal, self.pool, self.cluster = config, journal, pool, cluster
         self.metrics, self.requests, self.clock = metrics, requests, clock
+        self.app_state = app_state
         self.store_ok, self.store_denied = None, False
 
     def store_changed(self, ok, denied):
@@ -7415,6 +7415,9 @@ class Probes:
             gauges += [("alertbridge_cluster_role", {"role": role}, int(self.cluster.role == role))
                        for role in (LEADER, STANDBY, ALONE)]
             gauges += [("alertbridge_cluster_missing_instances", {}, self.cluster.missing)]
+        if config.app.enabled:      # 0 from the start: a connection never made is alerted on
+            gauges += [("alertbridge_app_stream_connected", {},
+                        int(self.app_state()["connected_at"] is not None))]
         for level, (n, oldest) in sorted(waiting.items()):
             gauges += [("alertbridge_queue_messages", {"priority": level}, n),
                        ("alertbridge_queue_oldest_seconds", {"priority": level},
@@ -7440,6 +7443,10 @@ def declare_series(metrics, config):
             for errcode in ("0", "410100"):
                 metrics.declare("alertbridge_sends_total", receiver=route.name,
                                 robot=robot.name, errcode=errcode)
+    if config.app.enabled:
+        for api in ("token", "card"):
+            for outcome in ("refused", "error"):
+                metrics.declare("alertbridge_app_requests_total", api=api, outcome=outcome)
 
 
 # =============================================================================================
@@ -8191,10 +8198,10 @@ class Bridge:
         self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self.app.tell)
         self.stream = StreamClient(current, self.app_api,
                                    AppDesk(current, self.desk, self.store, wall).handle,
-                                   self.cluster, self.metrics)
+                                   self.cluster)
         self.requests = Requests()
         self.probes = Probes(current, self.journal, self.pool, self.cluster, self.metrics,
-                             self.requests, self.clock)
+                             self.requests, self.clock, self.app_state)
         self.intake = Intake(current, self.journal, self.metrics, {}, self.clock)
         self.pages = Pages(current, self.journal, self.pool, self.store, self.probes,
                            self.cluster, self.intake.last_webhooks, self.renderer, self.channel,

@@ -201,6 +201,21 @@ mobile = 13800000002
 """
 
 
+APP_PEOPLE = """
+[person:zhangsan]
+name = 张三
+user_id = manager4321
+"""
+
+
+def app_config(app):
+    """The [app] section for a tests.fakeapp.FakeApp."""
+    return (
+        f"\n[app]\nclient_id = {app.client_id}\nclient_secret = {app.client_secret}\n"
+        f"card_template = alerts.schema\napi_url = {app.url}\ntimeout = 5\n"
+    )
+
+
 def config_text(
     fake_url, database, main=None, delivery=None, receivers=None, robots=None, extra=""
 ):

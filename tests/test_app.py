@@ -12,7 +12,7 @@ import pytest
 import websockets.sync.server
 
 import alertbridge
-from tests.kit import get, make_alert, make_payload, post, wait_until
+from tests.kit import APP_PEOPLE, app_config, get, make_alert, make_payload, post, wait_until
 
 
 def metrics(bridge):
@@ -104,21 +104,6 @@ def test_a_server_that_does_not_speak_websocket_is_refused():
 
 
 # ---- the app, end to end in one process
-
-
-APP_PEOPLE = """
-[person:zhangsan]
-name = 张三
-user_id = manager4321
-"""
-
-
-def app_config(app):
-    """The [app] section for the fake app."""
-    return (
-        f"\n[app]\nclient_id = {app.client_id}\nclient_secret = {app.client_secret}\n"
-        f"card_template = alerts.schema\napi_url = {app.url}\ntimeout = 5\n"
-    )
 
 
 def app_bridge(make_bridge, sqlite_db, app, extra=""):

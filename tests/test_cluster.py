@@ -12,10 +12,12 @@ import alertbridge
 
 from tests.fakedingtalk import REAL_TIME
 from tests.kit import (
+    APP_PEOPLE,
     ONCALL,
     OPS,
     Daemon,
     TcpProxy,
+    app_config,
     empty_mysql,
     get,
     history,
@@ -380,8 +382,6 @@ def test_only_the_leader_holds_the_app_stream_and_a_new_leader_serves_clicks(tmp
     """The DingTalk app on two instances: one Stream connection, the leader's; the standby
     says who holds it. kill -9 the leader: the other takes the lease, opens its own connection
     with a fresh ticket and serves a click on the card the first one sent."""
-    from tests.test_app import APP_PEOPLE, app_config
-
     receivers = {
         "ops": {"robots": "ops-1", "app_group": "cid-ops"},
         "dev": {"robots": "dev-1"},

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.kit import DEV, IN_CI, OPS, free_port, history, settle, wait_until
+from tests.kit import DEV, IN_CI, OPS, app_config, free_port, history, settle, wait_until
 from tests.test_pages import browser  # noqa: F401 (the fixture)
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -351,7 +351,6 @@ def test_real_alertmanager_page_is_a_card_a_click_claims_it_and_a_command_silenc
     incident is his, its time to acknowledge measured, the card says so. Then he writes
     "静默 N 1h" to the robot about a second page: the silence is made in Alertmanager, by him,
     and that card shows it."""
-    from tests.test_app import app_config
     from tests.test_cluster import ON_CALL
 
     receivers = {

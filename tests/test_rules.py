@@ -8,7 +8,17 @@ import subprocess
 import pytest
 import yaml
 
-from tests.kit import DEV, IN_CI, ROOT, get, make_alert, make_payload, post, wait_until
+from tests.kit import (
+    DEV,
+    IN_CI,
+    ROOT,
+    app_config,
+    get,
+    make_alert,
+    make_payload,
+    post,
+    wait_until,
+)
 
 RULES = ROOT / "alertbridge-rules.yml"
 PROMTOOL = shutil.which("promtool")
@@ -75,14 +85,17 @@ def series(metrics_text):
     return found
 
 
-def test_the_rules_use_the_metrics_and_labels_the_daemon_exposes(make_bridge, fake, sqlite_db):
+def test_the_rules_use_the_metrics_and_labels_the_daemon_exposes(make_bridge, fake, sqlite_db, app):
     """A metric renamed, or a label dropped, would leave a rule silently never firing."""
     receivers = {"dev": {"robots": "dev-1"}, "stuck": {"robots": "unset"}}
     robots_extra = (
         "[robot:unset]\nurl = https://oapi.dingtalk.com/robot/send?access_token=CHANGE_ME\n"
     )
     bridge = make_bridge(
-        sqlite_db, receivers=receivers, delivery={"max_age": "1"}, extra=robots_extra
+        sqlite_db,
+        receivers=receivers,
+        delivery={"max_age": "1"},
+        extra=robots_extra + app_config(app),
     )
     assert post(bridge, make_payload("dev", [make_alert()]))[0] == 200
     assert post(bridge, make_payload("stuck", [make_alert()]))[0] == 200  # no robot: it expires
@@ -150,6 +163,66 @@ def test_every_rule_fires_on_what_a_running_daemon_really_exposes(
         )
     )
     after = scraped(get(bridge.address, "/metrics")[1])
+    common = {"job": "alertbridge", "instance": "bridge-1:9097"}
+    assert_rules_fire(
+        at_start,
+        after,
+        {
+            "AlertbridgeMessagesExpired": [{"severity": "critical", **common, "receiver": "stuck"}],
+            "AlertbridgeRobotThrottled": [
+                {
+                    "severity": "warning",
+                    **common,
+                    "receiver": "dev",
+                    "robot": "dev-1",
+                    "errcode": "410100",
+                }
+            ],
+            "AlertbridgeRobotOutOfRotation": [{"severity": "warning", **common, "robot": "unset"}],
+        },
+        tmp_path,
+    )
+
+
+def test_the_app_rules_fire_on_what_a_daemon_with_a_broken_app_exposes(
+    make_bridge, fake, sqlite_db, app, tmp_path
+):
+    """An app whose secret DingTalk refuses: no Stream connection is ever made and no card goes
+    out. Its gauge was set only once connected, so the rule watching it could never fire."""
+    receivers = {"ops": {"robots": "ops-1", "app_group": "cid-ops"}, "dev": {"robots": "dev-1"}}
+    extra = app_config(app).replace(app.client_secret, "a-wrong-secret-0000")
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=extra)
+    at_start = scraped(get(bridge.address, "/metrics")[1])
+    assert (
+        at_start['alertbridge_app_stream_connected{instance="bridge-1:9097", job="alertbridge"}']
+        == 0
+    )
+    assert post(bridge, make_payload("ops", [make_alert()]))[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)  # through the robots: not lost
+    after = scraped(get(bridge.address, "/metrics")[1])
+    assert_rules_fire(
+        at_start,
+        after,
+        {
+            "AlertbridgeAppStreamDown": [{"severity": "warning", "job": "alertbridge"}],
+            "AlertbridgeAppCardsRefused": [
+                {
+                    "severity": "warning",
+                    "job": "alertbridge",
+                    "instance": "bridge-1:9097",
+                    "api": "token",
+                    "outcome": "refused",
+                }
+            ],
+        },
+        tmp_path,
+    )
+
+
+def assert_rules_fire(at_start, after, firing, tmp_path):
+    """promtool: given the series a daemon exposed (absent before it ran, then as scraped at its
+    start for a few minutes, then as scraped later), the rules in `firing` fire with those
+    labels at 10 minutes, and the others stay quiet."""
 
     def values(series):
         start = f"{at_start[series]:g}" if series in at_start else "_"
@@ -159,20 +232,6 @@ def test_every_rule_fires_on_what_a_running_daemon_really_exposes(
     series.append(
         {"series": 'up{instance="bridge-1:9097", job="alertbridge"}', "values": "_ _ 1x10"}
     )
-    common = {"job": "alertbridge", "instance": "bridge-1:9097"}
-    firing = {
-        "AlertbridgeMessagesExpired": [{"severity": "critical", **common, "receiver": "stuck"}],
-        "AlertbridgeRobotThrottled": [
-            {
-                "severity": "warning",
-                **common,
-                "receiver": "dev",
-                "robot": "dev-1",
-                "errcode": "410100",
-            }
-        ],
-        "AlertbridgeRobotOutOfRotation": [{"severity": "warning", **common, "robot": "unset"}],
-    }
     groups = yaml.safe_load(RULES.read_text())["groups"]
     for group in groups:  # the annotations are tested on hand-written series
         for rule in group["rules"]:

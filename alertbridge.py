@@ -2577,8 +2577,12 @@ S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
                              "WHERE state IN ('open', 'acknowledged') GROUP BY state")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
-S_INCIDENTS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
-               "acknowledged_by, resolved_at, group_hash FROM incidents ORDER BY id DESC LIMIT %s")
+INCIDENT_COLUMNS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
+                    "acknowledged_by, resolved_at, group_hash FROM incidents ")
+S_INCIDENTS = INCIDENT_COLUMNS + "ORDER BY id DESC LIMIT %s"
+S_INCIDENTS_STILL_OPEN = (INCIDENT_COLUMNS + "WHERE state IN ('open', 'acknowledged') "
+                          "ORDER BY id DESC LIMIT %s")
+S_INCIDENT = INCIDENT_COLUMNS + "WHERE id = %s"
 S_INCIDENT_EVENTS = ("SELECT kind, at, actor, via, detail FROM incident_events "
                      "WHERE incident_id = %s ORDER BY id")
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
@@ -3601,10 +3605,19 @@ class Store:
         found["group_labels"] = json.loads(found["group_labels"] or "{}")
         return found
 
-    def incidents(self, limit=100):
-        """The newest incidents, each a dict with its events, newest first."""
+    def incidents(self, limit=100, still_open=False):
+        """The newest incidents (only those not resolved, if `still_open`), each a dict with its
+        events, newest first."""
+        return self._incidents(S_INCIDENTS_STILL_OPEN if still_open else S_INCIDENTS, (limit,))
+
+    def incident(self, number):
+        """One incident by its number, as incidents() gives it, or None."""
+        found = self._incidents(S_INCIDENT, (number,))
+        return found[0] if found else None
+
+    def _incidents(self, sql, args):
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENTS, (limit,))
+            self.execute(cursor, sql, args)
             names = [column[0] for column in cursor.description]
             found = [dict(zip(names, row)) for row in cursor.fetchall()]
             for incident in found:
@@ -3686,8 +3699,11 @@ class StoreProcess:
     def claim(self, route, group, person, at, via="link", wait=5.0):
         return self._call("claim", route, group, person, at, via, wait=wait)
 
-    def incidents(self, limit=100, wait=2.0):
-        return self._call("incidents", limit, wait=wait)
+    def incidents(self, limit=100, still_open=False, wait=2.0):
+        return self._call("incidents", limit, still_open, wait=wait)
+
+    def incident(self, number, wait=2.0):
+        return self._call("incident", number, wait=wait)
 
     def open_incident(self, route, group, wait=5.0):
         return self._call("open_incident", route, group, wait=wait)
@@ -6640,6 +6656,8 @@ class AppDesk:
     robot. Who clicked or wrote is their DingTalk user id: the person with that user_id, or
     the id itself. Commands are answered through the message's sessionWebhook."""
 
+    LISTED = 20         # open incidents an `open` command lists
+
     def __init__(self, config, desk, store, wall, reply=None):
         self.config, self.desk, self.store, self.wall = config, desk, store, wall
         self.reply = reply or post_session_reply
@@ -6742,8 +6760,8 @@ class AppDesk:
                 + (f"\napp_group = {conversation}" if conversation else ""))
 
     def _incident(self, number):
-        return next((i for i in self.store.incidents(200) if i["id"] == number
-                     and i["state"] != "resolved"), None)
+        found = self.store.incident(number)
+        return found if found and found["state"] != "resolved" else None
 
     def _on_call(self):
         config = self.config()
@@ -6756,13 +6774,18 @@ class AppDesk:
                          in report)
 
     def _open(self):
-        found = [i for i in self.store.incidents(100) if i["state"] != "resolved"]
+        """The open incidents: the LISTED newest, and how many more there are."""
+        found = self.store.incidents(self.LISTED + 1, still_open=True)
         if not found:
             return "Nothing is open."
         name_of = self.config().name_of
-        return "\n".join(f"#{i['id']} {i['title'][:60]} · {i['state']}"
-                         + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
-                         for i in found[:20])
+        lines = [f"#{i['id']} {i['title'][:60]} · {i['state']}"
+                 + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
+                 for i in found[:self.LISTED]]
+        if len(found) > self.LISTED:
+            more = sum(self.store.open_by_state().values()) - self.LISTED
+            lines.append(f"… and {max(more, 1)} older.")
+        return "\n".join(lines)
 
 
 def post_session_reply(webhook, text, timeout):

@@ -271,6 +271,27 @@ def test_commands_written_to_the_robot_claim_list_and_tell_who_is_on_call(
     assert app.reply_to(app.write("claim 999", "x"))["text"]["content"] == "No open incident #999."
 
 
+def test_commands_find_an_open_incident_older_than_many_newer_ones(make_bridge, sqlite_db, app):
+    """`open` and `claim N` read the open incidents themselves: they looked among the newest
+    100 and 200 incidents, so an incident still open behind busier groups was "not open"."""
+    from tests.test_incidents import FIRING, RESOLVED, Recorder, group
+
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    recorder = Recorder(bridge.store, "j-test")
+    recorder.webhook(group(FIRING, key="old"), "2026-11-24 08:00:00")
+    for n in range(230):  # busier groups since: 200 came and went, 30 still open
+        recorder.webhook(group(FIRING, key=f"k{n}"), "2026-11-24 08:01:00")
+        if n < 200:
+            recorder.webhook(group(RESOLVED, key=f"k{n}"), "2026-11-24 08:02:00")
+    [old] = [i for i in bridge.store.incidents(1000) if i["state"] == "open"][-1:]
+    listing = app.reply_to(app.write("open", "manager4321"))["text"]["content"]
+    assert listing.count("\n#") == 19 and listing.endswith("… and 11 older.")
+    reply = app.reply_to(app.write(f"claim {old['id']}", "manager4321"))["text"]["content"]
+    assert reply == f"#{old['id']}: 张三 has it."
+    assert bridge.store.incident(old["id"])["acknowledged_by"] == "zhangsan"
+
+
 def test_the_app_needs_its_credentials_and_a_template(tmp_path):
     path = tmp_path / "config.ini"
     path.write_text(

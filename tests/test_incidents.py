@@ -350,6 +350,18 @@ def test_two_recorders_at_once_on_mariadb_make_one_incident_per_group(tmp_path):
     assert len(incidents) == groups and {i["events"][0] for i in incidents} == {"opened"}
 
 
+def test_the_incidents_still_open_and_one_by_its_number(store):
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING, key="a"), "2026-11-24 08:00:00")
+    recorder.webhook(group(FIRING, key="b"), "2026-11-24 08:01:00")
+    recorder.webhook(group(RESOLVED, key="a"), "2026-11-24 08:02:00")
+    [b, a] = store.incidents()
+    assert [i["id"] for i in store.incidents(10, still_open=True)] == [b["id"]]
+    assert store.incident(a["id"])["state"] == "resolved"
+    assert store.incident(b["id"]) == b
+    assert store.incident(b["id"] + 1) is None
+
+
 def test_a_conflict_is_tried_again_and_then_reported(store, monkeypatch):
     calls = []
 

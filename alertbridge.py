@@ -6540,6 +6540,22 @@ class AppPager:
                 "silence_4h_label": "🔕 4 h", "runbook_url": fields["runbook_url"],
                 "dashboard_url": fields["dashboard_url"]}
 
+    def send_test(self, route):
+        """--send-test: a card of the sample alert in the route's app_group, if it has one, for
+        no incident (a click on it finds nothing open). The lines to show, and whether DingTalk
+        delivered it: what proves the credentials, the template and the robot in the group."""
+        app = self.config().app
+        if not (route.app_group and app.enabled):
+            return [], True
+        body = Body(alerts=(sample_alert(route.name),))
+        params = self.card_params(route, body, self.renderer.render(route, body), "open")
+        track = card_track(route.name, group_hash("alertbridge --send-test"))
+        try:
+            self.api.send_card(track, route.app_group, params)
+        except AppError as exc:
+            return [f"app card to {route.app_group}: NOT delivered: {exc}"], False
+        return [f"app card to {route.app_group}: delivered (template {app.card_template})"], True
+
     def tell(self, route_name, group, state, status):
         """Show an incident's new state on its card, if it has one here: True if shown."""
         track = self.journal.open_card(route_name, group)
@@ -8411,6 +8427,8 @@ class Bridge:
             self.cluster.record(robot, result)
         lines, ok = send_test_messages(route, self.renderer, self.channel, self.pool, self.post,
                                        self.clock, self.config.delivery.timeout, ledger)
+        card_lines, card_ok = self.app.send_test(route)
+        lines, ok = lines + card_lines, ok and card_ok
         log.info("route=%s send-test: %s", route.name, logfmt("; ".join(lines)))
         return 200, {"ok": ok, "robots": lines}
 
@@ -8690,8 +8708,12 @@ def send_test(config, route_name):
     pool = RobotPool(lambda: config.delivery)
     pool.restore(journal_sends(config.service.journal), time.time())
     channel = RobotChannel(lambda: config)
-    lines, ok = send_test_messages(route, Renderer(lambda: config), channel, pool, channel.post,
-                                   time.time, config.delivery.timeout)
+    renderer = Renderer(lambda: config)
+    lines, ok = send_test_messages(route, renderer, channel, pool, channel.post, time.time,
+                                   config.delivery.timeout)
+    pager = AppPager(lambda: config, AppAPI(lambda: config, Metrics()), None, renderer)
+    card_lines, card_ok = pager.send_test(route)
+    lines, ok = lines + card_lines, ok and card_ok
     print("\n".join(lines))
     return 0 if ok else 1
 

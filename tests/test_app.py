@@ -292,6 +292,39 @@ def test_commands_find_an_open_incident_older_than_many_newer_ones(make_bridge, 
     assert bridge.store.incident(old["id"])["acknowledged_by"] == "zhangsan"
 
 
+def test_send_test_sends_a_card_too_and_says_whether_the_group_got_it(daemon, app, fake):
+    """--send-test proves the whole path of a route: its robots, and with app_group a card
+    delivered to the group (credentials, template, the robot in the group), through the running
+    daemon or, without one, directly."""
+    from tests.test_service import cli
+
+    receivers = {"ops": {"robots": "ops-1", "app_group": "cid-ops"}, "dev": {"robots": "dev-1"}}
+    child = daemon(receivers=receivers, extra=app_config(app) + APP_PEOPLE)
+    child.wait_healthy()
+    through = cli("--send-test", "ops", config=child.config)  # the running daemon sends it
+    assert through.returncode == 0, through.stdout + through.stderr
+    assert through.stdout.splitlines() == [
+        through.stdout.splitlines()[0],
+        "app card to cid-ops: delivered (template alerts.schema)",
+    ]
+    child.wait_log("route=ops send-test: ")
+    [card] = app.cards.values()
+    assert "AlertbridgeTest" in card["params"]["markdown"] and len(fake.delivered()) == 1
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    answer = app.click(card["body"]["outTrackId"], "manager4321")  # a test card: nothing open
+    assert "Nothing is open" in answer["cardData"]["cardParamMap"]["status"]
+
+    app.groups_without_robot.add("cid-ops")
+    assert child.stop() == 0
+    alone = cli("--send-test", "ops", config=child.config)  # no daemon: sent from the command
+    assert alone.returncode == 1
+    assert alone.stdout.splitlines()[-1] == (
+        "app card to cid-ops: NOT delivered: the card was not delivered to IM_GROUP cid-ops: "
+        "robot is not a member of the group"
+    )
+    assert cli("--send-test", "dev", config=child.config).returncode == 0  # no app_group
+
+
 def test_the_app_needs_its_credentials_and_a_template(tmp_path):
     path = tmp_path / "config.ini"
     path.write_text(

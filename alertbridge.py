@@ -6063,17 +6063,18 @@ class AppAPI:
     expires (and fetched again once if refused), the Stream gateway's tickets, interactive
     cards (created and delivered to a group, updated in place), DING. Throttled, it makes no
     call for THROTTLE_REST seconds: pages go through the custom robots meanwhile. `config()`
-    gives the running Config; `clock`: steady seconds. _lock guards the token."""
+    gives the running Config; `clock`: steady seconds; `wall`: when the last error came (epoch).
+    _lock guards the token."""
 
     TOKEN_MARGIN = 300.0
     THROTTLE_REST = 2.0
 
-    def __init__(self, config, metrics, clock=time.monotonic):
-        self.config, self.metrics, self.clock = config, metrics, clock
+    def __init__(self, config, metrics, clock=time.monotonic, wall=wall_time):
+        self.config, self.metrics, self.clock, self.wall = config, metrics, clock, wall
         self._lock = threading.Lock()
         self._token = ("", "", 0.0)         # (client id, token, valid until)
         self.throttled_until = 0.0
-        self.last_error = ""
+        self.last_error, self.last_error_at = "", None
 
     def token(self):
         app = self.config().app
@@ -6182,7 +6183,7 @@ class AppAPI:
     def _count(self, api, outcome, error=""):
         self.metrics.inc("alertbridge_app_requests_total", api=api, outcome=outcome)
         if error:
-            self.last_error = error
+            self.last_error, self.last_error_at = error, self.wall()
 
 
 class WebSocketClosed(Exception):
@@ -7728,7 +7729,8 @@ class Pages:
         api = (span("bad", f"throttled by DingTalk for {state['throttled_for']:.0f} s more")
                if state["throttled_for"] > 0 else span("ok", "ok"))
         if state["api_error"]:
-            api += f" · last error: {esc(state['api_error'])}"
+            api += (f" · last error {when(self._shown(state['api_error_at']))}: "
+                    f"{esc(state['api_error'])}")
         groups = ", ".join(f"{esc(r.name)} → {esc(r.app_group)}"
                            for r in sorted(config.routes.values(), key=lambda r: r.name)
                            if r.app_group) or "none (set app_group on a receiver)"
@@ -8230,7 +8232,7 @@ class Bridge:
         self.notifier = Notifier(current, self.journal, self.senders, self.metrics)
         self.recorder = Recorder(current, self.journal, self.store, self.metrics, self.clock,
                                  wall)
-        self.app_api = AppAPI(current, self.metrics, self.clock)
+        self.app_api = AppAPI(current, self.metrics, self.clock, wall)
         self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
                                    wall, ding=self.app_api.ding)
         self.app = AppPager(current, self.app_api, self.journal, self.renderer)
@@ -8269,7 +8271,7 @@ class Bridge:
         return {"connected_at": self.stream.connected_at, "leader": self.cluster.may_send(),
                 "stream_error": self.stream.last_error,
                 "throttled_for": self.app_api.throttled_until - self.clock(),
-                "api_error": self.app_api.last_error}
+                "api_error": self.app_api.last_error, "api_error_at": self.app_api.last_error_at}
 
 
     def _restore_budgets(self):

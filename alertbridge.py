@@ -8533,7 +8533,23 @@ def check_config(config):
         carded = ", ".join(r.name for r in config.routes.values() if r.app_group) or "none"
         lines.append(f"app {config.app.client_id} (secret set): cards for receivers {carded}, "
                      f"DING {config.app.ding}; --check-app tries the credentials with DingTalk")
+        unreached = not_dinged(config) if config.app.ding != "none" else []
+        if unreached:
+            lines.append(f"note: escalation steps reach {', '.join(unreached)} without a "
+                         f"user_id: DING cannot reach them (they are @-mentioned by mobile)")
     return "\n".join(lines)
+
+
+def not_dinged(config):
+    """The handles of the people escalation steps reach (themselves, or in a rotation) who have
+    no user_id, so no DING."""
+    found = set()
+    for route in config.routes.values():
+        for step in route.escalation.steps if route.escalation else ():
+            for target in step.people:
+                people = (target,) if isinstance(target, Person) else target.people
+                found.update(p.handle for p in people if not p.user_id)
+    return sorted(found)
 
 
 def check_app(config, out=None):

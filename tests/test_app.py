@@ -12,7 +12,16 @@ import pytest
 import websockets.sync.server
 
 import alertbridge
-from tests.kit import APP_PEOPLE, app_config, get, make_alert, make_payload, post, wait_until
+from tests.kit import (
+    APP_PEOPLE,
+    app_config,
+    config_text,
+    get,
+    make_alert,
+    make_payload,
+    post,
+    wait_until,
+)
 
 
 def metrics(bridge):
@@ -380,6 +389,37 @@ def test_an_escalation_step_dings_its_people_through_the_app(make_bridge, sqlite
     assert "DiskFull" in ding["content"]
     # the step's message still goes to the group, @-mentioning him
     assert fake.wait_for(lambda f: any("升级第 1 步" in m.text for m in f.delivered()))
+
+
+def test_check_config_names_the_escalation_people_a_ding_cannot_reach(tmp_path, app):
+    """`ding = call` with a step whose person has only a mobile: --check-config said OK and the
+    DING silently skipped him."""
+    from tests.test_service import cli
+
+    path = tmp_path / "config.ini"
+    path.write_text(
+        config_text(
+            lambda token: f"http://127.0.0.1:9/robot/send?access_token={token}",
+            alertbridge.Database(driver="sqlite", path=str(tmp_path / "h.db")),
+            receivers={
+                "ops": {"robots": "ops-1", "escalation": "fast"},
+                "dev": {"robots": "dev-1"},
+            },
+            extra=app_config(app)
+            + "ding = call\n"
+            + APP_PEOPLE
+            + "\n[person:lisi]\nname = 李四\nmobile = 13800000002\n"
+            + "\n[rotation:nights]\npeople = zhangsan, lisi\nstart = 2026-11-30\n"
+            + "\n[escalation:fast]\nsteps =\n    5m = rotation:nights\n",
+        ),
+        encoding="utf-8",
+    )
+    result = cli("--check-config", config=path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "note: escalation steps reach lisi without a user_id: DING cannot reach them"
+        in result.stdout
+    )
 
 
 def test_a_token_is_kept_until_shortly_before_it_expires_then_fetched_again(tmp_path, app):

@@ -2582,6 +2582,8 @@ INCIDENT_COLUMNS = ("SELECT id, route, receiver, title, level, state, opened_at,
 S_INCIDENTS = INCIDENT_COLUMNS + "ORDER BY id DESC LIMIT %s"
 S_INCIDENTS_STILL_OPEN = (INCIDENT_COLUMNS + "WHERE state IN ('open', 'acknowledged') "
                           "ORDER BY id DESC LIMIT %s")
+S_INCIDENTS_STILL_OPEN_OF = (INCIDENT_COLUMNS + "WHERE route = %s AND state IN ('open', "
+                             "'acknowledged') ORDER BY id DESC LIMIT %s")
 S_INCIDENT = INCIDENT_COLUMNS + "WHERE id = %s"
 S_INCIDENT_EVENTS = ("SELECT kind, at, actor, via, detail FROM incident_events "
                      "WHERE incident_id = %s ORDER BY id")
@@ -3605,22 +3607,28 @@ class Store:
         found["group_labels"] = json.loads(found["group_labels"] or "{}")
         return found
 
-    def incidents(self, limit=100, still_open=False):
-        """The newest incidents (only those not resolved, if `still_open`), each a dict with its
-        events, newest first."""
-        return self._incidents(S_INCIDENTS_STILL_OPEN if still_open else S_INCIDENTS, (limit,))
+    def incidents(self, limit=100):
+        """The newest incidents, each a dict with its events, newest first."""
+        return self._incidents(S_INCIDENTS, (limit,))
+
+    def open_incidents(self, limit, route=None):
+        """The newest incidents not resolved (of one route, if named), as incidents() gives
+        them but without their events."""
+        if route is None:
+            return self._incidents(S_INCIDENTS_STILL_OPEN, (limit,), events=False)
+        return self._incidents(S_INCIDENTS_STILL_OPEN_OF, (route, limit), events=False)
 
     def incident(self, number):
         """One incident by its number, as incidents() gives it, or None."""
         found = self._incidents(S_INCIDENT, (number,))
         return found[0] if found else None
 
-    def _incidents(self, sql, args):
+    def _incidents(self, sql, args, events=True):
         with self.transaction() as cursor:
             self.execute(cursor, sql, args)
             names = [column[0] for column in cursor.description]
             found = [dict(zip(names, row)) for row in cursor.fetchall()]
-            for incident in found:
+            for incident in found if events else ():
                 self.execute(cursor, S_INCIDENT_EVENTS, (incident["id"],))
                 incident["events"] = [row[0] for row in cursor.fetchall()]
         for incident in found:
@@ -3699,8 +3707,11 @@ class StoreProcess:
     def claim(self, route, group, person, at, via="link", wait=5.0):
         return self._call("claim", route, group, person, at, via, wait=wait)
 
-    def incidents(self, limit=100, still_open=False, wait=2.0):
-        return self._call("incidents", limit, still_open, wait=wait)
+    def incidents(self, limit=100, wait=2.0):
+        return self._call("incidents", limit, wait=wait)
+
+    def open_incidents(self, limit, route=None, wait=2.0):
+        return self._call("open_incidents", limit, route, wait=wait)
 
     def incident(self, number, wait=2.0):
         return self._call("incident", number, wait=wait)
@@ -6674,6 +6685,7 @@ class AppDesk:
     the id itself. Commands are answered through the message's sessionWebhook."""
 
     LISTED = 20         # open incidents an `open` command lists
+    OPEN_READ = 1000    # open incidents it counts, per route
 
     def __init__(self, config, desk, store, wall, reply=None):
         self.config, self.desk, self.store, self.wall = config, desk, store, wall
@@ -6739,7 +6751,12 @@ class AppDesk:
         too); anything else gets the help."""
         text = str((data.get("text") or {}).get("content", "")).strip()
         user = str(data.get("senderStaffId") or data.get("senderId") or "")[:64]
-        answer = self.answer_to(text, user, str(data.get("conversationId", ""))[:128])
+        try:
+            answer = self.answer_to(text, user, str(data.get("conversationId", ""))[:128])
+        except Exception as exc:  # noqa: BLE001 (whoever wrote is told, not left waiting)
+            log.error("stream: the command %r failed: %s: %s", text[:40], type(exc).__name__,
+                      exc, exc_info=exc)
+            answer = f"Not done: {type(exc).__name__}: {str(exc)[:200]}. Try again in a minute."
         webhook = data.get("sessionWebhook", "")
         if re.match(r"https?://", str(webhook)):
             self.reply(webhook, answer, self.config().app.timeout)
@@ -6750,7 +6767,8 @@ class AppDesk:
         if command == "oncall":
             return self._on_call()
         if command == "open":
-            return self._open()
+            everywhere = len(words) > 1 and words[1].lower() in ("all", "全部")
+            return self._open(() if everywhere else self._routes_of(conversation))
         if command in ("claim", "silence") and len(words) >= 2 and words[1].lstrip("#").isdigit():
             incident = self._incident(int(words[1].lstrip("#")))
             if incident is None:
@@ -6773,7 +6791,8 @@ class AppDesk:
                 return str(exc)
             return f"#{incident['id']} silenced for {words[2] if len(words) >= 3 else '1h'} " \
                    f"(silence {silence})."
-        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警"
+        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警 "
+                "(open all / 告警 全部)"
                 + (f"\napp_group = {conversation}" if conversation else ""))
 
     def _incident(self, number):
@@ -6790,18 +6809,29 @@ class AppDesk:
                          f"{following.name}" for rotation, (person, until), (following, _)
                          in report)
 
-    def _open(self):
-        """The open incidents: the LISTED newest, and how many more there are."""
-        found = self.store.incidents(self.LISTED + 1, still_open=True)
-        if not found:
-            return "Nothing is open."
+    def _routes_of(self, conversation):
+        """The routes whose cards go to this group (app_group): what `open` lists there."""
+        return tuple(sorted(r.name for r in self.config().routes.values()
+                            if conversation and r.app_group == conversation))
+
+    def _open(self, routes):
+        """The open incidents of these routes (every route's if none): the LISTED newest, and
+        how many older ones, and elsewhere, there are."""
+        if routes:
+            found = sorted((i for route in routes
+                            for i in self.store.open_incidents(self.OPEN_READ, route)),
+                           key=lambda i: -i["id"])
+            elsewhere = sum(self.store.open_by_state().values()) - len(found)
+        else:
+            found, elsewhere = self.store.open_incidents(self.OPEN_READ), 0
         name_of = self.config().name_of
         lines = [f"#{i['id']} {i['title'][:60]} · {i['state']}"
                  + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
-                 for i in found[:self.LISTED]]
+                 for i in found[:self.LISTED]] or [f"Nothing is open{' here' if routes else ''}."]
         if len(found) > self.LISTED:
-            more = sum(self.store.open_by_state().values()) - self.LISTED
-            lines.append(f"… and {max(more, 1)} older.")
+            lines.append(f"… and {len(found) - self.LISTED} older.")
+        if elsewhere > 0:
+            lines.append(f"{elsewhere} open in other groups: open all / 告警 全部")
         return "\n".join(lines)
 
 

@@ -303,6 +303,44 @@ def test_commands_find_an_open_incident_older_than_many_newer_ones(make_bridge, 
     assert bridge.store.incident(old["id"])["acknowledged_by"] == "zhangsan"
 
 
+def test_open_lists_the_groups_own_incidents_and_a_failure_is_answered(
+    make_bridge, sqlite_db, app, monkeypatch
+):
+    """`open` in a group lists the incidents of the receivers whose cards go there (and says how
+    many are open elsewhere); `open all` lists every one. A command the history cannot answer
+    gets a reply saying so, not silence."""
+    from tests.test_incidents import FIRING, Recorder, group
+
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    recorder = Recorder(bridge.store, "j-test")
+    recorder.webhook(group(FIRING, key="o"), "2026-11-24 08:00:00")
+    dev = alertbridge.Route("dev", ())
+    recorder.webhook(group(FIRING, key="d", receiver="dev"), "2026-11-24 08:01:00", route=dev)
+    ops, other = sorted(bridge.store.incidents(10), key=lambda i: i["route"] != "ops")
+
+    here = app.reply_to(app.write("open", "x"))["text"]["content"]
+    assert here.splitlines() == [
+        f"#{ops['id']} {ops['title']} · open",
+        "1 open in other groups: open all / 告警 全部",
+    ]
+    for words in ("open all", "告警 全部"):
+        everywhere = app.reply_to(app.write(words, "x"))["text"]["content"]
+        assert everywhere.splitlines() == [
+            f"#{other['id']} {other['title']} · open",
+            f"#{ops['id']} {ops['title']} · open",
+        ]
+    no_receiver = app.reply_to(app.write("open", "x", conversation="cid-elsewhere"))
+    assert no_receiver["text"]["content"] == everywhere  # a group no receiver names: all
+
+    def unavailable(*args, **kwargs):
+        raise alertbridge.StoreUnavailable("the history does not answer")
+
+    monkeypatch.setattr(bridge.store, "open_incidents", unavailable)
+    failed = app.reply_to(app.write("open", "x"))["text"]["content"]
+    assert failed.startswith("Not done: StoreUnavailable: the history does not answer.")
+
+
 def test_send_test_sends_a_card_too_and_says_whether_the_group_got_it(daemon, app, fake):
     """--send-test proves the whole path of a route: its robots, and with app_group a card
     delivered to the group (credentials, template, the robot in the group), through the running

@@ -356,7 +356,9 @@ def test_the_incidents_still_open_and_one_by_its_number(store):
     recorder.webhook(group(FIRING, key="b"), "2026-11-24 08:01:00")
     recorder.webhook(group(RESOLVED, key="a"), "2026-11-24 08:02:00")
     [b, a] = store.incidents()
-    assert [i["id"] for i in store.incidents(10, still_open=True)] == [b["id"]]
+    assert [i["id"] for i in store.open_incidents(10)] == [b["id"]]
+    assert store.open_incidents(10, "ops") == [{k: v for k, v in b.items() if k != "events"}]
+    assert store.open_incidents(10, "dev") == []
     assert store.incident(a["id"])["state"] == "resolved"
     assert store.incident(b["id"]) == b
     assert store.incident(b["id"] + 1) is None

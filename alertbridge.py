@@ -6719,7 +6719,12 @@ class AppDesk:
             return {}
         route, group = found
         chosen, name = self.who(user)
-        status = self._act(route, group, str(action), chosen, name)
+        try:
+            status = self._act(route, group, str(action), chosen, name)
+        except Exception as exc:  # noqa: BLE001 (the clicker is told, on the card)
+            log.error("stream: the card's %r failed: %s: %s", str(action)[:40],
+                      type(exc).__name__, exc, exc_info=exc)
+            status = {"status": not_done(exc)}
         return {"cardData": {"cardParamMap": status}}
 
     def _act(self, route, group, action, chosen, name):
@@ -6756,7 +6761,7 @@ class AppDesk:
         except Exception as exc:  # noqa: BLE001 (whoever wrote is told, not left waiting)
             log.error("stream: the command %r failed: %s: %s", text[:40], type(exc).__name__,
                       exc, exc_info=exc)
-            answer = f"Not done: {type(exc).__name__}: {str(exc)[:200]}. Try again in a minute."
+            answer = not_done(exc)
         webhook = data.get("sessionWebhook", "")
         if re.match(r"https?://", str(webhook)):
             self.reply(webhook, answer, self.config().app.timeout)
@@ -6833,6 +6838,11 @@ class AppDesk:
         if elsewhere > 0:
             lines.append(f"{elsewhere} open in other groups: open all / 告警 全部")
         return "\n".join(lines)
+
+
+def not_done(exc):
+    """What someone who clicked or wrote is told when it failed here (the history away...)."""
+    return f"Not done: {type(exc).__name__}: {str(exc)[:200]}. Try again in a minute."
 
 
 def post_session_reply(webhook, text, timeout):

@@ -339,6 +339,10 @@ def test_open_lists_the_groups_own_incidents_and_a_failure_is_answered(
     monkeypatch.setattr(bridge.store, "open_incidents", unavailable)
     failed = app.reply_to(app.write("open", "x"))["text"]["content"]
     assert failed.startswith("Not done: StoreUnavailable: the history does not answer.")
+    monkeypatch.setattr(bridge.store, "claim", unavailable)  # a click: told on the card
+    track = alertbridge.card_track("ops", ops["group_hash"])
+    status = app.click(track, "manager4321")["cardData"]["cardParamMap"]["status"]
+    assert status.startswith("Not done: StoreUnavailable: the history does not answer.")
 
 
 def test_send_test_sends_a_card_too_and_says_whether_the_group_got_it(daemon, app, fake):

@@ -648,6 +648,7 @@ WORDS = {
            "silence_for": "静默…", "silenced": "🔕 {name} 静默了 {title} {hours} 小时",
            "has_it": "✅ {name} 已认领（告警后 {after}）", "resolved_card": "✅ 已恢复",
            "silenced_card": "🔕 {name} 静默 {hours} 小时",
+           "card_mention": "📣 {title}（告警卡片见上）",
            "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
@@ -659,6 +660,7 @@ WORDS = {
            "silence_for": "Silence…", "silenced": "🔕 {name} silenced {title} for {hours} h",
            "has_it": "✅ {name} has it, {after} after the page", "resolved_card": "✅ Resolved",
            "silenced_card": "🔕 Silenced for {hours} h by {name}",
+           "card_mention": "📣 {title} (its card is above)",
            "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
@@ -670,6 +672,8 @@ WORDS["both"].update(claimed=WORDS["zh"]["claimed"] + " · " + WORDS["en"]["clai
                      resolved_card=WORDS["zh"]["resolved_card"] + " · Resolved",
                      silenced_card=WORDS["zh"]["silenced_card"] + " · "
                      + WORDS["en"]["silenced_card"][2:],
+                     card_mention=WORDS["zh"]["card_mention"] + " · "
+                     + WORDS["en"]["card_mention"][2:],
                      lasted="持续", nth="24 小时内第 {n} 次 · {ordinal} time in 24 h",
                      last_resolved="上次 {when} 恢复，持续 {lasted} · last resolved {when} after "
                                    "{lasted}", colon=": ", **{"and": "; "})
@@ -5709,7 +5713,7 @@ class RouteSender:
         if not self.cluster.may_send():
             return True
         try:
-            done = self.app.page(route, message.body)
+            done = self.app.page(route, message.body, message.level)
         except AppError as exc:
             log.warning("message=%d route=%s the app did not take the page (%s): the robots "
                         "send it", message.id, route.name, exc)
@@ -6517,9 +6521,10 @@ class AppPager:
         return bool(route.app_group and body.kind == ALERTS and not body.digest
                     and body.group_key and not body.part)
 
-    def page(self, route, body):
+    def page(self, route, body, level=NO_LEVEL):
         """Put the body on the group's card. False if there is no card to put a resolution on
-        (the robots send it, as any message)."""
+        (the robots send it, as any message). A card @-mentions user ids only: whoever the page
+        mentions by mobile, or everyone, hears it in a NOTE through the robots right after."""
         group = group_hash(body.group_key)
         track = self.journal.open_card(route.name, group)
         firing = any(a["status"] == "firing" for a in body.alerts)
@@ -6531,6 +6536,7 @@ class AppPager:
             track = card_track(route.name, group)
             self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
             self.journal.card_opened(route.name, group, track)
+            self._mention_beside(route, rendered, track, level)
         elif firing:    # the group again: its text; a claim or silence shown stays shown
             self.api.update_card(track, {k: v for k, v in params.items()
                                          if k not in ("state", "status")})
@@ -6540,6 +6546,14 @@ class AppPager:
             finally:
                 self.journal.card_closed(track)
         return True
+
+    def _mention_beside(self, route, rendered, track, level):
+        mentions = rendered.mentions
+        if not (mentions.mobiles or mentions.all):
+            return
+        text = WORDS[route.language]["card_mention"].format(title=md_escape(rendered.title))
+        self.journal.note(route.name, text[:128], text, 0, f"card-mention:{track}", level=level,
+                          mention=Mentions(mentions.mobiles, (), mentions.all))
 
     def card_params(self, route, body, rendered, state):
         """What the card template shows (docs/dingtalk-app.md names each variable)."""

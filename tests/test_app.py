@@ -162,6 +162,35 @@ def test_a_page_is_a_card_a_click_claims_it_as_the_clicker_and_the_card_changes(
     assert len(app.cards) == 1 and fake.delivered() == []
 
 
+def test_whoever_a_card_cannot_mention_hears_the_page_through_the_robots(
+    make_bridge, sqlite_db, app, fake
+):
+    """A card @-mentions DingTalk user ids only: a page's @ by mobile number (at_mobiles, a
+    person with only a mobile) was silently dropped when the page became a card."""
+    receivers = {
+        "ops": {
+            "robots": "ops-1",
+            "app_group": "cid-ops",
+            "at_mobiles": "13800000000",
+            "at_people": "zhangsan",
+            "at_severities": "critical",
+        },
+        "dev": {"robots": "dev-1"},
+    }
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=app_config(app) + APP_PEOPLE)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: app.cards, timeout=10)
+    [card] = app.cards.values()
+    assert card["body"]["imGroupOpenDeliverModel"]["atUserIds"] == {"manager4321": "manager4321"}
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    [note] = fake.delivered()
+    assert note.body["at"]["atMobiles"] == ["13800000000"] and "@13800000000" in note.text
+    assert "DiskFull" in note.text and "告警卡片见上" in note.text
+    assert post(bridge.address, firing())[0] == 200  # the group again: the card, no new note
+    assert wait_until(lambda: card["updates"], timeout=10)
+    assert len(fake.delivered()) == 1
+
+
 def test_when_the_card_api_fails_the_page_goes_through_the_robots(
     make_bridge, sqlite_db, app, fake
 ):

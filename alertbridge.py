@@ -2331,8 +2331,8 @@ J_CLAIMS_SINCE = "SELECT id, claims FROM messages WHERE id > %s ORDER BY id LIMI
 J_MESSAGES_UNSEEN = ("SELECT id, route, request_id, body, packed, priority, level, claims, "
                      "created_at FROM messages WHERE state = 'pending' AND id > %s "
                      "AND created_at < %s ORDER BY id LIMIT %s")
-J_CLAIM_HELD = ("SELECT 1 FROM messages "
-                "WHERE instr(' ' || claims || ' ', ' ' || %s || ' ') > 0 LIMIT 1")
+J_CLAIM_HELD = ("SELECT 1 FROM messages WHERE state <> 'handed off' "
+                "AND instr(' ' || claims || ' ', ' ' || %s || ' ') > 0 LIMIT 1")
 J_CLAIMS_ADD = "UPDATE messages SET claims = trim(claims || ' ' || %s) WHERE id = %s"
 J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
                        "WHERE state = 'pending' GROUP BY level")
@@ -3111,7 +3111,8 @@ class Journal:
                 for row in self._read(J_MESSAGES_UNSEEN, (after_id, older_than, limit))]
 
     def holds_claim(self, key):
-        """Whether any message here carries the claim key (a full scan: for rare handoffs)."""
+        """Whether a message here carries the claim key (a full scan: for rare handoffs); not
+        one this instance handed off itself: the leader it went to may have died with it."""
         return self._read_one(J_CLAIM_HELD, (key,)) is not None
 
     def adopt(self, route, request_id, body, packed, priority, level, claims, age):

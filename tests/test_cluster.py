@@ -3,6 +3,7 @@ leader replaced, paging on while MySQL is away. Real processes, the real MariaDB
 
 import collections
 import dataclasses
+import json
 import re
 import signal
 
@@ -437,3 +438,34 @@ def test_only_the_leader_holds_the_app_stream_and_a_new_leader_serves_clicks(tmp
     finally:
         for child in children:
             child.kill()
+
+
+def test_a_handoff_the_leader_died_before_adopting_is_sent_by_the_standby_that_made_it(tmp_path):
+    """A standby hands the leader a message only it got, and finishes its own copy as handed
+    off; the leader dies before adopting it. The standby, leading now, finds its own handoff in
+    MySQL: it held the claim only in that handed-off copy, took it as held, and dropped the
+    handoff. The page was never sent."""
+    empty_mysql()
+    now = [1000.0]
+    journal = alertbridge.Journal(
+        str(tmp_path / "journal.db"), "normal", lambda: now[0], lambda: now[0]
+    )
+    route = alertbridge.Route("ops", ())
+    webhook = alertbridge.parse_webhook(json.dumps(make_payload("ops", [make_alert()])).encode())
+    journal.accept(webhook, route, "only-here")
+    [(message_id, claims)] = journal.pending_claims()
+    coordinator = alertbridge.Coordinator(
+        alertbridge.Cluster(enabled=True, instance="b", lease=2),
+        alertbridge.Delivery,
+        empty_settings(),
+        journal,
+        None,
+        alertbridge.Metrics(),
+        clock=lambda: now[0],
+    )
+    now[0] += 3  # older than a lease, its claims unknown to the leader: handed off
+    coordinator._stand_by()
+    assert journal.pending_claims() == []
+    coordinator._lead()  # the leader died; this instance leads and finds its own handoff
+    [(adopted, again)] = journal.pending_claims()
+    assert again == claims and adopted != message_id

@@ -4172,9 +4172,12 @@ class Recurrence:
     sender asks for a message's alerts before rendering it (prefetch) and waits WAIT seconds at
     most: the lookup runs in a thread of its own, one at a time, so a slow or down store leaves
     the field empty and the page goes out; an answer that comes late is kept for later
-    messages. After a failed lookup, none for BACKOFF seconds."""
+    messages. The lookup itself waits PATIENCE seconds for the store if it is busy (starting,
+    or recording): a moment's contention is not a failure. After a failed lookup, none for
+    BACKOFF seconds."""
 
     WAIT = 0.5
+    PATIENCE = 5.0
     WINDOW = 86400.0
     BATCH = 20
     KEPT = 10_000
@@ -4207,7 +4210,7 @@ class Recurrence:
 
     def _lookup(self, occurrences, done):
         try:
-            found = self.store.recurrence(occurrences, self.WINDOW, wait=self.WAIT)
+            found = self.store.recurrence(occurrences, self.WINDOW, wait=self.PATIENCE)
         except (StoreUnavailable, StoreError) as exc:
             log.info("history for {history} not read (%s): the field stays empty for %gs", exc,
                      self.BACKOFF)

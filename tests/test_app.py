@@ -22,6 +22,8 @@ from tests.kit import (
     post,
     wait_until,
 )
+from tests.test_incidents import FIRING, RESOLVED, Recorder, group
+from tests.test_service import cli
 
 
 def metrics(bridge):
@@ -314,8 +316,6 @@ def test_commands_written_to_the_robot_claim_list_and_tell_who_is_on_call(
 def test_commands_find_an_open_incident_older_than_many_newer_ones(make_bridge, sqlite_db, app):
     """`open` and `claim N` read the open incidents themselves: they looked among the newest
     100 and 200 incidents, so an incident still open behind busier groups was "not open"."""
-    from tests.test_incidents import FIRING, RESOLVED, Recorder, group
-
     bridge = app_bridge(make_bridge, sqlite_db, app)
     assert wait_until(lambda: app.connections == 1, timeout=10)
     recorder = Recorder(bridge.store, "j-test")
@@ -338,8 +338,6 @@ def test_open_lists_the_groups_own_incidents_and_a_failure_is_answered(
     """`open` in a group lists the incidents of the receivers whose cards go there (and says how
     many are open elsewhere); `open all` lists every one. A command the history cannot answer
     gets a reply saying so, not silence."""
-    from tests.test_incidents import FIRING, Recorder, group
-
     bridge = app_bridge(make_bridge, sqlite_db, app)
     assert wait_until(lambda: app.connections == 1, timeout=10)
     recorder = Recorder(bridge.store, "j-test")
@@ -378,8 +376,6 @@ def test_send_test_sends_a_card_too_and_says_whether_the_group_got_it(daemon, ap
     """--send-test proves the whole path of a route: its robots, and with app_group a card
     delivered to the group (credentials, template, the robot in the group), through the running
     daemon or, without one, directly."""
-    from tests.test_service import cli
-
     receivers = {"ops": {"robots": "ops-1", "app_group": "cid-ops"}, "dev": {"robots": "dev-1"}}
     child = daemon(receivers=receivers, extra=app_config(app) + APP_PEOPLE)
     child.wait_healthy()
@@ -465,8 +461,6 @@ def test_an_escalation_step_dings_its_people_through_the_app(make_bridge, sqlite
 def test_check_config_names_the_escalation_people_a_ding_cannot_reach(tmp_path, app):
     """`ding = call` with a step whose person has only a mobile: --check-config said OK and the
     DING silently skipped him."""
-    from tests.test_service import cli
-
     path = tmp_path / "config.ini"
     path.write_text(
         config_text(

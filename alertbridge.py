@@ -304,19 +304,57 @@ class Body:
                    title=mention["title"] if mention else "")
 
 
+@dataclass(frozen=True)
+class Note:
+    """What a group hears of one of its incidents (an escalation step, a claim, a silence),
+    kept in the history until it is sent, whichever instance sends it (see NoteRelay). `key`
+    (note_key) is the cluster's claim on it; `text` is markdown; `created_at` a db_time."""
+    key: str
+    incident_id: int
+    route: str          # the route whose group hears it
+    kind: str           # ESCALATED, CLAIMED, SILENCED
+    level: str
+    text: str
+    mention: Mentions = Mentions()
+    created_at: str = ""
+
+    def row(self):
+        """The note as plain values, as it crosses to the store process and back."""
+        return (self.key, self.incident_id, self.route, self.kind, self.level, self.text,
+                list(self.mention.mobiles), list(self.mention.user_ids), self.created_at)
+
+    @classmethod
+    def of_row(cls, row):
+        key, incident_id, route, kind, level, text, mobiles, user_ids, created_at = row
+        return cls(key, incident_id, route, kind, level, text,
+                   Mentions(tuple(mobiles), tuple(user_ids)), created_at)
+
+
+ESCALATED, CLAIMED, SILENCED = "escalated", "claimed", "silenced"     # the kinds of a Note
+
+
+def note_key(*identity):
+    """A note's key: the same decision (a step of a chain, a claim) gives the same key."""
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
 def webhook_event(webhook, request_id, received_at, route=None):
     """What the recorder writes for an accepted webhook: one history row per alert; with the
     `route` that took it, the incident of its Alertmanager group (opened while any alert fires,
-    resolved when none does)."""
+    resolved when none does), with the latest start of its firing alerts, or the latest end of
+    its resolved ones: what tells a late copy from the group's next incident."""
     event = {"receiver": webhook.receiver, "request_id": request_id,
              "received_at": db_time(received_at), "alerts": webhook.alerts}
     if route is not None and webhook.group_key:
         firing = [a for a in webhook.alerts if a["status"] == "firing"]
         ranks = [route.level(a) for a in firing]
         names = dict.fromkeys(a["labels"].get("alertname", "") for a in webhook.alerts)
+        ends = [a["ends_at"] for a in webhook.alerts if a["ends_at"]]
         event["incident"] = {
             "route": route.name, "group_key": webhook.group_key,
             "group_labels": webhook.group_labels, "firing": bool(firing),
+            "started_at": max(a["starts_at"] for a in firing) if firing else None,
+            "ended_at": None if firing or len(ends) < len(webhook.alerts) else max(ends),
             "level": min(ranks)[1] if ranks else NO_LEVEL,
             "title": " ".join([", ".join(n for n in names if n)]
                               + [v for k, v in sorted(webhook.group_labels.items())
@@ -326,12 +364,16 @@ def webhook_event(webhook, request_id, received_at, route=None):
 
 def send_event(route, robot, message, result, sent_at):
     """What the recorder writes for one DingTalk request: a notifications row and, when
-    DingTalk took it, one more notified_count for each alert it carried. `sent_at`: wall time."""
-    return {"sent_at": epoch_db_time(sent_at), "route": route,
-            "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
-            "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
-            "errcode": result.errcode, "errmsg": result.errmsg,
-            "latency_ms": int(result.latency * 1000)}
+    DingTalk took it, one more notified_count for each alert it carried, and its incident
+    notes marked sent (the keys of a note's message). `sent_at`: wall time."""
+    event = {"sent_at": epoch_db_time(sent_at), "route": route,
+             "robot": robot.name, "request_id": message.request_id, "message_id": message.id,
+             "alerts": [(a["receiver"], a["fingerprint"], a["starts_at"]) for a in message.alerts],
+             "errcode": result.errcode, "errmsg": result.errmsg,
+             "latency_ms": int(result.latency * 1000)}
+    if getattr(message, "notes", ()):
+        event["notes"] = list(message.notes)
+    return event
 
 
 _KEY_SEPARATORS = str.maketrans("\x1e\x1f", "??")
@@ -648,7 +690,7 @@ WORDS = {
            "silence_for": "静默…", "silenced": "🔕 {name} 静默了 {title} {hours} 小时",
            "has_it": "✅ {name} 已认领（告警后 {after}）", "resolved_card": "✅ 已恢复",
            "silenced_card": "🔕 {name} 静默 {hours} 小时",
-           "card_mention": "📣 {title}（告警卡片见上）",
+           "card_mention": "📣 {title}（告警卡片见上）", "more": "…另有 {count} 条",
            "and": "；", "colon": "："},
     "en": {"instance": "Instance", "started": "Started", "history": "History",
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
@@ -660,7 +702,7 @@ WORDS = {
            "silence_for": "Silence…", "silenced": "🔕 {name} silenced {title} for {hours} h",
            "has_it": "✅ {name} has it, {after} after the page", "resolved_card": "✅ Resolved",
            "silenced_card": "🔕 Silenced for {hours} h by {name}",
-           "card_mention": "📣 {title} (its card is above)",
+           "card_mention": "📣 {title} (its card is above)", "more": "… and {count} more",
            "and": "; ", "colon": ": "},
 }
 WORDS["both"] = {key: zh if zh == WORDS["en"][key] or key in ("and", "colon", "lasted")
@@ -2248,7 +2290,8 @@ CREATE TABLE IF NOT EXISTS messages (
     priority INTEGER NOT NULL DEFAULT 99,
     level TEXT NOT NULL DEFAULT 'none',
     alert_keys TEXT NOT NULL DEFAULT '',
-    claims TEXT NOT NULL DEFAULT ''
+    claims TEXT NOT NULL DEFAULT '',
+    reserve INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -2265,8 +2308,9 @@ CREATE TABLE IF NOT EXISTS cards (
     closed_at REAL
 );
 CREATE INDEX IF NOT EXISTS ix_cards_open ON cards (route, group_hash, closed_at);
+CREATE TABLE IF NOT EXISTS relayed (note_key TEXT PRIMARY KEY, at REAL NOT NULL);
 """
-JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), for journals of 0.3
+JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), for older journals
     ("messages", "route", "ALTER TABLE messages RENAME COLUMN receiver TO route"),
     ("messages", "priority",
      "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 99"),
@@ -2275,6 +2319,7 @@ JOURNAL_MIGRATIONS = (  # (table, column it must have, statement that adds it), 
      "ALTER TABLE messages ADD COLUMN alert_keys TEXT NOT NULL DEFAULT ''"),
     ("messages", "claims", "ALTER TABLE messages ADD COLUMN claims TEXT NOT NULL DEFAULT ''"),
     ("sends", "robot_key", "ALTER TABLE sends ADD COLUMN robot_key TEXT NOT NULL DEFAULT ''"),
+    ("messages", "reserve", "ALTER TABLE messages ADD COLUMN reserve INTEGER NOT NULL DEFAULT 1"),
 )
 JOURNAL_INDEXES = """
 CREATE INDEX IF NOT EXISTS events_unrecorded ON events (recorded, id);
@@ -2296,8 +2341,8 @@ J_EVENTS_MARK_UPTO = "UPDATE events SET recorded = 1 WHERE recorded = 0 AND id <
 J_EVENTS_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM events WHERE recorded = 0"
 J_COLUMNS = "SELECT name FROM pragma_table_info(%s)"
 J_MESSAGE_ADD = ("INSERT INTO messages (route, request_id, body, packed, created_at, "
-                 "next_attempt_at, priority, level, alert_keys, claims) "
-                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+                 "next_attempt_at, priority, level, alert_keys, claims, reserve) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
 # Routes with pending messages, one index probe each (a DISTINCT would read every pending row).
 J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "SELECT MIN(route) FROM messages WHERE state = 'pending' UNION ALL "
@@ -2305,8 +2350,8 @@ J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "WHERE state = 'pending' AND route > name) "
                     "FROM r WHERE name IS NOT NULL) "
                     "SELECT name FROM r WHERE name IS NOT NULL")
-J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority, level, claims "
-                  "FROM messages WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
+J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority, level, claims, "
+                  "reserve FROM messages WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
                   "ORDER BY priority, id LIMIT %s")
 # The alerts of a route's pending messages, as keys: the newest copy of an alert is the one sent.
 J_MESSAGE_KEYS = ("SELECT id, alert_keys FROM messages "
@@ -2334,6 +2379,10 @@ J_MESSAGES_UNSEEN = ("SELECT id, route, request_id, body, packed, priority, leve
 J_CLAIM_HELD = ("SELECT 1 FROM messages WHERE state <> 'handed off' "
                 "AND instr(' ' || claims || ' ', ' ' || %s || ' ') > 0 LIMIT 1")
 J_CLAIMS_ADD = "UPDATE messages SET claims = trim(claims || ' ' || %s) WHERE id = %s"
+J_RELAYED = "SELECT 1 FROM relayed WHERE note_key = %s"
+J_RELAYED_ADD = "INSERT OR IGNORE INTO relayed (note_key, at) VALUES (%s, %s)"
+J_WAITING_AS = ("SELECT 1 FROM messages WHERE state = 'pending' AND route = %s "
+                "AND request_id = %s LIMIT 1")
 J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
                        "WHERE state = 'pending' GROUP BY level")
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
@@ -2357,6 +2406,7 @@ J_PURGE_MESSAGES = ("DELETE FROM messages "
                     "WHERE state IN ('sent', 'merged', 'split', 'duplicate', 'handed off') "
                     "AND done_at < %s")
 J_PURGE_SENDS = "DELETE FROM sends WHERE at < %s"
+J_PURGE_RELAYED = "DELETE FROM relayed WHERE at < %s"
 
 # The history: S_* statements. Its schema, as schema.sql ships it (MySQL 5.7+/8, MariaDB 10.x).
 MYSQL_SCHEMA = """\
@@ -2431,6 +2481,9 @@ CREATE TABLE IF NOT EXISTS incidents (
   next_step_at DATETIME(3) NOT NULL,
   silence_id VARCHAR(64) NULL,
   silenced_until DATETIME(3) NULL,
+  steps_from DATETIME(3) NULL,
+  alerts_started_at DATETIME(3) NULL,
+  alerts_ended_at DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_next_step (state, next_step_at),
@@ -2450,6 +2503,22 @@ CREATE TABLE IF NOT EXISTS incident_events (
   PRIMARY KEY (id),
   KEY ix_incident_events_incident (incident_id, at),
   KEY ix_incident_events_at (at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS incident_notes (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  note_key CHAR(64) CHARACTER SET ascii NOT NULL,
+  incident_id BIGINT UNSIGNED NOT NULL,
+  route VARCHAR(128) NOT NULL,
+  kind VARCHAR(16) NOT NULL,
+  level VARCHAR(64) NOT NULL DEFAULT '',
+  text TEXT NOT NULL,
+  mentions TEXT NOT NULL,
+  created_at DATETIME(3) NOT NULL,
+  sent_at DATETIME(3) NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_incident_notes_key (note_key),
+  KEY ix_incident_notes_unsent (sent_at, created_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
 
@@ -2488,7 +2557,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   level TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, opened_at TEXT NOT NULL,
   acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
   escalations INTEGER NOT NULL DEFAULT 0, next_step_at TEXT NOT NULL, silence_id TEXT,
-  silenced_until TEXT,
+  silenced_until TEXT, steps_from TEXT, alerts_started_at TEXT, alerts_ended_at TEXT,
   UNIQUE (route, open_group)
 );
 CREATE INDEX IF NOT EXISTS ix_incidents_next_step ON incidents (state, next_step_at);
@@ -2502,6 +2571,13 @@ CREATE TABLE IF NOT EXISTS incident_events (
 );
 CREATE INDEX IF NOT EXISTS ix_incident_events_incident ON incident_events (incident_id, at);
 CREATE INDEX IF NOT EXISTS ix_incident_events_at ON incident_events (at);
+CREATE TABLE IF NOT EXISTS incident_notes (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  note_key TEXT NOT NULL UNIQUE, incident_id INTEGER NOT NULL, route TEXT NOT NULL,
+  kind TEXT NOT NULL, level TEXT NOT NULL DEFAULT '', text TEXT NOT NULL, mentions TEXT NOT NULL,
+  created_at TEXT NOT NULL, sent_at TEXT
+);
+CREATE INDEX IF NOT EXISTS ix_incident_notes_unsent ON incident_notes (sent_at, created_at);
 """
 
 _ALERT_COLUMNS = ("receiver, fingerprint, starts_at, ends_at, status, alertname, instance, "
@@ -2536,49 +2612,92 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
                       "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
 # Incidents: one per route and Alertmanager group while it fires. open_group is the group's hash
 # while the incident is open, NULL after: the unique key lets one incident be open per group
-# whichever instances record the same webhooks, and an open is skipped when the history already
-# has the group resolved at or after it (a late copy of an earlier notification).
+# whichever instances record the same webhooks. A notification belongs to an incident by its
+# alerts' own times, not by when it arrived (an HA peer's copy comes peer_timeout late, a
+# recorder replays its journal after a MySQL cut): alerts_started_at is the latest start of
+# the incident's firing alerts, alerts_ended_at the latest end of the alerts that resolved it.
+# A resolve changes an open incident only if its alerts ended after the incident's started (a
+# late copy of the last incident's resolve leaves the next one, claimed, as it is). An open is
+# skipped when the group was resolved at or after it arrived (a replay), or LATE_COPY before it
+# by alerts that ended after these started (a peer's late copy). Only that short: a firing
+# notification just like an earlier one (Prometheus back after resolve_timeout) is a new one.
 _INCIDENT_OPEN = ("INTO incidents (route, receiver, group_hash, open_group, group_key, "
-                  "group_labels, title, level, state, opened_at, next_step_at) "
-                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s "
+                  "group_labels, title, level, state, opened_at, next_step_at, "
+                  "alerts_started_at) "
+                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s, %s "
                   "FROM (SELECT 1 AS one) AS x "
                   "WHERE NOT EXISTS (SELECT 1 FROM incidents WHERE route = %s AND group_hash = %s "
-                  "AND resolved_at >= %s)")
+                  "AND (resolved_at >= %s OR (alerts_ended_at >= %s AND resolved_at >= %s)))")
+LATE_COPY = 30.0    # seconds: two Alertmanager peers' peer_timeout (15 s, the default) and more
 S_INCIDENT_OPEN_MYSQL = "INSERT IGNORE " + _INCIDENT_OPEN    # the dialects' one difference here
 S_INCIDENT_OPEN_SQLITE = "INSERT OR IGNORE " + _INCIDENT_OPEN
 S_INCIDENT_OPEN_ID = "SELECT id FROM incidents WHERE route = %s AND open_group = %s"
+S_INCIDENT_FIRING = ("UPDATE incidents SET alerts_started_at = %s WHERE route = %s "
+                     "AND open_group = %s AND (alerts_started_at IS NULL "
+                     "OR alerts_started_at < %s)")
 S_INCIDENT_RESOLVE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, "
-                      "open_group = NULL WHERE route = %s AND open_group = %s")
+                      "alerts_ended_at = %s, open_group = NULL WHERE route = %s "
+                      "AND open_group = %s AND (alerts_started_at IS NULL OR %s IS NULL "
+                      "OR alerts_started_at <= %s)")
 S_INCIDENT_RESOLVED_ID = ("SELECT id FROM incidents WHERE route = %s AND group_hash = %s "
                           "AND resolved_at = %s ORDER BY id DESC LIMIT 1")
 S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowledged_at = %s, "
                           "acknowledged_by = %s WHERE route = %s AND open_group = %s "
                           "AND state = 'open'")
 S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
-                       "level, group_labels, silence_id FROM incidents "
+                       "level, group_labels, silence_id, silenced_until FROM incidents "
                        "WHERE route = %s AND open_group = %s")
-# The escalator reads only the incidents whose next step is due (next_step_at, which it keeps;
-# a new incident's is its opening: look at it once), not every open one every second.
+# Escalation. next_step_at and steps_from are the escalating instance's steady clock (see
+# SteadyClock), written as the history writes times: a wall clock stepped by NTP or by hand
+# neither holds a step nor sends every one at once. The escalator reads only the incidents
+# whose next step is due, not every open one every second; a new incident's is LOOK_NOW (look
+# at it once: its chain counts from its opening, as old as the wall clock says it is then).
+# steps_from is when the chain started (NULL: not looked at yet); a silence that ends starts
+# the chain again from its end. silenced_until is the silence's end as Alertmanager keeps it
+# (the wall clock); next_step_at is then that end, when the escalator looks again.
+LOOK_NOW = "1970-01-01 00:00:00.000"   # next_step_at of an incident not looked at yet
 NEVER = "9998-01-01 00:00:00.000"      # a next_step_at for an incident that escalates no more
-S_INCIDENTS_UNCLAIMED = ("SELECT id, route, level, opened_at, escalations, title, group_hash "
-                         "FROM incidents WHERE state = 'open' AND next_step_at <= %s "
-                         "AND silence_id IS NULL ORDER BY next_step_at "
-                         "LIMIT %s")
-S_INCIDENT_SCHEDULE = ("UPDATE incidents SET next_step_at = %s WHERE id = %s AND escalations = %s "
-                       "AND state = 'open'")
-S_INCIDENTS_RESCHEDULE = ("UPDATE incidents SET next_step_at = opened_at "
-                          "WHERE state = 'open' AND silence_id IS NULL")
+TAKING = "taking:"                     # silence_id while a silence is being made (its prefix)
+S_INCIDENTS_DUE = ("SELECT id, route, level, opened_at, escalations, title, group_hash, "
+                   "steps_from, silence_id, silenced_until FROM incidents "
+                   "WHERE state = 'open' AND next_step_at <= %s ORDER BY next_step_at LIMIT %s")
+S_INCIDENT_SCHEDULE = ("UPDATE incidents SET next_step_at = %s, steps_from = %s WHERE id = %s "
+                       "AND escalations = %s AND state = 'open'")
+S_INCIDENTS_RESCHEDULE = "UPDATE incidents SET next_step_at = %s WHERE state = 'open'"
+S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s, next_step_at = %s, steps_from = %s "
+                       "WHERE id = %s AND escalations = %s AND state = 'open' "
+                       "AND silence_id IS NULL")
+# A silence is taken first (compare-and-set: one of two taps, on any instance, gets it) with a
+# TAKING id that lapses on its own if the instance dies before Alertmanager answers; then it
+# holds the silence's id, or is dropped if Alertmanager refused.
+S_INCIDENT_SILENCE_TAKE = ("UPDATE incidents SET silence_id = %s, silenced_until = %s, "
+                           "next_step_at = %s WHERE id = %s AND open_group IS NOT NULL "
+                           "AND (silence_id IS NULL OR silenced_until <= %s)")
 S_INCIDENT_SILENCE = ("UPDATE incidents SET silence_id = %s, silenced_until = %s, "
-                      "next_step_at = %s WHERE id = %s AND open_group IS NOT NULL")
-S_INCIDENTS_SILENCED = ("SELECT id, route, group_hash, group_labels, silence_id FROM incidents "
-                        "WHERE open_group IS NOT NULL AND silence_id IS NOT NULL "
+                      "next_step_at = %s WHERE id = %s AND silence_id = %s")
+S_INCIDENT_SILENCE_DROP = ("UPDATE incidents SET silence_id = NULL, silenced_until = NULL, "
+                           "next_step_at = %s WHERE id = %s AND silence_id = %s")
+S_INCIDENT_UNSILENCE = ("UPDATE incidents SET silence_id = NULL, silenced_until = NULL, "
+                        "escalations = 0, steps_from = %s, next_step_at = %s "
+                        "WHERE id = %s AND silence_id = %s AND open_group IS NOT NULL")
+S_INCIDENTS_SILENCED = ("SELECT id, route, receiver, group_hash, group_labels, silence_id "
+                        "FROM incidents WHERE open_group IS NOT NULL AND silence_id IS NOT NULL "
                         "ORDER BY id LIMIT %s")
 S_INCIDENT_CLOSE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, open_group = NULL "
                     "WHERE id = %s AND open_group IS NOT NULL")
-S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s, next_step_at = %s WHERE id = %s "
-                       "AND escalations = %s AND state = 'open'")
 S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
                              "WHERE state IN ('open', 'acknowledged') GROUP BY state")
+# What the group hears of its incidents (escalation steps, claims, silences) waits in the history
+# until it is sent, whichever instance sends it: written in the transaction that decided it (a
+# step marked done has its notes), copied into the journal of the instance that sends (see
+# NoteRelay), marked sent when that send is recorded. note_key is the cluster's claim on it.
+S_NOTE_ADD = ("INSERT INTO incident_notes (note_key, incident_id, route, kind, level, text, "
+              "mentions, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
+S_NOTES_UNSENT = ("SELECT note_key, incident_id, route, kind, level, text, mentions, created_at "
+                  "FROM incident_notes WHERE sent_at IS NULL AND created_at >= %s "
+                  "ORDER BY id LIMIT %s")
+S_NOTE_SENT = ("UPDATE incident_notes SET sent_at = %s WHERE note_key = %s "
+               "AND sent_at IS NULL")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 INCIDENT_COLUMNS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
@@ -2622,6 +2741,18 @@ S_PURGE_INCIDENT_EVENTS = ("DELETE FROM incident_events WHERE id IN (SELECT id F
 S_PURGE_INCIDENTS = ("DELETE FROM incidents WHERE id IN (SELECT id FROM (SELECT id FROM incidents "
                      "WHERE resolved_at < %s AND id NOT IN (SELECT incident_id FROM "
                      "incident_events) ORDER BY id LIMIT %s) AS old)")
+S_PURGE_NOTES = ("DELETE FROM incident_notes WHERE id IN (SELECT id FROM (SELECT id FROM "
+                 "incident_notes WHERE created_at < %s ORDER BY id LIMIT %s) AS old)")
+# Columns that tables made by an older version lack: (table, column, its MySQL type, SQLite's).
+# Identifiers and types are these constants, never a value.
+HISTORY_COLUMNS = (
+    ("incidents", "steps_from", "DATETIME(3) NULL", "TEXT"),             # 0.8
+    ("incidents", "alerts_started_at", "DATETIME(3) NULL", "TEXT"),
+    ("incidents", "alerts_ended_at", "DATETIME(3) NULL", "TEXT"),
+)
+S_MYSQL_COLUMNS = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
+                   "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s")
+S_SQLITE_COLUMNS = "SELECT name FROM pragma_table_info(%s)"
 
 
 # The cluster's shared state, next to the history (MySQL only): C_* statements. Times are the
@@ -2743,8 +2874,16 @@ class Dialect:
     def connect(self, settings):
         raise NotImplementedError
 
+    columns_of = None       # the statement that lists a table's columns
+
     def migrate(self, cursor, say):
         """Bring tables made by older versions up to date; say(text) logs a step once."""
+        for table, column, mysql_type, sqlite_type in HISTORY_COLUMNS:
+            cursor.execute(self.sql(self.columns_of), (table,))
+            if column not in {row[0] for row in cursor.fetchall()}:
+                say(f"history: adding {table}.{column} (ALTER TABLE, once)")
+                kind = mysql_type if self.name == "mysql" else sqlite_type
+                cursor.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def unavailable(self, exc):
         """Whether `exc` means "not now" rather than "never": the database is unreachable, or a
@@ -2769,7 +2908,7 @@ def _concat(*parts):
 
 class SQLiteDialect(Dialect):
     name, param, schema, upsert = "sqlite", "?", SQLITE_SCHEMA, S_ALERT_UPSERT_SQLITE
-    open_incident = S_INCIDENT_OPEN_SQLITE
+    open_incident, columns_of = S_INCIDENT_OPEN_SQLITE, S_SQLITE_COLUMNS
 
     def connect(self, settings):
         os.makedirs(os.path.dirname(os.path.abspath(settings.path)), exist_ok=True)
@@ -2785,7 +2924,7 @@ class SQLiteDialect(Dialect):
 
 class MySQLDialect(Dialect):
     name, param, schema, upsert = "mysql", "%s", MYSQL_SCHEMA, S_ALERT_UPSERT_MYSQL
-    open_incident = S_INCIDENT_OPEN_MYSQL
+    open_incident, columns_of = S_INCIDENT_OPEN_MYSQL, S_MYSQL_COLUMNS
 
     def connect(self, settings):
         import pymysql
@@ -2795,6 +2934,7 @@ class MySQLDialect(Dialect):
                                read_timeout=30, write_timeout=30)
 
     def migrate(self, cursor, say):
+        super().migrate(cursor, say)
         cursor.execute(S_MYSQL_KEYS_NOT_BINARY)
         if cursor.fetchone()[0]:
             say("history: making alerts.receiver and alerts.fingerprint compare byte for byte "
@@ -3023,7 +3163,8 @@ class Journal:
             alerts = body.alerts
             body = json.dumps(body.to_json(), ensure_ascii=False)
             rows.append((J_MESSAGE_ADD, (route.name, request_id, body, 0, now, now, rank, level,
-                                         alert_keys(alerts), claim_key(webhook, level, alerts))))
+                                         alert_keys(alerts), claim_key(webhook, level, alerts),
+                                         1)))
         pending = _PendingWrite(rows)
         with self._queue_lock:
             self._queue.append(pending)
@@ -3093,7 +3234,8 @@ class Journal:
         it is used (see Message.body). The default limit is more than one digest takes."""
         rows = self._read(J_MESSAGES_DUE, (route, now, limit))
         return [Message(i, route, rid, bool(packed), attempts, created, rank, level, claims.split(),
-                        self) for i, rid, packed, attempts, created, rank, level, claims in rows]
+                        self, bool(reserve))
+                for i, rid, packed, attempts, created, rank, level, claims, reserve in rows]
 
     def pending_claims(self, limit=500):
         """(message id, [claim key, ...]) of the oldest pending messages."""
@@ -3121,19 +3263,42 @@ class Journal:
         with self._writing() as db:
             self._run(db, J_MESSAGE_ADD, (route, request_id, body, int(packed), now - age, now,
                                           priority, level, alert_keys(json.loads(body)["alerts"]),
-                                          " ".join(claims)))
+                                          " ".join(claims), 1))
         self.new_messages.notify(route)
 
-    def note(self, route, title, text, rank, claim, level=NO_LEVEL, mention=Mentions()):
+    def note(self, route, title, text, rank, claims, level=NO_LEVEL, mention=Mentions(),
+             request_id="note", reserve=True, age=0.0):
         """Journal a NOTE for a route's group at `rank` and `level`, packed so that it is never
-        folded into a digest, with a cluster claim so that it goes out once."""
+        folded into a digest, carrying `claims` (so that it goes out once across a cluster);
+        `reserve`: whether it may use the robots' reserve when its level may."""
         body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
                           ensure_ascii=False)
         now = self.clock()
         with self._writing() as db:
-            self._run(db, J_MESSAGE_ADD, (route, claim, body, 1, now, now, rank, level, "",
-                                          claim))
+            self._run(db, J_MESSAGE_ADD, (route, request_id, body, 1, now - age, now, rank, level,
+                                          "", " ".join(claims), int(reserve)))
         self.new_messages.notify(route)
+
+    def relay(self, route, title, text, rank, level, mention, notes, kind, age=0.0):
+        """Journal incident notes of the history as one NOTE (see NoteRelay): each note's key
+        recorded as relayed in the same transaction, so that this journal takes a note once."""
+        body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
+                          ensure_ascii=False)
+        now = self.clock()
+        with self._writing() as db:
+            for key in notes:
+                self._run(db, J_RELAYED_ADD, (key, now))
+            self._run(db, J_MESSAGE_ADD, (route, f"notes:{kind}", body, 1, now - age, now, rank,
+                                          level, "", " ".join(notes), int(kind != ESCALATED)))
+        self.new_messages.notify(route)
+
+    def relayed(self, key):
+        """Whether this journal has taken the note of that key."""
+        return self._read_one(J_RELAYED, (key,)) is not None
+
+    def waiting_as(self, route, request_id):
+        """Whether a message of the route with this request_id waits to be sent."""
+        return self._read_one(J_WAITING_AS, (route, request_id)) is not None
 
     def alert_keys_since(self, route, after_id):
         """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
@@ -3184,9 +3349,9 @@ class Journal:
                 text = json.dumps(body.to_json(), ensure_ascii=False)
                 cursor = self._run(db, J_MESSAGE_ADD, (
                     first.route, request_ids, text, 1, created, now, first.rank, first.level,
-                    alert_keys(body.alerts), " ".join(carried)))
+                    alert_keys(body.alerts), " ".join(carried), int(first.reserve)))
                 new.append(Message(cursor.lastrowid, first.route, request_ids, True, 0, created,
-                                   first.rank, first.level, carried, self, body))
+                                   first.rank, first.level, carried, self, first.reserve, body))
         return new
 
     def supersede(self, old, heirs):
@@ -3255,10 +3420,13 @@ class Journal:
         return rows
 
     # housekeeping and introspection
-    def purge(self, older_than):
+    def purge(self, older_than, relayed_before=None):
+        """Drop what is done and older than `older_than` (and relayed note keys older than
+        `relayed_before`: kept while the history may offer their notes again)."""
         with self._writing() as db:
             for sql in (J_PURGE_EVENTS, J_PURGE_MESSAGES, J_PURGE_SENDS):
                 self._run(db, sql, (older_than,))
+            self._run(db, J_PURGE_RELAYED, (min(older_than, relayed_before or older_than),))
 
     def backlog(self):
         """(pending messages, oldest pending message time, unrecorded events, oldest event time)."""
@@ -3313,6 +3481,7 @@ class Message:
     level: str          # "critical", ... or NO_LEVEL
     claims: list        # the keys of the notifications it carries (see claim_key)
     journal: Journal = field(repr=False)
+    reserve: bool = True    # may use the robots' reserve if its level may (not an escalation)
     loaded: Body = field(default=None, repr=False)     # the body, once read or given
 
     @property
@@ -3324,6 +3493,11 @@ class Message:
     @property
     def alerts(self):
         return self.body.alerts
+
+    @property
+    def notes(self):
+        """The keys of the incident notes it carries: a NOTE's claims."""
+        return self.claims if self.body.kind == NOTE else []
 
     def narrowed(self, alerts):
         """The message as it goes out with only these of its alerts (the journal keeps all)."""
@@ -3440,8 +3614,8 @@ class Store:
             deleted = cursor.rowcount
             self.execute(cursor, S_PURGE_NOTIFICATIONS, (cutoff, batch))
             deleted += cursor.rowcount
-            for sql in (S_PURGE_INCIDENT_EVENTS, S_PURGE_INCIDENTS):   # events first, then theirs
-                self.execute(cursor, sql, (cutoff, batch))
+            for sql in (S_PURGE_INCIDENT_EVENTS, S_PURGE_INCIDENTS, S_PURGE_NOTES):
+                self.execute(cursor, sql, (cutoff, batch))      # events before their incidents
                 deleted += cursor.rowcount
             return deleted
 
@@ -3464,7 +3638,7 @@ class Store:
         kept alongside); returns how many alerts were recorded. Rows are gathered and written with
         one statement per kind: the upserts and increments commute, so grouping them gives the same
         history as applying events one by one."""
-        alerts, sends, notified = [], [], []
+        alerts, sends, notified, notes = [], [], [], []
         with self.transaction() as cursor:
             self.execute(cursor, S_PROGRESS_GET, (journal_id,))
             row = cursor.fetchone()
@@ -3483,8 +3657,9 @@ class Store:
                     if body["errcode"] == 0:
                         robot = body["robot"]
                         notified += [(robot, robot, robot, *key) for key in body["alerts"]]
+                        notes += [(body["sent_at"], key) for key in body.get("notes", ())]
             for sql, rows in ((self.dialect.upsert, alerts), (S_NOTIFICATION_ADD, sends),
-                              (S_ALERT_NOTIFIED, notified)):
+                              (S_ALERT_NOTIFIED, notified), (S_NOTE_SENT, notes)):
                 if rows:
                     cursor.executemany(self.dialect.sql(sql), rows)
             self.execute(cursor, S_PROGRESS_PUT, (journal_id, max(done, events[-1][0])))
@@ -3494,14 +3669,19 @@ class Store:
         """Open the group's incident on a firing notification (unless one is open, or the
         group was resolved since), resolve it when none of its alerts fires; log each change."""
         route, group = incident["route"], group_hash(incident["group_key"])
+        started, ended = incident.get("started_at"), incident.get("ended_at")  # 0.7: neither
         if incident["firing"]:
             self.execute(cursor, self.dialect.open_incident, (
                 route, receiver[:128], group, group, incident["group_key"],
                 json.dumps(incident["group_labels"], ensure_ascii=False), incident["title"],
-                incident["level"][:64], at, at, route, group, at))
+                incident["level"][:64], at, LOOK_NOW, started, route, group, at, started,
+                db_time(from_db_time(at) - timedelta(seconds=LATE_COPY))))
             kind = "opened"
+            if cursor.rowcount != 1 and started:
+                self.execute(cursor, S_INCIDENT_FIRING, (started, route, group, started))
+                return
         else:
-            self.execute(cursor, S_INCIDENT_RESOLVE, (at, route, group))
+            self.execute(cursor, S_INCIDENT_RESOLVE, (at, ended, route, group, ended, ended))
             kind = "resolved"
         if cursor.rowcount != 1:
             return
@@ -3530,33 +3710,61 @@ class Store:
                                                             person[:128], via, ""))
         return {**self._incident_row(row), "claimed": claimed}
 
-    def unclaimed(self, now, limit):
-        """Incidents open, not claimed, whose next step is due by `now` (text) or that have not
-        been looked at yet, as dicts (opened_at as text)."""
+    def due_incidents(self, now, limit):
+        """Open incidents whose next step is due by `now` (the escalator's clock, as text), or
+        that it has not looked at yet, silenced ones included (their silence may be over), as
+        dicts (times as text)."""
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENTS_UNCLAIMED, (now, limit))
+            self.execute(cursor, S_INCIDENTS_DUE, (now, limit))
             names = [column[0] for column in cursor.description]
             rows = [dict(zip(names, row)) for row in cursor.fetchall()]
-        for row in rows:
-            if isinstance(row["opened_at"], datetime):
-                row["opened_at"] = db_time(row["opened_at"])
-        return rows
+        return [{k: db_time(v) if isinstance(v, datetime) else v for k, v in row.items()}
+                for row in rows]
 
-    def silenced(self, incident_id, silence_id, until, person, at, hours, via="link"):
-        """Note the Alertmanager silence made for an open incident (it escalates no more)."""
+    def take_silence(self, incident_id, marker, until, look_at, now):
+        """Take the open incident for a silence about to be made (`marker`, a TAKING id, until
+        `until`): True if this call took it, False if it is silenced, or being, already."""
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, NEVER, incident_id))
+            self.execute(cursor, S_INCIDENT_SILENCE_TAKE, (marker, until, look_at, incident_id,
+                                                           now))
+            return cursor.rowcount == 1
+
+    def silenced(self, incident_id, marker, silence_id, until, look_at, person, at, hours,
+                 via="link"):
+        """The silence Alertmanager made for an incident taken with `marker`: it escalates no
+        more until `until` (wall) , when the escalator looks at it again (`look_at`)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, look_at, incident_id,
+                                                      marker))
             self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "silenced",
                                                         person[:128], via,
                                                         f"{hours:g} h, silence {silence_id}"))
+
+    def drop_silence(self, incident_id, marker):
+        """Alertmanager did not make the silence: the incident is as it was (looked at now)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_SILENCE_DROP, (LOOK_NOW, incident_id, marker))
+
+    def unsilence(self, incident_id, silence_id, steps_from, at, detail):
+        """A silence that is over: the incident escalates again, its chain from `steps_from`
+        (the escalator's clock). True if this call ended it (its event logged)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_UNSILENCE, (steps_from, LOOK_NOW, incident_id,
+                                                        silence_id))
+            if cursor.rowcount != 1:
+                return False
+            self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "unsilenced", "",
+                                                        "alertmanager", detail[:1024]))
+        return True
 
     def silenced_incidents(self, limit):
         """Open incidents with a silence: what Alertmanager will not tell us the end of."""
         with self.transaction() as cursor:
             self.execute(cursor, S_INCIDENTS_SILENCED, (limit,))
             rows = cursor.fetchall()
-        return [{"id": i, "route": r, "group_hash": g, "group_labels": json.loads(labels),
-                 "silence_id": s} for i, r, g, labels, s in rows]
+        return [{"id": i, "route": r, "receiver": rc, "group_hash": g,
+                 "group_labels": json.loads(labels), "silence_id": s}
+                for i, r, rc, g, labels, s in rows if not s.startswith(TAKING)]
 
     def resolve_silenced(self, incident_id, at, detail):
         """Resolve a silenced incident whose alerts are gone; True if this call did."""
@@ -3575,27 +3783,61 @@ class Store:
             return {state: count for state, count in cursor.fetchall()}
 
     def schedule(self, incidents):
-        """When to look at incidents next: (id, steps done, next_step_at text) each, unless
-        another instance escalated one meanwhile."""
+        """When to look at incidents next: (id, steps done, next_step_at, steps_from) each,
+        unless another instance escalated one meanwhile."""
         with self.transaction() as cursor:
-            for incident_id, done, next_at in incidents:
-                self.execute(cursor, S_INCIDENT_SCHEDULE, (next_at, incident_id, done))
+            for incident_id, done, next_at, steps_from in incidents:
+                self.execute(cursor, S_INCIDENT_SCHEDULE, (next_at, steps_from, incident_id,
+                                                           done))
 
     def reschedule(self):
         """Every open incident looked at again (the escalations of the config changed)."""
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENTS_RESCHEDULE)
+            self.execute(cursor, S_INCIDENTS_RESCHEDULE, (LOOK_NOW,))
 
-    def escalate(self, incident_id, done, now_done, next_at, at, detail):
-        """Mark steps done for an open, unclaimed incident, if no other instance did: True when
-        this call did (its event logged), so each step goes out once."""
+    def escalate(self, steps, at):
+        """Mark steps done, each with its notes, in one transaction: (incident id, steps done,
+        steps done now, next_step_at, steps_from, detail, [Note.row(), ...]) each. A step another
+        instance took first (or a claim, resolve or silence since) changes nothing. Returns the
+        ids of the incidents whose step this call took: their notes wait in the history."""
+        taken = []
         with self.transaction() as cursor:
-            self.execute(cursor, S_INCIDENT_ESCALATE, (now_done, next_at, incident_id, done))
-            if cursor.rowcount != 1:
-                return False
-            self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "escalated", "",
-                                                        "escalation", detail[:1024]))
-        return True
+            for incident_id, done, now_done, next_at, steps_from, detail, notes in steps:
+                self.execute(cursor, S_INCIDENT_ESCALATE, (now_done, next_at, steps_from,
+                                                           incident_id, done))
+                if cursor.rowcount != 1:
+                    continue
+                self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "escalated", "",
+                                                            "escalation", detail[:1024]))
+                self._add_notes(cursor, notes, at)
+                taken.append(incident_id)
+        return taken
+
+    def add_notes(self, notes, at):
+        """Notes for groups to hear (a claim, a silence), kept until sent."""
+        with self.transaction() as cursor:
+            self._add_notes(cursor, notes, at)
+
+    def _add_notes(self, cursor, notes, at):
+        """Notes as Note.row() gives them."""
+        cursor.executemany(self.dialect.sql(S_NOTE_ADD), [
+            (key, incident_id, route[:128], kind, level[:64], fit_text(text),
+             json.dumps([mobiles, user_ids]), at)
+            for key, incident_id, route, kind, level, text, mobiles, user_ids, _ in notes])
+
+    def unsent_notes(self, since, limit):
+        """The oldest notes made since `since` and not yet sent, as Note.row() gives them."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_NOTES_UNSENT, (since, limit))
+            rows = cursor.fetchall()
+        return [(key, incident_id, route, kind, level, text, *json.loads(mentions),
+                 made if isinstance(made, str) else db_time(made))
+                for key, incident_id, route, kind, level, text, mentions, made in rows]
+
+    def notes_sent(self, keys, at):
+        """These notes were sent (by any instance): no instance relays them again."""
+        with self.transaction() as cursor:
+            cursor.executemany(self.dialect.sql(S_NOTE_SENT), [(at, key) for key in keys])
 
     def open_incident(self, route, group):
         """The open incident of a route's group, as claim() gives it (claimed: False), or None."""
@@ -3607,7 +3849,7 @@ class Store:
     @staticmethod
     def _incident_row(row):
         names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by", "title",
-                 "level", "group_labels", "silence_id")
+                 "level", "group_labels", "silence_id", "silenced_until")
         found = {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
         found["group_labels"] = json.loads(found["group_labels"] or "{}")
         return found
@@ -3724,8 +3966,8 @@ class StoreProcess:
     def open_incident(self, route, group, wait=5.0):
         return self._call("open_incident", route, group, wait=wait)
 
-    def unclaimed(self, now, limit, wait=5.0):
-        return self._call("unclaimed", now, limit, wait=wait)
+    def due_incidents(self, now, limit, wait=5.0):
+        return self._call("due_incidents", now, limit, wait=wait)
 
     def schedule(self, incidents, wait=5.0):
         return self._call("schedule", incidents, wait=wait)
@@ -3736,9 +3978,19 @@ class StoreProcess:
     def open_by_state(self, wait=5.0):
         return self._call("open_by_state", wait=wait)
 
-    def silenced(self, incident_id, silence_id, until, person, at, hours, via="link",
-                 wait=5.0):
-        return self._call("silenced", incident_id, silence_id, until, person, at, hours, via,
+    def take_silence(self, incident_id, marker, until, look_at, now, wait=5.0):
+        return self._call("take_silence", incident_id, marker, until, look_at, now, wait=wait)
+
+    def silenced(self, incident_id, marker, silence_id, until, look_at, person, at, hours,
+                 via="link", wait=5.0):
+        return self._call("silenced", incident_id, marker, silence_id, until, look_at, person,
+                          at, hours, via, wait=wait)
+
+    def drop_silence(self, incident_id, marker, wait=5.0):
+        return self._call("drop_silence", incident_id, marker, wait=wait)
+
+    def unsilence(self, incident_id, silence_id, steps_from, at, detail, wait=5.0):
+        return self._call("unsilence", incident_id, silence_id, steps_from, at, detail,
                           wait=wait)
 
     def silenced_incidents(self, limit, wait=5.0):
@@ -3747,9 +3999,17 @@ class StoreProcess:
     def resolve_silenced(self, incident_id, at, detail, wait=5.0):
         return self._call("resolve_silenced", incident_id, at, detail, wait=wait)
 
-    def escalate(self, incident_id, done, now_done, next_at, at, detail, wait=5.0):
-        return self._call("escalate", incident_id, done, now_done, next_at, at, detail,
-                          wait=wait)
+    def escalate(self, steps, at, wait=5.0):
+        return self._call("escalate", steps, at, wait=wait)
+
+    def add_notes(self, notes, at, wait=5.0):
+        return self._call("add_notes", notes, at, wait=wait)
+
+    def unsent_notes(self, since, limit, wait=5.0):
+        return self._call("unsent_notes", since, limit, wait=wait)
+
+    def notes_sent(self, keys, at, wait=5.0):
+        return self._call("notes_sent", keys, at, wait=wait)
 
     def _call(self, method, *args, wait=-1):
         if not self._lock.acquire(timeout=wait):
@@ -4908,7 +5168,10 @@ class AlertmanagerError(Exception):
 
 class AlertmanagerAPI:
     """Alertmanager's API v2, for what alertbridge does there: make a silence, expire it, and
-    list a group's alerts (silenced ones get no resolved notification: alertmanager #226)."""
+    list its alerts and silences (silenced alerts get no resolved notification: alertmanager
+    #226)."""
+
+    MOST = 64 << 20     # the largest list of alerts or silences read (about 50,000 alerts)
 
     def __init__(self, base, timeout=10.0):
         self.base, self.timeout = base.rstrip("/"), timeout
@@ -4927,22 +5190,32 @@ class AlertmanagerAPI:
     def expire(self, silence_id):
         self._call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
 
-    def alerts(self, labels):
-        """The alerts Alertmanager holds that have these labels, silenced ones too."""
-        query = urllib.parse.urlencode([("filter", f'{k}="{v}"') for k, v in
-                                        sorted(labels.items())])
-        answer = self._call("GET", "/api/v2/alerts?" + query)
-        if not isinstance(answer, list):
+    def alerts(self):
+        """Every alert Alertmanager holds, silenced ones too (one request; matched by the
+        caller, so that no label value is written into a filter)."""
+        answer = self._call("GET", "/api/v2/alerts", limit=self.MOST)
+        if not isinstance(answer, list) or not all(isinstance(a, dict) for a in answer):
             raise AlertmanagerError("the answer is not a list of alerts")
         return answer
 
-    def _call(self, method, path, body=None):
+    def active_silences(self):
+        """The ids of the silences active now."""
+        answer = self._call("GET", "/api/v2/silences", limit=self.MOST)
+        if not isinstance(answer, list):
+            raise AlertmanagerError("the answer is not a list of silences")
+        return {s.get("id") for s in answer if isinstance(s, dict)
+                and (s.get("status") or {}).get("state") == "active"}
+
+    def _call(self, method, path, body=None, limit=1 << 20):
         try:
-            status, raw = exchange_json(method, self.base + path, body, timeout=self.timeout)
+            status, raw = exchange_json(method, self.base + path, body, timeout=self.timeout,
+                                        limit=limit + 1)
         except NO_ANSWER as exc:
             raise AlertmanagerError(_no_answer(exc)) from exc
         if status >= 400:
             raise AlertmanagerError(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
+        if len(raw) > limit:
+            raise AlertmanagerError(f"the answer is over {limit >> 20} MiB")
         try:
             return json.loads(raw) if raw.strip() else None
         except ValueError:
@@ -5449,6 +5722,9 @@ class Ledger:
             self.held.discard(message.id)
 
 
+APP_ROBOT = Robot(name="app", url="")      # who sent a page that went out as the app's card
+
+
 class RouteSender:
     """Sends one route's messages, the highest priority first and oldest first within it,
     within every robot's budget (an urgent message may use the robots' reserve). Its stages,
@@ -5521,7 +5797,7 @@ class RouteSender:
         first = self._first_due(now)
         if first is None:
             return False
-        self._urgent = urgent = route.urgent(first.level)
+        self._urgent = urgent = first.reserve and route.urgent(first.level)
         available = self.pool.available(route, now, urgent)
         if available <= 0:
             if not urgent:
@@ -5713,20 +5989,25 @@ class RouteSender:
 
     def _as_card(self, route, message):
         """The page as the app's card (or its update): True if done, or if this instance may
-        no longer send. Whatever fails, the robots send it (False)."""
+        no longer send. Whatever fails, the robots send it (False). A card is accounted as a
+        robot's request is (the send log line, metrics, the history)."""
         if not self.cluster.may_send():
             return True
+        started = self.clock()
         try:
-            done = self.app.page(route, message.body, message.level)
+            done, carried = self.app.page(route, message.body, message.level, message.claims)
         except AppError as exc:
             log.warning("message=%d route=%s the app did not take the page (%s): the robots "
                         "send it", message.id, route.name, exc)
             return False
         if done:
-            self.cluster.sent(message.claims)
-            robot = Robot(name="app", url=self.config().app.api_url)
-            self.ledger.end(None, Sent(route.name, robot, message, SendResult(0, "ok"),
-                                       self.clock(), self.wall()))
+            if not carried:
+                self.cluster.sent(message.claims)
+            at = self.clock()
+            sent = Sent(route.name, APP_ROBOT, message, SendResult(0, "ok", at - started), at,
+                        self.wall())
+            self.ledger.end(None, sent)
+            self.sent.notify(sent)
         return done
 
     def _exchange(self, route, robot, message):
@@ -5812,23 +6093,31 @@ def _ends_after(alert, now):
     return ends is None or ends.timestamp() > now
 
 
+def on_call_in_use(config):
+    """Whether anything can make incident notes: escalation, claim links, the app's desk."""
+    return bool(config.oncall.link_secret or config.app.enabled
+                or any(r.escalation for r in config.routes.values()))
+
+
 class Escalator(Worker):
     """Escalation, on the instance that sends (alone, or the cluster's leader): every POLL
     seconds, each open incident nobody has claimed, of a route with an escalation for its
-    level, gets its due step: a message at the top of the queue (urgent: its level may use the
-    reserve) to the route's group, @-mentioning the step's people (whoever is on call in its
-    rotations), and to the groups of the step's receivers. The history marks each step done
-    first, so it goes out once whichever instance leads; a claim or a resolve ends the chain."""
+    level, gets its due step: notes for the route's group and the groups of the step's
+    receivers, @-mentioning the step's people (whoever is on call in its rotations). The history
+    marks the step done and keeps its notes in one transaction; the NoteRelay journals them
+    here, or on the next leader if this one dies first: each step goes out once whichever
+    instance leads (at least once if it dies mid-send). A claim or a resolve ends the chain; a
+    silence holds it, and when the silence is over it starts again from the first step. Due
+    times are on `clock` (steady, see SteadyClock); `wall` is what the history's times are."""
 
     POLL = 1.0
-    BATCH = 10_000
+    BATCH = 1000        # due incidents per round; a full round is followed by another at once
 
-    def __init__(self, config, store, journal, cluster, metrics, wall, ding=None):
+    def __init__(self, config, store, cluster, metrics, clock, wall, relay, ding=None):
         super().__init__("escalator")
-        self.config, self.store, self.journal = config, store, journal
-        self.cluster, self.metrics, self.wall = cluster, metrics, wall
+        self.config, self.store, self.cluster, self.metrics = config, store, cluster, metrics
+        self.clock, self.wall, self.relay = clock, wall, relay
         self.ding = ding            # ding(user ids, text): the app's DING, if [app] ding is set
-        self._followed_at = 0.0
         self._escalations = None    # the routes' escalations the schedule was made for
 
     def sleep_for(self):
@@ -5845,43 +6134,133 @@ class Escalator(Worker):
 
     def step(self):
         config = self.config()
-        if not any(r.escalation or r.claim_links for r in config.routes.values()):
+        if not on_call_in_use(config):
             return False
         for state, count in {"open": 0, "acknowledged": 0, **self.store.open_by_state()}.items():
             self.metrics.set("alertbridge_incidents_open", count, state=state)
         if not self.cluster.may_send():
             return False
-        now = self.wall()
-        if config.oncall.alertmanager_api and now - self._followed_at >= \
-                config.oncall.follow_interval:
-            self._followed_at = now
-            self.follow_silenced(AlertmanagerAPI(config.oncall.alertmanager_api), now)
         escalations = {name: (r.escalation, r.escalate_levels)
                        for name, r in config.routes.items()}
         if escalations != self._escalations:    # started, or reloaded: look at every one again
             self.store.reschedule()
             self._escalations = escalations
-        later = []
-        for incident in self.store.unclaimed(self._text(now), self.BATCH):
-            route = config.routes.get(incident["route"])
-            escalation = route.escalation if route else None
-            if escalation is None or incident["level"] not in route.escalate_levels:
-                later.append((incident["id"], incident["escalations"], NEVER))
-                continue
-            opened = from_db_time(incident["opened_at"]).timestamp()
-            due = due_step(escalation, opened, incident["escalations"], now)
-            if due is None:
-                following = next_step_at(escalation, opened, incident["escalations"])
-                later.append((incident["id"], incident["escalations"], self._text(following)))
-                continue
-            number, step, _ = due
-            following = self._text(next_step_at(escalation, opened, number))
-            if self.store.escalate(incident["id"], incident["escalations"], number, following,
-                                   self._text(now), f"step {number}"):
-                self._send(config, route, incident, number, step, now - opened)
+        more = self.escalate(config)
+        self.relay.relay()
+        return more
+
+    def escalate(self, config):
+        """One round over the incidents due: their steps taken, the others scheduled; True if
+        the round was full (more may be due)."""
+        now, wall = self.clock(), self.wall()
+        due = self.store.due_incidents(epoch_db_time(now), self.BATCH)
+        later, steps, lines = [], [], {}
+        for incident in due:
+            if incident["silence_id"]:
+                self._silenced(incident, now, wall, later)
+            else:
+                self._look(config, incident, now, wall, later, steps, lines)
         if later:
             self.store.schedule(later)
-        return False
+        if steps:
+            self._take(config, steps, lines, wall)
+        return len(due) == self.BATCH
+
+    def _look(self, config, incident, now, wall, later, steps, lines):
+        """An incident not silenced: its due step into `steps` (and its line, as a DING says
+        it, into `lines`), or when to look again into `later`."""
+        route = config.routes.get(incident["route"])
+        escalation = route.escalation if route else None
+        origin = self._origin(incident, now, wall)
+        done, steps_from = incident["escalations"], epoch_db_time(origin)
+        if escalation is None or incident["level"] not in route.escalate_levels:
+            later.append((incident["id"], done, NEVER, steps_from))
+            return
+        found = due_step(escalation, origin, done, now)
+        if found is None:
+            following = next_step_at(escalation, origin, done)
+            later.append((incident["id"], done, self._text(following), steps_from))
+            return
+        number, step, _ = found
+        following = self._text(next_step_at(escalation, origin, number))
+        notes = self._notes(config, route, incident, number, step, now - origin, steps_from)
+        steps.append((incident["id"], done, number, following, steps_from, f"step {number}",
+                      [note.row() for note in notes]))
+        lines[incident["id"]] = WORDS[route.language]["escalated"].format(
+            step=number, title=incident["title"], waited=format_duration(now - origin))
+
+    @staticmethod
+    def _origin(incident, now, wall):
+        """When the incident's chain counts from, on the steady clock: kept once looked at; at
+        the first look, its opening, as long ago as the wall clock says it is now."""
+        if incident["steps_from"]:
+            return from_db_time(incident["steps_from"]).timestamp()
+        return now - max(0.0, wall - from_db_time(incident["opened_at"]).timestamp())
+
+    def _silenced(self, incident, now, wall, later):
+        """A silenced incident come due: its silence is over (the chain starts again), a
+        silence being made was abandoned (its instance died), or it is looked at at its end."""
+        until = from_db_time(incident["silenced_until"])
+        left = until.timestamp() - wall if until else 0.0
+        if left > 0:
+            later.append((incident["id"], incident["escalations"], self._text(now + left),
+                          incident["steps_from"]))
+        elif incident["silence_id"].startswith(TAKING):
+            self.store.drop_silence(incident["id"], incident["silence_id"])
+        elif self.store.unsilence(incident["id"], incident["silence_id"], epoch_db_time(now),
+                                  epoch_db_time(wall), f"silence {incident['silence_id']} "
+                                                       f"ended"):
+            log.info("incident=%s route=%s: its silence %s ended, it escalates again",
+                     incident["id"], incident["route"], incident["silence_id"])
+
+    def _notes(self, config, route, incident, number, step, waited, steps_from):
+        """The step's notes: one for the route's group and one for each of the step's
+        receivers, each with the claim link and the step's mentions."""
+        mobiles, user_ids = reached(step.people, self.wall(), config.tz)
+        mention = Mentions(tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids)))
+        claim = (claim_link(config.oncall, route.name, incident["group_hash"], self.wall())
+                 if route.claim_links else "")
+        notes = []
+        for target in (route.name,) + tuple(r for r in step.routes if r != route.name):
+            words = WORDS[config.routes[target].language]
+            line = words["escalated"].format(step=number, title=md_escape(incident["title"]),
+                                             waited=format_duration(waited))
+            link = f"\n\n👉 [{words['claim']}]({claim})" if claim else ""
+            key = note_key(ESCALATED, incident["id"], steps_from, number, target)
+            notes.append(Note(key, incident["id"], target, ESCALATED, incident["level"],
+                              line + link, mention))
+        return notes
+
+    def _take(self, config, steps, lines, wall):
+        """Mark the steps done with their notes, in one transaction; count, log and DING the
+        ones this instance took."""
+        taken = set(self.store.escalate(steps, epoch_db_time(wall)))
+        dinged, said = [], [lines[i] for i in lines if i in taken]
+        for incident_id, _, number, _, _, _, notes in steps:
+            if incident_id not in taken:
+                continue
+            first = Note.of_row(notes[0])       # the route's own group's
+            route = config.routes[first.route]
+            self.metrics.inc("alertbridge_escalations_total", receiver=route.name)
+            log.info("incident=%s route=%s escalation step %d (%s)", incident_id, route.name,
+                     number, route.escalation.name)
+            dinged += first.mention.user_ids
+        if dinged and self.ding is not None and config.app.ding != "none":
+            self._ding(tuple(dict.fromkeys(dinged)), said)
+
+    def _ding(self, user_ids, lines):
+        """One DING for the round's steps, on a thread of its own: a slow DingTalk holds no
+        escalation. Best effort, from the instance that took the steps: the @ in the notes is
+        what a leader change does not lose."""
+        text = "\n".join(lines[:5] + ([f"+{len(lines) - 5}"] if lines[5:] else []))
+
+        def ding():
+            try:
+                self.ding(user_ids, text)
+            except AppError as exc:
+                log.warning("escalator: the DING of %d steps failed (%s): their notes "
+                            "@-mention them still", len(lines), exc)
+        threading.Thread(target=ding, name="ding", daemon=True).start()
 
     @staticmethod
     def _text(epoch):
@@ -5890,56 +6269,131 @@ class Escalator(Worker):
             return NEVER
         return epoch_db_time(epoch)
 
-    def follow_silenced(self, api, now):
-        """Alertmanager sends no resolved notification for silenced alerts: ask it for each
-        silenced incident's alerts; when none is left, resolve the incident and expire its
-        silence early."""
-        at = epoch_db_time(now)
-        for incident in self.store.silenced_incidents(self.BATCH):
-            try:
-                alerts = api.alerts(incident["group_labels"])
-            except AlertmanagerError as exc:
-                log.warning("incident=%s: cannot ask Alertmanager about its alerts: %s",
-                            incident["id"], exc)
-                return
-            live = [a for a in alerts if (a.get("status") or {}).get("state") != "unprocessed"
-                    and _ends_after(a, now)]
-            if live:
-                continue
+
+class NoteRelay:
+    """Journals the history's incident notes on the instance that sends (the escalator calls
+    it every round): notes of one route and kind that wait together go out as one message, the
+    first LISTED in full (many incidents open at once in an outage; their steps must not take
+    the budget that new pages need). While a route's message of that kind waits to be sent,
+    newer notes wait in the history, to be folded into the next. An escalation ranks after the
+    pages of its level (before the next level's) and never uses the reserve. A note goes out
+    once across a cluster: the journal takes each key once, the cluster's claims drop what
+    another instance sent, and a sent note is marked sent when its send is recorded."""
+
+    LISTED = 10
+    BATCH = 1000
+
+    def __init__(self, config, store, journal, cluster, wall):
+        self.config, self.store, self.journal = config, store, journal
+        self.cluster, self.wall = cluster, wall
+
+    def relay(self):
+        config, wall = self.config(), self.wall()
+        since = epoch_db_time(wall - config.delivery.max_age)   # older ones expired unsent
+        fresh = [Note.of_row(row) for row in self.store.unsent_notes(since, self.BATCH)
+                 if not self.journal.relayed(row[0])]
+        sent = self.cluster.sent_among([n.key for n in fresh]) if fresh else set()
+        if sent:
+            self.store.notes_sent(sorted(sent), epoch_db_time(wall))
+        waiting = {}
+        for note in fresh:
+            if note.key not in sent:
+                waiting.setdefault((note.route, note.kind), []).append(note)
+        for (route_name, kind), notes in waiting.items():
+            if not self.journal.waiting_as(route_name, f"notes:{kind}"):
+                self._journal(config.routes.get(route_name) or DEFAULT_ROUTE, route_name, kind,
+                              notes, wall)
+
+    def _journal(self, route, route_name, kind, notes, wall):
+        words = WORDS[route.language]
+        text = "\n\n".join(n.text for n in notes[:self.LISTED])
+        if len(notes) > self.LISTED:
+            text += "\n\n" + words["more"].format(count=len(notes) - self.LISTED)
+        title = notes[0].text.split("\n")[0][:120] + (f" +{len(notes) - 1}" if notes[1:] else "")
+        mention = Mentions(tuple(dict.fromkeys(m for n in notes for m in n.mention.mobiles)),
+                           tuple(dict.fromkeys(u for n in notes for u in n.mention.user_ids)))
+        if kind == ESCALATED:
+            rank, level = min(route.level({"labels": {route.priority_label: n.level}})
+                              for n in notes)
+            rank += 0.5     # after the pages of its level, before the next level's
+        else:
+            rank, level = len(route.priority_order) + 1, NO_LEVEL
+        age = max(0.0, wall - min(from_db_time(n.created_at).timestamp() for n in notes))
+        self.journal.relay(route_name, title, text, rank, level, mention,
+                           [n.key for n in notes], kind, age)
+
+
+class Follower(Worker):
+    """Alertmanager sends no resolved notification for silenced alerts (alertmanager #226), and
+    a silence may be expired in its UI before its end. On the instance that sends, every
+    follow_interval seconds, one look at Alertmanager (its alerts, then its silences: two
+    requests, each within the API's deadline, whatever the number of incidents) settles every
+    silenced incident: its alerts gone, it is resolved and its silence expired early; its
+    silence no longer active, it escalates again. On a thread of its own: a slow or hanging
+    Alertmanager holds no escalation step, only this."""
+
+    BATCH = 10_000
+
+    def __init__(self, config, store, cluster, clock, wall):
+        super().__init__("follower")
+        self.config, self.store, self.cluster = config, store, cluster
+        self.clock, self.wall = clock, wall
+
+    def backlog(self):
+        return 0
+
+    def sleep_for(self):
+        return self.config().oncall.follow_interval
+
+    def failed(self, exc, failures):
+        if not isinstance(exc, (AlertmanagerError, StoreUnavailable, StoreError)):
+            return super().failed(exc, failures)
+        if str(exc) != self._last_error:
+            log.warning("follower: cannot follow silenced incidents now: %s", exc)
+            self._last_error = str(exc)
+        return min(self.sleep_for(), retry_delay(failures - 1, 1.0, 30.0))
+
+    def step(self):
+        api_url = self.config().oncall.alertmanager_api
+        if not api_url or not self.cluster.may_send():
+            return False
+        incidents = self.store.silenced_incidents(self.BATCH)
+        if not incidents:
+            return False
+        api = AlertmanagerAPI(api_url)
+        alerts, active = api.alerts(), api.active_silences()
+        for incident in incidents:
+            self._settle(api, incident, alerts, active)
+        return False
+
+    def _settle(self, api, incident, alerts, active):
+        now, at = self.wall(), epoch_db_time(self.wall())
+        live = [a for a in alerts if self._of(incident, a) and _ends_after(a, now)
+                and (a.get("status") or {}).get("state") != "unprocessed"]
+        silence = incident["silence_id"]
+        if not live:
             if self.store.resolve_silenced(incident["id"], at, "its alerts are gone"):
                 log.info("incident=%s route=%s resolved: its silenced alerts are gone",
                          incident["id"], incident["route"])
                 try:
-                    api.expire(incident["silence_id"])
+                    api.expire(silence)
                 except AlertmanagerError as exc:
                     log.warning("incident=%s: silence %s not expired: %s", incident["id"],
-                                incident["silence_id"], exc)
+                                silence, exc)
+        elif silence not in active and self.store.unsilence(
+                incident["id"], silence, epoch_db_time(self.clock()), at,
+                f"silence {silence} is not active in Alertmanager"):
+            log.info("incident=%s route=%s: silence %s is not active in Alertmanager any more: "
+                     "it escalates again", incident["id"], incident["route"], silence)
 
-    def _send(self, config, route, incident, number, step, waited):
-        """The step's message, to the incident's route and the step's other receivers."""
-        mobiles, user_ids = reached(step.people, self.wall(), config.tz)
-        mention = Mentions(tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids)))
-        claim = (claim_link(config.oncall, route.name, incident["group_hash"], self.wall())
-                 if route.claim_links else "")
-        for target in (route.name,) + tuple(r for r in step.routes if r != route.name):
-            words = WORDS[config.routes[target].language]
-            line = words["escalated"].format(step=number, title=md_escape(incident["title"]),
-                                             waited=format_duration(waited))
-            link = f"\n\n👉 [{words['claim']}]({claim})" if claim else ""
-            self.journal.note(target, line[:128], line + link, 0,
-                              f"escalated:{incident['id']}:{number}:{target}",
-                              level=incident["level"], mention=mention)
-        self.metrics.inc("alertbridge_escalations_total", receiver=route.name)
-        log.info("incident=%s route=%s escalation step %d (%s)", incident["id"], route.name,
-                 number, route.escalation.name)
-        if self.ding is not None and config.app.ding != "none" and user_ids:
-            line = WORDS[route.language]["escalated"].format(
-                step=number, title=incident["title"], waited=format_duration(waited))
-            try:
-                self.ding(tuple(dict.fromkeys(user_ids)), line)
-            except AppError as exc:
-                log.warning("incident=%s: the DING of escalation step %d failed (%s): the "
-                            "message @-mentions them still", incident["id"], number, exc)
+    @staticmethod
+    def _of(incident, alert):
+        """Whether an alert of Alertmanager's API is one of the incident's: its group's labels,
+        sent to its receiver. Matched here, so no label value is written into a matcher."""
+        labels = alert.get("labels") or {}
+        receivers = {r.get("name") for r in alert.get("receivers") or () if isinstance(r, dict)}
+        return all(labels.get(k) == v for k, v in incident["group_labels"].items()) and (
+            not receivers or incident["receiver"] in receivers)
 
 
 class Recorder(Worker):
@@ -6031,7 +6485,8 @@ class Recorder(Worker):
         self._last_purge = now
         config = self.config()
         delivery, retention = config.delivery, timedelta(days=config.database.retention_days)
-        self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds))
+        self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds),
+                           relayed_before=now - delivery.max_age - 3600)
         if retention:
             cutoff = db_time(datetime.fromtimestamp(self.wall(), timezone.utc) - retention)
             total, deleted = 0, None
@@ -6525,23 +6980,26 @@ class AppPager:
         return bool(route.app_group and body.kind == ALERTS and not body.digest
                     and body.group_key and not body.part)
 
-    def page(self, route, body, level=NO_LEVEL):
-        """Put the body on the group's card. False if there is no card to put a resolution on
-        (the robots send it, as any message). A card @-mentions user ids only: whoever the page
-        mentions by mobile, or everyone, hears it in a NOTE through the robots right after."""
+    def page(self, route, body, level=NO_LEVEL, claims=()):
+        """Put the body on the group's card: (done, carried). Not done if there is no card to
+        put a resolution on (the robots send it, as any message). A card @-mentions user ids
+        only: whoever the page mentions by mobile, or everyone, hears it in a NOTE through the
+        robots right after, which then carries the page's `claims` (carried: the page counts as
+        sent across a cluster once that note is; a leader dying between the two sends the page
+        again rather than lose the @)."""
         group = group_hash(body.group_key)
         track = self.journal.open_card(route.name, group)
         firing = any(a["status"] == "firing" for a in body.alerts)
         if not firing and track is None:
-            return False
+            return False, False
         rendered = self.renderer.render(route, replace(body, group_key=""))  # no link notes
         params = self.card_params(route, body, rendered, "open" if firing else "resolved")
         if track is None:
             track = card_track(route.name, group)
             self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
             self.journal.card_opened(route.name, group, track)
-            self._mention_beside(route, rendered, track, level)
-        elif firing:    # the group again: its text; a claim or silence shown stays shown
+            return True, self._mention_beside(route, rendered, track, level, claims)
+        if firing:      # the group again: its text; a claim or silence shown stays shown
             self.api.update_card(track, {k: v for k, v in params.items()
                                          if k not in ("state", "status")})
         else:           # resolved: the card is the incident's no more, shown or not
@@ -6549,15 +7007,18 @@ class AppPager:
                 self.api.update_card(track, params)
             finally:
                 self.journal.card_closed(track)
-        return True
+        return True, False
 
-    def _mention_beside(self, route, rendered, track, level):
+    def _mention_beside(self, route, rendered, track, level, claims):
+        """The card's @ note, if it needs one (True: it carries the page's claims)."""
         mentions = rendered.mentions
         if not (mentions.mobiles or mentions.all):
-            return
+            return False
         text = WORDS[route.language]["card_mention"].format(title=md_escape(rendered.title))
-        self.journal.note(route.name, text[:128], text, 0, f"card-mention:{track}", level=level,
-                          mention=Mentions(mentions.mobiles, (), mentions.all))
+        self.journal.note(route.name, text[:128], text, 0, list(claims), level=level,
+                          mention=Mentions(mentions.mobiles, (), mentions.all),
+                          request_id=f"card-mention:{track}")
+        return True
 
     def card_params(self, route, body, rendered, state):
         """What the card template shows (docs/dingtalk-app.md names each variable)."""
@@ -6608,13 +7069,16 @@ class Desk:
     card's button, a command written to the app robot): claim it, silence it in Alertmanager.
     Each is kept in the history with how it came (`via`), measured, and told to the group:
     on the incident's card if it has one (`tell_card(route, group, state, status)`), else in a
-    NOTE through the route's queue. What happened (claimed, silenced) is the card's state."""
+    note the history keeps until it is sent (see NoteRelay). What happened (claimed, silenced)
+    is the card's state. A silence is taken in the history first (compare-and-set), so that of
+    two taps, on one instance or two, one makes it and the other hears "silenced already"."""
 
     SILENCE_HOURS = (1, 4, 24)
+    TAKE_FOR = 60.0     # how long a silence being made holds the incident if its maker dies
 
-    def __init__(self, config, store, journal, metrics, wall, tell_card=None):
-        self.config, self.store, self.journal = config, store, journal
-        self.metrics, self.wall, self.tell_card = metrics, wall, tell_card
+    def __init__(self, config, store, metrics, clock, wall, tell_card=None):
+        self.config, self.store, self.metrics = config, store, metrics
+        self.clock, self.wall, self.tell_card = clock, wall, tell_card
 
     def claim(self, route, group, chosen, name, via):
         """`chosen` (a handle, or a name or user id) takes the group's open incident: the
@@ -6626,43 +7090,84 @@ class Desk:
             self.metrics.observe("alertbridge_time_to_acknowledge_seconds",
                                  self.seconds_to_acknowledge(incident), route=route,
                                  level=incident["level"])
-            self._tell(route, group, "claimed", incident, name=md_escape(name),
+            self._tell(route, group, CLAIMED, incident, (), name=md_escape(name),
                        title=md_escape(incident["title"]), after=self.taken(incident))
         return incident
 
     def silence(self, route, group, hours, chosen, name, via):
         """An Alertmanager silence on the open incident's group labels for `hours`: the
-        incident and the silence's id; DeskRefused says why not."""
+        incident and the silence's id; DeskRefused says why not (nothing was changed)."""
         config = self.config()
         incident = self.store.open_incident(route, group)
         if incident is None:
             raise DeskRefused(200, "Nothing is open for this page: its alerts resolved (or the "
                                    "history has not recorded them yet).")
-        if incident["silence_id"]:
-            raise DeskRefused(200, f"Silenced already (silence {incident['silence_id']}).")
+        self._refuse_if_silenced(incident)
         if not incident["group_labels"]:
             raise DeskRefused(409, "This group has no labels to silence on (group_by in "
                                    "Alertmanager): nothing was changed.")
         if not config.oncall.alertmanager_api:
             raise DeskRefused(409, "Silences need [oncall] alertmanager_api: nothing was "
                                    "changed.")
-        now = self.wall()
+        marker, now, wall = TAKING + secrets.token_hex(8), self.clock(), self.wall()
+        if not self.store.take_silence(incident["id"], marker,
+                                       epoch_db_time(wall + self.TAKE_FOR),
+                                       epoch_db_time(now + self.TAKE_FOR), epoch_db_time(wall)):
+            self._refuse_if_silenced(self.store.open_incident(route, group) or incident)
+            raise DeskRefused(200, "Nothing is open for this page any more.")
+        silence = self._make_silence(config, incident, marker, hours, name, wall)
+        until = wall + hours * 3600
+        try:
+            self.store.silenced(incident["id"], marker, silence, epoch_db_time(until),
+                                epoch_db_time(now + hours * 3600), chosen, epoch_db_time(wall),
+                                hours, via)
+        except BaseException:
+            self._unmake(config, incident, silence)
+            raise
+        log.info("incident=%s route=%s silenced %g h by %s via %s (silence %s)", incident["id"],
+                 route, hours, chosen, via, silence)
+        self._tell(route, group, SILENCED, incident, (silence,), name=md_escape(name),
+                   title=md_escape(incident["title"]), hours=f"{hours:g}")
+        return incident, silence
+
+    def _make_silence(self, config, incident, marker, hours, name, wall):
+        """The silence in Alertmanager, for an incident taken with `marker`; if Alertmanager
+        does not make it, the incident is let go (DeskRefused)."""
         api = AlertmanagerAPI(config.oncall.alertmanager_api)
         try:
-            silence = api.silence(incident["group_labels"], now, now + hours * 3600, name,
-                                  f"alertbridge: from DingTalk, incident {incident['id']}")
+            return api.silence(incident["group_labels"], wall, wall + hours * 3600, name,
+                               f"alertbridge: from DingTalk, incident {incident['id']}")
         except AlertmanagerError as exc:
             log.warning("incident=%s: Alertmanager did not take the silence: %s",
                         incident["id"], exc)
+            self.store.drop_silence(incident["id"], marker)
             raise DeskRefused(502, f"Alertmanager did not take the silence ({exc}): nothing "
                                    f"was changed.")
-        at, until = epoch_db_time(now), epoch_db_time(now + hours * 3600)
-        self.store.silenced(incident["id"], silence, until, chosen, at, hours, via)
-        log.info("incident=%s route=%s silenced %g h by %s via %s (silence %s)", incident["id"],
-                 route, hours, chosen, via, silence)
-        self._tell(route, group, "silenced", incident, name=md_escape(name),
-                   title=md_escape(incident["title"]), hours=f"{hours:g}")
-        return incident, silence
+        except BaseException:
+            self.store.drop_silence(incident["id"], marker)
+            raise
+
+    def _unmake(self, config, incident, silence):
+        """The history did not take the silence Alertmanager made: expire it, so that nothing
+        mutes the group that alertbridge does not know of (the marker lapses on its own)."""
+        try:
+            AlertmanagerAPI(config.oncall.alertmanager_api).expire(silence)
+        except AlertmanagerError as exc:
+            log.error("incident=%s: silence %s made but not kept in the history, and not "
+                      "expired (%s): expire it in Alertmanager", incident["id"], silence, exc)
+
+    def _refuse_if_silenced(self, incident):
+        if self.silenced_now(incident, self.wall()):
+            if incident["silence_id"].startswith(TAKING):
+                raise DeskRefused(200, "Someone is silencing this just now: look again in a "
+                                       "minute.")
+            raise DeskRefused(200, f"Silenced already (silence {incident['silence_id']}).")
+
+    @staticmethod
+    def silenced_now(incident, wall):
+        """Whether an incident's silence holds at `wall` (one that ended is over)."""
+        until = incident and incident["silence_id"] and from_db_time(incident["silenced_until"])
+        return bool(until and until.timestamp() > wall)
 
     @staticmethod
     def seconds_to_acknowledge(incident):
@@ -6674,9 +7179,9 @@ class Desk:
         """How long the incident waited for its claim, as people read it."""
         return format_duration(cls.seconds_to_acknowledge(incident))
 
-    def _tell(self, route_name, group, what, incident, **words):
-        """The group hears it: on the incident's card, else in a NOTE (WORDS[what] in the
-        route's language), through its queue after its pages, once per incident and kind."""
+    def _tell(self, route_name, group, what, incident, identity, **words):
+        """The group hears it: on the incident's card, else in a note (WORDS[what] in the
+        route's language) that goes out after its pages, once per incident and `identity`."""
         route = self.config().routes.get(route_name)
         if route is None:
             return
@@ -6688,8 +7193,13 @@ class Desk:
             except AppError as exc:
                 log.warning("incident=%s: the card was not updated (%s): a message tells it",
                             incident["id"], exc)
-        self.journal.note(route.name, text[:128], text, len(route.priority_order) + 1,
-                          f"{what}:{incident['id']}")
+        note = Note(note_key(what, incident["id"], *identity), incident["id"], route.name, what,
+                    NO_LEVEL, text)
+        try:
+            self.store.add_notes([note.row()], epoch_db_time(self.wall()))
+        except (StoreUnavailable, StoreError) as exc:
+            log.warning("incident=%s: the group is not told it was %s: the history did not "
+                        "keep the note (%s)", incident["id"], what, exc)
 
 
 COMMANDS = {"claim": "claim", "ack": "claim", "认领": "claim", "silence": "silence",
@@ -6949,6 +7459,9 @@ class Solo:
     def sent(self, keys):
         pass
 
+    def sent_among(self, keys):
+        return set()
+
     def record(self, robot, result):
         pass
 
@@ -7081,6 +7594,16 @@ class Coordinator(Worker):
         if dropped > 0:
             self.metrics.inc("alertbridge_cluster_unreported_dropped_total", dropped)
         self._unreported = (self._unreported + list(keys))[-self.UNREPORTED_KEPT:]
+
+    def sent_among(self, keys):
+        """Which of these claim keys some instance has sent (none known without MySQL)."""
+        if self.role == ALONE:
+            return set()
+        try:
+            with self._session() as run:
+                return {row[0] for row in run(_in(C_SENT_AMONG, keys), keys)}
+        except StoreUnavailable:
+            return set()
 
     def record(self, robot, result):
         """Log a request to DingTalk for the budgets the cluster shares."""
@@ -8015,7 +8538,7 @@ class Pages:
 
     def _incident_form(self, config, token, route, group, action, cookies):
         incident = self.store.open_incident(route, group)
-        if action == "silence" and incident is not None and incident["silence_id"]:
+        if action == "silence" and Desk.silenced_now(incident, self.wall()):
             return 200, self._incident_page(f"Silenced already (silence "
                                             f"{incident['silence_id']})."), ()
         if incident is None or (action == "claim" and incident["state"] != "open"):
@@ -8291,10 +8814,12 @@ class Bridge:
         self.recorder = Recorder(current, self.journal, self.store, self.metrics, self.clock,
                                  wall)
         self.app_api = AppAPI(current, self.metrics, self.clock, wall)
-        self.escalator = Escalator(current, self.store, self.journal, self.cluster, self.metrics,
-                                   wall, ding=self.app_api.ding)
+        self.relay = NoteRelay(current, self.store, self.journal, self.cluster, wall)
+        self.escalator = Escalator(current, self.store, self.cluster, self.metrics, self.clock,
+                                   wall, self.relay, ding=self.app_api.ding)
+        self.follower = Follower(current, self.store, self.cluster, self.clock, wall)
         self.app = AppPager(current, self.app_api, self.journal, self.renderer)
-        self.desk = Desk(current, self.store, self.journal, self.metrics, wall, self.app.tell)
+        self.desk = Desk(current, self.store, self.metrics, self.clock, wall, self.app.tell)
         self.stream = StreamClient(current, self.app_api,
                                    AppDesk(current, self.desk, self.store, wall).handle,
                                    self.cluster)
@@ -8363,6 +8888,7 @@ class Bridge:
         self.notifier.start()
         self.recorder.start()
         self.escalator.start()
+        self.follower.start()
         self.stream.start()
         threading.Thread(target=self.server.serve_forever, args=(self.SHUTDOWN_POLL,),
                          name="http", daemon=True).start()
@@ -8389,7 +8915,8 @@ class Bridge:
         """Pet systemd's watchdog only while every worker thread is alive."""
         while not self._stopped.wait(interval):
             if all(w.is_alive() for w in (self.notifier, self.senders, self.recorder,
-                                          self.escalator, self.cluster, self.stream)):
+                                          self.escalator, self.follower, self.cluster,
+                                          self.stream)):
                 sd_notify("WATCHDOG=1")
             else:
                 log.error("a worker thread died: not petting the watchdog, systemd will restart us")
@@ -8411,10 +8938,12 @@ class Bridge:
         self.cluster.stop()
         self.stream.stop()
         self.escalator.stop()
+        self.follower.stop()
         self.notifier.stop()
         self.senders.stop()
         self.stream.join(left())
         self.escalator.join(left())
+        self.follower.join(left(1.0))
         self.notifier.join(left())
         self.senders.join(left())
         if self.recorder.store_ok:
@@ -8423,7 +8952,7 @@ class Bridge:
         self.recorder.join(left())
         self.store.close(max(0.5, left()))
         if any(w.is_alive() for w in (self.notifier, self.senders, self.recorder,
-                                      self.escalator)):
+                                      self.escalator, self.follower)):
             self.journal.unlock()       # a worker still holds on: its writes may still land
         else:
             self.journal.close()

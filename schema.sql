@@ -72,6 +72,9 @@ CREATE TABLE IF NOT EXISTS incidents (
   next_step_at DATETIME(3) NOT NULL,
   silence_id VARCHAR(64) NULL,
   silenced_until DATETIME(3) NULL,
+  steps_from DATETIME(3) NULL,
+  alerts_started_at DATETIME(3) NULL,
+  alerts_ended_at DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_next_step (state, next_step_at),
@@ -91,4 +94,20 @@ CREATE TABLE IF NOT EXISTS incident_events (
   PRIMARY KEY (id),
   KEY ix_incident_events_incident (incident_id, at),
   KEY ix_incident_events_at (at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS incident_notes (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  note_key CHAR(64) CHARACTER SET ascii NOT NULL,
+  incident_id BIGINT UNSIGNED NOT NULL,
+  route VARCHAR(128) NOT NULL,
+  kind VARCHAR(16) NOT NULL,
+  level VARCHAR(64) NOT NULL DEFAULT '',
+  text TEXT NOT NULL,
+  mentions TEXT NOT NULL,
+  created_at DATETIME(3) NOT NULL,
+  sent_at DATETIME(3) NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_incident_notes_key (note_key),
+  KEY ix_incident_notes_unsent (sent_at, created_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

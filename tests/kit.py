@@ -138,6 +138,7 @@ def empty_mysql():
             "cluster_handoff",
             "incidents",
             "incident_events",
+            "incident_notes",
         ):
             cursor.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 (fixed names)
     db.close()

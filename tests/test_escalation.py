@@ -4,11 +4,13 @@ and stop at a claim, at a resolve, and after their repeats; a new leader goes on
 left off. The escalator is stepped by hand on a clock the test moves."""
 
 import json
+import threading
 
 import pytest
 
 import alertbridge
-from tests.kit import make_alert, make_payload
+from tests.fakealertmanager import FakeAlertmanager
+from tests.kit import empty_mysql, make_alert, make_payload, post, wait_until
 from tests.test_oncall import PEOPLE
 
 ESCALATION = """
@@ -32,6 +34,8 @@ escalation = critical-pages
 robots = l
 """
 OPENED = 1_796_004_000.0  # 2026-11-30 10:00 in Shanghai: zhangsan's week on primary
+GROUP = alertbridge.group_hash("g-disk")
+Desk = alertbridge.Desk
 
 
 def load(tmp_path, text=PEOPLE + ESCALATION):
@@ -43,51 +47,89 @@ def load(tmp_path, text=PEOPLE + ESCALATION):
 class World:
     """A config, a journal, an SQLite history and an escalator, on a clock the test moves."""
 
-    def __init__(self, tmp_path, cluster=None):
-        self.now = OPENED
+    def __init__(self, tmp_path, cluster=None, store=None):
+        self.now = OPENED  # the steady clock
+        self.skew = 0.0  # how far the wall clock was stepped from it (NTP, a hand-set date)
         self.config = load(tmp_path)
         self.journal = alertbridge.Journal(
-            str(tmp_path / "journal.db"), "normal", lambda: self.now, lambda: self.now
+            str(tmp_path / "journal.db"), "normal", lambda: self.now, self.wall
         )
-        self.store = alertbridge.Store(alertbridge.Database(path=str(tmp_path / "history.db")))
+        self.store = store or alertbridge.Store(
+            alertbridge.Database(path=str(tmp_path / "history.db"))
+        )
         self.metrics = alertbridge.Metrics()
         self.escalator = self.make_escalator(cluster or alertbridge.Solo())
+        self.events = 0
+
+    def wall(self):
+        return self.now + self.skew
 
     def make_escalator(self, cluster):
+        config = lambda: self.config  # noqa: E731
+        relay = alertbridge.NoteRelay(config, self.store, self.journal, cluster, self.wall)
         return alertbridge.Escalator(
-            lambda: self.config, self.store, self.journal, cluster, self.metrics, lambda: self.now
+            config, self.store, cluster, self.metrics, lambda: self.now, self.wall, relay
         )
 
-    def page(self, severity="critical", status="firing", key="g-disk"):
+    def page(self, severity="critical", status="firing", key="g-disk", instance="db-1"):
+        """Alertmanager's notification of a group, recorded in the history now."""
         alerts = [
             make_alert(
                 "DiskFull",
-                "db-1",
+                instance,
                 severity=severity,
                 status=status,
                 ends_at="2026-11-30T02:00:00Z" if status == "resolved" else "0001-01-01T00:00:00Z",
             )
         ]
-        webhook = alertbridge.parse_webhook(
-            json.dumps(make_payload("ops", alerts) | {"groupKey": key}).encode()
-        )
+        payload = make_payload("ops", alerts) | {
+            "groupKey": key,
+            "groupLabels": {"alertname": "DiskFull", "instance": instance},
+        }
+        webhook = alertbridge.parse_webhook(json.dumps(payload).encode())
         event = alertbridge.webhook_event(
             webhook,
             "r",
-            alertbridge.datetime.fromtimestamp(self.now, alertbridge.timezone.utc),
+            alertbridge.datetime.fromtimestamp(self.wall(), alertbridge.timezone.utc),
             self.config.routes["ops"],
         )
-        self.store.record("j", [(int(self.now), "webhook", json.dumps(event))])
+        self.events += 1
+        self.store.record("j", [(self.events, "webhook", json.dumps(event))])
 
     def at(self, seconds):
-        """Move the clock to `seconds` after the page; step the escalator; what it journaled."""
+        """Move the clock to `seconds` after the page; step the escalator; what it journaled,
+        sent at once (as a sender with budget to spare would)."""
         self.now = OPENED + seconds
-        before = {r: len(self.notes(r)) for r in ("ops", "leads")}
         self.escalator.step()
-        return {r: self.notes(r)[before[r] :] for r in ("ops", "leads")}
+        return {r: self.sent(r) for r in ("ops", "leads")}
 
-    def notes(self, route):
-        return [m.body for m in self.journal.due_messages(route, self.now + 1)]
+    def desk(self, am):
+        """A Desk on this world's history, making silences in `am`."""
+        self.config = alertbridge.replace(
+            self.config, oncall=alertbridge.replace(self.config.oncall, alertmanager_api=am.url)
+        )
+        return alertbridge.Desk(
+            lambda: self.config, self.store, self.metrics, lambda: self.now, self.wall
+        )
+
+    def silence(self, am, hours, desk=None):
+        """张三 silences the group's incident for `hours` (it may be a fraction)."""
+        return (desk or self.desk(am)).silence(
+            "ops", alertbridge.group_hash("g-disk"), hours, "zhangsan", "张三", "link"
+        )
+
+    def sent(self, route):
+        """The messages waiting for a route, then sent."""
+        messages = self.journal.due_messages(route, self.now + 1)
+        self.journal.finish([m.id for m in messages], "sent")
+        return [m.body for m in messages]
+
+
+@pytest.fixture
+def am():
+    server = FakeAlertmanager().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -104,12 +146,12 @@ def test_steps_come_due_at_their_delays_and_repeat_then_stop(world):
     first = world.at(600)
     [note] = first["ops"]
     assert note.kind == alertbridge.NOTE and first["leads"] == []
-    assert note.note == "⏫ 升级第 1 步：DiskFull 已等待 10m，无人认领"
+    assert note.note == "⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"
     assert note.mention.mobiles == ("13800000001",)  # zhangsan, on call in primary
     assert world.at(1199) == {"ops": [], "leads": []}
     second = world.at(1200)  # lisi, and the leads' group hears it too
     assert [n.mention.user_ids for n in second["ops"]] == [("lisi01",)]
-    assert [n.note for n in second["leads"]] == ["⏫ 升级第 2 步：DiskFull 已等待 20m，无人认领"]
+    assert [n.note for n in second["leads"]] == ["⏫ 升级第 2 步：DiskFull db-1 已等待 20m，无人认领"]
     assert len(world.at(1800)["ops"]) == 1  # the second round: step 1 again, 10m after 20m
     assert len(world.at(2400)["ops"]) == 1  # step 2 again
     assert world.at(99_999) == {"ops": [], "leads": []}  # repeat = 1: over
@@ -165,7 +207,7 @@ def test_a_standby_does_not_escalate_and_a_new_leader_goes_on_once(world, tmp_pa
     other = world.make_escalator(alertbridge.Solo())  # an old leader, still stepping
     world.now = OPENED + 701
     other.step()
-    assert len(world.notes("ops")) == 1  # the history had the step done: once
+    assert world.sent("ops") == []  # the history had the step done: once
 
 
 @pytest.mark.parametrize(
@@ -195,13 +237,13 @@ def test_a_policy_that_cannot_work_is_refused_at_load(tmp_path, change, message)
     assert str(error.value) == expected
 
 
-def test_a_silenced_incident_escalates_no_more(world):
+def test_a_silenced_incident_escalates_no_more_while_its_silence_holds(world, am):
     world.page()
-    [incident] = world.store.incidents()
-    world.store.silenced(
-        incident["id"], "s-1", "2026-11-30 03:00:00", "zhangsan", "2026-11-30 02:01:00", 1
-    )
+    world.now = OPENED + 300
+    world.silence(am, hours=1)
+    assert [n.note for n in world.at(301)["ops"]] == ["🔕 张三 静默了 DiskFull db-1 1 小时"]
     assert world.at(600) == {"ops": [], "leads": []}
+    assert world.at(3599 + 300) == {"ops": [], "leads": []}
     assert world.store.incidents()[0]["events"] == ["opened", "silenced"]
 
 
@@ -211,3 +253,176 @@ def test_the_history_away_is_a_warning_once_and_a_short_wait(world, caplog):
     assert all(0 < wait <= 10 for wait in waits)
     said = [r for r in caplog.records if "escalator" in r.getMessage()]
     assert [r.levelname for r in said] == ["WARNING"] and not said[0].exc_info
+
+
+def steps_of(sent):
+    """The escalation steps among what a round sent, by route: their first lines."""
+    return {
+        route: [n.note.split("\n")[0] for n in notes if n.note.startswith("⏫")]
+        for route, notes in sent.items()
+    }
+
+
+def test_a_silence_that_ends_while_the_alert_fires_starts_the_chain_again(world, am):
+    """Silenced for a minute at 5 min, the alert still firing: nothing while it holds; at its
+    end the chain starts again (its first step 10 min later), and a new silence can be made."""
+    world.page()
+    world.now = OPENED + 300
+    world.silence(am, hours=1 / 60)
+    assert steps_of(world.at(359)) == {"ops": [], "leads": []}
+    world.at(361)  # the silence is over: the escalator looks again
+    assert Desk.silenced_now(world.store.open_incident("ops", GROUP), world.wall()) is False
+    assert steps_of(world.at(361 + 599)) == {"ops": [], "leads": []}
+    assert steps_of(world.at(361 + 600)) == {
+        "ops": ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"],
+        "leads": [],
+    }
+    _, again = world.silence(am, hours=1)  # not "silenced already"
+    assert [s["id"] for s in am.made()][-1] == again and len(am.made()) == 2
+    assert world.store.incidents()[0]["events"] == [
+        "opened", "silenced", "unsilenced", "escalated", "silenced"
+    ]
+
+
+def test_a_silence_expired_in_alertmanager_before_its_end_lets_the_incident_escalate(
+    world, am
+):
+    world.page()
+    world.now = OPENED + 300
+    _, silence = world.silence(am, hours=4)
+    am.fire({"alertname": "DiskFull", "instance": "db-1", "severity": "critical"})
+    follower = alertbridge.Follower(
+        lambda: world.config, world.store, alertbridge.Solo(), lambda: world.now, world.wall
+    )
+    world.now = OPENED + 400
+    follower.step()  # active in Alertmanager: nothing changes
+    assert world.store.open_incident("ops", GROUP)["silence_id"] == silence
+    am.expire(silence)  # someone expires it in Alertmanager's UI
+    follower.step()
+    assert world.store.open_incident("ops", GROUP)["silence_id"] is None
+    assert steps_of(world.at(400 + 600))["ops"] == ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"]
+
+
+def test_a_double_tap_on_silence_makes_one_silence_even_on_two_instances(tmp_path, database, am):
+    """Two taps at once, served by two instances on one history: Alertmanager gets one
+    silence; the other tap hears that it is being made, and once made, that it is made."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = World(tmp_path / "a", store=alertbridge.Store(database))
+    other = World(tmp_path / "b", store=alertbridge.Store(database))
+    try:
+        first.page()
+        am.holding = True  # Alertmanager answers the first tap's request only when released
+        answers = []
+        tap = threading.Thread(target=lambda: answers.append(first.silence(am, hours=1)))
+        tap.start()
+        assert am.waiting.acquire(timeout=10)  # the first tap's silence is being made
+        with pytest.raises(alertbridge.DeskRefused, match="Someone is silencing this just now"):
+            other.silence(am, hours=4)
+        am.hold.set()
+        tap.join(10)
+        [(_, made)] = answers
+        with pytest.raises(alertbridge.DeskRefused, match=f"Silenced already \\(silence {made}"):
+            other.silence(am, hours=4)
+        assert [s["id"] for s in am.made()] == [made]
+        assert [r[0] for r in am.requests].count("POST") == 1
+    finally:
+        first.store.close()
+        other.store.close()
+
+
+def test_alertmanager_refusing_a_silence_leaves_the_incident_as_it_was(world, am):
+    world.page()
+    am.server.shutdown()  # nobody answers at that address any more
+    am.server.server_close()
+    with pytest.raises(alertbridge.DeskRefused, match="Alertmanager did not take the silence"):
+        world.silence(am, hours=1)
+    incident = world.store.open_incident("ops", GROUP)
+    assert incident["silence_id"] is None
+    assert steps_of(world.at(600))["ops"] == ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"]
+
+
+@pytest.mark.parametrize("step", [-600, 3600])
+def test_a_wall_clock_step_neither_holds_a_step_nor_sends_them_early(world, step):
+    """Steps are timed by the steady clock: the wall clock stepped back 10 min (NTP) or
+    forward an hour (a VM restored) at 5 min changes nothing: step 1 at 10 min, step 2 at 20."""
+    world.page()
+    world.at(60)  # looked at: its chain counts from the page
+    world.now = OPENED + 300
+    world.skew = step
+    assert steps_of(world.at(599)) == {"ops": [], "leads": []}
+    assert steps_of(world.at(600))["ops"] == ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"]
+    assert steps_of(world.at(1199)) == {"ops": [], "leads": []}
+    assert len(steps_of(world.at(1200))["ops"]) == 1
+
+
+def test_steps_due_together_go_out_as_one_message_after_new_pages_of_their_level(world):
+    """An outage: 12 groups unclaimed at once. Their steps are one message for the group (10
+    listed, the rest counted, every link and mention in it), ranked after new critical pages
+    and kept out of the robots' reserve, which new critical pages need."""
+    for n in range(12):
+        world.page(key=f"g-{n}", instance=f"db-{n}")
+    world.now = OPENED + 600
+    world.escalator.step()
+    [step] = world.journal.due_messages("ops", world.now + 1)
+    assert step.rank == 0.5 and step.level == "critical" and step.reserve is False
+    assert len(step.claims) == 12
+    text = step.body.note
+    assert text.count("⏫ 升级第 1 步") == 10 and text.endswith("…另有 2 条")
+    assert step.body.mention.mobiles == ("13800000001",)
+    page = alertbridge.parse_webhook(json.dumps(make_payload("ops", [make_alert()])).encode())
+    world.journal.accept(page, world.config.routes["ops"], "new-page")
+    first, second = world.journal.due_messages("ops", world.now + 1)
+    assert (first.request_id, first.reserve) == ("new-page", True) and second.id == step.id
+
+
+def test_a_step_taken_by_a_leader_that_died_is_sent_by_the_next(tmp_path):
+    """On one MariaDB: the leader marks the step done and dies before sending it (its note only
+    in the history); the instance that leads next sends it, once."""
+    settings = empty_mysql()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dead = World(tmp_path / "a", store=alertbridge.Store(settings))
+    heir = World(tmp_path / "b", store=alertbridge.Store(settings))
+    try:
+        dead.page()
+        dead.now = heir.now = OPENED + 600
+        dead.escalator.escalate(dead.config)  # the step is taken; the instance dies here
+        assert dead.store.incidents()[0]["events"] == ["opened", "escalated"]
+        assert steps_of(heir.at(601))["ops"] == ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"]
+        assert steps_of(heir.at(602)) == {"ops": [], "leads": []}
+        assert dead.store.incidents()[0]["events"] == ["opened", "escalated"]
+    finally:
+        dead.store.close()
+        heir.store.close()
+
+
+def test_a_hanging_alertmanager_holds_no_escalation_step(make_bridge, sqlite_db, fake, am):
+    """Silenced incidents are followed on a worker of their own: while Alertmanager hangs on
+    that request, another incident's step goes out when due, before the request's deadline."""
+    from tests.test_cluster import ON_CALL
+
+    receivers = {"ops": {"robots": "ops-1", "escalation": "fast"}, "dev": {"robots": "dev-1"}}
+    oncall = ON_CALL.replace(
+        "[oncall]\n", f"[oncall]\nalertmanager_api = {am.url}\nfollow_interval = 1\n"
+    )
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=oncall)
+
+    def page(key):
+        payload = make_payload("ops", [make_alert(key)])
+        return payload | {"groupKey": key, "groupLabels": {"alertname": key}}
+
+    for name in ("Silenced1", "Silenced2"):
+        assert post(bridge.address, page(name))[0] == 200
+    assert wait_until(lambda: len(bridge.store.open_incidents(10)) == 2)
+    for name in ("Silenced1", "Silenced2"):
+        bridge.desk.silence("ops", alertbridge.group_hash(name), 1, "zhangsan", "张三", "link")
+    am.fire({"alertname": "Silenced1"})
+    am.holding = True
+    assert am.waiting.acquire(timeout=30)  # the follower waits for Alertmanager from now on
+    assert post(bridge.address, page("DiskFull"))[0] == 200
+    assert fake.wait_for(
+        lambda f: any("升级第 1 步：DiskFull" in m.text for m in f.delivered()), timeout=30
+    )
+    assert am.abandoned == 0  # the follower still waits: it held nothing up
+    am.hold.set()

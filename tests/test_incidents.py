@@ -98,6 +98,62 @@ def test_two_instances_recording_the_same_webhooks_make_one_incident(store):
     assert incident["state"] == "resolved" and incident["events"] == ["opened", "resolved"]
 
 
+AGAIN = [make_alert("DiskFull", "db-1", starts_at="2026-11-24T10:00:00Z")]  # fires again
+AGAIN_RESOLVED = [
+    make_alert(
+        "DiskFull", "db-1", status="resolved", starts_at="2026-11-24T10:00:00Z",
+        ends_at="2026-11-24T10:40:00Z",
+    )
+]
+KEY = alertbridge.group_hash('{}:{alertname="DiskFull"}')
+
+
+def test_a_peers_late_copy_of_a_resolve_leaves_the_next_incident_and_its_claim(store):
+    """An Alertmanager HA pair: one peer's resolve, the group's next incident claimed, then the
+    other peer's copy of that resolve peer_timeout late, and its late firing copy of the next:
+    the claimed incident stays open and claimed, and no third incident opens."""
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    recorder.webhook(group(RESOLVED), "2026-11-24 09:00:05")
+    recorder.webhook(group(AGAIN), "2026-11-24 10:00:05")
+    assert store.claim("ops", KEY, "zhangsan", "2026-11-24 10:01:00")["claimed"]
+    recorder.webhook(group(RESOLVED), "2026-11-24 10:01:20")  # the peer's copy, late
+    recorder.webhook(group(AGAIN), "2026-11-24 10:01:21")
+    newest, first = store.incidents()
+    assert (newest["state"], newest["acknowledged_by"]) == ("acknowledged", "zhangsan")
+    assert newest["events"] == ["opened", "acknowledged"]
+    assert first["events"] == ["opened", "resolved"]
+    recorder.webhook(group(AGAIN_RESOLVED), "2026-11-24 10:40:05")  # its own resolve does
+    assert store.incidents()[0]["state"] == "resolved"
+
+
+def test_a_late_firing_copy_does_not_open_the_incident_its_alerts_resolved(store):
+    recorder = Recorder(store)
+    recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    recorder.webhook(group(RESOLVED), "2026-11-24 09:00:05")
+    recorder.webhook(group(FIRING), "2026-11-24 09:00:20")  # a peer's copy of the firing, late
+    [incident] = store.incidents()
+    assert incident["state"] == "resolved" and incident["events"] == ["opened", "resolved"]
+    recorder.webhook(group(FIRING), "2026-11-24 11:00:00")  # the same alerts, hours later:
+    assert store.incidents()[0]["state"] == "open"  # Prometheus back after resolve_timeout
+
+
+def test_a_recorder_replaying_its_journal_late_changes_no_incident_the_other_recorded(store):
+    """Two instances; one is cut off from MySQL for an hour, then its recorder replays what it
+    journaled meanwhile: the group's first incident, resolved, and its next, claimed."""
+    live, late = Recorder(store, "instance-a"), Recorder(store, "instance-b")
+    for recorder in (live, late):
+        recorder.webhook(group(FIRING), "2026-11-24 08:00:05")
+    for at, alerts in (("09:00:05", RESOLVED), ("10:00:05", AGAIN)):
+        live.webhook(group(alerts), f"2026-11-24 {at}")
+    assert store.claim("ops", KEY, "zhangsan", "2026-11-24 10:01:00")["claimed"]
+    late.webhook(group(RESOLVED), "2026-11-24 09:00:05.030")  # replayed at 10:30
+    late.webhook(group(AGAIN), "2026-11-24 10:00:05.040")
+    newest, first = store.incidents()
+    assert (newest["state"], newest["acknowledged_by"]) == ("acknowledged", "zhangsan")
+    assert [first["state"], len(store.incidents())] == ["resolved", 2]
+
+
 def test_an_event_recorded_twice_changes_nothing(store):
     """The recorder's progress is kept with the rows: a batch sent again after a crash is
     skipped, incidents included."""

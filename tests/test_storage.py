@@ -302,7 +302,8 @@ def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restar
         cursor.execute("DROP USER IF EXISTS 'ab_no_alter'@'%'")
         cursor.execute("CREATE USER 'ab_no_alter'@'%' IDENTIFIED BY 'no-alter-pw'")
         cursor.execute(
-            "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON test.* TO 'ab_no_alter'@'%'"
+            "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX "
+            f"ON {mysql_settings().database}.* TO 'ab_no_alter'@'%'"
         )
     try:
         child = daemon(
@@ -316,7 +317,7 @@ def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restar
         assert wait_until(lambda: "access denied" in get(child.url, "/-/ready")[1]["store"])
         child.wait_log("Grant what docs/operations.md")
         with db.cursor() as cursor:
-            cursor.execute("GRANT ALTER ON test.* TO 'ab_no_alter'@'%'")
+            cursor.execute(f"GRANT ALTER ON {mysql_settings().database}.* TO 'ab_no_alter'@'%'")
         assert wait_until(lambda: len(history(mysql_settings())) == 1, timeout=90)
         assert wait_until(lambda: get(child.url, "/-/ready")[1]["store"] == "ok")
         text = child.log.read_text(encoding="utf-8")

@@ -2351,8 +2351,8 @@ J_MESSAGE_ROUTES = ("WITH RECURSIVE r (name) AS ("
                     "FROM r WHERE name IS NOT NULL) "
                     "SELECT name FROM r WHERE name IS NOT NULL")
 J_MESSAGES_DUE = ("SELECT id, request_id, packed, attempts, created_at, priority, level, claims, "
-                  "reserve FROM messages WHERE state = 'pending' AND route = %s AND next_attempt_at <= %s "
-                  "ORDER BY priority, id LIMIT %s")
+                  "reserve FROM messages WHERE state = 'pending' AND route = %s "
+                  "AND next_attempt_at <= %s ORDER BY priority, id LIMIT %s")
 # The alerts of a route's pending messages, as keys: the newest copy of an alert is the one sent.
 J_MESSAGE_KEYS = ("SELECT id, alert_keys FROM messages "
                   "WHERE state = 'pending' AND route = %s AND id > %s ORDER BY id")

@@ -8208,8 +8208,7 @@ class Pages:
                 f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
                 f"<p><label>I am {who}</label></p>"
                 f"<p>{self._incident_buttons(action)}</p></form></section>")
-        cookie = (f"{self.CSRF_COOKIE}={csrf}; Path=/incident/; HttpOnly; SameSite=Strict; "
-                  f"Max-Age=3600")
+        cookie = self._cookie(config, self.CSRF_COOKIE, csrf, "Strict", 3600)
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
 
     def _incident_buttons(self, action):
@@ -8249,10 +8248,19 @@ class Pages:
         chosen, person = who
         incident = self.desk.claim(route, group, chosen, person.name if person else chosen,
                                    "link")
-        cookie = (f"{self.PERSON_COOKIE}={urllib.parse.quote(chosen)}; Path=/incident/; "
-                  f"HttpOnly; SameSite=Lax; Max-Age=31536000")
+        cookie = self._cookie(config, self.PERSON_COOKIE, urllib.parse.quote(chosen), "Lax",
+                              31536000)
         return 200, self._incident_page(self._incident_state(config, incident)), \
             [("Set-Cookie", cookie)]
+
+    @staticmethod
+    def _cookie(config, name, value, same_site, max_age):
+        """A Set-Cookie value for the incident pages, Secure when [oncall] base_url is https:
+        the phones then reach them through TLS (a proxy's, perhaps) and the cookie must never
+        travel without it."""
+        secure = "; Secure" if config.oncall.base_url.lower().startswith("https://") else ""
+        return (f"{name}={value}; Path=/incident/; HttpOnly; SameSite={same_site}; "
+                f"Max-Age={max_age}{secure}")
 
     def _incident_state(self, config, incident):
         if incident is None:

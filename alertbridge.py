@@ -8868,7 +8868,9 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     """--import-webhook-dingtalk: prometheus-webhook-dingtalk's config.yml as the config.ini
     that does the same (each target a receiver of its name, with a robot of its name: its
     /dingtalk/TARGET/send URLs keep working), on `out`; what needs a human (Go templates, mobiles
-    that are no phone numbers) as comments in it and on `err`. 0 done, 2 cannot read it."""
+    that are no phone numbers) as comments in it and on `err`. A value config.ini cannot hold as
+    the YAML says it is refused, naming its key (see _ini_text). 0 done, 2 cannot read or
+    convert it (nothing on `out`)."""
     try:
         import yaml
     except ImportError:
@@ -8889,18 +8891,19 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     if not isinstance(targets, dict) or not targets:
         print(f"{path}: no targets: not a prometheus-webhook-dingtalk config", file=err)
         return 2
-    human, lines = [], ["[alertbridge]", "listen = 0.0.0.0", f"port = {WEBHOOK_DINGTALK_PORT}"]
-    timeout = duration_seconds(loaded.get("timeout"))
-    if timeout:
-        lines += ["", "[delivery]", f"timeout = {timeout:g}"]
-    for key in ("templates", "template", "default_message", "no_builtin_template"):
-        if loaded.get(key):
-            human.append(f"{key}: Go templates are not converted: alertbridge's [templates] "
-                         f"(docs/configuration.md) has the fields; the built-in page is "
-                         f"already in Chinese")
-    for name, target in targets.items():
-        lines += _imported_target(str(name), target if isinstance(target, dict) else {}, human)
-    header = [f"; Converted by alertbridge {VERSION} --import-webhook-dingtalk from {path}.",
+    human = [f"{key}: Go templates are not converted: alertbridge's [templates] "
+             f"(docs/configuration.md) has the fields; the built-in page is already in Chinese"
+             for key in ("templates", "template", "default_message", "no_builtin_template")
+             if loaded.get(key)]
+    try:
+        lines = _imported_service(loaded)
+        for name, target in targets.items():
+            lines += _imported_target(name, target, human)
+    except ImportRefused as exc:
+        print(f"{path}: {exc}: nothing was converted", file=err)
+        return 2
+    source = _CONTROL_CHARACTERS.sub(lambda m: ascii(m.group())[1:-1], str(path))
+    header = [f"; Converted by alertbridge {VERSION} --import-webhook-dingtalk from {source}.",
               "; Each target is a [receiver:NAME] with a [robot:NAME]: Alertmanager's",
               "; webhook_configs URLs, http://HOST:8060/dingtalk/NAME/send, work unchanged."]
     header += [f"; NEEDS A HUMAN: {note}" for note in human]
@@ -8910,31 +8913,113 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     return 0
 
 
+class ImportRefused(Exception):
+    """A value of the imported YAML that config.ini cannot hold as the YAML says it: the
+    message names its key, never the value (it may be a secret)."""
+
+
+TARGET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")    # prometheus-webhook-dingtalk's own rule
+
+
+def _yaml_kind(value):
+    """What a YAML value is, as an error names it."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "a mapping"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _ini_text(value, where):
+    """A YAML string as a config.ini value that load_config reads back as exactly it, else
+    ImportRefused naming `where`. Refused: any other type (YAML read 0x1F as 31 and yes as
+    true: the text as written is gone), a line break or other control character, U+2028 too
+    (the rest would be a line of its own: a key, a [section]), spaces at either end
+    (configparser drops them), and ${ (load_config reads ${NAME} from the environment)."""
+    if not isinstance(value, str):
+        raise ImportRefused(f"{where}: is {_yaml_kind(value)} in YAML, not text (quote it)")
+    if _CONTROL_CHARACTERS.search(value):
+        raise ImportRefused(f"{where}: holds a line break or another control character")
+    if value != value.strip():
+        raise ImportRefused(f"{where}: begins or ends with a space")
+    if "${" in value:
+        raise ImportRefused(f"{where}: holds ${{, which config.ini reads as an environment "
+                            f"variable")
+    return value
+
+
+def _imported_service(loaded):
+    """The [alertbridge] lines on prometheus-webhook-dingtalk's port, and its timeout (a Go
+    duration, which config.ini reads as it is: 1m30s) as [delivery] timeout; 0, no timeout
+    there, leaves alertbridge's default."""
+    lines = ["[alertbridge]", "listen = 0.0.0.0", f"port = {WEBHOOK_DINGTALK_PORT}"]
+    written = loaded.get("timeout")
+    if written is None:
+        return lines
+    if not isinstance(written, str) or duration_seconds(written) is None:
+        raise ImportRefused("timeout: not a duration (write 5s or 1m30s, as Go does)")
+    if duration_seconds(written):
+        lines += ["", "[delivery]", f"timeout = {_ini_text(written.strip(), 'timeout')}"]
+    return lines
+
+
 def _imported_target(name, target, human):
     """The [receiver:NAME] and [robot:NAME] lines of one target; what cannot be converted goes
-    to `human`."""
-    url = str(target.get("url") or "")
+    to `human`; ImportRefused for what config.ini cannot hold as the YAML says it."""
+    if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
+        raise ImportRefused(f"targets: {ascii(str(name))[:60]} is not a target name (a letter, "
+                            f"then letters, digits, - and _, as prometheus-webhook-dingtalk "
+                            f"requires)")
+    where = f"targets.{name}"
+    target = {} if target is None else target
+    if not isinstance(target, dict):
+        raise ImportRefused(f"{where}: is {_yaml_kind(target)} in YAML, not a mapping (url, "
+                            f"secret, mention, message)")
+    url = "" if target.get("url") is None else _ini_text(target["url"], f"{where}.url")
     robot = ["", f"[robot:{name}]", f"url = {url}"]
-    if target.get("secret"):
-        robot.append(f"secret = {target['secret']}")
-    receiver = ["", f"[receiver:{name}]", f"robots = {name}"]
-    mention = target.get("mention") if isinstance(target.get("mention"), dict) else {}
-    if mention.get("all"):
-        receiver.append("at_all = true")
-    mobiles = [str(m) for m in mention.get("mobiles") or ()]
-    valid = [m for m in mobiles if MOBILE.fullmatch(m)]
-    if valid:
-        receiver.append(f"at_mobiles = {', '.join(valid)}")
-    for mobile in mobiles:
-        if mobile not in valid:
-            human.append(f"[receiver:{name}] at_mobiles: {mobile!r} is not a phone number; "
-                         f"write the real one")
+    if target.get("secret") is not None:
+        robot.append(f"secret = {_ini_text(target['secret'], f'{where}.secret')}")
+    receiver = ["", f"[receiver:{name}]", f"robots = {name}"] + _imported_mention(
+        name, target.get("mention"), human)
     if target.get("message"):
         human.append(f"[receiver:{name}]: its message templates (Go) are not converted; the "
                      f"receiver uses [templates]")
     if not url:
         human.append(f"[robot:{name}] url: the target has none")
     return receiver + robot
+
+
+def _imported_mention(name, mention, human):
+    """A target's mention: all (true or false) as at_all, its mobiles that are phone numbers
+    as at_mobiles; the others go to `human`, quoted as Python does (escapes, one line)."""
+    where = f"targets.{name}.mention"
+    mention = {} if mention is None else mention
+    if not isinstance(mention, dict):
+        raise ImportRefused(f"{where}: is {_yaml_kind(mention)} in YAML, not a mapping (all, "
+                            f"mobiles)")
+    if mention.get("all") not in (None, True, False):
+        raise ImportRefused(f"{where}.all: is {_yaml_kind(mention['all'])} in YAML, not true "
+                            f"or false")
+    mobiles = [] if mention.get("mobiles") is None else mention["mobiles"]
+    if not isinstance(mobiles, list):
+        raise ImportRefused(f"{where}.mobiles: is {_yaml_kind(mobiles)} in YAML, not a list")
+    lines = ["at_all = true"] if mention.get("all") else []
+    valid = [m for m in mobiles if isinstance(m, str) and MOBILE.fullmatch(m)]
+    if valid:
+        lines.append(f"at_mobiles = {', '.join(valid)}")
+    for number, mobile in enumerate(mobiles, 1):
+        if not isinstance(mobile, str):
+            human.append(f"[receiver:{name}] at_mobiles: mobile {number} is "
+                         f"{_yaml_kind(mobile)} in YAML, its digits as written unknown: quote "
+                         f"it, then add it")
+        elif mobile not in valid:
+            human.append(f"[receiver:{name}] at_mobiles: {mobile!r} is not a phone number; "
+                         f"write the real one")
+    return lines
 
 
 def send_test(config, route_name):

@@ -673,7 +673,8 @@ def _field_error(name, spec, conversion, allowed):
 # One frozen dataclass per section of config.ini. A field is named as its key, and its default
 # is the key's default: written here once (docs/configuration.md's tables are checked against
 # them). A default of "" on a path means "derived" (see load_config). Field metadata: "min" for
-# numbers, "choices" for words, "secret" for credentials (read from a file or the environment).
+# numbers, "choices" for words, "secret" for credentials (read from a file or the environment),
+# "duration" for durations (seconds; written 90, 90s, 10m, 4h, 1d: see duration_seconds).
 
 # The built-in words of messages, by `language`: zh by default, as the groups alertbridge pages
 # read Chinese first; en for international teams; both for groups that mix them (each word
@@ -770,13 +771,42 @@ def load_timezone(name):
                           f"such as Asia/Shanghai, UTC, or an offset such as +08:00)")
 
 
+DURATION_NUMBER = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"     # ASCII digits: no ², no ٣
+DURATION_PIECE = re.compile(f"({DURATION_NUMBER})(ns|us|µs|ms|s|m|h|d)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600,
+                  "d": 86400}
+DURATION_FORMS = "90, 90s, 10m, 4h or 1d"      # what an error asks for
+
+
+def duration_seconds(value):
+    """A duration as people write it, in seconds, or None if it is none. The one reader of
+    every duration a user writes (config keys, escalation steps, a command's `silence N 2d`,
+    the imported YAML's timeout), so all take the same forms: seconds alone (90, 0.5), or
+    numbers with units as Go and Prometheus write them, and days (90s, 10m, 4h, 1d, 1h30m,
+    1.5h, 500ms)."""
+    text = value.strip() if isinstance(value, str) else ""
+    if re.fullmatch(DURATION_NUMBER, text):
+        seconds = float(text)
+    else:
+        pieces = DURATION_PIECE.findall(text)
+        if not pieces or "".join(n + u for n, u in pieces) != text:
+            return None
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in pieces)
+    return seconds if seconds < float("inf") else None      # 400 digits are no duration
+
+
+def duration_field(default, minimum=0.0):
+    """A dataclass field of config.ini that is a duration: read by _Section.duration."""
+    return field(default=default, metadata={"min": minimum, "duration": True})
+
+
 @dataclass(frozen=True)
 class Service:
     """[alertbridge]"""
     listen: str = "127.0.0.1"
     port: int = field(default=9097, metadata={"max": 65535})
     max_body_bytes: int = field(default=1048576, metadata={"min": 1024})
-    request_timeout: float = field(default=10.0, metadata={"min": 0.1})
+    request_timeout: float = duration_field(10.0, minimum=0.1)
     max_connections: int = field(default=512, metadata={"min": 1})
     timezone: str = "Asia/Shanghai"
     state_dir: str = ""         # "": $STATE_DIRECTORY, else "state"
@@ -837,13 +867,13 @@ class Auth:
 class Delivery:
     """[delivery]"""
     rate_limit: int = field(default=20, metadata={"min": 1})
-    rate_window: float = field(default=60.0, metadata={"min": 0.01})
-    throttle_seconds: float = 600.0
+    rate_window: float = duration_field(60.0, minimum=0.01)
+    throttle_seconds: float = duration_field(600.0)
     max_message_bytes: int = field(default=20000, metadata={"min": 1000})
-    max_age: float = field(default=86400.0, metadata={"min": 1.0})
-    timeout: float = field(default=5.0, metadata={"min": 0.1})
-    retry_base: float = field(default=2.0, metadata={"min": 0.01})
-    retry_max: float = field(default=300.0, metadata={"min": 0.01})
+    max_age: float = duration_field(86400.0, minimum=1.0)
+    timeout: float = duration_field(5.0, minimum=0.1)
+    retry_base: float = duration_field(2.0, minimum=0.01)
+    retry_max: float = duration_field(300.0, minimum=0.01)
     reserve: int = 2                    # slots per robot and window only reserve_for may use
     priority_label: str = "severity"    # the defaults of every [receiver:NAME]
     priority_order: str = "critical, error, warning, info"
@@ -856,9 +886,9 @@ class Cluster:
     enabled: bool = False
     instance: str = ""          # "": the host's name
     instances: int = field(default=2, metadata={"min": 1})
-    lease: float = field(default=30.0, metadata={"min": 1.0})
-    duplicate_window: float = 300.0
-    presumed_alone: float = 3600.0  # an instance silent this long is no longer presumed alone
+    lease: float = duration_field(30.0, minimum=1.0)
+    duplicate_window: float = duration_field(300.0)
+    presumed_alone: float = duration_field(3600.0)  # silent this long: no longer presumed alone
 
 
 @dataclass(frozen=True)
@@ -908,9 +938,10 @@ class OnCall:
     link_secret, on a base URL the team's phones can reach."""
     base_url: str = ""              # https://alertbridge.example.com: where links point
     link_secret: str = field(default="", repr=False, metadata={"secret": True})
-    link_ttl: float = field(default=604800.0, metadata={"min": 60})   # a week
+    link_ttl: float = duration_field(604800.0, minimum=60)   # a week
     alertmanager_api: str = ""      # http://127.0.0.1:9093: where alertbridge makes silences
-    follow_interval: float = field(default=30.0, metadata={"min": 1})   # silenced incidents
+    follow_interval: float = duration_field(30.0, minimum=1)    # silenced incidents
+    silence_max: float = duration_field(86400.0, minimum=60)   # the longest from the app
 
 
 @dataclass(frozen=True)
@@ -924,7 +955,7 @@ class App:
     robot_code: str = ""            # the app robot's code: the Client ID unless set
     card_template: str = ""         # the id of the card template (docs/dingtalk-app.md)
     api_url: str = "https://api.dingtalk.com"       # DingTalk's OpenAPI, and its Stream gateway
-    timeout: float = field(default=10.0, metadata={"min": 1})
+    timeout: float = duration_field(10.0, minimum=1)
     ding: str = field(default="none", metadata={"choices": ("none", "app", "sms", "call")})
 
     @property
@@ -1065,18 +1096,6 @@ class Config:
         return {r for route in self.routes.values() for r in route.robots}
 
 
-DURATION = re.compile(r"([0-9.]+)(ns|us|µs|ms|s|m|h)")
-DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-
-
-def duration_seconds(value):
-    """A duration as Go and Prometheus write them ("90s", "10m", "1h30m") in seconds, or None."""
-    pieces = DURATION.findall(value) if isinstance(value, str) else []
-    if not pieces or "".join(n + u for n, u in pieces) != value.strip():
-        return None
-    return sum(float(n) * DURATION_UNITS[u] for n, u in pieces)
-
-
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -1112,6 +1131,17 @@ class _Section:
         if maximum is not None and value > maximum:
             raise ConfigError(f"[{self.name}] {key}: must be at most {maximum}")
         return value
+
+    def duration(self, key, default, minimum=0.0):
+        """A duration key, in seconds: any form duration_seconds reads."""
+        if key not in self.items:
+            return default
+        seconds = duration_seconds(self.items[key])
+        if seconds is None:
+            raise ConfigError(f"[{self.name}] {key}: not a duration (write {DURATION_FORMS})")
+        if seconds < minimum:
+            raise ConfigError(f"[{self.name}] {key}: must be at least {minimum:g} seconds")
+        return seconds
 
     def bool(self, key, default=False):
         value = self.get(key, "").lower()
@@ -1172,6 +1202,8 @@ class _Section:
                 values[f.name] = self.secret(f.name, f.default)
             elif f.type is bool:
                 values[f.name] = self.bool(f.name, f.default)
+            elif f.metadata.get("duration"):
+                values[f.name] = self.duration(f.name, f.default, f.metadata["min"])
             elif f.type in (int, float):
                 values[f.name] = self.number(f.name, f.default, f.type, f.metadata.get("min", 0),
                                              f.metadata.get("max"))
@@ -1485,7 +1517,7 @@ def _override_time(text, rotation, tz, where, until):
 
 def _load_escalation(section, name, people, rotations):
     """steps: one `AFTER = people, rotation:NAME, receiver:NAME` per line, AFTER a duration
-    since the page (10m, 1h30m), later steps after earlier ones."""
+    since the page (600, 10m, 1h30m, 1d), later steps after earlier ones."""
     steps = []
     for number, line in enumerate(section.get("steps").splitlines(), 1):
         if not line.strip():
@@ -7207,10 +7239,74 @@ COMMANDS = {"claim": "claim", "ack": "claim", "认领": "claim", "silence": "sil
             "告警": "open", "help": "help", "帮助": "help"}
 
 
+BIGINT_MAX = 2 ** 63 - 1       # the history's incident ids are BIGINT
+DINGTALK_REPLY_HOSTS = ("oapi.dingtalk.com", "api.dingtalk.com")    # where sessionWebhooks go
+
+
+def incident_number(written):
+    """The incident number `written` says (12, #12), or None: ASCII digits only (str.isdigit()
+    also takes ² and ٣, which int() refuses) and no more than the history's BIGINT holds."""
+    match = re.fullmatch(r"#?([0-9]{1,19})", written)
+    number = int(match.group(1)) if match else 0
+    return number if 0 < number <= BIGINT_MAX else None
+
+
+def reply_allowed(webhook, api_url):
+    """Whether a command's sessionWebhook may be called: https on DingTalk's own hosts, or the
+    scheme, host and port of [app] api_url (a test's fake DingTalk). The message says where to
+    answer; alertbridge posts the answer nowhere else."""
+    try:
+        parts, api = urllib.parse.urlsplit(str(webhook)), urllib.parse.urlsplit(api_url)
+        origin, api_origin = (parts.scheme, parts.hostname, parts.port), (
+            api.scheme, api.hostname, api.port)
+    except ValueError:      # a port that is no number, a broken [address]
+        return False
+    if not parts.hostname or "@" in parts.netloc:
+        return False
+    return origin == api_origin or (parts.scheme == "https" and parts.port in (None, 443)
+                                    and parts.hostname in DINGTALK_REPLY_HOSTS)
+
+
+def pages_person(route, person):
+    """Whether a route's pages or its escalation reach `person`, as the config names them: in
+    at_people, at_map or an escalation step (themselves, or in a rotation named there, on call
+    now or not, overrides too), or by their user_id or mobile in at_user_ids, at_mobiles or
+    at_map. Who alerts' labels add (at_user_ids_from) is not known ahead: not counted."""
+    named = list(route.at_people) + [n for entry in route.at_map for n in entry[3]]
+    if route.escalation is not None:
+        named += [n for step in route.escalation.steps for n in step.people]
+    handles = set()
+    for target in named:
+        if isinstance(target, Rotation):
+            handles.update(p.handle for p in target.people)
+            handles.update(override[2].handle for override in target.overrides)
+        else:
+            handles.add(target.handle)
+    user_ids = set(route.at_user_ids).union(*(entry[2] for entry in route.at_map))
+    mobiles = set(route.at_mobiles).union(*(entry[1] for entry in route.at_map))
+    return (person.handle in handles or bool(person.user_id and person.user_id in user_ids)
+            or bool(person.mobile and person.mobile in mobiles))
+
+
+@dataclass(frozen=True)
+class Chat:
+    """Where a command written to the robot comes from: who wrote it (their DingTalk user id,
+    and the [person] with that user_id, if any) and in which conversation (a group's
+    conversationId, or a one-to-one chat's)."""
+    user: str
+    person: Person = None
+    conversation: str = ""
+    one_to_one: bool = False
+
+
 class AppDesk:
     """The app's callbacks (StreamClient.handle): a card's button, a message written to the
     robot. Who clicked or wrote is their DingTalk user id: the person with that user_id, or
-    the id itself. Commands are answered through the message's sessionWebhook."""
+    the id itself. A button acts on its own card's incident. A command acts only where its chat
+    may (see _refusal): in a group, on the incidents of the receivers whose app_group it is; in
+    a one-to-one chat, for a [person], on the incidents of the receivers that page them; a
+    silence needs a [person] and lasts [oncall] silence_max at most. Commands are answered
+    through the message's sessionWebhook, if it points to DingTalk (reply_allowed)."""
 
     LISTED = 20         # open incidents an `open` command lists
     OPEN_READ = 1000    # open incidents it counts, per route
@@ -7218,6 +7314,7 @@ class AppDesk:
     def __init__(self, config, desk, store, wall, reply=None):
         self.config, self.desk, self.store, self.wall = config, desk, store, wall
         self.reply = reply or post_session_reply
+        self._refused_hosts = Recent(64)     # sessionWebhook hosts refused, logged once each
 
     def handle(self, topic, data):
         if topic == CARD_CALLBACK:
@@ -7226,9 +7323,15 @@ class AppDesk:
             self.command(data)
         return {}
 
+    def person_of(self, user_id):
+        """The [person] whose user_id this is, or None (for no user id too: a person with a
+        mobile alone has none)."""
+        return next((p for p in self.config().people.values()
+                     if user_id and p.user_id == user_id), None)
+
     def who(self, user_id):
         """(handle or user id, name) of a DingTalk user."""
-        person = next((p for p in self.config().people.values() if p.user_id == user_id), None)
+        person = self.person_of(user_id)
         return (person.handle, person.name) if person else (user_id, user_id)
 
     def click(self, data):
@@ -7269,6 +7372,10 @@ class AppDesk:
             hours = {"silence_1h": 1, "silence_4h": 4}.get(action)
             if hours is None:
                 return {}
+            longest = self.config().oncall.silence_max
+            if hours * 3600 > longest:
+                return {"status": f"A silence lasts {format_duration(longest)} at most here "
+                                  f"([oncall] silence_max): nothing was changed."}
             self.desk.silence(route, group, hours, chosen, name, "dingtalk")
             return {"state": "silenced", "status": WORDS[language]["silenced_card"].format(
                 name=name, hours=hours)}
@@ -7283,50 +7390,114 @@ class AppDesk:
         """A message written to the robot: claim N, silence N 1h, oncall, open (in Chinese
         too); anything else gets the help."""
         text = str((data.get("text") or {}).get("content", "")).strip()
-        user = str(data.get("senderStaffId") or data.get("senderId") or "")[:64]
+        chat = self.chat_of(data)
         try:
-            answer = self.answer_to(text, user, str(data.get("conversationId", ""))[:128])
+            answer = self.answer_to(text, chat)
         except Exception as exc:  # noqa: BLE001 (whoever wrote is told, not left waiting)
             log.error("stream: the command %r failed: %s: %s", text[:40], type(exc).__name__,
                       exc, exc_info=exc)
             answer = not_done(exc)
-        webhook = data.get("sessionWebhook", "")
-        if re.match(r"https?://", str(webhook)):
-            self.reply(webhook, answer, self.config().app.timeout)
+        self._reply(data.get("sessionWebhook") or "", answer)
 
-    def answer_to(self, text, user, conversation=""):
+    def chat_of(self, data):
+        """The Chat a robot message comes from. Who wrote it is their senderStaffId, the user
+        id a [person] has; senderId is only the robot's alias for them (someone outside the
+        organization has no other), and acts as nobody."""
+        staff = str(data.get("senderStaffId") or "")[:64]
+        return Chat(user=staff, person=self.person_of(staff),
+                    conversation=str(data.get("conversationId", ""))[:128],
+                    one_to_one=str(data.get("conversationType", "")) == "1")
+
+    def _reply(self, webhook, text):
+        """The answer, through the message's sessionWebhook where reply_allowed; a host refused
+        is logged once, by its name alone (the URL's query is the session's credential)."""
+        app = self.config().app
+        if reply_allowed(webhook, app.api_url):
+            self.reply(webhook, text, app.timeout)
+            return
+        try:
+            host = urllib.parse.urlsplit(str(webhook)).hostname or ""
+        except ValueError:
+            host = ""
+        if webhook and self._refused_hosts.get(host) is None:
+            self._refused_hosts.put(host, True)
+            log.warning("stream: a command's sessionWebhook points to host=%s, neither DingTalk "
+                        "nor [app] api_url: not answered", logfmt(host[:64] or "?"))
+
+    def answer_to(self, text, chat):
         words = text.split()
         command = COMMANDS.get(words[0].lower(), "help") if words else "help"
         if command == "oncall":
             return self._on_call()
         if command == "open":
             everywhere = len(words) > 1 and words[1].lower() in ("all", "全部")
-            return self._open(() if everywhere else self._routes_of(conversation))
+            return self._open(() if everywhere else self._routes_of(chat.conversation))
         if command in ("claim", "silence") and len(words) >= 2 and words[1].lstrip("#").isdigit():
-            incident = self._incident(int(words[1].lstrip("#")))
-            if incident is None:
-                return f"No open incident #{words[1].lstrip('#')}."
-            chosen, name = self.who(user)
-            if command == "claim":
-                taken = self.desk.claim(incident["route"], incident["group_hash"], chosen, name,
-                                        "dingtalk")
-                if taken is None:
-                    return f"#{incident['id']} is not open any more."
-                holder = self.config().name_of(taken["acknowledged_by"])
-                return f"#{incident['id']}: {holder} has it."
-            seconds = duration_seconds(words[2]) if len(words) >= 3 else 3600
-            if not seconds or not 60 <= seconds <= 7 * 86400:
-                return "A silence lasts 1m to 7d: silence 12 1h."
-            try:
-                _, silence = self.desk.silence(incident["route"], incident["group_hash"],
-                                               seconds / 3600, chosen, name, "dingtalk")
-            except DeskRefused as exc:
-                return str(exc)
-            return f"#{incident['id']} silenced for {words[2] if len(words) >= 3 else '1h'} " \
-                   f"(silence {silence})."
+            return self._act_on(command, words[1].lstrip("#")[:24], words[2:3], chat)
+        here = chat.conversation and not chat.one_to_one
         return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警 "
-                "(open all / 告警 全部)"
-                + (f"\napp_group = {conversation}" if conversation else ""))
+                "(open all / 告警 全部)" + (f"\napp_group = {chat.conversation}" if here else ""))
+
+    def _act_on(self, command, written, duration, chat):
+        """claim N, silence N [DURATION] (1h if not written), if this chat may act on #N."""
+        number = incident_number(written)
+        incident = self._incident(number) if number is not None else None
+        if incident is None:
+            return f"No open incident #{written}."
+        refused = self._refusal(command, incident, chat)
+        if refused:
+            return refused
+        chosen, name = self.who(chat.user)
+        if command == "claim":
+            return self._claim(incident, chosen, name)
+        return self._silence(incident, duration[0] if duration else "1h", chosen, name)
+
+    def _refusal(self, command, incident, chat):
+        """Why this chat may not act on the incident ("" if it may). Incident numbers count up
+        from 1: a number alone proves nothing, where it is written does. In a group: the
+        incidents of the receivers whose app_group it is. One to one: a [person]'s, on the
+        incidents of the receivers that page them (pages_person). A silence, which mutes the
+        alerts for everyone: a [person] only."""
+        number = f"#{incident['id']}"
+        if not chat.user:
+            return "Who wrote this is not known (no senderStaffId): nothing was changed."
+        if chat.one_to_one:
+            if chat.person is None:
+                return ("Commands in a one-to-one chat are for people in [person] (one whose "
+                        "user_id is yours): write in your team's group instead.")
+            route = self.config().routes.get(incident["route"])
+            if route is None or not pages_person(route, chat.person):
+                return (f"{number} is not one of your incidents: receiver {incident['route']} "
+                        f"neither @-mentions you nor escalates to you.")
+        elif incident["route"] not in self._routes_of(chat.conversation):
+            return f"{number} is not one of this group's incidents."
+        if command == "silence" and chat.person is None:
+            return ("Only people in [person] may silence (a [person:HANDLE] whose user_id is "
+                    "yours): nothing was changed.")
+        return ""
+
+    def _claim(self, incident, chosen, name):
+        taken = self.desk.claim(incident["route"], incident["group_hash"], chosen, name,
+                                "dingtalk")
+        if taken is None:
+            return f"#{incident['id']} is not open any more."
+        holder = self.config().name_of(taken["acknowledged_by"])
+        return f"#{incident['id']}: {holder} has it."
+
+    def _silence(self, incident, written, chosen, name):
+        """An Alertmanager silence of `written` (any duration duration_seconds reads), from 1m
+        to [oncall] silence_max."""
+        longest = self.config().oncall.silence_max
+        seconds = duration_seconds(written)
+        if seconds is None or not 60 <= seconds <= longest:
+            return (f"A silence lasts 1m to {format_duration(longest)} here ([oncall] "
+                    f"silence_max): silence {incident['id']} 1h.")
+        try:
+            _, silence = self.desk.silence(incident["route"], incident["group_hash"],
+                                           seconds / 3600, chosen, name, "dingtalk")
+        except DeskRefused as exc:
+            return str(exc)
+        return f"#{incident['id']} silenced for {format_duration(seconds)} (silence {silence})."
 
     def _incident(self, number):
         found = self.store.incident(number)
@@ -8560,8 +8731,7 @@ class Pages:
                 f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
                 f"<p><label>I am {who}</label></p>"
                 f"<p>{self._incident_buttons(action)}</p></form></section>")
-        cookie = (f"{self.CSRF_COOKIE}={csrf}; Path=/incident/; HttpOnly; SameSite=Strict; "
-                  f"Max-Age=3600")
+        cookie = self._cookie(config, self.CSRF_COOKIE, csrf, "Strict", 3600)
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
 
     def _incident_buttons(self, action):
@@ -8601,10 +8771,19 @@ class Pages:
         chosen, person = who
         incident = self.desk.claim(route, group, chosen, person.name if person else chosen,
                                    "link")
-        cookie = (f"{self.PERSON_COOKIE}={urllib.parse.quote(chosen)}; Path=/incident/; "
-                  f"HttpOnly; SameSite=Lax; Max-Age=31536000")
+        cookie = self._cookie(config, self.PERSON_COOKIE, urllib.parse.quote(chosen), "Lax",
+                              31536000)
         return 200, self._incident_page(self._incident_state(config, incident)), \
             [("Set-Cookie", cookie)]
+
+    @staticmethod
+    def _cookie(config, name, value, same_site, max_age):
+        """A Set-Cookie value for the incident pages, Secure when [oncall] base_url is https:
+        the phones then reach them through TLS (a proxy's, perhaps) and the cookie must never
+        travel without it."""
+        secure = "; Secure" if config.oncall.base_url.lower().startswith("https://") else ""
+        return (f"{name}={value}; Path=/incident/; HttpOnly; SameSite={same_site}; "
+                f"Max-Age={max_age}{secure}")
 
     def _incident_state(self, config, incident):
         if incident is None:
@@ -9218,7 +9397,9 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     """--import-webhook-dingtalk: prometheus-webhook-dingtalk's config.yml as the config.ini
     that does the same (each target a receiver of its name, with a robot of its name: its
     /dingtalk/TARGET/send URLs keep working), on `out`; what needs a human (Go templates, mobiles
-    that are no phone numbers) as comments in it and on `err`. 0 done, 2 cannot read it."""
+    that are no phone numbers) as comments in it and on `err`. A value config.ini cannot hold as
+    the YAML says it is refused, naming its key (see _ini_text). 0 done, 2 cannot read or
+    convert it (nothing on `out`)."""
     try:
         import yaml
     except ImportError:
@@ -9239,18 +9420,19 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     if not isinstance(targets, dict) or not targets:
         print(f"{path}: no targets: not a prometheus-webhook-dingtalk config", file=err)
         return 2
-    human, lines = [], ["[alertbridge]", "listen = 0.0.0.0", f"port = {WEBHOOK_DINGTALK_PORT}"]
-    timeout = duration_seconds(loaded.get("timeout"))
-    if timeout:
-        lines += ["", "[delivery]", f"timeout = {timeout:g}"]
-    for key in ("templates", "template", "default_message", "no_builtin_template"):
-        if loaded.get(key):
-            human.append(f"{key}: Go templates are not converted: alertbridge's [templates] "
-                         f"(docs/configuration.md) has the fields; the built-in page is "
-                         f"already in Chinese")
-    for name, target in targets.items():
-        lines += _imported_target(str(name), target if isinstance(target, dict) else {}, human)
-    header = [f"; Converted by alertbridge {VERSION} --import-webhook-dingtalk from {path}.",
+    human = [f"{key}: Go templates are not converted: alertbridge's [templates] "
+             f"(docs/configuration.md) has the fields; the built-in page is already in Chinese"
+             for key in ("templates", "template", "default_message", "no_builtin_template")
+             if loaded.get(key)]
+    try:
+        lines = _imported_service(loaded)
+        for name, target in targets.items():
+            lines += _imported_target(name, target, human)
+    except ImportRefused as exc:
+        print(f"{path}: {exc}: nothing was converted", file=err)
+        return 2
+    source = _CONTROL_CHARACTERS.sub(lambda m: ascii(m.group())[1:-1], str(path))
+    header = [f"; Converted by alertbridge {VERSION} --import-webhook-dingtalk from {source}.",
               "; Each target is a [receiver:NAME] with a [robot:NAME]: Alertmanager's",
               "; webhook_configs URLs, http://HOST:8060/dingtalk/NAME/send, work unchanged."]
     header += [f"; NEEDS A HUMAN: {note}" for note in human]
@@ -9260,31 +9442,113 @@ def import_webhook_dingtalk(path, out=sys.stdout, err=sys.stderr):
     return 0
 
 
+class ImportRefused(Exception):
+    """A value of the imported YAML that config.ini cannot hold as the YAML says it: the
+    message names its key, never the value (it may be a secret)."""
+
+
+TARGET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")    # prometheus-webhook-dingtalk's own rule
+
+
+def _yaml_kind(value):
+    """What a YAML value is, as an error names it."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "a mapping"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _ini_text(value, where):
+    """A YAML string as a config.ini value that load_config reads back as exactly it, else
+    ImportRefused naming `where`. Refused: any other type (YAML read 0x1F as 31 and yes as
+    true: the text as written is gone), a line break or other control character, U+2028 too
+    (the rest would be a line of its own: a key, a [section]), spaces at either end
+    (configparser drops them), and ${ (load_config reads ${NAME} from the environment)."""
+    if not isinstance(value, str):
+        raise ImportRefused(f"{where}: is {_yaml_kind(value)} in YAML, not text (quote it)")
+    if _CONTROL_CHARACTERS.search(value):
+        raise ImportRefused(f"{where}: holds a line break or another control character")
+    if value != value.strip():
+        raise ImportRefused(f"{where}: begins or ends with a space")
+    if "${" in value:
+        raise ImportRefused(f"{where}: holds ${{, which config.ini reads as an environment "
+                            f"variable")
+    return value
+
+
+def _imported_service(loaded):
+    """The [alertbridge] lines on prometheus-webhook-dingtalk's port, and its timeout (a Go
+    duration, which config.ini reads as it is: 1m30s) as [delivery] timeout; 0, no timeout
+    there, leaves alertbridge's default."""
+    lines = ["[alertbridge]", "listen = 0.0.0.0", f"port = {WEBHOOK_DINGTALK_PORT}"]
+    written = loaded.get("timeout")
+    if written is None:
+        return lines
+    if not isinstance(written, str) or duration_seconds(written) is None:
+        raise ImportRefused("timeout: not a duration (write 5s or 1m30s, as Go does)")
+    if duration_seconds(written):
+        lines += ["", "[delivery]", f"timeout = {_ini_text(written.strip(), 'timeout')}"]
+    return lines
+
+
 def _imported_target(name, target, human):
     """The [receiver:NAME] and [robot:NAME] lines of one target; what cannot be converted goes
-    to `human`."""
-    url = str(target.get("url") or "")
+    to `human`; ImportRefused for what config.ini cannot hold as the YAML says it."""
+    if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
+        raise ImportRefused(f"targets: {ascii(str(name))[:60]} is not a target name (a letter, "
+                            f"then letters, digits, - and _, as prometheus-webhook-dingtalk "
+                            f"requires)")
+    where = f"targets.{name}"
+    target = {} if target is None else target
+    if not isinstance(target, dict):
+        raise ImportRefused(f"{where}: is {_yaml_kind(target)} in YAML, not a mapping (url, "
+                            f"secret, mention, message)")
+    url = "" if target.get("url") is None else _ini_text(target["url"], f"{where}.url")
     robot = ["", f"[robot:{name}]", f"url = {url}"]
-    if target.get("secret"):
-        robot.append(f"secret = {target['secret']}")
-    receiver = ["", f"[receiver:{name}]", f"robots = {name}"]
-    mention = target.get("mention") if isinstance(target.get("mention"), dict) else {}
-    if mention.get("all"):
-        receiver.append("at_all = true")
-    mobiles = [str(m) for m in mention.get("mobiles") or ()]
-    valid = [m for m in mobiles if MOBILE.fullmatch(m)]
-    if valid:
-        receiver.append(f"at_mobiles = {', '.join(valid)}")
-    for mobile in mobiles:
-        if mobile not in valid:
-            human.append(f"[receiver:{name}] at_mobiles: {mobile!r} is not a phone number; "
-                         f"write the real one")
+    if target.get("secret") is not None:
+        robot.append(f"secret = {_ini_text(target['secret'], f'{where}.secret')}")
+    receiver = ["", f"[receiver:{name}]", f"robots = {name}"] + _imported_mention(
+        name, target.get("mention"), human)
     if target.get("message"):
         human.append(f"[receiver:{name}]: its message templates (Go) are not converted; the "
                      f"receiver uses [templates]")
     if not url:
         human.append(f"[robot:{name}] url: the target has none")
     return receiver + robot
+
+
+def _imported_mention(name, mention, human):
+    """A target's mention: all (true or false) as at_all, its mobiles that are phone numbers
+    as at_mobiles; the others go to `human`, quoted as Python does (escapes, one line)."""
+    where = f"targets.{name}.mention"
+    mention = {} if mention is None else mention
+    if not isinstance(mention, dict):
+        raise ImportRefused(f"{where}: is {_yaml_kind(mention)} in YAML, not a mapping (all, "
+                            f"mobiles)")
+    if mention.get("all") not in (None, True, False):
+        raise ImportRefused(f"{where}.all: is {_yaml_kind(mention['all'])} in YAML, not true "
+                            f"or false")
+    mobiles = [] if mention.get("mobiles") is None else mention["mobiles"]
+    if not isinstance(mobiles, list):
+        raise ImportRefused(f"{where}.mobiles: is {_yaml_kind(mobiles)} in YAML, not a list")
+    lines = ["at_all = true"] if mention.get("all") else []
+    valid = [m for m in mobiles if isinstance(m, str) and MOBILE.fullmatch(m)]
+    if valid:
+        lines.append(f"at_mobiles = {', '.join(valid)}")
+    for number, mobile in enumerate(mobiles, 1):
+        if not isinstance(mobile, str):
+            human.append(f"[receiver:{name}] at_mobiles: mobile {number} is "
+                         f"{_yaml_kind(mobile)} in YAML, its digits as written unknown: quote "
+                         f"it, then add it")
+        elif mobile not in valid:
+            human.append(f"[receiver:{name}] at_mobiles: {mobile!r} is not a phone number; "
+                         f"write the real one")
+    return lines
 
 
 def send_test(config, route_name):

@@ -911,3 +911,50 @@ def test_in_a_browser_a_claim_link_on_a_phone(browser, make_bridge, sqlite_db, f
     browser.get(f"{bridge.address}/incident/{token[:-4]}")  # a cut link: says so
     assert "does nothing" in browser.find_element(By.TAG_NAME, "main").text
     assert pwned(browser) is None
+
+
+def test_the_claim_pages_cookies_are_secure_when_phones_reach_them_over_https(
+    make_bridge, sqlite_db, fake
+):
+    """[oncall] base_url https: the phones reach the pages over TLS (a proxy's, perhaps), and
+    the form's CSRF cookie and the remembered name must never travel without it; over http a
+    Secure cookie would never come back, so it is not Secure there."""
+    import http.client
+    import time
+
+    from tests.test_incidents import CLAIMING, FIRING, ONCALL, paged
+
+    def cookies(bridge, token, form=None, sent=""):
+        connection = http.client.HTTPConnection(bridge.address.split("//")[1], timeout=10)
+        body = urllib.parse.urlencode(form).encode() if form else None
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": sent}
+        try:
+            connection.request("POST" if form else "GET", f"/incident/{token}", body, headers)
+            response = connection.getresponse()
+            response.read()
+            return response.headers.get_all("Set-Cookie") or []
+        finally:
+            connection.close()
+
+    def both(bridge, token):
+        [csrf] = cookies(bridge, token)
+        value = csrf.split(";")[0]
+        form = {"person": "zhangsan", "csrf": value.partition("=")[2]}
+        return [csrf] + cookies(bridge, token, form, sent=value)
+
+    bridge = make_bridge(sqlite_db, receivers=CLAIMING, extra=ONCALL)
+    token = paged(bridge, fake, sqlite_db)
+    secure = both(bridge, token)
+    assert [c.split("=")[0] for c in secure] == ["alertbridge_csrf", "alertbridge_person"]
+    assert all(c.endswith("; Secure") and "HttpOnly" in c for c in secure), secure
+
+    path = pathlib.Path(bridge.config.path)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("https://alertbridge.example.com", "http://10.0.0.5:9097"))
+    assert bridge.reload()[0]
+    assert post(bridge, make_payload("ops", FIRING) | {"groupKey": "g-other"})[0] == 200
+    assert wait_until(lambda: len(bridge.store.incidents(10)) == 2)
+    group = alertbridge.group_hash("g-other")
+    link = alertbridge.claim_link(bridge.config.oncall, "ops", group, time.time())
+    plain = both(bridge, link.rpartition("/")[2])
+    assert len(plain) == 2 and not any("Secure" in c for c in plain), plain

@@ -7135,6 +7135,9 @@ class Desk:
             raise DeskRefused(200, "Nothing is open for this page: its alerts resolved (or the "
                                    "history has not recorded them yet).")
         self._refuse_if_silenced(incident)
+        if hours * 3600 > config.oncall.silence_max + 0.5:
+            raise DeskRefused(400, f"A silence lasts {format_duration(config.oncall.silence_max)}"
+                                   f" at most here ([oncall] silence_max): nothing was changed.")
         if not incident["group_labels"]:
             raise DeskRefused(409, "This group has no labels to silence on (group_by in "
                                    "Alertmanager): nothing was changed.")
@@ -7194,6 +7197,11 @@ class Desk:
                 raise DeskRefused(200, "Someone is silencing this just now: look again in a "
                                        "minute.")
             raise DeskRefused(200, f"Silenced already (silence {incident['silence_id']}).")
+
+    @classmethod
+    def hours_offered(cls, config):
+        """The silences a page offers: those [oncall] silence_max allows."""
+        return [h for h in cls.SILENCE_HOURS if h * 3600 <= config.oncall.silence_max]
 
     @staticmethod
     def silenced_now(incident, wall):
@@ -8730,15 +8738,16 @@ class Pages:
                 f'<form method="post" action="/incident/{esc(token)}">'
                 f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
                 f"<p><label>I am {who}</label></p>"
-                f"<p>{self._incident_buttons(action)}</p></form></section>")
+                f"<p>{self._incident_buttons(config, action)}</p></form></section>")
         cookie = self._cookie(config, self.CSRF_COOKIE, csrf, "Strict", 3600)
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
 
-    def _incident_buttons(self, action):
+    @staticmethod
+    def _incident_buttons(config, action):
         if action == "claim":
             return f'<button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
         return " ".join(f'<button type="submit" name="hours" value="{h}" id="silence-{h}">'
-                        f"🔕 {h} h</button>" for h in Desk.SILENCE_HOURS)
+                        f"🔕 {h} h</button>" for h in Desk.hours_offered(config))
 
     def _chosen(self, config, form):
         """(handle or name, Person or None) of who the form says they are, or None if unfit."""
@@ -8752,7 +8761,7 @@ class Pages:
         """An Alertmanager silence on the incident's group labels, for the hours chosen,
         created by the person (see Desk.silence)."""
         who, hours = self._chosen(config, form), form.get("hours", "")
-        if who is None or not hours.isdigit() or int(hours) not in Desk.SILENCE_HOURS:
+        if who is None or hours not in {str(h) for h in Desk.hours_offered(config)}:
             return 400, self._incident_page("Choose who you are and how long: nothing was "
                                             "changed."), ()
         chosen, person = who

@@ -431,3 +431,24 @@ def test_a_conflict_is_tried_again_and_then_reported(store, monkeypatch):
     with pytest.raises(alertbridge.StoreUnavailable, match="Deadlock"):
         store.record("j", [])
     assert len(calls) == alertbridge.Store.CONFLICT_RETRIES
+
+
+def test_the_silence_page_offers_what_silence_max_allows_and_refuses_anything_else(
+    make_bridge, sqlite_db, fake
+):
+    """[oncall] silence_max = 4h: the page offers 1 h and 4 h; a form saying 24, ², or a
+    number it never offered changes nothing, with a clear page (no error in the log)."""
+    oncall = ONCALL.replace("[oncall]\n", "[oncall]\nsilence_max = 4h\n")
+    bridge = make_bridge(sqlite_db, receivers=CLAIMING, extra=oncall)
+    token = paged(bridge, fake, sqlite_db)
+    route, group, _, expires = alertbridge.read_link(SECRET, token, time.time())
+    link = alertbridge.sign_link(SECRET, route, group, "silence", expires)
+    status, html, cookies = claim_request(bridge, link)
+    assert status == 200 and 'id="silence-4"' in html and 'id="silence-24"' not in html
+    for hours in ("24", "²", "1e9", ""):
+        form = {"person": "zhangsan", "hours": hours, "csrf": cookies["alertbridge_csrf"]}
+        status, html, _ = claim_request(bridge, link, "POST", form, cookies)
+        assert status == 400 and "nothing was changed" in html
+    with pytest.raises(alertbridge.DeskRefused, match="4h at most"):
+        bridge.desk.silence(route, group, 24, "zhangsan", "张三", "dingtalk")
+    assert alertbridge.Store(sqlite_db).incidents()[0]["events"] == ["opened"]

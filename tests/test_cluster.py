@@ -469,3 +469,42 @@ def test_a_handoff_the_leader_died_before_adopting_is_sent_by_the_standby_that_m
     coordinator._lead()  # the leader died; this instance leads and finds its own handoff
     [(adopted, again)] = journal.pending_claims()
     assert again == claims and adopted != message_id
+
+
+def test_escalation_steps_a_dying_leader_took_are_sent_by_the_next_leader_once(tmp_path, fake):
+    """Five critical groups unclaimed; their first steps come due while DingTalk refuses the
+    leader's requests: the history has every step marked done, and the leader is killed -9
+    with none of them sent. The next leader sends each once (folded: due together)."""
+    receivers = {"ops": {"robots": "ops-1", "escalation": "fast"}, "dev": {"robots": "dev-1"}}
+    children = two_instances(tmp_path, fake, receivers, ON_CALL)
+    try:
+        leader = leader_of(children)
+        heir = next(c for c in children if c is not leader)
+        names = [f"Disk{n}" for n in range(5)]
+        for name in names:
+            page = make_payload("ops", [make_alert(name)]) | {"groupKey": f"g-{name}"}
+            assert [post(c.url, page)[0] for c in children] == [200, 200]
+        assert fake.wait_for(lambda f: sum("升级" not in m.text for m in f.delivered()) >= 5, 30)
+        fake.fail_next(OPS[0], "http500", times=100_000)  # nothing the leader sends gets through
+        store = alertbridge.Store(mysql_settings())
+        try:
+            def taken():
+                return sum(i["events"].count("escalated") for i in store.incidents())
+
+            assert wait_until(lambda: taken() == 5, timeout=60)
+        finally:
+            store.close()
+        leader.kill()
+        fake.clear_script()
+        steps = [m.text for m in fake.delivered() if "升级第 1 步" in m.text]
+        assert steps == []  # the leader died with every step taken and none sent
+        assert fake.wait_for(
+            lambda f: all(any(f"升级第 1 步：{n} " in m.text for m in f.delivered()) for n in names),
+            timeout=60,
+        ), heir.log.read_text()
+        assert settle_process(heir)
+        texts = [m.text for m in fake.delivered()]
+        assert all(sum(f"升级第 1 步：{n} " in t for t in texts) == 1 for n in names)
+    finally:
+        for child in children:
+            child.kill()

@@ -153,6 +153,14 @@ class FakeApp:
 
         self._run(go())
 
+    def send_text(self, text):
+        """Send a text message as it is (it need not be JSON, nor a frame DingTalk sends)."""
+
+        async def go():
+            await self._sockets[-1].send(text)
+
+        self._run(go())
+
     def ask(self, kind, topic, data, message_id=None, timeout=10):
         """Send a frame and wait for the client's answer to it."""
         message_id = message_id or uuid.uuid4().hex

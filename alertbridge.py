@@ -6374,7 +6374,8 @@ class WebSocket:
                 self._send(self.PONG, payload)
             elif opcode == self.CLOSE:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.close(code)
+                self.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015)
+                           else 1000)      # codes that never go on the wire: a plain close
                 raise WebSocketClosed(f"closed by the server ({code} "
                                       f"{payload[2:].decode(errors='replace')})")
             elif opcode != self.PONG:
@@ -6492,7 +6493,7 @@ class StreamClient(Worker):
     and given up. `handle(topic, data)` answers a callback (AppDesk.handle).
 
     Reconnecting: at once after a connection that lasted (open LASTED seconds, or it brought a
-    callback: the gateway served it), and the delays start again; after any other end (the
+    callback answered: the gateway served it), and the delays start again; after any other end (the
     gateway's `disconnect`, a close, a failed ticket or handshake) after growing delays with
     jitter (retry_delay from BACKOFF: 0.5-1 s, 1-2 s, ... up to 30-60 s), so that a gateway
     ending every connection at once is not asked for tickets in a loop. Each end is counted in
@@ -6517,7 +6518,7 @@ class StreamClient(Worker):
         self._answers = Recent(self.ANSWERS_KEPT)       # messageId -> the answer given
         self._opening = None            # the ConnectDeadline of a connection being made
         self._failures = 0              # connections in a row that did not last
-        self._served = False            # the connection brought a callback
+        self._served = False            # the connection brought a callback, answered
         self._said = ("", 0.0)          # the last malformed frame logged, and when
 
     def stop(self):
@@ -6544,7 +6545,7 @@ class StreamClient(Worker):
         if not self.config().app.enabled or not self.cluster.may_send():
             return False
         reason, error, lasted = self._connection()
-        if reason is None:          # an end of ours: stopped, not the leader, [app] changed
+        if reason is None or self._stopping.is_set():   # ours: stopped, not the leader, [app]
             return not self._stopping.is_set()
         self.api.metrics.inc("alertbridge_app_stream_disconnects_total", reason=reason)
         delay = self._delay(lasted, error)
@@ -6647,9 +6648,9 @@ class StreamClient(Worker):
         holds, it is dealt with here: nothing in it ends the connection."""
         try:
             kind, topic, message_id, data = self._read(text)
-            if kind != "SYSTEM":
-                self._served = True
-            return self._acknowledgement(kind, topic, message_id, data), kind, topic
+            ack = self._acknowledgement(kind, topic, message_id, data)
+            self._served = self._served or (kind == "CALLBACK" and ack["code"] == 200)
+            return ack, kind, topic
         except MalformedFrame as exc:
             answered = exc.message_id is not None
             self._malformed(f"{exc}: {'answered 400' if answered else 'ignored'}")

@@ -5181,11 +5181,12 @@ NO_ANSWER = (OSError, ValueError, http.client.HTTPException)    # what exchange_
 def exchange_json(method, url, body=None, headers=None, timeout=10.0, limit=4 << 20):
     """One HTTP request with a JSON body (if any), done within `timeout` seconds in all (see
     Deadline): (HTTP status, the answer's first `limit` bytes); an error status is an answer
-    too. A request that gets no answer raises one of NO_ANSWER."""
+    too. A request that gets no answer raises one of NO_ANSWER. It asks for JSON (Accept):
+    DingTalk's gateway answers XML to a request that does not."""
     data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
     request = urllib.request.Request(url, data, method=method, headers={
-        "Content-Type": "application/json", "User-Agent": "alertbridge/" + VERSION,
-        **(headers or {})})
+        "Content-Type": "application/json", "Accept": "application/json",
+        "User-Agent": "alertbridge/" + VERSION, **(headers or {})})
     with Deadline(timeout) as request.deadline:
         try:
             with _OPENER.open(request, timeout=timeout) as response:
@@ -6557,7 +6558,7 @@ def undelivered(answer):
 
 class AppError(Exception):
     """The app's OpenAPI refused a call or did not answer. `status`: the HTTP status, if any;
-    `throttled`: its rate limit (the app waits THROTTLE_REST before calling again)."""
+    `throttled`: its rate limit (that API waits THROTTLE_REST before calling again)."""
 
     def __init__(self, message, status=None, throttled=False):
         super().__init__(message)
@@ -6567,10 +6568,12 @@ class AppError(Exception):
 class AppAPI:
     """DingTalk's OpenAPI as the app uses it: an access token kept until TOKEN_MARGIN before it
     expires (and fetched again once if refused), the Stream gateway's tickets, interactive
-    cards (created and delivered to a group, updated in place), DING. Throttled, it makes no
-    call for THROTTLE_REST seconds: pages go through the custom robots meanwhile. `config()`
-    gives the running Config; `clock`: steady seconds; `wall`: when the last error came (epoch).
-    _lock guards the token."""
+    cards (created and delivered to a group, updated in place), DING. An API DingTalk throttles
+    (token, gateway, card, ding) makes no call for THROTTLE_REST seconds; the others go on, so
+    a throttled gateway does not keep cards off the air (pages go through the custom robots
+    only while the card API or the token rests). `config()` gives the running Config; `clock`:
+    steady seconds; `wall`: when the last error came (epoch). _lock guards the token and the
+    rests."""
 
     TOKEN_MARGIN = 300.0
     THROTTLE_REST = 2.0
@@ -6579,8 +6582,19 @@ class AppAPI:
         self.config, self.metrics, self.clock, self.wall = config, metrics, clock, wall
         self._lock = threading.Lock()
         self._token = ("", "", 0.0)         # (client id, token, valid until)
-        self.throttled_until = 0.0
+        self._rests = {}                    # api -> steady time it may call again
         self.last_error, self.last_error_at = "", None
+
+    @property
+    def throttled_until(self):
+        """When the last API DingTalk throttled may call again (what the status page shows)."""
+        with self._lock:
+            return max(self._rests.values(), default=0.0)
+
+    def resting(self, api):
+        """Whether `api` is resting after DingTalk throttled it."""
+        with self._lock:
+            return self.clock() < self._rests.get(api, 0.0)
 
     def token(self):
         app = self.config().app
@@ -6605,10 +6619,19 @@ class AppAPI:
             "clientId": app.client_id, "clientSecret": app.client_secret,
             "subscriptions": [{"type": "CALLBACK", "topic": t} for t in topics],
             "ua": f"alertbridge/{VERSION}", "localIp": ""}, token="")
+        return self.gateway_endpoint(answer, app.api_url)
+
+    @staticmethod
+    def gateway_endpoint(answer, api_url):
+        """(endpoint, ticket) of the gateway's answer. Over an https api_url only a wss://
+        endpoint: a ws:// one would carry the ticket and every click in clear text (an http
+        api_url, a test's or a proxy's on the host, may give ws://)."""
         endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
-        if not (isinstance(endpoint, str) and endpoint.startswith(("ws://", "wss://"))
+        schemes = ("ws://", "wss://") if api_url.startswith("http://") else ("wss://",)
+        if not (isinstance(endpoint, str) and endpoint.startswith(schemes)
                 and isinstance(ticket, str) and ticket):
-            raise AppError("the gateway's answer has no ws(s):// endpoint and ticket")
+            raise AppError(f"the gateway's answer has no {' or '.join(schemes)} endpoint and "
+                           f"ticket" + ("" if len(schemes) == 2 else " (api_url is https)"))
         return endpoint, ticket
 
     def send_card(self, track, group, params, at_user_ids=()):
@@ -6651,19 +6674,24 @@ class AppAPI:
 
     def _request(self, api, method, path, body, token, check):
         app = self.config().app
-        if self.clock() < self.throttled_until:
+        if self.resting(api):
             self.metrics.inc("alertbridge_app_requests_total", api=api, outcome="held")
-            raise AppError("throttled by DingTalk: resting", throttled=True)
+            raise AppError(f"throttled by DingTalk ({api}): resting", throttled=True)
         headers = {} if token is not None else {"x-acs-dingtalk-access-token": self.token()}
         try:
             status, raw = exchange_json(method, app.api_url + path, body, headers, app.timeout,
                                         1 << 20)
-            if status >= 400:
-                raise self._refused(api, status, raw[:2048])
-            answer = json.loads(raw or b"{}")
         except NO_ANSWER as exc:
             self._count(api, "error", _no_answer(exc))
             raise AppError(_no_answer(exc)) from exc
+        if status >= 400:
+            raise self._refused(api, status, raw[:2048])
+        try:
+            answer = json.loads(raw or b"{}")
+        except (ValueError, RecursionError) as exc:
+            why = f"the answer is not JSON: {raw[:40]!r}"
+            self._count(api, "error", why)
+            raise AppError(why, status) from exc
         if not isinstance(answer, dict) or answer.get("success") is False:
             raise self._refused(api, 200, json.dumps(answer)[:2048].encode())
         why = check(answer) if check else ""
@@ -6676,13 +6704,14 @@ class AppAPI:
     def _refused(self, api, status, raw):
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = {}
         answer = answer if isinstance(answer, dict) else {}
         code, text = str(answer.get("code", "")), str(answer.get("message", ""))[:200]
         throttled = status == 429 or "QpsLimit" in code or "Throttling" in code
         if throttled:
-            self.throttled_until = self.clock() + self.THROTTLE_REST
+            with self._lock:
+                self._rests[api] = self.clock() + self.THROTTLE_REST
         self._count(api, "throttled" if throttled else "refused", f"HTTP {status} {code} {text}")
         return AppError(f"HTTP {status} {code} {text}".strip(), status, throttled)
 
@@ -6693,58 +6722,120 @@ class AppAPI:
 
 
 class WebSocketClosed(Exception):
-    """The WebSocket is closed (a close frame, or the socket ended)."""
+    """The WebSocket is closed (a close frame, or the socket ended), or could not be opened."""
+
+
+class ConnectDeadline(Deadline):
+    """The Deadline of a WebSocket being opened, which its owner may also cut at once
+    (StreamClient.stop: a gateway trickling its handshake must not hold a shutdown)."""
+
+    def cut(self):
+        self._cut()
 
 
 class WebSocket:
     """An RFC 6455 client over a plain or TLS socket: the handshake, masked frames of any size,
     fragmented messages, ping and pong, close. One thread reads (recv); sends take _send_lock,
     so the owner may ping while the reader answers a ping. `heard`: time.monotonic() of the
-    last frame received, pongs included (how a half-open connection is noticed)."""
+    last frame received, pongs included (how a half-open connection is noticed). What the
+    server sends is bounded before it is worked on: a message's bytes (MAX_MESSAGE) and frames
+    (MAX_FRAGMENTS: empty continuations cost work, not bytes), a control frame's 125 bytes."""
 
     GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
     MAX_MESSAGE = 4 << 20
+    MAX_FRAGMENTS = 4096
+    MAX_CONTROL = 125           # RFC 6455 5.5: a control frame's payload, never fragmented
+    MAX_HANDSHAKE = 16384       # the handshake's answer, headers included
     TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
     def __init__(self, sock):
         self.sock = sock
         self.heard = time.monotonic()
         self._send_lock = threading.Lock()
-        self._buffer = b""
-        self._parts, self._opcode = [], None    # a fragmented message being received
+        self._buffer = bytearray()      # received, not yet a whole frame (cut from the front)
+        self._parts, self._size, self._opcode = [], 0, None    # a fragmented message so far
         self.closed = False
 
     @classmethod
-    def connect(cls, url, timeout, context=None):
+    def connect(cls, url, timeout, context=None, deadline=None):
+        """An open WebSocket to `url`, within `timeout` seconds in all: the TCP connection, TLS
+        and the handshake together, however slowly the server answers (a Deadline shuts the
+        socket down; each read has `timeout` too). `deadline`: a ConnectDeadline the caller
+        may cut sooner; by default one of `timeout` seconds."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError("not a ws:// or wss:// URL")
         secure = parts.scheme == "wss"
-        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)),
-                                        timeout=timeout)
-        try:
-            if secure:
-                sock = (context or ssl.create_default_context()).wrap_socket(
-                    sock, server_hostname=parts.hostname)
-            key = base64.b64encode(os.urandom(16)).decode()
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            sock.sendall((f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                          f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                          f"User-Agent: alertbridge/{VERSION}\r\n\r\n").encode())
-            ws = cls(sock)
-            ws._handshake(key)
-            return ws
-        except BaseException:
+        deadline = deadline or ConnectDeadline(timeout)
+        with deadline:
+            sock = cls._dial(parts.hostname, parts.port or (443 if secure else 80), timeout,
+                             deadline)
+            try:
+                if secure:
+                    sock = cls._tls(sock, parts.hostname, context, deadline)
+                ws = cls(sock)
+                ws._handshake(parts)
+            except BaseException as exc:
+                sock.close()
+                if deadline.passed and isinstance(exc, (OSError, WebSocketClosed)):
+                    raise WebSocketClosed(f"no WebSocket within {timeout:g} s (connection, TLS "
+                                          f"and handshake)") from exc
+                raise
+        if deadline.passed:     # the timer fired as the handshake ended: the socket is shut
             sock.close()
-            raise
+            raise WebSocketClosed(f"no WebSocket within {timeout:g} s")
+        return ws
 
-    def _handshake(self, key):
+    @staticmethod
+    def _dial(host, port, timeout, deadline):
+        """A TCP connection to the first of the host's addresses that accepts, each socket
+        watched by `deadline` and given what is left of `timeout`."""
+        ends, error = time.monotonic() + timeout, OSError(f"{host}: no address")
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port,
+                                                                  type=socket.SOCK_STREAM):
+            if deadline.passed or time.monotonic() >= ends:
+                raise WebSocketClosed(f"no connection to {host} within {timeout:g} s")
+            sock = socket.socket(family, kind, proto)
+            deadline.watch(sock)
+            try:
+                sock.settimeout(max(ends - time.monotonic(), 0.001))
+                sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.settimeout(timeout)
+            return sock
+        raise error
+
+    @staticmethod
+    def _tls(sock, hostname, context, deadline):
+        """TLS over `sock`; its handshake runs once the TLS socket is watched (wrap_socket
+        detaches `sock`: shutting that down would no longer reach the connection)."""
+        tls = (context or ssl.create_default_context()).wrap_socket(
+            sock, server_hostname=hostname, do_handshake_on_connect=False)
+        deadline.watch(tls)
+        try:
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    def _handshake(self, parts):
+        key = base64.b64encode(os.urandom(16)).decode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.sock.sendall((f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           f"User-Agent: alertbridge/{VERSION}\r\n\r\n").encode())
         while b"\r\n\r\n" not in self._buffer:
-            if len(self._buffer) > 16384:
+            if len(self._buffer) > self.MAX_HANDSHAKE:
                 raise WebSocketClosed("the handshake's answer is too long")
             self._fill()
-        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        end = self._buffer.index(b"\r\n\r\n")
+        head = bytes(self._buffer[:end])
+        del self._buffer[:end + 4]
         status, *lines = head.decode("latin-1").split("\r\n")
         if status.split(" ")[1:2] != ["101"]:
             raise WebSocketClosed(f"the handshake was answered {status[:80]!r}")
@@ -6770,28 +6861,38 @@ class WebSocket:
                 self._send(self.PONG, payload)
             elif opcode == self.CLOSE:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.close(code)
+                self.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015)
+                           else 1000)      # codes that never go on the wire: a plain close
                 raise WebSocketClosed(f"closed by the server ({code} "
-                                      f"{payload[2:125].decode(errors='replace')})")
-            elif opcode == self.PONG:
-                continue
-            elif opcode in (self.TEXT, self.BINARY) or (opcode == 0 and self._opcode):
-                if opcode:
-                    if self._opcode:
-                        raise self._fail(1002, "a new message inside a fragmented one")
-                    self._opcode = opcode
-                self._parts.append(payload)
-                if sum(map(len, self._parts)) > self.MAX_MESSAGE:
-                    raise self._fail(1009, "a message over 4 MiB")
-                if final:
-                    data, opcode = b"".join(self._parts), self._opcode
-                    self._parts, self._opcode = [], None
-                    try:
-                        return data.decode() if opcode == self.TEXT else data.decode("latin-1")
-                    except UnicodeDecodeError:
-                        raise self._fail(1007, "a text message that is not UTF-8")
-            else:
-                raise self._fail(1002, f"an unexpected frame (opcode {opcode})")
+                                      f"{payload[2:].decode(errors='replace')})")
+            elif opcode != self.PONG:
+                message = self._gather(final, opcode, payload)
+                if message is not None:
+                    return message
+
+    def _gather(self, final, opcode, payload):
+        """A data frame added to the message it belongs to: the message once whole, else None.
+        Its size and frame count are kept as frames come (not summed again on each)."""
+        if opcode in (self.TEXT, self.BINARY):
+            if self._opcode:
+                raise self._fail(1002, "a new message inside a fragmented one")
+            self._opcode = opcode
+        elif opcode != 0 or not self._opcode:
+            raise self._fail(1002, f"an unexpected frame (opcode {opcode})")
+        self._parts.append(payload)
+        self._size += len(payload)
+        if self._size > self.MAX_MESSAGE:
+            raise self._fail(1009, "a message over 4 MiB")
+        if len(self._parts) > self.MAX_FRAGMENTS:
+            raise self._fail(1009, f"a message in over {self.MAX_FRAGMENTS} frames")
+        if not final:
+            return None
+        data, opcode = b"".join(self._parts), self._opcode
+        self._parts, self._size, self._opcode = [], 0, None
+        try:
+            return data.decode() if opcode == self.TEXT else data.decode("latin-1")
+        except UnicodeDecodeError:
+            raise self._fail(1007, "a text message that is not UTF-8")
 
     def close(self, code=1000):
         if not self.closed:
@@ -6800,23 +6901,27 @@ class WebSocket:
                 self._send(self.CLOSE, code.to_bytes(2, "big"), force=True)
             except OSError:
                 pass
-        try:
+        with contextlib.suppress(OSError):      # wakes a thread blocked reading it
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def _fail(self, code, why):
         self.close(code)
         return WebSocketClosed(why)
 
     def _frame(self):
-        """(final, opcode, payload) of the next whole frame; nothing is consumed until it is."""
+        """(final, opcode, payload) of the next whole frame; nothing is consumed until it is.
+        Its header is checked before its payload is waited for."""
         while True:
             data = self._buffer
             if len(data) >= 2:
                 if data[0] & 0x70 or data[1] & 0x80:
                     raise self._fail(1002, "a frame with reserved bits set, or masked")
-                length, at = data[1] & 0x7F, 2
+                final, opcode, length, at = bool(data[0] & 0x80), data[0] & 0x0F, data[1] & 0x7F, 2
+                if opcode & 0x8 and (length > self.MAX_CONTROL or not final):
+                    raise self._fail(1002, f"a control frame (opcode {opcode}) fragmented or "
+                                           f"over {self.MAX_CONTROL} bytes")
                 if length >= 126:
                     size = 2 if length == 126 else 8
                     if len(data) < 2 + size:
@@ -6826,8 +6931,9 @@ class WebSocket:
                 if length > self.MAX_MESSAGE:
                     raise self._fail(1009, "a frame over 4 MiB")
                 if len(data) >= at + length:
-                    self._buffer = data[at + length:]
-                    return bool(data[0] & 0x80), data[0] & 0x0F, data[at:at + length]
+                    payload = bytes(data[at:at + length])
+                    del data[:at + length]
+                    return final, opcode, payload
             self._fill()
 
     def _fill(self):
@@ -6853,19 +6959,42 @@ class WebSocket:
             self.sock.sendall(head + mask + masked)
 
 
+class MalformedFrame(ValueError):
+    """A Stream frame that is not one DingTalk sends; `message_id`: its id, if it has a usable
+    one (the frame is then answered with an error, else ignored)."""
+
+    def __init__(self, why, message_id=None):
+        super().__init__(why)
+        self.message_id = message_id
+
+
 class StreamClient(Worker):
     """The app's Stream connection, held only while this instance may send (a cluster's
     leader; a new leader opens its own): a WebSocket to DingTalk's gateway, opened with a fresh
-    ticket, that brings card clicks and messages written to the robot, each answered with its
-    messageId (a frame seen again gets the same answer). The gateway's `disconnect` means
-    connect again at once; any other end, again after growing delays. A ping goes out when the
-    connection has been quiet PING_EVERY seconds; quiet for DEAD_AFTER, it is half-open and
-    given up. `handle(topic, data)` answers a callback (AppDesk.handle)."""
+    ticket, that brings card clicks and messages written to the robot. Each frame is answered
+    as DingTalk's SDKs answer it, with its messageId: a callback's answer under `response` in
+    the acknowledgement's data (a frame seen again gets the same answer); a SYSTEM frame (ping,
+    disconnect) with its data. A frame that is not one DingTalk sends is logged and answered
+    with an error or ignored, one by one: it never ends the connection. A ping goes out when
+    the connection has been quiet PING_EVERY seconds; quiet for DEAD_AFTER, it is half-open
+    and given up. `handle(topic, data)` answers a callback (AppDesk.handle).
+
+    Reconnecting: at once after a connection that lasted (open LASTED seconds, or it brought a
+    callback answered: the gateway served it), and the delays start again; after any other end (the
+    gateway's `disconnect`, a close, a failed ticket or handshake) after growing delays with
+    jitter (retry_delay from BACKOFF: 0.5-1 s, 1-2 s, ... up to 30-60 s), so that a gateway
+    ending every connection at once is not asked for tickets in a loop. Each end is counted in
+    alertbridge_app_stream_disconnects_total by reason (REASONS)."""
 
     PING_EVERY = 20.0
     DEAD_AFTER = 50.0
     LOOK = 1.0              # how often the connection checks it is still the leader's
+    LASTED = 60.0           # a connection open this long worked: the next is made at once
+    BACKOFF = (1.0, 60.0)   # retry_delay's base and longest, in seconds
     ANSWERS_KEPT = 256
+    MAX_ID = 256            # a messageId's length (answers are kept by it)
+    SAY_AGAIN = 60.0        # the same malformed frame is logged once in this many seconds
+    REASONS = ("disconnect", "dropped", "half_open", "connect_failed")
 
     def __init__(self, config, api, handle, cluster):
         super().__init__("stream")
@@ -6874,10 +7003,16 @@ class StreamClient(Worker):
         self.connected_at = None        # the wall clock, while connected
         self.last_error = ""            # why the last connection ended or could not be made
         self._answers = Recent(self.ANSWERS_KEPT)       # messageId -> the answer given
+        self._opening = None            # the ConnectDeadline of a connection being made
+        self._failures = 0              # connections in a row that did not last
+        self._served = False            # the connection brought a callback, answered
+        self._said = ("", 0.0)          # the last malformed frame logged, and when
 
     def stop(self):
         super().stop()
-        socket_ = self.socket
+        opening, socket_ = self._opening, self.socket
+        if opening is not None:
+            opening.cut()
         if socket_ is not None:
             socket_.close(1001)
 
@@ -6888,93 +7023,187 @@ class StreamClient(Worker):
         return self.LOOK if self.config().app.enabled else 30.0
 
     def failed(self, exc, failures):
-        """A connection that ends or cannot be made is told once, without a traceback: the
-        network's doing, not a bug (nor is a socket closed by stop())."""
+        """A step that raised (a bug, not the network: connections end inside the step)."""
         if self._stopping.is_set():
             return 0.0
-        if not isinstance(exc, (WebSocketClosed, AppError, OSError)):
-            return super().failed(exc, failures)
-        text = f"{type(exc).__name__}: {exc}"
-        if text != self._last_error:
-            log.warning("stream: %s; connecting again", text)
-            self._last_error = text
-        self.last_error = text
-        return retry_delay(failures - 1, 1.0, 60.0)
+        return super().failed(exc, failures)
 
     def step(self):
         if not self.config().app.enabled or not self.cluster.may_send():
             return False
-        endpoint, ticket = self.api.open_stream((CARD_CALLBACK, BOT_MESSAGE))
-        url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
-        ws = WebSocket.connect(url, self.config().app.timeout)
-        self.socket, self.connected_at = ws, wall_time()
-        log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
-            endpoint).hostname)
+        reason, error, lasted = self._connection()
+        if reason is None or self._stopping.is_set():   # ours: stopped, not the leader, [app]
+            return not self._stopping.is_set()
+        self.api.metrics.inc("alertbridge_app_stream_disconnects_total", reason=reason)
+        delay = self._delay(lasted, error)
+        self._tell(reason, error, delay)
+        self._stopping.wait(delay)
+        return not self._stopping.is_set()
+
+    def _delay(self, lasted, error):
+        """No delay after a connection that lasted (and the delays start again), else the next
+        of the growing delays; at least the API's rest if DingTalk throttled the gateway."""
+        if lasted:
+            self._failures = 0
+            return 0.0
+        self._failures += 1
+        delay = retry_delay(self._failures - 1, *self.BACKOFF)
+        if getattr(error, "throttled", False):
+            delay = max(delay, self.api.THROTTLE_REST)
+        return delay
+
+    def _tell(self, reason, error, delay):
+        """The log line and the status page's reason: a new error is told, a repeat is not."""
+        if self._stopping.is_set():
+            return
+        text = (f"{type(error).__name__}: {error}" if error is not None else
+                "the gateway asked to reconnect (disconnect)" if reason == "disconnect" else
+                f"nothing heard for {self.DEAD_AFTER:g} s, a ping unanswered: half-open")
+        self.last_error = text
+        if text != self._last_error:
+            log.warning("stream: %s; connecting again in %.1f s", text, delay)
+            self._last_error = text
+
+    def _connection(self):
+        """One connection, from its ticket to its end: (why it ended, the error if any, whether
+        it lasted). Why: one of REASONS, or None for an end of ours."""
         try:
-            again = self._serve(ws)
+            ws = self._connect()
+        except (WebSocketClosed, AppError, OSError, ValueError) as exc:
+            return "connect_failed", exc, False
+        opened, self._served, self._last_error = time.monotonic(), False, None
+        self.socket, self.connected_at = ws, wall_time()
+        try:
+            reason, error = self._serve(ws), None
+        except (WebSocketClosed, OSError) as exc:
+            reason, error = "dropped", exc
         finally:
             self.socket, self.connected_at = None, None
             ws.close()
-        return again and not self._stopping.is_set()
+        if self._stopping.is_set():
+            return None, None, True
+        return reason, error, self._served or time.monotonic() - opened >= self.LASTED
+
+    def _connect(self):
+        """A ticket, then the WebSocket within [app] timeout; stop() cuts it short."""
+        app = self.config().app
+        endpoint, ticket = self.api.open_stream((CARD_CALLBACK, BOT_MESSAGE))
+        url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
+        self._opening = opening = ConnectDeadline(app.timeout)
+        if self._stopping.is_set():     # stop() came before it could see this connection
+            opening.cut()
+        try:
+            ws = WebSocket.connect(url, app.timeout, deadline=opening)
+        finally:
+            self._opening = None
+        log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
+            endpoint).hostname)
+        return ws
 
     def _serve(self, ws):
-        """Frames until the gateway says disconnect or a reload changes [app] (True: connect
-        again at once) or this instance no longer leads (False); any other end raises."""
+        """Frames until the connection ends: "disconnect" (the gateway asked: answered, then
+        closed), "half_open", or None for an end of ours (stopped, not the leader any more,
+        [app] changed: connect again at once). A connection that breaks raises."""
         pinged, app = time.monotonic(), self.config().app
         while not self._stopping.is_set():
             if not self.cluster.may_send():
                 log.info("stream: not the leader any more: closing the connection")
-                return False
+                return None
             if self.config().app != app:
                 log.info("stream: [app] changed: connecting again")
-                return True
+                return None
             try:
                 text = ws.recv(self.LOOK)
             except socket.timeout:
                 now = time.monotonic()
                 if now - ws.heard > self.DEAD_AFTER:
-                    raise WebSocketClosed(f"nothing heard for {self.DEAD_AFTER:g} s, a ping "
-                                          f"unanswered: the connection is half-open")
+                    return "half_open"
                 if now - max(ws.heard, pinged) >= self.PING_EVERY:
                     ws.ping()
                     pinged = now
                 continue
-            answer = self.answer(text)
-            if answer == "disconnect":
-                log.info("stream: the gateway asks to reconnect")
-                return True
+            answer, kind, topic = self.answer(text)
             if answer is not None:
                 ws.send_text(json.dumps(answer, ensure_ascii=False))
-        return False
+            if kind == "SYSTEM" and topic == "disconnect":
+                log.info("stream: the gateway asks to reconnect")
+                return "disconnect"
+        return None
 
     def answer(self, text):
-        """The answer to one frame (a dict), None for none, or "disconnect"."""
+        """(the acknowledgement of one frame or None, its type, its topic). Whatever the frame
+        holds, it is dealt with here: nothing in it ends the connection."""
+        try:
+            kind, topic, message_id, data = self._read(text)
+            ack = self._acknowledgement(kind, topic, message_id, data)
+            self._served = self._served or (kind == "CALLBACK" and ack["code"] == 200)
+            return ack, kind, topic
+        except MalformedFrame as exc:
+            answered = exc.message_id is not None
+            self._malformed(f"{exc}: {'answered 400' if answered else 'ignored'}")
+            return (self._ack(exc.message_id, 400, "malformed frame", "") if answered else None,
+                    None, None)
+        except Exception as exc:  # noqa: BLE001 (one bad frame must not end the connection)
+            log.error("stream: a frame: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            return None, None, None
+
+    def _read(self, text):
+        """(type, topic, messageId, data) of a frame as DingTalk sends it; MalformedFrame."""
         try:
             frame = json.loads(text)
-            headers = frame.get("headers") or {}
-            kind, topic, message_id = frame.get("type"), headers.get("topic"), headers.get(
-                "messageId", "")
-        except (ValueError, AttributeError):
-            log.warning("stream: a frame that is not JSON: ignored")
-            return None
-        reply = {"code": 200, "headers": {"messageId": message_id,
-                                          "contentType": "application/json"}, "message": "OK"}
+        except (ValueError, RecursionError):
+            raise MalformedFrame("that is not JSON") from None
+        headers = frame.get("headers") if isinstance(frame, dict) else None
+        if not isinstance(headers, dict):
+            raise MalformedFrame("without headers")
+        message_id = headers.get("messageId")
+        if not isinstance(message_id, str) or not 0 < len(message_id) <= self.MAX_ID:
+            raise MalformedFrame(f"whose messageId is not a string of 1 to {self.MAX_ID} "
+                                 f"characters")
+        kind, topic, data = frame.get("type"), headers.get("topic"), frame.get("data")
+        if kind not in ("SYSTEM", "EVENT", "CALLBACK") or not isinstance(topic, str):
+            raise MalformedFrame("of no known type or topic", message_id)
+        if data is not None and not isinstance(data, str):
+            raise MalformedFrame("whose data is not a string", message_id)
+        return kind, topic, message_id, data or ""
+
+    def _acknowledgement(self, kind, topic, message_id, data):
+        """As the SDKs: SYSTEM frames answered with their own data; a callback with its answer
+        under `response`, kept for a frame seen again; events, not subscribed to, not handled."""
         if kind == "SYSTEM":
-            if topic == "disconnect":
-                return "disconnect"
-            return {**reply, "data": frame.get("data") or ""}        # ping, and the rest
+            return self._ack(message_id, 200, "OK", data)
+        if kind == "EVENT":
+            return self._ack(message_id, 404, "not handled", "")
         answered = self._answers.get(message_id)
         if answered is not None:
             return answered
         try:
-            data = json.loads(frame.get("data") or "{}")
-            result = self.handle(topic, data if isinstance(data, dict) else {})
+            fields = json.loads(data or "{}")
+        except (ValueError, RecursionError):
+            fields = None
+        if not isinstance(fields, dict):
+            raise MalformedFrame("whose data is not a JSON object", message_id)
+        try:
+            result = self.handle(topic, fields)
         except Exception as exc:  # noqa: BLE001 (one bad callback must not end the connection)
-            log.error("stream: topic=%s: %s: %s", logfmt(str(topic)), type(exc).__name__, exc,
+            log.error("stream: topic=%s: %s: %s", logfmt(topic[:200]), type(exc).__name__, exc,
                       exc_info=exc)
-            return {**reply, "code": 500, "message": "error", "data": "{}"}
-        reply["data"] = json.dumps(result or {}, ensure_ascii=False)
-        return self._answers.put(message_id, reply)
+            return self._ack(message_id, 500, "error", "")
+        response = json.dumps({"response": result or {}}, ensure_ascii=False)
+        return self._answers.put(message_id, self._ack(message_id, 200, "", response))
+
+    @staticmethod
+    def _ack(message_id, code, message, data):
+        return {"code": code, "headers": {"messageId": message_id,
+                                          "contentType": "application/json"},
+                "message": message, "data": data}
+
+    def _malformed(self, why):
+        """Logged, once a while for the same fault (a gateway repeating it fills no disk)."""
+        now = time.monotonic()
+        if why != self._said[0] or now - self._said[1] >= self.SAY_AGAIN:
+            log.warning("stream: a frame %s", why)
+            self._said = (why, now)
 
 
 def card_track(route_name, group):
@@ -8012,6 +8241,12 @@ METRIC_HELP = {
     "alertbridge_app_stream_connected": ("gauge", "1 while this instance holds the app's Stream "
                                                   "connection to DingTalk (the leader does), "
                                                   "else 0; present while [app] is set."),
+    "alertbridge_app_stream_disconnects_total": ("counter", "Ends of the app's Stream connection "
+                                                            "and failed attempts to open it, by "
+                                                            "reason (disconnect: the gateway "
+                                                            "asked; dropped; half_open; "
+                                                            "connect_failed); each is followed "
+                                                            "by a reconnect."),
     "alertbridge_duplicates_total": ("counter", "Messages not sent: the cluster had sent the same "
                                                 "notification (Alertmanager's retries, HA peers)."),
     "alertbridge_cluster_uncoordinated_sends_total": ("counter", "Requests sent without MySQL, "
@@ -8247,6 +8482,8 @@ def declare_series(metrics, config):
         for api in ("token", "card"):
             for outcome in ("refused", "error"):
                 metrics.declare("alertbridge_app_requests_total", api=api, outcome=outcome)
+        for reason in StreamClient.REASONS:
+            metrics.declare("alertbridge_app_stream_disconnects_total", reason=reason)
 
 
 # =============================================================================================

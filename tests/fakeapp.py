@@ -6,7 +6,12 @@ session webhooks) over http.server, and the Stream gateway itself over a real We
 Failures on demand: `card_failures` (HTTP status codes the next card calls get), groups the
 robot is not in (`groups_without_robot`: the card is created, its delivery fails), tokens expired
 at once (`expire_tokens`), the gateway's `disconnect`, and a connection frozen half-open through
-a TCP proxy (`freeze`)."""
+a TCP proxy (`freeze`). Stream failures: `gateway_failures` (statuses the next tickets get),
+`disconnect_at_once` (every connection is told `disconnect` as it opens), `drop()` (the gateway
+closes the connection), `endpoint` (another endpoint in the tickets' answer).
+
+As DingTalk, it answers XML to an OpenAPI call without `Accept: application/json`, and takes an
+answer to a frame only in the SDKs' format (`ack_problem`): others go to `bad_answers`."""
 
 import asyncio
 import collections
@@ -39,6 +44,13 @@ class FakeApp:
         self.groups_without_robot = set()  # openConversationIds: created, never delivered
         self.connections = 0  # WebSocket connections accepted, each with a fresh ticket
         self.answers = queue.Queue()  # the client's answers to frames, as dicts
+        self.bad_answers = []  # (answer, why the gateway would not take it)
+        self.frames = {}  # messageId -> the frame sent with it
+        self.closes = []  # the close code of each connection, as the client closed it
+        self.gateway_failures = []  # HTTP statuses the next connections/open calls answer
+        self.disconnect_at_once = False
+        self.endpoint = None  # the endpoint tickets name (default: the gateway, via the proxy)
+        self.tls = None  # an ssl.SSLContext to serve the OpenAPI over HTTPS
         self._sockets = []
         self._lock = threading.Lock()
         self._loop = None
@@ -47,8 +59,11 @@ class FakeApp:
     def start(self):
         handler = type("Handler", (_Handler,), {"app": self})
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if self.tls:
+            self.http.socket = self.tls.wrap_socket(self.http.socket, server_side=True)
         threading.Thread(target=self.http.serve_forever, args=(0.02,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.http.server_address[1]}"
         ready = threading.Event()
         threading.Thread(target=self._gateway, args=(ready,), daemon=True).start()
         ready.wait(10)
@@ -88,12 +103,32 @@ class FakeApp:
         self.connections += 1
         self._sockets.append(ws)
         try:
+            if self.disconnect_at_once:
+                await ws.send(json.dumps(self._remember(disconnect_frame())))
             async for message in ws:
-                self.answers.put(json.loads(message))
+                self._take(message)
         except websockets.ConnectionClosed:
             pass
         finally:
             self._sockets.remove(ws)
+            await ws.wait_closed()
+            self.closes.append(ws.close_code)
+
+    def _remember(self, frame):
+        message_id = frame.get("headers", {}).get("messageId")
+        if isinstance(message_id, str):
+            self.frames[message_id] = frame
+        return frame
+
+    def _take(self, message):
+        """An answer from the client: taken if DingTalk would take it."""
+        answer = json.loads(message)
+        frame = self.frames.get(answer.get("headers", {}).get("messageId"), {})
+        why = ack_problem(frame, answer)
+        if why:
+            self.bad_answers.append((answer, why))
+        else:
+            self.answers.put(answer)
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
@@ -101,17 +136,28 @@ class FakeApp:
     def send(self, frame):
         """Send a frame on the newest connection."""
 
+        self._remember(frame)
+
         async def go():
             await self._sockets[-1].send(json.dumps(frame))
 
         self._run(go())
 
     def send_fragmented(self, frame, pieces=4):
+        self._remember(frame)
         text = json.dumps(frame)
         size = len(text) // pieces + 1
 
         async def go():
             await self._sockets[-1].send([text[i : i + size] for i in range(0, len(text), size)])
+
+        self._run(go())
+
+    def send_text(self, text):
+        """Send a text message as it is (it need not be JSON, nor a frame DingTalk sends)."""
+
+        async def go():
+            await self._sockets[-1].send(text)
 
         self._run(go())
 
@@ -154,7 +200,7 @@ class FakeApp:
                 "content": json.dumps(content),
             },
         )
-        return json.loads(answer["data"])
+        return json.loads(answer["data"])["response"]  # what DingTalk shows the clicker
 
     def write(self, text, user_id, conversation="cid-ops"):
         """Someone writes to the robot in a group; the reply goes to this fake's session hook."""
@@ -176,14 +222,18 @@ class FakeApp:
         return session
 
     def disconnect(self):
-        self.send(
-            {
-                "specVersion": "1.0",
-                "type": "SYSTEM",
-                "headers": {"topic": "disconnect", "messageId": uuid.uuid4().hex},
-                "data": json.dumps({"reason": "gateway upgrade"}),
-            }
-        )
+        """The gateway's SYSTEM `disconnect` on the newest connection; its messageId."""
+        frame = disconnect_frame()
+        self.send(frame)
+        return frame["headers"]["messageId"]
+
+    def drop(self, code=1011):
+        """The gateway closes the newest connection."""
+
+        async def go():
+            await self._sockets[-1].close(code, "dropped")
+
+        self._run(go())
 
     def freeze(self):
         """The connection goes half-open: bytes stop flowing, nothing is closed."""
@@ -226,6 +276,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         path = self.path
         app.calls[path] += 1
+        if path.startswith("/v1.0/") and self.headers.get("Accept") != "application/json":
+            return self._xml()  # as the gateway does (the Node SDK says so)
         if path == "/v1.0/oauth2/accessToken":
             if not app.knows(body.get("appKey"), body.get("appSecret")):
                 return self._answer(400, {"code": "invalidClientIdOrSecret", "message": "bad"})
@@ -236,13 +288,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/v1.0/gateway/connections/open":
             if not app.knows(body.get("clientId"), body.get("clientSecret")):
                 return self._answer(401, {"code": "InvalidAuthentication", "message": "bad"})
+            if app.gateway_failures:
+                status = app.gateway_failures.pop(0)
+                code = "Forbidden.AccessDenied.QpsLimitForApi" if status == 403 else "ServiceError"
+                return self._answer(status, {"code": code, "message": "fake failure"})
             ticket = secrets.token_hex(8)
             with app._lock:
                 app.tickets.add(ticket)
             return self._answer(
                 200,
                 {
-                    "endpoint": f"ws://127.0.0.1:{app.proxy.port}/connect",
+                    "endpoint": app.endpoint or f"ws://127.0.0.1:{app.proxy.port}/connect",
                     "ticket": ticket,
                 },
             )
@@ -298,3 +354,58 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
+
+    def _xml(self):
+        raw = b"<?xml version='1.0' encoding='UTF-8'?><Map><error>Accept</error></Map>"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def disconnect_frame():
+    return {
+        "specVersion": "1.0",
+        "type": "SYSTEM",
+        "headers": {"topic": "disconnect", "messageId": uuid.uuid4().hex},
+        "data": json.dumps({"reason": "gateway upgrade"}),
+    }
+
+
+def ack_problem(frame, answer):
+    """Why DingTalk's gateway would not take `answer` as the acknowledgement of `frame` ("" if
+    it would), in the format of its SDKs (dingtalk-stream-sdk-python frames.AckMessage and
+    handlers.py, the Go SDK's DataFrameResponse): {code, headers: {messageId, contentType},
+    message, data: a string}; a callback's data is {"response": ...}; a SYSTEM frame's data is
+    its own."""
+    if not frame:
+        return "no frame was sent with this messageId"
+    if not isinstance(answer, dict) or set(answer) != {"code", "headers", "message", "data"}:
+        return "not {code, headers, message, data}"
+    headers = answer["headers"]
+    if not isinstance(answer["code"], int) or not isinstance(headers, dict):
+        return "code or headers of the wrong type"
+    if headers.get("contentType") != "application/json":
+        return "its contentType is not application/json"
+    if not isinstance(answer["message"], str) or not isinstance(answer["data"], str):
+        return "its message or data is not a string"
+    if answer["code"] != 200:
+        return ""
+    if frame["type"] == "CALLBACK":
+        try:
+            data = json.loads(answer["data"])
+        except ValueError:
+            return "its data is not JSON"
+        if not isinstance(data, dict) or set(data) != {"response"}:
+            return 'a callback\'s data is not {"response": the answer}'
+    if frame["type"] == "SYSTEM" and not same_json(answer["data"], frame.get("data") or ""):
+        return "a SYSTEM frame's data is not its own"
+    return ""
+
+
+def same_json(a, b):
+    try:
+        return json.loads(a or "{}") == json.loads(b or "{}")
+    except ValueError:
+        return a == b

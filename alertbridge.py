@@ -4165,12 +4165,19 @@ def external_url(alert, route=None):
     return route.alertmanager_url if route and route.alertmanager_url else alert["external_url"]
 
 
+def matchers(labels):
+    """Label matchers as Alertmanager parses them (`{a="b", ...}`): in a value, a backslash, a
+    quote and a line break are escaped, as its parser unescapes them."""
+    escaped = {k: v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for k, v in labels.items()}
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(escaped.items())) + "}"
+
+
 def silence_url(base, labels):
     """Alertmanager's form for a new silence, its matchers filled in from `labels`."""
     if not base or not labels:
         return ""
-    matchers = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return f"{base.rstrip('/')}/#/silences/new?filter=" + urllib.parse.quote("{" + matchers + "}")
+    return f"{base.rstrip('/')}/#/silences/new?filter=" + urllib.parse.quote(matchers(labels))
 
 
 def web_url(text):
@@ -7282,10 +7289,11 @@ class AppPager:
         return True
 
     def card_params(self, route, body, rendered, state):
-        """What the card template shows (docs/dingtalk-app.md names each variable)."""
+        """What the card template shows (docs/dingtalk-app.md names each variable): its title
+        and text are markdown, alert text escaped in both."""
         words = WORDS[route.language]
         fields = alert_fields(body.alerts[0], self.config().tz, route)
-        return {"title": rendered.title, "markdown": self.renderer.SEPARATOR.join(
+        return {"title": rendered.heading, "markdown": self.renderer.SEPARATOR.join(
                     rendered.blocks + rendered.notes),
                 "state": state, "status": words["resolved_card"] if state == "resolved" else "",
                 "claim_label": words["claim"], "silence_1h_label": "🔕 1 h",
@@ -7554,10 +7562,14 @@ class AppDesk:
         self._refused_hosts = Recent(64)     # sessionWebhook hosts refused, logged once each
 
     def handle(self, topic, data):
+        """A callback's answer. A card's click is answered in its acknowledgement (it updates
+        the card); a command is answered through its sessionWebhook, on a thread of its own,
+        so that a slow Alertmanager or reply holds no other frame of the connection."""
         if topic == CARD_CALLBACK:
             return self.click(data)
         if topic == BOT_MESSAGE:
-            self.command(data)
+            threading.Thread(target=self.command, args=(data,), name="command",
+                             daemon=True).start()
         return {}
 
     def person_of(self, user_id):

@@ -41,6 +41,8 @@ class FakeApp:
         self.cards = {}  # outTrackId -> {"group", "params", "at", "updates": [...]}
         self.dings, self.replies, self.calls = [], [], collections.Counter()
         self.card_failures = []  # HTTP statuses the next card calls answer
+        self.replies_held = threading.Event()  # cleared: replies to commands hang until set
+        self.replies_held.set()
         self.groups_without_robot = set()  # openConversationIds: created, never delivered
         self.connections = 0  # WebSocket connections accepted, each with a fresh ticket
         self.answers = queue.Queue()  # the client's answers to frames, as dicts
@@ -303,6 +305,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 },
             )
         if path.startswith("/session/"):
+            app.replies_held.wait(60)
             app.replies.append((path[9:], body))
             return self._answer(200, {"errcode": 0, "errmsg": "ok"})
         token = self.headers.get("x-acs-dingtalk-access-token", "")

@@ -502,3 +502,51 @@ def test_a_token_is_kept_until_shortly_before_it_expires_then_fetched_again(tmp_
     assert api.token() == first and app.calls["/v1.0/oauth2/accessToken"] == 1
     now[0] += 2
     assert api.token() != first and app.calls["/v1.0/oauth2/accessToken"] == 2
+
+
+def test_a_card_is_a_send_like_a_robots_and_its_title_is_escaped_like_its_markdown(
+    make_bridge, sqlite_db, app, fake
+):
+    """A page that went as a card is in the send log, the delivery metrics and the history's
+    notifications, as one through a robot; an alertname with markdown in it shows as written in
+    the card's title, as in its text (not bold, no link)."""
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    name = "Disk**Full**[x](http://evil)"
+    payload = make_payload("ops", [make_alert(name, "node-1:9100", severity="warning")])
+    assert post(bridge.address, payload)[0] == 200
+    assert wait_until(lambda: app.cards, timeout=10)
+    [card] = app.cards.values()
+    assert "Disk\\*\\*Full\\*\\*\\[x\\](http://evil)" in card["params"]["title"]
+    assert "**Full**" not in card["params"]["title"] + card["params"]["markdown"]
+    delivered = 'alertbridge_alerts_delivered_total{receiver="ops"} 1'
+    assert wait_until(lambda: delivered in metrics(bridge), timeout=10)
+    exposed = metrics(bridge)
+    assert 'alertbridge_sends_total{errcode="0",receiver="ops",robot="app"} 1' in exposed
+    assert "alertbridge_delivery_seconds_count" in exposed
+    assert wait_until(lambda: alertbridge.Store(sqlite_db).incidents(), timeout=10)
+    from tests.kit import history
+
+    assert wait_until(lambda: history(bridge, "notifications"), timeout=10)
+    [sent] = history(bridge, "notifications")
+    assert (sent["robot"], sent["errcode"], sent["alerts"]) == ("app", 0, 1)
+
+
+def test_a_command_whose_reply_hangs_holds_no_click(make_bridge, sqlite_db, app, fake):
+    """Commands are answered off the Stream connection's thread: while the reply to one hangs
+    (a slow sessionWebhook, [app] timeout 30 s), a card's click is still answered at once."""
+    receivers = {"ops": {"robots": "ops-1", "app_group": "cid-ops"}, "dev": {"robots": "dev-1"}}
+    extra = app_config(app).replace("timeout = 5", "timeout = 30") + APP_PEOPLE
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=extra)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    assert post(bridge.address, firing())[0] == 200
+    assert wait_until(lambda: app.cards, timeout=10)
+    [track] = app.cards
+    assert wait_until(lambda: bridge.store.open_incident("ops", track.split(".")[1]), timeout=10)
+    app.replies_held.clear()
+    try:
+        app.write("oncall", "manager4321")  # its reply hangs
+        answer = app.click(track, "manager4321")  # within 10 s
+        assert answer["cardData"]["cardParamMap"]["state"] == "claimed"
+        assert app.replies == []
+    finally:
+        app.replies_held.set()

@@ -419,6 +419,15 @@ def test_silenced_incidents_whose_labels_hold_backslashes_and_quotes_are_followe
         am_alert("DiskFull", "10.0.0.2:9100", 'say "hi"', "critical"),
     ]
     push(am, odd)
+    for alert in odd:  # a silence link's matchers, as Alertmanager's own parser reads them
+        import alertbridge
+
+        query = urllib.parse.urlencode(
+            [("filter", alertbridge.matchers({k: v})[1:-1]) for k, v in alert["labels"].items()]
+        )
+        with urllib.request.urlopen(f"{am}/api/v2/alerts?{query}", timeout=10) as response:
+            [found] = json.loads(response.read())
+        assert found["labels"] == alert["labels"]
     assert wait_until(lambda: len(rows_of(sqlite_db)) == 2, timeout=60)
     for incident in sorted(rows_of(sqlite_db), key=lambda i: i["title"]):
         bridge.desk.silence("ops", incident["group_hash"], 1, "zhangsan", "张三", "link")

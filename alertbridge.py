@@ -27,7 +27,9 @@ The file reads top to bottom the way an alert travels through it:
    9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles, hanging robots
   10. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
                      RouteSender per route, in stages: choose, plan, deliver, Ledger, `sent`;
-                     test messages; Recorder
+                     test messages; Escalator (steps due, marked done with their notes in the
+                     history), NoteRelay (the history's notes into this journal, folded),
+                     Follower (silenced incidents, as Alertmanager has them); Recorder
   11. DingTalk app  the enterprise app robot: AppAPI (token, cards, DING), an RFC 6455
                      WebSocket client and the StreamClient on it (the leader's connection to
                      DingTalk's gateway), AppPager (pages as cards, updated in place), Desk
@@ -53,9 +55,12 @@ Threads: "http" accepts connections, with a thread per connection (IntakeHandler
 messages go out in order and the thread count does not grow with routes; "notifier" expires
 old messages and keeps a sender for each route with messages; "recorder" copies journal events
 into the history through the store process; "watchdog" pets systemd; with [cluster],
-"cluster" holds or watches the leader's lease; a short-lived "history" reads an alert's
-earlier occurrences for a sender (Recurrence); a Deadline's timer ends a slow request. The
-main thread waits for signals (run()).
+"cluster" holds or watches the leader's lease; on the instance that sends, "escalator" takes
+the steps due and journals the history's incident notes (NoteRelay), "follower" follows
+silenced incidents in Alertmanager, and with [app] "stream" holds the app's Stream connection;
+short-lived threads: "history" reads an alert's earlier occurrences for a sender (Recurrence),
+"command" answers a command written to the app robot, "ding" makes an escalation round's DING;
+a Deadline's timer ends a slow request. The main thread waits for signals (run()).
 
 Locks, each described where it is made: Journal._write_lock serializes every journal write on
 one connection, and its holder takes _queue_lock briefly to collect the webhooks queued for one
@@ -354,7 +359,7 @@ def webhook_event(webhook, request_id, received_at, route=None):
             "route": route.name, "group_key": webhook.group_key,
             "group_labels": webhook.group_labels, "firing": bool(firing),
             "started_at": max(a["starts_at"] for a in firing) if firing else None,
-            "ended_at": None if firing or len(ends) < len(webhook.alerts) else max(ends),
+            "ended_at": max(ends) if ends and len(ends) == len(webhook.alerts) else None,
             "level": min(ranks)[1] if ranks else NO_LEVEL,
             "title": " ".join([", ".join(n for n in names if n)]
                               + [v for k, v in sorted(webhook.group_labels.items())

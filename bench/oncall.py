@@ -3,15 +3,19 @@
 
     python3 -m bench.oncall [--incidents 10000] [--loads 1000]
 
-- the escalation tick: the escalator reads every unclaimed incident from the history, through
-  the store process as the daemon does, once a second; timed with nothing due, and with 100
-  steps due at once (each marked done in the history and journaled as a message);
+- the escalation tick: the escalator reads the incidents due from the history, through the
+  store process as the daemon does, once a second; timed with nothing due, and with 100 steps
+  due at once (each marked done in the history with its note, the notes journaled folded);
 - the claim page: GET /incident/TOKEN (a form) and the POST that claims, on a running daemon
-  whose own escalator polls the same 10,000 incidents meanwhile.
+  whose own escalator polls the same 10,000 incidents meanwhile;
+- a flood: every one of the 10,000 incidents due at once on a running daemon, a new critical
+  page posted meanwhile: how long the escalator takes to work through them, how many messages
+  their steps become, and how long the page waits (delivered at DingTalk's 20/min limit).
 """
 
 import argparse
 import hashlib
+import re
 import statistics
 import tempfile
 import time
@@ -19,7 +23,7 @@ import urllib.parse
 
 import alertbridge
 from bench.common import fresh_database, percentile, start_alertbridge, start_fake
-from tests.kit import ONCALL, SECRET, connect
+from tests.kit import ONCALL, SECRET, connect, get, make_alert, make_payload, post, wait_until
 
 PEOPLE = (
     ONCALL
@@ -81,8 +85,10 @@ def ticks(config, database, runs):
     directory = tempfile.mkdtemp(prefix="alertbridge-bench-oncall-")
     journal = alertbridge.Journal(f"{directory}/journal.db", "normal")
     store = alertbridge.StoreProcess(alertbridge.Database(driver="mysql", **database))
+    solo, clock = alertbridge.Solo(), alertbridge.SteadyClock()
+    relay = alertbridge.NoteRelay(lambda: config, store, journal, solo, time.time)
     escalator = alertbridge.Escalator(
-        lambda: config, store, journal, alertbridge.Solo(), alertbridge.Metrics(), time.time
+        lambda: config, store, solo, alertbridge.Metrics(), clock, time.time, relay
     )
     times = []
     for _ in range(runs + 1):
@@ -90,9 +96,10 @@ def ticks(config, database, runs):
         escalator.step()
         times.append((time.perf_counter() - started) * 1000)
     waiting = journal.backlog()[0]
+    taken = sum(i["events"].count("escalated") for i in store.incidents(200))
     store.close(5)
     journal.close()
-    return times[0], times[1:], waiting
+    return times[0], times[1:], taken, waiting
 
 
 def timed(url, method, path, body=None, headers=None):
@@ -126,7 +133,7 @@ def main():
             f"url = {fake.url}/robot/send?access_token=bench-1\n" + PEOPLE
         )
     config = alertbridge.load_config(path)
-    first, idle, due = ticks(config, database, 30)
+    first, idle, taken, journaled = ticks(config, database, 30)
 
     bridge = start_alertbridge(fake.url, database, extra=PEOPLE, receiver=ESCALATING)
     expires = time.time() + 3600
@@ -149,15 +156,16 @@ def main():
             )
             assert "has it" in text
             posts.append(elapsed)
-    for child in (bridge, fake):
-        child.stop()
+    bridge.stop()
+    fake.stop()
+    flood = flooded(args.incidents)
 
     print(f"\nOn call: {args.incidents:,} open incidents in MariaDB\n")
     print("| what | median | p99 | max |")
     print("| --- | --- | --- | --- |")
     print(
-        f"| first escalation tick: every open incident looked at, 100 steps due (journaled: "
-        f"{due}) | {first:.0f} ms | - | - |"
+        f"| first escalation tick: every open incident looked at, 100 steps due (steps: "
+        f"{taken}, messages journaled: {journaled}) | {first:.0f} ms | - | - |"
     )
     for name, times in (
         (f"escalation tick, nothing due ({len(idle)} ticks)", idle),
@@ -168,6 +176,71 @@ def main():
             f"| {name} | {statistics.median(times):.1f} ms | {percentile(times, 99):.1f} ms | "
             f"{max(times):.1f} ms |"
         )
+
+
+    print(
+        f"\nA flood: {args.incidents:,} incidents due at once on a running daemon, a new "
+        f"critical page posted meanwhile (DingTalk at 20/min, 50 ms an answer)\n"
+    )
+    print("| what | figure |")
+    print("| --- | --- |")
+    for name, figure in flood:
+        print(f"| {name} | {figure} |")
+
+
+def flooded(incidents):
+    """Every incident due at once on a daemon just started; a critical page posted as the
+    escalator starts on them. (what, figure) rows."""
+    fake = start_fake(latency=0.05)
+    database = fresh_database("alertbridge_bench_oncall_flood")
+    fill(database, incidents, lambda n: 120)
+    bridge = start_alertbridge(fake.url, database, extra=PEOPLE, receiver=ESCALATING)
+    started = time.perf_counter()
+    page = make_payload("ops", [make_alert("NewOutage", "db-9:9100")])
+    assert post(bridge.url, page | {"groupKey": "new-outage"})[0] == 200
+    assert wait_until(lambda: any("NewOutage" in r["text"] for r in stats(fake)), timeout=600)
+    waited = time.perf_counter() - started
+
+    def taken():
+        return count(database, "SELECT COUNT(*) FROM incident_events WHERE kind = 'escalated'")
+
+    assert wait_until(lambda: taken() >= incidents, timeout=1200, every=0.2)
+    through = time.perf_counter() - started
+    time.sleep(5)  # the first notes go out; the rest wait, folded, for the budget
+    sent = [r for r in stats(fake) if r["errcode"] == 0]
+    steps = [r for r in sent if "升级" in r["text"]]
+    notes = count(database, "SELECT COUNT(*) FROM incident_notes")
+    ticks = [float(v.split()[-1]) for v in get(bridge.url, "/metrics")[1].split("\n")
+             if v.startswith("alertbridge_escalations_total{")] or [0]
+    bridge.stop()
+    fake.stop()
+    first = steps[0]["text"] if steps else ""
+    counted = re.findall(r"另有 (\d+) 条", first)
+    return [
+        ("the new critical page, from its POST to DingTalk", f"{waited * 1000:.0f} ms"),
+        (f"all {incidents:,} steps taken (marked done, each with its note)", f"{through:.1f} s"),
+        ("notes kept in the history", f"{notes:,}"),
+        ("messages sent in the first 5 s after (one per robot's free slots)",
+         f"{len(sent)} (of which steps: {len(steps)})"),
+        ("incidents in the first step message: listed, and counted after them",
+         f"{first.count('升级第')}, {counted[0] if counted else 0}"),
+        ("alertbridge_escalations_total", f"{ticks[0]:.0f}"),
+    ]
+
+
+def stats(fake):
+    return get(fake.url, "/stats")[1]
+
+
+def count(database, sql):
+    import pymysql
+
+    db = pymysql.connect(**database, autocommit=True)
+    with db.cursor() as cursor:
+        cursor.execute(sql)
+        n = cursor.fetchone()[0]
+    db.close()
+    return n
 
 
 if __name__ == "__main__":

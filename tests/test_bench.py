@@ -45,5 +45,6 @@ def test_status_page_benchmark_runs():
 
 def test_oncall_benchmark_runs():
     out = bench("bench.oncall", "--incidents", "300", "--loads", "6")
-    assert "300 open incidents in MariaDB" in out and "(journaled: 100)" in out
+    assert "300 open incidents in MariaDB" in out and "(steps: 100, messages journaled: 1)" in out
+    assert "| all 300 steps taken (marked done, each with its note) |" in out
     assert "| POST /incident/TOKEN, a claim (3 claims) |" in out

@@ -352,3 +352,15 @@ def test_request_text_cannot_forge_a_log_line(make_bridge, sqlite_db, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("x\\nINFO" in m for m in messages) and any("a\\nb" in m for m in messages)
     assert not [m for m in messages if "\n" in m or "\r" in m]
+
+
+def test_a_webhook_of_no_alerts_is_accepted_and_opens_or_resolves_no_incident(
+    make_bridge, sqlite_db
+):
+    """A notification with an empty alerts list (the fuzzer found it was a 500)."""
+    bridge = make_bridge(sqlite_db)
+    for status in ("firing", "resolved"):
+        payload = make_payload("ops", [], status=status) | {"groupKey": "g-empty"}
+        assert post(bridge, payload)[0] == 200
+    settle(bridge)
+    assert alertbridge.Store(sqlite_db).incidents() == []

@@ -5,6 +5,7 @@ written to the robot, and the custom robots as the fallback when the app's API f
 
 import json
 import socket
+import sqlite3
 import threading
 import time
 
@@ -188,6 +189,11 @@ def test_whoever_a_card_cannot_mention_hears_the_page_through_the_robots(
     [note] = fake.delivered()
     assert note.body["at"]["atMobiles"] == ["13800000000"] and "@13800000000" in note.text
     assert "DiskFull" in note.text and "告警卡片见上" in note.text
+    journal = sqlite3.connect(bridge.config.service.journal)
+    rows = journal.execute("SELECT request_id, claims FROM messages ORDER BY id").fetchall()
+    journal.close()
+    [(_, page_claims), (beside, note_claims)] = rows  # the @ note carries the page's claims:
+    assert beside.startswith("card-mention:") and note_claims == page_claims != ""  # once sent
     assert post(bridge.address, firing())[0] == 200  # the group again: the card, no new note
     assert wait_until(lambda: card["updates"], timeout=10)
     assert len(fake.delivered()) == 1

@@ -827,3 +827,28 @@ def test_times_an_earlier_run_wrote_ahead_of_a_stepped_back_clock_do_not_hold_me
     )
     again.wait_healthy()
     assert fake.wait_for(lambda f: len(f.delivered()) == 1, timeout=90)
+
+
+def test_a_step_waits_for_the_next_window_while_a_new_critical_page_takes_the_reserve(
+    simulated,
+):
+    """The robots' reserve is for new critical pages: after a storm that used all but the
+    reserve, a critical escalation step waits for the next window; a critical page that comes
+    after it goes out at once, from the reserve."""
+    sim = simulated()
+    for payload in storm_payloads(groups=300, per_group=10):
+        sim.accept(payload)
+    sim.run()
+    assert len(sim.sent) == 3 * 18
+    sim.bridge.journal.relay(
+        "ops", "⏫ 升级第 1 步", "⏫ 升级第 1 步：DiskFull 已等待 10m，无人认领", 0.5, "critical",
+        alertbridge.Mentions(), ["k" * 64], alertbridge.ESCALATED,
+    )
+    sim.run()
+    assert len(sim.sent) == 3 * 18  # no reserve for it
+    sim.accept(make_payload("ops", [make_alert("DatacenterDown", "dc-1", severity="critical")]))
+    sim.run()
+    assert len(sim.sent) == 3 * 18 + 1 and "DatacenterDown" in sim.sent[-1][2]["markdown"]["text"]
+    sim.clock.advance(61)
+    sim.run()
+    assert any("升级第 1 步" in body["markdown"]["text"] for _, _, body in sim.sent[3 * 18 + 1:])

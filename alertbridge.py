@@ -57,10 +57,11 @@ old messages and keeps a sender for each route with messages; "recorder" copies 
 into the history through the store process; "watchdog" pets systemd; with [cluster],
 "cluster" holds or watches the leader's lease; on the instance that sends, "escalator" takes
 the steps due and journals the history's incident notes (NoteRelay), "follower" follows
-silenced incidents in Alertmanager, and with [app] "stream" holds the app's Stream connection;
-short-lived threads: "history" reads an alert's earlier occurrences for a sender (Recurrence),
-"command" answers a command written to the app robot, "ding" makes an escalation round's DING;
-a Deadline's timer ends a slow request. The main thread waits for signals (run()).
+silenced incidents in Alertmanager, and with [app] "stream" holds the app's Stream connection
+and two "command-N" answer what people write to the robot (while they write). Short-lived:
+"history" reads an alert's earlier occurrences for a sender (Recurrence), "ding" makes an
+escalation round's DING, a Deadline's timer ends a slow request. The main thread waits for
+signals (run()).
 
 Locks, each described where it is made: Journal._write_lock serializes every journal write on
 one connection, and its holder takes _queue_lock briefly to collect the webhooks queued for one
@@ -114,6 +115,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import multiprocessing.connection  # noqa: E402
+import queue  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
@@ -6991,8 +6993,9 @@ class StreamClient(Worker):
     the connection has been quiet PING_EVERY seconds; quiet for DEAD_AFTER, it is half-open
     and given up. `handle(topic, data)` answers a callback (AppDesk.handle).
 
-    Reconnecting: at once after a connection that lasted (open LASTED seconds, or it brought a
-    callback answered: the gateway served it), and the delays start again; after any other end (the
+    Reconnecting: at once after a connection that lasted (open LASTED seconds, or SERVED_FOR
+    seconds with a new callback answered: the gateway served it; a callback delivered again
+    proves nothing), and the delays start again; after any other end (the
     gateway's `disconnect`, a close, a failed ticket or handshake) after growing delays with
     jitter (retry_delay from BACKOFF: 0.5-1 s, 1-2 s, ... up to 30-60 s), so that a gateway
     ending every connection at once is not asked for tickets in a loop. Each end is counted in
@@ -7002,6 +7005,7 @@ class StreamClient(Worker):
     DEAD_AFTER = 50.0
     LOOK = 1.0              # how often the connection checks it is still the leader's
     LASTED = 60.0           # a connection open this long worked: the next is made at once
+    SERVED_FOR = 5.0        # ... or this long, with a new callback answered
     BACKOFF = (1.0, 60.0)   # retry_delay's base and longest, in seconds
     ANSWERS_KEPT = 256
     MAX_ID = 256            # a messageId's length (answers are kept by it)
@@ -7094,7 +7098,8 @@ class StreamClient(Worker):
             ws.close()
         if self._stopping.is_set():
             return None, None, True
-        return reason, error, self._served or time.monotonic() - opened >= self.LASTED
+        open_for = time.monotonic() - opened
+        return reason, error, open_for >= (self.SERVED_FOR if self._served else self.LASTED)
 
     def _connect(self):
         """A ticket, then the WebSocket within [app] timeout; stop() cuts it short."""
@@ -7147,8 +7152,10 @@ class StreamClient(Worker):
         holds, it is dealt with here: nothing in it ends the connection."""
         try:
             kind, topic, message_id, data = self._read(text)
+            again = self._answers.get(message_id) is not None
             ack = self._acknowledgement(kind, topic, message_id, data)
-            self._served = self._served or (kind == "CALLBACK" and ack["code"] == 200)
+            self._served = self._served or (kind == "CALLBACK" and ack["code"] == 200
+                                            and not again)
             return ack, kind, topic
         except MalformedFrame as exc:
             answered = exc.message_id is not None
@@ -7561,10 +7568,16 @@ class AppDesk:
     LISTED = 20         # open incidents an `open` command lists
     OPEN_READ = 1000    # open incidents it counts, per route
 
+    WORKERS = 2             # "command" threads, started with the first command
+    WAITING = 100           # commands waiting for one; more are not answered (logged)
+    IDLE = 60.0             # a command thread ends after this long without a command
+
     def __init__(self, config, desk, store, wall, reply=None):
         self.config, self.desk, self.store, self.wall = config, desk, store, wall
         self.reply = reply or post_session_reply
         self._refused_hosts = Recent(64)     # sessionWebhook hosts refused, logged once each
+        self._commands = queue.Queue(self.WAITING)
+        self._workers = []
 
     def handle(self, topic, data):
         """A callback's answer. A card's click is answered in its acknowledgement (it updates
@@ -7573,9 +7586,40 @@ class AppDesk:
         if topic == CARD_CALLBACK:
             return self.click(data)
         if topic == BOT_MESSAGE:
-            threading.Thread(target=self.command, args=(data,), name="command",
-                             daemon=True).start()
+            self._queue_command(data)
         return {}
+
+    def _queue_command(self, data):
+        self._workers = [w for w in self._workers if w.is_alive()]
+        while len(self._workers) < self.WORKERS:
+            self._workers.append(threading.Thread(target=self._serve_commands, daemon=True,
+                                                  name=f"command-{len(self._workers) + 1}"))
+            self._workers[-1].start()
+        try:
+            self._commands.put_nowait(data)
+        except queue.Full:
+            log.warning("stream: %d commands wait for an answer already: this one is not "
+                        "answered", self.WAITING)
+
+    def _serve_commands(self):
+        """Answer commands until none came for IDLE seconds, or stop()."""
+        while True:
+            try:
+                data = self._commands.get(timeout=self.IDLE)
+            except queue.Empty:
+                return
+            if data is None:
+                return
+            self.command(data)
+
+    def stop(self):
+        for _ in self._workers:
+            with contextlib.suppress(queue.Full):
+                self._commands.put_nowait(None)
+
+    def workers(self):
+        """The command threads alive now."""
+        return [w for w in self._workers if w.is_alive()]
 
     def person_of(self, user_id):
         """The [person] whose user_id this is, or None (for no user id too: a person with a
@@ -7605,14 +7649,18 @@ class AppDesk:
         route, group = found
         chosen, name = self.who(user)
         try:
-            status = self._act(route, group, str(action), chosen, name)
+            status = self._act(route, group, str(action), chosen, name,
+                               self.person_of(user) is not None)
         except Exception as exc:  # noqa: BLE001 (the clicker is told, on the card)
             log.error("stream: the card's %r failed: %s: %s", str(action)[:40],
                       type(exc).__name__, exc, exc_info=exc)
             status = {"status": not_done(exc)}
         return {"cardData": {"cardParamMap": status}}
 
-    def _act(self, route, group, action, chosen, name):
+    def _act(self, route, group, action, chosen, name, known):
+        """A button of the card: anyone in the group may claim (as a link's page lets them);
+        a silence, which mutes the alerts for everyone, needs a [person] (`known`), as the
+        command does."""
         language = self._language(route)
         try:
             if action == "claim":
@@ -7626,6 +7674,9 @@ class AppDesk:
             hours = {"silence_1h": 1, "silence_4h": 4}.get(action)
             if hours is None:
                 return {}
+            if not known:
+                return {"status": "Only people in [person] may silence (a [person:HANDLE] whose "
+                                  "user_id is yours): nothing was changed."}
             longest = self.config().oncall.silence_max
             if hours * 3600 > longest:
                 return {"status": f"A silence lasts {format_duration(longest)} at most here "
@@ -9262,9 +9313,8 @@ class Bridge:
         self.follower = Follower(current, self.store, self.cluster, self.clock, wall)
         self.app = AppPager(current, self.app_api, self.journal, self.renderer)
         self.desk = Desk(current, self.store, self.metrics, self.clock, wall, self.app.tell)
-        self.stream = StreamClient(current, self.app_api,
-                                   AppDesk(current, self.desk, self.store, wall).handle,
-                                   self.cluster)
+        self.app_desk = AppDesk(current, self.desk, self.store, wall)
+        self.stream = StreamClient(current, self.app_api, self.app_desk.handle, self.cluster)
         self.requests = Requests()
         self.probes = Probes(current, self.journal, self.pool, self.cluster, self.metrics,
                              self.requests, self.clock, self.app_state)
@@ -9379,6 +9429,7 @@ class Bridge:
         self.requests.drain(left())
         self.cluster.stop()
         self.stream.stop()
+        self.app_desk.stop()
         self.escalator.stop()
         self.follower.stop()
         self.notifier.stop()

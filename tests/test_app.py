@@ -556,3 +556,21 @@ def test_a_command_whose_reply_hangs_holds_no_click(make_bridge, sqlite_db, app,
         assert app.replies == []
     finally:
         app.replies_held.set()
+
+
+def test_a_burst_of_commands_while_replies_hang_is_two_threads_and_a_bounded_wait(
+    make_bridge, sqlite_db, app, fake, caplog
+):
+    """Each command had a thread of its own: 1,500 messages while replies hung were 759
+    threads at once. Two threads answer, 100 commands wait; the rest are logged, not kept."""
+    bridge = app_bridge(make_bridge, sqlite_db, app)
+    assert wait_until(lambda: app.connections == 1, timeout=10)
+    app.replies_held.clear()
+    try:
+        sessions = [app.write("oncall", "manager4321") for _ in range(150)]
+        assert wait_until(lambda: "commands wait for an answer already" in caplog.text, 30)
+        assert sorted(t.name for t in bridge.app_desk.workers()) == ["command-1", "command-2"]
+    finally:
+        app.replies_held.set()
+    assert app.reply_to(sessions[0])["text"]["content"]  # the first ones are answered
+    assert bridge.stream.is_alive()

@@ -321,3 +321,16 @@ def test_only_dingtalk_and_the_api_urls_host_take_a_reply(webhook, allowed):
     api_url = "http://127.0.0.1:9999"
     given = webhook.format(port=9999, other=9998)
     assert alertbridge.reply_allowed(given, api_url) is allowed
+
+
+def test_a_cards_silence_button_needs_a_person_as_the_command_does(desk, app, alertmanager):
+    """Anyone in the group may claim from the card; a silence mutes the alerts for everyone,
+    so the card's 🔕 needs a [person], as `silence N` does (a stranger made a 4 h silence)."""
+    bridge = desk()
+    [ops] = [i for i in bridge.store.incidents(10) if i["route"] == "ops"]
+    track = alertbridge.card_track("ops", ops["group_hash"])
+    status = app.click(track, "stranger99", "silence_4h")["cardData"]["cardParamMap"]
+    assert status["status"].startswith("Only people in [person] may silence")
+    assert alertmanager.silences == []
+    claimed = app.click(track, "stranger99", "claim")["cardData"]["cardParamMap"]
+    assert claimed["state"] == "claimed"

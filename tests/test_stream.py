@@ -279,13 +279,13 @@ def test_a_connection_that_worked_is_followed_by_a_reconnect_at_once_however_man
     connections had dropped, 16-60 s without one."""
     lasted = 0.3 if worked != "a callback" else 60
     monkeypatch.setattr(alertbridge.StreamClient, "LASTED", lasted, raising=False)
+    monkeypatch.setattr(alertbridge.StreamClient, "SERVED_FOR", 0.3, raising=False)
     app_bridge(make_bridge, sqlite_db, app)
     for n in range(1, 7):
         assert wait_until(lambda: app.connections == n, timeout=10)
         if worked == "a callback":
             deliver_a_callback(app)
-        else:
-            time.sleep(0.5)  # the time itself is the condition: the connection lasts LASTED
+        time.sleep(0.5)  # the time itself is the condition: open LASTED, or SERVED_FOR
         dropped = time.monotonic()
         app.drop()
         assert wait_until(lambda: app.connections == n + 1, timeout=10)
@@ -545,3 +545,49 @@ def test_the_client_speaks_wss_with_the_server_certificate_checked(certificate):
         with pytest.raises(ssl.SSLCertVerificationError):
             alertbridge.WebSocket.connect(url, timeout=5, context=trusting_nobody)
         server.shutdown()
+
+
+class Redelivering(FakeApp):
+    """A gateway that delivers the same callback on each new connection, then drops it."""
+
+    FRAME = {
+        "specVersion": "1.0",
+        "type": "CALLBACK",
+        "headers": {
+            "topic": "/v1.0/card/instances/callback",
+            "messageId": uuid.uuid4().hex,
+            "contentType": "application/json",
+        },
+        "data": json.dumps({"outTrackId": "not-ours", "userId": "u"}),
+    }
+
+    async def _serve(self, ws):
+        ticket = ws.request.path.partition("ticket=")[2]
+        with self._lock:
+            known = ticket in self.tickets
+            self.tickets.discard(ticket)
+        if not known:
+            await ws.close(4001, "unknown ticket")
+            return
+        self.connections += 1
+        try:
+            await ws.send(json.dumps(self.FRAME))
+            await ws.recv()  # the client's acknowledgement
+            await ws.close(1011, "dropped")
+        except websockets.ConnectionClosed:
+            pass
+
+
+def test_a_gateway_that_brings_a_callback_and_drops_each_connection_gets_the_backoff(
+    make_bridge, sqlite_db
+):
+    """A callback answered proves a connection worked only if it also stayed open a while:
+    one delivered again on each connection, dropped at once, made 1,288 connections in 5 s."""
+    app = Redelivering().start()
+    try:
+        app_bridge(make_bridge, sqlite_db, app)
+        assert wait_until(lambda: app.connections >= 4, timeout=30)  # 0.5-1, 1-2, 2-4 s apart
+        tickets = app.calls["/v1.0/gateway/connections/open"]
+        assert app.connections <= 5 and tickets <= 6
+    finally:
+        app.stop()

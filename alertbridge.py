@@ -1538,7 +1538,7 @@ def _load_escalation(section, name, people, rotations):
         if steps and seconds <= steps[-1].after:
             raise ConfigError(f"{where}: comes no later than the step before it")
         words = _words(targets)
-        routes = tuple(w[9:] for w in words if w.startswith("receiver:"))
+        routes = tuple(dict.fromkeys(w[9:] for w in words if w.startswith("receiver:")))
         named = " ".join(w for w in words if not w.startswith("receiver:"))
         found = _people(_Section.of(section.name, {"steps": named}), "steps", people, rotations)
         if not (routes or found):
@@ -2420,8 +2420,7 @@ J_CLAIM_HELD = ("SELECT 1 FROM messages WHERE state <> 'handed off' "
 J_CLAIMS_ADD = "UPDATE messages SET claims = trim(claims || ' ' || %s) WHERE id = %s"
 J_RELAYED = "SELECT 1 FROM relayed WHERE note_key = %s"
 J_RELAYED_ADD = "INSERT OR IGNORE INTO relayed (note_key, at) VALUES (%s, %s)"
-J_WAITING_AS = ("SELECT 1 FROM messages WHERE state = 'pending' AND route = %s "
-                "AND request_id = %s LIMIT 1")
+J_MESSAGE_STATE = "SELECT state FROM messages WHERE id = %s"
 J_MESSAGES_BY_LEVEL = ("SELECT level, COUNT(*), MIN(created_at) FROM messages "
                        "WHERE state = 'pending' GROUP BY level")
 J_MESSAGES_STATES = "SELECT state, COUNT(*) FROM messages GROUP BY state"
@@ -2554,6 +2553,7 @@ CREATE TABLE IF NOT EXISTS incident_notes (
   text TEXT NOT NULL,
   mentions TEXT NOT NULL,
   created_at DATETIME(3) NOT NULL,
+  relayed_by VARCHAR(64) NULL,
   sent_at DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incident_notes_key (note_key),
@@ -2614,7 +2614,7 @@ CREATE TABLE IF NOT EXISTS incident_notes (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   note_key TEXT NOT NULL UNIQUE, incident_id INTEGER NOT NULL, route TEXT NOT NULL,
   kind TEXT NOT NULL, level TEXT NOT NULL DEFAULT '', text TEXT NOT NULL, mentions TEXT NOT NULL,
-  created_at TEXT NOT NULL, sent_at TEXT
+  created_at TEXT NOT NULL, relayed_by TEXT, sent_at TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_incident_notes_unsent ON incident_notes (sent_at, created_at);
 """
@@ -2686,14 +2686,13 @@ S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowle
 S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
                        "level, group_labels, silence_id, silenced_until FROM incidents "
                        "WHERE route = %s AND open_group = %s")
-# Escalation. next_step_at and steps_from are the escalating instance's steady clock (see
-# SteadyClock), written as the history writes times: a wall clock stepped by NTP or by hand
-# neither holds a step nor sends every one at once. The escalator reads only the incidents
-# whose next step is due, not every open one every second; a new incident's is LOOK_NOW (look
-# at it once: its chain counts from its opening, as old as the wall clock says it is then).
-# steps_from is when the chain started (NULL: not looked at yet); a silence that ends starts
-# the chain again from its end. silenced_until is the silence's end as Alertmanager keeps it
-# (the wall clock); next_step_at is then that end, when the escalator looks again.
+# Escalation. The escalator reads only the incidents whose next step is due (next_step_at), not
+# every open one every second; a new incident's is LOOK_NOW (look at it once: its chain counts
+# from its opening). steps_from is when the chain started (NULL: not looked at yet); a silence
+# that ends starts the chain again from its end. These are wall-clock times, as every instance
+# reads them; when the escalating instance sees its wall clock step (NTP, a hand-set date, a VM
+# restored), it moves them by the step (S_INCIDENTS_TO_SHIFT), so that a step neither holds a
+# step nor sends every one at once. silenced_until is the silence's end as Alertmanager has it.
 LOOK_NOW = "1970-01-01 00:00:00.000"   # next_step_at of an incident not looked at yet
 NEVER = "9998-01-01 00:00:00.000"      # a next_step_at for an incident that escalates no more
 TAKING = "taking:"                     # silence_id while a silence is being made (its prefix)
@@ -2703,6 +2702,12 @@ S_INCIDENTS_DUE = ("SELECT id, route, level, opened_at, escalations, title, grou
 S_INCIDENT_SCHEDULE = ("UPDATE incidents SET next_step_at = %s, steps_from = %s WHERE id = %s "
                        "AND escalations = %s AND state = 'open'")
 S_INCIDENTS_RESCHEDULE = "UPDATE incidents SET next_step_at = %s WHERE state = 'open'"
+S_INCIDENTS_TO_SHIFT = ("SELECT id, next_step_at, steps_from FROM incidents WHERE state = 'open' "
+                        "AND silence_id IS NULL AND next_step_at > %s AND next_step_at < %s")
+S_INCIDENT_SHIFT = ("UPDATE incidents SET next_step_at = %s, steps_from = %s WHERE id = %s "
+                    "AND next_step_at = %s")
+S_INCIDENT_SILENCE_UNTIL = ("UPDATE incidents SET silenced_until = %s, next_step_at = %s "
+                            "WHERE id = %s AND silence_id = %s")
 S_INCIDENT_ESCALATE = ("UPDATE incidents SET escalations = %s, next_step_at = %s, steps_from = %s "
                        "WHERE id = %s AND escalations = %s AND state = 'open' "
                        "AND silence_id IS NULL")
@@ -2713,15 +2718,16 @@ S_INCIDENT_SILENCE_TAKE = ("UPDATE incidents SET silence_id = %s, silenced_until
                            "next_step_at = %s WHERE id = %s AND open_group IS NOT NULL "
                            "AND (silence_id IS NULL OR silenced_until <= %s)")
 S_INCIDENT_SILENCE = ("UPDATE incidents SET silence_id = %s, silenced_until = %s, "
-                      "next_step_at = %s WHERE id = %s AND silence_id = %s")
+                      "next_step_at = %s WHERE id = %s AND silence_id = %s "
+                      "AND open_group IS NOT NULL")
 S_INCIDENT_SILENCE_DROP = ("UPDATE incidents SET silence_id = NULL, silenced_until = NULL, "
                            "next_step_at = %s WHERE id = %s AND silence_id = %s")
 S_INCIDENT_UNSILENCE = ("UPDATE incidents SET silence_id = NULL, silenced_until = NULL, "
                         "escalations = 0, steps_from = %s, next_step_at = %s "
                         "WHERE id = %s AND silence_id = %s AND open_group IS NOT NULL")
-S_INCIDENTS_SILENCED = ("SELECT id, route, receiver, group_hash, group_labels, silence_id "
-                        "FROM incidents WHERE open_group IS NOT NULL AND silence_id IS NOT NULL "
-                        "ORDER BY id LIMIT %s")
+S_INCIDENTS_SILENCED = ("SELECT id, route, receiver, group_hash, group_labels, silence_id, "
+                        "silenced_until FROM incidents WHERE open_group IS NOT NULL "
+                        "AND silence_id IS NOT NULL ORDER BY id LIMIT %s")
 S_INCIDENT_CLOSE = ("UPDATE incidents SET state = 'resolved', resolved_at = %s, open_group = NULL "
                     "WHERE id = %s AND open_group IS NOT NULL")
 S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
@@ -2730,11 +2736,18 @@ S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
 # until it is sent, whichever instance sends it: written in the transaction that decided it (a
 # step marked done has its notes), copied into the journal of the instance that sends (see
 # NoteRelay), marked sent when that send is recorded. note_key is the cluster's claim on it.
-S_NOTE_ADD = ("INSERT INTO incident_notes (note_key, incident_id, route, kind, level, text, "
-              "mentions, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
+_NOTE_ADD = ("INTO incident_notes (note_key, incident_id, route, kind, level, text, mentions, "
+             "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
+S_NOTE_ADD_MYSQL = "INSERT IGNORE " + _NOTE_ADD     # a note made once: the same again is none
+S_NOTE_ADD_SQLITE = "INSERT OR IGNORE " + _NOTE_ADD
+# The notes a relay may journal: not sent, not made before `since`, not journaled by that relay
+# already, and not of a route and kind whose message waits in its journal ({held}: one
+# "AND NOT (route = %s AND kind = %s)" each): so that one route's notes held back, however many,
+# never keep another's from its turn.
 S_NOTES_UNSENT = ("SELECT note_key, incident_id, route, kind, level, text, mentions, created_at "
                   "FROM incident_notes WHERE sent_at IS NULL AND created_at >= %s "
-                  "ORDER BY id LIMIT %s")
+                  "AND (relayed_by IS NULL OR relayed_by <> %s){held} ORDER BY id LIMIT %s")
+S_NOTE_RELAYED = "UPDATE incident_notes SET relayed_by = %s WHERE note_key = %s"
 S_NOTE_SENT = ("UPDATE incident_notes SET sent_at = %s WHERE note_key = %s "
                "AND sent_at IS NULL")
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
@@ -2904,7 +2917,7 @@ class Dialect:
     """What differs between the history's two databases, and nothing else: placeholders,
     connecting, the schema and its migration, the upsert, the insert that skips a duplicate,
     and which errors mean "not now"."""
-    name = param = schema = upsert = open_incident = None
+    name = param = schema = upsert = open_incident = add_note = None
 
     def sql(self, statement):
         """The one placeholder helper: %s as written -> this driver's."""
@@ -2947,7 +2960,8 @@ def _concat(*parts):
 
 class SQLiteDialect(Dialect):
     name, param, schema, upsert = "sqlite", "?", SQLITE_SCHEMA, S_ALERT_UPSERT_SQLITE
-    open_incident, columns_of = S_INCIDENT_OPEN_SQLITE, S_SQLITE_COLUMNS
+    open_incident, columns_of, add_note = (S_INCIDENT_OPEN_SQLITE, S_SQLITE_COLUMNS,
+                                           S_NOTE_ADD_SQLITE)
 
     def connect(self, settings):
         os.makedirs(os.path.dirname(os.path.abspath(settings.path)), exist_ok=True)
@@ -2963,7 +2977,8 @@ class SQLiteDialect(Dialect):
 
 class MySQLDialect(Dialect):
     name, param, schema, upsert = "mysql", "%s", MYSQL_SCHEMA, S_ALERT_UPSERT_MYSQL
-    open_incident, columns_of = S_INCIDENT_OPEN_MYSQL, S_MYSQL_COLUMNS
+    open_incident, columns_of, add_note = (S_INCIDENT_OPEN_MYSQL, S_MYSQL_COLUMNS,
+                                           S_NOTE_ADD_MYSQL)
 
     def connect(self, settings):
         import pymysql
@@ -3320,24 +3335,28 @@ class Journal:
 
     def relay(self, route, title, text, rank, level, mention, notes, kind, age=0.0):
         """Journal incident notes of the history as one NOTE (see NoteRelay): each note's key
-        recorded as relayed in the same transaction, so that this journal takes a note once."""
+        recorded as relayed in the same transaction, so that this journal takes a note once.
+        Returns the message's id."""
         body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
                           ensure_ascii=False)
         now = self.clock()
         with self._writing() as db:
             for key in notes:
                 self._run(db, J_RELAYED_ADD, (key, now))
-            self._run(db, J_MESSAGE_ADD, (route, f"notes:{kind}", body, 1, now - age, now, rank,
-                                          level, "", " ".join(notes), int(kind != ESCALATED)))
+            message = self._run(db, J_MESSAGE_ADD, (
+                route, f"notes:{kind}", body, 1, now - age, now, rank, level, "",
+                " ".join(notes), int(kind != ESCALATED))).lastrowid
         self.new_messages.notify(route)
+        return message
 
     def relayed(self, key):
         """Whether this journal has taken the note of that key."""
         return self._read_one(J_RELAYED, (key,)) is not None
 
-    def waiting_as(self, route, request_id):
-        """Whether a message of the route with this request_id waits to be sent."""
-        return self._read_one(J_WAITING_AS, (route, request_id)) is not None
+    def pending(self, message_id):
+        """Whether a message waits to be sent still."""
+        row = self._read_one(J_MESSAGE_STATE, (message_id,))
+        return row is not None and row[0] == "pending"
 
     def alert_keys_since(self, route, after_id):
         """(message id, [alert key, ...]) of the route's pending messages after `after_id`."""
@@ -3771,13 +3790,17 @@ class Store:
     def silenced(self, incident_id, marker, silence_id, until, look_at, person, at, hours,
                  via="link"):
         """The silence Alertmanager made for an incident taken with `marker`: it escalates no
-        more until `until` (wall) , when the escalator looks at it again (`look_at`)."""
+        more until `until`; the escalator looks at it again at `look_at`. False, and nothing
+        kept, if the incident was resolved meanwhile."""
         with self.transaction() as cursor:
             self.execute(cursor, S_INCIDENT_SILENCE, (silence_id, until, look_at, incident_id,
                                                       marker))
+            if cursor.rowcount != 1:
+                return False
             self.execute(cursor, S_INCIDENT_EVENT_ADD, (incident_id, at, "silenced",
                                                         person[:128], via,
                                                         f"{hours:g} h, silence {silence_id}"))
+        return True
 
     def drop_silence(self, incident_id, marker):
         """Alertmanager did not make the silence: the incident is as it was (looked at now)."""
@@ -3797,13 +3820,15 @@ class Store:
         return True
 
     def silenced_incidents(self, limit):
-        """Open incidents with a silence: what Alertmanager will not tell us the end of."""
+        """Open incidents with a silence, or one being made (silenced_until as an epoch)."""
         with self.transaction() as cursor:
             self.execute(cursor, S_INCIDENTS_SILENCED, (limit,))
             rows = cursor.fetchall()
         return [{"id": i, "route": r, "receiver": rc, "group_hash": g,
-                 "group_labels": json.loads(labels), "silence_id": s}
-                for i, r, rc, g, labels, s in rows if not s.startswith(TAKING)]
+                 "group_labels": json.loads(labels), "silence_id": s,
+                 "silenced_until": from_db_time(
+                     until if isinstance(until, str) else db_time(until) or LOOK_NOW).timestamp()}
+                for i, r, rc, g, labels, s, until in rows]
 
     def resolve_silenced(self, incident_id, at, detail):
         """Resolve a silenced incident whose alerts are gone; True if this call did."""
@@ -3834,6 +3859,25 @@ class Store:
         with self.transaction() as cursor:
             self.execute(cursor, S_INCIDENTS_RESCHEDULE, (LOOK_NOW,))
 
+    def shift_steps(self, seconds):
+        """Move the escalation times of the open incidents not silenced by `seconds` (the
+        escalating instance's wall clock stepped by as much); how many were moved."""
+        def moved(text):
+            return text and db_time(from_db_time(text) + timedelta(seconds=seconds))
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENTS_TO_SHIFT, (LOOK_NOW, NEVER))
+            rows = [tuple(db_time(v) if isinstance(v, datetime) else v for v in row)
+                    for row in cursor.fetchall()]
+            cursor.executemany(self.dialect.sql(S_INCIDENT_SHIFT), [
+                (moved(at), moved(since), incident_id, at) for incident_id, at, since in rows])
+        return len(rows)
+
+    def silence_until(self, incident_id, silence_id, until, look_at):
+        """The silence's end as Alertmanager has it now (extended, or shortened in its UI)."""
+        with self.transaction() as cursor:
+            self.execute(cursor, S_INCIDENT_SILENCE_UNTIL, (until, look_at, incident_id,
+                                                            silence_id))
+
     def escalate(self, steps, at):
         """Mark steps done, each with its notes, in one transaction: (incident id, steps done,
         steps done now, next_step_at, steps_from, detail, [Note.row(), ...]) each. A step another
@@ -3859,19 +3903,26 @@ class Store:
 
     def _add_notes(self, cursor, notes, at):
         """Notes as Note.row() gives them."""
-        cursor.executemany(self.dialect.sql(S_NOTE_ADD), [
+        cursor.executemany(self.dialect.sql(self.dialect.add_note), [
             (key, incident_id, route[:128], kind, level[:64], fit_text(text),
              json.dumps([mobiles, user_ids]), at)
             for key, incident_id, route, kind, level, text, mobiles, user_ids, _ in notes])
 
-    def unsent_notes(self, since, limit):
-        """The oldest notes made since `since` and not yet sent, as Note.row() gives them."""
+    def unsent_notes(self, since, relay, held, limit):
+        """The oldest notes made since `since`, not yet sent, not journaled by `relay` (a
+        journal's id) and not of the (route, kind) pairs `held`, as Note.row() gives them."""
+        statement = S_NOTES_UNSENT.format(held=" AND NOT (route = %s AND kind = %s)" * len(held))
         with self.transaction() as cursor:
-            self.execute(cursor, S_NOTES_UNSENT, (since, limit))
+            self.execute(cursor, statement, (since, relay, *itertools.chain(*held), limit))
             rows = cursor.fetchall()
         return [(key, incident_id, route, kind, level, text, *json.loads(mentions),
                  made if isinstance(made, str) else db_time(made))
                 for key, incident_id, route, kind, level, text, mentions, made in rows]
+
+    def notes_relayed(self, keys, relay):
+        """These notes are in the journal of `relay` (its id): it does not read them again."""
+        with self.transaction() as cursor:
+            cursor.executemany(self.dialect.sql(S_NOTE_RELAYED), [(relay, k) for k in keys])
 
     def notes_sent(self, keys, at):
         """These notes were sent (by any instance): no instance relays them again."""
@@ -4017,6 +4068,12 @@ class StoreProcess:
     def open_by_state(self, wait=5.0):
         return self._call("open_by_state", wait=wait)
 
+    def shift_steps(self, seconds, wait=5.0):
+        return self._call("shift_steps", seconds, wait=wait)
+
+    def silence_until(self, incident_id, silence_id, until, look_at, wait=5.0):
+        return self._call("silence_until", incident_id, silence_id, until, look_at, wait=wait)
+
     def take_silence(self, incident_id, marker, until, look_at, now, wait=5.0):
         return self._call("take_silence", incident_id, marker, until, look_at, now, wait=wait)
 
@@ -4044,8 +4101,11 @@ class StoreProcess:
     def add_notes(self, notes, at, wait=5.0):
         return self._call("add_notes", notes, at, wait=wait)
 
-    def unsent_notes(self, since, limit, wait=5.0):
-        return self._call("unsent_notes", since, limit, wait=wait)
+    def unsent_notes(self, since, relay, held, limit, wait=5.0):
+        return self._call("unsent_notes", since, relay, held, limit, wait=wait)
+
+    def notes_relayed(self, keys, relay, wait=5.0):
+        return self._call("notes_relayed", keys, relay, wait=wait)
 
     def notes_sent(self, keys, at, wait=5.0):
         return self._call("notes_sent", keys, at, wait=wait)
@@ -5241,17 +5301,36 @@ class AlertmanagerAPI:
         """Every alert Alertmanager holds, silenced ones too (one request; matched by the
         caller, so that no label value is written into a filter)."""
         answer = self._call("GET", "/api/v2/alerts", limit=self.MOST)
-        if not isinstance(answer, list) or not all(isinstance(a, dict) for a in answer):
+        if not isinstance(answer, list):
             raise AlertmanagerError("the answer is not a list of alerts")
-        return answer
+        return [a for a in answer if isinstance(a, dict)]   # one it garbled: none of ours
 
-    def active_silences(self):
-        """The ids of the silences active now."""
+    def silences(self):
+        """Every silence Alertmanager keeps, by id: {"state", "ends" (epoch), "comment",
+        "created_by", "starts" (epoch)}; an entry it cannot read is left out."""
         answer = self._call("GET", "/api/v2/silences", limit=self.MOST)
         if not isinstance(answer, list):
             raise AlertmanagerError("the answer is not a list of silences")
-        return {s.get("id") for s in answer if isinstance(s, dict)
-                and (s.get("status") or {}).get("state") == "active"}
+        found = {}
+        for silence in answer:
+            try:
+                found[str(silence["id"])] = {
+                    "state": silence["status"]["state"], "comment": str(silence["comment"]),
+                    "created_by": str(silence.get("createdBy", ""))[:128],
+                    "starts": parse_time(silence["startsAt"], "startsAt").timestamp(),
+                    "ends": parse_time(silence["endsAt"], "endsAt").timestamp()}
+            except (KeyError, TypeError, AttributeError, BadRequest):
+                continue
+        return found
+
+    def started_at(self):
+        """When Alertmanager started (epoch): until its sources send them again, it holds
+        none of the alerts it had before (its silences it keeps)."""
+        answer = self._call("GET", "/api/v2/status")
+        try:
+            return parse_time(answer["uptime"], "uptime").timestamp()
+        except (KeyError, TypeError, BadRequest):
+            raise AlertmanagerError("its status does not say since when it runs (uptime)")
 
     def _call(self, method, path, body=None, limit=1 << 20):
         try:
@@ -6146,6 +6225,12 @@ def on_call_in_use(config):
                 or any(r.escalation for r in config.routes.values()))
 
 
+def silence_grace(config):
+    """How long after a silence's end the escalator waits for the follower to say what
+    Alertmanager says of it (extended, expired) before taking it as over on its own."""
+    return 2 * config.oncall.follow_interval + 10.0
+
+
 class Escalator(Worker):
     """Escalation, on the instance that sends (alone, or the cluster's leader): every POLL
     seconds, each open incident nobody has claimed, of a route with an escalation for its
@@ -6154,11 +6239,13 @@ class Escalator(Worker):
     marks the step done and keeps its notes in one transaction; the NoteRelay journals them
     here, or on the next leader if this one dies first: each step goes out once whichever
     instance leads (at least once if it dies mid-send). A claim or a resolve ends the chain; a
-    silence holds it, and when the silence is over it starts again from the first step. Due
-    times are on `clock` (steady, see SteadyClock); `wall` is what the history's times are."""
+    silence holds it, and when the silence is over it starts again from the first step.
+    Escalation times are the wall clock's, as the history keeps them; the steady `clock` tells
+    when the wall clock stepped, and the open incidents' times move with it (STEP)."""
 
     POLL = 1.0
     BATCH = 1000        # due incidents per round; a full round is followed by another at once
+    STEP = 2.0          # seconds the wall clock may move against the steady one between rounds
 
     def __init__(self, config, store, cluster, metrics, clock, wall, relay, ding=None):
         super().__init__("escalator")
@@ -6166,6 +6253,7 @@ class Escalator(Worker):
         self.clock, self.wall, self.relay = clock, wall, relay
         self.ding = ding            # ding(user ids, text): the app's DING, if [app] ding is set
         self._escalations = None    # the routes' escalations the schedule was made for
+        self._skew = None           # wall - clock, at the last round
 
     def sleep_for(self):
         return self.POLL
@@ -6186,39 +6274,53 @@ class Escalator(Worker):
         for state, count in {"open": 0, "acknowledged": 0, **self.store.open_by_state()}.items():
             self.metrics.set("alertbridge_incidents_open", count, state=state)
         if not self.cluster.may_send():
+            self._skew = None
             return False
-        escalations = {name: (r.escalation, r.escalate_levels)
-                       for name, r in config.routes.items()}
-        if escalations != self._escalations:    # started, or reloaded: look at every one again
-            self.store.reschedule()
-            self._escalations = escalations
-        more = self.escalate(config)
-        self.relay.relay()
-        return more
+        try:
+            self._follow_the_wall()
+            escalations = {name: (r.escalation, r.escalate_levels)
+                           for name, r in config.routes.items()}
+            if escalations != self._escalations:    # started, or reloaded: look at all again
+                self.store.reschedule()
+                self._escalations = escalations
+            return self.escalate(config)
+        finally:        # what is decided goes out, whatever this round met
+            self.relay.relay()
+
+    def _follow_the_wall(self):
+        """If the wall clock stepped since the last round, the open incidents' escalation
+        times move by the step: their delays run on, as long as they were."""
+        skew = self.wall() - self.clock()
+        stepped = skew - self._skew if self._skew is not None else 0.0
+        if abs(stepped) > self.STEP:
+            moved = self.store.shift_steps(stepped)
+            log.warning("escalator: the wall clock stepped %+.0f s: the escalation times of %d "
+                        "open incidents moved with it", stepped, moved)
+        self._skew = skew       # once moved: a history away meanwhile is asked again
 
     def escalate(self, config):
         """One round over the incidents due: their steps taken, the others scheduled; True if
         the round was full (more may be due)."""
-        now, wall = self.clock(), self.wall()
+        now = self.wall()
         due = self.store.due_incidents(epoch_db_time(now), self.BATCH)
         later, steps, lines = [], [], {}
         for incident in due:
             if incident["silence_id"]:
-                self._silenced(incident, now, wall, later)
+                self._silenced(config, incident, now, later)
             else:
-                self._look(config, incident, now, wall, later, steps, lines)
+                self._look(config, incident, now, later, steps, lines)
         if later:
             self.store.schedule(later)
         if steps:
-            self._take(config, steps, lines, wall)
+            self._take(config, steps, lines, now)
         return len(due) == self.BATCH
 
-    def _look(self, config, incident, now, wall, later, steps, lines):
+    def _look(self, config, incident, now, later, steps, lines):
         """An incident not silenced: its due step into `steps` (and its line, as a DING says
         it, into `lines`), or when to look again into `later`."""
         route = config.routes.get(incident["route"])
         escalation = route.escalation if route else None
-        origin = self._origin(incident, now, wall)
+        origin = from_db_time(incident["steps_from"] or incident["opened_at"]).timestamp()
         done, steps_from = incident["escalations"], epoch_db_time(origin)
         if escalation is None or incident["level"] not in route.escalate_levels:
             later.append((incident["id"], done, NEVER, steps_from))
@@ -6236,39 +6338,33 @@ class Escalator(Worker):
         lines[incident["id"]] = WORDS[route.language]["escalated"].format(
             step=number, title=incident["title"], waited=format_duration(now - origin))
 
-    @staticmethod
-    def _origin(incident, now, wall):
-        """When the incident's chain counts from, on the steady clock: kept once looked at; at
-        the first look, its opening, as long ago as the wall clock says it is now."""
-        if incident["steps_from"]:
-            return from_db_time(incident["steps_from"]).timestamp()
-        return now - max(0.0, wall - from_db_time(incident["opened_at"]).timestamp())
-
-    def _silenced(self, incident, now, wall, later):
-        """A silenced incident come due: its silence is over (the chain starts again), a
-        silence being made was abandoned (its instance died), or it is looked at at its end."""
+    def _silenced(self, config, incident, now, later):
+        """A silenced incident come due. Alertmanager says when a silence ends (the Follower
+        asks it); if nothing came from there silence_grace after its end (Alertmanager away,
+        the api unset since), it is over all the same: a silence being made is let go, a silence
+        made ends and the chain starts again."""
         until = from_db_time(incident["silenced_until"])
-        left = until.timestamp() - wall if until else 0.0
-        if left > 0:
-            later.append((incident["id"], incident["escalations"], self._text(now + left),
+        over = (until.timestamp() if until else now) + silence_grace(config)
+        silence = incident["silence_id"]
+        if over > now:
+            later.append((incident["id"], incident["escalations"], self._text(over),
                           incident["steps_from"]))
-        elif incident["silence_id"].startswith(TAKING):
-            self.store.drop_silence(incident["id"], incident["silence_id"])
-        elif self.store.unsilence(incident["id"], incident["silence_id"], epoch_db_time(now),
-                                  epoch_db_time(wall), f"silence {incident['silence_id']} "
-                                                       f"ended"):
+        elif silence.startswith(TAKING):
+            self.store.drop_silence(incident["id"], silence)
+        elif self.store.unsilence(incident["id"], silence, epoch_db_time(now),
+                                  epoch_db_time(now), f"silence {silence} ended"):
             log.info("incident=%s route=%s: its silence %s ended, it escalates again",
-                     incident["id"], incident["route"], incident["silence_id"])
+                     incident["id"], incident["route"], silence)
 
     def _notes(self, config, route, incident, number, step, waited, steps_from):
-        """The step's notes: one for the route's group and one for each of the step's
-        receivers, each with the claim link and the step's mentions."""
+        """The step's notes: one for the route's group and one for each other receiver of
+        the step, each with the claim link and the step's mentions."""
         mobiles, user_ids = reached(step.people, self.wall(), config.tz)
         mention = Mentions(tuple(dict.fromkeys(mobiles)), tuple(dict.fromkeys(user_ids)))
         claim = (claim_link(config.oncall, route.name, incident["group_hash"], self.wall())
                  if route.claim_links else "")
         notes = []
-        for target in (route.name,) + tuple(r for r in step.routes if r != route.name):
+        for target in dict.fromkeys((route.name,) + step.routes):
             words = WORDS[config.routes[target].language]
             line = words["escalated"].format(step=number, title=md_escape(incident["title"]),
                                              waited=format_duration(waited))
@@ -6322,10 +6418,11 @@ class NoteRelay:
     it every round): notes of one route and kind that wait together go out as one message, the
     first LISTED in full (many incidents open at once in an outage; their steps must not take
     the budget that new pages need). While a route's message of that kind waits to be sent,
-    newer notes wait in the history, to be folded into the next. An escalation ranks after the
-    pages of its level (before the next level's) and never uses the reserve. A note goes out
-    once across a cluster: the journal takes each key once, the cluster's claims drop what
-    another instance sent, and a sent note is marked sent when its send is recorded."""
+    newer notes wait in the history, to be folded into the next; a route's notes waiting never
+    keep another's from its turn (the history is asked for the others). An escalation ranks
+    after the pages of its level (before the next level's) and never uses the reserve. A note
+    goes out once across a cluster: the journal takes each key once, the cluster's claims drop
+    what another instance sent, and a sent note is marked sent when its send is recorded."""
 
     LISTED = 10
     BATCH = 1000
@@ -6333,12 +6430,19 @@ class NoteRelay:
     def __init__(self, config, store, journal, cluster, wall):
         self.config, self.store, self.journal = config, store, journal
         self.cluster, self.wall = cluster, wall
+        self._waiting = {}          # (route, kind) -> the id of its message waiting here
 
     def relay(self):
-        config, wall = self.config(), self.wall()
+        config, wall, me = self.config(), self.wall(), self.journal.journal_id
         since = epoch_db_time(wall - config.delivery.max_age)   # older ones expired unsent
-        fresh = [Note.of_row(row) for row in self.store.unsent_notes(since, self.BATCH)
-                 if not self.journal.relayed(row[0])]
+        self._waiting = {pair: message for pair, message in self._waiting.items()
+                         if self.journal.pending(message)}
+        notes = [Note.of_row(row) for row in self.store.unsent_notes(
+            since, me, sorted(self._waiting), self.BATCH)]
+        here = {n.key for n in notes if self.journal.relayed(n.key)}   # a crash came between
+        if here:
+            self.store.notes_relayed(sorted(here), me)
+        fresh = [n for n in notes if n.key not in here]
         sent = self.cluster.sent_among([n.key for n in fresh]) if fresh else set()
         if sent:
             self.store.notes_sent(sorted(sent), epoch_db_time(wall))
@@ -6346,10 +6450,10 @@ class NoteRelay:
         for note in fresh:
             if note.key not in sent:
                 waiting.setdefault((note.route, note.kind), []).append(note)
-        for (route_name, kind), notes in waiting.items():
-            if not self.journal.waiting_as(route_name, f"notes:{kind}"):
-                self._journal(config.routes.get(route_name) or DEFAULT_ROUTE, route_name, kind,
-                              notes, wall)
+        for (route_name, kind), group in waiting.items():
+            route = config.routes.get(route_name) or DEFAULT_ROUTE
+            self._waiting[route_name, kind] = self._journal(route, route_name, kind, group, wall)
+            self.store.notes_relayed([n.key for n in group], me)
 
     def _journal(self, route, route_name, kind, notes, wall):
         words = WORDS[route.language]
@@ -6366,25 +6470,28 @@ class NoteRelay:
         else:
             rank, level = len(route.priority_order) + 1, NO_LEVEL
         age = max(0.0, wall - min(from_db_time(n.created_at).timestamp() for n in notes))
-        self.journal.relay(route_name, title, text, rank, level, mention,
-                           [n.key for n in notes], kind, age)
+        return self.journal.relay(route_name, title, text, rank, level, mention,
+                                  [n.key for n in notes], kind, age)
 
 
 class Follower(Worker):
     """Alertmanager sends no resolved notification for silenced alerts (alertmanager #226), and
-    a silence may be expired in its UI before its end. On the instance that sends, every
-    follow_interval seconds, one look at Alertmanager (its alerts, then its silences: two
-    requests, each within the API's deadline, whatever the number of incidents) settles every
-    silenced incident: its alerts gone, it is resolved and its silence expired early; its
-    silence no longer active, it escalates again. On a thread of its own: a slow or hanging
+    a silence may be extended, or expired, in its UI. On the instance that sends, every
+    follow_interval seconds, one look at Alertmanager (its status, its alerts, its silences:
+    three requests, each within the API's deadline, whatever the number of incidents) settles
+    every silenced incident: its alerts gone, it is resolved and its silence expired early (not
+    if Alertmanager started since the silence, less than FRESH ago: it knows its alerts again
+    only as its sources send them); its silence not active, it escalates again; its end moved, the
+    incident's moves with it; a silence being made whose maker died is kept if Alertmanager
+    made it (found by its marker), let go if not. On a thread of its own: a slow or hanging
     Alertmanager holds no escalation step, only this."""
 
     BATCH = 10_000
+    FRESH = 300.0
 
-    def __init__(self, config, store, cluster, clock, wall):
+    def __init__(self, config, store, cluster, wall):
         super().__init__("follower")
-        self.config, self.store, self.cluster = config, store, cluster
-        self.clock, self.wall = clock, wall
+        self.config, self.store, self.cluster, self.wall = config, store, cluster, wall
 
     def backlog(self):
         return 0
@@ -6401,46 +6508,77 @@ class Follower(Worker):
         return min(self.sleep_for(), retry_delay(failures - 1, 1.0, 30.0))
 
     def step(self):
-        api_url = self.config().oncall.alertmanager_api
-        if not api_url or not self.cluster.may_send():
+        config = self.config()
+        if not config.oncall.alertmanager_api or not self.cluster.may_send():
             return False
         incidents = self.store.silenced_incidents(self.BATCH)
         if not incidents:
             return False
-        api = AlertmanagerAPI(api_url)
-        alerts, active = api.alerts(), api.active_silences()
+        api = AlertmanagerAPI(config.oncall.alertmanager_api)
+        started = api.started_at()
+        alerts, silences = api.alerts(), api.silences()
         for incident in incidents:
-            self._settle(api, incident, alerts, active)
+            if incident["silence_id"].startswith(TAKING):
+                self._adopt(config, incident, silences)
+            else:
+                self._settle(config, api, incident, alerts, silences, started)
         return False
 
-    def _settle(self, api, incident, alerts, active):
-        now, at = self.wall(), epoch_db_time(self.wall())
-        live = [a for a in alerts if self._of(incident, a) and _ends_after(a, now)
-                and (a.get("status") or {}).get("state") != "unprocessed"]
-        silence = incident["silence_id"]
-        if not live:
+    def _settle(self, config, api, incident, alerts, silences, started):
+        now = self.wall()
+        at, silence_id = epoch_db_time(now), incident["silence_id"]
+        silence = silences.get(silence_id) or {"state": "gone", "starts": now}
+        knows = started < silence["starts"] or now - started >= self.FRESH  # no restart since
+        if knows and not any(self._of(incident, a) and _ends_after(a, now) for a in alerts):
             if self.store.resolve_silenced(incident["id"], at, "its alerts are gone"):
                 log.info("incident=%s route=%s resolved: its silenced alerts are gone",
                          incident["id"], incident["route"])
                 try:
-                    api.expire(silence)
+                    api.expire(silence_id)
                 except AlertmanagerError as exc:
                     log.warning("incident=%s: silence %s not expired: %s", incident["id"],
-                                silence, exc)
-        elif silence not in active and self.store.unsilence(
-                incident["id"], silence, epoch_db_time(self.clock()), at,
-                f"silence {silence} is not active in Alertmanager"):
-            log.info("incident=%s route=%s: silence %s is not active in Alertmanager any more: "
-                     "it escalates again", incident["id"], incident["route"], silence)
+                                silence_id, exc)
+        elif silence["state"] != "active":
+            if self.store.unsilence(incident["id"], silence_id, at, at,
+                                    f"silence {silence_id} is {silence['state']} in "
+                                    f"Alertmanager"):
+                log.info("incident=%s route=%s: silence %s is %s in Alertmanager: it escalates "
+                         "again", incident["id"], incident["route"], silence_id,
+                         silence["state"])
+        elif abs(silence["ends"] - incident["silenced_until"]) >= 1.0:
+            self.store.silence_until(incident["id"], silence_id, epoch_db_time(silence["ends"]),
+                                     epoch_db_time(silence["ends"] + silence_grace(config)))
+
+    def _adopt(self, config, incident, silences):
+        """A silence being made: kept if Alertmanager made it (its comment carries the
+        marker), let go once the marker lapsed if not."""
+        marker, now = incident["silence_id"], self.wall()
+        made = [(i, s) for i, s in silences.items()
+                if s["state"] == "active" and f"({marker})" in s["comment"]]
+        if made:
+            silence_id, silence = made[0]
+            self.store.silenced(incident["id"], marker, silence_id,
+                                epoch_db_time(silence["ends"]),
+                                epoch_db_time(silence["ends"] + silence_grace(config)),
+                                silence["created_by"], epoch_db_time(now),
+                                (silence["ends"] - silence["starts"]) / 3600, "alertmanager")
+            log.info("incident=%s: silence %s, made as its maker stopped, kept",
+                     incident["id"], silence_id)
+        elif incident["silenced_until"] < now:
+            self.store.drop_silence(incident["id"], marker)
 
     @staticmethod
     def _of(incident, alert):
         """Whether an alert of Alertmanager's API is one of the incident's: its group's labels,
         sent to its receiver. Matched here, so no label value is written into a matcher."""
-        labels = alert.get("labels") or {}
-        receivers = {r.get("name") for r in alert.get("receivers") or () if isinstance(r, dict)}
+        labels = alert.get("labels") if isinstance(alert, dict) else None
+        if not isinstance(labels, dict):
+            return False
+        receivers = alert.get("receivers")
+        names = {r.get("name") for r in receivers if isinstance(r, dict)} \
+            if isinstance(receivers, list) else set()
         return all(labels.get(k) == v for k, v in incident["group_labels"].items()) and (
-            not receivers or incident["receiver"] in receivers)
+            not names or incident["receiver"] in names)
 
 
 class Recorder(Worker):
@@ -7357,9 +7495,9 @@ class Desk:
     SILENCE_HOURS = (1, 4, 24)
     TAKE_FOR = 60.0     # how long a silence being made holds the incident if its maker dies
 
-    def __init__(self, config, store, metrics, clock, wall, tell_card=None):
+    def __init__(self, config, store, metrics, wall, tell_card=None):
         self.config, self.store, self.metrics = config, store, metrics
-        self.clock, self.wall, self.tell_card = clock, wall, tell_card
+        self.wall, self.tell_card = wall, tell_card
 
     def claim(self, route, group, chosen, name, via):
         """`chosen` (a handle, or a name or user id) takes the group's open incident: the
@@ -7393,21 +7531,27 @@ class Desk:
         if not config.oncall.alertmanager_api:
             raise DeskRefused(409, "Silences need [oncall] alertmanager_api: nothing was "
                                    "changed.")
-        marker, now, wall = TAKING + secrets.token_hex(8), self.clock(), self.wall()
+        marker, wall, grace = TAKING + secrets.token_hex(8), self.wall(), silence_grace(config)
         if not self.store.take_silence(incident["id"], marker,
                                        epoch_db_time(wall + self.TAKE_FOR),
-                                       epoch_db_time(now + self.TAKE_FOR), epoch_db_time(wall)):
+                                       epoch_db_time(wall + self.TAKE_FOR + grace),
+                                       epoch_db_time(wall)):
             self._refuse_if_silenced(self.store.open_incident(route, group) or incident)
-            raise DeskRefused(200, "Nothing is open for this page any more.")
+            raise DeskRefused(200, "Someone else acted on this just now: nothing was changed. "
+                                   "Look again.")
         silence = self._make_silence(config, incident, marker, hours, name, wall)
         until = wall + hours * 3600
         try:
-            self.store.silenced(incident["id"], marker, silence, epoch_db_time(until),
-                                epoch_db_time(now + hours * 3600), chosen, epoch_db_time(wall),
-                                hours, via)
+            kept = self.store.silenced(incident["id"], marker, silence, epoch_db_time(until),
+                                       epoch_db_time(until + grace), chosen,
+                                       epoch_db_time(wall), hours, via)
         except BaseException:
             self._unmake(config, incident, silence)
             raise
+        if not kept:    # resolved while Alertmanager made it: nothing left to silence
+            self._unmake(config, incident, silence)
+            raise DeskRefused(200, "Nothing is open for this page any more: its alerts "
+                                   "resolved meanwhile. The silence was not kept.")
         log.info("incident=%s route=%s silenced %g h by %s via %s (silence %s)", incident["id"],
                  route, hours, chosen, via, silence)
         self._tell(route, group, SILENCED, incident, (silence,), name=md_escape(name),
@@ -7420,7 +7564,8 @@ class Desk:
         api = AlertmanagerAPI(config.oncall.alertmanager_api)
         try:
             return api.silence(incident["group_labels"], wall, wall + hours * 3600, name,
-                               f"alertbridge: from DingTalk, incident {incident['id']}")
+                               f"alertbridge: from DingTalk, incident {incident['id']} "
+                               f"({marker})")
         except AlertmanagerError as exc:
             log.warning("incident=%s: Alertmanager did not take the silence: %s",
                         incident["id"], exc)
@@ -9310,9 +9455,9 @@ class Bridge:
         self.relay = NoteRelay(current, self.store, self.journal, self.cluster, wall)
         self.escalator = Escalator(current, self.store, self.cluster, self.metrics, self.clock,
                                    wall, self.relay, ding=self.app_api.ding)
-        self.follower = Follower(current, self.store, self.cluster, self.clock, wall)
+        self.follower = Follower(current, self.store, self.cluster, wall)
         self.app = AppPager(current, self.app_api, self.journal, self.renderer)
-        self.desk = Desk(current, self.store, self.metrics, self.clock, wall, self.app.tell)
+        self.desk = Desk(current, self.store, self.metrics, wall, self.app.tell)
         self.app_desk = AppDesk(current, self.desk, self.store, wall)
         self.stream = StreamClient(current, self.app_api, self.app_desk.handle, self.cluster)
         self.requests = Requests()

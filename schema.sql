@@ -106,6 +106,7 @@ CREATE TABLE IF NOT EXISTS incident_notes (
   text TEXT NOT NULL,
   mentions TEXT NOT NULL,
   created_at DATETIME(3) NOT NULL,
+  relayed_by VARCHAR(64) NULL,
   sent_at DATETIME(3) NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uq_incident_notes_key (note_key),

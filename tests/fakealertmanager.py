@@ -23,6 +23,7 @@ class FakeAlertmanager:
         self.holding = False
         self.waiting = threading.Semaphore(0)  # released once for each request held
         self.abandoned = 0  # requests held until their client gave up (a deadline passed)
+        self.started = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)  # long up
         self._lock = threading.Lock()
 
     def start(self):
@@ -53,6 +54,15 @@ class FakeAlertmanager:
     def expire(self, silence_id):
         """Someone expires the silence in Alertmanager's UI."""
         self.silences[silence_id]["status"]["state"] = "expired"
+
+    def extend(self, silence_id, ends):
+        """Someone moves the silence's end in Alertmanager's UI (it keeps its id)."""
+        self.silences[silence_id]["endsAt"] = ends.isoformat()
+
+    def restart(self):
+        """Alertmanager started again: it keeps its silences, not its alerts."""
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.alerts = []
 
     def _held(self, connection):
         """Wait for `hold`, noting a client that hangs up meanwhile."""
@@ -90,6 +100,8 @@ class FakeAlertmanager:
             found["status"]["state"] = "expired"
             found["endsAt"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
             return 200, None
+        if method == "GET" and path == "/api/v2/status":
+            return 200, {"uptime": self.started.isoformat(), "versionInfo": {}}
         if method == "GET" and path == "/api/v2/silences":
             return 200, list(self.silences.values())
         if method == "GET" and path.split("?")[0] == "/api/v2/alerts":

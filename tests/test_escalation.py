@@ -108,8 +108,11 @@ class World:
         self.config = alertbridge.replace(
             self.config, oncall=alertbridge.replace(self.config.oncall, alertmanager_api=am.url)
         )
-        return alertbridge.Desk(
-            lambda: self.config, self.store, self.metrics, lambda: self.now, self.wall
+        return alertbridge.Desk(lambda: self.config, self.store, self.metrics, self.wall)
+
+    def follower(self):
+        return alertbridge.Follower(
+            lambda: self.config, self.store, alertbridge.Solo(), self.wall
         )
 
     def silence(self, am, hours, desk=None):
@@ -263,25 +266,57 @@ def steps_of(sent):
     }
 
 
+FIRST_STEP = ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"]
+FIRING_NOW = {"alertname": "DiskFull", "instance": "db-1", "severity": "critical"}
+
+
 def test_a_silence_that_ends_while_the_alert_fires_starts_the_chain_again(world, am):
-    """Silenced for a minute at 5 min, the alert still firing: nothing while it holds; at its
-    end the chain starts again (its first step 10 min later), and a new silence can be made."""
+    """Silenced for a minute at 5 min, the alert still firing: nothing while it holds; when
+    Alertmanager says it expired, the chain starts again (its first step 10 min later), and a
+    new silence can be made."""
     world.page()
     world.now = OPENED + 300
     world.silence(am, hours=1 / 60)
+    am.fire(FIRING_NOW)
     assert steps_of(world.at(359)) == {"ops": [], "leads": []}
-    world.at(361)  # the silence is over: the escalator looks again
+    world.now = OPENED + 361
+    [silence] = am.made()
+    am.expire(silence["id"])  # its end: Alertmanager has it expired
+    world.follower().step()
     assert Desk.silenced_now(world.store.open_incident("ops", GROUP), world.wall()) is False
     assert steps_of(world.at(361 + 599)) == {"ops": [], "leads": []}
-    assert steps_of(world.at(361 + 600)) == {
-        "ops": ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"],
-        "leads": [],
-    }
+    assert steps_of(world.at(361 + 600)) == {"ops": FIRST_STEP, "leads": []}
     _, again = world.silence(am, hours=1)  # not "silenced already"
     assert [s["id"] for s in am.made()][-1] == again and len(am.made()) == 2
     assert world.store.incidents()[0]["events"] == [
         "opened", "silenced", "unsilenced", "escalated", "silenced"
     ]
+
+
+def test_a_silence_ends_at_its_end_when_alertmanager_cannot_say(world, am):
+    """Alertmanager away: a little after its end (two follow intervals), a silence is over."""
+    world.page()
+    world.now = OPENED + 300
+    world.silence(am, hours=1 / 60)
+    grace = alertbridge.silence_grace(world.config)
+    assert steps_of(world.at(360 + grace - 1)) == {"ops": [], "leads": []}
+    world.at(360 + grace)
+    assert world.store.open_incident("ops", GROUP)["silence_id"] is None
+    assert steps_of(world.at(360 + grace + 600)) == {"ops": FIRST_STEP, "leads": []}
+
+
+def test_a_silence_extended_in_alertmanager_holds_the_incident_until_its_new_end(world, am):
+    """Alertmanager keeps a silence's id when its end is moved: the old end is not its end."""
+    world.page()
+    world.now = OPENED + 300
+    world.silence(am, hours=1 / 60)
+    am.fire(FIRING_NOW)
+    [silence] = am.made()
+    later = alertbridge.datetime.fromtimestamp(OPENED + 4 * 3600, alertbridge.timezone.utc)
+    am.extend(silence["id"], later)
+    world.follower().step()
+    assert steps_of(world.at(2 * 3600)) == {"ops": [], "leads": []}
+    assert world.store.open_incident("ops", GROUP)["silence_id"] == silence["id"]
 
 
 def test_a_silence_expired_in_alertmanager_before_its_end_lets_the_incident_escalate(
@@ -290,17 +325,115 @@ def test_a_silence_expired_in_alertmanager_before_its_end_lets_the_incident_esca
     world.page()
     world.now = OPENED + 300
     _, silence = world.silence(am, hours=4)
-    am.fire({"alertname": "DiskFull", "instance": "db-1", "severity": "critical"})
-    follower = alertbridge.Follower(
-        lambda: world.config, world.store, alertbridge.Solo(), lambda: world.now, world.wall
-    )
+    am.fire(FIRING_NOW)
+    follower = world.follower()
     world.now = OPENED + 400
     follower.step()  # active in Alertmanager: nothing changes
     assert world.store.open_incident("ops", GROUP)["silence_id"] == silence
     am.expire(silence)  # someone expires it in Alertmanager's UI
     follower.step()
     assert world.store.open_incident("ops", GROUP)["silence_id"] is None
-    assert steps_of(world.at(400 + 600))["ops"] == ["⏫ 升级第 1 步：DiskFull db-1 已等待 10m，无人认领"]
+    assert steps_of(world.at(400 + 600))["ops"] == FIRST_STEP
+
+
+def test_an_alertmanager_just_restarted_resolves_no_silenced_incident(world, am):
+    """Alertmanager keeps its silences across a restart, not its alerts, until Prometheus sends
+    them again: an empty answer then is no news that they are gone."""
+    world.page()
+    _, silence = world.silence(am, hours=4)
+    am.restart()
+    world.follower().step()
+    incident = world.store.open_incident("ops", GROUP)
+    assert incident["silence_id"] == silence and incident["state"] == "open"
+    assert am.silences[silence]["status"]["state"] == "active"
+
+
+def test_an_alert_alertmanager_garbles_does_not_stop_the_following(world, am):
+    world.page()
+    world.silence(am, hours=4)
+    am.alerts.append({"labels": ["not", "a", "map"], "receivers": "ops"})
+    am.alerts.append("not an alert at all")
+    world.follower().step()  # no alert of the incident's: its alerts are gone
+    assert world.store.incidents()[0]["state"] == "resolved"
+
+
+def test_a_resolve_while_the_silence_is_being_made_keeps_no_silence(world, am):
+    """The alerts resolve while Alertmanager makes the silence: the resolved incident keeps
+    none, and Alertmanager's is expired again (it would mute the group's next incident)."""
+    world.page()
+    am.holding = True
+    refused = []
+
+    def tap():
+        try:
+            world.silence(am, hours=4)
+        except alertbridge.DeskRefused as exc:
+            refused.append(str(exc))
+
+    tapping = threading.Thread(target=tap)
+    tapping.start()
+    assert am.waiting.acquire(timeout=10)
+    world.page(status="resolved")
+    am.holding = False
+    am.hold.set()
+    tapping.join(10)
+    assert refused and "resolved meanwhile" in refused[0]
+    [silence] = am.made()
+    assert silence["status"]["state"] == "expired"
+    assert world.store.incidents()[0]["events"] == ["opened", "resolved"]
+
+
+def test_a_silence_made_as_its_maker_died_is_kept(world, am):
+    """Killed after Alertmanager made the silence, before the history kept its id: the next
+    look at Alertmanager finds it by its marker and keeps it (it was asked for)."""
+    world.page()
+    [incident] = world.store.incidents()
+    marker = alertbridge.TAKING + "0123456789abcdef"
+    at = alertbridge.epoch_db_time
+    assert world.store.take_silence(
+        incident["id"], marker, at(world.wall() + 60), at(world.wall() + 130), at(world.wall())
+    )
+    made = alertbridge.AlertmanagerAPI(am.url).silence(
+        {"alertname": "DiskFull"}, world.wall(), world.wall() + 3600, "张三",
+        f"alertbridge: from DingTalk, incident {incident['id']} ({marker})",
+    )
+    am.fire(FIRING_NOW)
+    world.desk(am)  # [oncall] alertmanager_api
+    world.follower().step()
+    kept = world.store.open_incident("ops", GROUP)
+    assert kept["silence_id"] == made
+    assert world.store.incidents()[0]["events"] == ["opened", "silenced"]
+
+
+def test_a_receiver_named_twice_in_a_step_hears_it_once(tmp_path):
+    world = World(tmp_path)
+    world.config = load(tmp_path, PEOPLE + ESCALATION.replace(
+        "20m = lisi, receiver:leads", "20m = lisi, receiver:leads, receiver:leads, receiver:ops"))
+    world.page()
+    world.at(600)
+    assert [len(v) for v in steps_of(world.at(1200)).values()] == [1, 1]
+    world.store.close()
+    world.journal.close()
+
+
+def test_one_routes_notes_waiting_never_keep_anothers_from_their_turn(world, monkeypatch):
+    """The relay reads a batch of notes at a time: the ops group's robot down, its notes wait
+    (the first in the journal, the others in the history); the leads group's steps still go."""
+    monkeypatch.setattr(alertbridge.NoteRelay, "BATCH", 3)
+    for n in range(5):
+        world.page(key=f"g-{n}", instance=f"db-{n}")
+    world.now = OPENED + 600
+    world.escalator.step()  # step 1, to ops only: one message that is never sent
+    world.now = OPENED + 1200
+    world.escalator.step()  # step 2, to ops and to leads
+    world.escalator.step()
+    [leads] = world.journal.due_messages("leads", world.now + 1)
+    assert leads.body.note.count("升级第 2 步") == 3  # a batch: the others in the next
+    world.journal.finish([leads.id], "sent")
+    world.escalator.step()
+    [more] = world.journal.due_messages("leads", world.now + 1)
+    assert more.body.note.count("升级第 2 步") == 2
+    assert len(world.journal.due_messages("ops", world.now + 1)) == 1  # still the first
 
 
 def test_a_double_tap_on_silence_makes_one_silence_even_on_two_instances(tmp_path, database, am):
@@ -426,3 +559,17 @@ def test_a_hanging_alertmanager_holds_no_escalation_step(make_bridge, sqlite_db,
     )
     assert am.abandoned == 0  # the follower still waits: it held nothing up
     am.hold.set()
+
+
+def test_a_wall_clock_wrong_at_the_start_and_set_right_later_shifts_no_step_after_a_restart(world):
+    """Started with the wall clock 10 min fast, set right by NTP 5 min later, then restarted:
+    the history keeps wall-clock times, moved with the step, so the next process (or leader)
+    reads them as they are: step 1 still 10 min after the page."""
+    world.skew = 600
+    world.page()
+    world.at(1)  # looked at: its chain counts from the page, as the (fast) wall clock had it
+    world.skew = 0
+    world.at(300)  # NTP: the escalator sees the step and moves the times with it
+    world.escalator = world.make_escalator(alertbridge.Solo())  # a restart, or a new leader
+    assert steps_of(world.at(599)) == {"ops": [], "leads": []}
+    assert steps_of(world.at(600))["ops"] == FIRST_STEP

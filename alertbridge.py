@@ -363,6 +363,7 @@ def webhook_event(webhook, request_id, received_at, route=None):
             "started_at": max(a["starts_at"] for a in firing) if firing else None,
             "ended_at": max(ends) if ends and len(ends) == len(webhook.alerts) else None,
             "level": min(ranks)[1] if ranks else NO_LEVEL,
+            "rank": min(ranks)[0] if ranks else len(route.priority_order),
             "title": " ".join([", ".join(n for n in names if n)]
                               + [v for k, v in sorted(webhook.group_labels.items())
                                  if k != "alertname"])[:512]}
@@ -2510,6 +2511,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   group_labels JSON NOT NULL,
   title VARCHAR(512) NOT NULL DEFAULT '',
   level VARCHAR(64) NOT NULL DEFAULT '',
+  level_rank INT NULL,
   state VARCHAR(16) NOT NULL,
   opened_at DATETIME(3) NOT NULL,
   acknowledged_at DATETIME(3) NULL,
@@ -2593,7 +2595,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   route TEXT NOT NULL, receiver TEXT NOT NULL, group_hash TEXT NOT NULL, open_group TEXT,
   group_key TEXT NOT NULL, group_labels TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
-  level TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, opened_at TEXT NOT NULL,
+  level TEXT NOT NULL DEFAULT '', level_rank INTEGER, state TEXT NOT NULL, opened_at TEXT NOT NULL,
   acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
   escalations INTEGER NOT NULL DEFAULT 0, next_step_at TEXT NOT NULL, silence_id TEXT,
   silenced_until TEXT, steps_from TEXT, alerts_started_at TEXT, alerts_ended_at TEXT,
@@ -2661,9 +2663,9 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
 # by alerts that ended after these started (a peer's late copy). Only that short: a firing
 # notification just like an earlier one (Prometheus back after resolve_timeout) is a new one.
 _INCIDENT_OPEN = ("INTO incidents (route, receiver, group_hash, open_group, group_key, "
-                  "group_labels, title, level, state, opened_at, next_step_at, "
+                  "group_labels, title, level, level_rank, state, opened_at, next_step_at, "
                   "alerts_started_at) "
-                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s, %s "
+                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s, %s "
                   "FROM (SELECT 1 AS one) AS x "
                   "WHERE NOT EXISTS (SELECT 1 FROM incidents WHERE route = %s AND group_hash = %s "
                   "AND (resolved_at >= %s OR (alerts_ended_at >= %s AND resolved_at >= %s)))")
@@ -2671,6 +2673,11 @@ LATE_COPY = 30.0    # seconds: two Alertmanager peers' peer_timeout (15 s, the d
 S_INCIDENT_OPEN_MYSQL = "INSERT IGNORE " + _INCIDENT_OPEN    # the dialects' one difference here
 S_INCIDENT_OPEN_SQLITE = "INSERT OR IGNORE " + _INCIDENT_OPEN
 S_INCIDENT_OPEN_ID = "SELECT id FROM incidents WHERE route = %s AND open_group = %s"
+# A higher level: level_rank is its place in the route's priority_order (0 first; NULL, an
+# incident of 0.7: kept as it opened).
+S_INCIDENT_LEVEL = ("UPDATE incidents SET level = %s, level_rank = %s, escalations = 0, "
+                    "steps_from = %s, next_step_at = %s WHERE route = %s AND open_group = %s "
+                    "AND level_rank > %s")
 S_INCIDENT_FIRING = ("UPDATE incidents SET alerts_started_at = %s WHERE route = %s "
                      "AND open_group = %s AND (alerts_started_at IS NULL "
                      "OR alerts_started_at < %s)")
@@ -2801,6 +2808,7 @@ HISTORY_COLUMNS = (
     ("incidents", "steps_from", "DATETIME(3) NULL", "TEXT"),             # 0.8
     ("incidents", "alerts_started_at", "DATETIME(3) NULL", "TEXT"),
     ("incidents", "alerts_ended_at", "DATETIME(3) NULL", "TEXT"),
+    ("incidents", "level_rank", "INT NULL", "INTEGER"),
 )
 S_MYSQL_COLUMNS = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
                    "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s")
@@ -3732,11 +3740,12 @@ class Store:
             self.execute(cursor, self.dialect.open_incident, (
                 route, receiver[:128], group, group, incident["group_key"],
                 json.dumps(incident["group_labels"], ensure_ascii=False), incident["title"],
-                incident["level"][:64], at, LOOK_NOW, started, route, group, at, started,
+                incident["level"][:64], incident.get("rank"), at, LOOK_NOW, started, route,
+                group, at, started,
                 db_time(from_db_time(at) - timedelta(seconds=LATE_COPY))))
             kind = "opened"
-            if cursor.rowcount != 1 and started:
-                self.execute(cursor, S_INCIDENT_FIRING, (started, route, group, started))
+            if cursor.rowcount != 1:
+                self._firing_again(cursor, route, group, incident, at)
                 return
         else:
             self.execute(cursor, S_INCIDENT_RESOLVE, (at, ended, route, group, ended, ended))
@@ -3750,6 +3759,21 @@ class Store:
             self.execute(cursor, S_INCIDENT_RESOLVED_ID, (route, group, at))
             number = cursor.fetchone()[0]
         self.execute(cursor, S_INCIDENT_EVENT_ADD, (number, at, kind, "", "alertmanager", ""))
+
+    def _firing_again(self, cursor, route, group, incident, at):
+        """A firing notification of an incident open already: its alerts' latest start, and
+        its level if higher (a warning turned critical; the chain starts again at it)."""
+        started, rank = incident.get("started_at"), incident.get("rank")
+        if started:
+            self.execute(cursor, S_INCIDENT_FIRING, (started, route, group, started))
+        if rank is None:
+            return
+        self.execute(cursor, S_INCIDENT_LEVEL, (incident["level"][:64], rank, at, LOOK_NOW,
+                                                route, group, rank))
+        if cursor.rowcount == 1:
+            self.execute(cursor, S_INCIDENT_OPEN_ID, (route, group))
+            self.execute(cursor, S_INCIDENT_EVENT_ADD, (cursor.fetchone()[0], at, "raised", "",
+                                                        "alertmanager", incident["level"][:64]))
 
     def claim(self, route, group, person, at, via="link"):
         """`person` takes the open incident of a route's group, once: the first claim

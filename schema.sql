@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   group_labels JSON NOT NULL,
   title VARCHAR(512) NOT NULL DEFAULT '',
   level VARCHAR(64) NOT NULL DEFAULT '',
+  level_rank INT NULL,
   state VARCHAR(16) NOT NULL,
   opened_at DATETIME(3) NOT NULL,
   acknowledged_at DATETIME(3) NULL,

@@ -573,3 +573,17 @@ def test_a_wall_clock_wrong_at_the_start_and_set_right_later_shifts_no_step_afte
     world.escalator = world.make_escalator(alertbridge.Solo())  # a restart, or a new leader
     assert steps_of(world.at(599)) == {"ops": [], "leads": []}
     assert steps_of(world.at(600))["ops"] == FIRST_STEP
+
+
+def test_a_group_that_turns_critical_escalates_from_then(world):
+    """An incident opened as a warning (which does not escalate) whose group turns critical
+    takes the higher level, and its chain starts then: step 1 10 min after."""
+    world.page(severity="warning")
+    assert world.at(3000) == {"ops": [], "leads": []}
+    world.page(severity="critical")  # the same group, at 50 min
+    [incident] = world.store.incidents()
+    assert incident["level"] == "critical" and incident["events"] == ["opened", "raised"]
+    assert steps_of(world.at(3000 + 599)) == {"ops": [], "leads": []}
+    assert steps_of(world.at(3000 + 600))["ops"] == FIRST_STEP
+    world.page(severity="warning")  # a level lower again changes nothing
+    assert world.store.incidents()[0]["level"] == "critical"

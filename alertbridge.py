@@ -4,44 +4,50 @@
 The file reads top to bottom the way an alert travels through it:
 
    1. Records        what crosses sections: the alert, the webhook, a message's Body (alerts,
-                     card, mention) and Mentions, the journal's two events, times as the stores
-                     keep them, the steady clock; the error types
+                     card, mention) and Mentions, a Note, the journal's two events, times as
+                     the stores keep them, the steady clock, group_hash; the error types
    2. Templates      str.format with blanks over declared fields (a name and one [key]),
                      shared by config validation, the preview and rendering
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
-                     once), Robot and Route (the config side of an Alertmanager receiver);
-                     credentials from files and ${ENV}
+                     once), Robot and Route (the config side of an Alertmanager receiver),
+                     people, rotations, escalations; credentials from files and ${ENV}
    4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
                      (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it
                      replaces), the Endpoints it serves, the Requests under way
    5. Storage        all SQL; the Journal (local SQLite, one daemon's: messages to send, events
-                     to record, the send log); the Store (history, MySQL or SQLite) and its
+                     to record, the send log, cards, relayed notes); the Store (history:
+                     alerts, incidents, their events and notes; MySQL or SQLite) and its
                      child process
-   6. Rendering      a Body -> a Rendered message, any channel's input (templates, escaping,
+   6. Packing        digest and split plans: pure functions, sizes in, groups out
+   7. Rendering      a Body -> a Rendered message, any channel's input (templates, escaping,
                      links, mentions from config and labels, buttons; {history}); the plan of
                      how a body goes out (parts, a card's @ message)
-   7. Packing        digest and split plans: pure functions, sizes in, groups out
-   8. Channel        RobotChannel, the custom group robot: its wire format (markdown,
-                     actionCard, the @ text message), limits, signing, one request with a total
-                     deadline, its answer classified once
-   9. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles, hanging robots
-  10. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
+   8. Transport      Deadline and exchange_json (one HTTP exchange, one failure rule), the
+                     retry delays, the RFC 6455 WebSocket client
+   9. Channels       RobotChannel, the custom group robot: its wire format (markdown,
+                     actionCard, the @ text message), limits, signing, one request, its answer
+                     classified once (SendResult)
+  10. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles, hanging robots
+  11. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
                      RouteSender per route, in stages: choose, plan, deliver, Ledger, `sent`;
-                     test messages; Escalator (steps due, marked done with their notes in the
-                     history), NoteRelay (the history's notes into this journal, folded),
-                     Follower (silenced incidents, as Alertmanager has them); Recorder
-  11. DingTalk app  the enterprise app robot: AppAPI (token, cards, DING), an RFC 6455
-                     WebSocket client and the StreamClient on it (the leader's connection to
-                     DingTalk's gateway), AppPager (pages as cards, updated in place), Desk
-                     (claim and silence, however they come), AppDesk (clicks and commands)
-  12. Cluster        several instances on one MySQL: members, a leader by lease fenced by its
+                     test messages; Recorder
+  12. On call        who is on call (rotations), signed links, the escalation chain; Escalator
+                     (steps due, marked done with their notes in the history), NoteRelay (the
+                     history's notes into this journal, folded), AlertmanagerAPI and the
+                     Follower (silenced incidents, as Alertmanager has them), Desk (claims and
+                     silences, however they come)
+  13. Cluster        several instances on one MySQL: members, a leader by lease fenced by its
                      own clock, claims, handoffs from standbys, shared budgets
-  13. Observability  metrics, sd_notify, the watchdog; what a request accounts for
+  14. Observability  metrics, sd_notify, the watchdog; what a request accounts for
                      (SendAccounting), /-/ready and /metrics (Probes)
-  14. Pages          the status page, the preview, the dry run: HTML, escaped, no script
-  15. Bridge         one instance: wiring, start, reload, stop
-  16. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
+  15. Pages          the status page, the incident pages, the preview, the dry run: HTML,
+                     escaped, no script
+  16. Bridge         one instance: wiring, start, reload, stop
+  17. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
                      --render, --import-webhook-dingtalk, run(), main()
+  18. DingTalk app   a wing, off unless [app] is set: AppAPI (token, cards, DING), the
+                     StreamClient (the leader's connection to DingTalk's gateway), AppPager
+                     (pages as cards, updated in place), AppDesk (clicks and commands)
 
 Invariants: an accepted webhook is on disk in the journal before Alertmanager gets its 200;
 nothing accepted is dropped (a message that cannot be sent waits, is retried, and after
@@ -73,12 +79,12 @@ time (the recorder's; the status page's, which waits for it 2 s at most); Coordi
 statements on the cluster's MySQL session. No lock is held during a DingTalk request.
 
 Where a change goes (each touches at most two sections):
-  - another way to talk to DingTalk: a class with RobotChannel's methods (8. Channel), and the
+  - another way to talk to DingTalk: a class with RobotChannel's methods (9. Channels), and the
     config that chooses it (3. Config);
-  - the digest's format: Renderer.render and digest_title (6. Rendering);
-  - a metric: METRIC_HELP (13. Observability), and where it counts: a listener of a Signal in
+  - the digest's format: Renderer.render and digest_title (7. Rendering);
+  - a metric: METRIC_HELP (14. Observability), and where it counts: a listener of a Signal in
     13 (SendAccounting for requests), or the one component that knows;
-  - a cluster rule: its pure function and Coordinator (12. Cluster), its statements in 5.
+  - a cluster rule: its pure function and Coordinator (13. Cluster), its statements in 5.
 """
 
 import sys
@@ -479,6 +485,11 @@ def fit_text(text, limit=TEXT_BYTES):
     if text is None or len(text) * 4 <= limit:
         return text
     return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def group_hash(group_key):
+    """How the history and the links name an Alertmanager group: its key, hashed."""
+    return hashlib.sha256(group_key.encode()).hexdigest()
 
 
 # =============================================================================================
@@ -4227,7 +4238,49 @@ def serve_store(fd):
 
 
 # =============================================================================================
-# 6. Rendering
+# 6. Packing: how messages become digests and parts (pure: sizes in, lengths out)
+# =============================================================================================
+
+def chunk_lengths(sizes, room):
+    """Greedy packing of items in order: the lengths of consecutive runs whose sizes add up to
+    at most `room`; an item larger than `room` is a run of its own (the renderer cuts it with a
+    visible mark). Lazy, so a digest reads only the messages it takes, and one more."""
+    count = used = 0
+    for size in sizes:
+        if count and used + size > room:
+            yield count
+            count = used = 0
+        count += 1
+        used += size
+    if count:
+        yield count
+
+
+def cut(items, lengths):
+    """`items` in consecutive pieces of the given lengths."""
+    pieces, start = [], 0
+    for length in lengths:
+        pieces.append(items[start:start + length])
+        start += length
+    return pieces
+
+
+def longest_that_fits(items, fits):
+    """The longest prefix of `items` (at least one) for which fits(prefix) holds: the size
+    estimates of chunk_lengths are checked against the real rendering, one item less at a time."""
+    count = len(items)
+    while count > 1 and not fits(items[:count]):
+        count -= 1
+    return items[:count]
+
+
+def split_in_two(items):
+    half = len(items) // 2
+    return [items[:half], items[half:]]
+
+
+# =============================================================================================
+# 7. Rendering: a Body -> a Rendered message, any channel's input
 # =============================================================================================
 
 STANDARD_LABELS = ("alertname", "severity", "instance", "job")
@@ -4408,134 +4461,6 @@ def truncate_to(text, limit):
 
 def ordinal(n):
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-class LinkRefused(Exception):
-    """A claim or silence link that must change nothing: malformed, forged or expired."""
-
-
-LINK_ACTIONS = ("claim", "silence")
-LINK_MAC_BYTES = 16
-
-
-def sign_link(secret, route, group_hash, action, expires):
-    """The token of a link that acts on the open incident of one route's Alertmanager group
-    until epoch `expires`: its fields, then an HMAC-SHA256 of them with the config's secret.
-    The group, not an incident id: a page is sent before the history has recorded its incident
-    (or while the history is down), and a claim finds the incident open when it comes."""
-    fields = base64.urlsafe_b64encode(json.dumps(
-        [route, group_hash, action, int(expires)], separators=(",", ":")).encode()).rstrip(b"=")
-    mac = hmac.new(secret.encode(), fields, hashlib.sha256).digest()[:LINK_MAC_BYTES]
-    return (fields + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
-
-
-def read_link(secret, token, now):
-    """(route, group_hash, action, expires) of a link token, checked: LinkRefused says why a
-    link is not one (the signature first: nothing of a forged link is believed)."""
-    fields, dot, mac = token.partition(".")
-    try:
-        fields_bytes = fields.encode("ascii")
-        given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
-    except (UnicodeEncodeError, ValueError):
-        raise LinkRefused("this link is damaged: open it again from the message")
-    wanted = hmac.new(secret.encode(), fields_bytes, hashlib.sha256).digest()[:LINK_MAC_BYTES]
-    if not dot or not hmac.compare_digest(given, wanted):
-        raise LinkRefused("this link was not made by this alertbridge (or is cut): it does "
-                          "nothing")
-    route, group_hash, action, expires = json.loads(
-        base64.urlsafe_b64decode(fields_bytes + b"=" * (-len(fields_bytes) % 4)))
-    if now >= expires:
-        raise LinkRefused("this link has expired: the incident is older than the links last")
-    return route, group_hash, action, expires
-
-
-def claim_link(oncall, route_name, group, now, action="claim"):
-    """The URL that claims (or silences) the open incident of a route's group, [oncall]
-    link_ttl long."""
-    token = sign_link(oncall.link_secret, route_name, group, action, now + oncall.link_ttl)
-    return f"{oncall.base_url}/incident/{token}"
-
-
-def due_step(escalation, opened_at, done, now):
-    """The step to send now for an incident opened at epoch `opened_at` with `done` steps sent:
-    (its number from 1, which is the steps done after it; Step; epoch it was due), or None.
-    When several are
-    due (after a restart, or a long history outage), only the latest goes out."""
-    steps, rounds = escalation.steps, escalation.repeat + 1
-    found = None
-    for number in range(done, len(steps) * rounds):
-        round_, index = divmod(number, len(steps))
-        due = opened_at + round_ * steps[-1].after + steps[index].after
-        if due > now:
-            break
-        found = (number + 1, steps[index], due)
-    return found
-
-
-def next_step_at(escalation, opened_at, done):
-    """When the next step is due (epoch), or None when the chain is over."""
-    steps = escalation.steps
-    if done >= len(steps) * (escalation.repeat + 1):
-        return None
-    round_, index = divmod(done, len(steps))
-    return opened_at + round_ * steps[-1].after + steps[index].after
-
-
-def group_hash(group_key):
-    """How the history and the links name an Alertmanager group: its key, hashed."""
-    return hashlib.sha256(group_key.encode()).hexdigest()
-
-
-def local_epoch(day, at, tz):
-    """The epoch of a local date and time of day in `tz` (a time a DST change skips or
-    repeats: as zoneinfo takes it, fold 0)."""
-    return datetime.combine(day, at).replace(tzinfo=tz).timestamp()
-
-
-def shift_of(rotation, at, tz):
-    """(number of the shift, its start, its end) at epoch `at`: shifts begin at hand_over_at
-    local time every `days` days from `start` (numbered backwards before it)."""
-    local = datetime.fromtimestamp(at, tz)
-    days = (local.date() - rotation.start).days - (local.time() < rotation.hand_over_at)
-    number = days // rotation.days
-
-    def begins(n):
-        return local_epoch(rotation.start + timedelta(days=n * rotation.days),
-                           rotation.hand_over_at, tz)
-    return number, begins(number), begins(number + 1)
-
-
-def on_call(rotation, at, tz):
-    """(Person, until): who is on call in the rotation at epoch `at`, and when that changes
-    (the shift's end, an override's start or end). The last listed override that covers `at`
-    wins over the others and the shift."""
-    number, _, end = shift_of(rotation, at, tz)
-    person = rotation.people[number % len(rotation.people)]
-    for begins, ends, who in reversed(rotation.overrides):
-        if begins <= at < ends:
-            person, end = who, ends
-            break
-    changes = [t for begins, ends, _ in rotation.overrides for t in (begins, ends) if at < t < end]
-    return person, min([end] + changes)
-
-
-def on_call_report(rotations, at, tz):
-    """[(rotation, (person, until), (next person, until))]: now and next, for the status page
-    and GET /api/oncall."""
-    report = []
-    for rotation in rotations:
-        now = on_call(rotation, at, tz)
-        following = on_call(rotation, now[1], tz)
-        while following[0] == now[0] and following[1] < now[1] + 366 * 86400:
-            following = on_call(rotation, following[1], tz)   # the next one who is someone else
-        report.append((rotation, now, following))
-    return report
-
-
-def reached(targets, at, tz):
-    """People and rotations -> (mobiles, user ids) of who they are at epoch `at`."""
-    people = [t if isinstance(t, Person) else on_call(t, at, tz)[0] for t in targets]
-    return ([p.mobile for p in people if p.mobile], [p.user_id for p in people if p.user_id])
 
 
 def recurrence_text(earlier, last, tz, language):
@@ -4959,50 +4884,352 @@ def sample_alert(receiver, now=None):
 
 
 # =============================================================================================
-# 7. Packing: how messages become digests and parts (pure: sizes in, lengths out)
+# 8. Transport: one HTTP exchange with one deadline, the WebSocket client
 # =============================================================================================
+#
+# What any channel, and any API alertbridge calls, sends its bytes over. exchange_json() is the
+# one HTTP exchange: the whole of it within a Deadline, an error status an answer too, no
+# answer one of NO_ANSWER. The WebSocket client (RFC 6455) carries the DingTalk app's Stream
+# connection, its connect, TLS and handshake within one ConnectDeadline.
 
-def chunk_lengths(sizes, room):
-    """Greedy packing of items in order: the lengths of consecutive runs whose sizes add up to
-    at most `room`; an item larger than `room` is a run of its own (the renderer cuts it with a
-    visible mark). Lazy, so a digest reads only the messages it takes, and one more."""
-    count = used = 0
-    for size in sizes:
-        if count and used + size > room:
-            yield count
-            count = used = 0
-        count += 1
-        used += size
-    if count:
-        yield count
+def retry_delay(attempts, base, longest, jitter=random.uniform):
+    """Seconds to wait after `attempts` failed rounds: doubling from `base` up to `longest`, with
+    jitter so that waiting messages do not all retry at once. Bounded for any `attempts`."""
+    return min(longest, base * 2.0 ** min(attempts, 64)) * jitter(0.5, 1.0)
 
 
-def cut(items, lengths):
-    """`items` in consecutive pieces of the given lengths."""
-    pieces, start = [], 0
-    for length in lengths:
-        pieces.append(items[start:start + length])
-        start += length
-    return pieces
+class Deadline:
+    """Ends an HTTP exchange `seconds` after it began, however slowly the peer answers. Socket
+    timeouts bound each read, not the whole exchange, so a timer shuts the socket down."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.passed = False
+        self._sockets = []
+        self._lock = threading.Lock()       # _sockets and passed: the timer's thread and ours
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+    def watch(self, sock):
+        with self._lock:
+            self._sockets.append(sock)
+            if self.passed:
+                self._shut(sock)
+
+    def _cut(self):
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        # The plain socket call, under TLS too. Safe on a closed socket: its fd is then -1.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def longest_that_fits(items, fits):
-    """The longest prefix of `items` (at least one) for which fits(prefix) holds: the size
-    estimates of chunk_lengths are checked against the real rendering, one item less at a time."""
-    count = len(items)
-    while count > 1 and not fits(items[:count]):
-        count -= 1
-    return items[:count]
+class _DeadlineHandler:
+    """urllib's HTTP(S) handler, handing each connection's socket to its request's Deadline."""
+
+    def do_open(self, http_class, req, **options):
+        def connection(host, **settings):
+            conn = http_class(host, **settings)
+            connect = conn.connect
+
+            def connect_and_watch():   # after TLS, so the socket watched is the one read
+                connect()
+                req.deadline.watch(conn.sock)
+            conn.connect = connect_and_watch
+            return conn
+        return super().do_open(connection, req, **options)
 
 
-def split_in_two(items):
-    half = len(items) // 2
-    return [items[:half], items[half:]]
+class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
+_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+
+
+def _no_answer(exc):
+    if isinstance(exc, urllib.error.URLError):
+        return f"network: {exc.reason}"
+    return f"no answer: {type(exc).__name__}: {exc}"
+
+
+NO_ANSWER = (OSError, ValueError, http.client.HTTPException)    # what exchange_json may raise
+
+
+def exchange_json(method, url, body=None, headers=None, timeout=10.0, limit=4 << 20):
+    """One HTTP request with a JSON body (if any), done within `timeout` seconds in all (see
+    Deadline): (HTTP status, the answer's first `limit` bytes); an error status is an answer
+    too. A request that gets no answer raises one of NO_ANSWER. It asks for JSON (Accept):
+    DingTalk's gateway answers XML to a request that does not."""
+    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+    request = urllib.request.Request(url, data, method=method, headers={
+        "Content-Type": "application/json", "Accept": "application/json",
+        "User-Agent": "alertbridge/" + VERSION, **(headers or {})})
+    with Deadline(timeout) as request.deadline:
+        try:
+            with _OPENER.open(request, timeout=timeout) as response:
+                return response.status, response.read(limit)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(limit)
+
+
+class WebSocketClosed(Exception):
+    """The WebSocket is closed (a close frame, or the socket ended), or could not be opened."""
+
+
+class ConnectDeadline(Deadline):
+    """The Deadline of a WebSocket being opened, which its owner may also cut at once
+    (StreamClient.stop: a gateway trickling its handshake must not hold a shutdown)."""
+
+    def cut(self):
+        self._cut()
+
+
+class WebSocket:
+    """An RFC 6455 client over a plain or TLS socket: the handshake, masked frames of any size,
+    fragmented messages, ping and pong, close. One thread reads (recv); sends take _send_lock,
+    so the owner may ping while the reader answers a ping. `heard`: time.monotonic() of the
+    last frame received, pongs included (how a half-open connection is noticed). What the
+    server sends is bounded before it is worked on: a message's bytes (MAX_MESSAGE) and frames
+    (MAX_FRAGMENTS: empty continuations cost work, not bytes), a control frame's 125 bytes."""
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    MAX_MESSAGE = 4 << 20
+    MAX_FRAGMENTS = 4096
+    MAX_CONTROL = 125           # RFC 6455 5.5: a control frame's payload, never fragmented
+    MAX_HANDSHAKE = 16384       # the handshake's answer, headers included
+    TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.heard = time.monotonic()
+        self._send_lock = threading.Lock()
+        self._buffer = bytearray()      # received, not yet a whole frame (cut from the front)
+        self._parts, self._size, self._opcode = [], 0, None    # a fragmented message so far
+        self.closed = False
+
+    @classmethod
+    def connect(cls, url, timeout, context=None, deadline=None):
+        """An open WebSocket to `url`, within `timeout` seconds in all: the TCP connection, TLS
+        and the handshake together, however slowly the server answers (a Deadline shuts the
+        socket down; each read has `timeout` too). `deadline`: a ConnectDeadline the caller
+        may cut sooner; by default one of `timeout` seconds."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("not a ws:// or wss:// URL")
+        secure = parts.scheme == "wss"
+        deadline = deadline or ConnectDeadline(timeout)
+        with deadline:
+            sock = cls._dial(parts.hostname, parts.port or (443 if secure else 80), timeout,
+                             deadline)
+            try:
+                if secure:
+                    sock = cls._tls(sock, parts.hostname, context, deadline)
+                ws = cls(sock)
+                ws._handshake(parts)
+            except BaseException as exc:
+                sock.close()
+                if deadline.passed and isinstance(exc, (OSError, WebSocketClosed)):
+                    raise WebSocketClosed(f"no WebSocket within {timeout:g} s (connection, TLS "
+                                          f"and handshake)") from exc
+                raise
+        if deadline.passed:     # the timer fired as the handshake ended: the socket is shut
+            sock.close()
+            raise WebSocketClosed(f"no WebSocket within {timeout:g} s")
+        return ws
+
+    @staticmethod
+    def _dial(host, port, timeout, deadline):
+        """A TCP connection to the first of the host's addresses that accepts, each socket
+        watched by `deadline` and given what is left of `timeout`."""
+        ends, error = time.monotonic() + timeout, OSError(f"{host}: no address")
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port,
+                                                                  type=socket.SOCK_STREAM):
+            if deadline.passed or time.monotonic() >= ends:
+                raise WebSocketClosed(f"no connection to {host} within {timeout:g} s")
+            sock = socket.socket(family, kind, proto)
+            deadline.watch(sock)
+            try:
+                sock.settimeout(max(ends - time.monotonic(), 0.001))
+                sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.settimeout(timeout)
+            return sock
+        raise error
+
+    @staticmethod
+    def _tls(sock, hostname, context, deadline):
+        """TLS over `sock`; its handshake runs once the TLS socket is watched (wrap_socket
+        detaches `sock`: shutting that down would no longer reach the connection)."""
+        tls = (context or ssl.create_default_context()).wrap_socket(
+            sock, server_hostname=hostname, do_handshake_on_connect=False)
+        deadline.watch(tls)
+        try:
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    def _handshake(self, parts):
+        key = base64.b64encode(os.urandom(16)).decode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.sock.sendall((f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           f"User-Agent: alertbridge/{VERSION}\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self._buffer:
+            if len(self._buffer) > self.MAX_HANDSHAKE:
+                raise WebSocketClosed("the handshake's answer is too long")
+            self._fill()
+        end = self._buffer.index(b"\r\n\r\n")
+        head = bytes(self._buffer[:end])
+        del self._buffer[:end + 4]
+        status, *lines = head.decode("latin-1").split("\r\n")
+        if status.split(" ")[1:2] != ["101"]:
+            raise WebSocketClosed(f"the handshake was answered {status[:80]!r}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
+        if headers.get("sec-websocket-accept") != accept:
+            raise WebSocketClosed("the handshake's Sec-WebSocket-Accept is wrong")
+
+    def send_text(self, text):
+        self._send(self.TEXT, text.encode())
+
+    def ping(self, payload=b""):
+        self._send(self.PING, payload)
+
+    def recv(self, timeout):
+        """The next text message (str), answering pings and noting pongs on the way; raises
+        socket.timeout if none came whole within `timeout` (what did stays buffered)."""
+        self.sock.settimeout(timeout)
+        while True:
+            final, opcode, payload = self._frame()
+            self.heard = time.monotonic()
+            if opcode == self.PING:
+                self._send(self.PONG, payload)
+            elif opcode == self.CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015)
+                           else 1000)      # codes that never go on the wire: a plain close
+                raise WebSocketClosed(f"closed by the server ({code} "
+                                      f"{payload[2:].decode(errors='replace')})")
+            elif opcode != self.PONG:
+                message = self._gather(final, opcode, payload)
+                if message is not None:
+                    return message
+
+    def _gather(self, final, opcode, payload):
+        """A data frame added to the message it belongs to: the message once whole, else None.
+        Its size and frame count are kept as frames come (not summed again on each)."""
+        if opcode in (self.TEXT, self.BINARY):
+            if self._opcode:
+                raise self._fail(1002, "a new message inside a fragmented one")
+            self._opcode = opcode
+        elif opcode != 0 or not self._opcode:
+            raise self._fail(1002, f"an unexpected frame (opcode {opcode})")
+        self._parts.append(payload)
+        self._size += len(payload)
+        if self._size > self.MAX_MESSAGE:
+            raise self._fail(1009, "a message over 4 MiB")
+        if len(self._parts) > self.MAX_FRAGMENTS:
+            raise self._fail(1009, f"a message in over {self.MAX_FRAGMENTS} frames")
+        if not final:
+            return None
+        data, opcode = b"".join(self._parts), self._opcode
+        self._parts, self._size, self._opcode = [], 0, None
+        try:
+            return data.decode() if opcode == self.TEXT else data.decode("latin-1")
+        except UnicodeDecodeError:
+            raise self._fail(1007, "a text message that is not UTF-8")
+
+    def close(self, code=1000):
+        if not self.closed:
+            self.closed = True
+            try:
+                self._send(self.CLOSE, code.to_bytes(2, "big"), force=True)
+            except OSError:
+                pass
+        with contextlib.suppress(OSError):      # wakes a thread blocked reading it
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _fail(self, code, why):
+        self.close(code)
+        return WebSocketClosed(why)
+
+    def _frame(self):
+        """(final, opcode, payload) of the next whole frame; nothing is consumed until it is.
+        Its header is checked before its payload is waited for."""
+        while True:
+            data = self._buffer
+            if len(data) >= 2:
+                if data[0] & 0x70 or data[1] & 0x80:
+                    raise self._fail(1002, "a frame with reserved bits set, or masked")
+                final, opcode, length, at = bool(data[0] & 0x80), data[0] & 0x0F, data[1] & 0x7F, 2
+                if opcode & 0x8 and (length > self.MAX_CONTROL or not final):
+                    raise self._fail(1002, f"a control frame (opcode {opcode}) fragmented or "
+                                           f"over {self.MAX_CONTROL} bytes")
+                if length >= 126:
+                    size = 2 if length == 126 else 8
+                    if len(data) < 2 + size:
+                        self._fill()
+                        continue
+                    length, at = int.from_bytes(data[2:2 + size], "big"), 2 + size
+                if length > self.MAX_MESSAGE:
+                    raise self._fail(1009, "a frame over 4 MiB")
+                if len(data) >= at + length:
+                    payload = bytes(data[at:at + length])
+                    del data[:at + length]
+                    return final, opcode, payload
+            self._fill()
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            self.closed = True
+            raise WebSocketClosed("the connection ended")
+        self._buffer += chunk
+
+    def _send(self, opcode, payload, force=False):
+        if self.closed and not force:
+            raise WebSocketClosed("closed")
+        mask, n = os.urandom(4), len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, 0x80 | n])
+        elif n < 1 << 16:
+            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+        key = (mask * (n // 4 + 1))[:n]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+        with self._send_lock:
+            self.sock.sendall(head + mask + masked)
 
 
 # =============================================================================================
-# 8. Channel: how a message reaches DingTalk. The custom group robot: its wire format, signing,
-#    one request with its deadline, its answer classified once
+# 9. Channels: how a message reaches a group. The custom group robot: its wire format,
+#    signing, one request, its answer classified once
 # =============================================================================================
 #
 # A channel turns a Rendered message into the request one robot gets, posts it, and says what
@@ -5149,12 +5376,6 @@ class RobotChannel:
         return FAILED
 
 
-def retry_delay(attempts, base, longest, jitter=random.uniform):
-    """Seconds to wait after `attempts` failed rounds: doubling from `base` up to `longest`, with
-    jitter so that waiting messages do not all retry at once. Bounded for any `attempts`."""
-    return min(longest, base * 2.0 ** min(attempts, 64)) * jitter(0.5, 1.0)
-
-
 def signed_url(robot, now_ms=None):
     """The robot URL, with a fresh timestamp and signature when the robot has a secret."""
     if not robot.secret:
@@ -5164,71 +5385,6 @@ def signed_url(robot, now_ms=None):
     digest = hmac.new(robot.secret.encode(), to_sign, hashlib.sha256).digest()
     sign = urllib.parse.quote_plus(base64.b64encode(digest))
     return f"{robot.url}&timestamp={timestamp}&sign={sign}"
-
-
-class Deadline:
-    """Ends an HTTP exchange `seconds` after it began, however slowly the peer answers. Socket
-    timeouts bound each read, not the whole exchange, so a timer shuts the socket down."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.passed = False
-        self._sockets = []
-        self._lock = threading.Lock()       # _sockets and passed: the timer's thread and ours
-        self._timer = threading.Timer(seconds, self._cut)
-        self._timer.daemon = True
-
-    def __enter__(self):
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._timer.cancel()
-
-    def watch(self, sock):
-        with self._lock:
-            self._sockets.append(sock)
-            if self.passed:
-                self._shut(sock)
-
-    def _cut(self):
-        with self._lock:
-            self.passed = True
-            for sock in self._sockets:
-                self._shut(sock)
-
-    @staticmethod
-    def _shut(sock):
-        # The plain socket call, under TLS too. Safe on a closed socket: its fd is then -1.
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class _DeadlineHandler:
-    """urllib's HTTP(S) handler, handing each connection's socket to its request's Deadline."""
-
-    def do_open(self, http_class, req, **options):
-        def connection(host, **settings):
-            conn = http_class(host, **settings)
-            connect = conn.connect
-
-            def connect_and_watch():   # after TLS, so the socket watched is the one read
-                connect()
-                req.deadline.watch(conn.sock)
-            conn.connect = connect_and_watch
-            return conn
-        return super().do_open(connection, req, **options)
-
-
-class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
-    pass
-
-
-class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
-    pass
-
-
-_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
 
 
 def post_to_dingtalk(robot, payload, timeout):
@@ -5267,118 +5423,8 @@ def _read_answer(raw):
     return SendResult(errcode, str(answer.get("errmsg", "")))
 
 
-def _no_answer(exc):
-    if isinstance(exc, urllib.error.URLError):
-        return f"network: {exc.reason}"
-    return f"no answer: {type(exc).__name__}: {exc}"
-
-
-NO_ANSWER = (OSError, ValueError, http.client.HTTPException)    # what exchange_json may raise
-
-
-def exchange_json(method, url, body=None, headers=None, timeout=10.0, limit=4 << 20):
-    """One HTTP request with a JSON body (if any), done within `timeout` seconds in all (see
-    Deadline): (HTTP status, the answer's first `limit` bytes); an error status is an answer
-    too. A request that gets no answer raises one of NO_ANSWER. It asks for JSON (Accept):
-    DingTalk's gateway answers XML to a request that does not."""
-    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-    request = urllib.request.Request(url, data, method=method, headers={
-        "Content-Type": "application/json", "Accept": "application/json",
-        "User-Agent": "alertbridge/" + VERSION, **(headers or {})})
-    with Deadline(timeout) as request.deadline:
-        try:
-            with _OPENER.open(request, timeout=timeout) as response:
-                return response.status, response.read(limit)
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read(limit)
-
-
-class AlertmanagerError(Exception):
-    """Alertmanager's API did not do what was asked; the text says what it answered."""
-
-
-class AlertmanagerAPI:
-    """Alertmanager's API v2, for what alertbridge does there: make a silence, expire it, and
-    list its alerts and silences (silenced alerts get no resolved notification: alertmanager
-    #226)."""
-
-    MOST = 64 << 20     # the largest list of alerts or silences read (about 50,000 alerts)
-
-    def __init__(self, base, timeout=10.0):
-        self.base, self.timeout = base.rstrip("/"), timeout
-
-    def silence(self, labels, starts, ends, created_by, comment):
-        """A silence on exactly these labels, from and until epochs; its id."""
-        body = {"matchers": [{"name": k, "value": v, "isRegex": False, "isEqual": True}
-                             for k, v in sorted(labels.items())],
-                "startsAt": _rfc3339(starts), "endsAt": _rfc3339(ends),
-                "createdBy": created_by, "comment": comment}
-        answer = self._call("POST", "/api/v2/silences", body)
-        if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
-            raise AlertmanagerError("the answer has no silenceID")
-        return answer["silenceID"]
-
-    def expire(self, silence_id):
-        self._call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
-
-    def alerts(self):
-        """Every alert Alertmanager holds, silenced ones too (one request; matched by the
-        caller, so that no label value is written into a filter)."""
-        answer = self._call("GET", "/api/v2/alerts", limit=self.MOST)
-        if not isinstance(answer, list):
-            raise AlertmanagerError("the answer is not a list of alerts")
-        return [a for a in answer if isinstance(a, dict)]   # one it garbled: none of ours
-
-    def silences(self):
-        """Every silence Alertmanager keeps, by id: {"state", "ends" (epoch), "comment",
-        "created_by", "starts" (epoch)}; an entry it cannot read is left out."""
-        answer = self._call("GET", "/api/v2/silences", limit=self.MOST)
-        if not isinstance(answer, list):
-            raise AlertmanagerError("the answer is not a list of silences")
-        found = {}
-        for silence in answer:
-            try:
-                found[str(silence["id"])] = {
-                    "state": silence["status"]["state"], "comment": str(silence["comment"]),
-                    "created_by": str(silence.get("createdBy", ""))[:128],
-                    "starts": parse_time(silence["startsAt"], "startsAt").timestamp(),
-                    "ends": parse_time(silence["endsAt"], "endsAt").timestamp()}
-            except (KeyError, TypeError, AttributeError, BadRequest):
-                continue
-        return found
-
-    def started_at(self):
-        """When Alertmanager started (epoch): until its sources send them again, it holds
-        none of the alerts it had before (its silences it keeps)."""
-        answer = self._call("GET", "/api/v2/status")
-        try:
-            return parse_time(answer["uptime"], "uptime").timestamp()
-        except (KeyError, TypeError, BadRequest):
-            raise AlertmanagerError("its status does not say since when it runs (uptime)")
-
-    def _call(self, method, path, body=None, limit=1 << 20):
-        try:
-            status, raw = exchange_json(method, self.base + path, body, timeout=self.timeout,
-                                        limit=limit + 1)
-        except NO_ANSWER as exc:
-            raise AlertmanagerError(_no_answer(exc)) from exc
-        if status >= 400:
-            raise AlertmanagerError(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
-        if len(raw) > limit:
-            raise AlertmanagerError(f"the answer is over {limit >> 20} MiB")
-        try:
-            return json.loads(raw) if raw.strip() else None
-        except ValueError:
-            raise AlertmanagerError("the answer is not JSON")
-
-
-def _rfc3339(epoch):
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
-
-
 # =============================================================================================
-# 9. Robot pool
+# 10. Robot pool
 # =============================================================================================
 
 class RobotPool:
@@ -5599,7 +5645,7 @@ class RobotReport:
 
 
 # =============================================================================================
-# 10. Workers: the thread loop, the notifier and its senders, the recorder
+# 11. Workers: the thread loop, the notifier and its senders, the recorder
 # =============================================================================================
 
 class Worker:
@@ -6234,6 +6280,324 @@ def send_test_messages(route, renderer, channel, pool, post, clock, timeout, led
     return lines, ok
 
 
+class Recorder(Worker):
+    """Copies journal events into the history store, in order. A store outage only delays it;
+    `store_changed` tells (ok, denied) when the store goes down or comes back. Every
+    PURGE_EVERY seconds, and at start, it purges what retention_days no longer keeps."""
+
+    BATCH = 200
+    GATHER = 0.05       # after a wake-up, let webhooks gather: fewer writes and transactions
+    PURGE_EVERY = 600.0
+    PURGE_BATCH = 1000
+
+    def __init__(self, config, journal, store, metrics, clock, wall):
+        super().__init__("recorder")
+        self.config, self.journal, self.store, self.metrics = config, journal, store, metrics
+        self.clock, self.wall = clock, wall
+        self.store_changed = Signal()
+        self.store_ok = None
+        self.store_denied = False       # the last failure was a missing privilege
+        self._store_error = None        # its text, logged once
+        self._last_purge = None
+        self.journal.new_events.listen(self.wake)
+
+    def backlog(self):
+        return self.journal.backlog()[2]
+
+    def failed(self, exc, failures):
+        if not isinstance(exc, StoreUnavailable):
+            return super().failed(exc, failures)
+        if str(exc) != self._store_error:        # once per distinct error, not per retry
+            if exc.denied:
+                log.error("history store refuses a privilege to alertbridge's database user, "
+                          "alerts wait in the journal: %s. Grant what docs/operations.md, "
+                          "\"History in MySQL\", lists (ALTER too, for upgrades); no restart is "
+                          "needed", exc)
+            else:
+                log.warning("history store unavailable, alerts wait in the journal: %s", exc)
+            self._store_error = str(exc)
+        if self.store_ok is not False or self.store_denied != exc.denied:
+            self.store_ok, self.store_denied = False, exc.denied
+            self.store_changed.notify(False, exc.denied)
+        return min(30.0, 0.5 * 2.0 ** min(failures - 1, 10))
+
+    def step(self):
+        """Record one batch; True if there was one."""
+        self._housekeeping()
+        events = self.journal.unrecorded(self.BATCH)
+        if not events:
+            if self.store_ok is not True:
+                self.store.ping()
+                self._recovered()
+            return False
+        try:
+            self._record(events)
+        except (StoreUnavailable, sqlite3.Error):
+            raise
+        except Exception:  # one bad event must not stop the history: find it, set it aside
+            for event in events:
+                try:
+                    self._record([event])
+                except (StoreUnavailable, sqlite3.Error):
+                    raise
+                except Exception as exc:
+                    log.error("event=%d could not be recorded (%s); kept in the journal as failed",
+                              event[0], exc)
+                    self.journal.mark_failed(event[0])
+                    self.metrics.inc("alertbridge_record_failures_total")
+        self._recovered()
+        return True
+
+    def _record(self, events):
+        recorded = self.store.record(self.journal.journal_id, events)
+        self.journal.mark_recorded(events[-1][0])
+        self.metrics.inc("alertbridge_alerts_recorded_total", recorded)
+
+    def _recovered(self):
+        if self.store_ok is False:
+            log.info("history store reachable again: %s", self.store.describe())
+        if self.store_ok is not True:
+            self.store_changed.notify(True, False)
+        self.store_ok, self.store_denied, self._store_error = True, False, None
+
+    def _housekeeping(self):
+        """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
+        keeps them), and history older than retention_days, in small batches."""
+        now = self.clock()
+        if self._last_purge is not None and now - self._last_purge < self.PURGE_EVERY:
+            return
+        self._last_purge = now
+        config = self.config()
+        delivery, retention = config.delivery, timedelta(days=config.database.retention_days)
+        self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds),
+                           relayed_before=now - delivery.max_age - 3600)
+        if retention:
+            cutoff = db_time(datetime.fromtimestamp(self.wall(), timezone.utc) - retention)
+            total, deleted = 0, None
+            while deleted != 0 and not self._stopping.is_set():
+                deleted = self.store.purge(cutoff, self.PURGE_BATCH)
+                total += deleted
+            if total:
+                log.info("retention: purged %d history rows older than %s UTC", total, cutoff)
+
+
+# =============================================================================================
+# 12. On call: people and rotations, claim links, escalation, silences, the Desk
+# =============================================================================================
+#
+# What happens to an incident once the history has it (Storage keeps incidents, their events and
+# notes): who is on call (pure functions of the moment, tested in simulated time), the signed
+# links that act on an incident, the escalation chain and the Escalator that takes its steps,
+# the NoteRelay that journals what groups hear of their incidents, the Follower that asks
+# Alertmanager about silenced ones, and the Desk: claims and silences however they come.
+
+class LinkRefused(Exception):
+    """A claim or silence link that must change nothing: malformed, forged or expired."""
+
+
+LINK_ACTIONS = ("claim", "silence")
+LINK_MAC_BYTES = 16
+
+
+def sign_link(secret, route, group_hash, action, expires):
+    """The token of a link that acts on the open incident of one route's Alertmanager group
+    until epoch `expires`: its fields, then an HMAC-SHA256 of them with the config's secret.
+    The group, not an incident id: a page is sent before the history has recorded its incident
+    (or while the history is down), and a claim finds the incident open when it comes."""
+    fields = base64.urlsafe_b64encode(json.dumps(
+        [route, group_hash, action, int(expires)], separators=(",", ":")).encode()).rstrip(b"=")
+    mac = hmac.new(secret.encode(), fields, hashlib.sha256).digest()[:LINK_MAC_BYTES]
+    return (fields + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+
+
+def read_link(secret, token, now):
+    """(route, group_hash, action, expires) of a link token, checked: LinkRefused says why a
+    link is not one (the signature first: nothing of a forged link is believed)."""
+    fields, dot, mac = token.partition(".")
+    try:
+        fields_bytes = fields.encode("ascii")
+        given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
+    except (UnicodeEncodeError, ValueError):
+        raise LinkRefused("this link is damaged: open it again from the message")
+    wanted = hmac.new(secret.encode(), fields_bytes, hashlib.sha256).digest()[:LINK_MAC_BYTES]
+    if not dot or not hmac.compare_digest(given, wanted):
+        raise LinkRefused("this link was not made by this alertbridge (or is cut): it does "
+                          "nothing")
+    route, group_hash, action, expires = json.loads(
+        base64.urlsafe_b64decode(fields_bytes + b"=" * (-len(fields_bytes) % 4)))
+    if now >= expires:
+        raise LinkRefused("this link has expired: the incident is older than the links last")
+    return route, group_hash, action, expires
+
+
+def claim_link(oncall, route_name, group, now, action="claim"):
+    """The URL that claims (or silences) the open incident of a route's group, [oncall]
+    link_ttl long."""
+    token = sign_link(oncall.link_secret, route_name, group, action, now + oncall.link_ttl)
+    return f"{oncall.base_url}/incident/{token}"
+
+
+def due_step(escalation, opened_at, done, now):
+    """The step to send now for an incident opened at epoch `opened_at` with `done` steps sent:
+    (its number from 1, which is the steps done after it; Step; epoch it was due), or None.
+    When several are
+    due (after a restart, or a long history outage), only the latest goes out."""
+    steps, rounds = escalation.steps, escalation.repeat + 1
+    found = None
+    for number in range(done, len(steps) * rounds):
+        round_, index = divmod(number, len(steps))
+        due = opened_at + round_ * steps[-1].after + steps[index].after
+        if due > now:
+            break
+        found = (number + 1, steps[index], due)
+    return found
+
+
+def next_step_at(escalation, opened_at, done):
+    """When the next step is due (epoch), or None when the chain is over."""
+    steps = escalation.steps
+    if done >= len(steps) * (escalation.repeat + 1):
+        return None
+    round_, index = divmod(done, len(steps))
+    return opened_at + round_ * steps[-1].after + steps[index].after
+
+
+def local_epoch(day, at, tz):
+    """The epoch of a local date and time of day in `tz` (a time a DST change skips or
+    repeats: as zoneinfo takes it, fold 0)."""
+    return datetime.combine(day, at).replace(tzinfo=tz).timestamp()
+
+
+def shift_of(rotation, at, tz):
+    """(number of the shift, its start, its end) at epoch `at`: shifts begin at hand_over_at
+    local time every `days` days from `start` (numbered backwards before it)."""
+    local = datetime.fromtimestamp(at, tz)
+    days = (local.date() - rotation.start).days - (local.time() < rotation.hand_over_at)
+    number = days // rotation.days
+
+    def begins(n):
+        return local_epoch(rotation.start + timedelta(days=n * rotation.days),
+                           rotation.hand_over_at, tz)
+    return number, begins(number), begins(number + 1)
+
+
+def on_call(rotation, at, tz):
+    """(Person, until): who is on call in the rotation at epoch `at`, and when that changes
+    (the shift's end, an override's start or end). The last listed override that covers `at`
+    wins over the others and the shift."""
+    number, _, end = shift_of(rotation, at, tz)
+    person = rotation.people[number % len(rotation.people)]
+    for begins, ends, who in reversed(rotation.overrides):
+        if begins <= at < ends:
+            person, end = who, ends
+            break
+    changes = [t for begins, ends, _ in rotation.overrides for t in (begins, ends) if at < t < end]
+    return person, min([end] + changes)
+
+
+def on_call_report(rotations, at, tz):
+    """[(rotation, (person, until), (next person, until))]: now and next, for the status page
+    and GET /api/oncall."""
+    report = []
+    for rotation in rotations:
+        now = on_call(rotation, at, tz)
+        following = on_call(rotation, now[1], tz)
+        while following[0] == now[0] and following[1] < now[1] + 366 * 86400:
+            following = on_call(rotation, following[1], tz)   # the next one who is someone else
+        report.append((rotation, now, following))
+    return report
+
+
+def reached(targets, at, tz):
+    """People and rotations -> (mobiles, user ids) of who they are at epoch `at`."""
+    people = [t if isinstance(t, Person) else on_call(t, at, tz)[0] for t in targets]
+    return ([p.mobile for p in people if p.mobile], [p.user_id for p in people if p.user_id])
+
+
+class AlertmanagerError(Exception):
+    """Alertmanager's API did not do what was asked; the text says what it answered."""
+
+
+class AlertmanagerAPI:
+    """Alertmanager's API v2, for what alertbridge does there: make a silence, expire it, and
+    list its alerts and silences (silenced alerts get no resolved notification: alertmanager
+    #226)."""
+
+    MOST = 64 << 20     # the largest list of alerts or silences read (about 50,000 alerts)
+
+    def __init__(self, base, timeout=10.0):
+        self.base, self.timeout = base.rstrip("/"), timeout
+
+    def silence(self, labels, starts, ends, created_by, comment):
+        """A silence on exactly these labels, from and until epochs; its id."""
+        body = {"matchers": [{"name": k, "value": v, "isRegex": False, "isEqual": True}
+                             for k, v in sorted(labels.items())],
+                "startsAt": _rfc3339(starts), "endsAt": _rfc3339(ends),
+                "createdBy": created_by, "comment": comment}
+        answer = self._call("POST", "/api/v2/silences", body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
+            raise AlertmanagerError("the answer has no silenceID")
+        return answer["silenceID"]
+
+    def expire(self, silence_id):
+        self._call("DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
+
+    def alerts(self):
+        """Every alert Alertmanager holds, silenced ones too (one request; matched by the
+        caller, so that no label value is written into a filter)."""
+        answer = self._call("GET", "/api/v2/alerts", limit=self.MOST)
+        if not isinstance(answer, list):
+            raise AlertmanagerError("the answer is not a list of alerts")
+        return [a for a in answer if isinstance(a, dict)]   # one it garbled: none of ours
+
+    def silences(self):
+        """Every silence Alertmanager keeps, by id: {"state", "ends" (epoch), "comment",
+        "created_by", "starts" (epoch)}; an entry it cannot read is left out."""
+        answer = self._call("GET", "/api/v2/silences", limit=self.MOST)
+        if not isinstance(answer, list):
+            raise AlertmanagerError("the answer is not a list of silences")
+        found = {}
+        for silence in answer:
+            try:
+                found[str(silence["id"])] = {
+                    "state": silence["status"]["state"], "comment": str(silence["comment"]),
+                    "created_by": str(silence.get("createdBy", ""))[:128],
+                    "starts": parse_time(silence["startsAt"], "startsAt").timestamp(),
+                    "ends": parse_time(silence["endsAt"], "endsAt").timestamp()}
+            except (KeyError, TypeError, AttributeError, BadRequest):
+                continue
+        return found
+
+    def started_at(self):
+        """When Alertmanager started (epoch): until its sources send them again, it holds
+        none of the alerts it had before (its silences it keeps)."""
+        answer = self._call("GET", "/api/v2/status")
+        try:
+            return parse_time(answer["uptime"], "uptime").timestamp()
+        except (KeyError, TypeError, BadRequest):
+            raise AlertmanagerError("its status does not say since when it runs (uptime)")
+
+    def _call(self, method, path, body=None, limit=1 << 20):
+        try:
+            status, raw = exchange_json(method, self.base + path, body, timeout=self.timeout,
+                                        limit=limit + 1)
+        except NO_ANSWER as exc:
+            raise AlertmanagerError(_no_answer(exc)) from exc
+        if status >= 400:
+            raise AlertmanagerError(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
+        if len(raw) > limit:
+            raise AlertmanagerError(f"the answer is over {limit >> 20} MiB")
+        try:
+            return json.loads(raw) if raw.strip() else None
+        except ValueError:
+            raise AlertmanagerError("the answer is not JSON")
+
+
+def _rfc3339(epoch):
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
 def _ends_after(alert, now):
     """Whether an alert of Alertmanager's API still fires at epoch `now` (its endsAt later)."""
     try:
@@ -6605,900 +6969,6 @@ class Follower(Worker):
             not names or incident["receiver"] in names)
 
 
-class Recorder(Worker):
-    """Copies journal events into the history store, in order. A store outage only delays it;
-    `store_changed` tells (ok, denied) when the store goes down or comes back. Every
-    PURGE_EVERY seconds, and at start, it purges what retention_days no longer keeps."""
-
-    BATCH = 200
-    GATHER = 0.05       # after a wake-up, let webhooks gather: fewer writes and transactions
-    PURGE_EVERY = 600.0
-    PURGE_BATCH = 1000
-
-    def __init__(self, config, journal, store, metrics, clock, wall):
-        super().__init__("recorder")
-        self.config, self.journal, self.store, self.metrics = config, journal, store, metrics
-        self.clock, self.wall = clock, wall
-        self.store_changed = Signal()
-        self.store_ok = None
-        self.store_denied = False       # the last failure was a missing privilege
-        self._store_error = None        # its text, logged once
-        self._last_purge = None
-        self.journal.new_events.listen(self.wake)
-
-    def backlog(self):
-        return self.journal.backlog()[2]
-
-    def failed(self, exc, failures):
-        if not isinstance(exc, StoreUnavailable):
-            return super().failed(exc, failures)
-        if str(exc) != self._store_error:        # once per distinct error, not per retry
-            if exc.denied:
-                log.error("history store refuses a privilege to alertbridge's database user, "
-                          "alerts wait in the journal: %s. Grant what docs/operations.md, "
-                          "\"History in MySQL\", lists (ALTER too, for upgrades); no restart is "
-                          "needed", exc)
-            else:
-                log.warning("history store unavailable, alerts wait in the journal: %s", exc)
-            self._store_error = str(exc)
-        if self.store_ok is not False or self.store_denied != exc.denied:
-            self.store_ok, self.store_denied = False, exc.denied
-            self.store_changed.notify(False, exc.denied)
-        return min(30.0, 0.5 * 2.0 ** min(failures - 1, 10))
-
-    def step(self):
-        """Record one batch; True if there was one."""
-        self._housekeeping()
-        events = self.journal.unrecorded(self.BATCH)
-        if not events:
-            if self.store_ok is not True:
-                self.store.ping()
-                self._recovered()
-            return False
-        try:
-            self._record(events)
-        except (StoreUnavailable, sqlite3.Error):
-            raise
-        except Exception:  # one bad event must not stop the history: find it, set it aside
-            for event in events:
-                try:
-                    self._record([event])
-                except (StoreUnavailable, sqlite3.Error):
-                    raise
-                except Exception as exc:
-                    log.error("event=%d could not be recorded (%s); kept in the journal as failed",
-                              event[0], exc)
-                    self.journal.mark_failed(event[0])
-                    self.metrics.inc("alertbridge_record_failures_total")
-        self._recovered()
-        return True
-
-    def _record(self, events):
-        recorded = self.store.record(self.journal.journal_id, events)
-        self.journal.mark_recorded(events[-1][0])
-        self.metrics.inc("alertbridge_alerts_recorded_total", recorded)
-
-    def _recovered(self):
-        if self.store_ok is False:
-            log.info("history store reachable again: %s", self.store.describe())
-        if self.store_ok is not True:
-            self.store_changed.notify(True, False)
-        self.store_ok, self.store_denied, self._store_error = True, False, None
-
-    def _housekeeping(self):
-        """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
-        keeps them), and history older than retention_days, in small batches."""
-        now = self.clock()
-        if self._last_purge is not None and now - self._last_purge < self.PURGE_EVERY:
-            return
-        self._last_purge = now
-        config = self.config()
-        delivery, retention = config.delivery, timedelta(days=config.database.retention_days)
-        self.journal.purge(now - max(86400, delivery.rate_window, delivery.throttle_seconds),
-                           relayed_before=now - delivery.max_age - 3600)
-        if retention:
-            cutoff = db_time(datetime.fromtimestamp(self.wall(), timezone.utc) - retention)
-            total, deleted = 0, None
-            while deleted != 0 and not self._stopping.is_set():
-                deleted = self.store.purge(cutoff, self.PURGE_BATCH)
-                total += deleted
-            if total:
-                log.info("retention: purged %d history rows older than %s UTC", total, cutoff)
-
-
-# =============================================================================================
-# 11. The DingTalk app: its OpenAPI, its Stream connection (a WebSocket), cards and commands
-# =============================================================================================
-
-CARD_CALLBACK = "/v1.0/card/instances/callback"     # a card's button clicked
-BOT_MESSAGE = "/v1.0/im/bot/messages/get"           # someone wrote to the app robot
-DING_TYPES = {"app": 1, "sms": 2, "call": 3}        # [app] ding -> DING's remindType
-
-
-def undelivered(answer):
-    """Why createAndDeliver's answer is a card nobody sees ("" if every space got it): the call
-    succeeds once the card is created, and each space says whether it was delivered there (not
-    if the robot is not in the group, or the group is not the one meant)."""
-    result = answer.get("result")
-    spaces = result.get("deliverResults") if isinstance(result, dict) else None
-    if not isinstance(spaces, list) or not spaces:
-        return "the answer does not say the card was delivered (no deliverResults)"
-    for space in spaces:
-        if not isinstance(space, dict) or space.get("success") is not True:
-            space = space if isinstance(space, dict) else {}
-            return (f"the card was not delivered to {space.get('spaceType', '?')} "
-                    f"{str(space.get('spaceId', '?'))[:80]}: "
-                    f"{str(space.get('errorMsg', 'no reason given'))[:200]}")
-    return ""
-
-
-class AppError(Exception):
-    """The app's OpenAPI refused a call or did not answer. `status`: the HTTP status, if any;
-    `throttled`: its rate limit (that API waits THROTTLE_REST before calling again)."""
-
-    def __init__(self, message, status=None, throttled=False):
-        super().__init__(message)
-        self.status, self.throttled = status, throttled
-
-
-class AppAPI:
-    """DingTalk's OpenAPI as the app uses it: an access token kept until TOKEN_MARGIN before it
-    expires (and fetched again once if refused), the Stream gateway's tickets, interactive
-    cards (created and delivered to a group, updated in place), DING. An API DingTalk throttles
-    (token, gateway, card, ding) makes no call for THROTTLE_REST seconds; the others go on, so
-    a throttled gateway does not keep cards off the air (pages go through the custom robots
-    only while the card API or the token rests). `config()` gives the running Config; `clock`:
-    steady seconds; `wall`: when the last error came (epoch). _lock guards the token and the
-    rests."""
-
-    TOKEN_MARGIN = 300.0
-    THROTTLE_REST = 2.0
-
-    def __init__(self, config, metrics, clock=time.monotonic, wall=wall_time):
-        self.config, self.metrics, self.clock, self.wall = config, metrics, clock, wall
-        self._lock = threading.Lock()
-        self._token = ("", "", 0.0)         # (client id, token, valid until)
-        self._rests = {}                    # api -> steady time it may call again
-        self.last_error, self.last_error_at = "", None
-
-    @property
-    def throttled_until(self):
-        """When the last API DingTalk throttled may call again (what the status page shows)."""
-        with self._lock:
-            return max(self._rests.values(), default=0.0)
-
-    def resting(self, api):
-        """Whether `api` is resting after DingTalk throttled it."""
-        with self._lock:
-            return self.clock() < self._rests.get(api, 0.0)
-
-    def token(self):
-        app = self.config().app
-        with self._lock:
-            client, token, until = self._token
-            if token and client == app.client_id and self.clock() < until:
-                return token
-        answer = self._call("token", "POST", "/v1.0/oauth2/accessToken",
-                            {"appKey": app.client_id, "appSecret": app.client_secret}, token="")
-        token, expires = answer.get("accessToken"), answer.get("expireIn")
-        if not isinstance(token, str) or not token or not isinstance(expires, (int, float)):
-            raise AppError("the token answer has no accessToken and expireIn")
-        with self._lock:
-            self._token = (app.client_id, token, self.clock() + max(expires - self.TOKEN_MARGIN,
-                                                                    expires / 2))
-        return token
-
-    def open_stream(self, topics):
-        """(endpoint, ticket) of a new Stream connection for these callback topics."""
-        app = self.config().app
-        answer = self._call("gateway", "POST", "/v1.0/gateway/connections/open", {
-            "clientId": app.client_id, "clientSecret": app.client_secret,
-            "subscriptions": [{"type": "CALLBACK", "topic": t} for t in topics],
-            "ua": f"alertbridge/{VERSION}", "localIp": ""}, token="")
-        return self.gateway_endpoint(answer, app.api_url)
-
-    @staticmethod
-    def gateway_endpoint(answer, api_url):
-        """(endpoint, ticket) of the gateway's answer. Over an https api_url only a wss://
-        endpoint: a ws:// one would carry the ticket and every click in clear text (an http
-        api_url, a test's or a proxy's on the host, may give ws://)."""
-        endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
-        schemes = ("ws://", "wss://") if api_url.startswith("http://") else ("wss://",)
-        if not (isinstance(endpoint, str) and endpoint.startswith(schemes)
-                and isinstance(ticket, str) and ticket):
-            raise AppError(f"the gateway's answer has no {' or '.join(schemes)} endpoint and "
-                           f"ticket" + ("" if len(schemes) == 2 else " (api_url is https)"))
-        return endpoint, ticket
-
-    def send_card(self, track, group, params, at_user_ids=()):
-        """An interactive card of the app's template, in a group (its openConversationId),
-        known by `track` (its outTrackId); its buttons call back over the Stream connection."""
-        app = self.config().app
-        deliver = {"robotCode": app.robot}
-        if at_user_ids:
-            deliver["atUserIds"] = {u: u for u in at_user_ids}
-        self._call("card", "POST", "/v1.0/card/instances/createAndDeliver", {
-            "cardTemplateId": app.card_template, "outTrackId": track, "callbackType": "STREAM",
-            "cardData": {"cardParamMap": params}, "openSpaceId": f"dtv1.card//IM_GROUP.{group}",
-            "imGroupOpenSpaceModel": {"supportForward": True},
-            "imGroupOpenDeliverModel": deliver, "userIdType": 1}, check=undelivered)
-
-    def update_card(self, track, params):
-        self._call("card", "PUT", "/v1.0/card/instances", {
-            "outTrackId": track, "cardData": {"cardParamMap": params},
-            "cardUpdateOptions": {"updateCardDataByKey": True}})
-
-    def ding(self, user_ids, text):
-        """DING people as [app] ding says (in the app, SMS, a call: editions and packages
-        allowing; at most 20 people)."""
-        app = self.config().app
-        self._call("ding", "POST", "/v1.0/robot/ding/send", {
-            "robotCode": app.robot, "remindType": DING_TYPES[app.ding],
-            "receiverUserIdList": list(user_ids)[:20], "content": text})
-
-    def _call(self, api, method, path, body, token=None, check=None):
-        """One call; a token refused is fetched again once. The answer, a dict. `check(answer)`
-        says why a successful answer is still a refusal ("" if it is not)."""
-        try:
-            return self._request(api, method, path, body, token, check)
-        except AppError as exc:
-            if token is not None or exc.status != 401:
-                raise
-            with self._lock:
-                self._token = ("", "", 0.0)
-            return self._request(api, method, path, body, token, check)
-
-    def _request(self, api, method, path, body, token, check):
-        app = self.config().app
-        if self.resting(api):
-            self.metrics.inc("alertbridge_app_requests_total", api=api, outcome="held")
-            raise AppError(f"throttled by DingTalk ({api}): resting", throttled=True)
-        headers = {} if token is not None else {"x-acs-dingtalk-access-token": self.token()}
-        try:
-            status, raw = exchange_json(method, app.api_url + path, body, headers, app.timeout,
-                                        1 << 20)
-        except NO_ANSWER as exc:
-            self._count(api, "error", _no_answer(exc))
-            raise AppError(_no_answer(exc)) from exc
-        if status >= 400:
-            raise self._refused(api, status, raw[:2048])
-        try:
-            answer = json.loads(raw or b"{}")
-        except (ValueError, RecursionError) as exc:
-            why = f"the answer is not JSON: {raw[:40]!r}"
-            self._count(api, "error", why)
-            raise AppError(why, status) from exc
-        if not isinstance(answer, dict) or answer.get("success") is False:
-            raise self._refused(api, 200, json.dumps(answer)[:2048].encode())
-        why = check(answer) if check else ""
-        if why:
-            self._count(api, "refused", why)
-            raise AppError(why, 200)
-        self._count(api, "ok")
-        return answer
-
-    def _refused(self, api, status, raw):
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):
-            answer = {}
-        answer = answer if isinstance(answer, dict) else {}
-        code, text = str(answer.get("code", "")), str(answer.get("message", ""))[:200]
-        throttled = status == 429 or "QpsLimit" in code or "Throttling" in code
-        if throttled:
-            with self._lock:
-                self._rests[api] = self.clock() + self.THROTTLE_REST
-        self._count(api, "throttled" if throttled else "refused", f"HTTP {status} {code} {text}")
-        return AppError(f"HTTP {status} {code} {text}".strip(), status, throttled)
-
-    def _count(self, api, outcome, error=""):
-        self.metrics.inc("alertbridge_app_requests_total", api=api, outcome=outcome)
-        if error:
-            self.last_error, self.last_error_at = error, self.wall()
-
-
-class WebSocketClosed(Exception):
-    """The WebSocket is closed (a close frame, or the socket ended), or could not be opened."""
-
-
-class ConnectDeadline(Deadline):
-    """The Deadline of a WebSocket being opened, which its owner may also cut at once
-    (StreamClient.stop: a gateway trickling its handshake must not hold a shutdown)."""
-
-    def cut(self):
-        self._cut()
-
-
-class WebSocket:
-    """An RFC 6455 client over a plain or TLS socket: the handshake, masked frames of any size,
-    fragmented messages, ping and pong, close. One thread reads (recv); sends take _send_lock,
-    so the owner may ping while the reader answers a ping. `heard`: time.monotonic() of the
-    last frame received, pongs included (how a half-open connection is noticed). What the
-    server sends is bounded before it is worked on: a message's bytes (MAX_MESSAGE) and frames
-    (MAX_FRAGMENTS: empty continuations cost work, not bytes), a control frame's 125 bytes."""
-
-    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-    MAX_MESSAGE = 4 << 20
-    MAX_FRAGMENTS = 4096
-    MAX_CONTROL = 125           # RFC 6455 5.5: a control frame's payload, never fragmented
-    MAX_HANDSHAKE = 16384       # the handshake's answer, headers included
-    TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.heard = time.monotonic()
-        self._send_lock = threading.Lock()
-        self._buffer = bytearray()      # received, not yet a whole frame (cut from the front)
-        self._parts, self._size, self._opcode = [], 0, None    # a fragmented message so far
-        self.closed = False
-
-    @classmethod
-    def connect(cls, url, timeout, context=None, deadline=None):
-        """An open WebSocket to `url`, within `timeout` seconds in all: the TCP connection, TLS
-        and the handshake together, however slowly the server answers (a Deadline shuts the
-        socket down; each read has `timeout` too). `deadline`: a ConnectDeadline the caller
-        may cut sooner; by default one of `timeout` seconds."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError("not a ws:// or wss:// URL")
-        secure = parts.scheme == "wss"
-        deadline = deadline or ConnectDeadline(timeout)
-        with deadline:
-            sock = cls._dial(parts.hostname, parts.port or (443 if secure else 80), timeout,
-                             deadline)
-            try:
-                if secure:
-                    sock = cls._tls(sock, parts.hostname, context, deadline)
-                ws = cls(sock)
-                ws._handshake(parts)
-            except BaseException as exc:
-                sock.close()
-                if deadline.passed and isinstance(exc, (OSError, WebSocketClosed)):
-                    raise WebSocketClosed(f"no WebSocket within {timeout:g} s (connection, TLS "
-                                          f"and handshake)") from exc
-                raise
-        if deadline.passed:     # the timer fired as the handshake ended: the socket is shut
-            sock.close()
-            raise WebSocketClosed(f"no WebSocket within {timeout:g} s")
-        return ws
-
-    @staticmethod
-    def _dial(host, port, timeout, deadline):
-        """A TCP connection to the first of the host's addresses that accepts, each socket
-        watched by `deadline` and given what is left of `timeout`."""
-        ends, error = time.monotonic() + timeout, OSError(f"{host}: no address")
-        for family, kind, proto, _, address in socket.getaddrinfo(host, port,
-                                                                  type=socket.SOCK_STREAM):
-            if deadline.passed or time.monotonic() >= ends:
-                raise WebSocketClosed(f"no connection to {host} within {timeout:g} s")
-            sock = socket.socket(family, kind, proto)
-            deadline.watch(sock)
-            try:
-                sock.settimeout(max(ends - time.monotonic(), 0.001))
-                sock.connect(address)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.settimeout(timeout)
-            return sock
-        raise error
-
-    @staticmethod
-    def _tls(sock, hostname, context, deadline):
-        """TLS over `sock`; its handshake runs once the TLS socket is watched (wrap_socket
-        detaches `sock`: shutting that down would no longer reach the connection)."""
-        tls = (context or ssl.create_default_context()).wrap_socket(
-            sock, server_hostname=hostname, do_handshake_on_connect=False)
-        deadline.watch(tls)
-        try:
-            tls.do_handshake()
-        except BaseException:
-            tls.close()
-            raise
-        return tls
-
-    def _handshake(self, parts):
-        key = base64.b64encode(os.urandom(16)).decode()
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.sock.sendall((f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                           f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                           f"User-Agent: alertbridge/{VERSION}\r\n\r\n").encode())
-        while b"\r\n\r\n" not in self._buffer:
-            if len(self._buffer) > self.MAX_HANDSHAKE:
-                raise WebSocketClosed("the handshake's answer is too long")
-            self._fill()
-        end = self._buffer.index(b"\r\n\r\n")
-        head = bytes(self._buffer[:end])
-        del self._buffer[:end + 4]
-        status, *lines = head.decode("latin-1").split("\r\n")
-        if status.split(" ")[1:2] != ["101"]:
-            raise WebSocketClosed(f"the handshake was answered {status[:80]!r}")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
-        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
-        if headers.get("sec-websocket-accept") != accept:
-            raise WebSocketClosed("the handshake's Sec-WebSocket-Accept is wrong")
-
-    def send_text(self, text):
-        self._send(self.TEXT, text.encode())
-
-    def ping(self, payload=b""):
-        self._send(self.PING, payload)
-
-    def recv(self, timeout):
-        """The next text message (str), answering pings and noting pongs on the way; raises
-        socket.timeout if none came whole within `timeout` (what did stays buffered)."""
-        self.sock.settimeout(timeout)
-        while True:
-            final, opcode, payload = self._frame()
-            self.heard = time.monotonic()
-            if opcode == self.PING:
-                self._send(self.PONG, payload)
-            elif opcode == self.CLOSE:
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015)
-                           else 1000)      # codes that never go on the wire: a plain close
-                raise WebSocketClosed(f"closed by the server ({code} "
-                                      f"{payload[2:].decode(errors='replace')})")
-            elif opcode != self.PONG:
-                message = self._gather(final, opcode, payload)
-                if message is not None:
-                    return message
-
-    def _gather(self, final, opcode, payload):
-        """A data frame added to the message it belongs to: the message once whole, else None.
-        Its size and frame count are kept as frames come (not summed again on each)."""
-        if opcode in (self.TEXT, self.BINARY):
-            if self._opcode:
-                raise self._fail(1002, "a new message inside a fragmented one")
-            self._opcode = opcode
-        elif opcode != 0 or not self._opcode:
-            raise self._fail(1002, f"an unexpected frame (opcode {opcode})")
-        self._parts.append(payload)
-        self._size += len(payload)
-        if self._size > self.MAX_MESSAGE:
-            raise self._fail(1009, "a message over 4 MiB")
-        if len(self._parts) > self.MAX_FRAGMENTS:
-            raise self._fail(1009, f"a message in over {self.MAX_FRAGMENTS} frames")
-        if not final:
-            return None
-        data, opcode = b"".join(self._parts), self._opcode
-        self._parts, self._size, self._opcode = [], 0, None
-        try:
-            return data.decode() if opcode == self.TEXT else data.decode("latin-1")
-        except UnicodeDecodeError:
-            raise self._fail(1007, "a text message that is not UTF-8")
-
-    def close(self, code=1000):
-        if not self.closed:
-            self.closed = True
-            try:
-                self._send(self.CLOSE, code.to_bytes(2, "big"), force=True)
-            except OSError:
-                pass
-        with contextlib.suppress(OSError):      # wakes a thread blocked reading it
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def _fail(self, code, why):
-        self.close(code)
-        return WebSocketClosed(why)
-
-    def _frame(self):
-        """(final, opcode, payload) of the next whole frame; nothing is consumed until it is.
-        Its header is checked before its payload is waited for."""
-        while True:
-            data = self._buffer
-            if len(data) >= 2:
-                if data[0] & 0x70 or data[1] & 0x80:
-                    raise self._fail(1002, "a frame with reserved bits set, or masked")
-                final, opcode, length, at = bool(data[0] & 0x80), data[0] & 0x0F, data[1] & 0x7F, 2
-                if opcode & 0x8 and (length > self.MAX_CONTROL or not final):
-                    raise self._fail(1002, f"a control frame (opcode {opcode}) fragmented or "
-                                           f"over {self.MAX_CONTROL} bytes")
-                if length >= 126:
-                    size = 2 if length == 126 else 8
-                    if len(data) < 2 + size:
-                        self._fill()
-                        continue
-                    length, at = int.from_bytes(data[2:2 + size], "big"), 2 + size
-                if length > self.MAX_MESSAGE:
-                    raise self._fail(1009, "a frame over 4 MiB")
-                if len(data) >= at + length:
-                    payload = bytes(data[at:at + length])
-                    del data[:at + length]
-                    return final, opcode, payload
-            self._fill()
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            self.closed = True
-            raise WebSocketClosed("the connection ended")
-        self._buffer += chunk
-
-    def _send(self, opcode, payload, force=False):
-        if self.closed and not force:
-            raise WebSocketClosed("closed")
-        mask, n = os.urandom(4), len(payload)
-        if n < 126:
-            head = bytes([0x80 | opcode, 0x80 | n])
-        elif n < 1 << 16:
-            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-        else:
-            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-        key = (mask * (n // 4 + 1))[:n]
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-        with self._send_lock:
-            self.sock.sendall(head + mask + masked)
-
-
-class MalformedFrame(ValueError):
-    """A Stream frame that is not one DingTalk sends; `message_id`: its id, if it has a usable
-    one (the frame is then answered with an error, else ignored)."""
-
-    def __init__(self, why, message_id=None):
-        super().__init__(why)
-        self.message_id = message_id
-
-
-class StreamClient(Worker):
-    """The app's Stream connection, held only while this instance may send (a cluster's
-    leader; a new leader opens its own): a WebSocket to DingTalk's gateway, opened with a fresh
-    ticket, that brings card clicks and messages written to the robot. Each frame is answered
-    as DingTalk's SDKs answer it, with its messageId: a callback's answer under `response` in
-    the acknowledgement's data (a frame seen again gets the same answer); a SYSTEM frame (ping,
-    disconnect) with its data. A frame that is not one DingTalk sends is logged and answered
-    with an error or ignored, one by one: it never ends the connection. A ping goes out when
-    the connection has been quiet PING_EVERY seconds; quiet for DEAD_AFTER, it is half-open
-    and given up. `handle(topic, data)` answers a callback (AppDesk.handle).
-
-    Reconnecting: at once after a connection that lasted (open LASTED seconds, or SERVED_FOR
-    seconds with a new callback answered: the gateway served it; a callback delivered again
-    proves nothing), and the delays start again; after any other end (the
-    gateway's `disconnect`, a close, a failed ticket or handshake) after growing delays with
-    jitter (retry_delay from BACKOFF: 0.5-1 s, 1-2 s, ... up to 30-60 s), so that a gateway
-    ending every connection at once is not asked for tickets in a loop. Each end is counted in
-    alertbridge_app_stream_disconnects_total by reason (REASONS)."""
-
-    PING_EVERY = 20.0
-    DEAD_AFTER = 50.0
-    LOOK = 1.0              # how often the connection checks it is still the leader's
-    LASTED = 60.0           # a connection open this long worked: the next is made at once
-    SERVED_FOR = 5.0        # ... or this long, with a new callback answered
-    BACKOFF = (1.0, 60.0)   # retry_delay's base and longest, in seconds
-    ANSWERS_KEPT = 256
-    MAX_ID = 256            # a messageId's length (answers are kept by it)
-    SAY_AGAIN = 60.0        # the same malformed frame is logged once in this many seconds
-    REASONS = ("disconnect", "dropped", "half_open", "connect_failed")
-
-    def __init__(self, config, api, handle, cluster):
-        super().__init__("stream")
-        self.config, self.api, self.handle, self.cluster = config, api, handle, cluster
-        self.socket = None
-        self.connected_at = None        # the wall clock, while connected
-        self.last_error = ""            # why the last connection ended or could not be made
-        self._answers = Recent(self.ANSWERS_KEPT)       # messageId -> the answer given
-        self._opening = None            # the ConnectDeadline of a connection being made
-        self._failures = 0              # connections in a row that did not last
-        self._served = False            # the connection brought a callback, answered
-        self._said = ("", 0.0)          # the last malformed frame logged, and when
-
-    def stop(self):
-        super().stop()
-        opening, socket_ = self._opening, self.socket
-        if opening is not None:
-            opening.cut()
-        if socket_ is not None:
-            socket_.close(1001)
-
-    def backlog(self):
-        return 0
-
-    def sleep_for(self):
-        return self.LOOK if self.config().app.enabled else 30.0
-
-    def failed(self, exc, failures):
-        """A step that raised (a bug, not the network: connections end inside the step)."""
-        if self._stopping.is_set():
-            return 0.0
-        return super().failed(exc, failures)
-
-    def step(self):
-        if not self.config().app.enabled or not self.cluster.may_send():
-            return False
-        reason, error, lasted = self._connection()
-        if reason is None or self._stopping.is_set():   # ours: stopped, not the leader, [app]
-            return not self._stopping.is_set()
-        self.api.metrics.inc("alertbridge_app_stream_disconnects_total", reason=reason)
-        delay = self._delay(lasted, error)
-        self._tell(reason, error, delay)
-        self._stopping.wait(delay)
-        return not self._stopping.is_set()
-
-    def _delay(self, lasted, error):
-        """No delay after a connection that lasted (and the delays start again), else the next
-        of the growing delays; at least the API's rest if DingTalk throttled the gateway."""
-        if lasted:
-            self._failures = 0
-            return 0.0
-        self._failures += 1
-        delay = retry_delay(self._failures - 1, *self.BACKOFF)
-        if getattr(error, "throttled", False):
-            delay = max(delay, self.api.THROTTLE_REST)
-        return delay
-
-    def _tell(self, reason, error, delay):
-        """The log line and the status page's reason: a new error is told, a repeat is not."""
-        if self._stopping.is_set():
-            return
-        text = (f"{type(error).__name__}: {error}" if error is not None else
-                "the gateway asked to reconnect (disconnect)" if reason == "disconnect" else
-                f"nothing heard for {self.DEAD_AFTER:g} s, a ping unanswered: half-open")
-        self.last_error = text
-        if text != self._last_error:
-            log.warning("stream: %s; connecting again in %.1f s", text, delay)
-            self._last_error = text
-
-    def _connection(self):
-        """One connection, from its ticket to its end: (why it ended, the error if any, whether
-        it lasted). Why: one of REASONS, or None for an end of ours."""
-        try:
-            ws = self._connect()
-        except (WebSocketClosed, AppError, OSError, ValueError) as exc:
-            return "connect_failed", exc, False
-        opened, self._served, self._last_error = time.monotonic(), False, None
-        self.socket, self.connected_at = ws, wall_time()
-        try:
-            reason, error = self._serve(ws), None
-        except (WebSocketClosed, OSError) as exc:
-            reason, error = "dropped", exc
-        finally:
-            self.socket, self.connected_at = None, None
-            ws.close()
-        if self._stopping.is_set():
-            return None, None, True
-        open_for = time.monotonic() - opened
-        return reason, error, open_for >= (self.SERVED_FOR if self._served else self.LASTED)
-
-    def _connect(self):
-        """A ticket, then the WebSocket within [app] timeout; stop() cuts it short."""
-        app = self.config().app
-        endpoint, ticket = self.api.open_stream((CARD_CALLBACK, BOT_MESSAGE))
-        url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
-        self._opening = opening = ConnectDeadline(app.timeout)
-        if self._stopping.is_set():     # stop() came before it could see this connection
-            opening.cut()
-        try:
-            ws = WebSocket.connect(url, app.timeout, deadline=opening)
-        finally:
-            self._opening = None
-        log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
-            endpoint).hostname)
-        return ws
-
-    def _serve(self, ws):
-        """Frames until the connection ends: "disconnect" (the gateway asked: answered, then
-        closed), "half_open", or None for an end of ours (stopped, not the leader any more,
-        [app] changed: connect again at once). A connection that breaks raises."""
-        pinged, app = time.monotonic(), self.config().app
-        while not self._stopping.is_set():
-            if not self.cluster.may_send():
-                log.info("stream: not the leader any more: closing the connection")
-                return None
-            if self.config().app != app:
-                log.info("stream: [app] changed: connecting again")
-                return None
-            try:
-                text = ws.recv(self.LOOK)
-            except socket.timeout:
-                now = time.monotonic()
-                if now - ws.heard > self.DEAD_AFTER:
-                    return "half_open"
-                if now - max(ws.heard, pinged) >= self.PING_EVERY:
-                    ws.ping()
-                    pinged = now
-                continue
-            answer, kind, topic = self.answer(text)
-            if answer is not None:
-                ws.send_text(json.dumps(answer, ensure_ascii=False))
-            if kind == "SYSTEM" and topic == "disconnect":
-                log.info("stream: the gateway asks to reconnect")
-                return "disconnect"
-        return None
-
-    def answer(self, text):
-        """(the acknowledgement of one frame or None, its type, its topic). Whatever the frame
-        holds, it is dealt with here: nothing in it ends the connection."""
-        try:
-            kind, topic, message_id, data = self._read(text)
-            again = self._answers.get(message_id) is not None
-            ack = self._acknowledgement(kind, topic, message_id, data)
-            self._served = self._served or (kind == "CALLBACK" and ack["code"] == 200
-                                            and not again)
-            return ack, kind, topic
-        except MalformedFrame as exc:
-            answered = exc.message_id is not None
-            self._malformed(f"{exc}: {'answered 400' if answered else 'ignored'}")
-            return (self._ack(exc.message_id, 400, "malformed frame", "") if answered else None,
-                    None, None)
-        except Exception as exc:  # noqa: BLE001 (one bad frame must not end the connection)
-            log.error("stream: a frame: %s: %s", type(exc).__name__, exc, exc_info=exc)
-            return None, None, None
-
-    def _read(self, text):
-        """(type, topic, messageId, data) of a frame as DingTalk sends it; MalformedFrame."""
-        try:
-            frame = json.loads(text)
-        except (ValueError, RecursionError):
-            raise MalformedFrame("that is not JSON") from None
-        headers = frame.get("headers") if isinstance(frame, dict) else None
-        if not isinstance(headers, dict):
-            raise MalformedFrame("without headers")
-        message_id = headers.get("messageId")
-        if not isinstance(message_id, str) or not 0 < len(message_id) <= self.MAX_ID:
-            raise MalformedFrame(f"whose messageId is not a string of 1 to {self.MAX_ID} "
-                                 f"characters")
-        kind, topic, data = frame.get("type"), headers.get("topic"), frame.get("data")
-        if kind not in ("SYSTEM", "EVENT", "CALLBACK") or not isinstance(topic, str):
-            raise MalformedFrame("of no known type or topic", message_id)
-        if data is not None and not isinstance(data, str):
-            raise MalformedFrame("whose data is not a string", message_id)
-        return kind, topic, message_id, data or ""
-
-    def _acknowledgement(self, kind, topic, message_id, data):
-        """As the SDKs: SYSTEM frames answered with their own data; a callback with its answer
-        under `response`, kept for a frame seen again; events, not subscribed to, not handled."""
-        if kind == "SYSTEM":
-            return self._ack(message_id, 200, "OK", data)
-        if kind == "EVENT":
-            return self._ack(message_id, 404, "not handled", "")
-        answered = self._answers.get(message_id)
-        if answered is not None:
-            return answered
-        try:
-            fields = json.loads(data or "{}")
-        except (ValueError, RecursionError):
-            fields = None
-        if not isinstance(fields, dict):
-            raise MalformedFrame("whose data is not a JSON object", message_id)
-        try:
-            result = self.handle(topic, fields)
-        except Exception as exc:  # noqa: BLE001 (one bad callback must not end the connection)
-            log.error("stream: topic=%s: %s: %s", logfmt(topic[:200]), type(exc).__name__, exc,
-                      exc_info=exc)
-            return self._ack(message_id, 500, "error", "")
-        response = json.dumps({"response": result or {}}, ensure_ascii=False)
-        return self._answers.put(message_id, self._ack(message_id, 200, "", response))
-
-    @staticmethod
-    def _ack(message_id, code, message, data):
-        return {"code": code, "headers": {"messageId": message_id,
-                                          "contentType": "application/json"},
-                "message": message, "data": data}
-
-    def _malformed(self, why):
-        """Logged, once a while for the same fault (a gateway repeating it fills no disk)."""
-        now = time.monotonic()
-        if why != self._said[0] or now - self._said[1] >= self.SAY_AGAIN:
-            log.warning("stream: a frame %s", why)
-            self._said = (why, now)
-
-
-def card_track(route_name, group):
-    """A card's outTrackId: its incident's route and group, and a nonce (a group that fires
-    again after it resolved gets a new card)."""
-    name = base64.urlsafe_b64encode(route_name.encode()).decode().rstrip("=")
-    return f"{name}.{group}.{secrets.token_hex(4)}"
-
-
-def read_track(track):
-    """(route name, group hash) of a card's outTrackId, or None."""
-    pieces = str(track).split(".")
-    if len(pieces) != 3 or not re.fullmatch(r"[0-9a-f]{64}", pieces[1]):
-        return None
-    try:
-        name = base64.urlsafe_b64decode(pieces[0] + "=" * (-len(pieces[0]) % 4)).decode()
-    except ValueError:
-        return None
-    return name, pieces[1]
-
-
-class AppPager:
-    """Pages through the app for routes with app_group: a firing group's first page is an
-    interactive card (the page's text, Claim and Silence buttons, its links), its next pages
-    and its resolution update that card in place; what the card shows of its incident changes
-    with it (claimed, silenced). The journal knows each group's open card. Any failure raises
-    AppError: the sender then sends the page through the custom robots."""
-
-    def __init__(self, config, api, journal, renderer):
-        self.config, self.api, self.journal = config, api, journal
-        self.renderer = renderer
-
-    @staticmethod
-    def takes(route, body):
-        return bool(route.app_group and body.kind == ALERTS and not body.digest
-                    and body.group_key and not body.part)
-
-    def page(self, route, body, level=NO_LEVEL, claims=()):
-        """Put the body on the group's card: (done, carried). Not done if there is no card to
-        put a resolution on (the robots send it, as any message). A card @-mentions user ids
-        only: whoever the page mentions by mobile, or everyone, hears it in a NOTE through the
-        robots right after, which then carries the page's `claims` (carried: the page counts as
-        sent across a cluster once that note is; a leader dying between the two sends the page
-        again rather than lose the @)."""
-        group = group_hash(body.group_key)
-        track = self.journal.open_card(route.name, group)
-        firing = any(a["status"] == "firing" for a in body.alerts)
-        if not firing and track is None:
-            return False, False
-        rendered = self.renderer.render(route, replace(body, group_key=""))  # no link notes
-        params = self.card_params(route, body, rendered, "open" if firing else "resolved")
-        if track is None:
-            track = card_track(route.name, group)
-            self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
-            self.journal.card_opened(route.name, group, track)
-            return True, self._mention_beside(route, rendered, track, level, claims)
-        if firing:      # the group again: its text; a claim or silence shown stays shown
-            self.api.update_card(track, {k: v for k, v in params.items()
-                                         if k not in ("state", "status")})
-        else:           # resolved: the card is the incident's no more, shown or not
-            try:
-                self.api.update_card(track, params)
-            finally:
-                self.journal.card_closed(track)
-        return True, False
-
-    def _mention_beside(self, route, rendered, track, level, claims):
-        """The card's @ note, if it needs one (True: it carries the page's claims)."""
-        mentions = rendered.mentions
-        if not (mentions.mobiles or mentions.all):
-            return False
-        text = WORDS[route.language]["card_mention"].format(title=md_escape(rendered.title))
-        self.journal.note(route.name, text[:128], text, 0, list(claims), level=level,
-                          mention=Mentions(mentions.mobiles, (), mentions.all),
-                          request_id=f"card-mention:{track}")
-        return True
-
-    def card_params(self, route, body, rendered, state):
-        """What the card template shows (docs/dingtalk-app.md names each variable): its title
-        and text are markdown, alert text escaped in both."""
-        words = WORDS[route.language]
-        fields = alert_fields(body.alerts[0], self.config().tz, route)
-        return {"title": rendered.heading, "markdown": self.renderer.SEPARATOR.join(
-                    rendered.blocks + rendered.notes),
-                "state": state, "status": words["resolved_card"] if state == "resolved" else "",
-                "claim_label": words["claim"], "silence_1h_label": "🔕 1 h",
-                "silence_4h_label": "🔕 4 h", "runbook_url": fields["runbook_url"],
-                "dashboard_url": fields["dashboard_url"]}
-
-    def send_test(self, route):
-        """--send-test: a card of the sample alert in the route's app_group, if it has one, for
-        no incident (a click on it finds nothing open). The lines to show, and whether DingTalk
-        delivered it: what proves the credentials, the template and the robot in the group."""
-        app = self.config().app
-        if not (route.app_group and app.enabled):
-            return [], True
-        body = Body(alerts=(sample_alert(route.name),))
-        params = self.card_params(route, body, self.renderer.render(route, body), "open")
-        track = card_track(route.name, group_hash("alertbridge --send-test"))
-        try:
-            self.api.send_card(track, route.app_group, params)
-        except AppError as exc:
-            return [f"app card to {route.app_group}: NOT delivered: {exc}"], False
-        return [f"app card to {route.app_group}: delivered (template {app.card_template})"], True
-
-    def tell(self, route_name, group, state, status):
-        """Show an incident's new state on its card, if it has one here: True if shown."""
-        track = self.journal.open_card(route_name, group)
-        if track is None:
-            return False
-        self.api.update_card(track, {"state": state, "status": status})
-        return True
-
-
 class DeskRefused(Exception):
     """An action on an incident that cannot be done: `status` (HTTP) and why, for people."""
 
@@ -7660,39 +7130,6 @@ class Desk:
                         "keep the note (%s)", incident["id"], what, exc)
 
 
-COMMANDS = {"claim": "claim", "ack": "claim", "认领": "claim", "silence": "silence",
-            "静默": "silence", "oncall": "oncall", "值班": "oncall", "open": "open",
-            "告警": "open", "help": "help", "帮助": "help"}
-
-
-BIGINT_MAX = 2 ** 63 - 1       # the history's incident ids are BIGINT
-DINGTALK_REPLY_HOSTS = ("oapi.dingtalk.com", "api.dingtalk.com")    # where sessionWebhooks go
-
-
-def incident_number(written):
-    """The incident number `written` says (12, #12), or None: ASCII digits only (str.isdigit()
-    also takes ² and ٣, which int() refuses) and no more than the history's BIGINT holds."""
-    match = re.fullmatch(r"#?([0-9]{1,19})", written)
-    number = int(match.group(1)) if match else 0
-    return number if 0 < number <= BIGINT_MAX else None
-
-
-def reply_allowed(webhook, api_url):
-    """Whether a command's sessionWebhook may be called: https on DingTalk's own hosts, or the
-    scheme, host and port of [app] api_url (a test's fake DingTalk). The message says where to
-    answer; alertbridge posts the answer nowhere else."""
-    try:
-        parts, api = urllib.parse.urlsplit(str(webhook)), urllib.parse.urlsplit(api_url)
-        origin, api_origin = (parts.scheme, parts.hostname, parts.port), (
-            api.scheme, api.hostname, api.port)
-    except ValueError:      # a port that is no number, a broken [address]
-        return False
-    if not parts.hostname or "@" in parts.netloc:
-        return False
-    return origin == api_origin or (parts.scheme == "https" and parts.port in (None, 443)
-                                    and parts.hostname in DINGTALK_REPLY_HOSTS)
-
-
 def pages_person(route, person):
     """Whether a route's pages or its escalation reach `person`, as the config names them: in
     at_people, at_map or an escalation step (themselves, or in a rotation named there, on call
@@ -7714,324 +7151,8 @@ def pages_person(route, person):
             or bool(person.mobile and person.mobile in mobiles))
 
 
-@dataclass(frozen=True)
-class Chat:
-    """Where a command written to the robot comes from: who wrote it (their DingTalk user id,
-    and the [person] with that user_id, if any) and in which conversation (a group's
-    conversationId, or a one-to-one chat's)."""
-    user: str
-    person: Person = None
-    conversation: str = ""
-    one_to_one: bool = False
-
-
-class AppDesk:
-    """The app's callbacks (StreamClient.handle): a card's button, a message written to the
-    robot. Who clicked or wrote is their DingTalk user id: the person with that user_id, or
-    the id itself. A button acts on its own card's incident. A command acts only where its chat
-    may (see _refusal): in a group, on the incidents of the receivers whose app_group it is; in
-    a one-to-one chat, for a [person], on the incidents of the receivers that page them; a
-    silence needs a [person] and lasts [oncall] silence_max at most. Commands are answered
-    through the message's sessionWebhook, if it points to DingTalk (reply_allowed)."""
-
-    LISTED = 20         # open incidents an `open` command lists
-    OPEN_READ = 1000    # open incidents it counts, per route
-
-    WORKERS = 2             # "command" threads, started with the first command
-    WAITING = 100           # commands waiting for one; more are not answered (logged)
-    IDLE = 60.0             # a command thread ends after this long without a command
-
-    def __init__(self, config, desk, store, wall, reply=None):
-        self.config, self.desk, self.store, self.wall = config, desk, store, wall
-        self.reply = reply or post_session_reply
-        self._refused_hosts = Recent(64)     # sessionWebhook hosts refused, logged once each
-        self._commands = queue.Queue(self.WAITING)
-        self._workers = []
-
-    def handle(self, topic, data):
-        """A callback's answer. A card's click is answered in its acknowledgement (it updates
-        the card); a command is answered through its sessionWebhook, on a thread of its own,
-        so that a slow Alertmanager or reply holds no other frame of the connection."""
-        if topic == CARD_CALLBACK:
-            return self.click(data)
-        if topic == BOT_MESSAGE:
-            self._queue_command(data)
-        return {}
-
-    def _queue_command(self, data):
-        self._workers = [w for w in self._workers if w.is_alive()]
-        while len(self._workers) < self.WORKERS:
-            self._workers.append(threading.Thread(target=self._serve_commands, daemon=True,
-                                                  name=f"command-{len(self._workers) + 1}"))
-            self._workers[-1].start()
-        try:
-            self._commands.put_nowait(data)
-        except queue.Full:
-            log.warning("stream: %d commands wait for an answer already: this one is not "
-                        "answered", self.WAITING)
-
-    def _serve_commands(self):
-        """Answer commands until none came for IDLE seconds, or stop()."""
-        while True:
-            try:
-                data = self._commands.get(timeout=self.IDLE)
-            except queue.Empty:
-                return
-            if data is None:
-                return
-            self.command(data)
-
-    def stop(self):
-        for _ in self._workers:
-            with contextlib.suppress(queue.Full):
-                self._commands.put_nowait(None)
-
-    def workers(self):
-        """The command threads alive now."""
-        return [w for w in self._workers if w.is_alive()]
-
-    def person_of(self, user_id):
-        """The [person] whose user_id this is, or None (for no user id too: a person with a
-        mobile alone has none)."""
-        return next((p for p in self.config().people.values()
-                     if user_id and p.user_id == user_id), None)
-
-    def who(self, user_id):
-        """(handle or user id, name) of a DingTalk user."""
-        person = self.person_of(user_id)
-        return (person.handle, person.name) if person else (user_id, user_id)
-
-    def click(self, data):
-        """A card's button: claim, silence_1h, silence_4h. The answer updates the card."""
-        found = read_track(data.get("outTrackId", ""))
-        user = str(data.get("userId", ""))[:64]
-        try:
-            content = json.loads(data.get("content") or "{}")
-            private = content.get("cardPrivateData") or {}
-            action = (private.get("actionIds") or [""])[0] or private.get("params", {}).get(
-                "action", "")
-        except (ValueError, AttributeError, TypeError):
-            action = ""
-        if found is None or not user:
-            log.warning("stream: a card click without a card of ours or a user: ignored")
-            return {}
-        route, group = found
-        chosen, name = self.who(user)
-        try:
-            status = self._act(route, group, str(action), chosen, name,
-                               self.person_of(user) is not None)
-        except Exception as exc:  # noqa: BLE001 (the clicker is told, on the card)
-            log.error("stream: the card's %r failed: %s: %s", str(action)[:40],
-                      type(exc).__name__, exc, exc_info=exc)
-            status = {"status": not_done(exc)}
-        return {"cardData": {"cardParamMap": status}}
-
-    def _act(self, route, group, action, chosen, name, known):
-        """A button of the card: anyone in the group may claim (as a link's page lets them);
-        a silence, which mutes the alerts for everyone, needs a [person] (`known`), as the
-        command does."""
-        language = self._language(route)
-        try:
-            if action == "claim":
-                incident = self.desk.claim(route, group, chosen, name, "dingtalk")
-                if incident is None:
-                    return {"status": "Nothing is open for this card (resolved, or not recorded "
-                                      "yet): try again in a minute."}
-                holder = self.config().name_of(incident["acknowledged_by"])
-                return {"state": "claimed", "status": WORDS[language]["has_it"].format(
-                    name=holder, after=Desk.taken(incident))}
-            hours = {"silence_1h": 1, "silence_4h": 4}.get(action)
-            if hours is None:
-                return {}
-            if not known:
-                return {"status": "Only people in [person] may silence (a [person:HANDLE] whose "
-                                  "user_id is yours): nothing was changed."}
-            longest = self.config().oncall.silence_max
-            if hours * 3600 > longest:
-                return {"status": f"A silence lasts {format_duration(longest)} at most here "
-                                  f"([oncall] silence_max): nothing was changed."}
-            self.desk.silence(route, group, hours, chosen, name, "dingtalk")
-            return {"state": "silenced", "status": WORDS[language]["silenced_card"].format(
-                name=name, hours=hours)}
-        except DeskRefused as exc:
-            return {"status": str(exc)}
-
-    def _language(self, route):
-        found = self.config().routes.get(route)
-        return found.language if found else Templates.language
-
-    def command(self, data):
-        """A message written to the robot: claim N, silence N 1h, oncall, open (in Chinese
-        too); anything else gets the help."""
-        text = str((data.get("text") or {}).get("content", "")).strip()
-        chat = self.chat_of(data)
-        try:
-            answer = self.answer_to(text, chat)
-        except Exception as exc:  # noqa: BLE001 (whoever wrote is told, not left waiting)
-            log.error("stream: the command %r failed: %s: %s", text[:40], type(exc).__name__,
-                      exc, exc_info=exc)
-            answer = not_done(exc)
-        self._reply(data.get("sessionWebhook") or "", answer)
-
-    def chat_of(self, data):
-        """The Chat a robot message comes from. Who wrote it is their senderStaffId, the user
-        id a [person] has; senderId is only the robot's alias for them (someone outside the
-        organization has no other), and acts as nobody."""
-        staff = str(data.get("senderStaffId") or "")[:64]
-        return Chat(user=staff, person=self.person_of(staff),
-                    conversation=str(data.get("conversationId", ""))[:128],
-                    one_to_one=str(data.get("conversationType", "")) == "1")
-
-    def _reply(self, webhook, text):
-        """The answer, through the message's sessionWebhook where reply_allowed; a host refused
-        is logged once, by its name alone (the URL's query is the session's credential)."""
-        app = self.config().app
-        if reply_allowed(webhook, app.api_url):
-            self.reply(webhook, text, app.timeout)
-            return
-        try:
-            host = urllib.parse.urlsplit(str(webhook)).hostname or ""
-        except ValueError:
-            host = ""
-        if webhook and self._refused_hosts.get(host) is None:
-            self._refused_hosts.put(host, True)
-            log.warning("stream: a command's sessionWebhook points to host=%s, neither DingTalk "
-                        "nor [app] api_url: not answered", logfmt(host[:64] or "?"))
-
-    def answer_to(self, text, chat):
-        words = text.split()
-        command = COMMANDS.get(words[0].lower(), "help") if words else "help"
-        if command == "oncall":
-            return self._on_call()
-        if command == "open":
-            everywhere = len(words) > 1 and words[1].lower() in ("all", "全部")
-            return self._open(() if everywhere else self._routes_of(chat.conversation))
-        if command in ("claim", "silence") and len(words) >= 2 and words[1].lstrip("#").isdigit():
-            return self._act_on(command, words[1].lstrip("#")[:24], words[2:3], chat)
-        here = chat.conversation and not chat.one_to_one
-        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警 "
-                "(open all / 告警 全部)" + (f"\napp_group = {chat.conversation}" if here else ""))
-
-    def _act_on(self, command, written, duration, chat):
-        """claim N, silence N [DURATION] (1h if not written), if this chat may act on #N."""
-        number = incident_number(written)
-        incident = self._incident(number) if number is not None else None
-        if incident is None:
-            return f"No open incident #{written}."
-        refused = self._refusal(command, incident, chat)
-        if refused:
-            return refused
-        chosen, name = self.who(chat.user)
-        if command == "claim":
-            return self._claim(incident, chosen, name)
-        return self._silence(incident, duration[0] if duration else "1h", chosen, name)
-
-    def _refusal(self, command, incident, chat):
-        """Why this chat may not act on the incident ("" if it may). Incident numbers count up
-        from 1: a number alone proves nothing, where it is written does. In a group: the
-        incidents of the receivers whose app_group it is. One to one: a [person]'s, on the
-        incidents of the receivers that page them (pages_person). A silence, which mutes the
-        alerts for everyone: a [person] only."""
-        number = f"#{incident['id']}"
-        if not chat.user:
-            return "Who wrote this is not known (no senderStaffId): nothing was changed."
-        if chat.one_to_one:
-            if chat.person is None:
-                return ("Commands in a one-to-one chat are for people in [person] (one whose "
-                        "user_id is yours): write in your team's group instead.")
-            route = self.config().routes.get(incident["route"])
-            if route is None or not pages_person(route, chat.person):
-                return (f"{number} is not one of your incidents: receiver {incident['route']} "
-                        f"neither @-mentions you nor escalates to you.")
-        elif incident["route"] not in self._routes_of(chat.conversation):
-            return f"{number} is not one of this group's incidents."
-        if command == "silence" and chat.person is None:
-            return ("Only people in [person] may silence (a [person:HANDLE] whose user_id is "
-                    "yours): nothing was changed.")
-        return ""
-
-    def _claim(self, incident, chosen, name):
-        taken = self.desk.claim(incident["route"], incident["group_hash"], chosen, name,
-                                "dingtalk")
-        if taken is None:
-            return f"#{incident['id']} is not open any more."
-        holder = self.config().name_of(taken["acknowledged_by"])
-        return f"#{incident['id']}: {holder} has it."
-
-    def _silence(self, incident, written, chosen, name):
-        """An Alertmanager silence of `written` (any duration duration_seconds reads), from 1m
-        to [oncall] silence_max."""
-        longest = self.config().oncall.silence_max
-        seconds = duration_seconds(written)
-        if seconds is None or not 60 <= seconds <= longest:
-            return (f"A silence lasts 1m to {format_duration(longest)} here ([oncall] "
-                    f"silence_max): silence {incident['id']} 1h.")
-        try:
-            _, silence = self.desk.silence(incident["route"], incident["group_hash"],
-                                           seconds / 3600, chosen, name, "dingtalk")
-        except DeskRefused as exc:
-            return str(exc)
-        return f"#{incident['id']} silenced for {format_duration(seconds)} (silence {silence})."
-
-    def _incident(self, number):
-        found = self.store.incident(number)
-        return found if found and found["state"] != "resolved" else None
-
-    def _on_call(self):
-        config = self.config()
-        report = on_call_report(config.rotations.values(), self.wall(), config.tz)
-        if not report:
-            return "No rotation is set up ([rotation:NAME])."
-        return "\n".join(f"{rotation.name}: {person.name} until "
-                         f"{datetime.fromtimestamp(until, config.tz):%m-%d %H:%M}, then "
-                         f"{following.name}" for rotation, (person, until), (following, _)
-                         in report)
-
-    def _routes_of(self, conversation):
-        """The routes whose cards go to this group (app_group): what `open` lists there."""
-        return tuple(sorted(r.name for r in self.config().routes.values()
-                            if conversation and r.app_group == conversation))
-
-    def _open(self, routes):
-        """The open incidents of these routes (every route's if none): the LISTED newest, and
-        how many older ones, and elsewhere, there are."""
-        if routes:
-            found = sorted((i for route in routes
-                            for i in self.store.open_incidents(self.OPEN_READ, route)),
-                           key=lambda i: -i["id"])
-            elsewhere = sum(self.store.open_by_state().values()) - len(found)
-        else:
-            found, elsewhere = self.store.open_incidents(self.OPEN_READ), 0
-        name_of = self.config().name_of
-        lines = [f"#{i['id']} {i['title'][:60]} · {i['state']}"
-                 + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
-                 for i in found[:self.LISTED]] or [f"Nothing is open{' here' if routes else ''}."]
-        if len(found) > self.LISTED:
-            lines.append(f"… and {len(found) - self.LISTED} older.")
-        if elsewhere > 0:
-            lines.append(f"{elsewhere} open in other groups: open all / 告警 全部")
-        return "\n".join(lines)
-
-
-def not_done(exc):
-    """What someone who clicked or wrote is told when it failed here (the history away...)."""
-    return f"Not done: {type(exc).__name__}: {str(exc)[:200]}. Try again in a minute."
-
-
-def post_session_reply(webhook, text, timeout):
-    """Answer a message written to the robot, through its sessionWebhook (valid for a while)."""
-    try:
-        status, _ = exchange_json("POST", webhook, {"msgtype": "text", "text": {"content": text}},
-                                  timeout=timeout, limit=4096)
-    except NO_ANSWER as exc:
-        log.warning("stream: the reply to a command was not delivered: %s", _no_answer(exc))
-        return
-    if status >= 400:
-        log.warning("stream: the reply to a command was not delivered: HTTP %d", status)
-
-
 # =============================================================================================
-# 12. Cluster: several instances on one MySQL, each page sent once
+# 13. Cluster: several instances on one MySQL, each page sent once
 # =============================================================================================
 
 LEADER, STANDBY, ALONE = "leader", "standby", "alone"
@@ -8454,7 +7575,7 @@ def _in(statement, keys):
 
 
 # =============================================================================================
-# 13. Observability: metrics, sd_notify, the watchdog
+# 14. Observability: metrics, sd_notify, the watchdog
 # =============================================================================================
 
 METRIC_HELP = {
@@ -8724,7 +7845,7 @@ def declare_series(metrics, config):
 
 
 # =============================================================================================
-# 14. Pages: the status page, the preview, the dry run
+# 15. Pages: the status page, the preview, the dry run
 # =============================================================================================
 # HTML made here and nowhere else. Every label, annotation and name is text from outside: each
 # goes through esc() (or markdown_html(), which escapes first), and the Content-Security-Policy
@@ -9433,7 +8554,7 @@ def dry_run(renderer, channel, route, webhook):
 
 
 # =============================================================================================
-# 15. Bridge: one alertbridge instance
+# 16. Bridge: one alertbridge instance
 # =============================================================================================
 
 class Bridge:
@@ -9685,7 +8806,7 @@ class Bridge:
 
 
 # =============================================================================================
-# 16. Command line
+# 17. Command line
 # =============================================================================================
 
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -10243,6 +9364,915 @@ def run(config):
     bridge.stop()
     log.info("stopped")
     return 0
+
+
+# =============================================================================================
+# 18. The DingTalk app: its OpenAPI, its Stream connection, cards and commands
+# =============================================================================================
+#
+# A wing, off unless [app] is set: the enterprise app robot. AppAPI (token, Stream tickets,
+# cards, DING), the StreamClient on the WebSocket client (the leader's connection to DingTalk's
+# gateway), AppPager (pages as cards, updated in place), AppDesk (clicks and commands, acting
+# through the Desk).
+
+CARD_CALLBACK = "/v1.0/card/instances/callback"     # a card's button clicked
+BOT_MESSAGE = "/v1.0/im/bot/messages/get"           # someone wrote to the app robot
+DING_TYPES = {"app": 1, "sms": 2, "call": 3}        # [app] ding -> DING's remindType
+
+
+def undelivered(answer):
+    """Why createAndDeliver's answer is a card nobody sees ("" if every space got it): the call
+    succeeds once the card is created, and each space says whether it was delivered there (not
+    if the robot is not in the group, or the group is not the one meant)."""
+    result = answer.get("result")
+    spaces = result.get("deliverResults") if isinstance(result, dict) else None
+    if not isinstance(spaces, list) or not spaces:
+        return "the answer does not say the card was delivered (no deliverResults)"
+    for space in spaces:
+        if not isinstance(space, dict) or space.get("success") is not True:
+            space = space if isinstance(space, dict) else {}
+            return (f"the card was not delivered to {space.get('spaceType', '?')} "
+                    f"{str(space.get('spaceId', '?'))[:80]}: "
+                    f"{str(space.get('errorMsg', 'no reason given'))[:200]}")
+    return ""
+
+
+class AppError(Exception):
+    """The app's OpenAPI refused a call or did not answer. `status`: the HTTP status, if any;
+    `throttled`: its rate limit (that API waits THROTTLE_REST before calling again)."""
+
+    def __init__(self, message, status=None, throttled=False):
+        super().__init__(message)
+        self.status, self.throttled = status, throttled
+
+
+class AppAPI:
+    """DingTalk's OpenAPI as the app uses it: an access token kept until TOKEN_MARGIN before it
+    expires (and fetched again once if refused), the Stream gateway's tickets, interactive
+    cards (created and delivered to a group, updated in place), DING. An API DingTalk throttles
+    (token, gateway, card, ding) makes no call for THROTTLE_REST seconds; the others go on, so
+    a throttled gateway does not keep cards off the air (pages go through the custom robots
+    only while the card API or the token rests). `config()` gives the running Config; `clock`:
+    steady seconds; `wall`: when the last error came (epoch). _lock guards the token and the
+    rests."""
+
+    TOKEN_MARGIN = 300.0
+    THROTTLE_REST = 2.0
+
+    def __init__(self, config, metrics, clock=time.monotonic, wall=wall_time):
+        self.config, self.metrics, self.clock, self.wall = config, metrics, clock, wall
+        self._lock = threading.Lock()
+        self._token = ("", "", 0.0)         # (client id, token, valid until)
+        self._rests = {}                    # api -> steady time it may call again
+        self.last_error, self.last_error_at = "", None
+
+    @property
+    def throttled_until(self):
+        """When the last API DingTalk throttled may call again (what the status page shows)."""
+        with self._lock:
+            return max(self._rests.values(), default=0.0)
+
+    def resting(self, api):
+        """Whether `api` is resting after DingTalk throttled it."""
+        with self._lock:
+            return self.clock() < self._rests.get(api, 0.0)
+
+    def token(self):
+        app = self.config().app
+        with self._lock:
+            client, token, until = self._token
+            if token and client == app.client_id and self.clock() < until:
+                return token
+        answer = self._call("token", "POST", "/v1.0/oauth2/accessToken",
+                            {"appKey": app.client_id, "appSecret": app.client_secret}, token="")
+        token, expires = answer.get("accessToken"), answer.get("expireIn")
+        if not isinstance(token, str) or not token or not isinstance(expires, (int, float)):
+            raise AppError("the token answer has no accessToken and expireIn")
+        with self._lock:
+            self._token = (app.client_id, token, self.clock() + max(expires - self.TOKEN_MARGIN,
+                                                                    expires / 2))
+        return token
+
+    def open_stream(self, topics):
+        """(endpoint, ticket) of a new Stream connection for these callback topics."""
+        app = self.config().app
+        answer = self._call("gateway", "POST", "/v1.0/gateway/connections/open", {
+            "clientId": app.client_id, "clientSecret": app.client_secret,
+            "subscriptions": [{"type": "CALLBACK", "topic": t} for t in topics],
+            "ua": f"alertbridge/{VERSION}", "localIp": ""}, token="")
+        return self.gateway_endpoint(answer, app.api_url)
+
+    @staticmethod
+    def gateway_endpoint(answer, api_url):
+        """(endpoint, ticket) of the gateway's answer. Over an https api_url only a wss://
+        endpoint: a ws:// one would carry the ticket and every click in clear text (an http
+        api_url, a test's or a proxy's on the host, may give ws://)."""
+        endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
+        schemes = ("ws://", "wss://") if api_url.startswith("http://") else ("wss://",)
+        if not (isinstance(endpoint, str) and endpoint.startswith(schemes)
+                and isinstance(ticket, str) and ticket):
+            raise AppError(f"the gateway's answer has no {' or '.join(schemes)} endpoint and "
+                           f"ticket" + ("" if len(schemes) == 2 else " (api_url is https)"))
+        return endpoint, ticket
+
+    def send_card(self, track, group, params, at_user_ids=()):
+        """An interactive card of the app's template, in a group (its openConversationId),
+        known by `track` (its outTrackId); its buttons call back over the Stream connection."""
+        app = self.config().app
+        deliver = {"robotCode": app.robot}
+        if at_user_ids:
+            deliver["atUserIds"] = {u: u for u in at_user_ids}
+        self._call("card", "POST", "/v1.0/card/instances/createAndDeliver", {
+            "cardTemplateId": app.card_template, "outTrackId": track, "callbackType": "STREAM",
+            "cardData": {"cardParamMap": params}, "openSpaceId": f"dtv1.card//IM_GROUP.{group}",
+            "imGroupOpenSpaceModel": {"supportForward": True},
+            "imGroupOpenDeliverModel": deliver, "userIdType": 1}, check=undelivered)
+
+    def update_card(self, track, params):
+        self._call("card", "PUT", "/v1.0/card/instances", {
+            "outTrackId": track, "cardData": {"cardParamMap": params},
+            "cardUpdateOptions": {"updateCardDataByKey": True}})
+
+    def ding(self, user_ids, text):
+        """DING people as [app] ding says (in the app, SMS, a call: editions and packages
+        allowing; at most 20 people)."""
+        app = self.config().app
+        self._call("ding", "POST", "/v1.0/robot/ding/send", {
+            "robotCode": app.robot, "remindType": DING_TYPES[app.ding],
+            "receiverUserIdList": list(user_ids)[:20], "content": text})
+
+    def _call(self, api, method, path, body, token=None, check=None):
+        """One call; a token refused is fetched again once. The answer, a dict. `check(answer)`
+        says why a successful answer is still a refusal ("" if it is not)."""
+        try:
+            return self._request(api, method, path, body, token, check)
+        except AppError as exc:
+            if token is not None or exc.status != 401:
+                raise
+            with self._lock:
+                self._token = ("", "", 0.0)
+            return self._request(api, method, path, body, token, check)
+
+    def _request(self, api, method, path, body, token, check):
+        app = self.config().app
+        if self.resting(api):
+            self.metrics.inc("alertbridge_app_requests_total", api=api, outcome="held")
+            raise AppError(f"throttled by DingTalk ({api}): resting", throttled=True)
+        headers = {} if token is not None else {"x-acs-dingtalk-access-token": self.token()}
+        try:
+            status, raw = exchange_json(method, app.api_url + path, body, headers, app.timeout,
+                                        1 << 20)
+        except NO_ANSWER as exc:
+            self._count(api, "error", _no_answer(exc))
+            raise AppError(_no_answer(exc)) from exc
+        if status >= 400:
+            raise self._refused(api, status, raw[:2048])
+        try:
+            answer = json.loads(raw or b"{}")
+        except (ValueError, RecursionError) as exc:
+            why = f"the answer is not JSON: {raw[:40]!r}"
+            self._count(api, "error", why)
+            raise AppError(why, status) from exc
+        if not isinstance(answer, dict) or answer.get("success") is False:
+            raise self._refused(api, 200, json.dumps(answer)[:2048].encode())
+        why = check(answer) if check else ""
+        if why:
+            self._count(api, "refused", why)
+            raise AppError(why, 200)
+        self._count(api, "ok")
+        return answer
+
+    def _refused(self, api, status, raw):
+        try:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            answer = {}
+        answer = answer if isinstance(answer, dict) else {}
+        code, text = str(answer.get("code", "")), str(answer.get("message", ""))[:200]
+        throttled = status == 429 or "QpsLimit" in code or "Throttling" in code
+        if throttled:
+            with self._lock:
+                self._rests[api] = self.clock() + self.THROTTLE_REST
+        self._count(api, "throttled" if throttled else "refused", f"HTTP {status} {code} {text}")
+        return AppError(f"HTTP {status} {code} {text}".strip(), status, throttled)
+
+    def _count(self, api, outcome, error=""):
+        self.metrics.inc("alertbridge_app_requests_total", api=api, outcome=outcome)
+        if error:
+            self.last_error, self.last_error_at = error, self.wall()
+
+
+class MalformedFrame(ValueError):
+    """A Stream frame that is not one DingTalk sends; `message_id`: its id, if it has a usable
+    one (the frame is then answered with an error, else ignored)."""
+
+    def __init__(self, why, message_id=None):
+        super().__init__(why)
+        self.message_id = message_id
+
+
+class StreamClient(Worker):
+    """The app's Stream connection, held only while this instance may send (a cluster's
+    leader; a new leader opens its own): a WebSocket to DingTalk's gateway, opened with a fresh
+    ticket, that brings card clicks and messages written to the robot. Each frame is answered
+    as DingTalk's SDKs answer it, with its messageId: a callback's answer under `response` in
+    the acknowledgement's data (a frame seen again gets the same answer); a SYSTEM frame (ping,
+    disconnect) with its data. A frame that is not one DingTalk sends is logged and answered
+    with an error or ignored, one by one: it never ends the connection. A ping goes out when
+    the connection has been quiet PING_EVERY seconds; quiet for DEAD_AFTER, it is half-open
+    and given up. `handle(topic, data)` answers a callback (AppDesk.handle).
+
+    Reconnecting: at once after a connection that lasted (open LASTED seconds, or SERVED_FOR
+    seconds with a new callback answered: the gateway served it; a callback delivered again
+    proves nothing), and the delays start again; after any other end (the
+    gateway's `disconnect`, a close, a failed ticket or handshake) after growing delays with
+    jitter (retry_delay from BACKOFF: 0.5-1 s, 1-2 s, ... up to 30-60 s), so that a gateway
+    ending every connection at once is not asked for tickets in a loop. Each end is counted in
+    alertbridge_app_stream_disconnects_total by reason (REASONS)."""
+
+    PING_EVERY = 20.0
+    DEAD_AFTER = 50.0
+    LOOK = 1.0              # how often the connection checks it is still the leader's
+    LASTED = 60.0           # a connection open this long worked: the next is made at once
+    SERVED_FOR = 5.0        # ... or this long, with a new callback answered
+    BACKOFF = (1.0, 60.0)   # retry_delay's base and longest, in seconds
+    ANSWERS_KEPT = 256
+    MAX_ID = 256            # a messageId's length (answers are kept by it)
+    SAY_AGAIN = 60.0        # the same malformed frame is logged once in this many seconds
+    REASONS = ("disconnect", "dropped", "half_open", "connect_failed")
+
+    def __init__(self, config, api, handle, cluster):
+        super().__init__("stream")
+        self.config, self.api, self.handle, self.cluster = config, api, handle, cluster
+        self.socket = None
+        self.connected_at = None        # the wall clock, while connected
+        self.last_error = ""            # why the last connection ended or could not be made
+        self._answers = Recent(self.ANSWERS_KEPT)       # messageId -> the answer given
+        self._opening = None            # the ConnectDeadline of a connection being made
+        self._failures = 0              # connections in a row that did not last
+        self._served = False            # the connection brought a callback, answered
+        self._said = ("", 0.0)          # the last malformed frame logged, and when
+
+    def stop(self):
+        super().stop()
+        opening, socket_ = self._opening, self.socket
+        if opening is not None:
+            opening.cut()
+        if socket_ is not None:
+            socket_.close(1001)
+
+    def backlog(self):
+        return 0
+
+    def sleep_for(self):
+        return self.LOOK if self.config().app.enabled else 30.0
+
+    def failed(self, exc, failures):
+        """A step that raised (a bug, not the network: connections end inside the step)."""
+        if self._stopping.is_set():
+            return 0.0
+        return super().failed(exc, failures)
+
+    def step(self):
+        if not self.config().app.enabled or not self.cluster.may_send():
+            return False
+        reason, error, lasted = self._connection()
+        if reason is None or self._stopping.is_set():   # ours: stopped, not the leader, [app]
+            return not self._stopping.is_set()
+        self.api.metrics.inc("alertbridge_app_stream_disconnects_total", reason=reason)
+        delay = self._delay(lasted, error)
+        self._tell(reason, error, delay)
+        self._stopping.wait(delay)
+        return not self._stopping.is_set()
+
+    def _delay(self, lasted, error):
+        """No delay after a connection that lasted (and the delays start again), else the next
+        of the growing delays; at least the API's rest if DingTalk throttled the gateway."""
+        if lasted:
+            self._failures = 0
+            return 0.0
+        self._failures += 1
+        delay = retry_delay(self._failures - 1, *self.BACKOFF)
+        if getattr(error, "throttled", False):
+            delay = max(delay, self.api.THROTTLE_REST)
+        return delay
+
+    def _tell(self, reason, error, delay):
+        """The log line and the status page's reason: a new error is told, a repeat is not."""
+        if self._stopping.is_set():
+            return
+        text = (f"{type(error).__name__}: {error}" if error is not None else
+                "the gateway asked to reconnect (disconnect)" if reason == "disconnect" else
+                f"nothing heard for {self.DEAD_AFTER:g} s, a ping unanswered: half-open")
+        self.last_error = text
+        if text != self._last_error:
+            log.warning("stream: %s; connecting again in %.1f s", text, delay)
+            self._last_error = text
+
+    def _connection(self):
+        """One connection, from its ticket to its end: (why it ended, the error if any, whether
+        it lasted). Why: one of REASONS, or None for an end of ours."""
+        try:
+            ws = self._connect()
+        except (WebSocketClosed, AppError, OSError, ValueError) as exc:
+            return "connect_failed", exc, False
+        opened, self._served, self._last_error = time.monotonic(), False, None
+        self.socket, self.connected_at = ws, wall_time()
+        try:
+            reason, error = self._serve(ws), None
+        except (WebSocketClosed, OSError) as exc:
+            reason, error = "dropped", exc
+        finally:
+            self.socket, self.connected_at = None, None
+            ws.close()
+        if self._stopping.is_set():
+            return None, None, True
+        open_for = time.monotonic() - opened
+        return reason, error, open_for >= (self.SERVED_FOR if self._served else self.LASTED)
+
+    def _connect(self):
+        """A ticket, then the WebSocket within [app] timeout; stop() cuts it short."""
+        app = self.config().app
+        endpoint, ticket = self.api.open_stream((CARD_CALLBACK, BOT_MESSAGE))
+        url = endpoint + ("&" if "?" in endpoint else "?") + "ticket=" + urllib.parse.quote(ticket)
+        self._opening = opening = ConnectDeadline(app.timeout)
+        if self._stopping.is_set():     # stop() came before it could see this connection
+            opening.cut()
+        try:
+            ws = WebSocket.connect(url, app.timeout, deadline=opening)
+        finally:
+            self._opening = None
+        log.info("stream: connected to DingTalk's gateway (%s)", urllib.parse.urlsplit(
+            endpoint).hostname)
+        return ws
+
+    def _serve(self, ws):
+        """Frames until the connection ends: "disconnect" (the gateway asked: answered, then
+        closed), "half_open", or None for an end of ours (stopped, not the leader any more,
+        [app] changed: connect again at once). A connection that breaks raises."""
+        pinged, app = time.monotonic(), self.config().app
+        while not self._stopping.is_set():
+            if not self.cluster.may_send():
+                log.info("stream: not the leader any more: closing the connection")
+                return None
+            if self.config().app != app:
+                log.info("stream: [app] changed: connecting again")
+                return None
+            try:
+                text = ws.recv(self.LOOK)
+            except socket.timeout:
+                now = time.monotonic()
+                if now - ws.heard > self.DEAD_AFTER:
+                    return "half_open"
+                if now - max(ws.heard, pinged) >= self.PING_EVERY:
+                    ws.ping()
+                    pinged = now
+                continue
+            answer, kind, topic = self.answer(text)
+            if answer is not None:
+                ws.send_text(json.dumps(answer, ensure_ascii=False))
+            if kind == "SYSTEM" and topic == "disconnect":
+                log.info("stream: the gateway asks to reconnect")
+                return "disconnect"
+        return None
+
+    def answer(self, text):
+        """(the acknowledgement of one frame or None, its type, its topic). Whatever the frame
+        holds, it is dealt with here: nothing in it ends the connection."""
+        try:
+            kind, topic, message_id, data = self._read(text)
+            again = self._answers.get(message_id) is not None
+            ack = self._acknowledgement(kind, topic, message_id, data)
+            self._served = self._served or (kind == "CALLBACK" and ack["code"] == 200
+                                            and not again)
+            return ack, kind, topic
+        except MalformedFrame as exc:
+            answered = exc.message_id is not None
+            self._malformed(f"{exc}: {'answered 400' if answered else 'ignored'}")
+            return (self._ack(exc.message_id, 400, "malformed frame", "") if answered else None,
+                    None, None)
+        except Exception as exc:  # noqa: BLE001 (one bad frame must not end the connection)
+            log.error("stream: a frame: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            return None, None, None
+
+    def _read(self, text):
+        """(type, topic, messageId, data) of a frame as DingTalk sends it; MalformedFrame."""
+        try:
+            frame = json.loads(text)
+        except (ValueError, RecursionError):
+            raise MalformedFrame("that is not JSON") from None
+        headers = frame.get("headers") if isinstance(frame, dict) else None
+        if not isinstance(headers, dict):
+            raise MalformedFrame("without headers")
+        message_id = headers.get("messageId")
+        if not isinstance(message_id, str) or not 0 < len(message_id) <= self.MAX_ID:
+            raise MalformedFrame(f"whose messageId is not a string of 1 to {self.MAX_ID} "
+                                 f"characters")
+        kind, topic, data = frame.get("type"), headers.get("topic"), frame.get("data")
+        if kind not in ("SYSTEM", "EVENT", "CALLBACK") or not isinstance(topic, str):
+            raise MalformedFrame("of no known type or topic", message_id)
+        if data is not None and not isinstance(data, str):
+            raise MalformedFrame("whose data is not a string", message_id)
+        return kind, topic, message_id, data or ""
+
+    def _acknowledgement(self, kind, topic, message_id, data):
+        """As the SDKs: SYSTEM frames answered with their own data; a callback with its answer
+        under `response`, kept for a frame seen again; events, not subscribed to, not handled."""
+        if kind == "SYSTEM":
+            return self._ack(message_id, 200, "OK", data)
+        if kind == "EVENT":
+            return self._ack(message_id, 404, "not handled", "")
+        answered = self._answers.get(message_id)
+        if answered is not None:
+            return answered
+        try:
+            fields = json.loads(data or "{}")
+        except (ValueError, RecursionError):
+            fields = None
+        if not isinstance(fields, dict):
+            raise MalformedFrame("whose data is not a JSON object", message_id)
+        try:
+            result = self.handle(topic, fields)
+        except Exception as exc:  # noqa: BLE001 (one bad callback must not end the connection)
+            log.error("stream: topic=%s: %s: %s", logfmt(topic[:200]), type(exc).__name__, exc,
+                      exc_info=exc)
+            return self._ack(message_id, 500, "error", "")
+        response = json.dumps({"response": result or {}}, ensure_ascii=False)
+        return self._answers.put(message_id, self._ack(message_id, 200, "", response))
+
+    @staticmethod
+    def _ack(message_id, code, message, data):
+        return {"code": code, "headers": {"messageId": message_id,
+                                          "contentType": "application/json"},
+                "message": message, "data": data}
+
+    def _malformed(self, why):
+        """Logged, once a while for the same fault (a gateway repeating it fills no disk)."""
+        now = time.monotonic()
+        if why != self._said[0] or now - self._said[1] >= self.SAY_AGAIN:
+            log.warning("stream: a frame %s", why)
+            self._said = (why, now)
+
+
+def card_track(route_name, group):
+    """A card's outTrackId: its incident's route and group, and a nonce (a group that fires
+    again after it resolved gets a new card)."""
+    name = base64.urlsafe_b64encode(route_name.encode()).decode().rstrip("=")
+    return f"{name}.{group}.{secrets.token_hex(4)}"
+
+
+def read_track(track):
+    """(route name, group hash) of a card's outTrackId, or None."""
+    pieces = str(track).split(".")
+    if len(pieces) != 3 or not re.fullmatch(r"[0-9a-f]{64}", pieces[1]):
+        return None
+    try:
+        name = base64.urlsafe_b64decode(pieces[0] + "=" * (-len(pieces[0]) % 4)).decode()
+    except ValueError:
+        return None
+    return name, pieces[1]
+
+
+class AppPager:
+    """Pages through the app for routes with app_group: a firing group's first page is an
+    interactive card (the page's text, Claim and Silence buttons, its links), its next pages
+    and its resolution update that card in place; what the card shows of its incident changes
+    with it (claimed, silenced). The journal knows each group's open card. Any failure raises
+    AppError: the sender then sends the page through the custom robots."""
+
+    def __init__(self, config, api, journal, renderer):
+        self.config, self.api, self.journal = config, api, journal
+        self.renderer = renderer
+
+    @staticmethod
+    def takes(route, body):
+        return bool(route.app_group and body.kind == ALERTS and not body.digest
+                    and body.group_key and not body.part)
+
+    def page(self, route, body, level=NO_LEVEL, claims=()):
+        """Put the body on the group's card: (done, carried). Not done if there is no card to
+        put a resolution on (the robots send it, as any message). A card @-mentions user ids
+        only: whoever the page mentions by mobile, or everyone, hears it in a NOTE through the
+        robots right after, which then carries the page's `claims` (carried: the page counts as
+        sent across a cluster once that note is; a leader dying between the two sends the page
+        again rather than lose the @)."""
+        group = group_hash(body.group_key)
+        track = self.journal.open_card(route.name, group)
+        firing = any(a["status"] == "firing" for a in body.alerts)
+        if not firing and track is None:
+            return False, False
+        rendered = self.renderer.render(route, replace(body, group_key=""))  # no link notes
+        params = self.card_params(route, body, rendered, "open" if firing else "resolved")
+        if track is None:
+            track = card_track(route.name, group)
+            self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
+            self.journal.card_opened(route.name, group, track)
+            return True, self._mention_beside(route, rendered, track, level, claims)
+        if firing:      # the group again: its text; a claim or silence shown stays shown
+            self.api.update_card(track, {k: v for k, v in params.items()
+                                         if k not in ("state", "status")})
+        else:           # resolved: the card is the incident's no more, shown or not
+            try:
+                self.api.update_card(track, params)
+            finally:
+                self.journal.card_closed(track)
+        return True, False
+
+    def _mention_beside(self, route, rendered, track, level, claims):
+        """The card's @ note, if it needs one (True: it carries the page's claims)."""
+        mentions = rendered.mentions
+        if not (mentions.mobiles or mentions.all):
+            return False
+        text = WORDS[route.language]["card_mention"].format(title=md_escape(rendered.title))
+        self.journal.note(route.name, text[:128], text, 0, list(claims), level=level,
+                          mention=Mentions(mentions.mobiles, (), mentions.all),
+                          request_id=f"card-mention:{track}")
+        return True
+
+    def card_params(self, route, body, rendered, state):
+        """What the card template shows (docs/dingtalk-app.md names each variable): its title
+        and text are markdown, alert text escaped in both."""
+        words = WORDS[route.language]
+        fields = alert_fields(body.alerts[0], self.config().tz, route)
+        return {"title": rendered.heading, "markdown": self.renderer.SEPARATOR.join(
+                    rendered.blocks + rendered.notes),
+                "state": state, "status": words["resolved_card"] if state == "resolved" else "",
+                "claim_label": words["claim"], "silence_1h_label": "🔕 1 h",
+                "silence_4h_label": "🔕 4 h", "runbook_url": fields["runbook_url"],
+                "dashboard_url": fields["dashboard_url"]}
+
+    def send_test(self, route):
+        """--send-test: a card of the sample alert in the route's app_group, if it has one, for
+        no incident (a click on it finds nothing open). The lines to show, and whether DingTalk
+        delivered it: what proves the credentials, the template and the robot in the group."""
+        app = self.config().app
+        if not (route.app_group and app.enabled):
+            return [], True
+        body = Body(alerts=(sample_alert(route.name),))
+        params = self.card_params(route, body, self.renderer.render(route, body), "open")
+        track = card_track(route.name, group_hash("alertbridge --send-test"))
+        try:
+            self.api.send_card(track, route.app_group, params)
+        except AppError as exc:
+            return [f"app card to {route.app_group}: NOT delivered: {exc}"], False
+        return [f"app card to {route.app_group}: delivered (template {app.card_template})"], True
+
+    def tell(self, route_name, group, state, status):
+        """Show an incident's new state on its card, if it has one here: True if shown."""
+        track = self.journal.open_card(route_name, group)
+        if track is None:
+            return False
+        self.api.update_card(track, {"state": state, "status": status})
+        return True
+
+
+COMMANDS = {"claim": "claim", "ack": "claim", "认领": "claim", "silence": "silence",
+            "静默": "silence", "oncall": "oncall", "值班": "oncall", "open": "open",
+            "告警": "open", "help": "help", "帮助": "help"}
+
+
+BIGINT_MAX = 2 ** 63 - 1       # the history's incident ids are BIGINT
+DINGTALK_REPLY_HOSTS = ("oapi.dingtalk.com", "api.dingtalk.com")    # where sessionWebhooks go
+
+
+def incident_number(written):
+    """The incident number `written` says (12, #12), or None: ASCII digits only (str.isdigit()
+    also takes ² and ٣, which int() refuses) and no more than the history's BIGINT holds."""
+    match = re.fullmatch(r"#?([0-9]{1,19})", written)
+    number = int(match.group(1)) if match else 0
+    return number if 0 < number <= BIGINT_MAX else None
+
+
+def reply_allowed(webhook, api_url):
+    """Whether a command's sessionWebhook may be called: https on DingTalk's own hosts, or the
+    scheme, host and port of [app] api_url (a test's fake DingTalk). The message says where to
+    answer; alertbridge posts the answer nowhere else."""
+    try:
+        parts, api = urllib.parse.urlsplit(str(webhook)), urllib.parse.urlsplit(api_url)
+        origin, api_origin = (parts.scheme, parts.hostname, parts.port), (
+            api.scheme, api.hostname, api.port)
+    except ValueError:      # a port that is no number, a broken [address]
+        return False
+    if not parts.hostname or "@" in parts.netloc:
+        return False
+    return origin == api_origin or (parts.scheme == "https" and parts.port in (None, 443)
+                                    and parts.hostname in DINGTALK_REPLY_HOSTS)
+
+
+@dataclass(frozen=True)
+class Chat:
+    """Where a command written to the robot comes from: who wrote it (their DingTalk user id,
+    and the [person] with that user_id, if any) and in which conversation (a group's
+    conversationId, or a one-to-one chat's)."""
+    user: str
+    person: Person = None
+    conversation: str = ""
+    one_to_one: bool = False
+
+
+class AppDesk:
+    """The app's callbacks (StreamClient.handle): a card's button, a message written to the
+    robot. Who clicked or wrote is their DingTalk user id: the person with that user_id, or
+    the id itself. A button acts on its own card's incident. A command acts only where its chat
+    may (see _refusal): in a group, on the incidents of the receivers whose app_group it is; in
+    a one-to-one chat, for a [person], on the incidents of the receivers that page them; a
+    silence needs a [person] and lasts [oncall] silence_max at most. Commands are answered
+    through the message's sessionWebhook, if it points to DingTalk (reply_allowed)."""
+
+    LISTED = 20         # open incidents an `open` command lists
+    OPEN_READ = 1000    # open incidents it counts, per route
+
+    WORKERS = 2             # "command" threads, started with the first command
+    WAITING = 100           # commands waiting for one; more are not answered (logged)
+    IDLE = 60.0             # a command thread ends after this long without a command
+
+    def __init__(self, config, desk, store, wall, reply=None):
+        self.config, self.desk, self.store, self.wall = config, desk, store, wall
+        self.reply = reply or post_session_reply
+        self._refused_hosts = Recent(64)     # sessionWebhook hosts refused, logged once each
+        self._commands = queue.Queue(self.WAITING)
+        self._workers = []
+
+    def handle(self, topic, data):
+        """A callback's answer. A card's click is answered in its acknowledgement (it updates
+        the card); a command is answered through its sessionWebhook, on a thread of its own,
+        so that a slow Alertmanager or reply holds no other frame of the connection."""
+        if topic == CARD_CALLBACK:
+            return self.click(data)
+        if topic == BOT_MESSAGE:
+            self._queue_command(data)
+        return {}
+
+    def _queue_command(self, data):
+        self._workers = [w for w in self._workers if w.is_alive()]
+        while len(self._workers) < self.WORKERS:
+            self._workers.append(threading.Thread(target=self._serve_commands, daemon=True,
+                                                  name=f"command-{len(self._workers) + 1}"))
+            self._workers[-1].start()
+        try:
+            self._commands.put_nowait(data)
+        except queue.Full:
+            log.warning("stream: %d commands wait for an answer already: this one is not "
+                        "answered", self.WAITING)
+
+    def _serve_commands(self):
+        """Answer commands until none came for IDLE seconds, or stop()."""
+        while True:
+            try:
+                data = self._commands.get(timeout=self.IDLE)
+            except queue.Empty:
+                return
+            if data is None:
+                return
+            self.command(data)
+
+    def stop(self):
+        for _ in self._workers:
+            with contextlib.suppress(queue.Full):
+                self._commands.put_nowait(None)
+
+    def workers(self):
+        """The command threads alive now."""
+        return [w for w in self._workers if w.is_alive()]
+
+    def person_of(self, user_id):
+        """The [person] whose user_id this is, or None (for no user id too: a person with a
+        mobile alone has none)."""
+        return next((p for p in self.config().people.values()
+                     if user_id and p.user_id == user_id), None)
+
+    def who(self, user_id):
+        """(handle or user id, name) of a DingTalk user."""
+        person = self.person_of(user_id)
+        return (person.handle, person.name) if person else (user_id, user_id)
+
+    def click(self, data):
+        """A card's button: claim, silence_1h, silence_4h. The answer updates the card."""
+        found = read_track(data.get("outTrackId", ""))
+        user = str(data.get("userId", ""))[:64]
+        try:
+            content = json.loads(data.get("content") or "{}")
+            private = content.get("cardPrivateData") or {}
+            action = (private.get("actionIds") or [""])[0] or private.get("params", {}).get(
+                "action", "")
+        except (ValueError, AttributeError, TypeError):
+            action = ""
+        if found is None or not user:
+            log.warning("stream: a card click without a card of ours or a user: ignored")
+            return {}
+        route, group = found
+        chosen, name = self.who(user)
+        try:
+            status = self._act(route, group, str(action), chosen, name,
+                               self.person_of(user) is not None)
+        except Exception as exc:  # noqa: BLE001 (the clicker is told, on the card)
+            log.error("stream: the card's %r failed: %s: %s", str(action)[:40],
+                      type(exc).__name__, exc, exc_info=exc)
+            status = {"status": not_done(exc)}
+        return {"cardData": {"cardParamMap": status}}
+
+    def _act(self, route, group, action, chosen, name, known):
+        """A button of the card: anyone in the group may claim (as a link's page lets them);
+        a silence, which mutes the alerts for everyone, needs a [person] (`known`), as the
+        command does."""
+        language = self._language(route)
+        try:
+            if action == "claim":
+                incident = self.desk.claim(route, group, chosen, name, "dingtalk")
+                if incident is None:
+                    return {"status": "Nothing is open for this card (resolved, or not recorded "
+                                      "yet): try again in a minute."}
+                holder = self.config().name_of(incident["acknowledged_by"])
+                return {"state": "claimed", "status": WORDS[language]["has_it"].format(
+                    name=holder, after=Desk.taken(incident))}
+            hours = {"silence_1h": 1, "silence_4h": 4}.get(action)
+            if hours is None:
+                return {}
+            if not known:
+                return {"status": "Only people in [person] may silence (a [person:HANDLE] whose "
+                                  "user_id is yours): nothing was changed."}
+            longest = self.config().oncall.silence_max
+            if hours * 3600 > longest:
+                return {"status": f"A silence lasts {format_duration(longest)} at most here "
+                                  f"([oncall] silence_max): nothing was changed."}
+            self.desk.silence(route, group, hours, chosen, name, "dingtalk")
+            return {"state": "silenced", "status": WORDS[language]["silenced_card"].format(
+                name=name, hours=hours)}
+        except DeskRefused as exc:
+            return {"status": str(exc)}
+
+    def _language(self, route):
+        found = self.config().routes.get(route)
+        return found.language if found else Templates.language
+
+    def command(self, data):
+        """A message written to the robot: claim N, silence N 1h, oncall, open (in Chinese
+        too); anything else gets the help."""
+        text = str((data.get("text") or {}).get("content", "")).strip()
+        chat = self.chat_of(data)
+        try:
+            answer = self.answer_to(text, chat)
+        except Exception as exc:  # noqa: BLE001 (whoever wrote is told, not left waiting)
+            log.error("stream: the command %r failed: %s: %s", text[:40], type(exc).__name__,
+                      exc, exc_info=exc)
+            answer = not_done(exc)
+        self._reply(data.get("sessionWebhook") or "", answer)
+
+    def chat_of(self, data):
+        """The Chat a robot message comes from. Who wrote it is their senderStaffId, the user
+        id a [person] has; senderId is only the robot's alias for them (someone outside the
+        organization has no other), and acts as nobody."""
+        staff = str(data.get("senderStaffId") or "")[:64]
+        return Chat(user=staff, person=self.person_of(staff),
+                    conversation=str(data.get("conversationId", ""))[:128],
+                    one_to_one=str(data.get("conversationType", "")) == "1")
+
+    def _reply(self, webhook, text):
+        """The answer, through the message's sessionWebhook where reply_allowed; a host refused
+        is logged once, by its name alone (the URL's query is the session's credential)."""
+        app = self.config().app
+        if reply_allowed(webhook, app.api_url):
+            self.reply(webhook, text, app.timeout)
+            return
+        try:
+            host = urllib.parse.urlsplit(str(webhook)).hostname or ""
+        except ValueError:
+            host = ""
+        if webhook and self._refused_hosts.get(host) is None:
+            self._refused_hosts.put(host, True)
+            log.warning("stream: a command's sessionWebhook points to host=%s, neither DingTalk "
+                        "nor [app] api_url: not answered", logfmt(host[:64] or "?"))
+
+    def answer_to(self, text, chat):
+        words = text.split()
+        command = COMMANDS.get(words[0].lower(), "help") if words else "help"
+        if command == "oncall":
+            return self._on_call()
+        if command == "open":
+            everywhere = len(words) > 1 and words[1].lower() in ("all", "全部")
+            return self._open(() if everywhere else self._routes_of(chat.conversation))
+        if command in ("claim", "silence") and len(words) >= 2 and words[1].lstrip("#").isdigit():
+            return self._act_on(command, words[1].lstrip("#")[:24], words[2:3], chat)
+        here = chat.conversation and not chat.one_to_one
+        return ("claim N / 认领 N · silence N 1h / 静默 N 1h · oncall / 值班 · open / 告警 "
+                "(open all / 告警 全部)" + (f"\napp_group = {chat.conversation}" if here else ""))
+
+    def _act_on(self, command, written, duration, chat):
+        """claim N, silence N [DURATION] (1h if not written), if this chat may act on #N."""
+        number = incident_number(written)
+        incident = self._incident(number) if number is not None else None
+        if incident is None:
+            return f"No open incident #{written}."
+        refused = self._refusal(command, incident, chat)
+        if refused:
+            return refused
+        chosen, name = self.who(chat.user)
+        if command == "claim":
+            return self._claim(incident, chosen, name)
+        return self._silence(incident, duration[0] if duration else "1h", chosen, name)
+
+    def _refusal(self, command, incident, chat):
+        """Why this chat may not act on the incident ("" if it may). Incident numbers count up
+        from 1: a number alone proves nothing, where it is written does. In a group: the
+        incidents of the receivers whose app_group it is. One to one: a [person]'s, on the
+        incidents of the receivers that page them (pages_person). A silence, which mutes the
+        alerts for everyone: a [person] only."""
+        number = f"#{incident['id']}"
+        if not chat.user:
+            return "Who wrote this is not known (no senderStaffId): nothing was changed."
+        if chat.one_to_one:
+            if chat.person is None:
+                return ("Commands in a one-to-one chat are for people in [person] (one whose "
+                        "user_id is yours): write in your team's group instead.")
+            route = self.config().routes.get(incident["route"])
+            if route is None or not pages_person(route, chat.person):
+                return (f"{number} is not one of your incidents: receiver {incident['route']} "
+                        f"neither @-mentions you nor escalates to you.")
+        elif incident["route"] not in self._routes_of(chat.conversation):
+            return f"{number} is not one of this group's incidents."
+        if command == "silence" and chat.person is None:
+            return ("Only people in [person] may silence (a [person:HANDLE] whose user_id is "
+                    "yours): nothing was changed.")
+        return ""
+
+    def _claim(self, incident, chosen, name):
+        taken = self.desk.claim(incident["route"], incident["group_hash"], chosen, name,
+                                "dingtalk")
+        if taken is None:
+            return f"#{incident['id']} is not open any more."
+        holder = self.config().name_of(taken["acknowledged_by"])
+        return f"#{incident['id']}: {holder} has it."
+
+    def _silence(self, incident, written, chosen, name):
+        """An Alertmanager silence of `written` (any duration duration_seconds reads), from 1m
+        to [oncall] silence_max."""
+        longest = self.config().oncall.silence_max
+        seconds = duration_seconds(written)
+        if seconds is None or not 60 <= seconds <= longest:
+            return (f"A silence lasts 1m to {format_duration(longest)} here ([oncall] "
+                    f"silence_max): silence {incident['id']} 1h.")
+        try:
+            _, silence = self.desk.silence(incident["route"], incident["group_hash"],
+                                           seconds / 3600, chosen, name, "dingtalk")
+        except DeskRefused as exc:
+            return str(exc)
+        return f"#{incident['id']} silenced for {format_duration(seconds)} (silence {silence})."
+
+    def _incident(self, number):
+        found = self.store.incident(number)
+        return found if found and found["state"] != "resolved" else None
+
+    def _on_call(self):
+        config = self.config()
+        report = on_call_report(config.rotations.values(), self.wall(), config.tz)
+        if not report:
+            return "No rotation is set up ([rotation:NAME])."
+        return "\n".join(f"{rotation.name}: {person.name} until "
+                         f"{datetime.fromtimestamp(until, config.tz):%m-%d %H:%M}, then "
+                         f"{following.name}" for rotation, (person, until), (following, _)
+                         in report)
+
+    def _routes_of(self, conversation):
+        """The routes whose cards go to this group (app_group): what `open` lists there."""
+        return tuple(sorted(r.name for r in self.config().routes.values()
+                            if conversation and r.app_group == conversation))
+
+    def _open(self, routes):
+        """The open incidents of these routes (every route's if none): the LISTED newest, and
+        how many older ones, and elsewhere, there are."""
+        if routes:
+            found = sorted((i for route in routes
+                            for i in self.store.open_incidents(self.OPEN_READ, route)),
+                           key=lambda i: -i["id"])
+            elsewhere = sum(self.store.open_by_state().values()) - len(found)
+        else:
+            found, elsewhere = self.store.open_incidents(self.OPEN_READ), 0
+        name_of = self.config().name_of
+        lines = [f"#{i['id']} {i['title'][:60]} · {i['state']}"
+                 + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
+                 for i in found[:self.LISTED]] or [f"Nothing is open{' here' if routes else ''}."]
+        if len(found) > self.LISTED:
+            lines.append(f"… and {len(found) - self.LISTED} older.")
+        if elsewhere > 0:
+            lines.append(f"{elsewhere} open in other groups: open all / 告警 全部")
+        return "\n".join(lines)
+
+
+def not_done(exc):
+    """What someone who clicked or wrote is told when it failed here (the history away...)."""
+    return f"Not done: {type(exc).__name__}: {str(exc)[:200]}. Try again in a minute."
+
+
+def post_session_reply(webhook, text, timeout):
+    """Answer a message written to the robot, through its sessionWebhook (valid for a while)."""
+    try:
+        status, _ = exchange_json("POST", webhook, {"msgtype": "text", "text": {"content": text}},
+                                  timeout=timeout, limit=4096)
+    except NO_ANSWER as exc:
+        log.warning("stream: the reply to a command was not delivered: %s", _no_answer(exc))
+        return
+    if status >= 400:
+        log.warning("stream: the reply to a command was not delivered: HTTP %d", status)
 
 
 if __name__ == "__main__":

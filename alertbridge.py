@@ -83,7 +83,7 @@ Where a change goes (each touches at most two sections):
     config that chooses it (3. Config);
   - the digest's format: Renderer.render and digest_title (7. Rendering);
   - a metric: METRIC_HELP (14. Observability), and where it counts: a listener of a Signal in
-    13 (SendAccounting for requests), or the one component that knows;
+    14 (SendAccounting for requests), or the one component that knows;
   - a cluster rule: its pure function and Coordinator (13. Cluster), its statements in 5.
 """
 
@@ -923,16 +923,19 @@ class Templates:
 
 @dataclass(frozen=True)
 class Robot:
-    """[robot:NAME]: one DingTalk custom robot. Only `name` reaches logs, metrics or databases."""
+    """[robot:NAME]: one group robot, of a channel's `kind` (CHANNELS: how its URL carries its
+    credential, how it is signed, its limits and answers). Only `name` reaches logs, metrics
+    or databases."""
     name: str
     url: str = field(repr=False)
     secret: str = field(default="", repr=False)
     keyword: str = ""
+    kind: str = "dingtalk"
 
     @functools.cached_property
     def token(self):
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.url).query)
-        return (query.get("access_token") or [""])[0]
+        """Its credential, as its channel reads it from the URL."""
+        return CHANNELS[self.kind].credential(self.url)
 
     @property
     def placeholder(self):
@@ -940,7 +943,8 @@ class Robot:
 
     @functools.cached_property
     def key(self):
-        """The robot as DingTalk knows it, its token, hashed: budgets and throttles belong to it."""
+        """The robot as its platform knows it, its credential, hashed: budgets and throttles
+        belong to it."""
         return hashlib.sha256(self.token.encode()).hexdigest()[:16]
 
     def redact(self, text):
@@ -1448,13 +1452,15 @@ def _load_robot(section, name):
         if re.search(r"\s", value):
             raise ConfigError(f"[{section.name}] {key}: contains a space (a comment after the "
                               f"value?)")
+    kind = section.get("kind") or channel_kind(url)
+    if kind not in CHANNELS:
+        raise ConfigError(f"[{section.name}] kind: one of {', '.join(sorted(CHANNELS))}")
+    channel = CHANNELS[kind]
     if token:       # the URL without its token, the token from a file or the environment
-        if "access_token" in urllib.parse.parse_qs(parts.query):
-            raise ConfigError(f"{where}: has an access_token and the token is set apart: one")
-        url += ("&" if parts.query else "?") + urllib.parse.urlencode({"access_token": token})
-    robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"))
+        url = channel.with_credential(url, token, where)
+    robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"), kind=kind)
     if not robot.token:
-        raise ConfigError(f"{where}: has no access_token parameter (or set token, token_file)")
+        raise ConfigError(f"{where}: {channel.NO_CREDENTIAL} (or set token, token_file)")
     return robot
 
 
@@ -5247,16 +5253,17 @@ class SendResult:
     error, timeout, or a reply that is not the API's JSON). `outcome`, decided by the channel
     and nowhere else: SENT; THROTTLED (rest the robot, try the next); MISCONFIGURED (out of
     rotation until a reload, try the next); TOO_LONG (split the message); FAILED (try the next
-    robot, then retry later). Without one, the custom robot's reading of the errcode (the send
-    log keeps errcodes only)."""
+    robot, then retry later). Without one, its channel's (`kind`) reading of the errcode (the
+    send log keeps errcodes only)."""
     errcode: object
     errmsg: str
     latency: float = 0.0
     outcome: str = None
+    kind: str = "dingtalk"
 
     def __post_init__(self):
         if self.outcome is None:
-            self.outcome = RobotChannel.outcome(self.errcode)
+            self.outcome = CHANNELS[self.kind].outcome(self.errcode)
 
     @property
     def ok(self):
@@ -5280,12 +5287,41 @@ class RobotChannel:
     the whole body at most max_message_bytes (20,000 at DingTalk), alert text cut with a mark
     beyond that; signed URLs; errcodes classified. `config()` gives the running Config."""
 
+    KIND = "dingtalk"
     THROTTLE_CODES = frozenset({410100, 130101})                # too fast: muted a while
     CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, token, off
     TOO_LONG_CODES = frozenset({460101, 101002})
+    DECLARED = ("0", "410100")      # the errcodes whose send counters exist from the start
+    NO_CREDENTIAL = "has no access_token parameter"
+    PLACEHOLDER_HINT = "put the robot's access_token into config.ini"
 
     def __init__(self, config):
         self.config = config
+
+    # the robot's URL: what in it is the credential
+    @staticmethod
+    def takes(url):
+        """Whether a URL is this channel's robot, for a [robot:NAME] that names no kind."""
+        return "access_token" in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query) or \
+            urllib.parse.urlsplit(url).hostname == "oapi.dingtalk.com"
+
+    @staticmethod
+    def credential(url):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        return (query.get("access_token") or [""])[0]
+
+    @classmethod
+    def with_credential(cls, url, token, where):
+        """The URL with a token kept apart (token, token_file, ${ENV}) put in its place."""
+        if cls.credential(url):
+            raise ConfigError(f"{where}: has an access_token and the token is set apart: one")
+        query = urllib.parse.urlsplit(url).query
+        return url + ("&" if query else "?") + urllib.parse.urlencode({"access_token": token})
+
+    @staticmethod
+    def mask(url):
+        """The URL as it may be shown: the token's first four characters."""
+        return re.sub(r"(access_token=)([^&]{0,4})[^&]*", r"\1\2***", url)
 
     def limit(self):
         return self.config().delivery.max_message_bytes
@@ -5423,6 +5459,28 @@ def _read_answer(raw):
     return SendResult(errcode, str(answer.get("errmsg", "")))
 
 
+# The channels, by the kind a [robot:NAME] names (or its URL shows): all a kind of robot is.
+CHANNELS = {RobotChannel.KIND: RobotChannel}
+
+
+def make_channel(config):
+    """The channel that sends for a config (`config()` gives the running one)."""
+    return RobotChannel(config)
+
+
+def channel_kind(url):
+    """The kind of robot a URL is, for a [robot:NAME] that names none (DingTalk's, else)."""
+    return next((kind for kind, channel in CHANNELS.items() if channel.takes(url)),
+                RobotChannel.KIND)
+
+
+def classify(robots):
+    """read(robot key, errcode) -> outcome, by each robot's channel: how a send log (errcodes
+    only) is read again."""
+    kinds = {robot.key: robot.kind for robot in robots}
+    return lambda key, errcode: SendResult(errcode, "", kind=kinds.get(key, "dingtalk")).outcome
+
+
 # =============================================================================================
 # 10. Robot pool
 # =============================================================================================
@@ -5453,9 +5511,10 @@ class RobotPool:
     FORGET_WAITING = 10.0   # a route that has not asked for this long is not waited for
     HANGING = 1.0           # a request under way this long: its robot takes no other meanwhile
 
-    def __init__(self, limits, share=lambda: 1.0):
+    def __init__(self, limits, share=lambda: 1.0, classify=None):
         self.limits = limits
         self.share = share
+        self.classify = classify or (lambda: lambda key, errcode: SendResult(errcode, "").outcome)
         self._lock = threading.Lock()
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._flights = {}          # robot key -> start times of its requests under way
@@ -5469,15 +5528,16 @@ class RobotPool:
     def restore(self, sends, now, forget=False):
         """Rebuild budgets and throttles from a send log, (key, at, errcode) in time order: the
         journal's after a restart; the cluster's, forgetting this instance's own view, when it
-        takes over."""
-        window = self.limits().rate_window
+        takes over. `classify()` gives read(key, errcode), an errcode as the robot's channel
+        reads it."""
+        window, read = self.limits().rate_window, self.classify()
         with self._lock:
             if forget:
                 self._slots, self._throttled, self._strikes = {}, {}, {}
             for key, at, errcode in sends:
                 if at > now - window:
                     self._slots.setdefault(key, []).append(at)
-                self._learn(key, SendResult(errcode, "").outcome, at)
+                self._learn(key, read(key, errcode), at)
 
     def _learn(self, key, outcome, at):
         """What DingTalk's answer says of the robot: rested after a 410100, longer if it
@@ -5625,7 +5685,7 @@ class RobotPool:
             return [RobotReport(r.name, max(0, self._budget(r.key, now)), self._capacity(True),
                                 self.limits().reserve, self._throttled.get(r.key, 0),
                                 self._disabled.get(r.key), self._last_sent.get(r.key),
-                                r.placeholder)
+                                r.placeholder, r.kind)
                     for r in sorted(robots, key=lambda r: r.name)]
 
 
@@ -5639,6 +5699,7 @@ class RobotReport:
     disabled: tuple             # (errcode, errmsg, since) while out of rotation, else None
     last_sent_at: float         # None if it has not sent since the start
     placeholder: bool
+    kind: str = "dingtalk"      # its channel's
 
     def throttled(self, now):
         return self.throttled_until > now
@@ -7833,7 +7894,7 @@ def declare_series(metrics, config):
         for name in ROUTE_COUNTERS:
             metrics.declare(name, receiver=route.name)
         for robot in route.robots:
-            for errcode in ("0", "410100"):
+            for errcode in CHANNELS[robot.kind].DECLARED:
                 metrics.declare("alertbridge_sends_total", receiver=route.name,
                                 robot=robot.name, errcode=errcode)
     if config.app.enabled:
@@ -8147,7 +8208,7 @@ class Pages:
     def _problem(self, robot, now):
         """Why a robot cannot send now, as HTML; "" if it can."""
         if robot.placeholder:
-            return span("bad", "placeholder token: put the robot's access_token into config.ini")
+            return span("bad", f"placeholder token: {CHANNELS[robot.kind].PLACEHOLDER_HINT}")
         if robot.disabled:
             errcode, errmsg, since = robot.disabled
             return (span("bad", f"out of rotation, errcode {errcode}: {errmsg}")
@@ -8227,7 +8288,7 @@ class Pages:
         throttled = ((f"until {when(self._time(robot.throttled_until))}", "bad")
                      if robot.throttled(now) else ("no", "ok"))
         if robot.placeholder:
-            out = ("placeholder token: put the robot's access_token into config.ini", "bad")
+            out = (f"placeholder token: {CHANNELS[robot.kind].PLACEHOLDER_HINT}", "bad")
         elif robot.disabled:
             errcode, errmsg, since = robot.disabled
             out = (f"errcode {esc(errcode)}: {esc(errmsg)} (since {when(self._time(since))}; "
@@ -8583,10 +8644,11 @@ class Bridge:
         self.journal.bring_forward(config.delivery.retry_max + config.delivery.timeout)
         self.store = StoreProcess(config.database)
         self.history = Recurrence(self.store)
-        self.channel = channel or RobotChannel(current)
+        self.channel = channel or make_channel(current)
         self.post = post or self.channel.post
         self.renderer = Renderer(current, self.history, wall)
-        self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share())
+        self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share(),
+                              classify=lambda: classify(self.config.robots))
         self._restore_budgets()
         self.cluster = (Coordinator(config.cluster, lambda: self.config.delivery,
                                     config.database, self.journal, self.pool, self.metrics)
@@ -8868,10 +8930,6 @@ def current_log_format():
     return "json" if handlers and isinstance(handlers[0].formatter, JsonLogFormatter) else "text"
 
 
-def mask_url(url):
-    return re.sub(r"(access_token=)([^&]{0,4})[^&]*", r"\1\2***", url)
-
-
 def check_config(config):
     """--check-config: a summary an operator can read, secrets masked."""
     service, db, delivery, auth = config.service, config.database, config.delivery, config.auth
@@ -8894,7 +8952,7 @@ def check_config(config):
             notes = [n for n, on in (("signed", robot.secret),
                                      (f"keyword {robot.keyword!r}", robot.keyword),
                                      ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
-            lines.append(f"  robot {robot.name}: {mask_url(robot.url)}"
+            lines.append(f"  robot {robot.name}: {CHANNELS[robot.kind].mask(robot.url)}"
                          + (f" ({', '.join(notes)})" if notes else ""))
     for names in shared_tokens(config):
         lines.append(f"note: robots {', '.join(names)} have the same access_token: "
@@ -8981,7 +9039,7 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
         print(f"{path}: receiver {webhook.receiver!r} has no [receiver:NAME] section and there "
               f"is no default_receiver: the bridge would answer 404", file=err)
         return 2
-    channel = RobotChannel(lambda: config)
+    channel = make_channel(lambda: config)
     plan = dry_run(Renderer(lambda: config), channel, route, webhook)
     for number, (level, _, bodies) in enumerate(plan, 1):
         for part, (_, robots_and_requests) in enumerate(bodies, 1):
@@ -9180,7 +9238,7 @@ def send_test(config, route_name):
         return 1
     pool = RobotPool(lambda: config.delivery)
     pool.restore(journal_sends(config.service.journal), time.time())
-    channel = RobotChannel(lambda: config)
+    channel = make_channel(lambda: config)
     renderer = Renderer(lambda: config)
     lines, ok = send_test_messages(route, renderer, channel, pool, channel.post, time.time,
                                    config.delivery.timeout)

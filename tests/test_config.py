@@ -130,6 +130,11 @@ def test_schema_sql_is_what_the_daemon_creates():
             "[robot:x]\nurl = https://oapi.dingtalk.com/robot/send\n[receiver:a]\nrobots = x\n",
             "access_token",
         ),
+        (
+            "[robot:x]\nurl = https://oapi.dingtalk.com/robot/send?access_token=t\nkind = pager\n"
+            "[receiver:a]\nrobots = x\n",
+            "[robot:x] kind: one of dingtalk",
+        ),
         ("[alertbridge]\nport = eighty\n", "[alertbridge] port: not an integer"),
         ("[alertbridge]\ntimezone = Mars/Base\n", "unknown time zone"),
         (

@@ -1306,7 +1306,7 @@ def _keys(cls, without=()):
             | {f"{f.name}_file" for f in fields(cls) if f.metadata.get("secret")})
 
 
-ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword"}
+ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword", "kind"}
 PERSON_KEYS = {"name", "mobile", "user_id"}
 ROTATION_KEYS = {"people", "start", "hand_over_at", "shift", "overrides"}
 ESCALATION_KEYS = {"steps", "repeat"}

@@ -5459,6 +5459,11 @@ def _read_answer(raw):
     return SendResult(errcode, str(answer.get("errmsg", "")))
 
 
+class ChannelError(Exception):
+    """A channel tried before the robots (or a side call of one: a card's update, a DING) did
+    not do it: the robots send the message instead, or the group hears it another way."""
+
+
 # The channels, by the kind a [robot:NAME] names (or its URL shows): all a kind of robot is.
 CHANNELS = {RobotChannel.KIND: RobotChannel}
 
@@ -5979,9 +5984,6 @@ class Ledger:
             self.held.discard(message.id)
 
 
-APP_ROBOT = Robot(name="app", url="")      # who sent a page that went out as the app's card
-
-
 class RouteSender:
     """Sends one route's messages, the highest priority first and oldest first within it,
     within every robot's budget (an urgent message may use the robots' reserve). Its stages,
@@ -5995,9 +5997,9 @@ class RouteSender:
     COPIES_KEPT = 100_000
 
     def __init__(self, name, config, journal, pool, renderer, channel, cluster, metrics,
-                 clock, wall, post, sent, app=None):
+                 clock, wall, post, sent, ahead=()):
         self.name = name
-        self.app = app              # AppPager: pages as the app's cards, for routes that say so
+        self.ahead = ahead          # channels tried first, for the pages they take (the app's)
         self.config, self.journal, self.pool = config, journal, pool
         self.renderer, self.channel, self.cluster = renderer, channel, cluster
         self.metrics, self.clock, self.wall, self.post = metrics, clock, wall, post
@@ -6218,9 +6220,9 @@ class RouteSender:
         True if a request was made, or the message was planned into several."""
         if not message.body.digest:
             self.renderer.look_up_history(route, message.alerts)
-        if self.app is not None and self.app.takes(route, message.body) and self._as_card(
-                route, message):
-            return True
+        for channel in self.ahead:
+            if channel.takes(route, message.body) and self._ahead(channel, route, message):
+                return True
         planned = self.renderer.plan(route, message.body, self.channel, packed=message.packed)
         if len(planned) > 1:
             self._replace_by(message, planned, "too long for one request, or a card that @s")
@@ -6244,25 +6246,26 @@ class RouteSender:
             self._retry_later(message, errors)
         return bool(tried)
 
-    def _as_card(self, route, message):
-        """The page as the app's card (or its update): True if done, or if this instance may
-        no longer send. Whatever fails, the robots send it (False). A card is accounted as a
-        robot's request is (the send log line, metrics, the history)."""
+    def _ahead(self, channel, route, message):
+        """The message through a channel tried before the robots (the DingTalk app's card):
+        True if it took it, or if this instance may no longer send. Whatever fails
+        (ChannelError), the robots send it (False). What it sends is accounted as a robot's
+        request is (the send log line, metrics, the history), as its `robot`."""
         if not self.cluster.may_send():
             return True
         started = self.clock()
         try:
-            done, carried = self.app.page(route, message.body, message.level, message.claims)
-        except AppError as exc:
-            log.warning("message=%d route=%s the app did not take the page (%s): the robots "
-                        "send it", message.id, route.name, exc)
+            done, carried = channel.page(route, message.body, message.level, message.claims)
+        except ChannelError as exc:
+            log.warning("message=%d route=%s %s did not take the page (%s): the robots send "
+                        "it", message.id, route.name, channel.robot.name, exc)
             return False
         if done:
             if not carried:
                 self.cluster.sent(message.claims)
             at = self.clock()
-            sent = Sent(route.name, APP_ROBOT, message, SendResult(0, "ok", at - started), at,
-                        self.wall())
+            sent = Sent(route.name, channel.robot, message, SendResult(0, "ok", at - started),
+                        at, self.wall())
             self.ledger.end(None, sent)
             self.sent.notify(sent)
         return done
@@ -6849,7 +6852,7 @@ class Escalator(Worker):
         def ding():
             try:
                 self.ding(user_ids, text)
-            except AppError as exc:
+            except ChannelError as exc:
                 log.warning("escalator: the DING of %d steps failed (%s): their notes "
                             "@-mention them still", len(lines), exc)
         threading.Thread(target=ding, name="ding", daemon=True).start()
@@ -7179,7 +7182,7 @@ class Desk:
             try:
                 if self.tell_card(route_name, group, what, text):
                     return
-            except AppError as exc:
+            except ChannelError as exc:
                 log.warning("incident=%s: the card was not updated (%s): a message tells it",
                             incident["id"], exc)
         note = Note(note_key(what, incident["id"], *identity), incident["id"], route.name, what,
@@ -8691,7 +8694,7 @@ class Bridge:
     def _sender(self, name):
         return RouteSender(name, self.current, self.journal, self.pool, self.renderer,
                            self.channel, self.cluster, self.metrics, self.clock, self.wall,
-                           self.post, self.sent, self.app)
+                           self.post, self.sent, (self.app,))
 
     def app_state(self):
         """What the status page shows of the DingTalk app."""
@@ -9455,7 +9458,7 @@ def undelivered(answer):
     return ""
 
 
-class AppError(Exception):
+class AppError(ChannelError):
     """The app's OpenAPI refused a call or did not answer. `status`: the HTTP status, if any;
     `throttled`: its rate limit (that API waits THROTTLE_REST before calling again)."""
 
@@ -9897,6 +9900,8 @@ class AppPager:
     and its resolution update that card in place; what the card shows of its incident changes
     with it (claimed, silenced). The journal knows each group's open card. Any failure raises
     AppError: the sender then sends the page through the custom robots."""
+
+    robot = Robot(name="app", url="")   # how the sends, the metrics and the history name it
 
     def __init__(self, config, api, journal, renderer):
         self.config, self.api, self.journal = config, api, journal

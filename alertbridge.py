@@ -4904,6 +4904,40 @@ def retry_delay(attempts, base, longest, jitter=random.uniform):
     return min(longest, base * 2.0 ** min(attempts, 64)) * jitter(0.5, 1.0)
 
 
+class Retry:
+    """The retry state of one loop (every worker, every route's sender, the Stream client):
+    its failures in a row, the wait before the next try (retry_delay), and what the log says:
+    a failure when its text changes, not at every retry; once "working again" after."""
+
+    def __init__(self, name):
+        self.name = name
+        self.failures = 0
+        self.said = None            # the failure last logged, while failing
+
+    def failed(self, text, level=logging.ERROR, exc=None, base=0.5, longest=30.0):
+        """One more failure; its line logged if it is a new one. Seconds to wait."""
+        self.tell(text, level, exc)
+        return self.next_wait(base, longest)
+
+    def next_wait(self, base=0.5, longest=30.0):
+        """One more failure: seconds to wait."""
+        self.failures += 1
+        return retry_delay(self.failures - 1, base, longest)
+
+    def tell(self, text, level=logging.WARNING, exc=None, same_as=None):
+        """The failure's line, if it is not the one said last (compared as `same_as`, if the
+        line holds what changes at each retry, a delay)."""
+        key = text if same_as is None else same_as
+        if key != self.said:
+            log.log(level, "%s", text, exc_info=exc)
+            self.said = key
+
+    def worked(self):
+        if self.failures:
+            log.info("%s: working again", self.name)
+        self.failures, self.said = 0, None
+
+
 class Deadline:
     """Ends an HTTP exchange `seconds` after it began, however slowly the peer answers. Socket
     timeouts bound each read, not the whole exchange, so a timer shuts the socket down."""
@@ -5727,7 +5761,7 @@ class Worker:
         self._stopping = threading.Event()
         self._idle = threading.Condition()  # wait_idle() waits on it; the loop notifies it idle
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._last_error = None
+        self.retry = Retry(name)
 
     # for the owner
     def start(self):
@@ -5772,26 +5806,18 @@ class Worker:
     def sleep_for(self):
         return 1.0
 
-    def failed(self, exc, failures):
-        """A step raised `exc`, the `failures`th time in a row; returns seconds to wait."""
-        text = f"{type(exc).__name__}: {exc}"
-        if text != self._last_error:
-            log.error("%s: %s; retrying", self.name, text, exc_info=exc)
-            self._last_error = text
-        return retry_delay(failures - 1, 0.5, 30.0)
+    def failed(self, exc):
+        """A step raised `exc`; returns seconds to wait (see Retry)."""
+        return self.retry.failed(f"{self.name}: {type(exc).__name__}: {exc}; retrying", exc=exc)
 
     def _loop(self):
-        failures = 0
         while not self._stopping.is_set():
             try:
                 worked = self.step()
             except Exception as exc:  # noqa: BLE001 (a worker must outlive any one failure)
-                failures += 1
-                self._stopping.wait(self.failed(exc, failures))
+                self._stopping.wait(self.failed(exc))
                 continue
-            if failures:
-                log.info("%s: working again", self.name)
-                failures, self._last_error = 0, None
+            self.retry.worked()
             if not worked:
                 with self._idle:
                     self._idle.notify_all()
@@ -6009,7 +6035,7 @@ class RouteSender:
         self._newest = {}           # alert key -> id of the newest pending message carrying it
         self._scanned = 0           # the last message id whose keys are in _newest
         self._urgent = True         # whether the first message waiting may use the reserve
-        self._failures, self._last_error = 0, None
+        self.retry = Retry(f"sender:{name}")
 
     # for the Senders pool
     def turn(self):
@@ -6017,15 +6043,9 @@ class RouteSender:
         try:
             worked = self.step()
         except Exception as exc:  # noqa: BLE001 (a sender must outlive any one failure)
-            self._failures += 1
-            text = f"{type(exc).__name__}: {exc}"
-            if text != self._last_error:
-                log.error("sender:%s: %s; retrying", self.name, text, exc_info=exc)
-                self._last_error = text
-            return retry_delay(self._failures - 1, 0.5, 30.0)
-        if self._failures:
-            log.info("sender:%s: working again", self.name)
-            self._failures, self._last_error = 0, None
+            return self.retry.failed(f"sender:{self.name}: {type(exc).__name__}: {exc}; "
+                                     f"retrying", exc=exc)
+        self.retry.worked()
         return 0.0 if worked else self.sleep_for()
 
     def sleep_for(self):
@@ -6361,29 +6381,25 @@ class Recorder(Worker):
         self.store_changed = Signal()
         self.store_ok = None
         self.store_denied = False       # the last failure was a missing privilege
-        self._store_error = None        # its text, logged once
         self._last_purge = None
         self.journal.new_events.listen(self.wake)
 
     def backlog(self):
         return self.journal.backlog()[2]
 
-    def failed(self, exc, failures):
+    def failed(self, exc):
         if not isinstance(exc, StoreUnavailable):
-            return super().failed(exc, failures)
-        if str(exc) != self._store_error:        # once per distinct error, not per retry
-            if exc.denied:
-                log.error("history store refuses a privilege to alertbridge's database user, "
-                          "alerts wait in the journal: %s. Grant what docs/operations.md, "
-                          "\"History in MySQL\", lists (ALTER too, for upgrades); no restart is "
-                          "needed", exc)
-            else:
-                log.warning("history store unavailable, alerts wait in the journal: %s", exc)
-            self._store_error = str(exc)
+            return super().failed(exc)
         if self.store_ok is not False or self.store_denied != exc.denied:
             self.store_ok, self.store_denied = False, exc.denied
             self.store_changed.notify(False, exc.denied)
-        return min(30.0, 0.5 * 2.0 ** min(failures - 1, 10))
+        if exc.denied:
+            return self.retry.failed(
+                f"history store refuses a privilege to alertbridge's database user, alerts "
+                f"wait in the journal: {exc}. Grant what docs/operations.md, \"History in "
+                f"MySQL\", lists (ALTER too, for upgrades); no restart is needed")
+        return self.retry.failed(f"history store unavailable, alerts wait in the journal: "
+                                 f"{exc}", logging.WARNING)
 
     def step(self):
         """Record one batch; True if there was one."""
@@ -6422,7 +6438,7 @@ class Recorder(Worker):
             log.info("history store reachable again: %s", self.store.describe())
         if self.store_ok is not True:
             self.store_changed.notify(True, False)
-        self.store_ok, self.store_denied, self._store_error = True, False, None
+        self.store_ok, self.store_denied = True, False
 
     def _housekeeping(self):
         """Every PURGE_EVERY seconds: drop journal rows that are done and a day old (the history
@@ -6710,14 +6726,12 @@ class Escalator(Worker):
     def sleep_for(self):
         return self.POLL
 
-    def failed(self, exc, failures):
+    def failed(self, exc):
         """The history away: the recorder says so; escalation waits for it, as quietly."""
         if not isinstance(exc, (StoreUnavailable, StoreError)):
-            return super().failed(exc, failures)
-        if str(exc) != self._last_error:
-            log.warning("escalator: waiting for the history: %s", exc)
-            self._last_error = str(exc)
-        return retry_delay(failures - 1, 1.0, 10.0)
+            return super().failed(exc)
+        return self.retry.failed(f"escalator: waiting for the history: {exc}", logging.WARNING,
+                                 base=1.0, longest=10.0)
 
     def step(self):
         config = self.config()
@@ -6951,13 +6965,12 @@ class Follower(Worker):
     def sleep_for(self):
         return self.config().oncall.follow_interval
 
-    def failed(self, exc, failures):
+    def failed(self, exc):
         if not isinstance(exc, (AlertmanagerError, StoreUnavailable, StoreError)):
-            return super().failed(exc, failures)
-        if str(exc) != self._last_error:
-            log.warning("follower: cannot follow silenced incidents now: %s", exc)
-            self._last_error = str(exc)
-        return min(self.sleep_for(), retry_delay(failures - 1, 1.0, 30.0))
+            return super().failed(exc)
+        return min(self.sleep_for(), self.retry.failed(
+            f"follower: cannot follow silenced incidents now: {exc}", logging.WARNING,
+            base=1.0))
 
     def step(self):
         config = self.config()
@@ -9670,7 +9683,7 @@ class StreamClient(Worker):
         self.last_error = ""            # why the last connection ended or could not be made
         self._answers = Recent(self.ANSWERS_KEPT)       # messageId -> the answer given
         self._opening = None            # the ConnectDeadline of a connection being made
-        self._failures = 0              # connections in a row that did not last
+        self.reconnect = Retry("stream")    # connections in a row that did not last
         self._served = False            # the connection brought a callback, answered
         self._said = ("", 0.0)          # the last malformed frame logged, and when
 
@@ -9688,11 +9701,11 @@ class StreamClient(Worker):
     def sleep_for(self):
         return self.LOOK if self.config().app.enabled else 30.0
 
-    def failed(self, exc, failures):
+    def failed(self, exc):
         """A step that raised (a bug, not the network: connections end inside the step)."""
         if self._stopping.is_set():
             return 0.0
-        return super().failed(exc, failures)
+        return super().failed(exc)
 
     def step(self):
         if not self.config().app.enabled or not self.cluster.may_send():
@@ -9710,10 +9723,9 @@ class StreamClient(Worker):
         """No delay after a connection that lasted (and the delays start again), else the next
         of the growing delays; at least the API's rest if DingTalk throttled the gateway."""
         if lasted:
-            self._failures = 0
+            self.reconnect.worked()
             return 0.0
-        self._failures += 1
-        delay = retry_delay(self._failures - 1, *self.BACKOFF)
+        delay = self.reconnect.next_wait(*self.BACKOFF)
         if getattr(error, "throttled", False):
             delay = max(delay, self.api.THROTTLE_REST)
         return delay
@@ -9726,9 +9738,7 @@ class StreamClient(Worker):
                 "the gateway asked to reconnect (disconnect)" if reason == "disconnect" else
                 f"nothing heard for {self.DEAD_AFTER:g} s, a ping unanswered: half-open")
         self.last_error = text
-        if text != self._last_error:
-            log.warning("stream: %s; connecting again in %.1f s", text, delay)
-            self._last_error = text
+        self.reconnect.tell(f"stream: {text}; connecting again in {delay:.1f} s", same_as=text)
 
     def _connection(self):
         """One connection, from its ticket to its end: (why it ended, the error if any, whether
@@ -9737,7 +9747,7 @@ class StreamClient(Worker):
             ws = self._connect()
         except (WebSocketClosed, AppError, OSError, ValueError) as exc:
             return "connect_failed", exc, False
-        opened, self._served, self._last_error = time.monotonic(), False, None
+        opened, self._served = time.monotonic(), False
         self.socket, self.connected_at = ws, wall_time()
         try:
             reason, error = self._serve(ws), None

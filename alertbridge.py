@@ -70,13 +70,17 @@ escalation round's DING, a Deadline's timer ends a slow request. The main thread
 signals (run()).
 
 Locks, each described where it is made: Journal._write_lock serializes every journal write on
-one connection, and its holder takes _queue_lock briefly to collect the webhooks queued for one
-group commit (the only nesting). Senders._cond guards which route is due and served;
-RobotPool._lock budgets and rotation; each Recent's _lock its entries (caches);
-Metrics._lock the counters; Recurrence._lock its answers; Requests._done the count of
-requests; all held for bookkeeping only. StoreProcess._lock makes calls on the pipe one at a
-time (the recorder's; the status page's, which waits for it 2 s at most); Coordinator._lock
-statements on the cluster's MySQL session. No lock is held during a DingTalk request.
+one connection, and its holder takes Journal._queue_lock briefly to collect the webhooks queued
+for one group commit (the only nesting). Senders._cond guards which route is due and served;
+RobotPool._lock budgets and rotation; Recent._lock a cache's entries; Metrics._lock the
+counters; Recurrence._lock its answers; Requests._done the count of requests; AppAPI._lock the
+app's token; Deadline._lock its sockets, between its timer and the request; Worker._idle what
+wait_idle() waits on; Bridge._reload_lock one reload at a time: all held for bookkeeping only.
+StoreProcess._lock makes calls on the pipe one at a time (the recorder's; the status page's,
+which waits for it 2 s at most); Coordinator._lock statements on the cluster's MySQL session;
+WebSocket._send_lock one frame at a time on the Stream connection (held while a frame is
+written to DingTalk's gateway, so that the reader's answers and the owner's pings take turns).
+No lock is held during a request to a robot. tests/test_style.py holds this map to the code.
 
 Where a change goes (each touches at most two sections):
   - another way to talk to DingTalk: a class with RobotChannel's methods (9. Channels), and the

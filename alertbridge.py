@@ -40,8 +40,8 @@ The file reads top to bottom the way an alert travels through it:
                      own clock, claims, handoffs from standbys, shared budgets
   14. Observability  metrics, sd_notify, the watchdog; what a request accounts for
                      (SendAccounting), /-/ready and /metrics (Probes)
-  15. Pages          the status page, the incident pages, the preview, the dry run: HTML,
-                     escaped, no script
+  15. Pages          StatusPage, IncidentPages (what a Claim or Silence link opens), Preview,
+                     the dry run: HTML, escaped, no script
   16. Bridge         one instance: wiring, start, reload, stop
   17. Command line   logging (text or JSON lines), --check-config, --send-test, --init-db,
                      --render, --import-webhook-dingtalk, run(), main()
@@ -1986,7 +1986,9 @@ class Endpoints:
     """What the HTTP handler serves, given by the Bridge that wires them."""
     config: object          # () -> the running Config
     intake: Intake
-    pages: object           # Pages
+    status_page: object     # StatusPage: / and /api/on-call
+    incidents: object       # IncidentPages: /incident/TOKEN
+    preview: object         # Preview: /preview
     probes: object          # Probes: /-/ready, /metrics
     metrics: object         # Metrics
     requests: Requests
@@ -2175,17 +2177,17 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
                                "text/plain; version=0.0.4", count=False)
         if path in ("/", "/status"):
             self._authorize(page=True)
-            return self._page(200, endpoints.pages.status())
+            return self._page(200, endpoints.status_page.status())
         if path.startswith("/incident/"):     # behind its signature only: phones open it
-            return self._page(*endpoints.pages.incident(path[10:], self._cookies()))
+            return self._page(*endpoints.incidents.incident(path[10:], self._cookies()))
         if path == "/api/oncall":
             self._authorize()
-            return self._reply(200, endpoints.pages.on_call(), count=False)
+            return self._reply(200, endpoints.status_page.on_call(), count=False)
         if path == "/preview":
             self._authorize(page=True)
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query,
                                           keep_blank_values=True)
-            return self._page(*endpoints.pages.preview(last=query.get("last", [None])[0],
+            return self._page(*endpoints.preview.preview(last=query.get("last", [None])[0],
                                                        sample="sample" in query))
         self._method_not_allowed(request_id)
 
@@ -2217,9 +2219,9 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             return self._reply(200 if ok else 500, reply, count=False)
         if path == "/preview":
             self._authorize(page=True)
-            return self._page(*self.endpoints.pages.preview(form=self._form()))
+            return self._page(*self.endpoints.preview.preview(form=self._form()))
         if path.startswith("/incident/"):
-            return self._page(*self.endpoints.pages.incident(path[10:], self._cookies(),
+            return self._page(*self.endpoints.incidents.incident(path[10:], self._cookies(),
                                                              self._form()))
         if path == "/-/send-test":
             self._authorize()
@@ -8097,20 +8099,19 @@ def markdown_html(text):
     return "".join(out)
 
 
-class Pages:
-    """The status page and the preview of one instance, as HTML text. The HTTP side is
-    IntakeHandler's; they sit behind [auth] like the webhooks. sent() listens to the senders
-    (the last PAGE_SENDS requests, a deque: appends are atomic)."""
+class StatusPage:
+    """The status page of one instance (and /api/on-call), as HTML text: what it sends, what
+    waits, its robots, the history, the cluster, the app. The HTTP side is IntakeHandler's;
+    it sits behind [auth] like the webhooks. sent() listens to the senders (the last PAGE_SENDS
+    requests, a deque: appends are atomic)."""
 
     REFRESH = 10        # seconds between the status page's reloads
 
-    def __init__(self, config, journal, pool, store, probes, cluster, last_webhooks, renderer,
-                 channel, metrics, clock, wall, desk, app_state=None):
+    def __init__(self, config, journal, pool, store, probes, cluster, last_webhooks, clock, wall,
+                 app_state=None):
         self.config, self.journal, self.pool, self.store = config, journal, pool, store
-        self.desk = desk
-        self.app_state = app_state      # () -> the DingTalk app's state (see Bridge.app_state)
         self.probes, self.cluster, self.last_webhooks = probes, cluster, last_webhooks
-        self.renderer, self.channel, self.metrics = renderer, channel, metrics
+        self.app_state = app_state      # () -> the DingTalk app's state (see Bridge.app_state)
         self.clock, self.wall = clock, wall
         self.recent_sends = collections.deque(maxlen=PAGE_SENDS)
 
@@ -8127,11 +8128,6 @@ class Pages:
             return ""
         shown = epoch + self.wall() - self.clock()
         return datetime.fromtimestamp(shown, self.config().tz).strftime("%Y-%m-%d %H:%M:%S")
-
-    def _db_time(self, text):
-        """A time the history keeps (the wall clock's)."""
-        tz = self.config().tz
-        return from_db_time(text).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if text else ""
 
     def _ago(self, epoch, now):
         return f"{format_duration(now - epoch)} ago" if epoch else ""
@@ -8357,8 +8353,19 @@ class Pages:
                 + table(["since", "receiver", "alertname", "severity", "instance", "summary"],
                         rows, "nothing is firing") + "</section>")
 
+    def _db_time(self, text):
+        return shown_db_time(text, self.config().tz)
+
+
+class IncidentPages:
+    """What a Claim or Silence link opens: the incident, a form to confirm (GET never acts),
+    and the claim or silence it makes (through the Desk), as HTML text."""
+
     # the incident page: what a Claim link opens
     CSRF_COOKIE, PERSON_COOKIE = "alertbridge_csrf", "alertbridge_person"
+
+    def __init__(self, config, store, desk, wall):
+        self.config, self.store, self.desk, self.wall = config, store, desk, wall
 
     def incident(self, token, cookies, form=None):
         """A Claim link: GET (`form` None) shows the incident and a form to confirm, and never
@@ -8483,6 +8490,18 @@ class Pages:
     def _incident_page(self, text):
         return page("alertbridge: claim", f"<section><p>{esc(text)}</p></section>", nav=False)
 
+    def _db_time(self, text):
+        return shown_db_time(text, self.config().tz)
+
+
+class Preview:
+    """The preview: a payload (pasted, a route's last webhook, a sample) as each robot would
+    get it, nothing sent; as HTML text."""
+
+    def __init__(self, config, last_webhooks, renderer, channel, wall):
+        self.config, self.last_webhooks = config, last_webhooks
+        self.renderer, self.channel, self.wall = renderer, channel, wall
+
     # the preview
     def preview(self, form=None, last=None, sample=False):
         """The preview form and, for a payload, what each robot would get: nothing is sent.
@@ -8592,6 +8611,11 @@ class Pages:
         return "".join(out)
 
 
+def shown_db_time(text, tz):
+    """A time the history keeps (the wall clock's), as the pages show it."""
+    return from_db_time(text).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if text else ""
+
+
 def _shown(shown, request):
     """A request as the group sees it (a channel's Shown), then as JSON."""
     if not shown.markdown:
@@ -8691,15 +8715,18 @@ class Bridge:
         self.probes = Probes(current, self.journal, self.pool, self.cluster, self.metrics,
                              self.requests, self.clock, self.app_state)
         self.intake = Intake(current, self.journal, self.metrics, {}, self.clock)
-        self.pages = Pages(current, self.journal, self.pool, self.store, self.probes,
-                           self.cluster, self.intake.last_webhooks, self.renderer, self.channel,
-                           self.metrics, self.clock, wall, self.desk, self.app_state)
+        self.status_page = StatusPage(current, self.journal, self.pool, self.store, self.probes,
+                                      self.cluster, self.intake.last_webhooks, self.clock, wall,
+                                      self.app_state)
+        self.incidents = IncidentPages(current, self.store, self.desk, wall)
+        self.preview = Preview(current, self.intake.last_webhooks, self.renderer, self.channel,
+                               wall)
         self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
         self.recorder.store_changed.listen(self.probes.store_changed)
         if config.cluster.enabled:
             self.cluster.role_changed.listen(self.notifier.wake)     # a leader sends: wake it
         self.sent.listen(SendAccounting(self.metrics))
-        self.sent.listen(self.pages.sent)
+        self.sent.listen(self.status_page.sent)
         self.server = None
         self._reload_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -8738,8 +8765,9 @@ class Bridge:
 
     def start(self):
         service = self.config.service
-        endpoints = Endpoints(self.current, self.intake, self.pages, self.probes, self.metrics,
-                              self.requests, self.reload, self.send_test)
+        endpoints = Endpoints(self.current, self.intake, self.status_page, self.incidents,
+                              self.preview, self.probes, self.metrics, self.requests, self.reload,
+                              self.send_test)
         handler = type("Handler", (IntakeHandler,), {"endpoints": endpoints})
         try:
             self.server = IntakeServer((service.listen, service.port), handler,

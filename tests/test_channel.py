@@ -113,7 +113,7 @@ def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service
         rows = history(bridge)
         assert len(rows) == 4 and all(r["notified_count"] == 1 for r in rows)
         form = {"payload": json.dumps(make_payload("ops", alerts[:1]))}
-        status, html = bridge.pages.preview(form=form)
+        status, html = bridge.preview.preview(form=form)
         assert status == 200 and "plain to robot plain" in html
     finally:
         bridge.stop()

@@ -221,7 +221,7 @@ def test_now_plus_a_year_of_hand_overs_is_consistent(tmp_path):
 
 def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
     config = load(tmp_path)
-    pages = alertbridge.Pages(
+    pages = alertbridge.StatusPage(
         lambda: config,
         None,
         None,
@@ -229,12 +229,8 @@ def test_the_status_page_and_the_api_show_who_is_on_call_now_and_next(tmp_path):
         None,
         None,
         {},
-        None,
-        None,
-        None,
         clock=lambda: 0.0,
         wall=lambda: at("2026-12-03 12:00"),
-        desk=None,
     )
     assert pages.on_call() == {
         "rotations": [

@@ -27,7 +27,8 @@ The file reads top to bottom the way an alert travels through it:
    9. Channels       RobotChannel, the custom group robot: its wire format (markdown,
                      actionCard, the @ text message), limits, signing, one request, its answer
                      classified once (SendResult)
-  10. Robot pool     rotation, budgets per token, a reserve, fair turns, throttles, hanging robots
+  10. Robot pool     robots used in turn, budgets per token, a reserve, fair turns between
+                     routes, throttles, hanging robots, robots out of rotation (a config error)
   11. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
                      RouteSender per route, in stages: choose, plan, deliver, Ledger, `sent`;
                      test messages; Recorder
@@ -72,7 +73,7 @@ signals (run()).
 Locks, each described where it is made: Journal._write_lock serializes every journal write on
 one connection, and its holder takes Journal._queue_lock briefly to collect the webhooks queued
 for one group commit (the only nesting). Senders._cond guards which route is due and served;
-RobotPool._lock budgets and rotation; Recent._lock a cache's entries; Metrics._lock the
+RobotPool._lock budgets and turns; Recent._lock a cache's entries; Metrics._lock the
 counters; Recurrence._lock its answers; Requests._done the count of requests; AppAPI._lock the
 app's token; Deadline._lock its sockets, between its timer and the request; Worker._idle what
 wait_idle() waits on; Bridge._reload_lock one reload at a time: all held for bookkeeping only.
@@ -1941,7 +1942,7 @@ class Intake:
             raise BadRequest(404, f"unknown receiver {webhook.receiver[:60]!r} and no "
                                   f"default_receiver configured")
         try:
-            self.journal.accept(webhook, route, request_id)
+            self.journal.add_webhook(webhook, route, request_id)
         except sqlite3.Error as exc:
             log.error("request_id=%s journal write failed (%s): answering 503 so Alertmanager "
                       "retries", request_id, exc)
@@ -3235,7 +3236,7 @@ class Journal:
         return self._run(self._db(), sql, params).fetchone()
 
     # intake
-    def accept(self, webhook, route, request_id):
+    def add_webhook(self, webhook, route, request_id):
         """Journal one webhook: an event for the recorder and its message(s) for the route's
         sender. Returns once it is committed. Group commit: whichever request thread holds the
         write lock commits every webhook queued by then in one transaction (one fsync), so
@@ -5689,7 +5690,7 @@ class RobotPool:
         self._waiting[route.name] = (since, now, {r.key for r in route.robots})
 
     def take(self, robot, now, urgent=False):
-        """A slot of this very robot for a request outside rotation (a test message): True and
+        """A slot of this very robot for a request outside its turns (a test message): True and
         the slot taken (give it back with release()), or False: it has none now."""
         with self._lock:
             if not (self._usable(robot, now) and not self._hanging(robot.key, now)

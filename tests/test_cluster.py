@@ -452,7 +452,7 @@ def test_a_handoff_the_leader_died_before_adopting_is_sent_by_the_standby_that_m
     )
     route = alertbridge.Route("ops", ())
     webhook = alertbridge.parse_webhook(json.dumps(make_payload("ops", [make_alert()])).encode())
-    journal.accept(webhook, route, "only-here")
+    journal.add_webhook(webhook, route, "only-here")
     [(message_id, claims)] = journal.pending_claims()
     coordinator = alertbridge.Coordinator(
         alertbridge.Cluster(enabled=True, instance="b", lease=2),

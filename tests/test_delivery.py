@@ -283,7 +283,7 @@ def test_a_message_after_1024_failed_attempts_is_still_retried(
     bridge = make_bridge(sqlite_db, receivers=ONE_ROBOT, start=False)
     config = bridge.config
     webhook = alertbridge.parse_webhook(json.dumps(make_payload("dev", [make_alert()])).encode())
-    bridge.journal.accept(webhook, config.routes["dev"], "req-old")
+    bridge.journal.add_webhook(webhook, config.routes["dev"], "req-old")
     with sqlite3.connect(bridge.journal.path) as db:  # 13 hours of DingTalk outage
         db.execute("UPDATE messages SET attempts = 1100")
     fake.fail_next(DEV, -1)  # and one more failure

@@ -504,7 +504,7 @@ def test_steps_due_together_go_out_as_one_message_after_new_pages_of_their_level
     assert text.count("⏫ 升级第 1 步") == 10 and text.endswith("…另有 2 条")
     assert step.body.mention.mobiles == ("13800000001",)
     page = alertbridge.parse_webhook(json.dumps(make_payload("ops", [make_alert()])).encode())
-    world.journal.accept(page, world.config.routes["ops"], "new-page")
+    world.journal.add_webhook(page, world.config.routes["ops"], "new-page")
     first, second = world.journal.due_messages("ops", world.now + 1)
     assert (first.request_id, first.reserve) == ("new-page", True) and second.id == step.id
 

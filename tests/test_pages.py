@@ -394,7 +394,7 @@ def test_the_status_page_shows_messages_kept_for_a_receiver_no_longer_configured
     bridge = make_bridge(sqlite_db)
     webhook = alertbridge.parse_webhook(json.dumps(load_fixture("am025-dev-firing.json")).encode())
     gone = alertbridge.Route("old-team", bridge.config.routes["dev"].robots)
-    bridge.journal.accept(webhook, gone, "r1")  # journaled before a reload removed it
+    bridge.journal.add_webhook(webhook, gone, "r1")  # journaled before a reload removed it
     text = request(bridge, "GET", "/")[1].decode()
     assert '<h2>receiver old-team <span class="bad">(not in the config)</span></h2>' in text
     assert (

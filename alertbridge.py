@@ -84,9 +84,14 @@ written to DingTalk's gateway, so that the reader's answers and the owner's ping
 No lock is held during a request to a robot. tests/test_style.py holds this map to the code.
 
 Where a change goes (each touches at most two sections):
-  - another way to talk to DingTalk: a class with RobotChannel's methods (9. Channels), and the
-    config that chooses it (3. Config);
-  - the digest's format: Renderer.render and digest_title (7. Rendering);
+  - another kind of robot: a class with RobotChannel's methods and its entry in CHANNELS (9.
+    Channels); [robot:NAME] kind chooses it, and 3. Config changes only for a key of its own.
+    (A route's messages are still planned with one channel, make_channel's: a receiver whose
+    robots are of two kinds needs the plan made per robot, next.)
+  - a channel tried before the robots: an object with takes(), page() and a robot, given to
+    RouteSender as one of its `ahead` (16. Bridge), in its own section (the app's: 18);
+  - the digest's grouping: RouteSender._choose and _digest (11. Workers), its layout
+    Renderer.render and digest_title (7. Rendering);
   - a metric: METRIC_HELP (14. Observability), and where it counts: a listener of a Signal in
     14 (SendAccounting for requests), or the one component that knows;
   - a cluster rule: its pure function and Coordinator (13. Cluster), its statements in 5.

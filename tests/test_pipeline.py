@@ -355,3 +355,23 @@ def test_a_store_that_does_not_answer_leaves_the_history_out_and_the_page_goes_o
         assert "DiskFull" in fake.delivered()[0].text and "历史" not in fake.delivered()[0].text
     finally:
         silent.close()
+
+
+def test_a_retry_state_logs_a_failure_when_it_changes_waits_longer_and_says_it_works_again(
+    caplog,
+):
+    """Every worker and sender retries through one Retry: a failure repeated is logged once,
+    the waits grow and stay bounded, and working again is said once."""
+    retry = alertbridge.Retry("worker")
+    with caplog.at_level(logging.INFO, logger="alertbridge"):
+        waits = [retry.failed("worker: down; retrying") for _ in range(12)]
+        retry.failed("worker: refused; retrying", logging.WARNING)
+        retry.worked()
+        retry.worked()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("ERROR", "worker: down; retrying"),
+        ("WARNING", "worker: refused; retrying"),
+        ("INFO", "worker: working again"),
+    ]
+    assert all(0 < w <= 30 for w in waits) and waits[-1] > waits[0]

@@ -263,6 +263,9 @@ def test_the_stream_answers_pings_reconnects_on_disconnect_and_leaves_a_half_ope
 
     app.disconnect()  # the gateway asks: a new ticket, a new connection, at once
     assert wait_until(lambda: app.connections == 2, timeout=10)
+    # the gateway counts a connection before the client has the handshake's answer: frozen
+    # then, the client's handshake (not a connection) would hang, and heal at the thaw
+    assert app.ask("SYSTEM", "ping", "{}")["code"] == 200
 
     app.freeze()  # half-open: no byte either way; the client's pings go unanswered
     started = time.monotonic()

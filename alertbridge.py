@@ -436,6 +436,12 @@ def db_time(dt):
     return dt.isoformat(" ", "milliseconds")[:23] if dt else None
 
 
+def as_db_time(value):
+    """A time as a store gave it, as db_time() writes it: MySQL gives datetimes, SQLite the
+    text itself."""
+    return db_time(value) if isinstance(value, datetime) else value
+
+
 def epoch_db_time(epoch):
     """An epoch as the history keeps times (see db_time)."""
     return db_time(datetime.fromtimestamp(epoch, timezone.utc))
@@ -3358,31 +3364,21 @@ class Journal:
         self.new_messages.notify(route)
 
     def note(self, route, title, text, rank, claims, level=NO_LEVEL, mention=Mentions(),
-             request_id="note", reserve=True, age=0.0):
+             request_id="note", reserve=True, age=0.0, relayed=False):
         """Journal a NOTE for a route's group at `rank` and `level`, packed so that it is never
         folded into a digest, carrying `claims` (so that it goes out once across a cluster);
-        `reserve`: whether it may use the robots' reserve when its level may."""
+        `reserve`: whether it may use the robots' reserve when its level may. `relayed`: the
+        claims are incident notes of the history (see NoteRelay), kept as relayed in the same
+        transaction, so that this journal takes a note once. Returns the message's id."""
         body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
                           ensure_ascii=False)
         now = self.clock()
         with self._writing() as db:
-            self._run(db, J_MESSAGE_ADD, (route, request_id, body, 1, now - age, now, rank, level,
-                                          "", " ".join(claims), int(reserve)))
-        self.new_messages.notify(route)
-
-    def relay(self, route, title, text, rank, level, mention, notes, kind, age=0.0):
-        """Journal incident notes of the history as one NOTE (see NoteRelay): each note's key
-        recorded as relayed in the same transaction, so that this journal takes a note once.
-        Returns the message's id."""
-        body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
-                          ensure_ascii=False)
-        now = self.clock()
-        with self._writing() as db:
-            for key in notes:
+            for key in claims if relayed else ():
                 self._run(db, J_RELAYED_ADD, (key, now))
             message = self._run(db, J_MESSAGE_ADD, (
-                route, f"notes:{kind}", body, 1, now - age, now, rank, level, "",
-                " ".join(notes), int(kind != ESCALATED))).lastrowid
+                route, request_id, body, 1, now - age, now, rank, level, "", " ".join(claims),
+                int(reserve))).lastrowid
         self.new_messages.notify(route)
         return message
 
@@ -3680,9 +3676,8 @@ class Store:
             self.execute(cursor, S_FIRING, (limit,))
             names = [column[0] for column in cursor.description]
             rows = [dict(zip(names, row)) for row in cursor.fetchall()]
-        for row in rows:        # MySQL gives a datetime, SQLite the text db_time() wrote
-            if isinstance(row["starts_at"], datetime):
-                row["starts_at"] = db_time(row["starts_at"])
+        for row in rows:
+            row["starts_at"] = as_db_time(row["starts_at"])
         return count, rows
 
     def recurrence(self, occurrences, window):
@@ -3829,8 +3824,7 @@ class Store:
             self.execute(cursor, S_INCIDENTS_DUE, (now, limit))
             names = [column[0] for column in cursor.description]
             rows = [dict(zip(names, row)) for row in cursor.fetchall()]
-        return [{k: db_time(v) if isinstance(v, datetime) else v for k, v in row.items()}
-                for row in rows]
+        return [{k: as_db_time(v) for k, v in row.items()} for row in rows]
 
     def take_silence(self, incident_id, marker, until, look_at, now):
         """Take the open incident for a silence about to be made (`marker`, a TAKING id, until
@@ -3879,8 +3873,7 @@ class Store:
             rows = cursor.fetchall()
         return [{"id": i, "route": r, "receiver": rc, "group_hash": g,
                  "group_labels": json.loads(labels), "silence_id": s,
-                 "silenced_until": from_db_time(
-                     until if isinstance(until, str) else db_time(until) or LOOK_NOW).timestamp()}
+                 "silenced_until": from_db_time(as_db_time(until) or LOOK_NOW).timestamp()}
                 for i, r, rc, g, labels, s, until in rows]
 
     def resolve_silenced(self, incident_id, at, detail):
@@ -3919,8 +3912,7 @@ class Store:
             return text and db_time(from_db_time(text) + timedelta(seconds=seconds))
         with self.transaction() as cursor:
             self.execute(cursor, S_INCIDENTS_TO_SHIFT, (LOOK_NOW, NEVER))
-            rows = [tuple(db_time(v) if isinstance(v, datetime) else v for v in row)
-                    for row in cursor.fetchall()]
+            rows = [tuple(map(as_db_time, row)) for row in cursor.fetchall()]
             cursor.executemany(self.dialect.sql(S_INCIDENT_SHIFT), [
                 (moved(at), moved(since), incident_id, at) for incident_id, at, since in rows])
         return len(rows)
@@ -3969,7 +3961,7 @@ class Store:
             self.execute(cursor, statement, (since, relay, *itertools.chain(*held), limit))
             rows = cursor.fetchall()
         return [(key, incident_id, route, kind, level, text, *json.loads(mentions),
-                 made if isinstance(made, str) else db_time(made))
+                 as_db_time(made))
                 for key, incident_id, route, kind, level, text, mentions, made in rows]
 
     def notes_relayed(self, keys, relay):
@@ -3993,7 +3985,7 @@ class Store:
     def _incident_row(row):
         names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by", "title",
                  "level", "group_labels", "silence_id", "silenced_until")
-        found = {k: db_time(v) if isinstance(v, datetime) else v for k, v in zip(names, row)}
+        found = {k: as_db_time(v) for k, v in zip(names, row)}
         found["group_labels"] = json.loads(found["group_labels"] or "{}")
         return found
 
@@ -4023,8 +4015,7 @@ class Store:
                 incident["events"] = [row[0] for row in cursor.fetchall()]
         for incident in found:
             for key in ("opened_at", "acknowledged_at", "resolved_at"):
-                if isinstance(incident[key], datetime):
-                    incident[key] = db_time(incident[key])
+                incident[key] = as_db_time(incident[key])
         return found
 
     @staticmethod
@@ -5529,7 +5520,7 @@ def classify(robots):
     """read(robot key, errcode) -> outcome, by each robot's channel: how a send log (errcodes
     only) is read again."""
     kinds = {robot.key: robot.kind for robot in robots}
-    return lambda key, errcode: SendResult(errcode, "", kind=kinds.get(key, "dingtalk")).outcome
+    return lambda key, errcode: CHANNELS[kinds.get(key, RobotChannel.KIND)].outcome(errcode)
 
 
 # =============================================================================================
@@ -5565,7 +5556,7 @@ class RobotPool:
     def __init__(self, limits, share=lambda: 1.0, classify=None):
         self.limits = limits
         self.share = share
-        self.classify = classify or (lambda: lambda key, errcode: SendResult(errcode, "").outcome)
+        self.classify = classify or (lambda: lambda key, errcode: RobotChannel.outcome(errcode))
         self._lock = threading.Lock()
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._flights = {}          # robot key -> start times of its requests under way
@@ -6948,8 +6939,8 @@ class NoteRelay:
         else:
             rank, level = len(route.priority_order) + 1, NO_LEVEL
         age = max(0.0, wall - min(from_db_time(n.created_at).timestamp() for n in notes))
-        return self.journal.relay(route_name, title, text, rank, level, mention,
-                                  [n.key for n in notes], kind, age)
+        return self.journal.note(route_name, title, text, rank, [n.key for n in notes], level,
+                                 mention, f"notes:{kind}", kind != ESCALATED, age, relayed=True)
 
 
 class Follower(Worker):

@@ -840,9 +840,9 @@ def test_a_step_waits_for_the_next_window_while_a_new_critical_page_takes_the_re
         sim.accept(payload)
     sim.run()
     assert len(sim.sent) == 3 * 18
-    sim.bridge.journal.relay(
-        "ops", "⏫ 升级第 1 步", "⏫ 升级第 1 步：DiskFull 已等待 10m，无人认领", 0.5, "critical",
-        alertbridge.Mentions(), ["k" * 64], alertbridge.ESCALATED,
+    sim.bridge.journal.note(
+        "ops", "⏫ 升级第 1 步", "⏫ 升级第 1 步：DiskFull 已等待 10m，无人认领", 0.5, ["k" * 64],
+        "critical", request_id="notes:escalated", reserve=False, relayed=True,
     )
     sim.run()
     assert len(sim.sent) == 3 * 18  # no reserve for it

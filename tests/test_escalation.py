@@ -258,6 +258,15 @@ def test_the_history_away_is_a_warning_once_and_a_short_wait(world, caplog):
     assert [r.levelname for r in said] == ["WARNING"] and not said[0].exc_info
 
 
+def two_worlds(tmp_path, database):
+    """Two instances, each its journal, on one history."""
+    worlds = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        worlds.append(World(tmp_path / name, store=alertbridge.Store(database)))
+    return worlds
+
+
 def steps_of(sent):
     """The escalation steps among what a round sent, by route: their first lines."""
     return {
@@ -439,10 +448,7 @@ def test_one_routes_notes_waiting_never_keep_anothers_from_their_turn(world, mon
 def test_a_double_tap_on_silence_makes_one_silence_even_on_two_instances(tmp_path, database, am):
     """Two taps at once, served by two instances on one history: Alertmanager gets one
     silence; the other tap hears that it is being made, and once made, that it is made."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = World(tmp_path / "a", store=alertbridge.Store(database))
-    other = World(tmp_path / "b", store=alertbridge.Store(database))
+    first, other = two_worlds(tmp_path, database)
     try:
         first.page()
         am.holding = True  # Alertmanager answers the first tap's request only when released
@@ -512,11 +518,7 @@ def test_steps_due_together_go_out_as_one_message_after_new_pages_of_their_level
 def test_a_step_taken_by_a_leader_that_died_is_sent_by_the_next(tmp_path):
     """On one MariaDB: the leader marks the step done and dies before sending it (its note only
     in the history); the instance that leads next sends it, once."""
-    settings = empty_mysql()
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    dead = World(tmp_path / "a", store=alertbridge.Store(settings))
-    heir = World(tmp_path / "b", store=alertbridge.Store(settings))
+    dead, heir = two_worlds(tmp_path, empty_mysql())
     try:
         dead.page()
         dead.now = heir.now = OPENED + 600

@@ -26,7 +26,7 @@ The file reads top to bottom the way an alert travels through it:
                      retry delays, the RFC 6455 WebSocket client
    9. Channels       RobotChannel, the custom group robot: its wire format (markdown,
                      actionCard, the @ text message), limits, signing, one request, its answer
-                     classified once (SendResult)
+                     classified once (SendResult); CHANNELS by kind; Channels, a robot's own
   10. Robot pool     robots used in turn, budgets per token, a reserve, fair turns between
                      routes, throttles, hanging robots, robots out of rotation (a config error)
   11. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
@@ -86,8 +86,7 @@ No lock is held during a request to a robot. tests/test_style.py holds this map 
 Where a change goes (each touches at most two sections):
   - another kind of robot: a class with RobotChannel's methods and its entry in CHANNELS (9.
     Channels); [robot:NAME] kind chooses it, and 3. Config changes only for a key of its own.
-    (A route's messages are still planned with one channel, make_channel's: a receiver whose
-    robots are of two kinds needs the plan made per robot, next.)
+    Channels gives each robot its own; a receiver may mix kinds;
   - a channel tried before the robots: an object with takes(), page() and a robot, given to
     RouteSender as one of its `ahead` (16. Bridge), in its own section (the app's: 18);
   - the digest's grouping: RouteSender._choose and _digest (11. Workers), its layout
@@ -4786,39 +4785,38 @@ class Renderer:
         return render_template(route.title, fields, None).strip()
 
     # how a body goes out
-    def plan(self, route, body, channel, packed=False):
+    def plan(self, route, body, channels, packed=False):
         """The bodies that go out, in order, for this one: itself; or its parts, if it does not
         fit every robot of the route (not tried again for a `packed` digest or part); or, for
-        a card whose channel cannot @ beside buttons, the card and then its @ message (after a
-        message's last part only). Each part is planned again when its turn comes."""
+        a card a channel of the route cannot @ beside buttons, the card and then its @ message
+        (after a message's last part only). Each part is planned again when its turn comes."""
         if body.kind != ALERTS:
             return [body]
-        parts = [body] if packed else self.parts(route, body, channel)
+        parts = [body] if packed else self.parts(route, body, channels)
         if len(parts) > 1 or (body.part and body.part[0] != body.part[1]):
             return parts
         rendered = self.render(route, body)
-        if not channel.mentions_apart(rendered):
+        if not channels.mentions_apart(rendered, route):
             return [body]
         mention = Body(kind=MENTION, mention=rendered.mentions,
                        title=self.plain_title(route, body))
         return [replace(body, kind=CARD), mention]
 
-    def expand(self, route, body, channel):
+    def expand(self, route, body, channels):
         """Every body that goes out for this one, parts planned in turn: the dry run's view."""
-        planned = self.plan(route, body, channel)
+        planned = self.plan(route, body, channels)
         if planned == [body]:
             return planned
-        return [done for each in planned for done in self.expand(route, each, channel)]
+        return [done for each in planned for done in self.expand(route, each, channels)]
 
-    def fits(self, route, body, channel):
+    def fits(self, route, body, channels):
         """Whether the body goes out whole to every robot of the route (keywords differ)."""
-        rendered = self.render(route, body)
-        return all(channel.fits(rendered, robot) for robot in route.robots)
+        return channels.fits(self.render(route, body), route)
 
-    def room(self, channel):
+    def room(self, route, channels):
         """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
         keyword and digest headings."""
-        return channel.limit() - 768
+        return channels.limit(route) - 768
 
     def block_size(self, route, alert, compact=False):
         return self._kept_block(route, alert, None, compact)[1]
@@ -4829,14 +4827,15 @@ class Renderer:
         full = route.compact_after or len(alerts) + start
         return [self.block_size(route, a, compact=start + i >= full) for i, a in enumerate(alerts)]
 
-    def parts(self, route, body, channel):
+    def parts(self, route, body, channels):
         """A body as it goes out: itself if it fits every robot of the route (or has one alert,
         which is cut instead), else parts of as many alerts as fit, numbered, each titled with
         the whole message's counts."""
         alerts = list(body.alerts)
-        if len(alerts) < 2 or self.fits(route, body, channel):
+        if len(alerts) < 2 or self.fits(route, body, channels):
             return [body]
-        chunks = cut(alerts, chunk_lengths(self.block_sizes(route, alerts), self.room(channel)))
+        room = self.room(route, channels)
+        chunks = cut(alerts, chunk_lengths(self.block_sizes(route, alerts), room))
         if len(chunks) == 1:  # the sizes were misjudged: halve
             chunks = split_in_two(alerts)
         return numbered(body, chunks)
@@ -4850,9 +4849,10 @@ def numbered(body, chunks):
             for i, chunk in enumerate(chunks)]
 
 
-def request_body(renderer, channel, route, body, robot):
-    """The request one robot gets for a body: what every sender, the preview and the dry run
-    send or show."""
+def request_body(renderer, channels, route, body, robot):
+    """The request one robot gets for a body, written by its channel: what every sender, the
+    preview and the dry run send or show."""
+    channel = channels.of(robot)
     if body.kind == MENTION:
         return channel.mention_request(body, robot)
     if body.kind == NOTE:
@@ -5286,8 +5286,10 @@ TOO_LONG, FAILED = "too long", "failed"
 
 @dataclass
 class SendResult:
-    """A channel's answer to one request. errcode None: no answer was read (network or HTTP
-    error, timeout, or a reply that is not the API's JSON). `outcome`, decided by the channel
+    """A channel's answer to one request. errcode: the platform's code, 0 when it took the
+    message (what the history and its dashboard read as sent, whatever the channel); None: no
+    answer was read (network or HTTP error, timeout, or a reply that is not the API's JSON).
+    `outcome`, decided by the channel
     and nowhere else: SENT; THROTTLED (rest the robot, try the next); MISCONFIGURED (out of
     rotation until a reload, try the next); TOO_LONG (split the message); FAILED (try the next
     robot, then retry later). Without one, its channel's (`kind`) reading of the errcode (the
@@ -5505,9 +5507,36 @@ class ChannelError(Exception):
 CHANNELS = {RobotChannel.KIND: RobotChannel}
 
 
-def make_channel(config):
-    """The channel that sends for a config (`config()` gives the running one)."""
-    return RobotChannel(config)
+class Channels:
+    """One channel of each kind, made for a config (`config()` gives the running one): each
+    robot's requests are written, posted and read by its own (Robot.kind). A receiver may list
+    robots of several kinds: what it sends is then sized to fit every one of them whole (the
+    narrowest's limit: a message fails over from one robot to the next without a new split),
+    and a card's mentions go in a message of their own if any of its robots cannot @ beside
+    buttons."""
+
+    def __init__(self, config, kinds=None):
+        self._made = {kind: channel(config) for kind, channel in (kinds or CHANNELS).items()}
+
+    def of(self, robot):
+        return self._made[robot.kind]
+
+    def limit(self, route):
+        """The largest request in bytes every robot of the route takes."""
+        return min((self.of(robot).limit() for robot in route.robots),
+                   default=self._made[RobotChannel.KIND].limit())
+
+    def fits(self, rendered, route):
+        return all(self.of(robot).fits(rendered, robot) for robot in route.robots)
+
+    def mentions_apart(self, rendered, route):
+        return any(self.of(robot).mentions_apart(rendered) for robot in route.robots)
+
+    def encode(self, robot, request):
+        return self.of(robot).encode(request)
+
+    def post(self, robot, payload, timeout):
+        return self.of(robot).post(robot, payload, timeout)
 
 
 def channel_kind(url):
@@ -6020,17 +6049,17 @@ class RouteSender:
     folded into digests of one level; only the newest copy of an alert that waits more than
     once); plan it with the renderer (parts, a card's @ message: what --render and the preview
     show too); deliver it, failing over through the robots; journal it (Ledger); tell `sent`.
-    Time is `clock`; a request is `post` (the channel's)."""
+    Time is `clock`; a request is `post` (the robot's channel's)."""
 
     IDLE = 5.0          # longest wait while messages wait: new ones and reloads wake it sooner
     COPIES_KEPT = 100_000
 
-    def __init__(self, name, config, journal, pool, renderer, channel, cluster, metrics,
+    def __init__(self, name, config, journal, pool, renderer, channels, cluster, metrics,
                  clock, wall, post, sent, ahead=()):
         self.name = name
         self.ahead = ahead          # channels tried first, for the pages they take (the app's)
         self.config, self.journal, self.pool = config, journal, pool
-        self.renderer, self.channel, self.cluster = renderer, channel, cluster
+        self.renderer, self.channels, self.cluster = renderer, channels, cluster
         self.metrics, self.clock, self.wall, self.post = metrics, clock, wall, post
         self.sent = sent            # Signal: a Sent for each request made
         self.ledger = Ledger(journal, name)
@@ -6184,7 +6213,7 @@ class RouteSender:
         """More messages of this priority wait than the robots may send: fold the oldest into
         one digest as large as DingTalk takes, made only when a robot is free to send it.
         Messages stay whole, but for alerts a later message carries again."""
-        renderer, channel = self.renderer, self.channel
+        renderer, channels = self.renderer, self.channels
         unpacked = list(itertools.takewhile(lambda m: not m.packed, due))
 
         def sizes():
@@ -6193,7 +6222,7 @@ class RouteSender:
                 current = self._current(message)
                 yield sum(renderer.block_sizes(route, current, start=at))
                 at += len(current)
-        taken = unpacked[:next(chunk_lengths(sizes(), renderer.room(channel)))]
+        taken = unpacked[:next(chunk_lengths(sizes(), renderer.room(route, channels)))]
 
         made = {}
 
@@ -6207,7 +6236,8 @@ class RouteSender:
                     truncated=sum(m.body.truncated for m in messages), group_labels=shared,
                     digest=True, level=messages[0].level)
             return made[len(messages)]
-        taken = longest_that_fits(taken, lambda some: renderer.fits(route, body(some), channel))
+        taken = longest_that_fits(taken,
+                                  lambda some: renderer.fits(route, body(some), channels))
         carrying = [m for m in taken if any(self._is_current(m, a) for a in m.alerts)]
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
             heirs = self._superseded([m for m in taken if m not in carrying])
@@ -6231,11 +6261,11 @@ class RouteSender:
                  why, len(bodies))
 
     def _split(self, route, message):
-        """DingTalk found it too long, though it fits by our count: halves at least."""
-        bodies = self.renderer.parts(route, message.body, self.channel)
+        """Its robot found it too long, though it fits by our count: halves at least."""
+        bodies = self.renderer.parts(route, message.body, self.channels)
         if len(bodies) == 1:
             bodies = numbered(message.body, split_in_two(list(message.alerts)))
-        self._replace_by(message, bodies, "too long for DingTalk")
+        self._replace_by(message, bodies, "too long for its robot")
 
     # delivering
     def deliver(self, route, message, urgent=False):
@@ -6246,7 +6276,7 @@ class RouteSender:
         for channel in self.ahead:
             if channel.takes(route, message.body) and self._ahead(channel, route, message):
                 return True
-        planned = self.renderer.plan(route, message.body, self.channel, packed=message.packed)
+        planned = self.renderer.plan(route, message.body, self.channels, packed=message.packed)
         if len(planned) > 1:
             self._replace_by(message, planned, "too long for one request, or a card that @s")
             return True
@@ -6299,8 +6329,8 @@ class RouteSender:
         may no longer send (a cluster's leader whose lease lapsed, as when it was paused)."""
         timeout = self.config().delivery.timeout
         try:
-            payload = self.channel.encode(request_body(self.renderer, self.channel, route,
-                                                       message.body, robot))
+            payload = self.channels.encode(robot, request_body(self.renderer, self.channels,
+                                                               route, message.body, robot))
         except BaseException:
             self.pool.cancel(robot)
             raise
@@ -6331,7 +6361,7 @@ class RouteSender:
                     message.attempts + 1, "; ".join(errors), delay)
 
 
-def send_test_messages(route, renderer, channel, pool, post, clock, timeout, ledger=None):
+def send_test_messages(route, renderer, channels, pool, post, clock, timeout, ledger=None):
     """--send-test: one test message through each robot of a route, each within the robot's
     budget (a test during a storm must not cost a 410100); never the urgent reserve.
     `ledger(robot, result, at)` journals each request, when there is a journal. Returns the
@@ -6355,8 +6385,8 @@ def send_test_messages(route, renderer, channel, pool, post, clock, timeout, led
             continue
         result = SendResult(None, "not sent: internal error")
         try:
-            request = request_body(renderer, channel, route, body, robot)
-            result = post(robot, channel.encode(request), timeout)
+            request = request_body(renderer, channels, route, body, robot)
+            result = post(robot, channels.encode(robot, request), timeout)
         finally:
             pool.release(robot, result, clock())
         if ledger is not None:
@@ -8495,9 +8525,9 @@ class Preview:
     """The preview: a payload (pasted, a route's last webhook, a sample) as each robot would
     get it, nothing sent; as HTML text."""
 
-    def __init__(self, config, last_webhooks, renderer, channel, wall):
+    def __init__(self, config, last_webhooks, renderer, channels, wall):
         self.config, self.last_webhooks = config, last_webhooks
-        self.renderer, self.channel, self.wall = renderer, channel, wall
+        self.renderer, self.channels, self.wall = renderer, channels, wall
 
     # the preview
     def preview(self, form=None, last=None, sample=False):
@@ -8565,7 +8595,7 @@ class Preview:
                f"{esc(', '.join(r.name for r in route.robots))} in turn</h2>"]
         out += [f"<details><summary>its {k} template, from config.ini</summary><pre>"
                 f"{esc(getattr(route, k))}</pre></details>" for k in own]
-        plan = dry_run(renderer, self.channel, route, webhook)
+        plan = dry_run(renderer, self.channels, route, webhook)
         if not plan:
             out.append("<p>The webhook has no alerts: nothing would be sent.</p>")
         out.append("</section>")
@@ -8574,7 +8604,6 @@ class Preview:
         return "".join(out)
 
     def _planned(self, route, number, level, alerts, bodies):
-        limit = self.channel.limit()
         who = self.renderer.mentions(route, alerts, self.wall(), self.config().tz)
         mentioned = " ".join(["@" + w for w in who.mobiles + who.user_ids]
                              + (["@all"] if who.all else []))
@@ -8587,19 +8616,21 @@ class Preview:
                  + (" (in a text message after the card: an actionCard cannot @)"
                     if separate else "")]
         if parts > 1:
-            notes.append(f"too long for one DingTalk message: sent as {parts} parts")
+            notes.append(f"too long for one message: sent as {parts} parts")
         notes.append(f"when more {esc(level)} messages wait than the robots may send, they are "
                      f"folded into one digest titled "
                      f"“{esc(digest_title(level, '…', route.language))}”")
         out = [f"<section><h2>Message {number}</h2><p>"
                + " · ".join(notes) + "</p>"]
         for part, (body, robots_and_requests) in enumerate(bodies, 1):
-            for names, request in _same_requests(robots_and_requests):
-                size = len(self.channel.encode(request))
+            for robots, request in _same_requests(robots_and_requests):
+                channel = self.channels.of(robots[0])
+                names, size, limit = [r.name for r in robots], len(channel.encode(request)), \
+                    channel.limit()
                 css = "ok" if size <= limit else "bad"
                 label = (f"part {part} of {parts}, " if parts > 1 and part <= parts else
                          "the @ message, " if part > parts else "")
-                shown = self.channel.shown(request)
+                shown = channel.shown(request)
                 out.append(f"<h3>{esc(label)}{esc(shown.kind)} to robot "
                            f"{esc(', '.join(names))}: <span class='{css}'>"
                            f"{size:,} of {limit:,} bytes</span></h3>"
@@ -8629,28 +8660,29 @@ def _shown(shown, request):
 
 
 def _same_requests(robots_and_requests):
-    """[(robot, request)] -> [([robot names], request)]: robots without a keyword get the same."""
+    """[(robot, request)] -> [([robots], request)]: robots of a kind without a keyword get the
+    same."""
     groups = []
     for robot, request in robots_and_requests:
-        for names, seen in groups:
-            if seen == request:
-                names.append(robot.name)
+        for robots, seen in groups:
+            if seen == request and robots[0].kind == robot.kind:
+                robots.append(robot)
                 break
         else:
-            groups.append(([robot.name], request))
+            groups.append(([robot], request))
     return groups
 
 
-def dry_run(renderer, channel, route, webhook):
+def dry_run(renderer, channels, route, webhook):
     """What the bridge sends for `webhook` when the robots have budget for it, planned as the
     senders plan it (Renderer.expand): one message per priority level, each as the bodies that
     go out, each with the request every robot of the route gets.
     [(level, alerts, [(body, [(robot, request), ...]), ...])]."""
     plan = []
     for (_, level), body in bodies_of(route, webhook):
-        bodies = renderer.expand(route, body, channel)
+        bodies = renderer.expand(route, body, channels)
         plan.append((level, list(body.alerts), [
-            (each, [(robot, request_body(renderer, channel, route, each, robot))
+            (each, [(robot, request_body(renderer, channels, route, each, robot))
                     for robot in route.robots]) for each in bodies]))
     return plan
 
@@ -8673,7 +8705,7 @@ class Bridge:
     RESTART_ONLY = ("listen", "port", "max_connections", "state_dir", "journal", "journal_sync")
     SHUTDOWN_POLL = 0.1     # seconds the HTTP server may take to notice a stop
 
-    def __init__(self, config, clock=None, wall=wall_time, post=None, channel=None):
+    def __init__(self, config, clock=None, wall=wall_time, post=None):
         self.config = config
         self.clock = clock or SteadyClock(wall)
         self.wall = wall
@@ -8685,8 +8717,8 @@ class Bridge:
         self.journal.bring_forward(config.delivery.retry_max + config.delivery.timeout)
         self.store = StoreProcess(config.database)
         self.history = Recurrence(self.store)
-        self.channel = channel or make_channel(current)
-        self.post = post or self.channel.post
+        self.channels = Channels(current)
+        self.post = post or self.channels.post
         self.renderer = Renderer(current, self.history, wall)
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share(),
                               classify=lambda: classify(self.config.robots))
@@ -8716,7 +8748,7 @@ class Bridge:
                                       self.cluster, self.intake.last_webhooks, self.clock, wall,
                                       self.app_state)
         self.incidents = IncidentPages(current, self.store, self.desk, wall)
-        self.preview = Preview(current, self.intake.last_webhooks, self.renderer, self.channel,
+        self.preview = Preview(current, self.intake.last_webhooks, self.renderer, self.channels,
                                wall)
         self.journal.new_messages.listen(lambda name: self.senders.wake(name, Senders.GATHER))
         self.recorder.store_changed.listen(self.probes.store_changed)
@@ -8734,7 +8766,7 @@ class Bridge:
 
     def _sender(self, name):
         return RouteSender(name, self.current, self.journal, self.pool, self.renderer,
-                           self.channel, self.cluster, self.metrics, self.clock, self.wall,
+                           self.channels, self.cluster, self.metrics, self.clock, self.wall,
                            self.post, self.sent, (self.app,))
 
     def app_state(self):
@@ -8904,7 +8936,7 @@ class Bridge:
             self.journal.end_send(send_id, robot.name, robot.key, at, result.errcode,
                                   send_event(route.name, robot, test, result, self.wall()))
             self.cluster.record(robot, result)
-        lines, ok = send_test_messages(route, self.renderer, self.channel, self.pool, self.post,
+        lines, ok = send_test_messages(route, self.renderer, self.channels, self.pool, self.post,
                                        self.clock, self.config.delivery.timeout, ledger)
         card_lines, card_ok = self.app.send_test(route)
         lines, ok = lines + card_lines, ok and card_ok
@@ -9084,15 +9116,16 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
         print(f"{path}: receiver {webhook.receiver!r} has no [receiver:NAME] section and there "
               f"is no default_receiver: the bridge would answer 404", file=err)
         return 2
-    channel = make_channel(lambda: config)
-    plan = dry_run(Renderer(lambda: config), channel, route, webhook)
+    channels = Channels(lambda: config)
+    plan = dry_run(Renderer(lambda: config), channels, route, webhook)
     for number, (level, _, bodies) in enumerate(plan, 1):
         for part, (_, robots_and_requests) in enumerate(bodies, 1):
-            for names, request in _same_requests(robots_and_requests):
+            for robots, request in _same_requests(robots_and_requests):
+                channel = channels.of(robots[0])
                 encoded = channel.encode(request)
                 print(encoded.decode(), file=out)
                 print(f"# message {number}/{len(plan)} ({level}), part {part}/{len(bodies)}, "
-                      f"robots {', '.join(names)}: {len(encoded):,} of "
+                      f"robots {', '.join(r.name for r in robots)}: {len(encoded):,} of "
                       f"{channel.limit():,} bytes", file=err)
     return 0
 
@@ -9283,9 +9316,9 @@ def send_test(config, route_name):
         return 1
     pool = RobotPool(lambda: config.delivery)
     pool.restore(journal_sends(config.service.journal), time.time())
-    channel = make_channel(lambda: config)
+    channels = Channels(lambda: config)
     renderer = Renderer(lambda: config)
-    lines, ok = send_test_messages(route, renderer, channel, pool, channel.post, time.time,
+    lines, ok = send_test_messages(route, renderer, channels, pool, channels.post, time.time,
                                    config.delivery.timeout)
     pager = AppPager(lambda: config, AppAPI(lambda: config, Metrics()), None, renderer)
     card_lines, card_ok = pager.send_test(route)

@@ -1,6 +1,7 @@
-"""The channel seam: a second way of talking to a chat service, written only for this test, runs
-through the same senders, renderer, journal, history and preview without any of them knowing
-its wire format."""
+"""The channel seam: a second way of talking to a chat service, written only for this test and
+plugged in as a real one is (its class in CHANNELS, `kind =` in [robot:NAME]), runs through the
+same senders, renderer, journal, history and preview without any of them knowing its wire
+format; a receiver may mix it with DingTalk robots."""
 
 import http.server
 import json
@@ -15,9 +16,33 @@ from tests.kit import history, make_alert, make_payload, post, settle
 
 class PlainChannel:
     """A made-up service: {"text": ..., "notify": [...]} bodies of 2,000 bytes at most, no
-    buttons (they become lines of links), mentions beside anything; HTTP 429 means slow down."""
+    buttons (they become lines of links), mentions beside anything; HTTP 429 means slow down.
+    Its URL carries its credential as ?key=..."""
 
+    KIND = "plain"
     LIMIT = 2000
+    DECLARED = ()
+    NO_CREDENTIAL = "has no key parameter"
+    PLACEHOLDER_HINT = "put the service's key into config.ini"
+
+    def __init__(self, config):
+        self.config = config
+
+    @staticmethod
+    def takes(url):
+        return "/plain" in url
+
+    @staticmethod
+    def credential(url):
+        return url.partition("key=")[2]
+
+    @staticmethod
+    def with_credential(url, token, where):
+        return url + "?key=" + token
+
+    @staticmethod
+    def mask(url):
+        return url.partition("key=")[0] + "key=***"
 
     def limit(self):
         return self.LIMIT
@@ -50,42 +75,57 @@ class PlainChannel:
     def shown(request):
         return alertbridge.Shown("plain", "", request["text"], (), markdown=False)
 
-    def post(self, robot, payload, timeout):
+    @staticmethod
+    def post(robot, payload, timeout):
         call = urllib.request.Request(robot.url, data=payload, method="POST")
         try:
             with urllib.request.urlopen(call, timeout=timeout) as answer:
-                return alertbridge.SendResult(0, "ok", outcome=self.outcome(answer.status))
+                status = answer.status
         except urllib.error.HTTPError as exc:
-            return alertbridge.SendResult(exc.code, "slow down", outcome=self.outcome(exc.code))
+            status = exc.code
+        errcode = 0 if status == 200 else status  # 0: taken, as the history reads every channel
+        return alertbridge.SendResult(errcode, "", kind=PlainChannel.KIND)
 
     @staticmethod
-    def outcome(status):
-        return {200: alertbridge.SENT, 429: alertbridge.THROTTLED}.get(status, alertbridge.FAILED)
+    def outcome(errcode):
+        return {0: alertbridge.SENT, 429: alertbridge.THROTTLED}.get(errcode, alertbridge.FAILED)
 
 
 @pytest.fixture
-def plain_service():
-    received = []
+def plain_channel(monkeypatch):
+    """The channel plugged in as a kind of robot."""
+    monkeypatch.setitem(alertbridge.CHANNELS, PlainChannel.KIND, PlainChannel)
+
+
+@pytest.fixture
+def plain_service(plain_channel):
+    received, refusing = [], []  # refusing: HTTP statuses to answer next, in order
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if refusing:
+                self.send_response(refusing.pop(0))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            received.append(body)
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/post?access_token=plain", received
+    yield f"http://127.0.0.1:{server.server_address[1]}/plain?key=plain-key", received, refusing
     server.shutdown()
     server.server_close()
 
 
 def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service, sqlite_db):
-    url, received = plain_service
+    url, received, _ = plain_service
     path = tmp_path / "config.ini"
     path.write_text(
         f"[alertbridge]\nport = 0\nstate_dir = state\njournal_sync = normal\n"
@@ -94,7 +134,7 @@ def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service
         f"[robot:plain]\nurl = {url}\n",
         encoding="utf-8",
     )
-    bridge = alertbridge.Bridge(alertbridge.load_config(str(path)), channel=PlainChannel()).start()
+    bridge = alertbridge.Bridge(alertbridge.load_config(str(path))).start()
     try:
         alerts = [
             make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 150})
@@ -115,5 +155,51 @@ def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service
         form = {"payload": json.dumps(make_payload("ops", alerts[:1]))}
         status, html = bridge.preview.preview(form=form)
         assert status == 200 and "plain to robot plain" in html
+    finally:
+        bridge.stop()
+
+
+def test_a_receiver_mixing_kinds_sends_each_robot_its_own_wire_format(
+    tmp_path, plain_service, fake, sqlite_db
+):
+    url, received, refusing = plain_service
+    fake.add_robot("mixed-ding")
+    path = tmp_path / "config.ini"
+    path.write_text(
+        f"[alertbridge]\nport = 0\nstate_dir = state\njournal_sync = normal\n"
+        f"[database]\ndriver = sqlite\npath = {sqlite_db.path}\n"
+        f"[receiver:ops]\nrobots = plain, ding\nat_mobiles = 13800000000\n"
+        f"[robot:plain]\nurl = {url}\nkind = plain\n"
+        f"[robot:ding]\nurl = {fake.url('mixed-ding')}\n",
+        encoding="utf-8",
+    )
+    bridge = alertbridge.Bridge(alertbridge.load_config(str(path))).start()
+    try:
+        big = [
+            make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 150})
+            for i in range(4)
+        ]
+        assert post(bridge, make_payload("ops", big))[0] == 200
+        settle(bridge)
+        to_ding = fake.delivered("mixed-ding")
+        assert received and to_ding  # robots in turn, each in its own format
+        assert all("msgtype" not in r and r["notify"] == ["13800000000"] for r in received)
+        assert all(r.body["msgtype"] == "markdown" for r in to_ding)
+        # sized for the narrowest: every part fits the plain service's 2,000 bytes whole
+        assert all(r.size <= PlainChannel.LIMIT for r in to_ding)
+        assert all(alertbridge.TRUNCATED_MARK not in r.text for r in to_ding)
+        assert all(alertbridge.TRUNCATED_MARK not in r["text"] for r in received)
+
+        refusing.append(500)  # the plain robot fails: its message fails over to DingTalk's
+        before = len(fake.delivered("mixed-ding"))
+        for i in range(2):  # one of the two is the plain robot's turn
+            assert post(bridge, make_payload("ops", [make_alert(f"Small{i}", "db")]))[0] == 200
+        settle(bridge)
+        assert not refusing
+        titles = [r.text for r in fake.delivered("mixed-ding")[before:]]
+        assert len(titles) + sum("Small" in r["text"] for r in received) == 2
+        assert any("Small" in t for t in titles)
+        rows = history(bridge)
+        assert len(rows) == 6 and all(r["notified_count"] == 1 for r in rows)
     finally:
         bridge.stop()

@@ -110,10 +110,10 @@ def sent(tmp_path, case, language):
     config = alertbridge.load_config(str(path))
     route = config.routes["ops"]
     renderer = alertbridge.Renderer(lambda: config, history)
-    channel = alertbridge.RobotChannel(lambda: config)
+    channels = alertbridge.Channels(lambda: config)
     hook = alertbridge.parse_webhook(webhook(CASES[case]()))
     pages = []
-    for _, _, bodies in alertbridge.dry_run(renderer, channel, route, hook):
+    for _, _, bodies in alertbridge.dry_run(renderer, channels, route, hook):
         for _, [(_, request)] in bodies:
             pages.append(f"title: {request['markdown']['title']}\n\n{request['markdown']['text']}")
     return "\n\n======\n\n".join(pages)

@@ -24,14 +24,14 @@ def body_of(alerts, digest=False, part=None, **extra):
     )
 
 
-def renderer_and_channel(config, history=None):
-    return Renderer(lambda: config, history), alertbridge.RobotChannel(lambda: config)
+def renderer_and_channels(config, history=None):
+    return Renderer(lambda: config, history), alertbridge.Channels(lambda: config)
 
 
 def draw(config, route, robot, body, history=None):
     """The request `robot` gets for `body`: rendered, then written by the channel."""
-    renderer, channel = renderer_and_channel(config, history)
-    return alertbridge.request_body(renderer, channel, route, body, robot)
+    renderer, channels = renderer_and_channels(config, history)
+    return alertbridge.request_body(renderer, channels, route, body, robot)
 
 
 def render(alerts, route=None, robot=ROBOT, max_bytes=20000, digest=False, **extra):
@@ -127,14 +127,15 @@ def test_digest_groups_by_alertname_and_split_fits_the_limit():
         for i in range(300)
     ]
     route = Route("ops", (ROBOT, KEYWORD_ROBOT))
-    renderer, channel = renderer_and_channel(Config())
+    renderer, channels = renderer_and_channels(Config())
     sizes = [renderer.block_size(route, a) for a in alerts]  # the estimates packing works on
-    chunks = alertbridge.cut(alerts, alertbridge.chunk_lengths(sizes, renderer.room(channel)))
+    room = renderer.room(route, channels)
+    chunks = alertbridge.cut(alerts, alertbridge.chunk_lengths(sizes, room))
     assert len(chunks) > 1 and sum(len(c) for c in chunks) == 300
     for i, chunk in enumerate(chunks):
         for robot in route.robots:
             body = draw(Config(), route, robot, body_of(chunk, True, part=[i + 1, len(chunks)]))
-            assert len(channel.encode(body)) <= 20000
+            assert len(channels.encode(robot, body)) <= 20000
             assert alertbridge.TRUNCATED_MARK not in body["markdown"]["text"]
     text = draw(Config(), route, ROBOT, body_of(chunks[0], True, part=[1, len(chunks)]))["markdown"]
     assert f"(1/{len(chunks)})" in text["title"] and "##### Rule0 × " in text["text"]
@@ -280,16 +281,16 @@ def test_an_action_card_has_buttons_and_its_mention_goes_apart():
     assert (
         card["btns"][3]["actionURL"] == "https://grafana/d/x?var-instance=n1%3A9100&var-job=a%20b"
     )
-    renderer, channel = renderer_and_channel(Config())
-    card, mention = renderer.plan(route, body_of([firing]), channel)
+    renderer, channels = renderer_and_channels(Config())
+    card, mention = renderer.plan(route, body_of([firing]), channels)
     assert card.kind == alertbridge.CARD and mention.kind == alertbridge.MENTION
     assert draw(Config(), route, KEYWORD_ROBOT, mention) == {
         "msgtype": "text",
         "text": {"content": "@13800000000 [CRITICAL · FIRING:1] NodeDown\n告警"},
         "at": {"atMobiles": ["13800000000"], "isAtAll": False},
     }
-    assert renderer.plan(route, card, channel) == [card]  # its @ is apart already
-    assert renderer.plan(route, body_of([firing], part=[1, 2]), channel) == [
+    assert renderer.plan(route, card, channels) == [card]  # its @ is apart already
+    assert renderer.plan(route, body_of([firing], part=[1, 2]), channels) == [
         body_of([firing], part=[1, 2])
     ]
     resolved = render([alert(status="resolved")], route)["actionCard"]["btns"]

@@ -26,9 +26,9 @@ The file reads top to bottom the way an alert travels through it:
                      retry delays, the RFC 6455 WebSocket client
    9. Channels       RobotChannel, the custom group robot: its wire format (markdown,
                      actionCard, the @ text message), limits, signing, one request, its answer
-                     classified once (SendResult); CHANNELS by kind; Channels, a robot's own
+                     classified once (SendResult); CHANNELS by kind; Channels (each robot's own)
   10. Robot pool     robots used in turn, budgets per token, a reserve, fair turns between
-                     routes, throttles, hanging robots, robots out of rotation (a config error)
+                     routes, throttles, hanging robots, disabled robots (a config error)
   11. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
                      RouteSender per route, in stages: choose, plan, deliver, Ledger, `sent`;
                      test messages; Recorder
@@ -5612,7 +5612,7 @@ class RobotPool:
 
     def _learn(self, key, outcome, at):
         """What DingTalk's answer says of the robot: rested after a 410100, longer if it
-        repeats; out of rotation after a configuration error is in release()."""
+        repeats; disabled after a configuration error is in release()."""
         if outcome == THROTTLED:
             strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
             limits = self.limits()
@@ -5623,7 +5623,7 @@ class RobotPool:
             self._last_sent[key] = max(self._last_sent.get(key, at), at)
 
     def forgive(self):
-        """Put robots taken out for configuration errors back in rotation (after a reload)."""
+        """Put robots taken out for configuration errors back in use (after a reload)."""
         with self._lock:
             self._disabled.clear()
 
@@ -5767,7 +5767,7 @@ class RobotReport:
     capacity: int               # per window, for this instance
     reserve: int
     throttled_until: float      # 0 if it never was
-    disabled: tuple             # (errcode, errmsg, since) while out of rotation, else None
+    disabled: tuple             # (errcode, errmsg, since) while disabled, else None
     last_sent_at: float         # None if it has not sent since the start
     placeholder: bool
     kind: str = "dingtalk"      # its channel's
@@ -7850,7 +7850,7 @@ def watchdog_interval():
 class SendAccounting:
     """Listens to every sender's `sent`: the log line and the metrics of each request."""
 
-    NOTES = {MISCONFIGURED: " robot out of rotation until the config is reloaded (check its "
+    NOTES = {MISCONFIGURED: " robot disabled until the config is reloaded (check its "
                             "token, secret, keyword)",
              THROTTLED: " robot throttled by DingTalk"}
 
@@ -8254,7 +8254,7 @@ class StatusPage:
             return span("bad", f"placeholder token: {CHANNELS[robot.kind].PLACEHOLDER_HINT}")
         if robot.disabled:
             errcode, errmsg, since = robot.disabled
-            return (span("bad", f"out of rotation, errcode {errcode}: {errmsg}")
+            return (span("bad", f"disabled, errcode {errcode}: {errmsg}")
                     + f" since {when(self._time(since))}; fix the config and reload")
         if robot.throttled(now):
             errcodes = [s["errcode"] for s in self.recent_sends
@@ -8266,7 +8266,7 @@ class StatusPage:
 
     @staticmethod
     def _trouble(robot):
-        """Sort key: robots out of rotation first, then throttled ones, then the others."""
+        """Sort key: disabled robots first, then throttled ones, then the others."""
         return (not (robot.placeholder or robot.disabled), robot.throttled_until == 0,
                 robot.name)
 
@@ -8322,7 +8322,7 @@ class StatusPage:
                    f'webhook</a>' if route.name in self.last_webhooks else "")
         return (f"<section><h2>receiver {esc(route.name)}</h2>"
                 f"<p>{line} {preview}</p>"
-                + table(["robot", "budget left now", "throttled", "out of rotation",
+                + table(["robot", "budget left now", "throttled", "disabled",
                          "last accepted send"], rows) + "</section>")
 
     def _robot_row(self, robot, now):

@@ -361,7 +361,7 @@ def test_the_status_page_shows_queues_robots_sends_and_what_fires(make_bridge, s
     text = body.decode()
     assert status == 200
     assert "<h2>receiver ops</h2>" in text and "waiting</strong> (warning " in text
-    assert "errcode 310000: sign not match" in text  # ops-3, out of rotation
+    assert "errcode 310000: sign not match" in text  # ops-3, disabled
     assert "<h2>Firing now: 61, the newest 50 shown</h2>" in text and "DatacenterDown" in text
     assert (
         "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" not in text
@@ -556,7 +556,7 @@ def pwned(driver):
     return driver.execute_script("return window.__pwned === undefined ? null : window.__pwned")
 
 
-def test_in_a_browser_during_a_storm_with_a_robot_out_of_rotation(
+def test_in_a_browser_during_a_storm_with_a_disabled_robot(
     browser, make_bridge, sqlite_db, fake, tmp_path
 ):
     from selenium.webdriver.common.by import By
@@ -708,7 +708,7 @@ def test_in_a_browser_the_status_page_reads_on_a_phone_and_a_desktop(
     sections = browser.find_elements(By.TAG_NAME, "section")
     assert sections[0].find_element(By.TAG_NAME, "h2").text == "Needs attention"
     errcode = sections[0].find_element(By.XPATH, ".//li[strong='ops-3']/span[@class='bad']")
-    assert errcode.text == "out of rotation, errcode 310000: sign not match"
+    assert errcode.text == "disabled, errcode 310000: sign not match"
     box = browser.execute_script(
         "const b = arguments[0].getBoundingClientRect();"
         "return [b.left, b.right, b.top, b.bottom, innerWidth, innerHeight];",
@@ -720,7 +720,7 @@ def test_in_a_browser_the_status_page_reads_on_a_phone_and_a_desktop(
     names = [
         row.find_element(By.TAG_NAME, "td").text for row in ops.find_elements(By.XPATH, ".//tr[td]")
     ]
-    assert names == ["ops-3", "ops-1", "ops-2"]  # out of rotation first
+    assert names == ["ops-3", "ops-1", "ops-2"]  # disabled first
     name = "status-page-phone.png" if width == 390 else "status-page.png"
     keep_screenshot(browser, tmp_path, name)
 

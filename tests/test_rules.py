@@ -178,7 +178,7 @@ def test_every_rule_fires_on_what_a_running_daemon_really_exposes(
                     "errcode": "410100",
                 }
             ],
-            "AlertbridgeRobotOutOfRotation": [{"severity": "warning", **common, "robot": "unset"}],
+            "AlertbridgeRobotDisabled": [{"severity": "warning", **common, "robot": "unset"}],
         },
         tmp_path,
     )

@@ -330,7 +330,7 @@ class Body:
 class Note:
     """What a group hears of one of its incidents (an escalation step, a claim, a silence),
     kept in the history until it is sent, whichever instance sends it (see NoteRelay). `key`
-    (note_key) is the cluster's claim on it; `text` is markdown; `created_at` a db_time."""
+    (note_key) is its send key in a cluster; `text` is markdown; `created_at` a db_time."""
     key: str
     incident_id: int
     route: str          # the route whose group hears it
@@ -417,8 +417,8 @@ def alert_keys(alerts):
     return "\x1e".join(alert_key(a) for a in alerts)
 
 
-def claim_key(webhook, level, alerts):
-    """What a notification says, as a cluster claims it before sending: the same webhook,
+def send_key(webhook, level, alerts):
+    """What a notification says, as a cluster takes it before sending: the same webhook,
     journaled by two instances or twice by one, gives the same key."""
     states = sorted((a["fingerprint"], a["starts_at"], a["status"]) for a in alerts)
     text = json.dumps([webhook.receiver, webhook.group_key, level, states], ensure_ascii=False)
@@ -2444,15 +2444,17 @@ J_MESSAGE_RETRY = ("UPDATE messages SET attempts = attempts + 1, next_attempt_at
 J_MESSAGES_EXPIRE = ("SELECT id, route, request_id FROM messages "
                      "WHERE state = 'pending' AND created_at < %s")
 J_MESSAGES_BACKLOG = "SELECT COUNT(*), MIN(created_at) FROM messages WHERE state = 'pending'"
-J_MESSAGES_CLAIMS = ("SELECT id, claims FROM messages WHERE state = 'pending' "
+# A message's send keys (see send_key) are in its column `claims`, and the cluster's in
+# cluster_claims: names from before "claim" meant only a person taking an incident.
+J_MESSAGES_SEND_KEYS = ("SELECT id, claims FROM messages WHERE state = 'pending' "
                      "ORDER BY created_at LIMIT %s")
-J_CLAIMS_SINCE = "SELECT id, claims FROM messages WHERE id > %s ORDER BY id LIMIT %s"
+J_SEND_KEYS_SINCE = "SELECT id, claims FROM messages WHERE id > %s ORDER BY id LIMIT %s"
 J_MESSAGES_UNSEEN = ("SELECT id, route, request_id, body, packed, priority, level, claims, "
                      "created_at FROM messages WHERE state = 'pending' AND id > %s "
                      "AND created_at < %s ORDER BY id LIMIT %s")
-J_CLAIM_HELD = ("SELECT 1 FROM messages WHERE state <> 'handed off' "
+J_SEND_KEY_HELD = ("SELECT 1 FROM messages WHERE state <> 'handed off' "
                 "AND instr(' ' || claims || ' ', ' ' || %s || ' ') > 0 LIMIT 1")
-J_CLAIMS_ADD = "UPDATE messages SET claims = trim(claims || ' ' || %s) WHERE id = %s"
+J_SEND_KEYS_ADD = "UPDATE messages SET claims = trim(claims || ' ' || %s) WHERE id = %s"
 J_RELAYED = "SELECT 1 FROM relayed WHERE note_key = %s"
 J_RELAYED_ADD = "INSERT OR IGNORE INTO relayed (note_key, at) VALUES (%s, %s)"
 J_MESSAGE_STATE = "SELECT state FROM messages WHERE id = %s"
@@ -2776,7 +2778,7 @@ S_INCIDENTS_OPEN_BY_STATE = ("SELECT state, COUNT(*) FROM incidents "
 # What the group hears of its incidents (escalation steps, claims, silences) waits in the history
 # until it is sent, whichever instance sends it: written in the transaction that decided it (a
 # step marked done has its notes), copied into the journal of the instance that sends (see
-# NoteRelay), marked sent when that send is recorded. note_key is the cluster's claim on it.
+# NoteRelay), marked sent when that send is recorded. note_key is its send key in a cluster.
 _NOTE_ADD = ("INTO incident_notes (note_key, incident_id, route, kind, level, text, mentions, "
              "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
 S_NOTE_ADD_MYSQL = "INSERT IGNORE " + _NOTE_ADD     # a note made once: the same again is none
@@ -2904,11 +2906,11 @@ C_LEADER_ROW = "INSERT IGNORE INTO cluster_leader (id, holder, until) VALUES (1,
 # The lease: taken, or kept, in one atomic statement; one row changed means this instance leads.
 C_LEAD = ("UPDATE cluster_leader SET holder = %s, until = UNIX_TIMESTAMP(NOW(6)) + %s "
           "WHERE id = 1 AND (holder = %s OR until < UNIX_TIMESTAMP(NOW(6)))")
-C_CLAIM = ("INSERT IGNORE INTO cluster_claims (claim_key, owner, claimed_at) "
+C_TAKE = ("INSERT IGNORE INTO cluster_claims (claim_key, owner, claimed_at) "
            "VALUES (%s, %s, UNIX_TIMESTAMP(NOW(6)))")
-C_CLAIMS_OF = ("SELECT claim_key, owner, sent_at, UNIX_TIMESTAMP(NOW(6)) - sent_at "
+C_SEND_KEYS_OF = ("SELECT claim_key, owner, sent_at, UNIX_TIMESTAMP(NOW(6)) - sent_at "
                "FROM cluster_claims WHERE claim_key IN ({keys})")   # {keys}: one %s per key
-C_RECLAIM = ("UPDATE cluster_claims SET owner = %s, claimed_at = UNIX_TIMESTAMP(NOW(6)), "
+C_RETAKE = ("UPDATE cluster_claims SET owner = %s, claimed_at = UNIX_TIMESTAMP(NOW(6)), "
              "sent_at = NULL WHERE claim_key = %s "
              "AND (sent_at IS NULL OR sent_at < UNIX_TIMESTAMP(NOW(6)) - %s)")
 C_SENT = "UPDATE cluster_claims SET sent_at = UNIX_TIMESTAMP(NOW(6)) WHERE claim_key = %s"
@@ -2921,7 +2923,7 @@ C_SEND_ADD = ("INSERT INTO cluster_sends (robot_key, at, errcode) "
               "VALUES (%s, UNIX_TIMESTAMP(NOW(6)), %s)")
 C_SENDS_SINCE = ("SELECT robot_key, at - UNIX_TIMESTAMP(NOW(6)), errcode FROM cluster_sends "
                  "WHERE at > UNIX_TIMESTAMP(NOW(6)) - %s ORDER BY at")  # at: seconds ago, negative
-C_PURGE_CLAIMS = ("DELETE FROM cluster_claims "
+C_PURGE_SEND_KEYS = ("DELETE FROM cluster_claims "
                   "WHERE claimed_at < UNIX_TIMESTAMP(NOW(6)) - %s LIMIT 1000")
 C_PURGE_SENDS = "DELETE FROM cluster_sends WHERE at < UNIX_TIMESTAMP(NOW(6)) - %s LIMIT 1000"
 # Membership: each instance checks in every lease/3 seconds. The row is the name's: a second
@@ -2941,9 +2943,9 @@ C_MEMBERS_ALIVE = ("SELECT instance FROM cluster_members WHERE instance <> %s "
                    "AND seen_at >= UNIX_TIMESTAMP(NOW(6)) - %s ORDER BY instance")
 C_LEAVE = "DELETE FROM cluster_members WHERE instance = %s AND incarnation = %s"
 C_PURGE_MEMBERS = "DELETE FROM cluster_members WHERE seen_at < UNIX_TIMESTAMP(NOW(6)) - %s"
-# Claims known to the cluster: the leader registers those of every message it journals; a
+# Send keys known to the cluster: the leader registers those of every message it journals; a
 # standby hands the leader, through cluster_handoff, what it journaled and the leader has not.
-C_CLAIMS_KNOWN = "SELECT claim_key FROM cluster_claims WHERE claim_key IN ({keys})"
+C_SEND_KEYS_KNOWN = "SELECT claim_key FROM cluster_claims WHERE claim_key IN ({keys})"
 C_HAND_OFF = ("INSERT INTO cluster_handoff (origin, route, request_id, body, packed, priority, "
               "level, claims, age) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
 C_HANDED = ("SELECT id, route, request_id, body, packed, priority, level, claims, age "
@@ -3259,7 +3261,7 @@ class Journal:
             alerts = body.alerts
             body = json.dumps(body.to_json(), ensure_ascii=False)
             rows.append((J_MESSAGE_ADD, (route.name, request_id, body, 0, now, now, rank, level,
-                                         alert_keys(alerts), claim_key(webhook, level, alerts),
+                                         alert_keys(alerts), send_key(webhook, level, alerts),
                                          1)))
         pending = _PendingWrite(rows)
         with self._queue_lock:
@@ -3329,54 +3331,54 @@ class Journal:
         """Messages due, the highest priority first, then the oldest; each body is read only if
         it is used (see Message.body). The default limit is more than one digest takes."""
         rows = self._read(J_MESSAGES_DUE, (route, now, limit))
-        return [Message(i, route, rid, bool(packed), attempts, created, rank, level, claims.split(),
+        return [Message(i, route, rid, bool(packed), attempts, created, rank, level, keys.split(),
                         self, bool(reserve))
-                for i, rid, packed, attempts, created, rank, level, claims, reserve in rows]
+                for i, rid, packed, attempts, created, rank, level, keys, reserve in rows]
 
-    def pending_claims(self, limit=500):
-        """(message id, [claim key, ...]) of the oldest pending messages."""
-        return [(i, claims.split()) for i, claims in self._read(J_MESSAGES_CLAIMS, (limit,))]
+    def pending_send_keys(self, limit=500):
+        """(message id, [send key, ...]) of the oldest pending messages."""
+        return [(i, keys.split()) for i, keys in self._read(J_MESSAGES_SEND_KEYS, (limit,))]
 
-    def claims_since(self, after_id, limit=2000):
-        """(message id, [claim key, ...]) of every message after `after_id`, oldest first."""
-        return [(i, claims.split()) for i, claims in self._read(J_CLAIMS_SINCE, (after_id, limit))]
+    def send_keys_since(self, after_id, limit=2000):
+        """(message id, [send key, ...]) of every message after `after_id`, oldest first."""
+        return [(i, keys.split()) for i, keys in self._read(J_SEND_KEYS_SINCE, (after_id, limit))]
 
     def unseen(self, after_id, older_than, limit=200):
         """Pending messages after `after_id` made before `older_than`, whole, as a standby hands
-        them to its leader: (id, route, request_id, body, packed, priority, level, claims, age)."""
+        them to its leader: (id, route, request_id, body, packed, priority, level, keys, age)."""
         now = self.clock()
         return [(*row[:7], row[7].split(), now - row[8])
                 for row in self._read(J_MESSAGES_UNSEEN, (after_id, older_than, limit))]
 
-    def holds_claim(self, key):
-        """Whether a message here carries the claim key (a full scan: for rare handoffs); not
+    def holds_send_key(self, key):
+        """Whether a message here carries the send key (a full scan: for rare handoffs); not
         one this instance handed off itself: the leader it went to may have died with it."""
-        return self._read_one(J_CLAIM_HELD, (key,)) is not None
+        return self._read_one(J_SEND_KEY_HELD, (key,)) is not None
 
-    def adopt(self, route, request_id, body, packed, priority, level, claims, age):
+    def adopt(self, route, request_id, body, packed, priority, level, send_keys, age):
         """A message another instance journaled, handed over to this one to send."""
         now = self.clock()
         with self._writing() as db:
             self._run(db, J_MESSAGE_ADD, (route, request_id, body, int(packed), now - age, now,
                                           priority, level, alert_keys(json.loads(body)["alerts"]),
-                                          " ".join(claims), 1))
+                                          " ".join(send_keys), 1))
         self.new_messages.notify(route)
 
-    def note(self, route, title, text, rank, claims, level=NO_LEVEL, mention=Mentions(),
+    def note(self, route, title, text, rank, send_keys, level=NO_LEVEL, mention=Mentions(),
              request_id="note", reserve=True, age=0.0, relayed=False):
         """Journal a NOTE for a route's group at `rank` and `level`, packed so that it is never
-        folded into a digest, carrying `claims` (so that it goes out once across a cluster);
+        folded into a digest, carrying `send_keys` (so that it goes out once across a cluster);
         `reserve`: whether it may use the robots' reserve when its level may. `relayed`: the
-        claims are incident notes of the history (see NoteRelay), kept as relayed in the same
+        send keys are incident notes of the history (see NoteRelay), kept as relayed in the same
         transaction, so that this journal takes a note once. Returns the message's id."""
         body = json.dumps(Body(kind=NOTE, title=title, note=text, mention=mention).to_json(),
                           ensure_ascii=False)
         now = self.clock()
         with self._writing() as db:
-            for key in claims if relayed else ():
+            for key in send_keys if relayed else ():
                 self._run(db, J_RELAYED_ADD, (key, now))
             message = self._run(db, J_MESSAGE_ADD, (
-                route, request_id, body, 1, now - age, now, rank, level, "", " ".join(claims),
+                route, request_id, body, 1, now - age, now, rank, level, "", " ".join(send_keys),
                 int(reserve))).lastrowid
         self.new_messages.notify(route)
         return message
@@ -3424,10 +3426,10 @@ class Journal:
     def pending_count(self, route):
         return self._read_one(J_MESSAGES_WAITING, (route,))[0]
 
-    def replace(self, old, new_bodies, state, claims=None):
+    def replace(self, old, new_bodies, state, send_keys=None):
         """Swap messages for new ones in one transaction: merged into a digest, or split; with
-        no new bodies, just finish the old ones in `state`. The new messages carry the claims of
-        the old (`claims`: a list per new body). Returns the new messages."""
+        no new bodies, just finish the old ones in `state`. The new messages carry the send keys of
+        the old (`send_keys`: a list per new body). Returns the new messages."""
         now = self.clock()
         request_ids = ",".join(dict.fromkeys(",".join(m.request_id for m in old).split(",")))[:255]
         created, first = min(m.created_at for m in old), old[0]
@@ -3435,7 +3437,7 @@ class Journal:
         with self._writing() as db:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, (state, now, "", message.id))
-            for body, carried in zip(new_bodies, claims or [[]] * len(new_bodies)):
+            for body, carried in zip(new_bodies, send_keys or [[]] * len(new_bodies)):
                 text = json.dumps(body.to_json(), ensure_ascii=False)
                 cursor = self._run(db, J_MESSAGE_ADD, (
                     first.route, request_ids, text, 1, created, now, first.rank, first.level,
@@ -3446,14 +3448,14 @@ class Journal:
 
     def supersede(self, old, heirs):
         """Finish messages whose every alert goes out in a later message ("merged"), and give
-        each one's claims to that message (`heirs`: message id -> claim keys): a notification
+        each one's send keys to that message (`heirs`: message id -> send keys): a notification
         is sent when what carries it now is, never before."""
         now = self.clock()
         with self._writing() as db:
             for message in old:
                 self._run(db, J_MESSAGE_FINISH, ("merged", now, "", message.id))
             for message_id, keys in heirs.items():
-                self._run(db, J_CLAIMS_ADD, (" ".join(keys), message_id))
+                self._run(db, J_SEND_KEYS_ADD, (" ".join(keys), message_id))
 
     def finish(self, message_ids, state):
         """Finish messages without sending them (a cluster's duplicates, or handed off)."""
@@ -3569,7 +3571,7 @@ class Message:
     created_at: float
     rank: int           # its level's place in the route's priority_order: 0 first
     level: str          # "critical", ... or NO_LEVEL
-    claims: list        # the keys of the notifications it carries (see claim_key)
+    send_keys: list        # the keys of the notifications it carries (see send_key)
     journal: Journal = field(repr=False)
     reserve: bool = True    # may use the robots' reserve if its level may (not an escalation)
     loaded: Body = field(default=None, repr=False)     # the body, once read or given
@@ -3586,8 +3588,8 @@ class Message:
 
     @property
     def notes(self):
-        """The keys of the incident notes it carries: a NOTE's claims."""
-        return self.claims if self.body.kind == NOTE else []
+        """The keys of the incident notes it carries: a NOTE's send keys."""
+        return self.send_keys if self.body.kind == NOTE else []
 
     def narrowed(self, alerts):
         """The message as it goes out with only these of its alerts (the journal keeps all)."""
@@ -6196,15 +6198,15 @@ class RouteSender:
         return message.narrowed(current)
 
     def _superseded(self, messages):
-        """Messages whose every alert goes out in a later one: finished, and their claims given
+        """Messages whose every alert goes out in a later one: finished, and their send keys given
         to the newest message that carries their alerts (marking them sent would drop, across
         a cluster, every copy of a notification nothing has sent yet). Returns the heirs:
-        message id -> claim keys it takes."""
+        message id -> send keys it takes."""
         heirs = {}
         for message in messages:
             heir = max((self._newest.get(alert_key(a), 0) for a in message.alerts), default=0)
-            if heir > message.id and message.claims:
-                heirs.setdefault(heir, []).extend(message.claims)
+            if heir > message.id and message.send_keys:
+                heirs.setdefault(heir, []).extend(message.send_keys)
         if messages:
             self.journal.supersede(messages, heirs)
         return heirs
@@ -6242,10 +6244,10 @@ class RouteSender:
         if len(carrying) <= 1:              # the rest are older copies: that one message is all
             heirs = self._superseded([m for m in taken if m not in carrying])
             for message in carrying:
-                message.claims = message.claims + heirs.get(message.id, [])
+                message.send_keys = message.send_keys + heirs.get(message.id, [])
             return self._newest_copies(carrying[0]) if carrying else None
-        claims = [key for m in taken for key in m.claims]
-        [digest] = self.journal.replace(taken, [body(taken)], "merged", [claims])
+        send_keys = [key for m in taken for key in m.send_keys]
+        [digest] = self.journal.replace(taken, [body(taken)], "merged", [send_keys])
         log.info("route=%s merged %d %s messages (%d alerts) into digest message=%d",
                  route.name, len(taken), digest.level, len(digest.alerts), digest.id)
         self.metrics.inc("alertbridge_digests_total", receiver=route.name)
@@ -6254,9 +6256,9 @@ class RouteSender:
     # planning
     def _replace_by(self, message, bodies, why):
         """The message goes out as these bodies: journaled in its place, the last carrying its
-        claims (the notification is sent once all of it is out)."""
-        claims = [[]] * (len(bodies) - 1) + [message.claims]
-        self.journal.replace([message], bodies, "split", claims)
+        send keys (the notification is sent once all of it is out)."""
+        send_keys = [[]] * (len(bodies) - 1) + [message.send_keys]
+        self.journal.replace([message], bodies, "split", send_keys)
         log.info("message=%d route=%s %s: it goes out as %d messages", message.id, self.name,
                  why, len(bodies))
 
@@ -6308,14 +6310,14 @@ class RouteSender:
             return True
         started = self.clock()
         try:
-            done, carried = channel.page(route, message.body, message.level, message.claims)
+            done, carried = channel.page(route, message.body, message.level, message.send_keys)
         except ChannelError as exc:
             log.warning("message=%d route=%s %s did not take the page (%s): the robots send "
                         "it", message.id, route.name, channel.robot.name, exc)
             return False
         if done:
             if not carried:
-                self.cluster.sent(message.claims)
+                self.cluster.sent(message.send_keys)
             at = self.clock()
             sent = Sent(route.name, channel.robot, message, SendResult(0, "ok", at - started),
                         at, self.wall())
@@ -6346,7 +6348,7 @@ class RouteSender:
             self.pool.release(robot, result, done)
         self.cluster.record(robot, result)
         if result.ok:
-            self.cluster.sent(message.claims)
+            self.cluster.sent(message.send_keys)
         sent = Sent(route.name, robot, message, result, done, self.wall())
         self.ledger.end(send_id, sent)
         self.sent.notify(sent)
@@ -6920,7 +6922,7 @@ class NoteRelay:
     newer notes wait in the history, to be folded into the next; a route's notes waiting never
     keep another's from its turn (the history is asked for the others). An escalation ranks
     after the pages of its level (before the next level's) and never uses the reserve. A note
-    goes out once across a cluster: the journal takes each key once, the cluster's claims drop
+    goes out once across a cluster: the journal takes each key once, the cluster's send keys drop
     what another instance sent, and a sent note is marked sent when its send is recorded."""
 
     LISTED = 10
@@ -7367,11 +7369,11 @@ class Coordinator(Worker):
       goes on while the process is paused), which ends a third of a lease before MySQL's does:
       a leader paused past its lease does not send on as leader when it resumes.
     - Every instance journals every webhook it is given and records it in the history. The
-      leader registers the claim keys of what it journals (cluster_claims); a standby hands the
-      leader, through MySQL (cluster_handoff), any message older than a lease whose claims the
+      leader registers the send keys of what it journals (cluster_claims); a standby hands the
+      leader, through MySQL (cluster_handoff), any message older than a lease whose send keys the
       leader has not registered: a webhook that reached only a standby is sent too. A standby
       drops its copies of notifications the leader has sent.
-    - Before the leader sends, it claims each notification's key (claim_key): a notification
+    - Before the leader sends, it takes each notification's send key (send_key): a notification
       sent within duplicate_window, by any instance, is not sent again (Alertmanager's retries
       and HA peers send the same one more than once). Once DingTalk takes it, it is marked sent.
     - Every request to DingTalk is logged in MySQL too: an instance that takes over starts from
@@ -7391,7 +7393,7 @@ class Coordinator(Worker):
     lease's end and the missing count are plain values, replaced whole."""
 
     UNREPORTED_KEPT = 10_000
-    REGISTER_BATCH = 2000       # claims the leader registers per step
+    REGISTER_BATCH = 2000       # send keys the leader registers per step
     HANDOFF_BATCH = 200         # messages handed off, or adopted, per step
 
     def __init__(self, settings, delivery, database, journal, pool, metrics, clock=lease_clock):
@@ -7411,7 +7413,7 @@ class Coordinator(Worker):
         self._contact = clock()                 # when MySQL last answered
         self._lease_until = 0.0                 # by self.clock: the leader may send until then
         self._unreported = []                   # keys sent while MySQL was away
-        self._registered = 0                    # the last journal message whose claims we told
+        self._registered = 0                    # the last journal message whose send keys we told
         self._offered = 0                       # the last journal message a standby looked at
         self._last_purge = None
         self._sharing_until = 0.0               # after ALONE: budgets stay shared for a window
@@ -7428,23 +7430,23 @@ class Coordinator(Worker):
 
     def sort_out(self, messages):
         """(messages to send, messages already sent as the same notification): the first
-        claimed for this instance, the others to be finished as duplicates."""
-        keys = sorted({key for m in messages for key in m.claims})
+        taken for this instance, the others to be finished as duplicates."""
+        keys = sorted({key for m in messages for key in m.send_keys})
         if not keys or self.role == ALONE:
             return messages, []
         try:
-            sent = self._claim(keys)
+            sent = self._take(keys)
         except StoreUnavailable:            # the lease still holds: send; report them later
             return messages, []
-        duplicates = [m for m in messages if m.claims and set(m.claims) <= sent]
+        duplicates = [m for m in messages if m.send_keys and set(m.send_keys) <= sent]
         return [m for m in messages if m not in duplicates], duplicates
 
-    def _claim(self, keys):
-        """Claim the keys for this instance; the ones sent within duplicate_window."""
+    def _take(self, keys):
+        """Take the keys for this instance; the ones sent within duplicate_window."""
         window = self.settings.duplicate_window
         with self._session() as run:
-            run(C_CLAIM, [(key, self.me) for key in keys], many=True)
-            rows = run(_in(C_CLAIMS_OF, keys), keys)
+            run(C_TAKE, [(key, self.me) for key in keys], many=True)
+            rows = run(_in(C_SEND_KEYS_OF, keys), keys)
             sent, retake = set(), []
             for key, owner, sent_at, age in rows:
                 if sent_at is not None and age < window:
@@ -7452,7 +7454,7 @@ class Coordinator(Worker):
                 elif owner != self.me or sent_at is not None:   # another's, or sent long ago
                     retake.append((self.me, key, window))
             if retake:
-                run(C_RECLAIM, retake, many=True)
+                run(C_RETAKE, retake, many=True)
         return sent
 
     def sent(self, keys):
@@ -7472,7 +7474,7 @@ class Coordinator(Worker):
         self._unreported = (self._unreported + list(keys))[-self.UNREPORTED_KEPT:]
 
     def sent_among(self, keys):
-        """Which of these claim keys some instance has sent (none known without MySQL)."""
+        """Which of these send keys some instance has sent (none known without MySQL)."""
         if self.role == ALONE:
             return set()
         try:
@@ -7574,18 +7576,18 @@ class Coordinator(Worker):
 
     def _lead(self):
         """The leader's turn: tell the cluster what it holds; take what standbys handed it."""
-        registered = self.journal.claims_since(self._registered, self.REGISTER_BATCH)
-        keys = [(key, self.me) for _, claims in registered for key in claims]
+        registered = self.journal.send_keys_since(self._registered, self.REGISTER_BATCH)
+        keys = [(key, self.me) for _, send_keys in registered for key in send_keys]
         with self._session() as run:
             if keys:
-                run(C_CLAIM, keys, many=True)
+                run(C_TAKE, keys, many=True)
             handed = run(C_HANDED, (self.HANDOFF_BATCH,))
         if registered:
             self._registered = registered[-1][0]
-        for row_id, route, request_id, body, packed, priority, level, claims, age in handed:
-            claims = claims.split()
-            if not (claims and all(self.journal.holds_claim(key) for key in claims)):
-                self.journal.adopt(route, request_id, body, packed, priority, level, claims, age)
+        for row_id, route, request_id, body, packed, priority, level, send_keys, age in handed:
+            send_keys = send_keys.split()
+            if not (send_keys and all(self.journal.holds_send_key(key) for key in send_keys)):
+                self.journal.adopt(route, request_id, body, packed, priority, level, send_keys, age)
                 log.info("cluster: adopted a message of route=%s request_id=%s a standby "
                          "handed over", route, request_id)
             with self._session() as run:
@@ -7594,7 +7596,7 @@ class Coordinator(Worker):
 
     def _stand_by(self):
         """A standby's turn: drop copies of what the leader sent; hand the leader what only
-        this instance has (its claims unknown to the cluster a lease after it came)."""
+        this instance has (its send keys unknown to the cluster a lease after it came)."""
         self._drop_copies_sent()
         older_than = self.journal.clock() - self.settings.lease
         unseen = self.journal.unseen(self._offered, older_than, self.HANDOFF_BATCH)
@@ -7602,13 +7604,13 @@ class Coordinator(Worker):
             return
         keys = sorted({key for row in unseen for key in row[7]})
         with self._session() as run:
-            known = {r[0] for r in run(_in(C_CLAIMS_KNOWN, keys), keys)} if keys else set()
+            known = {r[0] for r in run(_in(C_SEND_KEYS_KNOWN, keys), keys)} if keys else set()
         handed = [row for row in unseen if not (row[7] and set(row[7]) <= known)]
         if handed:
             with self._session() as run:
                 run(C_HAND_OFF, [(self.me, route, rid, body, packed, priority, level,
-                                  " ".join(claims), age)
-                                 for _, route, rid, body, packed, priority, level, claims, age
+                                  " ".join(send_keys), age)
+                                 for _, route, rid, body, packed, priority, level, send_keys, age
                                  in handed], many=True)
             self.journal.finish([row[0] for row in handed], "handed off")
             self.metrics.inc("alertbridge_cluster_handoffs_total", len(handed))
@@ -7632,13 +7634,13 @@ class Coordinator(Worker):
 
     def _drop_copies_sent(self):
         """A standby's copies of notifications the leader has sent: finished as duplicates."""
-        pending = self.journal.pending_claims()
-        keys = sorted({key for _, claims in pending for key in claims})
+        pending = self.journal.pending_send_keys()
+        keys = sorted({key for _, send_keys in pending for key in send_keys})
         if not keys:
             return
         with self._session() as run:
             sent = {row[0] for row in run(_in(C_SENT_AMONG, keys), keys)}
-        done = [message_id for message_id, claims in pending if claims and set(claims) <= sent]
+        done = [message_id for message_id, keys in pending if keys and set(keys) <= sent]
         if done:
             self.journal.finish(done, "duplicate")
             self.metrics.inc("alertbridge_duplicates_total", len(done))
@@ -7650,7 +7652,7 @@ class Coordinator(Worker):
         self._last_purge = now
         delivery, settings = self.delivery(), self.settings
         with self._session() as run:
-            run(C_PURGE_CLAIMS, (max(settings.duplicate_window, delivery.max_age) + 3600,))
+            run(C_PURGE_SEND_KEYS, (max(settings.duplicate_window, delivery.max_age) + 3600,))
             run(C_PURGE_SENDS, (2 * max(delivery.rate_window, delivery.throttle_seconds),))
             run(C_PURGE_MEMBERS, (settings.presumed_alone + 86400,))
 
@@ -7659,7 +7661,7 @@ class Coordinator(Worker):
         """run(statement, params, many=False, count=False) on the cluster's MySQL session (the
         Store's: errors that mean "not now" become StoreUnavailable). Each statement commits
         on its own: a transaction held open by a paused process would lock the lease row, or
-        claims, away from the instance taking over. run() returns the rows, or the count of
+        send keys, away from the instance taking over. run() returns the rows, or the count of
         rows changed."""
         with self._lock, self._store.transaction() as cursor:
             def run(statement, params=(), many=False, count=False):
@@ -9984,11 +9986,11 @@ class AppPager:
         return bool(route.app_group and body.kind == ALERTS and not body.digest
                     and body.group_key and not body.part)
 
-    def page(self, route, body, level=NO_LEVEL, claims=()):
+    def page(self, route, body, level=NO_LEVEL, send_keys=()):
         """Put the body on the group's card: (done, carried). Not done if there is no card to
         put a resolution on (the robots send it, as any message). A card @-mentions user ids
         only: whoever the page mentions by mobile, or everyone, hears it in a NOTE through the
-        robots right after, which then carries the page's `claims` (carried: the page counts as
+        robots right after, which then carries the page's `send_keys` (carried: the page counts as
         sent across a cluster once that note is; a leader dying between the two sends the page
         again rather than lose the @)."""
         group = group_hash(body.group_key)
@@ -10002,7 +10004,7 @@ class AppPager:
             track = card_track(route.name, group)
             self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
             self.journal.card_opened(route.name, group, track)
-            return True, self._mention_beside(route, rendered, track, level, claims)
+            return True, self._mention_beside(route, rendered, track, level, send_keys)
         if firing:      # the group again: its text; a claim or silence shown stays shown
             self.api.update_card(track, {k: v for k, v in params.items()
                                          if k not in ("state", "status")})
@@ -10013,13 +10015,13 @@ class AppPager:
                 self.journal.card_closed(track)
         return True, False
 
-    def _mention_beside(self, route, rendered, track, level, claims):
-        """The card's @ note, if it needs one (True: it carries the page's claims)."""
+    def _mention_beside(self, route, rendered, track, level, send_keys):
+        """The card's @ note, if it needs one (True: it carries the page's send keys)."""
         mentions = rendered.mentions
         if not (mentions.mobiles or mentions.all):
             return False
         text = WORDS[route.language]["card_mention"].format(title=md_escape(rendered.title))
-        self.journal.note(route.name, text[:128], text, 0, list(claims), level=level,
+        self.journal.note(route.name, text[:128], text, 0, list(send_keys), level=level,
                           mention=Mentions(mentions.mobiles, (), mentions.all),
                           request_id=f"card-mention:{track}")
         return True

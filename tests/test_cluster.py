@@ -453,7 +453,7 @@ def test_a_handoff_the_leader_died_before_adopting_is_sent_by_the_standby_that_m
     route = alertbridge.Route("ops", ())
     webhook = alertbridge.parse_webhook(json.dumps(make_payload("ops", [make_alert()])).encode())
     journal.add_webhook(webhook, route, "only-here")
-    [(message_id, claims)] = journal.pending_claims()
+    [(message_id, claims)] = journal.pending_send_keys()
     coordinator = alertbridge.Coordinator(
         alertbridge.Cluster(enabled=True, instance="b", lease=2),
         alertbridge.Delivery,
@@ -465,9 +465,9 @@ def test_a_handoff_the_leader_died_before_adopting_is_sent_by_the_standby_that_m
     )
     now[0] += 3  # older than a lease, its claims unknown to the leader: handed off
     coordinator._stand_by()
-    assert journal.pending_claims() == []
+    assert journal.pending_send_keys() == []
     coordinator._lead()  # the leader died; this instance leads and finds its own handoff
-    [(adopted, again)] = journal.pending_claims()
+    [(adopted, again)] = journal.pending_send_keys()
     assert again == claims and adopted != message_id
 
 

@@ -505,7 +505,7 @@ def test_steps_due_together_go_out_as_one_message_after_new_pages_of_their_level
     world.escalator.step()
     [step] = world.journal.due_messages("ops", world.now + 1)
     assert step.rank == 0.5 and step.level == "critical" and step.reserve is False
-    assert len(step.claims) == 12
+    assert len(step.send_keys) == 12
     text = step.body.note
     assert text.count("⏫ 升级第 1 步") == 10 and text.endswith("…另有 2 条")
     assert step.body.mention.mobiles == ("13800000001",)

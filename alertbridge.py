@@ -954,7 +954,22 @@ class Robot:
 
     @property
     def placeholder(self):
-        return self.token == PLACEHOLDER_TOKEN
+        return bool(self.placeholder_key)
+
+    @property
+    def placeholder_key(self):
+        """"token" or "secret" if it still has an example's value (config.ini's, the docs'),
+        which its channel lists; else ""."""
+        examples = CHANNELS[self.kind].PLACEHOLDERS
+        return next((key for key in ("token", "secret") if getattr(self, key) in examples[key]),
+                    "")
+
+    @property
+    def placeholder_words(self):
+        """What --send-test and the log say of a placeholder (the example's value, no secret)."""
+        if self.placeholder_key == "token":
+            return f"its url still has the placeholder token {self.token}"
+        return f"its secret is still the placeholder {self.secret}"
 
     @functools.cached_property
     def key(self):
@@ -5333,6 +5348,8 @@ class RobotChannel:
     DECLARED = ("0", "410100")      # the errcodes whose send counters exist from the start
     NO_CREDENTIAL = "has no access_token parameter"
     PLACEHOLDER_HINT = "put the robot's access_token into config.ini"
+    PLACEHOLDERS = {"token": (PLACEHOLDER_TOKEN, "YOUR_ACCESS_TOKEN", "OPS_TOKEN", "LEADS_TOKEN"),
+                    "secret": ("SEC_CHANGE_ME", "SEC_YOUR_SIGNING_SECRET")}  # config.ini, docs
 
     def __init__(self, config):
         self.config = config
@@ -6372,9 +6389,8 @@ def send_test_messages(route, renderer, channels, pool, post, clock, timeout, le
         now = clock()
         if robot.placeholder:
             ok = False
-            lines.append(f"{robot.name}: not called: its url still has the placeholder token "
-                         f"{PLACEHOLDER_TOKEN}; put the robot's access_token into "
-                         f"[robot:{robot.name}] url")
+            lines.append(f"{robot.name}: not called: {robot.placeholder_words}; put the "
+                         f"robot's own into [robot:{robot.name}]")
             continue
         if not pool.take(robot, now):
             ok = False
@@ -8825,8 +8841,8 @@ class Bridge:
 
     def _warn_about_robots(self):
         for robot in {r for r in self.config.robots if r.placeholder}:
-            log.warning("robot=%s still has the placeholder token %s: it is not used until "
-                        "configured", robot.name, PLACEHOLDER_TOKEN)
+            log.warning("robot=%s: %s: it is not used until configured", robot.name,
+                        robot.placeholder_words)
         for names in shared_tokens(self.config):
             log.warning("robots %s have the same access_token: they are one robot to DingTalk "
                         "and share one budget of %d per %gs", ", ".join(names),
@@ -9028,7 +9044,8 @@ def check_config(config):
         for robot in route.robots:
             notes = [n for n, on in (("signed", robot.secret),
                                      (f"keyword {robot.keyword!r}", robot.keyword),
-                                     ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
+                                     (f"PLACEHOLDER {robot.placeholder_key.upper()}: not used",
+                                      robot.placeholder)) if on]
             lines.append(f"  robot {robot.name}: {CHANNELS[robot.kind].mask(robot.url)}"
                          + (f" ({', '.join(notes)})" if notes else ""))
     for names in shared_tokens(config):

@@ -2983,6 +2983,11 @@ class Dialect:
     def connect(self, settings):
         raise NotImplementedError
 
+    def missing_driver(self):
+        """Why this Python cannot use the database's driver, with how to install it; "" if it
+        can."""
+        return ""
+
     columns_of = None       # the statement that lists a table's columns
 
     def migrate(self, cursor, say):
@@ -3043,6 +3048,15 @@ class MySQLDialect(Dialect):
                                password=settings.password, database=settings.database,
                                charset="utf8mb4", autocommit=False, connect_timeout=5,
                                read_timeout=30, write_timeout=30)
+
+    def missing_driver(self):
+        try:
+            import pymysql  # noqa: F401
+        except ImportError:
+            return (f"driver = mysql needs pymysql, which {sys.executable} cannot import: "
+                    f"install python3-pymysql (Debian, Ubuntu) or python3-PyMySQL (RHEL), or "
+                    f"pip install pymysql")
+        return ""
 
     def migrate(self, cursor, say):
         super().migrate(cursor, say)
@@ -8810,6 +8824,9 @@ class Bridge:
 
     def start(self):
         service = self.config.service
+        missing = DIALECTS[self.config.database.driver].missing_driver()
+        if missing:
+            raise StartError(missing)
         endpoints = Endpoints(self.current, self.intake, self.status_page, self.incidents,
                               self.preview, self.probes, self.metrics, self.requests, self.reload,
                               self.send_test)
@@ -9105,6 +9122,9 @@ def preflight(config):
         notes.append(f"port {service.port} is in use now (by this alertbridge, if it runs)")
     elif problem is not None:
         errors.append(listen_problem(service, problem))
+    missing = DIALECTS[config.database.driver].missing_driver()
+    if missing:
+        errors.append(f"history: {missing}")
     files = [("journal", service.journal)]
     if config.database.driver == "sqlite":
         files.append(("history", config.database.path))
@@ -9401,6 +9421,10 @@ def journal_sends(path):
 
 
 def init_db(config):
+    missing = DIALECTS[config.database.driver].missing_driver()
+    if missing:
+        print(f"cannot reach the history store: {missing}", file=sys.stderr)
+        return 1
     store = Store(config.database)
     try:
         store.ping()

@@ -954,7 +954,22 @@ class Robot:
 
     @property
     def placeholder(self):
-        return self.token == PLACEHOLDER_TOKEN
+        return bool(self.placeholder_key)
+
+    @property
+    def placeholder_key(self):
+        """"token" or "secret" if it still has an example's value (config.ini's, the docs'),
+        which its channel lists; else ""."""
+        examples = CHANNELS[self.kind].PLACEHOLDERS
+        return next((key for key in ("token", "secret") if getattr(self, key) in examples[key]),
+                    "")
+
+    @property
+    def placeholder_words(self):
+        """What --send-test and the log say of a placeholder (the example's value, no secret)."""
+        if self.placeholder_key == "token":
+            return f"its url still has the placeholder token {self.token}"
+        return f"its secret is still the placeholder {self.secret}"
 
     @functools.cached_property
     def key(self):
@@ -2970,6 +2985,11 @@ class Dialect:
     def connect(self, settings):
         raise NotImplementedError
 
+    def missing_driver(self):
+        """Why this Python cannot use the database's driver, with how to install it; "" if it
+        can."""
+        return ""
+
     columns_of = None       # the statement that lists a table's columns
 
     def migrate(self, cursor, say):
@@ -3030,6 +3050,15 @@ class MySQLDialect(Dialect):
                                password=settings.password, database=settings.database,
                                charset="utf8mb4", autocommit=False, connect_timeout=5,
                                read_timeout=30, write_timeout=30)
+
+    def missing_driver(self):
+        try:
+            import pymysql  # noqa: F401
+        except ImportError:
+            return (f"driver = mysql needs pymysql, which {sys.executable} cannot import: "
+                    f"install python3-pymysql (Debian, Ubuntu) or python3-PyMySQL (RHEL), or "
+                    f"pip install pymysql")
+        return ""
 
     def migrate(self, cursor, say):
         super().migrate(cursor, say)
@@ -5335,6 +5364,8 @@ class RobotChannel:
     DECLARED = ("0", "410100")      # the errcodes whose send counters exist from the start
     NO_CREDENTIAL = "has no access_token parameter"
     PLACEHOLDER_HINT = "put the robot's access_token into config.ini"
+    PLACEHOLDERS = {"token": (PLACEHOLDER_TOKEN, "YOUR_ACCESS_TOKEN", "OPS_TOKEN", "LEADS_TOKEN"),
+                    "secret": ("SEC_CHANGE_ME", "SEC_YOUR_SIGNING_SECRET")}  # config.ini, docs
 
     def __init__(self, config):
         self.config = config
@@ -6374,9 +6405,8 @@ def send_test_messages(route, renderer, channels, pool, post, clock, timeout, le
         now = clock()
         if robot.placeholder:
             ok = False
-            lines.append(f"{robot.name}: not called: its url still has the placeholder token "
-                         f"{PLACEHOLDER_TOKEN}; put the robot's access_token into "
-                         f"[robot:{robot.name}] url")
+            lines.append(f"{robot.name}: not called: {robot.placeholder_words}; put the "
+                         f"robot's own into [robot:{robot.name}]")
             continue
         if not pool.take(robot, now):
             ok = False
@@ -8796,6 +8826,9 @@ class Bridge:
 
     def start(self):
         service = self.config.service
+        missing = DIALECTS[self.config.database.driver].missing_driver()
+        if missing:
+            raise StartError(missing)
         endpoints = Endpoints(self.current, self.intake, self.status_page, self.incidents,
                               self.preview, self.probes, self.metrics, self.requests, self.reload,
                               self.send_test)
@@ -8827,8 +8860,8 @@ class Bridge:
 
     def _warn_about_robots(self):
         for robot in {r for r in self.config.robots if r.placeholder}:
-            log.warning("robot=%s still has the placeholder token %s: it is not used until "
-                        "configured", robot.name, PLACEHOLDER_TOKEN)
+            log.warning("robot=%s: %s: it is not used until configured", robot.name,
+                        robot.placeholder_words)
         for names in shared_tokens(self.config):
             log.warning("robots %s have the same access_token: they are one robot to DingTalk "
                         "and share one budget of %d per %gs", ", ".join(names),
@@ -9030,7 +9063,8 @@ def check_config(config):
         for robot in route.robots:
             notes = [n for n, on in (("signed", robot.secret),
                                      (f"keyword {robot.keyword!r}", robot.keyword),
-                                     ("PLACEHOLDER TOKEN: not used", robot.placeholder)) if on]
+                                     (f"PLACEHOLDER {robot.placeholder_key.upper()}: not used",
+                                      robot.placeholder)) if on]
             lines.append(f"  robot {robot.name}: {CHANNELS[robot.kind].mask(robot.url)}"
                          + (f" ({', '.join(notes)})" if notes else ""))
     for names in shared_tokens(config):
@@ -9090,6 +9124,9 @@ def preflight(config):
         notes.append(f"port {service.port} is in use now (by this alertbridge, if it runs)")
     elif problem is not None:
         errors.append(listen_problem(service, problem))
+    missing = DIALECTS[config.database.driver].missing_driver()
+    if missing:
+        errors.append(f"history: {missing}")
     files = [("journal", service.journal)]
     if config.database.driver == "sqlite":
         files.append(("history", config.database.path))
@@ -9386,6 +9423,10 @@ def journal_sends(path):
 
 
 def init_db(config):
+    missing = DIALECTS[config.database.driver].missing_driver()
+    if missing:
+        print(f"cannot reach the history store: {missing}", file=sys.stderr)
+        return 1
     store = Store(config.database)
     try:
         store.ping()

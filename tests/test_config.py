@@ -438,3 +438,30 @@ def test_keys_of_the_default_section_are_not_judged(tmp_path):
         encoding="utf-8",
     )
     assert alertbridge.load_config(str(path)).routes["default"].robots[0].token == "t"
+
+
+def test_the_docs_placeholders_are_flagged_as_change_me_is(tmp_path):
+    """A robot pasted from the README (YOUR_ACCESS_TOKEN, SEC_YOUR_SIGNING_SECRET) checked
+    `OK ... (signed)`; every example token and secret of README.md and docs/ is a placeholder."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in docs)
+    tokens = set(re.findall(r"access_token=([A-Z_]+)\b", text))
+    secrets = set(re.findall(r"(?:secret = |-secret: )(SEC_[A-Z_]+)", text))
+    assert "YOUR_ACCESS_TOKEN" in tokens
+    assert {"SEC_YOUR_SIGNING_SECRET", "SEC_CHANGE_ME"} <= secrets
+    robots = [("token", f"access_token={t}", "") for t in sorted(tokens)]
+    robots += [("secret", "access_token=tok-real-0123456789", s) for s in sorted(secrets)]
+    shipped = (ROOT / "config.ini").read_text(encoding="utf-8")
+    for key, query, secret in robots:
+        path = tmp_path / "config.ini"
+        path.write_text(
+            shipped.replace("access_token=CHANGE_ME", query).replace(
+                "\nsecret =\n", f"\nsecret = {secret}\n", 1
+            ),
+            encoding="utf-8",
+        )
+        config = alertbridge.load_config(str(path))
+        robot = config.routes["default"].robots[0]
+        assert robot.placeholder_key == key, (query, secret)
+        summary = alertbridge.check_config(config)
+        assert f"PLACEHOLDER {key.upper()}: not used" in summary

@@ -46,7 +46,8 @@ def test_a_newcomer_gets_the_first_message_by_following_the_readme(tmp_path, fak
     for name in ("alertbridge.py", "config.ini"):
         shutil.copy(ROOT / name, clone / name)
     port, am_port = free_port(), free_port()
-    fake.add_robot("YOUR_ACCESS_TOKEN", "SEC_YOUR_SIGNING_SECRET")
+    token, secret = "newcomers-own-token-0123456789", "SECnewcomersownsecret"
+    fake.add_robot(token, secret)
     fake_base = fake.url("x").split("/robot/")[0]
 
     def here(code):
@@ -75,7 +76,9 @@ def test_a_newcomer_gets_the_first_message_by_following_the_readme(tmp_path, fak
         background(["bash", "-c", "exec " + here(daemon_line)], cwd=clone)
         assert wait_until(healthy, timeout=30), (tmp_path / "0.log").read_text()
 
-        # 3. the robot replaces [robot:default-1]
+        # 3. the robot replaces [robot:default-1], with the newcomer's own token and secret
+        robot = robot.replace("YOUR_ACCESS_TOKEN", token)
+        robot = robot.replace("SEC_YOUR_SIGNING_SECRET", secret)
         text = config.read_text(encoding="utf-8")
         text = re.sub(
             r"^\[robot:default-1\]\n(?:[^\[].*\n|\n)*", here(robot) + "\n", text, flags=re.M

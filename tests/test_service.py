@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -31,6 +32,7 @@ from tests.kit import (
     make_alert,
     make_payload,
     mysql_connect,
+    mysql_settings,
     post,
     settle,
     wait_until,
@@ -659,6 +661,34 @@ def test_every_start_up_failure_is_one_line_and_a_non_zero_exit(
         and "Traceback" not in started.stderr
         and expected in started.stderr
     )
+
+
+def test_mysql_without_pymysql_is_one_line_at_check_and_at_start(tmp_path, fake):
+    """--check-config said OK, --init-db printed a chained traceback and the daemon retried
+    `ModuleNotFoundError: No module named 'pymysql'` forever."""
+    hidden = tmp_path / "no-pymysql"
+    hidden.mkdir()
+    (hidden / "pymysql.py").write_text('raise ModuleNotFoundError("No module named \'pymysql\'")\n')
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, mysql_settings()), encoding="utf-8")
+    expected = (
+        f"driver = mysql needs pymysql, which {sys.executable} cannot import: install "
+        f"python3-pymysql (Debian, Ubuntu) or python3-PyMySQL (RHEL), or pip install pymysql\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hidden)}
+
+    def run(*args):
+        command = [sys.executable, SCRIPT, "-c", str(path), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+
+    checked = run("--check-config")
+    assert checked.returncode == 1 and "NOT OK" in checked.stdout
+    assert checked.stderr == f"error: history: {expected}"
+    initialized = run("--init-db")
+    assert initialized.returncode == 1
+    assert initialized.stderr == f"cannot reach the history store: {expected}"
+    started = run()
+    assert started.returncode == 1 and started.stderr == f"alertbridge: {expected}"
 
 
 def test_a_second_daemon_on_one_journal_refuses_naming_the_first(daemon, tmp_path):

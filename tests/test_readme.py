@@ -55,6 +55,28 @@ def test_the_docs_show_no_invented_address():
     assert "git clone" not in start and "://" not in start
 
 
+def test_the_test_command_says_what_it_installs_and_how_long_it_takes():
+    """Before a contributor runs `bash tests/run`, the README says all it installs (every
+    Debian package, the pip requirements, the venvs and the SQLite builds), how long it takes
+    and how to skip the matrix, in both languages."""
+    run = (ROOT / "tests" / "run").read_text(encoding="utf-8")
+    packages = re.findall(r"packages\+=\(([\w-]+)\)", run)
+    assert "prometheus-alertmanager" in packages and "fonts-noto-color-emoji" in packages
+    assert "alertbridge-tests" in run and "ALERTBRIDGE_MATRIX" in run
+    for readme in ("README.md", "README.zh-CN.md"):
+        section = (ROOT / readme).read_text(encoding="utf-8").split("\n## ")[2]
+        assert "bash tests/run" in section, readme
+        for said in packages + [
+            "tests/requirements.txt",
+            "~/.cache/alertbridge-tests",
+            "SQLite",
+            "12",
+            "15",
+            "ALERTBRIDGE_MATRIX=0",
+        ]:
+            assert said in section, (readme, said)
+
+
 @pytest.fixture
 def tools():
     if not (ALERTMANAGER and AMTOOL and shutil.which("curl")):

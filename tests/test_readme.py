@@ -30,6 +30,53 @@ def test_the_walkthrough_is_what_this_test_runs():
     assert walkthrough() == walkthrough("README.zh-CN.md")  # the same commands in both
 
 
+DOCS = ["README.md", "README.zh-CN.md"] + sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")
+)
+# The addresses the docs may show: loopback, the reserved example names, a placeholder host
+# (one word, such as HOST or alertmanager), DingTalk's own, and the real projects they name.
+SHOWN_HOSTS = re.compile(
+    r"(127\.0\.0\.1|localhost|(.+\.)?example\.com|[A-Za-z][\w-]*|(oapi|api|open)\.dingtalk\.com)"
+    r"(:\d+)?"
+)
+REAL_PROJECTS = {"https://github.com/timonwong/prometheus-webhook-dingtalk"}
+
+
+def test_the_docs_show_no_invented_address():
+    """Where to get alertbridge is this repository's files, as they are: no made-up address to
+    clone or to read, in either language."""
+    for name in DOCS:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert "your-org" not in text, name
+        for url in re.findall(r"https?://[^\s)`\"'<>\]]+", text):
+            host = url.split("/")[2]
+            assert SHOWN_HOSTS.fullmatch(host) or url in REAL_PROJECTS, f"{name}: {url}"
+    start = walkthrough()[0][1]
+    assert "git clone" not in start and "://" not in start
+
+
+def test_the_test_command_says_what_it_installs_and_how_long_it_takes():
+    """Before a contributor runs `bash tests/run`, the README says all it installs (every
+    Debian package, the pip requirements, the venvs and the SQLite builds), how long it takes
+    and how to skip the matrix, in both languages."""
+    run = (ROOT / "tests" / "run").read_text(encoding="utf-8")
+    packages = re.findall(r"packages\+=\(([\w-]+)\)", run)
+    assert "prometheus-alertmanager" in packages and "fonts-noto-color-emoji" in packages
+    assert "alertbridge-tests" in run and "ALERTBRIDGE_MATRIX" in run
+    for readme in ("README.md", "README.zh-CN.md"):
+        section = (ROOT / readme).read_text(encoding="utf-8").split("\n## ")[2]
+        assert "bash tests/run" in section, readme
+        for said in packages + [
+            "tests/requirements.txt",
+            "~/.cache/alertbridge-tests",
+            "SQLite",
+            "12",
+            "15",
+            "ALERTBRIDGE_MATRIX=0",
+        ]:
+            assert said in section, (readme, said)
+
+
 @pytest.fixture
 def tools():
     if not (ALERTMANAGER and AMTOOL and shutil.which("curl")):
@@ -70,9 +117,9 @@ def test_a_newcomer_gets_the_first_message_by_following_the_readme(tmp_path, fak
         return subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/-/healthy"]).returncode == 0
 
     try:
-        # 2. start: the clone is made; the daemon runs in the foreground of its terminal
-        [clone_line, daemon_line] = start.strip().splitlines()
-        assert clone_line.startswith("git clone ")
+        # 2. start, in a directory of the repository's two files: the daemon runs in the
+        # foreground of its terminal
+        [daemon_line] = start.strip().splitlines()
         background(["bash", "-c", "exec " + here(daemon_line)], cwd=clone)
         assert wait_until(healthy, timeout=30), (tmp_path / "0.log").read_text()
 

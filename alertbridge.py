@@ -1745,7 +1745,8 @@ def _levels(section, key, default, order):
 
 
 def shared_tokens(config):
-    """Names of robot sections that share one access_token, a tuple per token."""
+    """Names of robot sections that share one credential (one robot to its platform), a tuple
+    per credential."""
     by_key = {}
     for robot in config.robots:
         by_key.setdefault(robot.key, set()).add(robot.name)
@@ -5601,7 +5602,7 @@ class RobotPool:
     Routes that share a robot take turns at it: when a slot frees, a route that has been waiting
     for one goes before a route that has just sent (urgent messages go first regardless).
 
-    A 410100 rests the robot for one window, then twice as long each time it comes again, up to
+    A throttle rests the robot for one window, then twice as long each time it comes again, up to
     throttle_seconds; a message it takes ends the run. While a request to a robot has been
     under way for HANGING seconds, the robot takes no other: a hanging robot holds up the
     sender threads that reached it first, not every route that uses it.
@@ -5623,7 +5624,7 @@ class RobotPool:
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._flights = {}          # robot key -> start times of its requests under way
         self._throttled = {}        # robot key -> time the throttle ends
-        self._strikes = {}          # robot key -> 410100s in a row
+        self._strikes = {}          # robot key -> throttles in a row
         self._disabled = {}         # robot key -> (errcode, errmsg, since), until a reload
         self._last_sent = {}        # robot key -> when DingTalk last took a message from it
         self._next = {}             # route name -> rotating index
@@ -5644,7 +5645,7 @@ class RobotPool:
                 self._learn(key, read(key, errcode), at)
 
     def _learn(self, key, outcome, at):
-        """What DingTalk's answer says of the robot: rested after a 410100, longer if it
+        """What its channel's answer says of the robot: rested after a throttle, longer if it
         repeats; disabled after a configuration error is in release()."""
         if outcome == THROTTLED:
             strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
@@ -8863,7 +8864,7 @@ class Bridge:
             log.warning("robot=%s: %s: it is not used until configured", robot.name,
                         robot.placeholder_words)
         for names in shared_tokens(self.config):
-            log.warning("robots %s have the same access_token: they are one robot to DingTalk "
+            log.warning("robots %s have the same credential: they are one robot to their platform "
                         "and share one budget of %d per %gs", ", ".join(names),
                         self.config.delivery.rate_limit, self.config.delivery.rate_window)
 
@@ -9068,7 +9069,7 @@ def check_config(config):
             lines.append(f"  robot {robot.name}: {CHANNELS[robot.kind].mask(robot.url)}"
                          + (f" ({', '.join(notes)})" if notes else ""))
     for names in shared_tokens(config):
-        lines.append(f"note: robots {', '.join(names)} have the same access_token: "
+        lines.append(f"note: robots {', '.join(names)} have the same credential: "
                      f"one budget between them")
     if config.app.enabled:
         carded = ", ".join(r.name for r in config.routes.values() if r.app_group) or "none"

@@ -337,7 +337,7 @@ def test_two_robot_sections_with_one_token_share_one_budget(make_bridge, fake, s
     assert (
         bridge.pool.available(bridge.config.routes["dev"], time.time()) == 0
     )  # not 3 more via twin
-    assert "robots dev-1, twin have the same access_token" in alertbridge.check_config(
+    assert "robots dev-1, twin have the same credential" in alertbridge.check_config(
         bridge.config
     )
 

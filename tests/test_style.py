@@ -1,6 +1,9 @@
 """The code as the brief wants it read: no line over 100 columns, in the daemon, the tests and
 the benchmarks."""
 
+import ast
+import re
+
 import pytest
 
 from tests.kit import ROOT
@@ -50,3 +53,52 @@ def test_the_map_names_every_thread_and_lock_the_code_makes():
     locks_paragraph = doc[doc.index("Locks,"):doc.index("Where a change goes")]
     assert set(re.findall(r'"([a-z]+(?:-N)?)"', threads_paragraph)) == threads
     assert set(re.findall(r"\b([A-Z][A-Za-z]+\._[a-z_]+)", locks_paragraph)) == locks
+
+
+WHERE = re.compile(r"`([\w.]+)`(?:…`([\w.]+)`)? \(lines (\d+)–(\d+)\)")
+
+
+def definitions():
+    """{name: (first line, last line)} of alertbridge.py's top-level definitions and methods
+    (Class.method)."""
+    found = {}
+    for node in ast.parse((ROOT / "alertbridge.py").read_text(encoding="utf-8")).body:
+        names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            names = [node.name]
+            for method in node.body if isinstance(node, ast.ClassDef) else ():
+                if isinstance(method, ast.FunctionDef):
+                    found[f"{node.name}.{method.name}"] = (method.lineno, method.end_lineno)
+        for name in names:
+            found[name] = (node.lineno, node.end_lineno)
+    return found
+
+
+def sections():
+    """{section number: (first line, last line)} of alertbridge.py's "# N. Title" headers."""
+    lines = (ROOT / "alertbridge.py").read_text(encoding="utf-8").split("\n")
+    headers = [(re.match(r"# (\d+)\. ", line), n) for n, line in enumerate(lines, 1)]
+    starts = [(int(m[1]), n) for m, n in headers if m]
+    ends = [n - 2 for _, n in starts[1:]] + [len(lines)]
+    return {number: (start, end) for (number, start), end in zip(starts, ends)}
+
+
+@pytest.mark.parametrize("page", ["docs/development.md", "docs/development.zh-CN.md"])
+def test_where_a_change_goes_names_the_lines_and_sections_as_the_code_is(page):
+    """The table in docs/development.md: each change's definitions at the lines it gives, in
+    the sections it names (at most two). When the code moves, the message is the table's
+    new ranges."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    rows = [line for line in text.split("\n") if line.startswith("| ") and WHERE.search(line)]
+    assert len(rows) == 4, "a row for each of the four changes"
+    found, parts, wrong = definitions(), sections(), []
+    for row in rows:
+        named = [int(n) for n in re.findall(r"\b(\d+)\. [A-Z]", row.split("|")[2])]
+        assert 1 <= len(named) <= 2, row
+        for first, last, start, end in WHERE.findall(row):
+            actual = (found[first][0], found[last or first][1])
+            if actual != (int(start), int(end)):
+                named_as = f"`{first}`" + (f"…`{last}`" if last else "")
+                wrong.append(named_as + " (lines %d–%d)" % actual)
+            assert any(parts[n][0] <= actual[0] <= actual[1] <= parts[n][1] for n in named), row
+    assert wrong == [], "the ranges are now: " + "; ".join(wrong)

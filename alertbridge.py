@@ -9398,7 +9398,8 @@ def init_db(config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Prometheus Alertmanager -> DingTalk bridge with alert history.")
+        description="Prometheus Alertmanager -> DingTalk bridge with alert history. With no "
+                    "command flag below, it runs the daemon (SIGHUP reloads, SIGTERM stops).")
     parser.add_argument("-c", "--config", default="config.ini",
                         help="config file (default: config.ini)")
     parser.add_argument("--log-level", default="info",
@@ -9410,7 +9411,11 @@ def main(argv=None):
     action.add_argument("--check-config", action="store_true",
                         help="validate the config, print a summary, exit")
     action.add_argument("--send-test", metavar="RECEIVER",
-                        help="send a test message through each robot of RECEIVER")
+                        help="send a test message through each robot of RECEIVER: through "
+                             "the daemon that listens on the config's port, with its running "
+                             "config, when one does and its config for RECEIVER is this "
+                             "file's; else directly, through this file's robots (it says "
+                             "which), exit")
     action.add_argument("--check-app", action="store_true",
                         help="check the [app] credentials with DingTalk (a token, a Stream "
                              "ticket), exit")

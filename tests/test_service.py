@@ -390,6 +390,13 @@ def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
     assert result.returncode == 2 and "[receiver:x] robots: no section [robot:y]" in result.stderr
 
 
+def test_cli_help_says_no_flag_runs_the_daemon_and_how_send_test_sends():
+    said = " ".join(cli("--help").stdout.split())
+    assert "With no command flag below, it runs the daemon" in said
+    assert "through the daemon that listens on the config's port, with its running config" in said
+    assert "else directly, through this file's robots" in said
+
+
 def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db), encoding="utf-8")

@@ -410,6 +410,9 @@ def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
         "ops-2: errcode=0"
     )
     assert lines[2].startswith("ops-3: errcode=310000 errmsg=keywords not in content")
+    assert lines[2].endswith("; fix: the message lacks the robot's keyword: set [robot:ops-3] "
+                             "keyword = one of its custom keywords "
+                             "(自定义关键词, in the robot's 安全设置)")
     assert all("AlertbridgeTest" in m.text for m in fake.delivered())
     assert cli("--send-test", "dev", config=path).returncode == 0
     assert cli("--send-test", "nobody", config=path).returncode == 2

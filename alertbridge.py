@@ -5367,6 +5367,33 @@ class RobotChannel:
     PLACEHOLDER_HINT = "put the robot's access_token into config.ini"
     PLACEHOLDERS = {"token": (PLACEHOLDER_TOKEN, "YOUR_ACCESS_TOKEN", "OPS_TOKEN", "LEADS_TOKEN"),
                     "secret": ("SEC_CHANGE_ME", "SEC_YOUR_SIGNING_SECRET")}  # config.ini, docs
+    # What to do about a refusal: (errcode, what its errmsg says or None, the fix); the first
+    # that matches. DingTalk's errmsg is English in older answers, Chinese in newer ones.
+    FIXES = (
+        (310000, r"sign|签名|timestamp|时间戳",
+         "the signature does not match: set [robot:{name}] secret to the robot's 加签 secret "
+         "(SEC...), and check this server's clock (NTP): DingTalk refuses one over an hour off"),
+        (310000, r"keyword|关键词",
+         "the message lacks the robot's keyword: set [robot:{name}] keyword = one of its "
+         "custom keywords (自定义关键词, in the robot's 安全设置)"),
+        (310000, r"whitelist|白名单|\bip\b",
+         "this server's address{ip} is not in the robot's IP allow-list: add it under the "
+         "robot's 安全设置, IP地址(段)"),
+        (310000, None,
+         "a security check failed: compare [robot:{name}] keyword and secret, and this "
+         "server's address, with the robot's 安全设置"),
+        (300001, None,
+         "DingTalk has no robot with this access_token: copy the robot's Webhook URL into "
+         "[robot:{name}] url again (was the robot removed from its group?)"),
+        (400101, None,
+         "DingTalk has no robot with this access_token: copy the robot's Webhook URL into "
+         "[robot:{name}] url again (was the robot removed from its group?)"),
+        (400102, None,
+         "the robot is turned off (停用) in DingTalk: turn it on in the group's robot settings, "
+         "or put another robot's Webhook URL into [robot:{name}] url"),
+    )
+    IP_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b|\b[0-9a-fA-F]{1,4}"
+                            r"(?::[0-9a-fA-F]{0,4}){2,7}")     # in "ip X not in whitelist"
 
     def __init__(self, config):
         self.config = config
@@ -5471,6 +5498,16 @@ class RobotChannel:
     @staticmethod
     def post(robot, payload, timeout):
         return post_to_dingtalk(robot, payload, timeout)
+
+    @classmethod
+    def fix(cls, errcode, errmsg, name):
+        """What to do, in one line, about DingTalk's refusal of robot `name` (a config error:
+        CONFIG_CODES); "" for any other answer."""
+        for code, says, fix in cls.FIXES:
+            if code == errcode and (says is None or re.search(says, errmsg, re.IGNORECASE)):
+                ip = cls.IP_ADDRESS.search(errmsg)
+                return fix.format(name=name, ip=f" ({ip.group()})" if ip else "")
+        return ""
 
     @classmethod
     def outcome(cls, errcode):
@@ -6425,8 +6462,9 @@ def send_test_messages(route, renderer, channels, pool, post, clock, timeout, le
         if ledger is not None:
             ledger(robot, result, clock())
         ok = ok and result.ok
+        fix = CHANNELS[robot.kind].fix(result.errcode, result.errmsg, robot.name)
         lines.append(f"{robot.name}: errcode={result.errcode} errmsg={result.errmsg} "
-                     f"latency_ms={result.latency * 1000:.0f}")
+                     f"latency_ms={result.latency * 1000:.0f}" + (f"; fix: {fix}" if fix else ""))
     return lines, ok
 
 
@@ -7883,8 +7921,7 @@ def watchdog_interval():
 class SendAccounting:
     """Listens to every sender's `sent`: the log line and the metrics of each request."""
 
-    NOTES = {MISCONFIGURED: " robot disabled until the config is reloaded (check its "
-                            "token, secret, keyword)",
+    NOTES = {MISCONFIGURED: " robot disabled until the config is reloaded",
              THROTTLED: " robot throttled by DingTalk"}
 
     def __init__(self, metrics):
@@ -7894,10 +7931,12 @@ class SendAccounting:
         result, message, robot = sent.result, sent.message, sent.robot
         level = {SENT: logging.INFO, MISCONFIGURED: logging.ERROR}.get(result.outcome,
                                                                       logging.WARNING)
+        fix = CHANNELS[robot.kind].fix(result.errcode, result.errmsg, robot.name)
         log.log(level, "send message=%d route=%s priority=%s robot=%s request_id=%s alerts=%d "
                 "errcode=%s errmsg=%s latency_ms=%d%s", message.id, sent.route, message.level,
                 robot.name, message.request_id, len(message.alerts), result.errcode,
-                logfmt(result.errmsg), result.latency * 1000, self.NOTES.get(result.outcome, ""))
+                logfmt(result.errmsg), result.latency * 1000, self.NOTES.get(result.outcome, "")
+                + (f"; fix: {fix}" if fix else ""))
         errcode = "none" if result.errcode is None else str(result.errcode)
         self.metrics.inc("alertbridge_sends_total", receiver=sent.route, robot=robot.name,
                          errcode=errcode)
@@ -8288,7 +8327,8 @@ class StatusPage:
         if robot.disabled:
             errcode, errmsg, since = robot.disabled
             return (span("bad", f"disabled, errcode {errcode}: {errmsg}")
-                    + f" since {when(self._time(since))}; fix the config and reload")
+                    + f" since {when(self._time(since))}; "
+                    + esc(self._fix(robot) + ", then reload"))
         if robot.throttled(now):
             errcodes = [s["errcode"] for s in self.recent_sends
                         if s["robot"] == robot.name and s["errcode"]]
@@ -8296,6 +8336,12 @@ class StatusPage:
             return (span("bad", f"throttled by DingTalk{said}")
                     + f" until {when(self._time(robot.throttled_until))}")
         return ""
+
+    @staticmethod
+    def _fix(robot):
+        """What to do about a disabled robot, as its channel says (its errcode and errmsg)."""
+        errcode, errmsg, _ = robot.disabled
+        return CHANNELS[robot.kind].fix(errcode, errmsg, robot.name) or "fix the config"
 
     @staticmethod
     def _trouble(robot):
@@ -8368,7 +8414,7 @@ class StatusPage:
         elif robot.disabled:
             errcode, errmsg, since = robot.disabled
             out = (f"errcode {esc(errcode)}: {esc(errmsg)} (since {when(self._time(since))}; "
-                   f"fix the config and reload)", "bad")
+                   f"{esc(self._fix(robot))}, then reload)", "bad")
         else:
             out = ("no", "ok")
         last = robot.last_sent_at
@@ -9442,7 +9488,8 @@ def init_db(config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Prometheus Alertmanager -> DingTalk bridge with alert history.")
+        description="Prometheus Alertmanager -> DingTalk bridge with alert history. With no "
+                    "command flag below, it runs the daemon (SIGHUP reloads, SIGTERM stops).")
     parser.add_argument("-c", "--config", default="config.ini",
                         help="config file (default: config.ini)")
     parser.add_argument("--log-level", default="info",
@@ -9454,7 +9501,11 @@ def main(argv=None):
     action.add_argument("--check-config", action="store_true",
                         help="validate the config, print a summary, exit")
     action.add_argument("--send-test", metavar="RECEIVER",
-                        help="send a test message through each robot of RECEIVER")
+                        help="send a test message through each robot of RECEIVER: through "
+                             "the daemon that listens on the config's port, with its running "
+                             "config, when one does and its config for RECEIVER is this "
+                             "file's; else directly, through this file's robots (it says "
+                             "which), exit")
     action.add_argument("--check-app", action="store_true",
                         help="check the [app] credentials with DingTalk (a token, a Stream "
                              "ticket), exit")

@@ -1,9 +1,10 @@
 """A fake DingTalk robot API on loopback, faithful to what alertbridge relies on.
 
-It checks what the real one checks (access token, signature and its one-hour window, custom
-keyword, body size, 20 messages per window per robot with a throttle after it) and answers with
-the real errcodes. Tests can add latency, script failures (errcodes, HTTP 500, broken answers,
-answers that hang or trickle), run a hook before answering, and await what it received.
+It checks what the real one checks (access token, a robot disabled in its group, the IP
+allow-list, signature and its one-hour window, custom keyword, body size, 20 messages per window
+per robot with a throttle after it) and answers with the real errcodes. Tests can add latency,
+script failures (errcodes, HTTP 500, broken answers, answers that hang or trickle), run a hook
+before answering, and await what it received.
 """
 
 import base64
@@ -57,6 +58,8 @@ class FakeDingTalk:
         self.max_bytes = max_bytes
         self.latency = 0.0
         self.robots = {}  # token -> (secret, keyword)
+        self.allowed_ips = {}  # token -> the addresses its IP allow-list (安全设置) holds
+        self.disabled = set()  # tokens of robots disabled (停用) in their group
         self.requests = []  # every request, in arrival order
         self.cond = threading.Condition()
         self._arrivals = {}  # token -> arrival times inside the window
@@ -69,8 +72,13 @@ class FakeDingTalk:
         self.tls = None  # an ssl.SSLContext to serve HTTPS, as DingTalk does
 
     # set-up
-    def add_robot(self, token, secret="", keyword=""):
+    def add_robot(self, token, secret="", keyword="", allowed_ips=()):
         self.robots[token] = (secret, keyword)
+        if allowed_ips:
+            self.allowed_ips[token] = set(allowed_ips)
+
+    def disable_robot(self, token):
+        self.disabled.add(token)
 
     def url(self, token):
         scheme = "https" if self.tls else "http"
@@ -119,7 +127,7 @@ class FakeDingTalk:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if fake.latency:
                     time.sleep(fake.latency)
-                status, answer, request = fake.handle(self.path, body)
+                status, answer, request = fake.handle(self.path, body, self.client_address[0])
                 if fake.before_answer:
                     fake.before_answer(request)
                 if answer["errcode"] in BROKEN:
@@ -162,13 +170,13 @@ class FakeDingTalk:
         self.server.server_close()
 
     # the API
-    def handle(self, path, raw):
+    def handle(self, path, raw, client="127.0.0.1"):
         now = REAL_TIME()
         parts = urllib.parse.urlsplit(path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         token = query.get("access_token", "")
         with self.cond:
-            status, errcode, errmsg = self._judge(parts.path, token, query, raw, now)
+            status, errcode, errmsg = self._judge(parts.path, token, query, raw, now, client)
             try:
                 body = json.loads(raw.decode("utf-8"))
             except ValueError:
@@ -178,11 +186,15 @@ class FakeDingTalk:
             self.cond.notify_all()
         return status, {"errcode": errcode, "errmsg": errmsg}, request
 
-    def _judge(self, path, token, query, raw, now):
+    def _judge(self, path, token, query, raw, now, client):
         if path != "/robot/send":
             return 404, -1, "not found"
         if token not in self.robots:
             return 200, 300001, "token is not exist"
+        if token in self.disabled:
+            return 200, 400102, "robot is disabled"
+        if token in self.allowed_ips and client not in self.allowed_ips[token]:
+            return 200, 310000, f"ip {client} not in whitelist"
         secret, keyword = self.robots[token]
         if secret:
             timestamp, sign = query.get("timestamp", ""), query.get("sign", "")

@@ -113,7 +113,12 @@ def test_misconfigured_robot_leaves_rotation_until_reload(make_bridge, fake, sql
         (OPS[1], 0),
     ]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert any("robot=ops-1" in e and "robot disabled until" in e for e in errors)
+    assert any(
+        "robot=ops-1" in e
+        and "robot disabled until the config is reloaded; fix: the signature does not match: set "
+        "[robot:ops-1] secret to" in e
+        for e in errors
+    )
 
     path = bridge.config.path  # the operator fixes the secret and reloads
     with open(path, "w", encoding="utf-8") as fh:

@@ -67,6 +67,70 @@ def test_a_wrong_secret_is_refused_by_dingtalk_and_said_so(fake):
     assert (result.errcode, result.outcome) == (310000, MISCONFIGURED) and "sign" in result.errmsg
 
 
+def refuse(fake, why):
+    """A robot DingTalk refuses, and why: the fake answers as DingTalk does."""
+    if why == "wrong secret":
+        return robot_at(fake, secret="SECwrong")
+    if why == "clock off":  # this server's clock two hours behind DingTalk's
+        return robot_at(fake)
+    if why == "no keyword":
+        return robot_at(fake, "ops-2", keyword="")
+    if why == "ip not allowed":
+        fake.add_robot("tok-walled-0123456789", allowed_ips=("203.0.113.7",))
+        return robot_at(fake, token="tok-walled-0123456789")
+    if why == "no such token":
+        return robot_at(fake, token="tok-removed-0123456789")
+    fake.disable_robot(OPS1["token"])
+    return robot_at(fake)
+
+
+@pytest.mark.parametrize(
+    "why, errcode, errmsg, fix",
+    [
+        ("wrong secret", 310000, "sign not match", "set [robot:ops-1] secret to the robot's 加签"),
+        ("clock off", 310000, "timestamp", "check this server's clock (NTP)"),
+        ("no keyword", 310000, "keywords not in content", "set [robot:ops-2] keyword = one of"),
+        ("ip not allowed", 310000, "ip 127.0.0.1 not in whitelist",
+         "this server's address (127.0.0.1) is not in the robot's IP allow-list: add it under "
+         "the robot's 安全设置"),
+        ("no such token", 300001, "token is not exist",
+         "copy the robot's Webhook URL into [robot:ops-1] url again"),
+        ("disabled", 400102, "", "the robot is turned off (停用) in DingTalk: turn it on"),
+    ],
+)
+def test_each_refusal_comes_with_its_fix_from_the_channel(
+    fake, monkeypatch, why, errcode, errmsg, fix
+):
+    robot = refuse(fake, why)
+    if why == "clock off":
+        real = alertbridge.time.time
+        monkeypatch.setattr(alertbridge.time, "time", lambda: real() - 7200)
+    result = post_to_dingtalk(robot, BODY, 5)
+    assert (result.errcode, result.outcome) == (errcode, MISCONFIGURED)
+    assert errmsg in result.errmsg
+    said = alertbridge.CHANNELS[robot.kind].fix(result.errcode, result.errmsg, robot.name)
+    assert fix in said and "\n" not in said
+
+
+@pytest.mark.parametrize(
+    "errmsg, fix",
+    [  # DingTalk's newer answers are in Chinese
+        ("description:ip 不在白名单中;solution:请联系对应群的管理员，设置机器人安全ip地址段",
+         "is not in the robot's IP allow-list"),
+        ("description:关键词不匹配;solution:请联系群管理员查看此机器人的关键词", "keyword = one of"),
+        ("description:sign不匹配;solution:请确认签名和生成签名的时间戳必须都是毫秒", "secret to the"),
+        ("something new", "compare [robot:r] keyword and secret, and this server's address"),
+    ],
+)
+def test_a_security_refusal_is_told_apart_by_its_errmsg_in_either_language(errmsg, fix):
+    assert fix in alertbridge.RobotChannel.fix(310000, errmsg, "r")
+
+
+def test_answers_that_are_no_config_error_have_no_fix():
+    assert [alertbridge.RobotChannel.fix(code, "x", "r") for code in (0, 410100, 460101, -1,
+                                                                        None)] == [""] * 5
+
+
 @pytest.mark.parametrize(
     "broken, why",
     [

@@ -361,7 +361,9 @@ def test_the_status_page_shows_queues_robots_sends_and_what_fires(make_bridge, s
     text = body.decode()
     assert status == 200
     assert "<h2>receiver ops</h2>" in text and "waiting</strong> (warning " in text
-    assert "errcode 310000: sign not match" in text  # ops-3, disabled
+    assert "errcode 310000: sign not match" in text  # ops-3, disabled, and what to do
+    assert "set [robot:ops-3] secret to the robot&#x27;s 加签 secret" in text
+    assert "then reload" in text and "fix the config and reload" not in text
     assert "<h2>Firing now: 61, the newest 50 shown</h2>" in text and "DatacenterDown" in text
     assert (
         "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" not in text

@@ -392,6 +392,13 @@ def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
     assert result.returncode == 2 and "[receiver:x] robots: no section [robot:y]" in result.stderr
 
 
+def test_cli_help_says_no_flag_runs_the_daemon_and_how_send_test_sends():
+    said = " ".join(cli("--help").stdout.split())
+    assert "With no command flag below, it runs the daemon" in said
+    assert "through the daemon that listens on the config's port, with its running config" in said
+    assert "else directly, through this file's robots" in said
+
+
 def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db), encoding="utf-8")
@@ -405,6 +412,9 @@ def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
         "ops-2: errcode=0"
     )
     assert lines[2].startswith("ops-3: errcode=310000 errmsg=keywords not in content")
+    assert lines[2].endswith("; fix: the message lacks the robot's keyword: set [robot:ops-3] "
+                             "keyword = one of its custom keywords "
+                             "(自定义关键词, in the robot's 安全设置)")
     assert all("AlertbridgeTest" in m.text for m in fake.delivered())
     assert cli("--send-test", "dev", config=path).returncode == 0
     assert cli("--send-test", "nobody", config=path).returncode == 2

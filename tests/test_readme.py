@@ -14,6 +14,7 @@ import sys
 import pytest
 import yaml
 
+import alertbridge
 from tests.kit import IN_CI, ROOT, free_port, wait_until
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -163,6 +164,24 @@ def test_the_quick_start_gives_links_a_phone_can_open():
         for _, page in RENDERED.findall(quick_start):
             for url in re.findall(r"\]\((https?://[^)]+)\)", page):
                 assert url.split("/")[2].endswith(".example.com"), url
+
+
+def test_the_quick_start_says_what_to_do_without_custom_robots(tmp_path):
+    """DingTalk announced in 2023 that custom robots are retired (自定义机器人产品下线): where
+    添加机器人 offers no 自定义, step 1 says to ask the organisation's administrator, and what
+    the app robot does instead; its claim that a receiver still needs a custom robot is the
+    config's rule."""
+    for readme, administrator, app in (
+        ("README.md", "administrator", "docs/dingtalk-app.md"),
+        ("README.zh-CN.md", "管理员", "docs/dingtalk-app.zh-CN.md"),
+    ):
+        step_1 = (ROOT / readme).read_text(encoding="utf-8").split("\n## ")[1].split("**2.")[0]
+        assert "关于钉钉自定义机器人产品下线的公告" in step_1, readme
+        assert "2023" in step_1 and administrator in step_1 and f"]({app})" in step_1, readme
+    config = tmp_path / "config.ini"
+    config.write_text("[receiver:default]\napp_group = cidX\n", encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match="list at least one robot"):
+        alertbridge.load_config(str(config))
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """The default page, exactly: what a DingTalk group gets for a firing page, a resolved one, an
 alert without a level and a 60-alert group, in each `language`. The expected texts live in
-tests/pages/ and the README shows them: ALERTBRIDGE_REGENERATE=1 writes both from the code, and
-without it the test fails on any difference, so the README's examples are always what is sent."""
+tests/pages/, and a doc may show one (a block marked `<!-- page: CASE.LANGUAGE -->`):
+ALERTBRIDGE_REGENERATE=1 writes both from the code, and without it the test fails on any
+difference, so such examples are always what is sent. (The README's quick start shows the page
+of its own alert and config instead: tests/test_readme.py renders it.)"""
 
 import json
 import os

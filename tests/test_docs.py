@@ -106,3 +106,29 @@ def test_every_metric_is_documented_in_both_languages():
             assert f"`{name}" in (ROOT / path).read_text(encoding="utf-8"), (
                 f"{name} is not in {path}"
             )
+
+
+def chinese_prose():
+    """(name, text, prose) of each zh-CN page and of the Chinese string literals of
+    alertbridge.py; the prose is without code spans, code blocks and anchors: the words a
+    reader of Chinese reads."""
+    source = (ROOT / "alertbridge.py").read_text(encoding="utf-8")
+    literals = re.findall(r'"[^"\n]*[\u4e00-\u9fff][^"\n]*"', source)
+    yield "alertbridge.py", "\n".join(literals), "\n".join(literals)
+    for _, chinese in PAIRS:
+        prose = re.sub(r"`[^`\n]*`|<a id=\"[^\"]*\">", "", without_code(text(chinese)))
+        yield chinese, text(chinese), prose
+
+
+def test_chinese_says_one_thing_one_way():
+    """A webhook accepted is 返回 200; what the history keeps of an incident is an 事件记录,
+    not a 日志 (that is the log); the instance that sends is the 领导者, in every page; a robot
+    alertbridge no longer uses is 停用, so that 轮值 (the on-call rotation) means one thing."""
+    for name, whole, prose in chinese_prose():
+        assert not re.search(r"回答了?\s*[\"“]?200", whole), name
+        assert not re.search(r"acknowledged`?\s*日志", whole), name
+        assert "leader" not in prose, name
+        assert "轮转" not in prose, name
+    assert "领导者" in text("docs/high-availability.zh-CN.md")
+    assert "领导者" in text("docs/dingtalk-app.zh-CN.md")
+    assert "停用" in text("README.zh-CN.md") and "轮值" in text("README.zh-CN.md")

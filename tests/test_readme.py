@@ -4,13 +4,17 @@ the repository, against a fake DingTalk robot and a real Alertmanager. Only what
 same here is replaced: DingTalk's address (the fake's), the ports (free ones) and `python3`
 (this interpreter)."""
 
+import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
+import alertbridge
 from tests.kit import IN_CI, ROOT, free_port, wait_until
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -26,7 +30,7 @@ def walkthrough(readme="README.md"):
 
 def test_the_walkthrough_is_what_this_test_runs():
     kinds = [kind for kind, _ in walkthrough()]
-    assert kinds == ["sh", "ini", "sh", "yaml", "sh", "text", "text"]
+    assert kinds == ["sh", "ini", "sh", "yaml", "sh", "ini", "text", "text"]
     assert walkthrough() == walkthrough("README.zh-CN.md")  # the same commands in both
 
 
@@ -75,6 +79,109 @@ def test_the_test_command_says_what_it_installs_and_how_long_it_takes():
             "ALERTBRIDGE_MATRIX=0",
         ]:
             assert said in section, (readme, said)
+
+
+RENDERED = re.compile(r"<!-- rendered: quick-start (\w+) -->\n```text\n(.*?)^```", re.S | re.M)
+
+
+def readme_config(language):
+    """config.ini as the README leaves it: step 3's robot, step 6's receiver, `language`."""
+    robot, receiver = [code for kind, code in walkthrough() if kind == "ini"]
+    text = (ROOT / "config.ini").read_text(encoding="utf-8")
+    for block in (robot, receiver):
+        head = re.escape(block.splitlines()[0])
+        text = re.sub(rf"^{head}\n(?:[^\[].*\n|\n)*", block + "\n", text, count=1, flags=re.M)
+    return text.replace("\nlanguage = zh\n", f"\nlanguage = {language}\n")
+
+
+def readme_webhook():
+    """What Alertmanager sends for step 5's alert through step 4's route."""
+    fire = walkthrough()[4][1]
+    words = shlex.split(fire.replace("\\\n", " "))[3:]
+    alertname, rest = words[0], words[1:]
+    labels = dict(w.split("=", 1) for w in rest if not w.startswith("--"))
+    labels["alertname"] = alertname
+    flags = [w[2:].split("=", 1) for w in rest if w.startswith("--")]
+    annotations = dict(value.split("=", 1) for flag, value in flags if flag == "annotation")
+    route = yaml.safe_load(walkthrough()[3][1])["route"]
+    alert = {
+        "status": "firing",
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": "2026-11-30T02:13:05Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": dict(flags)["generator-url"],
+        "fingerprint": "c0ffee0123456789",
+    }
+    return {
+        "version": "4",
+        "status": "firing",
+        "receiver": route["receiver"],
+        "groupLabels": {name: labels[name] for name in route["group_by"]},
+        "commonLabels": labels,
+        "commonAnnotations": annotations,
+        "externalURL": "http://vm:9093",
+        "groupKey": "{}:{alertname=\"DiskFull\", instance=\"db-3:9100\"}",
+        "truncatedAlerts": 0,
+        "alerts": [alert],
+    }
+
+
+def test_the_readme_sample_page_is_what_its_quick_start_sends(tmp_path):
+    """The pages the README shows are what `--render` prints for the webhook of its own alert
+    (step 5), route (step 4) and config (steps 3 and 6), in each language shown."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = dict(RENDERED.findall(readme))
+    assert set(shown) == {"zh", "en"}
+    assert dict(RENDERED.findall((ROOT / "README.zh-CN.md").read_text(encoding="utf-8"))) == shown
+    payload = tmp_path / "webhook.json"
+    payload.write_text(json.dumps(readme_webhook()), encoding="utf-8")
+    for language, page in shown.items():
+        config = tmp_path / f"config-{language}.ini"
+        config.write_text(readme_config(language), encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "alertbridge.py"), "-c", str(config)]
+            + ["--render", str(payload)],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        [request] = [json.loads(line) for line in done.stdout.splitlines()]
+        markdown = request["markdown"]
+        assert page == f"title: {markdown['title']}\n\n{markdown['text']}\n", language
+
+
+def test_the_quick_start_gives_links_a_phone_can_open():
+    """A first page links to Alertmanager and Prometheus by their own hosts' names, which no
+    phone reaches: the quick start sets the receiver's alertmanager_url and prometheus_url
+    (the keys configuration.md documents), and the page it shows links nowhere else."""
+    reference = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for readme in ("README.md", "README.zh-CN.md"):
+        quick_start = (ROOT / readme).read_text(encoding="utf-8").split("\n## ")[1]
+        for key in ("alertmanager_url", "prometheus_url"):
+            assert re.search(rf"^{key} = https://", quick_start, re.M), (readme, key)
+            assert f"| `{key}` |" in reference, key
+        for _, page in RENDERED.findall(quick_start):
+            for url in re.findall(r"\]\((https?://[^)]+)\)", page):
+                assert url.split("/")[2].endswith(".example.com"), url
+
+
+def test_the_quick_start_says_what_to_do_without_custom_robots(tmp_path):
+    """DingTalk announced in 2023 that custom robots are retired (自定义机器人产品下线): where
+    添加机器人 offers no 自定义, step 1 says to ask the organisation's administrator, and what
+    the app robot does instead; its claim that a receiver still needs a custom robot is the
+    config's rule."""
+    for readme, administrator, app in (
+        ("README.md", "administrator", "docs/dingtalk-app.md"),
+        ("README.zh-CN.md", "管理员", "docs/dingtalk-app.zh-CN.md"),
+    ):
+        step_1 = (ROOT / readme).read_text(encoding="utf-8").split("\n## ")[1].split("**2.")[0]
+        assert "关于钉钉自定义机器人产品下线的公告" in step_1, readme
+        assert "2023" in step_1 and administrator in step_1 and f"]({app})" in step_1, readme
+    config = tmp_path / "config.ini"
+    config.write_text("[receiver:default]\napp_group = cidX\n", encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match="list at least one robot"):
+        alertbridge.load_config(str(config))
 
 
 @pytest.fixture

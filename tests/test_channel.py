@@ -24,6 +24,7 @@ class PlainChannel:
     DECLARED = ()
     NO_CREDENTIAL = "has no key parameter"
     PLACEHOLDER_HINT = "put the service's key into config.ini"
+    PLACEHOLDERS = {"token": ("CHANGE_ME",), "secret": ()}
 
     def __init__(self, config):
         self.config = config

@@ -6836,6 +6836,19 @@ def on_call_in_use(config):
                 or any(r.escalation for r in config.routes.values()))
 
 
+def unclaimable_escalations(config):
+    """What --check-config and the start say of each route that escalates with no way to claim
+    its pages (no claim_links, no [app] to claim through): only a resolve ends its chain."""
+    if config.app.enabled:
+        return []
+    oncall = [key for key in ("base_url", "link_secret") if not getattr(config.oncall, key)]
+    also = f" (and [oncall] {' and '.join(oncall)})" if oncall else ""
+    return [f"receiver {route.name} escalates ([escalation:{route.escalation.name}]) but nobody "
+            f"can claim its pages: set claim_links = true in [receiver:{route.name}]{also}; "
+            f"until then only a resolve ends its chain"
+            for route in config.routes.values() if route.escalation and not route.claim_links]
+
+
 def silence_grace(config):
     """How long after a silence's end the escalator waits for the follower to say what
     Alertmanager says of it (extended, expired) before taking it as over on its own."""
@@ -8917,6 +8930,8 @@ class Bridge:
         except OSError as exc:
             raise StartError(listen_problem(service, exc)) from exc
         self._warn_about_robots()
+        for warning in unclaimable_escalations(self.config):
+            log.warning("%s", warning)
         self.cluster.start()
         self.senders.start()
         self.notifier.start()
@@ -9148,6 +9163,7 @@ def check_config(config):
     for names in shared_tokens(config):
         lines.append(f"note: robots {', '.join(names)} have the same access_token: "
                      f"one budget between them")
+    lines += [f"note: {warning}" for warning in unclaimable_escalations(config)]
     if config.app.enabled:
         carded = ", ".join(r.name for r in config.routes.values() if r.app_group) or "none"
         lines.append(f"app {config.app.client_id} (secret set): cards for receivers {carded}, "

@@ -2824,6 +2824,19 @@ S_INCIDENT_EVENTS = ("SELECT kind, at, actor, via, detail FROM incident_events "
 S_PROGRESS_GET = "SELECT last_event_id FROM recorder_progress WHERE journal_id = %s"
 S_PROGRESS_PUT = "REPLACE INTO recorder_progress (journal_id, last_event_id) VALUES (%s, %s)"
 S_PING = "SELECT 1"
+# --check-config tries each privilege GRANTS_DOC lists with a statement the server checks it for
+# first, and that then changes nothing: no row matches, the table to create has a duplicate
+# column, the index or column to drop does not exist (MySQL's TRIAL_ERRORS, with the "no such
+# table" of a database the daemon has not made its tables in yet).
+S_PRIVILEGE_TRIALS = (
+    ("SELECT", "SELECT 1 FROM alerts WHERE 1 = 0"),
+    ("INSERT", "INSERT INTO alerts SELECT * FROM alerts WHERE 1 = 0"),
+    ("UPDATE", "UPDATE alerts SET id = id WHERE 1 = 0"),
+    ("DELETE", "DELETE FROM alerts WHERE 1 = 0"),
+    ("CREATE", "CREATE TABLE alertbridge_privilege_trial (a INT, a INT)"),
+    ("INDEX", "DROP INDEX alertbridge_privilege_trial ON alerts"),
+    ("ALTER", "ALTER TABLE alerts DROP COLUMN alertbridge_privilege_trial"),
+)
 S_FIRING = ("SELECT receiver, alertname, severity, instance, summary, starts_at FROM alerts "
             "WHERE status = 'firing' ORDER BY starts_at DESC LIMIT %s")
 S_FIRING_COUNT = "SELECT COUNT(*) FROM alerts WHERE status = 'firing'"
@@ -2973,6 +2986,10 @@ def statements(script):
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
+LOGIN_REFUSED = "login refused: check [database] user and password"     # MySQL's 1045
+GRANTS_DOC = 'docs/operations.md, "History in MySQL"'   # the privileges the daemon needs
+
+
 class Dialect:
     """What differs between the history's two databases, and nothing else: placeholders,
     connecting, the schema and its migration, the upsert, the insert that skips a duplicate,
@@ -3010,6 +3027,15 @@ class Dialect:
 
     def denied(self, exc):
         """Whether `exc` is a missing privilege (an operator's GRANT, not the network)."""
+        return False
+
+    def refusal(self, exc, settings):
+        """What the server's refusal of the login (`exc`) tells whoever edits [database]; ""
+        if it is no such refusal."""
+        return ""
+
+    def trial_passed(self, exc):
+        """Whether a statement of S_PRIVILEGE_TRIALS failed as written to, its privilege there."""
         return False
 
     def conflict(self, exc):
@@ -3083,6 +3109,22 @@ class MySQLDialect(Dialect):
         import pymysql
         return isinstance(exc, pymysql.err.MySQLError) and bool(exc.args) and \
             exc.args[0] in self.DENIED
+
+    TRIAL_ERRORS = frozenset({1146, 1060, 1091})    # no such table, duplicate column, no such key
+
+    def refusal(self, exc, settings):
+        return {1045: LOGIN_REFUSED,
+                1049: f"no database {settings.database} on the server: create it ({GRANTS_DOC})",
+                1044: f"the user has no privilege on database {settings.database}: grant what "
+                      f"{GRANTS_DOC} lists"}.get(self._code(exc), "")
+
+    def trial_passed(self, exc):
+        return self._code(exc) in self.TRIAL_ERRORS
+
+    @staticmethod
+    def _code(exc):
+        import pymysql
+        return exc.args[0] if isinstance(exc, pymysql.err.MySQLError) and exc.args else None
 
     def unavailable(self, exc):
         import pymysql
@@ -3674,7 +3716,9 @@ class Store:
             if not self.dialect.unavailable(exc):
                 raise
             self.close()
-            raise StoreUnavailable(f"{self.describe()}: {exc}",
+            refused = self.dialect.refusal(exc, self.settings) == LOGIN_REFUSED
+            raise StoreUnavailable(f"{self.describe()}: {LOGIN_REFUSED} {exc}" if refused
+                                   else f"{self.describe()}: {exc}",
                                    denied=self.dialect.denied(exc)) from exc
 
     def execute(self, cursor, sql, params=()):
@@ -3692,6 +3736,38 @@ class Store:
     def ping(self):
         with self.transaction() as cursor:
             self.execute(cursor, S_PING)
+
+    def check_login(self):
+        """--check-config: the daemon's login tried, and each privilege of S_PRIVILEGE_TRIALS,
+        changing nothing: ([errors], [notes]). A server out of reach now is a note: paging does
+        not wait for the history, nor does the daemon's start."""
+        try:
+            db = self.dialect.connect(self.settings)
+        except Exception as exc:
+            refusal = self.dialect.refusal(exc, self.settings)
+            if refusal:
+                return [f"history {self.describe()}: {refusal}"], []
+            return [], [f"history {self.describe()} cannot be reached now ({exc}): alerts "
+                        f"will wait in the journal until it can"]
+        lacking = []
+        try:
+            cursor = db.cursor()
+            for privilege, statement in S_PRIVILEGE_TRIALS:
+                try:
+                    cursor.execute(statement)
+                except Exception as exc:
+                    if self.dialect.denied(exc):
+                        lacking.append(privilege)
+                    elif not self.dialect.trial_passed(exc):
+                        return [], [f"history {self.describe()}: its privileges could not be "
+                                    f"tried ({exc})"]
+            db.rollback()
+        finally:
+            db.close()
+        if lacking:
+            return [f"history {self.describe()}: the user lacks {', '.join(lacking)}: grant what "
+                    f"{GRANTS_DOC} lists"], []
+        return [], []
 
     def close(self):
         if self._db is not None:
@@ -6497,6 +6573,10 @@ class Recorder(Worker):
         if self.store_ok is not False or self.store_denied != exc.denied:
             self.store_ok, self.store_denied = False, exc.denied
             self.store_changed.notify(False, exc.denied)
+        if exc.denied and LOGIN_REFUSED in str(exc):
+            return self.retry.failed(
+                f"history store refuses alertbridge's login, alerts wait in the journal: {exc}; "
+                f"a restart applies the corrected [database]")
         if exc.denied:
             return self.retry.failed(
                 f"history store refuses a privilege to alertbridge's database user, alerts "
@@ -6795,6 +6875,19 @@ def on_call_in_use(config):
     """Whether anything can make incident notes: escalation, claim links, the app's desk."""
     return bool(config.oncall.link_secret or config.app.enabled
                 or any(r.escalation for r in config.routes.values()))
+
+
+def unclaimable_escalations(config):
+    """What --check-config and the start say of each route that escalates with no way to claim
+    its pages (no claim_links, no [app] to claim through): only a resolve ends its chain."""
+    if config.app.enabled:
+        return []
+    oncall = [key for key in ("base_url", "link_secret") if not getattr(config.oncall, key)]
+    also = f" (and [oncall] {' and '.join(oncall)})" if oncall else ""
+    return [f"receiver {route.name} escalates ([escalation:{route.escalation.name}]) but nobody "
+            f"can claim its pages: set claim_links = true in [receiver:{route.name}]{also}; "
+            f"until then only a resolve ends its chain"
+            for route in config.routes.values() if route.escalation and not route.claim_links]
 
 
 def silence_grace(config):
@@ -8886,6 +8979,8 @@ class Bridge:
         except OSError as exc:
             raise StartError(listen_problem(service, exc)) from exc
         self._warn_about_robots()
+        for warning in unclaimable_escalations(self.config):
+            log.warning("%s", warning)
         self.cluster.start()
         self.senders.start()
         self.notifier.start()
@@ -9117,6 +9212,7 @@ def check_config(config):
     for names in shared_tokens(config):
         lines.append(f"note: robots {', '.join(names)} have the same credential: "
                      f"one budget between them")
+    lines += [f"note: {warning}" for warning in unclaimable_escalations(config)]
     if config.app.enabled:
         carded = ", ".join(r.name for r in config.routes.values() if r.app_group) or "none"
         lines.append(f"app {config.app.client_id} (secret set): cards for receivers {carded}, "
@@ -9174,6 +9270,9 @@ def preflight(config):
     missing = DIALECTS[config.database.driver].missing_driver()
     if missing:
         errors.append(f"history: {missing}")
+    elif config.database.driver == "mysql":
+        refused, unreached = Store(config.database).check_login()
+        errors, notes = errors + refused, notes + unreached
     files = [("journal", service.journal)]
     if config.database.driver == "sqlite":
         files.append(("history", config.database.path))

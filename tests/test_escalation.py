@@ -4,13 +4,14 @@ and stop at a claim, at a resolve, and after their repeats; a new leader goes on
 left off. The escalator is stepped by hand on a clock the test moves."""
 
 import json
+import logging
 import threading
 
 import pytest
 
 import alertbridge
 from tests.fakealertmanager import FakeAlertmanager
-from tests.kit import empty_mysql, make_alert, make_payload, post, wait_until
+from tests.kit import config_text, empty_mysql, make_alert, make_payload, post, wait_until
 from tests.test_oncall import PEOPLE
 
 ESCALATION = """
@@ -589,3 +590,34 @@ def test_a_group_that_turns_critical_escalates_from_then(world):
     assert steps_of(world.at(3000 + 600))["ops"] == FIRST_STEP
     world.page(severity="warning")  # a level lower again changes nothing
     assert world.store.incidents()[0]["level"] == "critical"
+
+
+def test_an_escalation_nobody_can_claim_is_named_at_check_and_at_start(
+    make_bridge, sqlite_db, fake, tmp_path, caplog
+):
+    """An escalation without claim links was taken silently: nobody could claim, only a resolve
+    stopped it."""
+    from tests.test_cluster import ON_CALL
+
+    receivers = {"ops": {"robots": "ops-1", "escalation": "fast"}, "dev": {"robots": "dev-1"}}
+    warning = (
+        "receiver ops escalates ([escalation:fast]) but nobody can claim its pages: set "
+        "claim_links = true in [receiver:ops]{}; until then only a resolve ends its chain"
+    )
+    without_oncall = ON_CALL[ON_CALL.index("[person:") :]
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=without_oncall, start=False)
+    expected = warning.format(" (and [oncall] base_url and link_secret)")
+    assert f"note: {expected}" in alertbridge.check_config(bridge.config).splitlines()
+    with caplog.at_level(logging.WARNING, logger="alertbridge"):
+        bridge.start()
+    assert expected in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    def checked():
+        path = tmp_path / "other.ini"
+        text = config_text(fake.url, sqlite_db, receivers=receivers, extra=ON_CALL)
+        path.write_text(text, encoding="utf-8")
+        return alertbridge.check_config(alertbridge.load_config(str(path)))
+
+    assert f"note: {warning.format('')}" in checked().splitlines()  # [oncall] alone is no claim
+    receivers["ops"]["claim_links"] = "true"
+    assert "nobody can claim" not in checked()

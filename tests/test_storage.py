@@ -6,14 +6,23 @@ import os
 import signal
 import dataclasses
 import json
+import re
 import sqlite3
+import subprocess
+import sys
 import time
+
+import pytest
 
 import alertbridge
 from tests.kit import (
+    ROOT,
+    SCRIPT,
     TcpProxy,
+    config_text,
     delivered_ids,
     empty_mysql,
+    free_port,
     get,
     gone,
     history,
@@ -327,3 +336,84 @@ def test_a_missing_privilege_is_named_once_and_a_grant_fixes_it_without_a_restar
         with db.cursor() as cursor:
             cursor.execute("DROP USER IF EXISTS 'ab_no_alter'@'%'")
         db.close()
+
+
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+
+
+def check_config(tmp_path, fake, database):
+    """--check-config of a config with this [database], as a child process."""
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, database), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, SCRIPT, "-c", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def login():
+    """A MySQL user of its own, password `right`, with every privilege the daemon needs but
+    ALTER, on the test database: its settings, and a root session to grant with."""
+    settings, db = empty_mysql(), mysql_connect()
+    user = f"ab_{settings.database}"[:32]
+    with db.cursor() as cursor:
+        cursor.execute("DROP USER IF EXISTS %s@'%%'", (user,))
+        cursor.execute("CREATE USER %s@'%%' IDENTIFIED BY 'right'", (user,))
+        cursor.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON `{settings.database}`.* "
+            "TO %s@'%%'",
+            (user,),
+        )
+    yield dataclasses.replace(settings, user=user, password="right"), db
+    with db.cursor() as cursor:
+        cursor.execute("DROP USER IF EXISTS %s@'%%'", (user,))
+    db.close()
+
+
+def test_check_config_logs_in_as_the_daemon_and_names_what_the_server_refuses(
+    tmp_path, fake, login
+):
+    """A wrong password passed --check-config; then the daemon sent the operator to the grants."""
+    settings, db = login
+    where = f"history {settings.describe()}"
+    wrong = check_config(tmp_path, fake, dataclasses.replace(settings, password="wrong"))
+    assert wrong.returncode == 1 and "NOT OK" in wrong.stdout
+    assert wrong.stderr == f"error: {where}: login refused: check [database] user and password\n"
+    root = mysql_settings()
+    missing = dataclasses.replace(root, database="ab_no_such_database")
+    absent = check_config(tmp_path, fake, missing)
+    assert absent.returncode == 1 and absent.stderr == (
+        f"error: history {missing.describe()}: no database ab_no_such_database on the server: "
+        f'create it (docs/operations.md, "History in MySQL")\n'
+    )
+    lacking = check_config(tmp_path, fake, settings)
+    assert lacking.returncode == 1 and lacking.stderr == (
+        f'error: {where}: the user lacks ALTER: grant what docs/operations.md, "History in '
+        f'MySQL" lists\n'
+    )
+    with db.cursor() as cursor:
+        cursor.execute(f"GRANT ALTER ON `{settings.database}`.* TO %s@'%%'", (settings.user,))
+    granted = check_config(tmp_path, fake, settings)
+    assert granted.returncode == 0 and granted.stderr == "", granted.stderr
+    assert granted.stdout.startswith(f"config {tmp_path / 'config.ini'}: OK")
+    with db.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        assert cursor.fetchall() == ()  # the check changed nothing
+    away = check_config(tmp_path, fake, dataclasses.replace(settings, port=free_port()))
+    assert away.returncode == 0 and "cannot be reached now" in away.stdout  # paging goes on
+    documented = re.search(r"^GRANT (.*) ON alertbridge", OPERATIONS, re.M).group(1).split(", ")
+    assert [p for p, _ in alertbridge.S_PRIVILEGE_TRIALS] == documented
+
+
+def test_a_refused_login_is_logged_as_the_password_not_as_a_grant(daemon, fake, login):
+    settings, _ = login
+    child = daemon(database=dataclasses.replace(settings, password="wrong"))
+    child.wait_healthy()
+    assert post(child.url, make_payload("dev", [make_alert()]))[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)  # paging never waits for it
+    child.wait_log("login refused: check [database] user and password")
+    text = child.log.read_text(encoding="utf-8")
+    assert "history store refuses alertbridge's login" in text and "Grant what" not in text

@@ -5284,7 +5284,8 @@ class WebSocket:
 #
 # A channel turns a Rendered message into the request one robot gets, posts it, and says what
 # the answer means. Its methods: limit(), request(), mention_request(), mentions_apart(),
-# fits(), encode(), shown() (for the preview), post(), outcome(). Another way of talking to
+# fits(), encode(), shown() (for the preview), post(), outcome(), fix() (what to do about a
+# refusal: the log, --send-test and the status page ask it). Another way of talking to
 # DingTalk is another class with these methods; nothing outside this section reads a request.
 
 SENT, THROTTLED, MISCONFIGURED = "sent", "throttled", "misconfigured"

@@ -9367,14 +9367,15 @@ def send_test(config, route_name):
     port = f":{config.service.port}"
     url = daemon_url(config.service) + "/-/send-test?" + urllib.parse.urlencode(
         {"receiver": route_name, "route": route.fingerprint()})
+    not_ours = f"what answers on {port} is not alertbridge"
     try:
         answer = ask_daemon(config.auth, url)
     except OSError:                 # no daemon listening: send from here
         answer, how = None, f"no daemon answers on {port}"
     except ValueError:              # not JSON: something else holds the port
-        answer = (None, None)
+        answer, how = None, not_ours
     if answer is not None and not isinstance(answer[1], dict):
-        answer, how = None, f"what answers on {port} is not alertbridge"
+        answer, how = None, not_ours
     if answer is not None and not answer[1].get("differs"):
         status, reply = answer
         print("\n".join([f"via the daemon on {port}, {daemon_loaded(config, reply)}"]

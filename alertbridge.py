@@ -1115,6 +1115,12 @@ class Route:
         """Whether messages of this level may use the robots' reserved slots."""
         return level in self.reserve_for
 
+    def fingerprint(self):
+        """The route and its robots (their URLs and secrets too), hashed: how --send-test tells
+        whether a running daemon's route is the one its config file has."""
+        credentials = [(robot.url, robot.secret) for robot in self.robots]
+        return hashlib.sha256(repr((self, credentials)).encode()).hexdigest()[:16]
+
 
 DEFAULT_ROUTE = Route("", ())     # a route's defaults, for what renders without one
 
@@ -2020,7 +2026,7 @@ class Endpoints:
     metrics: object         # Metrics
     requests: Requests
     reload: object          # () -> (ok, message, [keys only a restart applies])
-    send_test: object       # route name -> (HTTP status, reply)
+    send_test: object       # route name, its fingerprint -> (HTTP status, reply)
 
 
 class IntakeServer(http.server.ThreadingHTTPServer):
@@ -2254,7 +2260,8 @@ class IntakeHandler(http.server.BaseHTTPRequestHandler):
             self._authorize()
             self._read_body()
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            status, reply = self.endpoints.send_test(query.get("receiver", [""])[0])
+            status, reply = self.endpoints.send_test(query.get("receiver", [""])[0],
+                                                     query.get("route", [""])[0])
             return self._reply(status, reply, count=False)
         match = self.WEBHOOK_PATHS.fullmatch(path)
         if not match:
@@ -5388,7 +5395,8 @@ class WebSocket:
 #
 # A channel turns a Rendered message into the request one robot gets, posts it, and says what
 # the answer means. Its methods: limit(), request(), mention_request(), mentions_apart(),
-# fits(), encode(), shown() (for the preview), post(), outcome(). Another way of talking to
+# fits(), encode(), shown() (for the preview), post(), outcome(), fix() (what to do about a
+# refusal: the log, --send-test and the status page ask it). Another way of talking to
 # DingTalk is another class with these methods; nothing outside this section reads a request.
 
 SENT, THROTTLED, MISCONFIGURED = "sent", "throttled", "misconfigured"
@@ -8882,6 +8890,7 @@ class Bridge:
 
     def __init__(self, config, clock=None, wall=wall_time, post=None):
         self.config = config
+        self.loaded_at = wall()         # when the running config was read: start, reload
         self.clock = clock or SteadyClock(wall)
         self.wall = wall
         current = self.current
@@ -9070,7 +9079,7 @@ class Bridge:
                 return False, f"config rejected: {exc}", []
             config, changed = self._restart_only(config)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-            self.config = config
+            self.config, self.loaded_at = config, self.wall()
             apply_log_format(config.service.log_format)
             self.pool.forgive()
             declare_series(self.metrics, config)
@@ -9100,15 +9109,24 @@ class Bridge:
         return replace(config, service=replace(config.service, **kept),
                        database=self.config.database, cluster=self.config.cluster), changed
 
-    def send_test(self, route_name):
-        """POST /-/send-test?receiver=NAME (what --send-test asks a running daemon): the test
-        message through each robot of the route, within the budgets this daemon keeps."""
+    def send_test(self, route_name, fingerprint=""):
+        """POST /-/send-test?receiver=NAME&route=FINGERPRINT (what --send-test asks a running
+        daemon): the test message through each robot of the route, within the budgets this
+        daemon keeps. A route that is not the asker's (Route.fingerprint) sends nothing: 409,
+        "differs", and the asker sends through its own. Every answer says when the running
+        config was loaded."""
         route = self.config.routes.get(route_name)
+        loaded = {"config_loaded_at": self.loaded_at}
+        if fingerprint and (route is None or route.fingerprint() != fingerprint):
+            return 409, {"differs": True, **loaded,
+                         "error": f"[receiver:{route_name[:60]}] of the running config is not "
+                                  f"the one asked for"}
         if route is None:
-            return 404, {"error": f"no [receiver:{route_name[:60]}] in the running config"}
+            return 404, {"error": f"no [receiver:{route_name[:60]}] in the running config",
+                         **loaded}
         if not self.cluster.may_send():
             return 409, {"error": f"this instance is a cluster's {self.cluster.role}: it does "
-                                  f"not send; run --send-test on the leader"}
+                                  f"not send; run --send-test on the leader", **loaded}
 
         def ledger(robot, result, at):
             send_id = self.journal.begin_send(robot.name, robot.key, at)
@@ -9121,7 +9139,7 @@ class Bridge:
         card_lines, card_ok = self.app.send_test(route)
         lines, ok = lines + card_lines, ok and card_ok
         log.info("route=%s send-test: %s", route.name, logfmt("; ".join(lines)))
-        return 200, {"ok": ok, "robots": lines}
+        return 200, {"ok": ok, "robots": lines, **loaded}
 
 
 # =============================================================================================
@@ -9481,27 +9499,41 @@ def _imported_mention(name, mention, human):
 
 def send_test(config, route_name):
     """--send-test: one test message through each robot of a route; 0 if all took it. Through
-    the running daemon when there is one (its budgets count it), else directly, within the
-    budgets the journal's send log shows."""
+    the running daemon when there is one and its running config has this route as the file
+    has it (its budgets count it), else directly through the file's robots, within the budgets
+    the journal's send log shows. The first line says which."""
     route = config.routes.get(route_name)
     if route is None:
         print(f"no [receiver:{route_name}] in {config.path}", file=sys.stderr)
         return 2
-    url = daemon_url(config.service) + "/-/send-test?receiver=" + urllib.parse.quote(route_name)
+    port = f":{config.service.port}"
+    url = daemon_url(config.service) + "/-/send-test?" + urllib.parse.urlencode(
+        {"receiver": route_name, "route": route.fingerprint()})
+    not_ours = f"what answers on {port} is not alertbridge"
     try:
         answer = ask_daemon(config.auth, url)
     except OSError:                 # no daemon listening: send from here
-        answer = None
-    if answer is not None:
+        answer, how = None, f"no daemon answers on {port}"
+    except ValueError:              # not JSON: something else holds the port
+        answer, how = None, not_ours
+    if answer is not None and not isinstance(answer[1], dict):
+        answer, how = None, not_ours
+    if answer is not None and not answer[1].get("differs"):
         status, reply = answer
-        print("\n".join(reply.get("robots") or [reply.get("error", f"HTTP {status}")]))
+        print("\n".join([f"via the daemon on {port}, {daemon_loaded(config, reply)}"]
+                        + (reply.get("robots") or [reply.get("error", f"HTTP {status}")])))
         return 0 if status == 200 and reply.get("ok") else 1
-    holder = journal_holder(config.service.journal)
-    if holder:
-        print(f"an alertbridge (pid {holder}) holds the journal {config.service.journal} but "
-              f"does not answer on {daemon_url(config.service)}: not sending outside its "
-              f"budgets", file=sys.stderr)
-        return 1
+    if answer is None:
+        holder = journal_holder(config.service.journal)
+        if holder:
+            print(f"an alertbridge (pid {holder}) holds the journal {config.service.journal} "
+                  f"but does not answer on {daemon_url(config.service)}: not sending outside "
+                  f"its budgets", file=sys.stderr)
+            return 1
+    else:
+        how = (f"the daemon on {port} runs another [receiver:{route_name}] "
+               f"({daemon_loaded(config, answer[1])}); reload it to make this file's its own")
+    print(f"directly, through the robots of {config.path}: {how}")
     pool = RobotPool(lambda: config.delivery)
     pool.restore(journal_sends(config.service.journal), time.time())
     channels = Channels(lambda: config)
@@ -9513,6 +9545,15 @@ def send_test(config, route_name):
     lines, ok = lines + card_lines, ok and card_ok
     print("\n".join(lines))
     return 0 if ok else 1
+
+
+def daemon_loaded(config, reply):
+    """When a daemon's running config was loaded, as its reply to --send-test says."""
+    loaded_at = reply.get("config_loaded_at")
+    if not isinstance(loaded_at, (int, float)):
+        return "its config loaded at a time it does not say (an older alertbridge)"
+    shown = datetime.fromtimestamp(loaded_at, config.tz).strftime("%Y-%m-%d %H:%M:%S %z")
+    return f"its config loaded at {shown}"
 
 
 def daemon_url(service):

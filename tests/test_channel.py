@@ -5,6 +5,7 @@ format; a receiver may mix it with DingTalk robots."""
 
 import http.server
 import json
+import logging
 import threading
 import urllib.request
 
@@ -91,6 +92,10 @@ class PlainChannel:
     def outcome(errcode):
         return {0: alertbridge.SENT, 429: alertbridge.THROTTLED}.get(errcode, alertbridge.FAILED)
 
+    @staticmethod
+    def fix(errcode, errmsg, name):
+        return f"put the service's key into [robot:{name}] url" if errcode == 401 else ""
+
 
 @pytest.fixture
 def plain_channel(monkeypatch):
@@ -125,7 +130,9 @@ def plain_service(plain_channel):
     server.server_close()
 
 
-def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service, sqlite_db):
+def test_a_second_channel_goes_through_the_same_pipeline(
+    tmp_path, plain_service, sqlite_db, caplog
+):
     url, received, _ = plain_service
     path = tmp_path / "config.ini"
     path.write_text(
@@ -151,6 +158,7 @@ def test_a_second_channel_goes_through_the_same_pipeline(tmp_path, plain_service
             r["notify"] == ["13800000000"] and "Prometheus: http" in r["text"] for r in received
         )
         assert "msgtype" not in received[0] and "(1/" in received[0]["text"]
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
         rows = history(bridge)
         assert len(rows) == 4 and all(r["notified_count"] == 1 for r in rows)
         form = {"payload": json.dumps(make_payload("ops", alerts[:1]))}

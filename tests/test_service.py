@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -28,6 +29,7 @@ from tests.kit import (
     SECRETS,
     config_text,
     empty_mysql,
+    free_port,
     history,
     make_alert,
     make_payload,
@@ -407,7 +409,8 @@ def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     )  # config says "alert"
     result = cli("--send-test", "ops", config=path)
     assert result.returncode == 1
-    lines = result.stdout.splitlines()
+    how, *lines = result.stdout.splitlines()
+    assert how == f"directly, through the robots of {path}: no daemon answers on :0"
     assert lines[0].startswith("ops-1: errcode=0 errmsg=ok") and lines[1].startswith(
         "ops-2: errcode=0"
     )
@@ -420,8 +423,18 @@ def test_cli_send_test_reports_each_robot(tmp_path, fake, sqlite_db):
     assert cli("--send-test", "nobody", config=path).returncode == 2
 
 
-def test_cli_send_test_does_not_call_a_placeholder_robot():
-    result = cli("--send-test", "default", config=ROOT / "config.ini")
+def shipped_config(directory, port):
+    """The config.ini shipped, copied to `directory` (its state there too) to listen on `port`:
+    a test must not depend on the default port 9097 being free."""
+    text = (ROOT / "config.ini").read_text(encoding="utf-8")
+    assert "\nport = 9097\n" in text
+    path = directory / "config.ini"
+    path.write_text(text.replace("\nport = 9097\n", f"\nport = {port}\n"), encoding="utf-8")
+    return path
+
+
+def test_cli_send_test_does_not_call_a_placeholder_robot(tmp_path):
+    result = cli("--send-test", "default", config=shipped_config(tmp_path, free_port()))
     assert result.returncode == 1
     assert "not called: its url still has the placeholder token CHANGE_ME" in result.stdout
     assert "network" not in result.stdout + result.stderr and "Traceback" not in result.stderr
@@ -777,7 +790,8 @@ def test_send_test_takes_a_slot_of_the_budget_or_says_it_cannot(daemon, fake):
     )
     child.wait_healthy()
     through = cli("--send-test", "dev", config=child.config)  # the running daemon sends it
-    assert through.returncode == 0 and through.stdout.startswith("dev-1: errcode=0 errmsg=ok")
+    assert through.returncode == 0
+    assert through.stdout.splitlines()[1].startswith("dev-1: errcode=0 errmsg=ok")
     child.wait_log("route=dev send-test: ")
     headers = {"Authorization": "Bearer am-bearer-token"}
     assert post(child.url, make_payload("dev", [make_alert("Storm")]), headers=headers)[0] == 200
@@ -785,14 +799,76 @@ def test_send_test_takes_a_slot_of_the_budget_or_says_it_cannot(daemon, fake):
         lambda f: len(f.delivered()) == 2
     )  # 2 of 3: the last is for critical pages
     refused = cli("--send-test", "dev", config=child.config)
-    assert refused.returncode == 1 and refused.stdout.startswith(
+    assert refused.returncode == 1 and refused.stdout.splitlines()[1].startswith(
         "dev-1: not sent: no budget for it now"
     )
     assert len(fake.requests) == 2
     assert child.stop() == 0
     alone = cli("--send-test", "dev", config=child.config)  # no daemon: the journal's send log
-    assert alone.returncode == 1 and alone.stdout.startswith(
+    assert alone.returncode == 1 and alone.stdout.splitlines()[1].startswith(
         "dev-1: not sent: no budget for it now"
     )
     assert len(fake.requests) == 2 and [r for r in fake.requests if r.errcode] == []
     assert not list(child.config.parent.glob("state/*-wal"))  # nothing written next to it
+
+
+def test_send_test_says_which_way_it_went_and_a_changed_file_uses_its_own_robots(daemon, fake):
+    """A test with a new file reached the old daemon's robot, and said OK: the daemon sent
+    it with its running config, not the file it was given."""
+    child = daemon(receivers={"dev": {"robots": "dev-1"}}, extra=AUTH)
+    child.wait_healthy()
+    through = cli("--send-test", "dev", config=child.config)
+    how = through.stdout.splitlines()[0]
+    assert through.returncode == 0 and re.fullmatch(
+        rf"via the daemon on :{child.port}, its config loaded at "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0800",
+        how,
+    ), through.stdout
+    assert [r.token for r in fake.delivered()] == [ROBOTS["dev-1"]["token"]]
+
+    fake.add_robot("tok-new-dev-0123456789abcdef")  # the team's new robot, not reloaded yet
+    robots = {**ROBOTS, "dev-1": {"token": "tok-new-dev-0123456789abcdef"}}
+    child.write_config(receivers={"dev": {"robots": "dev-1"}}, extra=AUTH, robots=robots)
+    direct = cli("--send-test", "dev", config=child.config)
+    first, line = direct.stdout.splitlines()
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    assert first.startswith(
+        f"directly, through the robots of {child.config}: the daemon on :{child.port} runs "
+        f"another [receiver:dev] (its config loaded at "
+    ) and first.endswith("); reload it to make this file's its own")
+    assert line.startswith("dev-1: errcode=0 errmsg=ok")
+    assert [r.token for r in fake.delivered()][1:] == ["tok-new-dev-0123456789abcdef"]
+    assert child.log.read_text().count("route=dev send-test: ") == 1  # the first only
+
+    bearer = {"Authorization": "Bearer am-bearer-token"}
+    assert post(child.url, b"", path="/-/reload", headers=bearer)[0] == 200
+    again = cli("--send-test", "dev", config=child.config)  # reloaded: the daemon's own now
+    assert again.stdout.startswith(f"via the daemon on :{child.port}, its config loaded at ")
+    assert [r.token for r in fake.delivered()][2:] == ["tok-new-dev-0123456789abcdef"]
+    assert child.stop() == 0
+
+
+def test_send_test_when_what_holds_the_port_is_not_alertbridge(tmp_path, fake, sqlite_db):
+    """Whatever else listens on the config's port (9097 on a shared machine), --send-test
+    says so and sends directly: no traceback, no dependence on the port being free."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer_hello():
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello")
+
+    threading.Thread(target=answer_hello, daemon=True).start()
+    path = tmp_path / "config.ini"
+    path.write_text(config_text(fake.url, sqlite_db, main={"port": str(port)}), encoding="utf-8")
+    result = cli("--send-test", "dev", config=path)
+    server.close()
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        f"directly, through the robots of {path}: what answers on :{port} is not alertbridge"
+    )
+    assert [r.token for r in fake.delivered()] == [ROBOTS["dev-1"]["token"]]

@@ -26,7 +26,8 @@ The file reads top to bottom the way an alert travels through it:
                      retry delays, the RFC 6455 WebSocket client
    9. Channels       RobotChannel, the custom group robot: its wire format (markdown,
                      actionCard, the @ text message), limits, signing, one request, its answer
-                     classified once (SendResult); CHANNELS by kind; Channels (each robot's own)
+                     classified once (SendResult) with its fix; placeholders; CHANNELS by
+                     kind; Channels (each robot's own)
   10. Robot pool     robots used in turn, budgets per token, a reserve, fair turns between
                      routes, throttles, hanging robots, disabled robots (a config error)
   11. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
@@ -83,7 +84,7 @@ WebSocket._send_lock one frame at a time on the Stream connection (held while a 
 written to DingTalk's gateway, so that the reader's answers and the owner's pings take turns).
 No lock is held during a request to a robot. tests/test_style.py holds this map to the code.
 
-Where a change goes (each touches at most two sections):
+Where a change goes (each touches at most two sections; docs/development.md has the lines):
   - another kind of robot: a class with RobotChannel's methods and its entry in CHANNELS (9.
     Channels); [robot:NAME] kind chooses it, and 3. Config changes only for a key of its own.
     Channels gives each robot its own; a receiver may mix kinds;

@@ -86,7 +86,8 @@ No lock is held during a request to a robot. tests/test_style.py holds this map 
 
 Where a change goes (each touches at most two sections; docs/development.md has the lines):
   - another kind of robot: a class with RobotChannel's methods and its entry in CHANNELS (9.
-    Channels); [robot:NAME] kind chooses it, and 3. Config changes only for a key of its own.
+    Channels), its PERSON_KEY the [person] key of its user ids (Mentions.user_ids_of); its
+    [robot:NAME] kind chooses it, and 3. Config changes only for a key of its own.
     Channels gives each robot its own; a receiver may mix kinds;
   - a channel tried before the robots: an object with takes(), page() and a robot, given to
     RouteSender as one of its `ahead` (16. Bridge), in its own section (the app's: 18);
@@ -252,16 +253,32 @@ NO_LEVEL = "none"       # the level of an alert whose priority label is missing 
 ALERTS, CARD, MENTION, NOTE = "alerts", "card", "mention", "note"  # the kinds of a message body
 
 
+DEFAULT_KIND = "dingtalk"    # the kind of robot, and of user id, when none is named
+
+
 @dataclass(frozen=True)
 class Mentions:
-    """Who a message @-mentions: phone numbers, DingTalk user ids, everyone. How a mention is
-    written is the channel's."""
+    """Who a message @-mentions: phone numbers, user ids, everyone. How a mention is written is
+    the channel's. A user id is of one platform: DingTalk's as it is, another channel's as
+    KIND:ID (wecom:zhangsan), so that the journal, the history's notes and folding carry every
+    platform's unchanged; each channel takes its own (user_ids_of)."""
     mobiles: tuple = ()
     user_ids: tuple = ()
     all: bool = False
 
     def __bool__(self):
         return bool(self.mobiles or self.user_ids or self.all)
+
+    def user_ids_of(self, kind):
+        return tuple(qualified_id(kind, u) for u in self.user_ids
+                     if qualified_id(kind, u) is not None)
+
+
+def qualified_id(kind, user_id):
+    """A user id as platform `kind` knows it, or None if it is another platform's (see
+    Mentions)."""
+    platform, sep, bare = user_id.rpartition(":")
+    return bare if (platform or DEFAULT_KIND) == kind else None
 
 
 @dataclass(frozen=True)
@@ -775,6 +792,12 @@ DEFAULT_COMPACT = "- {status_icon} **{alertname}** {instance} · {level_status} 
 PLACEHOLDER_TOKEN = "CHANGE_ME"
 MOBILE = re.compile(r"(\+[0-9]{1,4}-)?[0-9]{5,15}")       # as DingTalk's atMobiles take them
 USER_ID = re.compile(r"(?!all$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.I)   # "all" is no person
+
+
+def is_user_id(word):
+    """A user id of some platform: DingTalk's as it is, another channel's as KIND:ID."""
+    kind, qualified, bare = word.rpartition(":")
+    return bool(USER_ID.fullmatch(bare)) and (not qualified or kind in CHANNELS)
 MENTIONS_FROM_ALERTS = 20   # at most this many @ taken from alerts' labels, per message
 LOG_FORMATS = ("text", "json")
 
@@ -946,7 +969,7 @@ class Robot:
     url: str = field(repr=False)
     secret: str = field(default="", repr=False)
     keyword: str = ""
-    kind: str = "dingtalk"
+    kind: str = DEFAULT_KIND
 
     @functools.cached_property
     def token(self):
@@ -1028,7 +1051,13 @@ class Person:
     handle: str
     name: str
     mobile: str = ""
-    user_id: str = ""
+    user_id: str = ""               # DingTalk's
+    ids: tuple = ()                 # (kind, id): another channel's, by its PERSON_KEY
+
+    @property
+    def user_ids(self):
+        """Every platform's id of this person, as Mentions carries them."""
+        return ((self.user_id,) if self.user_id else ()) + tuple(f"{k}:{i}" for k, i in self.ids)
 
 
 SHIFTS = {"daily": 1, "weekly": 7}
@@ -1344,7 +1373,7 @@ def _keys(cls, without=()):
 
 
 ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword", "kind"}
-PERSON_KEYS = {"name", "mobile", "user_id"}
+PERSON_KEYS = {"name", "mobile"}    # and each channel's PERSON_KEY (person_keys)
 ROTATION_KEYS = {"people", "start", "hand_over_at", "shift", "overrides"}
 ESCALATION_KEYS = {"steps", "repeat"}
 
@@ -1355,7 +1384,7 @@ def _refuse_unknown_keys(parser, name):
     sections = {"alertbridge": Service, "database": Database, "auth": Auth,
                 "delivery": Delivery, "cluster": Cluster, "templates": Templates,
                 "oncall": OnCall, "app": App}
-    kinds = {"robot:": ROBOT_KEYS, "person:": PERSON_KEYS, "rotation:": ROTATION_KEYS,
+    kinds = {"robot:": ROBOT_KEYS, "person:": person_keys(), "rotation:": ROTATION_KEYS,
              "escalation:": ESCALATION_KEYS}
     known = (_keys(sections[name]) if name in sections else
              next((keys for prefix, keys in kinds.items() if name.startswith(prefix)), None)
@@ -1509,14 +1538,24 @@ def _load_person(section, handle):
     if not HANDLE.fullmatch(handle):
         raise ConfigError(f"{where}: a handle is 1 to 64 letters, digits, dots, dashes or "
                           f"underscores")
-    mobile, user_id = section.get("mobile"), section.get("user_id")
+    mobile = section.get("mobile")
     if mobile and not MOBILE.fullmatch(mobile):
         raise ConfigError(f"{where} mobile: not a phone number")
-    if user_id and not USER_ID.fullmatch(user_id):
-        raise ConfigError(f"{where} user_id: not a DingTalk user id")
-    if not (mobile or user_id):
-        raise ConfigError(f"{where}: set mobile or user_id: a person nobody can @ cannot be paged")
-    return Person(handle, section.get("name") or handle, mobile, user_id)
+    ids = {kind: section.get(channel.PERSON_KEY) for kind, channel in CHANNELS.items()
+           if section.get(channel.PERSON_KEY)}
+    for kind, user_id in ids.items():
+        if not USER_ID.fullmatch(user_id):
+            raise ConfigError(f"{where} {CHANNELS[kind].PERSON_KEY}: not a user id")
+    if not (mobile or ids):
+        keys = " or ".join(sorted(person_keys() - PERSON_KEYS))
+        raise ConfigError(f"{where}: set mobile or {keys}: a person nobody can @ cannot be paged")
+    return Person(handle, section.get("name") or handle, mobile, ids.pop(DEFAULT_KIND, ""),
+                  tuple(sorted(ids.items())))
+
+
+def person_keys():
+    """What a [person:HANDLE] may set: a name, a mobile, and an id for each channel's mentions."""
+    return PERSON_KEYS | {channel.PERSON_KEY for channel in CHANNELS.values()}
 
 
 def _load_rotation(section, name, people, tz):
@@ -1630,8 +1669,9 @@ def _load_route(section, name, robots, templates, delivery, directory=({}, {}),
     mobiles, user_ids = _words(section.get("at_mobiles")), _words(section.get("at_user_ids"))
     if not all(MOBILE.fullmatch(m) for m in mobiles):
         raise ConfigError(f"[{section.name}] at_mobiles: not a list of phone numbers")
-    if not all(USER_ID.fullmatch(u) for u in user_ids):
-        raise ConfigError(f"[{section.name}] at_user_ids: not a list of DingTalk user ids")
+    if not all(is_user_id(u) for u in user_ids):
+        raise ConfigError(f"[{section.name}] at_user_ids: not a list of DingTalk user ids "
+                          f"(or KIND:ID, another kind of robot's)")
     message_type = section.get("message_type", Route.message_type)
     if message_type.lower() not in ("markdown", "actioncard"):
         raise ConfigError(f"[{section.name}] message_type: must be markdown or actionCard")
@@ -1710,11 +1750,11 @@ def _at_map(section, people=None, rotations=None):
 def person(word):
     """An at_map word -> ("mobile", it) for a phone number, ("user_id", id) for `id:X` or any
     other word fit for a DingTalk user id; None for anything else (@all, "all", markup)."""
-    if word.startswith("id:") and USER_ID.fullmatch(word[3:]):
+    if word.startswith("id:") and is_user_id(word[3:]):
         return "user_id", word[3:]
     if MOBILE.fullmatch(word):
         return "mobile", word
-    return ("user_id", word) if USER_ID.fullmatch(word) else None
+    return ("user_id", word) if is_user_id(word) else None
 
 
 def _base_url(section, key, default="", path=True):
@@ -4798,7 +4838,7 @@ class Renderer:
             named += [("m", w) for key in route.at_mobiles_from
                       for w in _mention_words(found.get(key, "")) if MOBILE.fullmatch(w)]
             named += [("u", w) for key in route.at_user_ids_from
-                      for w in _mention_words(found.get(key, "")) if USER_ID.fullmatch(w)]
+                      for w in _mention_words(found.get(key, "")) if is_user_id(w)]
             m, u, p = entries.get(alert["labels"].get(route.at_map_label), ((), (), ()))
             on_duty = reached(p, at, tz)
             mobiles += list(m) + on_duty[0]
@@ -5418,7 +5458,7 @@ class SendResult:
     errmsg: str
     latency: float = 0.0
     outcome: str = None
-    kind: str = "dingtalk"
+    kind: str = DEFAULT_KIND
 
     def __post_init__(self):
         if self.outcome is None:
@@ -5446,7 +5486,8 @@ class RobotChannel:
     the whole body at most max_message_bytes (20,000 at DingTalk), alert text cut with a mark
     beyond that; signed URLs; errcodes classified. `config()` gives the running Config."""
 
-    KIND = "dingtalk"
+    KIND = DEFAULT_KIND
+    PERSON_KEY = "user_id"          # [person:X] user_id: whom atUserIds @-mentions
     THROTTLE_CODES = frozenset({410100, 130101})                # too fast: muted a while
     CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, token, off
     TOO_LONG_CODES = frozenset({460101, 101002})
@@ -5514,15 +5555,15 @@ class RobotChannel:
     def limit(self):
         return self.config().delivery.max_message_bytes
 
-    @staticmethod
-    def mention_text(mentions):
-        return " ".join("@" + who for who in mentions.mobiles + mentions.user_ids)
+    @classmethod
+    def mention_text(cls, mentions):
+        return " ".join("@" + who for who in mentions.mobiles + mentions.user_ids_of(cls.KIND))
 
-    @staticmethod
-    def at(mentions):
+    @classmethod
+    def at(cls, mentions):
         at = {"atMobiles": list(mentions.mobiles), "isAtAll": mentions.all}
-        if mentions.user_ids:
-            at["atUserIds"] = list(mentions.user_ids)
+        if mentions.user_ids_of(cls.KIND):
+            at["atUserIds"] = list(mentions.user_ids_of(cls.KIND))
         return at
 
     def mentions_apart(self, rendered):
@@ -5929,7 +5970,7 @@ class RobotReport:
     disabled: tuple             # (errcode, errmsg, since) while disabled, else None
     last_sent_at: float         # None if it has not sent since the start
     placeholder: bool
-    kind: str = "dingtalk"      # its channel's
+    kind: str = DEFAULT_KIND    # its channel's
 
     def throttled(self, now):
         return self.throttled_until > now
@@ -6787,7 +6828,7 @@ def on_call_report(rotations, at, tz):
 def reached(targets, at, tz):
     """People and rotations -> (mobiles, user ids) of who they are at epoch `at`."""
     people = [t if isinstance(t, Person) else on_call(t, at, tz)[0] for t in targets]
-    return ([p.mobile for p in people if p.mobile], [p.user_id for p in people if p.user_id])
+    return ([p.mobile for p in people if p.mobile], [u for p in people for u in p.user_ids])
 
 
 class AlertmanagerError(Exception):
@@ -7062,7 +7103,7 @@ class Escalator(Worker):
             self.metrics.inc("alertbridge_escalations_total", receiver=route.name)
             log.info("incident=%s route=%s escalation step %d (%s)", incident_id, route.name,
                      number, route.escalation.name)
-            dinged += first.mention.user_ids
+            dinged += first.mention.user_ids_of(DEFAULT_KIND)     # a DING reaches DingTalk's
         if dinged and self.ding is not None and config.app.ding != "none":
             self._ding(tuple(dict.fromkeys(dinged)), said)
 
@@ -10239,7 +10280,8 @@ class AppPager:
         params = self.card_params(route, body, rendered, "open" if firing else "resolved")
         if track is None:
             track = card_track(route.name, group)
-            self.api.send_card(track, route.app_group, params, rendered.mentions.user_ids)
+            self.api.send_card(track, route.app_group, params,
+                               rendered.mentions.user_ids_of(DEFAULT_KIND))
             self.journal.card_opened(route.name, group, track)
             return True, self._mention_beside(route, rendered, track, level, send_keys)
         if firing:      # the group again: its text; a claim or silence shown stays shown

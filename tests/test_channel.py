@@ -21,6 +21,7 @@ class PlainChannel:
     Its URL carries its credential as ?key=..."""
 
     KIND = "plain"
+    PERSON_KEY = "plain_id"
     LIMIT = 2000
     DECLARED = ()
     NO_CREDENTIAL = "has no key parameter"
@@ -56,7 +57,7 @@ class PlainChannel:
         links = [f"{label}: {url}" for label, url in rendered.buttons]
         head = [rendered.title]
         tail = list(rendered.notes) + links
-        notify = list(rendered.mentions.mobiles + rendered.mentions.user_ids)
+        notify = list(rendered.mentions.mobiles + rendered.mentions.user_ids_of(self.KIND))
         request = {"text": "\n".join(head + tail), "notify": notify}
         room = self.LIMIT - len(self.encode(request))
         text = alertbridge.truncate_to("\n\n".join(rendered.blocks), room)
@@ -212,3 +213,49 @@ def test_a_receiver_mixing_kinds_sends_each_robot_its_own_wire_format(
         assert len(rows) == 6 and all(r["notified_count"] == 1 for r in rows)
     finally:
         bridge.stop()
+
+
+def test_each_kind_of_robot_mentions_people_by_its_own_platforms_id(
+    tmp_path, plain_service, fake, sqlite_db
+):
+    """[person:X] takes an id for each channel (its PERSON_KEY): a receiver mixing kinds @s the
+    same person on each robot by that robot's platform's id, never another's."""
+    url, received, _ = plain_service
+    fake.add_robot("ids-ding")
+    path = tmp_path / "config.ini"
+    path.write_text(
+        f"[alertbridge]\nport = 0\nstate_dir = state\njournal_sync = normal\n"
+        f"[database]\ndriver = sqlite\npath = {sqlite_db.path}\n"
+        f"[receiver:ops]\nrobots = plain, ding\nat_people = lisi\n"
+        f"at_user_ids = plain:lead-1, boss01\n"
+        f"[person:lisi]\nuser_id = lisi01\nplain_id = lisi-plain\n"
+        f"[robot:plain]\nurl = {url}\nkind = plain\n"
+        f"[robot:ding]\nurl = {fake.url('ids-ding')}\n",
+        encoding="utf-8",
+    )
+    config = alertbridge.load_config(str(path))
+    assert config.people["lisi"].user_ids == ("lisi01", "plain:lisi-plain")
+    bridge = alertbridge.Bridge(config).start()
+    try:
+        for i in range(2):  # the robots in turn: one message each
+            assert post(bridge, make_payload("ops", [make_alert(f"Disk{i}", "db")]))[0] == 200
+            settle(bridge)
+        (to_plain,), (to_ding,) = received, fake.delivered("ids-ding")
+        assert to_plain["notify"] == ["lead-1", "lisi-plain"]
+        assert to_ding.body["at"]["atUserIds"] == ["boss01", "lisi01"]
+        assert "plain" not in to_ding.text and "lisi01" not in to_plain["text"]
+    finally:
+        bridge.stop()
+
+
+def test_a_person_needs_an_id_some_kind_of_robot_can_mention(tmp_path, plain_channel):
+    path = tmp_path / "config.ini"
+    path.write_text("[receiver:ops]\nrobots = r\nat_people = lisi\n[person:lisi]\nname = 李四\n"
+                    "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=abc\n",
+                    encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match=r"set mobile or plain_id or user_id"):
+        alertbridge.load_config(str(path))
+    path.write_text(path.read_text(encoding="utf-8").replace("name = 李四", "plain_id = l@x"),
+                    encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match=r"\[person:lisi\] plain_id: not a user id"):
+        alertbridge.load_config(str(path))

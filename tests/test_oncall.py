@@ -265,7 +265,7 @@ def test_the_docs_list_every_key_of_people_and_rotations():
 
     cells = readme_table("[person:HANDLE]")
     keys = {k.strip(" `") for cell in cells for k in cell.split(",")}
-    assert keys == alertbridge.PERSON_KEYS | alertbridge.ROTATION_KEYS
+    assert keys == alertbridge.person_keys() | alertbridge.ROTATION_KEYS
 
 
 def test_a_running_bridge_pages_whoever_is_on_call_and_says_who_over_http(

@@ -5493,7 +5493,9 @@ class RobotChannel:
     TOO_LONG_CODES = frozenset({460101, 101002})
     DECLARED = ("0", "410100")      # the errcodes whose send counters exist from the start
     NO_CREDENTIAL = "has no access_token parameter"
-    PLACEHOLDER_HINT = "put the robot's access_token into config.ini"
+    PLACEHOLDER_HINTS = {"token": "put the robot's access_token into config.ini",
+                         "secret": "put the robot's 加签 secret (SEC...) into config.ini, or "
+                                   "remove secret if the robot does not sign"}
     PLACEHOLDERS = {"token": (PLACEHOLDER_TOKEN, "YOUR_ACCESS_TOKEN", "OPS_TOKEN", "LEADS_TOKEN"),
                     "secret": ("SEC_CHANGE_ME", "SEC_YOUR_SIGNING_SECRET")}  # config.ini, docs
     # What to do about a refusal: (errcode, what its errmsg says or None, the fix); the first
@@ -5956,7 +5958,7 @@ class RobotPool:
             return [RobotReport(r.name, max(0, self._budget(r.key, now)), self._capacity(True),
                                 self.limits().reserve, self._throttled.get(r.key, 0),
                                 self._disabled.get(r.key), self._last_sent.get(r.key),
-                                r.placeholder, r.kind)
+                                r.placeholder_key, r.kind)
                     for r in sorted(robots, key=lambda r: r.name)]
 
 
@@ -5969,7 +5971,7 @@ class RobotReport:
     throttled_until: float      # 0 if it never was
     disabled: tuple             # (errcode, errmsg, since) while disabled, else None
     last_sent_at: float         # None if it has not sent since the start
-    placeholder: bool
+    placeholder: str            # "token" or "secret" if it has an example's (Robot), else ""
     kind: str = DEFAULT_KIND    # its channel's
 
     def throttled(self, now):
@@ -8148,7 +8150,7 @@ class Probes:
             gauges += [("alertbridge_robot_budget_remaining", labels, robot.budget),
                        ("alertbridge_robot_throttled", labels, int(robot.throttled(now))),
                        ("alertbridge_robot_disabled", labels,
-                        int(bool(robot.disabled) or robot.placeholder))]
+                        int(bool(robot.disabled or robot.placeholder)))]
         return self.metrics.render(gauges)
 
 
@@ -8466,10 +8468,15 @@ class StatusPage:
         return (f'<section class="attention"><h2>Needs attention</h2><ul>{"".join(items)}'
                 f"</ul></section>")
 
+    @staticmethod
+    def _placeholder(robot):
+        hint = CHANNELS[robot.kind].PLACEHOLDER_HINTS[robot.placeholder]
+        return f"placeholder {robot.placeholder}: {hint}"
+
     def _problem(self, robot, now):
         """Why a robot cannot send now, as HTML; "" if it can."""
         if robot.placeholder:
-            return span("bad", f"placeholder token: {CHANNELS[robot.kind].PLACEHOLDER_HINT}")
+            return span("bad", self._placeholder(robot))
         if robot.disabled:
             errcode, errmsg, since = robot.disabled
             return (span("bad", f"disabled, errcode {errcode}: {errmsg}")
@@ -8556,7 +8563,7 @@ class StatusPage:
         throttled = ((f"until {when(self._time(robot.throttled_until))}", "bad")
                      if robot.throttled(now) else ("no", "ok"))
         if robot.placeholder:
-            out = (f"placeholder token: {CHANNELS[robot.kind].PLACEHOLDER_HINT}", "bad")
+            out = (esc(self._placeholder(robot)), "bad")
         elif robot.disabled:
             errcode, errmsg, since = robot.disabled
             out = (f"errcode {esc(errcode)}: {esc(errmsg)} (since {when(self._time(since))}; "

@@ -25,7 +25,7 @@ class PlainChannel:
     LIMIT = 2000
     DECLARED = ()
     NO_CREDENTIAL = "has no key parameter"
-    PLACEHOLDER_HINT = "put the service's key into config.ini"
+    PLACEHOLDER_HINTS = {"token": "put the service's key into config.ini", "secret": ""}
     PLACEHOLDERS = {"token": ("CHANGE_ME",), "secret": ()}
 
     def __init__(self, config):

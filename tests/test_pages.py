@@ -374,6 +374,16 @@ def test_the_status_page_shows_queues_robots_sends_and_what_fires(make_bridge, s
         assert secret not in text
 
 
+def test_the_status_page_names_which_placeholder_a_robot_still_has(make_bridge, sqlite_db):
+    """A robot with the README's example secret is out of use for its secret, not its token:
+    the page says which, and what to put there."""
+    robots = {**ROBOTS, "ops-3": {**ROBOTS["ops-3"], "secret": "SEC_YOUR_SIGNING_SECRET"}}
+    bridge = make_bridge(sqlite_db, robots=robots)
+    text = request(bridge, "GET", "/")[1].decode()
+    assert "placeholder secret: put the robot&#x27;s 加签 secret (SEC...) into config.ini" in text
+    assert "placeholder token" not in text and "SEC_YOUR_SIGNING_SECRET" not in text
+
+
 def test_the_status_page_says_when_the_history_is_down_and_paging_goes_on(make_bridge, fake):
     nowhere = alertbridge.Database(driver="mysql", host="127.0.0.1", port=free_port(), user="root")
     bridge = make_bridge(nowhere)

@@ -4,6 +4,7 @@ import base64
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -30,9 +31,11 @@ from tests.kit import (
     config_text,
     empty_mysql,
     free_port,
+    gone,
     history,
     make_alert,
     make_payload,
+    metric,
     mysql_connect,
     mysql_settings,
     post,
@@ -123,8 +126,8 @@ def test_json_logs_carry_each_field_whole_and_no_secret(daemon, fake):
     assert sent["robot"] == "dev-1" and sent["errcode"] == "0" and sent["errmsg"] == "ok"
     assert sent["request_id"] == accepted["request_id"]
     assert not [s for s in SECRETS if s in p.log.read_text(encoding="utf-8")]
-    store = p.children()[0]  # the store process logs the same way
-    assert "--log-format\0json" in open(f"/proc/{store}/cmdline").read()
+    store = p.children()[0]  # the store process logs the same way: a fork, with its handler
+    assert open(f"/proc/{store}/cmdline").read() == open(f"/proc/{p.pid}/cmdline").read()
 
     p.write_config(main={"port": str(p.port), "log_format": "text"})
     p.proc.send_signal(signal.SIGHUP)
@@ -171,6 +174,28 @@ def https_fake(tmp_path):
         server.add_robot(robot["token"], robot.get("secret", ""), robot.get("keyword", ""))
     yield server, cert
     server.stop()
+
+
+def test_the_daemons_store_process_is_a_fork_and_a_new_one_replaces_it_if_it_dies(daemon, fake):
+    """The store process the daemon starts shares its memory (a fork made before any thread,
+    with only the pipe and stdio open: not the port, not the journal); killed, the next is a
+    process of its own (a threaded process does not fork), and no event is lost."""
+    p = daemon()
+    p.wait_healthy()
+    [store] = p.children()
+    assert open(f"/proc/{store}/cmdline").read() == open(f"/proc/{p.pid}/cmdline").read()
+    held = [os.readlink(f"/proc/{store}/fd/{fd}") for fd in os.listdir(f"/proc/{store}/fd")]
+    assert sum(h.startswith("socket:") for h in held) == 1  # the pipe, not the daemon's port
+    assert not [h for h in held if "journal" in h]
+    assert post(p.url, make_payload("dev", [make_alert("BeforeTheKill")]))[0] == 200
+    assert wait_until(lambda: metric(p.url, "alertbridge_alerts_recorded_total") == 1)
+    os.kill(store, signal.SIGKILL)
+    assert post(p.url, make_payload("dev", [make_alert("AfterTheKill")]))[0] == 200
+    assert wait_until(lambda: metric(p.url, "alertbridge_alerts_recorded_total") == 2, timeout=60)
+    [again] = [pid for pid in p.children() if pid != store]
+    assert b"--store-process" in pathlib.Path(f"/proc/{again}/cmdline").read_bytes()
+    assert p.stop() == 0
+    assert wait_until(lambda: gone(again))
 
 
 @pytest.mark.parametrize(

@@ -1305,24 +1305,47 @@ class _Section:
         return cls(**values, **derived)
 
 
+SECTIONS = ("alertbridge", "database", "delivery", "templates", "auth", "cluster", "oncall", "app")
+SECTION_KINDS = ("robot:", "receiver:", "person:", "rotation:", "escalation:")
+
+
+def _section_hint(name):
+    """What an unknown section may have meant: the known one a typo away, else the kinds."""
+    kind, colon, rest = name.partition(":")
+    close = (difflib.get_close_matches(kind + ":", SECTION_KINDS, n=1) if colon else
+             difflib.get_close_matches(name, SECTIONS, n=1))
+    if close:
+        return f"did you mean [{close[0]}{rest}]?"
+    return ("expected receiver:NAME, robot:NAME, person:HANDLE, rotation:NAME or "
+            "escalation:NAME")
+
+
+def read_config_text(path):
+    """config.ini's text: UTF-8, with or without the BOM Windows Notepad writes; a file in
+    another encoding is named by its first line that is not UTF-8."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 (saved as GBK?): save the file as "
+                          f"UTF-8") from None
+
+
 def load_config(path):
     """Read and validate config.ini. Raises ConfigError naming the first problem found."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh)
+        parser.read_string(read_config_text(path), source=path)
     except configparser.Error as exc:
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: {exc}")
-    known = ("alertbridge", "database", "delivery", "templates", "auth", "cluster", "oncall",
-             "app")
     unknown = [s for s in parser.sections()
-               if s not in known and not s.startswith(("robot:", "receiver:", "person:",
-                                                       "rotation:", "escalation:"))]
+               if s not in SECTIONS and not s.startswith(SECTION_KINDS)]
     if unknown:
-        raise ConfigError(f"[{unknown[0]}]: unknown section (expected receiver:NAME, robot:NAME, "
-                          f"person:HANDLE, rotation:NAME or escalation:NAME)")
+        raise ConfigError(f"[{unknown[0]}]: unknown section ({_section_hint(unknown[0])})")
     for name in parser.sections():
         _refuse_unknown_keys(parser, name)
     base = os.path.dirname(os.path.abspath(path))
@@ -1503,6 +1526,10 @@ def _language(section, default):
 def _load_robot(section, name):
     # Errors name the key, never quote the value: the URL holds the token.
     url, where = section.expand("url", section.get("url")), f"[{section.name}] url"
+    if "\n" in url:
+        raise ConfigError(f"{where}: an indented line below it was read as part of url "
+                          f"(configparser continues a value on indented lines): write every "
+                          f"key at the start of its line")
     if re.search(r"\s", url):
         raise ConfigError(f"{where}: contains a space (a comment after the value? configparser "
                           f"keeps it as part of the value: put comments on a line of their own)")
@@ -1540,7 +1567,8 @@ def _load_person(section, handle):
                           f"underscores")
     mobile = section.get("mobile")
     if mobile and not MOBILE.fullmatch(mobile):
-        raise ConfigError(f"{where} mobile: not a phone number")
+        raise ConfigError(f"{where} mobile: not a phone number: write its digits alone "
+                          f"(13800000001), or +COUNTRY-NUMBER (+86-13800000001)")
     ids = {kind: section.get(channel.PERSON_KEY) for kind, channel in CHANNELS.items()
            if section.get(channel.PERSON_KEY)}
     for kind, user_id in ids.items():
@@ -1574,10 +1602,12 @@ def _load_rotation(section, name, people, tz):
         hand_over_at = dtime.fromisoformat(section.get("hand_over_at", "09:30"))
     except ValueError:
         raise ConfigError(f"{where} hand_over_at: not a time of day such as 09:30")
+    if not section.get("start"):
+        raise ConfigError(f"{where} start: required, the date of the first shift (2026-12-01)")
     try:
         start = date.fromisoformat(section.get("start"))
     except ValueError:
-        raise ConfigError(f"{where} start: required, the date of the first shift (2026-12-01)")
+        raise ConfigError(f"{where} start: not a date (YYYY-MM-DD, such as 2026-12-01)")
     rotation = Rotation(name, tuple(people[h] for h in handles), start, hand_over_at, shift)
     return replace(rotation, overrides=_overrides(section, rotation, people, tz))
 
@@ -1654,7 +1684,8 @@ def _people(section, key, people, rotations):
         elif word in people:
             found.append(people[word])
         else:
-            raise ConfigError(f"[{section.name}] {key}: no section [person:{word}]")
+            hint = f" (did you mean rotation:{word}?)" if word in rotations else ""
+            raise ConfigError(f"[{section.name}] {key}: no section [person:{word}]{hint}")
     return tuple(found)
 
 

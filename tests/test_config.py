@@ -465,3 +465,60 @@ def test_the_docs_placeholders_are_flagged_as_change_me_is(tmp_path):
         assert robot.placeholder_key == key, (query, secret)
         summary = alertbridge.check_config(config)
         assert f"PLACEHOLDER {key.upper()}: not used" in summary
+
+
+PERSON_A = "[person:a]\nmobile = 13800000002\n"
+
+
+def test_a_file_from_windows_notepad_is_read_and_one_in_gbk_is_named_by_line(tmp_path):
+    """A UTF-8 BOM was "line 1: a setting before any [section] header"; a file saved as GBK
+    was "'utf-8' codec can't decode byte 0xd5 in position 118"."""
+    path = tmp_path / "config.ini"
+    text = "[receiver:default]\nrobots = x\n" + ROBOT_X + "[person:a]\nname = 张三\nmobile = 13800\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    config = alertbridge.load_config(str(path))
+    assert config.people["a"].name == "张三" and "default" in config.routes
+    path.write_bytes(text.encode("gbk"))
+    with pytest.raises(alertbridge.ConfigError) as error:
+        alertbridge.load_config(str(path))
+    assert str(error.value) == f"{path}: line 6 is not UTF-8 (saved as GBK?): save the file as " \
+        "UTF-8"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[alertbrige]\nport = 1\n", "[alertbrige]: unknown section (did you mean [alertbridge]?)"),
+        ("[robto:y]\nurl = z\n", "[robto:y]: unknown section (did you mean [robot:y]?)"),
+        ("[oncal]\n", "[oncal]: unknown section (did you mean [oncall]?)"),
+        (
+            ROBOT_X.replace("[robot:x]", "[robot:y]") + "  secret = SECx\n",
+            "[robot:y] url: an indented line below it was read as part of url",
+        ),
+        (PERSON_A.replace("13800000002", "138-0000-0002"), "write its digits alone (13800000001)"),
+        (
+            PERSON_A + "[rotation:primary]\npeople = a\nstart = 2026/11/30\n",
+            "[rotation:primary] start: not a date (YYYY-MM-DD, such as 2026-12-01)",
+        ),
+        (PERSON_A + "[rotation:primary]\npeople = a\n", "[rotation:primary] start: required"),
+        (
+            PERSON_A + "[rotation:primary]\npeople = a\nstart = 2026-11-30\n"
+            "[receiver:ops]\nrobots = x\nat_people = primary\n",
+            "no section [person:primary] (did you mean rotation:primary?)",
+        ),
+    ],
+)
+def test_config_errors_say_what_was_meant(tmp_path, text, message):
+    """Errors as people really make them: a typo in a section name, an indented key, a date
+    written with slashes, a phone number with dashes, a rotation named as a person."""
+    assert message in config_error(tmp_path, "[receiver:default]\nrobots = x\n" + ROBOT_X + text)
+
+
+@pytest.mark.parametrize("value, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("4h", 14400),
+                                            ("1d", 86400)])
+def test_every_duration_key_takes_the_forms_escalation_steps_take(tmp_path, value, seconds):
+    path = tmp_path / "config.ini"
+    path.write_text(f"[delivery]\nmax_age = {value}\n[oncall]\nlink_ttl = {value}\n"
+                    f"[receiver:default]\nrobots = x\n" + ROBOT_X, encoding="utf-8")
+    config = alertbridge.load_config(str(path))
+    assert config.delivery.max_age == config.oncall.link_ttl == seconds

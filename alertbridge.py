@@ -1378,7 +1378,8 @@ def load_config(path):
     linked = [name for name, route in sorted(routes.items()) if route.claim_links]
     if linked and not (settings["oncall"].base_url and settings["oncall"].link_secret):
         raise ConfigError(f"[receiver:{linked[0]}] claim_links: set [oncall] base_url (where "
-                          f"phones reach alertbridge) and link_secret (which signs the links)")
+                          f"phones reach alertbridge) and link_secret (which signs the links; "
+                          f"{MAKE_LINK_SECRET})")
     carded = [name for name, route in sorted(routes.items()) if route.app_group]
     if carded and not (settings["app"].enabled and settings["app"].card_template):
         raise ConfigError(f"[receiver:{carded[0]}] app_group: set [app] client_id, client_secret "
@@ -1488,12 +1489,16 @@ def _load_cluster(parser, database):
     return replace(cluster, instance=instance)
 
 
+MAKE_LINK_SECRET = ("make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))' "
+                    "> /etc/alertbridge/link.secret, then link_secret_file = that file")
+
+
 def _load_oncall(parser, base):
     section = _Section(parser, "oncall", base)
     oncall = section.settings(OnCall)
     if oncall.link_secret and len(oncall.link_secret) < 16:
-        raise ConfigError("[oncall] link_secret: at least 16 characters (it signs the links: "
-                          "anyone who knows it can make one)")
+        raise ConfigError(f"[oncall] link_secret: at least 16 characters (it signs the links: "
+                          f"anyone who knows it can make one; {MAKE_LINK_SECRET})")
     return replace(oncall, base_url=_base_url(section, "base_url"),
                    alertmanager_api=_base_url(section, "alertmanager_api"))
 

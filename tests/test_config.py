@@ -522,3 +522,25 @@ def test_every_duration_key_takes_the_forms_escalation_steps_take(tmp_path, valu
                     f"[receiver:default]\nrobots = x\n" + ROBOT_X, encoding="utf-8")
     config = alertbridge.load_config(str(path))
     assert config.delivery.max_age == config.oncall.link_ttl == seconds
+
+
+@pytest.mark.parametrize("page", ["docs/configuration.md", "docs/configuration.zh-CN.md"])
+def test_the_docs_give_every_duration_keys_minimum_as_the_code_has_it(page):
+    """link_ttl had a minimum of 60 that the docs did not state."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    stated = {f"[{section}] {key}": float(n)
+              for section, key, n in re.findall(r"`\[(\w+)\] (\w+)` ([0-9.]+) s", text)}
+    sections = {"alertbridge": alertbridge.Service, "delivery": alertbridge.Delivery,
+                "cluster": alertbridge.Cluster, "oncall": alertbridge.OnCall,
+                "app": alertbridge.App, "database": alertbridge.Database}
+    minimums = {f"[{name}] {f.name}": f.metadata["min"] for name, cls in sections.items()
+                for f in dataclasses.fields(cls) if f.metadata.get("duration")
+                and f.metadata["min"] > 0}
+    assert stated == minimums
+
+
+def test_a_missing_or_short_link_secret_says_how_to_make_one(tmp_path):
+    text = "[receiver:default]\nrobots = x\nclaim_links = true\n" + ROBOT_X
+    made = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    assert made in config_error(tmp_path, text + "[oncall]\nbase_url = https://a.example\n")
+    assert made in config_error(tmp_path, text + "[oncall]\nlink_secret = short\n")

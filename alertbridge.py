@@ -4525,11 +4525,12 @@ LINK_FIELDS = frozenset({"links", "generator_url", "silence_url", "external_url"
                          "dashboard_url", "other_labels"})
 
 
-def alert_fields(alert, tz, route=None, history="", names=None):
+def alert_fields(alert, tz, route=None, history="", names=None, silence=True):
     """Everything an alert template can name: {alertname}, {labels[team]}, {duration}...
     Label and annotation values are Untrusted: escaped where they land, unless `:raw`.
     `names`: the fields a template uses (template_fields), if it names none of LINK_FIELDS
-    those are left out: a storm's compact lines render twice as fast without them."""
+    those are left out: a storm's compact lines render twice as fast without them.
+    `silence`: False when the page has alertbridge's own Silence link (no second one)."""
     labels = Blank({k: Untrusted(v) for k, v in alert["labels"].items()})
     annotations = Blank({k: Untrusted(v) for k, v in alert["annotations"].items()})
     resolved = alert["status"] == "resolved"
@@ -4547,7 +4548,7 @@ def alert_fields(alert, tz, route=None, history="", names=None):
         history="" if resolved else history,
     )
     if names is None or names & LINK_FIELDS:
-        add_link_fields(fields, alert, route, resolved)
+        add_link_fields(fields, alert, route, resolved or not silence)
     return fields
 
 
@@ -4563,15 +4564,16 @@ def time_fields(starts_at, ends_at, tz):
             "duration": format_duration((ends - starts).total_seconds()) if ends else ""}
 
 
-def add_link_fields(fields, alert, route, resolved):
-    """An alert's LINK_FIELDS: where to look, silence, read the runbook, see the dashboard."""
+def add_link_fields(fields, alert, route, unsilenced):
+    """An alert's LINK_FIELDS: where to look, silence (unless `unsilenced`: resolved, or the
+    page has alertbridge's own Silence link), read the runbook, see the dashboard."""
     external = web_url(external_url(alert, route))
     generator = web_url(rebase_url(alert["generator_url"], route.prometheus_url if route else ""))
     fields.update(
         other_labels=Untrusted(", ".join(f"{k}={v}" for k, v in sorted(alert["labels"].items())
                                          if k not in STANDARD_LABELS)),
         generator_url=generator, external_url=external, dashboard_url="",
-        silence_url="" if resolved else silence_url(external, alert["labels"]),
+        silence_url="" if unsilenced else silence_url(external, alert["labels"]),
         runbook_url=web_url(alert["annotations"].get("runbook_url")))
     if route and route.dashboard_url:
         fields["dashboard_url"] = web_url(render_template(route.dashboard_url, fields, "url"))
@@ -4820,7 +4822,14 @@ class Renderer:
                 and uses_field(route.alert, "history")):
             known = self.history(alert)
         text = recurrence_text(*known, tz, route.language) if known else ""
-        return alert_fields(alert, tz, route, text, template_fields(template) if template else None)
+        return alert_fields(alert, tz, route, text, template_fields(template) if template else None,
+                            silence=not self.silences_itself(route))
+
+    def silences_itself(self, route):
+        """Whether the route's pages carry alertbridge's Silence link (claim_links, and
+        [oncall] alertmanager_api to make silences with): Alertmanager's is then left out,
+        so that a page has one."""
+        return route.claim_links and bool(self.config().oncall.alertmanager_api)
 
     def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
         """Before rendering: have the alerts' {history} read, if the route's template shows it
@@ -4869,9 +4878,10 @@ class Renderer:
         first = self.fields(route, alerts[0])
         runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
         words = WORDS[route.language]
+        own = self.silences_itself(route)
         candidates = [
-            (words["silence"], silence_url(web_url(external_url(alerts[0], route)),
-                                           common_labels(firing))),
+            (words["silence"], "" if own else silence_url(web_url(external_url(alerts[0], route)),
+                                                          common_labels(firing))),
             (words["runbook"], next((url for url in runbooks if url), "")),
             ("Prometheus", first["generator_url"]),
             (words["dashboard"], first["dashboard_url"])]
@@ -4911,7 +4921,7 @@ class Renderer:
         claim = self.claim_url(route, body)
         words = WORDS[route.language]
         silence = self.claim_url(route, body, "silence") \
-            if claim and self.config().oncall.alertmanager_api else ""
+            if claim and self.silences_itself(route) else ""
         links = [f"[{words['claim']}]({claim})"] + (
             [f"[{words['silence_for']}]({silence})"] if silence else [])
         notes = (("👉 " + " · ".join(links),) if claim else ()) + (
@@ -8691,9 +8701,20 @@ class IncidentPages:
                 f'<form method="post" action="/incident/{esc(token)}">'
                 f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
                 f"<p><label>I am {who}</label></p>"
+                f"{self._silenced_by(incident) if action == 'silence' else ''}"
                 f"<p>{self._incident_buttons(config, action)}</p></form></section>")
         cookie = self._cookie(config, self.CSRF_COOKIE, csrf, "Strict", 3600)
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
+
+    @staticmethod
+    def _silenced_by(incident):
+        """What the silence will match, as Alertmanager will be given it (Desk.silence): every
+        alert with these labels, whichever instance."""
+        labels = sorted(incident["group_labels"].items())
+        listed = "".join(f'<li><code>{esc(matchers({k: v})[1:-1])}</code></li>'
+                         for k, v in labels)
+        return (f'<p>It silences every alert that has these labels:</p>'
+                f'<ul class="matchers">{listed}</ul>')
 
     @staticmethod
     def _incident_buttons(config, action):

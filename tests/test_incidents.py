@@ -452,3 +452,37 @@ def test_the_silence_page_offers_what_silence_max_allows_and_refuses_anything_el
     with pytest.raises(alertbridge.DeskRefused, match="4h at most"):
         bridge.desk.silence(route, group, 24, "zhangsan", "张三", "dingtalk")
     assert alertbridge.Store(sqlite_db).incidents()[0]["events"] == ["opened"]
+
+
+HOSTILE = "C:\\new \" ' ) ] \n < & \u2028 end"
+
+
+def test_the_silence_page_shows_what_it_silences_and_a_page_has_one_silence_link(
+    make_bridge, sqlite_db, fake
+):
+    """One silence muted every instance of the alert and the page never said so; with
+    alertmanager_api a page had two Silence links (Alertmanager's and alertbridge's)."""
+    oncall = ONCALL.replace("[oncall]\n", "[oncall]\nalertmanager_api = http://127.0.0.1:9\n")
+    receivers = {**CLAIMING, "ops": {**CLAIMING["ops"], "message_type": "actionCard"}}
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=oncall)
+    payload = make_payload("ops", [make_alert("DiskFull", "db-1")]) | {
+        "groupKey": "g-hostile", "groupLabels": {"alertname": "DiskFull", "team": HOSTILE}}
+    assert post(bridge, payload)[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    card = fake.delivered()[0].body["actionCard"]
+    silences = [b for b in card["btns"] if "静默" in b["title"]] + re.findall(
+        r"\[[^\]]*静默[^\]]*\]\(([^)]*)\)", card["text"])
+    assert len(silences) == 1 and "/incident/" in str(silences)  # alertbridge's, not /#/silences
+    assert "#/silences" not in json.dumps(card)
+    history = alertbridge.Store(sqlite_db)
+    assert wait_until(lambda: history.incidents() != [])
+    history.close()
+    [incident] = alertbridge.Store(sqlite_db).incidents()
+    link = alertbridge.sign_link(SECRET, "ops", incident["group_hash"], "silence",
+                                 time.time() + 600)
+    status, html, _ = claim_request(bridge, link)
+    assert status == 200 and "It silences every alert that has these labels:" in html
+    listed = re.findall(r"<li><code>(.*?)</code></li>", html, re.S)
+    assert listed == ['alertname=&quot;DiskFull&quot;',
+                      'team=&quot;C:\\\\new \\&quot; &#x27; ) ] \\n &lt; &amp; \u2028 end&quot;']
+    assert html.index("It silences") < html.index('id="silence-1"')

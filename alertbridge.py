@@ -2896,7 +2896,8 @@ S_NOTE_SENT = ("UPDATE incident_notes SET sent_at = %s WHERE note_key = %s "
 S_INCIDENT_EVENT_ADD = ("INSERT INTO incident_events (incident_id, at, kind, actor, via, detail) "
                         "VALUES (%s, %s, %s, %s, %s, %s)")
 INCIDENT_COLUMNS = ("SELECT id, route, receiver, title, level, state, opened_at, acknowledged_at, "
-                    "acknowledged_by, resolved_at, group_hash FROM incidents ")
+                    "acknowledged_by, resolved_at, group_hash, escalations, next_step_at, "
+                    "silence_id, silenced_until FROM incidents ")
 S_INCIDENTS = INCIDENT_COLUMNS + "ORDER BY id DESC LIMIT %s"
 S_INCIDENTS_STILL_OPEN = (INCIDENT_COLUMNS + "WHERE state IN ('open', 'acknowledged') "
                           "ORDER BY id DESC LIMIT %s")
@@ -4208,7 +4209,8 @@ class Store:
                 self.execute(cursor, S_INCIDENT_EVENTS, (incident["id"],))
                 incident["events"] = [row[0] for row in cursor.fetchall()]
         for incident in found:
-            for key in ("opened_at", "acknowledged_at", "resolved_at"):
+            for key in ("opened_at", "acknowledged_at", "resolved_at", "next_step_at",
+                        "silenced_until"):
                 incident[key] = as_db_time(incident[key])
         return found
 
@@ -8410,8 +8412,8 @@ class StatusPage:
             parts.append(self._route(route, queues.get(name, ({}, 0)), robots, now))
         for name in sorted(set(queues) - set(config.routes)):
             parts.append(self._orphan(name, queues[name], now))
-        parts += [self._app_section(config), self._on_call_section(), self._sends(),
-                  self._firing()]
+        parts += [self._app_section(config), self._on_call_section(),
+                  self._open_incidents(config), self._sends(), self._firing()]
         return page(f"alertbridge {VERSION}", "".join(parts), refresh=self.REFRESH)
 
     def _app_section(self, config):
@@ -8464,6 +8466,66 @@ class StatusPage:
                     config.tz)]
         return ("<section><h2>On call</h2>" + table(["rotation", "now", "until", "next"], rows)
                 + "</section>")
+
+    OPEN_LISTED = 20
+    # the open incidents' part, in the receivers' language (English if they differ)
+    INCIDENT_WORDS = {
+        "en": {"title": "Open incidents", "columns": ["#", "receiver", "incident", "opened",
+                                                       "claimed", "next escalation step"],
+               "none": "no incident is open", "nobody": "nobody yet",
+               "by": "{name}, {at}", "silenced": "silenced until {until}",
+               "stopped": "none: claimed", "over": "none left", "soon": "being scheduled",
+               "step": "step {number} at {at}: {who}", "down": "the history did not answer"},
+        "zh": {"title": "未结束的事件", "columns": ["#", "接收者", "事件", "开始", "认领",
+                                                  "下一步升级"],
+               "none": "没有未结束的事件", "nobody": "尚无人认领",
+               "by": "{name}，{at}", "silenced": "静默至 {until}",
+               "stopped": "无：已认领", "over": "没有了", "soon": "正在安排",
+               "step": "第 {number} 步，{at}：{who}", "down": "历史库没有应答"},
+    }
+
+    def _open_incidents(self, config):
+        """Each open incident: claimed or not, by whom and since when, and its next
+        escalation step (when, and whom it @s)."""
+        if not on_call_in_use(config):
+            return ""
+        languages = {route.language for route in config.routes.values()}
+        words = self.INCIDENT_WORDS[languages.pop() if len(languages) == 1 else "en"]
+        try:
+            if self.probes.store_ok is False:
+                raise StoreUnavailable("the history store is unreachable")
+            incidents = self.store.open_incidents(self.OPEN_LISTED)
+        except (StoreUnavailable, StoreError) as exc:
+            log.warning("status page: open incidents not read from the history: %s", exc)
+            return f"<section><h2>{words['title']}</h2>{span('bad', words['down'])}</section>"
+        rows = [[f"#{i['id']}", esc(i["route"]), esc(i["title"]),
+                 when(self._db_time(i["opened_at"])), self._claimed(config, i, words),
+                 self._next_step(config, i, words)] for i in incidents]
+        return (f"<section><h2>{words['title']}</h2>"
+                + table(words["columns"], rows, words["none"]) + "</section>")
+
+    def _claimed(self, config, incident, words):
+        if not incident["acknowledged_by"]:
+            return span("bad", words["nobody"])
+        return esc(words["by"].format(name=config.name_of(incident["acknowledged_by"]),
+                                      at=self._db_time(incident["acknowledged_at"])))
+
+    def _next_step(self, config, incident, words):
+        route = config.routes.get(incident["route"])
+        escalation = route.escalation if route else None
+        if incident["state"] != "open":
+            return esc(words["stopped"])
+        if incident["silence_id"] and incident["silenced_until"]:
+            return esc(words["silenced"].format(until=self._db_time(incident["silenced_until"])))
+        if escalation is None or incident["next_step_at"] >= NEVER:
+            return esc(words["over"])
+        if incident["next_step_at"] <= LOOK_NOW:
+            return esc(words["soon"])
+        step = escalation.steps[incident["escalations"] % len(escalation.steps)]
+        who = ", ".join(t.name if isinstance(t, Person) else f"rotation:{t.name}"
+                        for t in step.people) + "".join(f" +{r}" for r in step.routes)
+        return esc(words["step"].format(number=incident["escalations"] + 1, who=who.strip(),
+                                        at=self._db_time(incident["next_step_at"])))
 
     def _shown(self, epoch):
         """A wall-clock epoch as the page shows times."""

@@ -970,3 +970,44 @@ def test_the_claim_pages_cookies_are_secure_when_phones_reach_them_over_https(
     link = alertbridge.claim_link(bridge.config.oncall, "ops", group, time.time())
     plain = both(bridge, link.rpartition("/")[2])
     assert len(plain) == 2 and not any("Secure" in c for c in plain), plain
+
+
+ESCALATING = """
+[escalation:slow]
+steps =
+    1h = lisi
+    2h = zhangsan, receiver:dev
+"""
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_the_status_page_shows_each_open_incident_claimed_or_not_and_its_next_step(
+    make_bridge, sqlite_db, fake, language
+):
+    """The page showed who is on call and what fires, not whether an incident was claimed,
+    by whom, or when it escalates next."""
+    from tests.kit import ONCALL
+
+    receivers = {"ops": {"robots": "ops-1", "escalation": "slow", "language": language},
+                 "dev": {"robots": "dev-1", "language": language}}
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=ONCALL + ESCALATING)
+    for key in ("Waiting<b>&", "Taken"):
+        payload = make_payload("ops", [make_alert(key)])
+        payload |= {"groupKey": key, "groupLabels": {"alertname": key}}
+        assert post(bridge, payload)[0] == 200
+    assert wait_until(lambda: len(bridge.store.open_incidents(10)) == 2
+                      and all(i["next_step_at"] > "1971" for i in bridge.store.open_incidents(10)))
+    bridge.desk.claim("ops", alertbridge.group_hash("Taken"), "zhangsan", "张三", "link")
+    text = request(bridge, "GET", "/")[1].decode()
+    part = text[text.index({"zh": "未结束的事件", "en": "Open incidents"}[language]):]
+    part = part[: part.index("</section>")]
+    rows = {re.search(r"(Waiting|Taken)", row).group(1): row
+            for row in re.findall(r"<tr>(.*?)</tr>", part)[1:]}
+    waiting, taken = rows["Waiting"], rows["Taken"]
+    if language == "zh":
+        assert "尚无人认领" in waiting and re.search(r"第 1 步，\d{4}-\d\d-\d\d [\d:]{8}：李四", waiting)
+        assert "张三，" in taken and "无：已认领" in taken
+    else:
+        assert "nobody yet" in waiting and re.search(r"step 1 at [\d: -]{19}: 李四", waiting)
+        assert "张三, " in taken and "none: claimed" in taken
+    assert "<b>" not in part and "Waiting&lt;b&gt;&amp;" in part

@@ -200,7 +200,12 @@ def logfmt(value):
 # send_event() below.
 
 class ConfigError(Exception):
-    """config.ini cannot be used; the message names the section and key, never a value."""
+    """config.ini cannot be used; the message names the section and key, never a value. One
+    line per error: a file's every error is reported in one run (load_config)."""
+
+    @property
+    def lines(self):
+        return str(self).split("\n")
 
 
 class BadRequest(Exception):
@@ -1333,8 +1338,44 @@ def read_config_text(path):
                           f"UTF-8") from None
 
 
+class ConfigErrors:
+    """Every error of one config file, each once, in the order found. A section that failed
+    is not named again by what depends on it (a receiver listing a robot whose section has an
+    error is not also told the robot has no section)."""
+
+    def __init__(self):
+        self.lines, self.failed = [], set()
+
+    def add(self, line):
+        """An error, unless it only says that a failed section does not exist."""
+        if not any(f"no section [{name}]" in line for name in self.failed):
+            self.lines.append(line)
+
+    def run(self, load, *args, default=None, section=None):
+        """load(*args), or `default` if it raises ConfigError (its lines added)."""
+        try:
+            return load(*args)
+        except ConfigError as exc:
+            if section:
+                self.failed.add(section)
+            for line in exc.lines:
+                self.add(line)
+            return default
+
+    def each(self, parser, kind, load):
+        """{NAME: load(section name, NAME)} for every [KIND:NAME] that loads."""
+        loaded = {s[len(kind):]: self.run(load, s, s[len(kind):], section=s)
+                  for s in parser.sections() if s.startswith(kind)}
+        return {name: value for name, value in loaded.items() if value is not None}
+
+    def check(self):
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
 def load_config(path):
-    """Read and validate config.ini. Raises ConfigError naming the first problem found."""
+    """Read and validate config.ini. Raises ConfigError naming every problem found, a line
+    each (a syntax error alone: the rest cannot be read)."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(read_config_text(path), source=path)
@@ -1342,52 +1383,59 @@ def load_config(path):
         raise ConfigError(f"{path}: {_syntax_error(exc)}")
     except OSError as exc:
         raise ConfigError(f"{path}: {exc}")
-    unknown = [s for s in parser.sections()
-               if s not in SECTIONS and not s.startswith(SECTION_KINDS)]
-    if unknown:
-        raise ConfigError(f"[{unknown[0]}]: unknown section ({_section_hint(unknown[0])})")
+    errors = ConfigErrors()
     for name in parser.sections():
-        _refuse_unknown_keys(parser, name)
+        if name not in SECTIONS and not name.startswith(SECTION_KINDS):
+            errors.add(f"[{name}]: unknown section ({_section_hint(name)})")
+        else:
+            errors.run(_refuse_unknown_keys, parser, name)
     base = os.path.dirname(os.path.abspath(path))
-    service = _load_service(parser, base)
-    settings = dict(path=os.path.abspath(path), service=service, tz=load_timezone(service.timezone),
-                    database=_load_database(parser, base, service), auth=_load_auth(parser, base),
-                    delivery=_load_delivery(parser))
-    settings["cluster"] = _load_cluster(parser, settings["database"])
-    settings["oncall"] = _load_oncall(parser, base)
-    settings["app"] = _load_app(parser, base)
-    templates = _load_templates(parser)
-    robots = {s[6:]: _load_robot(_Section(parser, s, base), s[6:])
-              for s in parser.sections() if s.startswith("robot:")}
-    people = {s[7:]: _load_person(_Section(parser, s), s[7:])
-              for s in parser.sections() if s.startswith("person:")}
-    rotations = {s[9:]: _load_rotation(_Section(parser, s), s[9:], people, settings["tz"])
-                 for s in parser.sections() if s.startswith("rotation:")}
+    service = errors.run(_load_service, parser, base, default=Service())
+    settings = dict(path=os.path.abspath(path), service=service,
+                    tz=errors.run(load_timezone, service.timezone, default=timezone.utc),
+                    database=errors.run(_load_database, parser, base, service,
+                                        default=Database()),
+                    auth=errors.run(_load_auth, parser, base, default=Auth()),
+                    delivery=errors.run(_load_delivery, parser, default=Delivery()))
+    settings["cluster"] = errors.run(_load_cluster, parser, settings["database"],
+                                     default=Cluster())
+    settings["oncall"] = errors.run(_load_oncall, parser, base, default=OnCall())
+    settings["app"] = errors.run(_load_app, parser, base, default=App())
+    templates = errors.run(_load_templates, parser, default=Templates())
+    robots = errors.each(parser, "robot:", lambda s, n: _load_robot(_Section(parser, s, base), n))
+    people = errors.each(parser, "person:", lambda s, n: _load_person(_Section(parser, s), n))
+    rotations = errors.each(parser, "rotation:", lambda s, n: _load_rotation(
+        _Section(parser, s), n, people, settings["tz"]))
     directory = (people, rotations)
-    escalations = {s[11:]: _load_escalation(_Section(parser, s), s[11:], *directory)
-                   for s in parser.sections() if s.startswith("escalation:")}
-    routes = {s[9:]: _load_route(_Section(parser, s), s[9:], robots, templates,
-                                 settings["delivery"], directory, escalations)
-              for s in parser.sections() if s.startswith("receiver:")}
+    escalations = errors.each(parser, "escalation:", lambda s, n: _load_escalation(
+        _Section(parser, s), n, *directory))
+    routes = errors.each(parser, "receiver:", lambda s, n: _load_route(
+        _Section(parser, s), n, robots, templates, settings["delivery"], directory,
+        escalations))
+    for line in _cross_checks(settings, escalations, routes, errors.failed):
+        errors.add(line)
+    errors.check()
+    return Config(routes=routes, people=people, rotations=rotations, **settings)
+
+
+def _cross_checks(settings, escalations, routes, failed):
+    """What one section's settings require of another's: each an error line."""
     for escalation in escalations.values():
         for route in (r for step in escalation.steps for r in step.routes if r not in routes):
-            raise ConfigError(f"[escalation:{escalation.name}] steps: no section "
-                              f"[receiver:{route}]")
-    if not routes:
-        raise ConfigError("no [receiver:NAME] section: at least one receiver is needed")
+            yield f"[escalation:{escalation.name}] steps: no section [receiver:{route}]"
+    if not routes and not any(name.startswith("receiver:") for name in failed):
+        yield "no [receiver:NAME] section: at least one receiver is needed"
     linked = [name for name, route in sorted(routes.items()) if route.claim_links]
     if linked and not (settings["oncall"].base_url and settings["oncall"].link_secret):
-        raise ConfigError(f"[receiver:{linked[0]}] claim_links: set [oncall] base_url (where "
-                          f"phones reach alertbridge) and link_secret (which signs the links; "
-                          f"{MAKE_LINK_SECRET})")
+        yield (f"[receiver:{linked[0]}] claim_links: set [oncall] base_url (where phones reach "
+               f"alertbridge) and link_secret (which signs the links; {MAKE_LINK_SECRET})")
     carded = [name for name, route in sorted(routes.items()) if route.app_group]
     if carded and not (settings["app"].enabled and settings["app"].card_template):
-        raise ConfigError(f"[receiver:{carded[0]}] app_group: set [app] client_id, client_secret "
-                          f"and card_template (docs/dingtalk-app.md)")
-    if service.default_receiver and service.default_receiver not in routes:
-        raise ConfigError(f"[alertbridge] default_receiver: no section "
-                          f"[receiver:{service.default_receiver}]")
-    return Config(routes=routes, people=people, rotations=rotations, **settings)
+        yield (f"[receiver:{carded[0]}] app_group: set [app] client_id, client_secret and "
+               f"card_template (docs/dingtalk-app.md)")
+    default = settings["service"].default_receiver
+    if default and default not in routes:
+        yield f"[alertbridge] default_receiver: no section [receiver:{default}]"
 
 
 def _keys(cls, without=()):
@@ -1767,10 +1815,12 @@ def _at_map(section, people=None, rotations=None):
             raise ConfigError(f"[{section.name}] at_map: entry {number}: write VALUE = mobiles "
                               f"or user ids")
         words = _words(ids)
-        named = tuple(people[w] if w in people else rotations.get(w[9:]) for w in words
+        missing = [w for w in words if w.startswith("rotation:") and w[9:] not in rotations]
+        if missing:
+            raise ConfigError(f"[{section.name}] at_map: entry {number}: no section "
+                              f"[{missing[0]}]")
+        named = tuple(people[w] if w in people else rotations[w[9:]] for w in words
                       if w in people or w.startswith("rotation:"))
-        if None in named:
-            raise ConfigError(f"[{section.name}] at_map: entry {number}: no such rotation")
         found = [person(w) for w in words if w not in people and not w.startswith("rotation:")]
         if not words or None in found:
             raise ConfigError(f"[{section.name}] at_map: entry {number}: not a list of phone "
@@ -9222,8 +9272,9 @@ class Bridge:
             try:
                 config = load_config(self.config.path)
             except ConfigError as exc:
-                log.error("reload rejected, keeping the running config: %s", exc)
-                return False, f"config rejected: {exc}", []
+                for line in exc.lines:
+                    log.error("reload rejected, keeping the running config: %s", line)
+                return False, f"config rejected: {'; '.join(exc.lines)}", []
             config, changed = self._restart_only(config)
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self.config, self.loaded_at = config, self.wall()
@@ -9827,7 +9878,8 @@ def main(argv=None):
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        for line in exc.lines:
+            print(f"config error: {line}", file=sys.stderr)
         return 2
     apply_log_format(config.service.log_format)
     if not one_shot:

@@ -398,6 +398,52 @@ def cli(*args, config=None):
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
+BROKEN_EVERYWHERE = """[alertbrige]
+port = 1
+[delivery]
+max_age = 1x
+[receiver:default]
+robots = r, gone
+at_mobile = 1
+[robot:r]
+url = https://oapi.dingtalk.com/robot/send?access_token=SECRET-TOKEN-1
+  secret = SEC-SECRET-2
+[person:a]
+mobile = 1-2
+[receiver:other]
+robots = nothing
+"""
+
+
+def test_every_config_error_is_reported_in_one_run_a_line_each(tmp_path, make_bridge, sqlite_db,
+                                                                caplog):
+    """Only the first error was reported: fix, run, fix, run. Each error is one line, none
+    repeated by what depends on it (the receiver listing the broken robot r), no value quoted;
+    a reload with them keeps the running config and logs each."""
+    path = tmp_path / "broken.ini"
+    path.write_text(BROKEN_EVERYWHERE, encoding="utf-8")
+    result = cli("--check-config", config=path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "config error: [alertbrige]: unknown section (did you mean [alertbridge]?)",
+        "config error: [receiver:default] at_mobile: unknown key (did you mean at_mobiles?)",
+        "config error: [delivery] max_age: not a duration (write 90, 90s, 10m, 4h or 1d)",
+        "config error: [robot:r] url: an indented line below it was read as part of url "
+        "(configparser continues a value on indented lines): write every key at the start of "
+        "its line",
+        "config error: [person:a] mobile: not a phone number: write its digits alone "
+        "(13800000001), or +COUNTRY-NUMBER (+86-13800000001)",
+        "config error: [receiver:other] robots: no section [robot:nothing]",
+    ]
+    assert "SECRET" not in result.stderr
+    bridge = make_bridge(sqlite_db)
+    bridge.config = alertbridge.replace(bridge.config, path=str(path))
+    ok, said, _ = bridge.reload()
+    assert not ok and said.count("; ") == 5 and "\n" not in said
+    rejected = [r.getMessage() for r in caplog.records if "reload rejected" in r.getMessage()]
+    assert len(rejected) == 6 and bridge.config.routes.keys() == {"ops", "dev"}
+
+
 def test_cli_check_config_masks_secrets(tmp_path, fake, sqlite_db):
     path = tmp_path / "config.ini"
     path.write_text(config_text(fake.url, sqlite_db, extra=AUTH), encoding="utf-8")

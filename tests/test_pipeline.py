@@ -415,3 +415,23 @@ def test_a_grafana_notification_goes_out_and_is_recorded_like_any_alert_once_if_
     settle(bridge)
     assert {r["status"] for r in history(bridge)} == {"resolved"}
     assert history(bridge, "incidents")[0]["resolved_at"] is not None
+
+
+def test_grafanas_test_button_is_answered_only_once_its_page_is_on_its_way(
+    make_bridge, fake, database
+):
+    """The contact point's Test in Grafana's UI says "sent" on our 200: the test notification
+    (as grafana/alerting's newTestAlert makes it) must then reach the route's group."""
+    bridge = make_bridge(database)
+    status, reply = post(bridge, load_fixture("grafana-test-notification.json"),
+                         path="/alertmanager/ops")
+    assert status == 200 and reply["status"] == "accepted"
+    settle(bridge)
+    page, = fake.delivered()
+    assert page.token == OPS[0] and "TestAlert" in page.body["markdown"]["title"]
+    assert "- 数值：\\[ metric='foo' labels={instance=bar} value=10 \\]" in page.text
+    assert [(r["alertname"], r["receiver"], r["instance"]) for r in history(bridge)] == [
+        ("TestAlert", "ops", "Grafana")]
+    status, reply = post(bridge, {**load_fixture("grafana-test-notification.json"), "orgId": "1"},
+                         path="/alertmanager/ops")
+    assert status == 400 and reply["error"] == "orgId: must be an integer"  # Grafana shows it

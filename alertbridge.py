@@ -11,9 +11,10 @@ The file reads top to bottom the way an alert travels through it:
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
                      once), Robot and Route (the config side of an Alertmanager receiver),
                      people, rotations, escalations; credentials from files and ${ENV}
-   4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
-                     (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it
-                     replaces), the Endpoints it serves, the Requests under way
+   4. Intake         the v4 payload (or Grafana's, version "1") -> Webhook; Intake (route,
+                     journal, answer); HTTP server (/alertmanager[/RECEIVER], and
+                     /dingtalk/TARGET/send of the bridge it replaces), the Endpoints it
+                     serves, the Requests under way
    5. Storage        all SQL; the Journal (local SQLite, one daemon's: messages to send, events
                      to record, the send log, cards, relayed notes); the Store (history:
                      alerts, incidents, their events and notes; MySQL or SQLite) and its

@@ -450,7 +450,8 @@ def test_grafana_values_are_bounded_before_they_are_read_whole():
     assert len(values) <= alertbridge.VALUES_CHARS
     bad_late = {**many, "Z": "not a number"}   # past the values shown, still checked
     with pytest.raises(alertbridge.BadRequest, match="values.Z: must be a number"):
-        alertbridge.parse_webhook(json.dumps(grafana_with(("alerts", 0, "values"), bad_late)).encode())
+        alertbridge.parse_webhook(
+            json.dumps(grafana_with(("alerts", 0, "values"), bad_late)).encode())
     long_text = grafana_with(("alerts", 0, "values"), None)
     set_at(long_text, ("alerts", 0, "valueString"), "[ var='B' value=1 ], " * 20000)
     set_at(long_text, ("alerts", 0, "silenceURL"), "https://g/" + "s" * 100000)

@@ -4902,13 +4902,15 @@ class Renderer:
             known = self.history(alert)
         text = recurrence_text(*known, tz, route.language) if known else ""
         return alert_fields(alert, tz, route, text, template_fields(template) if template else None,
-                            silence=not self.silences_itself(route))
+                            silence=not self.silences_itself(route, (alert,)))
 
-    def silences_itself(self, route):
-        """Whether the route's pages carry alertbridge's Silence link (claim_links, and
-        [oncall] alertmanager_api to make silences with): Alertmanager's is then left out,
-        so that a page has one."""
-        return route.claim_links and bool(self.config().oncall.alertmanager_api)
+    def silences_itself(self, route, alerts):
+        """Whether the route's pages of `alerts` carry alertbridge's Silence link (claim_links,
+        and [oncall] alertmanager_api to make silences with): Alertmanager's is then left out,
+        so that a page has one. Not for Grafana's alerts: Alertmanager does not hold them, and
+        Grafana's own silence link stays."""
+        return (route.claim_links and bool(self.config().oncall.alertmanager_api)
+                and not any("grafana" in alert for alert in alerts))
 
     def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
         """Before rendering: have the alerts' {history} read, if the route's template shows it
@@ -4958,7 +4960,7 @@ class Renderer:
         first = self.fields(route, alerts[0])
         runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
         words = WORDS[route.language]
-        own = self.silences_itself(route)
+        own = self.silences_itself(route, alerts)
         grafana_group = "grafana" in alerts[0] and len(firing) != 1  # Grafana's: one alert's
         candidates = [
             (words["silence"], "" if own or grafana_group or not firing
@@ -5002,7 +5004,7 @@ class Renderer:
         claim = self.claim_url(route, body)
         words = WORDS[route.language]
         silence = self.claim_url(route, body, "silence") \
-            if claim and self.silences_itself(route) else ""
+            if claim and self.silences_itself(route, alerts) else ""
         links = [f"[{words['claim']}]({claim})"] + (
             [f"[{words['silence_for']}]({silence})"] if silence else [])
         notes = (("👉 " + " · ".join(links),) if claim else ()) + (

@@ -11,9 +11,10 @@ The file reads top to bottom the way an alert travels through it:
    3. Config         config.ini -> Config: one dataclass per section (its defaults written
                      once), Robot and Route (the config side of an Alertmanager receiver),
                      people, rotations, escalations; credentials from files and ${ENV}
-   4. Intake         the v4 payload -> Webhook; Intake (route, journal, answer); HTTP server
-                     (/alertmanager[/RECEIVER], and /dingtalk/TARGET/send of the bridge it
-                     replaces), the Endpoints it serves, the Requests under way
+   4. Intake         the v4 payload (or Grafana's, version "1") -> Webhook; Intake (route,
+                     journal, answer); HTTP server (/alertmanager[/RECEIVER], and
+                     /dingtalk/TARGET/send of the bridge it replaces), the Endpoints it
+                     serves, the Requests under way
    5. Storage        all SQL; the Journal (local SQLite, one daemon's: messages to send, events
                      to record, the send log, cards, relayed notes); the Store (history:
                      alerts, incidents, their events and notes; MySQL or SQLite) and its
@@ -193,6 +194,9 @@ def logfmt(value):
 #    "starts_at": db_time, "ends_at": db_time or None (None while firing),
 #    "labels": {str: str}, "annotations": {str: str}, "generator_url": str,
 #    "external_url": str, "receiver": Alertmanager's receiver name (<= 128)}
+# and, for an alert from Grafana's webhook contact point only (grafana_fields()),
+#   "grafana": {"silence_url": str, "dashboard_url": str, "panel_url": str, "image_url": str,
+#               "values": str (the query values that fired it, as text, bounded)}
 #
 # A message's body: Body below (the journal keeps it as JSON, Body.to_json()).
 #
@@ -599,7 +603,7 @@ ALERT_FIELDS = FieldSet(
                     "ends_at", "duration", "summary", "description", "other_labels",
                     "generator_url", "silence_url", "external_url", "runbook_url",
                     "dashboard_url", "links", "fingerprint", "receiver", "history",
-                    "group_labels"}),
+                    "group_labels", "values"}),
     maps=frozenset({"labels", "annotations", "common_labels"}))
 TITLE_FIELDS = FieldSet(
     text=frozenset({"state", "tag", "level", "receiver", "alertnames", "group_labels",
@@ -742,6 +746,7 @@ WORDS = {
     "zh": {"instance": "实例", "started": "开始", "history": "历史", "resolved": "恢复",
            "lasted": "持续", "summary": "摘要", "description": "描述", "labels": "标签",
            "silence": "静默", "runbook": "手册", "dashboard": "仪表盘", "digest": "汇总",
+           "values": "数值", "image": "截图",
            "nth": "24 小时内第 {n} 次", "last_resolved": "上次 {when} 恢复，持续 {lasted}",
            "claim": "我来处理", "claimed": "✅ {name} 认领了 {title}（告警后 {after}）",
            "escalated": "⏫ 升级第 {step} 步：{title} 已等待 {waited}，无人认领",
@@ -754,6 +759,7 @@ WORDS = {
            "resolved": "Resolved", "lasted": "lasted", "summary": "Summary",
            "description": "Description", "labels": "Labels", "silence": "Silence",
            "runbook": "Runbook", "dashboard": "Dashboard", "digest": "digest",
+           "values": "Values", "image": "Image",
            "nth": "{ordinal} time in 24 h", "last_resolved": "last resolved {when} after {lasted}",
            "claim": "Claim", "claimed": "✅ {name} claimed {title}, {after} after the page",
            "escalated": "⏫ Escalation step {step}: {title} has waited {waited}, unclaimed",
@@ -787,6 +793,7 @@ DEFAULT_ALERT_LINES = """\
 - {resolved}{colon}{{ends_at}} ({lasted} {{duration}})
 - {summary}{colon}{{summary}}
 - {description}{colon}{{description}}
+- {values}{colon}{{values}}
 - {labels}{colon}{{other_labels}}
 - {{links}}"""
 DEFAULT_ALERTS = {language: DEFAULT_ALERT_LINES.format(**words)
@@ -1940,8 +1947,9 @@ def _string(obj, key, where, required=False):
     return value
 
 
-def normalize_alert(raw, index, receiver, external_url, now):
-    """One payload alert -> the dict the journal stores, the renderer and the recorder read."""
+def normalize_alert(raw, index, receiver, external_url, now, grafana=False):
+    """One payload alert -> the dict the journal stores, the renderer and the recorder read;
+    `grafana`: the payload is Grafana's, whose alerts carry their own links and values."""
     where = f"alerts[{index}]."
     if not isinstance(raw, dict):
         raise BadRequest(400, f"alerts[{index}]: must be an object")
@@ -1963,7 +1971,7 @@ def normalize_alert(raw, index, receiver, external_url, now):
     fingerprint = _string(raw, "fingerprint", where)
     if not fingerprint:  # Alertmanager before 0.19 sent none: derive it from the labels
         fingerprint = hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
-    return {
+    alert = {
         "fingerprint": fingerprint[:64],
         "status": status,
         "starts_at": db_time(starts_at),
@@ -1974,13 +1982,58 @@ def normalize_alert(raw, index, receiver, external_url, now):
         "external_url": external_url,
         "receiver": receiver,
     }
+    if grafana:
+        alert["grafana"] = grafana_fields(raw, where)
+    return alert
+
+
+# Grafana's webhook contact point sends Alertmanager's payload with "version": "1", "orgId"
+# and "state" at the top, and per alert its own links and the values of the rule's queries.
+GRAFANA_VERSION = "1"
+GRAFANA_LINKS = (("silence_url", "silenceURL"), ("dashboard_url", "dashboardURL"),
+                 ("panel_url", "panelURL"), ("image_url", "imageURL"))
+MAX_VALUES = 20         # a Grafana alert's values shown; the rest counted
+VALUES_CHARS = 500      # the text of a Grafana alert's values, at most
+
+
+def is_grafana(payload):
+    """Whether a payload is Grafana's webhook (its version, orgId and state), not Alertmanager's."""
+    return (payload.get("version") == GRAFANA_VERSION and "orgId" in payload
+            and "state" in payload)
+
+
+def grafana_fields(raw, where):
+    """What a Grafana alert adds: its silence, dashboard, panel and image links, and its values
+    as text ("B=44.2394, C=1"), else its valueString, bounded before any work on them."""
+    fields = {key: _string(raw, name, where)[:2048] for key, name in GRAFANA_LINKS}
+    value_string = _string(raw, "valueString", where)
+    values = raw.get("values")
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise BadRequest(400, f"{where}values: must be an object of numbers")
+    shown = []
+    for index, (key, value) in enumerate(values.items()):
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(value)
+            if index < MAX_VALUES:
+                shown.append(f"{key[:40]}={float(value):.6g}")
+        except (TypeError, OverflowError):
+            raise BadRequest(400, f"{where}values.{key[:40]}: must be a number (a float64)")
+    more = len(values) - MAX_VALUES
+    text = ", ".join(shown) + (f" (+{more})" if more > 0 else "")
+    text = text or value_string
+    fields["values"] = text if len(text) <= VALUES_CHARS else text[:VALUES_CHARS - 1] + "…"
+    return fields
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_webhook(body, path_receiver=None, now=None):
-    """Bytes of an Alertmanager v4 webhook -> Webhook. Raises BadRequest saying what is wrong."""
+    """Bytes of an Alertmanager v4 webhook, or of Grafana's (is_grafana) -> Webhook. Raises
+    BadRequest saying what is wrong."""
     now = now or datetime.now(timezone.utc)
     try:
         payload = json.loads(body.decode("utf-8"))
@@ -1997,8 +2050,15 @@ def parse_webhook(body, path_receiver=None, now=None):
             json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(400, "body has an invalid \\u escape (a lone UTF-16 surrogate)")
-    if payload.get("version") != "4":
+    grafana = is_grafana(payload)
+    if payload.get("version") == GRAFANA_VERSION and not grafana:
+        raise BadRequest(400, "version: \"1\" is Grafana's webhook, which has orgId and state")
+    if payload.get("version") != "4" and not grafana:
         raise BadRequest(400, f"version: expected \"4\", got {str(payload.get('version'))[:20]!r}")
+    if grafana and (not isinstance(payload["orgId"], int) or isinstance(payload["orgId"], bool)):
+        raise BadRequest(400, "orgId: must be an integer")
+    if grafana and not isinstance(payload["state"], str):
+        raise BadRequest(400, "state: must be a string")
     if payload.get("status") not in ("firing", "resolved"):
         raise BadRequest(400, "status: must be 'firing' or 'resolved'")
     # Surrounding spaces are dropped: MySQL compares strings ignoring trailing spaces, and both
@@ -2020,7 +2080,7 @@ def parse_webhook(body, path_receiver=None, now=None):
         receiver=receiver[:128],
         external_url=external_url,
         group_key=_string(payload, "groupKey", ""),
-        alerts=[normalize_alert(a, i, receiver[:128], external_url, now)
+        alerts=[normalize_alert(a, i, receiver[:128], external_url, now, grafana)
                 for i, a in enumerate(alerts)],
         truncated=truncated,
         group_labels=group_labels,
@@ -4598,6 +4658,7 @@ def alert_fields(alert, tz, route=None, history="", names=None, silence=True):
         summary=annotations["summary"], description=annotations["description"],
         fingerprint=alert["fingerprint"], receiver=alert["receiver"],
         history="" if resolved else history,
+        values=Untrusted(alert.get("grafana", {}).get("values", "")),
     )
     if names is None or names & LINK_FIELDS:
         add_link_fields(fields, alert, route, resolved or not silence)
@@ -4616,23 +4677,41 @@ def time_fields(starts_at, ends_at, tz):
             "duration": format_duration((ends - starts).total_seconds()) if ends else ""}
 
 
+def source_name(alert):
+    """What made the alert, as its generator link is labelled."""
+    return "Grafana" if "grafana" in alert else "Prometheus"
+
+
+def alert_silence_url(alert, labels, route):
+    """Where to silence `labels` of the alert: Alertmanager's form; for a Grafana alert, the
+    silence Grafana gave it."""
+    if "grafana" in alert:
+        return web_url(alert["grafana"]["silence_url"])
+    return silence_url(web_url(external_url(alert, route)), labels)
+
+
 def add_link_fields(fields, alert, route, unsilenced):
     """An alert's LINK_FIELDS: where to look, silence (unless `unsilenced`: resolved, or the
-    page has alertbridge's own Silence link), read the runbook, see the dashboard."""
+    page has alertbridge's own Silence link), read the runbook, see the dashboard (a Grafana
+    alert's panel, else its dashboard, else the route's dashboard_url)."""
+    grafana = alert.get("grafana", {})
     external = web_url(external_url(alert, route))
-    generator = web_url(rebase_url(alert["generator_url"], route.prometheus_url if route else ""))
+    prometheus = route.prometheus_url if route and not grafana else ""
+    generator = web_url(rebase_url(alert["generator_url"], prometheus))
     fields.update(
         other_labels=Untrusted(", ".join(f"{k}={v}" for k, v in sorted(alert["labels"].items())
                                          if k not in STANDARD_LABELS)),
-        generator_url=generator, external_url=external, dashboard_url="",
-        silence_url="" if unsilenced else silence_url(external, alert["labels"]),
+        generator_url=generator, external_url=external,
+        dashboard_url=web_url(grafana.get("panel_url") or grafana.get("dashboard_url")),
+        silence_url="" if unsilenced else alert_silence_url(alert, alert["labels"], route),
         runbook_url=web_url(alert["annotations"].get("runbook_url")))
-    if route and route.dashboard_url:
+    if route and route.dashboard_url and not fields["dashboard_url"]:
         fields["dashboard_url"] = web_url(render_template(route.dashboard_url, fields, "url"))
     words = WORDS[route.language if route else Templates.language]
-    links = [("Prometheus", generator), (words["silence"], fields["silence_url"]),
+    links = [(source_name(alert), generator), (words["silence"], fields["silence_url"]),
              (words["runbook"], fields["runbook_url"]),
-             (words["dashboard"], fields["dashboard_url"])]
+             (words["dashboard"], fields["dashboard_url"]),
+             (words["image"], web_url(grafana.get("image_url")))]
     fields["links"] = " · ".join(f"[{label}]({url})" for label, url in links if url)
 
 
@@ -4875,13 +4954,15 @@ class Renderer:
             known = self.history(alert)
         text = recurrence_text(*known, tz, route.language) if known else ""
         return alert_fields(alert, tz, route, text, template_fields(template) if template else None,
-                            silence=not self.silences_itself(route))
+                            silence=not self.silences_itself(route, (alert,)))
 
-    def silences_itself(self, route):
-        """Whether the route's pages carry alertbridge's Silence link (claim_links, and
-        [oncall] alertmanager_api to make silences with): Alertmanager's is then left out,
-        so that a page has one."""
-        return route.claim_links and bool(self.config().oncall.alertmanager_api)
+    def silences_itself(self, route, alerts):
+        """Whether the route's pages of `alerts` carry alertbridge's Silence link (claim_links,
+        and [oncall] alertmanager_api to make silences with): Alertmanager's is then left out,
+        so that a page has one. Not for Grafana's alerts: Alertmanager does not hold them, and
+        Grafana's own silence link stays."""
+        return (route.claim_links and bool(self.config().oncall.alertmanager_api)
+                and not any("grafana" in alert for alert in alerts))
 
     def look_up_history(self, route, alerts, wait=Recurrence.WAIT):
         """Before rendering: have the alerts' {history} read, if the route's template shows it
@@ -4923,19 +5004,21 @@ class Renderer:
 
     def buttons(self, route, alerts):
         """A card's buttons, (label, url): a silence for what the alerts have in common (while
-        any fires), the first runbook, the first alert's Prometheus graph and dashboard."""
+        any fires; from Grafana, its silence of the one alert firing), the first runbook, the
+        first alert's Prometheus graph (or Grafana rule) and dashboard."""
         if not alerts:
             return ()
         firing = [a for a in alerts if a["status"] == "firing"]
         first = self.fields(route, alerts[0])
         runbooks = (web_url(a["annotations"].get("runbook_url")) for a in alerts)
         words = WORDS[route.language]
-        own = self.silences_itself(route)
+        own = self.silences_itself(route, alerts)
+        grafana_group = "grafana" in alerts[0] and len(firing) != 1  # Grafana's: one alert's
         candidates = [
-            (words["silence"], "" if own else silence_url(web_url(external_url(alerts[0], route)),
-                                                          common_labels(firing))),
+            (words["silence"], "" if own or grafana_group or not firing
+             else alert_silence_url(firing[0], common_labels(firing), route)),
             (words["runbook"], next((url for url in runbooks if url), "")),
-            ("Prometheus", first["generator_url"]),
+            (source_name(alerts[0]), first["generator_url"]),
             (words["dashboard"], first["dashboard_url"])]
         return tuple((label, web_url(url)) for label, url in candidates if web_url(url))
 
@@ -4973,7 +5056,7 @@ class Renderer:
         claim = self.claim_url(route, body)
         words = WORDS[route.language]
         silence = self.claim_url(route, body, "silence") \
-            if claim and self.silences_itself(route) else ""
+            if claim and self.silences_itself(route, alerts) else ""
         links = [f"[{words['claim']}]({claim})"] + (
             [f"[{words['silence_for']}]({silence})"] if silence else [])
         notes = (("👉 " + " · ".join(links),) if claim else ()) + (

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alertbridge
-from tests.kit import ONCALL, SECRET, get, make_alert, make_payload, post, wait_until
+from tests.kit import (
+    ONCALL, SECRET, get, load_fixture, make_alert, make_payload, post, wait_until)
 
 
 def group(alerts, key='{}:{alertname="DiskFull"}', receiver="ops"):
@@ -486,3 +487,22 @@ def test_the_silence_page_shows_what_it_silences_and_a_page_has_one_silence_link
     assert listed == ['alertname=&quot;DiskFull&quot;',
                       'team=&quot;C:\\\\new \\&quot; &#x27; ) ] \\n &lt; &amp; \u2028 end&quot;']
     assert html.index("It silences") < html.index('id="silence-1"')
+
+
+def test_a_page_of_grafana_alerts_keeps_grafanas_silence_not_alertbridges(
+    make_bridge, sqlite_db, fake
+):
+    """alertbridge's Silence makes a silence in Alertmanager, which never holds Grafana's
+    alerts: their page keeps Grafana's silence link and the claim link, and no other."""
+    oncall = ONCALL.replace("[oncall]\n", "[oncall]\nalertmanager_api = http://127.0.0.1:9\n")
+    receivers = {**CLAIMING, "ops": {**CLAIMING["ops"], "message_type": "actionCard"}}
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=oncall)
+    grafana = load_fixture("grafana-notifier-one-alert.json")
+    assert post(bridge, grafana, path="/alertmanager/ops")[0] == 200
+    assert fake.wait_for(lambda f: len(f.delivered()) == 1)
+    card = fake.delivered()[0].body["actionCard"]
+    grafanas = grafana["alerts"][0]["silenceURL"]
+    silences = [b["actionURL"] for b in card["btns"] if "静默" in b["title"]] + re.findall(
+        r"\[[^\]]*静默[^\]]*\]\(([^)]*)\)", card["text"])
+    assert silences == [grafanas, grafanas]     # the button and the alert's link: Grafana's
+    assert "/incident/" in card["btns"][0]["actionURL"]    # the claim is still alertbridge's

@@ -364,3 +364,98 @@ def test_a_webhook_of_no_alerts_is_accepted_and_opens_or_resolves_no_incident(
         assert post(bridge, payload)[0] == 200
     settle(bridge)
     assert alertbridge.Store(sqlite_db).incidents() == []
+
+
+# Grafana-managed alerts: Grafana's webhook contact point (version "1", orgId, state)
+
+GRAFANA_DOCS = load_fixture("grafana-docs-firing.json")  # the payload Grafana's docs show
+
+
+def grafana_with(path, value):
+    """Grafana's documented payload with one field replaced (None deletes it)."""
+    return set_at(json.loads(json.dumps(GRAFANA_DOCS)), path, DELETE if value is None else value)
+
+
+def test_grafanas_documented_webhook_becomes_alerts_with_its_links_and_values():
+    webhook = alertbridge.parse_webhook(json.dumps(GRAFANA_DOCS).encode())
+    assert (webhook.receiver, webhook.group_key, webhook.truncated) == (
+        "My Super Webhook", "{}:{}", 0)
+    first, second = webhook.alerts
+    assert first["labels"]["alertname"] == "High memory usage"
+    assert first["starts_at"] == "2021-10-12 07:51:03.157" and first["ends_at"] is None
+    assert first["fingerprint"] == "c6eadffa33fcdf37"
+    assert first["generator_url"] == "https://play.grafana.org/alerting/1afz29v7z/edit"
+    assert first["external_url"] == "https://play.grafana.org/"
+    assert first["grafana"] == {
+        "silence_url": "https://play.grafana.org/alerting/silence/new?alertmanager=grafana"
+                       "&matchers=alertname%3DT2%2Cteam%3Dblue%2Czone%3Dus-1",
+        "dashboard_url": "", "panel_url": "", "image_url": "", "values": "B=44.2394, C=1"}
+    assert second["grafana"]["silence_url"].endswith("zone%3Deu-1")
+    am = alertbridge.parse_webhook(json.dumps(load_fixture("am025-dev-firing.json")).encode())
+    assert "grafana" not in am.alerts[0]  # Alertmanager's alerts are as they were
+
+
+def test_grafanas_notifier_payloads_as_its_tests_expect_them_are_accepted():
+    """Shaped like grafana/alerting's receivers/webhook tests: a zero startsAt, values null,
+    an empty valueString, a per-alert orgId, and a group cut by max_alerts."""
+    now = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+    one = alertbridge.parse_webhook(
+        json.dumps(load_fixture("grafana-notifier-one-alert.json")).encode(), now=now)
+    alert, = one.alerts
+    assert alert["starts_at"] == "2026-12-01 08:00:00.000"   # Go's zero time: when it came
+    assert alert["grafana"]["panel_url"] == "http://localhost/d/abcd?orgId=1&viewPanel=efgh"
+    assert alert["grafana"]["dashboard_url"] == "http://localhost/d/abcd?orgId=1"
+    assert alert["grafana"]["values"] == ""
+    cut = alertbridge.parse_webhook(
+        json.dumps(load_fixture("grafana-notifier-truncated.json")).encode(), now=now)
+    assert cut.truncated == 1 and len(cut.alerts) == 2
+    assert cut.alerts[0]["grafana"]["values"].startswith("[ var='B' labels={lbl1=val1} value=10 ]")
+
+
+@pytest.mark.parametrize("path, value, reason", [
+    (("orgId",), None, "version: \"1\" is Grafana's webhook, which has orgId and state"),
+    (("state",), None, "version: \"1\" is Grafana's webhook, which has orgId and state"),
+    (("orgId",), "1", "orgId: must be an integer"),
+    (("orgId",), True, "orgId: must be an integer"),
+    (("state",), 1, "state: must be a string"),
+    (("alerts", 0, "values"), [1, 2], "alerts[0].values: must be an object of numbers"),
+    (("alerts", 0, "values"), {"B": "44"}, "alerts[0].values.B: must be a number (a float64)"),
+    (("alerts", 0, "values"), {"B": 10 ** 400}, "alerts[0].values.B: must be a number"),
+    (("alerts", 0, "values"), {"B": True}, "alerts[0].values.B: must be a number"),
+    (("alerts", 0, "valueString"), 5, "alerts[0].valueString: must be a string"),
+    (("alerts", 0, "silenceURL"), {}, "alerts[0].silenceURL: must be a string"),
+    (("alerts", 0, "panelURL"), 3, "alerts[0].panelURL: must be a string"),
+    (("alerts", 0, "status"), "alerting", "alerts[0].status: must be 'firing' or 'resolved'"),
+    (("alerts", 0, "labels"), {}, "alerts[0].labels: required"),
+])
+def test_a_malformed_grafana_webhook_gets_400_and_a_one_line_reason(
+        make_bridge, sqlite_db, path, value, reason):
+    with pytest.raises(alertbridge.BadRequest) as raised:
+        alertbridge.parse_webhook(json.dumps(grafana_with(path, value)).encode())
+    assert raised.value.reason.startswith(reason)
+    bridge = make_bridge(sqlite_db)
+    got, body = raw_request(bridge, webhook_request(grafana_with(path, value)))
+    assert got == 400 and body.count(b"\n") == 1
+    assert json.loads(body)["error"].startswith(reason)
+    assert post(bridge, GRAFANA_DOCS)[0] == 200    # and the daemon goes on taking Grafana's
+
+
+def test_grafana_values_are_bounded_before_they_are_read_whole():
+    many = {f"Q{i:05d}": i * 0.5 for i in range(50000)}
+    webhook = alertbridge.parse_webhook(
+        json.dumps(grafana_with(("alerts", 0, "values"), many)).encode())
+    values = webhook.alerts[0]["grafana"]["values"]
+    assert values.startswith("Q00000=0, Q00001=0.5, ") and values.endswith("(+49980)")
+    assert values.count("=") == alertbridge.MAX_VALUES
+    assert len(values) <= alertbridge.VALUES_CHARS
+    bad_late = {**many, "Z": "not a number"}   # past the values shown, still checked
+    with pytest.raises(alertbridge.BadRequest, match="values.Z: must be a number"):
+        alertbridge.parse_webhook(
+            json.dumps(grafana_with(("alerts", 0, "values"), bad_late)).encode())
+    long_text = grafana_with(("alerts", 0, "values"), None)
+    set_at(long_text, ("alerts", 0, "valueString"), "[ var='B' value=1 ], " * 20000)
+    set_at(long_text, ("alerts", 0, "silenceURL"), "https://g/" + "s" * 100000)
+    alert = alertbridge.parse_webhook(json.dumps(long_text).encode()).alerts[0]
+    assert len(alert["grafana"]["values"]) == alertbridge.VALUES_CHARS
+    assert alert["grafana"]["values"].endswith("…")
+    assert len(alert["grafana"]["silence_url"]) == 2048

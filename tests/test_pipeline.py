@@ -375,3 +375,63 @@ def test_a_retry_state_logs_a_failure_when_it_changes_waits_longer_and_says_it_w
         ("INFO", "worker: working again"),
     ]
     assert all(0 < w <= 30 for w in waits) and waits[-1] > waits[0]
+
+
+def test_a_grafana_notification_goes_out_and_is_recorded_like_any_alert_once_if_sent_twice(
+    make_bridge, fake, database
+):
+    bridge = make_bridge(database, receivers={"dev": {"robots": "dev-1"}})
+    grafana = load_fixture("grafana-docs-firing.json")
+    status, reply = post(bridge, grafana)
+    assert status == 200 and reply["alerts"] == 2
+    settle(bridge)
+    page, = fake.delivered()     # Grafana's contact point names no receiver here: the default
+    assert page.body["markdown"]["title"] == "[FIRING:2] High memory usage, High CPU usage"
+    assert "- 数值：B=44.2394, C=1" in page.text
+    assert "[Grafana](https://play.grafana.org/alerting/1afz29v7z/edit)" in page.text
+    assert "https://play.grafana.org/alerting/silence/new?alertmanager=grafana" in page.text
+
+    rows = history(bridge)
+    assert [(r["alertname"], r["receiver"], r["status"]) for r in rows] == [
+        ("High memory usage", "My Super Webhook", "firing"),
+        ("High CPU usage", "My Super Webhook", "firing"),
+    ]
+    first = rows[0]
+    assert first["generator_url"] == "https://play.grafana.org/alerting/1afz29v7z/edit"
+    assert first["summary"] == "This alert was triggered for zone us-1"
+    assert first["starts_at"] == "2021-10-12 07:51:03.157" and first["ends_at"] is None
+
+    post(bridge, grafana)    # the same notification again (Grafana's HA peers, a retry)
+    settle(bridge)
+    rows = history(bridge)
+    assert len(rows) == 2 and [r["received_count"] for r in rows] == [2, 2]
+    assert len(history(bridge, "incidents")) == 1
+
+    resolved = load_fixture("grafana-docs-firing.json")
+    resolved.update(status="resolved", state="ok")
+    for alert in resolved["alerts"]:
+        alert.update(status="resolved", endsAt="2021-10-12T10:01:03.157076+02:00")
+    post(bridge, resolved)
+    settle(bridge)
+    assert {r["status"] for r in history(bridge)} == {"resolved"}
+    assert history(bridge, "incidents")[0]["resolved_at"] is not None
+
+
+def test_grafanas_test_button_is_answered_only_once_its_page_is_on_its_way(
+    make_bridge, fake, database
+):
+    """The contact point's Test in Grafana's UI says "sent" on our 200: the test notification
+    (as grafana/alerting's newTestAlert makes it) must then reach the route's group."""
+    bridge = make_bridge(database)
+    status, reply = post(bridge, load_fixture("grafana-test-notification.json"),
+                         path="/alertmanager/ops")
+    assert status == 200 and reply["status"] == "accepted"
+    settle(bridge)
+    page, = fake.delivered()
+    assert page.token == OPS[0] and "TestAlert" in page.body["markdown"]["title"]
+    assert "- 数值：\\[ metric='foo' labels={instance=bar} value=10 \\]" in page.text
+    assert [(r["alertname"], r["receiver"], r["instance"]) for r in history(bridge)] == [
+        ("TestAlert", "ops", "Grafana")]
+    status, reply = post(bridge, {**load_fixture("grafana-test-notification.json"), "orgId": "1"},
+                         path="/alertmanager/ops")
+    assert status == 400 and reply["error"] == "orgId: must be an integer"  # Grafana shows it

@@ -433,3 +433,94 @@ def test_hostile_values_reach_dingtalk_as_text(make_bridge, fake, sqlite_db):
     text = fake.delivered()[0].text
     assert structure_of(text) == ["#### [CRITICAL · FIRING:1] Forged"]
     assert [label for label, _ in MD_LINK.findall(text)] == ["Prometheus", "静默"]
+
+
+# --- issue 35: Grafana-managed alerts ------------------------------------------------------
+
+HOSTILE_TEXT = "C:\\new \"q\" 'a' x) y] z\nw <b>x</b> & \u2028> quote"
+
+
+def grafana_alerts(name="grafana-docs-firing.json", **change):
+    payload = load_fixture(name)
+    for key, value in change.items():
+        payload["alerts"][0][key] = value
+    return alertbridge.parse_webhook(json.dumps(payload).encode()).alerts
+
+
+def test_a_grafana_alert_shows_its_values_and_links_to_grafana():
+    first = grafana_alerts()[:1]
+    text = render(first)["markdown"]["text"]
+    assert "- 数值：B=44.2394, C=1" in text
+    links = MD_LINK.findall(text)
+    assert links == [
+        ("Grafana", "https://play.grafana.org/alerting/1afz29v7z/edit"),
+        ("静默", "https://play.grafana.org/alerting/silence/new?alertmanager=grafana"
+                 "&matchers=alertname%3DT2%2Cteam%3Dblue%2Czone%3Dus-1"),
+        ("手册", "https://myrunbook.com/runbook/1234")]
+    assert "#/silences/new" not in text   # Grafana is no Alertmanager: its own silence link
+    english = render(first, Route("ops", (ROBOT,), language="en",
+                                  alert=alertbridge.DEFAULT_ALERTS["en"]))["markdown"]["text"]
+    assert "- Values: B=44.2394, C=1" in english
+    one = grafana_alerts("grafana-notifier-one-alert.json", imageURL="https://img.example/p.png")
+    text = render(one)["markdown"]["text"]
+    assert "数值" not in text           # no values: no line
+    assert "[仪表盘](http://localhost/d/abcd?orgId=1&viewPanel=efgh)" in text  # the panel
+    assert "[截图](https://img.example/p.png)" in text
+    cut = grafana_alerts("grafana-notifier-truncated.json")
+    assert "- 数值：\\[ var='B' labels={lbl1=val1} value=10 \\]" in render(cut[:1])[
+        "markdown"]["text"]
+
+
+def test_a_grafana_alerts_links_beat_the_routes_and_its_generator_is_not_rebased():
+    route = Route("ops", (ROBOT,), prometheus_url="https://prom.example.com",
+                  alertmanager_url="https://am.example.com",
+                  dashboard_url="https://dash.example/d?zone={labels[zone]}")
+    with_panel = render(grafana_alerts("grafana-notifier-one-alert.json"), route)
+    text = with_panel["markdown"]["text"]
+    assert "[Grafana](http://localhost/test?orgId=1)" in text and "prom.example" not in text
+    assert "viewPanel=efgh" in text and "dash.example" not in text
+    assert "am.example.com" not in text
+    dashboard_only = grafana_alerts("grafana-notifier-one-alert.json", panelURL="")
+    assert "[仪表盘](http://localhost/d/abcd?orgId=1)" in render(dashboard_only, route)[
+        "markdown"]["text"]
+    neither = grafana_alerts()[:1]   # no dashboard from Grafana: the route's
+    assert "(https://dash.example/d?zone=us-1)" in render(neither, route)["markdown"]["text"]
+
+
+def test_a_grafana_card_has_grafanas_silence_rule_and_panel_as_buttons():
+    card = Route("ops", (ROBOT,), message_type="actionCard")
+    one = grafana_alerts("grafana-notifier-one-alert.json")
+    buttons = [(b["title"], b["actionURL"]) for b in render(one, card)["actionCard"]["btns"]]
+    assert buttons == [
+        ("静默", "http://localhost/alerting/silence/new?alertmanager=grafana"
+                 "&matcher=alertname%3Dalert1&matcher=lbl1%3Dval1&orgId=1"),
+        ("Grafana", "http://localhost/test?orgId=1"),
+        ("仪表盘", "http://localhost/d/abcd?orgId=1&viewPanel=efgh")]
+    two = grafana_alerts()   # Grafana silences one alert a link: no button silences a group
+    titles = [b["title"] for b in render(two, card)["actionCard"]["btns"]]
+    assert titles == ["手册", "Grafana"]
+    resolved = grafana_alerts("grafana-notifier-one-alert.json", status="resolved")
+    assert "静默" not in [b["title"] for b in render(resolved, card)["actionCard"]["btns"]]
+
+
+def test_grafana_values_titles_and_links_with_hostile_text_stay_text_and_links():
+    hostile = grafana_alerts(
+        labels={"alertname": HOSTILE_TEXT, "team": HOSTILE_TEXT},
+        values={HOSTILE_TEXT: 1.5}, valueString=HOSTILE_TEXT,
+        silenceURL="https://g/silence?m=a) [x](http://evil.example",
+        panelURL="https://g/d/x?a=1)(y", imageURL="javascript:alert(1)")
+    body = render(hostile[:1])["markdown"]
+    text = body["text"]
+    assert structure_of(text) == [text.split("\n")[0]]   # the title: the only heading
+    assert "\u2028" not in text and "<b>" not in text and "\n> quote" not in text
+    values_line = next(line for line in text.split("\n") if line.startswith("- 数值："))
+    assert values_line == "- 数值：C:\\\\new \"q\" 'a' x) y\\] z w ＜b>x＜/b> &  > q=1.5"  # key[:40]
+    links = MD_LINK.findall(text)
+    assert [label for label, _ in links] == ["Grafana", "静默", "手册", "仪表盘"]  # no image
+    assert links[1][1] == "https://g/silence?m=a%29%20%5Bx%5D%28http://evil.example"
+    assert links[3][1] == "https://g/d/x?a=1%29%28y"
+    assert "evil.example/login" not in text and "javascript" not in text
+    only_string = grafana_alerts(values=None, valueString=HOSTILE_TEXT)
+    assert "- 数值：C:\\\\new \"q\" 'a' x) y\\] z w ＜b>x＜/b> &  > quote\n" in render(
+        only_string[:1])["markdown"]["text"]
+    assert body["title"].startswith("[FIRING:1] " + HOSTILE_TEXT[:10])   # plain in the chat list

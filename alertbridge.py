@@ -6866,7 +6866,138 @@ class Recorder(Worker):
 # the NoteRelay that journals what groups hear of their incidents, the Follower that asks
 # Alertmanager about silenced ones, and the Desk: claims and silences however they come.
 
-class LinkRefused(Exception):
+# What the on-call loop says to people (the claim and silence pages, a card's status, the
+# answers to commands), by `language`: the incident's route's (language_of); "both" gives the
+# Chinese, then the English.
+ANSWERS = {
+    "en": {
+        "not_set_up": "Claim links are not set up here ([oncall]).",
+        "link_damaged": "this link is damaged: open it again from the message",
+        "link_forged": "this link was not made by this alertbridge (or is cut): it does nothing",
+        "link_expired": "this link has expired: the incident is older than the links last",
+        "stale_form": "This form is stale or came from elsewhere: nothing was changed. Open the "
+                      "link again.",
+        "history_down": "The history cannot be reached now: nothing was changed. Try again in "
+                        "a minute.",
+        "silenced_already": "Silenced already (silence {silence}).",
+        "choose_how_long": "Choose who you are and how long: nothing was changed.",
+        "silenced_for": "🔕 Silenced for {hours} h in Alertmanager (silence {silence}) by "
+                        "{name}.",
+        "choose_who": "Choose who you are: nothing was changed.",
+        "nothing_open": "Nothing is open for this page: its alerts resolved (or the history has "
+                        "not recorded them yet).",
+        "has_it": "{mark}{name} has it, since {since} ({taken} after the page).",
+        "open_since": "open since", "receiver": "receiver", "i_am": "I am",
+        "silences_these": "It silences every alert that has these labels:",
+        "hours": "🔕 {hours} h",
+        "silence_max": "A silence lasts {longest} at most here ([oncall] silence_max): nothing "
+                       "was changed.",
+        "no_labels": "This group has no labels to silence on (group_by in Alertmanager): "
+                     "nothing was changed.",
+        "no_api": "Silences need [oncall] alertmanager_api: nothing was changed.",
+        "someone_else": "Someone else acted on this just now: nothing was changed. Look again.",
+        "resolved_meanwhile": "Nothing is open for this page any more: its alerts resolved "
+                              "meanwhile. The silence was not kept.",
+        "am_refused": "Alertmanager did not take the silence ({why}): nothing was changed.",
+        "silencing_now": "Someone is silencing this just now: look again in a minute.",
+        "card_nothing": "Nothing is open for this card (resolved, or not recorded yet): try "
+                        "again in a minute.",
+        "person_only": "Only people in [person] may silence (a [person:HANDLE] whose user_id "
+                       "is yours): nothing was changed.",
+        "no_incident": "No open incident #{number}.",
+        "unknown_writer": "Who wrote this is not known (no senderStaffId): nothing was changed.",
+        "one_to_one": "Commands in a one-to-one chat are for people in [person] (one whose "
+                      "user_id is yours): write in your team's group instead.",
+        "not_yours": "{number} is not one of your incidents: receiver {route} neither "
+                     "@-mentions you nor escalates to you.",
+        "not_this_group": "{number} is not one of this group's incidents.",
+        "not_open": "#{id} is not open any more.",
+        "holder": "#{id}: {holder} has it.",
+        "silence_range": "A silence lasts 1m to {longest} here ([oncall] silence_max): "
+                         "silence {id} 1h.",
+        "silenced_cmd": "#{id} silenced for {duration} (silence {silence}).",
+        "no_rotation": "No rotation is set up ([rotation:NAME]).",
+        "shift": "{rotation}: {person} until {until}, then {next}",
+        "nothing_here": "Nothing is open here.", "nothing_anywhere": "Nothing is open.",
+        "older": "… and {count} older.",
+        "elsewhere": "{count} open in other groups: open all / 告警 全部",
+        "not_done": "Not done: {error}. Try again in a minute.",
+    },
+    "zh": {
+        "not_set_up": "这里没有设置认领链接（[oncall]）。",
+        "link_damaged": "链接已损坏：请从消息中重新打开",
+        "link_forged": "这个链接不是本 alertbridge 生成的（或不完整）：它什么都不做",
+        "link_expired": "链接已过期：事件早于链接的有效期",
+        "stale_form": "表单已过期或来自别处：什么都没有改变。请重新打开链接。",
+        "history_down": "现在无法访问历史库：什么都没有改变。请一分钟后再试。",
+        "silenced_already": "已经静默（静默 {silence}）。",
+        "choose_how_long": "请选择你是谁以及静默多久：什么都没有改变。",
+        "silenced_for": "🔕 {name} 在 Alertmanager 中静默了 {hours} 小时（静默 {silence}）。",
+        "choose_who": "请选择你是谁：什么都没有改变。",
+        "nothing_open": "这个页面没有未结束的事件：告警已恢复（或历史库尚未记录）。",
+        "has_it": "{mark}{name} 已认领，自 {since} 起（告警后 {taken}）。",
+        "open_since": "开始于", "receiver": "接收者", "i_am": "我是",
+        "silences_these": "将静默带有以下标签的所有告警：",
+        "hours": "🔕 {hours} 小时",
+        "silence_max": "这里静默最长 {longest}（[oncall] silence_max）：什么都没有改变。",
+        "no_labels": "这个分组没有可用于静默的标签（Alertmanager 的 group_by）：什么都没有改变。",
+        "no_api": "静默需要设置 [oncall] alertmanager_api：什么都没有改变。",
+        "someone_else": "刚刚有人处理了它：什么都没有改变。请再看一下。",
+        "resolved_meanwhile": "这个页面已没有未结束的事件：告警在此期间已恢复。静默未保留。",
+        "am_refused": "Alertmanager 没有接受静默（{why}）：什么都没有改变。",
+        "silencing_now": "有人正在静默它：请一分钟后再看。",
+        "card_nothing": "这张卡片没有未结束的事件（已恢复，或尚未记录）：请一分钟后再试。",
+        "person_only": "只有 [person] 中的人可以静默（user_id 是你的 [person:HANDLE]）：什么都没有"
+                       "改变。",
+        "no_incident": "没有未结束的事件 #{number}。",
+        "unknown_writer": "不知道是谁写的（没有 senderStaffId）：什么都没有改变。",
+        "one_to_one": "单聊中的命令只对 [person] 中的人有效（user_id 是你的）：请在团队群里写。",
+        "not_yours": "{number} 不是你的事件：接收者 {route} 既不 @ 你，也不升级到你。",
+        "not_this_group": "{number} 不是本群的事件。",
+        "not_open": "#{id} 已经结束。",
+        "holder": "#{id}：{holder} 已认领。",
+        "silence_range": "这里静默时长为 1m 到 {longest}（[oncall] silence_max）：silence {id} 1h。",
+        "silenced_cmd": "#{id} 已静默 {duration}（静默 {silence}）。",
+        "no_rotation": "没有设置轮值（[rotation:NAME]）。",
+        "shift": "{rotation}：{person} 值班至 {until}，之后是 {next}",
+        "nothing_here": "这里没有未结束的事件。", "nothing_anywhere": "没有未结束的事件。",
+        "older": "…另有 {count} 个更早的。",
+        "elsewhere": "其他群还有 {count} 个未结束：open all / 告警 全部",
+        "not_done": "未完成：{error}。请一分钟后再试。",
+    },
+}
+
+
+def answer(language, key, **values):
+    """What the on-call loop says to people, in `language` (see ANSWERS)."""
+    if language == "both":
+        return answer("zh", key, **values) + " / " + answer("en", key, **values)
+    return ANSWERS[language][key].format(**values)
+
+
+def language_of(config, route_name=None):
+    """The language an answer is in: its route's; without one, the receivers' (English if
+    they differ)."""
+    route = config.routes.get(route_name) if route_name else None
+    if route is not None:
+        return route.language
+    languages = {r.language for r in config.routes.values()}
+    return languages.pop() if len(languages) == 1 else "en"
+
+
+class Refused(Exception):
+    """Something asked of the on-call loop that changes nothing: why, as an ANSWERS key and
+    its values (str(): English, for logs; say(): in the asker's language)."""
+
+    def __init__(self, key, **values):
+        super().__init__(answer("en", key, **values))
+        self.key, self.values = key, values
+
+    def say(self, language):
+        return answer(language, self.key, **self.values)
+
+
+class LinkRefused(Refused):
     """A claim or silence link that must change nothing: malformed, forged or expired."""
 
 
@@ -6893,15 +7024,14 @@ def read_link(secret, token, now):
         fields_bytes = fields.encode("ascii")
         given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
     except (UnicodeEncodeError, ValueError):
-        raise LinkRefused("this link is damaged: open it again from the message")
+        raise LinkRefused("link_damaged")
     wanted = hmac.new(secret.encode(), fields_bytes, hashlib.sha256).digest()[:LINK_MAC_BYTES]
     if not dot or not hmac.compare_digest(given, wanted):
-        raise LinkRefused("this link was not made by this alertbridge (or is cut): it does "
-                          "nothing")
+        raise LinkRefused("link_forged")
     route, group_hash, action, expires = json.loads(
         base64.urlsafe_b64decode(fields_bytes + b"=" * (-len(fields_bytes) % 4)))
     if now >= expires:
-        raise LinkRefused("this link has expired: the incident is older than the links last")
+        raise LinkRefused("link_expired")
     return route, group_hash, action, expires
 
 
@@ -7454,11 +7584,11 @@ class Follower(Worker):
             not names or incident["receiver"] in names)
 
 
-class DeskRefused(Exception):
+class DeskRefused(Refused):
     """An action on an incident that cannot be done: `status` (HTTP) and why, for people."""
 
-    def __init__(self, status, why):
-        super().__init__(why)
+    def __init__(self, status, key, **values):
+        super().__init__(key, **values)
         self.status = status
 
 
@@ -7498,26 +7628,22 @@ class Desk:
         config = self.config()
         incident = self.store.open_incident(route, group)
         if incident is None:
-            raise DeskRefused(200, "Nothing is open for this page: its alerts resolved (or the "
-                                   "history has not recorded them yet).")
+            raise DeskRefused(200, "nothing_open")
         self._refuse_if_silenced(incident)
         if hours * 3600 > config.oncall.silence_max + 0.5:
-            raise DeskRefused(400, f"A silence lasts {format_duration(config.oncall.silence_max)}"
-                                   f" at most here ([oncall] silence_max): nothing was changed.")
+            raise DeskRefused(400, "silence_max",
+                              longest=format_duration(config.oncall.silence_max))
         if not incident["group_labels"]:
-            raise DeskRefused(409, "This group has no labels to silence on (group_by in "
-                                   "Alertmanager): nothing was changed.")
+            raise DeskRefused(409, "no_labels")
         if not config.oncall.alertmanager_api:
-            raise DeskRefused(409, "Silences need [oncall] alertmanager_api: nothing was "
-                                   "changed.")
+            raise DeskRefused(409, "no_api")
         marker, wall, grace = TAKING + secrets.token_hex(8), self.wall(), silence_grace(config)
         if not self.store.take_silence(incident["id"], marker,
                                        epoch_db_time(wall + self.TAKE_FOR),
                                        epoch_db_time(wall + self.TAKE_FOR + grace),
                                        epoch_db_time(wall)):
             self._refuse_if_silenced(self.store.open_incident(route, group) or incident)
-            raise DeskRefused(200, "Someone else acted on this just now: nothing was changed. "
-                                   "Look again.")
+            raise DeskRefused(200, "someone_else")
         silence = self._make_silence(config, incident, marker, hours, name, wall)
         until = wall + hours * 3600
         try:
@@ -7529,8 +7655,7 @@ class Desk:
             raise
         if not kept:    # resolved while Alertmanager made it: nothing left to silence
             self._unmake(config, incident, silence)
-            raise DeskRefused(200, "Nothing is open for this page any more: its alerts "
-                                   "resolved meanwhile. The silence was not kept.")
+            raise DeskRefused(200, "resolved_meanwhile")
         log.info("incident=%s route=%s silenced %g h by %s via %s (silence %s)", incident["id"],
                  route, hours, chosen, via, silence)
         self._tell(route, group, SILENCED, incident, (silence,), name=md_escape(name),
@@ -7549,8 +7674,7 @@ class Desk:
             log.warning("incident=%s: Alertmanager did not take the silence: %s",
                         incident["id"], exc)
             self.store.drop_silence(incident["id"], marker)
-            raise DeskRefused(502, f"Alertmanager did not take the silence ({exc}): nothing "
-                                   f"was changed.")
+            raise DeskRefused(502, "am_refused", why=str(exc))
         except BaseException:
             self.store.drop_silence(incident["id"], marker)
             raise
@@ -7567,9 +7691,8 @@ class Desk:
     def _refuse_if_silenced(self, incident):
         if self.silenced_now(incident, self.wall()):
             if incident["silence_id"].startswith(TAKING):
-                raise DeskRefused(200, "Someone is silencing this just now: look again in a "
-                                       "minute.")
-            raise DeskRefused(200, f"Silenced already (silence {incident['silence_id']}).")
+                raise DeskRefused(200, "silencing_now")
+            raise DeskRefused(200, "silenced_already", silence=incident["silence_id"])
 
     @classmethod
     def hours_offered(cls, config):
@@ -8622,8 +8745,8 @@ class StatusPage:
         escalation step (when, and whom it @s)."""
         if not on_call_in_use(config):
             return ""
-        languages = {route.language for route in config.routes.values()}
-        words = self.INCIDENT_WORDS[languages.pop() if len(languages) == 1 else "en"]
+        language = language_of(config)
+        words = self.INCIDENT_WORDS["zh" if language == "both" else language]
         try:
             if self.probes.store_ok is False:
                 raise StoreUnavailable("the history store is unreachable")
@@ -8848,25 +8971,25 @@ class IncidentPages:
         its cookie (CSRF), claims it for the person chosen, remembered in a cookie. Returns
         (status, HTML, headers)."""
         config = self.config()
+        language = language_of(config)
         if not config.oncall.link_secret:       # no secret, no link is anyone's
-            return 404, self._incident_page("Claim links are not set up here ([oncall])."), ()
+            return 404, self._incident_page(answer(language, "not_set_up")), ()
         try:
             route, group, action, _ = read_link(config.oncall.link_secret, token, self.wall())
         except LinkRefused as exc:
-            return 403, self._incident_page("🚫 " + str(exc)), ()
+            return 403, self._incident_page("🚫 " + exc.say(language)), ()
+        language = language_of(config, route)
         try:
             if form is None:
                 return self._incident_form(config, token, route, group, action, cookies)
             if not self._same_form(form, cookies):
-                return 403, self._incident_page("This form is stale or came from elsewhere: "
-                                                "nothing was changed. Open the link again."), ()
+                return 403, self._incident_page(answer(language, "stale_form")), ()
             if action == "silence":
                 return self._silence(config, route, group, form)
             return self._claim(config, route, group, cookies, form)
         except (StoreUnavailable, StoreError) as exc:
             log.warning("incident page: the history did not answer: %s", exc)
-            return 503, self._incident_page("The history cannot be reached now: nothing was "
-                                            "changed. Try again in a minute."), ()
+            return 503, self._incident_page(answer(language, "history_down")), ()
 
     def _same_form(self, form, cookies):
         """Whether a POST comes from the form this page gave (its token matches the cookie)."""
@@ -8874,12 +8997,12 @@ class IncidentPages:
         return bool(given) and hmac.compare_digest(given, cookies.get(self.CSRF_COOKIE, ""))
 
     def _incident_form(self, config, token, route, group, action, cookies):
-        incident = self.store.open_incident(route, group)
+        incident, language = self.store.open_incident(route, group), language_of(config, route)
         if action == "silence" and Desk.silenced_now(incident, self.wall()):
-            return 200, self._incident_page(f"Silenced already (silence "
-                                            f"{incident['silence_id']})."), ()
+            return 200, self._incident_page(answer(language, "silenced_already",
+                                                   silence=incident["silence_id"])), ()
         if incident is None or (action == "claim" and incident["state"] != "open"):
-            return 200, self._incident_page(self._incident_state(config, incident)), ()
+            return 200, self._incident_page(self._incident_state(config, incident, route)), ()
         csrf = secrets.token_urlsafe(16)
         chosen = cookies.get(self.PERSON_COOKIE, "")
         if config.people:
@@ -8891,32 +9014,34 @@ class IncidentPages:
         else:
             who = f'<input name="person" id="person" maxlength="64" value="{esc(chosen)}">'
         body = (f"<section><h2>{esc(incident['title'])}</h2>"
-                f"<p>{word(incident['level'])} · open since "
-                f"{when(self._db_time(incident['opened_at']))} · receiver {esc(route)}</p>"
+                f"<p>{word(incident['level'])} · {answer(language, 'open_since')} "
+                f"{when(self._db_time(incident['opened_at']))} · "
+                f"{answer(language, 'receiver')} {esc(route)}</p>"
                 f'<form method="post" action="/incident/{esc(token)}">'
                 f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
-                f"<p><label>I am {who}</label></p>"
-                f"{self._silenced_by(incident) if action == 'silence' else ''}"
-                f"<p>{self._incident_buttons(config, action)}</p></form></section>")
+                f"<p><label>{answer(language, 'i_am')} {who}</label></p>"
+                f"{self._silenced_by(incident, language) if action == 'silence' else ''}"
+                f"<p>{self._incident_buttons(config, action, language)}</p></form></section>")
         cookie = self._cookie(config, self.CSRF_COOKIE, csrf, "Strict", 3600)
         return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
 
     @staticmethod
-    def _silenced_by(incident):
+    def _silenced_by(incident, language):
         """What the silence will match, as Alertmanager will be given it (Desk.silence): every
         alert with these labels, whichever instance."""
         labels = sorted(incident["group_labels"].items())
         listed = "".join(f'<li><code>{esc(matchers({k: v})[1:-1])}</code></li>'
                          for k, v in labels)
-        return (f'<p>It silences every alert that has these labels:</p>'
+        return (f'<p>{esc(answer(language, "silences_these"))}</p>'
                 f'<ul class="matchers">{listed}</ul>')
 
     @staticmethod
-    def _incident_buttons(config, action):
+    def _incident_buttons(config, action, language):
         if action == "claim":
             return f'<button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
         return " ".join(f'<button type="submit" name="hours" value="{h}" id="silence-{h}">'
-                        f"🔕 {h} h</button>" for h in Desk.hours_offered(config))
+                        f"{esc(answer(language, 'hours', hours=h))}</button>"
+                        for h in Desk.hours_offered(config))
 
     def _chosen(self, config, form):
         """(handle or name, Person or None) of who the form says they are, or None if unfit."""
@@ -8930,28 +9055,28 @@ class IncidentPages:
         """An Alertmanager silence on the incident's group labels, for the hours chosen,
         created by the person (see Desk.silence)."""
         who, hours = self._chosen(config, form), form.get("hours", "")
+        language = language_of(config, route)
         if who is None or hours not in {str(h) for h in Desk.hours_offered(config)}:
-            return 400, self._incident_page("Choose who you are and how long: nothing was "
-                                            "changed."), ()
+            return 400, self._incident_page(answer(language, "choose_how_long")), ()
         chosen, person = who
         name = person.name if person else chosen
         try:
             _, silence = self.desk.silence(route, group, int(hours), chosen, name, "link")
         except DeskRefused as exc:
-            return exc.status, self._incident_page(str(exc)), ()
-        return 200, self._incident_page(f"🔕 Silenced for {hours} h in Alertmanager (silence "
-                                        f"{silence}) by {name}."), ()
+            return exc.status, self._incident_page(exc.say(language)), ()
+        return 200, self._incident_page(answer(language, "silenced_for", hours=hours,
+                                               silence=silence, name=name)), ()
 
     def _claim(self, config, route, group, cookies, form):
         who = self._chosen(config, form)
         if who is None:
-            return 400, self._incident_page("Choose who you are: nothing was changed."), ()
+            return 400, self._incident_page(answer(language_of(config, route), "choose_who")), ()
         chosen, person = who
         incident = self.desk.claim(route, group, chosen, person.name if person else chosen,
                                    "link")
         cookie = self._cookie(config, self.PERSON_COOKIE, urllib.parse.quote(chosen), "Lax",
                               31536000)
-        return 200, self._incident_page(self._incident_state(config, incident)), \
+        return 200, self._incident_page(self._incident_state(config, incident, route)), \
             [("Set-Cookie", cookie)]
 
     @staticmethod
@@ -8963,15 +9088,14 @@ class IncidentPages:
         return (f"{name}={value}; Path=/incident/; HttpOnly; SameSite={same_site}; "
                 f"Max-Age={max_age}{secure}")
 
-    def _incident_state(self, config, incident):
+    def _incident_state(self, config, incident, route):
+        language = language_of(config, route)
         if incident is None:
-            return ("Nothing is open for this page: its alerts resolved (or the history has not "
-                    "recorded them yet).")
-        taken = Desk.taken(incident)
-        name = config.name_of(incident["acknowledged_by"])
-        mark = "✅ " if incident.get("claimed") else ""
-        return f"{mark}{name} has it, since {self._db_time(incident['acknowledged_at'])} " \
-               f"({taken} after the page)."
+            return answer(language, "nothing_open")
+        return answer(language, "has_it", mark="✅ " if incident.get("claimed") else "",
+                      name=config.name_of(incident["acknowledged_by"]),
+                      since=self._db_time(incident["acknowledged_at"]),
+                      taken=Desk.taken(incident))
 
     def _incident_page(self, text):
         return page("alertbridge: claim", f"<section><p>{esc(text)}</p></section>", nav=False)
@@ -10736,8 +10860,7 @@ class AppDesk:
             if action == "claim":
                 incident = self.desk.claim(route, group, chosen, name, "dingtalk")
                 if incident is None:
-                    return {"status": "Nothing is open for this card (resolved, or not recorded "
-                                      "yet): try again in a minute."}
+                    return {"status": answer(language, "card_nothing")}
                 holder = self.config().name_of(incident["acknowledged_by"])
                 return {"state": "claimed", "status": WORDS[language]["has_it"].format(
                     name=holder, after=Desk.taken(incident))}
@@ -10745,21 +10868,19 @@ class AppDesk:
             if hours is None:
                 return {}
             if not known:
-                return {"status": "Only people in [person] may silence (a [person:HANDLE] whose "
-                                  "user_id is yours): nothing was changed."}
+                return {"status": answer(language, "person_only")}
             longest = self.config().oncall.silence_max
             if hours * 3600 > longest:
-                return {"status": f"A silence lasts {format_duration(longest)} at most here "
-                                  f"([oncall] silence_max): nothing was changed."}
+                return {"status": answer(language, "silence_max",
+                                         longest=format_duration(longest))}
             self.desk.silence(route, group, hours, chosen, name, "dingtalk")
             return {"state": "silenced", "status": WORDS[language]["silenced_card"].format(
                 name=name, hours=hours)}
         except DeskRefused as exc:
-            return {"status": str(exc)}
+            return {"status": exc.say(language)}
 
     def _language(self, route):
-        found = self.config().routes.get(route)
-        return found.language if found else Templates.language
+        return language_of(self.config(), route)
 
     def command(self, data):
         """A message written to the robot: claim N, silence N 1h, oncall, open (in Chinese
@@ -10818,7 +10939,7 @@ class AppDesk:
         number = incident_number(written)
         incident = self._incident(number) if number is not None else None
         if incident is None:
-            return f"No open incident #{written}."
+            return answer(self._chat_language(chat), "no_incident", number=written)
         refused = self._refusal(command, incident, chat)
         if refused:
             return refused
@@ -10833,46 +10954,51 @@ class AppDesk:
         incidents of the receivers whose app_group it is. One to one: a [person]'s, on the
         incidents of the receivers that page them (pages_person). A silence, which mutes the
         alerts for everyone: a [person] only."""
-        number = f"#{incident['id']}"
+        number, language = f"#{incident['id']}", self._chat_language(chat)
         if not chat.user:
-            return "Who wrote this is not known (no senderStaffId): nothing was changed."
+            return answer(language, "unknown_writer")
         if chat.one_to_one:
             if chat.person is None:
-                return ("Commands in a one-to-one chat are for people in [person] (one whose "
-                        "user_id is yours): write in your team's group instead.")
+                return answer(language, "one_to_one")
             route = self.config().routes.get(incident["route"])
             if route is None or not pages_person(route, chat.person):
-                return (f"{number} is not one of your incidents: receiver {incident['route']} "
-                        f"neither @-mentions you nor escalates to you.")
+                return answer(language, "not_yours", number=number, route=incident["route"])
         elif incident["route"] not in self._routes_of(chat.conversation):
-            return f"{number} is not one of this group's incidents."
+            return answer(language, "not_this_group", number=number)
         if command == "silence" and chat.person is None:
-            return ("Only people in [person] may silence (a [person:HANDLE] whose user_id is "
-                    "yours): nothing was changed.")
+            return answer(language, "person_only")
         return ""
+
+    def _chat_language(self, chat):
+        """A command's answers: in the language of the group's receivers (of every receiver in
+        a one-to-one chat)."""
+        return self._routes_language(() if chat.one_to_one else
+                                     self._routes_of(chat.conversation))
 
     def _claim(self, incident, chosen, name):
         taken = self.desk.claim(incident["route"], incident["group_hash"], chosen, name,
                                 "dingtalk")
+        language = self._language(incident["route"])
         if taken is None:
-            return f"#{incident['id']} is not open any more."
-        holder = self.config().name_of(taken["acknowledged_by"])
-        return f"#{incident['id']}: {holder} has it."
+            return answer(language, "not_open", id=incident["id"])
+        return answer(language, "holder", id=incident["id"],
+                      holder=self.config().name_of(taken["acknowledged_by"]))
 
     def _silence(self, incident, written, chosen, name):
         """An Alertmanager silence of `written` (any duration duration_seconds reads), from 1m
         to [oncall] silence_max."""
-        longest = self.config().oncall.silence_max
+        longest, language = self.config().oncall.silence_max, self._language(incident["route"])
         seconds = duration_seconds(written)
         if seconds is None or not 60 <= seconds <= longest:
-            return (f"A silence lasts 1m to {format_duration(longest)} here ([oncall] "
-                    f"silence_max): silence {incident['id']} 1h.")
+            return answer(language, "silence_range", longest=format_duration(longest),
+                          id=incident["id"])
         try:
             _, silence = self.desk.silence(incident["route"], incident["group_hash"],
                                            seconds / 3600, chosen, name, "dingtalk")
         except DeskRefused as exc:
-            return str(exc)
-        return f"#{incident['id']} silenced for {format_duration(seconds)} (silence {silence})."
+            return exc.say(language)
+        return answer(language, "silenced_cmd", id=incident["id"],
+                      duration=format_duration(seconds), silence=silence)
 
     def _incident(self, number):
         found = self.store.incident(number)
@@ -10881,12 +11007,13 @@ class AppDesk:
     def _on_call(self):
         config = self.config()
         report = on_call_report(config.rotations.values(), self.wall(), config.tz)
+        language = language_of(config)
         if not report:
-            return "No rotation is set up ([rotation:NAME])."
-        return "\n".join(f"{rotation.name}: {person.name} until "
-                         f"{datetime.fromtimestamp(until, config.tz):%m-%d %H:%M}, then "
-                         f"{following.name}" for rotation, (person, until), (following, _)
-                         in report)
+            return answer(language, "no_rotation")
+        return "\n".join(answer(language, "shift", rotation=rotation.name, person=person.name,
+                                until=f"{datetime.fromtimestamp(until, config.tz):%m-%d %H:%M}",
+                                next=following.name)
+                         for rotation, (person, until), (following, _) in report)
 
     def _routes_of(self, conversation):
         """The routes whose cards go to this group (app_group): what `open` lists there."""
@@ -10903,15 +11030,21 @@ class AppDesk:
             elsewhere = sum(self.store.open_by_state().values()) - len(found)
         else:
             found, elsewhere = self.store.open_incidents(self.OPEN_READ), 0
-        name_of = self.config().name_of
+        name_of, language = self.config().name_of, self._routes_language(routes)
         lines = [f"#{i['id']} {i['title'][:60]} · {i['state']}"
                  + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
-                 for i in found[:self.LISTED]] or [f"Nothing is open{' here' if routes else ''}."]
+                 for i in found[:self.LISTED]] or [
+                     answer(language, "nothing_here" if routes else "nothing_anywhere")]
         if len(found) > self.LISTED:
-            lines.append(f"… and {len(found) - self.LISTED} older.")
+            lines.append(answer(language, "older", count=len(found) - self.LISTED))
         if elsewhere > 0:
-            lines.append(f"{elsewhere} open in other groups: open all / 告警 全部")
+            lines.append(answer(language, "elsewhere", count=elsewhere))
         return "\n".join(lines)
+
+    def _routes_language(self, routes):
+        """The language these routes share, else the receivers' (language_of)."""
+        languages = {self._language(route) for route in routes}
+        return languages.pop() if len(languages) == 1 else language_of(self.config())
 
 
 def not_done(exc):

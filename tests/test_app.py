@@ -318,8 +318,8 @@ def test_commands_written_to_the_robot_claim_list_and_tell_who_is_on_call(
     assert "claim N" in helped and "认领 N" in helped
     assert "app_group = cid-ops" in helped  # how a team learns its group's id
     for word in ("值班", "oncall"):
-        assert "primary: 张三 until" in app.reply_to(app.write(word, "x"))["text"]["content"]
-    assert app.reply_to(app.write("claim 999", "x"))["text"]["content"] == "No open incident #999."
+        assert "primary：张三 值班至" in app.reply_to(app.write(word, "x"))["text"]["content"]
+    assert app.reply_to(app.write("claim 999", "x"))["text"]["content"] == "没有未结束的事件 #999。"
 
 
 def test_commands_find_an_open_incident_older_than_many_newer_ones(make_bridge, sqlite_db, app):
@@ -335,9 +335,9 @@ def test_commands_find_an_open_incident_older_than_many_newer_ones(make_bridge, 
             recorder.webhook(group(RESOLVED, key=f"k{n}"), "2026-11-24 08:02:00")
     [old] = [i for i in bridge.store.incidents(1000) if i["state"] == "open"][-1:]
     listing = app.reply_to(app.write("open", "manager4321"))["text"]["content"]
-    assert listing.count("\n#") == 19 and listing.endswith("… and 11 older.")
+    assert listing.count("\n#") == 19 and listing.endswith("…另有 11 个更早的。")
     reply = app.reply_to(app.write(f"claim {old['id']}", "manager4321"))["text"]["content"]
-    assert reply == f"#{old['id']}: 张三 has it."
+    assert reply == f"#{old['id']}：张三 已认领。"
     assert bridge.store.incident(old["id"])["acknowledged_by"] == "zhangsan"
 
 
@@ -358,7 +358,7 @@ def test_open_lists_the_groups_own_incidents_and_a_failure_is_answered(
     here = app.reply_to(app.write("open", "x"))["text"]["content"]
     assert here.splitlines() == [
         f"#{ops['id']} {ops['title']} · open",
-        "1 open in other groups: open all / 告警 全部",
+        "其他群还有 1 个未结束：open all / 告警 全部",
     ]
     for words in ("open all", "告警 全部"):
         everywhere = app.reply_to(app.write(words, "x"))["text"]["content"]
@@ -398,7 +398,7 @@ def test_send_test_sends_a_card_too_and_says_whether_the_group_got_it(daemon, ap
     assert "AlertbridgeTest" in card["params"]["markdown"] and len(fake.delivered()) == 1
     assert wait_until(lambda: app.connections == 1, timeout=10)
     answer = app.click(card["body"]["outTrackId"], "manager4321")  # a test card: nothing open
-    assert "Nothing is open" in answer["cardData"]["cardParamMap"]["status"]
+    assert "没有未结束的事件" in answer["cardData"]["cardParamMap"]["status"]  # language = zh
 
     app.groups_without_robot.add("cid-ops")
     assert child.stop() == 0

@@ -390,7 +390,7 @@ def test_two_instances_one_page_one_escalation_and_a_claim_served_by_either(tmp_
         token = LINK.search(fake.delivered()[0].text).group(1)
         _, _, cookies = claim_request(standby, token)
         form = {"person": "zhangsan", "csrf": cookies["alertbridge_csrf"]}
-        assert "✅ 张三 has it" in claim_request(standby, token, "POST", form, cookies)[1]
+        assert "✅ 张三 已认领" in claim_request(standby, token, "POST", form, cookies)[1]
         assert fake.wait_for(lambda f: any("认领了" in m.text for m in f.delivered()))
         for child in children:
             assert settle_process(child)

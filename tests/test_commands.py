@@ -35,7 +35,7 @@ mobile = 13800000002
 steps =
     10m = wangwu
 """
-RECEIVERS = {
+RECEIVERS = {  # their answers in English unless desk(language=...)
     "ops": {"robots": "ops-1, ops-2", "app_group": "cid-ops", "at_people": "zhangsan"},
     "db": {"robots": "ops-3", "app_group": "cid-db", "escalation": "db-pages"},
     "dev": {"robots": "dev-1"},
@@ -98,10 +98,11 @@ def desk(make_bridge, sqlite_db, app, alertmanager):
     """desk(oncall="...", database=...) -> a running bridge with an open incident of each
     receiver: {route: incident number}."""
 
-    def start(oncall="", database=sqlite_db):
+    def start(oncall="", database=sqlite_db, language="en"):
         extra = (app_config(app) + PEOPLE
                  + f"\n[oncall]\nalertmanager_api = {alertmanager.url}\n{oncall}\n")
-        bridge = make_bridge(database, receivers=RECEIVERS, extra=extra)
+        receivers = {name: {**r, "language": language} for name, r in RECEIVERS.items()}
+        bridge = make_bridge(database, receivers=receivers, extra=extra)
         assert wait_until(lambda: app.connections == 1, timeout=10)
         recorder = Recorder(bridge.store, "j-test")
         for route in RECEIVERS:
@@ -334,3 +335,16 @@ def test_a_cards_silence_button_needs_a_person_as_the_command_does(desk, app, al
     assert alertmanager.silences == []
     claimed = app.click(track, "stranger99", "claim")["cardData"]["cardParamMap"]
     assert claimed["state"] == "claimed"
+
+
+def test_answers_follow_the_receivers_language(desk, app, alertmanager):
+    """With language = zh the answers were English (`张三 has it`, `No open incident`)."""
+    bridge = desk(oncall="silence_max = 7d", language="zh")
+    n = bridge.numbers
+    assert answer(app, f"claim {n['db']}") == f"#{n['db']} 不是本群的事件。"
+    assert answer(app, "claim 99999") == "没有未结束的事件 #99999。"
+    assert answer(app, f"claim {n['ops']}").startswith(f"#{n['ops']}：")
+    assert answer(app, f"silence {n['ops']} 2d") == f"#{n['ops']} 已静默 2d（静默 s-1）。"
+    assert answer(app, f"silence {n['ops']} 1h", user_id="x-stranger").startswith(
+        "只有 [person] 中的人可以静默")
+    assert "I am" not in answer(app, "oncall") and "until" not in answer(app, "oncall")

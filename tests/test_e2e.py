@@ -267,7 +267,7 @@ def test_real_alertmanager_page_escalates_until_claimed_in_a_browser(
     browser.get(f"{bridge.address}/incident/{token}")
     Select(browser.find_element(By.ID, "person")).select_by_visible_text("张三")
     follow(browser, browser.find_element(By.ID, "claim"))
-    assert browser.find_element(By.TAG_NAME, "main").text.startswith("✅ 张三 has it")
+    assert browser.find_element(By.TAG_NAME, "main").text.startswith("✅ 张三 已认领")
     assert fake.wait_for(lambda f: any("✅ 张三 认领了" in m.text for m in f.delivered()))
     history = rows_of(sqlite_db)
     assert [(i["state"], i["acknowledged_by"]) for i in history] == [("acknowledged", "zhangsan")]
@@ -320,7 +320,7 @@ def test_a_silence_from_the_page_is_made_in_alertmanager_and_expired_when_the_al
     assert 'id="silence-4"' in html, page.text
     form = {"person": "zhangsan", "hours": "1", "csrf": cookies["alertbridge_csrf"]}
     status, html, _ = claim_request(bridge, token.group(1), "POST", form, cookies)
-    assert status == 200 and "Silenced for 1 h" in html
+    assert status == 200 and "静默了 1 小时" in html
     with urllib.request.urlopen(am + "/api/v2/silences", timeout=10) as response:
         [silence] = json.loads(response.read())
     assert silence["createdBy"] == "张三" and silence["status"]["state"] == "active"
@@ -389,7 +389,7 @@ def test_real_alertmanager_page_is_a_card_a_click_claims_it_and_a_command_silenc
     assert wait_until(lambda: len(rows_of(sqlite_db)) == 2, timeout=60)
     number = max(i["id"] for i in rows_of(sqlite_db))
     reply = app.reply_to(app.write(f"静默 {number} 1h", "manager4321"))["text"]["content"]
-    assert f"#{number} silenced for 1h" in reply
+    assert f"#{number} 已静默 1h" in reply  # the route's language: zh
     with urllib.request.urlopen(am + "/api/v2/silences", timeout=10) as response:
         [silence] = json.loads(response.read())
     assert silence["createdBy"] == "张三" and silence["status"]["state"] == "active"

@@ -288,13 +288,13 @@ def test_a_firing_page_carries_a_claim_link_that_claims_once_on_confirmation(
 
     form = {"person": "zhangsan", "csrf": cookies["alertbridge_csrf"]}
     status, html, _ = claim_request(bridge, token, "POST", form)  # no cookie: from elsewhere
-    assert status == 403 and "nothing was changed" in html
+    assert status == 403 and "什么都没有改变" in html  # the route's language: zh
     status, html, remembered = claim_request(bridge, token, "POST", form, cookies)
-    assert status == 200 and "✅ 张三 has it" in html
+    assert status == 200 and "✅ 张三 已认领" in html
     assert remembered["alertbridge_person"] == "zhangsan"
     again = {"person": "lisi", "csrf": cookies["alertbridge_csrf"]}
     status, html, _ = claim_request(bridge, token, "POST", again, cookies)  # a second claim
-    assert status == 200 and "张三 has it" in html and "✅" not in html
+    assert status == 200 and "张三 已认领" in html and "✅" not in html
     [incident] = alertbridge.Store(sqlite_db).incidents()
     assert (incident["state"], incident["acknowledged_by"]) == ("acknowledged", "zhangsan")
     assert incident["events"] == ["opened", "acknowledged"]
@@ -320,7 +320,7 @@ def test_a_forged_or_foreign_link_gets_a_clear_page_and_changes_nothing(
     )
     for bad in (forged, token[:-3], "nonsense"):
         status, html, cookies = claim_request(bridge, bad)
-        assert status == 403 and ("does nothing" in html or "damaged" in html)
+        assert status == 403 and ("什么都不做" in html or "已损坏" in html)
         assert cookies == {}
     assert alertbridge.Store(sqlite_db).incidents()[0]["state"] == "open"
 
@@ -449,7 +449,7 @@ def test_the_silence_page_offers_what_silence_max_allows_and_refuses_anything_el
     for hours in ("24", "²", "1e9", ""):
         form = {"person": "zhangsan", "hours": hours, "csrf": cookies["alertbridge_csrf"]}
         status, html, _ = claim_request(bridge, link, "POST", form, cookies)
-        assert status == 400 and "nothing was changed" in html
+        assert status == 400 and "什么都没有改变" in html
     with pytest.raises(alertbridge.DeskRefused, match="4h at most"):
         bridge.desk.silence(route, group, 24, "zhangsan", "张三", "dingtalk")
     assert alertbridge.Store(sqlite_db).incidents()[0]["events"] == ["opened"]
@@ -482,11 +482,11 @@ def test_the_silence_page_shows_what_it_silences_and_a_page_has_one_silence_link
     link = alertbridge.sign_link(SECRET, "ops", incident["group_hash"], "silence",
                                  time.time() + 600)
     status, html, _ = claim_request(bridge, link)
-    assert status == 200 and "It silences every alert that has these labels:" in html
+    assert status == 200 and "将静默带有以下标签的所有告警：" in html
     listed = re.findall(r"<li><code>(.*?)</code></li>", html, re.S)
     assert listed == ['alertname=&quot;DiskFull&quot;',
                       'team=&quot;C:\\\\new \\&quot; &#x27; ) ] \\n &lt; &amp; \u2028 end&quot;']
-    assert html.index("It silences") < html.index('id="silence-1"')
+    assert html.index("将静默") < html.index('id="silence-1"')
 
 
 def test_a_page_of_grafana_alerts_keeps_grafanas_silence_not_alertbridges(
@@ -506,3 +506,33 @@ def test_a_page_of_grafana_alerts_keeps_grafanas_silence_not_alertbridges(
         r"\[[^\]]*静默[^\]]*\]\(([^)]*)\)", card["text"])
     assert silences == [grafanas, grafanas]     # the button and the alert's link: Grafana's
     assert "/incident/" in card["btns"][0]["actionURL"]    # the claim is still alertbridge's
+
+
+@pytest.mark.parametrize("language, words", [
+    ("zh", ["我是", "开始于", "接收者", "🔕 1 小时", "将静默带有以下标签的所有告警："]),
+    ("en", ["I am", "open since", "receiver", "🔕 1 h", "It silences every alert that has these"]),
+])
+def test_the_claim_and_silence_pages_speak_the_routes_language(
+    make_bridge, sqlite_db, fake, language, words
+):
+    """With language = zh the pages said `I am`, `open since`, `张三 has it, since ...`."""
+    receivers = {name: {**r, "language": language} for name, r in CLAIMING.items()}
+    oncall = ONCALL.replace("[oncall]\n", "[oncall]\nalertmanager_api = http://127.0.0.1:9\n")
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=oncall)
+    payload = make_payload("ops", FIRING) | {"groupKey": "g-disk",
+                                             "groupLabels": {"alertname": "DiskFull"}}
+    assert post(bridge, payload)[0] == 200
+    history = alertbridge.Store(sqlite_db)
+    assert wait_until(lambda: history.incidents() != [])
+    history.close()
+    group = alertbridge.group_hash("g-disk")
+    claim = alertbridge.sign_link(SECRET, "ops", group, "claim", time.time() + 600)
+    silence = alertbridge.sign_link(SECRET, "ops", group, "silence", time.time() + 600)
+    status, claim_html, cookies = claim_request(bridge, claim)
+    silence_html = claim_request(bridge, silence)[1]
+    assert status == 200 and all(w in claim_html + silence_html for w in words)
+    form = {"person": "zhangsan", "csrf": cookies["alertbridge_csrf"]}
+    done = claim_request(bridge, claim, "POST", form, cookies)[1]
+    assert ("✅ 张三 已认领" if language == "zh" else "✅ 张三 has it, since") in done
+    refused = claim_request(bridge, claim, "POST", {"person": "zhangsan"}, cookies)[1]
+    assert ("什么都没有改变" if language == "zh" else "nothing was changed") in refused

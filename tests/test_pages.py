@@ -916,13 +916,13 @@ def test_in_a_browser_a_claim_link_on_a_phone(browser, make_bridge, sqlite_db, f
     keep_screenshot(browser, tmp_path, "claim-page-phone.png")
     follow(browser, browser.find_element(By.ID, "claim"))
     text = browser.find_element(By.TAG_NAME, "main").text
-    assert text.startswith("✅ 李四 has it") and overflowing(browser) == []
+    assert text.startswith("✅ 李四 已认领") and overflowing(browser) == []
     assert alertbridge.Store(sqlite_db).incidents()[0]["acknowledged_by"] == "lisi"
     browser.get(f"{bridge.address}/incident/{token}")  # opened again: who has it, no form
-    assert "李四 has it" in browser.find_element(By.TAG_NAME, "main").text
+    assert "李四 已认领" in browser.find_element(By.TAG_NAME, "main").text
     assert browser.find_elements(By.ID, "claim") == []
     browser.get(f"{bridge.address}/incident/{token[:-4]}")  # a cut link: says so
-    assert "does nothing" in browser.find_element(By.TAG_NAME, "main").text
+    assert "什么都不做" in browser.find_element(By.TAG_NAME, "main").text
     assert pwned(browser) is None
 
 

@@ -154,7 +154,7 @@ def main():
                 form,
                 {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie},
             )
-            assert "has it" in text
+            assert "已认领" in text  # the receivers' language: zh
             posts.append(elapsed)
     bridge.stop()
     fake.stop()

@@ -6919,7 +6919,7 @@ ANSWERS = {
         "no_rotation": "No rotation is set up ([rotation:NAME]).",
         "shift": "{rotation}: {person} until {until}, then {next}",
         "nothing_here": "Nothing is open here.", "nothing_anywhere": "Nothing is open.",
-        "older": "… and {count} older.",
+        "older": "… and {count} older.", "open": "open", "acknowledged": "acknowledged",
         "elsewhere": "{count} open in other groups: open all / 告警 全部",
         "not_done": "Not done: {error}. Try again in a minute.",
     },
@@ -6961,7 +6961,7 @@ ANSWERS = {
         "no_rotation": "没有设置轮值（[rotation:NAME]）。",
         "shift": "{rotation}：{person} 值班至 {until}，之后是 {next}",
         "nothing_here": "这里没有未结束的事件。", "nothing_anywhere": "没有未结束的事件。",
-        "older": "…另有 {count} 个更早的。",
+        "older": "…另有 {count} 个更早的。", "open": "未认领", "acknowledged": "已认领",
         "elsewhere": "其他群还有 {count} 个未结束：open all / 告警 全部",
         "not_done": "未完成：{error}。请一分钟后再试。",
     },
@@ -10848,7 +10848,7 @@ class AppDesk:
         except Exception as exc:  # noqa: BLE001 (the clicker is told, on the card)
             log.error("stream: the card's %r failed: %s: %s", str(action)[:40],
                       type(exc).__name__, exc, exc_info=exc)
-            status = {"status": not_done(exc)}
+            status = {"status": not_done(exc, self._language(route))}
         return {"cardData": {"cardParamMap": status}}
 
     def _act(self, route, group, action, chosen, name, known):
@@ -10892,7 +10892,7 @@ class AppDesk:
         except Exception as exc:  # noqa: BLE001 (whoever wrote is told, not left waiting)
             log.error("stream: the command %r failed: %s: %s", text[:40], type(exc).__name__,
                       exc, exc_info=exc)
-            answer = not_done(exc)
+            answer = not_done(exc, self._chat_language(chat))
         self._reply(data.get("sessionWebhook") or "", answer)
 
     def chat_of(self, data):
@@ -11031,7 +11031,7 @@ class AppDesk:
         else:
             found, elsewhere = self.store.open_incidents(self.OPEN_READ), 0
         name_of, language = self.config().name_of, self._routes_language(routes)
-        lines = [f"#{i['id']} {i['title'][:60]} · {i['state']}"
+        lines = [f"#{i['id']} {i['title'][:60]} · {answer(language, i['state'])}"
                  + (f" · {name_of(i['acknowledged_by'])}" if i["acknowledged_by"] else "")
                  for i in found[:self.LISTED]] or [
                      answer(language, "nothing_here" if routes else "nothing_anywhere")]
@@ -11047,9 +11047,10 @@ class AppDesk:
         return languages.pop() if len(languages) == 1 else language_of(self.config())
 
 
-def not_done(exc):
-    """What someone who clicked or wrote is told when it failed here (the history away...)."""
-    return f"Not done: {type(exc).__name__}: {str(exc)[:200]}. Try again in a minute."
+def not_done(exc, language):
+    """What someone who clicked or wrote is told when it failed here (the history away...), in
+    their `language`."""
+    return answer(language, "not_done", error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def post_session_reply(webhook, text, timeout):

@@ -357,14 +357,14 @@ def test_open_lists_the_groups_own_incidents_and_a_failure_is_answered(
 
     here = app.reply_to(app.write("open", "x"))["text"]["content"]
     assert here.splitlines() == [
-        f"#{ops['id']} {ops['title']} · open",
+        f"#{ops['id']} {ops['title']} · 未认领",
         "其他群还有 1 个未结束：open all / 告警 全部",
     ]
     for words in ("open all", "告警 全部"):
         everywhere = app.reply_to(app.write(words, "x"))["text"]["content"]
         assert everywhere.splitlines() == [
-            f"#{other['id']} {other['title']} · open",
-            f"#{ops['id']} {ops['title']} · open",
+            f"#{other['id']} {other['title']} · 未认领",
+            f"#{ops['id']} {ops['title']} · 未认领",
         ]
     no_receiver = app.reply_to(app.write("open", "x", conversation="cid-elsewhere"))
     assert no_receiver["text"]["content"] == everywhere  # a group no receiver names: all
@@ -374,11 +374,11 @@ def test_open_lists_the_groups_own_incidents_and_a_failure_is_answered(
 
     monkeypatch.setattr(bridge.store, "open_incidents", unavailable)
     failed = app.reply_to(app.write("open", "x"))["text"]["content"]
-    assert failed.startswith("Not done: StoreUnavailable: the history does not answer.")
+    assert failed.startswith("未完成：StoreUnavailable: the history does not answer。")  # zh
     monkeypatch.setattr(bridge.store, "claim", unavailable)  # a click: told on the card
     track = alertbridge.card_track("ops", ops["group_hash"])
     status = app.click(track, "manager4321")["cardData"]["cardParamMap"]["status"]
-    assert status.startswith("Not done: StoreUnavailable: the history does not answer.")
+    assert status.startswith("未完成：StoreUnavailable: the history does not answer。")
 
 
 def test_send_test_sends_a_card_too_and_says_whether_the_group_got_it(daemon, app, fake):

@@ -348,3 +348,28 @@ def test_answers_follow_the_receivers_language(desk, app, alertmanager):
     assert answer(app, f"silence {n['ops']} 1h", user_id="x-stranger").startswith(
         "只有 [person] 中的人可以静默")
     assert "I am" not in answer(app, "oncall") and "until" not in answer(app, "oncall")
+
+
+def test_a_listing_and_a_failure_are_told_in_the_groups_language_too(
+    desk, app, alertmanager, monkeypatch
+):
+    """With language = zh, `open` named the states in English (`· acknowledged`) and a command
+    or click the history could not serve was answered `Not done: ...`."""
+    bridge = desk(language="zh")
+    n = bridge.numbers
+    assert answer(app, f"claim {n['ops']}").startswith(f"#{n['ops']}：")
+    assert answer(app, "open").splitlines()[0] == f"#{n['ops']} DiskFull · 已认领 · 张三"
+    assert answer(app, "open", conversation="cid-db") == f"#{n['db']} DiskFull · 未认领\n" + (
+        "其他群还有 2 个未结束：open all / 告警 全部")
+
+    def unavailable(*args, **kwargs):
+        raise alertbridge.StoreUnavailable("the history does not answer")
+
+    monkeypatch.setattr(bridge.store, "open_incidents", unavailable)
+    assert answer(app, "open") == (
+        "未完成：StoreUnavailable: the history does not answer。请一分钟后再试。")
+    monkeypatch.setattr(bridge.store, "claim", unavailable)
+    [ops] = [i for i in bridge.store.incidents(10) if i["route"] == "ops"]
+    track = alertbridge.card_track("ops", ops["group_hash"])
+    status = app.click(track, "manager4321", "claim")["cardData"]["cardParamMap"]["status"]
+    assert status.startswith("未完成：StoreUnavailable")

@@ -95,13 +95,14 @@ def alertmanager():
 
 @pytest.fixture
 def desk(make_bridge, sqlite_db, app, alertmanager):
-    """desk(oncall="...", database=...) -> a running bridge with an open incident of each
-    receiver: {route: incident number}."""
+    """desk(oncall="...", database=..., language=... or languages={route: ...}) -> a running
+    bridge with an open incident of each receiver: {route: incident number}."""
 
-    def start(oncall="", database=sqlite_db, language="en"):
+    def start(oncall="", database=sqlite_db, language="en", languages=None):
         extra = (app_config(app) + PEOPLE
                  + f"\n[oncall]\nalertmanager_api = {alertmanager.url}\n{oncall}\n")
-        receivers = {name: {**r, "language": language} for name, r in RECEIVERS.items()}
+        languages = languages or dict.fromkeys(RECEIVERS, language)
+        receivers = {name: {**r, "language": languages[name]} for name, r in RECEIVERS.items()}
         bridge = make_bridge(database, receivers=receivers, extra=extra)
         assert wait_until(lambda: app.connections == 1, timeout=10)
         recorder = Recorder(bridge.store, "j-test")
@@ -373,3 +374,21 @@ def test_a_listing_and_a_failure_are_told_in_the_groups_language_too(
     track = alertbridge.card_track("ops", ops["group_hash"])
     status = app.click(track, "manager4321", "claim")["cardData"]["cardParamMap"]["status"]
     assert status.startswith("未完成：StoreUnavailable")
+
+
+def test_a_chat_is_refused_another_teams_incident_in_its_own_language(desk, app, alertmanager):
+    """FAULTS 9 across languages: ops's group (zh) may not act on db's incident (en), nor db's
+    group on ops's; each is told in its own language, and nothing changes. What is done to an
+    incident is told in its receiver's."""
+    bridge = desk(languages={"ops": "zh", "db": "en", "dev": "en"})
+    n = bridge.numbers
+    assert answer(app, f"claim {n['db']}") == f"#{n['db']} 不是本群的事件。"
+    assert answer(app, f"silence {n['ops']} 1h", conversation="cid-db") == (
+        f"#{n['ops']} is not one of this group's incidents."
+    )
+    assert acknowledged_by(bridge, "ops") is None and acknowledged_by(bridge, "db") is None
+    assert alertmanager.silences == []
+    assert answer(app, f"claim {n['db']}", user_id="dba007", conversation="cid-db") == (
+        f"#{n['db']}: 王五 has it."
+    )
+    assert answer(app, f"claim {n['ops']}") == f"#{n['ops']}：张三 已认领。"

@@ -489,6 +489,45 @@ def test_the_silence_page_shows_what_it_silences_and_a_page_has_one_silence_link
     assert html.index("将静默") < html.index('id="silence-1"')
 
 
+def test_the_pages_in_any_language_escape_what_alerts_and_people_bring(
+    make_bridge, sqlite_db, fake
+):
+    """FAULTS 6 on the pages of language = both: a group label with `\\ " ' ) ] \\n < &` and
+    U+2028 in the title and the matchers, a person's name with them and braces (an INI value
+    holds no newline) in the form and in what the claim answers: escaped once, the field once,
+    the words' own braces never the values'."""
+    name = "C:\\new {x} \" ' ) ] < & \u2028 end"
+    oncall = ONCALL.replace("name = 李四", f"name = {name}").replace(
+        "[oncall]\n", "[oncall]\nalertmanager_api = http://127.0.0.1:9\n")
+    receivers = {**CLAIMING, "ops": {**CLAIMING["ops"], "language": "both"}}
+    bridge = make_bridge(sqlite_db, receivers=receivers, extra=oncall)
+    payload = make_payload("ops", [make_alert("DiskFull", "db-1")]) | {
+        "groupKey": "g-hostile", "groupLabels": {"alertname": "DiskFull", "team": HOSTILE}}
+    assert post(bridge, payload)[0] == 200
+    history = alertbridge.Store(sqlite_db)
+    assert wait_until(lambda: history.incidents() != [])
+    [incident] = history.incidents()
+    history.close()
+    token = alertbridge.sign_link(SECRET, "ops", incident["group_hash"], "claim",
+                                  time.time() + 600)
+    status, html, cookies = claim_request(bridge, token)
+    assert status == 200 and "我是" in html and "I am" in html and "open since" in html
+    assert html.count('id="person"') == 1   # the field once, whatever the language
+    assert "C:\\new" in incident["title"]    # the title is the group's labels
+    assert f"<h2>{alertbridge.esc(incident['title'])}</h2>" in html
+    assert f">{alertbridge.esc(name)}</option>" in html and "< &" not in html
+    silence = alertbridge.sign_link(SECRET, "ops", incident["group_hash"], "silence",
+                                    time.time() + 600)
+    listed = re.findall(r"<li><code>(.*?)</code></li>", claim_request(bridge, silence)[1], re.S)
+    assert listed[1] == ('team=&quot;C:\\\\new \\&quot; &#x27; ) ] \\n &lt; &amp; \u2028 '
+                         'end&quot;')
+    form = {"person": "lisi", "csrf": cookies["alertbridge_csrf"]}
+    status, html, _ = claim_request(bridge, token, "POST", form, cookies)
+    shown = re.search(r"<section><p>(.*?)</p>", html, re.S).group(1)
+    assert status == 200 and shown.startswith(f"✅ {alertbridge.esc(name)} 已认领，自 "), shown
+    assert f"{alertbridge.esc(name)} has it, since " in shown and "< &" not in html
+
+
 def test_a_page_of_grafana_alerts_keeps_grafanas_silence_not_alertbridges(
     make_bridge, sqlite_db, fake
 ):

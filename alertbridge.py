@@ -6871,6 +6871,7 @@ class Recorder(Worker):
 # Chinese, then the English.
 ANSWERS = {
     "en": {
+        "claim_page": "alertbridge: claim", "silence_page": "alertbridge: silence",
         "not_set_up": "Claim links are not set up here ([oncall]).",
         "link_damaged": "this link is damaged: open it again from the message",
         "link_forged": "this link was not made by this alertbridge (or is cut): it does nothing",
@@ -6924,6 +6925,7 @@ ANSWERS = {
         "not_done": "Not done: {error}. Try again in a minute.",
     },
     "zh": {
+        "claim_page": "alertbridge：认领", "silence_page": "alertbridge：静默",
         "not_set_up": "这里没有设置认领链接（[oncall]）。",
         "link_damaged": "链接已损坏：请从消息中重新打开",
         "link_forged": "这个链接不是本 alertbridge 生成的（或不完整）：它什么都不做",
@@ -8973,23 +8975,23 @@ class IncidentPages:
         config = self.config()
         language = language_of(config)
         if not config.oncall.link_secret:       # no secret, no link is anyone's
-            return 404, self._incident_page(answer(language, "not_set_up")), ()
+            return 404, self._incident_page(answer(language, "not_set_up"), language), ()
         try:
             route, group, action, _ = read_link(config.oncall.link_secret, token, self.wall())
         except LinkRefused as exc:
-            return 403, self._incident_page("🚫 " + exc.say(language)), ()
+            return 403, self._incident_page("🚫 " + exc.say(language), language), ()
         language = language_of(config, route)
         try:
             if form is None:
                 return self._incident_form(config, token, route, group, action, cookies)
             if not self._same_form(form, cookies):
-                return 403, self._incident_page(answer(language, "stale_form")), ()
+                return 403, self._incident_page(answer(language, "stale_form"), language), ()
             if action == "silence":
                 return self._silence(config, route, group, form)
             return self._claim(config, route, group, cookies, form)
         except (StoreUnavailable, StoreError) as exc:
             log.warning("incident page: the history did not answer: %s", exc)
-            return 503, self._incident_page(answer(language, "history_down")), ()
+            return 503, self._incident_page(answer(language, "history_down"), language), ()
 
     def _same_form(self, form, cookies):
         """Whether a POST comes from the form this page gave (its token matches the cookie)."""
@@ -8999,10 +9001,11 @@ class IncidentPages:
     def _incident_form(self, config, token, route, group, action, cookies):
         incident, language = self.store.open_incident(route, group), language_of(config, route)
         if action == "silence" and Desk.silenced_now(incident, self.wall()):
-            return 200, self._incident_page(answer(language, "silenced_already",
-                                                   silence=incident["silence_id"])), ()
+            said = answer(language, "silenced_already", silence=incident["silence_id"])
+            return 200, self._incident_page(said, language), ()
         if incident is None or (action == "claim" and incident["state"] != "open"):
-            return 200, self._incident_page(self._incident_state(config, incident, route)), ()
+            state = self._incident_state(config, incident, route)
+            return 200, self._incident_page(state, language), ()
         csrf = secrets.token_urlsafe(16)
         chosen = cookies.get(self.PERSON_COOKIE, "")
         if config.people:
@@ -9023,7 +9026,8 @@ class IncidentPages:
                 f"{self._silenced_by(incident, language) if action == 'silence' else ''}"
                 f"<p>{self._incident_buttons(config, action, language)}</p></form></section>")
         cookie = self._cookie(config, self.CSRF_COOKIE, csrf, "Strict", 3600)
-        return 200, page("alertbridge: claim", body, nav=False), [("Set-Cookie", cookie)]
+        title = answer(language, "silence_page" if action == "silence" else "claim_page")
+        return 200, page(title, body, nav=False), [("Set-Cookie", cookie)]
 
     @staticmethod
     def _silenced_by(incident, language):
@@ -9038,7 +9042,7 @@ class IncidentPages:
     @staticmethod
     def _incident_buttons(config, action, language):
         if action == "claim":
-            return f'<button type="submit" id="claim">{esc(WORDS["both"]["claim"])}</button>'
+            return f'<button type="submit" id="claim">{esc(WORDS[language]["claim"])}</button>'
         return " ".join(f'<button type="submit" name="hours" value="{h}" id="silence-{h}">'
                         f"{esc(answer(language, 'hours', hours=h))}</button>"
                         for h in Desk.hours_offered(config))
@@ -9057,27 +9061,27 @@ class IncidentPages:
         who, hours = self._chosen(config, form), form.get("hours", "")
         language = language_of(config, route)
         if who is None or hours not in {str(h) for h in Desk.hours_offered(config)}:
-            return 400, self._incident_page(answer(language, "choose_how_long")), ()
+            return 400, self._incident_page(answer(language, "choose_how_long"), language), ()
         chosen, person = who
         name = person.name if person else chosen
         try:
             _, silence = self.desk.silence(route, group, int(hours), chosen, name, "link")
         except DeskRefused as exc:
-            return exc.status, self._incident_page(exc.say(language)), ()
-        return 200, self._incident_page(answer(language, "silenced_for", hours=hours,
-                                               silence=silence, name=name)), ()
+            return exc.status, self._incident_page(exc.say(language), language), ()
+        said = answer(language, "silenced_for", hours=hours, silence=silence, name=name)
+        return 200, self._incident_page(said, language), ()
 
     def _claim(self, config, route, group, cookies, form):
-        who = self._chosen(config, form)
+        who, language = self._chosen(config, form), language_of(config, route)
         if who is None:
-            return 400, self._incident_page(answer(language_of(config, route), "choose_who")), ()
+            return 400, self._incident_page(answer(language, "choose_who"), language), ()
         chosen, person = who
         incident = self.desk.claim(route, group, chosen, person.name if person else chosen,
                                    "link")
         cookie = self._cookie(config, self.PERSON_COOKIE, urllib.parse.quote(chosen), "Lax",
                               31536000)
-        return 200, self._incident_page(self._incident_state(config, incident, route)), \
-            [("Set-Cookie", cookie)]
+        state = self._incident_state(config, incident, route)
+        return 200, self._incident_page(state, language), [("Set-Cookie", cookie)]
 
     @staticmethod
     def _cookie(config, name, value, same_site, max_age):
@@ -9097,8 +9101,10 @@ class IncidentPages:
                       since=self._db_time(incident["acknowledged_at"]),
                       taken=Desk.taken(incident))
 
-    def _incident_page(self, text):
-        return page("alertbridge: claim", f"<section><p>{esc(text)}</p></section>", nav=False)
+    @staticmethod
+    def _incident_page(text, language):
+        return page(answer(language, "claim_page"), f"<section><p>{esc(text)}</p></section>",
+                    nav=False)
 
     def _db_time(self, text):
         return shown_db_time(text, self.config().tz)

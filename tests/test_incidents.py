@@ -575,3 +575,10 @@ def test_the_claim_and_silence_pages_speak_the_routes_language(
     assert ("✅ 张三 已认领" if language == "zh" else "✅ 张三 has it, since") in done
     refused = claim_request(bridge, claim, "POST", {"person": "zhangsan"}, cookies)[1]
     assert ("什么都没有改变" if language == "zh" else "nothing was changed") in refused
+    titles = {"zh": ("alertbridge：认领", "alertbridge：静默"),
+              "en": ("alertbridge: claim", "alertbridge: silence")}[language]
+    for html, title in zip((claim_html, silence_html), titles):  # it read "claim" in English
+        assert f"<title>{title}</title>" in html and f"<h1>{title}</h1>" in html
+    assert f"<title>{titles[0]}</title>" in done + refused
+    button = re.search(r'<button type="submit" id="claim">(.*?)</button>', claim_html).group(1)
+    assert button == {"zh": "我来处理", "en": "Claim"}[language]   # it was both, everywhere

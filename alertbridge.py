@@ -1994,6 +1994,7 @@ GRAFANA_LINKS = (("silence_url", "silenceURL"), ("dashboard_url", "dashboardURL"
                  ("panel_url", "panelURL"), ("image_url", "imageURL"))
 MAX_VALUES = 20         # a Grafana alert's values shown; the rest counted
 VALUES_CHARS = 500      # the text of a Grafana alert's values, at most
+LINK_CHARS = 2048       # a longer Grafana link is left out: cut, a silence would lose matchers
 
 
 def is_grafana(payload):
@@ -2005,7 +2006,8 @@ def is_grafana(payload):
 def grafana_fields(raw, where):
     """What a Grafana alert adds: its silence, dashboard, panel and image links, and its values
     as text ("B=44.2394, C=1"), else its valueString, bounded before any work on them."""
-    fields = {key: _string(raw, name, where)[:2048] for key, name in GRAFANA_LINKS}
+    fields = {key: _string(raw, name, where) for key, name in GRAFANA_LINKS}
+    fields = {key: link if len(link) <= LINK_CHARS else "" for key, link in fields.items()}
     value_string = _string(raw, "valueString", where)
     values = raw.get("values")
     if values is None:

@@ -455,7 +455,21 @@ def test_grafana_values_are_bounded_before_they_are_read_whole():
     long_text = grafana_with(("alerts", 0, "values"), None)
     set_at(long_text, ("alerts", 0, "valueString"), "[ var='B' value=1 ], " * 20000)
     set_at(long_text, ("alerts", 0, "silenceURL"), "https://g/" + "s" * 100000)
+    at_limit = "https://g/d/x?var=" + "v" * (alertbridge.LINK_CHARS - 18)
+    set_at(long_text, ("alerts", 0, "panelURL"), at_limit)
     alert = alertbridge.parse_webhook(json.dumps(long_text).encode()).alerts[0]
     assert len(alert["grafana"]["values"]) == alertbridge.VALUES_CHARS
     assert alert["grafana"]["values"].endswith("…")
-    assert len(alert["grafana"]["silence_url"]) == 2048
+    assert alert["grafana"]["panel_url"] == at_limit
+
+
+def test_a_grafana_link_too_long_is_left_out_never_cut():
+    """A silence link cut short would drop matchers: Grafana's form would offer a silence of
+    more alerts than the one that fired. Over LINK_CHARS, the link is not shown at all."""
+    matchers = "%2C".join(f"label{i}%3D{'v' * 40}" for i in range(60))
+    long_silence = "https://g/alerting/silence/new?alertmanager=grafana&matchers=" + matchers
+    assert len(long_silence) > alertbridge.LINK_CHARS
+    payload = grafana_with(("alerts", 0, "silenceURL"), long_silence)
+    alert = alertbridge.parse_webhook(json.dumps(payload).encode()).alerts[0]
+    assert alert["grafana"]["silence_url"] == ""
+    assert alert["grafana"]["values"] == "B=44.2394, C=1"   # the rest of the alert is kept

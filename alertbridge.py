@@ -982,6 +982,7 @@ class Robot:
     secret: str = field(default="", repr=False)
     keyword: str = ""
     kind: str = DEFAULT_KIND
+    rate_limit: tuple = ()      # (count, seconds) windows of its own: its channel's if none
 
     @functools.cached_property
     def token(self):
@@ -1195,6 +1196,25 @@ class Config:
     @property
     def robots(self):
         return {r for route in self.routes.values() for r in route.robots}
+
+    @functools.cached_property
+    def budget_windows(self):
+        """windows(robot key) -> the (count, seconds) windows its budget is counted in
+        (windows_of), for the robot pool; [delivery]'s for a key no robot has."""
+        of = {robot.key: windows_of(robot, self.delivery) for robot in self.robots}
+        default = ((self.delivery.rate_limit, self.delivery.rate_window),)
+        return lambda key: of.get(key, default)
+
+    @property
+    def longest_window(self):
+        """The longest window any robot's budget is counted in (seconds)."""
+        return max([self.delivery.rate_window] +
+                   [windows_of(r, self.delivery)[0][1] for r in self.robots])
+
+    @property
+    def send_log_span(self):
+        """How far back a send still counts: the longest window, or the longest throttle."""
+        return max(self.longest_window, self.delivery.throttle_seconds)
 
 
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -1451,7 +1471,8 @@ def _keys(cls, without=()):
             | {f"{f.name}_file" for f in fields(cls) if f.metadata.get("secret")})
 
 
-ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword", "kind"}
+ROBOT_KEYS = {"url", "secret", "secret_file", "token", "token_file", "keyword", "kind",
+              "rate_limit"}
 PERSON_KEYS = {"name", "mobile"}    # and each channel's PERSON_KEY (person_keys)
 ROTATION_KEYS = {"people", "start", "hand_over_at", "shift", "overrides"}
 ESCALATION_KEYS = {"steps", "repeat"}
@@ -1611,10 +1632,25 @@ def _load_robot(section, name):
     channel = CHANNELS[kind]
     if token:       # the URL without its token, the token from a file or the environment
         url = channel.with_credential(url, token, where)
-    robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"), kind=kind)
+    robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"), kind=kind,
+                  rate_limit=_rate_limit(section))
     if not robot.token:
         raise ConfigError(f"{where}: {channel.NO_CREDENTIAL} (or set token, token_file)")
     return robot
+
+
+def _rate_limit(section):
+    """[robot:NAME] rate_limit = COUNT/DURATION, ...: the windows a robot's platform counts in
+    (Feishu's 100/1m, 5/1s), longest first; () when unset (its channel's)."""
+    windows = []
+    for each in filter(None, re.split(r"[,\s]+", section.get("rate_limit"))):
+        count, _, span = each.partition("/")
+        seconds = duration_seconds(span)
+        if not count.isdigit() or int(count) < 1 or seconds is None or seconds < 0.01:
+            raise ConfigError(f"[{section.name}] rate_limit: write COUNT/DURATION for each window "
+                              f"the platform counts in, such as 100/1m, 5/1s")
+        windows.append((int(count), seconds))
+    return tuple(sorted(windows, key=lambda window: -window[1]))
 
 
 HANDLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -1882,6 +1918,10 @@ def _levels(section, key, default, order):
         raise ConfigError(f"[{section.name}] {key}: {unknown[0]!r} is not a level of "
                           f"priority_order ({', '.join(order + (NO_LEVEL,))})")
     return levels
+
+
+def robot_named(config, name):
+    return next(robot for robot in config.robots if robot.name == name)
 
 
 def shared_tokens(config):
@@ -5595,8 +5635,9 @@ class WebSocket:
 # A channel turns a Rendered message into the request one robot gets, posts it, and says what
 # the answer means. Its methods: limit(), request(), mention_request(), mentions_apart(),
 # fits(), encode(), shown() (for the preview), post(), outcome(), fix() (what to do about a
-# refusal: the log, --send-test and the status page ask it). Another way of talking to
-# DingTalk is another class with these methods; nothing outside this section reads a request.
+# refusal: the log, --send-test and the status page ask it); its RATE_LIMITS, the windows its
+# platform counts a robot's messages in (the pool keeps to each). Another kind of robot is
+# another class with these; nothing outside this section reads a request.
 
 SENT, THROTTLED, MISCONFIGURED = "sent", "throttled", "misconfigured"
 TOO_LONG, FAILED = "too long", "failed"
@@ -5617,6 +5658,7 @@ class SendResult:
     latency: float = 0.0
     outcome: str = None
     kind: str = DEFAULT_KIND
+    rest: float = None      # THROTTLED: seconds the platform said to wait, if it said
 
     def __post_init__(self):
         if self.outcome is None:
@@ -5646,6 +5688,7 @@ class RobotChannel:
 
     KIND = DEFAULT_KIND
     PERSON_KEY = "user_id"          # [person:X] user_id: whom atUserIds @-mentions
+    RATE_LIMITS = ()                # (count, seconds) windows; (): [delivery] rate_limit's
     THROTTLE_CODES = frozenset({410100, 130101})                # too fast: muted a while
     CONFIG_CODES = frozenset({310000, 300001, 400101, 400102})  # keyword/sign/IP, token, off
     TOO_LONG_CODES = frozenset({460101, 101002})
@@ -5899,6 +5942,18 @@ class Channels:
         return self.of(robot).post(robot, payload, timeout)
 
 
+def windows_of(robot, delivery):
+    """The (count, seconds) windows a robot's platform counts its messages in, longest first:
+    its own rate_limit, else its channel's, else [delivery] rate_limit per rate_window."""
+    return (robot.rate_limit or CHANNELS[robot.kind].RATE_LIMITS
+            or ((delivery.rate_limit, delivery.rate_window),))
+
+
+def budget_words(windows):
+    """A robot's windows as people read them: "100 msgs/60s and 5 msgs/1s"."""
+    return " and ".join(f"{count} msgs/{seconds:g}s" for count, seconds in windows)
+
+
 def channel_kind(url):
     """The kind of robot a URL is, for a [robot:NAME] that names none (DingTalk's, else)."""
     return next((kind for kind, channel in CHANNELS.items() if channel.takes(url)),
@@ -5918,34 +5973,38 @@ def classify(robots):
 
 class RobotPool:
     """Which robot sends next: a rotating index per route that skips robots out of budget,
-    throttled by DingTalk or misconfigured. A budget slot is taken before a request and dated by
-    the request's end, so DingTalk, counting arrivals, never sees more than `rate_limit` in its
-    window. Budgets and throttles belong to the robot as DingTalk knows it, its token
-    (Robot.key): two sections with one token share one budget.
+    throttled by their platform or misconfigured. A budget slot is taken before a request and
+    dated by the request's end, so the platform, counting arrivals, never sees more than a
+    window's count in any of the robot's windows (DingTalk's one: 20 a minute; Feishu's two:
+    100 a minute and 5 a second). Budgets and throttles belong to the robot as its platform
+    knows it, its credential (Robot.key): two sections with one token share one budget.
 
     Each robot keeps `reserve` of its slots per window for urgent messages (the levels a route's
     reserve_for names), so a critical page goes out at once even when a storm has used the rest.
     Routes that share a robot take turns at it: when a slot frees, a route that has been waiting
     for one goes before a route that has just sent (urgent messages go first regardless).
 
-    A throttle rests the robot for one window, then twice as long each time it comes again, up to
-    throttle_seconds; a message it takes ends the run. While a request to a robot has been
+    A throttle rests the robot for its longest window, then twice as long each time it comes
+    again, up to throttle_seconds, or as long as the platform said (SendResult.rest); a message
+    it takes ends the run. While a request to a robot has been
     under way for HANGING seconds, the robot takes no other: a hanging robot holds up the
     sender threads that reached it first, not every route that uses it.
 
-    `limits()` gives the current Delivery settings and `share()` the part of each budget this
-    instance may use (all of it, but while a cluster may have instances sending alone); `now` is
-    always an argument.
+    `limits()` gives the current Delivery settings, `windows()` a robot key's windows
+    (budget_windows), and `share()` the part of each budget this instance may use (all of it,
+    but while a cluster may have instances sending alone); `now` is always an argument.
 
     _lock guards every dict below, held for arithmetic only (never during a request)."""
 
     FORGET_WAITING = 10.0   # a route that has not asked for this long is not waited for
     HANGING = 1.0           # a request under way this long: its robot takes no other meanwhile
 
-    def __init__(self, limits, share=lambda: 1.0, classify=None):
+    def __init__(self, limits, share=lambda: 1.0, classify=None, windows=None):
         self.limits = limits
         self.share = share
         self.classify = classify or (lambda: lambda key, errcode: RobotChannel.outcome(errcode))
+        self.windows = windows or (lambda: lambda key: ((limits().rate_limit,
+                                                          limits().rate_window),))
         self._lock = threading.Lock()
         self._slots = {}            # robot key -> send end times (inf while in flight)
         self._flights = {}          # robot key -> start times of its requests under way
@@ -5961,22 +6020,24 @@ class RobotPool:
         journal's after a restart; the cluster's, forgetting this instance's own view, when it
         takes over. `classify()` gives read(key, errcode), an errcode as the robot's channel
         reads it."""
-        window, read = self.limits().rate_window, self.classify()
+        read, windows = self.classify(), self.windows()
         with self._lock:
             if forget:
                 self._slots, self._throttled, self._strikes = {}, {}, {}
             for key, at, errcode in sends:
-                if at > now - window:
+                if at > now - windows(key)[0][1]:
                     self._slots.setdefault(key, []).append(at)
                 self._learn(key, read(key, errcode), at)
 
-    def _learn(self, key, outcome, at):
-        """What its channel's answer says of the robot: rested after a throttle, longer if it
-        repeats; disabled after a configuration error is in release()."""
+    def _learn(self, key, outcome, at, rest=None):
+        """What its channel's answer says of the robot: rested after a throttle (as long as the
+        platform said, else longer each time it repeats); disabled after a configuration error
+        is in release()."""
         if outcome == THROTTLED:
             strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
-            limits = self.limits()
-            rest = min(limits.throttle_seconds, limits.rate_window * 2 ** min(strikes - 1, 16))
+            limits, window = self.limits(), self.windows()(key)[0][1]
+            rest = min(limits.throttle_seconds,
+                       rest if rest is not None else window * 2 ** min(strikes - 1, 16))
             self._throttled[key] = max(self._throttled.get(key, 0), at + rest)
         elif outcome == SENT:
             self._strikes.pop(key, None)
@@ -5987,17 +6048,25 @@ class RobotPool:
         with self._lock:
             self._disabled.clear()
 
-    def _capacity(self, urgent):
-        limits = self.limits()
-        return int(limits.rate_limit * self.share()) - (0 if urgent else limits.reserve)
+    def _capacities(self, key, urgent):
+        """[(slots this instance may take, seconds)] for each of the robot's windows."""
+        reserve, share = (0 if urgent else self.limits().reserve), self.share()
+        return [(int(count * share) - min(reserve, count - 1), seconds)
+                for count, seconds in self.windows()(key)]
+
+    def _capacity(self, key, urgent):
+        return self._capacities(key, urgent)[0][0]
 
     def _slots_in_window(self, key, now):
+        """The robot's slots within its longest window (inf: in flight)."""
         slots = self._slots.setdefault(key, [])
-        slots[:] = [t for t in slots if t > now - self.limits().rate_window]
+        slots[:] = [t for t in slots if t > now - self.windows()(key)[0][1]]
         return slots
 
     def _budget(self, key, now, urgent=True):
-        return self._capacity(urgent) - len(self._slots_in_window(key, now))
+        slots = self._slots_in_window(key, now)
+        return min(capacity - sum(1 for t in slots if t > now - seconds)
+                   for capacity, seconds in self._capacities(key, urgent))
 
     def _usable(self, robot, now):
         return (robot.key not in self._disabled and not robot.placeholder
@@ -6029,21 +6098,27 @@ class RobotPool:
 
     def next_slot_at(self, route, now, urgent=True):
         """When the route can next send, if it cannot now (None: not while config stays)."""
-        capacity = self._capacity(urgent)
         with self._lock:
             times = []
             for robot in route.robots:
                 if robot.key in self._disabled or robot.placeholder:
                     continue
                 slots = sorted(self._slots_in_window(robot.key, now))
-                over = len(slots) - capacity
-                free = slots[over] + self.limits().rate_window if over >= 0 else now
+                free = max(self._free_at(slots, capacity, seconds, now)
+                           for capacity, seconds in self._capacities(robot.key, urgent))
                 if free <= now and not urgent and self._turn_of_another(route, robot, now):
                     free = now + 0.05           # a route that waited longer takes it first
                 if free <= now and self._hanging(robot.key, now):
                     free = now + 0.5            # its hanging request ends first
                 times.append(max(free, self._throttled.get(robot.key, 0)))
             return min(times) if times else None
+
+    @staticmethod
+    def _free_at(slots, capacity, seconds, now):
+        """When a window of `seconds` holding these slots (sorted) has one free."""
+        within = [t for t in slots if t > now - seconds]
+        over = len(within) - capacity
+        return within[over] + seconds if over >= 0 else now
 
     def acquire(self, route, now, tried, urgent=True):
         """The next robot in turn with a slot for this message, the slot taken; None if there is
@@ -6106,15 +6181,17 @@ class RobotPool:
         with self._lock:
             self._land(robot.key)
             self._slots[robot.key].append(now)
-            self._learn(robot.key, result.outcome, now)
+            self._learn(robot.key, result.outcome, now, result.rest)
             if result.outcome == MISCONFIGURED:
                 self._disabled[robot.key] = (result.errcode, result.errmsg, now)
 
     def report(self, robots, now):
         """Each robot's state, by name, for metrics and the status page."""
         with self._lock:
-            return [RobotReport(r.name, max(0, self._budget(r.key, now)), self._capacity(True),
-                                self.limits().reserve, self._throttled.get(r.key, 0),
+            return [RobotReport(r.name, max(0, self._budget(r.key, now)),
+                                self._capacity(r.key, True),
+                                self._capacity(r.key, True) - self._capacity(r.key, False),
+                                self._throttled.get(r.key, 0),
                                 self._disabled.get(r.key), self._last_sent.get(r.key),
                                 r.placeholder_key, r.kind)
                     for r in sorted(robots, key=lambda r: r.name)]
@@ -7896,9 +7973,11 @@ class Coordinator(Worker):
     REGISTER_BATCH = 2000       # send keys the leader registers per step
     HANDOFF_BATCH = 200         # messages handed off, or adopted, per step
 
-    def __init__(self, settings, delivery, database, journal, pool, metrics, clock=lease_clock):
+    def __init__(self, settings, delivery, database, journal, pool, metrics, clock=lease_clock,
+                 window=None):
         super().__init__("cluster")
         self.settings, self.delivery = settings, delivery
+        self.window = window or (lambda: delivery().rate_window)  # the longest budget window
         self.journal, self.pool, self.metrics = journal, pool, metrics
         self.role_changed = Signal()            # the new role, after it changed
         self.clock = clock
@@ -8067,7 +8146,7 @@ class Coordinator(Worker):
         back from ALONE, from this instance's own sends of that time, which MySQL missed)."""
         delivery = self.delivery()
         with self._session() as run:
-            rows = run(C_SENDS_SINCE, (max(delivery.rate_window, delivery.throttle_seconds),))
+            rows = run(C_SENDS_SINCE, (max(self.window(), delivery.throttle_seconds),))
         now = self.journal.clock()
         self.pool.restore([(key, now + ago, errcode) for key, ago, errcode in rows], now,
                           forget=self.role == STANDBY)   # a standby sent nothing of late
@@ -8120,14 +8199,14 @@ class Coordinator(Worker):
 
     def _without_mysql(self, exc):
         quiet = self.clock() - self._contact
-        role = role_after(self.role, None, quiet, self.settings.lease, self.delivery().rate_window)
+        role = role_after(self.role, None, quiet, self.settings.lease, self.window())
         if role != self.role:
             log.warning("cluster: MySQL unreachable for %.0fs (%s)", quiet, exc)
             self._set_role(role)
 
     def _report_unreported(self, run):
         if self.role == ALONE:             # MySQL is back: the lease decides again
-            self._sharing_until = self.clock() + self.delivery().rate_window
+            self._sharing_until = self.clock() + self.window()
         if self._unreported:
             keys, self._unreported = self._unreported, []
             run(C_SENT_LATE, [(key, self.me) for key in keys], many=True)
@@ -8153,7 +8232,7 @@ class Coordinator(Worker):
         delivery, settings = self.delivery(), self.settings
         with self._session() as run:
             run(C_PURGE_SEND_KEYS, (max(settings.duplicate_window, delivery.max_age) + 3600,))
-            run(C_PURGE_SENDS, (2 * max(delivery.rate_window, delivery.throttle_seconds),))
+            run(C_PURGE_SENDS, (2 * max(self.window(), delivery.throttle_seconds),))
             run(C_PURGE_MEMBERS, (settings.presumed_alone + 86400,))
 
     @contextlib.contextmanager
@@ -9313,10 +9392,12 @@ class Bridge:
         self.post = post or self.channels.post
         self.renderer = Renderer(current, self.history, wall)
         self.pool = RobotPool(lambda: self.config.delivery, share=lambda: self.cluster.share(),
-                              classify=lambda: classify(self.config.robots))
+                              classify=lambda: classify(self.config.robots),
+                              windows=lambda: self.config.budget_windows)
         self._restore_budgets()
         self.cluster = (Coordinator(config.cluster, lambda: self.config.delivery,
-                                    config.database, self.journal, self.pool, self.metrics)
+                                    config.database, self.journal, self.pool, self.metrics,
+                                    window=lambda: self.config.longest_window)
                         if config.cluster.enabled else Solo())
         self.sent = Signal()            # a Sent, for every request a sender makes
         self.senders = Senders(self._sender)
@@ -9374,8 +9455,7 @@ class Bridge:
         existed (0.3) is matched to the robot of that name."""
         now, delivery = self.clock(), self.config.delivery
         keys = {r.name: r.key for r in self.config.robots}
-        since = now - max(delivery.rate_window, delivery.throttle_seconds)
-        sends = self.journal.recent_sends(since)
+        sends = self.journal.recent_sends(now - self.config.send_log_span)
         self.pool.restore([(key or keys.get(name, name), at, errcode)
                            for name, key, at, errcode in sends], now)
 
@@ -9430,8 +9510,9 @@ class Bridge:
                         robot.placeholder_words)
         for names in shared_tokens(self.config):
             log.warning("robots %s have the same credential: they are one robot to their platform "
-                        "and share one budget of %d per %gs", ", ".join(names),
-                        self.config.delivery.rate_limit, self.config.delivery.rate_window)
+                        "and share one budget of %s", ", ".join(names),
+                        budget_words(windows_of(robot_named(self.config, names[0]),
+                                                self.config.delivery)))
 
     def _watchdog(self, interval):
         """Pet systemd's watchdog only while every worker thread is alive."""
@@ -9637,7 +9718,11 @@ def check_config(config):
         unit = "alert" if route.per_alert else "group"
         lines.append(f"receiver {route.name}: one message per {unit}" + "".join(mentions))
         for robot in route.robots:
-            notes = [n for n, on in (("signed", robot.secret),
+            windows = windows_of(robot, delivery)
+            own = windows != ((delivery.rate_limit, delivery.rate_window),)
+            notes = [n for n, on in ((robot.kind, robot.kind != DEFAULT_KIND),
+                                     (f"{budget_words(windows)} per robot", own),
+                                     ("signed", robot.secret),
                                      (f"keyword {robot.keyword!r}", robot.keyword),
                                      (f"PLACEHOLDER {robot.placeholder_key.upper()}: not used",
                                       robot.placeholder)) if on]

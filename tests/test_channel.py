@@ -23,6 +23,7 @@ class PlainChannel:
     KIND = "plain"
     PERSON_KEY = "plain_id"
     LIMIT = 2000
+    RATE_LIMITS = ()  # [delivery] rate_limit per rate_window, as DingTalk's
     DECLARED = ()
     NO_CREDENTIAL = "has no key parameter"
     PLACEHOLDER_HINTS = {"token": "put the service's key into config.ini", "secret": ""}

@@ -544,3 +544,24 @@ def test_a_missing_or_short_link_secret_says_how_to_make_one(tmp_path):
     made = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
     assert made in config_error(tmp_path, text + "[oncall]\nbase_url = https://a.example\n")
     assert made in config_error(tmp_path, text + "[oncall]\nlink_secret = short\n")
+
+
+def test_a_robots_own_rate_limit_is_read_and_a_wrong_one_named(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_text(
+        ROBOT_X
+        + "rate_limit = 5/1s, 100/1m\n[receiver:ops]\nrobots = x, y\n"
+        + "[robot:y]\nurl = https://oapi.dingtalk.com/robot/send?access_token=u\n",
+        encoding="utf-8",
+    )
+    config = alertbridge.load_config(str(path))
+    x, y = config.routes["ops"].robots
+    assert x.rate_limit == ((100, 60.0), (5, 1.0))  # longest first
+    assert config.budget_windows(x.key) == ((100, 60.0), (5, 1.0))
+    assert config.budget_windows(y.key) == ((20, 60.0),)  # [delivery]'s, DingTalk's
+    assert config.longest_window == 60.0 and config.send_log_span == 600.0
+    assert "100 msgs/60s and 5 msgs/1s per robot" in alertbridge.check_config(config)
+    for wrong in ("100", "0/1m", "5/soon", "5/0s"):
+        text = ROBOT_X + f"rate_limit = {wrong}\n[receiver:ops]\nrobots = x\n"
+        message = config_error(tmp_path, text)
+        assert "[robot:x] rate_limit: write COUNT/DURATION" in message, wrong

@@ -182,3 +182,58 @@ def send_as(pool, route, now):
     if chosen is not None:
         pool.release(chosen, OK, now)
     return chosen and chosen.name
+
+
+def feishu_robot(name, rate_limit=((100, 60.0), (5, 1.0))):
+    """A robot counted as Feishu counts (its own rate_limit: any kind may have one)."""
+    return Robot(name, robot(name).url, rate_limit=rate_limit)
+
+
+def windowed_pool(limits, *robots):
+    """A pool whose robots are counted in windows of their own (Robot.rate_limit), as
+    Config.budget_windows gives them."""
+    of = {r.key: r.rate_limit for r in robots}
+    return RobotPool(lambda: limits["delivery"], windows=lambda: of.__getitem__)
+
+
+def test_a_robot_counted_in_two_windows_keeps_to_both(limits):
+    """Feishu counts 100 a minute and 5 a second: a burst stops at 5 in any second, and the
+    minute's count stops it at 100 whatever the seconds."""
+    limits["delivery"] = Delivery(reserve=0)
+    f = feishu_robot("f")
+    pool, route = windowed_pool(limits, f), Route("ops", (f,))
+    sent = {}  # second -> messages
+    now = T0
+    while now < T0 + 60:
+        while send(pool, route, now):
+            sent[int(now - T0)] = sent.get(int(now - T0), 0) + 1
+        free = pool.next_slot_at(route, now)
+        assert free > now
+        now = free
+    assert max(sent.values()) == 5 and sum(sent.values()) == 100  # and no second holds 6
+    assert pool.next_slot_at(route, T0 + 59) == T0 + 60  # the minute's first slots age out
+
+
+def test_the_reserve_and_a_platforms_wait_hold_for_every_window(limits):
+    limits["delivery"] = Delivery(reserve=2, throttle_seconds=600.0)
+    f = feishu_robot("f", ((10, 60.0), (3, 1.0)))
+    pool, route = windowed_pool(limits, f), Route("ops", (f,))
+    assert pool.acquire(route, T0, set(), urgent=False) is f
+    pool.release(f, SendResult(0, "ok"), T0)
+    assert pool.acquire(route, T0, set(), urgent=False) is None  # 3/s less 2 kept for urgent
+    assert [pool.take(f, T0, urgent=True) for _ in range(3)] == [True, True, False]
+    [report] = pool.report([f], T0)
+    assert (report.capacity, report.reserve) == (10, 2)
+    rest = SendResult(11232, "frequency limited", outcome="throttled", rest=7.0)
+    pool.release(f, rest, T0 + 1)
+    pool.release(f, SendResult(0, "ok"), T0 + 1)
+    assert pool.next_slot_at(route, T0 + 1) == T0 + 8  # as long as the platform said
+
+
+def test_a_restart_counts_each_robot_in_its_own_windows(limits):
+    limits["delivery"] = Delivery(reserve=0, rate_limit=20, rate_window=60.0)
+    f = feishu_robot("f", ((4, 600.0),))
+    pool = windowed_pool(limits, f)
+    pool.restore([(f.key, T0 + i * 100, 0) for i in range(4)], T0 + 350)
+    assert pool.available(Route("ops", (f,)), T0 + 350) == 0  # 300 s old: in its 10 minutes
+    assert pool.available(Route("ops", (f,)), T0 + 601) == 1

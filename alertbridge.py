@@ -559,7 +559,7 @@ class Untrusted(str):
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]~])")
 _LINE_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _LINE_START = re.compile(r"^(\s*)(#|>|[-+=]+(?=\s|$)|[0-9]+[.)](?=\s|$))")
-_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?@])")   # <@userid> mentions someone in WeCom
 
 
 def md_escape(text):
@@ -567,7 +567,8 @@ def md_escape(text):
     in italics (the specials escaped with a backslash, as prometheus-webhook-dingtalk's
     `markdown` function does, and brackets, which would make a link); line breaks as spaces and
     a heading, quote or list mark at its start escaped, so that a value never starts a line of
-    its own; `<` before a tag name full-width, so that a value cannot open a <font> tag."""
+    its own; `<` before a tag name or @ full-width, so that a value cannot open a <font> tag
+    or mention anyone (Feishu's <at id=all>, WeCom's <@userid>)."""
     text = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
     text = _LINE_BREAKS.sub(" ", text)
     text = _LINE_START.sub(r"\1\\\2", text)
@@ -4939,6 +4940,8 @@ class Rendered:
     notes: tuple        # lines after the blocks (Alertmanager's truncation)
     buttons: tuple      # (label, url) pairs
     mentions: Mentions
+    rank: int = None    # the highest priority among its firing alerts, 0 highest (a card's
+    #                     colour); None when none fires
 
 
 class Renderer:
@@ -5107,8 +5110,10 @@ class Renderer:
         buttons = self.buttons(route, alerts) if route.message_type == "actionCard" else ()
         if claim and buttons:
             buttons = ((words["claim"], claim),) + buttons[:3]
+        ranks = [route.level(a)[0] for a in alerts if a["status"] == "firing"]
         return Rendered(titles[0], titles[1], tuple(blocks), notes, buttons,
-                        self.mentions(route, alerts, self.wall(), self.config().tz))
+                        self.mentions(route, alerts, self.wall(), self.config().tz),
+                        min(ranks, default=None))
 
     def blocks(self, route, placed, shared, full):
         """The blocks of (position, alert) pairs in order: an alert before position `full` as a

@@ -5219,7 +5219,10 @@ def request_body(renderer, channels, route, body, robot):
         return channel.mention_request(body, robot)
     if body.kind == NOTE:
         return channel.note_request(body, robot)
-    return channel.request(renderer.render(route, body), robot)
+    rendered = renderer.render(route, body)
+    if body.kind == CARD:   # its mentions go in the message after it, whatever the channel
+        rendered = replace(rendered, mentions=Mentions())
+    return channel.request(rendered, robot)
 
 
 def sample_webhook(now):
@@ -5871,19 +5874,26 @@ def signed_url(robot, now_ms=None):
 
 
 def post_to_dingtalk(robot, payload, timeout):
-    """POST one message; the exchange takes `timeout` seconds at most, in all. Never raises: any
-    failure of the exchange is a result without errcode ("no answer"), and its errmsg never
-    holds the token or the secret."""
+    return post_message(robot, signed_url(robot), payload, timeout, _read_dingtalk)
+
+
+def post_message(robot, url, payload, timeout, read):
+    """POST one message to a robot's platform; the exchange takes `timeout` seconds at most, in
+    all. `read(status, headers, first 64 KiB)` says what an answer means, an error status's
+    too. Never raises: any failure of the exchange is a result without errcode ("no answer"),
+    and its errmsg never holds the token or the secret."""
     started = time.monotonic()
-    request = urllib.request.Request(signed_url(robot), data=payload, method="POST",
+    request = urllib.request.Request(url, data=payload, method="POST",
                                      headers={"Content-Type": "application/json; charset=utf-8",
                                               "User-Agent": "alertbridge/" + VERSION})
     with Deadline(timeout) as request.deadline:
         try:
-            with _OPENER.open(request, timeout=timeout) as response:
-                result = _read_answer(response.read(65536))
-        except urllib.error.HTTPError as exc:
-            result = SendResult(None, f"HTTP {exc.code}")
+            try:
+                response = _OPENER.open(request, timeout=timeout)
+            except urllib.error.HTTPError as exc:
+                response = exc
+            with response:
+                result = read(response.getcode(), response.headers, response.read(65536))
         except Exception as exc:  # noqa: BLE001 (whatever breaks, it is "no answer", never a crash)
             result = SendResult(None, _no_answer(exc))
     if result.errcode is None and request.deadline.passed:  # cut short: what was read is partial
@@ -5891,6 +5901,10 @@ def post_to_dingtalk(robot, payload, timeout):
     result.errmsg = robot.redact(result.errmsg)[:500]
     result.latency = time.monotonic() - started
     return result
+
+
+def _read_dingtalk(status, headers, raw):
+    return _read_answer(raw) if status == 200 else SendResult(None, f"HTTP {status}")
 
 
 def _read_answer(raw):

@@ -6068,10 +6068,12 @@ class RobotPool:
             self._disabled.clear()
 
     def _capacities(self, key, urgent):
-        """[(slots this instance may take, seconds)] for each of the robot's windows."""
+        """[(slots this instance may take, seconds)] for each of the robot's windows, longest
+        first. The reserve is kept in the longest: a shorter one (Feishu's 5 a second) holds an
+        urgent message up a moment at most."""
         reserve, share = (0 if urgent else self.limits().reserve), self.share()
-        return [(int(count * share) - min(reserve, count - 1), seconds)
-                for count, seconds in self.windows()(key)]
+        return [(int(count * share) - (min(reserve, count - 1) if i == 0 else 0), seconds)
+                for i, (count, seconds) in enumerate(self.windows()(key))]
 
     def _capacity(self, key, urgent):
         return self._capacities(key, urgent)[0][0]

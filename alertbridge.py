@@ -5687,7 +5687,75 @@ class Shown:
     markdown: bool = True
 
 
-class RobotChannel:
+class Channel:
+    """What every channel shares: made for a config (`config()` gives the running one); a
+    credential in the URL's CREDENTIAL_PARAM (a channel may keep it elsewhere); a request of
+    LIMIT bytes at most ([delivery] max_message_bytes if less); the body JSON, posted, read by
+    read(); a message that fits when nothing of it was cut; an errcode read by the channel's
+    code sets, and its FIXES."""
+
+    CREDENTIAL_PARAM = ""
+    LIMIT = 1 << 30
+    THROTTLE_CODES = CONFIG_CODES = TOO_LONG_CODES = frozenset()
+    FIXES = {}              # errcode -> what to do about it, of [robot:{name}]
+
+    def __init__(self, config):
+        self.config = config
+
+    @classmethod
+    def credential(cls, url):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        return (query.get(cls.CREDENTIAL_PARAM) or [""])[0]
+
+    @classmethod
+    def with_credential(cls, url, token, where):
+        """The URL with a token kept apart (token, token_file, ${ENV}) put in its place."""
+        if cls.credential(url):
+            raise ConfigError(f"{where}: has an {cls.CREDENTIAL_PARAM} and the token is set "
+                              f"apart: one")
+        query = urllib.parse.urlsplit(url).query
+        return url + ("&" if query else "?") + urllib.parse.urlencode(
+            {cls.CREDENTIAL_PARAM: token})
+
+    @classmethod
+    def mask(cls, url):
+        """The URL as it may be shown: the credential's first four characters."""
+        return re.sub(rf"([?&]{cls.CREDENTIAL_PARAM}=)([^&]{{0,4}})[^&]*", r"\1\2***", url)
+
+    def limit(self):
+        return min(self.LIMIT, self.config().delivery.max_message_bytes)
+
+    @classmethod
+    def post(cls, robot, payload, timeout):
+        return post_message(robot, robot.url, payload, timeout, cls.read)
+
+    @classmethod
+    def fix(cls, errcode, errmsg, name):
+        """What to do, in one line, about a refusal of robot `name`; "" if nothing."""
+        return cls.FIXES.get(errcode, "").format(name=name)
+
+    def fits(self, rendered, robot):
+        """Whether the message goes to this robot whole (nothing cut)."""
+        return TRUNCATED_MARK not in self.shown(self.request(rendered, robot)).text
+
+    @staticmethod
+    def encode(request):
+        return json.dumps(request, ensure_ascii=False).encode()
+
+    @classmethod
+    def outcome(cls, errcode):
+        if errcode == 0:
+            return SENT
+        if errcode in cls.THROTTLE_CODES:
+            return THROTTLED
+        if errcode in cls.CONFIG_CODES:
+            return MISCONFIGURED
+        if errcode in cls.TOO_LONG_CODES:
+            return TOO_LONG
+        return FAILED
+
+
+class RobotChannel(Channel):
     """DingTalk's custom group robot (自定义机器人): a JSON body per message, markdown, or an
     actionCard when there are buttons (which cannot @: a text message of its own carries the
     mentions); each @ written in the text as well as in "at"; the robot's keyword at the end;
@@ -5695,6 +5763,7 @@ class RobotChannel:
     beyond that; signed URLs; errcodes classified. `config()` gives the running Config."""
 
     KIND = DEFAULT_KIND
+    CREDENTIAL_PARAM = "access_token"
     PERSON_KEY = "user_id"          # [person:X] user_id: whom atUserIds @-mentions
     RATE_LIMITS = ()                # (count, seconds) windows; (): [delivery] rate_limit's
     THROTTLE_CODES = frozenset({410100, 130101})                # too fast: muted a while
@@ -5735,36 +5804,12 @@ class RobotChannel:
     IP_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b|\b[0-9a-fA-F]{1,4}"
                             r"(?::[0-9a-fA-F]{0,4}){2,7}")     # in "ip X not in whitelist"
 
-    def __init__(self, config):
-        self.config = config
-
     # the robot's URL: what in it is the credential
     @staticmethod
     def takes(url):
         """Whether a URL is this channel's robot, for a [robot:NAME] that names no kind."""
         return "access_token" in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query) or \
             urllib.parse.urlsplit(url).hostname == "oapi.dingtalk.com"
-
-    @staticmethod
-    def credential(url):
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-        return (query.get("access_token") or [""])[0]
-
-    @classmethod
-    def with_credential(cls, url, token, where):
-        """The URL with a token kept apart (token, token_file, ${ENV}) put in its place."""
-        if cls.credential(url):
-            raise ConfigError(f"{where}: has an access_token and the token is set apart: one")
-        query = urllib.parse.urlsplit(url).query
-        return url + ("&" if query else "?") + urllib.parse.urlencode({"access_token": token})
-
-    @staticmethod
-    def mask(url):
-        """The URL as it may be shown: the token's first four characters."""
-        return re.sub(r"(access_token=)([^&]{0,4})[^&]*", r"\1\2***", url)
-
-    def limit(self):
-        return self.config().delivery.max_message_bytes
 
     @classmethod
     def mention_text(cls, mentions):
@@ -5818,14 +5863,6 @@ class RobotChannel:
             content += "\n" + robot.keyword
         return {"msgtype": "text", "text": {"content": content}, "at": self.at(body.mention)}
 
-    def fits(self, rendered, robot):
-        """Whether the message goes to this robot whole (nothing cut)."""
-        return TRUNCATED_MARK not in self.shown(self.request(rendered, robot)).text
-
-    @staticmethod
-    def encode(request):
-        return json.dumps(request, ensure_ascii=False).encode()
-
     @staticmethod
     def shown(request):
         kind = request["msgtype"]
@@ -5848,18 +5885,6 @@ class RobotChannel:
                 ip = cls.IP_ADDRESS.search(errmsg)
                 return fix.format(name=name, ip=f" ({ip.group()})" if ip else "")
         return ""
-
-    @classmethod
-    def outcome(cls, errcode):
-        if errcode == 0:
-            return SENT
-        if errcode in cls.THROTTLE_CODES:
-            return THROTTLED
-        if errcode in cls.CONFIG_CODES:
-            return MISCONFIGURED
-        if errcode in cls.TOO_LONG_CODES:
-            return TOO_LONG
-        return FAILED
 
 
 def signed_url(robot, now_ms=None):
@@ -5920,13 +5945,242 @@ def _read_answer(raw):
     return SendResult(errcode, str(answer.get("errmsg", "")))
 
 
+class FeishuChannel(Channel):
+    """Feishu's (and Lark's) custom bot (自定义机器人): an interactive card per message, its
+    header coloured by the highest priority firing (green once none fires), a markdown body,
+    URL buttons; mentions written in the card (<at id=...>, by Feishu user id: it cannot @ a
+    phone number, which is written as text); the robot's keyword at the end; signed in the
+    body (timestamp, sign); 100 a minute and 5 a second per bot, a body at most 20 KB. The
+    token is the URL's last path segment."""
+
+    KIND = "feishu"
+    PERSON_KEY = "feishu_id"        # [person:X] feishu_id: an open_id (ou_...) or user_id
+    RATE_LIMITS = ((100, 60.0), (5, 1.0))
+    LIMIT = 20 * 1024 - 128         # the body, less the timestamp and sign post() adds
+    HOOK = "/open-apis/bot/v2/hook/"
+    THROTTLE_CODES = frozenset({11232, 99991400})       # frequency limited
+    CONFIG_CODES = frozenset({19001, 19021, 19022, 19024})  # token, sign, IP, keyword
+    DECLARED = ("0", "11232")
+    NO_CREDENTIAL = "has no token after /open-apis/bot/v2/hook/"
+    PLACEHOLDER_HINTS = {"token": "put the bot's webhook URL (…/bot/v2/hook/TOKEN) into "
+                                  "config.ini",
+                         "secret": "put the bot's 签名校验 secret into config.ini, or remove "
+                                   "secret if the bot does not sign"}
+    PLACEHOLDERS = {"token": (PLACEHOLDER_TOKEN, "YOUR_HOOK_TOKEN"),
+                    "secret": ("YOUR_SIGNING_SECRET",)}
+    FIXES = {
+        19001: "Feishu has no bot with this webhook: copy the bot's webhook URL into "
+               "[robot:{name}] url again (was the bot removed from its group?)",
+        19021: "the signature does not match: set [robot:{name}] secret to the bot's 签名校验 "
+               "secret, and check this server's clock (NTP): Feishu refuses one over an hour off",
+        19022: "this server's address is not in the bot's IP allow-list (IP 白名单): add it "
+               "in the bot's 安全设置",
+        19024: "the message lacks the bot's keyword: set [robot:{name}] keyword = one of its "
+               "custom keywords (自定义关键词)",
+    }
+    COLOURS = ("red", "orange", "yellow")   # by rank; blue below them; green when resolved
+    HEADING = re.compile(r"^#{1,6} +(.*)$", re.M)
+
+    @classmethod
+    def takes(cls, url):
+        return cls.HOOK in urllib.parse.urlsplit(url).path
+
+    @classmethod
+    def credential(cls, url):
+        path = urllib.parse.urlsplit(url).path
+        return path.partition(cls.HOOK)[2].strip("/") if cls.HOOK in path else ""
+
+    @classmethod
+    def with_credential(cls, url, token, where):
+        if cls.credential(url):
+            raise ConfigError(f"{where}: has a token after /hook/ and the token is set apart: "
+                              f"one")
+        return url.rstrip("/") + "/" + urllib.parse.quote(token, safe="")
+
+    @classmethod
+    def mask(cls, url):
+        return re.sub(r"(/hook/)([^/?#]{0,4})[^/?#]*", r"\1\2***", url)
+
+    def mentions_apart(self, rendered):
+        return False
+
+    @classmethod
+    def mention_marks(cls, mentions):
+        """Mentions as the card's markdown writes them (a phone number only as text)."""
+        marks = ["<at id=all></at>"] if mentions.all else []
+        marks += [f"<at id={user_id}></at>" for user_id in mentions.user_ids_of(cls.KIND)]
+        return " ".join(marks + ["@" + mobile for mobile in mentions.mobiles])
+
+    def request(self, rendered, robot):
+        """A card: its text cut to fit, with a visible mark, if need be."""
+        footer = list(rendered.notes) + [t for t in (self.mention_marks(rendered.mentions),
+                                                     robot.keyword) if t]
+        tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
+        request = self.card(rendered.title, tail, rendered.buttons, rendered.rank)
+        room = self.limit() - len(self.encode(request))
+        text = truncate_to(Renderer.SEPARATOR.join(rendered.blocks), room)
+        request["card"]["elements"][0]["content"] = self.HEADING.sub(r"**\1**", text) + tail
+        return request
+
+    @classmethod
+    def card(cls, title, text, buttons=(), rank=None):
+        colour = "green" if rank is None else (cls.COLOURS[rank] if rank < len(cls.COLOURS)
+                                               else "blue")
+        elements = [{"tag": "markdown", "content": text}]
+        if buttons:
+            elements.append({"tag": "action", "actions": [
+                {"tag": "button", "text": {"tag": "plain_text", "content": label},
+                 "type": "primary" if i == 0 else "default", "url": url}
+                for i, (label, url) in enumerate(buttons)]})
+        return {"msg_type": "interactive", "card": {
+            "config": {"wide_screen_mode": True},
+            "header": {"title": {"tag": "plain_text", "content": title[:200]},
+                       "template": colour},
+            "elements": elements}}
+
+    def note_request(self, body, robot):
+        text = "\n\n".join(filter(None, [body.note, self.mention_marks(body.mention),
+                                          robot.keyword]))
+        return self.card(body.title, text, rank=len(self.COLOURS))
+
+    def mention_request(self, body, robot):
+        """A message of mentions only (after a card another robot of the route sent)."""
+        text = " ".join(filter(None, [self.mention_marks(body.mention), body.title]))
+        return self.card(body.title, text + ("\n\n" + robot.keyword if robot.keyword else ""),
+                         rank=len(self.COLOURS))
+
+    @staticmethod
+    def shown(request):
+        card = request["card"]
+        buttons = tuple((b["text"]["content"], b["url"]) for element in card["elements"][1:]
+                        for b in element["actions"])
+        return Shown("interactive", card["header"]["title"]["content"],
+                     card["elements"][0]["content"], buttons)
+
+    @classmethod
+    def post(cls, robot, payload, timeout):
+        return post_message(robot, robot.url, cls.signed(robot, payload), timeout, cls.read)
+
+    @staticmethod
+    def signed(robot, payload, now=None):
+        """The body with a fresh timestamp and sign when the bot has a secret: HMAC-SHA256 keyed
+        by "timestamp\\nsecret" over nothing, in base64."""
+        if not robot.secret:
+            return payload
+        timestamp = str(int(now if now is not None else time.time()))
+        key = f"{timestamp}\n{robot.secret}".encode()
+        sign = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
+        signature = json.dumps({"timestamp": timestamp, "sign": sign})
+        return payload[:-1] + b", " + signature[1:].encode()    # into the body's object
+
+    @classmethod
+    def read(cls, status, headers, raw):
+        """Feishu's answer: {"code": 0, "msg": "success"} (or StatusCode, as older bots
+        answer); a throttle may come as HTTP 429 with the seconds to wait in
+        x-ogw-ratelimit-reset."""
+        try:
+            answer = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            answer = None
+        code = answer.get("code", answer.get("StatusCode")) if isinstance(answer, dict) else None
+        if status == 429 or code in cls.THROTTLE_CODES:
+            reset = (headers or {}).get("x-ogw-ratelimit-reset", "")
+            return SendResult(code if isinstance(code, int) else 11232,
+                              str(answer.get("msg", "")) if isinstance(answer, dict)
+                              else f"HTTP {status}", kind=cls.KIND, outcome=THROTTLED,
+                              rest=float(reset) if reset.isdigit() else None)
+        if not isinstance(code, int) or isinstance(code, bool):
+            return SendResult(None, f"HTTP {status}" if status != 200 else
+                              "answer has no code", kind=cls.KIND)
+        return SendResult(code, str(answer.get("msg", answer.get("StatusMessage", ""))),
+                          kind=cls.KIND)
+
+
+class WeComChannel(Channel):
+    """WeCom's group robot (企业微信群机器人): markdown, its content at most 4096 bytes; buttons
+    become a line of links; a user id is @-mentioned in the markdown (<@userid>), but a phone
+    number or everyone only in a text message (mentioned_mobile_list, "@all"), which then
+    follows the markdown as a message of its own; 20 a minute per robot; no signing, the key
+    in the URL (?key=)."""
+
+    KIND = "wecom"
+    CREDENTIAL_PARAM = "key"
+    PERSON_KEY = "wecom_id"         # [person:X] wecom_id: a WeCom userid
+    RATE_LIMITS = ((20, 60.0),)
+    LIMIT = 4096                    # bytes of markdown content
+    TEXT_LIMIT = 2048               # bytes of a text message's content
+    THROTTLE_CODES = frozenset({45009})
+    CONFIG_CODES = frozenset({93000})
+    TOO_LONG_CODES = frozenset({40058})
+    DECLARED = ("0", "45009")
+    NO_CREDENTIAL = "has no key parameter"
+    PLACEHOLDER_HINTS = {"token": "put the robot's webhook URL (…/webhook/send?key=KEY) into "
+                                  "config.ini", "secret": ""}
+    PLACEHOLDERS = {"token": (PLACEHOLDER_TOKEN, "YOUR_ROBOT_KEY"), "secret": ()}
+    FIXES = {93000: "WeCom has no robot with this key: copy the robot's webhook URL into "
+                    "[robot:{name}] url again (was the robot removed from its group?)"}
+
+    @staticmethod
+    def takes(url):
+        parts = urllib.parse.urlsplit(url)
+        return parts.path.endswith("/cgi-bin/webhook/send") or parts.hostname == \
+            "qyapi.weixin.qq.com"
+
+    def mentions_apart(self, rendered):
+        """Whether a text message must follow: markdown cannot @ a phone number or everyone."""
+        return bool(rendered.mentions.mobiles or rendered.mentions.all)
+
+    def request(self, rendered, robot):
+        """Markdown: its text cut to fit, with a visible mark, if need be."""
+        links = " · ".join(f"[{label}]({url})" for label, url in rendered.buttons)
+        marks = " ".join(f"<@{user_id}>" for user_id in rendered.mentions.user_ids_of(self.KIND))
+        footer = list(rendered.notes) + [t for t in (links, marks, robot.keyword) if t]
+        head = f"#### {rendered.heading}\n\n"
+        tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
+        room = self.limit() - len((head + tail).encode())
+        text = truncate_to("\n\n".join(rendered.blocks), room)
+        return {"msgtype": "markdown", "markdown": {"content": head + text + tail}}
+
+    def note_request(self, body, robot):
+        if body.mention.mobiles or body.mention.all:
+            return self.text_request(body.title + "\n" + body.note, body.mention, robot)
+        marks = " ".join(f"<@{user_id}>" for user_id in body.mention.user_ids_of(self.KIND))
+        content = "\n\n".join(filter(None, [f"#### {body.title}", body.note, marks,
+                                            robot.keyword]))
+        return {"msgtype": "markdown", "markdown": {"content": content}}
+
+    def mention_request(self, body, robot):
+        return self.text_request(body.title, body.mention, robot)
+
+    def text_request(self, text, mentions, robot):
+        """A text message that @s by user id, phone number or everyone."""
+        content = text + ("\n" + robot.keyword if robot.keyword else "")
+        users = list(mentions.user_ids_of(self.KIND)) + (["@all"] if mentions.all else [])
+        return {"msgtype": "text", "text": {
+            "content": truncate_to(content, self.TEXT_LIMIT - 64),
+            "mentioned_list": users, "mentioned_mobile_list": list(mentions.mobiles)}}
+
+    @staticmethod
+    def shown(request):
+        kind = request["msgtype"]
+        if kind == "text":
+            return Shown(kind, "", request["text"]["content"], (), markdown=False)
+        return Shown(kind, "", request["markdown"]["content"], ())
+
+    @classmethod
+    def read(cls, status, headers, raw):
+        result = _read_dingtalk(status, headers, raw)   # the same errcode and errmsg
+        return replace(result, kind=cls.KIND, outcome=None)
+
+
 class ChannelError(Exception):
     """A channel tried before the robots (or a side call of one: a card's update, a DING) did
     not do it: the robots send the message instead, or the group hears it another way."""
 
 
 # The channels, by the kind a [robot:NAME] names (or its URL shows): all a kind of robot is.
-CHANNELS = {RobotChannel.KIND: RobotChannel}
+CHANNELS = {channel.KIND: channel
+            for channel in (RobotChannel, FeishuChannel, WeComChannel)}
 
 
 class Channels:

@@ -46,8 +46,15 @@ class Request:
 
     @property
     def text(self):
-        kind = self.body.get("msgtype")
-        return (self.body.get(kind) or {}).get("content" if kind == "text" else "text", "")
+        """What the group reads: DingTalk's and WeCom's text or markdown, Feishu's card or text."""
+        if isinstance(self.body.get("card"), dict):
+            elements = self.body["card"].get("elements") or []
+            return "\n".join(str(e.get("content", "")) for e in elements if isinstance(e, dict))
+        kind = self.body.get("msgtype") or self.body.get("msg_type")
+        content = self.body.get(kind) or self.body.get("content") or {}
+        if not isinstance(content, dict):
+            return ""
+        return str(content.get("text", content.get("content", "")))
 
 
 class FakeDingTalk:
@@ -130,14 +137,16 @@ class FakeDingTalk:
                 status, answer, request = fake.handle(self.path, body, self.client_address[0])
                 if fake.before_answer:
                     fake.before_answer(request)
-                if answer["errcode"] in BROKEN:
-                    self.wfile.write(BROKEN[answer["errcode"]])
+                if request.errcode in BROKEN:
+                    self.wfile.write(BROKEN[request.errcode])
                     self.close_connection = True
                     return
-                if answer["errcode"] in ("hang", "trickle"):
-                    return self._stall(answer["errcode"])
+                if request.errcode in ("hang", "trickle"):
+                    return self._stall(request.errcode)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
+                for name, value in fake.headers(request).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -163,6 +172,10 @@ class FakeDingTalk:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
         return self
+
+    def headers(self, request):
+        """Headers of the answer to this request, beyond the content's."""
+        return {}
 
     def stop(self):
         self.release.set()
@@ -286,12 +299,14 @@ class FakeDingTalk:
                     return value
                 self.cond.wait(left)
 
-    def max_per_window(self, token):
-        """Most requests this robot received in any window: must never exceed the limit."""
+    def max_per_window(self, token, window=None):
+        """Most requests this robot received in any window (rate_window's, or `window`
+        seconds): must never exceed the limit."""
+        window = window or self.rate_window
         times = sorted(r.at for r in self.requests if r.token == token)
         best, start = 0, 0
         for end, t in enumerate(times):
-            while times[start] <= t - self.rate_window:
+            while times[start] <= t - window:
                 start += 1
             best = max(best, end - start + 1)
         return best

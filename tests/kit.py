@@ -249,10 +249,10 @@ def config_text(
         lines += [
             "",
             f"[robot:{name}]",
-            f"url = {fake_url(robot['token'])}",
+            f"url = {robot.get('url') or fake_url(robot['token'])}",  # url: another channel's
             f"secret = {robot.get('secret', '')}",
             f"keyword = {robot.get('keyword', '')}",
-        ]
+        ] + [f"{key} = {robot[key]}" for key in ("kind", "rate_limit") if key in robot]
     return "\n".join(lines) + "\n" + textwrap.dedent(extra)
 
 

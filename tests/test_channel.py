@@ -254,7 +254,8 @@ def test_a_person_needs_an_id_some_kind_of_robot_can_mention(tmp_path, plain_cha
     path.write_text("[receiver:ops]\nrobots = r\nat_people = lisi\n[person:lisi]\nname = 李四\n"
                     "[robot:r]\nurl = https://oapi.dingtalk.com/robot/send?access_token=abc\n",
                     encoding="utf-8")
-    with pytest.raises(alertbridge.ConfigError, match=r"set mobile or plain_id or user_id"):
+    keys = "feishu_id or plain_id or user_id or wecom_id"  # every kind's id, a channel's too
+    with pytest.raises(alertbridge.ConfigError, match=rf"set mobile or {keys}"):
         alertbridge.load_config(str(path))
     path.write_text(path.read_text(encoding="utf-8").replace("name = 李四", "plain_id = l@x"),
                     encoding="utf-8")

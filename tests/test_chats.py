@@ -1,0 +1,413 @@
+"""Feishu's custom bot and WeCom's group robot, each a channel of its own, against fakes that
+check what the real APIs check (tests/fakechats.py): their wire formats, signing, mentions,
+limits, refusals explained; the same pipeline, budgets, storms and crashes as DingTalk's."""
+
+import io
+import json
+import signal
+import threading
+
+import pytest
+
+import alertbridge
+from tests.fakechats import FakeFeishu, FakeWeCom
+from tests.kit import (
+    ROBOTS,
+    delivered_ids,
+    gone,
+    history,
+    make_alert,
+    make_payload,
+    metric,
+    post,
+    rows,
+    settle,
+    storm_payloads,
+    wait_until,
+)
+from tests.test_delivery import FAST, post_all
+
+HOSTILE = "C:\\new \" ' ) ] \n < & \u2028 <at id=all></at> <@all> <font color=red>x</font>"
+FEISHU = {
+    "fs-1": {"token": "fs-hook-1-0123456789abcdef", "secret": "fs1-signing-secret",
+             "keyword": "告警"},
+    "fs-2": {"token": "fs-hook-2-0123456789abcdef"},
+}
+WECOM = {
+    "wc-1": {"token": "wc-key-1-0123456789abcdef"},
+    "wc-2": {"token": "wc-key-2-0123456789abcdef"},
+}
+
+
+def started(fake_class, robots, **options):
+    server = fake_class(**options).start()
+    for robot in robots.values():
+        server.add_robot(robot["token"], robot.get("secret", ""), robot.get("keyword", ""))
+    return server
+
+
+@pytest.fixture
+def feishu():
+    server = started(FakeFeishu, FEISHU)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def wecom():
+    server = started(FakeWeCom, WECOM)
+    yield server
+    server.stop()
+
+
+def robots_at(fake, robots, **keys):
+    """The robots' config, at this fake, with more keys (kind, rate_limit) for each."""
+    return {name: {**r, "url": fake.url(r["token"]), **keys} for name, r in robots.items()}
+
+
+def robot_of(fake, robots, name):
+    r = robots[name]
+    kind = alertbridge.channel_kind(fake.url(r["token"]))
+    return alertbridge.Robot(name, fake.url(r["token"]), r.get("secret", ""),
+                             r.get("keyword", ""), kind)
+
+
+def channel(kind):
+    return alertbridge.CHANNELS[kind](lambda: alertbridge.Config())
+
+
+def send(fake, robots, name, request):
+    robot = robot_of(fake, robots, name)
+    made = channel(robot.kind)
+    return made.post(robot, made.encode(request), 5)
+
+
+CARD = alertbridge.FeishuChannel.card("a title", "告警 text")
+
+
+# --- Feishu -------------------------------------------------------------------------------
+
+
+def test_a_feishu_url_is_its_own_kind_and_its_token_never_shown(tmp_path, feishu):
+    url = feishu.url("fs-hook-1-0123456789abcdef")
+    assert alertbridge.channel_kind(url) == "feishu"
+    assert alertbridge.channel_kind(
+        "https://open.larksuite.com/open-apis/bot/v2/hook/x") == "feishu"  # Lark's, the same
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[receiver:ops]\nrobots = fs, apart\n"
+        f"[robot:fs]\nurl = {url}\nsecret = s3cret-value\n"
+        f"[robot:apart]\nurl = {feishu.url('')}\ntoken = fs-hook-2-0123456789abcdef\n",
+        encoding="utf-8",
+    )
+    config = alertbridge.load_config(str(path))
+    fs, apart = config.routes["ops"].robots
+    assert apart.url == feishu.url("fs-hook-2-0123456789abcdef") and apart.kind == "feishu"
+    summary = alertbridge.check_config(config)
+    assert "0123456789abcdef" not in summary and "s3cret" not in summary
+    assert "/hook/fs-h***" in summary and "feishu, 100 msgs/60s and 5 msgs/1s" in summary
+    path.write_text(f"[receiver:ops]\nrobots = fs\n[robot:fs]\nurl = {feishu.url('')}\n",
+                    encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match="has no token after /open-apis/bot"):
+        alertbridge.load_config(str(path))
+
+
+def test_feishu_takes_a_signed_card_and_its_refusals_are_read_with_their_fix(feishu):
+    assert send(feishu, FEISHU, "fs-1", CARD).ok  # signed, with its keyword
+    [taken] = feishu.delivered()
+    assert taken.body["card"]["header"]["title"]["content"] == "a title"
+    assert set(taken.body) == {"msg_type", "card", "timestamp", "sign"}
+
+    wrong = dict(FEISHU, **{"fs-1": {**FEISHU["fs-1"], "secret": "not-the-secret"}})
+    refused = send(feishu, wrong, "fs-1", CARD)
+    assert (refused.errcode, refused.outcome) == (19021, alertbridge.MISCONFIGURED)
+    assert "签名校验" in alertbridge.FeishuChannel.fix(19021, refused.errmsg, "fs-1")
+    no_keyword = send(feishu, FEISHU, "fs-1", alertbridge.FeishuChannel.card("t", "text"))
+    assert (no_keyword.errcode, no_keyword.outcome) == (19024, alertbridge.MISCONFIGURED)
+    assert "keyword" in alertbridge.FeishuChannel.fix(19024, "", "fs-1")
+    unknown = send(feishu, {"x": {"token": "no-such-hook"}}, "x", CARD)
+    assert (unknown.errcode, unknown.outcome) == (19001, alertbridge.MISCONFIGURED)
+    assert "no-such-hook" not in unknown.errmsg
+
+    answers = [send(feishu, FEISHU, "fs-2", CARD) for _ in range(7)]  # past 5 a second
+    throttled = [a for a in answers if not a.ok]
+    assert throttled and all(a.outcome == alertbridge.THROTTLED for a in throttled)
+    assert {a.rest for a in throttled} == {1.0}  # x-ogw-ratelimit-reset, as the pool rests it
+    assert alertbridge.FeishuChannel.outcome(11232) == alertbridge.THROTTLED  # from a send log
+
+
+def test_a_feishu_group_gets_a_coloured_card_with_buttons_and_mentions(
+    make_bridge, feishu, database
+):
+    bridge = make_bridge(
+        database,
+        robots=robots_at(feishu, FEISHU),
+        receivers={
+            "ops": {
+                "robots": "fs-1, fs-2",
+                "at_mobiles": "13800000000",
+                "at_user_ids": "feishu:ou_lisi0001",
+                "message_type": "actionCard",
+            }
+        },
+        main={"default_receiver": "ops"},
+    )
+    alert = make_alert("DiskFull", "db-1", annotations={"description": HOSTILE})
+    assert post(bridge, make_payload("ops", [alert]))[0] == 200
+    assert feishu.wait_for(lambda f: len(f.delivered()) == 1)
+    card = feishu.delivered()[0].body["card"]
+    text = card["elements"][0]["content"]
+    assert card["header"]["template"] == "red"  # a critical firing
+    assert "<at id=ou_lisi0001></at>" in text and "@13800000000" in text
+    assert "＜at id=all>" in text and "<at id=all>" not in text  # a label mentions nobody
+    assert "<font" not in text and "\u2028" not in text
+    assert [b["url"] for b in card["elements"][1]["actions"]]  # Alertmanager's buttons
+    resolved = dict(alert, status="resolved", endsAt="2026-11-24T09:00:00Z")
+    assert post(bridge, make_payload("ops", [resolved], status="resolved"))[0] == 200
+    assert feishu.wait_for(lambda f: len(f.delivered()) == 2)
+    assert feishu.delivered()[1].body["card"]["header"]["template"] == "green"
+    settle(bridge)
+    [row] = history(bridge)
+    assert row["status"] == "resolved" and row["notified_count"] == 2
+
+
+def test_a_long_feishu_message_is_split_to_its_20_kb_never_cut(make_bridge, feishu, sqlite_db):
+    bridge = make_bridge(
+        sqlite_db,
+        robots=robots_at(feishu, FEISHU),
+        receivers={"ops": {"robots": "fs-1"}},
+        main={"default_receiver": "ops"},
+    )
+    alerts = [
+        make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 1200})
+        for i in range(12)
+    ]
+    assert post(bridge, make_payload("ops", alerts))[0] == 200
+    settle(bridge)
+    taken = feishu.delivered()
+    assert len(taken) > 1 and all(r.size <= FakeFeishu.MAX_BYTES for r in taken)
+    assert all(alertbridge.TRUNCATED_MARK not in r.text for r in taken)
+    assert [r for r in feishu.requests if r.errcode != 0] == []
+    assert all(r["notified_count"] == 1 for r in history(bridge)) and len(history(bridge)) == 12
+
+
+# --- WeCom --------------------------------------------------------------------------------
+
+
+def test_wecom_takes_markdown_and_its_refusals_are_read_with_their_fix(wecom, tmp_path):
+    url = wecom.url("wc-key-1-0123456789abcdef")
+    assert alertbridge.channel_kind(url) == "wecom"
+    assert alertbridge.WeComChannel.mask(url).endswith("?key=wc-k***")
+    markdown = {"msgtype": "markdown", "markdown": {"content": "#### t\n\nbody"}}
+    assert send(wecom, WECOM, "wc-1", markdown).ok
+    unknown = send(wecom, {"x": {"token": "no-such-key"}}, "x", markdown)
+    assert (unknown.errcode, unknown.outcome) == (93000, alertbridge.MISCONFIGURED)
+    assert "copy the robot's webhook URL" in alertbridge.WeComChannel.fix(93000, "", "x")
+    long = {"msgtype": "markdown", "markdown": {"content": "x" * 4097}}
+    assert send(wecom, WECOM, "wc-1", long).outcome == alertbridge.TOO_LONG
+    answers = [send(wecom, WECOM, "wc-2", markdown) for _ in range(21)]
+    assert answers[-1].errcode == 45009 and answers[-1].outcome == alertbridge.THROTTLED
+
+
+def test_a_wecom_group_gets_markdown_then_a_text_that_ats_by_phone(make_bridge, wecom, database):
+    bridge = make_bridge(
+        database,
+        robots=robots_at(wecom, WECOM),
+        receivers={
+            "ops": {
+                "robots": "wc-1, wc-2",
+                "at_mobiles": "13800000000",
+                "at_user_ids": "wecom:zhangsan",
+                "message_type": "actionCard",
+            }
+        },
+        main={"default_receiver": "ops"},
+    )
+    alert = make_alert("DiskFull", "db-1", annotations={"description": HOSTILE})
+    assert post(bridge, make_payload("ops", [alert]))[0] == 200
+    assert wecom.wait_for(lambda f: len(f.delivered()) == 2)
+    markdown, text = (r.body for r in wecom.delivered())
+    content = markdown["markdown"]["content"]
+    assert markdown["msgtype"] == "markdown" and "<@zhangsan>" not in content  # in the text
+    assert "＜@all>" in content and "<@all>" not in content  # a label mentions nobody
+    assert "](http" in content  # the buttons, as links
+    assert text["msgtype"] == "text" and text["text"]["mentioned_mobile_list"] == ["13800000000"]
+    assert text["text"]["mentioned_list"] == ["zhangsan"]
+    assert "DiskFull" in text["text"]["content"]
+    settle(bridge)
+    [row] = history(bridge)
+    assert row["notified_count"] == 1
+
+
+def test_a_wecom_mention_by_user_id_alone_stays_in_the_markdown(make_bridge, wecom, sqlite_db):
+    bridge = make_bridge(
+        sqlite_db,
+        robots=robots_at(wecom, WECOM),
+        receivers={"ops": {"robots": "wc-1", "at_user_ids": "wecom:zhangsan"}},
+        main={"default_receiver": "ops"},
+    )
+    assert post(bridge, make_payload("ops", [make_alert()]))[0] == 200
+    settle(bridge)
+    [only] = wecom.delivered()
+    assert only.body["msgtype"] == "markdown" and "<@zhangsan>" in only.text
+
+
+def test_a_long_wecom_message_is_split_to_its_4096_bytes_never_cut(make_bridge, wecom, sqlite_db):
+    bridge = make_bridge(
+        sqlite_db,
+        robots=robots_at(wecom, WECOM),
+        receivers={"ops": {"robots": "wc-1, wc-2"}},
+        main={"default_receiver": "ops"},
+    )
+    alerts = [
+        make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 150})
+        for i in range(8)
+    ]
+    assert post(bridge, make_payload("ops", alerts))[0] == 200
+    settle(bridge)
+    taken = wecom.delivered()
+    assert len(taken) > 1 and all(len(r.text.encode()) <= 4096 for r in taken)
+    assert all(alertbridge.TRUNCATED_MARK not in r.text for r in taken)
+    assert [r for r in wecom.requests if r.errcode != 0] == []
+    assert len(history(bridge)) == 8
+
+
+# --- storms, crashes, a mixed receiver ----------------------------------------------------
+
+STORMS = {  # the fake's windows, as the robots' rate_limit says them
+    "feishu": (FakeFeishu, FEISHU, ((20, 2.0), (5, 0.5)), "20/2s, 5/0.5s", (11232, 99991400)),
+    "wecom": (FakeWeCom, WECOM, ((20, 2.0),), "20/2s", (45009,)),
+}
+
+
+def storm_group(g, per_group=4):
+    return make_payload("ops", [
+        make_alert(f"Storm{g % 7}", f"storm-{g}-{i}", severity="warning",
+                   starts_at="2026-11-24T08:00:00Z")
+        for i in range(per_group)
+    ])
+
+
+@pytest.mark.parametrize("kind", sorted(STORMS))
+def test_a_storm_uses_each_channels_whole_budget_and_is_never_throttled(
+    make_bridge, database, kind
+):
+    """Webhooks keep coming, five for each message a robot takes, until the robots have sent
+    three windows' worth: every slot finds a message waiting, so the robots run at their whole
+    budget (less the reserve), in every window, and their platform never throttles them."""
+    fake_class, robots, windows, rate_limit, throttles = STORMS[kind]
+    fake = started(fake_class, robots, windows=windows)
+    try:
+        bridge = make_bridge(
+            database,
+            robots=robots_at(fake, robots, rate_limit=rate_limit),
+            receivers={"ops": {"robots": ", ".join(robots)}},
+            main={"default_receiver": "ops"},
+            delivery=FAST,
+        )
+        (count, window), reserve = windows[0], alertbridge.Delivery.reserve
+        target, groups = len(robots) * (count - reserve) * 3, 0
+        assert post_all(bridge, [storm_group(g) for g in range(30)]) == [200] * 30
+        groups = 30
+        while len(fake.delivered()) < target:
+            taken = len(fake.delivered())
+            assert post_all(bridge, [storm_group(g) for g in range(groups, groups + 5)]) == [
+                200] * 5
+            groups += 5
+            assert fake.wait_for(lambda f: len(f.delivered()) > taken, timeout=30)
+        expected = {f"storm-{g}-{i}" for g in range(groups) for i in range(4)}
+        assert fake.wait_for(lambda f: delivered_ids(f) >= expected, timeout=90)
+        settle(bridge, timeout=60)
+        assert [r.errcode for r in fake.requests if r.errcode in throttles] == []
+        for token in (r["token"] for r in robots.values()):
+            assert fake.max_per_window(token, window) >= count - reserve  # the whole budget
+            for each, seconds in windows:
+                assert fake.max_per_window(token, seconds) <= each  # and never more
+        rows = history(bridge)
+        assert len(rows) == groups * 4 and min(r["notified_count"] for r in rows) >= 1
+    finally:
+        fake.stop()
+
+
+def test_kill_9_with_a_receiver_of_three_kinds_loses_nothing(
+    tmp_path, fast_fake, feishu, wecom, database, daemon
+):
+    robots = {
+        "ops-1": ROBOTS["ops-1"],
+        **robots_at(feishu, {"fs-2": FEISHU["fs-2"]}, rate_limit="20/1s, 5/1s"),
+        **robots_at(wecom, {"wc-1": WECOM["wc-1"]}, rate_limit="20/1s"),
+    }
+    feishu.windows, wecom.windows = ((20, 1.0), (5, 1.0)), ((20, 1.0),)
+    receivers = {"ops": {"robots": "ops-1, fs-2, wc-1"}, "dev": {"robots": "ops-1"}}
+    options = dict(database=database, robots=robots, receivers=receivers, delivery=FAST)
+    child = daemon(main={"journal_sync": "full"}, **options)
+    child.wait_healthy()
+    payloads = storm_payloads(groups=120, per_group=10)
+    outcome = [None] * len(payloads)
+    enough = threading.Event()
+
+    def storm():
+        for i, payload in enumerate(payloads):
+            try:
+                outcome[i] = post(child.url, payload)[0]
+            except OSError:
+                outcome[i] = "refused"
+            if sum(o == 200 for o in outcome if o) >= 50:
+                enough.set()
+        enough.set()
+
+    sender = threading.Thread(target=storm)
+    sender.start()
+    assert enough.wait(60)
+    [store_process] = child.children()
+    child.proc.send_signal(signal.SIGKILL)
+    child.proc.wait()
+    sender.join()
+    assert wait_until(lambda: gone(store_process))
+    assert 50 <= sum(o == 200 for o in outcome) < 120  # killed mid-storm
+
+    again = daemon(main={"journal_sync": "full", "port": str(child.port)}, **options)
+    try:
+        again.wait_healthy()
+        for i, payload in enumerate(payloads):  # Alertmanager retries what was not acked
+            if outcome[i] != 200:
+                assert post(again.url, payload)[0] == 200
+        expected = {f"storm-{g}-{i}" for g in range(120) for i in range(10)}
+
+        def everywhere():
+            return set().union(*(delivered_ids(f) for f in (fast_fake, feishu, wecom)))
+
+        assert wait_until(lambda: everywhere() >= expected, timeout=90), sorted(
+            expected - everywhere()
+        )[:5]
+        assert all(f.delivered() for f in (fast_fake, feishu, wecom))  # each kind took a turn
+        assert wait_until(
+            lambda: metric(again.url, "alertbridge_record_backlog_events") == 0, timeout=60
+        )
+    finally:
+        assert again.stop() == 0
+    instances = [r["instance"] for r in rows(database, "SELECT instance FROM alerts")]
+    assert set(instances) >= expected and len(instances) == 1200
+    refusals = [r.errcode for f in (fast_fake, feishu, wecom) for r in f.requests if r.errcode]
+    assert refusals == []
+
+
+def test_the_preview_and_dry_run_show_each_kinds_own_request(tmp_path, feishu, wecom):
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[receiver:ops]\nrobots = fs, wc\nmessage_type = actionCard\n"
+        f"[robot:fs]\nurl = {feishu.url('fs-hook-2-0123456789abcdef')}\n"
+        f"[robot:wc]\nurl = {wecom.url('wc-key-1-0123456789abcdef')}\n",
+        encoding="utf-8",
+    )
+    payload = tmp_path / "payload.json"
+    payload.write_text(json.dumps(make_payload("ops", [make_alert()])), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    alertbridge.render_payload(alertbridge.load_config(str(path)), str(payload), out, err)
+    lines = out.getvalue().splitlines()
+    bodies = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [b.get("msg_type") or b.get("msgtype") for b in bodies] == ["interactive", "markdown"]
+    notes = err.getvalue().splitlines()
+    assert [line.split(": ")[0].rsplit(" ", 1)[1] for line in notes if line.startswith("#")] == [
+        "fs", "wc"]  # one message: what each robot would get, sized for the narrower
+    assert "of 4,096 bytes" in notes[-1]

@@ -8549,9 +8549,14 @@ METRIC_HELP = {
     "alertbridge_alerts_accepted_total": ("counter", "Alerts accepted into the journal."),
     "alertbridge_alerts_recorded_total": ("counter", "Alerts written to the history store."),
     "alertbridge_record_failures_total": ("counter", "Journal events the history store refused."),
-    "alertbridge_sends_total": ("counter", "DingTalk requests by route, robot and errcode "
-                                           "(none: no answer)."),
-    "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages DingTalk accepted."),
+    "alertbridge_sends_total": ("counter", "Requests to robots by route, robot, its kind "
+                                           "(dingtalk, feishu, wecom) and the platform's "
+                                           "errcode (none: no answer)."),
+    "alertbridge_robot_throttles_total": ("counter", "Requests a robot's platform throttled, "
+                                                     "whatever its errcode, by route, robot and "
+                                                     "kind."),
+    "alertbridge_alerts_delivered_total": ("counter", "Alerts in messages a robot's platform "
+                                                      "accepted."),
     "alertbridge_digests_total": ("counter", "Digest messages made by merging a backlog."),
     "alertbridge_escalations_total": ("counter", "Escalation steps sent, by the route of the "
                                                  "incident."),
@@ -8584,15 +8589,16 @@ METRIC_HELP = {
                                                                "to MySQL: more than 10,000 "
                                                                "while it was away."),
     "alertbridge_messages_expired_total": ("counter", "Messages no robot took within max_age."),
-    "alertbridge_send_duration_seconds": ("histogram", "DingTalk request latency."),
-    "alertbridge_delivery_seconds": ("histogram", "From a webhook's 200 to DingTalk taking its "
-                                                  "alerts, by priority level."),
+    "alertbridge_send_duration_seconds": ("histogram", "Robot request latency."),
+    "alertbridge_delivery_seconds": ("histogram", "From a webhook's 200 to a robot's platform "
+                                                  "taking its alerts, by priority level."),
     "alertbridge_queue_messages": ("gauge", "Messages waiting to be sent, by priority level."),
     "alertbridge_queue_oldest_seconds": ("gauge", "Age of the oldest message waiting, by level."),
     "alertbridge_record_backlog_events": ("gauge", "Journal events not yet in the history store."),
-    "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send now."),
-    "alertbridge_robot_throttled": ("gauge", "1 while DingTalk throttles the robot."),
-    "alertbridge_robot_disabled": ("gauge", "1 while a config error (DingTalk refused it, or a "
+    "alertbridge_robot_budget_remaining": ("gauge", "Messages the robot may still send now, by "
+                                                    "robot and kind."),
+    "alertbridge_robot_throttled": ("gauge", "1 while its platform throttles the robot."),
+    "alertbridge_robot_disabled": ("gauge", "1 while a config error (its platform refused it, a "
                                             "placeholder token) keeps the robot out."),
     "alertbridge_store_up": ("gauge", "1 if the history store answered last time."),
     "alertbridge_journal_writable": ("gauge", "0 while journal writes fail (webhooks get 503)."),
@@ -8707,7 +8713,7 @@ class SendAccounting:
     """Listens to every sender's `sent`: the log line and the metrics of each request."""
 
     NOTES = {MISCONFIGURED: " robot disabled until the config is reloaded",
-             THROTTLED: " robot throttled by DingTalk"}
+             THROTTLED: " robot throttled by its platform"}
 
     def __init__(self, metrics):
         self.metrics = metrics
@@ -8724,7 +8730,10 @@ class SendAccounting:
                 + (f"; fix: {fix}" if fix else ""))
         errcode = "none" if result.errcode is None else str(result.errcode)
         self.metrics.inc("alertbridge_sends_total", receiver=sent.route, robot=robot.name,
-                         errcode=errcode)
+                         kind=robot.kind, errcode=errcode)
+        if result.outcome == THROTTLED:
+            self.metrics.inc("alertbridge_robot_throttles_total", receiver=sent.route,
+                             robot=robot.name, kind=robot.kind)
         self.metrics.observe("alertbridge_send_duration_seconds", result.latency)
         if result.ok:
             self.metrics.inc("alertbridge_alerts_delivered_total", len(message.alerts),
@@ -8783,7 +8792,7 @@ class Probes:
                        ("alertbridge_queue_oldest_seconds", {"priority": level},
                         round(now - oldest, 3) if oldest else 0)]
         for robot in self.pool.report(config.robots, now):
-            labels = {"robot": robot.name}
+            labels = {"robot": robot.name, "kind": robot.kind}
             gauges += [("alertbridge_robot_budget_remaining", labels, robot.budget),
                        ("alertbridge_robot_throttled", labels, int(robot.throttled(now))),
                        ("alertbridge_robot_disabled", labels,
@@ -8802,7 +8811,9 @@ def declare_series(metrics, config):
         for robot in route.robots:
             for errcode in CHANNELS[robot.kind].DECLARED:
                 metrics.declare("alertbridge_sends_total", receiver=route.name,
-                                robot=robot.name, errcode=errcode)
+                                robot=robot.name, kind=robot.kind, errcode=errcode)
+            metrics.declare("alertbridge_robot_throttles_total", receiver=route.name,
+                            robot=robot.name, kind=robot.kind)
     if config.app.enabled:
         for api in ("token", "card"):
             for outcome in ("refused", "error"):

@@ -529,7 +529,9 @@ def test_a_card_is_a_send_like_a_robots_and_its_title_is_escaped_like_its_markdo
     delivered = 'alertbridge_alerts_delivered_total{receiver="ops"} 1'
     assert wait_until(lambda: delivered in metrics(bridge), timeout=10)
     exposed = metrics(bridge)
-    assert 'alertbridge_sends_total{errcode="0",receiver="ops",robot="app"} 1' in exposed
+    assert 'alertbridge_sends_total{errcode="0",kind="dingtalk",receiver="ops",robot="app"} 1' in (
+        exposed
+    )
     assert "alertbridge_delivery_seconds_count" in exposed
     assert wait_until(lambda: alertbridge.Store(sqlite_db).incidents(), timeout=10)
     from tests.kit import history

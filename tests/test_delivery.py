@@ -95,8 +95,14 @@ def test_throttled_robot_rests_and_others_take_over(make_bridge, fake, sqlite_db
         (OPS[2], 0),
     ]
     metrics = bridge.probes.render_metrics()
-    assert 'alertbridge_robot_throttled{robot="ops-1"} 1' in metrics
-    assert 'alertbridge_sends_total{errcode="410100",receiver="ops",robot="ops-1"} 1' in metrics
+    assert 'alertbridge_robot_throttled{kind="dingtalk",robot="ops-1"} 1' in metrics
+    assert (
+        'alertbridge_sends_total{errcode="410100",kind="dingtalk",receiver="ops",robot="ops-1"} 1'
+        in metrics
+    )
+    assert 'alertbridge_robot_throttles_total{kind="dingtalk",receiver="ops",robot="ops-1"} 1' in (
+        metrics
+    )
 
 
 def test_misconfigured_robot_leaves_rotation_until_reload(make_bridge, fake, sqlite_db, caplog):

@@ -175,10 +175,12 @@ def test_every_rule_fires_on_what_a_running_daemon_really_exposes(
                     **common,
                     "receiver": "dev",
                     "robot": "dev-1",
-                    "errcode": "410100",
+                    "kind": "dingtalk",
                 }
             ],
-            "AlertbridgeRobotDisabled": [{"severity": "warning", **common, "robot": "unset"}],
+            "AlertbridgeRobotDisabled": [
+                {"severity": "warning", **common, "robot": "unset", "kind": "dingtalk"}
+            ],
         },
         tmp_path,
     )

@@ -342,15 +342,19 @@ def test_metrics_are_valid_prometheus_text(make_bridge, fake, sqlite_db):
     assert samples[("alertbridge_alerts_recorded_total", ())] == 2
     assert (
         samples[
-            ("alertbridge_sends_total", (("errcode", "0"), ("receiver", "ops"), ("robot", "ops-1")))
+            (
+                "alertbridge_sends_total",
+                (("errcode", "0"), ("kind", "dingtalk"), ("receiver", "ops"), ("robot", "ops-1")),
+            )
         ]
         == 1
     )
     assert samples[("alertbridge_send_duration_seconds_count", ())] == 1
     assert samples[("alertbridge_queue_messages", (("priority", "critical"),))] == 0
     assert samples[("alertbridge_queue_messages", (("priority", "none"),))] == 0
-    assert samples[("alertbridge_robot_budget_remaining", (("robot", "ops-1"),))] == 19
-    assert samples[("alertbridge_robot_budget_remaining", (("robot", "ops-2"),))] == 20
+    dingtalk = ("kind", "dingtalk")
+    assert samples[("alertbridge_robot_budget_remaining", (dingtalk, ("robot", "ops-1")))] == 19
+    assert samples[("alertbridge_robot_budget_remaining", (dingtalk, ("robot", "ops-2")))] == 20
     assert samples[("alertbridge_build_info", (("version", alertbridge.VERSION),))] == 1
 
 

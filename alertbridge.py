@@ -25,10 +25,12 @@ The file reads top to bottom the way an alert travels through it:
                      how a body goes out (parts, a card's @ message)
    8. Transport      Deadline and exchange_json (one HTTP exchange, one failure rule), the
                      retry delays, the RFC 6455 WebSocket client
-   9. Channels       RobotChannel, the custom group robot: its wire format (markdown,
-                     actionCard, the @ text message), limits, signing, one request, its answer
-                     classified once (SendResult) with its fix; placeholders; CHANNELS by
-                     kind; Channels (each robot's own)
+   9. Channels       Channel, what every kind of robot shares; RobotChannel, DingTalk's
+                     custom group robot (markdown, actionCard, the @ text message, signing);
+                     FeishuChannel (a card, signed in the body); WeComChannel (markdown, an @
+                     text message); each one's limits, rate windows, one request and its
+                     answer classified once (SendResult) with its fix; post_message, the one
+                     POST; CHANNELS by kind; Channels (each robot's own)
   10. Robot pool     robots used in turn, budgets per token, a reserve, fair turns between
                      routes, throttles, hanging robots, disabled robots (a config error)
   11. Workers        Worker (owns a thread); Notifier; Senders (a pool of threads) and one
@@ -86,9 +88,10 @@ written to DingTalk's gateway, so that the reader's answers and the owner's ping
 No lock is held during a request to a robot. tests/test_style.py holds this map to the code.
 
 Where a change goes (each touches at most two sections; docs/development.md has the lines):
-  - another kind of robot: a class with RobotChannel's methods and its entry in CHANNELS (9.
-    Channels), its PERSON_KEY the [person] key of its user ids (Mentions.user_ids_of); its
-    [robot:NAME] kind chooses it, and 3. Config changes only for a key of its own.
+  - another kind of robot: a Channel with RobotChannel's methods and attributes (KIND, NAME,
+    PERSON_KEY, the [person] key of its user ids; RATE_LIMITS, its platform's windows) and
+    its entry in CHANNELS (9. Channels); its [robot:NAME] kind, or its URL, chooses it, and
+    3. Config changes only for a key of its own. Feishu's and WeCom's were built so.
     Channels gives each robot its own; a receiver may mix kinds;
   - a channel tried before the robots: an object with takes(), page() and a robot, given to
     RouteSender as one of its `ahead` (16. Bridge), in its own section (the app's: 18);
@@ -5762,7 +5765,7 @@ class RobotChannel(Channel):
     the whole body at most max_message_bytes (20,000 at DingTalk), alert text cut with a mark
     beyond that; signed URLs; errcodes classified. `config()` gives the running Config."""
 
-    KIND = DEFAULT_KIND
+    KIND, NAME = DEFAULT_KIND, "DingTalk"
     CREDENTIAL_PARAM = "access_token"
     PERSON_KEY = "user_id"          # [person:X] user_id: whom atUserIds @-mentions
     RATE_LIMITS = ()                # (count, seconds) windows; (): [delivery] rate_limit's
@@ -5953,7 +5956,7 @@ class FeishuChannel(Channel):
     body (timestamp, sign); 100 a minute and 5 a second per bot, a body at most 20 KB. The
     token is the URL's last path segment."""
 
-    KIND = "feishu"
+    KIND, NAME = "feishu", "Feishu"
     PERSON_KEY = "feishu_id"        # [person:X] feishu_id: an open_id (ou_...) or user_id
     RATE_LIMITS = ((100, 60.0), (5, 1.0))
     LIMIT = 20 * 1024 - 128         # the body, less the timestamp and sign post() adds
@@ -6103,7 +6106,7 @@ class WeComChannel(Channel):
     follows the markdown as a message of its own; 20 a minute per robot; no signing, the key
     in the URL (?key=)."""
 
-    KIND = "wecom"
+    KIND, NAME = "wecom", "WeCom"
     CREDENTIAL_PARAM = "key"
     PERSON_KEY = "wecom_id"         # [person:X] wecom_id: a WeCom userid
     RATE_LIMITS = ((20, 60.0),)
@@ -9194,7 +9197,7 @@ class StatusPage:
             errcodes = [s["errcode"] for s in self.recent_sends
                         if s["robot"] == robot.name and s["errcode"]]
             said = f", errcode {errcodes[-1]}" if errcodes else ""
-            return (span("bad", f"throttled by DingTalk{said}")
+            return (span("bad", f"throttled by {CHANNELS[robot.kind].NAME}{said}")
                     + f" until {when(self._time(robot.throttled_until))}")
         return ""
 
@@ -9262,7 +9265,7 @@ class StatusPage:
                    f'webhook</a>' if route.name in self.last_webhooks else "")
         return (f"<section><h2>receiver {esc(route.name)}</h2>"
                 f"<p>{line} {preview}</p>"
-                + table(["robot", "budget left now", "throttled", "disabled",
+                + table(["robot", "kind", "budget left now", "throttled", "disabled",
                          "last accepted send"], rows) + "</section>")
 
     def _robot_row(self, robot, now):
@@ -9281,7 +9284,7 @@ class StatusPage:
         last = robot.last_sent_at
         sent = (f"{when(self._time(last))} ({self._ago(last, now)})" if last
                 else span("dim", "none since the start"))
-        return [esc(robot.name), budget, throttled, out, sent]
+        return [esc(robot.name), CHANNELS[robot.kind].NAME, budget, throttled, out, sent]
 
     def _orphan(self, name, queue, now):
         levels, expired = queue
@@ -9300,7 +9303,7 @@ class StatusPage:
                          str(send["latency_ms"])])
         return (f"<section><h2>Last {PAGE_SENDS} sends</h2>"
                 + table(["time", "route", "level", "robot", "alerts", "errcode", "errmsg",
-                         "ms"], rows, "no request to DingTalk since the start") + "</section>")
+                         "ms"], rows, "no request to a robot since the start") + "</section>")
 
     def _firing(self):
         if self.probes.store_ok is False:

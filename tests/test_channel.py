@@ -20,7 +20,7 @@ class PlainChannel:
     buttons (they become lines of links), mentions beside anything; HTTP 429 means slow down.
     Its URL carries its credential as ?key=..."""
 
-    KIND = "plain"
+    KIND, NAME = "plain", "Plain"
     PERSON_KEY = "plain_id"
     LIMIT = 2000
     RATE_LIMITS = ()  # [delivery] rate_limit per rate_window, as DingTalk's

@@ -6,6 +6,7 @@ import io
 import json
 import signal
 import threading
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -25,7 +26,9 @@ from tests.kit import (
     storm_payloads,
     wait_until,
 )
+from tests import test_e2e as e2e
 from tests.test_delivery import FAST, post_all
+from tests.test_e2e import alertmanager  # noqa: F401 (the fixture)
 
 HOSTILE = "C:\\new \" ' ) ] \n < & \u2028 <at id=all></at> <@all> <font color=red>x</font>"
 FEISHU = {
@@ -411,3 +414,52 @@ def test_the_preview_and_dry_run_show_each_kinds_own_request(tmp_path, feishu, w
     assert [line.split(": ")[0].rsplit(" ", 1)[1] for line in notes if line.startswith("#")] == [
         "fs", "wc"]  # one message: what each robot would get, sized for the narrower
     assert "of 4,096 bytes" in notes[-1]
+
+
+# --- from a real Alertmanager -------------------------------------------------------------
+
+CHATS = {"feishu": (FakeFeishu, FEISHU), "wecom": (FakeWeCom, WECOM)}
+
+
+def card_title(request):
+    """The title a group's chat list shows: a Feishu card's header, WeCom's first line."""
+    if "card" in request.body:
+        return request.body["card"]["header"]["title"]["content"]
+    return request.text.split("\n")[0].removeprefix("#### ")
+
+
+@pytest.mark.parametrize("kind", sorted(CHATS))
+def test_a_real_alertmanager_pages_a_group_of_each_kind(
+    make_bridge, fake, database, alertmanager, kind
+):
+    fake_class, robots = CHATS[kind]
+    chat = started(fake_class, robots)
+    try:
+        bridge = make_bridge(
+            database,
+            robots={**robots_at(chat, robots), "dev-1": ROBOTS["dev-1"]},
+            receivers={"ops": {"robots": ", ".join(robots)}, "dev": {"robots": "dev-1"}},
+        )
+        am = alertmanager(bridge.address)
+        pushed = e2e.alerts()
+        e2e.push(am, pushed)
+        assert chat.wait_for(lambda f: len(f.delivered()) == 3, timeout=60), chat.requests
+        assert sorted(card_title(r) for r in chat.delivered()) == [
+            "[CRITICAL · FIRING:1] DiskFull node",
+            "[WARNING · FIRING:1] DiskFull node",
+            "[WARNING · FIRING:1] HighLoad node",
+        ]
+        assert {r.token for r in chat.delivered()} == {r["token"] for r in robots.values()}
+        assert fake.wait_for(lambda f: len(f.delivered()) == 1)  # dev's DingTalk robot
+        ended = datetime.now(timezone.utc) - timedelta(seconds=1)
+        e2e.push(am, [{**a, "endsAt": ended.isoformat()} for a in pushed[:2]])
+        assert chat.wait_for(
+            lambda f: sum("RESOLVED:1] DiskFull" in card_title(r) for r in f.delivered()) == 2,
+            timeout=60,
+        )
+        settle(bridge)
+        rows = {r["instance"]: r for r in history(bridge)}
+        assert rows["10.0.0.1:9100"]["status"] == "resolved" and len(rows) == 4
+        assert all(s["errcode"] == 0 for s in history(bridge, "notifications"))
+    finally:
+        chat.stop()

@@ -4,6 +4,7 @@ limits, refusals explained; the same pipeline, budgets, storms and crashes as Di
 
 import io
 import json
+import re
 import signal
 import threading
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ import alertbridge
 from tests.fakechats import FakeFeishu, FakeWeCom
 from tests.kit import (
     ROBOTS,
+    ROOT,
     delivered_ids,
     gone,
     history,
@@ -463,3 +465,29 @@ def test_a_real_alertmanager_pages_a_group_of_each_kind(
         assert all(s["errcode"] == 0 for s in history(bridge, "notifications"))
     finally:
         chat.stop()
+
+
+def test_the_docs_feishu_and_wecom_robots_are_flagged_as_placeholders(tmp_path):
+    """A robot pasted from docs/channels.md is never called, and --check-config says so."""
+    for page in ("docs/channels.md", "docs/channels.zh-CN.md"):
+        text = (ROOT / page).read_text(encoding="utf-8")
+        sections = re.findall(r"^\[robot:([\w-]+)\]\n((?:\w+ = .+\n)+)", text, re.M)
+        assert {kind for name, _ in sections for kind in ("feishu", "wecom") if kind in name} == {
+            "feishu", "wecom"}
+        for name, keys in sections:
+            path = tmp_path / "config.ini"
+            path.write_text(f"[receiver:ops]\nrobots = {name}\n[robot:{name}]\n{keys}",
+                            encoding="utf-8")
+            config = alertbridge.load_config(str(path))
+            [robot] = config.routes["ops"].robots
+            assert robot.placeholder_key == "token" and robot.kind in name, (page, name)
+            assert "PLACEHOLDER TOKEN: not used" in alertbridge.check_config(config)
+            only_secret = keys.replace("YOUR_HOOK_TOKEN", "a-real-hook-0123456789")
+            if "secret" in keys:
+                path.write_text(f"[receiver:ops]\nrobots = {name}\n[robot:{name}]\n{only_secret}",
+                                encoding="utf-8")
+                [robot] = alertbridge.load_config(str(path)).routes["ops"].robots
+                assert robot.placeholder_key == "secret", (page, name)
+    hints = {kind: alertbridge.CHANNELS[kind].PLACEHOLDER_HINTS["token"]
+             for kind in ("feishu", "wecom")}
+    assert "hook" in hints["feishu"] and "key=" in hints["wecom"]

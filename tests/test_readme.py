@@ -40,7 +40,8 @@ DOCS = ["README.md", "README.zh-CN.md"] + sorted(
 # The addresses the docs may show: loopback, the reserved example names, a placeholder host
 # (one word, such as HOST or alertmanager), DingTalk's own, and the real projects they name.
 SHOWN_HOSTS = re.compile(
-    r"(127\.0\.0\.1|localhost|(.+\.)?example\.com|[A-Za-z][\w-]*|(oapi|api|open)\.dingtalk\.com)"
+    r"(127\.0\.0\.1|localhost|(.+\.)?example\.com|[A-Za-z][\w-]*|(oapi|api|open)\.dingtalk\.com"
+    r"|open\.(feishu\.cn|larksuite\.com)|qyapi\.weixin\.qq\.com)"  # the platforms' own
     r"(:\d+)?"
 )
 REAL_PROJECTS = {"https://github.com/timonwong/prometheus-webhook-dingtalk"}

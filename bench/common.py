@@ -48,26 +48,25 @@ def log_file(name):
     return pathlib.Path(tempfile.gettempdir()) / name
 
 
-def start_fake(latency, rate_limit=20, rate_window=60.0, tokens=("bench-1", "bench-2", "bench-3")):
+def start_fake(
+    latency,
+    rate_limit=20,
+    rate_window=60.0,
+    tokens=("bench-1", "bench-2", "bench-3"),
+    kind="dingtalk",
+    windows=(),
+):
+    """The fake DingTalk, or with `kind` feishu or wecom its fake (tests/fakechats.py),
+    counting in `windows` ((count, seconds), ...)."""
     port = free_port()
-    child = Child(
-        [
-            PYTHON,
-            "-m",
-            "tests.fakedingtalk",
-            "--port",
-            str(port),
-            "--latency",
-            str(latency),
-            "--rate-limit",
-            str(rate_limit),
-            "--rate-window",
-            str(rate_window),
-            "--tokens",
-            ",".join(tokens),
-        ],
-        log_file("bench-fake.log"),
-    )
+    common = ["--port", str(port), "--latency", str(latency), "--tokens", ",".join(tokens)]
+    if kind == "dingtalk":
+        command = ["tests.fakedingtalk", *common, "--rate-limit", str(rate_limit)]
+        command += ["--rate-window", str(rate_window)]
+    else:
+        written = ",".join(f"{count}/{seconds:g}" for count, seconds in windows)
+        command = ["tests.fakechats", kind, *common, "--windows", written]
+    child = Child([PYTHON, "-m", *command], log_file("bench-fake.log"))
     child.url = f"http://127.0.0.1:{port}"
     assert wait_until(lambda: _answers(child.url, "/stats"), timeout=60)
     return child
@@ -87,11 +86,16 @@ def start_alertbridge(
     sync="full",
     extra="",
     receiver="",
+    robot_url=None,
+    robot_keys="",
 ):
+    """`robot_url(fake_url, token)`: a robot's URL (DingTalk's by default); `robot_keys`: more
+    lines of each robot's section."""
     port = free_port()
     state = tempfile.mkdtemp(prefix="alertbridge-bench-")
+    robot_url = robot_url or (lambda url, token: f"{url}/robot/send?access_token={token}")
     robots = "\n".join(
-        f"[robot:r{i}]\nurl = {fake_url}/robot/send?access_token={t}\n"
+        f"[robot:r{i}]\nurl = {robot_url(fake_url, t)}\n{robot_keys}"
         for i, t in enumerate(tokens)
     )
     config = pathlib.Path(state) / "config.ini"

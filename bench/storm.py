@@ -4,6 +4,11 @@ limit (20 messages per 60 s per robot, enforced by the fake, which throttles pas
 MariaDB.
 
     python3 -m bench.storm [--groups 1000] [--per-group 10] [--window 60]
+                           [--kind dingtalk|feishu|wecom]
+
+--kind feishu or wecom sends through that platform's fake instead, at its limits (Feishu: 100
+per window and 5 per 1/60 of it, 100 a minute and 5 a second at --window 60; WeCom: 20 per
+window), the robots' rate_limit set to the same.
 
 Prints: time until every alert is recorded, time until every alert was delivered in some
 message, messages sent per robot per full minute while the backlog lasted, the most any robot got
@@ -31,6 +36,19 @@ from bench.common import (
 from tests.kit import get, make_alert, make_payload, metric, wait_until
 
 ID = re.compile(r"bench-\d+-\d+")
+KINDS = {  # windows at --window W, robot URL, throttle errcodes
+    "dingtalk": (lambda w: ((20, w),), None, (410100, 130101)),
+    "feishu": (
+        lambda w: ((100, w), (5, w / 60)),
+        lambda url, token: f"{url}/open-apis/bot/v2/hook/{token}",
+        (11232, 99991400),
+    ),
+    "wecom": (
+        lambda w: ((20, w),),
+        lambda url, token: f"{url}/cgi-bin/webhook/send?key={token}",
+        (45009,),
+    ),
+}
 
 
 def main():
@@ -38,6 +56,7 @@ def main():
     parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--per-group", type=int, default=10)
     parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--kind", choices=sorted(KINDS), default="dingtalk")
     parser.add_argument(
         "--critical-after",
         type=float,
@@ -53,9 +72,14 @@ def main():
     args = parser.parse_args()
     critical_after = args.window / 2 if args.critical_after is None else args.critical_after
     total = args.groups * args.per_group
-    fake = start_fake(latency=0.05, rate_limit=20, rate_window=args.window)
+    windows, robot_url, throttle_codes = KINDS[args.kind]
+    windows = windows(args.window)
+    fake = start_fake(latency=0.05, rate_limit=20, rate_window=args.window, kind=args.kind,
+                      windows=windows)
     database = fresh_database("alertbridge_bench_storm")
     delivery = f"[delivery]\nrate_window = {args.window:g}\n"
+    rate_limit = ", ".join(f"{count}/{seconds:g}s" for count, seconds in windows)
+    robot_keys = f"rate_limit = {rate_limit}\n" if robot_url else ""
     cluster = (
         "[cluster]\nenabled = true\ninstance = bench-{}\ninstances = %d\nlease = 5\n"
         % args.instances
@@ -63,7 +87,8 @@ def main():
         else ""
     )
     bridges = [
-        start_alertbridge(fake.url, database, extra=delivery + cluster.format(n))
+        start_alertbridge(fake.url, database, extra=delivery + cluster.format(n),
+                          robot_url=robot_url, robot_keys=robot_keys)
         for n in range(args.instances)
     ]
     bridge = bridges[0]
@@ -127,7 +152,7 @@ def main():
         per_robot.setdefault(r["token"], []).append(r["at"])
         if "DatacenterDown" not in r["text"]:
             storm.setdefault(r["token"], []).append(r["at"])
-    storm_share = 20 - 2  # the reserve keeps 2 for urgent pages
+    storm_share = windows[0][0] - 2  # the reserve keeps 2 for urgent pages
     minutes = int(
         (max(r["at"] for r in stats) - wall_start) // args.window
     )  # full windows of backlog
@@ -140,8 +165,9 @@ def main():
         for times in storm.values()
         for k in range(minutes)
     ]
-    sliding = max(max_in_window(times, args.window) for times in per_robot.values())
-    throttled = sum(r["errcode"] in (410100, 130101) for r in stats)
+    sliding = [max(max_in_window(times, seconds) for times in per_robot.values())
+               for _, seconds in windows]
+    throttled = sum(r["errcode"] in throttle_codes for r in stats)
     messages = sum(r["errcode"] == 0 for r in stats)
     sizes = [r["size"] for r in stats]
 
@@ -150,10 +176,11 @@ def main():
         if args.instances > 1
         else ""
     )
+    name = {"dingtalk": "DingTalk", "feishu": "Feishu", "wecom": "WeCom"}[args.kind]
+    limits = " and ".join(f"{count} per {seconds:g} s" for count, seconds in windows)
     print(
         f"\nStorm: {total:,} alerts in {args.groups:,} webhooks on 1 receiver with 3 robots, "
-        f"limit 20 per "
-        f"{args.window:g} s per robot (fake DingTalk enforces it), history in MariaDB{through}\n"
+        f"limit {limits} per robot (fake {name} enforces it), history in MariaDB{through}\n"
     )
     print("| figure | value | goal |")
     print("| --- | --- | --- |")
@@ -174,13 +201,14 @@ def main():
             f"leaves), "
             f"{len(counts)} robot-windows | >= 90 % of {storm_share} |"
         )
-    print(f"| most requests one robot got in any sliding {args.window:g} s | {sliding} | <= 20 |")
-    print(f"| 410100/130101 answers | {throttled} | 0 |")
+    for (count, seconds), most in zip(windows, sliding):
+        print(f"| most requests one robot got in any sliding {seconds:g} s | {most} | <= {count} |")
+    print(f"| {'/'.join(map(str, throttle_codes))} answers | {throttled} | 0 |")
     print(f"| alerts missing from delivered messages | {len(expected - ids)} | 0 |")
     print(f"| alerts delivered more than once | {duplicates} | 0 |")
     print(f"| peak RSS of alertbridge | {rss} | |")
     print(
-        f"| a critical alert posted {critical_after:g} s into the storm: from its 200 to DingTalk "
+        f"| a critical alert posted {critical_after:g} s into the storm: from its 200 to {name} "
         f"| "
         f"{page_seconds:.2f} s, {'in a message of its own' if page_alone else 'NOT alone'} | < 3 "
         f"s |"

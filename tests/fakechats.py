@@ -204,8 +204,12 @@ if __name__ == "__main__":  # stand-alone, for benchmarks: python3 -m tests.fake
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", default="bench-1,bench-2,bench-3")
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--windows", default="", help="COUNT/SECONDS,...: the limits it keeps")
     args = parser.parse_args()
-    server = (FakeFeishu if args.kind == "feishu" else FakeWeCom)()
+    windows = [tuple(float(n) for n in w.split("/")) for w in args.windows.split(",") if w]
+    server = (FakeFeishu if args.kind == "feishu" else FakeWeCom)(
+        windows=[(int(count), seconds) for count, seconds in windows] or None
+    )
     server.latency = args.latency
     for name in args.tokens.split(","):
         server.add_robot(name)

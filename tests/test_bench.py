@@ -22,6 +22,14 @@ def test_storm_benchmark_runs():
     assert "| 410100/130101 answers | 0 | 0 |" in out
 
 
+def test_storm_benchmark_runs_through_feishu_and_wecom():
+    for kind, codes in (("feishu", "11232/99991400"), ("wecom", "45009")):
+        out = bench("bench.storm", "--groups", "30", "--per-group", "5", "--window", "2",
+                    "--kind", kind)
+        assert "| alerts missing from delivered messages | 0 | 0 |" in out, kind
+        assert f"| {codes} answers | 0 | 0 |" in out, kind
+
+
 def test_intake_benchmark_runs():
     out = bench("bench.intake", "--rate", "50", "--seconds", "1", "--connections", "4")
     assert "alertbridge (journal_sync=full)" in out and "synchronous baseline" in out

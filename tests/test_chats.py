@@ -491,3 +491,41 @@ def test_the_docs_feishu_and_wecom_robots_are_flagged_as_placeholders(tmp_path):
     hints = {kind: alertbridge.CHANNELS[kind].PLACEHOLDER_HINTS["token"]
              for kind in ("feishu", "wecom")}
     assert "hook" in hints["feishu"] and "key=" in hints["wecom"]
+
+
+def test_people_are_at_by_each_platforms_id_in_pages_and_escalation_notes(tmp_path):
+    """[person] feishu_id and wecom_id: a page and an escalation step's note @ the person by
+    the id of the robot's own platform (Feishu in the card, WeCom <@userid> in markdown, or a
+    text message when a phone number must be @-ed too)."""
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[alertbridge]\ndefault_receiver = ops\n"
+        "[receiver:ops]\nrobots = fs, wc\nat_people = lisi\n"
+        "[person:lisi]\nname = 李四\nfeishu_id = ou_lisi0001\nwecom_id = lisi\n"
+        "[person:wang]\nmobile = 13800000009\n"
+        "[robot:fs]\nurl = https://open.feishu.cn/open-apis/bot/v2/hook/fs-hook-real-01\n"
+        "[robot:wc]\nurl = https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=wc-key-real-1\n",
+        encoding="utf-8",
+    )
+    config = alertbridge.load_config(str(path))
+    route, channels = config.routes["ops"], alertbridge.Channels(lambda: config)
+    renderer = alertbridge.Renderer(lambda: config)
+    fs, wc = route.robots
+    webhook = alertbridge.parse_webhook(json.dumps(make_payload("ops", [make_alert()])).encode())
+    body = alertbridge.Body(alerts=tuple(webhook.alerts))
+    [page] = renderer.plan(route, body, channels)
+    card = alertbridge.request_body(renderer, channels, route, page, fs)
+    assert "<at id=ou_lisi0001></at>" in card["card"]["elements"][0]["content"]
+    markdown = alertbridge.request_body(renderer, channels, route, page, wc)
+    assert "<@lisi>" in markdown["markdown"]["content"]
+    note = alertbridge.Body(
+        kind=alertbridge.NOTE, title="escalated", note="DiskFull: nobody claimed it",
+        mention=alertbridge.Mentions(mobiles=("13800000009",),
+                                     user_ids=("feishu:ou_lisi0001", "wecom:lisi")),
+    )
+    to_feishu = alertbridge.request_body(renderer, channels, route, note, fs)
+    assert "<at id=ou_lisi0001></at> @13800000009" in to_feishu["card"]["elements"][0]["content"]
+    to_wecom = alertbridge.request_body(renderer, channels, route, note, wc)
+    assert to_wecom["msgtype"] == "text"  # a phone number: only a text message can @ it
+    assert to_wecom["text"]["mentioned_list"] == ["lisi"]
+    assert to_wecom["text"]["mentioned_mobile_list"] == ["13800000009"]

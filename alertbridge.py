@@ -5701,9 +5701,27 @@ class Channel:
     LIMIT = 1 << 30
     THROTTLE_CODES = CONFIG_CODES = TOO_LONG_CODES = frozenset()
     FIXES = {}              # errcode -> what to do about it, of [robot:{name}]
+    TITLE_CHARS = 512       # a title longer than this is cut: the text must fit after it
 
     def __init__(self, config):
         self.config = config
+
+    @classmethod
+    def title(cls, text):
+        """A title as a message shows it: cut with an ellipsis past TITLE_CHARS (labels may be
+        of any length; a message too long for any robot would never go out)."""
+        return text if len(text) <= cls.TITLE_CHARS else text[:cls.TITLE_CHARS - 1] + "…"
+
+    def buttons(self, rendered):
+        """The buttons that fit in half a request, in order (a silence link of long labels
+        is long): the alert text must fit beside them."""
+        room, kept = self.limit() // 2, []
+        for label, url in rendered.buttons:
+            room -= len(label.encode()) + len(url.encode()) + 64
+            if room < 0:
+                break
+            kept.append((label, url))
+        return tuple(kept)
 
     @classmethod
     def credential(cls, url):
@@ -5834,13 +5852,14 @@ class RobotChannel(Channel):
         mentions = Mentions() if rendered.buttons else rendered.mentions
         footer = list(rendered.notes) + [t for t in (self.mention_text(mentions), robot.keyword)
                                          if t]
-        head = f"#### {rendered.heading}\n\n"
+        head = f"#### {self.title(rendered.heading)}\n\n"
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
+        buttons = self.buttons(rendered)
         if rendered.buttons:
             request = {"msgtype": "actionCard", "actionCard": {
                 "title": rendered.title[:128], "text": head + tail,
-                "btnOrientation": "1" if len(rendered.buttons) <= 2 else "0",
-                "btns": [{"title": label, "actionURL": url} for label, url in rendered.buttons]}}
+                "btnOrientation": "1" if len(buttons) <= 2 else "0",
+                "btns": [{"title": label, "actionURL": url} for label, url in buttons]}}
         else:
             request = {"msgtype": "markdown",
                        "markdown": {"title": rendered.title[:128], "text": head + tail},
@@ -6019,7 +6038,7 @@ class FeishuChannel(Channel):
         footer = list(rendered.notes) + [t for t in (self.mention_marks(rendered.mentions),
                                                      robot.keyword) if t]
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
-        request = self.card(rendered.title, tail, rendered.buttons, rendered.rank)
+        request = self.card(rendered.title, tail, self.buttons(rendered), rendered.rank)
         room = self.limit() - len(self.encode(request))
         text = truncate_to(Renderer.SEPARATOR.join(rendered.blocks), room)
         request["card"]["elements"][0]["content"] = self.HEADING.sub(r"**\1**", text) + tail
@@ -6037,7 +6056,7 @@ class FeishuChannel(Channel):
                 for i, (label, url) in enumerate(buttons)]})
         return {"msg_type": "interactive", "card": {
             "config": {"wide_screen_mode": True},
-            "header": {"title": {"tag": "plain_text", "content": title[:200]},
+            "header": {"title": {"tag": "plain_text", "content": cls.title(title)},
                        "template": colour},
             "elements": elements}}
 
@@ -6048,7 +6067,7 @@ class FeishuChannel(Channel):
 
     def mention_request(self, body, robot):
         """A message of mentions only (after a card another robot of the route sent)."""
-        text = " ".join(filter(None, [self.mention_marks(body.mention), body.title]))
+        text = " ".join(filter(None, [self.mention_marks(body.mention), self.title(body.title)]))
         return self.card(body.title, text + ("\n\n" + robot.keyword if robot.keyword else ""),
                          rank=len(self.COLOURS))
 
@@ -6135,10 +6154,10 @@ class WeComChannel(Channel):
 
     def request(self, rendered, robot):
         """Markdown: its text cut to fit, with a visible mark, if need be."""
-        links = " · ".join(f"[{label}]({url})" for label, url in rendered.buttons)
+        links = " · ".join(f"[{label}]({url})" for label, url in self.buttons(rendered))
         marks = " ".join(f"<@{user_id}>" for user_id in rendered.mentions.user_ids_of(self.KIND))
         footer = list(rendered.notes) + [t for t in (links, marks, robot.keyword) if t]
-        head = f"#### {rendered.heading}\n\n"
+        head = f"#### {self.title(rendered.heading)}\n\n"
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
         room = self.limit() - len((head + tail).encode())
         text = truncate_to("\n\n".join(rendered.blocks), room)
@@ -6148,7 +6167,7 @@ class WeComChannel(Channel):
         if body.mention.mobiles or body.mention.all:
             return self.text_request(body.title + "\n" + body.note, body.mention, robot)
         marks = " ".join(f"<@{user_id}>" for user_id in body.mention.user_ids_of(self.KIND))
-        content = "\n\n".join(filter(None, [f"#### {body.title}", body.note, marks,
+        content = "\n\n".join(filter(None, [f"#### {self.title(body.title)}", body.note, marks,
                                             robot.keyword]))
         return {"msgtype": "markdown", "markdown": {"content": content}}
 

@@ -529,3 +529,27 @@ def test_people_are_at_by_each_platforms_id_in_pages_and_escalation_notes(tmp_pa
     assert to_wecom["msgtype"] == "text"  # a phone number: only a text message can @ it
     assert to_wecom["text"]["mentioned_list"] == ["lisi"]
     assert to_wecom["text"]["mentioned_mobile_list"] == ["13800000009"]
+
+
+@pytest.mark.parametrize("kind", sorted(CHATS))
+def test_a_page_of_enormous_labels_still_fits_and_goes_out(make_bridge, sqlite_db, kind):
+    """FAULTS 8: a 6,000-character alertname makes a title, a silence link and buttons longer
+    than a WeCom message: the title is cut, buttons that do not fit are left out, and the page
+    goes out (a message too long for every robot would have waited until it expired)."""
+    fake_class, robots = CHATS[kind]
+    chat = started(fake_class, robots)
+    try:
+        bridge = make_bridge(
+            sqlite_db,
+            robots=robots_at(chat, robots),
+            receivers={"ops": {"robots": ", ".join(robots), "message_type": "actionCard"}},
+            main={"default_receiver": "ops"},
+        )
+        payload = make_payload("ops", [make_alert("A" * 6000, "db-1")])
+        payload["groupLabels"] = {"alertname": "A" * 6000}
+        assert post(bridge, payload)[0] == 200
+        assert chat.wait_for(lambda f: len(f.delivered()) == 1), chat.requests
+        assert [r.errcode for r in chat.requests] == [0]
+        assert "…" in card_title(chat.delivered()[0])
+    finally:
+        chat.stop()

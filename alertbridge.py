@@ -1634,6 +1634,9 @@ def _load_robot(section, name):
     if kind not in CHANNELS:
         raise ConfigError(f"[{section.name}] kind: one of {', '.join(sorted(CHANNELS))}")
     channel = CHANNELS[kind]
+    if secret and not channel.SIGNS:
+        raise ConfigError(f"[{section.name}] secret: {channel.NAME} robots do not sign: remove "
+                          f"secret (its key in the URL is all it takes)")
     if token:       # the URL without its token, the token from a file or the environment
         url = channel.with_credential(url, token, where)
     robot = Robot(name=name, url=url, secret=secret, keyword=section.get("keyword"), kind=kind,
@@ -5702,6 +5705,8 @@ class Channel:
     THROTTLE_CODES = CONFIG_CODES = TOO_LONG_CODES = frozenset()
     FIXES = {}              # errcode -> what to do about it, of [robot:{name}]
     TITLE_CHARS = 512       # a title longer than this is cut: the text must fit after it
+    SIGNS = True            # whether `secret` means anything to its platform
+    AT_BY_MOBILE = True     # whether it can @ a phone number
 
     def __init__(self, config):
         self.config = config
@@ -5976,6 +5981,7 @@ class FeishuChannel(Channel):
     token is the URL's last path segment."""
 
     KIND, NAME = "feishu", "Feishu"
+    AT_BY_MOBILE = False            # a custom bot @s by open_id or user_id only
     PERSON_KEY = "feishu_id"        # [person:X] feishu_id: an open_id (ou_...) or user_id
     RATE_LIMITS = ((100, 60.0), (5, 1.0))
     LIMIT = 20 * 1024 - 128         # the body, less the timestamp and sign post() adds
@@ -6126,6 +6132,7 @@ class WeComChannel(Channel):
     in the URL (?key=)."""
 
     KIND, NAME = "wecom", "WeCom"
+    SIGNS = False
     CREDENTIAL_PARAM = "key"
     PERSON_KEY = "wecom_id"         # [person:X] wecom_id: a WeCom userid
     RATE_LIMITS = ((20, 60.0),)
@@ -9813,6 +9820,8 @@ class Bridge:
         return self
 
     def _warn_about_robots(self):
+        for warning in not_at_by_phone(self.config):
+            log.warning("%s", warning)
         for robot in {r for r in self.config.robots if r.placeholder}:
             log.warning("robot=%s: %s: it is not used until configured", robot.name,
                         robot.placeholder_words)
@@ -10040,6 +10049,7 @@ def check_config(config):
         lines.append(f"note: robots {', '.join(names)} have the same credential: "
                      f"one budget between them")
     lines += [f"note: {warning}" for warning in unclaimable_escalations(config)]
+    lines += [f"note: {warning}" for warning in not_at_by_phone(config)]
     if config.app.enabled:
         carded = ", ".join(r.name for r in config.routes.values() if r.app_group) or "none"
         lines.append(f"app {config.app.client_id} (secret set): cards for receivers {carded}, "
@@ -10049,6 +10059,23 @@ def check_config(config):
             lines.append(f"note: escalation steps reach {', '.join(unreached)} without a "
                          f"user_id: DING cannot reach them (they are @-mentioned by mobile)")
     return "\n".join(lines)
+
+
+def not_at_by_phone(config):
+    """For each receiver with robots that cannot @ a phone number (Feishu's), who its pages
+    would @ by phone number alone: a line each, for --check-config and the start's log."""
+    lines = []
+    for route in config.routes.values():
+        for kind in sorted({r.kind for r in route.robots if not CHANNELS[r.kind].AT_BY_MOBILE}):
+            channel = CHANNELS[kind]
+            people = [p for p in config.people.values()
+                      if pages_person(route, p) and not dict(p.ids).get(kind)]
+            who = [p.handle for p in people] + list(route.at_mobiles)
+            if who:
+                lines.append(f"receiver {route.name}: {channel.NAME} robots cannot @ a phone "
+                             f"number, so {', '.join(who)} would only be named: give people "
+                             f"{channel.PERSON_KEY} (or at_user_ids = {kind}:ID)")
+    return lines
 
 
 def not_dinged(config):

@@ -553,3 +553,31 @@ def test_a_page_of_enormous_labels_still_fits_and_goes_out(make_bridge, sqlite_d
         assert "…" in card_title(chat.delivered()[0])
     finally:
         chat.stop()
+
+
+def test_what_a_kind_cannot_do_is_said_at_load_check_and_start(tmp_path, caplog):
+    """FAULTS 12: a WeCom robot with a secret (WeCom does not sign) would check "signed" and
+    sign nothing; a Feishu receiver that @s by phone number would check OK and @ nobody."""
+    wecom = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=wc-key-real-1"
+    path = tmp_path / "config.ini"
+    path.write_text(f"[receiver:ops]\nrobots = wc\n[robot:wc]\nurl = {wecom}\nsecret = s\n",
+                    encoding="utf-8")
+    with pytest.raises(alertbridge.ConfigError, match=r"\[robot:wc\] secret: WeCom robots do not"):
+        alertbridge.load_config(str(path))
+    path.write_text(
+        "[alertbridge]\nport = 0\nstate_dir = state\n"
+        "[receiver:ops]\nrobots = fs, wc\nat_mobiles = 13800000000\nat_people = lisi, wang\n"
+        "[person:lisi]\nmobile = 13800000001\nfeishu_id = ou_lisi0001\n"
+        "[person:wang]\nmobile = 13800000002\n"
+        "[robot:fs]\nurl = https://open.feishu.cn/open-apis/bot/v2/hook/fs-hook-real-01\n"
+        f"[robot:wc]\nurl = {wecom}\n",
+        encoding="utf-8",
+    )
+    config = alertbridge.load_config(str(path))
+    said = ("receiver ops: Feishu robots cannot @ a phone number, so wang, 13800000000 would "
+            "only be named: give people feishu_id (or at_user_ids = feishu:ID)")
+    assert alertbridge.not_at_by_phone(config) == [said]  # WeCom @s phones in a text message
+    assert f"note: {said}" in alertbridge.check_config(config)
+    bridge = alertbridge.Bridge(config).start()
+    bridge.stop()
+    assert said in [r.getMessage() for r in caplog.records]

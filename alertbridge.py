@@ -5705,6 +5705,7 @@ class Channel:
     THROTTLE_CODES = CONFIG_CODES = TOO_LONG_CODES = frozenset()
     FIXES = {}              # errcode -> what to do about it, of [robot:{name}]
     TITLE_CHARS = 512       # a title longer than this is cut: the text must fit after it
+    RESTS = {}              # a throttle's errcode -> seconds it rests the robot, if known
     SIGNS = True            # whether `secret` means anything to its platform
     AT_BY_MOBILE = True     # whether it can @ a phone number
 
@@ -5987,6 +5988,7 @@ class FeishuChannel(Channel):
     LIMIT = 20 * 1024 - 128         # the body, less the timestamp and sign post() adds
     HOOK = "/open-apis/bot/v2/hook/"
     THROTTLE_CODES = frozenset({11232, 99991400})       # frequency limited
+    RESTS = {99991400: 1.0}         # the gateway's, of 5 a second
     CONFIG_CODES = frozenset({19001, 19021, 19022, 19024})  # token, sign, IP, keyword
     DECLARED = ("0", "11232")
     NO_CREDENTIAL = "has no token after /open-apis/bot/v2/hook/"
@@ -6073,7 +6075,8 @@ class FeishuChannel(Channel):
 
     def mention_request(self, body, robot):
         """A message of mentions only (after a card another robot of the route sent)."""
-        text = " ".join(filter(None, [self.mention_marks(body.mention), self.title(body.title)]))
+        text = " ".join(filter(None, [self.mention_marks(body.mention),
+                                      md_escape(self.title(body.title))]))
         return self.card(body.title, text + ("\n\n" + robot.keyword if robot.keyword else ""),
                          rank=len(self.COLOURS))
 
@@ -6111,17 +6114,28 @@ class FeishuChannel(Channel):
         except ValueError:
             answer = None
         code = answer.get("code", answer.get("StatusCode")) if isinstance(answer, dict) else None
+        said = str(answer.get("msg", answer.get("StatusMessage", ""))) if isinstance(
+            answer, dict) else f"HTTP {status}"
         if status == 429 or code in cls.THROTTLE_CODES:
-            reset = (headers or {}).get("x-ogw-ratelimit-reset", "")
-            return SendResult(code if isinstance(code, int) else 11232,
-                              str(answer.get("msg", "")) if isinstance(answer, dict)
-                              else f"HTTP {status}", kind=cls.KIND, outcome=THROTTLED,
-                              rest=float(reset) if reset.isdigit() else None)
+            code = code if code in cls.THROTTLE_CODES else 99991400
+            return SendResult(code, said, kind=cls.KIND, outcome=THROTTLED,
+                              rest=cls.reset((headers or {}).get("x-ogw-ratelimit-reset"),
+                                             cls.RESTS.get(code)))
         if not isinstance(code, int) or isinstance(code, bool):
             return SendResult(None, f"HTTP {status}" if status != 200 else
                               "answer has no code", kind=cls.KIND)
-        return SendResult(code, str(answer.get("msg", answer.get("StatusMessage", ""))),
-                          kind=cls.KIND)
+        too_long = status == 413 or (code == 9499 and re.search(r"exceed|too (large|long)",
+                                                                said, re.IGNORECASE))
+        return SendResult(code, said, kind=cls.KIND, outcome=TOO_LONG if too_long else None)
+
+    @staticmethod
+    def reset(header, default):
+        """x-ogw-ratelimit-reset's seconds, if it holds a number that can be one."""
+        try:
+            seconds = float(str(header).strip())
+        except ValueError:
+            return default
+        return seconds if 0 <= seconds < float("inf") else default
 
 
 class WeComChannel(Channel):
@@ -6263,10 +6277,14 @@ def channel_kind(url):
 
 
 def classify(robots):
-    """read(robot key, errcode) -> outcome, by each robot's channel: how a send log (errcodes
-    only) is read again."""
+    """read(robot key, errcode) -> (outcome, rest), by each robot's channel: how a send log
+    (errcodes only) is read again."""
     kinds = {robot.key: robot.kind for robot in robots}
-    return lambda key, errcode: CHANNELS[kinds.get(key, RobotChannel.KIND)].outcome(errcode)
+
+    def read(key, errcode):
+        channel = CHANNELS[kinds.get(key, RobotChannel.KIND)]
+        return channel.outcome(errcode), channel.RESTS.get(errcode)
+    return read
 
 
 # =============================================================================================
@@ -6304,7 +6322,8 @@ class RobotPool:
     def __init__(self, limits, share=lambda: 1.0, classify=None, windows=None):
         self.limits = limits
         self.share = share
-        self.classify = classify or (lambda: lambda key, errcode: RobotChannel.outcome(errcode))
+        self.classify = classify or (lambda: lambda key, errcode: (RobotChannel.outcome(errcode),
+                                                                   None))
         self.windows = windows or (lambda: lambda key: ((limits().rate_limit,
                                                           limits().rate_window),))
         self._lock = threading.Lock()
@@ -6321,7 +6340,7 @@ class RobotPool:
         """Rebuild budgets and throttles from a send log, (key, at, errcode) in time order: the
         journal's after a restart; the cluster's, forgetting this instance's own view, when it
         takes over. `classify()` gives read(key, errcode), an errcode as the robot's channel
-        reads it."""
+        reads it: (outcome, rest)."""
         read, windows = self.classify(), self.windows()
         with self._lock:
             if forget:
@@ -6329,17 +6348,19 @@ class RobotPool:
             for key, at, errcode in sends:
                 if at > now - windows(key)[0][1]:
                     self._slots.setdefault(key, []).append(at)
-                self._learn(key, read(key, errcode), at)
+                self._learn(key, *read(key, errcode), at)
 
-    def _learn(self, key, outcome, at, rest=None):
-        """What its channel's answer says of the robot: rested after a throttle (as long as the
-        platform said, else longer each time it repeats); disabled after a configuration error
-        is in release()."""
+    def _learn(self, key, outcome, rest, at):
+        """What its channel's answer says of the robot: rested after a throttle, for its longest
+        window, longer each time it repeats; for as long as the platform said (`rest`), but its
+        shortest window at least, longer each time it repeats. Disabled after a configuration
+        error is in release()."""
         if outcome == THROTTLED:
             strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
-            limits, window = self.limits(), self.windows()(key)[0][1]
-            rest = min(limits.throttle_seconds,
-                       rest if rest is not None else window * 2 ** min(strikes - 1, 16))
+            windows, again = self.windows()(key), 2 ** min(strikes - 1, 16)
+            rest = (windows[0][1] * again if rest is None
+                    else max(rest, windows[-1][1] * again))
+            rest = min(self.limits().throttle_seconds, rest)
             self._throttled[key] = max(self._throttled.get(key, 0), at + rest)
         elif outcome == SENT:
             self._strikes.pop(key, None)
@@ -6350,21 +6371,31 @@ class RobotPool:
         with self._lock:
             self._disabled.clear()
 
+    def _windows(self, key):
+        """The robot's windows as this instance keeps to them: its share of each count (while a
+        cluster shares budgets), and a window stretched when the share is less than one slot
+        (a 6th of 5 a second: 1 per 1.2 s), so that together the instances keep to it."""
+        share, kept = self.share(), []
+        for count, seconds in self.windows()(key):
+            mine = count * share
+            kept.append((int(mine), seconds) if mine >= 1 or mine <= 0 else (1, seconds / mine))
+        return kept
+
     def _capacities(self, key, urgent):
         """[(slots this instance may take, seconds)] for each of the robot's windows, longest
         first. The reserve is kept in the longest: a shorter one (Feishu's 5 a second) holds an
         urgent message up a moment at most."""
-        reserve, share = (0 if urgent else self.limits().reserve), self.share()
-        return [(int(count * share) - (min(reserve, count - 1) if i == 0 else 0), seconds)
-                for i, (count, seconds) in enumerate(self.windows()(key))]
+        reserve = 0 if urgent else self.limits().reserve
+        return [(count - (min(reserve, count - 1) if i == 0 and count else 0), seconds)
+                for i, (count, seconds) in enumerate(self._windows(key))]
 
     def _capacity(self, key, urgent):
-        return self._capacities(key, urgent)[0][0]
+        return max(0, self._capacities(key, urgent)[0][0])
 
     def _slots_in_window(self, key, now):
         """The robot's slots within its longest window (inf: in flight)."""
-        slots = self._slots.setdefault(key, [])
-        slots[:] = [t for t in slots if t > now - self.windows()(key)[0][1]]
+        slots, longest = self._slots.setdefault(key, []), max(s for _, s in self._windows(key))
+        slots[:] = [t for t in slots if t > now - longest]
         return slots
 
     def _budget(self, key, now, urgent=True):
@@ -6419,7 +6450,10 @@ class RobotPool:
 
     @staticmethod
     def _free_at(slots, capacity, seconds, now):
-        """When a window of `seconds` holding these slots (sorted) has one free."""
+        """When a window of `seconds` holding these slots (sorted) has one free (never: inf,
+        with no capacity)."""
+        if capacity <= 0:
+            return float("inf")
         within = [t for t in slots if t > now - seconds]
         over = len(within) - capacity
         return within[over] + seconds if over >= 0 else now
@@ -6485,7 +6519,7 @@ class RobotPool:
         with self._lock:
             self._land(robot.key)
             self._slots[robot.key].append(now)
-            self._learn(robot.key, result.outcome, now, result.rest)
+            self._learn(robot.key, result.outcome, result.rest, now)
             if result.outcome == MISCONFIGURED:
                 self._disabled[robot.key] = (result.errcode, result.errmsg, now)
 
@@ -10367,7 +10401,8 @@ def send_test(config, route_name):
         how = (f"the daemon on {port} runs another [receiver:{route_name}] "
                f"({daemon_loaded(config, answer[1])}); reload it to make this file's its own")
     print(f"directly, through the robots of {config.path}: {how}")
-    pool = RobotPool(lambda: config.delivery)
+    pool = RobotPool(lambda: config.delivery, classify=lambda: classify(config.robots),
+                     windows=lambda: config.budget_windows)
     pool.restore(journal_sends(config.service.journal), time.time())
     channels = Channels(lambda: config)
     renderer = Renderer(lambda: config)

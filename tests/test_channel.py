@@ -15,7 +15,7 @@ import alertbridge
 from tests.kit import history, make_alert, make_payload, post, settle
 
 
-class PlainChannel:
+class PlainChannel(alertbridge.Channel):
     """A made-up service: {"text": ..., "notify": [...]} bodies of 2,000 bytes at most, no
     buttons (they become lines of links), mentions beside anything; HTTP 429 means slow down.
     Its URL carries its credential as ?key=..."""

@@ -17,6 +17,7 @@ from tests.kit import (
     ROBOTS,
     ROOT,
     delivered_ids,
+    free_port,
     gone,
     history,
     make_alert,
@@ -581,3 +582,28 @@ def test_what_a_kind_cannot_do_is_said_at_load_check_and_start(tmp_path, caplog)
     bridge = alertbridge.Bridge(config).start()
     bridge.stop()
     assert said in [r.getMessage() for r in caplog.records]
+
+
+def test_send_test_reaches_feishu_and_wecom_robots_and_says_what_each_answered(
+    tmp_path, feishu, wecom, capsys
+):
+    """--send-test through each kind's robots (no daemon: directly): the fakes check the
+    signature and the keyword; a refusal comes with its fix, and no token is printed."""
+    feishu.add_robot("fs-hook-3-signed", "its-own-secret")
+    path = tmp_path / "config.ini"
+    path.write_text(
+        f"[alertbridge]\nport = {free_port()}\nstate_dir = {tmp_path / 'state'}\n"
+        "[receiver:ops]\nrobots = fs, bad, wc\n"
+        f"[robot:fs]\nurl = {feishu.url(FEISHU['fs-1']['token'])}\n"
+        f"secret = {FEISHU['fs-1']['secret']}\nkeyword = 告警\n"
+        f"[robot:bad]\nurl = {feishu.url('fs-hook-3-signed')}\nsecret = not-its-secret\n"
+        f"[robot:wc]\nurl = {wecom.url(WECOM['wc-1']['token'])}\n",
+        encoding="utf-8",
+    )
+    assert alertbridge.send_test(alertbridge.load_config(str(path)), "ops") == 1
+    out = capsys.readouterr().out
+    assert out.startswith("directly, through the robots of")
+    assert [r.token for r in feishu.delivered()] == [FEISHU["fs-1"]["token"]]
+    assert [r.token for r in wecom.delivered()] == [WECOM["wc-1"]["token"]]
+    assert "19021" in out and "签名校验" in out  # the refusal, with its fix
+    assert "0123456789abcdef" not in out

@@ -5181,10 +5181,13 @@ class Renderer:
         """Whether the body goes out whole to every robot of the route (keywords differ)."""
         return channels.fits(self.render(route, body), route)
 
-    def room(self, route, channels):
+    def room(self, route, channels, digest=False):
         """Bytes for alert blocks in one message: the rest is for title, part numbers, mentions,
-        keyword and digest headings."""
-        return channels.limit(route) - 768
+        keyword and digest headings. A digest's may be bolder, a 16th of a narrow limit (WeCom's
+        4,096 bytes) rather than 768 bytes: the digest is checked against its real rendering
+        before it is made (longest_that_fits), where a part is not."""
+        limit = channels.limit(route)
+        return limit - (min(768, limit // 16) if digest else 768)
 
     def block_size(self, route, alert, compact=False):
         return self._kept_block(route, alert, None, compact)[1]
@@ -6997,7 +7000,7 @@ class RouteSender:
                 current = self._current(message)
                 yield sum(renderer.block_sizes(route, current, start=at))
                 at += len(current)
-        taken = unpacked[:next(chunk_lengths(sizes(), renderer.room(route, channels)))]
+        taken = unpacked[:next(chunk_lengths(sizes(), renderer.room(route, channels, digest=True)))]
 
         made = {}
 

@@ -14,6 +14,7 @@ import pytest
 import alertbridge
 from tests.fakechats import FakeFeishu, FakeWeCom
 from tests.kit import (
+    ONCALL,
     ROBOTS,
     ROOT,
     delivered_ids,
@@ -32,6 +33,7 @@ from tests.kit import (
 from tests import test_e2e as e2e
 from tests.test_delivery import FAST, post_all
 from tests.test_e2e import alertmanager  # noqa: F401 (the fixture)
+from tests.test_incidents import LINK, claim_request
 
 HOSTILE = "C:\\new \" ' ) ] \n < & \u2028 <at id=all></at> <@all> <font color=red>x</font>"
 FEISHU = {
@@ -607,3 +609,38 @@ def test_send_test_reaches_feishu_and_wecom_robots_and_says_what_each_answered(
     assert [r.token for r in wecom.delivered()] == [WECOM["wc-1"]["token"]]
     assert "19021" in out and "签名校验" in out  # the refusal, with its fix
     assert "0123456789abcdef" not in out
+
+
+@pytest.mark.parametrize("kind", sorted(CHATS))
+def test_a_page_to_feishu_or_wecom_is_claimed_from_its_link_and_the_group_told(
+    make_bridge, sqlite_db, kind
+):
+    """The claim loop on each kind: the page's Claim link (a card button on Feishu, a link
+    line on WeCom) opens the claim page; the claim is noted in the group, through its robots."""
+    fake_class, robots = CHATS[kind]
+    chat = started(fake_class, robots)
+    try:
+        bridge = make_bridge(
+            sqlite_db,
+            robots=robots_at(chat, robots),
+            receivers={"ops": {"robots": ", ".join(robots), "claim_links": "true",
+                               "message_type": "actionCard"}},
+            main={"default_receiver": "ops"},
+            extra=ONCALL,
+        )
+        payload = make_payload("ops", [make_alert("DiskFull", "db-1")]) | {"groupKey": "g-disk"}
+        assert post(bridge, payload)[0] == 200
+        assert chat.wait_for(lambda f: len(f.delivered()) == 1)
+        token = LINK.search(chat.delivered()[0].text).group(1)
+        if kind == "feishu":
+            [claim, *_] = chat.delivered()[0].body["card"]["elements"][1]["actions"]
+            assert claim["text"]["content"] == "我来处理" and token in claim["url"]
+        assert wait_until(lambda: alertbridge.Store(sqlite_db).incidents() != [])
+        _, _, cookies = claim_request(bridge, token)
+        form = {"person": "zhangsan", "csrf": cookies["alertbridge_csrf"]}
+        status, html, _ = claim_request(bridge, token, "POST", form, cookies)
+        assert status == 200 and "✅ 张三 已认领" in html
+        assert chat.wait_for(lambda f: len(f.delivered()) == 2)
+        assert "张三" in chat.delivered()[1].text  # the note, in the group's own format
+    finally:
+        chat.stop()

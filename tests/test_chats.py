@@ -2,6 +2,7 @@
 check what the real APIs check (tests/fakechats.py): their wire formats, signing, mentions,
 limits, refusals explained; the same pipeline, budgets, storms and crashes as DingTalk's."""
 
+import dataclasses
 import io
 import json
 import re
@@ -17,7 +18,10 @@ from tests.kit import (
     ONCALL,
     ROBOTS,
     ROOT,
+    Daemon,
+    TcpProxy,
     delivered_ids,
+    empty_mysql,
     free_port,
     gone,
     history,
@@ -644,3 +648,46 @@ def test_a_page_to_feishu_or_wecom_is_claimed_from_its_link_and_the_group_told(
         assert "张三" in chat.delivered()[1].text  # the note, in the group's own format
     finally:
         chat.stop()
+
+
+def test_two_instances_cut_apart_keep_to_each_feishu_window_together(tmp_path, feishu):
+    """HA on Feishu's two windows: the instance cut off from MySQL sends alone with half of
+    each window, and the leader, presuming so, keeps to its half: together never over 8 per
+    2 s nor 2 per 0.25 s (Feishu's 100/min and 5/s, scaled), and no page lost."""
+    from tests import test_cluster as ha
+
+    feishu.windows = ((8, 2.0), (2, 0.25))
+    robots = robots_at(feishu, FEISHU, rate_limit="8/2s, 2/0.25s")
+    settings = empty_mysql()
+    proxies = [TcpProxy(settings.port).start() for _ in range(2)]
+    children = []
+    for number, (name, proxy) in enumerate(zip(("a", "b"), proxies)):
+        directory = tmp_path / f"{number}-{name}"
+        directory.mkdir()
+        children.append(Daemon(
+            directory, feishu.url, dataclasses.replace(settings, port=proxy.port),
+            delivery=ha.SMALL, extra=ha.cluster(name), robots=robots,
+            receivers={"ops": {"robots": "fs-1, fs-2"}, "dev": {"robots": "fs-2"}},
+        ))
+    try:
+        for child in children:
+            child.wait_healthy()
+        leader = ha.leader_of(children)
+        cut = children.index(next(c for c in children if c is not leader))
+        proxies[cut].cut()
+        payloads = storm_payloads(groups=40, per_group=5)
+        for payload in payloads[:8]:
+            assert [post(c.url, payload)[0] for c in children] == [200, 200]
+        assert wait_until(lambda: ha.role(children[cut]) == "alone", timeout=30)
+        for payload in payloads[8:]:
+            assert [post(c.url, payload)[0] for c in children] == [200, 200]
+        expected = ha.storm_ids(40, 5)
+        assert feishu.wait_for(lambda f: set(ha.accepted_ids(f)) >= expected, timeout=120)
+        assert wait_until(lambda: ha.idle(feishu, quiet=3), timeout=60)
+        assert [r.errcode for r in feishu.requests if r.errcode] == []
+        for token in (r["token"] for r in FEISHU.values()):
+            assert feishu.max_per_window(token, 2.0) <= 8
+            assert feishu.max_per_window(token, 0.25) <= 2
+    finally:
+        for child in children:
+            child.kill()

@@ -5645,8 +5645,8 @@ class WebSocket:
 
 
 # =============================================================================================
-# 9. Channels: how a message reaches a group. The custom group robot: its wire format,
-#    signing, one request, its answer classified once
+# 9. Channels: how a message reaches a group: DingTalk's, Feishu's and WeCom's robots, each
+#    its wire format, signing, limits, one request, its answer classified once
 # =============================================================================================
 #
 # A channel turns a Rendered message into the request one robot gets, posts it, and says what
@@ -5654,7 +5654,7 @@ class WebSocket:
 # fits(), encode(), shown() (for the preview), post(), outcome(), fix() (what to do about a
 # refusal: the log, --send-test and the status page ask it); its RATE_LIMITS, the windows its
 # platform counts a robot's messages in (the pool keeps to each). Another kind of robot is
-# another class with these; nothing outside this section reads a request.
+# another Channel with these; nothing outside this section reads a request.
 
 SENT, THROTTLED, MISCONFIGURED = "sent", "throttled", "misconfigured"
 TOO_LONG, FAILED = "too long", "failed"

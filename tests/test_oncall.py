@@ -178,7 +178,8 @@ def test_a_page_mentions_whoever_is_on_call_when_it_is_sent(tmp_path):
         ),
         (
             PEOPLE.replace("mobile = 13800000001\n", ""),
-            "[person:zhangsan]: set mobile or user_id: a person nobody can @ cannot be paged",
+            "[person:zhangsan]: set mobile or feishu_id or user_id or wecom_id: a person nobody "
+            "can @ cannot be paged",
         ),
     ],
 )

@@ -5772,6 +5772,10 @@ class Channel:
     def encode(request):
         return json.dumps(request, ensure_ascii=False).encode()
 
+    def size(self, request):
+        """What of a request its limit() counts, in bytes: the whole body, by default."""
+        return len(self.encode(request))
+
     @classmethod
     def outcome(cls, errcode):
         if errcode == 0:
@@ -6212,6 +6216,10 @@ class WeComChannel(Channel):
         if kind == "text":
             return Shown(kind, "", request["text"]["content"], (), markdown=False)
         return Shown(kind, "", request["markdown"]["content"], ())
+
+    def size(self, request):
+        """WeCom counts the content's bytes (4,096 of markdown), not the body's."""
+        return len(request[request["msgtype"]]["content"].encode())
 
     @classmethod
     def read(cls, status, headers, raw):
@@ -9647,7 +9655,7 @@ class Preview:
         for part, (body, robots_and_requests) in enumerate(bodies, 1):
             for robots, request in _same_requests(robots_and_requests):
                 channel = self.channels.of(robots[0])
-                names, size, limit = [r.name for r in robots], len(channel.encode(request)), \
+                names, size, limit = [r.name for r in robots], channel.size(request), \
                     channel.limit()
                 css = "ok" if size <= limit else "bad"
                 label = (f"part {part} of {parts}, " if parts > 1 and part <= parts else
@@ -10201,8 +10209,8 @@ def render_payload(config, path, out=sys.stdout, err=sys.stderr):
                 encoded = channel.encode(request)
                 print(encoded.decode(), file=out)
                 print(f"# message {number}/{len(plan)} ({level}), part {part}/{len(bodies)}, "
-                      f"robots {', '.join(r.name for r in robots)}: {len(encoded):,} of "
-                      f"{channel.limit():,} bytes", file=err)
+                      f"robots {', '.join(r.name for r in robots)}: {channel.size(request):,} "
+                      f"of {channel.limit():,} bytes", file=err)
     return 0
 
 

@@ -691,3 +691,31 @@ def test_two_instances_cut_apart_keep_to_each_feishu_window_together(tmp_path, f
     finally:
         for child in children:
             child.kill()
+
+
+def test_the_dry_run_counts_what_each_platform_counts(tmp_path):
+    """FAULTS 12: a WeCom message of 4,094 bytes of content (its body 4,150) was shown as over
+    its 4,096 bytes, in red on the preview: WeCom counts the content, not the body."""
+    path = tmp_path / "config.ini"
+    path.write_text(
+        "[alertbridge]\nport = 0\nstate_dir = state\ndefault_receiver = ops\n"
+        "[receiver:ops]\nrobots = wc\n"
+        "[robot:wc]\nurl = https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=wc-key-real-1\n",
+        encoding="utf-8",
+    )
+    payload = make_payload("ops", [make_alert("A" * 6000, "x")])
+    payload["groupLabels"] = {"alertname": "A" * 6000}
+    (tmp_path / "big.json").write_text(json.dumps(payload), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    config = alertbridge.load_config(str(path))
+    alertbridge.render_payload(config, str(tmp_path / "big.json"), out, err)
+    [body] = [json.loads(line) for line in out.getvalue().splitlines()]
+    content = len(body["markdown"]["content"].encode())
+    assert content <= 4096 < len(json.dumps(body, ensure_ascii=False).encode())
+    assert f"{content:,} of 4,096 bytes" in err.getvalue()
+    bridge = alertbridge.Bridge(config).start()
+    try:
+        status, html = bridge.preview.preview(form={"payload": json.dumps(payload)})
+    finally:
+        bridge.stop()
+    assert status == 200 and f"<span class='ok'>{content:,} of 4,096 bytes" in html

@@ -262,6 +262,7 @@ class Webhook:
 
 
 NO_LEVEL = "none"       # the level of an alert whose priority label is missing or unknown
+ALERTMANAGER, GRAFANA = "alertmanager", "grafana"   # where an incident's alerts come from
 ALERTS, CARD, MENTION, NOTE = "alerts", "card", "mention", "note"  # the kinds of a message body
 
 
@@ -405,6 +406,7 @@ def webhook_event(webhook, request_id, received_at, route=None):
         event["incident"] = {
             "route": route.name, "group_key": webhook.group_key,
             "group_labels": webhook.group_labels, "firing": bool(firing),
+            "source": GRAFANA if any("grafana" in a for a in webhook.alerts) else ALERTMANAGER,
             "started_at": max(a["starts_at"] for a in firing) if firing else None,
             "ended_at": max(ends) if ends and len(ends) == len(webhook.alerts) else None,
             "level": min(ranks)[1] if ranks else NO_LEVEL,
@@ -2819,6 +2821,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   steps_from DATETIME(3) NULL,
   alerts_started_at DATETIME(3) NULL,
   alerts_ended_at DATETIME(3) NULL,
+  source VARCHAR(16) NOT NULL DEFAULT 'alertmanager',
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_next_step (state, next_step_at),
@@ -2894,7 +2897,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   acknowledged_at TEXT, acknowledged_by TEXT, resolved_at TEXT,
   escalations INTEGER NOT NULL DEFAULT 0, next_step_at TEXT NOT NULL, silence_id TEXT,
   silenced_until TEXT, steps_from TEXT, alerts_started_at TEXT, alerts_ended_at TEXT,
-  UNIQUE (route, open_group)
+  source TEXT NOT NULL DEFAULT 'alertmanager', UNIQUE (route, open_group)
 );
 CREATE INDEX IF NOT EXISTS ix_incidents_next_step ON incidents (state, next_step_at);
 CREATE INDEX IF NOT EXISTS ix_incidents_group ON incidents (route, group_hash, resolved_at);
@@ -2959,8 +2962,8 @@ S_NOTIFICATION_ADD = ("INSERT INTO notifications (sent_at, receiver, robot, requ
 # notification just like an earlier one (Prometheus back after resolve_timeout) is a new one.
 _INCIDENT_OPEN = ("INTO incidents (route, receiver, group_hash, open_group, group_key, "
                   "group_labels, title, level, level_rank, state, opened_at, next_step_at, "
-                  "alerts_started_at) "
-                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s, %s "
+                  "alerts_started_at, source) "
+                  "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, 'open', %s, %s, %s, %s "
                   "FROM (SELECT 1 AS one) AS x "
                   "WHERE NOT EXISTS (SELECT 1 FROM incidents WHERE route = %s AND group_hash = %s "
                   "AND (resolved_at >= %s OR (alerts_ended_at >= %s AND resolved_at >= %s)))")
@@ -2986,7 +2989,7 @@ S_INCIDENT_ACKNOWLEDGE = ("UPDATE incidents SET state = 'acknowledged', acknowle
                           "acknowledged_by = %s WHERE route = %s AND open_group = %s "
                           "AND state = 'open'")
 S_INCIDENT_OPEN_ROW = ("SELECT id, state, opened_at, acknowledged_at, acknowledged_by, title, "
-                       "level, group_labels, silence_id, silenced_until FROM incidents "
+                       "level, group_labels, silence_id, silenced_until, source FROM incidents "
                        "WHERE route = %s AND open_group = %s")
 # Escalation. The escalator reads only the incidents whose next step is due (next_step_at), not
 # every open one every second; a new incident's is LOOK_NOW (look at it once: its chain counts
@@ -3118,6 +3121,8 @@ HISTORY_COLUMNS = (
     ("incidents", "alerts_started_at", "DATETIME(3) NULL", "TEXT"),
     ("incidents", "alerts_ended_at", "DATETIME(3) NULL", "TEXT"),
     ("incidents", "level_rank", "INT NULL", "INTEGER"),
+    ("incidents", "source", "VARCHAR(16) NOT NULL DEFAULT 'alertmanager'",          # 0.9
+     "TEXT NOT NULL DEFAULT 'alertmanager'"),
 )
 S_MYSQL_COLUMNS = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
                    "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s")
@@ -4118,8 +4123,8 @@ class Store:
             self.execute(cursor, self.dialect.open_incident, (
                 route, receiver[:128], group, group, incident["group_key"],
                 json.dumps(incident["group_labels"], ensure_ascii=False), incident["title"],
-                incident["level"][:64], incident.get("rank"), at, LOOK_NOW, started, route,
-                group, at, started,
+                incident["level"][:64], incident.get("rank"), at, LOOK_NOW, started,
+                incident.get("source", ALERTMANAGER)[:16], route, group, at, started,
                 db_time(from_db_time(at) - timedelta(seconds=LATE_COPY))))
             kind = "opened"
             if cursor.rowcount != 1:
@@ -4338,7 +4343,7 @@ class Store:
     @staticmethod
     def _incident_row(row):
         names = ("id", "state", "opened_at", "acknowledged_at", "acknowledged_by", "title",
-                 "level", "group_labels", "silence_id", "silenced_until")
+                 "level", "group_labels", "silence_id", "silenced_until", "source")
         found = {k: as_db_time(v) for k, v in zip(names, row)}
         found["group_labels"] = json.loads(found["group_labels"] or "{}")
         return found
@@ -7323,6 +7328,9 @@ ANSWERS = {
                        "was changed.",
         "no_labels": "This group has no labels to silence on (group_by in Alertmanager): "
                      "nothing was changed.",
+        "grafana_silence": "These alerts come from Grafana, which Alertmanager's silences do "
+                           "not reach: silence them in Grafana (the page's Silence link). "
+                           "Nothing was changed.",
         "no_api": "Silences need [oncall] alertmanager_api: nothing was changed.",
         "someone_else": "Someone else acted on this just now: nothing was changed. Look again.",
         "resolved_meanwhile": "Nothing is open for this page any more: its alerts resolved "
@@ -7371,6 +7379,8 @@ ANSWERS = {
         "hours": "🔕 {hours} 小时",
         "silence_max": "这里静默最长 {longest}（[oncall] silence_max）：什么都没有改变。",
         "no_labels": "这个分组没有可用于静默的标签（Alertmanager 的 group_by）：什么都没有改变。",
+        "grafana_silence": "这些告警来自 Grafana，Alertmanager 的静默管不到它们：请在 Grafana 中静默"
+                           "（消息里的静默链接）。什么都没有改变。",
         "no_api": "静默需要设置 [oncall] alertmanager_api：什么都没有改变。",
         "someone_else": "刚刚有人处理了它：什么都没有改变。请再看一下。",
         "resolved_meanwhile": "这个页面已没有未结束的事件：告警在此期间已恢复。静默未保留。",
@@ -8063,6 +8073,8 @@ class Desk:
         if hours * 3600 > config.oncall.silence_max + 0.5:
             raise DeskRefused(400, "silence_max",
                               longest=format_duration(config.oncall.silence_max))
+        if incident.get("source") == GRAFANA:   # Alertmanager does not hold its alerts
+            raise DeskRefused(409, "grafana_silence")
         if not incident["group_labels"]:
             raise DeskRefused(409, "no_labels")
         if not config.oncall.alertmanager_api:

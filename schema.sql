@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS incidents (
   steps_from DATETIME(3) NULL,
   alerts_started_at DATETIME(3) NULL,
   alerts_ended_at DATETIME(3) NULL,
+  source VARCHAR(16) NOT NULL DEFAULT 'alertmanager',
   PRIMARY KEY (id),
   UNIQUE KEY uq_incidents_open (route, open_group),
   KEY ix_incidents_next_step (state, next_step_at),

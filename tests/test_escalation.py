@@ -11,7 +11,15 @@ import pytest
 
 import alertbridge
 from tests.fakealertmanager import FakeAlertmanager
-from tests.kit import config_text, empty_mysql, make_alert, make_payload, post, wait_until
+from tests.kit import (
+    config_text,
+    empty_mysql,
+    load_fixture,
+    make_alert,
+    make_payload,
+    post,
+    wait_until,
+)
 from tests.test_oncall import PEOPLE
 
 ESCALATION = """
@@ -621,3 +629,28 @@ def test_an_escalation_nobody_can_claim_is_named_at_check_and_at_start(
     assert f"note: {warning.format('')}" in checked().splitlines()  # [oncall] alone is no claim
     receivers["ops"]["claim_links"] = "true"
     assert "nobody can claim" not in checked()
+
+
+def test_a_grafana_incident_is_not_silenced_in_alertmanager_and_goes_on_escalating(world, am):
+    """FAULTS 10: an app card's or a command's silence of an incident of Grafana-managed alerts
+    made an Alertmanager silence that silences nothing of Grafana's, marked the incident
+    silenced, and stopped its escalation while Grafana went on paging. It is refused instead,
+    pointing to Grafana's own silence, and the chain goes on."""
+    payload = load_fixture("grafana-docs-firing.json") | {
+        "receiver": "ops", "groupKey": "g-disk", "groupLabels": {"alertname": "DiskFull"}}
+    for alert in payload["alerts"]:
+        alert["labels"]["severity"] = "critical"
+    webhook = alertbridge.parse_webhook(json.dumps(payload).encode())
+    event = alertbridge.webhook_event(
+        webhook, "r", alertbridge.datetime.fromtimestamp(world.wall(), alertbridge.timezone.utc),
+        world.config.routes["ops"])
+    world.store.record("j", [(1, "webhook", json.dumps(event))])
+    world.now = OPENED + 300
+    with pytest.raises(alertbridge.DeskRefused) as refused:
+        world.silence(am, hours=1)
+    assert refused.value.key == "grafana_silence"
+    assert "在 Grafana 中静默" in refused.value.say("zh")
+    assert am.silences == {}
+    [incident] = world.store.incidents()
+    assert incident["events"] == ["opened"] and incident["silence_id"] is None
+    assert [n.note for n in world.at(600)["ops"]]  # the first step, as if no one had tapped

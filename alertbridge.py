@@ -1204,18 +1204,22 @@ class Config:
         return {r for route in self.routes.values() for r in route.robots}
 
     @functools.cached_property
+    def robot_windows(self):
+        """Robot key -> the (count, seconds) windows its budget is counted in (windows_of)."""
+        return {robot.key: windows_of(robot, self.delivery) for robot in self.robots}
+
+    @property
     def budget_windows(self):
-        """windows(robot key) -> the (count, seconds) windows its budget is counted in
-        (windows_of), for the robot pool; [delivery]'s for a key no robot has."""
-        of = {robot.key: windows_of(robot, self.delivery) for robot in self.robots}
+        """windows(robot key), for the robot pool: robot_windows, and [delivery]'s for a key
+        no robot has."""
         default = ((self.delivery.rate_limit, self.delivery.rate_window),)
-        return lambda key: of.get(key, default)
+        return lambda key: self.robot_windows.get(key, default)
 
     @property
     def longest_window(self):
         """The longest window any robot's budget is counted in (seconds)."""
         return max([self.delivery.rate_window] +
-                   [windows_of(r, self.delivery)[0][1] for r in self.robots])
+                   [windows[0][1] for windows in self.robot_windows.values()])
 
     @property
     def send_log_span(self):
@@ -6188,8 +6192,8 @@ class WeComChannel(Channel):
     def request(self, rendered, robot):
         """Markdown: its text cut to fit, with a visible mark, if need be."""
         links = " · ".join(f"[{label}]({url})" for label, url in self.buttons(rendered))
-        marks = " ".join(f"<@{user_id}>" for user_id in rendered.mentions.user_ids_of(self.KIND))
-        footer = list(rendered.notes) + [t for t in (links, marks, robot.keyword) if t]
+        footer = list(rendered.notes) + [t for t in (links, self.marks(rendered.mentions),
+                                                     robot.keyword) if t]
         head = f"#### {self.title(rendered.heading)}\n\n"
         tail = ("\n\n" + "\n\n".join(footer)) if footer else ""
         room = self.limit() - len((head + tail).encode())
@@ -6199,13 +6203,17 @@ class WeComChannel(Channel):
     def note_request(self, body, robot):
         if body.mention.mobiles or body.mention.all:
             return self.text_request(body.title + "\n" + body.note, body.mention, robot)
-        marks = " ".join(f"<@{user_id}>" for user_id in body.mention.user_ids_of(self.KIND))
-        content = "\n\n".join(filter(None, [f"#### {self.title(body.title)}", body.note, marks,
-                                            robot.keyword]))
+        content = "\n\n".join(filter(None, [f"#### {self.title(body.title)}", body.note,
+                                            self.marks(body.mention), robot.keyword]))
         return {"msgtype": "markdown", "markdown": {"content": content}}
 
     def mention_request(self, body, robot):
         return self.text_request(body.title, body.mention, robot)
+
+    @classmethod
+    def marks(cls, mentions):
+        """The user ids markdown can @ (<@userid>); phones and everyone need text_request()."""
+        return " ".join(f"<@{user_id}>" for user_id in mentions.user_ids_of(cls.KIND))
 
     def text_request(self, text, mentions, robot):
         """A text message that @s by user id, phone number or everyone."""
@@ -6399,8 +6407,8 @@ class RobotPool:
 
     def _capacities(self, key, urgent):
         """[(slots this instance may take, seconds)] for each of the robot's windows, longest
-        first. The reserve is kept in the longest: a shorter one (Feishu's 5 a second) holds an
-        urgent message up a moment at most."""
+        first (a stretched one may be longer now). The reserve is kept in the first: a shorter
+        one (Feishu's 5 a second) holds an urgent message up a moment at most."""
         reserve = 0 if urgent else self.limits().reserve
         return [(count - (min(reserve, count - 1) if i == 0 and count else 0), seconds)
                 for i, (count, seconds) in enumerate(self._windows(key))]
@@ -6408,16 +6416,19 @@ class RobotPool:
     def _capacity(self, key, urgent):
         return max(0, self._capacities(key, urgent)[0][0])
 
-    def _slots_in_window(self, key, now):
-        """The robot's slots within its longest window (inf: in flight)."""
-        slots, longest = self._slots.setdefault(key, []), max(s for _, s in self._windows(key))
+    def _slots_in_window(self, key, now, capacities):
+        """The robot's slots within its longest window (inf: in flight); `capacities`, as
+        _capacities() gives them."""
+        longest = max(seconds for _, seconds in capacities)
+        slots = self._slots.setdefault(key, [])
         slots[:] = [t for t in slots if t > now - longest]
         return slots
 
     def _budget(self, key, now, urgent=True):
-        slots = self._slots_in_window(key, now)
+        capacities = self._capacities(key, urgent)
+        slots = self._slots_in_window(key, now, capacities)
         return min(capacity - sum(1 for t in slots if t > now - seconds)
-                   for capacity, seconds in self._capacities(key, urgent))
+                   for capacity, seconds in capacities)
 
     def _usable(self, robot, now):
         return (robot.key not in self._disabled and not robot.placeholder
@@ -6454,9 +6465,10 @@ class RobotPool:
             for robot in route.robots:
                 if robot.key in self._disabled or robot.placeholder:
                     continue
-                slots = sorted(self._slots_in_window(robot.key, now))
+                capacities = self._capacities(robot.key, urgent)
+                slots = sorted(self._slots_in_window(robot.key, now, capacities))
                 free = max(self._free_at(slots, capacity, seconds, now)
-                           for capacity, seconds in self._capacities(robot.key, urgent))
+                           for capacity, seconds in capacities)
                 if free <= now and not urgent and self._turn_of_another(route, robot, now):
                     free = now + 0.05           # a route that waited longer takes it first
                 if free <= now and self._hanging(robot.key, now):
@@ -10092,7 +10104,7 @@ def check_config(config):
         unit = "alert" if route.per_alert else "group"
         lines.append(f"receiver {route.name}: one message per {unit}" + "".join(mentions))
         for robot in route.robots:
-            windows = windows_of(robot, delivery)
+            windows = config.robot_windows[robot.key]
             own = windows != ((delivery.rate_limit, delivery.rate_window),)
             notes = [n for n, on in ((robot.kind, robot.kind != DEFAULT_KIND),
                                      (f"{budget_words(windows)} per robot", own),

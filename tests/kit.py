@@ -515,6 +515,34 @@ def gone(pid):
         return True
 
 
+def kill_mid_storm(child, payloads, after):
+    """Post `payloads` to a daemon in turn from a thread, and kill -9 it once `after` of them
+    were accepted; each one's outcome (its HTTP status, "refused", or None: not posted),
+    once its store process is gone too."""
+    outcome = [None] * len(payloads)
+    enough = threading.Event()
+
+    def storm():
+        for i, payload in enumerate(payloads):
+            try:
+                outcome[i] = post(child.url, payload)[0]
+            except OSError:
+                outcome[i] = "refused"
+            if sum(o == 200 for o in outcome if o) >= after:
+                enough.set()
+        enough.set()
+
+    sender = threading.Thread(target=storm)
+    sender.start()
+    assert enough.wait(60)
+    [store_process] = child.children()
+    child.proc.send_signal(signal.SIGKILL)
+    child.proc.wait()
+    sender.join()
+    assert wait_until(lambda: gone(store_process))  # no orphan left writing the history
+    return outcome
+
+
 # --- Python interpreters ----------------------------------------------------------------------
 
 

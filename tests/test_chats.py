@@ -6,8 +6,6 @@ import dataclasses
 import io
 import json
 import re
-import signal
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,8 +21,8 @@ from tests.kit import (
     delivered_ids,
     empty_mysql,
     free_port,
-    gone,
     history,
+    kill_mid_storm,
     make_alert,
     make_payload,
     metric,
@@ -75,6 +73,16 @@ def wecom():
 def robots_at(fake, robots, **keys):
     """The robots' config, at this fake, with more keys (kind, rate_limit) for each."""
     return {name: {**r, "url": fake.url(r["token"]), **keys} for name, r in robots.items()}
+
+
+def chat_bridge(make_bridge, database, fake, sections, keys=None, options=None, **receiver):
+    """A Bridge with these robot sections of one kind, at their fake (`keys`: more of each
+    robot's, such as rate_limit; `options`: config_text's), and a receiver ops, every
+    receiver's default, of all of them unless `receiver` names its robots."""
+    receiver.setdefault("robots", ", ".join(sections))
+    return make_bridge(database, robots=robots_at(fake, sections, **(keys or {})),
+                       receivers={"ops": receiver}, main={"default_receiver": "ops"},
+                       **(options or {}))
 
 
 def robot_of(fake, robots, name):
@@ -151,19 +159,8 @@ def test_feishu_takes_a_signed_card_and_its_refusals_are_read_with_their_fix(fei
 def test_a_feishu_group_gets_a_coloured_card_with_buttons_and_mentions(
     make_bridge, feishu, database
 ):
-    bridge = make_bridge(
-        database,
-        robots=robots_at(feishu, FEISHU),
-        receivers={
-            "ops": {
-                "robots": "fs-1, fs-2",
-                "at_mobiles": "13800000000",
-                "at_user_ids": "feishu:ou_lisi0001",
-                "message_type": "actionCard",
-            }
-        },
-        main={"default_receiver": "ops"},
-    )
+    bridge = chat_bridge(make_bridge, database, feishu, FEISHU, at_mobiles="13800000000",
+                         at_user_ids="feishu:ou_lisi0001", message_type="actionCard")
     alert = make_alert("DiskFull", "db-1", annotations={"description": HOSTILE})
     assert post(bridge, make_payload("ops", [alert]))[0] == 200
     assert feishu.wait_for(lambda f: len(f.delivered()) == 1)
@@ -184,12 +181,7 @@ def test_a_feishu_group_gets_a_coloured_card_with_buttons_and_mentions(
 
 
 def test_a_long_feishu_message_is_split_to_its_20_kb_never_cut(make_bridge, feishu, sqlite_db):
-    bridge = make_bridge(
-        sqlite_db,
-        robots=robots_at(feishu, FEISHU),
-        receivers={"ops": {"robots": "fs-1"}},
-        main={"default_receiver": "ops"},
-    )
+    bridge = chat_bridge(make_bridge, sqlite_db, feishu, FEISHU, robots="fs-1")
     alerts = [
         make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 1200})
         for i in range(12)
@@ -222,19 +214,8 @@ def test_wecom_takes_markdown_and_its_refusals_are_read_with_their_fix(wecom, tm
 
 
 def test_a_wecom_group_gets_markdown_then_a_text_that_ats_by_phone(make_bridge, wecom, database):
-    bridge = make_bridge(
-        database,
-        robots=robots_at(wecom, WECOM),
-        receivers={
-            "ops": {
-                "robots": "wc-1, wc-2",
-                "at_mobiles": "13800000000",
-                "at_user_ids": "wecom:zhangsan",
-                "message_type": "actionCard",
-            }
-        },
-        main={"default_receiver": "ops"},
-    )
+    bridge = chat_bridge(make_bridge, database, wecom, WECOM, at_mobiles="13800000000",
+                         at_user_ids="wecom:zhangsan", message_type="actionCard")
     alert = make_alert("DiskFull", "db-1", annotations={"description": HOSTILE})
     assert post(bridge, make_payload("ops", [alert]))[0] == 200
     assert wecom.wait_for(lambda f: len(f.delivered()) == 2)
@@ -252,12 +233,8 @@ def test_a_wecom_group_gets_markdown_then_a_text_that_ats_by_phone(make_bridge, 
 
 
 def test_a_wecom_mention_by_user_id_alone_stays_in_the_markdown(make_bridge, wecom, sqlite_db):
-    bridge = make_bridge(
-        sqlite_db,
-        robots=robots_at(wecom, WECOM),
-        receivers={"ops": {"robots": "wc-1", "at_user_ids": "wecom:zhangsan"}},
-        main={"default_receiver": "ops"},
-    )
+    bridge = chat_bridge(make_bridge, sqlite_db, wecom, WECOM, robots="wc-1",
+                         at_user_ids="wecom:zhangsan")
     assert post(bridge, make_payload("ops", [make_alert()]))[0] == 200
     settle(bridge)
     [only] = wecom.delivered()
@@ -265,12 +242,7 @@ def test_a_wecom_mention_by_user_id_alone_stays_in_the_markdown(make_bridge, wec
 
 
 def test_a_long_wecom_message_is_split_to_its_4096_bytes_never_cut(make_bridge, wecom, sqlite_db):
-    bridge = make_bridge(
-        sqlite_db,
-        robots=robots_at(wecom, WECOM),
-        receivers={"ops": {"robots": "wc-1, wc-2"}},
-        main={"default_receiver": "ops"},
-    )
+    bridge = chat_bridge(make_bridge, sqlite_db, wecom, WECOM)
     alerts = [
         make_alert("DiskFull", f"db-{i}", annotations={"description": "磁盘 " * 150})
         for i in range(8)
@@ -310,13 +282,8 @@ def test_a_storm_uses_each_channels_whole_budget_and_is_never_throttled(
     fake_class, robots, windows, rate_limit, throttles = STORMS[kind]
     fake = started(fake_class, robots, windows=windows)
     try:
-        bridge = make_bridge(
-            database,
-            robots=robots_at(fake, robots, rate_limit=rate_limit),
-            receivers={"ops": {"robots": ", ".join(robots)}},
-            main={"default_receiver": "ops"},
-            delivery=FAST,
-        )
+        bridge = chat_bridge(make_bridge, database, fake, robots,
+                             keys={"rate_limit": rate_limit}, options={"delivery": FAST})
         (count, window), reserve = windows[0], alertbridge.Delivery.reserve
         target, groups = len(robots) * (count - reserve) * 3, 0
         assert post_all(bridge, [storm_group(g) for g in range(30)]) == [200] * 30
@@ -355,27 +322,7 @@ def test_kill_9_with_a_receiver_of_three_kinds_loses_nothing(
     child = daemon(main={"journal_sync": "full"}, **options)
     child.wait_healthy()
     payloads = storm_payloads(groups=120, per_group=10)
-    outcome = [None] * len(payloads)
-    enough = threading.Event()
-
-    def storm():
-        for i, payload in enumerate(payloads):
-            try:
-                outcome[i] = post(child.url, payload)[0]
-            except OSError:
-                outcome[i] = "refused"
-            if sum(o == 200 for o in outcome if o) >= 50:
-                enough.set()
-        enough.set()
-
-    sender = threading.Thread(target=storm)
-    sender.start()
-    assert enough.wait(60)
-    [store_process] = child.children()
-    child.proc.send_signal(signal.SIGKILL)
-    child.proc.wait()
-    sender.join()
-    assert wait_until(lambda: gone(store_process))
+    outcome = kill_mid_storm(child, payloads, after=50)
     assert 50 <= sum(o == 200 for o in outcome) < 120  # killed mid-storm
 
     again = daemon(main={"journal_sync": "full", "port": str(child.port)}, **options)
@@ -546,12 +493,7 @@ def test_a_page_of_enormous_labels_still_fits_and_goes_out(make_bridge, sqlite_d
     fake_class, robots = CHATS[kind]
     chat = started(fake_class, robots)
     try:
-        bridge = make_bridge(
-            sqlite_db,
-            robots=robots_at(chat, robots),
-            receivers={"ops": {"robots": ", ".join(robots), "message_type": "actionCard"}},
-            main={"default_receiver": "ops"},
-        )
+        bridge = chat_bridge(make_bridge, sqlite_db, chat, robots, message_type="actionCard")
         payload = make_payload("ops", [make_alert("A" * 6000, "db-1")])
         payload["groupLabels"] = {"alertname": "A" * 6000}
         assert post(bridge, payload)[0] == 200
@@ -624,14 +566,8 @@ def test_a_page_to_feishu_or_wecom_is_claimed_from_its_link_and_the_group_told(
     fake_class, robots = CHATS[kind]
     chat = started(fake_class, robots)
     try:
-        bridge = make_bridge(
-            sqlite_db,
-            robots=robots_at(chat, robots),
-            receivers={"ops": {"robots": ", ".join(robots), "claim_links": "true",
-                               "message_type": "actionCard"}},
-            main={"default_receiver": "ops"},
-            extra=ONCALL,
-        )
+        bridge = chat_bridge(make_bridge, sqlite_db, chat, robots, options={"extra": ONCALL},
+                             claim_links="true", message_type="actionCard")
         payload = make_payload("ops", [make_alert("DiskFull", "db-1")]) | {"groupKey": "g-disk"}
         assert post(bridge, payload)[0] == 200
         assert chat.wait_for(lambda f: len(f.delivered()) == 1)

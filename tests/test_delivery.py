@@ -7,7 +7,6 @@ import itertools
 import json
 import logging
 import re
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -25,8 +24,8 @@ from tests.kit import (
     Clock,
     config_text,
     delivered_ids,
-    gone,
     history,
+    kill_mid_storm,
     make_alert,
     make_payload,
     metric,
@@ -180,27 +179,7 @@ def test_kill_9_mid_storm_loses_nothing(tmp_path, fast_fake, database, daemon):
     child = daemon(database=database, main={"journal_sync": "full"}, delivery=FAST)
     child.wait_healthy()
     payloads = storm_payloads(groups=150, per_group=10)
-    outcome = [None] * len(payloads)
-    enough = threading.Event()
-
-    def storm():
-        for i, payload in enumerate(payloads):
-            try:
-                outcome[i] = post(child.url, payload)[0]
-            except OSError:
-                outcome[i] = "refused"
-            if sum(o == 200 for o in outcome if o) >= 60:
-                enough.set()
-        enough.set()
-
-    sender = threading.Thread(target=storm)
-    sender.start()
-    assert enough.wait(60)
-    [store_process] = child.children()
-    child.proc.send_signal(signal.SIGKILL)
-    child.proc.wait()
-    sender.join()
-    assert wait_until(lambda: gone(store_process))  # no orphan left writing the history
+    outcome = kill_mid_storm(child, payloads, after=60)
     accepted_before = sum(o == 200 for o in outcome)
     assert 60 <= accepted_before < 150  # killed mid-storm
 
